@@ -1,0 +1,2171 @@
+#!/usr/bin/env python3
+"""wanxfer: move data between distant data centres fast, in one file.
+
+Three jobs, one shared secret:
+
+    serve / get   bulk file transfer: TCP control channel, paced UDP data
+                  channel, lossless, authenticated, encrypted, verified, resumable
+    tunnel        TCP port forwarding between two peers, compressed and
+                  deduplicated against a persistent chunk cache
+    stats         what was sent, how fast, how much was saved
+
+The file reads top to bottom in the order data flows: wire formats, security,
+rate control, the bulk sender and receiver, the link emulator used by `demo`
+and the tests, reporting, and the command line.  Nothing runs at import time.
+
+Standard library only; Python 3.8 to 3.13.  MIT licence (see LICENSE).
+"""
+
+import argparse
+import base64
+import errno
+import hashlib
+import hmac
+import json
+import os
+import random
+import re
+import secrets
+import selectors
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+import zlib
+from array import array
+
+__version__ = '0.1.0'
+
+DEFAULT_PORT = 46224          # Tsunami UDP's port, so firewall rules carry over
+SECRET_ENV = 'WANXFER_SECRET'
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+"""One root exception.  Only main() turns these into a line on stderr and an
+exit status; everything below raises and lets the caller decide."""
+
+
+class WanxferError(Exception):
+    """Root of every error wanxfer reports to a user."""
+    exit_status = 1
+
+
+class UsageError(WanxferError):
+    """Bad command-line input: exit status 2."""
+    exit_status = 2
+
+
+class ProtocolError(WanxferError):
+    """The peer sent something that does not parse or breaks the protocol."""
+
+
+class AuthError(ProtocolError):
+    """The handshake failed: wrong secret, or settings that cannot agree."""
+
+
+class RemoteError(WanxferError):
+    """The peer refused a request and said why."""
+
+
+class TransferError(WanxferError):
+    """A transfer could not complete (timeout, disk full, digest mismatch)."""
+
+
+# ---------------------------------------------------------------------------
+# Wire formats
+# ---------------------------------------------------------------------------
+"""Every byte layout wanxfer puts on the wire, in one place.  All integers are
+big-endian.  README.md describes the protocol around these layouts.
+
+Control channel (TCP): a plaintext handshake (HELLO, SERVER_HELLO,
+CLIENT_PROOF), then frames of FRAME_HEADER (body length) followed by a sealed
+body: UTF-8 JSON, encrypted (unless --no-encrypt) and tagged.
+
+Data channel (UDP): every datagram starts with PACKET_HEADER and ends with a
+TAG_SIZE keyed tag over everything before it.  The payload between them is
+encrypted unless --no-encrypt.
+"""
+
+PROTOCOL_MAGIC = b'WXFR'
+PROTOCOL_VERSION = 1
+FLAG_ENCRYPT = 0x01
+
+NONCE_SIZE = 32
+PROOF_SIZE = 32
+TAG_SIZE = 16
+
+HELLO = struct.Struct('!4sBB32s')               # magic, version, flags, client nonce
+SERVER_HELLO = struct.Struct('!4sBB32s32s')     # magic, version, flags, server nonce, proof
+CLIENT_PROOF = struct.Struct('!32s')            # proof
+FRAME_HEADER = struct.Struct('!I')              # sealed body length
+MAX_FRAME = 1 << 24
+
+# Datagram kinds (first byte of PACKET_HEADER).
+KIND_DATA = 1          # server -> client: one block of a file
+KIND_HELLO = 2         # client -> server: opens the UDP flow (NAT, firewalls)
+KIND_FEEDBACK = 3      # client -> server: acknowledgements and path delay
+KIND_NAK = 4           # client -> server: blocks still missing, by range
+
+# Data packet flags.
+DATA_FLAG_RETRANSMIT = 0x01
+
+# Every datagram: kind, flags, session id, packet number (the nonce: each
+# direction counts its own from 0 and never reuses one).
+PACKET_HEADER = struct.Struct('!BBIQ')
+# A data datagram's header extends it with the block number and the send
+# time in microseconds modulo 2**32 (for the receiver's delay measurement).
+DATA_HEADER = struct.Struct('!BBIQQI')
+PACKET_OVERHEAD = DATA_HEADER.size + TAG_SIZE
+
+# Feedback body: file id, window start, largest packet number received,
+# microseconds since that packet arrived, queueing delay (us), gap count;
+# then that many FEEDBACK_GAP (offset from window start, length) pairs of
+# packet numbers not received.  Everything in the window outside the gaps
+# arrived.
+FEEDBACK_FIELDS = struct.Struct('!IQQIIH')
+FEEDBACK_GAP = struct.Struct('!II')
+MAX_FEEDBACK_GAPS = 120
+
+# NAK body: file id, range count; then that many NAK_RANGE [start, end)
+# block ranges the receiver does not hold.
+NAK_FIELDS = struct.Struct('!IH')
+NAK_RANGE = struct.Struct('!QQ')
+MAX_NAK_RANGES = 64
+
+IP_UDP_OVERHEAD = {socket.AF_INET: 28, socket.AF_INET6: 48}
+DEFAULT_MTU = 1500
+
+
+def block_size_for_mtu(mtu, family=socket.AF_INET):
+    """Largest file block whose datagram fits in one packet of `mtu` bytes."""
+    return mtu - IP_UDP_OVERHEAD.get(family, 48) - PACKET_OVERHEAD
+
+
+# ---------------------------------------------------------------------------
+# Security
+# ---------------------------------------------------------------------------
+"""Authentication, key derivation and the cipher, all from hashlib and hmac.
+
+Handshake: each side sends a fresh 32-byte nonce; each proves it knows the
+secret with HMAC-SHA256(secret, label | client nonce | server nonce | version
+| flags).  The server proves first, so a client with the wrong secret learns
+it plainly; the secret never crosses the wire.  Session keys come from
+HKDF-SHA256 over the secret with both nonces as salt, one key pair per
+direction and channel, so no (key, nonce) pair is ever used twice.
+
+Cipher (encrypt-then-MAC): the keystream is SHAKE-256(enc key | batch number),
+generated once per batch of KEYSTREAM_BATCH packet numbers and sliced per
+packet; the tag is keyed BLAKE2b-128 over header and ciphertext.  With
+--no-encrypt only the tag is applied.  See README.md for the limits.
+"""
+
+KEYSTREAM_BATCH = 32            # packet numbers sharing one SHAKE call
+KEYSTREAM_STRIDE = 2048         # keystream bytes reserved per packet number (>= any payload)
+SEAL_LABELS = ('ctrl-c2s', 'ctrl-s2c', 'data-s2c', 'data-c2s')
+
+
+def hkdf_sha256(secret, salt, info, length):
+    """RFC 5869 HKDF with SHA-256."""
+    prk = hmac.new(salt, secret, hashlib.sha256).digest()
+    out, block, counter = b'', b'', 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def handshake_proof(secret, label, client_nonce, server_nonce, flags):
+    message = label + client_nonce + server_nonce + bytes([PROTOCOL_VERSION, flags])
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def xor_bytes(data, keystream):
+    """data XOR keystream[:len(data)], at C speed via big integers."""
+    n = len(data)
+    return (int.from_bytes(data, 'little') ^
+            int.from_bytes(keystream[:n], 'little')).to_bytes(n, 'little')
+
+
+class Sealer:
+    """Seals and opens messages for one direction of one channel.
+
+    `seal(nonce, header, payload)` returns ciphertext + tag, the tag covering
+    header and ciphertext; `open` is its inverse and returns None for anything
+    forged, corrupted or sealed under another key.  Nonces (packet numbers,
+    frame counters) must never repeat under one Sealer: callers count up.
+    """
+
+    def __init__(self, key, encrypt):
+        self.encrypt = encrypt
+        self._enc_key = key[:32]
+        self._mac = hashlib.blake2b(key=key[32:64], digest_size=TAG_SIZE)
+        self._batches = {}
+
+    def _keystream(self, nonce, length):
+        batch, index = divmod(nonce, KEYSTREAM_BATCH)
+        stream = self._batches.get(batch)
+        if stream is None:
+            if len(self._batches) >= 8:     # in-order traffic needs one or two
+                self._batches.clear()
+            stream = hashlib.shake_256(
+                self._enc_key + batch.to_bytes(8, 'big')).digest(KEYSTREAM_BATCH * KEYSTREAM_STRIDE)
+            self._batches[batch] = stream
+        start = index * KEYSTREAM_STRIDE
+        if length > KEYSTREAM_STRIDE:       # control frames can be long: a stream of their own
+            return hashlib.shake_256(self._enc_key + b'long' + nonce.to_bytes(8, 'big')).digest(length)
+        return memoryview(stream)[start:start + length]
+
+    def tag(self, header, body):
+        mac = self._mac.copy()
+        mac.update(header)
+        mac.update(body)
+        return mac.digest()
+
+    def seal(self, nonce, header, payload):
+        if self.encrypt and payload:
+            payload = xor_bytes(payload, self._keystream(nonce, len(payload)))
+        return bytes(payload) + self.tag(header, payload)
+
+    def open(self, nonce, header, sealed):
+        """Return the plaintext of `sealed` (ciphertext + tag) or None."""
+        if len(sealed) < TAG_SIZE:
+            return None
+        body = sealed[:-TAG_SIZE]
+        if not hmac.compare_digest(self.tag(header, body), sealed[-TAG_SIZE:]):
+            return None
+        if self.encrypt and body:
+            return xor_bytes(body, self._keystream(nonce, len(body)))
+        return bytes(body)
+
+
+class SessionKeys:
+    """The keys and id of one authenticated session, derived from the secret
+    and both sides' nonces.  `sealers(role)` gives the four Sealers as seen
+    from 'client' or 'server': (control out, control in, data out, data in)."""
+
+    def __init__(self, secret, client_nonce, server_nonce, encrypt):
+        self.encrypt = encrypt
+        material = hkdf_sha256(secret, client_nonce + server_nonce,
+                               b'wanxfer v1 session keys', 4 + 64 * len(SEAL_LABELS))
+        self.session_id = int.from_bytes(material[:4], 'big')
+        self._keys = {label: material[4 + 64 * i:68 + 64 * i] for i, label in enumerate(SEAL_LABELS)}
+
+    def sealers(self, role):
+        make = lambda label: Sealer(self._keys[label], self.encrypt)  # noqa: E731
+        if role == 'client':
+            return make('ctrl-c2s'), make('ctrl-s2c'), make('data-c2s'), make('data-s2c')
+        return make('ctrl-s2c'), make('ctrl-c2s'), make('data-s2c'), make('data-c2s')
+
+
+def load_secret(secret_file=None, environ=None):
+    """The shared secret from --secret-file or $WANXFER_SECRET, or None."""
+    environ = os.environ if environ is None else environ
+    if secret_file:
+        try:
+            with open(secret_file, 'rb') as f:
+                secret = f.read().strip()
+        except OSError as e:
+            raise UsageError('cannot read secret file %s: %s' % (secret_file, e.strerror))
+        if not secret:
+            raise UsageError('secret file %s is empty' % secret_file)
+        return secret
+    value = environ.get(SECRET_ENV, '')
+    return value.encode() if value else None
+
+
+def recv_exactly(sock, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ProtocolError('connection closed by peer')
+        data += chunk
+    return bytes(data)
+
+
+class ControlChannel:
+    """Sealed JSON messages over a TCP socket, after the handshake.
+
+    Blocking use: `send(message)` and `recv()`.  Inside an event loop: call
+    `feed(bytes)` with what the socket gave and read `messages()`.  Frame
+    counters are the nonces, so a replayed or reordered frame fails its tag.
+    """
+
+    def __init__(self, sock, sealer_out, sealer_in):
+        self.sock = sock
+        self._out, self._in = sealer_out, sealer_in
+        self._sent = self._received = 0
+        self._buffer = bytearray()
+        self._lock = threading.Lock()
+
+    def send(self, message):
+        body = json.dumps(message, separators=(',', ':')).encode()
+        with self._lock:
+            header = FRAME_HEADER.pack(len(body) + TAG_SIZE)
+            frame = header + self._out.seal(self._sent, header, body)
+            self._sent += 1
+            self.sock.sendall(frame)
+
+    def feed(self, data):
+        self._buffer += data
+
+    def messages(self):
+        """Decode every complete frame fed so far."""
+        while len(self._buffer) >= FRAME_HEADER.size:
+            (length,) = FRAME_HEADER.unpack_from(self._buffer)
+            if length > MAX_FRAME or length < TAG_SIZE:
+                raise ProtocolError('control frame of %d bytes' % length)
+            end = FRAME_HEADER.size + length
+            if len(self._buffer) < end:
+                return
+            header = bytes(self._buffer[:FRAME_HEADER.size])
+            body = self._in.open(self._received, header, bytes(self._buffer[FRAME_HEADER.size:end]))
+            del self._buffer[:end]
+            if body is None:
+                raise ProtocolError('control frame failed authentication')
+            self._received += 1
+            try:
+                message = json.loads(body.decode())
+            except ValueError:
+                raise ProtocolError('control frame is not JSON')
+            if not isinstance(message, dict) or not isinstance(message.get('op'), str):
+                raise ProtocolError('control message without an op')
+            yield message
+
+    def recv(self):
+        """Block until one message arrives."""
+        while True:
+            for message in self.messages():
+                return message
+            data = self.sock.recv(65536)
+            if not data:
+                raise ProtocolError('connection closed by peer')
+            self.feed(data)
+
+
+def client_handshake(sock, secret, encrypt):
+    """Authenticate to a server; return (SessionKeys, round-trip seconds)."""
+    flags = FLAG_ENCRYPT if encrypt else 0
+    client_nonce = secrets.token_bytes(NONCE_SIZE)
+    started = time.monotonic()
+    sock.sendall(HELLO.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION, flags, client_nonce))
+    magic, version, server_flags, server_nonce, proof = SERVER_HELLO.unpack(
+        recv_exactly(sock, SERVER_HELLO.size))
+    rtt = time.monotonic() - started
+    if magic != PROTOCOL_MAGIC:
+        raise ProtocolError('the peer is not a wanxfer server')
+    if version != PROTOCOL_VERSION:
+        raise AuthError('incompatible protocol version: server speaks %d, this client %d'
+                        % (version, PROTOCOL_VERSION))
+    if server_flags != flags:
+        raise AuthError('encryption mismatch: the server runs %s, this client %s; use the same '
+                        'setting on both ends' % (describe_flags(server_flags), describe_flags(flags)))
+    expected = handshake_proof(secret, b'wanxfer server', client_nonce, server_nonce, flags)
+    if not hmac.compare_digest(proof, expected):
+        raise AuthError('authentication failed: wrong secret (the server could not prove it knows it)')
+    sock.sendall(CLIENT_PROOF.pack(
+        handshake_proof(secret, b'wanxfer client', client_nonce, server_nonce, flags)))
+    return SessionKeys(secret, client_nonce, server_nonce, encrypt), rtt
+
+
+def server_handshake(sock, secret, encrypt):
+    """Authenticate a client; return (SessionKeys, round-trip seconds) or
+    raise AuthError."""
+    flags = FLAG_ENCRYPT if encrypt else 0
+    magic, version, client_flags, client_nonce = HELLO.unpack(recv_exactly(sock, HELLO.size))
+    if magic != PROTOCOL_MAGIC:
+        raise ProtocolError('not a wanxfer client')
+    server_nonce = secrets.token_bytes(NONCE_SIZE)
+    if version != PROTOCOL_VERSION or client_flags != flags:
+        # Say who we are so the client can name the mismatch, then hang up.
+        sock.sendall(SERVER_HELLO.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION, flags,
+                                       server_nonce, bytes(PROOF_SIZE)))
+        raise AuthError('client speaks version %d with %s' % (version, describe_flags(client_flags)))
+    sock.sendall(SERVER_HELLO.pack(
+        PROTOCOL_MAGIC, PROTOCOL_VERSION, flags, server_nonce,
+        handshake_proof(secret, b'wanxfer server', client_nonce, server_nonce, flags)))
+    started = time.monotonic()
+    (proof,) = CLIENT_PROOF.unpack(recv_exactly(sock, CLIENT_PROOF.size))
+    rtt = time.monotonic() - started
+    expected = handshake_proof(secret, b'wanxfer client', client_nonce, server_nonce, flags)
+    if not hmac.compare_digest(proof, expected):
+        raise AuthError('client failed authentication (wrong secret)')
+    return SessionKeys(secret, client_nonce, server_nonce, encrypt), rtt
+
+
+def describe_flags(flags):
+    return 'encryption on' if flags & FLAG_ENCRYPT else '--no-encrypt'
+
+
+# ---------------------------------------------------------------------------
+# Rate control
+# ---------------------------------------------------------------------------
+"""How fast the sender may send, learned from the path.
+
+Delay first, loss second, as in FASP and LEDBAT: the receiver measures the
+one-way delay of every data packet against the smallest it has seen, and
+reports the queueing delay.  A growing queue means the bottleneck is full and
+the rate comes down; random loss with a short queue is only loss, and is
+repaired without slowing down.  The controller is a pure state machine: feed
+it feedback and the time, read `rate` (bytes per second).
+"""
+
+
+class RateController:
+    """Sending rate from queueing delay, with a fast start and a hard cap.
+
+    Startup doubles the rate every round trip until the queue starts to
+    grow; after that the rate is steered to keep the queueing delay near
+    `target_delay`, moving multiplicatively so a 10 Mbit/s and a 10 Gbit/s
+    path converge in the same number of round trips.  Loss only counts when
+    it is heavy (a policer, not noise).
+    """
+
+    MIN_RATE = 64 * 1024                    # bytes/s: never stop probing
+    INITIAL_RATE = 2 * 1024 * 1024          # 16 Mbit/s before the path is known
+    STARTUP_EXIT_DELAY = 0.006              # s of queue that ends startup
+    TARGET_DELAY = 0.012                    # s of queue to aim for
+    HEAVY_LOSS = 0.20
+
+    def __init__(self, max_rate=None, initial_rate=None):
+        self.max_rate = max_rate
+        self.rate = float(min(initial_rate or self.INITIAL_RATE, max_rate or float('inf')))
+        self.startup = True
+        self._last_growth = None
+
+    def on_feedback(self, now, queue_delay, delivery_rate, loss_fraction, rtt):
+        if loss_fraction > self.HEAVY_LOSS:
+            self.rate = max(self.MIN_RATE, min(self.rate, delivery_rate) * 0.7)
+            self.startup = False
+        elif self.startup:
+            if queue_delay > self.STARTUP_EXIT_DELAY:
+                self.startup = False
+                self.rate = max(self.MIN_RATE, delivery_rate * 0.95)
+            elif self._last_growth is None or now - self._last_growth >= rtt:
+                self.rate *= 2.0
+                self._last_growth = now
+        else:
+            error = (self.TARGET_DELAY - queue_delay) / self.TARGET_DELAY
+            error = max(-1.0, min(1.0, error))
+            # Gain per feedback scaled to about 10% per round trip at full error.
+            step = 0.1 * error * min(1.0, 0.02 / max(rtt, 0.001))
+            self.rate *= 1.0 + step
+            if queue_delay > 2 * self.TARGET_DELAY and delivery_rate > 0:
+                self.rate = min(self.rate, delivery_rate)
+        self.rate = max(self.MIN_RATE, self.rate)
+        if self.max_rate:
+            self.rate = min(self.rate, self.max_rate)
+
+    def on_silence(self):
+        """No feedback for a long time: assume the worst until it returns."""
+        self.rate = max(self.MIN_RATE, self.rate / 2)
+
+
+# ---------------------------------------------------------------------------
+# Bulk transfer: the protocol state machines
+# ---------------------------------------------------------------------------
+"""Which blocks to send and which arrived: no sockets, no files, no clocks of
+their own, so they can be driven by tests directly.
+
+The sender numbers every datagram with a fresh packet number (never reused,
+so it is also the cipher nonce) and remembers which block each one carried.
+The receiver acknowledges packet numbers as a window minus its gaps; a gap
+old enough is a loss and only that block is queued again.  At the tail, and
+whenever the data stops, the receiver also names the blocks it still lacks,
+so lost feedback can delay a transfer but never stall or corrupt it.
+"""
+
+
+def ranges_total(ranges):
+    return sum(end - start for start, end in ranges)
+
+
+_ANY_HELD = re.compile(rb'[^\x00]')
+_ANY_MISSING = re.compile(rb'[^\xff]')
+
+
+def next_block(bitmap, nblocks, block, held):
+    """First block >= `block` whose bit is set (held=True) or clear, else nblocks.
+    Whole bytes of the other kind are skipped by a regex search, at C speed."""
+    skip = _ANY_HELD if held else _ANY_MISSING
+    while block < nblocks:
+        if block & 7 == 0:
+            match = skip.search(bitmap, block >> 3)
+            if match is None:
+                return nblocks
+            block = match.start() * 8
+        if bool(bitmap[block >> 3] & (1 << (block & 7))) == held:
+            return min(block, nblocks)
+        block += 1
+    return nblocks
+
+
+def bitmap_missing_ranges(bitmap, nblocks, limit=None):
+    """[start, end) ranges of blocks whose bit is clear, in order."""
+    ranges = []
+    block = 0
+    while limit is None or len(ranges) < limit:
+        start = next_block(bitmap, nblocks, block, False)
+        if start >= nblocks:
+            break
+        block = next_block(bitmap, nblocks, start, True)
+        ranges.append((start, block))
+    return ranges
+
+
+class PacketLog:
+    """What each recent packet number carried and when: a ring, so the
+    memory stays fixed however long the session runs."""
+
+    SIZE = 1 << 20
+
+    def __init__(self):
+        self.blocks = array('q', [-1]) * self.SIZE
+        self.times = array('d', [0.0]) * self.SIZE
+
+    def record(self, seq, block, now):
+        slot = seq & (self.SIZE - 1)
+        self.blocks[slot] = block
+        self.times[slot] = now
+
+
+class SendWindow:
+    """The sender's view of one file: blocks never sent, blocks to resend,
+    and what the receiver's acknowledgements say was lost.
+
+    Packet numbers come from the session (`next_seq`), never repeat, and are
+    also the cipher's nonces.  `next_block()` says what to send; the caller
+    sends it and calls `sent()`.
+    """
+
+    REORDER_PACKETS = 16        # a gap this far below the newest arrival is a loss
+    MIN_REORDER_TIME = 0.002    # or one sent this much before the newest arrival
+
+    def __init__(self, need_ranges, first_seq, log):
+        self._fresh = [list(r) for r in need_ranges if r[1] > r[0]]
+        self._fresh.reverse()                   # pop from the end: cheap
+        self._resend = []
+        self._resend_set = set()
+        self._log = log
+        self.first_seq = self.next_seq = first_seq
+        self.largest_acked = first_seq - 1
+        self.delivered = self.lost = self.retransmitted = 0
+
+    def has_work(self):
+        return bool(self._fresh or self._resend)
+
+    def next_run(self, limit):
+        """(first block, count, is_resend): up to `limit` blocks to send now.
+        Fresh blocks come in runs of consecutive numbers (one read, one
+        batch); resends one at a time."""
+        if self._resend:
+            block = self._resend.pop()
+            self._resend_set.discard(block)
+            return block, 1, True
+        if not self._fresh:
+            return None
+        run = self._fresh[-1]
+        count = min(limit, run[1] - run[0])
+        first = run[0]
+        run[0] += count
+        if run[0] >= run[1]:
+            self._fresh.pop()
+        return first, count, False
+
+    def sent(self, block, now, resend):
+        self._log.record(self.next_seq, block, now)
+        self.next_seq += 1
+        if resend:
+            self.retransmitted += 1
+
+    def in_flight(self):
+        return self.next_seq - 1 - self.largest_acked
+
+    def _queue_resend(self, block):
+        if block >= 0 and block not in self._resend_set:
+            self._resend_set.add(block)
+            self._resend.append(block)
+
+    def on_ack(self, window_start, largest, gaps, now, rtt):
+        """Apply one acknowledgement; return (packets newly delivered, newly lost)."""
+        if largest <= self.largest_acked or largest >= self.next_seq or window_start > largest + 1:
+            return 0, 0                         # old, reordered or nonsense feedback
+        log = self._log
+        oldest_tracked = self.next_seq - log.SIZE
+        newest_sent_time = log.times[largest & (log.SIZE - 1)]
+        time_threshold = max(self.MIN_REORDER_TIME, rtt / 8)
+        previous = self.largest_acked
+        newly_missing = lost = 0
+        for offset, length in gaps:
+            start = window_start + offset
+            end = min(start + length, largest + 1)
+            newly_missing += max(0, end - max(start, previous + 1))
+            for seq in range(max(start, self.first_seq, oldest_tracked), end):
+                slot = seq & (log.SIZE - 1)
+                block = log.blocks[slot]
+                if block < 0:
+                    continue                    # already declared lost
+                if largest - seq >= self.REORDER_PACKETS or \
+                        newest_sent_time - log.times[slot] > time_threshold:
+                    log.blocks[slot] = -1
+                    self._queue_resend(block)
+                    lost += 1
+        delivered = max(0, largest - max(previous, window_start - 1) - newly_missing)
+        self.largest_acked = largest
+        self.delivered += delivered
+        self.lost += lost
+        return delivered, lost
+
+    def on_nak(self, ranges, now, rtt):
+        """The receiver lacks these blocks: resend those not already on their way."""
+        horizon = now - (1.25 * rtt + 0.01)
+        log = self._log
+        recent = set()
+        seq = self.next_seq - 1
+        while seq >= max(self.first_seq, self.next_seq - log.SIZE):
+            slot = seq & (log.SIZE - 1)
+            if log.times[slot] < horizon:
+                break
+            recent.add(log.blocks[slot])
+            seq -= 1
+        unsent = self._fresh
+        queued = 0
+        for start, end in ranges:
+            for block in range(start, end):
+                if block in recent or block in self._resend_set or \
+                        any(run[0] <= block < run[1] for run in unsent):
+                    continue
+                self._queue_resend(block)
+                queued += 1
+        return queued
+
+
+class ReceiveWindow:
+    """The receiver's view of one file: which blocks are held, which packet
+    numbers arrived (for acknowledgements), and the path's queueing delay.
+
+    `on_packet()` says whether a block is new (write it) or a duplicate;
+    `feedback()` and `missing()` build what goes back to the sender.
+    """
+
+    REPORT_HISTORY = 8          # feedback rounds a gap keeps being reported
+
+    def __init__(self, nblocks, first_seq, bitmap=None):
+        self.nblocks = nblocks
+        self.first_seq = first_seq
+        self.bitmap = bitmap if bitmap is not None else bytearray((nblocks + 7) // 8)
+        self.held = sum(bin(b).count('1') for b in self.bitmap) if bitmap is not None else 0
+        self.largest = first_seq - 1
+        self._window_start = first_seq
+        self._gaps = []                         # [start, end) packet numbers not received
+        self._reported = []                     # largest at each recent feedback
+        self._delay_origin = None
+        self._base_delay = None
+        self._interval_delay = None
+        self._largest_arrival = 0.0
+        self.packets = self.duplicates = self.stale = 0
+
+    def complete(self):
+        return self.held >= self.nblocks
+
+    def on_packet(self, seq, block, sent_us, now):
+        """Record a datagram that passed its tag; True if its block is new."""
+        if seq < self.first_seq or block >= self.nblocks:
+            self.stale += 1
+            return False
+        self.packets += 1
+        if seq > self.largest:
+            if seq > self.largest + 1:
+                self._gaps.append([self.largest + 1, seq])
+            self.largest = seq
+            self._largest_arrival = now
+        else:
+            self._fill_gap(seq)
+        # Delay relative to the first packet's, so the unknown offset between
+        # the two clocks and the 32-bit wrap cancel out.
+        raw = (int(now * 1e6) - sent_us) & 0xFFFFFFFF
+        if self._delay_origin is None:
+            self._delay_origin = raw
+        one_way = ((raw - self._delay_origin + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+        if self._base_delay is None or one_way < self._base_delay:
+            self._base_delay = one_way
+        if self._interval_delay is None or one_way < self._interval_delay:
+            self._interval_delay = one_way
+        byte, bit = block >> 3, 1 << (block & 7)
+        if self.bitmap[byte] & bit:
+            self.duplicates += 1
+            return False
+        self.bitmap[byte] |= bit
+        self.held += 1
+        return True
+
+    def _fill_gap(self, seq):
+        gaps = self._gaps
+        for i in range(len(gaps) - 1, -1, -1):
+            start, end = gaps[i]
+            if seq >= end:
+                return
+            if seq >= start:
+                if end - start == 1:
+                    del gaps[i]
+                elif seq == start:
+                    gaps[i][0] += 1
+                elif seq == end - 1:
+                    gaps[i][1] -= 1
+                else:
+                    gaps[i:i + 1] = [[start, seq], [seq + 1, end]]
+                return
+
+    def feedback(self, now):
+        """(window start, largest, microseconds since it arrived, queueing
+        delay in us, gaps as (offset, length)) for one acknowledgement."""
+        self._reported.append(self.largest)
+        if len(self._reported) > self.REPORT_HISTORY:
+            self._window_start = self._reported.pop(0) + 1
+        gaps = self._gaps
+        while gaps and gaps[0][1] <= self._window_start:
+            gaps.pop(0)
+        if len(gaps) > MAX_FEEDBACK_GAPS:
+            del gaps[:len(gaps) - MAX_FEEDBACK_GAPS]
+            self._window_start = gaps[0][0]
+        start = self._window_start
+        if gaps and gaps[0][0] < start:
+            gaps[0][0] = start
+        queue_us = 0
+        if self._interval_delay is not None:
+            queue_us = max(0, self._interval_delay - self._base_delay)
+        self._interval_delay = None
+        ack_delay = int(max(0.0, now - self._largest_arrival) * 1e6)
+        return (start, self.largest, min(ack_delay, 0xFFFFFFFF), min(queue_us, 0xFFFFFFFF),
+                [(s - start, e - s) for s, e in gaps])
+
+    def missing(self, limit=MAX_NAK_RANGES):
+        return bitmap_missing_ranges(self.bitmap, self.nblocks, limit)
+
+
+def seal_datagram(sealer, kind, session_id, seq, body=b'', flags=0):
+    header = PACKET_HEADER.pack(kind, flags, session_id, seq)
+    return header + sealer.seal(seq, header, body)
+
+
+def encode_feedback(file_id, window_start, largest, ack_delay_us, queue_us, gaps):
+    return FEEDBACK_FIELDS.pack(file_id, window_start, largest, ack_delay_us, queue_us,
+                                len(gaps)) + b''.join(FEEDBACK_GAP.pack(*g) for g in gaps)
+
+
+def decode_feedback(body):
+    """(file id, window start, largest, ack delay us, queue us, gaps)."""
+    if len(body) < FEEDBACK_FIELDS.size:
+        raise ProtocolError('short feedback')
+    file_id, start, largest, ack_delay, queue_us, count = FEEDBACK_FIELDS.unpack_from(body)
+    if len(body) != FEEDBACK_FIELDS.size + count * FEEDBACK_GAP.size:
+        raise ProtocolError('feedback length does not match its gap count')
+    gaps = [FEEDBACK_GAP.unpack_from(body, FEEDBACK_FIELDS.size + i * FEEDBACK_GAP.size)
+            for i in range(count)]
+    return file_id, start, largest, ack_delay, queue_us, gaps
+
+
+def encode_nak(file_id, ranges):
+    return NAK_FIELDS.pack(file_id, len(ranges)) + b''.join(NAK_RANGE.pack(*r) for r in ranges)
+
+
+def decode_nak(body):
+    """(file id, [(start, end) block ranges])."""
+    if len(body) < NAK_FIELDS.size:
+        raise ProtocolError('short NAK')
+    file_id, count = NAK_FIELDS.unpack_from(body)
+    if len(body) != NAK_FIELDS.size + count * NAK_RANGE.size:
+        raise ProtocolError('NAK length does not match its range count')
+    ranges = [NAK_RANGE.unpack_from(body, NAK_FIELDS.size + i * NAK_RANGE.size) for i in range(count)]
+    if any(end < start for start, end in ranges):
+        raise ProtocolError('NAK with a backwards range')
+    return file_id, ranges
+
+
+# ---------------------------------------------------------------------------
+# Bulk transfer: sockets and files
+# ---------------------------------------------------------------------------
+"""The bulk transfer's contact with the kernel: UDP sockets that batch
+(segmentation offload out, receive coalescing in), the served tree with its
+path checks, digests, and the receiver's partial files that make resume work.
+"""
+
+SOL_UDP = 17
+UDP_SEGMENT = 103               # Linux 4.18+, not in the socket module
+UDP_GRO = 104                   # Linux 5.0+
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+IP_MTU = 14
+MAX_GSO_SEGMENTS = 64
+MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
+SOCKET_BUFFER = 32 << 20
+RECV_BUFFER = 1 << 16
+
+
+class DatagramSocket:
+    """A UDP socket set up for bulk: the largest buffers the kernel allows,
+    batched sends through UDP_SEGMENT and coalesced receives through
+    UDP_GRO, each falling back to one datagram per call where unsupported.
+    `warnings` lists what could not be had, naming the sysctl to raise."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.warnings = []
+        for option, force, name in ((socket.SO_SNDBUF, SO_SNDBUFFORCE, 'wmem_max'),
+                                    (socket.SO_RCVBUF, SO_RCVBUFFORCE, 'rmem_max')):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            got = sock.getsockopt(socket.SOL_SOCKET, option) // 2
+            if got < SOCKET_BUFFER // 4:
+                self.warnings.append('UDP socket buffer is %d KiB; raise net.core.%s to %d for '
+                                     'fast long paths' % (got >> 10, name, SOCKET_BUFFER))
+        self.gso = self._try_option(UDP_SEGMENT, 0)
+        self.gro = self._try_option(UDP_GRO, 1)
+        sock.setblocking(False)
+
+    def _try_option(self, option, value):
+        try:
+            self.sock.setsockopt(SOL_UDP, option, value)
+            return True
+        except OSError:
+            return False
+
+    def send_packets(self, packets):
+        """Send datagrams in order; runs of equal size go out in one call."""
+        sock, i, n = self.sock, 0, len(packets)
+        while i < n:
+            size = len(packets[i])
+            j = i + 1
+            if self.gso:
+                limit = min(n, i + MAX_GSO_SEGMENTS, i + MAX_DATAGRAM_BATCH // size)
+                while j < limit and len(packets[j]) == size:
+                    j += 1
+                if j < limit and len(packets[j]) < size:
+                    j += 1                      # a shorter last segment is allowed
+            try:
+                if j - i > 1:
+                    sock.sendmsg(packets[i:j], [(SOL_UDP, UDP_SEGMENT, struct.pack('=H', size))])
+                else:
+                    sock.send(packets[i])
+            except BlockingIOError:
+                return i                        # the kernel queue is full: pace harder
+            except OSError as e:
+                if j - i > 1 and e.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
+                    self.gso = False            # the device cannot offload after all
+                    continue
+                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    return i                    # transient ICMP errors: feedback decides
+                raise
+            i = j
+        return n
+
+    def recv_batch(self, buffer):
+        """Receive into `buffer`; return (bytes, segment size) or (0, 0) when
+        nothing is waiting.  A coalesced receive holds several datagrams of
+        `segment size` bytes each, the last possibly shorter."""
+        try:
+            if self.gro:
+                nbytes, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], 64)
+                for level, kind, data in ancillary:
+                    if level == SOL_UDP and kind == UDP_GRO:
+                        return nbytes, int.from_bytes(data[:4], sys.byteorder)
+                return nbytes, nbytes
+            nbytes = self.sock.recv_into(buffer)
+            return nbytes, nbytes
+        except (BlockingIOError, InterruptedError):
+            return 0, 0
+        except ConnectionRefusedError:
+            return 0, 0                         # ICMP from an earlier send; not fatal
+
+    def path_mtu(self):
+        try:
+            return self.sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
+        except OSError:
+            return DEFAULT_MTU
+
+    def close(self):
+        self.sock.close()
+
+
+def normalize_remote(remote):
+    """A client's REMOTE as a clean relative path, or RemoteError."""
+    if '\x00' in remote:
+        raise RemoteError('invalid path %r' % remote)
+    if remote.startswith('/') or remote.startswith('~'):
+        raise RemoteError('%s: absolute paths are not served; name it relative to the served root' % remote)
+    parts = [p for p in remote.replace('\\', '/').split('/') if p not in ('', '.')]
+    if '..' in parts:
+        raise RemoteError('%s: ".." is not allowed' % remote)
+    return '/'.join(parts)
+
+
+def is_within(path, root):
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class ServedTree:
+    """The files `serve` offers.  A file PATH is served under its base name;
+    a directory PATH's contents under their paths relative to it.  Every
+    request is resolved again and must stay inside a served root, symlinks
+    included."""
+
+    def __init__(self, paths):
+        self.roots = []
+        for path in paths:
+            real = os.path.realpath(path)
+            if not os.path.exists(real):
+                raise UsageError('%s: no such file or directory' % path)
+            if os.path.isdir(real):
+                self.roots.append((None, real))
+            elif os.path.isfile(real):
+                self.roots.append((os.path.basename(os.path.abspath(path)), real))
+            else:
+                raise UsageError('%s: not a regular file or directory' % path)
+
+    def resolve(self, remote):
+        """(real path, is directory) for a REMOTE, or RemoteError."""
+        clean = normalize_remote(remote)
+        escaped = False
+        for name, real in self.roots:
+            if name is not None:
+                if clean == name:
+                    return real, False
+                continue
+            candidate = os.path.realpath(os.path.join(real, clean))
+            if not is_within(candidate, real):
+                escaped = escaped or os.path.lexists(os.path.join(real, clean))
+                continue
+            if os.path.isdir(candidate):
+                return candidate, True
+            if os.path.isfile(candidate):
+                return candidate, False
+        if escaped:
+            raise RemoteError('%s: refers outside the served directory' % remote)
+        raise RemoteError('%s: no such file or directory on the server' % remote)
+
+    def root_of(self, path):
+        for name, real in self.roots:
+            if (name is not None and path == real) or (name is None and is_within(path, real)):
+                return real
+        return None
+
+    def listing(self, remote):
+        """What a REMOTE expands to: files with identity, and directories."""
+        clean = normalize_remote(remote)
+        real, is_dir = self.resolve(remote)
+        entry = lambda path, rel: file_entry(path, rel)  # noqa: E731
+        if not is_dir:
+            return {'kind': 'file', 'name': clean.rsplit('/', 1)[-1] or os.path.basename(real),
+                    'files': [entry(real, '')], 'dirs': []}
+        root = self.root_of(real)
+        files, dirs = [], []
+        for top, subdirs, names in os.walk(real):
+            subdirs.sort()
+            rel_top = os.path.relpath(top, real)
+            rel_top = '' if rel_top == '.' else rel_top.replace(os.sep, '/') + '/'
+            for d in subdirs:
+                if not os.path.islink(os.path.join(top, d)):
+                    dirs.append(rel_top + d)
+            for name in sorted(names):
+                path = os.path.join(top, name)
+                target = os.path.realpath(path)
+                if is_within(target, root) and os.path.isfile(target):
+                    files.append(entry(path, rel_top + name))
+        return {'kind': 'dir', 'name': clean.rsplit('/', 1)[-1], 'files': files, 'dirs': dirs}
+
+
+def file_entry(path, rel):
+    st = os.stat(path)
+    return {'path': rel, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns,
+            'mode': stat.S_IMODE(st.st_mode)}
+
+
+def file_sha256(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        buffer = bytearray(chunk)
+        view = memoryview(buffer)
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+class DigestCache:
+    """Whole-file SHA-256 digests, computed on a thread of their own while
+    the data flows and remembered by file identity, so a resumed or repeated
+    transfer of an unchanged file does not read it twice."""
+
+    def __init__(self, limit=4096):
+        self._results = {}
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    @staticmethod
+    def identity(path):
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def start(self, path):
+        """Begin (or reuse) the digest of `path`; returns a callable that
+        waits for it and gives the hex digest."""
+        key = self.identity(path)
+        with self._lock:
+            slot = self._results.get(key)
+            if slot is None:
+                if len(self._results) >= self._limit:
+                    self._results.clear()
+                slot = self._results[key] = {'done': threading.Event()}
+
+                def work():
+                    try:
+                        slot['digest'] = file_sha256(path)
+                    except OSError as e:
+                        slot['error'] = e
+                        with self._lock:
+                            self._results.pop(key, None)
+                    slot['done'].set()
+                threading.Thread(target=work, name='digest', daemon=True).start()
+
+        def wait():
+            slot['done'].wait()
+            if 'error' in slot:
+                raise TransferError('cannot read %s: %s' % (path, slot['error'].strerror))
+            return slot['digest']
+        return wait
+
+
+class PartialFile:
+    """A file being received.  Data goes to a hidden temporary name beside the
+    destination and a small state file records which blocks are safely
+    written, so a killed transfer resumes where it stopped and a half-written
+    file never takes the final name.  The state is only trusted when the
+    source's identity (size, mtime) and block size still match."""
+
+    STATE_FORMAT = 1
+
+    def __init__(self, dest, remote, size, mtime_ns, block_size):
+        directory, name = os.path.split(os.path.abspath(dest))
+        self.dest = dest
+        self.data_path = os.path.join(directory, '.%s.wxpart' % name)
+        self.state_path = os.path.join(directory, '.%s.wxstate' % name)
+        self.identity = {'format': self.STATE_FORMAT, 'remote': remote, 'size': size,
+                         'mtime_ns': mtime_ns, 'block_size': block_size}
+        self.nblocks = (size + block_size - 1) // block_size
+        self.block_size = block_size
+        self.fd = None
+        self.resumed_blocks = 0
+
+    def open(self):
+        """Open (or resume) the temporary file; return the held-block bitmap."""
+        directory = os.path.dirname(self.data_path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise TransferError('cannot create directory %s: %s' % (directory, e.strerror))
+        bitmap = self._load_state()
+        try:
+            if bitmap is None:
+                self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                bitmap = bytearray((self.nblocks + 7) // 8)
+            else:
+                self.fd = os.open(self.data_path, os.O_RDWR)
+            os.ftruncate(self.fd, self.identity['size'])
+        except OSError as e:
+            raise TransferError('cannot write %s: %s' % (self.dest, e.strerror))
+        self.resumed_blocks = sum(bin(b).count('1') for b in bitmap)
+        return bitmap
+
+    def _load_state(self):
+        try:
+            with open(self.state_path) as f:
+                state = json.load(f)
+            bitmap = bytearray(zlib.decompress(base64.b64decode(state.pop('bitmap'))))
+        except (OSError, ValueError, KeyError, zlib.error, TypeError, AttributeError):
+            return None
+        if state != self.identity or len(bitmap) != (self.nblocks + 7) // 8 \
+                or not os.path.exists(self.data_path):
+            return None
+        return bitmap
+
+    def save_state(self, bitmap):
+        state = dict(self.identity, bitmap=base64.b64encode(zlib.compress(bytes(bitmap))).decode())
+        temporary = self.state_path + '.tmp'
+        with open(temporary, 'w') as f:
+            json.dump(state, f)
+        os.replace(temporary, self.state_path)
+
+    def write(self, offset, data):
+        try:
+            os.pwrite(self.fd, data, offset)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TransferError('disk full writing %s; the partial data is kept: run the same '
+                                    'command again to resume' % self.dest)
+            raise TransferError('cannot write %s: %s' % (self.dest, e.strerror))
+
+    def digest(self):
+        os.fsync(self.fd)
+        return file_sha256(self.data_path)
+
+    def finish(self, mode, mtime_ns):
+        """Give the verified file its final name, mode and mtime."""
+        os.fchmod(self.fd, mode & 0o7777)
+        os.close(self.fd)
+        self.fd = None
+        os.utime(self.data_path, ns=(mtime_ns, mtime_ns))
+        try:
+            os.replace(self.data_path, self.dest)
+        except OSError as e:
+            raise TransferError('cannot rename to %s: %s' % (self.dest, e.strerror))
+        self._remove(self.state_path)
+
+    def discard(self):
+        self.close()
+        self._remove(self.data_path)
+        self._remove(self.state_path)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def _remove(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class BlockWriter:
+    """Coalesces blocks that arrive in order into one pwrite, and tracks which
+    blocks are written (only those may be recorded as held for resume)."""
+
+    FLUSH_BYTES = 1 << 20
+
+    def __init__(self, partial, held_bitmap):
+        self._partial = partial
+        self._block_size = partial.block_size
+        self._start = self._next = -1
+        self._buffer = bytearray()
+        self.written_bitmap = bytearray(held_bitmap)
+        self.written_bytes = 0
+
+    def put(self, block, data):
+        if block != self._next or len(self._buffer) >= self.FLUSH_BYTES:
+            self.flush()
+            self._start = block
+        self._buffer += data
+        self._next = block + 1
+
+    def flush(self):
+        if not self._buffer:
+            return
+        self._partial.write(self._start * self._block_size, self._buffer)
+        self.written_bytes += len(self._buffer)
+        bitmap = self.written_bitmap
+        for block in range(self._start, self._next):
+            bitmap[block >> 3] |= 1 << (block & 7)
+        self._buffer = bytearray()
+        self._next = -1
+
+
+# ---------------------------------------------------------------------------
+# Bulk transfer: server
+# ---------------------------------------------------------------------------
+"""`serve`: a TCP listener and a UDP port of the same number.  Each client
+gets a ServerSession on a thread of its own and, once its first UDP datagram
+proves who it is, a UDP socket of its own connected back to the address that
+datagram came from (so NAT and stateful firewalls see replies to the
+client's own flow, and one client's traffic never queues behind another's).
+"""
+
+COMMAND_TIMEOUT = 300.0         # s a client may idle between requests
+HANDSHAKE_TIMEOUT = 15.0
+UDP_SETUP_TIMEOUT = 10.0
+DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
+PACING_BURST = 0.002            # s of sending allowed in one go
+MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
+
+
+class ServerSession:
+    """One client, from handshake to hang-up.  Answers `list` and `fetch`
+    requests; a fetch runs the paced data phase until the client says it
+    holds every block, then sends the whole-file digest."""
+
+    def __init__(self, server, sock, address):
+        self.server = server
+        self.sock = sock
+        self.address = address
+        self.session_id = None
+        self.udp = None
+        self._udp_address = None
+        self._udp_ready = threading.Event()
+        self._log = PacketLog()
+        self._next_seq = 0
+        self._file_id = 0
+        self.rate = RateController(server.max_rate)
+        self.rtt = 0.1
+        self._deliveries = []
+        self._wire_bytes = 0
+
+    # Called from the UDP listener thread once a HELLO from this client checks out.
+    def udp_hello(self, address):
+        if self._udp_address is None:
+            self._udp_address = address
+            self._udp_ready.set()
+
+    def run(self):
+        try:
+            self.sock.settimeout(HANDSHAKE_TIMEOUT)
+            keys, self.rtt = server_handshake(self.sock, self.server.secret, self.server.encrypt)
+            self.session_id = keys.session_id
+            ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('server')
+            self.control = ControlChannel(self.sock, ctrl_out, ctrl_in)
+            if not self.server.register(self):
+                raise ProtocolError('session id collision')
+            if not self._udp_ready.wait(UDP_SETUP_TIMEOUT):
+                self.control.send({'op': 'error', 'message':
+                                   'no UDP datagram from the client arrived within %d s; is UDP port %d '
+                                   'open between the hosts?' % (UDP_SETUP_TIMEOUT, self.server.port)})
+                return
+            self._open_udp()
+            self.control.send({'op': 'ready', 'block_size': self.block_size, 'server': __version__})
+            self.sock.settimeout(COMMAND_TIMEOUT)
+            while True:
+                try:
+                    message = self.control.recv()
+                except ProtocolError:
+                    return                      # the client hung up
+                handler = getattr(self, 'do_' + message['op'], None)
+                if handler is None:
+                    self.control.send({'op': 'error', 'message': 'unknown request %r' % message['op']})
+                    continue
+                try:
+                    handler(message)
+                except RemoteError as e:
+                    self.control.send({'op': 'error', 'message': str(e)})
+        except AuthError as e:
+            self.server.log('%s: refused: %s' % (self.peer_name(), e))
+        except (ProtocolError, OSError, struct.error) as e:
+            self.server.log('%s: dropped: %s' % (self.peer_name(), e))
+        finally:
+            self.close()
+
+    def peer_name(self):
+        return '%s:%d' % self.address[:2]
+
+    def _open_udp(self):
+        local = self.sock.getsockname()[0]
+        sock = socket.socket(self.sock.family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((local, self.server.port))
+        sock.connect(self._udp_address)
+        self.udp = DatagramSocket(sock)
+        mtu = min(DEFAULT_MTU, self.udp.path_mtu())
+        self.block_size = block_size_for_mtu(mtu, sock.family)
+
+    def do_list(self, message):
+        listing = self.server.tree.listing(str(message.get('path', '')))
+        listing['op'] = 'listing'
+        self.control.send(listing)
+
+    def do_fetch(self, message):
+        remote = str(message.get('path', ''))
+        path, is_dir = self.server.tree.resolve(remote)
+        if is_dir:
+            raise RemoteError('%s: is a directory' % remote)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if st.st_size != message.get('size') or st.st_mtime_ns != message.get('mtime_ns'):
+                raise RemoteError('%s: changed on the server during the transfer' % remote)
+            digest = self.server.digests.start(path)
+            caps = [r for r in (self.server.max_rate, message.get('max_rate')) if r]
+            self.rate.max_rate = float(min(caps)) if caps else None
+            self.rate.rate = min(self.rate.rate, self.rate.max_rate or self.rate.rate)
+            need = [(int(a), int(b)) for a, b in message.get('need', [])]
+            self._file_id += 1
+            window = SendWindow(need, self._next_seq, self._log)
+            self.control.send({'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq})
+            started = time.monotonic()
+            finished = self._send_blocks(fd, st.st_size, window)
+            self._next_seq = window.next_seq
+            if not finished:
+                return
+            self.control.send({
+                'op': 'digest', 'file': self._file_id, 'sha256': digest(),
+                'packets_sent': window.next_seq - window.first_seq, 'packets_lost': window.lost,
+                'packets_retransmitted': window.retransmitted, 'wire_bytes': self._wire_bytes})
+            seconds = time.monotonic() - started
+            self.server.log('%s: sent %s (%d bytes) in %.2f s, %.1f Mbit/s, %d packets retransmitted' % (
+                self.peer_name(), remote, st.st_size, seconds,
+                st.st_size * 8 / max(seconds, 1e-6) / 1e6, window.retransmitted))
+        finally:
+            os.close(fd)
+
+    def _send_blocks(self, fd, size, window):
+        """The paced data phase of one file.  Returns True when the client
+        reports every block held, False if it gave up or vanished."""
+        block_size, sid, file_id = self.block_size, self.session_id, self._file_id
+        sealer, udp, rate = self.data_out, self.udp, self.rate
+        pack_header = DATA_HEADER.pack
+        per_packet = PACKET_OVERHEAD + IP_UDP_OVERHEAD.get(self.sock.family, 48)
+        self._wire_bytes = 0
+        selector = selectors.DefaultSelector()
+        selector.register(udp.sock, selectors.EVENT_READ, 'udp')
+        selector.register(self.sock, selectors.EVENT_READ, 'tcp')
+        self.sock.setblocking(False)
+        buffer = bytearray(RECV_BUFFER)
+        last_feedback = now = last_tick = time.monotonic()
+        budget = 0.0
+        max_batch = MAX_GSO_SEGMENTS if udp.gso else 8
+        try:
+            while True:
+                now = time.monotonic()
+                budget = min(budget + rate.rate * (now - last_tick), rate.rate * PACING_BURST + 65536)
+                last_tick = now
+                flight_cap = max(256, int(rate.rate * (2 * self.rtt + 0.2) / block_size))
+                while budget > 0 and window.has_work() and window.in_flight() < flight_cap:
+                    first, count, resend = window.next_run(max_batch)
+                    payload = os.pread(fd, count * block_size, first * block_size)
+                    view = memoryview(payload)
+                    stamp = int(now * 1e6) & 0xFFFFFFFF
+                    flags = DATA_FLAG_RETRANSMIT if resend else 0
+                    packets = []
+                    for i in range(count):
+                        seq = window.next_seq
+                        header = pack_header(KIND_DATA, flags, sid, seq, first + i, stamp)
+                        packets.append(header + sealer.seal(seq, header,
+                                                            view[i * block_size:(i + 1) * block_size]))
+                        window.sent(first + i, now, resend)
+                    udp.send_packets(packets)
+                    self._wire_bytes += len(payload) + count * per_packet
+                    budget -= len(payload) + count * per_packet
+                if window.has_work() and window.in_flight() < flight_cap:
+                    timeout = max(0.0, -budget / rate.rate)
+                else:
+                    timeout = 0.05
+                for key, _events in selector.select(timeout):
+                    if key.data == 'tcp':
+                        data = self.sock.recv(65536)
+                        if not data:
+                            return False
+                        self.control.feed(data)
+                        for message in self.control.messages():
+                            if message['op'] == 'done' and message.get('file') == file_id:
+                                return True
+                            if message['op'] == 'abort':
+                                return False
+                        continue
+                    while True:
+                        nbytes, segment = udp.recv_batch(buffer)
+                        if not nbytes:
+                            break
+                        for offset in range(0, nbytes, segment):
+                            if self._on_datagram(buffer, offset, min(segment, nbytes - offset),
+                                                 window, file_id, time.monotonic()):
+                                last_feedback = time.monotonic()
+                silence = time.monotonic() - last_feedback
+                if silence > DATA_TIMEOUT:
+                    self.server.log('%s: no feedback for %d s; transfer abandoned'
+                                    % (self.peer_name(), DATA_TIMEOUT))
+                    return False
+                if silence > max(MIN_FEEDBACK_SILENCE, 4 * self.rtt):
+                    rate.on_silence()
+                    last_feedback += max(MIN_FEEDBACK_SILENCE, 4 * self.rtt)
+        finally:
+            selector.close()
+            self.sock.setblocking(True)
+
+    def _on_datagram(self, buffer, offset, length, window, file_id, now):
+        """Apply one feedback or NAK datagram; True if it was authentic."""
+        if length < PACKET_HEADER.size + TAG_SIZE:
+            return False
+        kind, _flags, sid, seq = PACKET_HEADER.unpack_from(buffer, offset)
+        if sid != self.session_id:
+            return False
+        view = memoryview(buffer)
+        body = self.data_in.open(seq, view[offset:offset + PACKET_HEADER.size],
+                                 view[offset + PACKET_HEADER.size:offset + length])
+        if body is None:
+            return False
+        try:
+            if kind == KIND_FEEDBACK:
+                fid, start, largest, ack_delay, queue_us, gaps = decode_feedback(body)
+                if fid != file_id:
+                    return True
+                if window.first_seq <= largest < window.next_seq:
+                    sample = now - self._log.times[largest & (PacketLog.SIZE - 1)] - ack_delay / 1e6
+                    if sample > 0:
+                        self.rtt = 0.875 * self.rtt + 0.125 * sample
+                delivered, lost = window.on_ack(start, largest, gaps, now, self.rtt)
+                self._on_delivery(now, delivered, lost, queue_us / 1e6)
+            elif kind == KIND_NAK:
+                fid, ranges = decode_nak(body)
+                if fid == file_id:
+                    window.on_nak(ranges, now, self.rtt)
+        except ProtocolError:
+            return False
+        return True
+
+    def _on_delivery(self, now, delivered, lost, queue_delay):
+        # Delivery rate over the last round trip or so: the bottleneck's pace.
+        history = self._deliveries
+        history.append((now, delivered, lost))
+        while len(history) > 2 and now - history[0][0] > max(self.rtt, 0.05):
+            history.pop(0)
+        span = now - history[0][0]
+        packets = sum(d for _, d, _ in history[1:])
+        losses = sum(l for _, _, l in history[1:])
+        delivery_rate = packets * self.block_size / span if span > 0 else 0.0
+        loss_fraction = losses / (packets + losses) if packets + losses else 0.0
+        self.rate.on_feedback(now, queue_delay, delivery_rate, loss_fraction, self.rtt)
+
+    def close(self):
+        self.server.unregister(self)
+        if self.udp is not None:
+            self.udp.close()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Server:
+    """`serve`: accepts clients on TCP, matches their first UDP datagram to
+    their session, and runs each session on its own thread.  A failing
+    session is logged and the server keeps serving."""
+
+    def __init__(self, tree, secret, bind='', port=DEFAULT_PORT, encrypt=True,
+                 max_rate=None, log=None):
+        self.tree = tree
+        self.secret = secret
+        self.encrypt = encrypt
+        self.max_rate = max_rate
+        self.log = log or (lambda line: None)
+        self.digests = DigestCache()
+        self._sessions = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        family = socket.AF_INET6 if ':' in bind else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind((bind, port))
+            self.port = self.listener.getsockname()[1]
+            self.udp = socket.socket(family, socket.SOCK_DGRAM)
+            self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            self.udp.bind((bind, self.port))
+        except OSError as e:
+            self.listener.close()
+            raise UsageError('cannot listen on %s:%d: %s' % (bind or '*', port, e.strerror))
+        self.listener.listen(64)
+        self.address = self.listener.getsockname()
+
+    def register(self, session):
+        with self._lock:
+            if session.session_id in self._sessions:
+                return False
+            self._sessions[session.session_id] = session
+            return True
+
+    def unregister(self, session):
+        with self._lock:
+            if self._sessions.get(session.session_id) is session:
+                del self._sessions[session.session_id]
+
+    def active_sessions(self):
+        with self._lock:
+            return len(self._sessions)
+
+    def _udp_loop(self):
+        """Match each HELLO datagram to its session by id and tag."""
+        buffer = bytearray(2048)
+        while not self._stopping.is_set():
+            try:
+                nbytes, address = self.udp.recvfrom_into(buffer)
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            if nbytes < PACKET_HEADER.size + TAG_SIZE:
+                continue
+            kind, _flags, sid, seq = PACKET_HEADER.unpack_from(buffer)
+            with self._lock:
+                session = self._sessions.get(sid)
+            if kind != KIND_HELLO or session is None:
+                continue
+            view = memoryview(buffer)
+            if hmac.compare_digest(session.data_in.tag(view[:PACKET_HEADER.size], b''),
+                                   bytes(view[PACKET_HEADER.size:nbytes])):
+                session.udp_hello(address)
+
+    def serve_forever(self):
+        threading.Thread(target=self._udp_loop, name='udp-hello', daemon=True).start()
+        while not self._stopping.is_set():
+            try:
+                sock, address = self.listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = ServerSession(self, sock, address)
+            threading.Thread(target=session.run, name='session', daemon=True).start()
+
+    def shutdown(self):
+        self._stopping.set()
+        for sock in (self.listener, self.udp):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+# ---------------------------------------------------------------------------
+# Bulk transfer: client
+# ---------------------------------------------------------------------------
+"""`get`: one authenticated session, the UDP flow opened from the client's
+side, then for each file a fetch that resumes from any partial file, receives
+until every block is held, and verifies the whole-file digest before the
+file takes its final name.  Progress and results go to an `events` object;
+this section never prints."""
+
+HELLO_INTERVAL = 0.1
+PROGRESS_INTERVAL = 0.5
+STATE_SAVE_INTERVAL = 2.0
+
+
+class TransferEvents:
+    """What a Client reports.  The CLI subclasses it; the default is silent."""
+
+    def warning(self, message):
+        pass
+
+    def file_started(self, remote, dest, size, resumed_bytes):
+        pass
+
+    def progress(self, snapshot):
+        pass
+
+    def file_finished(self, summary):
+        pass
+
+
+class Client:
+    """A session with one server.  `connect()`, then `plan()` what REMOTEs
+    expand to and `fetch()` each file; `close()` at the end."""
+
+    def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
+                 max_rate=None):
+        self.host, self.port = host, port
+        self.max_rate = max_rate                # bytes/s, or None: the path decides
+        self.secret, self.encrypt = secret, encrypt
+        self.timeout = timeout
+        self.events = events or TransferEvents()
+        self.sock = self.udp = None
+        self._seq = 0
+
+    def connect(self):
+        try:
+            self.sock = socket.create_connection((self.host, self.port), timeout=HANDSHAKE_TIMEOUT)
+        except socket.gaierror as e:
+            raise TransferError('cannot resolve %s: %s' % (self.host, e.strerror))
+        except OSError as e:
+            raise TransferError('cannot connect to %s:%d: %s' % (self.host, self.port,
+                                                                e.strerror or e))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt)
+        except struct.error:
+            raise ProtocolError('the server closed the connection during the handshake')
+        except socket.timeout:
+            raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
+        self.session_id = keys.session_id
+        ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('client')
+        self.control = ControlChannel(self.sock, ctrl_out, ctrl_in)
+        self.sock.settimeout(None)
+        udp = socket.socket(self.sock.family, socket.SOCK_DGRAM)
+        udp.connect(self.sock.getpeername()[:2])
+        self.udp = DatagramSocket(udp)
+        for warning in self.udp.warnings:
+            self.events.warning(warning)
+        ready = self._open_udp_flow()
+        self.block_size = int(ready['block_size'])
+        if not 64 <= self.block_size <= 65000:
+            raise ProtocolError('server chose a block size of %d' % self.block_size)
+
+    def _send_datagram(self, kind, body=b''):
+        packet = seal_datagram(self.data_out, kind, self.session_id, self._seq, body)
+        self._seq += 1
+        try:
+            self.udp.sock.send(packet)
+        except (BlockingIOError, ConnectionRefusedError):
+            pass                                # lost like any datagram; timers resend
+
+    def _open_udp_flow(self):
+        """Send HELLO datagrams until the server says it has seen one."""
+        deadline = time.monotonic() + UDP_SETUP_TIMEOUT + 5
+        self.sock.settimeout(HELLO_INTERVAL)
+        try:
+            while time.monotonic() < deadline:
+                self._send_datagram(KIND_HELLO)
+                try:
+                    message = self.control.recv()
+                except socket.timeout:
+                    continue
+                return self._expect(message, 'ready')
+        finally:
+            self.sock.settimeout(None)
+        raise TransferError('the server never confirmed the UDP data channel')
+
+    @staticmethod
+    def _expect(message, op):
+        if message['op'] == 'error':
+            raise RemoteError(str(message.get('message', 'the server refused')))
+        if message['op'] != op:
+            raise ProtocolError('expected %s from the server, got %s' % (op, message['op']))
+        return message
+
+    def listing(self, remote):
+        self.control.send({'op': 'list', 'path': remote})
+        return self._expect(self.control.recv(), 'listing')
+
+    def fetch(self, remote, dest, entry, retry_on_mismatch=True):
+        """Fetch one file to `dest`; return its summary dict."""
+        size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
+        self._rejected = 0
+        partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
+        bitmap = partial.open()
+        resumed = partial.resumed_blocks
+        self.events.file_started(remote, dest, size, min(size, resumed * self.block_size))
+        writer = BlockWriter(partial, bitmap)
+        started = time.monotonic()
+        try:
+            self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
+                               'max_rate': self.max_rate,
+                               'need': bitmap_missing_ranges(bitmap, partial.nblocks)})
+            start = self._expect(self.control.recv(), 'start')
+            window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)
+            self._file_id = int(start['file'])
+            if not window.complete():
+                self._receive(window, writer, partial, size, started)
+            writer.flush()
+            partial.save_state(writer.written_bitmap)
+            self.control.send({'op': 'done', 'file': self._file_id})
+            report = self._expect(self._next_message(), 'digest')
+        except BaseException:
+            try:
+                writer.flush()
+                partial.save_state(writer.written_bitmap)
+            except (WanxferError, OSError):
+                pass
+            partial.close()
+            raise
+        local = partial.digest()
+        if not hmac.compare_digest(local, str(report.get('sha256'))):
+            partial.discard()
+            if retry_on_mismatch:
+                self.events.warning('%s: digest mismatch; fetching it again from scratch' % remote)
+                return self.fetch(remote, dest, entry, retry_on_mismatch=False)
+            raise TransferError('%s: digest mismatch after a full transfer; the source may be '
+                                'changing while it is read' % remote)
+        partial.finish(int(entry.get('mode', 0o644)), mtime_ns)
+        duration = max(time.monotonic() - started, 1e-6)
+        received = writer.written_bytes
+        wire = int(report.get('wire_bytes', 0))
+        return {
+            'file': dest, 'remote': remote, 'file_bytes': size,
+            'received_bytes': received, 'resumed_bytes': min(size, resumed * self.block_size),
+            'duration_seconds': round(duration, 3), 'wire_bytes': wire,
+            'packets_sent': int(report.get('packets_sent', 0)),
+            'packets_received': window.packets, 'packets_duplicate': window.duplicates,
+            'packets_rejected': self._rejected,
+            'packets_lost': int(report.get('packets_lost', 0)),
+            'packets_retransmitted': int(report.get('packets_retransmitted', 0)),
+            'throughput_mbps': round(wire * 8 / duration / 1e6, 2),
+            'goodput_mbps': round(received * 8 / duration / 1e6, 2),
+            'file_rate_mbps': round(size * 8 / duration / 1e6, 2),
+            'sha256': local, 'encrypted': self.encrypt, 'verified': True,
+        }
+
+    def _next_message(self):
+        self.sock.settimeout(self.timeout)
+        try:
+            return self.control.recv()
+        except socket.timeout:
+            raise TransferError('the server did not answer for %d s' % self.timeout)
+        finally:
+            self.sock.settimeout(None)
+
+    def _receive(self, window, writer, partial, size, started):
+        """The data phase: datagrams in, blocks written, feedback out."""
+        sid, sealer, block_size = self.session_id, self.data_in, self.block_size
+        nblocks = window.nblocks
+        last_size = size - (nblocks - 1) * block_size
+        unpack_header = DATA_HEADER.unpack_from
+        header_size, minimum = DATA_HEADER.size, DATA_HEADER.size + TAG_SIZE
+        buffer = bytearray(RECV_BUFFER)
+        view = memoryview(buffer)
+        feedback_interval = max(0.005, min(0.02, self.rtt / 8))
+        idle_limit = max(0.02, self.rtt / 2)
+        selector = selectors.DefaultSelector()
+        selector.register(self.udp.sock, selectors.EVENT_READ, 'udp')
+        selector.register(self.sock, selectors.EVENT_READ, 'tcp')
+        now = time.monotonic()
+        last_data = next_nak = now
+        next_feedback = now + feedback_interval
+        next_progress = now + PROGRESS_INTERVAL
+        next_save = now + STATE_SAVE_INTERVAL
+        packets_at_feedback = 0
+        try:
+            while not window.complete():
+                timeout = max(0.0, min(next_feedback, next_progress, last_data + idle_limit) - now)
+                for key, _events in selector.select(timeout):
+                    if key.data == 'tcp':
+                        data = self.sock.recv(65536)
+                        if not data:
+                            raise TransferError('the server closed the connection; partial data kept: '
+                                                'run the same command again to resume')
+                        self.control.feed(data)
+                        for message in self.control.messages():
+                            self._expect(message, 'none')
+                        continue
+                    while True:
+                        nbytes, segment = self.udp.recv_batch(buffer)
+                        if not nbytes:
+                            break
+                        now = time.monotonic()
+                        for offset in range(0, nbytes, segment):
+                            length = min(segment, nbytes - offset)
+                            if length < minimum:
+                                self._rejected += 1
+                                continue
+                            kind, _flags, psid, seq, block, stamp = unpack_header(buffer, offset)
+                            if kind != KIND_DATA or psid != sid:
+                                self._rejected += 1
+                                continue
+                            payload = sealer.open(seq, view[offset:offset + header_size],
+                                                  view[offset + header_size:offset + length])
+                            if payload is None or block >= nblocks or len(payload) != (
+                                    block_size if block < nblocks - 1 else last_size):
+                                self._rejected += 1
+                                continue
+                            if window.on_packet(seq, block, stamp, now):
+                                writer.put(block, payload)
+                            last_data = now
+                now = time.monotonic()
+                if now >= next_feedback:
+                    if window.packets != packets_at_feedback:
+                        packets_at_feedback = window.packets
+                        self._send_datagram(KIND_FEEDBACK, encode_feedback(
+                            self._file_id, *window.feedback(now)))
+                    next_feedback = now + feedback_interval
+                if now - last_data >= idle_limit and now >= next_nak:
+                    self._send_datagram(KIND_NAK, encode_nak(self._file_id, window.missing()))
+                    next_nak = now + idle_limit
+                    if now - last_data > self.timeout:
+                        raise TransferError('no data from the server for %d s; partial data kept: '
+                                            'run the same command again to resume' % self.timeout)
+                if now >= next_progress:
+                    next_progress = now + PROGRESS_INTERVAL
+                    self.events.progress({
+                        'file_bytes': size, 'held_bytes': min(size, window.held * block_size),
+                        'received_bytes': writer.written_bytes, 'elapsed': now - started,
+                        'packets': window.packets, 'duplicates': window.duplicates})
+                if now >= next_save:
+                    next_save = now + STATE_SAVE_INTERVAL
+                    writer.flush()
+                    partial.save_state(writer.written_bitmap)
+        finally:
+            selector.close()
+
+    def close(self):
+        for channel in (self.udp, self.sock):
+            if channel is not None:
+                try:
+                    channel.close()
+                except OSError:
+                    pass
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+"""Everything a person reads: progress lines, the per-file summary in the
+words Tsunami's users know, and sizes and rates in human units.  One summary
+dict feeds both the human report and --json."""
+
+
+def human_bytes(n):
+    for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
+        if abs(n) < 1000 or unit == 'TB':
+            return ('%d %s' if unit == 'B' else '%.2f %s') % (n, unit)
+        n /= 1000.0
+
+
+def human_rate(bits_per_second):
+    for unit in ('bit/s', 'kbit/s', 'Mbit/s', 'Gbit/s'):
+        if bits_per_second < 1000 or unit == 'Gbit/s':
+            return '%.1f %s' % (bits_per_second, unit)
+        bits_per_second /= 1000.0
+
+
+def parse_rate(text):
+    """'300M', '1.5G', '800k', '100000' -> bits per second."""
+    units = {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12}
+    value = text.strip().lower()
+    for suffix in ('bit/s', 'bps', 'b'):
+        if value.endswith(suffix) and len(value) > len(suffix):
+            value = value[:-len(suffix)]
+            break
+    unit = value[-1:] if value[-1:] in units else ''
+    try:
+        number = float(value[:len(value) - len(unit)])
+    except ValueError:
+        raise UsageError('invalid rate %r: use bits per second like 300M or 1.5G' % text)
+    if number <= 0:
+        raise UsageError('invalid rate %r: must be positive' % text)
+    return number * units[unit]
+
+
+def summary_lines(summary):
+    """The human form of a transfer summary, modelled on Tsunami's client."""
+    seconds = summary['duration_seconds']
+    lines = [
+        ('Transfer duration', '%.2f seconds' % seconds),
+        ('Total packet data', human_bytes(summary['wire_bytes'])),
+        ('Goodput data', human_bytes(summary['received_bytes'])),
+        ('File data', human_bytes(summary['file_bytes'])),
+        ('Throughput', human_rate(summary['throughput_mbps'] * 1e6)),
+        ('Goodput w/ restarts', human_rate(summary['goodput_mbps'] * 1e6)),
+        ('Final file rate', human_rate(summary['file_rate_mbps'] * 1e6)),
+        ('Packets lost / retransmitted', '%d / %d' % (summary['packets_lost'],
+                                                      summary['packets_retransmitted'])),
+        ('Transfer mode', 'lossless, verified (sha256)%s' % (
+            ', encrypted' if summary['encrypted'] else ', not encrypted')),
+    ]
+    if summary.get('resumed_bytes'):
+        lines.insert(3, ('Resumed from disk', human_bytes(summary['resumed_bytes'])))
+    width = max(len(label) for label, _ in lines)
+    return ['%s: %s' % (summary['file'], 'done')] + \
+        ['  %s : %s' % (label.ljust(width), value) for label, value in lines]
+
+
+class ConsoleEvents(TransferEvents):
+    """Progress and summaries for a person (or --json for a script).  On a
+    terminal the progress line is redrawn in place; otherwise a plain line
+    every few seconds, so logs stay readable."""
+
+    PLAIN_INTERVAL = 5.0
+
+    def __init__(self, json_output=False, quiet=False, stream=None, out=None):
+        self.json_output = json_output
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.out = out or sys.stdout
+        self.tty = self.stream.isatty()
+        self._name = ''
+        self._last_plain = 0.0
+        self._last = None
+        self._drawn = False
+
+    def warning(self, message):
+        self._clear()
+        self.stream.write('wanxfer: warning: %s\n' % message)
+
+    def file_started(self, remote, dest, size, resumed_bytes):
+        self._name = remote
+        self._last = None
+        if resumed_bytes and not self.quiet:
+            self._clear()
+            self.stream.write('%s: resuming, %s of %s already on disk\n'
+                              % (remote, human_bytes(resumed_bytes), human_bytes(size)))
+
+    def progress(self, snapshot):
+        if self.quiet:
+            return
+        now = snapshot['elapsed']
+        rate = 0.0
+        if self._last is not None and now > self._last[0]:
+            rate = (snapshot['received_bytes'] - self._last[1]) * 8 / (now - self._last[0])
+        self._last = (now, snapshot['received_bytes'])
+        size, held = snapshot['file_bytes'], snapshot['held_bytes']
+        percent = 100.0 * held / size if size else 100.0
+        eta = '--:--'
+        if rate > 0:
+            left = (size - held) * 8 / rate
+            eta = '%d:%02d' % divmod(int(left), 60)
+        dup = snapshot['duplicates'] * 100.0 / max(1, snapshot['packets'])
+        line = '%s  %s / %s  %5.1f%%  %s  ETA %s  dup %.1f%%' % (
+            self._name, human_bytes(held), human_bytes(size), percent, human_rate(rate), eta, dup)
+        if self.tty:
+            self.stream.write('\r\x1b[K' + line)
+            self._drawn = True
+        elif now - self._last_plain >= self.PLAIN_INTERVAL:
+            self._last_plain = now
+            self.stream.write(line + '\n')
+        self.stream.flush()
+
+    def _clear(self):
+        if self._drawn:
+            self.stream.write('\r\x1b[K')
+            self._drawn = False
+
+    def file_finished(self, summary):
+        self._clear()
+        if self.json_output:
+            self.out.write(json.dumps(summary, sort_keys=True) + '\n')
+        elif not self.quiet:
+            self.out.write('\n'.join(summary_lines(summary)) + '\n')
+        self.out.flush()
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+"""argv in, exit status out.  Each command is a short function that builds
+the engine's objects from the arguments and hands them a ConsoleEvents; only
+main() turns a WanxferError into `wanxfer: error: ...` and a status."""
+
+
+def parse_host_port(text, default_port=DEFAULT_PORT):
+    """'host', 'host:port', '[v6]:port' -> (host, port)."""
+    host, port = text, default_port
+    if text.startswith('['):
+        host, _, rest = text[1:].partition(']')
+        if rest.startswith(':'):
+            port = rest[1:]
+    elif text.count(':') == 1:
+        host, port = text.split(':')
+    try:
+        port = int(port)
+    except ValueError:
+        raise UsageError('invalid port in %r' % text)
+    if not host or not 0 <= port <= 65535:
+        raise UsageError('invalid address %r: use HOST or HOST:PORT' % text)
+    return host, port
+
+
+def require_secret(args):
+    secret = load_secret(args.secret_file)
+    if secret is None:
+        raise UsageError('no shared secret: set %s or pass --secret-file FILE (the one `serve` '
+                         'printed or was given)' % SECRET_ENV)
+    return secret
+
+
+def safe_relative(path):
+    """A path the server sent us, checked so a hostile server cannot make us
+    write outside the destination."""
+    try:
+        clean = normalize_remote(path)
+    except RemoteError:
+        clean = None
+    if clean != path.strip('/') or clean in ('', '.'):
+        raise ProtocolError('the server sent an unsafe path %r' % path)
+    return clean
+
+
+def plan_downloads(client, remotes, dest):
+    """[(remote path, local path, entry)] and [local dirs] for the REMOTEs,
+    plus the error lines of REMOTEs the server refused."""
+    listings, errors = [], []
+    for remote in remotes:
+        try:
+            listings.append((normalize_remote(remote), client.listing(remote)))
+        except RemoteError as e:
+            errors.append(str(e))
+    jobs, dirs = [], []
+    single = len(remotes) == 1 and len(listings) == 1 and listings[0][1]['kind'] == 'file'
+    if single and dest is not None and not os.path.isdir(dest):
+        remote, listing = listings[0]
+        return [(remote, dest, listing['files'][0])], dirs, errors
+    base = dest if dest is not None else '.'
+    for remote, listing in listings:
+        name = listing.get('name') or ''
+        top = os.path.join(base, safe_relative(name)) if name else base
+        if listing['kind'] == 'file':
+            jobs.append((remote, top, listing['files'][0]))
+            continue
+        dirs.append(top)
+        dirs.extend(os.path.join(top, safe_relative(d)) for d in listing['dirs'])
+        for entry in listing['files']:
+            rel = safe_relative(entry['path'])
+            jobs.append(((remote + '/' if remote else '') + rel, os.path.join(top, rel), entry))
+    return jobs, dirs, errors
+
+
+def command_get(args):
+    secret = require_secret(args)
+    host, port = parse_host_port(args.server)
+    max_rate = parse_rate(args.rate) / 8 if args.rate else None
+    events = ConsoleEvents(json_output=args.json, quiet=args.quiet)
+    if args.output is not None and len(args.remote) > 1 and os.path.exists(args.output) \
+            and not os.path.isdir(args.output):
+        raise UsageError('%s is not a directory (several REMOTEs need one)' % args.output)
+    client = Client(host, port, secret, encrypt=not args.no_encrypt, timeout=args.timeout,
+                    events=events, max_rate=max_rate)
+    failures = 0
+    try:
+        client.connect()
+        jobs, dirs, errors = plan_downloads(client, args.remote, args.output)
+        for line in errors:
+            print('wanxfer: error: %s' % line, file=sys.stderr)
+            failures += 1
+        for directory in dirs:
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as e:
+                raise TransferError('cannot create directory %s: %s' % (directory, e.strerror))
+        for remote, dest, entry in jobs:
+            try:
+                events.file_finished(client.fetch(remote, dest, entry))
+            except RemoteError as e:
+                print('wanxfer: error: %s' % e, file=sys.stderr)
+                failures += 1
+    finally:
+        client.close()
+    return 1 if failures else 0
+
+
+def server_logger(stream=None):
+    stream = stream or sys.stderr
+    lock = threading.Lock()
+
+    def log(line):
+        # Escape control characters: client-chosen names must not rewrite the terminal.
+        text = ''.join(c if c.isprintable() else '\\x%02x' % ord(c) for c in line)
+        with lock:
+            stream.write('%s wanxfer: %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'), text))
+            stream.flush()
+    return log
+
+
+def command_serve(args):
+    tree = ServedTree(args.paths or ['.'])
+    secret = load_secret(args.secret_file)
+    max_rate = parse_rate(args.rate) / 8 if args.rate else None
+    server = Server(tree, secret or b'', args.bind, args.port, encrypt=not args.no_encrypt,
+                    max_rate=max_rate, log=server_logger())
+    if secret is None:
+        generated = secrets.token_urlsafe(24)
+        server.secret = generated.encode()
+        host = args.bind or socket.gethostname()
+        port = '' if server.port == DEFAULT_PORT else ':%d' % server.port
+        print('wanxfer: no secret was given, so this server made one (shown only now):\n'
+              '  %s=%s\n'
+              'Fetch with:\n'
+              '  %s=%s python3 wanxfer.py get %s%s REMOTE%s'
+              % (SECRET_ENV, generated, SECRET_ENV, generated, host, port,
+                 ' --no-encrypt' if args.no_encrypt else ''), flush=True)
+    served = ', '.join(real + ('/' if name is None else '') for name, real in tree.roots)
+    print('wanxfer: listening on %s:%d (TCP control and UDP data), serving %s'
+          % (args.bind or '*', server.port, served), file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+    return 0
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--secret-file', metavar='FILE',
+                        help='read the shared secret from FILE (default: $%s)' % SECRET_ENV)
+    common.add_argument('--no-encrypt', action='store_true',
+                        help='authenticate only, do not encrypt (must match on both ends)')
+
+    parser = argparse.ArgumentParser(
+        prog='wanxfer', formatter_class=argparse.RawDescriptionHelpFormatter,
+        description='Move data between distant data centres fast: bulk transfer over paced '
+                    'UDP, a deduplicating TCP tunnel, and stats.',
+        epilog='examples:\n'
+               '  python3 wanxfer.py serve /srv/data              # on the host with the data\n'
+               '  WANXFER_SECRET=... python3 wanxfer.py get db1.example.com backup.tar\n'
+               '  python3 wanxfer.py demo                         # try it on this machine\n\n'
+               'Run `python3 wanxfer.py COMMAND --help` for each command.')
+    parser.add_argument('--version', action='version', version='wanxfer ' + __version__)
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+
+    serve = commands.add_parser(
+        'serve', parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help='offer files to `get` clients',
+        description='Serve files to `get` clients: TCP control and UDP data on one port.',
+        epilog='examples:\n'
+               '  python3 wanxfer.py serve                      # the current directory\n'
+               '  python3 wanxfer.py serve /srv/backups db.tar  # a directory and a file\n'
+               '  WANXFER_SECRET=s3cret python3 wanxfer.py serve --port 9000 /data\n\n'
+               'Without a secret, serve makes one and prints it with the get command to use.')
+    serve.add_argument('paths', nargs='*', metavar='PATH',
+                       help='file (served by its name) or directory (its contents); default .')
+    serve.add_argument('--bind', default='', metavar='ADDR', help='listen address (default: all)')
+    serve.add_argument('--port', type=int, default=DEFAULT_PORT, metavar='N',
+                       help='TCP and UDP port (default %d; 0 picks a free one)' % DEFAULT_PORT)
+    serve.add_argument('--rate', metavar='RATE', help='cap every transfer at RATE bits/s, e.g. 300M')
+    serve.set_defaults(func=command_serve)
+
+    get = commands.add_parser(
+        'get', parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help='fetch files from a server',
+        description='Fetch files or directory trees from a wanxfer server.  Each file is '
+                    'verified against the server\'s SHA-256 before it takes its final name; '
+                    'an interrupted fetch resumes when the same command runs again.',
+        epilog='examples:\n'
+               '  python3 wanxfer.py get db1:46224 backup.tar             # into .\n'
+               '  python3 wanxfer.py get db1 backup.tar -o /data/b.tar    # to a file name\n'
+               '  python3 wanxfer.py get db1 logs/2026 images -o /data/   # trees and files\n'
+               '  python3 wanxfer.py get db1 big.img --rate 500M --json   # capped, for scripts\n\n'
+               'exit status: 0 all files verified, 1 a transfer failed, 2 usage error')
+    get.add_argument('server', metavar='HOST[:PORT]')
+    get.add_argument('remote', nargs='+', metavar='REMOTE',
+                     help='path on the server, relative to what it serves')
+    get.add_argument('-o', '--output', metavar='DEST',
+                     help='file name (one file) or directory (default: current directory)')
+    get.add_argument('--rate', metavar='RATE', help='cap the sending rate, e.g. 300M or 1.5G bits/s')
+    get.add_argument('--json', action='store_true', help='one JSON object per file on stdout')
+    get.add_argument('-q', '--quiet', action='store_true', help='no progress or summary')
+    get.add_argument('--timeout', type=float, default=DATA_TIMEOUT, metavar='SECONDS',
+                     help='give up after this long without data (default %d)' % DATA_TIMEOUT)
+    get.set_defaults(func=command_get)
+    return parser, commands
+
+
+def main(argv=None):
+    parser, _commands = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, 'func', None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except WanxferError as e:
+        print('wanxfer: error: %s' % e, file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print('\nwanxfer: interrupted; partial data is kept, run the same command to resume',
+              file=sys.stderr)
+        return 130
+    except OSError as e:
+        print('wanxfer: error: %s' % (e.strerror or e), file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
