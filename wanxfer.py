@@ -220,8 +220,11 @@ class Sealer:
             return hashlib.shake_256(self._enc_key + b'long' + nonce.to_bytes(8, 'big')).digest(length)
         return memoryview(stream)[start:start + length]
 
-    def tag(self, header, body):
+    def tag(self, nonce, header, body):
+        # The nonce is bound in even where the header carries it: control
+        # frames' nonces are implicit counters, and a replay must fail here.
         mac = self._mac.copy()
+        mac.update(nonce.to_bytes(8, 'big'))
         mac.update(header)
         mac.update(body)
         return mac.digest()
@@ -229,14 +232,14 @@ class Sealer:
     def seal(self, nonce, header, payload):
         if self.encrypt and payload:
             payload = xor_bytes(payload, self._keystream(nonce, len(payload)))
-        return bytes(payload) + self.tag(header, payload)
+        return bytes(payload) + self.tag(nonce, header, payload)
 
     def open(self, nonce, header, sealed):
         """Return the plaintext of `sealed` (ciphertext + tag) or None."""
         if len(sealed) < TAG_SIZE:
             return None
         body = sealed[:-TAG_SIZE]
-        if not hmac.compare_digest(self.tag(header, body), sealed[-TAG_SIZE:]):
+        if not hmac.compare_digest(self.tag(nonce, header, body), sealed[-TAG_SIZE:]):
             return None
         if self.encrypt and body:
             return xor_bytes(body, self._keystream(nonce, len(body)))
@@ -1509,7 +1512,7 @@ class Server:
             if kind != KIND_HELLO or session is None:
                 continue
             view = memoryview(buffer)
-            if hmac.compare_digest(session.data_in.tag(view[:PACKET_HEADER.size], b''),
+            if hmac.compare_digest(session.data_in.tag(seq, view[:PACKET_HEADER.size], b''),
                                    bytes(view[PACKET_HEADER.size:nbytes])):
                 session.udp_hello(address)
 

@@ -1,0 +1,366 @@
+"""`serve` and `get` as an operator uses them: real processes on loopback,
+most of them through the built-in link emulator, every result checked by
+its bytes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import (SECRET, WANXFER, get_command, json_summaries, make_file, run_get, sha256,
+                      wait_for, wanxfer, wanxfer_env)
+
+BLOCK = wanxfer.block_size_for_mtu(1500)
+
+
+def test_get_one_file_prints_summary_and_keeps_mtime_and_mode(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'data.bin', 3 * 1024 * 1024 + 17)
+    os.chmod(data, 0o640)
+    os.utime(data, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    server = serve([src])
+    dest = tmp_path / 'dest'
+    dest.mkdir()
+    done = run_get(server.port, 'data.bin', '-o', dest)
+    assert done.returncode == 0, done.stderr
+    assert sha256(dest / 'data.bin') == sha256(data)
+    st = os.stat(dest / 'data.bin')
+    assert st.st_mtime_ns == 1_600_000_000_123_456_789
+    assert st.st_mode & 0o777 == 0o640
+    assert 'Transfer mode' in done.stdout and 'lossless, verified' in done.stdout
+    assert 'Traceback' not in done.stderr
+    assert not [n for n in os.listdir(dest) if n.startswith('.')]   # no temporary files left
+    server.stop()
+    assert 'sent data.bin (%d bytes)' % data.stat().st_size in server.log()
+
+
+@pytest.mark.parametrize('size', [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 7 * BLOCK, 100 * BLOCK + 3])
+def test_sizes_at_block_edges_through_a_lossy_link(tmp_path, serve, link, size):
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', size, seed=size)
+    server = serve([src])
+    path = link(server.port, delay_ms=10, loss=0.05)
+    done = run_get(path.port, 'f', '-o', tmp_path / 'out', '--json')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    (summary,) = json_summaries(done)
+    assert summary['file_bytes'] == size and summary['verified'] is True
+
+
+def test_directory_tree_with_empty_files_empty_dirs_and_odd_names(tmp_path, serve):
+    src = tmp_path / 'src'
+    tree = src / 'tree'
+    (tree / 'sub dir' / 'deeper').mkdir(parents=True)
+    (tree / 'empty-dir').mkdir()
+    make_file(tree / 'a.bin', 200_000, seed=1)
+    (tree / 'empty').write_bytes(b'')
+    make_file(tree / 'sub dir' / 'caf\u00e9 \u2603.txt', 5000, seed=2)
+    make_file(tree / 'sub dir' / 'deeper' / "it's -n --rm", 1, seed=3)
+    server = serve([src])
+    dest = tmp_path / 'dest'
+    done = run_get(server.port, 'tree', '-o', dest)
+    assert done.returncode == 0, done.stderr
+    copied = dest / 'tree'
+    for path in [p for p in tree.rglob('*') if p.is_file()]:
+        assert sha256(copied / path.relative_to(tree)) == sha256(path)
+    assert (copied / 'empty-dir').is_dir()
+    assert (copied / 'empty').stat().st_size == 0
+
+
+def test_served_file_by_base_name_and_to_a_file_name(tmp_path, serve):
+    data = make_file(tmp_path / 'backup.tar', 100_000)
+    server = serve([data])
+    done = run_get(server.port, 'backup.tar', '-o', tmp_path / 'renamed.tar')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'renamed.tar') == sha256(data)
+
+
+@pytest.mark.parametrize('conditions', [
+    dict(loss=0.03),
+    dict(loss=0.05, burst=8),
+    dict(reorder=0.05, duplicate=0.05),
+    dict(corrupt=0.03),
+], ids=['loss', 'bursts', 'reorder-duplicate', 'corrupt'])
+def test_survives_damage_on_the_path(tmp_path, serve, link, conditions):
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 2 * 1024 * 1024)
+    server = serve([src])
+    path = link(server.port, delay_ms=20, rate_bps=200e6, **conditions)
+    done = run_get(path.port, 'f', '-o', tmp_path / 'out', '--json')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    (summary,) = json_summaries(done)
+    counters = path.counters.as_dict()
+    if conditions.get('corrupt'):
+        # Corrupted datagrams reached the client and were refused, never written.
+        assert counters['down']['corrupted'] > 0
+        assert summary['packets_rejected'] > 0
+    if conditions.get('loss'):
+        assert summary['packets_retransmitted'] > 0
+    if conditions.get('duplicate'):
+        assert summary['packets_duplicate'] > 0
+
+
+def udp_ports_of(pid):
+    """The local UDP ports the process `pid` has open (Linux /proc)."""
+    inodes = set()
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            target = os.readlink('/proc/%d/fd/%s' % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith('socket:['):
+            inodes.add(target[8:-1])
+    ports = []
+    with open('/proc/net/udp') as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                ports.append(int(fields[1].split(':')[1], 16))
+    return ports
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/net/udp'), reason='needs Linux /proc')
+def test_forged_datagrams_from_a_third_socket_are_dropped(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 4 * 1024 * 1024)
+    server = serve([src], extra=['--rate', '40M'])
+    client = subprocess.Popen(get_command(server.port, 'f', '-o', tmp_path / 'out', '--json'),
+                              env=wanxfer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    ports = wait_for(lambda: udp_ports_of(client.pid), what='the client UDP socket')
+    forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # Well-formed headers with every plausible session id and block, bad tags;
+    # and random junk, at the client and at the server's data port.
+    forged = 0
+    while client.poll() is None and forged < 3000:
+        header = wanxfer.DATA_HEADER.pack(wanxfer.KIND_DATA, 0, forged, forged, forged % 100, 0)
+        for target in ports + [server.port]:
+            forger.sendto(header + os.urandom(BLOCK + wanxfer.TAG_SIZE), ('127.0.0.1', target))
+        forged += 1
+    forger.close()
+    out, err = client.communicate(timeout=60)
+    assert client.returncode == 0, err
+    assert sha256(tmp_path / 'out') == sha256(data)
+
+
+def partial_blocks(state_path):
+    """How many blocks a .wxstate file records as written."""
+    import base64
+    import json
+    import zlib
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return 0
+    bitmap = zlib.decompress(base64.b64decode(state['bitmap']))
+    return sum(bin(b).count('1') for b in bitmap)
+
+
+def test_resume_after_kill_sends_only_what_is_missing(tmp_path, serve, link):
+    src = tmp_path / 'src'
+    src.mkdir()
+    size = 6 * 1024 * 1024
+    data = make_file(src / 'big', size)
+    server = serve([src], extra=['--rate', '16M'])
+    path = link(server.port, delay_ms=10, loss=0.01)
+    out = tmp_path / 'big'
+    state = tmp_path / '.big.wxstate'
+    first = subprocess.Popen(get_command(path.port, 'big', '-o', out), env=wanxfer_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: partial_blocks(state) > 1000, what='a saved partial state')
+    first.kill()                                # kill -9: no chance to clean up
+    first.wait()
+    assert not out.exists()                     # a half file never takes the final name
+    held = partial_blocks(state)
+    done = run_get(path.port, 'big', '-o', out, '--json')
+    assert done.returncode == 0, done.stderr
+    assert sha256(out) == sha256(data)
+    (summary,) = json_summaries(done)
+    assert summary['resumed_bytes'] >= held * BLOCK - BLOCK
+    assert summary['received_bytes'] <= size - summary['resumed_bytes']
+    assert summary['wire_bytes'] < size * 0.9
+    assert not state.exists()
+
+
+def test_source_changed_between_runs_starts_over(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 4 * 1024 * 1024, seed=1)
+    server = serve([src], extra=['--rate', '16M'])
+    out = tmp_path / 'f'
+    first = subprocess.Popen(get_command(server.port, 'f', '-o', out), env=wanxfer_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: partial_blocks(tmp_path / '.f.wxstate') > 500, what='a saved partial state')
+    first.kill()
+    first.wait()
+    make_file(data, 4 * 1024 * 1024, seed=2)   # same size, new content and mtime
+    os.utime(data, ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
+    done = run_get(server.port, 'f', '-o', out, '--json')
+    assert done.returncode == 0, done.stderr
+    assert sha256(out) == sha256(data)
+    assert json_summaries(done)[0]['resumed_bytes'] == 0
+
+
+def test_server_restart_mid_transfer_then_resume(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 6 * 1024 * 1024)
+    server = serve([src], extra=['--rate', '16M'])
+    out = tmp_path / 'f'
+    client = subprocess.Popen(get_command(server.port, 'f', '-o', out, '--timeout', '5'),
+                              env=wanxfer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    wait_for(lambda: partial_blocks(tmp_path / '.f.wxstate') > 500, what='a saved partial state')
+    port = server.port
+    server.stop(signal.SIGKILL)
+    _, err = client.communicate(timeout=30)
+    assert client.returncode == 1
+    assert err.count('\n') == 1 and 'wanxfer: error:' in err and 'resume' in err
+    assert not out.exists()
+    restarted = serve([src], port=port)
+    done = run_get(restarted.port, 'f', '-o', out, '--json')
+    assert done.returncode == 0, done.stderr
+    assert sha256(out) == sha256(data)
+    assert json_summaries(done)[0]['resumed_bytes'] > 0
+
+
+def test_wrong_secret_is_refused_and_nothing_written(tmp_path, serve):
+    data = make_file(tmp_path / 'f', 1000)
+    server = serve([data])
+    dest = tmp_path / 'dest'
+    dest.mkdir()
+    done = run_get(server.port, 'f', '-o', dest, secret='not-the-secret')
+    assert done.returncode == 1
+    assert 'wrong secret' in done.stderr and 'Traceback' not in done.stderr
+    assert os.listdir(dest) == []
+    server.stop()
+    assert 'refused' in server.log()
+
+
+def test_encryption_mismatch_is_a_clear_error(tmp_path, serve):
+    data = make_file(tmp_path / 'f', 1000)
+    server = serve([data], extra=['--no-encrypt'])
+    done = run_get(server.port, 'f', '-o', tmp_path / 'out')
+    assert done.returncode == 1
+    assert 'encryption mismatch' in done.stderr
+    plain = run_get(server.port, 'f', '-o', tmp_path / 'out', '--no-encrypt', '--json')
+    assert plain.returncode == 0, plain.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    assert json_summaries(plain)[0]['encrypted'] is False
+
+
+def test_no_secret_is_a_usage_error(tmp_path):
+    done = run_get(1, 'f', secret=None)
+    assert done.returncode == 2 and 'WANXFER_SECRET' in done.stderr
+
+
+def test_serve_without_secret_prints_one_and_it_works(tmp_path):
+    data = make_file(tmp_path / 'f', 5000)
+    proc = subprocess.Popen([sys.executable, WANXFER, 'serve', '--bind', '127.0.0.1', '--port', '0',
+                             str(data)], env=wanxfer_env(None), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        secret_line = proc.stdout.readline()
+        assert 'WANXFER_SECRET=' in secret_line
+        printed = secret_line.strip().split('WANXFER_SECRET=')[1]
+        assert len(printed) >= 24
+        line = proc.stderr.readline()
+        while 'listening on' not in line:
+            assert line, 'serve exited early'
+            line = proc.stderr.readline()
+        port = int(line.split('listening on ')[1].split()[0].rsplit(':', 1)[1])
+        done = run_get(port, 'f', '-o', tmp_path / 'out', secret=printed)
+        assert done.returncode == 0, done.stderr
+        assert sha256(tmp_path / 'out') == sha256(data)
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.parametrize('remote', ['../outside', '/etc/passwd', 'link-out', 'sub/../../outside',
+                                    'missing'])
+def test_paths_outside_the_root_or_missing_are_refused(tmp_path, serve, remote):
+    root = tmp_path / 'root'
+    (root / 'sub').mkdir(parents=True)
+    (tmp_path / 'outside').write_text('secret data')
+    os.symlink(tmp_path / 'outside', root / 'link-out')
+    server = serve([root])
+    dest = tmp_path / 'dest'
+    dest.mkdir()
+    done = run_get(server.port, remote, '-o', dest)
+    assert done.returncode == 1
+    assert done.stderr.startswith('wanxfer: error:') and 'Traceback' not in done.stderr
+    assert os.listdir(dest) == []
+
+
+def test_symlink_inside_a_tree_pointing_outside_is_not_served(tmp_path, serve):
+    root = tmp_path / 'root'
+    (root / 'tree').mkdir(parents=True)
+    (tmp_path / 'outside').write_text('secret data')
+    (root / 'tree' / 'ok').write_text('fine')
+    os.symlink(tmp_path / 'outside', root / 'tree' / 'escape')
+    server = serve([root])
+    done = run_get(server.port, 'tree', '-o', tmp_path / 'dest')
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / 'dest' / 'tree' / 'ok').read_text() == 'fine'
+    assert not (tmp_path / 'dest' / 'tree' / 'escape').exists()
+
+
+def test_unwritable_destination_is_refused(tmp_path, serve):
+    data = make_file(tmp_path / 'f', 1000)
+    server = serve([data])
+    done = run_get(server.port, 'f', '-o', tmp_path / 'no' / 'such' / 'dir' / 'f')
+    assert done.returncode == 1 and 'wanxfer: error:' in done.stderr
+    assert 'Traceback' not in done.stderr
+
+
+def test_concurrent_clients_each_get_their_file(tmp_path, serve, link):
+    src = tmp_path / 'src'
+    src.mkdir()
+    files = [make_file(src / ('f%d' % i), 1024 * 1024 + i, seed=i) for i in range(4)]
+    server = serve([src])
+    path = link(server.port, delay_ms=15, loss=0.01)
+    clients = [subprocess.Popen(get_command(path.port, f.name, '-o', tmp_path / ('out%d' % i)),
+                                env=wanxfer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for i, f in enumerate(files)]
+    for client in clients:
+        client.communicate(timeout=60)
+        assert client.returncode == 0
+    for i, f in enumerate(files):
+        assert sha256(tmp_path / ('out%d' % i)) == sha256(f)
+
+
+def test_a_stalled_client_does_not_block_others(tmp_path, serve):
+    data = make_file(tmp_path / 'f', 200_000)
+    server = serve([data])
+    stalled = socket.create_connection(('127.0.0.1', server.port))   # says nothing at all
+    try:
+        done = run_get(server.port, 'f', '-o', tmp_path / 'out')
+        assert done.returncode == 0, done.stderr
+        assert sha256(tmp_path / 'out') == sha256(data)
+    finally:
+        stalled.close()
+
+
+def test_bad_rate_and_bad_address_are_usage_errors(tmp_path):
+    for args in (['127.0.0.1:1', 'f', '--rate', 'fast'], ['127.0.0.1:notaport', 'f']):
+        done = subprocess.run([sys.executable, WANXFER, 'get'] + args, env=wanxfer_env(),
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith('wanxfer: error:')
+
+
+def test_help_has_examples():
+    for command in ([], ['serve'], ['get']):
+        done = subprocess.run([sys.executable, WANXFER] + command + ['--help'],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and 'examples:' in done.stdout
