@@ -27,10 +27,12 @@ import random
 import re
 import secrets
 import selectors
+import shutil
 import socket
 import stat
 import struct
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -1828,11 +1830,10 @@ def human_rate(bits_per_second):
         bits_per_second /= 1000.0
 
 
-def parse_rate(text):
-    """'300M', '1.5G', '800k', '100000' -> bits per second."""
-    units = {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12}
+def parse_quantity(text, units, suffixes, example):
+    """A positive number with an optional unit letter and suffix, e.g. '1.5G'."""
     value = text.strip().lower()
-    for suffix in ('bit/s', 'bps', 'b'):
+    for suffix in suffixes:
         if value.endswith(suffix) and len(value) > len(suffix):
             value = value[:-len(suffix)]
             break
@@ -1840,10 +1841,22 @@ def parse_rate(text):
     try:
         number = float(value[:len(value) - len(unit)])
     except ValueError:
-        raise UsageError('invalid rate %r: use bits per second like 300M or 1.5G' % text)
-    if number <= 0:
-        raise UsageError('invalid rate %r: must be positive' % text)
+        number = -1.0
+    if not number > 0:
+        raise UsageError('invalid value %r: use a positive number like %s' % (text, example))
     return number * units[unit]
+
+
+def parse_rate(text):
+    """'300M', '1.5G', '800k', '100000' -> bits per second (decimal units)."""
+    return parse_quantity(text, {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12},
+                          ('bit/s', 'bps', 'b'), '300M or 1.5G (bits per second)')
+
+
+def parse_size(text):
+    """'64M', '1G', '4096' -> bytes (binary units)."""
+    return parse_quantity(text, {'': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30, 't': 1 << 40},
+                          ('ib', 'b'), '64M or 1G (bytes)')
 
 
 def summary_lines(summary):
@@ -2088,6 +2101,122 @@ def command_serve(args):
     return 0
 
 
+def link_conditions(args):
+    """LinkConditions from the emulator options shared by `demo` and `emulate`."""
+    try:
+        return LinkConditions(delay_ms=args.rtt / 2.0, loss=args.loss / 100.0,
+                              rate_bps=parse_rate(args.link_rate) if args.link_rate else 0,
+                              queue_ms=args.queue, burst=args.burst,
+                              duplicate=args.duplicate / 100.0, reorder=args.reorder / 100.0,
+                              corrupt=args.corrupt / 100.0, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e))
+
+
+def describe_link(conditions):
+    parts = ['%g ms round trip' % (2 * conditions.delay_ms), '%g%% loss' % (100 * conditions.loss)]
+    if conditions.burst > 1:
+        parts.append('in bursts of %g' % conditions.burst)
+    if conditions.rate_bps:
+        parts.append('%s bottleneck with a %g ms queue' % (human_rate(conditions.rate_bps),
+                                                           conditions.queue_ms))
+    for name in ('duplicate', 'reorder', 'corrupt'):
+        if getattr(conditions, name):
+            parts.append('%g%% %s' % (100 * getattr(conditions, name), name))
+    return ', '.join(parts)
+
+
+def write_random_file(path, size):
+    with open(path, 'wb') as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            f.write(chunk)
+            left -= len(chunk)
+
+
+def command_demo(args):
+    size = int(parse_size(args.size))
+    conditions = link_conditions(args)
+    workdir = tempfile.mkdtemp(prefix='wanxfer-demo-')
+    server = None
+    try:
+        source = os.path.join(workdir, 'demo.bin')
+        write_random_file(source, size)
+        secret = secrets.token_bytes(24)
+        server = Server(ServedTree([source]), secret, '127.0.0.1', 0, encrypt=not args.no_encrypt)
+        threading.Thread(target=server.serve_forever, name='demo-server', daemon=True).start()
+        with LinkEmulator('127.0.0.1', server.port, conditions).start() as link:
+            print('demo: a %s file served on loopback through the built-in link emulator: %s'
+                  % (human_bytes(size), describe_link(conditions)), file=sys.stderr, flush=True)
+            events = ConsoleEvents(json_output=args.json, quiet=args.quiet)
+            client = Client('127.0.0.1', link.port, secret, encrypt=not args.no_encrypt, events=events)
+            try:
+                client.connect()
+                entry = client.listing('demo.bin')['files'][0]
+                dest = os.path.join(workdir, 'received.bin')
+                summary = client.fetch('demo.bin', dest, entry)
+            finally:
+                client.close()
+            if file_sha256(dest) != file_sha256(source):
+                raise TransferError('demo: the received file differs from the source')
+            events.file_finished(summary)
+            if not args.json and not args.quiet:
+                down = link.counters.as_dict()['down']
+                print('Link (server to client): %d packets forwarded, %d lost on the path, %d dropped '
+                      'by the queue; received copy verified identical to the source'
+                      % (down['forwarded'], down['lost'], down['queue_drops']))
+    finally:
+        if server is not None:
+            server.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def command_emulate(args):
+    host, port = parse_host_port(args.to)
+    bind, _, listen_port = args.listen.rpartition(':')
+    try:
+        listen_port = int(listen_port)
+    except ValueError:
+        raise UsageError('invalid --listen %r: use [ADDR:]PORT' % args.listen)
+    conditions = link_conditions(args)
+    try:
+        link = LinkEmulator(host, port, conditions, listen_host=bind or '127.0.0.1',
+                            listen_port=listen_port).start()
+    except OSError as e:
+        raise UsageError('cannot listen on %s: %s' % (args.listen, e.strerror or e))
+    print('wanxfer: emulating %s; listening on %s:%d, forwarding to %s:%d'
+          % (describe_link(conditions), bind or '127.0.0.1', link.port, host, port),
+          file=sys.stderr, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        link.close()
+        print(json.dumps(link.counters.as_dict(), sort_keys=True), flush=True)
+    return 0
+
+
+def add_link_options(parser, rtt, loss, rate):
+    group = parser.add_argument_group('emulated link')
+    group.add_argument('--rtt', type=float, default=rtt, metavar='MS',
+                       help='round-trip time in ms (default %g)' % rtt)
+    group.add_argument('--loss', type=float, default=loss, metavar='PCT',
+                       help='random loss each way in %% (default %g)' % loss)
+    group.add_argument('--link-rate', default=rate, metavar='RATE',
+                       help='bottleneck rate in bits/s, e.g. 200M (default %s)' % (rate or 'unlimited'))
+    group.add_argument('--queue', type=float, default=50.0, metavar='MS',
+                       help='drop-tail queue at the bottleneck in ms (default 50)')
+    group.add_argument('--burst', type=float, default=1.0, metavar='N',
+                       help='mean length of a loss burst (default 1: independent losses)')
+    group.add_argument('--duplicate', type=float, default=0.0, metavar='PCT')
+    group.add_argument('--reorder', type=float, default=0.0, metavar='PCT')
+    group.add_argument('--corrupt', type=float, default=0.0, metavar='PCT')
+    group.add_argument('--seed', type=int, default=None, help='repeatable randomness')
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--secret-file', metavar='FILE',
@@ -2147,6 +2276,36 @@ def build_parser():
     get.add_argument('--timeout', type=float, default=DATA_TIMEOUT, metavar='SECONDS',
                      help='give up after this long without data (default %d)' % DATA_TIMEOUT)
     get.set_defaults(func=command_get)
+
+    demo = commands.add_parser(
+        'demo', parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help='a real transfer on this machine through an emulated long, lossy link',
+        description='Serve a generated file on loopback, fetch it through the built-in link '
+                    'emulator (UDP and TCP relays that add delay, loss and a bottleneck), verify '
+                    'it, and print the summary a real transfer prints.  Needs no root.',
+        epilog='examples:\n'
+               '  python3 wanxfer.py demo\n'
+               '  python3 wanxfer.py demo --rtt 300 --loss 2 --size 256M --link-rate 500M')
+    demo.add_argument('--size', default='64M', help='size of the generated file (default 64M)')
+    demo.add_argument('--json', action='store_true', help='print the summary as JSON')
+    demo.add_argument('-q', '--quiet', action='store_true', help='no progress')
+    add_link_options(demo, rtt=120.0, loss=1.0, rate='200M')
+    demo.set_defaults(func=command_demo)
+
+    emulate = commands.add_parser(
+        'emulate', formatter_class=argparse.RawDescriptionHelpFormatter,
+        help='relay TCP and UDP to a server through an emulated link (no root)',
+        description='Listen on one port for TCP and UDP and relay both to --to, adding delay, '
+                    'loss and a bottleneck to the UDP datagrams and delay to TCP.  Prints the '
+                    'link counters as JSON when stopped.',
+        epilog='examples:\n'
+               '  python3 wanxfer.py emulate --to 127.0.0.1:46224 --listen 46225 --rtt 120 --loss 1\n'
+               '  python3 wanxfer.py get 127.0.0.1:46225 file.bin')
+    emulate.add_argument('--to', required=True, metavar='HOST:PORT', help='the server to relay to')
+    emulate.add_argument('--listen', default='0', metavar='[ADDR:]PORT',
+                         help='where to listen (default: a free port on 127.0.0.1)')
+    add_link_options(emulate, rtt=120.0, loss=1.0, rate=None)
+    emulate.set_defaults(func=command_emulate)
     return parser, commands
 
 
