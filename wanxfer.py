@@ -18,8 +18,10 @@ Standard library only; Python 3.8 to 3.13.  MIT licence (see LICENSE).
 
 import argparse
 import base64
+import collections
 import errno
 import hashlib
+import heapq
 import hmac
 import json
 import os
@@ -1072,11 +1074,6 @@ class PartialFile:
 
     def open(self):
         """Open (or resume) the temporary file; return the held-block bitmap."""
-        directory = os.path.dirname(self.data_path)
-        try:
-            os.makedirs(directory, exist_ok=True)
-        except OSError as e:
-            raise TransferError('cannot create directory %s: %s' % (directory, e.strerror))
         bitmap = self._load_state()
         try:
             if bitmap is None:
@@ -1809,6 +1806,769 @@ class Client:
 
 
 # ---------------------------------------------------------------------------
+# Link emulator
+# ---------------------------------------------------------------------------
+"""A long, lossy path between two processes on one machine, without root.
+
+`LinkEmulator` listens on one port for both TCP and UDP and relays to a
+target.  UDP datagrams go through a `PathShaper` per direction (loss in
+bursts, a rate-limited drop-tail queue, delay, jitter, reordering,
+duplication, corruption) and wait in a heap until they are due; one thread
+serves that heap with `selectors`.  TCP is relayed byte for byte, only late:
+the kernel's TCP would hide any loss anyway.  Nothing here prints; everything
+that happens is counted in `LinkCounters`.
+"""
+
+
+class LinkConditions:
+    """What the emulated path does to traffic in one direction (a value).
+
+    Times in milliseconds, fractions 0..1, `rate_bps` in bits per second
+    (0 = unlimited).  `burst` is the mean length of a run of lost packets
+    (1 = independent losses); the long-run loss fraction stays `loss`.
+    `queue_ms` bounds the bottleneck queue when `rate_bps` is set.
+    `jitter_ms` moves each packet's delay by up to +-jitter_ms but never
+    reorders; only `reorder` does, by holding the chosen packets back an
+    extra 1 ms .. `reorder_ms`.  `seed` makes the path repeatable.
+    """
+
+    def __init__(self, delay_ms=60.0, loss=0.0, rate_bps=0, queue_ms=50.0, burst=1,
+                 duplicate=0.0, reorder=0.0, corrupt=0.0, jitter_ms=0.0, seed=None):
+        for name, value in (('delay_ms', delay_ms), ('rate_bps', rate_bps),
+                            ('jitter_ms', jitter_ms)):
+            if not value >= 0:          # also rejects NaN
+                raise ValueError('%s must be >= 0, not %r' % (name, value))
+        if not queue_ms > 0:
+            raise ValueError('queue_ms must be > 0, not %r' % (queue_ms,))
+        if not burst >= 1:
+            raise ValueError('burst must be >= 1, not %r' % (burst,))
+        for name, value in (('loss', loss), ('duplicate', duplicate),
+                            ('reorder', reorder), ('corrupt', corrupt)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError('%s is a fraction 0..1, not %r' % (name, value))
+        # A run of `burst` losses needs at least one delivered packet after it,
+        # so the loss fraction can be at most burst / (burst + 1).
+        if burst > 1 and 0 < loss < 1 and loss > burst / (burst + 1.0):
+            raise ValueError('loss %g cannot come in bursts of %g (at most %.3f)'
+                             % (loss, burst, burst / (burst + 1.0)))
+        self.delay_ms = float(delay_ms)
+        self.loss = float(loss)
+        self.rate_bps = rate_bps
+        self.queue_ms = float(queue_ms)
+        self.burst = float(burst)
+        self.duplicate = float(duplicate)
+        self.reorder = float(reorder)
+        self.corrupt = float(corrupt)
+        self.jitter_ms = float(jitter_ms)
+        self.seed = seed
+
+    @property
+    def reorder_ms(self):
+        """Most extra delay a reordered packet gets: half the path delay, or 2 ms."""
+        return max(2.0, self.delay_ms / 2.0)
+
+    def __repr__(self):
+        return ('LinkConditions(delay_ms=%g, loss=%g, rate_bps=%d, queue_ms=%g, burst=%g, '
+                'duplicate=%g, reorder=%g, corrupt=%g, jitter_ms=%g, seed=%r)'
+                % (self.delay_ms, self.loss, self.rate_bps, self.queue_ms, self.burst,
+                   self.duplicate, self.reorder, self.corrupt, self.jitter_ms, self.seed))
+
+
+class LinkDirectionCounters:
+    """What happened to traffic going one way.  The UDP fields are written by
+    the UDP thread alone; `tcp_bytes` only under `LinkCounters.lock`."""
+
+    FIELDS = ('packets_in', 'bytes_in',                 # UDP datagrams read from the sender
+              'packets_forwarded', 'bytes_forwarded',   # UDP datagrams sent on, copies included
+              'dropped_loss', 'dropped_queue',
+              'duplicated', 'reordered', 'corrupted',
+              'send_errors',                            # forwarding failed (buffer full, refused)
+              'tcp_bytes')                              # TCP payload relayed
+    __slots__ = FIELDS
+
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+class LinkCounters:
+    """Everything the emulator did, per direction: `up` is client -> server,
+    `down` server -> client.  Plain ints: read them at any time."""
+
+    def __init__(self):
+        self.up = LinkDirectionCounters()
+        self.down = LinkDirectionCounters()
+        self.udp_clients = 0        # live UDP client mappings
+        self.tcp_connections = 0    # live relayed TCP connections
+        self.tcp_accepted = 0       # TCP connections accepted since start
+        self.lock = threading.Lock()   # for fields several threads write
+
+    def as_dict(self):
+        return {'up': self.up.as_dict(), 'down': self.down.as_dict(),
+                'udp_clients': self.udp_clients,
+                'tcp_connections': self.tcp_connections,
+                'tcp_accepted': self.tcp_accepted}
+
+
+class BurstLoss:
+    """Decides packet by packet whether the path loses it.
+
+    A two-state (Gilbert) chain: the lossy state is entered with probability
+    loss / (burst * (1 - loss)) and left with probability 1 / burst, so runs
+    of losses average `burst` packets and the long-run fraction is `loss`.
+    With burst 1 both probabilities are `loss`: independent losses.
+    """
+
+    __slots__ = ('_rng', '_enter', '_stay', '_lossy')
+
+    def __init__(self, loss, burst, rng):
+        self._rng = rng
+        self._lossy = False
+        if loss >= 1.0:
+            self._enter = self._stay = 1.0
+        elif burst <= 1.0:
+            self._enter = self._stay = loss
+        else:
+            self._stay = 1.0 - 1.0 / burst
+            self._enter = loss / (burst * (1.0 - loss))
+
+    def lost(self):
+        self._lossy = self._rng.random() < (self._stay if self._lossy else self._enter)
+        return self._lossy
+
+
+class PathShaper:
+    """Plans one direction's datagrams: owns its loss chain, its bottleneck
+    queue, its random stream and its counters.  No sockets, no clock:
+    `shape(now, data)` returns the (arrival_time, payload) copies to deliver,
+    none if the packet is dropped."""
+
+    def __init__(self, conditions, rng, counters):
+        c = conditions
+        self._rng = rng
+        self._counters = counters
+        self._loss = BurstLoss(c.loss, c.burst, rng) if c.loss > 0 else None
+        self._seconds_per_byte = 8.0 / c.rate_bps if c.rate_bps else 0.0
+        self._queue_s = c.queue_ms / 1000.0
+        self._delay_s = c.delay_ms / 1000.0
+        self._jitter_s = c.jitter_ms / 1000.0
+        self._reorder = c.reorder
+        self._reorder_span_s = (0.001, c.reorder_ms / 1000.0)
+        self._duplicate = c.duplicate
+        self._corrupt = c.corrupt
+        self._last_departure = 0.0    # when the bottleneck finishes its queue
+        self._last_arrival = 0.0      # latest in-order arrival, to keep jitter from reordering
+
+    def shape(self, now, data):
+        counters = self._counters
+        if self._loss is not None and self._loss.lost():
+            counters.dropped_loss += 1
+            return ()
+        departure = now
+        if self._seconds_per_byte:
+            start = self._last_departure if self._last_departure > now else now
+            departure = start + len(data) * self._seconds_per_byte
+            # Drop-tail, but an idle bottleneck always takes a packet, however
+            # long it is to serialise, or a slow link would carry nothing.
+            if start > now and departure - now > self._queue_s:
+                counters.dropped_queue += 1
+                return ()
+            self._last_departure = departure
+        arrival = departure + self._delay_s
+        rng = self._rng
+        if self._jitter_s:
+            arrival += rng.uniform(-self._jitter_s, self._jitter_s)
+            if arrival < departure:
+                arrival = departure
+        if self._reorder and rng.random() < self._reorder:
+            counters.reordered += 1
+            arrival += rng.uniform(*self._reorder_span_s)
+        else:
+            if arrival < self._last_arrival:
+                arrival = self._last_arrival
+            self._last_arrival = arrival
+        if self._corrupt and data and rng.random() < self._corrupt:
+            counters.corrupted += 1
+            data = bytearray(data)
+            data[rng.randrange(len(data))] ^= rng.randrange(1, 256)
+        if self._duplicate and rng.random() < self._duplicate:
+            counters.duplicated += 1
+            return ((arrival, data), (arrival, data))
+        return ((arrival, data),)
+
+
+def _direction_rng(seed, direction):
+    """An independent, repeatable random stream for one direction."""
+    if seed is None:
+        return random.Random()
+    return random.Random('%s/%s' % (seed, direction))
+
+
+def _enlarge_buffers(sock, size):
+    # Bursts of tens of thousands of packets a second overflow the default
+    # 200 KB receive buffer before the relay thread is scheduled.  The kernel
+    # caps the request at net.core.[rw]mem_max; a refusal is harmless.
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            pass
+
+
+def _close_with_reset(sock):
+    """Close a TCP socket so the peer sees a reset, not an orderly end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+class _UdpMapping:
+    """One UDP client: its address and the upstream socket the server sees it as."""
+
+    __slots__ = ('client', 'sock', 'last_seen')
+
+    def __init__(self, client, sock, now):
+        self.client = client
+        self.sock = sock
+        self.last_seen = now
+
+
+class _UdpRelay:
+    """Owns the listening UDP socket, one connected upstream socket per client
+    address, the heap of datagrams in flight, and the thread that serves them.
+
+    `poll()` is one turn of the loop; `run()` turns it until `stop()`.
+    """
+
+    BATCH = 256                 # datagrams read per readable event, so the heap is served too
+    BUFFER_BYTES = 4 << 20
+    UPSTREAM_BUFFER_BYTES = 1 << 20
+    MAX_DATAGRAM = 65535
+
+    def __init__(self, sock, target, target_family, up, down, counters, idle_timeout=60.0):
+        self._sock = sock
+        self._target = target
+        self._family = target_family
+        self._up = up
+        self._down = down
+        self._counters = counters
+        self.idle_timeout = idle_timeout
+        self._sweep_every = min(5.0, idle_timeout / 2.0)
+        self._next_sweep = time.monotonic() + self._sweep_every
+        self._mappings = {}
+        self._heap = []             # (due, seq, socket, data, addr or None when connected)
+        self._seq = 0               # tie-break so equal due times keep arrival order
+        self._stopping = False
+        self._thread = None
+        sock.setblocking(False)
+        _enlarge_buffers(sock, self.BUFFER_BYTES)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(sock, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+
+    def start(self):
+        self._thread = threading.Thread(target=self.run, name='linkemu-udp', daemon=True)
+        self._thread.start()
+
+    def run(self):
+        while not self._stopping:
+            self.poll()
+
+    def stop(self):
+        """Stop the thread, then close every socket.  Datagrams in flight are lost."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b'x')
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join()
+        for mapping in self._mappings.values():
+            mapping.sock.close()
+        self._mappings.clear()
+        self._counters.udp_clients = 0
+        self._heap = []
+        self._sel.close()
+        for sock in (self._sock, self._wake_r, self._wake_w):
+            sock.close()
+
+    def poll(self, timeout=None):
+        """Wait for datagrams or the next due time (at most `timeout`), then
+        read what arrived and send what is due."""
+        now = time.monotonic()
+        wait = self._next_sweep - now
+        if self._heap and self._heap[0][0] - now < wait:
+            wait = self._heap[0][0] - now
+        if timeout is not None and timeout < wait:
+            wait = timeout
+        for key, _ in self._sel.select(wait if wait > 0 else 0):
+            data = key.data
+            if data is None:
+                self._from_clients()
+            elif data is not self._wake_r:
+                self._from_server(data)
+        now = time.monotonic()
+        if self._heap and self._heap[0][0] <= now:
+            self._send_due(now)
+        if now >= self._next_sweep:
+            self.expire_idle(now)
+
+    def expire_idle(self, now):
+        """Forget clients that neither sent nor received for `idle_timeout`."""
+        self._next_sweep = now + self._sweep_every
+        limit = now - self.idle_timeout
+        for client in [c for c, m in self._mappings.items() if m.last_seen < limit]:
+            mapping = self._mappings.pop(client)
+            self._sel.unregister(mapping.sock)
+            mapping.sock.close()
+        self._counters.udp_clients = len(self._mappings)
+
+    def _open_mapping(self, client, now):
+        try:
+            upstream = socket.socket(self._family, socket.SOCK_DGRAM)
+        except OSError:             # out of descriptors: drop, as a full NAT table would
+            return None
+        try:
+            upstream.setblocking(False)
+            _enlarge_buffers(upstream, self.UPSTREAM_BUFFER_BYTES)
+            upstream.connect(self._target)
+        except OSError:
+            upstream.close()
+            return None
+        mapping = _UdpMapping(client, upstream, now)
+        self._sel.register(upstream, selectors.EVENT_READ, mapping)
+        self._mappings[client] = mapping
+        self._counters.udp_clients = len(self._mappings)
+        return mapping
+
+    # The two readers and the sender are the per-packet path: locals, no calls
+    # that can be avoided.
+
+    def _from_clients(self):
+        recvfrom = self._sock.recvfrom
+        shape = self._up.shape
+        push = heapq.heappush
+        mappings = self._mappings
+        heap = self._heap
+        counters = self._counters.up
+        seq = self._seq
+        now = time.monotonic()
+        for _ in range(self.BATCH):
+            try:
+                data, client = recvfrom(self.MAX_DATAGRAM)
+            except OSError:         # would block, or an ICMP error for an earlier send
+                break
+            counters.packets_in += 1
+            counters.bytes_in += len(data)
+            mapping = mappings.get(client)
+            if mapping is None:
+                mapping = self._open_mapping(client, now)
+                if mapping is None:
+                    counters.send_errors += 1
+                    continue
+            mapping.last_seen = now
+            for due, payload in shape(now, data):
+                seq += 1
+                push(heap, (due, seq, mapping.sock, payload, None))
+        self._seq = seq
+
+    def _from_server(self, mapping):
+        recv = mapping.sock.recv
+        shape = self._down.shape
+        push = heapq.heappush
+        heap = self._heap
+        counters = self._counters.down
+        out = self._sock
+        client = mapping.client
+        seq = self._seq
+        now = time.monotonic()
+        mapping.last_seen = now
+        for _ in range(self.BATCH):
+            try:
+                data = recv(self.MAX_DATAGRAM)
+            except OSError:         # would block, or the server's port is closed
+                break
+            counters.packets_in += 1
+            counters.bytes_in += len(data)
+            for due, payload in shape(now, data):
+                seq += 1
+                push(heap, (due, seq, out, payload, client))
+        self._seq = seq
+
+    def _send_due(self, now):
+        heap = self._heap
+        up = self._counters.up
+        down = self._counters.down
+        heappop = heapq.heappop
+        while heap and heap[0][0] <= now:
+            _, _, sock, data, addr = heappop(heap)
+            counters = up if addr is None else down
+            try:
+                if addr is None:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, addr)
+            except OSError:         # buffer full, refused, or mapping expired meanwhile
+                counters.send_errors += 1
+                continue
+            counters.packets_forwarded += 1
+            counters.bytes_forwarded += len(data)
+
+
+class _TcpSplice:
+    """Owns one relayed TCP connection: the client's socket, the socket to the
+    target, and one pump thread per direction that delivers each chunk a
+    fixed delay after reading it.  The last thread out closes both sockets,
+    with a reset if either side reset or the emulator is closing."""
+
+    CHUNK = 65536
+    HELD_LIMIT = 4 << 20        # bytes in flight per direction before reading pauses
+    CONNECT_TIMEOUT = 10.0
+
+    def __init__(self, client, target, target_family, up_delay, down_delay, counters, on_done):
+        self._client = client
+        self._server = None
+        self._target = target
+        self._family = target_family
+        self._up_delay = up_delay
+        self._down_delay = down_delay
+        self._counters = counters
+        self._on_done = on_done
+        self._aborted = False
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._running = 2
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._threads = (
+            threading.Thread(target=self._run_up, name='linkemu-tcp-up', daemon=True),
+            threading.Thread(target=self._run_down, name='linkemu-tcp-down', daemon=True))
+
+    def start(self):
+        for thread in self._threads:
+            thread.start()
+
+    def abort(self):
+        """Tear the connection down: both pumps stop and both peers see a reset."""
+        self._aborted = True
+        try:
+            self._wake_w.send(b'x')
+        except OSError:
+            pass
+
+    def join(self):
+        for thread in self._threads:
+            thread.join()
+
+    def _run_up(self):
+        try:
+            self._server = self._connect()
+        except OSError:
+            self._server = None
+        if self._server is None:
+            self._aborted = True    # the client sees a reset, as from a refused connect
+        self._connected.set()
+        if self._server is not None:
+            self._pump(self._client, self._server, self._up_delay, self._counters.up)
+        self._finish()
+
+    def _run_down(self):
+        self._connected.wait()
+        if self._server is not None:
+            self._pump(self._server, self._client, self._down_delay, self._counters.down)
+        self._finish()
+
+    def _connect(self):
+        server = socket.socket(self._family, socket.SOCK_STREAM)
+        server.setblocking(False)
+        err = server.connect_ex(self._target)
+        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            # Wait for the connect or an abort, never blocking close().
+            with selectors.DefaultSelector() as sel:
+                sel.register(server, selectors.EVENT_WRITE)
+                sel.register(self._wake_r, selectors.EVENT_READ)
+                ready = sel.select(self.CONNECT_TIMEOUT)
+            if self._aborted or not any(key.fileobj is server for key, _ in ready):
+                err = errno.ETIMEDOUT
+            else:
+                err = server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            server.close()
+            return None
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return server
+
+    def _pump(self, src, dst, delay, counters):
+        """Copy src to dst, each chunk `delay` seconds after it was read, then
+        pass the end of stream on the same way."""
+        pending = collections.deque()   # (due, memoryview); a None chunk is end of stream
+        held = 0
+        reading = writing = eof = False
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._aborted:
+                now = time.monotonic()
+                blocked = False
+                while pending and pending[0][0] <= now:
+                    due, chunk = pending[0]
+                    if chunk is None:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    try:
+                        sent = dst.send(chunk)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent:
+                        held -= sent
+                        with self._counters.lock:
+                            counters.tcp_bytes += sent
+                    if sent < len(chunk):
+                        pending[0] = (due, chunk[sent:])
+                        blocked = True
+                        break
+                    pending.popleft()
+                # Stop reading while too much is held, so a fast sender feels
+                # back-pressure instead of filling memory.
+                want_read = not eof and held < self.HELD_LIMIT
+                if want_read != reading:
+                    if want_read:
+                        sel.register(src, selectors.EVENT_READ)
+                    else:
+                        sel.unregister(src)
+                    reading = want_read
+                if blocked != writing:
+                    if blocked:
+                        sel.register(dst, selectors.EVENT_WRITE)
+                    else:
+                        sel.unregister(dst)
+                    writing = blocked
+                timeout = None
+                if pending and not blocked:
+                    timeout = max(0.0, pending[0][0] - now)
+                for key, _ in sel.select(timeout):
+                    if key.fileobj is not src:
+                        continue
+                    try:
+                        data = src.recv(self.CHUNK)
+                    except BlockingIOError:
+                        continue
+                    due = time.monotonic() + delay
+                    if data:
+                        pending.append((due, memoryview(data)))
+                        held += len(data)
+                    else:
+                        eof = True
+                        pending.append((due, None))
+        except OSError:             # reset, broken pipe: take the whole connection down
+            self.abort()
+        finally:
+            sel.close()
+
+    def _finish(self):
+        with self._lock:
+            self._running -= 1
+            if self._running:
+                return
+        for sock in (self._client, self._server):
+            if sock is None:
+                continue
+            if self._aborted:
+                _close_with_reset(sock)
+            else:
+                sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self._on_done(self)
+
+
+class _TcpRelay:
+    """Owns the listening TCP socket, its accept thread and the live splices."""
+
+    def __init__(self, sock, target, target_family, up_delay, down_delay, counters):
+        self._sock = sock
+        self._target = target
+        self._family = target_family
+        self._up_delay = up_delay
+        self._down_delay = down_delay
+        self._counters = counters
+        self._splices = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = None
+        sock.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name='linkemu-tcp-accept',
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Stop accepting, reset every live connection, join every thread."""
+        self._stopping = True
+        try:
+            self._wake_w.send(b'x')
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join()
+        for sock in (self._sock, self._wake_r, self._wake_w):
+            sock.close()
+        with self._lock:
+            splices = list(self._splices)
+        for splice in splices:
+            splice.abort()
+        for splice in splices:
+            splice.join()
+
+    def _run(self):
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping:
+                for key, _ in sel.select():
+                    if key.fileobj is self._sock and not self._stopping:
+                        self._accept()
+
+    def _accept(self):
+        try:
+            client, _ = self._sock.accept()
+        except OSError:             # the client gave up already, or out of descriptors
+            return
+        client.setblocking(False)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        splice = _TcpSplice(client, self._target, self._family, self._up_delay,
+                            self._down_delay, self._counters, self._forget)
+        with self._lock:
+            self._splices.add(splice)
+        with self._counters.lock:
+            self._counters.tcp_accepted += 1
+            self._counters.tcp_connections += 1
+        splice.start()
+
+    def _forget(self, splice):
+        with self._lock:
+            self._splices.discard(splice)
+        with self._counters.lock:
+            self._counters.tcp_connections -= 1
+
+
+class LinkEmulator:
+    """Owns one emulated path: a TCP relay and a UDP relay on the same port
+    number in front of (target_host, target_port).
+
+    Methods for the caller: `start()` (returns self; then `port` is the bound
+    port), `close()`, or use it as a context manager.  `counters` can be read
+    at any time.  `conditions` shape client -> server traffic and
+    `reverse_conditions` server -> client (by default the same).
+    """
+
+    BIND_ATTEMPTS = 20          # ephemeral TCP ports whose UDP twin may be taken
+    udp_idle_timeout = 60.0     # seconds before a silent UDP client is forgotten
+
+    def __init__(self, target_host, target_port, conditions, listen_host='127.0.0.1',
+                 listen_port=0, reverse_conditions=None):
+        self.target_host = target_host
+        self.target_port = int(target_port)
+        self.conditions = conditions
+        self.reverse_conditions = (conditions if reverse_conditions is None
+                                   else reverse_conditions)
+        self.listen_host = listen_host
+        self.port = int(listen_port)
+        self.counters = LinkCounters()
+        self._udp = None
+        self._tcp = None
+        self._started = False
+
+    @property
+    def address(self):
+        return (self.listen_host, self.port)
+
+    def start(self):
+        if self._started:
+            raise RuntimeError('LinkEmulator already started')
+        self._started = True
+        tcp_target = self._resolve(self.target_host, self.target_port, socket.SOCK_STREAM)
+        udp_target = self._resolve(self.target_host, self.target_port, socket.SOCK_DGRAM)
+        tcp_sock, udp_sock = self._bind_pair()
+        up = PathShaper(self.conditions, _direction_rng(self.conditions.seed, 'up'),
+                        self.counters.up)
+        down = PathShaper(self.reverse_conditions,
+                          _direction_rng(self.reverse_conditions.seed, 'down'),
+                          self.counters.down)
+        try:
+            self._udp = _UdpRelay(udp_sock, udp_target[1], udp_target[0], up, down,
+                                  self.counters, self.udp_idle_timeout)
+            self._tcp = _TcpRelay(tcp_sock, tcp_target[1], tcp_target[0],
+                                  self.conditions.delay_ms / 1000.0,
+                                  self.reverse_conditions.delay_ms / 1000.0, self.counters)
+        except BaseException:
+            udp_sock.close()
+            tcp_sock.close()
+            if self._udp is not None:
+                self._udp.stop()
+                self._udp = None
+            raise
+        self._udp.start()
+        self._tcp.start()
+        return self
+
+    def close(self):
+        """Stop both relays and join their threads; every socket is closed."""
+        udp, self._udp = self._udp, None
+        tcp, self._tcp = self._tcp, None
+        if tcp is not None:
+            tcp.stop()
+        if udp is not None:
+            udp.stop()
+
+    def __enter__(self):
+        return self if self._started else self.start()
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    @staticmethod
+    def _resolve(host, port, socktype):
+        """(family, sockaddr) for host:port, resolved once before any thread runs."""
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, 0, socktype)[0]
+        return family, sockaddr
+
+    def _bind_pair(self):
+        """A listening TCP socket and a UDP socket bound to the same port."""
+        family, sockaddr = self._resolve(self.listen_host or None, self.port,
+                                         socket.SOCK_STREAM)
+        attempts = self.BIND_ATTEMPTS if self.port == 0 else 1
+        error = None
+        for _ in range(attempts):
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            udp = None
+            try:
+                # So `demo` can be rerun at once on a fixed port despite TIME_WAIT.
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind(sockaddr)
+                tcp.listen(64)
+                port = tcp.getsockname()[1]
+                udp = socket.socket(family, socket.SOCK_DGRAM)
+                udp.bind((sockaddr[0], port) + tuple(sockaddr[2:]))
+            except OSError as exc:
+                tcp.close()
+                if udp is not None:
+                    udp.close()
+                error = exc
+                continue
+            self.port = port
+            return tcp, udp
+        raise error
+
+
+# ---------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------
 """Everything a person reads: progress lines, the per-file summary in the
@@ -2012,6 +2772,7 @@ def plan_downloads(client, remotes, dest):
         remote, listing = listings[0]
         return [(remote, dest, listing['files'][0])], dirs, errors
     base = dest if dest is not None else '.'
+    dirs.append(base)
     for remote, listing in listings:
         name = listing.get('name') or ''
         top = os.path.join(base, safe_relative(name)) if name else base
@@ -2160,12 +2921,13 @@ def command_demo(args):
                 client.close()
             if file_sha256(dest) != file_sha256(source):
                 raise TransferError('demo: the received file differs from the source')
+            summary['file'] = 'demo.bin'        # the copy lives in a directory removed below
             events.file_finished(summary)
             if not args.json and not args.quiet:
                 down = link.counters.as_dict()['down']
                 print('Link (server to client): %d packets forwarded, %d lost on the path, %d dropped '
                       'by the queue; received copy verified identical to the source'
-                      % (down['forwarded'], down['lost'], down['queue_drops']))
+                      % (down['packets_forwarded'], down['dropped_loss'], down['dropped_queue']))
     finally:
         if server is not None:
             server.shutdown()

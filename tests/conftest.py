@@ -7,6 +7,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -40,36 +41,32 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what='condition'):
 
 
 class ServeProcess:
-    """A `wanxfer.py serve` child on a free port; its stderr is collected."""
+    """A `wanxfer.py serve` child on a free port; a thread collects its stderr
+    so the pipe never fills and the log can be read at any time."""
 
     def __init__(self, paths, extra=(), secret=SECRET, port=0):
         self.args = [sys.executable, WANXFER, 'serve', '--bind', '127.0.0.1',
                      '--port', str(port)] + list(extra) + [str(p) for p in paths]
-        self.secret = secret
         self.lines = []
-        self.proc = subprocess.Popen(self.args, env=wanxfer_env(secret), stdout=subprocess.PIPE,
+        self._listening = threading.Event()
+        self.proc = subprocess.Popen(self.args, env=wanxfer_env(secret), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
-        self.port = self._read_port()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(15):
+            self.stop()
+            pytest.fail('serve did not start: %s' % self.log())
+        line = next(l for l in self.lines if 'listening on' in l)
+        self.port = int(line.split('listening on ')[1].split()[0].rsplit(':', 1)[1])
 
-    def _read_port(self):
-        selector = selectors.DefaultSelector()
-        selector.register(self.proc.stderr, selectors.EVENT_READ)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if selector.select(deadline - time.monotonic()):
-                line = self.proc.stderr.readline()
-                if not line:
-                    break
-                self.lines.append(line)
-                if 'listening on' in line:
-                    selector.close()
-                    return int(line.split('listening on ')[1].split()[0].rsplit(':', 1)[1])
-        selector.close()
-        self.stop()
-        pytest.fail('serve did not start: %s' % ''.join(self.lines))
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if 'listening on' in line:
+                self._listening.set()
+        self._listening.set()
 
     def log(self):
-        """Everything the server logged so far (after stop(): all of it)."""
         return ''.join(self.lines)
 
     def stop(self, sig=signal.SIGINT):
@@ -80,9 +77,7 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        rest = self.proc.stderr.read()
-        self.lines.append(rest)
-        self.proc.stdout.close()
+        self._reader.join(10)
         self.proc.stderr.close()
 
 

@@ -269,9 +269,11 @@ def test_serve_without_secret_prints_one_and_it_works(tmp_path):
                              str(data)], env=wanxfer_env(None), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        secret_line = proc.stdout.readline()
-        assert 'WANXFER_SECRET=' in secret_line
+        notice = [proc.stdout.readline() for _ in range(4)]
+        secret_line = notice[1]
+        assert secret_line.strip().startswith('WANXFER_SECRET=')
         printed = secret_line.strip().split('WANXFER_SECRET=')[1]
+        assert 'get 127.0.0.1:' in notice[3] and printed in notice[3]     # the exact command
         assert len(printed) >= 24
         line = proc.stderr.readline()
         while 'listening on' not in line:

@@ -1,0 +1,853 @@
+#!/usr/bin/env python3
+"""WAN benchmark for wanxfer against iperf3 (TCP cubic / bbr) and rsync over ssh.
+
+Every run builds a fresh emulated link with /work/shared/wanemu/wan (two network
+namespaces, wan-a 198.18.0.1 and wan-b 198.18.0.2, joined by the userspace
+emulator wanemu), moves data from host a to host b, and tears the link down
+again, reading the emulator's counters to learn how many bytes host a put on
+the link.
+
+Tools ("rows"):
+  wanxfer            `wanxfer.py serve FILE` in a, `wanxfer.py get` in b (wall clock
+                     of the whole get command, sha256 of the result checked)
+  wanxfer-noenc      the same with --no-encrypt passed to both ends
+  iperf3-cubic/-bbr  iperf3 memory-to-memory, data a -> b (`-R` from b), goodput
+                     from iperf3's --json (bytes received / test seconds)
+  rsync-ssh(-CC)     rsync over ssh of the same file from a to b; sshd is run
+                     inside wan-a with throwaway keys in the work dir
+
+Metrics (medians over --runs):
+  goodput Mbit/s   file bits / wall seconds (1 Mbit = 1e6 bits)
+  ratio            goodput / link rate (--rate of the scenario)
+  wire/file        bytes host a put on the link (emulator's a->b "in") / bytes delivered
+  CPU s/GB         user+system CPU seconds of each end per 1e9 delivered bytes; the
+                   sender is the serving process (and, for sshd, its reaped children),
+                   the receiver the client process and its reaped children
+
+Needs: root (network namespaces), ip(8), a C compiler `cc` (wanemu is built on first
+use), python3 (standard library only); iperf3, rsync, ssh/sshd for the peers
+(apt-get install -y iperf3 openssh-server rsync). Only 2 CPU cores here: the
+emulator itself burns CPU at high rates, so run nothing else meanwhile.
+
+Examples:
+  sudo python3 tests/bench_wan.py --scenario S1 --runs 1 --size 256M
+  sudo python3 tests/bench_wan.py --no-wanxfer --peers iperf3,rsync --json peers.json
+  sudo python3 tests/bench_wan.py --link "--delay 30 --rate 300 --loss 0.1" --peers none
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HOST_A = "198.18.0.1"
+HOST_B = "198.18.0.2"
+DEFAULT_WAN = "/work/shared/wanemu/wan"
+WANXFER_PORT = 46224
+IPERF_PORT = 5201
+SSH_PORT = 22
+
+SCENARIOS = {
+    "S1": "--delay 60 --rate 1000 --queue 50",
+    "S2": "--delay 60 --rate 1000 --queue 50 --loss 1",
+    "S3": "--delay 100 --rate 500 --queue 50 --loss 2 --burst 5",
+    "S4": "--delay 150 --rate 100 --queue 100 --loss 0.5",
+}
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- utils
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_size(s):
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", s, re.I)
+    if not m:
+        raise argparse.ArgumentTypeError("bad size %r (e.g. 1G, 256M)" % s)
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+def fmt_size(n):
+    for unit, mult in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return "%d%s" % (n // mult, unit)
+    return str(n)
+
+
+def sha256_file(path, bufsize=8 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def link_rate(opts):
+    """--rate of a wanemu option string in Mbit/s (the first one), or None."""
+    toks = shlex.split(opts)
+    for i, t in enumerate(toks[:-1]):
+        if t == "--rate":
+            try:
+                return float(toks[i + 1]) or None
+            except ValueError:
+                return None
+    return None
+
+
+def proc_cpu(pid):
+    """utime+stime+cutime+cstime of a live process, in seconds (None if gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            s = f.read()
+    except OSError:
+        return None
+    fields = s[s.rindex(")") + 2:].split()
+    # fields[0] is state (field 3); utime is field 14 -> index 11
+    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+
+
+def proc_children(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        for c in proc_children(todo.pop()):
+            if c not in out:
+                out.append(c)
+                todo.append(c)
+    return out
+
+
+def listening(pid, port, proto="tcp"):
+    """True if a socket in PID's network namespace is bound/listening on PORT.
+
+    Reads /proc/PID/net/{tcp,tcp6,udp,udp6}: no connection is made, so the
+    server never sees a probe."""
+    for fam in ("", "6"):
+        try:
+            with open("/proc/%d/net/%s%s" % (pid, proto, fam)) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    local, state = parts[1], parts[3]
+                    if int(local.rsplit(":", 1)[1], 16) != port:
+                        continue
+                    if proto == "udp" or state == "0A":  # 0A = TCP_LISTEN
+                        return True
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return False
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+# ------------------------------------------------------------------ process control
+
+class Procs:
+    """Children we started (each in its own session), for cleanup."""
+
+    def __init__(self, wan):
+        self.wan = wan
+        self.live = {}
+        self.link_up = False
+
+    def spawn(self, host, argv, out, err, env=None):
+        fo = open(out, "wb")
+        fe = open(err, "wb") if err != out else fo
+        try:
+            p = subprocess.Popen([self.wan, host] + list(argv), stdin=subprocess.DEVNULL,
+                                 stdout=fo, stderr=fe, env=env, start_new_session=True)
+        finally:
+            fo.close()
+            if fe is not fo:
+                fe.close()
+        self.live[p.pid] = p
+        return p
+
+    def signal(self, p, sig):
+        """Signal P's process group and every descendant of P (sshd's per-connection
+        children start sessions of their own, out of the group)."""
+        if p.returncode is None and p.pid in self.live:
+            for pid in descendants(p.pid):
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            try:
+                os.killpg(p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def reap(self, p, timeout=None):
+        """Wait for P (optionally with a deadline); return (exitcode, cpu_seconds) or None."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            flags = 0 if deadline is None else os.WNOHANG
+            try:
+                pid, status, ru = os.wait4(p.pid, flags)
+            except ChildProcessError:
+                self.live.pop(p.pid, None)
+                return (p.returncode, None)
+            if pid == p.pid:
+                p.returncode = os.waitstatus_to_exitcode(status)
+                self.live.pop(p.pid, None)
+                return (p.returncode, ru.ru_utime + ru.ru_stime)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+    def stop(self, p, grace=5.0):
+        """SIGTERM the process group, then SIGKILL; return (exitcode, cpu_seconds)."""
+        if p.pid not in self.live:
+            return (p.returncode, None)
+        kids = descendants(p.pid)
+        self.signal(p, signal.SIGTERM)
+        r = self.reap(p, grace)
+        if r is None:
+            self.signal(p, signal.SIGKILL)
+            r = self.reap(p, grace) or (None, None)
+        for pid in kids:  # leftovers, now orphans
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return r
+
+    def run_timed(self, host, argv, out, err, timeout, env=None):
+        """Run to completion; return dict(rc, wall, cpu, timed_out)."""
+        fired = threading.Event()
+        t0 = time.monotonic()
+        p = self.spawn(host, argv, out, err, env)
+
+        def kill():
+            fired.set()
+            self.signal(p, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            rc, cpu = self.reap(p)
+        finally:
+            timer.cancel()
+        wall = time.monotonic() - t0
+        return {"rc": rc, "wall": wall, "cpu": cpu, "timed_out": fired.is_set()}
+
+    def kill_all(self):
+        for p in list(self.live.values()):
+            self.signal(p, signal.SIGKILL)
+            self.reap(p, 2.0)
+
+    # the link ---------------------------------------------------------------
+
+    def wan_state_dir(self):
+        return os.environ.get("WAN_STATE") or os.path.join(os.environ.get("TMPDIR") or "/tmp",
+                                                            "wanemu-state")
+
+    def link_up_(self, opts):
+        self.link_up = True  # even a failed `up` may leave namespaces behind
+        # not a pipe: wanemu is started in the background by `wan up` and would
+        # keep a pipe open forever
+        with tempfile.TemporaryFile() as f:
+            r = subprocess.run([self.wan, "up"] + shlex.split(opts), stdin=subprocess.DEVNULL,
+                               stdout=f, stderr=subprocess.STDOUT)
+            f.seek(0)
+            text = f.read().decode(errors="replace")
+        if r.returncode != 0:
+            raise BenchError("wan up failed: %s" % text.strip())
+
+    def emu_cpu(self):
+        try:
+            with open(os.path.join(self.wan_state_dir(), "pid")) as f:
+                return proc_cpu(int(f.read().strip()))
+        except (OSError, ValueError):
+            return None
+
+    def link_down(self):
+        """Stop the link; return its parsed counters ({} if none)."""
+        emu_cpu = self.emu_cpu()
+        r = subprocess.run([self.wan, "down"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+        self.link_up = False
+        counters = parse_counters(r.stdout)
+        if counters:
+            counters["emu_cpu_s"] = emu_cpu
+        return counters
+
+
+COUNTER_RE = re.compile(
+    r"^(?P<dir>a->b|b->a): in (?P<pkts_in>\d+) pkts (?P<mb_in>[\d.]+) MB, "
+    r"out (?P<pkts_out>\d+) pkts (?P<mb_out>[\d.]+) MB, random-loss (?P<lost>\d+), "
+    r"queue-drop (?P<qdrop>\d+), overflow (?P<overflow>\d+), too-big (?P<toobig>\d+)", re.M)
+
+
+def parse_counters(text):
+    """wanemu prints, per direction, on stderr (which `wan down` cats):
+    'a->b: in P pkts X MB, out P pkts X MB, random-loss N, queue-drop N, overflow N, too-big N'
+    with MB = 1e6 bytes of IP packets (headers included), 0.1 MB resolution.
+    'in' of a->b is what host a put on the link."""
+    out = {}
+    for m in COUNTER_RE.finditer(text):
+        d = "ab" if m.group("dir") == "a->b" else "ba"
+        out[d] = {
+            "pkts_in": int(m.group("pkts_in")), "bytes_in": round(float(m.group("mb_in")) * 1e6),
+            "pkts_out": int(m.group("pkts_out")), "bytes_out": round(float(m.group("mb_out")) * 1e6),
+            "random_loss": int(m.group("lost")), "queue_drop": int(m.group("qdrop")),
+            "overflow": int(m.group("overflow")), "too_big": int(m.group("toobig")),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- tools
+
+class Bench:
+    def __init__(self, args, procs, workdir):
+        self.a = args
+        self.p = procs
+        self.work = workdir
+        self.src = None
+        self.src_sha = None
+        self.ssh_dir = None
+
+    # setup ------------------------------------------------------------------
+
+    def make_source(self):
+        size = self.a.size
+        path = os.path.join(self.work, "src-%s.bin" % fmt_size(size))
+        if not (os.path.isfile(path) and os.path.getsize(path) == size):
+            log("generating %s of random data in %s" % (fmt_size(size), path))
+            tmp = path + ".part"
+            with open(tmp, "wb") as f:
+                left = size
+                while left:
+                    n = min(left, 4 << 20)
+                    f.write(os.urandom(n))
+                    left -= n
+            os.replace(tmp, path)
+        self.src = path
+        self.src_sha = sha256_file(path)
+
+    def setup_ssh(self):
+        d = os.path.join(self.work, "ssh")
+        os.makedirs(d, exist_ok=True)
+        for name in ("host_key", "client_key"):
+            k = os.path.join(d, name)
+            if not os.path.exists(k):
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k, "-C",
+                                "wanxfer-bench"], check=True)
+        shutil.copyfile(os.path.join(d, "client_key.pub"), os.path.join(d, "authorized_keys"))
+        cfg = os.path.join(d, "sshd_config")
+        with open(cfg, "w") as f:
+            f.write("\n".join([
+                "ListenAddress %s" % HOST_A, "Port %d" % SSH_PORT,
+                "HostKey %s/host_key" % d, "AuthorizedKeysFile %s/authorized_keys" % d,
+                "PidFile %s/sshd.pid" % d, "PermitRootLogin prohibit-password",
+                "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+                "UsePAM no", "StrictModes no", "X11Forwarding no", "PrintMotd no",
+                "UseDNS no", "LogLevel INFO", ""]))
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege-separation dir
+        r = subprocess.run(["/usr/sbin/sshd", "-t", "-f", cfg], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+        if r.returncode:
+            raise BenchError("sshd -t: %s" % r.stdout)
+        self.ssh_dir = d
+
+    # helpers ----------------------------------------------------------------
+
+    def rundir(self, tag):
+        d = os.path.join(self.work, "runs", tag)
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        return d
+
+    def wait_listen(self, p, port, proto="tcp", timeout=20.0, errfile=None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                self.p.live.pop(p.pid, None)
+                raise BenchError("server exited (rc %s) before listening%s" % (
+                    p.returncode, tail(errfile)))
+            if listening(p.pid, port, proto):
+                return
+            time.sleep(0.05)
+        raise BenchError("server not listening on %s/%d after %.0f s%s" % (
+            proto, port, timeout, tail(errfile)))
+
+    def timeout_for(self, opts):
+        if self.a.timeout:
+            return self.a.timeout
+        rate = link_rate(opts) or 1000.0
+        return max(120.0, 4 * self.a.size * 8 / (rate * 1e6) + 60)
+
+    def verify(self, path):
+        if not os.path.isfile(path):
+            raise BenchError("no received file at %s" % path)
+        size = os.path.getsize(path)
+        if size != self.a.size:
+            raise BenchError("received %d bytes, expected %d" % (size, self.a.size))
+        if sha256_file(path) != self.src_sha:
+            raise BenchError("sha256 mismatch")
+
+    # wanxfer ----------------------------------------------------------------
+
+    def run_wanxfer(self, tag, opts, plain):
+        d = self.rundir(tag)
+        env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(24), PYTHONUNBUFFERED="1")
+        flags = ["--no-encrypt"] if plain else []
+        port = self.a.port
+        py = self.a.python
+        srv = self.p.spawn("a", [py, self.a.wanxfer, "serve", self.src, "--bind", HOST_A,
+                                 "--port", str(port)] + flags + shlex.split(self.a.serve_args),
+                           os.path.join(d, "serve.out"), os.path.join(d, "serve.err"), env)
+        try:
+            self.wait_listen(srv, port, "tcp", self.a.ready_timeout, os.path.join(d, "serve.err"))
+            srv_cpu0 = proc_cpu(srv.pid)
+            dest = os.path.join(d, "recv", os.path.basename(self.src))
+            os.makedirs(os.path.dirname(dest))
+            remote = self.a.remote or os.path.basename(self.src)
+            r = self.p.run_timed("b", [py, self.a.wanxfer, "get", "%s:%d" % (HOST_A, port), remote,
+                                       "-o", dest, "--json", "-q"] + flags
+                                 + shlex.split(self.a.get_args),
+                                 os.path.join(d, "get.out"), os.path.join(d, "get.err"),
+                                 self.timeout_for(opts), env)
+        finally:
+            rc_s, srv_cpu = self.p.stop(srv)
+        reports = []
+        with open(os.path.join(d, "get.out"), errors="replace") as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("{"):
+                    try:
+                        o = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(o, dict):
+                        reports.append(o)
+        res = {"wall_s": r["wall"], "cpu_receiver_s": r["cpu"], "cpu_sender_s": srv_cpu,
+               "cpu_sender_startup_s": srv_cpu0, "rc": r["rc"], "server_rc": rc_s,
+               "tool_report": reports[-1] if reports else None}
+        if r["timed_out"]:
+            res.update(status="timeout", delivered_bytes=dir_bytes(os.path.dirname(dest)),
+                       error="get timed out after %.0f s" % r["wall"])
+            return res
+        if r["rc"] != 0:
+            raise BenchError("get exited %s%s" % (r["rc"], tail(os.path.join(d, "get.err"))))
+        got = dest
+        if os.path.isdir(dest):  # -o taken as a directory
+            got = os.path.join(dest, os.path.basename(remote))
+        if not os.path.isfile(got) and reports:
+            for k in ("path", "dest", "output", "local", "file"):
+                v = reports[-1].get(k)
+                if isinstance(v, str) and os.path.isfile(v):
+                    got = v
+                    break
+        self.verify(got)
+        res.update(status="ok", delivered_bytes=self.a.size)
+        return res
+
+    # iperf3 -----------------------------------------------------------------
+
+    def run_iperf3(self, tag, opts, cc):
+        d = self.rundir(tag)
+        srv = self.p.spawn("a", ["iperf3", "-s", "-1", "-B", HOST_A, "-p", str(IPERF_PORT)],
+                           os.path.join(d, "server.out"), os.path.join(d, "server.out"))
+        got = None
+        try:
+            self.wait_listen(srv, IPERF_PORT, "tcp", 10, os.path.join(d, "server.out"))
+            amount = ["-n", str(self.a.iperf_bytes)] if self.a.iperf_bytes else \
+                ["-t", str(self.a.iperf_time)]
+            tmo = self.timeout_for(opts) if self.a.iperf_bytes else self.a.iperf_time + 60
+            r = self.p.run_timed("b", ["iperf3", "-c", HOST_A, "-p", str(IPERF_PORT), "-R",
+                                       "-C", cc, "--json"] + amount,
+                                 os.path.join(d, "client.json"), os.path.join(d, "client.err"),
+                                 tmo)
+            # iperf3 -s -1 lingers after the test; give it a moment, then stop it
+            got = self.p.reap(srv, 2.0)
+        finally:
+            if got is None:
+                got = self.p.stop(srv)
+        srv_cpu = got[1]
+        if r["timed_out"]:
+            raise BenchError("iperf3 client timed out")
+        try:
+            with open(os.path.join(d, "client.json")) as f:
+                j = json.load(f)
+        except ValueError as e:
+            raise BenchError("iperf3 output not JSON: %s%s" % (e, tail(os.path.join(d, "client.err"))))
+        if j.get("error"):
+            raise BenchError("iperf3: %s" % j["error"])
+        rcv = j["end"]["sum_received"]
+        snt = j["end"].get("sum_sent", {})
+        return {"status": "ok", "wall_s": rcv["seconds"], "delivered_bytes": rcv["bytes"],
+                "goodput_mbps_tool": rcv["bits_per_second"] / 1e6,
+                "retransmits": snt.get("retransmits"),
+                "sender_cc": j["end"].get("sender_tcp_congestion"),
+                "cpu_sender_s": srv_cpu, "cpu_receiver_s": r["cpu"], "rc": r["rc"]}
+
+    # rsync over ssh ---------------------------------------------------------
+
+    def run_rsync(self, tag, opts, cc):
+        d = self.rundir(tag)
+        sd = self.ssh_dir
+        if cc:  # congestion control of the ssh connection (per namespace)
+            for h in ("a", "b"):
+                subprocess.run([self.a.wan, h, "sysctl", "-qw",
+                                "net.ipv4.tcp_congestion_control=%s" % cc], check=True)
+        sshd = self.p.spawn("a", ["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(sd, "sshd_config")],
+                            os.path.join(d, "sshd.log"), os.path.join(d, "sshd.log"))
+        try:
+            self.wait_listen(sshd, SSH_PORT, "tcp", 10, os.path.join(d, "sshd.log"))
+            cpu0 = proc_cpu(sshd.pid) or 0.0
+            ssh = ("ssh -F /dev/null -i %s/client_key -o StrictHostKeyChecking=no "
+                   "-o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR" % sd)
+            if self.a.ssh_opts:
+                ssh += " " + self.a.ssh_opts
+            recv = os.path.join(d, "recv")
+            os.makedirs(recv)
+            r = self.p.run_timed("b", ["rsync", "-e", ssh] + shlex.split(self.a.rsync_args)
+                                 + ["root@%s:%s" % (HOST_A, self.src), recv + "/"],
+                                 os.path.join(d, "rsync.out"), os.path.join(d, "rsync.err"),
+                                 self.timeout_for(opts))
+            # sender CPU = what sshd reaped from its per-connection children
+            deadline = time.monotonic() + 10
+            while proc_children(sshd.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cpu1 = proc_cpu(sshd.pid)
+        finally:
+            self.p.stop(sshd)
+        res = {"wall_s": r["wall"], "cpu_receiver_s": r["cpu"],
+               "cpu_sender_s": (cpu1 - cpu0) if cpu1 is not None else None, "rc": r["rc"]}
+        if r["timed_out"]:
+            res.update(status="timeout", delivered_bytes=dir_bytes(recv),
+                       error="rsync timed out after %.0f s" % r["wall"])
+            return res
+        if r["rc"] != 0:
+            raise BenchError("rsync exited %s%s" % (r["rc"], tail(os.path.join(d, "rsync.err"))))
+        self.verify(os.path.join(recv, os.path.basename(self.src)))
+        res.update(status="ok", delivered_bytes=self.a.size)
+        return res
+
+    # one run ----------------------------------------------------------------
+
+    def one(self, scen, opts, run_no, tool):
+        tag = "%s-%s-%d" % (scen, tool, run_no)
+        link_opts = opts
+        if not self.a.fixed_seed and "--seed" not in shlex.split(opts):
+            link_opts = "--seed %d %s" % (run_no, opts)  # first: applies to both directions
+        rec = {"scenario": scen, "link": opts, "link_run": link_opts, "run": run_no, "tool": tool}
+        try:
+            self.p.link_up_(link_opts)
+            if tool == "wanxfer":
+                res = self.run_wanxfer(tag, opts, plain=False)
+            elif tool == "wanxfer-noenc":
+                res = self.run_wanxfer(tag, opts, plain=True)
+            elif tool.startswith("iperf3-"):
+                res = self.run_iperf3(tag, opts, tool.split("-", 1)[1])
+            elif tool.startswith("rsync-ssh"):
+                res = self.run_rsync(tag, opts, tool.split("-", 2)[2] if tool.count("-") == 2 else None)
+            else:
+                raise BenchError("unknown tool %s" % tool)
+        except BenchError as e:
+            res = {"status": "error", "error": str(e)}
+        finally:
+            counters = self.p.link_down()
+        rec.update(res)
+        rec["link_counters"] = counters
+        derive(rec, link_rate(opts))
+        if rec["status"] == "ok" and not self.a.keep_files:
+            shutil.rmtree(os.path.join(self.work, "runs", tag, "recv"), ignore_errors=True)
+        return rec
+
+
+def dir_bytes(d):
+    n = 0
+    for root, _, files in os.walk(d):
+        for f in files:
+            try:
+                n += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return n
+
+
+def tail(path, n=600):
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - n))
+            t = f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return (": ..." + t[-n:]) if t else ""
+
+
+def derive(rec, rate):
+    b = rec.get("delivered_bytes")
+    w = rec.get("wall_s")
+    ok = rec.get("status") in ("ok", "timeout") and b and w
+    rec["goodput_mbps"] = b * 8 / w / 1e6 if ok else None
+    if rec.get("goodput_mbps_tool") is not None:  # iperf3's own figure
+        rec["goodput_mbps"] = rec["goodput_mbps_tool"]
+    rec["ratio"] = rec["goodput_mbps"] / rate if rec["goodput_mbps"] and rate else None
+    ab = rec.get("link_counters", {}).get("ab", {})
+    wire = ab.get("bytes_in")
+    rec["wire_bytes"] = wire
+    rec["wire_per_file"] = wire / b if (wire and b and rec.get("status") == "ok") else None
+    if rec.get("tool", "").startswith("iperf3") and rec["wire_per_file"] and ab.get("bytes_out"):
+        # A timed iperf3 test keeps sending after its measured window (in flight, send
+        # buffer), so link bytes / received bytes overstates the overhead. Estimate it
+        # instead as bytes put on the link / TCP payload delivered to b, the payload
+        # being delivered bytes less 52 header bytes (IP 20 + TCP 20 + timestamps 12)
+        # per packet: exact but for spurious retransmissions.
+        rec["wire_per_file_measured"] = rec["wire_per_file"]
+        payload = ab["bytes_out"] - 52 * ab["pkts_out"]
+        rec["wire_per_file"] = wire / payload if payload > 0 else None
+    for end in ("sender", "receiver"):
+        c = rec.get("cpu_%s_s" % end)
+        rec["cpu_%s_s_per_gb" % end] = c / (b / 1e9) if (c is not None and b) else None
+
+
+def summarize(records):
+    rows = []
+    keys = []
+    for r in records:
+        k = (r["scenario"], r["tool"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        rs = [r for r in records if (r["scenario"], r["tool"]) == k]
+        good = [r for r in rs if r["status"] in ("ok", "timeout")]
+        row = {"scenario": k[0], "tool": k[1], "link": rs[0]["link"], "runs": len(rs),
+               "ok": sum(r["status"] == "ok" for r in rs),
+               "timeouts": sum(r["status"] == "timeout" for r in rs),
+               "errors": [r.get("error") for r in rs if r["status"] == "error"]}
+        for m in ("goodput_mbps", "ratio", "wire_per_file", "cpu_sender_s_per_gb",
+                  "cpu_receiver_s_per_gb", "wall_s"):
+            row[m] = median([r.get(m) for r in good])
+        rows.append(row)
+    return rows
+
+
+def fnum(x, fmt):
+    return "-" if x is None else fmt % x
+
+
+def markdown(rows):
+    out = ["| scenario | tool | runs | goodput Mbit/s | ratio to link | wire/file | "
+           "CPU s/GB sender | CPU s/GB receiver |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        runs = "%d" % r["ok"] if r["ok"] == r["runs"] else "%d/%d ok" % (r["ok"], r["runs"])
+        if r["timeouts"]:
+            runs += ", %d timeout (goodput >=)" % r["timeouts"]
+        if r["errors"]:
+            runs += ", %d FAILED" % len(r["errors"])
+        out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["scenario"], r["tool"], runs, fnum(r["goodput_mbps"], "%.1f"),
+            fnum(r["ratio"], "%.3f"), fnum(r["wire_per_file"], "%.3f"),
+            fnum(r["cpu_sender_s_per_gb"], "%.2f"), fnum(r["cpu_receiver_s_per_gb"], "%.2f")))
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- main
+
+def build_parser():
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap = argparse.ArgumentParser(
+        prog="bench_wan.py", description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]) + "\n\nScenarios:\n" + "\n".join(
+            "  %s  %s" % kv for kv in SCENARIOS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", action="append", metavar="S",
+                    help="S1..S4 (repeatable, or comma-separated); default all four, "
+                         "unless --link is given")
+    ap.add_argument("--link", action="append", metavar="OPTS",
+                    help='custom link, wanemu options, e.g. --link "--delay 60 --rate 1000" '
+                         "(repeatable; named L1, L2, ...)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per tool and scenario (median; default 3)")
+    ap.add_argument("--size", type=parse_size, default=1 << 30, help="file size, e.g. 1G (default), 256M")
+    ap.add_argument("--peers", default="iperf3,rsync",
+                    help="comma list of iperf3 (= iperf3-cubic,iperf3-bbr), iperf3-cubic, "
+                         "iperf3-bbr, rsync, or none (default iperf3,rsync)")
+    ap.add_argument("--no-wanxfer", action="store_true", help="run the peers only")
+    ap.add_argument("--no-plain", action="store_true", help="skip the wanxfer --no-encrypt row")
+    ap.add_argument("--json", metavar="FILE", help="write every run and the summary as JSON")
+    ap.add_argument("--wanxfer", default=os.path.join(os.path.dirname(here), "wanxfer.py"),
+                    help="path of wanxfer.py (default: ../wanxfer.py next to tests/)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for wanxfer.py")
+    ap.add_argument("--port", type=int, default=WANXFER_PORT, help="wanxfer port (default 46224)")
+    ap.add_argument("--remote", help="REMOTE name passed to get (default: the file's basename)")
+    ap.add_argument("--serve-args", default="", help="extra arguments for wanxfer serve")
+    ap.add_argument("--get-args", default="", help="extra arguments for wanxfer get")
+    ap.add_argument("--ready-timeout", type=float, default=30.0,
+                    help="seconds to wait for serve to listen on TCP PORT (default 30)")
+    ap.add_argument("--iperf-time", type=int, default=20, help="iperf3 -t seconds (default 20)")
+    ap.add_argument("--iperf-bytes", type=parse_size,
+                    help="use iperf3 -n BYTES instead of -t (slow on lossy links with cubic)")
+    ap.add_argument("--rsync-cc", default="bbr",
+                    help="TCP congestion control(s) for rsync's ssh connection, comma list, or "
+                         "'default' to leave the namespaces' default (default bbr)")
+    ap.add_argument("--rsync-runs", type=int, help="runs for rsync (default --runs)")
+    ap.add_argument("--rsync-args", default="", help="extra rsync arguments")
+    ap.add_argument("--ssh-opts", default="", help="extra ssh options, e.g. '-c aes128-gcm@openssh.com'")
+    ap.add_argument("--timeout", type=float,
+                    help="seconds per transfer (default max(120, 4x ideal time at link rate + 60))")
+    ap.add_argument("--fixed-seed", action="store_true",
+                    help="do not pass --seed RUN to wanemu (by default run i uses --seed i, "
+                         "the same for every tool)")
+    ap.add_argument("--workdir", help="work directory (default: a new temp dir, removed at the end); "
+                                      "a source file of the right size there is reused")
+    ap.add_argument("--keep-files", action="store_true", help="keep received files")
+    ap.add_argument("--wan", default=os.environ.get("WANEMU", DEFAULT_WAN), help="path of the wan script")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit("bench_wan.py needs root (network namespaces, sshd); run it with sudo")
+    if not os.access(args.wan, os.X_OK):
+        sys.exit("wan script not found: %s" % args.wan)
+    if not shutil.which("cc") and not os.path.exists(os.path.join(
+            os.environ.get("WAN_STATE") or os.path.join(os.environ.get("TMPDIR") or "/tmp",
+                                                        "wanemu-state"), "wanemu")):
+        sys.exit("need a C compiler `cc` to build wanemu")
+
+    scen = []
+    for s in args.scenario or ([] if args.link else list(SCENARIOS)):
+        for x in s.split(","):
+            x = x.strip().upper()
+            if x not in SCENARIOS:
+                sys.exit("unknown scenario %s (have %s)" % (x, ", ".join(SCENARIOS)))
+            scen.append((x, SCENARIOS[x]))
+    for i, l in enumerate(args.link or [], 1):
+        scen.append(("L%d" % i, l))
+
+    tools = []
+    if not args.no_wanxfer:
+        if not os.path.isfile(args.wanxfer):
+            sys.exit("wanxfer not found at %s (use --wanxfer or --no-wanxfer)" % args.wanxfer)
+        tools.append("wanxfer")
+        if not args.no_plain:
+            tools.append("wanxfer-noenc")
+    rsync_ccs = [c.strip() for c in args.rsync_cc.split(",") if c.strip()]
+    for p in [x.strip() for x in args.peers.split(",") if x.strip()]:
+        if p == "none":
+            continue
+        if p == "iperf3":
+            tools += ["iperf3-cubic", "iperf3-bbr"]
+        elif p.startswith("iperf3-"):
+            tools.append(p)
+        elif p == "rsync":
+            tools += ["rsync-ssh" if c == "default" else "rsync-ssh-" + c for c in rsync_ccs]
+        else:
+            sys.exit("unknown peer %s" % p)
+    need = {"iperf3": any(t.startswith("iperf3") for t in tools),
+            "rsync": any(t.startswith("rsync") for t in tools)}
+    missing = [b for b, n in (("iperf3", need["iperf3"]), ("rsync", need["rsync"]),
+                              ("ssh", need["rsync"]), ("/usr/sbin/sshd", need["rsync"]),
+                              ("ssh-keygen", need["rsync"])) if n and not shutil.which(b)]
+    if missing:
+        sys.exit("missing %s (apt-get install -y iperf3 openssh-server rsync)" % ", ".join(missing))
+    if not tools:
+        sys.exit("nothing to run")
+
+    own_work = not args.workdir
+    work = args.workdir or tempfile.mkdtemp(prefix="wanxfer-bench-")
+    os.makedirs(work, exist_ok=True)
+    procs = Procs(args.wan)
+    bench = Bench(args, procs, work)
+    records = []
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored (&)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    interrupted = False
+    try:
+        if any(t.startswith(("wanxfer", "rsync")) for t in tools):
+            bench.make_source()
+        if need["rsync"]:
+            bench.setup_ssh()
+        for name, opts in scen:
+            for run in range(1, args.runs + 1):
+                for tool in tools:
+                    if tool.startswith("rsync") and args.rsync_runs is not None \
+                            and run > args.rsync_runs:
+                        continue
+                    rec = bench.one(name, opts, run, tool)
+                    records.append(rec)
+                    if rec["status"] == "error":
+                        log("[%s run %d] %-14s FAILED: %s" % (name, run, tool, rec["error"]))
+                    else:
+                        log("[%s run %d] %-14s %s%8.1f Mbit/s  ratio %s  wire/file %s  "
+                            "cpu s/GB snd %s rcv %s  (%.1f s)" % (
+                                name, run, tool, ">=" if rec["status"] == "timeout" else "",
+                                rec["goodput_mbps"] or 0, fnum(rec["ratio"], "%.3f"),
+                                fnum(rec["wire_per_file"], "%.3f"),
+                                fnum(rec["cpu_sender_s_per_gb"], "%.2f"),
+                                fnum(rec["cpu_receiver_s_per_gb"], "%.2f"), rec["wall_s"] or 0))
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: cleaning up")
+    finally:
+        procs.kill_all()
+        if procs.link_up:
+            procs.link_down()
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+    rows = summarize(records)
+    print(markdown(rows))
+    if args.json:
+        meta = {"size": args.size, "runs": args.runs, "tools": tools,
+                "scenarios": dict(scen), "iperf": ("-n %d" % args.iperf_bytes) if args.iperf_bytes
+                else "-t %d" % args.iperf_time, "rsync_cc": args.rsync_cc,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "uname": " ".join(os.uname()),
+                "cpus": os.cpu_count(), "interrupted": interrupted}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "summary": rows, "runs": records}, f, indent=1)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

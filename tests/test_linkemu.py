@@ -1,0 +1,510 @@
+"""Tests for the link emulator: the models alone, then real sockets on loopback."""
+
+import os
+import random
+import selectors
+import socket
+import struct
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import wanxfer
+
+BurstLoss, LinkConditions, LinkCounters = wanxfer.BurstLoss, wanxfer.LinkConditions, wanxfer.LinkCounters
+LinkEmulator, PathShaper, _UdpRelay = wanxfer.LinkEmulator, wanxfer.PathShaper, wanxfer._UdpRelay
+
+HOST = '127.0.0.1'
+SEQ = struct.Struct('!I')
+
+
+# ---------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------
+
+def _emulator_threads():
+    return [t for t in threading.enumerate() if t.name.startswith('linkemu')]
+
+
+def _open_sockets():
+    """Descriptors of this process that are sockets (None where /proc is missing).
+
+    Only sockets: a thread that is ending may hold a passing descriptor of
+    its own (glibc opens ld.so.cache to load the unwinder on Python 3.8)."""
+    if not os.path.isdir('/proc/self/fd'):
+        return None
+    sockets = set()
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            if os.readlink('/proc/self/fd/' + fd).startswith('socket:'):
+                sockets.add(fd)
+        except OSError:     # the descriptor listdir itself used
+            pass
+    return sockets
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail any test that leaves emulator threads or descriptors behind."""
+    sockets = _open_sockets()
+    yield
+    assert _emulator_threads() == []
+    assert _open_sockets() == sockets
+
+
+@pytest.fixture
+def udp_server():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def udp_client():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    yield sock
+    sock.close()
+
+
+def emulate(target_sock, **conditions):
+    conditions.setdefault('delay_ms', 0)
+    conditions.setdefault('seed', 1)
+    return LinkEmulator(HOST, target_sock.getsockname()[1], LinkConditions(**conditions))
+
+
+def drain(sock, idle=0.05, deadline=5.0):
+    """Datagrams that arrive until `idle` seconds pass without one."""
+    got = []
+    end = time.monotonic() + deadline
+    sock.settimeout(idle)
+    while time.monotonic() < end:
+        try:
+            got.append(sock.recvfrom(65535))
+        except socket.timeout:
+            break
+    return got
+
+
+def send_in_batches(client, emu, count, server, payload=b'', batch=100):
+    """Send `count` numbered datagrams through `emu` in batches small enough
+    for the socket buffers; return the datagrams `server` received."""
+    got = []
+    for start in range(0, count, batch):
+        for seq in range(start, min(count, start + batch)):
+            client.sendto(SEQ.pack(seq) + payload, emu.address)
+        got.extend(data for data, _ in drain(server))
+    return got
+
+
+def missing_runs(received_seqs, count):
+    """Lengths of the runs of consecutive sequence numbers that never arrived."""
+    present = set(received_seqs)
+    runs, run = [], 0
+    for seq in range(count):
+        if seq in present:
+            if run:
+                runs.append(run)
+            run = 0
+        else:
+            run += 1
+    if run:
+        runs.append(run)
+    return runs
+
+
+# ---------------------------------------------------------------------------
+# The models, without sockets
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('kwargs', [
+    dict(loss=1.5), dict(loss=-0.1), dict(delay_ms=-1), dict(burst=0.5),
+    dict(queue_ms=0), dict(duplicate=2), dict(reorder=float('nan')),
+    dict(loss=0.9, burst=2),    # bursts of 2 can lose at most 2/3
+])
+def test_conditions_reject_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        LinkConditions(**kwargs)
+
+
+@pytest.mark.parametrize('loss, burst', [(0.05, 1), (0.05, 4), (0.2, 8), (0.5, 1)])
+def test_burst_loss_keeps_fraction_and_run_length(loss, burst):
+    model = BurstLoss(loss, burst, random.Random(7))
+    decisions = [model.lost() for _ in range(200000)]
+    runs = missing_runs([i for i, lost in enumerate(decisions) if not lost], len(decisions))
+    assert sum(decisions) / len(decisions) == pytest.approx(loss, rel=0.1)
+    # Independent losses give runs of 1 / (1 - loss); bursty ones average `burst`.
+    expected_run = 1 / (1 - loss) if burst == 1 else burst
+    assert sum(runs) / len(runs) == pytest.approx(expected_run, rel=0.1)
+
+
+def test_shaper_rate_limit_spaces_departures_and_drops_tail():
+    counters = LinkCounters().up
+    # 8 Mbit/s: a 1000-byte packet takes 1 ms; the queue holds 10 of them.
+    shaper = PathShaper(LinkConditions(delay_ms=5, rate_bps=8000000, queue_ms=10.5),
+                        random.Random(1), counters)
+    plans = [shaper.shape(100.0, b'x' * 1000) for _ in range(20)]
+    arrivals = [plan[0][0] for plan in plans if plan]
+    assert len(arrivals) == 10 and counters.dropped_queue == 10
+    assert arrivals == pytest.approx([100.0 + 0.005 + 0.001 * (i + 1) for i in range(10)])
+    # Once the queue has drained the bottleneck takes packets again.
+    assert shaper.shape(100.02, b'x' * 1000)[0][0] == pytest.approx(100.026)
+
+
+def test_shaper_idle_bottleneck_takes_a_packet_longer_than_its_queue():
+    shaper = PathShaper(LinkConditions(delay_ms=0, rate_bps=8000, queue_ms=10),
+                        random.Random(1), LinkCounters().up)
+    assert shaper.shape(0.0, b'x' * 1000)[0][0] == pytest.approx(1.0)
+    assert shaper.shape(0.0, b'x' * 1000) == ()
+
+
+def test_shaper_jitter_varies_delay_without_reordering():
+    shaper = PathShaper(LinkConditions(delay_ms=50, jitter_ms=10), random.Random(3),
+                        LinkCounters().up)
+    arrivals = [shaper.shape(i * 0.001, b'x')[0][0] for i in range(2000)]
+    delays = [a - i * 0.001 for i, a in enumerate(arrivals)]
+    assert arrivals == sorted(arrivals)
+    assert min(delays) >= 0.040 - 1e-9 and max(delays) <= 0.060 + 1e-9
+    assert max(delays) - min(delays) > 0.015
+
+
+def test_shaper_reorder_holds_packets_back():
+    counters = LinkCounters().up
+    shaper = PathShaper(LinkConditions(delay_ms=20, reorder=0.1), random.Random(5), counters)
+    arrivals = [shaper.shape(i * 0.0001, b'x')[0][0] for i in range(5000)]
+    late = sum(1 for i in range(1, len(arrivals)) if arrivals[i - 1] > arrivals[i])
+    assert counters.reordered == pytest.approx(500, rel=0.15)
+    assert late > 0.5 * counters.reordered
+    extra = [a - i * 0.0001 - 0.020 for i, a in enumerate(arrivals)]
+    assert max(extra) <= LinkConditions(delay_ms=20).reorder_ms / 1000 + 1e-9
+
+
+# ---------------------------------------------------------------------------
+# UDP relay on loopback
+# ---------------------------------------------------------------------------
+
+def test_udp_round_trip_takes_both_delays(udp_server, udp_client):
+    with emulate(udp_server, delay_ms=30) as emu:
+        udp_server.settimeout(2)
+        udp_client.settimeout(2)
+        for i in range(3):
+            sent = time.monotonic()
+            udp_client.sendto(b'ping %d' % i, emu.address)
+            data, relay_addr = udp_server.recvfrom(100)
+            one_way = time.monotonic() - sent
+            udp_server.sendto(b'pong %d' % i, relay_addr)
+            assert udp_client.recvfrom(100) == (b'pong %d' % i, emu.address)
+            rtt = time.monotonic() - sent
+            assert one_way >= 0.030
+            assert 0.060 <= rtt < 0.5
+    # Read after close(): the relay counts a datagram just after sending it.
+    assert emu.counters.up.packets_forwarded == 3
+    assert emu.counters.down.packets_forwarded == 3
+
+
+def test_udp_each_client_gets_its_own_upstream_address(udp_server, udp_client):
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind((HOST, 0))
+    with other, emulate(udp_server) as emu:
+        udp_server.settimeout(2)
+        udp_client.sendto(b'a', emu.address)
+        other.sendto(b'b', emu.address)
+        seen = dict(udp_server.recvfrom(10) for _ in range(2))
+        assert set(seen) == {b'a', b'b'} and seen[b'a'] != seen[b'b']
+        # Replies go back to the client behind each upstream address.
+        for data, addr in seen.items():
+            udp_server.sendto(data.upper(), addr)
+        udp_client.settimeout(2)
+        other.settimeout(2)
+        assert udp_client.recv(10) == b'A'
+        assert other.recv(10) == b'B'
+        assert emu.counters.udp_clients == 2
+
+
+def test_udp_loss_fraction_matches_configured(udp_server, udp_client):
+    count = 5000
+    with emulate(udp_server, loss=0.1, seed=11) as emu:
+        got = send_in_batches(udp_client, emu, count, udp_server)
+    up = emu.counters.up
+    assert len(got) == up.packets_forwarded
+    assert up.dropped_loss + up.packets_forwarded == up.packets_in
+    # Judged on what reached the relay, so a datagram the kernel dropped on
+    # a loaded machine cannot fail the test.
+    assert up.packets_in >= 0.95 * count
+    assert 1 - len(got) / up.packets_in == pytest.approx(0.1, abs=0.025)
+
+
+def test_udp_burst_loss_comes_in_runs(udp_server, udp_client):
+    count = 5000
+    with emulate(udp_server, loss=0.1, burst=6, seed=12) as emu:
+        got = send_in_batches(udp_client, emu, count, udp_server)
+    up = emu.counters.up
+    runs = missing_runs([SEQ.unpack_from(d)[0] for d in got], count)
+    assert up.dropped_loss / up.packets_in == pytest.approx(0.1, abs=0.04)
+    assert sum(runs) / len(runs) > 3.5
+    assert max(runs) >= 10
+
+
+def test_udp_rate_limit_caps_throughput_and_counts_queue_drops(udp_server, udp_client):
+    rate = 4000000                      # 500 packets/s of 1000 bytes
+    size = 1000
+    offered_pps, duration = 1500, 1.0   # three times what fits
+    with emulate(udp_server, rate_bps=rate, queue_ms=50, seed=3) as emu:
+        arrivals = []
+        sel = selectors.DefaultSelector()
+        sel.register(udp_server, selectors.EVENT_READ)
+        udp_server.setblocking(False)
+        payload = b'x' * (size - SEQ.size)
+        start = time.monotonic()
+        sent = 0
+        # Send 15 packets every 10 ms and read what arrives in between.
+        while True:
+            now = time.monotonic()
+            if sent < offered_pps * duration and now >= start + sent / offered_pps:
+                for _ in range(15):
+                    udp_client.sendto(SEQ.pack(sent) + payload, emu.address)
+                    sent += 1
+            if sent >= offered_pps * duration and now > start + duration + 0.3:
+                break
+            for _ in sel.select(0.005):
+                while True:
+                    try:
+                        udp_server.recv(2048)
+                    except BlockingIOError:
+                        break
+                    arrivals.append(time.monotonic())
+        sel.close()
+    up = emu.counters.up
+    throughput = (len(arrivals) - 1) * size * 8 / (arrivals[-1] - arrivals[0])
+    assert throughput == pytest.approx(rate, rel=0.1)
+    assert up.dropped_queue > 0.5 * sent
+    assert up.dropped_queue + up.packets_forwarded == up.packets_in
+    assert len(arrivals) == up.packets_forwarded
+
+
+def test_udp_duplicates_are_counted_and_delivered(udp_server, udp_client):
+    count = 1000
+    with emulate(udp_server, duplicate=0.2, seed=4) as emu:
+        got = send_in_batches(udp_client, emu, count, udp_server)
+    up = emu.counters.up
+    seqs = [SEQ.unpack_from(d)[0] for d in got]
+    assert len(set(seqs)) == up.packets_in
+    assert len(seqs) - len(set(seqs)) == up.duplicated
+    assert up.duplicated == pytest.approx(0.2 * up.packets_in, rel=0.2)
+
+
+def test_udp_corruption_flips_one_byte(udp_server, udp_client):
+    count = 1000
+    with emulate(udp_server, corrupt=0.2, seed=5) as emu:
+        got = []
+        # Each datagram is its sequence number 16 times over, so a flipped
+        # byte anywhere is found by a majority vote.
+        for start in range(0, count, 100):
+            for seq in range(start, start + 100):
+                udp_client.sendto(SEQ.pack(seq) * 16, emu.address)
+            got.extend(data for data, _ in drain(udp_server))
+    up = emu.counters.up
+    damaged = 0
+    for data in got:
+        copies = [data[i:i + SEQ.size] for i in range(0, len(data), SEQ.size)]
+        expected = max(set(copies), key=copies.count) * 16
+        differing = sum(1 for a, b in zip(data, expected) if a != b)
+        assert len(data) == len(expected) and differing <= 1
+        damaged += differing
+    assert len(got) == up.packets_in
+    assert damaged == up.corrupted
+    assert up.corrupted == pytest.approx(0.2 * count, rel=0.2)
+
+
+def test_udp_reordering_is_observed(udp_server, udp_client):
+    with emulate(udp_server, delay_ms=5, reorder=0.2, seed=6) as emu:
+        got = send_in_batches(udp_client, emu, 1000, udp_server)
+    up = emu.counters.up
+    seqs = [SEQ.unpack_from(d)[0] for d in got]
+    late = sum(1 for i in range(1, len(seqs)) if seqs[i] < seqs[i - 1])
+    assert sorted(seqs) == list(range(up.packets_in))
+    assert up.reordered == pytest.approx(0.2 * up.packets_in, rel=0.2)
+    assert late > 0.25 * up.reordered
+
+
+def test_udp_idle_clients_are_forgotten(udp_server, udp_client):
+    listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listen.bind((HOST, 0))
+    counters = LinkCounters()
+    conditions = LinkConditions(delay_ms=0, seed=1)
+    # Driven turn by turn from here, with a made-up clock for the expiry.
+    relay = _UdpRelay(listen, udp_server.getsockname(), socket.AF_INET,
+                      PathShaper(conditions, random.Random(1), counters.up),
+                      PathShaper(conditions, random.Random(2), counters.down),
+                      counters, idle_timeout=60.0)
+    try:
+        udp_server.settimeout(2)
+        sources = []
+        for _ in range(2):
+            udp_client.sendto(b'hello', listen.getsockname())
+            deadline = time.monotonic() + 5
+            while counters.up.packets_forwarded < len(sources) + 1:
+                assert time.monotonic() < deadline, 'relay did not forward'
+                relay.poll(timeout=0.5)
+            sources.append(udp_server.recvfrom(10)[1])
+            assert counters.udp_clients == 1
+            relay.expire_idle(time.monotonic() + 30)
+            assert counters.udp_clients == 1
+            relay.expire_idle(time.monotonic() + 61)
+            assert counters.udp_clients == 0
+        assert sources[0] != sources[1]
+    finally:
+        relay.stop()
+
+
+def test_udp_survives_target_not_listening(udp_client):
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind((HOST, 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    with LinkEmulator(HOST, port, LinkConditions(delay_ms=0)) as emu:
+        for _ in range(5):
+            udp_client.sendto(b'x', emu.address)
+        udp_client.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            udp_client.recv(10)
+        assert emu.counters.up.packets_in == 5
+
+
+# ---------------------------------------------------------------------------
+# TCP relay on loopback
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def tcp_listener():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((HOST, 0))
+    sock.listen(8)
+    sock.settimeout(5)
+    yield sock
+    sock.close()
+
+
+def _recv_until_eof(sock):
+    chunks = []
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            return b''.join(chunks)
+        chunks.append(data)
+
+
+def _recv_exactly(sock, n):
+    data = b''
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, 'early end of stream'
+        data += chunk
+    return data
+
+
+def test_tcp_relays_both_ways_with_delay_and_half_close(tcp_listener):
+    """Ping-pong timing, then the client sends a bulk and half-closes; the
+    server reads to the end and only then answers."""
+    body = os.urandom(2 * 1024 * 1024)
+    seen = {}
+
+    def serve():
+        conn, _ = tcp_listener.accept()
+        with conn:
+            conn.settimeout(10)
+            assert _recv_exactly(conn, 4) == b'ping'
+            conn.sendall(b'pong')
+            seen['body'] = _recv_until_eof(conn)
+            conn.sendall(seen['body'][::-1])    # allowed after the client's half-close
+            conn.shutdown(socket.SHUT_WR)
+            seen['after'] = conn.recv(10)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        with emulate(tcp_listener, delay_ms=25) as emu:
+            client = socket.create_connection(emu.address, timeout=10)
+            with client:
+                sent = time.monotonic()
+                client.sendall(b'ping')
+                assert _recv_exactly(client, 4) == b'pong'
+                assert time.monotonic() - sent >= 0.050
+                client.sendall(body)
+                client.shutdown(socket.SHUT_WR)
+                reply = _recv_until_eof(client)
+            server.join(10)
+            assert reply == body[::-1]
+            assert seen['body'] == body
+            assert seen['after'] == b''
+            assert emu.counters.up.tcp_bytes == len(body) + 4
+            assert emu.counters.down.tcp_bytes == len(body) + 4
+            assert emu.counters.tcp_accepted == 1
+    finally:
+        server.join(10)
+
+
+def test_tcp_reset_on_one_side_closes_the_other(tcp_listener):
+    with emulate(tcp_listener, delay_ms=5) as emu:
+        client = socket.create_connection(emu.address, timeout=5)
+        conn, _ = tcp_listener.accept()
+        with conn:
+            conn.settimeout(5)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+            client.close()
+            try:
+                assert conn.recv(10) == b''
+            except ConnectionResetError:
+                pass
+
+
+def test_tcp_refused_target_resets_client(tcp_listener):
+    port = tcp_listener.getsockname()[1]
+    tcp_listener.close()
+    with LinkEmulator(HOST, port, LinkConditions(delay_ms=0)) as emu:
+        with socket.create_connection(emu.address, timeout=5) as client:
+            try:
+                assert client.recv(10) == b''
+            except ConnectionResetError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# Lifecycle
+# ---------------------------------------------------------------------------
+
+def test_same_port_for_tcp_and_udp_and_close_leaves_nothing(tcp_listener, udp_client):
+    before = _open_sockets()
+    emu = LinkEmulator(HOST, tcp_listener.getsockname()[1],
+                       LinkConditions(delay_ms=200)).start()
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with probe:
+        with pytest.raises(OSError):
+            probe.bind(emu.address)         # the UDP port is taken by the emulator
+    # Leave traffic in flight: a UDP datagram in the heap and a live TCP connection.
+    udp_client.sendto(b'late', emu.address)
+    client = socket.create_connection(emu.address, timeout=5)
+    conn, _ = tcp_listener.accept()
+    conn.settimeout(5)
+    conn.sendall(b'back')
+    client.recv(10)                         # both pumps are running now
+    client.sendall(b'in flight')
+    assert len(_emulator_threads()) == 4    # udp, accept, and a pump each way
+    emu.close()
+    emu.close()                             # idempotent
+    assert _emulator_threads() == []
+    client.close()
+    conn.close()
+    assert _open_sockets() == before
+
+
+def test_close_without_start_and_start_twice():
+    LinkEmulator(HOST, 9, LinkConditions()).close()
+    with LinkEmulator(HOST, 9, LinkConditions()) as emu:
+        with pytest.raises(RuntimeError):
+            emu.start()
