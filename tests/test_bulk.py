@@ -366,3 +366,30 @@ def test_help_has_examples():
         done = subprocess.run([sys.executable, WANXFER] + command + ['--help'],
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 0 and 'examples:' in done.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists('/proc/filesystems'),
+                    reason='needs root to mount a small tmpfs')
+def test_full_disk_keeps_partial_data_and_resumes(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 3 * 1024 * 1024)
+    server = serve([src])
+    small = tmp_path / 'small'
+    small.mkdir()
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(small)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip('cannot mount tmpfs here: %s' % mounted.stderr.decode().strip())
+    try:
+        done = run_get(server.port, 'f', '-o', small)
+        assert done.returncode == 1
+        assert 'disk full' in done.stderr and 'Traceback' not in done.stderr
+        assert not (small / 'f').exists()
+        assert (small / '.f.wxpart').exists()
+        subprocess.run(['mount', '-o', 'remount,size=8m', str(small)], check=True)
+        done = run_get(server.port, 'f', '-o', small, '--json')
+        assert done.returncode == 0, done.stderr
+        assert sha256(small / 'f') == sha256(data)
+    finally:
+        subprocess.run(['umount', '-l', str(small)])
