@@ -25,6 +25,7 @@ import heapq
 import hmac
 import json
 import os
+import queue
 import random
 import re
 import secrets
@@ -167,8 +168,9 @@ packet; the tag is keyed BLAKE2b-128 over header and ciphertext.  With
 --no-encrypt only the tag is applied.  See README.md for the limits.
 """
 
-KEYSTREAM_BATCH = 32            # packet numbers sharing one SHAKE call
-KEYSTREAM_STRIDE = 2048         # keystream bytes reserved per packet number (>= any payload)
+KEYSTREAM_BATCH = 64            # at most this many nonces share one SHAKE call
+KEYSTREAM_SPAN = 1 << 16        # and at most this many keystream bytes
+KEYSTREAM_STRIDE = 2048         # keystream bytes per nonce on the control channel
 SEAL_LABELS = ('ctrl-c2s', 'ctrl-s2c', 'data-s2c', 'data-c2s')
 
 
@@ -200,35 +202,47 @@ class Sealer:
 
     `seal(nonce, header, payload)` returns ciphertext + tag, the tag covering
     header and ciphertext; `open` is its inverse and returns None for anything
-    forged, corrupted or sealed under another key.  Nonces (packet numbers,
-    frame counters) must never repeat under one Sealer: callers count up.
+    forged, corrupted or sealed under another key.  The header must contain
+    the nonce (datagrams carry their packet number; control frames add their
+    counter as associated data), so a replay or a reordering fails the tag.
+    Nonces must never repeat under one Sealer: callers count up.
+
+    Keystream is made per batch of nonces: one SHAKE call covers `batch`
+    consecutive nonces of `stride` bytes each, so consecutive full-size
+    packets have contiguous keystream and a run of them is encrypted with one
+    XOR (`seal_run`).  Both ends must use the same stride: the data block size.
     """
 
-    def __init__(self, key, encrypt):
+    def __init__(self, key, encrypt, stride=KEYSTREAM_STRIDE):
         self.encrypt = encrypt
         self._enc_key = key[:32]
         self._mac = hashlib.blake2b(key=key[32:64], digest_size=TAG_SIZE)
+        self.set_stride(stride)
+
+    def set_stride(self, stride):
+        self.stride = stride
+        self.batch = max(1, min(KEYSTREAM_BATCH, KEYSTREAM_SPAN // stride))
         self._batches = {}
 
-    def _keystream(self, nonce, length):
-        batch, index = divmod(nonce, KEYSTREAM_BATCH)
+    def _batch_stream(self, batch):
         stream = self._batches.get(batch)
         if stream is None:
             if len(self._batches) >= 8:     # in-order traffic needs one or two
                 self._batches.clear()
-            stream = hashlib.shake_256(
-                self._enc_key + batch.to_bytes(8, 'big')).digest(KEYSTREAM_BATCH * KEYSTREAM_STRIDE)
+            stream = memoryview(hashlib.shake_256(
+                self._enc_key + batch.to_bytes(8, 'big')).digest(self.batch * self.stride))
             self._batches[batch] = stream
-        start = index * KEYSTREAM_STRIDE
-        if length > KEYSTREAM_STRIDE:       # control frames can be long: a stream of their own
-            return hashlib.shake_256(self._enc_key + b'long' + nonce.to_bytes(8, 'big')).digest(length)
-        return memoryview(stream)[start:start + length]
+        return stream
 
-    def tag(self, nonce, header, body):
-        # The nonce is bound in even where the header carries it: control
-        # frames' nonces are implicit counters, and a replay must fail here.
+    def _keystream(self, nonce, length):
+        if length > self.stride:            # long control frames: a stream of their own
+            return hashlib.shake_256(self._enc_key + b'long' + nonce.to_bytes(8, 'big')).digest(length)
+        batch, index = divmod(nonce, self.batch)
+        start = index * self.stride
+        return self._batch_stream(batch)[start:start + length]
+
+    def tag(self, header, body):
         mac = self._mac.copy()
-        mac.update(nonce.to_bytes(8, 'big'))
         mac.update(header)
         mac.update(body)
         return mac.digest()
@@ -236,14 +250,37 @@ class Sealer:
     def seal(self, nonce, header, payload):
         if self.encrypt and payload:
             payload = xor_bytes(payload, self._keystream(nonce, len(payload)))
-        return bytes(payload) + self.tag(nonce, header, payload)
+        return bytes(payload) + self.tag(header, payload)
+
+    def seal_run(self, first_nonce, headers, payload):
+        """Seal consecutive nonces' payloads in one go: `payload` holds them
+        back to back, `stride` bytes each (the last may be shorter).  Returns
+        the datagrams, header | ciphertext | tag."""
+        stride, count = self.stride, len(headers)
+        if self.encrypt:
+            pieces = []
+            nonce, end = first_nonce, first_nonce + count
+            while nonce < end:
+                batch, index = divmod(nonce, self.batch)
+                take = min(self.batch - index, end - nonce)
+                pieces.append(self._batch_stream(batch)[index * stride:(index + take) * stride])
+                nonce += take
+            keystream = pieces[0] if len(pieces) == 1 else b''.join(pieces)
+            payload = xor_bytes(payload, keystream)
+        view = memoryview(payload)
+        tag = self.tag
+        packets = []
+        for i, header in enumerate(headers):
+            body = view[i * stride:(i + 1) * stride]
+            packets.append(header + body + tag(header, body))
+        return packets
 
     def open(self, nonce, header, sealed):
         """Return the plaintext of `sealed` (ciphertext + tag) or None."""
         if len(sealed) < TAG_SIZE:
             return None
         body = sealed[:-TAG_SIZE]
-        if not hmac.compare_digest(self.tag(nonce, header, body), sealed[-TAG_SIZE:]):
+        if not hmac.compare_digest(self.tag(header, body), sealed[-TAG_SIZE:]):
             return None
         if self.encrypt and body:
             return xor_bytes(body, self._keystream(nonce, len(body)))
@@ -314,9 +351,9 @@ class ControlChannel:
         body = json.dumps(message, separators=(',', ':')).encode()
         with self._lock:
             header = FRAME_HEADER.pack(len(body) + TAG_SIZE)
-            frame = header + self._out.seal(self._sent, header, body)
+            sealed = self._out.seal(self._sent, header + self._sent.to_bytes(8, 'big'), body)
             self._sent += 1
-            self.sock.sendall(frame)
+            self.sock.sendall(header + sealed)
 
     def feed(self, data):
         self._buffer += data
@@ -330,7 +367,7 @@ class ControlChannel:
             end = FRAME_HEADER.size + length
             if len(self._buffer) < end:
                 return
-            header = bytes(self._buffer[:FRAME_HEADER.size])
+            header = bytes(self._buffer[:FRAME_HEADER.size]) + self._received.to_bytes(8, 'big')
             body = self._in.open(self._received, header, bytes(self._buffer[FRAME_HEADER.size:end]))
             del self._buffer[:end]
             if body is None:
@@ -535,11 +572,6 @@ class PacketLog:
         self.blocks = array('q', [-1]) * self.SIZE
         self.times = array('d', [0.0]) * self.SIZE
 
-    def record(self, seq, block, now):
-        slot = seq & (self.SIZE - 1)
-        self.blocks[slot] = block
-        self.times[slot] = now
-
 
 class SendWindow:
     """The sender's view of one file: blocks never sent, blocks to resend,
@@ -584,11 +616,17 @@ class SendWindow:
             self._fresh.pop()
         return first, count, False
 
-    def sent(self, block, now, resend):
-        self._log.record(self.next_seq, block, now)
-        self.next_seq += 1
+    def sent_run(self, first, count, now, resend):
+        """Blocks first..first+count-1 went out under the next packet numbers."""
+        blocks, times, mask = self._log.blocks, self._log.times, self._log.SIZE - 1
+        seq = self.next_seq
+        for i in range(count):
+            slot = (seq + i) & mask
+            blocks[slot] = first + i
+            times[slot] = now
+        self.next_seq = seq + count
         if resend:
-            self.retransmitted += 1
+            self.retransmitted += count
 
     def in_flight(self):
         return self.next_seq - 1 - self.largest_acked
@@ -637,6 +675,9 @@ class SendWindow:
         while seq >= max(self.first_seq, self.next_seq - log.SIZE):
             slot = seq & (log.SIZE - 1)
             if log.times[slot] < horizon:
+                # Everything sent before the horizon has arrived or is named
+                # in this NAK: none of it is in flight any more.
+                self.largest_acked = max(self.largest_acked, seq)
                 break
             recent.add(log.blocks[slot])
             seq -= 1
@@ -693,7 +734,18 @@ class ReceiveWindow:
             self._largest_arrival = now
         else:
             self._fill_gap(seq)
-        # Delay relative to the first packet's, so the unknown offset between
+        if not seq & 7:
+            self._delay_sample(sent_us, now)    # one in eight is plenty for a minimum filter
+        byte, bit = block >> 3, 1 << (block & 7)
+        if self.bitmap[byte] & bit:
+            self.duplicates += 1
+            return False
+        self.bitmap[byte] |= bit
+        self.held += 1
+        return True
+
+    def _delay_sample(self, sent_us, now):
+        # Delay relative to the first sample's, so the unknown offset between
         # the two clocks and the 32-bit wrap cancel out.
         raw = (int(now * 1e6) - sent_us) & 0xFFFFFFFF
         if self._delay_origin is None:
@@ -703,13 +755,6 @@ class ReceiveWindow:
             self._base_delay = one_way
         if self._interval_delay is None or one_way < self._interval_delay:
             self._interval_delay = one_way
-        byte, bit = block >> 3, 1 << (block & 7)
-        if self.bitmap[byte] & bit:
-            self.duplicates += 1
-            return False
-        self.bitmap[byte] |= bit
-        self.held += 1
-        return True
 
     def _fill_gap(self, seq):
         gaps = self._gaps
@@ -1150,17 +1195,25 @@ class PartialFile:
 
 
 class BlockWriter:
-    """Coalesces blocks that arrive in order into one pwrite, and tracks which
-    blocks are written (only those may be recorded as held for resume)."""
+    """Coalesces blocks that arrive in order into large writes, done on a
+    thread of its own so the receive loop never waits for the disk, and
+    tracks which blocks are on disk: only those may be recorded as held.
+    A write error is raised from the next call after it happened."""
 
     FLUSH_BYTES = 1 << 20
+    QUEUED_WRITES = 64                  # at most this many MB waiting for the disk
 
     def __init__(self, partial, held_bitmap):
         self._partial = partial
         self._block_size = partial.block_size
         self._start = self._next = -1
         self._buffer = bytearray()
-        self.written_bitmap = bytearray(held_bitmap)
+        self._bitmap = bytearray(held_bitmap)
+        self._lock = threading.Lock()
+        self._error = None
+        self._queue = queue.Queue(self.QUEUED_WRITES)
+        self._thread = threading.Thread(target=self._run, name='writer', daemon=True)
+        self._thread.start()
         self.written_bytes = 0
 
     def put(self, block, data):
@@ -1171,15 +1224,47 @@ class BlockWriter:
         self._next = block + 1
 
     def flush(self):
-        if not self._buffer:
-            return
-        self._partial.write(self._start * self._block_size, self._buffer)
-        self.written_bytes += len(self._buffer)
-        bitmap = self.written_bitmap
-        for block in range(self._start, self._next):
-            bitmap[block >> 3] |= 1 << (block & 7)
-        self._buffer = bytearray()
-        self._next = -1
+        """Hand the current run to the writer thread."""
+        if self._error is not None:
+            raise self._error
+        if self._buffer:
+            self._queue.put((self._start, self._next, self._buffer))
+            self._buffer = bytearray()
+            self._next = -1
+
+    def _run(self):
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                start, end, data = item
+                if self._error is None:
+                    self._partial.write(start * self._block_size, data)
+                    with self._lock:
+                        for block in range(start, end):
+                            self._bitmap[block >> 3] |= 1 << (block & 7)
+                        self.written_bytes += len(data)
+            except WanxferError as e:
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def written_bitmap(self):
+        """A copy of the bitmap of blocks safely written."""
+        with self._lock:
+            return bytes(self._bitmap)
+
+    def sync(self):
+        """Wait until everything handed over is written."""
+        self.flush()
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self):
+        self._queue.put(None)
+        self._thread.join()
 
 
 # ---------------------------------------------------------------------------
@@ -1277,6 +1362,7 @@ class ServerSession:
         self.udp = DatagramSocket(sock)
         mtu = min(DEFAULT_MTU, self.udp.path_mtu())
         self.block_size = block_size_for_mtu(mtu, sock.family)
+        self.data_out.set_stride(self.block_size)
 
     def do_list(self, message):
         listing = self.server.tree.listing(str(message.get('path', '')))
@@ -1342,17 +1428,13 @@ class ServerSession:
                 while budget > 0 and window.has_work() and window.in_flight() < flight_cap:
                     first, count, resend = window.next_run(max_batch)
                     payload = os.pread(fd, count * block_size, first * block_size)
-                    view = memoryview(payload)
                     stamp = int(now * 1e6) & 0xFFFFFFFF
                     flags = DATA_FLAG_RETRANSMIT if resend else 0
-                    packets = []
-                    for i in range(count):
-                        seq = window.next_seq
-                        header = pack_header(KIND_DATA, flags, sid, seq, first + i, stamp)
-                        packets.append(header + sealer.seal(seq, header,
-                                                            view[i * block_size:(i + 1) * block_size]))
-                        window.sent(first + i, now, resend)
-                    udp.send_packets(packets)
+                    seq = window.next_seq
+                    headers = [pack_header(KIND_DATA, flags, sid, seq + i, first + i, stamp)
+                               for i in range(count)]
+                    window.sent_run(first, count, now, resend)
+                    udp.send_packets(sealer.seal_run(seq, headers, payload))
                     self._wire_bytes += len(payload) + count * per_packet
                     budget -= len(payload) + count * per_packet
                 if window.has_work() and window.in_flight() < flight_cap:
@@ -1511,7 +1593,7 @@ class Server:
             if kind != KIND_HELLO or session is None:
                 continue
             view = memoryview(buffer)
-            if hmac.compare_digest(session.data_in.tag(seq, view[:PACKET_HEADER.size], b''),
+            if hmac.compare_digest(session.data_in.tag(view[:PACKET_HEADER.size], b''),
                                    bytes(view[PACKET_HEADER.size:nbytes])):
                 session.udp_hello(address)
 
@@ -1610,6 +1692,7 @@ class Client:
         self.block_size = int(ready['block_size'])
         if not 64 <= self.block_size <= 65000:
             raise ProtocolError('server chose a block size of %d' % self.block_size)
+        self.data_in.set_stride(self.block_size)
 
     def _send_datagram(self, kind, body=b''):
         packet = seal_datagram(self.data_out, kind, self.session_id, self._seq, body)
@@ -1666,18 +1749,23 @@ class Client:
             self._file_id = int(start['file'])
             if not window.complete():
                 self._receive(window, writer, partial, size, started)
-            writer.flush()
-            partial.save_state(writer.written_bitmap)
+            writer.sync()
+            partial.save_state(writer.written_bitmap())
             self.control.send({'op': 'done', 'file': self._file_id})
             report = self._expect(self._next_message(), 'digest')
         except BaseException:
             try:
-                writer.flush()
-                partial.save_state(writer.written_bitmap)
-            except (WanxferError, OSError):
+                writer.sync()
+            except WanxferError:
+                pass
+            try:
+                partial.save_state(writer.written_bitmap())
+            except OSError:
                 pass
             partial.close()
             raise
+        finally:
+            writer.close()
         local = partial.digest()
         if not hmac.compare_digest(local, str(report.get('sha256'))):
             partial.discard()
@@ -1792,7 +1880,7 @@ class Client:
                 if now >= next_save:
                     next_save = now + STATE_SAVE_INTERVAL
                     writer.flush()
-                    partial.save_state(writer.written_bitmap)
+                    partial.save_state(writer.written_bitmap())
         finally:
             selector.close()
 
