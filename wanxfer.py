@@ -465,9 +465,11 @@ class RateController:
 
     Startup doubles the rate every round trip until the queue starts to
     grow; after that the rate is steered to keep the queueing delay near
-    `target_delay`, moving multiplicatively so a 10 Mbit/s and a 10 Gbit/s
-    path converge in the same number of round trips.  Loss only counts when
-    it is heavy (a policer, not noise).
+    TARGET_DELAY, moving multiplicatively so a 10 Mbit/s and a 10 Gbit/s
+    path converge in the same number of round trips.  The delivery rate
+    (what the receiver actually got over the last round trip) bounds the
+    rate whenever the queue is long.  Loss only counts when it is heavy (a
+    policer, not noise).  Feed it `on_feedback()`; read `rate` (bytes/s).
     """
 
     MIN_RATE = 64 * 1024                    # bytes/s: never stop probing
@@ -475,32 +477,54 @@ class RateController:
     STARTUP_EXIT_DELAY = 0.006              # s of queue that ends startup
     TARGET_DELAY = 0.012                    # s of queue to aim for
     HEAVY_LOSS = 0.20
+    MIN_SAMPLE_SPAN = 0.005                 # s of feedback needed for a delivery rate
 
     def __init__(self, max_rate=None, initial_rate=None):
         self.max_rate = max_rate
         self.rate = float(min(initial_rate or self.INITIAL_RATE, max_rate or float('inf')))
         self.startup = True
         self._last_growth = None
+        self._samples = collections.deque()     # (time, bytes delivered, packets delivered, lost)
 
-    def on_feedback(self, now, queue_delay, delivery_rate, loss_fraction, rtt):
-        if loss_fraction > self.HEAVY_LOSS:
-            self.rate = max(self.MIN_RATE, min(self.rate, delivery_rate) * 0.7)
+    def set_cap(self, max_rate):
+        self.max_rate = max_rate
+        if max_rate:
+            self.rate = min(self.rate, max_rate)
+
+    def _measure(self, now, delivered_bytes, delivered, lost, rtt):
+        """(delivery rate in bytes/s or None, loss fraction) over about one round trip."""
+        samples = self._samples
+        samples.append((now, delivered_bytes, delivered, lost))
+        horizon = max(rtt, 0.02)
+        while len(samples) > 2 and now - samples[1][0] >= horizon:
+            samples.popleft()
+        span = now - samples[0][0]
+        later = list(samples)[1:]
+        got = sum(s[2] for s in later)
+        missed = sum(s[3] for s in later)
+        loss = missed / (got + missed) if got + missed else 0.0
+        if span < self.MIN_SAMPLE_SPAN:
+            return None, loss
+        return sum(s[1] for s in later) / span, loss
+
+    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt):
+        delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
+        if loss > self.HEAVY_LOSS and delivery:
+            self.rate = min(self.rate, delivery) * 0.7
             self.startup = False
         elif self.startup:
             if queue_delay > self.STARTUP_EXIT_DELAY:
                 self.startup = False
-                self.rate = max(self.MIN_RATE, delivery_rate * 0.95)
+                self.rate = delivery * 0.95 if delivery else self.rate / 2
             elif self._last_growth is None or now - self._last_growth >= rtt:
                 self.rate *= 2.0
                 self._last_growth = now
         else:
-            error = (self.TARGET_DELAY - queue_delay) / self.TARGET_DELAY
-            error = max(-1.0, min(1.0, error))
-            # Gain per feedback scaled to about 10% per round trip at full error.
-            step = 0.1 * error * min(1.0, 0.02 / max(rtt, 0.001))
-            self.rate *= 1.0 + step
-            if queue_delay > 2 * self.TARGET_DELAY and delivery_rate > 0:
-                self.rate = min(self.rate, delivery_rate)
+            error = max(-1.0, min(1.0, (self.TARGET_DELAY - queue_delay) / self.TARGET_DELAY))
+            # About 10% per round trip at full error, whatever the feedback rate.
+            self.rate *= 1.0 + 0.1 * error * min(1.0, 0.02 / max(rtt, 0.001))
+            if queue_delay > 2 * self.TARGET_DELAY and delivery:
+                self.rate = min(self.rate, delivery)
         self.rate = max(self.MIN_RATE, self.rate)
         if self.max_rate:
             self.rate = min(self.rate, self.max_rate)
@@ -1303,7 +1327,6 @@ class ServerSession:
         self._file_id = 0
         self.rate = RateController(server.max_rate)
         self.rtt = 0.1
-        self._deliveries = []
         self._wire_bytes = 0
 
     # Called from the UDP listener thread once a HELLO from this client checks out.
@@ -1381,8 +1404,7 @@ class ServerSession:
                 raise RemoteError('%s: changed on the server during the transfer' % remote)
             digest = self.server.digests.start(path)
             caps = [r for r in (self.server.max_rate, message.get('max_rate')) if r]
-            self.rate.max_rate = float(min(caps)) if caps else None
-            self.rate.rate = min(self.rate.rate, self.rate.max_rate or self.rate.rate)
+            self.rate.set_cap(float(min(caps)) if caps else None)
             need = [(int(a), int(b)) for a, b in message.get('need', [])]
             self._file_id += 1
             window = SendWindow(need, self._next_seq, self._log)
@@ -1495,7 +1517,8 @@ class ServerSession:
                     if sample > 0:
                         self.rtt = 0.875 * self.rtt + 0.125 * sample
                 delivered, lost = window.on_ack(start, largest, gaps, now, self.rtt)
-                self._on_delivery(now, delivered, lost, queue_us / 1e6)
+                self.rate.on_feedback(now, queue_us / 1e6, delivered * self.block_size,
+                                      delivered, lost, self.rtt)
             elif kind == KIND_NAK:
                 fid, ranges = decode_nak(body)
                 if fid == file_id:
@@ -1503,19 +1526,6 @@ class ServerSession:
         except ProtocolError:
             return False
         return True
-
-    def _on_delivery(self, now, delivered, lost, queue_delay):
-        # Delivery rate over the last round trip or so: the bottleneck's pace.
-        history = self._deliveries
-        history.append((now, delivered, lost))
-        while len(history) > 2 and now - history[0][0] > max(self.rtt, 0.05):
-            history.pop(0)
-        span = now - history[0][0]
-        packets = sum(d for _, d, _ in history[1:])
-        losses = sum(l for _, _, l in history[1:])
-        delivery_rate = packets * self.block_size / span if span > 0 else 0.0
-        loss_fraction = losses / (packets + losses) if packets + losses else 0.0
-        self.rate.on_feedback(now, queue_delay, delivery_rate, loss_fraction, self.rtt)
 
     def close(self):
         self.server.unregister(self)

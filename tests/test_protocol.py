@@ -192,22 +192,44 @@ def test_receive_window_drops_stale_and_duplicate_packets():
     assert window.held == 1 and window.duplicates == 1 and window.stale == 2
 
 
-def test_rate_controller_ramps_up_ignores_random_loss_and_backs_off_on_queue():
+def feed(rate, seconds, start, queue, delivered_rate, loss=0.0, rtt=0.12, every=0.01):
+    """Feedback every 10 ms for `seconds`: the path delivers `delivered_rate`
+    bytes/s (None: whatever is sent) with `loss` and `queue` s of queueing."""
+    now = start
+    while now < start + seconds:
+        now += every
+        got = (delivered_rate or rate.rate) * every
+        packets = got / 1400
+        rate.on_feedback(now, queue, got, packets * (1 - loss), packets * loss, rtt)
+    return now
+
+
+def test_rate_controller_ramps_up_fast_and_ignores_random_loss():
     rate = wanxfer.RateController()
-    now = 0.0
-    for _ in range(100):                     # a 120 ms path with no queue: keeps growing
-        now += 0.12
-        rate.on_feedback(now, 0.0, rate.rate, 0.01, 0.12)
-    fast = rate.rate
-    assert fast > 50 * wanxfer.RateController.INITIAL_RATE
-    for _ in range(20):                      # the queue fills: it must come down
-        now += 0.02
-        rate.on_feedback(now, 0.040, fast / 2, 0.0, 0.12)
-    assert rate.rate <= fast / 2 * 1.01
+    feed(rate, 1.0, 0.0, queue=0.0, delivered_rate=None, loss=0.01)
+    assert rate.rate > 100 * wanxfer.RateController.INITIAL_RATE     # 8 round trips: 2**8
+
+
+def test_rate_controller_backs_off_to_the_bottleneck_when_the_queue_grows():
+    rate = wanxfer.RateController()
+    bottleneck = 100e6 / 8
+    now = feed(rate, 1.0, 0.0, queue=0.0, delivered_rate=None)
+    now = feed(rate, 0.5, now, queue=0.040, delivered_rate=bottleneck)
+    assert rate.rate <= bottleneck * 1.01
+    feed(rate, 2.0, now, queue=0.004, delivered_rate=bottleneck)    # queue drained: grows again
+    assert rate.rate > bottleneck
+
+
+def test_rate_controller_first_feedback_with_a_queue_keeps_a_sane_rate():
+    # A single sample carries no delivery rate: it must not be taken as zero.
+    rate = wanxfer.RateController()
+    rate.on_feedback(0.01, 0.050, 64 * 1400, 64, 0, 0.001)
+    assert rate.rate >= wanxfer.RateController.INITIAL_RATE / 2
+
+
+def test_rate_controller_respects_the_cap():
     capped = wanxfer.RateController(max_rate=1e6)
-    for _ in range(50):
-        now += 0.12
-        capped.on_feedback(now, 0.0, 1e9, 0.0, 0.12)
+    feed(capped, 2.0, 0.0, queue=0.0, delivered_rate=1e9)
     assert capped.rate <= 1e6
 
 
