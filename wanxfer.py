@@ -256,17 +256,9 @@ class Sealer:
         """Seal consecutive nonces' payloads in one go: `payload` holds them
         back to back, `stride` bytes each (the last may be shorter).  Returns
         the datagrams, header | ciphertext | tag."""
-        stride, count = self.stride, len(headers)
+        stride = self.stride
         if self.encrypt:
-            pieces = []
-            nonce, end = first_nonce, first_nonce + count
-            while nonce < end:
-                batch, index = divmod(nonce, self.batch)
-                take = min(self.batch - index, end - nonce)
-                pieces.append(self._batch_stream(batch)[index * stride:(index + take) * stride])
-                nonce += take
-            keystream = pieces[0] if len(pieces) == 1 else b''.join(pieces)
-            payload = xor_bytes(payload, keystream)
+            payload = xor_bytes(payload, self._keystream_span(first_nonce, len(headers)))
         view = memoryview(payload)
         tag = self.tag
         packets = []
@@ -275,12 +267,38 @@ class Sealer:
             packets.append(header + body + tag(header, body))
         return packets
 
-    def open(self, nonce, header, sealed):
-        """Return the plaintext of `sealed` (ciphertext + tag) or None."""
+    def _keystream_span(self, first_nonce, count):
+        """Keystream of `count` consecutive nonces, back to back."""
+        stride, pieces = self.stride, []
+        nonce, end = first_nonce, first_nonce + count
+        while nonce < end:
+            batch, index = divmod(nonce, self.batch)
+            take = min(self.batch - index, end - nonce)
+            pieces.append(self._batch_stream(batch)[index * stride:(index + take) * stride])
+            nonce += take
+        return pieces[0] if len(pieces) == 1 else b''.join(pieces)
+
+    def verify(self, header, sealed):
+        """The ciphertext of `sealed` if its tag is right, else None."""
         if len(sealed) < TAG_SIZE:
             return None
         body = sealed[:-TAG_SIZE]
         if not hmac.compare_digest(self.tag(header, body), sealed[-TAG_SIZE:]):
+            return None
+        return body
+
+    def open_run(self, first_nonce, ciphertext):
+        """Decrypt the verified bodies of consecutive nonces, back to back
+        (`stride` bytes each, the last possibly shorter), in one go."""
+        if not self.encrypt:
+            return bytes(ciphertext)
+        count = (len(ciphertext) + self.stride - 1) // self.stride
+        return xor_bytes(ciphertext, self._keystream_span(first_nonce, count))
+
+    def open(self, nonce, header, sealed):
+        """Return the plaintext of `sealed` (ciphertext + tag) or None."""
+        body = self.verify(header, sealed)
+        if body is None:
             return None
         if self.encrypt and body:
             return xor_bytes(body, self._keystream(nonce, len(body)))
@@ -300,10 +318,10 @@ class SessionKeys:
         self._keys = {label: material[4 + 64 * i:68 + 64 * i] for i, label in enumerate(SEAL_LABELS)}
 
     def sealers(self, role):
-        make = lambda label: Sealer(self._keys[label], self.encrypt)  # noqa: E731
-        if role == 'client':
-            return make('ctrl-c2s'), make('ctrl-s2c'), make('data-c2s'), make('data-s2c')
-        return make('ctrl-s2c'), make('ctrl-c2s'), make('data-s2c'), make('data-c2s')
+        mine, theirs = ('c2s', 's2c') if role == 'client' else ('s2c', 'c2s')
+        return tuple(Sealer(self._keys['%s-%s' % (channel, direction)], self.encrypt)
+                     for channel, direction in (('ctrl', mine), ('ctrl', theirs),
+                                                ('data', mine), ('data', theirs)))
 
 
 def load_secret(secret_file=None, environ=None):
@@ -547,10 +565,6 @@ old enough is a loss and only that block is queued again.  At the tail, and
 whenever the data stops, the receiver also names the blocks it still lacks,
 so lost feedback can delay a transfer but never stall or corrupt it.
 """
-
-
-def ranges_total(ranges):
-    return sum(end - start for start, end in ranges)
 
 
 _ANY_HELD = re.compile(rb'[^\x00]')
@@ -881,6 +895,7 @@ MAX_GSO_SEGMENTS = 64
 MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
 SOCKET_BUFFER = 32 << 20
 RECV_BUFFER = 1 << 16
+MAX_RECEIVES_PER_WAKEUP = 512
 
 
 class DatagramSocket:
@@ -1036,10 +1051,9 @@ class ServedTree:
         """What a REMOTE expands to: files with identity, and directories."""
         clean = normalize_remote(remote)
         real, is_dir = self.resolve(remote)
-        entry = lambda path, rel: file_entry(path, rel)  # noqa: E731
         if not is_dir:
             return {'kind': 'file', 'name': clean.rsplit('/', 1)[-1] or os.path.basename(real),
-                    'files': [entry(real, '')], 'dirs': []}
+                    'files': [file_entry(real, '')], 'dirs': []}
         root = self.root_of(real)
         files, dirs = [], []
         for top, subdirs, names in os.walk(real):
@@ -1053,7 +1067,7 @@ class ServedTree:
                 path = os.path.join(top, name)
                 target = os.path.realpath(path)
                 if is_within(target, root) and os.path.isfile(target):
-                    files.append(entry(path, rel_top + name))
+                    files.append(file_entry(path, rel_top + name))
         return {'kind': 'dir', 'name': clean.rsplit('/', 1)[-1], 'files': files, 'dirs': dirs}
 
 
@@ -1241,11 +1255,12 @@ class BlockWriter:
         self.written_bytes = 0
 
     def put(self, block, data):
+        """Blocks from `block` on, back to back in `data`."""
         if block != self._next or len(self._buffer) >= self.FLUSH_BYTES:
             self.flush()
             self._start = block
         self._buffer += data
-        self._next = block + 1
+        self._next = block + (len(data) + self._block_size - 1) // self._block_size
 
     def flush(self):
         """Hand the current run to the writer thread."""
@@ -1630,6 +1645,63 @@ class Server:
             sock.close()
 
 
+class FileReceiver:
+    """Turns one file's data datagrams into written blocks: checks each
+    datagram's header and tag, records it in the ReceiveWindow, and keeps
+    new blocks that arrive in order as one run, decrypted with one XOR and
+    handed to the writer in one piece."""
+
+    RUN_BYTES = 256 * 1024
+
+    def __init__(self, session_id, sealer, window, writer, size, block_size):
+        self._session_id, self._sealer = session_id, sealer
+        self.window, self._writer = window, writer
+        self._block_size = block_size
+        self._last_block = window.nblocks - 1
+        self._last_size = size - self._last_block * block_size
+        self._run = bytearray()
+        self._run_seq = self._run_block = self._run_count = 0
+        self.rejected = 0
+
+    def receive(self, buffer, nbytes, segment, now):
+        """Take one receive's worth of datagrams (several when coalesced)."""
+        view = memoryview(buffer)
+        unpack, header_size = DATA_HEADER.unpack_from, DATA_HEADER.size
+        minimum = header_size + TAG_SIZE
+        window, verify = self.window, self._sealer.verify
+        for offset in range(0, nbytes, segment):
+            length = min(segment, nbytes - offset)
+            if length < minimum:
+                self.rejected += 1
+                continue
+            kind, _flags, sid, seq, block, stamp = unpack(buffer, offset)
+            body = None
+            if kind == KIND_DATA and sid == self._session_id:
+                body = verify(view[offset:offset + header_size],
+                              view[offset + header_size:offset + length])
+            if body is None or len(body) != (
+                    self._block_size if block < self._last_block else self._last_size):
+                self.rejected += 1
+                continue
+            if not window.on_packet(seq, block, stamp, now):
+                continue
+            count = self._run_count
+            if not count or block != self._run_block + count or seq != self._run_seq + count \
+                    or len(self._run) >= self.RUN_BYTES:
+                self.flush()
+                self._run_block, self._run_seq = block, seq
+            self._run += body
+            self._run_count += 1
+            if len(body) < self._block_size:
+                self.flush()            # a short block ends a run
+
+    def flush(self):
+        if self._run_count:
+            self._writer.put(self._run_block, self._sealer.open_run(self._run_seq, self._run))
+            self._run = bytearray()
+            self._run_count = 0
+
+
 # ---------------------------------------------------------------------------
 # Bulk transfer: client
 # ---------------------------------------------------------------------------
@@ -1814,13 +1886,8 @@ class Client:
 
     def _receive(self, window, writer, partial, size, started):
         """The data phase: datagrams in, blocks written, feedback out."""
-        sid, sealer, block_size = self.session_id, self.data_in, self.block_size
-        nblocks = window.nblocks
-        last_size = size - (nblocks - 1) * block_size
-        unpack_header = DATA_HEADER.unpack_from
-        header_size, minimum = DATA_HEADER.size, DATA_HEADER.size + TAG_SIZE
+        receiver = FileReceiver(self.session_id, self.data_in, window, writer, size, self.block_size)
         buffer = bytearray(RECV_BUFFER)
-        view = memoryview(buffer)
         feedback_interval = max(0.005, min(0.02, self.rtt / 8))
         idle_limit = max(0.02, self.rtt / 2)
         selector = selectors.DefaultSelector()
@@ -1843,31 +1910,18 @@ class Client:
                                                 'run the same command again to resume')
                         self.control.feed(data)
                         for message in self.control.messages():
-                            self._expect(message, 'none')
+                            self._expect(message, 'nothing during the data phase')
                         continue
-                    while True:
+                    for _ in range(MAX_RECEIVES_PER_WAKEUP):   # then see to the timers
                         nbytes, segment = self.udp.recv_batch(buffer)
                         if not nbytes:
                             break
                         now = time.monotonic()
-                        for offset in range(0, nbytes, segment):
-                            length = min(segment, nbytes - offset)
-                            if length < minimum:
-                                self._rejected += 1
-                                continue
-                            kind, _flags, psid, seq, block, stamp = unpack_header(buffer, offset)
-                            if kind != KIND_DATA or psid != sid:
-                                self._rejected += 1
-                                continue
-                            payload = sealer.open(seq, view[offset:offset + header_size],
-                                                  view[offset + header_size:offset + length])
-                            if payload is None or block >= nblocks or len(payload) != (
-                                    block_size if block < nblocks - 1 else last_size):
-                                self._rejected += 1
-                                continue
-                            if window.on_packet(seq, block, stamp, now):
-                                writer.put(block, payload)
+                        packets = window.packets
+                        receiver.receive(buffer, nbytes, segment, now)
+                        if window.packets != packets:
                             last_data = now
+                    receiver.flush()
                 now = time.monotonic()
                 if now >= next_feedback:
                     if window.packets != packets_at_feedback:
@@ -1884,7 +1938,7 @@ class Client:
                 if now >= next_progress:
                     next_progress = now + PROGRESS_INTERVAL
                     self.events.progress({
-                        'file_bytes': size, 'held_bytes': min(size, window.held * block_size),
+                        'file_bytes': size, 'held_bytes': min(size, window.held * self.block_size),
                         'received_bytes': writer.written_bytes, 'elapsed': now - started,
                         'packets': window.packets, 'duplicates': window.duplicates})
                 if now >= next_save:
@@ -1892,6 +1946,8 @@ class Client:
                     writer.flush()
                     partial.save_state(writer.written_bitmap())
         finally:
+            self._rejected += receiver.rejected
+            receiver.flush()
             selector.close()
 
     def close(self):
