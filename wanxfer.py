@@ -114,6 +114,7 @@ KIND_DATA = 1          # server -> client: one block of a file
 KIND_HELLO = 2         # client -> server: opens the UDP flow (NAT, firewalls)
 KIND_FEEDBACK = 3      # client -> server: acknowledgements and path delay
 KIND_NAK = 4           # client -> server: blocks still missing, by range
+KIND_PROBE = 5         # server -> client: padding, to learn the largest datagram the path carries
 
 # Data packet flags.
 DATA_FLAG_RETRANSMIT = 0x01
@@ -142,12 +143,14 @@ NAK_RANGE = struct.Struct('!QQ')
 MAX_NAK_RANGES = 64
 
 IP_UDP_OVERHEAD = {socket.AF_INET: 28, socket.AF_INET6: 48}
-DEFAULT_MTU = 1500
+MIN_MTU = 1280                  # IPv6's minimum: every path carries this
+MAX_MTU = 65535                 # the largest IP packet
+PROBE_MTUS = (MIN_MTU, 1500, 9000, MAX_MTU)   # and the route's own MTU
 
 
 def block_size_for_mtu(mtu, family=socket.AF_INET):
     """Largest file block whose datagram fits in one packet of `mtu` bytes."""
-    return mtu - IP_UDP_OVERHEAD.get(family, 48) - PACKET_OVERHEAD
+    return min(mtu, MAX_MTU) - IP_UDP_OVERHEAD.get(family, 48) - PACKET_OVERHEAD
 
 
 # ---------------------------------------------------------------------------
@@ -891,6 +894,9 @@ UDP_GRO = 104                   # Linux 5.0+
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 IP_MTU = 14
+IP_MTU_DISCOVER = 10
+IPV6_MTU_DISCOVER = 23
+IP_PMTUDISC_DO = 2
 MAX_GSO_SEGMENTS = 64
 MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
 SOCKET_BUFFER = 32 << 20
@@ -976,10 +982,28 @@ class DatagramSocket:
             return 0, 0                         # ICMP from an earlier send; not fatal
 
     def path_mtu(self):
+        """The MTU of the route to the connected peer (an upper bound)."""
         try:
             return self.sock.getsockopt(socket.IPPROTO_IP, IP_MTU)
         except OSError:
-            return DEFAULT_MTU
+            return 1500
+
+    def send_unfragmented(self, packets):
+        """Send datagrams with fragmentation forbidden, so a datagram larger
+        than the path carries is lost (or refused here) instead of split."""
+        level, option, value = ((socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+                                if self.sock.family == socket.AF_INET else
+                                (socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IP_PMTUDISC_DO))
+        previous = self.sock.getsockopt(level, option)
+        self.sock.setsockopt(level, option, value)
+        try:
+            for packet in packets:
+                try:
+                    self.sock.send(packet)
+                except OSError:
+                    pass                        # too big for the route, or a full queue
+        finally:
+            self.sock.setsockopt(level, option, previous)
 
     def close(self):
         self.sock.close()
@@ -1365,7 +1389,7 @@ class ServerSession:
                                    'open between the hosts?' % (UDP_SETUP_TIMEOUT, self.server.port)})
                 return
             self._open_udp()
-            self.control.send({'op': 'ready', 'block_size': self.block_size, 'server': __version__})
+            self.control.send({'op': 'ready', 'probes': self._send_probes(), 'server': __version__})
             self.sock.settimeout(COMMAND_TIMEOUT)
             while True:
                 try:
@@ -1398,9 +1422,21 @@ class ServerSession:
         sock.bind((local, self.server.port))
         sock.connect(self._udp_address)
         self.udp = DatagramSocket(sock)
-        mtu = min(DEFAULT_MTU, self.udp.path_mtu())
-        self.block_size = block_size_for_mtu(mtu, sock.family)
-        self.data_out.set_stride(self.block_size)
+        self.route_mtu = min(MAX_MTU, self.udp.path_mtu())
+
+    def _send_probes(self):
+        """Two datagrams of each candidate MTU up to the route's; the client
+        reports the largest that arrived and sizes its blocks by it."""
+        sizes = sorted({m for m in PROBE_MTUS + (self.route_mtu,) if m <= self.route_mtu})
+        overhead = IP_UDP_OVERHEAD.get(self.sock.family, 48) + PACKET_HEADER.size + TAG_SIZE
+        probes = []
+        for mtu in sizes:
+            for _copy in range(2):
+                probes.append(seal_datagram(self.data_out, KIND_PROBE, self.session_id,
+                                            self._next_seq, bytes(mtu - overhead)))
+                self._next_seq += 1
+        self.udp.send_unfragmented(probes)
+        return sizes
 
     def do_list(self, message):
         listing = self.server.tree.listing(str(message.get('path', '')))
@@ -1418,6 +1454,11 @@ class ServerSession:
             if st.st_size != message.get('size') or st.st_mtime_ns != message.get('mtime_ns'):
                 raise RemoteError('%s: changed on the server during the transfer' % remote)
             digest = self.server.digests.start(path)
+            block_size = int(message.get('block_size', 0))
+            if not 64 <= block_size <= block_size_for_mtu(self.route_mtu, self.sock.family):
+                raise RemoteError('block size %d does not fit this path' % block_size)
+            self.block_size = block_size
+            self.data_out.set_stride(block_size)
             caps = [r for r in (self.server.max_rate, message.get('max_rate')) if r]
             self.rate.set_cap(float(min(caps)) if caps else None)
             need = [(int(a), int(b)) for a, b in message.get('need', [])]
@@ -1770,11 +1811,8 @@ class Client:
         self.udp = DatagramSocket(udp)
         for warning in self.udp.warnings:
             self.events.warning(warning)
-        ready = self._open_udp_flow()
-        self.block_size = int(ready['block_size'])
-        if not 64 <= self.block_size <= 65000:
-            raise ProtocolError('server chose a block size of %d' % self.block_size)
-        self.data_in.set_stride(self.block_size)
+        self._open_udp_flow()
+        self._largest_probe = 0
 
     def _send_datagram(self, kind, body=b''):
         packet = seal_datagram(self.data_out, kind, self.session_id, self._seq, body)
@@ -1800,6 +1838,31 @@ class Client:
             self.sock.settimeout(None)
         raise TransferError('the server never confirmed the UDP data channel')
 
+    def _collect_probes(self):
+        """Note the largest authentic probe datagram waiting on the socket."""
+        buffer = bytearray(RECV_BUFFER)
+        view = memoryview(buffer)
+        overhead = IP_UDP_OVERHEAD.get(self.sock.family, 48)
+        while True:
+            nbytes, segment = self.udp.recv_batch(buffer)
+            if not nbytes:
+                return
+            for offset in range(0, nbytes, segment):
+                length = min(segment, nbytes - offset)
+                if length < PACKET_HEADER.size + TAG_SIZE:
+                    continue
+                kind, _flags, sid, _seq = PACKET_HEADER.unpack_from(buffer, offset)
+                header_end = offset + PACKET_HEADER.size
+                if kind == KIND_PROBE and sid == self.session_id and self.data_in.verify(
+                        view[offset:header_end], view[header_end:offset + length]) is not None:
+                    self._largest_probe = max(self._largest_probe, length + overhead)
+
+    def _choose_block_size(self):
+        """Blocks as large as the path proved it carries (MIN_MTU if unproven)."""
+        self._collect_probes()
+        self.block_size = block_size_for_mtu(max(MIN_MTU, self._largest_probe), self.sock.family)
+        self.data_in.set_stride(self.block_size)
+
     @staticmethod
     def _expect(message, op):
         if message['op'] == 'error':
@@ -1816,6 +1879,7 @@ class Client:
         """Fetch one file to `dest`; return its summary dict."""
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
         self._rejected = 0
+        self._choose_block_size()
         partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         bitmap = partial.open()
         resumed = partial.resumed_blocks
@@ -1824,7 +1888,7 @@ class Client:
         started = time.monotonic()
         try:
             self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
-                               'max_rate': self.max_rate,
+                               'max_rate': self.max_rate, 'block_size': self.block_size,
                                'need': bitmap_missing_ranges(bitmap, partial.nblocks)})
             start = self._expect(self.control.recv(), 'start')
             window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)
@@ -1873,6 +1937,7 @@ class Client:
             'goodput_mbps': round(received * 8 / duration / 1e6, 2),
             'file_rate_mbps': round(size * 8 / duration / 1e6, 2),
             'sha256': local, 'encrypted': self.encrypt, 'verified': True,
+            'block_bytes': self.block_size,
         }
 
     def _next_message(self):
@@ -1983,11 +2048,13 @@ class LinkConditions:
     `queue_ms` bounds the bottleneck queue when `rate_bps` is set.
     `jitter_ms` moves each packet's delay by up to +-jitter_ms but never
     reorders; only `reorder` does, by holding the chosen packets back an
-    extra 1 ms .. `reorder_ms`.  `seed` makes the path repeatable.
+    extra 1 ms .. `reorder_ms`.  `mtu` is the largest IP packet the path
+    carries (datagram + 28 bytes); larger ones are dropped, as a real link
+    drops packets that may not be fragmented.  `seed` makes the path repeatable.
     """
 
     def __init__(self, delay_ms=60.0, loss=0.0, rate_bps=0, queue_ms=50.0, burst=1,
-                 duplicate=0.0, reorder=0.0, corrupt=0.0, jitter_ms=0.0, seed=None):
+                 duplicate=0.0, reorder=0.0, corrupt=0.0, jitter_ms=0.0, seed=None, mtu=1500):
         for name, value in (('delay_ms', delay_ms), ('rate_bps', rate_bps),
                             ('jitter_ms', jitter_ms)):
             if not value >= 0:          # also rejects NaN
@@ -1996,6 +2063,8 @@ class LinkConditions:
             raise ValueError('queue_ms must be > 0, not %r' % (queue_ms,))
         if not burst >= 1:
             raise ValueError('burst must be >= 1, not %r' % (burst,))
+        if not 576 <= mtu <= 65535:
+            raise ValueError('mtu must be 576..65535, not %r' % (mtu,))
         for name, value in (('loss', loss), ('duplicate', duplicate),
                             ('reorder', reorder), ('corrupt', corrupt)):
             if not 0.0 <= value <= 1.0:
@@ -2015,6 +2084,7 @@ class LinkConditions:
         self.corrupt = float(corrupt)
         self.jitter_ms = float(jitter_ms)
         self.seed = seed
+        self.mtu = int(mtu)
 
     @property
     def reorder_ms(self):
@@ -2023,9 +2093,9 @@ class LinkConditions:
 
     def __repr__(self):
         return ('LinkConditions(delay_ms=%g, loss=%g, rate_bps=%d, queue_ms=%g, burst=%g, '
-                'duplicate=%g, reorder=%g, corrupt=%g, jitter_ms=%g, seed=%r)'
+                'duplicate=%g, reorder=%g, corrupt=%g, jitter_ms=%g, seed=%r, mtu=%d)'
                 % (self.delay_ms, self.loss, self.rate_bps, self.queue_ms, self.burst,
-                   self.duplicate, self.reorder, self.corrupt, self.jitter_ms, self.seed))
+                   self.duplicate, self.reorder, self.corrupt, self.jitter_ms, self.seed, self.mtu))
 
 
 class LinkDirectionCounters:
@@ -2034,7 +2104,7 @@ class LinkDirectionCounters:
 
     FIELDS = ('packets_in', 'bytes_in',                 # UDP datagrams read from the sender
               'packets_forwarded', 'bytes_forwarded',   # UDP datagrams sent on, copies included
-              'dropped_loss', 'dropped_queue',
+              'dropped_loss', 'dropped_queue', 'dropped_mtu',
               'duplicated', 'reordered', 'corrupted',
               'send_errors',                            # forwarding failed (buffer full, refused)
               'tcp_bytes')                              # TCP payload relayed
@@ -2113,11 +2183,15 @@ class PathShaper:
         self._reorder_span_s = (0.001, c.reorder_ms / 1000.0)
         self._duplicate = c.duplicate
         self._corrupt = c.corrupt
+        self._max_datagram = c.mtu - 28
         self._last_departure = 0.0    # when the bottleneck finishes its queue
         self._last_arrival = 0.0      # latest in-order arrival, to keep jitter from reordering
 
     def shape(self, now, data):
         counters = self._counters
+        if len(data) > self._max_datagram:
+            counters.dropped_mtu += 1
+            return ()
         if self._loss is not None and self._loss.lost():
             counters.dropped_loss += 1
             return ()
@@ -3023,7 +3097,7 @@ def link_conditions(args):
                               rate_bps=parse_rate(args.link_rate) if args.link_rate else 0,
                               queue_ms=args.queue, burst=args.burst,
                               duplicate=args.duplicate / 100.0, reorder=args.reorder / 100.0,
-                              corrupt=args.corrupt / 100.0, seed=args.seed)
+                              corrupt=args.corrupt / 100.0, seed=args.seed, mtu=args.mtu)
     except ValueError as e:
         raise UsageError(str(e))
 
@@ -3130,6 +3204,8 @@ def add_link_options(parser, rtt, loss, rate):
     group.add_argument('--duplicate', type=float, default=0.0, metavar='PCT')
     group.add_argument('--reorder', type=float, default=0.0, metavar='PCT')
     group.add_argument('--corrupt', type=float, default=0.0, metavar='PCT')
+    group.add_argument('--mtu', type=int, default=1500, metavar='BYTES',
+                       help='largest packet the link carries (default 1500)')
     group.add_argument('--seed', type=int, default=None, help='repeatable randomness')
 
 

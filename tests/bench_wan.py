@@ -412,7 +412,7 @@ class Bench:
         if self.a.timeout:
             return self.a.timeout
         rate = link_rate(opts) or 1000.0
-        return max(120.0, 4 * self.a.size * 8 / (rate * 1e6) + 60)
+        return max(300.0, 4 * self.a.size * 8 / (rate * 1e6) + 60)
 
     def verify(self, path):
         if not os.path.isfile(path):
@@ -640,7 +640,7 @@ def derive(rec, rate):
         payload = ab["bytes_out"] - 52 * ab["pkts_out"]
         rec["wire_per_file"] = wire / payload if payload > 0 else None
     for end in ("sender", "receiver"):
-        c = rec.get("cpu_%s_s" % end)
+        c = rec.get("cpu_%s_s" % end) if rec.get("status") == "ok" else None  # killed: partial
         rec["cpu_%s_s_per_gb" % end] = c / (b / 1e9) if (c is not None and b) else None
 
 
@@ -728,7 +728,9 @@ def build_parser():
     ap.add_argument("--rsync-args", default="", help="extra rsync arguments")
     ap.add_argument("--ssh-opts", default="", help="extra ssh options, e.g. '-c aes128-gcm@openssh.com'")
     ap.add_argument("--timeout", type=float,
-                    help="seconds per transfer (default max(120, 4x ideal time at link rate + 60))")
+                    help="seconds per transfer (default max(300, 4x ideal time at link rate + 60)); "
+                         "a transfer cut short counts as a timeout, its goodput a lower bound "
+                         "from the bytes received so far")
     ap.add_argument("--fixed-seed", action="store_true",
                     help="do not pass --seed RUN to wanemu (by default run i uses --seed i, "
                          "the same for every tool)")
