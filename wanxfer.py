@@ -1496,7 +1496,8 @@ class ServerSession:
         buffer = bytearray(RECV_BUFFER)
         last_feedback = now = last_tick = time.monotonic()
         budget = 0.0
-        max_batch = MAX_GSO_SEGMENTS if udp.gso else 8
+        # One read and one offloaded send per batch: about 64 KB either way.
+        max_batch = max(1, min(MAX_GSO_SEGMENTS if udp.gso else 8, MAX_DATAGRAM_BATCH // block_size))
         try:
             while True:
                 now = time.monotonic()
@@ -1966,7 +1967,8 @@ class Client:
         packets_at_feedback = 0
         try:
             while not window.complete():
-                timeout = max(0.0, min(next_feedback, next_progress, last_data + idle_limit) - now)
+                wake = min(next_feedback, next_progress, max(last_data + idle_limit, next_nak))
+                timeout = max(0.0, wake - now)
                 for key, _events in selector.select(timeout):
                     if key.data == 'tcp':
                         data = self.sock.recv(65536)
