@@ -31,9 +31,11 @@ import re
 import secrets
 import selectors
 import shutil
+import signal
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -3126,43 +3128,99 @@ def write_random_file(path, size):
             left -= len(chunk)
 
 
+class ChildProcess:
+    """This file run as another process (`serve`, `emulate`) for `demo`, so
+    each end has a core and an interpreter of its own.  The port it
+    listens on is read from its 'listening on' line."""
+
+    def __init__(self, argv, env=None):
+        command = [sys.executable, os.path.abspath(__file__)] + argv
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.port = self._read_port()
+
+    def _read_port(self):
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + 15
+        try:
+            while time.monotonic() < deadline and selector.select(deadline - time.monotonic()):
+                line = self.proc.stderr.readline()
+                if not line:
+                    break
+                if 'listening on ' in line:
+                    address = line.split('listening on ', 1)[1].split()[0].rstrip(',')
+                    return int(address.rsplit(':', 1)[1])
+        finally:
+            selector.close()
+        self.stop()
+        raise TransferError('demo: a helper process did not start: %s' % self.proc.args[2])
+
+    def stop(self):
+        """Interrupt it and return what it printed on stdout."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            out, _err = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _err = self.proc.communicate()
+        return out
+
+
 def command_demo(args):
     size = int(parse_size(args.size))
     conditions = link_conditions(args)
+    encrypt = [] if not args.no_encrypt else ['--no-encrypt']
     workdir = tempfile.mkdtemp(prefix='wanxfer-demo-')
-    server = None
+    children = []
     try:
         source = os.path.join(workdir, 'demo.bin')
         write_random_file(source, size)
-        secret = secrets.token_bytes(24)
-        server = Server(ServedTree([source]), secret, '127.0.0.1', 0, encrypt=not args.no_encrypt)
-        threading.Thread(target=server.serve_forever, name='demo-server', daemon=True).start()
-        with LinkEmulator('127.0.0.1', server.port, conditions).start() as link:
-            print('demo: a %s file served on loopback through the built-in link emulator: %s'
-                  % (human_bytes(size), describe_link(conditions)), file=sys.stderr, flush=True)
-            events = ConsoleEvents(json_output=args.json, quiet=args.quiet)
-            client = Client('127.0.0.1', link.port, secret, encrypt=not args.no_encrypt, events=events)
-            try:
-                client.connect()
-                entry = client.listing('demo.bin')['files'][0]
-                dest = os.path.join(workdir, 'received.bin')
-                summary = client.fetch('demo.bin', dest, entry)
-            finally:
-                client.close()
-            if file_sha256(dest) != file_sha256(source):
-                raise TransferError('demo: the received file differs from the source')
-            summary['file'] = 'demo.bin'        # the copy lives in a directory removed below
-            events.file_finished(summary)
-            if not args.json and not args.quiet:
-                down = link.counters.as_dict()['down']
-                print('Link (server to client): %d packets forwarded, %d lost on the path, %d dropped '
-                      'by the queue; received copy verified identical to the source'
-                      % (down['packets_forwarded'], down['dropped_loss'], down['dropped_queue']))
+        secret = secrets.token_hex(24)
+        server = ChildProcess(['serve', '--bind', '127.0.0.1', '--port', '0', source] + encrypt,
+                              env=dict(os.environ, **{SECRET_ENV: secret}))
+        children.append(server)
+        link = ChildProcess(['emulate', '--to', '127.0.0.1:%d' % server.port] + link_argv(args))
+        children.append(link)
+        print('demo: a %s file served on loopback through the built-in link emulator: %s'
+              % (human_bytes(size), describe_link(conditions)), file=sys.stderr, flush=True)
+        events = ConsoleEvents(json_output=args.json, quiet=args.quiet)
+        client = Client('127.0.0.1', link.port, secret.encode(), encrypt=not args.no_encrypt,
+                        events=events)
+        try:
+            client.connect()
+            entry = client.listing('demo.bin')['files'][0]
+            dest = os.path.join(workdir, 'received.bin')
+            summary = client.fetch('demo.bin', dest, entry)
+        finally:
+            client.close()
+        if file_sha256(dest) != file_sha256(source):
+            raise TransferError('demo: the received file differs from the source')
+        summary['file'] = 'demo.bin'            # the copy lives in a directory removed below
+        events.file_finished(summary)
+        counters = json.loads(children.pop().stop() or '{}').get('down', {})
+        if counters and not args.json and not args.quiet:
+            print('Link (server to client): %d packets forwarded, %d lost on the path, %d dropped '
+                  'by the queue; the received copy is identical to the source'
+                  % (counters['packets_forwarded'], counters['dropped_loss'],
+                     counters['dropped_queue']))
     finally:
-        if server is not None:
-            server.shutdown()
+        for child in children:
+            child.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def link_argv(args):
+    """The emulated-link options of `demo`, passed on to `emulate`."""
+    argv = []
+    for name in ('rtt', 'loss', 'link_rate', 'queue', 'burst', 'duplicate', 'reorder', 'corrupt',
+                 'mtu', 'seed'):
+        value = getattr(args, name)
+        if value is not None:
+            argv += ['--' + name.replace('_', '-'), str(value)]
+    return argv
 
 
 def command_emulate(args):

@@ -405,3 +405,13 @@ def test_full_disk_keeps_partial_data_and_resumes(tmp_path, serve):
         assert sha256(small / 'f') == sha256(data)
     finally:
         subprocess.run(['umount', '-l', str(small)])
+
+
+def test_demo_runs_a_verified_transfer_through_the_emulator():
+    done = subprocess.run([sys.executable, WANXFER, 'demo', '--size', '2M', '--rtt', '20',
+                           '--loss', '2', '--json'], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (summary,) = json_summaries(done)
+    assert summary['verified'] is True and summary['file_bytes'] == 2 * 1024 * 1024
+    assert summary['packets_retransmitted'] > 0          # the emulated loss was repaired
+    assert '20 ms round trip, 2% loss' in done.stderr
