@@ -167,7 +167,7 @@ it plainly; the secret never crosses the wire.  Session keys come from
 HKDF-SHA256 over the secret with both nonces as salt, one key pair per
 direction and channel, so no (key, nonce) pair is ever used twice.
 
-Cipher (encrypt-then-MAC): the keystream is SHAKE-256(enc key | batch number),
+Cipher (encrypt-then-MAC): the keystream is SHAKE-128(enc key | batch number),
 generated once per batch of KEYSTREAM_BATCH packet numbers and sliced per
 packet; the tag is keyed BLAKE2b-128 over header and ciphertext.  With
 --no-encrypt only the tag is applied.  See README.md for the limits.
@@ -234,14 +234,14 @@ class Sealer:
         if stream is None:
             if len(self._batches) >= 8:     # in-order traffic needs one or two
                 self._batches.clear()
-            stream = memoryview(hashlib.shake_256(
+            stream = memoryview(hashlib.shake_128(
                 self._enc_key + batch.to_bytes(8, 'big')).digest(self.batch * self.stride))
             self._batches[batch] = stream
         return stream
 
     def _keystream(self, nonce, length):
         if length > self.stride:            # long control frames: a stream of their own
-            return hashlib.shake_256(self._enc_key + b'long' + nonce.to_bytes(8, 'big')).digest(length)
+            return hashlib.shake_128(self._enc_key + b'long' + nonce.to_bytes(8, 'big')).digest(length)
         batch, index = divmod(nonce, self.batch)
         start = index * self.stride
         return self._batch_stream(batch)[start:start + length]
