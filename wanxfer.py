@@ -621,8 +621,8 @@ class SendWindow:
     and what the receiver's acknowledgements say was lost.
 
     Packet numbers come from the session (`next_seq`), never repeat, and are
-    also the cipher's nonces.  `next_block()` says what to send; the caller
-    sends it and calls `sent()`.
+    also the cipher's nonces.  `next_run()` says what to send; the caller
+    sends it and calls `sent_run()`.
     """
 
     REORDER_PACKETS = 16        # a gap this far below the newest arrival is a loss
