@@ -23,6 +23,15 @@ Metrics (medians over --runs):
   CPU s/GB         user+system CPU seconds of each end per 1e9 delivered bytes; the
                    sender is the serving process (and, for sshd, its reaped children),
                    the receiver the client process and its reaped children
+  other load       cores busy during the transfer with anything but the two ends and
+                   the emulator (from /proc/stat): other work on the machine; results
+                   with more than ~0.2 are suspect on a 2-core machine
+For iperf3 the goodput is iperf3's own (bytes received / test seconds) and wire/file
+is estimated from the emulator's a->b counters, as a timed test keeps sending past
+its measured window: link bytes in / (link bytes out - 52 header bytes per packet).
+
+`wan` keeps one link per machine: a `wan up`/`wan down` by anyone else during a run
+kills our emulator; such runs are detected and reported as errors ("disturbed").
 
 Needs: root (network namespaces), ip(8), a C compiler `cc` (wanemu is built on first
 use), python3 (standard library only); iperf3, rsync, ssh/sshd for the peers
@@ -167,6 +176,37 @@ def listening(pid, port, proto="tcp"):
     return False
 
 
+def host_cpu():
+    """(task CPU seconds, irq+softirq seconds) of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v
+    return (user + nice + system) / CLK_TCK, (irq + softirq) / CLK_TCK
+
+
+class Window:
+    """CPU used on the host during a transfer by processes other than the two ends
+    and the emulator: other sessions, tests, cron... (the machine has 2 cores, so
+    anything else running skews a benchmark)."""
+
+    def __init__(self, procs, server_pid):
+        self.procs = procs
+        self.t0 = time.monotonic()
+        self.busy0, self.irq0 = host_cpu()
+        self.emu0 = procs.emu_cpu() or 0.0
+        self.srv0 = proc_cpu(server_pid) or 0.0
+
+    def close(self, server_cpu, client_cpu):
+        wall = time.monotonic() - self.t0
+        busy, irq = host_cpu()
+        emu = (self.procs.emu_cpu() or self.emu0) - self.emu0
+        ours = (server_cpu or self.srv0) - self.srv0 + (client_cpu or 0.0) + emu
+        other = max(0.0, busy - self.busy0 - ours)
+        return {"wall_s": wall, "tasks_s": busy - self.busy0, "irq_s": irq - self.irq0,
+                "emu_s": emu, "ours_s": ours, "other_s": other,
+                "other_cores": other / wall if wall > 0 else None}
+
+
 def median(xs):
     xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
@@ -181,6 +221,7 @@ class Procs:
         self.wan = wan
         self.live = {}
         self.link_up = False
+        self.emu = None  # pid of the wanemu we started
 
     def spawn(self, host, argv, out, err, env=None):
         fo = open(out, "wb")
@@ -290,23 +331,38 @@ class Procs:
             text = f.read().decode(errors="replace")
         if r.returncode != 0:
             raise BenchError("wan up failed: %s" % text.strip())
+        self.emu = self.emu_pid()
 
-    def emu_cpu(self):
+    def emu_pid(self):
         try:
             with open(os.path.join(self.wan_state_dir(), "pid")) as f:
-                return proc_cpu(int(f.read().strip()))
+                return int(f.read().strip())
         except (OSError, ValueError):
             return None
 
+    def emu_cpu(self):
+        pid = self.emu_pid()
+        return proc_cpu(pid) if pid and pid == self.emu else None
+
     def link_down(self):
-        """Stop the link; return its parsed counters ({} if none)."""
+        """Stop the link; return its parsed counters ({} if none).
+
+        `wan` keeps one link per machine (namespaces wan-a/wan-b, state in
+        $WAN_STATE): if anyone else ran `wan up` or `wan down` meanwhile, our
+        emulator is gone and the run is worthless; counters get "disturbed"."""
         emu_cpu = self.emu_cpu()
+        pid = self.emu_pid()
+        # a `wan` without a pid file (e.g. a netem stand-in) cannot be checked
+        intact = self.emu is None or (pid == self.emu and os.path.exists("/proc/%d" % pid))
+        self.emu = None
         r = subprocess.run([self.wan, "down"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
         self.link_up = False
-        counters = parse_counters(r.stdout)
+        counters = parse_counters(r.stdout) if intact else {}
         if counters:
             counters["emu_cpu_s"] = emu_cpu
+        if not intact:
+            counters["disturbed"] = True
         return counters
 
 
@@ -437,6 +493,7 @@ class Bench:
         try:
             self.wait_listen(srv, port, "tcp", self.a.ready_timeout, os.path.join(d, "serve.err"))
             srv_cpu0 = proc_cpu(srv.pid)
+            win = Window(self.p, srv.pid)
             dest = os.path.join(d, "recv", os.path.basename(self.src))
             os.makedirs(os.path.dirname(dest))
             remote = self.a.remote or os.path.basename(self.src)
@@ -445,6 +502,7 @@ class Bench:
                                  + shlex.split(self.a.get_args),
                                  os.path.join(d, "get.out"), os.path.join(d, "get.err"),
                                  self.timeout_for(opts), env)
+            host = win.close(proc_cpu(srv.pid), r["cpu"])
         finally:
             rc_s, srv_cpu = self.p.stop(srv)
         reports = []
@@ -459,7 +517,7 @@ class Bench:
                     if isinstance(o, dict):
                         reports.append(o)
         res = {"wall_s": r["wall"], "cpu_receiver_s": r["cpu"], "cpu_sender_s": srv_cpu,
-               "cpu_sender_startup_s": srv_cpu0, "rc": r["rc"], "server_rc": rc_s,
+               "cpu_sender_startup_s": srv_cpu0, "rc": r["rc"], "server_rc": rc_s, "host_cpu": host,
                "tool_report": reports[-1] if reports else None}
         if r["timed_out"]:
             res.update(status="timeout", delivered_bytes=dir_bytes(os.path.dirname(dest)),
@@ -492,10 +550,12 @@ class Bench:
             amount = ["-n", str(self.a.iperf_bytes)] if self.a.iperf_bytes else \
                 ["-t", str(self.a.iperf_time)]
             tmo = self.timeout_for(opts) if self.a.iperf_bytes else self.a.iperf_time + 60
+            win = Window(self.p, srv.pid)
             r = self.p.run_timed("b", ["iperf3", "-c", HOST_A, "-p", str(IPERF_PORT), "-R",
                                        "-C", cc, "--json"] + amount,
                                  os.path.join(d, "client.json"), os.path.join(d, "client.err"),
                                  tmo)
+            host = win.close(proc_cpu(srv.pid), r["cpu"])
             # iperf3 -s -1 lingers after the test; give it a moment, then stop it
             got = self.p.reap(srv, 2.0)
         finally:
@@ -517,7 +577,8 @@ class Bench:
                 "goodput_mbps_tool": rcv["bits_per_second"] / 1e6,
                 "retransmits": snt.get("retransmits"),
                 "sender_cc": j["end"].get("sender_tcp_congestion"),
-                "cpu_sender_s": srv_cpu, "cpu_receiver_s": r["cpu"], "rc": r["rc"]}
+                "cpu_sender_s": srv_cpu, "cpu_receiver_s": r["cpu"], "rc": r["rc"],
+                "host_cpu": host}
 
     # rsync over ssh ---------------------------------------------------------
 
@@ -533,6 +594,7 @@ class Bench:
         try:
             self.wait_listen(sshd, SSH_PORT, "tcp", 10, os.path.join(d, "sshd.log"))
             cpu0 = proc_cpu(sshd.pid) or 0.0
+            win = Window(self.p, sshd.pid)
             ssh = ("ssh -F /dev/null -i %s/client_key -o StrictHostKeyChecking=no "
                    "-o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR" % sd)
             if self.a.ssh_opts:
@@ -548,10 +610,12 @@ class Bench:
             while proc_children(sshd.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             cpu1 = proc_cpu(sshd.pid)
+            host = win.close(cpu1, r["cpu"])
         finally:
             self.p.stop(sshd)
         res = {"wall_s": r["wall"], "cpu_receiver_s": r["cpu"],
-               "cpu_sender_s": (cpu1 - cpu0) if cpu1 is not None else None, "rc": r["rc"]}
+               "cpu_sender_s": (cpu1 - cpu0) if cpu1 is not None else None, "rc": r["rc"],
+               "host_cpu": host}
         if r["timed_out"]:
             res.update(status="timeout", delivered_bytes=dir_bytes(recv),
                        error="rsync timed out after %.0f s" % r["wall"])
@@ -586,8 +650,14 @@ class Bench:
             res = {"status": "error", "error": str(e)}
         finally:
             counters = self.p.link_down()
+        if counters.get("disturbed") and res.get("status") != "error":
+            res = dict(res, status="error", error="link disturbed: someone else ran `wan up`/`wan down` "
+                                                  "during the run (the wan link is one per machine)")
+        elif counters.get("disturbed"):
+            res["error"] += " (and the link was disturbed by another `wan up`/`wan down`)"
         rec.update(res)
         rec["link_counters"] = counters
+        rec["other_load_cores"] = (res.get("host_cpu") or {}).get("other_cores")
         derive(rec, link_rate(opts))
         if rec["status"] == "ok" and not self.a.keep_files:
             shutil.rmtree(os.path.join(self.work, "runs", tag, "recv"), ignore_errors=True)
@@ -659,7 +729,7 @@ def summarize(records):
                "timeouts": sum(r["status"] == "timeout" for r in rs),
                "errors": [r.get("error") for r in rs if r["status"] == "error"]}
         for m in ("goodput_mbps", "ratio", "wire_per_file", "cpu_sender_s_per_gb",
-                  "cpu_receiver_s_per_gb", "wall_s"):
+                  "cpu_receiver_s_per_gb", "wall_s", "other_load_cores"):
             row[m] = median([r.get(m) for r in good])
         rows.append(row)
     return rows
@@ -671,18 +741,19 @@ def fnum(x, fmt):
 
 def markdown(rows):
     out = ["| scenario | tool | runs | goodput Mbit/s | ratio to link | wire/file | "
-           "CPU s/GB sender | CPU s/GB receiver |",
-           "|---|---|---|---|---|---|---|---|"]
+           "CPU s/GB sender | CPU s/GB receiver | other load (cores) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         runs = "%d" % r["ok"] if r["ok"] == r["runs"] else "%d/%d ok" % (r["ok"], r["runs"])
         if r["timeouts"]:
             runs += ", %d timeout (goodput >=)" % r["timeouts"]
         if r["errors"]:
             runs += ", %d FAILED" % len(r["errors"])
-        out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["scenario"], r["tool"], runs, fnum(r["goodput_mbps"], "%.1f"),
             fnum(r["ratio"], "%.3f"), fnum(r["wire_per_file"], "%.3f"),
-            fnum(r["cpu_sender_s_per_gb"], "%.2f"), fnum(r["cpu_receiver_s_per_gb"], "%.2f")))
+            fnum(r["cpu_sender_s_per_gb"], "%.2f"), fnum(r["cpu_receiver_s_per_gb"], "%.2f"),
+            fnum(r["other_load_cores"], "%.2f")))
     return "\n".join(out)
 
 
@@ -747,7 +818,8 @@ def main(argv=None):
         sys.exit("bench_wan.py needs root (network namespaces, sshd); run it with sudo")
     if not os.access(args.wan, os.X_OK):
         sys.exit("wan script not found: %s" % args.wan)
-    if not shutil.which("cc") and not os.path.exists(os.path.join(
+    if os.path.realpath(args.wan) == os.path.realpath(DEFAULT_WAN) and not shutil.which("cc") \
+            and not os.path.exists(os.path.join(
             os.environ.get("WAN_STATE") or os.path.join(os.environ.get("TMPDIR") or "/tmp",
                                                         "wanemu-state"), "wanemu")):
         sys.exit("need a C compiler `cc` to build wanemu")
@@ -822,12 +894,14 @@ def main(argv=None):
                         log("[%s run %d] %-14s FAILED: %s" % (name, run, tool, rec["error"]))
                     else:
                         log("[%s run %d] %-14s %s%8.1f Mbit/s  ratio %s  wire/file %s  "
-                            "cpu s/GB snd %s rcv %s  (%.1f s)" % (
+                            "cpu s/GB snd %s rcv %s  (%.1f s)%s" % (
                                 name, run, tool, ">=" if rec["status"] == "timeout" else "",
                                 rec["goodput_mbps"] or 0, fnum(rec["ratio"], "%.3f"),
                                 fnum(rec["wire_per_file"], "%.3f"),
                                 fnum(rec["cpu_sender_s_per_gb"], "%.2f"),
-                                fnum(rec["cpu_receiver_s_per_gb"], "%.2f"), rec["wall_s"] or 0))
+                                fnum(rec["cpu_receiver_s_per_gb"], "%.2f"), rec["wall_s"] or 0,
+                                ("  [other load %.2f cores]" % rec["other_load_cores"])
+                                if (rec["other_load_cores"] or 0) > 0.2 else ""))
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: cleaning up")
