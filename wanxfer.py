@@ -508,6 +508,7 @@ class RateController:
         self.startup = True
         self._last_growth = None
         self._samples = collections.deque()     # (time, bytes delivered, packets delivered, lost)
+        self._recent = collections.deque()      # (time, delivery rate): the best of the last few RTTs
 
     def set_cap(self, max_rate):
         self.max_rate = max_rate
@@ -530,15 +531,28 @@ class RateController:
             return None, loss
         return sum(s[1] for s in later) / span, loss
 
+    def _best_delivery(self, now, delivery, rtt):
+        """The highest delivery rate of the last three round trips: what the
+        path (and both hosts) have shown they can carry."""
+        recent = self._recent
+        if delivery:
+            while recent and recent[-1][1] <= delivery:
+                recent.pop()
+            recent.append((now, delivery))
+        while recent and now - recent[0][0] > 3 * max(rtt, 0.02):
+            recent.popleft()
+        return recent[0][1] if recent else None
+
     def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt):
         delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
+        best = self._best_delivery(now, delivery, rtt)
         if loss > self.HEAVY_LOSS and delivery:
             self.rate = min(self.rate, delivery) * 0.7
             self.startup = False
         elif self.startup:
             if queue_delay > self.STARTUP_EXIT_DELAY:
                 self.startup = False
-                self.rate = delivery * 0.95 if delivery else self.rate / 2
+                self.rate = best * 0.9 if best else self.rate / 2
             elif self._last_growth is None or now - self._last_growth >= rtt:
                 self.rate *= 2.0
                 self._last_growth = now
@@ -548,6 +562,10 @@ class RateController:
             self.rate *= 1.0 + 0.1 * error * min(1.0, 0.02 / max(rtt, 0.001))
             if queue_delay > 2 * self.TARGET_DELAY and delivery:
                 self.rate = min(self.rate, delivery)
+            if best:
+                # Never far ahead of what has been delivered: the sender's or
+                # receiver's CPU can be the bottleneck, and then no queue grows.
+                self.rate = min(self.rate, 1.25 * best)
         self.rate = max(self.MIN_RATE, self.rate)
         if self.max_rate:
             self.rate = min(self.rate, self.max_rate)
@@ -603,6 +621,26 @@ def bitmap_missing_ranges(bitmap, nblocks, limit=None):
         block = next_block(bitmap, nblocks, start, True)
         ranges.append((start, block))
     return ranges
+
+
+def subtract_ranges(ranges, holes):
+    """[start, end) ranges minus the union of `holes`; both sorted by start."""
+    result = []
+    holes = list(holes)
+    h = 0
+    for start, end in ranges:
+        while h < len(holes) and holes[h][1] <= start:
+            h += 1
+        i = h
+        while start < end and i < len(holes) and holes[i][0] < end:
+            hole_start, hole_end = holes[i]
+            if hole_start > start:
+                result.append((start, hole_start))
+            start = max(start, hole_end)
+            i += 1
+        if start < end:
+            result.append((start, end))
+    return result
 
 
 class PacketLog:
@@ -724,15 +762,13 @@ class SendWindow:
                 break
             recent.add(log.blocks[slot])
             seq -= 1
-        unsent = self._fresh
         queued = 0
-        for start, end in ranges:
+        # Blocks never sent yet are on their way anyway: only the rest can be lost.
+        for start, end in subtract_ranges(ranges, sorted(map(tuple, self._fresh))):
             for block in range(start, end):
-                if block in recent or block in self._resend_set or \
-                        any(run[0] <= block < run[1] for run in unsent):
-                    continue
-                self._queue_resend(block)
-                queued += 1
+                if block not in recent and block not in self._resend_set:
+                    self._queue_resend(block)
+                    queued += 1
         return queued
 
 

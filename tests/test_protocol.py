@@ -273,3 +273,28 @@ def test_nak_releases_the_flight_window_when_the_tail_was_lost():
     assert sorted(resent) == list(range(100, 1000))
     # A NAK arriving while those resends are still in flight queues nothing twice.
     assert sender.on_nak([(100, 1000)], 1.01, 0.05) == 0
+
+
+def test_subtract_ranges_matches_sets():
+    rng = random.Random(3)
+    for _ in range(300):
+        def ranges():
+            points = sorted(rng.sample(range(200), rng.randrange(0, 12) * 2))
+            return [(points[i], points[i + 1]) for i in range(0, len(points), 2)]
+        keep, holes = ranges(), ranges()
+        expected = {b for s, e in keep for b in range(s, e)} - {b for s, e in holes for b in range(s, e)}
+        got = wanxfer.subtract_ranges(keep, holes)
+        assert {b for s, e in got for b in range(s, e)} == expected
+        assert all(s < e for s, e in got)
+
+
+def test_a_nak_naming_unsent_blocks_queues_only_the_sent_ones():
+    # Early in a transfer the receiver names everything it lacks, most of it
+    # never sent yet: only what was sent can have been lost.  (Walking fifty
+    # million blocks one by one here is what once stalled a sender.)
+    sender = wanxfer.SendWindow([(0, 50_000_000)], 0, wanxfer.PacketLog())
+    first, count, resend = sender.next_run(64)
+    sender.sent_run(first, count, 0.0, resend)
+    queued = sender.on_nak([(10, 50_000_000)], 10.0, 0.1)
+    assert queued == 54                      # the sent-but-missing blocks 10..63, nothing else
+    assert sender.next_run(64) == (63, 1, True)
