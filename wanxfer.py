@@ -3649,7 +3649,11 @@ class FarTunnel(Tunnel):
     def _handshaken(self, sock, name, keys, error):
         self._handshakes -= 1
         if error is not None:
-            self.log('peer %s refused: %s' % (name, describe_error(error)))
+            reason = describe_error(error)
+            if isinstance(error, ProtocolError) and 'closed' in reason:
+                # The client checks our proof first and hangs up when it fails.
+                reason = 'it hung up during the handshake (most likely a wrong secret)'
+            self.log('peer %s refused: %s' % (name, reason))
             return
         if self.loop.stopping:
             sock.close()
