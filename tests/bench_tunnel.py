@@ -21,6 +21,7 @@ Scenarios:
   sql       a generated mysqldump-style SQL dump (default 300 MB); then the
             same dump after 200 scattered small inserts, deletes and rewrites
   known     throughput of a stream the peer already has (the SQL dump again)
+  latency   added round-trip time of small messages (64 bytes, echoed)
 """
 
 import argparse
@@ -260,6 +261,52 @@ def one_pass(workdir, path, near_cache, far_cache):
     return original, wire, seconds, cpu[0], cpu[1]
 
 
+def latency(workdir, count=2000):
+    """Median round trip of a 64-byte message to an echo server, direct and
+    through the tunnel; returns (direct, tunnelled) in microseconds."""
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(4)
+
+    def echo():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    break
+                conn.sendall(data)
+            conn.close()
+    threading.Thread(target=echo, daemon=True).start()
+    near_cache, far_cache = fresh_caches(workdir, 'latency')
+    far = start_far(far_cache, [server.getsockname()[1]])
+    near = start_near(near_cache, far.port, [server.getsockname()[1]])
+    results = []
+    for port in (server.getsockname()[1], near.port):
+        conn = socket.create_connection(('127.0.0.1', port))
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        times = []
+        for i in range(count):
+            message = b'%064d' % i
+            started = time.perf_counter()
+            conn.sendall(message)
+            got = b''
+            while len(got) < len(message):
+                got += conn.recv(4096)
+            times.append(time.perf_counter() - started)
+            assert got == message
+        conn.close()
+        results.append(statistics.median(times) * 1e6)
+    near.stop()
+    far.stop()
+    server.close()
+    return results
+
+
 def fresh_caches(workdir, name):
     caches = []
     for side in ('near', 'far'):
@@ -296,7 +343,7 @@ def summarize(label, results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--workdir', default='/var/tmp/wanxfer-tunnel-bench')
-    parser.add_argument('--scenarios', default='zeros,random,tar,sql,known')
+    parser.add_argument('--scenarios', default='zeros,random,tar,sql,known,latency')
     parser.add_argument('--runs', type=int, default=3)
     parser.add_argument('--zeros-size', default='1G')
     parser.add_argument('--random-size', default='256M')
@@ -362,6 +409,14 @@ def main():
             rows.append(summarize('sql after 200 edits', edited))
         if known:
             rows.append(summarize('sql again (peer has it)', known))
+    if 'latency' in scenarios:
+        direct, tunnelled = latency(w)
+        row = {'scenario': 'latency', 'direct_rtt_us': round(direct, 1),
+               'tunnel_rtt_us': round(tunnelled, 1),
+               'added_one_way_us': round((tunnelled - direct) / 2, 1)}
+        rows.append(row)
+        print('latency: 64-byte echo round trip %.0f us direct, %.0f us through the tunnel: '
+              '%.0f us added each way' % (direct, tunnelled, (tunnelled - direct) / 2), flush=True)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'results': rows, 'baselines': baselines,
