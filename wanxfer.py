@@ -487,7 +487,7 @@ MAX_CHUNK = 64 << 10
 MIN_STORED_CHUNK = 256          # smaller chunks cost more to name than to send
 
 
-def _symbols(text):
+def _pattern(text):
     return bytes(int(c) for c in text)
 
 
@@ -495,9 +495,9 @@ def _symbols(text):
 # patterns use every symbol and do not overlap themselves, so skewed data
 # (text) still matches about as often as random data.
 CUT_TIERS = (
-    (MIN_CHUNK, 16 << 10, _symbols('0213301')),     # 1 position in 16 Ki
-    (16 << 10, 32 << 10, _symbols('210301')),       # 1 in 4 Ki
-    (32 << 10, MAX_CHUNK, _symbols('13020')),       # 1 in 1 Ki
+    (MIN_CHUNK, 16 << 10, _pattern('0213301')),     # 1 position in 16 Ki
+    (16 << 10, 32 << 10, _pattern('210301')),       # 1 in 4 Ki
+    (32 << 10, MAX_CHUNK, _pattern('13020')),       # 1 in 1 Ki
 )
 
 
@@ -2634,8 +2634,8 @@ class LinkWriter:
     and `send_chunk(sid, digest, chunk)`; this thread packs them, runs
     literal blobs through the link's one zlib stream when a sample says it
     pays, seals, and writes.  It owns the compressor, the outbound Sealer
-    and every write to the socket.  The loop reads `congested` (pause local
-    reads), `wire_bytes` and `error`; `on_event(name)` is called from this
+    and every write to the socket.  The loop reads `should_pause()`,
+    `wire_bytes` and `error`; `on_event(name)` is called from this
     thread ('drained', 'failed') and must only post to the loop."""
 
     def __init__(self, sock, sealer, on_event, level=ZLIB_LEVEL):
@@ -2656,8 +2656,9 @@ class LinkWriter:
     def start(self):
         self._thread.start()
 
-    @property
-    def congested(self):
+    def should_pause(self):
+        """Whether local reads should pause for the backlog; if so, this
+        writer reports 'drained' once it is down to WRITER_LOW_WATER."""
         with self._lock:
             if self._backlog >= WRITER_HIGH_WATER:
                 self._want_drained = True
@@ -2721,7 +2722,7 @@ class LinkWriter:
                 if self.error is None:
                     try:
                         self._write(self._frame(item), waiter)
-                    except (OSError, ValueError) as e:
+                    except Exception as e:          # the link is unusable either way; say why
                         self.error = e
                         self._on_event('failed')
                 with self._lock:
@@ -2884,7 +2885,7 @@ class Stream:
         events = 0
         link = self.link
         if not self.read_done and self.read_total - self.credited < link.send_window \
-                and not link.writer.congested:
+                and not link.writer.should_pause():
             events |= selectors.EVENT_READ
         if self.outbuf:
             events |= selectors.EVENT_WRITE
@@ -2894,6 +2895,8 @@ class Stream:
         buffer = self.link.loop.read_buffer
         # Never read past the window: the receiver holds at most that much.
         room = min(len(buffer), self.link.send_window - (self.read_total - self.credited))
+        if room <= 0:
+            return
         try:
             n = self.sock.recv_into(buffer, room)
         except (BlockingIOError, InterruptedError):
@@ -3500,7 +3503,7 @@ class Tunnel:
         def body():
             try:
                 result, error = work(), None
-            except (OSError, WanxferError) as e:
+            except Exception as e:              # reported on the loop, not lost with the thread
                 result, error = None, e
             self.loop.post(lambda: done(result, error))
         threading.Thread(target=body, name='tunnel-helper', daemon=True).start()
