@@ -387,3 +387,45 @@ def test_no_secret_is_a_usage_error(tmp_path):
                           str(tmp_path / 'c.db')], secret=None)
     assert result.returncode == 2
     assert b'no shared secret' in result.stderr
+
+
+def test_far_side_killed_mid_transfer_restarts_on_the_same_cache(tmp_path, echo):
+    far = start_far(tmp_path / 'far.db', [echo.port])
+    relay = Relay(far.port)
+    near = start_near(tmp_path / 'near.db', relay.port, [echo.port])
+    try:
+        payload = text(4 << 20, seed=11)
+        assert round_trip(near.port, payload) == payload
+        conn = socket.create_connection(('127.0.0.1', near.port), timeout=20)
+        conn.sendall(noise(2 << 20, seed=b'midway'))
+        far.proc.kill()                             # kill -9, in the middle of a transfer
+        far.stop()
+        with pytest.raises(ConnectionResetError):
+            while conn.recv(1 << 20):
+                pass
+        conn.close()
+        far = start_far(tmp_path / 'far.db', [echo.port])   # the same cache file
+        relay.target_port = far.port
+        near.wait_for(r'peer link up', count=2, timeout=20)
+        assert round_trip(near.port, payload) == payload
+        assert 'damaged' not in far.text()
+    finally:
+        near.stop()
+        far.stop()
+        relay.close()
+
+
+def test_two_tunnels_share_one_cache(tmp_path, echo):
+    shared = tmp_path / 'shared.db'
+    far = start_far(shared, [echo.port])
+    near = start_near(shared, far.port, [echo.port])
+    try:
+        payloads = [noise(3 << 20, seed=b'shared'), text(3 << 20, seed=12)]
+        for payload in payloads + payloads:
+            assert round_trip(near.port, payload) == payload
+    finally:
+        assert near.stop() == 0
+        assert far.stop() == 0
+    report = stats(shared)['life']
+    assert report['tunnel-out']['original_bytes'] == report['tunnel-in']['original_bytes']
+    assert 'warning' not in near.text() + far.text()

@@ -242,7 +242,11 @@ class Relay:
                 near, _ = self.sock.accept()
             except OSError:
                 return
-            far = socket.create_connection(('127.0.0.1', self.target_port))
+            try:
+                far = socket.create_connection(('127.0.0.1', self.target_port))
+            except OSError:
+                near.close()                    # the far side is down: so is the path
+                continue
             with self._lock:
                 self.connections += 1
                 self._live.append((near, far))
@@ -262,7 +266,12 @@ class Relay:
                     setattr(self, direction, getattr(self, direction) + len(data))
             sink.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
+            # One side was reset: reset the other too, as a router would pass the RST on.
+            try:
+                sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+                sink.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def cut(self):
         """Reset every connection, as a failing WAN or a firewall would."""
