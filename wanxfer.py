@@ -2428,7 +2428,9 @@ the loop).  Short-lived helper threads do what cannot be made non-blocking
 cheaply (name lookup, connect, handshake) and post their result to the loop.
 """
 
-STREAM_WINDOW = 4 << 20             # original bytes a stream may have unacknowledged
+STREAM_WINDOW = 16 << 20            # original bytes a stream may have unacknowledged:
+                                    # 1 Gbit/s at 130 ms round trip, and what a stalled reader holds
+CREDIT_STEP = 1 << 20               # the receiver acknowledges at least this often
 LOCAL_READ_SIZE = 256 << 10
 LINK_READ_SIZE = 1 << 20
 FLUSH_AT_ONCE = 16 << 10            # a read this small that empties the socket goes out at once
@@ -2960,7 +2962,7 @@ class Stream:
                 break                           # the socket took less than offered: it is full
         finished = self.remote_shut and not self.outbuf and self.decoder.idle
         pending = self.delivered - self.credit_sent
-        if pending and (finished or pending >= self.link.receive_window // 4
+        if pending and (finished or pending >= CREDIT_STEP
                         or (not self.outbuf and pending >= 64 << 10)):
             self.credit_sent = self.delivered
             self.link.send_message(MSG_CREDIT, self.sid, TUNNEL_CREDIT.pack(self.delivered))

@@ -3,6 +3,7 @@
 #
 #   sh tests/bench_tunnel_wan.sh [SIZE_MB] [wanemu options]
 #   sh tests/bench_tunnel_wan.sh 256 --delay 60 --rate 1000 --loss 1
+#   RAW=bbr sh tests/bench_tunnel_wan.sh 256 ...   # plain TCP (bbr or cubic), no tunnel
 #
 # Like ../shared/wanemu/wan, but with namespaces of its own (wxt-a, wxt-b), so
 # it does not disturb a `wan up` link someone else is using.  The far tunnel
@@ -41,7 +42,7 @@ echo $! >"$state/emu.pid"
 export WANXFER_SECRET=wan-bench-secret
 ip netns exec wxt-a python3 -c '
 import socket, sys, time
-s = socket.socket(); s.bind(("127.0.0.1", 9001)); s.listen(1)
+s = socket.socket(); s.bind(("0.0.0.0", 9001)); s.listen(1)
 c, _ = s.accept(); total = 0; buf = bytearray(1 << 22)
 while True:
     n = c.recv_into(buf)
@@ -62,16 +63,21 @@ until grep -q 'peer link up' "$state/near.log" 2>/dev/null; do
     sleep 0.1
 done
 head -c $((size_mb * 1048576)) /dev/urandom >"$state/data"
+if [ -n "$RAW" ]; then target=198.18.0.1:9001; else target=127.0.0.1:9000; fi
 ip netns exec wxt-b python3 -c '
 import socket, sys, time
 data = open(sys.argv[1], "rb")
-c = socket.create_connection(("127.0.0.1", 9000))
+host, port = sys.argv[2].split(":")
+c = socket.socket()
+if sys.argv[3]:
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, sys.argv[3].encode())
+c.connect((host, int(port)))
 t = time.monotonic(); c.sendfile(data); c.shutdown(socket.SHUT_WR)
 c.recv(1)   # EOF once the far side has delivered everything and closed
 el = time.monotonic() - t
 n = data.tell()
 print("sent %d bytes in %.1f s: %.0f Mbit/s of original data" % (n, el, n * 8 / el / 1e6))
-' "$state/data"
+' "$state/data" "$target" "$RAW"
 kill "$(cat "$state/near.pid")"; wait "$(cat "$state/near.pid")" 2>/dev/null || true
 cat "$state/sink.log"
 python3 "$here/../wanxfer.py" stats --cache "$state/near.db" | sed -n '3,6p'
