@@ -3306,6 +3306,9 @@ class PeerLink:
         self.writer.close()
         self.sock.close()
         self.collect_stats()
+        if self.cache_misses:
+            self.log('%d chunks %s referred to were missing from this side\'s cache and were '
+                     'fetched from it' % (self.cache_misses, self.peer_name))
         self.tunnel.link_closed(self, reason)
 
 

@@ -213,7 +213,10 @@ class Sink:
                 return
             total = 0
             while True:
-                n = conn.recv_into(buffer)
+                try:
+                    n = conn.recv_into(buffer)
+                except OSError:
+                    break                       # reset when the tunnels stop: all was counted
                 if not n:
                     break
                 total += n
@@ -275,11 +278,14 @@ def latency(workdir, count=2000):
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            while True:
-                data = conn.recv(4096)
-                if not data:
-                    break
-                conn.sendall(data)
+            try:
+                while True:
+                    data = conn.recv(4096)
+                    if not data:
+                        break
+                    conn.sendall(data)
+            except OSError:
+                pass                            # reset when the tunnels stop
             conn.close()
     threading.Thread(target=echo, daemon=True).start()
     near_cache, far_cache = fresh_caches(workdir, 'latency')

@@ -215,6 +215,7 @@ def test_receiver_cache_deleted_still_correct(tmp_path, echo):
         near.stop()
         second_wire = stats(tmp_path / 'near.db')['life']['tunnel-out']['transferred_bytes'] - first_wire
         assert second_wire > 0.9 * first_wire       # every chunk crossed again
+        far.wait_for(r'\d+ chunks 127\.0\.0\.1:\d+ referred to were missing from this side.s cache')
         near = start_near(tmp_path / 'near.db', far.port, [echo.port])
         # And while running: the cache file removed under the far side.
         for suffix in ('', '-wal', '-shm'):
