@@ -23,6 +23,7 @@ import errno
 import hashlib
 import heapq
 import hmac
+import itertools
 import json
 import os
 import queue
@@ -33,6 +34,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
@@ -153,6 +155,49 @@ PROBE_MTUS = (MIN_MTU, 1500, 9000, MAX_MTU)   # and the route's own MTU
 def block_size_for_mtu(mtu, family=socket.AF_INET):
     """Largest file block whose datagram fits in one packet of `mtu` bytes."""
     return min(mtu, MAX_MTU) - IP_UDP_OVERHEAD.get(family, 48) - PACKET_OVERHEAD
+
+
+# --- Tunnel peer link --------------------------------------------------------
+# After the same handshake (HELLO, SERVER_HELLO, CLIENT_PROOF), both peers send
+# frames exactly like the control channel's: FRAME_HEADER, then a body sealed
+# with the control Sealers, the frame counter as nonce.  A tunnel body is
+# binary: TUNNEL_MESSAGE (type, stream id), then the payload of that type.
+# Stream ids are chosen by the --peer side, counting up from 1; 0 is the link.
+TUNNEL_MAGIC = b'WXTN'
+TUNNEL_VERSION = 1
+TUNNEL_MESSAGE = struct.Struct('!BI')           # message type, stream id
+TUNNEL_HELLO = struct.Struct('!4sBI')           # magic, version, receive window per stream (bytes)
+TUNNEL_OPEN = struct.Struct('!H')               # target port; the target host (UTF-8) follows
+TUNNEL_DATA = struct.Struct('!BHI')             # blob encoding, piece count, blob size decoded; the blob
+TUNNEL_PIECE = struct.Struct('!BI')             # piece kind, length; PIECE_REF adds the digest
+TUNNEL_CREDIT = struct.Struct('!Q')             # bytes of this stream delivered so far
+TUNNEL_PING = struct.Struct('!Q')               # sender's token, echoed in MSG_PONG
+CHUNK_DIGEST_SIZE = 32                          # SHA-256
+
+# Message types.
+MSG_HELLO = 1           # both ways, first frame: TUNNEL_HELLO
+MSG_OPEN = 2            # peer -> listen: open a stream to TUNNEL_OPEN's target
+MSG_DATA = 3            # both ways: TUNNEL_DATA, then the blob: piece table and literal bytes
+MSG_CREDIT = 4          # both ways: TUNNEL_CREDIT, the receiver's flow-control window moves on
+MSG_SHUT = 5            # both ways: no more data this way (half-close)
+MSG_RESET = 6           # both ways: abort the stream; payload: reason (UTF-8)
+MSG_CHUNK_REQUEST = 7   # receiver -> sender: digest of a reference it could not resolve
+MSG_CHUNK = 8           # sender -> receiver: digest, blob encoding byte, blob (the chunk)
+MSG_PING = 9            # both ways: TUNNEL_PING; the peer answers MSG_PONG with it
+MSG_PONG = 10
+
+# Piece kinds inside MSG_DATA.  A stream is cut into chunks; the receiver
+# assembles the chunk in progress from PARTs, and a CHUNK or REF ends it.
+PIECE_CHUNK = 1         # literal bytes (from the blob) that end the current chunk
+PIECE_PART = 2          # literal bytes (from the blob); the chunk goes on
+PIECE_REF = 3           # the chunk with this digest and total length ends here:
+                        # deliver what is not yet delivered of it from the cache
+
+# A MSG_DATA blob, once decoded: the piece table (a TUNNEL_PIECE per piece,
+# each PIECE_REF followed by its digest), then the literal bytes of the CHUNK
+# and PART pieces, concatenated.  A MSG_CHUNK blob is the chunk.
+BLOB_RAW = 0
+BLOB_ZLIB = 1           # one zlib stream per link direction, Z_SYNC_FLUSH per frame
 
 
 # ---------------------------------------------------------------------------
@@ -467,6 +512,550 @@ def server_handshake(sock, secret, encrypt):
 
 def describe_flags(flags):
     return 'encryption on' if flags & FLAG_ENCRYPT else '--no-encrypt'
+
+
+# ---------------------------------------------------------------------------
+# Chunk store and codec
+# ---------------------------------------------------------------------------
+"""What wanxfer remembers of the data it has moved, and how it cuts data into
+chunks for the wire.  The tunnel uses it; delta transfers can reuse it.
+
+Chunking is content-defined: a cut falls where the 5 to 7 bytes before it,
+each reduced to one of four symbols by the fixed table CUT_SYMBOLS, spell a
+fixed pattern.  The table is derived from SHA-256 of a label, so every
+wanxfer cuts alike, and bytes.translate and bytes.find test every position
+at C speed (300-400 MB/s here; a byte-at-a-time rolling hash in Python
+manages about ten, and one bit per byte halves find's speed).  A cut
+depends only on the bytes just before it, so an insert or delete early in a
+stream moves the chunks around it and no others.  Sizes are steered as in
+TTTD and FastCDC: nothing is cut in a chunk's first 4 KiB, a strict pattern
+applies up to 16 KiB, looser ones after it, and MAX_CHUNK cuts regardless
+(a run of one byte value, like a disk of zeros, becomes MAX_CHUNK chunks
+that are all alike).  Chunks average 20-25 KiB on text and binaries.
+
+Each chunk is named by its SHA-256 (`chunk_digest`).  `compressible`
+decides from a sample whether zlib is worth its time.
+
+ChunkStore keeps chunks by digest in a SQLite file: WAL mode and a busy
+timeout so two processes can share it, commits batched every
+CACHE_COMMIT_INTERVAL (a kill -9 loses at most the last batch, never the
+file), least recently used chunks evicted past the size limit, and every
+chunk checked against its digest when read.  A file that is not a database
+or turns out corrupt is moved aside and a new cache started; a SQLite file
+of another program is refused.  The same file keeps the byte counters per
+kind ('tunnel-out', 'tunnel-in', later 'get') that `stats` reports.
+"""
+
+MIN_CHUNK = 4 << 10
+MAX_CHUNK = 64 << 10
+MIN_STORED_CHUNK = 256          # smaller chunks cost more to name than to send
+
+
+def _pattern(text):
+    return bytes(int(c) for c in text)
+
+
+# (smallest cut, largest cut, pattern), offsets from the chunk's start.  The
+# patterns use every symbol and do not overlap themselves, so skewed data
+# (text) still matches about as often as random data.
+CUT_TIERS = (
+    (MIN_CHUNK, 16 << 10, _pattern('0213301')),     # 1 position in 16 Ki
+    (16 << 10, 32 << 10, _pattern('210301')),       # 1 in 4 Ki
+    (32 << 10, MAX_CHUNK, _pattern('13020')),       # 1 in 1 Ki
+)
+
+
+def _cut_table():
+    """byte -> symbol 0..3.  Within each class of bytes (digits, lower case,
+    upper case, other printable, control, high) the members, ranked by
+    SHA-256 under a fixed label, take the four symbols in turn: text then
+    spreads over all four, so patterns match about as often in an SQL dump
+    as in random data, and every wanxfer derives the same table."""
+    classes = (range(0x30, 0x3a), range(0x61, 0x7b), range(0x41, 0x5b),
+               [b for b in range(0x20, 0x7f) if not chr(b).isalnum()], range(0x20), range(0x7f, 0x100))
+    table = bytearray(256)
+    for members in classes:
+        ranked = sorted(members, key=lambda b: hashlib.sha256(b'wanxfer cut v1' + bytes([b])).digest())
+        for rank, value in enumerate(ranked):
+            table[value] = rank % 4
+    return bytes(table)
+
+
+CUT_SYMBOLS = _cut_table()
+
+
+def chunk_digest(data):
+    return hashlib.sha256(data).digest()
+
+
+def compressible(data, sample=4096):
+    """Whether zlib is likely to save at least a tenth of `data`, judged
+    from two samples (its start and middle) at level 1."""
+    if len(data) <= sample:
+        probe = bytes(data)
+    else:
+        middle = len(data) // 2
+        probe = bytes(data[:sample // 2]) + bytes(data[middle:middle + sample // 2])
+    return len(zlib.compress(probe, 1)) < 0.9 * len(probe)
+
+
+class Chunker:
+    """Cuts one stream into content-defined chunks as its bytes arrive.
+
+    `feed(data)` returns the chunks that `data` completed; `pending_size`
+    and `pending_from(offset)` tell what came after the last cut;
+    `finish()` returns that as the last chunk (b'' if none) and starts
+    over."""
+
+    def __init__(self):
+        self._data = bytearray()
+        self._symbols = bytearray()
+        self._checked = 0           # cuts at or before this offset were ruled out
+
+    @property
+    def pending_size(self):
+        return len(self._data)
+
+    def pending_from(self, offset):
+        return bytes(self._data[offset:])
+
+    def feed(self, data):
+        self._data += data
+        self._symbols += data.translate(CUT_SYMBOLS)
+        chunks, start, end = [], 0, len(self._data)
+        while True:
+            cut = self._find_cut(start, end)
+            if cut is None:
+                break
+            chunks.append(bytes(self._data[start:cut]))
+            start = self._checked = cut
+        if start:
+            del self._data[:start]
+            del self._symbols[:start]
+            self._checked -= start
+        return chunks
+
+    def _find_cut(self, start, end):
+        symbols, checked = self._symbols, self._checked
+        for low, high, pattern in CUT_TIERS:
+            low, high = start + low, start + high
+            if checked >= high:
+                continue                    # this tier was searched in full already
+            width = len(pattern)
+            found = symbols.find(pattern, max(low, checked + 1) - width, min(high, end))
+            if found >= 0:
+                return found + width
+            if end < high:
+                self._checked = max(checked, end)
+                return None
+        return start + MAX_CHUNK
+
+    def finish(self):
+        chunk = bytes(self._data)
+        self._data.clear()
+        self._symbols.clear()
+        self._checked = 0
+        return chunk
+
+
+class CacheError(WanxferError):
+    """The chunk cache cannot be used: another program's file, a newer
+    format, or a directory that cannot be written."""
+
+
+DEFAULT_CACHE_SIZE = 4 << 30
+CACHE_APPLICATION_ID = 0x57584331       # 'WXC1' in the SQLite header: this is a wanxfer cache
+CACHE_FORMAT = 1                        # PRAGMA user_version
+CACHE_BUSY_TIMEOUT = 10.0               # s to wait for another process's write
+CACHE_COMMIT_INTERVAL = 0.25            # s between batched commits
+CACHE_COMMIT_BYTES = 32 << 20           # or sooner, after this much was written
+CACHE_EVICT_TO = 0.9                    # evict down to this fraction of the limit
+CACHE_TOUCH_GRANULARITY = 600           # s: how finely least-recent use is told apart
+RUN_FRESH_SECONDS = 15.0                # a run not updated for longer is not running
+RUN_FORGET_SECONDS = 86400.0
+STATS_KINDS = ('tunnel-out', 'tunnel-in')
+
+CACHE_SCHEMA = (
+    'CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, '
+    'size INTEGER NOT NULL, used INTEGER NOT NULL, data BLOB NOT NULL)',
+    'CREATE INDEX IF NOT EXISTS chunks_by_use ON chunks (used)',
+    'CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)',
+    'CREATE TABLE IF NOT EXISTS stats (kind TEXT PRIMARY KEY, connections INTEGER NOT NULL, '
+    'original INTEGER NOT NULL, transferred INTEGER NOT NULL)',
+    'CREATE TABLE IF NOT EXISTS runs (run TEXT NOT NULL, kind TEXT NOT NULL, pid INTEGER NOT NULL, '
+    'role TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL, '
+    'connections INTEGER NOT NULL, original INTEGER NOT NULL, transferred INTEGER NOT NULL, '
+    'PRIMARY KEY (run, kind))',
+    "INSERT OR IGNORE INTO counters VALUES ('stored_bytes', 0)",
+)
+
+_CORRUPTION_WORDS = ('malformed', 'not a database', 'file is encrypted', 'corrupt')
+
+
+def _is_corruption(error):
+    text = str(error).lower()
+    return any(word in text for word in _CORRUPTION_WORDS)
+
+
+def open_cache_db(path, create):
+    """A sqlite3 connection to the wanxfer cache at `path`, its format
+    checked; with `create`, a new or empty file becomes a cache.  Raises
+    CacheError for a file that is not ours, sqlite3.DatabaseError for one
+    that is not a database at all."""
+    if not create and not os.path.exists(path):
+        raise CacheError('no cache at %s (no tunnel has used it yet)' % path)
+    if create:
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise CacheError('cannot create cache directory %s: %s' % (directory, e.strerror))
+    try:
+        db = sqlite3.connect(path, timeout=CACHE_BUSY_TIMEOUT, isolation_level=None)
+    except sqlite3.OperationalError as e:
+        raise CacheError('cannot open cache %s: %s' % (path, e))
+    try:
+        application = db.execute('PRAGMA application_id').fetchone()[0]
+        tables = db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        if application != CACHE_APPLICATION_ID and tables:
+            raise CacheError('%s is not a wanxfer cache (it is some other SQLite database); '
+                             'choose another --cache' % path)
+        version = db.execute('PRAGMA user_version').fetchone()[0]
+        if version > CACHE_FORMAT:
+            raise CacheError('cache %s was made by a newer wanxfer (format %d)' % (path, version))
+        if create:
+            if not tables:
+                db.execute('PRAGMA page_size=65536')    # chunks fill pages: half the CPU of 4 KiB
+            db.execute('PRAGMA journal_mode=WAL')
+            db.execute('PRAGMA synchronous=NORMAL')
+            db.execute('BEGIN IMMEDIATE')
+            for statement in CACHE_SCHEMA:
+                db.execute(statement)
+            db.execute('PRAGMA application_id=%d' % CACHE_APPLICATION_ID)
+            db.execute('PRAGMA user_version=%d' % CACHE_FORMAT)
+            db.execute('COMMIT')
+        elif application != CACHE_APPLICATION_ID:
+            raise CacheError('no cache at %s (the file is empty)' % path)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+class ChunkStore:
+    """Chunks by digest in a SQLite file, safe to share between processes.
+
+    For callers: `has(digest)` and `get(digest)` (verified against the
+    digest: None when absent or damaged), `put(digest, data)`, `flush()`
+    about every CACHE_COMMIT_INTERVAL (commits, records use for LRU,
+    evicts), `save_run()` for the byte counters, `close()`.  Faults found
+    while running never raise: a corrupt file is moved aside and replaced, a
+    busy one costs a miss, so the cache can cost bandwidth, never
+    correctness.  `log` receives one line per problem."""
+
+    def __init__(self, path, limit=DEFAULT_CACHE_SIZE, log=None):
+        self.path = path
+        self.limit = limit
+        self.log = log or (lambda line: None)
+        self.damaged_chunks = 0         # chunks whose content no longer matched their digest
+        self._db = None
+        self._identity = None
+        self._in_transaction = False
+        self._written = 0
+        self._added = 0
+        self._last_commit = time.monotonic()
+        self._touched = set()
+        self._saved = {}                # (run, kind) -> figures already added to the totals
+        self._warned = set()
+        try:
+            self._db = open_cache_db(path, create=True)
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and not _is_corruption(e):
+                raise CacheError('cannot use cache %s: %s' % (path, e))
+            self._move_aside(e)
+            self._db = open_cache_db(path, create=True)
+        self._identity = self._file_identity()
+
+    # -- the chunks --------------------------------------------------------
+
+    def has(self, digest):
+        """Whether the chunk is here (and mark it used)."""
+        row = self._safely(None, lambda: self._db.execute(
+            'SELECT used FROM chunks WHERE digest = ?', (digest,)).fetchone())
+        if row is None:
+            return False
+        self._touch(digest, row[0])
+        return True
+
+    def get(self, digest):
+        """The chunk's bytes, checked against `digest`, or None."""
+        row = self._safely(None, lambda: self._db.execute(
+            'SELECT data, used FROM chunks WHERE digest = ?', (digest,)).fetchone())
+        if row is None:
+            return None
+        data = row[0]
+        if chunk_digest(data) != digest:
+            self.damaged_chunks += 1
+            self._warn('damaged', 'cache %s holds chunks that no longer match their digest; '
+                       'they are dropped and fetched from the peer' % self.path)
+            self._safely(None, self._delete, digest)
+            return None
+        self._touch(digest, row[1])
+        return data
+
+    def _touch(self, digest, used):
+        # Use is recorded to the nearest CACHE_TOUCH_GRANULARITY: a chunk
+        # used twice in a minute is written once, not on every use.
+        if used < self._clock() - CACHE_TOUCH_GRANULARITY * 1000:
+            self._touched.add(digest)
+
+    def put(self, digest, data):
+        if len(data) >= MIN_STORED_CHUNK:
+            self._safely(None, self._put, digest, data)
+
+    def _put(self, digest, data):
+        self._begin()
+        cursor = self._db.execute('INSERT OR IGNORE INTO chunks (digest, size, used, data) '
+                                  'VALUES (?, ?, ?, ?)', (digest, len(data), self._clock(), data))
+        if cursor.rowcount == 1:
+            self._added += len(data)
+        self._written += len(data)
+        if self._written >= CACHE_COMMIT_BYTES:
+            self.flush()
+
+    def _delete(self, digest):
+        self._begin()
+        row = self._db.execute('SELECT size FROM chunks WHERE digest = ?', (digest,)).fetchone()
+        if row:
+            self._db.execute('DELETE FROM chunks WHERE digest = ?', (digest,))
+            self._added -= row[0]
+
+    def flush(self):
+        """Commit what was written, record which chunks were used, and evict
+        the least recently used past the limit.  Cheap when idle."""
+        self._safely(None, self._flush)
+
+    def _flush(self):
+        if self._touched:
+            self._begin()
+            stamp = self._clock()
+            self._db.executemany('UPDATE chunks SET used = ? WHERE digest = ?',
+                                 [(stamp, digest) for digest in self._touched])
+            self._touched.clear()
+        if self._in_transaction:
+            if self._added:
+                self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'stored_bytes'",
+                                 (self._added,))
+            self._db.execute('COMMIT')
+            self._in_transaction = False
+            added, self._added, self._written = self._added, 0, 0
+            self._last_commit = time.monotonic()
+            if added > 0 and self._counter('stored_bytes') > self.limit:
+                self._evict()
+
+    def flush_due(self, now):
+        return (self._in_transaction or self._touched) and \
+            now - self._last_commit >= CACHE_COMMIT_INTERVAL
+
+    def _evict(self):
+        self._begin()
+        stored = self._counter('stored_bytes')
+        target = int(self.limit * CACHE_EVICT_TO)
+        while stored > target:
+            rows = self._db.execute('SELECT id, size FROM chunks ORDER BY used LIMIT 256').fetchall()
+            if not rows:
+                stored = 0
+                break
+            self._db.executemany('DELETE FROM chunks WHERE id = ?', [(row[0],) for row in rows])
+            stored -= sum(row[1] for row in rows)
+        self._db.execute("UPDATE counters SET value = ? WHERE name = 'stored_bytes'", (max(0, stored),))
+        self._db.execute('COMMIT')
+        self._in_transaction = False
+
+    def _counter(self, name):
+        row = self._db.execute('SELECT value FROM counters WHERE name = ?', (name,)).fetchone()
+        return row[0] if row else 0
+
+    def _begin(self):
+        if not self._in_transaction:
+            self._db.execute('BEGIN IMMEDIATE')
+            self._in_transaction = True
+
+    @staticmethod
+    def _clock():
+        return int(time.time() * 1000)
+
+    # -- counters for `stats` -----------------------------------------------
+
+    def save_run(self, run, role, started, figures):
+        """Record one running tunnel's figures ({kind: (connections,
+        original bytes, transferred bytes)}, counted since it started) and
+        add what is new since the last call to the life-of-the-cache totals."""
+        self._safely(None, self._save_run, run, role, started, figures)
+
+    def _save_run(self, run, role, started, figures):
+        self._begin()
+        now = time.time()
+        for kind, values in figures.items():
+            before = self._saved.get((run, kind), (0, 0, 0))
+            delta = [new - old for new, old in zip(values, before)]
+            self._db.execute('INSERT OR IGNORE INTO stats VALUES (?, 0, 0, 0)', (kind,))
+            self._db.execute('UPDATE stats SET connections = connections + ?, original = original + ?, '
+                             'transferred = transferred + ? WHERE kind = ?', delta + [kind])
+            self._db.execute('INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                             (run, kind, os.getpid(), role, started, now) + tuple(values))
+        self._db.execute('DELETE FROM runs WHERE updated < ?', (now - RUN_FORGET_SECONDS,))
+        self._flush()
+        for kind, values in figures.items():
+            self._saved[(run, kind)] = tuple(values)
+
+    def end_run(self, run):
+        self._safely(None, self._end_run, run)
+
+    def _end_run(self, run):
+        self._begin()
+        self._db.execute('DELETE FROM runs WHERE run = ?', (run,))
+        self._flush()
+
+    # -- faults ---------------------------------------------------------------
+
+    def _safely(self, default, operation, *args):
+        if self._db is None:
+            return default
+        try:
+            return operation(*args)
+        except sqlite3.DatabaseError as e:
+            if _is_corruption(e):
+                self._replace(e)
+            else:
+                self._warn(str(e), 'cache %s: %s (carrying on without it for now)' % (self.path, e))
+                self._rollback()
+            return default
+
+    def _rollback(self):
+        if self._in_transaction:
+            try:
+                self._db.execute('ROLLBACK')
+            except sqlite3.DatabaseError:
+                pass
+            self._in_transaction = False
+            self._added = self._written = 0
+
+    def _replace(self, error):
+        self._close_db()
+        self._move_aside(error)
+        self._reopen()
+
+    def _reopen(self):
+        try:
+            self._db = open_cache_db(self.path, create=True)
+            self._identity = self._file_identity()
+        except (WanxferError, sqlite3.DatabaseError) as e:
+            self._db = None
+            self.log('warning: cannot start a new cache at %s (%s); running without one'
+                     % (self.path, e))
+
+    def _move_aside(self, error):
+        aside = '%s.corrupt-%s' % (self.path, time.strftime('%Y%m%d-%H%M%S'))
+        for suffix in ('', '-wal', '-shm'):
+            try:
+                os.replace(self.path + suffix, aside + suffix)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise CacheError('cache %s is damaged (%s) and cannot be moved aside: %s'
+                                 % (self.path, error, e.strerror))
+        self.log('warning: cache %s was damaged (%s); moved it to %s and started a new one'
+                 % (self.path, error, aside))
+
+    def _file_identity(self):
+        try:
+            info = os.stat(self.path)
+            return info.st_dev, info.st_ino
+        except OSError:
+            return None
+
+    def check_file(self):
+        """Start a new cache if the file was deleted or replaced under us
+        (an operator's rm, another process's recovery)."""
+        if self._db is not None and self._file_identity() != self._identity:
+            self._warn('replaced', 'cache %s was removed or replaced; starting a new one' % self.path)
+            self._warned.discard('replaced')
+            self._close_db()
+            self._saved.clear()
+            self._reopen()
+
+    def _warn(self, key, line):
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log('warning: ' + line)
+
+    def _close_db(self):
+        if self._db is not None:
+            self._rollback()
+            try:
+                self._db.close()
+            except sqlite3.DatabaseError:
+                pass
+            self._db = None
+        self._touched.clear()
+
+    def close(self):
+        self.flush()
+        self._close_db()
+
+
+def figures_dict(connections, original, transferred):
+    saved = original - transferred
+    return {'connections': connections, 'original_bytes': original,
+            'transferred_bytes': transferred, 'saved_bytes': saved,
+            'saving_percent': round(100.0 * saved / original, 2) if original else 0.0}
+
+
+def cache_report(path, now=None):
+    """Everything `stats` shows, as one dict: the cache's size, the totals
+    for its life and the figures of each tunnel running on it."""
+    now = time.time() if now is None else now
+    try:
+        db = open_cache_db(path, create=False)
+    except sqlite3.DatabaseError as e:
+        raise CacheError('cannot read cache %s: %s' % (path, e))
+    try:
+        chunks, stored = db.execute('SELECT count(*), total(size) FROM chunks').fetchone()
+        life = {kind: (0, 0, 0) for kind in STATS_KINDS}
+        for kind, connections, original, transferred in db.execute(
+                'SELECT kind, connections, original, transferred FROM stats'):
+            life[kind] = (connections, original, transferred)
+        runs = collections.OrderedDict()
+        for row in db.execute('SELECT run, kind, pid, role, started, updated, connections, original, '
+                              'transferred FROM runs WHERE updated >= ? ORDER BY started, run, kind',
+                              (now - RUN_FRESH_SECONDS,)):
+            run = runs.setdefault(row[0], {'pid': row[2], 'role': row[3], 'started': row[4],
+                                           'updated': row[5], 'figures': {}})
+            run['figures'][row[1]] = tuple(row[6:9])
+    except sqlite3.DatabaseError as e:
+        raise CacheError('cannot read cache %s: %s' % (path, e))
+    finally:
+        db.close()
+
+    def section(figures):
+        out = {kind: figures_dict(*figures.get(kind, (0, 0, 0))) for kind in STATS_KINDS}
+        # A connection carries both directions: the total counts it once.
+        connections = max([figures.get(kind, (0, 0, 0))[0] for kind in STATS_KINDS] + [0])
+        out['total'] = figures_dict(connections,
+                                    sum(figures.get(kind, (0, 0, 0))[1] for kind in STATS_KINDS),
+                                    sum(figures.get(kind, (0, 0, 0))[2] for kind in STATS_KINDS))
+        return out
+
+    running = []
+    for run in runs.values():
+        entry = {'pid': run['pid'], 'role': run['role'], 'started': run['started'],
+                 'updated': run['updated'], 'uptime_seconds': round(run['updated'] - run['started'], 1)}
+        entry.update(section(run['figures']))
+        running.append(entry)
+    report = {'cache': {'path': os.path.abspath(path), 'chunks': chunks, 'stored_bytes': int(stored)},
+              'life': section(life), 'running': running}
+    return report
 
 
 # ---------------------------------------------------------------------------
@@ -2286,7 +2875,7 @@ def _enlarge_buffers(sock, size):
             pass
 
 
-def _close_with_reset(sock):
+def reset_socket(sock):
     """Close a TCP socket so the peer sees a reset, not an orderly end."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
@@ -2647,7 +3236,7 @@ class _TcpSplice:
             if sock is None:
                 continue
             if self._aborted:
-                _close_with_reset(sock)
+                reset_socket(sock)
             else:
                 sock.close()
         self._wake_r.close()
@@ -2837,6 +3426,1351 @@ class LinkEmulator:
 
 
 # ---------------------------------------------------------------------------
+# Tunnel
+# ---------------------------------------------------------------------------
+"""`tunnel`: TCP forwarding between two peers over one authenticated,
+encrypted link, each direction deduplicated against the chunk store and
+compressed.  The --peer side ("near") listens like `ssh -L` and carries each
+connection to the --listen side ("far"), which opens it to an --allow'ed
+target.
+
+The parts, in the order data flows:
+  StreamEncoder   a stream's bytes -> pieces: references or literals (no sockets)
+  StreamDecoder   pieces -> verified bytes, or the digest to ask for (no sockets)
+  LinkWriter      packs, compresses, seals and writes a link's frames, on its own thread
+  FrameReader     a link's sealed frames in
+  Stream          one forwarded connection: its socket, both directions, flow control
+  PeerLink        one authenticated link: messages, streams, keepalive
+  EventLoop       selectors, timers, and an inbox for helper threads' results
+  Tunnel          the process: store, stats, and one role, NearTunnel or FarTunnel
+
+Flow control is per stream and counted in original bytes: a sender keeps at
+most the receiver's window (TUNNEL_HELLO) unacknowledged, and the receiver
+acknowledges (MSG_CREDIT) as its socket takes the bytes, so a slow reader
+holds at most one window and the link keeps moving for everyone else.  A
+sender also keeps the chunks it sent as references until they are
+acknowledged, so it can answer MSG_CHUNK_REQUEST.
+
+Threads: the event loop owns all socket reads, all stream state and the
+store.  Each link's writer thread owns that link's compressor, outbound
+Sealer and socket writes (zlib releases the GIL, so compression runs beside
+the loop).  Short-lived helper threads do what cannot be made non-blocking
+cheaply (name lookup, connect, handshake) and post their result to the loop.
+"""
+
+STREAM_WINDOW = 16 << 20            # original bytes a stream may have unacknowledged:
+                                    # 1 Gbit/s at 130 ms round trip, and what a stalled reader holds
+CREDIT_STEP = 1 << 20               # the receiver acknowledges at least this often
+LOCAL_READ_SIZE = 256 << 10
+LINK_READ_SIZE = 1 << 20
+FLUSH_AT_ONCE = 16 << 10            # a read this small that empties the socket goes out at once
+FLUSH_GRACE = 0.0005                # s a larger burst may wait for its rest before its tail goes
+WRITER_HIGH_WATER = 8 << 20         # queued bytes at which local reads pause
+WRITER_LOW_WATER = 2 << 20
+MERGE_LIMIT = 1 << 20               # bytes of literals in one merged DATA frame
+LINK_BUFFER = 16 << 20              # socket buffers: 1 Gbit/s over 130 ms
+ZLIB_LEVEL = 7                      # zlib's 6 trails GNU gzip -6 a little on SQL dumps; 7 passes it
+MIN_COMPRESS = 256
+PING_INTERVAL = 10.0
+LINK_DEAD_AFTER = 35.0              # s without a frame from the peer
+RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+LINK_STABLE = 10.0                  # s a link must live before back-off starts over
+PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the link
+MAX_PENDING_STREAMS = 256
+CONNECT_TIMEOUT = 10.0
+MAX_HANDSHAKES = 32                 # unauthenticated peers at once
+STATS_INTERVAL = 2.0
+SEND_BATCH = 64                     # buffers per sendmsg to a local socket
+
+
+class StreamEncoder:
+    """One direction of one stream, sending end: bytes in, pieces out.
+
+    `encode(data, flush, final)` returns (pieces, refs).  A piece is (kind,
+    length, digest, literal).  A chunk this side's store holds is taken to
+    be held by the peer too and becomes PIECE_REF; the rest go as literals
+    and into the store.  With `flush`, the bytes after the last cut go out
+    at once as PIECE_PART (an interactive peer must not wait for a chunk to
+    fill); the chunk they open can still end as a reference.  `refs` lists
+    (digest, chunk) for each reference, for MSG_CHUNK_REQUEST."""
+
+    def __init__(self, store):
+        self.store = store
+        self.chunker = Chunker()
+        self.sent_of_open = 0       # bytes of the open chunk already sent as PART
+
+    def encode(self, data=b'', flush=False, final=False):
+        pieces, refs = [], []
+        if data:
+            for chunk in self.chunker.feed(data):
+                self._end_chunk(chunk, pieces, refs)
+        if final:
+            chunk = self.chunker.finish()
+            if chunk:
+                self._end_chunk(chunk, pieces, refs)
+        elif flush and self.chunker.pending_size > self.sent_of_open:
+            part = self.chunker.pending_from(self.sent_of_open)
+            pieces.append((PIECE_PART, len(part), None, part))
+            self.sent_of_open += len(part)
+        return pieces, refs
+
+    def _end_chunk(self, chunk, pieces, refs):
+        digest = chunk_digest(chunk)
+        sent, self.sent_of_open = self.sent_of_open, 0
+        if len(chunk) >= MIN_STORED_CHUNK and self.store.has(digest):
+            pieces.append((PIECE_REF, len(chunk), digest, None))
+            refs.append((digest, chunk))
+        else:
+            literal = chunk[sent:] if sent else chunk
+            pieces.append((PIECE_CHUNK, len(literal), None, literal))
+            self.store.put(digest, chunk)
+
+
+class StreamDecoder:
+    """One direction of one stream, receiving end: pieces in, bytes out.
+
+    `feed(pieces)` queues pieces and returns how many stream bytes they
+    carry; `take()` returns (bytes to deliver, digest to request or None).
+    A reference is delivered only from a chunk that matched its digest, its
+    length and the bytes of it already delivered; one the store cannot
+    give is asked of the sender, and nothing after it moves until
+    `supply(digest, chunk)`.  Literal chunks are stored for next time."""
+
+    def __init__(self, store):
+        self.store = store
+        self.queue = collections.deque()
+        self.open_chunk = bytearray()       # PART bytes of the chunk in progress
+        self._open_fed = 0                  # the same, counted as pieces arrive
+        self.wanted = None
+        self._supplied = None
+
+    @property
+    def idle(self):
+        return not self.queue
+
+    def feed(self, pieces):
+        carried = 0
+        for kind, length, digest, literal in pieces:
+            if kind == PIECE_REF:
+                if length < self._open_fed or length > MAX_CHUNK:
+                    raise ProtocolError('a reference of %d bytes after %d' % (length, self._open_fed))
+                carried += length - self._open_fed
+                self._open_fed = 0
+            else:
+                carried += length
+                self._open_fed = self._open_fed + length if kind == PIECE_PART else 0
+                if self._open_fed > MAX_CHUNK:
+                    raise ProtocolError('a chunk longer than %d bytes' % MAX_CHUNK)
+        self.queue.extend(pieces)
+        return carried
+
+    def supply(self, digest, chunk):
+        if digest != self.wanted:
+            return                          # an answer to a request that was overtaken
+        if chunk_digest(chunk) != digest:
+            raise ProtocolError('the peer sent a chunk that does not match its digest')
+        self._supplied = (digest, chunk)
+        self.store.put(digest, chunk)
+
+    def take(self):
+        out = []
+        while self.queue:
+            kind, length, digest, literal = self.queue[0]
+            if kind == PIECE_REF:
+                chunk = None
+                if self._supplied is not None and self._supplied[0] == digest:
+                    chunk = self._supplied[1]
+                    self._supplied = None
+                    if not self._fits(chunk, length):
+                        raise ProtocolError('the peer\'s chunk does not fit its reference')
+                else:
+                    chunk = self.store.get(digest)
+                    if chunk is not None and not self._fits(chunk, length):
+                        chunk = None
+                if chunk is None:
+                    if self.wanted == digest:
+                        return out, None            # asked already
+                    self.wanted = digest
+                    return out, digest
+                self.wanted = None
+                out.append(memoryview(chunk)[len(self.open_chunk):])
+                self.open_chunk.clear()
+            elif kind == PIECE_PART:
+                self.open_chunk += literal
+                out.append(literal)
+            else:
+                if self.open_chunk:
+                    self.open_chunk += literal
+                    chunk = bytes(self.open_chunk)
+                    self.open_chunk.clear()
+                else:
+                    chunk = literal
+                self.store.put(chunk_digest(chunk), chunk)
+                out.append(literal)
+            self.queue.popleft()
+        return out, None
+
+    def _fits(self, chunk, length):
+        opened = len(self.open_chunk)
+        return len(chunk) == length and (not opened or chunk[:opened] == self.open_chunk)
+
+
+def pack_pieces(pieces):
+    """The decoded blob of a MSG_DATA: piece table, then literal bytes."""
+    table, literals = [], []
+    for kind, length, digest, literal in pieces:
+        table.append(TUNNEL_PIECE.pack(kind, length))
+        if kind == PIECE_REF:
+            table.append(digest)
+        else:
+            literals.append(literal)
+    return b''.join(table + literals)
+
+
+def unpack_pieces(payload, count):
+    """Parse a decoded MSG_DATA blob: [(kind, length, digest, literal)],
+    the literals as views of `payload`; ProtocolError if it does not add up."""
+    pieces, offset, literal_bytes = [], 0, 0
+    for _ in range(count):
+        if offset + TUNNEL_PIECE.size > len(payload):
+            raise ProtocolError('truncated piece table')
+        kind, length = TUNNEL_PIECE.unpack_from(payload, offset)
+        offset += TUNNEL_PIECE.size
+        digest = None
+        if kind == PIECE_REF:
+            digest = bytes(payload[offset:offset + CHUNK_DIGEST_SIZE])
+            if len(digest) != CHUNK_DIGEST_SIZE:
+                raise ProtocolError('truncated reference')
+            offset += CHUNK_DIGEST_SIZE
+        elif kind in (PIECE_CHUNK, PIECE_PART):
+            literal_bytes += length
+        else:
+            raise ProtocolError('unknown piece kind %d' % kind)
+        pieces.append((kind, length, digest, None))
+    if offset + literal_bytes != len(payload):
+        raise ProtocolError('pieces of %d bytes in a blob of %d' % (literal_bytes, len(payload) - offset))
+    view, filled = memoryview(payload), []
+    for kind, length, digest, _ in pieces:
+        if kind != PIECE_REF:
+            filled.append((kind, length, None, view[offset:offset + length]))
+            offset += length
+        else:
+            filled.append((kind, length, digest, None))
+    return filled
+
+
+class LinkWriter:
+    """The sending half of a peer link, on its own thread.
+
+    The loop queues messages with `send(body)`, `send_data(sid, pieces)`
+    and `send_chunk(sid, digest, chunk)`; this thread packs them, runs
+    literal blobs through the link's one zlib stream when a sample says it
+    pays, seals, and writes.  It owns the compressor, the outbound Sealer
+    and every write to the socket.  The loop reads `should_pause()`,
+    `wire_bytes` and `error`; `on_event(name)` is called from this
+    thread ('drained', 'failed') and must only post to the loop."""
+
+    def __init__(self, sock, sealer, on_event, level=ZLIB_LEVEL):
+        self.sock = sock
+        self._sealer = sealer
+        self._on_event = on_event
+        self._deflate = zlib.compressobj(level, zlib.DEFLATED, 15, 8)
+        self._queue = collections.deque()
+        self._lock = threading.Condition()
+        self._frames = 0
+        self._backlog = 0
+        self._want_drained = False
+        self._closing = False
+        self.wire_bytes = 0
+        self.error = None
+        self._thread = threading.Thread(target=self._run, name='link-writer', daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def should_pause(self):
+        """Whether local reads should pause for the backlog; if so, this
+        writer reports 'drained' once it is down to WRITER_LOW_WATER."""
+        with self._lock:
+            if self._backlog >= WRITER_HIGH_WATER:
+                self._want_drained = True
+                return True
+            return False
+
+    def send(self, body):
+        self._put(('frame', body), 0)
+
+    def send_data(self, sid, pieces):
+        size = sum(length for kind, length, _d, _l in pieces if kind != PIECE_REF)
+        self._put(('data', sid, pieces), size)
+
+    def send_chunk(self, sid, digest, chunk):
+        self._put(('chunk', sid, digest, chunk), len(chunk))
+
+    def _put(self, item, size):
+        with self._lock:
+            self._backlog += size
+            self._queue.append((item, size))
+            self._lock.notify()
+
+    def close(self):
+        """Stop after what is queued (or at once if the socket is dead) and
+        wait for the thread."""
+        with self._lock:
+            self._closing = True
+            self._queue.append(None)
+            self._lock.notify()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _take(self):
+        """The next item; DATA for one stream queued back to back is merged
+        into one frame (up to MERGE_LIMIT bytes), so a writer that falls
+        behind sends fewer, larger frames: less framing, fewer flushes."""
+        with self._lock:
+            while not self._queue:
+                self._lock.wait()
+            entry = self._queue.popleft()
+            if entry is None or entry[0][0] != 'data':
+                return entry
+            (_, sid, pieces), size = entry
+            while self._queue and self._queue[0] is not None and self._queue[0][0][0] == 'data' \
+                    and self._queue[0][0][1] == sid and size + self._queue[0][1] <= MERGE_LIMIT \
+                    and len(pieces) + len(self._queue[0][0][2]) < 65536:
+                (_, _, more), more_size = self._queue.popleft()
+                pieces = pieces + more
+                size += more_size
+            return ('data', sid, pieces), size
+
+    def _run(self):
+        waiter = selectors.DefaultSelector()
+        waiter.register(self.sock, selectors.EVENT_WRITE)
+        try:
+            while True:
+                entry = self._take()
+                if entry is None:
+                    return
+                item, size = entry
+                if self.error is None:
+                    try:
+                        self._write(self._frame(item), waiter)
+                    except Exception as e:          # the link is unusable either way; say why
+                        self.error = e
+                        self._on_event('failed')
+                with self._lock:
+                    self._backlog -= size
+                    drained = self._want_drained and self._backlog <= WRITER_LOW_WATER
+                    if drained:
+                        self._want_drained = False
+                if drained:
+                    self._on_event('drained')
+        finally:
+            waiter.close()
+
+    def _frame(self, item):
+        if item[0] == 'frame':
+            body = item[1]
+        elif item[0] == 'data':
+            _, sid, pieces = item
+            decoded = pack_pieces(pieces)
+            encoding, blob = self._pack_blob(decoded)
+            body = b''.join((TUNNEL_MESSAGE.pack(MSG_DATA, sid),
+                             TUNNEL_DATA.pack(encoding, len(pieces), len(decoded)), blob))
+        else:
+            _, sid, digest, chunk = item
+            encoding, blob = self._pack_blob(chunk)
+            body = b''.join((TUNNEL_MESSAGE.pack(MSG_CHUNK, sid), digest, bytes([encoding]), blob))
+        header = FRAME_HEADER.pack(len(body) + TAG_SIZE)
+        sealed = self._sealer.seal(self._frames, header, body)
+        self._frames += 1
+        return header + sealed
+
+    def _pack_blob(self, blob):
+        if len(blob) >= MIN_COMPRESS and compressible(blob):
+            return BLOB_ZLIB, self._deflate.compress(blob) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
+        return BLOB_RAW, blob
+
+    def _write(self, frame, waiter):
+        view = memoryview(frame)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                if self._closing and not self._queue:
+                    waiter.select(0.05)
+                else:
+                    waiter.select(1.0)
+                continue
+            view = view[sent:]
+            self.wire_bytes += sent
+
+
+class FrameReader:
+    """Sealed frames in: `feed(data)`, then `frames()` yields each body,
+    authenticated and decrypted, in order, or raises ProtocolError.  The
+    buffer is trimmed once per call, not once per frame."""
+
+    def __init__(self, sealer):
+        self._sealer = sealer
+        self._buffer = bytearray()
+        self._frames = 0
+
+    def feed(self, data):
+        self._buffer += data
+
+    def frames(self):
+        buffer, start = self._buffer, 0
+        try:
+            while len(buffer) - start >= FRAME_HEADER.size:
+                (length,) = FRAME_HEADER.unpack_from(buffer, start)
+                if length > MAX_FRAME or length < TAG_SIZE:
+                    raise ProtocolError('link frame of %d bytes' % length)
+                end = start + FRAME_HEADER.size + length
+                if len(buffer) < end:
+                    break
+                body = self._sealer.open(self._frames, bytes(buffer[start:start + FRAME_HEADER.size]),
+                                         bytes(buffer[start + FRAME_HEADER.size:end]))
+                if body is None:
+                    raise ProtocolError('link frame failed authentication')
+                self._frames += 1
+                start = end
+                yield body
+        finally:
+            del buffer[:start]
+
+
+def tune_link_socket(sock):
+    """Nagle off, BBR when the kernel offers it, and buffers for a long fat
+    pipe (forced past the sysctl limit when we may)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b'bbr')
+    except (AttributeError, OSError):
+        pass                                # the kernel's default it is
+    for option, force in ((socket.SO_SNDBUF, SO_SNDBUFFORCE), (socket.SO_RCVBUF, SO_RCVBUFFORCE)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, LINK_BUFFER)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, LINK_BUFFER)
+            except OSError:
+                pass
+
+
+class Stream:
+    """One forwarded connection on one peer link: the local socket (the
+    client's on the near side, the target's on the far side; None while the
+    far side connects) and both directions, each with its own flow control.
+    It ends when both directions were shut and everything it sent was
+    acknowledged, or at the first reset."""
+
+    def __init__(self, link, sid, sock=None, name=''):
+        self.link = link
+        self.sid = sid
+        self.sock = sock
+        self.name = name
+        self.closed = False
+        # local socket -> peer
+        self.encoder = StreamEncoder(link.store)
+        self.read_total = 0
+        self.credited = 0
+        self.refs = collections.deque()     # (read_total when sent, digest, chunk)
+        self.read_done = False              # local EOF seen and MSG_SHUT queued
+        self._reads = 0
+        self._flush_timer = None
+        # peer -> local socket
+        self.decoder = StreamDecoder(link.store)
+        self.outbuf = collections.deque()
+        self.received = 0
+        self.delivered = 0
+        self.credit_sent = 0
+        self.remote_shut = False
+        self.write_done = False
+
+    # -- local socket ---------------------------------------------------------
+
+    def attach(self, sock):
+        self.sock = sock
+        self._write_out()
+        self.update_interest()
+
+    def on_event(self, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._write_out()
+        if mask & selectors.EVENT_READ and not self.closed:
+            self._read_in()
+        if not self.closed:
+            self.update_interest()
+
+    def update_interest(self):
+        if self.sock is None or self.closed:
+            return
+        events = 0
+        link = self.link
+        if not self.read_done and self.read_total - self.credited < link.send_window \
+                and not link.writer.should_pause():
+            events |= selectors.EVENT_READ
+        if self.outbuf:
+            events |= selectors.EVENT_WRITE
+        link.loop.watch(self.sock, events, self.on_event)
+
+    def _read_in(self):
+        buffer = self.link.loop.read_buffer
+        # Never read past the window: the receiver holds at most that much.
+        room = min(len(buffer), self.link.send_window - (self.read_total - self.credited))
+        if room <= 0:
+            return
+        try:
+            n = self.sock.recv_into(buffer, room)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.reset('%s' % (e.strerror or e))
+            return
+        if n == 0:
+            self._end_of_input()
+            return
+        data = bytes(memoryview(buffer)[:n])
+        self.read_total += n
+        self.link.stats.add('tunnel-out', original=n)
+        self._reads += 1
+        drained = n < len(buffer)           # (or the window is full: send the tail too)
+        flush = drained and n < FLUSH_AT_ONCE
+        self._send(*self.encoder.encode(data, flush=flush))
+        if drained and not flush:
+            reads = self._reads
+            self._flush_timer = self.link.loop.call_later(FLUSH_GRACE, lambda: self._flush_tail(reads))
+
+    def _flush_tail(self, reads):
+        if not self.closed and not self.read_done and reads == self._reads:
+            self._send(*self.encoder.encode(flush=True))
+
+    def _end_of_input(self):
+        self.read_done = True
+        self._send(*self.encoder.encode(final=True))
+        self.link.send_message(MSG_SHUT, self.sid)
+        self._maybe_finish()
+
+    def _send(self, pieces, refs):
+        for digest, chunk in refs:
+            self.refs.append((self.read_total, digest, chunk))
+        if pieces:
+            self.link.writer.send_data(self.sid, pieces)
+
+    def _write_out(self):
+        if self.sock is None or self.closed:
+            return
+        while self.outbuf:
+            batch = list(itertools.islice(self.outbuf, SEND_BATCH))
+            try:
+                sent = self.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.reset('%s' % (e.strerror or e))
+                return
+            self.delivered += sent
+            self.link.stats.add('tunnel-in', original=sent)
+            while sent:
+                head = self.outbuf[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    self.outbuf.popleft()
+                else:
+                    self.outbuf[0] = memoryview(head)[sent:]
+                    sent = 0
+            if len(batch) < SEND_BATCH and self.outbuf:
+                break                           # the socket took less than offered: it is full
+        finished = self.remote_shut and not self.outbuf and self.decoder.idle
+        pending = self.delivered - self.credit_sent
+        if pending and (finished or pending >= CREDIT_STEP
+                        or (not self.outbuf and pending >= 64 << 10)):
+            self.credit_sent = self.delivered
+            self.link.send_message(MSG_CREDIT, self.sid, TUNNEL_CREDIT.pack(self.delivered))
+        if finished and not self.write_done:
+            self.write_done = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._maybe_finish()
+
+    # -- messages from the peer ---------------------------------------------------
+
+    def on_pieces(self, pieces):
+        self.received += self.decoder.feed(pieces)
+        if self.received - self.delivered > self.link.receive_window + MAX_CHUNK:
+            raise ProtocolError('stream %d overran its window' % self.sid)
+        self._decode()
+
+    def on_chunk(self, digest, chunk):
+        self.decoder.supply(digest, chunk)
+        self._decode()
+
+    def _decode(self):
+        out, wanted = self.decoder.take()
+        self.outbuf.extend(piece for piece in out if len(piece))
+        if wanted is not None:
+            self.link.cache_misses += 1
+            self.link.send_message(MSG_CHUNK_REQUEST, self.sid, wanted)
+        self._write_out()
+        if not self.closed:
+            self.update_interest()
+
+    def on_credit(self, value):
+        if value < self.credited or value > self.read_total:
+            raise ProtocolError('stream %d: credit %d outside 0..%d' % (self.sid, value, self.read_total))
+        self.credited = value
+        while self.refs and self.refs[0][0] <= value:
+            self.refs.popleft()
+        self.update_interest()
+        self._maybe_finish()
+
+    def on_shut(self):
+        self.remote_shut = True
+        self._write_out()
+
+    def on_chunk_request(self, digest):
+        for _offset, held, chunk in self.refs:
+            if held == digest:
+                self.link.writer.send_chunk(self.sid, digest, chunk)
+                return
+        self.reset('the peer asked for a chunk this side no longer holds')
+
+    # -- the end ---------------------------------------------------------------
+
+    def _maybe_finish(self):
+        if self.read_done and self.write_done and self.credited == self.read_total and not self.closed:
+            self._close()
+            if self.sock is not None:
+                self.sock.close()
+
+    def reset(self, reason, tell_peer=True, log=True):
+        """Abort: the local socket gets a TCP reset and, unless the peer
+        started it, the peer a MSG_RESET."""
+        if self.closed:
+            return
+        if tell_peer:
+            self.link.send_message(MSG_RESET, self.sid, reason.encode('utf-8', 'replace')[:1000])
+        if log:
+            self.link.log('stream %d%s reset: %s' % (self.sid, self.name and ' (%s)' % self.name, reason))
+        self._close()
+        if self.sock is not None:
+            reset_socket(self.sock)
+
+    def _close(self):
+        self.closed = True
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        if self.sock is not None:
+            self.link.loop.watch(self.sock, 0, None)
+        self.link.streams.pop(self.sid, None)
+        self.refs.clear()
+        self.outbuf.clear()
+
+
+class PeerLink:
+    """One authenticated peer link and the streams it carries.
+
+    The loop calls `on_readable`; messages go to `_on_<type>` methods by
+    type.  Anything the peer gets wrong closes the link (its streams are
+    reset), never the process.  The Tunnel that made it is told
+    `link_ready` after the peer's MSG_HELLO and `link_closed` at the end."""
+
+    def __init__(self, tunnel, sock, keys, role, peer_name):
+        self.tunnel = tunnel
+        self.loop = tunnel.loop
+        self.store = tunnel.store
+        self.stats = tunnel.stats
+        self.log = tunnel.log
+        self.sock = sock
+        self.peer_name = peer_name
+        self.streams = {}
+        self.ready = False
+        self.closed = False
+        self.cache_misses = 0
+        self.receive_window = STREAM_WINDOW
+        self.send_window = 0
+        self.last_heard = time.monotonic()
+        self.opened_at = self.last_heard
+        self._last_sid = 0
+        self._wire_reported = 0
+        out_sealer, in_sealer, _data_out, _data_in = keys.sealers(role)
+        self._reader = FrameReader(in_sealer)
+        self._inflate = zlib.decompressobj()
+        self._handlers = {
+            MSG_HELLO: self._on_hello, MSG_OPEN: self._on_open, MSG_DATA: self._on_data,
+            MSG_CREDIT: self._on_credit, MSG_SHUT: self._on_shut, MSG_RESET: self._on_reset,
+            MSG_CHUNK_REQUEST: self._on_chunk_request, MSG_CHUNK: self._on_chunk,
+            MSG_PING: self._on_ping, MSG_PONG: self._on_pong,
+        }
+        sock.setblocking(False)
+        self.writer = LinkWriter(sock, out_sealer, self._on_writer_event)
+        self.writer.start()
+        self.send_message(MSG_HELLO, 0, TUNNEL_HELLO.pack(TUNNEL_MAGIC, TUNNEL_VERSION, self.receive_window))
+        self.loop.watch(sock, selectors.EVENT_READ, self.on_readable)
+        self._ping_timer = self.loop.call_later(PING_INTERVAL, self._keepalive)
+
+    # -- out ----------------------------------------------------------------------
+
+    def send_message(self, kind, sid, payload=b''):
+        self.writer.send(TUNNEL_MESSAGE.pack(kind, sid) + payload)
+
+    def open_stream(self, sock, host, port, name):
+        """Carry a new local connection to host:port on the far side."""
+        self._last_sid += 1
+        stream = Stream(self, self._last_sid, sock, name)
+        self.streams[stream.sid] = stream
+        self.stats.add('tunnel-out', connections=1)
+        self.stats.add('tunnel-in', connections=1)
+        self.send_message(MSG_OPEN, stream.sid, TUNNEL_OPEN.pack(port) + host.encode('utf-8'))
+        stream.update_interest()
+        return stream
+
+    def _on_writer_event(self, name):
+        self.loop.post(lambda: self._writer_event(name))
+
+    def _writer_event(self, name):
+        if self.closed:
+            return
+        if name == 'failed':
+            self.close('link lost: %s' % (getattr(self.writer.error, 'strerror', None) or self.writer.error))
+        else:
+            for stream in list(self.streams.values()):
+                stream.update_interest()
+
+    def collect_stats(self):
+        wire = self.writer.wire_bytes
+        self.stats.add('tunnel-out', transferred=wire - self._wire_reported)
+        self._wire_reported = wire
+
+    # -- in -----------------------------------------------------------------------
+
+    def on_readable(self, mask):
+        buffer = self.loop.link_buffer
+        try:
+            n = self.sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.close('link lost: %s' % (e.strerror or e))
+            return
+        if n == 0:
+            self.close('the peer closed the link')
+            return
+        self.stats.add('tunnel-in', transferred=n)
+        self.last_heard = time.monotonic()
+        self._reader.feed(memoryview(buffer)[:n])
+        try:
+            for body in self._reader.frames():
+                self._dispatch(body)
+                if self.closed:
+                    return
+        except ProtocolError as e:
+            self.close('protocol error: %s' % e)
+
+    def _dispatch(self, body):
+        if len(body) < TUNNEL_MESSAGE.size:
+            raise ProtocolError('short message')
+        kind, sid = TUNNEL_MESSAGE.unpack_from(body)
+        handler = self._handlers.get(kind)
+        if handler is None:
+            raise ProtocolError('unknown message type %d' % kind)
+        if not self.ready and kind != MSG_HELLO:
+            raise ProtocolError('the peer did not start with HELLO')
+        handler(sid, memoryview(body)[TUNNEL_MESSAGE.size:])
+
+    def _stream(self, sid):
+        return self.streams.get(sid)
+
+    def _on_hello(self, sid, payload):
+        if len(payload) < TUNNEL_HELLO.size:
+            raise ProtocolError('the peer is not a wanxfer tunnel')
+        magic, version, window = TUNNEL_HELLO.unpack_from(payload)
+        if magic != TUNNEL_MAGIC:
+            raise ProtocolError('the peer is not a wanxfer tunnel')
+        if version != TUNNEL_VERSION:
+            raise ProtocolError('the peer speaks tunnel protocol %d, this side %d' % (version, TUNNEL_VERSION))
+        if window < MAX_CHUNK:
+            raise ProtocolError('the peer offers a window of %d bytes' % window)
+        self.send_window = window
+        self.ready = True
+        self.tunnel.link_ready(self)
+
+    def _on_open(self, sid, payload):
+        if not self.tunnel.accepts_open or sid <= self._last_sid or len(payload) < TUNNEL_OPEN.size:
+            raise ProtocolError('unexpected OPEN for stream %d' % sid)
+        self._last_sid = sid
+        (port,) = TUNNEL_OPEN.unpack_from(payload)
+        try:
+            host = bytes(payload[TUNNEL_OPEN.size:]).decode('utf-8')
+        except UnicodeDecodeError:
+            raise ProtocolError('target host is not UTF-8')
+        self.stats.add('tunnel-out', connections=1)
+        self.stats.add('tunnel-in', connections=1)
+        self.tunnel.open_target(self, sid, host, port)
+
+    def _on_data(self, sid, payload):
+        if len(payload) < TUNNEL_DATA.size:
+            raise ProtocolError('short DATA')
+        encoding, count, size = TUNNEL_DATA.unpack_from(payload)
+        if size > MAX_FRAME:
+            raise ProtocolError('a blob of %d bytes' % size)
+        # Decoded even for a stream that is gone, to keep the zlib stream in step.
+        blob = self._unpack_blob(encoding, payload[TUNNEL_DATA.size:], size)
+        pieces = unpack_pieces(blob, count)
+        stream = self._stream(sid)
+        if stream is not None:
+            self._guarded(stream, stream.on_pieces, pieces)
+
+    def _unpack_blob(self, encoding, blob, expected):
+        if encoding == BLOB_RAW:
+            data = bytes(blob)
+        elif encoding == BLOB_ZLIB:
+            try:
+                data = self._inflate.decompress(blob, expected + 1)
+            except zlib.error as e:
+                raise ProtocolError('bad compressed data: %s' % e)
+            if self._inflate.unconsumed_tail:
+                raise ProtocolError('compressed data longer than announced')
+        else:
+            raise ProtocolError('unknown blob encoding %d' % encoding)
+        if len(data) != expected:
+            raise ProtocolError('blob of %d bytes where %d were announced' % (len(data), expected))
+        return data
+
+    def _guarded(self, stream, method, *args):
+        """Run a stream's handler; what the peer got wrong about one stream
+        resets that stream only."""
+        try:
+            method(*args)
+        except ProtocolError as e:
+            stream.reset(str(e))
+
+    def _on_credit(self, sid, payload):
+        stream = self._stream(sid)
+        if stream is not None and len(payload) == TUNNEL_CREDIT.size:
+            self._guarded(stream, stream.on_credit, TUNNEL_CREDIT.unpack(payload)[0])
+
+    def _on_shut(self, sid, payload):
+        stream = self._stream(sid)
+        if stream is not None:
+            stream.on_shut()
+
+    def _on_reset(self, sid, payload):
+        stream = self._stream(sid)
+        if stream is not None:
+            reason = bytes(payload).decode('utf-8', 'replace')
+            stream.reset('by the peer: %s' % reason, tell_peer=False)
+
+    def _on_chunk_request(self, sid, payload):
+        stream = self._stream(sid)
+        if stream is None:
+            self.send_message(MSG_RESET, sid, b'the stream is gone')
+        else:
+            stream.on_chunk_request(bytes(payload))
+
+    def _on_chunk(self, sid, payload):
+        if len(payload) < CHUNK_DIGEST_SIZE + 1:
+            raise ProtocolError('short CHUNK')
+        digest = bytes(payload[:CHUNK_DIGEST_SIZE])
+        chunk = self._unpack_chunk(payload[CHUNK_DIGEST_SIZE], payload[CHUNK_DIGEST_SIZE + 1:])
+        stream = self._stream(sid)
+        if stream is not None:
+            self._guarded(stream, stream.on_chunk, digest, chunk)
+
+    def _unpack_chunk(self, encoding, blob):
+        if encoding == BLOB_RAW:
+            if len(blob) > MAX_CHUNK:
+                raise ProtocolError('a chunk of %d bytes' % len(blob))
+            return bytes(blob)
+        if encoding != BLOB_ZLIB:
+            raise ProtocolError('unknown blob encoding %d' % encoding)
+        try:
+            data = self._inflate.decompress(blob, MAX_CHUNK + 1)
+        except zlib.error as e:
+            raise ProtocolError('bad compressed data: %s' % e)
+        if self._inflate.unconsumed_tail or len(data) > MAX_CHUNK:
+            raise ProtocolError('a chunk longer than %d bytes' % MAX_CHUNK)
+        return data
+
+    def _on_ping(self, sid, payload):
+        self.send_message(MSG_PONG, 0, bytes(payload))
+
+    def _on_pong(self, sid, payload):
+        pass                                # last_heard was updated on arrival
+
+    def _keepalive(self):
+        if self.closed:
+            return
+        if time.monotonic() - self.last_heard > LINK_DEAD_AFTER:
+            self.close('no word from the peer for %d s' % LINK_DEAD_AFTER)
+            return
+        self.send_message(MSG_PING, 0, TUNNEL_PING.pack(int(time.time() * 1000)))
+        self._ping_timer = self.loop.call_later(PING_INTERVAL, self._keepalive)
+
+    # -- the end ------------------------------------------------------------------
+
+    def close(self, reason):
+        """Tear the link down: every stream on it is reset."""
+        if self.closed:
+            return
+        self.closed = True
+        self._ping_timer.cancel()
+        self.loop.watch(self.sock, 0, None)
+        for stream in list(self.streams.values()):
+            stream.reset('the peer link went down', tell_peer=False, log=False)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.writer.close()
+        self.sock.close()
+        self.collect_stats()
+        if self.cache_misses:
+            self.log('%d chunks %s referred to were missing from this side\'s cache and were '
+                     'fetched from it' % (self.cache_misses, self.peer_name))
+        self.tunnel.link_closed(self, reason)
+
+
+class Timer:
+    __slots__ = ('when', 'callback', 'cancelled')
+
+    def __init__(self, when, callback):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class EventLoop:
+    """One selectors loop with timers and an inbox.
+
+    `watch(sock, events, handler)` calls handler(mask) when the socket is
+    ready (events 0 stops watching); `call_later(delay, fn)` returns a Timer
+    to cancel; `post(fn)`, from any thread, runs fn on the loop soon;
+    `run()` returns after `stop()` (which a signal handler may call)."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.read_buffer = bytearray(LOCAL_READ_SIZE)
+        self.link_buffer = bytearray(LINK_READ_SIZE)
+        self._timers = []
+        self._sequence = itertools.count()
+        self._inbox = collections.deque()
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
+        self.selector.register(self._wake_in, selectors.EVENT_READ, self._drain_wake)
+        self.stopping = False
+
+    def watch(self, sock, events, handler):
+        try:
+            key = self.selector.get_key(sock)
+        except (KeyError, ValueError):
+            key = None
+        if not events:
+            if key is not None:
+                self.selector.unregister(sock)
+        elif key is None:
+            self.selector.register(sock, events, handler)
+        elif key.events != events or key.data != handler:
+            self.selector.modify(sock, events, handler)
+
+    def call_later(self, delay, callback):
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
+        return timer
+
+    def post(self, callback):
+        self._inbox.append(callback)
+        self._wake()
+
+    def stop(self):
+        self.stopping = True
+        self._wake()
+
+    def _wake(self):
+        try:
+            self._wake_out.send(b'\0')
+        except (BlockingIOError, OSError):
+            pass                            # a wake-up is pending already
+
+    def _drain_wake(self, mask):
+        try:
+            while self._wake_in.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def run(self):
+        while not self.stopping:
+            timeout = 1.0
+            if self._timers:
+                timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
+            for key, mask in self.selector.select(timeout):
+                key.data(mask)
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                timer = heapq.heappop(self._timers)[2]
+                if not timer.cancelled:
+                    timer.callback()
+            while self._inbox:
+                self._inbox.popleft()()
+
+    def close(self):
+        self.selector.close()
+        self._wake_in.close()
+        self._wake_out.close()
+
+
+class TunnelStats:
+    """Connections and bytes per direction for this run.  'tunnel-out' is
+    what local sockets gave this side (original) and what it put on the peer
+    links for them (transferred, every frame byte and the handshake);
+    'tunnel-in' is what came off the links and what local sockets took."""
+
+    def __init__(self):
+        self.figures = {kind: [0, 0, 0] for kind in STATS_KINDS}
+
+    def add(self, kind, connections=0, original=0, transferred=0):
+        figures = self.figures[kind]
+        figures[0] += connections
+        figures[1] += original
+        figures[2] += transferred
+
+    def snapshot(self):
+        return {kind: tuple(values) for kind, values in self.figures.items()}
+
+
+class Tunnel:
+    """One `tunnel` process: the event loop, the store, the stats and the
+    links.  Subclasses supply the role: NearTunnel (--peer) and FarTunnel
+    (--listen).  `run()` serves until `stop()`; the figures go to the store
+    every STATS_INTERVAL and at the end.
+
+    Methods the links call: link_ready(link), link_closed(link, reason),
+    open_target(link, sid, host, port) (far side only; see accepts_open)."""
+
+    accepts_open = False
+    role = ''
+
+    def __init__(self, secret, store, encrypt=True, log=None):
+        self.secret = secret
+        self.store = store
+        self.encrypt = encrypt
+        self.log = log or (lambda line: None)
+        self.loop = EventLoop()
+        self.stats = TunnelStats()
+        self.links = set()
+        self.run_id = secrets.token_hex(8)
+        self.started = time.time()
+
+    def run(self):
+        self._housekeeping()
+        self._save_stats_later()
+        try:
+            self.loop.run()
+        finally:
+            self.shutdown()
+
+    def stop(self):
+        self.loop.stop()
+
+    def shutdown(self):
+        for link in list(self.links):
+            link.close('the tunnel is stopping')
+        self._close_listeners()
+        self.save_stats()
+        self.store.end_run(self.run_id)
+        self.store.close()
+        self.loop.close()
+
+    def _close_listeners(self):
+        pass
+
+    def _housekeeping(self):
+        if self.store.flush_due(time.monotonic()):
+            self.store.flush()
+        self.loop.call_later(CACHE_COMMIT_INTERVAL, self._housekeeping)
+
+    def _save_stats_later(self):
+        self.save_stats()
+        self.store.check_file()
+        self.loop.call_later(STATS_INTERVAL, self._save_stats_later)
+
+    def save_stats(self):
+        for link in self.links:
+            link.collect_stats()
+        self.store.save_run(self.run_id, self.role, self.started, self.stats.snapshot())
+
+    def add_link(self, sock, keys, peer_name):
+        link = PeerLink(self, sock, keys, 'client' if self.role == 'peer' else 'server', peer_name)
+        # The handshake's bytes count as link bytes too.
+        sent, received = (HELLO.size + CLIENT_PROOF.size, SERVER_HELLO.size) if self.role == 'peer' \
+            else (SERVER_HELLO.size, HELLO.size + CLIENT_PROOF.size)
+        self.stats.add('tunnel-out', transferred=sent)
+        self.stats.add('tunnel-in', transferred=received)
+        self.links.add(link)
+        return link
+
+    def link_ready(self, link):
+        pass
+
+    def link_closed(self, link, reason):
+        self.links.discard(link)
+
+    def open_target(self, link, sid, host, port):
+        raise ProtocolError('this side does not open connections')
+
+    def spawn(self, work, done):
+        """Run work() on a helper thread; done(result, error) then runs on
+        the loop.  For the blocking parts: name lookup, connect, handshake."""
+        def body():
+            try:
+                result, error = work(), None
+            except Exception as e:              # reported on the loop, not lost with the thread
+                result, error = None, e
+            self.loop.post(lambda: done(result, error))
+        threading.Thread(target=body, name='tunnel-helper', daemon=True).start()
+
+
+def listen_socket(host, port, tune=False):
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if tune:
+            tune_link_socket(sock)          # accepted sockets inherit it
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise UsageError('cannot listen on %s:%d: %s' % (host or '*', port, e.strerror))
+    sock.setblocking(False)
+    return sock
+
+
+def describe_error(error):
+    return getattr(error, 'strerror', None) or str(error)
+
+
+class NearTunnel(Tunnel):
+    """The --peer side: listens on each -L address like `ssh -L`, carries
+    every accepted connection over the link to its target, and keeps the
+    link up, reconnecting with back-off.  Connections accepted while the
+    link is down wait for it up to PENDING_STREAM_WAIT."""
+
+    role = 'peer'
+
+    def __init__(self, secret, store, peer, forwards, encrypt=True, log=None):
+        Tunnel.__init__(self, secret, store, encrypt, log)
+        self.peer = peer
+        self.link = None
+        self.listeners = []             # (socket, target host, target port)
+        self.addresses = []
+        self._pending = collections.deque()     # (deadline, socket, host, port, name)
+        self._attempt = 0
+        self._dialing = False
+        for bind, port, host, target_port in forwards:
+            sock = listen_socket(bind, port)
+            self.listeners.append((sock, host, target_port))
+            self.addresses.append((sock.getsockname()[:2], (host, target_port)))
+            self.loop.watch(sock, selectors.EVENT_READ,
+                            lambda mask, s=sock, h=host, p=target_port: self._accept(s, h, p))
+
+    def run(self):
+        self._dial()
+        Tunnel.run(self)
+
+    def _close_listeners(self):
+        for sock, _host, _port in self.listeners:
+            self.loop.watch(sock, 0, None)
+            sock.close()
+        while self._pending:
+            reset_socket(self._pending.popleft()[1])
+
+    def _accept(self, listener, host, port):
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.log('accept failed: %s' % describe_error(e))
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        name = '%s:%d -> %s:%d' % (address[0], address[1], host, port)
+        if self.link is not None and self.link.ready:
+            self.link.open_stream(sock, host, port, name)
+        elif len(self._pending) >= MAX_PENDING_STREAMS:
+            reset_socket(sock)
+        else:
+            self._pending.append((time.monotonic() + PENDING_STREAM_WAIT, sock, host, port, name))
+            self.loop.call_later(PENDING_STREAM_WAIT, self._expire_pending)
+
+    def _expire_pending(self):
+        now = time.monotonic()
+        while self._pending and self._pending[0][0] <= now:
+            _deadline, sock, _host, _port, name = self._pending.popleft()
+            self.log('no peer link for %d s: dropped %s' % (PENDING_STREAM_WAIT, name))
+            reset_socket(sock)
+
+    def _dial(self):
+        if self._dialing or self.loop.stopping:
+            return
+        self._dialing = True
+        host, port = self.peer
+        secret, encrypt = self.secret, self.encrypt
+
+        def work():
+            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            family, kind, proto, _name, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            try:
+                tune_link_socket(sock)
+                sock.settimeout(CONNECT_TIMEOUT)
+                sock.connect(address)
+                keys, _rtt = client_handshake(sock, secret, encrypt)
+            except BaseException:
+                sock.close()
+                raise
+            return sock, keys
+
+        self.spawn(work, self._dialed)
+
+    def _dialed(self, result, error):
+        self._dialing = False
+        if self.loop.stopping:
+            if result:
+                result[0].close()
+            return
+        if error is not None:
+            self._retry('%s' % describe_error(error))
+            return
+        sock, keys = result
+        self.link = self.add_link(sock, keys, '%s:%d' % self.peer)
+        self.log('peer link up: %s:%d' % self.peer)
+
+    def link_ready(self, link):
+        while self._pending:
+            _deadline, sock, host, port, name = self._pending.popleft()
+            link.open_stream(sock, host, port, name)
+
+    def link_closed(self, link, reason):
+        Tunnel.link_closed(self, link, reason)
+        if link is not self.link:
+            return
+        self.link = None
+        if time.monotonic() - link.opened_at >= LINK_STABLE:
+            self._attempt = 0
+        if not self.loop.stopping:
+            self._retry(reason)
+
+    def _retry(self, reason):
+        delay = RECONNECT_DELAYS[min(self._attempt, len(RECONNECT_DELAYS) - 1)]
+        self._attempt += 1
+        self.log('peer link to %s:%d down: %s; reconnecting in %g s' % (self.peer + (reason, delay)))
+        self.loop.call_later(delay, self._dial)
+
+
+class FarTunnel(Tunnel):
+    """The --listen side: accepts peers (each must pass the handshake, and
+    one that fails is logged and dropped), and opens connections only to
+    the targets named by --allow, spelled as the peer's -L spells them."""
+
+    role = 'listen'
+    accepts_open = True
+
+    def __init__(self, secret, store, bind, port, allow, encrypt=True, log=None):
+        Tunnel.__init__(self, secret, store, encrypt, log)
+        self.allow = set((host.lower(), target_port) for host, target_port in allow)
+        self.listener = listen_socket(bind, port, tune=True)
+        self.address = self.listener.getsockname()[:2]
+        self._handshakes = 0
+        self.loop.watch(self.listener, selectors.EVENT_READ, self._accept)
+
+    def _close_listeners(self):
+        self.loop.watch(self.listener, 0, None)
+        self.listener.close()
+
+    def _accept(self, mask):
+        try:
+            sock, address = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.log('accept failed: %s' % describe_error(e))
+            return
+        name = '%s:%d' % address[:2]
+        if self._handshakes >= MAX_HANDSHAKES:
+            self.log('peer %s dropped: too many handshakes in progress' % name)
+            sock.close()
+            return
+        self._handshakes += 1
+        secret, encrypt = self.secret, self.encrypt
+
+        def work():
+            try:
+                sock.settimeout(HANDSHAKE_TIMEOUT)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                keys, _rtt = server_handshake(sock, secret, encrypt)
+            except BaseException:
+                sock.close()
+                raise
+            return keys
+
+        self.spawn(work, lambda keys, error: self._handshaken(sock, name, keys, error))
+
+    def _handshaken(self, sock, name, keys, error):
+        self._handshakes -= 1
+        if error is not None:
+            reason = describe_error(error)
+            if isinstance(error, ProtocolError) and 'closed' in reason:
+                # The client checks our proof first and hangs up when it fails.
+                reason = 'it hung up during the handshake (most likely a wrong secret)'
+            self.log('peer %s refused: %s' % (name, reason))
+            return
+        if self.loop.stopping:
+            sock.close()
+            return
+        self.add_link(sock, keys, name)
+        self.log('peer link up: %s' % name)
+
+    def link_closed(self, link, reason):
+        Tunnel.link_closed(self, link, reason)
+        self.log('peer link from %s down: %s' % (link.peer_name, reason))
+
+    def open_target(self, link, sid, host, port):
+        target = '%s:%d' % (host, port)
+        if (host.lower(), port) not in self.allow:
+            self.log('peer %s asked for %s, which --allow does not name: refused'
+                     % (link.peer_name, target))
+            link.send_message(MSG_RESET, sid, ('target %s is not allowed by the --listen side'
+                                               % target).encode('utf-8'))
+            return
+        stream = Stream(link, sid, None, target)
+        link.streams[sid] = stream
+
+        def work():
+            sock = socket.create_connection((host, port), CONNECT_TIMEOUT)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+
+        def done(sock, error):
+            if stream.closed:
+                if sock is not None:
+                    sock.close()
+            elif error is not None:
+                stream.reset('cannot connect to %s: %s' % (target, describe_error(error)))
+            else:
+                stream.attach(sock)
+
+        self.spawn(work, done)
+
+
+# ---------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------
 """Everything a person reads: progress lines, the per-file summary in the
@@ -2883,8 +4817,8 @@ def parse_rate(text):
 
 def parse_size(text):
     """'64M', '1G', '4096' -> bytes (binary units)."""
-    return parse_quantity(text, {'': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30, 't': 1 << 40},
-                          ('ib', 'b'), '64M or 1G (bytes)')
+    return int(parse_quantity(text, {'': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30, 't': 1 << 40},
+                              ('ib', 'b'), '64M or 1G (bytes)'))
 
 
 def summary_lines(summary):
@@ -3304,6 +5238,120 @@ def add_link_options(parser, rtt, loss, rate):
                        help='largest packet the link carries (default 1500)')
     group.add_argument('--seed', type=int, default=None, help='repeatable randomness')
 
+DEFAULT_CACHE_SIZE_TEXT = '4G'
+
+
+def default_cache_path(environ=None):
+    environ = os.environ if environ is None else environ
+    base = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'wanxfer', 'cache.db')
+
+
+def parse_listen(text):
+    """'[ADDR:]PORT' -> (addr, port); no address means every interface."""
+    if text.isdigit():
+        return '', int(text)
+    host, port = parse_host_port(text)
+    return host.strip('[]'), port
+
+
+def parse_target(text, option):
+    """'HOST:PORT' with the port required."""
+    if not re.match(r'^(\[[^\]]+\]|[^:\[\]]+):\d+$', text):
+        raise UsageError('invalid %s %r: use HOST:PORT' % (option, text))
+    return parse_host_port(text)
+
+
+_FORWARD = re.compile(r'^(?:(\[[^\]]*\]|[^:\[\]]*):)?(\d+):(\[[^\]]+\]|[^:\[\]]+):(\d+)$')
+
+
+def parse_forward(text):
+    """'[BIND:]PORT:HOST:PORT' -> (bind, port, host, port), as in ssh -L;
+    the bind address defaults to 127.0.0.1."""
+    match = _FORWARD.match(text)
+    if not match:
+        raise UsageError('invalid -L %r: use [BIND:]PORT:HOST:PORT' % text)
+    bind, port, host, target_port = match.groups()
+    bind = (bind or '127.0.0.1').strip('[]')
+    port, target_port = int(port), int(target_port)
+    if port > 65535 or not 0 < target_port <= 65535:
+        raise UsageError('invalid port in -L %r' % text)
+    return bind, port, host.strip('[]'), target_port
+
+
+def stats_lines(report):
+    """The human form of a cache_report, modelled on cloudstats."""
+    cache = report['cache']
+    lines = ['Cache %s: %d chunks, %s' % (cache['path'], cache['chunks'],
+                                          human_bytes(cache['stored_bytes']))]
+    header = '  %-12s %11s %12s %12s %12s %7s' % ('direction', 'connections', 'original',
+                                                   'transferred', 'saved', 'saving')
+
+    def table(section):
+        rows = [header]
+        for kind in STATS_KINDS + ('total',):
+            f = section[kind]
+            rows.append('  %-12s %11d %12s %12s %12s %6.1f%%' % (
+                kind, f['connections'], human_bytes(f['original_bytes']),
+                human_bytes(f['transferred_bytes']), human_bytes(f['saved_bytes']),
+                f['saving_percent']))
+        return rows
+
+    lines += ['', 'Life of the cache'] + table(report['life'])
+    for run in report['running']:
+        uptime = int(run['uptime_seconds'])
+        lines += ['', 'Running tunnel (--%s, pid %d, up %d:%02d:%02d)' % (
+            run['role'], run['pid'], uptime // 3600, uptime // 60 % 60, uptime % 60)] + table(run)
+    if not report['running']:
+        lines += ['', 'No tunnel is running on this cache.']
+    return lines
+
+
+def command_tunnel(args):
+    if bool(args.listen) == bool(args.peer):
+        raise UsageError('give --listen [ADDR:]PORT (the far side) or --peer HOST:PORT (the near side)')
+    if args.listen and (not args.allow or args.forward):
+        raise UsageError('--listen takes --allow HOST:PORT (at least one), not -L: it opens '
+                         'connections only to the targets it is told to')
+    if args.peer and (not args.forward or args.allow):
+        raise UsageError('--peer takes -L [BIND:]PORT:HOST:PORT (at least one), not --allow')
+    secret = require_secret(args)
+    limit = parse_size(args.cache_size)
+    allow = [parse_target(text, '--allow') for text in args.allow]
+    forwards = [parse_forward(text) for text in args.forward]
+    listen = parse_listen(args.listen) if args.listen else None
+    peer = parse_target(args.peer, '--peer') if args.peer else None
+    log = server_logger()
+    store = ChunkStore(args.cache or default_cache_path(), limit, log=log)
+    try:
+        if listen:
+            tunnel = FarTunnel(secret, store, listen[0], listen[1], allow,
+                               encrypt=not args.no_encrypt, log=log)
+            log('listening on %s:%d for peers; allowed targets: %s' % (
+                tunnel.address + (', '.join('%s:%d' % target for target in allow),)))
+        else:
+            tunnel = NearTunnel(secret, store, peer, forwards, encrypt=not args.no_encrypt, log=log)
+            for (bind, port), (host, target_port) in tunnel.addresses:
+                log('listening on %s:%d, forwarding to %s:%d via peer %s:%d'
+                    % ((bind, port, host, target_port) + peer))
+    except BaseException:
+        store.close()
+        raise
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: tunnel.stop())
+    tunnel.run()
+    log('stopped')
+    return 0
+
+
+def command_stats(args):
+    report = cache_report(args.cache or default_cache_path())
+    if args.json:
+        print(json.dumps(report, sort_keys=True, indent=2))
+    else:
+        print('\n'.join(stats_lines(report)))
+    return 0
+
 
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
@@ -3394,6 +5442,48 @@ def build_parser():
                          help='where to listen (default: a free port on 127.0.0.1)')
     add_link_options(emulate, rtt=120.0, loss=1.0, rate=None)
     emulate.set_defaults(func=command_emulate)
+    tunnel = commands.add_parser(
+        'tunnel', parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help='forward TCP between two peers, compressed and deduplicated',
+        description='Forward TCP connections between two peers over one authenticated, encrypted '
+                    'link.  Each direction is cut into content-defined chunks; a chunk either side '
+                    'has seen before (in any connection, even before a restart) crosses as a '
+                    'reference to the chunk cache, the rest compressed.',
+        epilog='examples:\n'
+               '  # far side (next to the database): accept peers on 7000, allow one target\n'
+               '  python3 wanxfer.py tunnel --listen 7000 --allow 127.0.0.1:5432\n'
+               '  # near side: local port 6432 reaches 127.0.0.1:5432 as seen from the far side\n'
+               '  python3 wanxfer.py tunnel --peer db1.example.com:7000 -L 6432:127.0.0.1:5432\n\n'
+               'Both sides need the same secret ($%s or --secret-file) and the same '
+               '--no-encrypt setting.' % SECRET_ENV)
+    tunnel.add_argument('--listen', metavar='[ADDR:]PORT',
+                        help='far side: accept peers here (all interfaces unless ADDR)')
+    tunnel.add_argument('--allow', action='append', default=[], metavar='HOST:PORT',
+                        help='far side: a target peers may open (repeat for more); nothing else is')
+    tunnel.add_argument('--peer', metavar='HOST:PORT', help='near side: the far side\'s --listen address')
+    tunnel.add_argument('-L', dest='forward', action='append', default=[],
+                        metavar='[BIND:]PORT:HOST:PORT',
+                        help='near side: listen on BIND:PORT (default 127.0.0.1) and carry each '
+                             'connection to HOST:PORT as the far side sees it (repeat for more)')
+    tunnel.add_argument('--cache', metavar='DB',
+                        help='chunk cache file (default %s)' % default_cache_path())
+    tunnel.add_argument('--cache-size', default=DEFAULT_CACHE_SIZE_TEXT, metavar='SIZE',
+                        help='evict least recently used chunks past SIZE (default %s)'
+                             % DEFAULT_CACHE_SIZE_TEXT)
+    tunnel.set_defaults(func=command_tunnel)
+
+    stats = commands.add_parser(
+        'stats', formatter_class=argparse.RawDescriptionHelpFormatter,
+        help='what the tunnel carried and saved',
+        description='Connections, original and transferred bytes and the saving, per direction '
+                    'and in total, for the life of the cache and for each tunnel running on it '
+                    '(a running tunnel updates them every few seconds).',
+        epilog='examples:\n'
+               '  python3 wanxfer.py stats\n'
+               '  python3 wanxfer.py stats --cache /var/cache/wanxfer.db --json')
+    stats.add_argument('--cache', metavar='DB', help='chunk cache file (default %s)' % default_cache_path())
+    stats.add_argument('--json', action='store_true', help='one JSON object for scripts')
+    stats.set_defaults(func=command_stats)
     return parser, commands
 
 

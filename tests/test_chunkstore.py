@@ -1,0 +1,193 @@
+"""The chunk store and the tunnel's codec, without sockets: chunking, the
+cache file, and the encoder/decoder state machines."""
+
+import hashlib
+import os
+import sqlite3
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import wanxfer  # noqa: E402
+from wanxfer import (MAX_CHUNK, MIN_CHUNK, PIECE_CHUNK, PIECE_PART, PIECE_REF, CacheError,  # noqa: E402
+                     Chunker, ChunkStore, ProtocolError, StreamDecoder, StreamEncoder,
+                     cache_report, chunk_digest)
+
+
+def noise(n, seed=b'x'):
+    return hashlib.shake_256(seed).digest(n)
+
+
+def chunks_of(data, step=65536):
+    chunker = Chunker()
+    out = []
+    for i in range(0, len(data), step):
+        out += chunker.feed(data[i:i + step])
+    return out + [chunker.finish()]
+
+
+def test_chunks_reassemble_and_respect_the_size_bounds():
+    data = noise(3 << 20) + bytes(300000) + noise(1 << 20, seed=b'y')
+    chunks = chunks_of(data)
+    assert b''.join(chunks) == data
+    assert all(MIN_CHUNK <= len(c) <= MAX_CHUNK for c in chunks[:-2])
+    assert 12 << 10 < len(data) // len(chunks) < 40 << 10
+    # A run of zeros becomes identical maximum-size chunks.
+    zero_chunks = [c for c in chunks if c == bytes(MAX_CHUNK)]
+    assert len(zero_chunks) >= 3
+
+
+def test_cuts_do_not_depend_on_how_the_bytes_arrive():
+    data = noise(2 << 20, seed=b'arrive')
+    assert chunks_of(data, 65536) == chunks_of(data, 1000) == chunks_of(data, len(data))
+
+
+def test_an_early_insert_moves_only_nearby_chunks():
+    data = noise(4 << 20, seed=b'insert')
+    edited = data[:100000] + b'a few inserted bytes' + data[100000:]
+    before = set(chunk_digest(c) for c in chunks_of(data))
+    after = chunks_of(edited)
+    new = sum(len(c) for c in after if chunk_digest(c) not in before)
+    assert new < 3 * MAX_CHUNK
+
+
+@pytest.fixture
+def store(tmp_path):
+    lines = []
+    s = ChunkStore(str(tmp_path / 'cache.db'), limit=8 << 20, log=lines.append)
+    s.lines = lines
+    yield s
+    s.close()
+
+
+def test_store_put_get_has_and_verification(store, tmp_path):
+    data = noise(20000)
+    digest = chunk_digest(data)
+    assert not store.has(digest) and store.get(digest) is None
+    store.put(digest, data)
+    assert store.has(digest) and store.get(digest) == data
+    store.flush()
+    # Another connection (another process) sees the committed chunk ...
+    other = ChunkStore(str(tmp_path / 'cache.db'))
+    assert other.get(digest) == data
+    # ... and when the bytes on disk go bad, they are never returned.
+    db = sqlite3.connect(str(tmp_path / 'cache.db'))
+    db.execute('UPDATE chunks SET data = ? WHERE digest = ?', (b'x' + data[1:], digest))
+    db.commit()
+    db.close()
+    assert other.get(digest) is None
+    assert other.damaged_chunks == 1
+    assert not other.has(digest)                # the damaged entry was dropped
+    other.close()
+
+
+def test_store_evicts_least_recently_used_past_the_limit(store):
+    digests = []
+    for i in range(300):                        # 300 x 60 KB = 18 MB into an 8 MiB cache
+        data = noise(60000, seed=b'%d' % i)
+        digests.append(chunk_digest(data))
+        store.put(digests[-1], data)
+        if i % 20 == 19:
+            store.flush()
+    store.flush()
+    report = cache_report(store.path)
+    assert report['cache']['stored_bytes'] <= 8 << 20
+    assert store.has(digests[-1]) and not store.has(digests[0])
+
+
+def test_store_moves_a_damaged_file_aside(tmp_path):
+    path = tmp_path / 'cache.db'
+    path.write_bytes(b'garbage' * 1000)
+    lines = []
+    store = ChunkStore(str(path), log=lines.append)
+    store.put(chunk_digest(b'z' * 1000), b'z' * 1000)
+    store.close()
+    assert any('was damaged' in line for line in lines)
+    assert any(name.startswith('cache.db.corrupt-') for name in os.listdir(str(tmp_path)))
+
+
+def test_store_refuses_another_programs_database(tmp_path):
+    path = tmp_path / 'theirs.db'
+    db = sqlite3.connect(str(path))
+    db.execute('CREATE TABLE t (x)')
+    db.commit()
+    db.close()
+    with pytest.raises(CacheError, match='not a wanxfer cache'):
+        ChunkStore(str(path))
+
+
+def test_stats_counters_add_up_across_runs(store):
+    store.save_run('run1', 'peer', 1.0, {'tunnel-out': (1, 1000, 100), 'tunnel-in': (1, 50, 60)})
+    store.save_run('run1', 'peer', 1.0, {'tunnel-out': (2, 3000, 200), 'tunnel-in': (2, 50, 70)})
+    store.end_run('run1')
+    store.save_run('run2', 'listen', 2.0, {'tunnel-out': (1, 500, 500), 'tunnel-in': (1, 0, 10)})
+    life = cache_report(store.path)['life']
+    assert life['tunnel-out'] == {'connections': 3, 'original_bytes': 3500, 'transferred_bytes': 700,
+                                  'saved_bytes': 2800, 'saving_percent': 80.0}
+    assert life['total']['original_bytes'] == 3550
+    running = cache_report(store.path)['running']
+    assert [r['role'] for r in running] == ['listen']
+
+
+def literal_pieces(pieces):
+    """Pieces as a receiver gets them (literals as bytes)."""
+    return [(kind, length, digest, literal) for kind, length, digest, literal in pieces]
+
+
+def test_encoder_sends_references_for_what_the_store_holds(store):
+    data = noise(1 << 20, seed=b'enc')
+    first, refs = StreamEncoder(store).encode(data, final=True)
+    assert refs == [] and all(kind == PIECE_CHUNK for kind, _, _, _ in first)
+    second, refs = StreamEncoder(store).encode(data, final=True)
+    assert [kind for kind, _, _, _ in second] == [PIECE_REF] * len(second)
+    assert b''.join(chunk for _, chunk in refs) == data
+
+
+def test_decoder_asks_for_what_it_cannot_resolve(tmp_path):
+    sender = ChunkStore(str(tmp_path / 'sender.db'))
+    receiver = ChunkStore(str(tmp_path / 'receiver.db'))
+    data = noise(300000, seed=b'dec')
+    StreamEncoder(sender).encode(data, final=True)           # the sender has seen it before
+    pieces, refs = StreamEncoder(sender).encode(data, final=True)
+    decoder = StreamDecoder(receiver)
+    assert decoder.feed(literal_pieces(pieces)) == len(data)
+    out = []
+    held = dict(refs)
+    while True:
+        got, wanted = decoder.take()
+        out += got
+        if wanted is None:
+            break
+        decoder.supply(wanted, held[wanted])                  # MSG_CHUNK_REQUEST answered
+    assert b''.join(bytes(o) for o in out) == data
+    # Now the receiver holds the chunks: the same references resolve locally.
+    decoder = StreamDecoder(receiver)
+    decoder.feed(literal_pieces(pieces))
+    got, wanted = decoder.take()
+    assert wanted is None and b''.join(bytes(o) for o in got) == data
+    # A chunk from the sender that does not match its digest is refused.
+    decoder = StreamDecoder(receiver)
+    decoder.wanted = refs[0][0]
+    with pytest.raises(ProtocolError):
+        decoder.supply(refs[0][0], b'not the chunk')
+    sender.close()
+    receiver.close()
+
+
+def test_a_partial_chunk_sent_early_can_still_end_as_a_reference(store):
+    data = noise(100000, seed=b'part')
+    StreamEncoder(store).encode(data, final=True)           # every chunk is known
+    encoder = StreamEncoder(store)
+    early, _ = encoder.encode(data[:1000], flush=True)       # an interactive write: sent at once
+    assert [kind for kind, _, _, _ in early] == [PIECE_PART]
+    rest, refs = encoder.encode(data[1000:], final=True)
+    assert rest[0][0] == PIECE_REF and rest[0][1] > 1000     # the chunk it opened, by reference
+    decoder = StreamDecoder(store)
+    decoder.feed(literal_pieces(early + rest))
+    got, wanted = decoder.take()
+    assert wanted is None and b''.join(bytes(o) for o in got) == data
+
+
+def test_module_has_no_mutable_state_at_import():
+    assert isinstance(wanxfer.CUT_SYMBOLS, bytes) and len(set(wanxfer.CUT_SYMBOLS)) == 4

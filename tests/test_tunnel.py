@@ -1,0 +1,432 @@
+"""The tunnel as an operator uses it: two real `wanxfer.py tunnel` processes
+on loopback, real TCP servers behind them, real bytes through, checked."""
+
+import hashlib
+import os
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import urllib.request
+from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tunnel_helpers import (Relay, Server, digest_handler, echo_handler, round_trip,  # noqa: E402
+                            run_wanxfer, start_far, start_near, stats)
+
+
+def noise(n, seed=b'noise'):
+    """Deterministic incompressible bytes."""
+    return hashlib.shake_256(seed).digest(n)
+
+
+def text(n, seed=1):
+    """Deterministic SQL-dump-like text."""
+    import random
+    r = random.Random(seed)
+    names = ['alice', 'bob', 'carol', 'dave', 'erin', 'frank', 'grace', 'heidi']
+    rows, size = [], 0
+    while size < n:
+        row = "INSERT INTO `orders` VALUES (%d,'%s',%d.%02d,'2024-%02d-%02d');\n" % (
+            r.randrange(10 ** 6), r.choice(names), r.randrange(1000), r.randrange(100),
+            r.randrange(1, 13), r.randrange(1, 29))
+        rows.append(row)
+        size += len(row)
+    return ''.join(rows).encode()[:n]
+
+
+@pytest.fixture
+def echo():
+    server = Server(echo_handler)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pair(tmp_path, echo):
+    """A far and a near tunnel forwarding to an echo server."""
+    far = start_far(tmp_path / 'far.db', [echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    yield far, near, echo
+    near.stop()
+    far.stop()
+
+
+def test_bytes_arrive_intact_both_ways(pair):
+    far, near, echo = pair
+    for payload in (b'x', b'hello tunnel\n', noise(3 << 20), text(2 << 20), bytes(1 << 20)):
+        assert round_trip(near.port, payload) == payload
+    assert echo.accepted == 5
+
+
+def test_half_close_still_gets_the_reply(tmp_path):
+    target = Server(digest_handler)
+    far = start_far(tmp_path / 'far.db', [target.port])
+    near = start_near(tmp_path / 'near.db', far.port, [target.port])
+    try:
+        payload = text(300000) + noise(200000)
+        conn = socket.create_connection(('127.0.0.1', near.port), timeout=20)
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)           # the target answers only after our EOF
+        reply = b''
+        while True:
+            data = conn.recv(4096)
+            if not data:
+                break
+            reply += data
+        conn.close()
+        assert reply.decode() == '%s %d\n' % (hashlib.sha256(payload).hexdigest(), len(payload))
+    finally:
+        near.stop()
+        far.stop()
+        target.close()
+
+
+def test_many_concurrent_streams(pair):
+    far, near, echo = pair
+    payloads = [noise(50000 + 7919 * i, seed=b'%d' % i) if i % 2 else text(60000 + 5003 * i, seed=i)
+                for i in range(40)]
+    results = [None] * len(payloads)
+
+    def client(i):
+        results[i] = round_trip(near.port, payloads[i])
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(payloads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [r == p for r, p in zip(results, payloads)] == [True] * len(payloads)
+
+
+def test_slow_reader_does_not_stall_another_stream(tmp_path, echo):
+    flood_size = 96 << 20
+
+    def flood(conn):
+        # Sends far more than any window; the client never reads it.
+        block = noise(1 << 20)
+        for _ in range(flood_size >> 20):
+            conn.sendall(block)
+    flooder = Server(flood)
+    far = start_far(tmp_path / 'far.db', [flooder.port, echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [flooder.port, echo.port])
+    try:
+        stalled = socket.create_connection(('127.0.0.1', near.ports[0]))
+        stalled.sendall(b'go')
+        stalled.recv(1)                             # the flood has started
+        rss_before = near.rss_kib()
+        started = time.monotonic()
+        payload = noise(4 << 20, seed=b'other')
+        assert round_trip(near.ports[1], payload, timeout=20) == payload
+        assert time.monotonic() - started < 15
+        # The stalled stream holds about one window, not the flood.
+        assert near.rss_kib() - rss_before < 48 << 10
+        assert far.rss_kib() < 200 << 10
+        stalled.close()
+    finally:
+        near.stop()
+        far.stop()
+        flooder.close()
+
+
+def test_target_outside_allow_is_refused(tmp_path, echo):
+    forbidden = Server(echo_handler)
+    far = start_far(tmp_path / 'far.db', [echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [forbidden.port])
+    try:
+        conn = socket.create_connection(('127.0.0.1', near.port), timeout=10)
+        conn.sendall(b'let me in')
+        with pytest.raises((ConnectionResetError, AssertionError)):
+            data = conn.recv(100)
+            assert data != b''                      # a reset or a bare EOF: nothing came back
+        conn.close()
+        far.wait_for(r'asked for 127\.0\.0\.1:%d, which --allow does not name: refused' % forbidden.port)
+        assert forbidden.accepted == 0
+    finally:
+        near.stop()
+        far.stop()
+        forbidden.close()
+
+
+def test_wrong_secret_is_refused_and_logged(tmp_path, echo):
+    far = start_far(tmp_path / 'far.db', [echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [echo.port], secret='not the secret',
+                      wait_link=False)
+    try:
+        far.wait_for(r'peer 127\.0\.0\.1:\d+ refused: .*wrong secret')
+        near.wait_for(r'down: authentication failed: wrong secret.*reconnecting in')
+        assert 'peer link up' not in near.text()
+        assert echo.accepted == 0
+    finally:
+        near.stop()
+        far.stop()
+
+
+def test_second_pass_is_references_and_dedup_survives_restarts(tmp_path, echo):
+    payload = noise(6 << 20, seed=b'pass') + text(4 << 20)
+    relay = None
+    for attempt in range(2):
+        far = start_far(tmp_path / 'far.db', [echo.port])
+        relay = Relay(far.port)
+        near = start_near(tmp_path / 'near.db', relay.port, [echo.port])
+        assert round_trip(near.port, payload) == payload
+        assert near.stop() == 0
+        assert far.stop() == 0
+        relay.join()
+        near_figures = stats(tmp_path / 'near.db')['life']
+        if attempt == 0:
+            first = near_figures
+            # Checked against bytes counted outside the tunnel: the relay's.
+            assert first['tunnel-out']['original_bytes'] == len(payload)
+            assert first['tunnel-in']['original_bytes'] == len(payload)
+            assert first['tunnel-out']['transferred_bytes'] == relay.up
+            assert abs(first['tunnel-in']['transferred_bytes'] - relay.down) < 200
+            # Random data does not compress; the echo came back as references.
+            assert first['tunnel-out']['saving_percent'] > 25
+            assert first['tunnel-in']['saving_percent'] > 99
+        relay.close()
+    out = near_figures['tunnel-out']
+    second_wire = out['transferred_bytes'] - first['tunnel-out']['transferred_bytes']
+    # Both processes were restarted: the caches on disk still knew every chunk.
+    assert second_wire < 0.01 * len(payload)
+    assert out['connections'] == 2
+
+
+def test_receiver_cache_deleted_still_correct(tmp_path, echo):
+    payload = noise(3 << 20, seed=b'deleted') + text(3 << 20, seed=5)
+    far_cache = tmp_path / 'far.db'
+    far = start_far(far_cache, [echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    try:
+        assert round_trip(near.port, payload) == payload
+        far.stop()
+        near.stop()
+        first_wire = stats(tmp_path / 'near.db')['life']['tunnel-out']['transferred_bytes']
+        for suffix in ('', '-wal', '-shm'):
+            if os.path.exists(str(far_cache) + suffix):
+                os.remove(str(far_cache) + suffix)
+        far = start_far(far_cache, [echo.port])
+        near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+        # The near side sends references its peer can no longer resolve;
+        # the far side asks for each chunk back and the bytes stay exact.
+        assert round_trip(near.port, payload) == payload
+        near.stop()
+        second_wire = stats(tmp_path / 'near.db')['life']['tunnel-out']['transferred_bytes'] - first_wire
+        assert second_wire > 0.9 * first_wire       # every chunk crossed again
+        far.wait_for(r'\d+ chunks 127\.0\.0\.1:\d+ referred to were missing from this side.s cache')
+        near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+        # And while running: the cache file removed under the far side.
+        for suffix in ('', '-wal', '-shm'):
+            if os.path.exists(str(far_cache) + suffix):
+                os.remove(str(far_cache) + suffix)
+        assert round_trip(near.port, payload[::-1]) == payload[::-1]
+        assert round_trip(near.port, payload) == payload
+    finally:
+        near.stop()
+        far.stop()
+
+
+def test_damaged_chunk_is_never_delivered(tmp_path, echo):
+    payload = text(3 << 20, seed=9) + noise(1 << 20, seed=b'damage')
+    far_cache = tmp_path / 'far.db'
+    far = start_far(far_cache, [echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    try:
+        assert round_trip(near.port, payload) == payload
+        far.stop()
+        db = sqlite3.connect(str(far_cache))
+        damaged = db.execute("UPDATE chunks SET data = CAST(replace(CAST(data AS TEXT), 'INSERT', "
+                             "'DELETE') AS BLOB) WHERE instr(data, CAST('INSERT' AS BLOB)) > 0").rowcount
+        db.commit()
+        db.close()
+        assert damaged > 10
+        far = start_far(far_cache, [echo.port])
+        near.stop()
+        near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+        assert round_trip(near.port, payload) == payload
+        far.wait_for(r'no longer match their digest')
+    finally:
+        near.stop()
+        far.stop()
+
+
+def test_corrupt_cache_file_is_moved_aside(tmp_path, echo):
+    cache = tmp_path / 'far.db'
+    cache.write_bytes(b'this is not a database, it is a shopping list\n' * 200)
+    far = start_far(cache, [echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    try:
+        far.wait_for(r'cache .*far\.db was damaged .*moved it to .*far\.db\.corrupt-')
+        assert round_trip(near.port, b'still works') == b'still works'
+        assert [p for p in os.listdir(str(tmp_path)) if '.corrupt-' in p]
+    finally:
+        near.stop()
+        far.stop()
+    # A SQLite file of another program is refused, not overwritten.
+    foreign = tmp_path / 'foreign.db'
+    db = sqlite3.connect(str(foreign))
+    db.execute('CREATE TABLE recipes (name TEXT)')
+    db.commit()
+    db.close()
+    result = run_wanxfer(['tunnel', '--listen', '127.0.0.1:0', '--allow', '127.0.0.1:1',
+                          '--cache', str(foreign)])
+    assert result.returncode == 1
+    assert result.stderr.decode().strip().splitlines() == [
+        'wanxfer: error: %s is not a wanxfer cache (it is some other SQLite database); '
+        'choose another --cache' % foreign]
+    result = run_wanxfer(['stats', '--cache', str(tmp_path / 'missing.db')])
+    assert result.returncode == 1
+    assert b'Traceback' not in result.stderr
+    assert result.stderr.startswith(b'wanxfer: error: no cache at ')
+
+
+def test_link_cut_resets_streams_and_reconnects(tmp_path):
+    started = threading.Event()
+
+    def trickle(conn):
+        conn.sendall(b'first part')
+        started.set()
+        conn.recv(1)                        # holds the stream open until it dies
+
+    target = Server(trickle)
+    echo = Server(echo_handler)
+    far = start_far(tmp_path / 'far.db', [target.port, echo.port])
+    relay = Relay(far.port)
+    near = start_near(tmp_path / 'near.db', relay.port, [target.port, echo.port])
+    try:
+        conn = socket.create_connection(('127.0.0.1', near.ports[0]), timeout=20)
+        assert conn.recv(100) == b'first part'
+        relay.cut()
+        with pytest.raises(ConnectionResetError):
+            while conn.recv(100):
+                pass
+        conn.close()
+        near.wait_for(r'peer link up', count=2, timeout=20)
+        assert round_trip(near.ports[1], b'after the cut' * 1000) == b'after the cut' * 1000
+        assert relay.connections == 2
+    finally:
+        near.stop()
+        far.stop()
+        relay.close()
+        target.close()
+        echo.close()
+
+
+def test_http_through_the_tunnel(tmp_path):
+    root = tmp_path / 'www'
+    root.mkdir()
+    page = text(500000, seed=3)
+    (root / 'dump.sql').write_bytes(page)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            SimpleHTTPRequestHandler.__init__(self, *args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+    httpd = HTTPServer(('127.0.0.1', 0), Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    far = start_far(tmp_path / 'far.db', [httpd.server_address[1]])
+    near = start_near(tmp_path / 'near.db', far.port, [httpd.server_address[1]])
+    try:
+        for _ in range(3):
+            with urllib.request.urlopen('http://127.0.0.1:%d/dump.sql' % near.port, timeout=20) as r:
+                assert r.read() == page
+    finally:
+        near.stop()
+        far.stop()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_stats_human_and_json(pair, tmp_path):
+    far, near, echo = pair
+    payload = text(1 << 20)
+    assert round_trip(near.port, payload) == payload
+    assert round_trip(near.port, payload) == payload
+    # The running tunnel saves its figures every 2 s: poll, with a deadline.
+    deadline = time.monotonic() + 10
+    report = stats(tmp_path / 'near.db')
+    while not report['running'] or report['running'][0]['tunnel-out']['original_bytes'] < 2 * len(payload):
+        assert time.monotonic() < deadline, report
+        threading.Event().wait(0.25)
+        report = stats(tmp_path / 'near.db')
+    running = report['running'][0]
+    assert running['role'] == 'peer'
+    assert running['tunnel-out']['connections'] == 2
+    assert running['tunnel-out']['original_bytes'] == 2 * len(payload)
+    assert running['tunnel-out']['transferred_bytes'] < len(payload) * 0.5
+    assert running['total']['original_bytes'] == 4 * len(payload)
+    result = run_wanxfer(['stats', '--cache', str(tmp_path / 'near.db')])
+    assert result.returncode == 0
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].startswith('Cache %s: ' % (tmp_path / 'near.db'))
+    assert 'Life of the cache' in lines
+    assert any(line.startswith('Running tunnel (--peer, pid %d' % near.proc.pid) for line in lines)
+    assert any(line.split()[:2] == ['tunnel-out', '2'] and line.endswith('%') for line in lines)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['tunnel', '--listen', '0', '--peer', 'h:1', '-L', '1:h:2'], 'give --listen'),
+    (['tunnel', '--listen', '0'], '--listen takes --allow'),
+    (['tunnel', '--peer', 'h:1'], '--peer takes -L'),
+    (['tunnel', '--peer', 'h:1', '-L', 'nonsense'], "invalid -L 'nonsense'"),
+    (['tunnel', '--listen', '0', '--allow', 'h:1', '--cache-size', 'lots'], "invalid size 'lots'"),
+])
+def test_usage_errors(tmp_path, args, message):
+    result = run_wanxfer(args + ['--cache', str(tmp_path / 'c.db')])
+    assert result.returncode == 2
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('wanxfer: error: ') and message in lines[0]
+
+
+def test_no_secret_is_a_usage_error(tmp_path):
+    result = run_wanxfer(['tunnel', '--listen', '0', '--allow', 'h:1', '--cache',
+                          str(tmp_path / 'c.db')], secret=None)
+    assert result.returncode == 2
+    assert b'no shared secret' in result.stderr
+
+
+def test_far_side_killed_mid_transfer_restarts_on_the_same_cache(tmp_path, echo):
+    far = start_far(tmp_path / 'far.db', [echo.port])
+    relay = Relay(far.port)
+    near = start_near(tmp_path / 'near.db', relay.port, [echo.port])
+    try:
+        payload = text(4 << 20, seed=11)
+        assert round_trip(near.port, payload) == payload
+        conn = socket.create_connection(('127.0.0.1', near.port), timeout=20)
+        conn.sendall(noise(2 << 20, seed=b'midway'))
+        far.proc.kill()                             # kill -9, in the middle of a transfer
+        far.stop()
+        with pytest.raises(ConnectionResetError):
+            while conn.recv(1 << 20):
+                pass
+        conn.close()
+        far = start_far(tmp_path / 'far.db', [echo.port])   # the same cache file
+        relay.target_port = far.port
+        near.wait_for(r'peer link up', count=2, timeout=20)
+        assert round_trip(near.port, payload) == payload
+        assert 'damaged' not in far.text()
+    finally:
+        near.stop()
+        far.stop()
+        relay.close()
+
+
+def test_two_tunnels_share_one_cache(tmp_path, echo):
+    shared = tmp_path / 'shared.db'
+    far = start_far(shared, [echo.port])
+    near = start_near(shared, far.port, [echo.port])
+    try:
+        payloads = [noise(3 << 20, seed=b'shared'), text(3 << 20, seed=12)]
+        for payload in payloads + payloads:
+            assert round_trip(near.port, payload) == payload
+    finally:
+        assert near.stop() == 0
+        assert far.stop() == 0
+    report = stats(shared)['life']
+    assert report['tunnel-out']['original_bytes'] == report['tunnel-in']['original_bytes']
+    assert 'warning' not in near.text() + far.text()
