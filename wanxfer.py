@@ -9,9 +9,10 @@ Three jobs, one shared secret:
                   deduplicated against a persistent chunk cache
     stats         what was sent, how fast, how much was saved
 
-The file reads top to bottom in the order data flows: wire formats, security,
-rate control, the bulk sender and receiver, the link emulator used by `demo`
-and the tests, reporting, and the command line.  Nothing runs at import time.
+The file reads top to bottom in the order data flows: errors, wire formats,
+security, the chunk store and codec, rate control, the bulk sender and
+receiver, the link emulator used by `demo` and the tests, the tunnel,
+reporting, and the command line.  Nothing runs at import time.
 
 Standard library only; Python 3.8 to 3.13.  MIT licence (see LICENSE).
 """
@@ -82,6 +83,11 @@ class RemoteError(WanxferError):
 
 class TransferError(WanxferError):
     """A transfer could not complete (timeout, disk full, digest mismatch)."""
+
+
+class CacheError(WanxferError):
+    """The chunk cache cannot be used: another program's file, a newer
+    format, or a directory that cannot be written."""
 
 
 # ---------------------------------------------------------------------------
@@ -656,11 +662,6 @@ class Chunker:
         self._symbols.clear()
         self._checked = 0
         return chunk
-
-
-class CacheError(WanxferError):
-    """The chunk cache cannot be used: another program's file, a newer
-    format, or a directory that cannot be written."""
 
 
 DEFAULT_CACHE_SIZE = 4 << 30
@@ -5367,7 +5368,9 @@ def build_parser():
         epilog='examples:\n'
                '  python3 wanxfer.py serve /srv/data              # on the host with the data\n'
                '  WANXFER_SECRET=... python3 wanxfer.py get db1.example.com backup.tar\n'
-               '  python3 wanxfer.py demo                         # try it on this machine\n\n'
+               '  python3 wanxfer.py demo                         # try it on this machine\n'
+               '  python3 wanxfer.py tunnel --peer db1:7000 -L 6432:127.0.0.1:5432\n'
+               '  python3 wanxfer.py stats                        # what the tunnel saved\n\n'
                'Run `python3 wanxfer.py COMMAND --help` for each command.')
     parser.add_argument('--version', action='version', version='wanxfer ' + __version__)
     commands = parser.add_subparsers(dest='command', metavar='COMMAND')
