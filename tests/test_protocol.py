@@ -298,3 +298,34 @@ def test_a_nak_naming_unsent_blocks_queues_only_the_sent_ones():
     queued = sender.on_nak([(10, 50_000_000)], 10.0, 0.1)
     assert queued == 54                      # the sent-but-missing blocks 10..63, nothing else
     assert sender.next_run(64) == (63, 1, True)
+
+
+def test_incompatible_protocol_version_is_named():
+    # A peer from the future: the server answers with its own version and hangs up.
+    a, b = socket.socketpair()
+    result = {}
+
+    def future_server():
+        hello = wanxfer.recv_exactly(b, wanxfer.HELLO.size)
+        result['client_version'] = wanxfer.HELLO.unpack(hello)[1]
+        b.sendall(wanxfer.SERVER_HELLO.pack(wanxfer.PROTOCOL_MAGIC, 99, hello[5],
+                                            bytes(32), bytes(32)))
+        b.close()
+    thread = threading.Thread(target=future_server)
+    thread.start()
+    with pytest.raises(wanxfer.AuthError, match='incompatible protocol version: server speaks 99'):
+        wanxfer.client_handshake(a, b'secret', True)
+    thread.join(10)
+    a.close()
+    assert result['client_version'] == wanxfer.PROTOCOL_VERSION
+
+
+def test_server_refuses_a_client_of_another_version():
+    a, b = socket.socketpair()
+    a.sendall(wanxfer.HELLO.pack(wanxfer.PROTOCOL_MAGIC, 99, wanxfer.FLAG_ENCRYPT, bytes(32)))
+    with pytest.raises(wanxfer.AuthError, match='version 99'):
+        wanxfer.server_handshake(b, b'secret', True)
+    reply = wanxfer.SERVER_HELLO.unpack(wanxfer.recv_exactly(a, wanxfer.SERVER_HELLO.size))
+    assert reply[1] == wanxfer.PROTOCOL_VERSION and reply[4] == bytes(32)   # no proof given
+    a.close()
+    b.close()
