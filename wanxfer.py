@@ -2885,6 +2885,33 @@ def reset_socket(sock):
     sock.close()
 
 
+class Waker:
+    """Wakes a thread waiting in select() from any other thread: register
+    `reader` for reading and call `wake()`; `drain()` empties it again."""
+
+    def __init__(self):
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def wake(self):
+        try:
+            self._writer.send(b'x')
+        except OSError:
+            pass                    # full (a wake is already pending) or closed
+
+    def drain(self):
+        try:
+            while self.reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self):
+        self.reader.close()
+        self._writer.close()
+
+
 class _UdpMapping:
     """One UDP client: its address and the upstream socket the server sees it as."""
 
@@ -2925,10 +2952,10 @@ class _UdpRelay:
         self._thread = None
         sock.setblocking(False)
         _enlarge_buffers(sock, self.BUFFER_BYTES)
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._waker = Waker()
         self._sel = selectors.DefaultSelector()
         self._sel.register(sock, selectors.EVENT_READ, None)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        self._sel.register(self._waker.reader, selectors.EVENT_READ, self._waker)
 
     def start(self):
         self._thread = threading.Thread(target=self.run, name='linkemu-udp', daemon=True)
@@ -2941,10 +2968,7 @@ class _UdpRelay:
     def stop(self):
         """Stop the thread, then close every socket.  Datagrams in flight are lost."""
         self._stopping = True
-        try:
-            self._wake_w.send(b'x')
-        except OSError:
-            pass
+        self._waker.wake()
         if self._thread is not None:
             self._thread.join()
         for mapping in self._mappings.values():
@@ -2953,8 +2977,8 @@ class _UdpRelay:
         self._counters.udp_clients = 0
         self._heap = []
         self._sel.close()
-        for sock in (self._sock, self._wake_r, self._wake_w):
-            sock.close()
+        self._sock.close()
+        self._waker.close()
 
     def poll(self, timeout=None):
         """Wait for datagrams or the next due time (at most `timeout`), then
@@ -2969,7 +2993,7 @@ class _UdpRelay:
             data = key.data
             if data is None:
                 self._from_clients()
-            elif data is not self._wake_r:
+            elif data is not self._waker:
                 self._from_server(data)
         now = time.monotonic()
         if self._heap and self._heap[0][0] <= now:
@@ -3102,7 +3126,7 @@ class _TcpSplice:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._running = 2
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._waker = Waker()
         self._threads = (
             threading.Thread(target=self._run_up, name='linkemu-tcp-up', daemon=True),
             threading.Thread(target=self._run_down, name='linkemu-tcp-down', daemon=True))
@@ -3114,10 +3138,7 @@ class _TcpSplice:
     def abort(self):
         """Tear the connection down: both pumps stop and both peers see a reset."""
         self._aborted = True
-        try:
-            self._wake_w.send(b'x')
-        except OSError:
-            pass
+        self._waker.wake()
 
     def join(self):
         for thread in self._threads:
@@ -3149,7 +3170,7 @@ class _TcpSplice:
             # Wait for the connect or an abort, never blocking close().
             with selectors.DefaultSelector() as sel:
                 sel.register(server, selectors.EVENT_WRITE)
-                sel.register(self._wake_r, selectors.EVENT_READ)
+                sel.register(self._waker.reader, selectors.EVENT_READ)
                 ready = sel.select(self.CONNECT_TIMEOUT)
             if self._aborted or not any(key.fileobj is server for key, _ in ready):
                 err = errno.ETIMEDOUT
@@ -3169,7 +3190,7 @@ class _TcpSplice:
         reading = writing = eof = False
         sel = selectors.DefaultSelector()
         try:
-            sel.register(self._wake_r, selectors.EVENT_READ)
+            sel.register(self._waker.reader, selectors.EVENT_READ)
             while not self._aborted:
                 now = time.monotonic()
                 blocked = False
@@ -3240,8 +3261,7 @@ class _TcpSplice:
                 reset_socket(sock)
             else:
                 sock.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._waker.close()
         self._on_done(self)
 
 
@@ -3260,7 +3280,7 @@ class _TcpRelay:
         self._stopping = False
         self._thread = None
         sock.setblocking(False)
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._waker = Waker()
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name='linkemu-tcp-accept',
@@ -3270,14 +3290,11 @@ class _TcpRelay:
     def stop(self):
         """Stop accepting, reset every live connection, join every thread."""
         self._stopping = True
-        try:
-            self._wake_w.send(b'x')
-        except OSError:
-            pass
+        self._waker.wake()
         if self._thread is not None:
             self._thread.join()
-        for sock in (self._sock, self._wake_r, self._wake_w):
-            sock.close()
+        self._sock.close()
+        self._waker.close()
         with self._lock:
             splices = list(self._splices)
         for splice in splices:
@@ -3288,7 +3305,7 @@ class _TcpRelay:
     def _run(self):
         with selectors.DefaultSelector() as sel:
             sel.register(self._sock, selectors.EVENT_READ)
-            sel.register(self._wake_r, selectors.EVENT_READ)
+            sel.register(self._waker.reader, selectors.EVENT_READ)
             while not self._stopping:
                 for key, _ in sel.select():
                     if key.fileobj is self._sock and not self._stopping:
@@ -4359,10 +4376,8 @@ class EventLoop:
         self._timers = []
         self._sequence = itertools.count()
         self._inbox = collections.deque()
-        self._wake_in, self._wake_out = socket.socketpair()
-        self._wake_in.setblocking(False)
-        self._wake_out.setblocking(False)
-        self.selector.register(self._wake_in, selectors.EVENT_READ, self._drain_wake)
+        self._waker = Waker()
+        self.selector.register(self._waker.reader, selectors.EVENT_READ, self._drain_wake)
         self.stopping = False
 
     def watch(self, sock, events, handler):
@@ -4385,24 +4400,14 @@ class EventLoop:
 
     def post(self, callback):
         self._inbox.append(callback)
-        self._wake()
+        self._waker.wake()
 
     def stop(self):
         self.stopping = True
-        self._wake()
-
-    def _wake(self):
-        try:
-            self._wake_out.send(b'\0')
-        except (BlockingIOError, OSError):
-            pass                            # a wake-up is pending already
+        self._waker.wake()
 
     def _drain_wake(self, mask):
-        try:
-            while self._wake_in.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._waker.drain()
 
     def run(self):
         while not self.stopping:
@@ -4421,8 +4426,7 @@ class EventLoop:
 
     def close(self):
         self.selector.close()
-        self._wake_in.close()
-        self._wake_out.close()
+        self._waker.close()
 
 
 class TunnelStats:

@@ -7,7 +7,6 @@ CPU seconds per GB each end used.  Not part of the test suite.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -20,23 +19,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WANXFER = os.path.join(os.path.dirname(HERE), 'wanxfer.py')
+sys.path.insert(0, os.path.dirname(HERE))
 
-
-def make_source(path, size):
-    with open(path, 'wb') as f:
-        left = size
-        while left:
-            chunk = os.urandom(min(left, 1 << 20))
-            f.write(chunk)
-            left -= len(chunk)
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
+import wanxfer  # noqa: E402  (for its file helpers)
 
 
 def start_serve(source, extra, env):
@@ -85,7 +70,7 @@ def one_run(source, size, workdir, encrypt):
     if client.returncode != 0:
         raise SystemExit('get failed')
     summary = json.loads(out.splitlines()[-1])
-    ok = sha256(dest) == sha256(source)
+    ok = wanxfer.file_sha256(dest) == wanxfer.file_sha256(source)
     os.unlink(dest)
     return {'goodput_mbps': size * 8 / wall / 1e6, 'wall_seconds': wall,
             'server_cpu_s_per_gb': server_cpu / (size / 1e9),
@@ -107,7 +92,7 @@ def main():
     results = {}
     try:
         source = os.path.join(workdir, 'source.bin')
-        make_source(source, size)
+        wanxfer.write_random_file(source, size)
         for encrypt in (True, False):
             name = 'encrypted' if encrypt else '--no-encrypt'
             runs = []
