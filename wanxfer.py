@@ -2032,6 +2032,8 @@ class ServerSession:
                     handler(message)
                 except RemoteError as e:
                     self.control.send({'op': 'error', 'message': str(e)})
+                except (ValueError, TypeError, KeyError):
+                    raise ProtocolError('malformed %r request' % message['op'])
         except AuthError as e:
             self.server.log('%s: refused: %s' % (self.peer_name(), e))
         except (ProtocolError, OSError, struct.error) as e:
@@ -2089,12 +2091,13 @@ class ServerSession:
             self.data_out.set_stride(block_size)
             caps = [r for r in (self.server.max_rate, message.get('max_rate')) if r]
             self.rate.set_cap(float(min(caps)) if caps else None)
-            need = [(int(a), int(b)) for a, b in message.get('need', [])]
+            nblocks = (st.st_size + block_size - 1) // block_size
+            need = [(max(0, int(a)), min(nblocks, int(b))) for a, b in message.get('need', [])]
             self._file_id += 1
             window = SendWindow(need, self._next_seq, self._log)
             self.control.send({'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq})
             started = time.monotonic()
-            finished = self._send_blocks(fd, st.st_size, window)
+            finished = self._send_blocks(fd, window)
             self._next_seq = window.next_seq
             if not finished:
                 return
@@ -2109,7 +2112,7 @@ class ServerSession:
         finally:
             os.close(fd)
 
-    def _send_blocks(self, fd, size, window):
+    def _send_blocks(self, fd, window):
         """The paced data phase of one file.  Returns True when the client
         reports every block held, False if it gave up or vanished."""
         block_size, sid, file_id = self.block_size, self.session_id, self._file_id
