@@ -4800,7 +4800,7 @@ def human_rate(bits_per_second):
         bits_per_second /= 1000.0
 
 
-def parse_quantity(text, units, suffixes, example):
+def parse_quantity(text, units, suffixes, what, example):
     """A positive number with an optional unit letter and suffix, e.g. '1.5G'."""
     value = text.strip().lower()
     for suffix in suffixes:
@@ -4813,20 +4813,20 @@ def parse_quantity(text, units, suffixes, example):
     except ValueError:
         number = -1.0
     if not number > 0:
-        raise UsageError('invalid value %r: use a positive number like %s' % (text, example))
+        raise UsageError('invalid %s %r: use a positive number like %s' % (what, text, example))
     return number * units[unit]
 
 
 def parse_rate(text):
     """'300M', '1.5G', '800k', '100000' -> bits per second (decimal units)."""
     return parse_quantity(text, {'': 1, 'k': 1e3, 'm': 1e6, 'g': 1e9, 't': 1e12},
-                          ('bit/s', 'bps', 'b'), '300M or 1.5G (bits per second)')
+                          ('bit/s', 'bps', 'b'), 'rate', '300M or 1.5G (bits per second)')
 
 
 def parse_size(text):
     """'64M', '1G', '4096' -> bytes (binary units)."""
     return int(parse_quantity(text, {'': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30, 't': 1 << 40},
-                              ('ib', 'b'), '64M or 1G (bytes)'))
+                              ('ib', 'b'), 'size', '64M or 1G (bytes)'))
 
 
 def summary_lines(summary):
