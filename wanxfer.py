@@ -1074,31 +1074,42 @@ it feedback and the time, read `rate` (bytes per second).
 
 
 class RateController:
-    """Sending rate from queueing delay, with a fast start and a hard cap.
+    """Sending rate from queueing delay and delivery rate, with a fast start
+    and a hard cap.
 
     Startup doubles the rate every round trip until the queue starts to
-    grow; after that the rate is steered to keep the queueing delay near
-    TARGET_DELAY, moving multiplicatively so a 10 Mbit/s and a 10 Gbit/s
-    path converge in the same number of round trips.  The delivery rate
-    (what the receiver actually got over the last round trip) bounds the
-    rate whenever the queue is long.  Loss only counts when it is heavy (a
-    policer, not noise).  Feed it `on_feedback()`; read `rate` (bytes/s).
+    grow.  From then on the rate follows what the path has shown it delivers
+    (the best delivery rate of the last three round trips), in a cycle of
+    phases: cruise at that rate for a few round trips, probe 10% above it
+    for one to find spare capacity, and drain 15% below it for a round trip
+    whenever the queueing delay says the probe (or another flow) filled the
+    bottleneck's queue.  Because the delay signal arrives a round trip late,
+    the rate moves in these steps rather than continuously, which would
+    overshoot and then undershoot.  Random loss changes nothing; only heavy
+    loss (a policer) does.  Feed it `on_feedback()`; read `rate` (bytes/s).
     """
 
     MIN_RATE = 64 * 1024                    # bytes/s: never stop probing
     INITIAL_RATE = 2 * 1024 * 1024          # 16 Mbit/s before the path is known
     STARTUP_EXIT_DELAY = 0.006              # s of queue that ends startup
-    TARGET_DELAY = 0.012                    # s of queue to aim for
+    TARGET_DELAY = 0.012                    # s of queue a probe may build
     HEAVY_LOSS = 0.20
     MIN_SAMPLE_SPAN = 0.005                 # s of feedback needed for a delivery rate
+    CRUISE_ROUNDS = 4
+    GAINS = {'cruise': 1.0, 'probe': 1.1, 'drain': 0.85}
 
     def __init__(self, max_rate=None, initial_rate=None):
         self.max_rate = max_rate
         self.rate = float(min(initial_rate or self.INITIAL_RATE, max_rate or float('inf')))
-        self.startup = True
+        self.phase = 'startup'
+        self._phase_started = 0.0
         self._last_growth = None
         self._samples = collections.deque()     # (time, bytes delivered, packets delivered, lost)
         self._recent = collections.deque()      # (time, delivery rate): the best of the last few RTTs
+
+    @property
+    def startup(self):
+        return self.phase == 'startup'
 
     def set_cap(self, max_rate):
         self.max_rate = max_rate
@@ -1136,29 +1147,44 @@ class RateController:
     def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt):
         delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
         best = self._best_delivery(now, delivery, rtt)
+        round_trip = max(rtt, 0.01)
+        in_phase = now - self._phase_started
+        phase = self.phase
         if loss > self.HEAVY_LOSS and delivery:
             self.rate = min(self.rate, delivery) * 0.7
-            self.startup = False
-        elif self.startup:
+            self._recent.clear()
+            self._enter('drain', now)
+        elif phase == 'startup':
             if queue_delay > self.STARTUP_EXIT_DELAY:
-                self.startup = False
-                self.rate = best * 0.9 if best else self.rate / 2
+                self._enter('drain', now)
             elif self._last_growth is None or now - self._last_growth >= rtt:
                 self.rate *= 2.0
                 self._last_growth = now
-        else:
-            error = max(-1.0, min(1.0, (self.TARGET_DELAY - queue_delay) / self.TARGET_DELAY))
-            # About 10% per round trip at full error, whatever the feedback rate.
-            self.rate *= 1.0 + 0.1 * error * min(1.0, 0.02 / max(rtt, 0.001))
-            if queue_delay > 2 * self.TARGET_DELAY and delivery:
-                self.rate = min(self.rate, delivery)
-            if best:
-                # Never far ahead of what has been delivered: the sender's or
-                # receiver's CPU can be the bottleneck, and then no queue grows.
-                self.rate = min(self.rate, 1.25 * best)
+        elif phase == 'drain':
+            if in_phase >= 2 * round_trip or (in_phase >= round_trip and
+                                              queue_delay < self.TARGET_DELAY):
+                self._enter('cruise', now)
+        elif phase == 'cruise':
+            if queue_delay > 2 * self.TARGET_DELAY:
+                self._enter('drain', now)       # another flow, or the path got slower
+            elif in_phase >= self.CRUISE_ROUNDS * round_trip:
+                self._enter('probe', now)
+        elif phase == 'probe':
+            if queue_delay > self.TARGET_DELAY:
+                self._enter('drain', now)
+            elif in_phase >= round_trip:
+                self._enter('cruise', now)
+        if self.phase != 'startup' and best and loss <= self.HEAVY_LOSS:
+            # What was lost at random never reached the bottleneck: send that
+            # much more so what arrives still fills it.
+            self.rate = best * self.GAINS[self.phase] / (1.0 - loss)
         self.rate = max(self.MIN_RATE, self.rate)
         if self.max_rate:
             self.rate = min(self.rate, self.max_rate)
+
+    def _enter(self, phase, now):
+        self.phase = phase
+        self._phase_started = now
 
     def on_silence(self):
         """No feedback for a long time: assume the worst until it returns."""
@@ -2205,8 +2231,9 @@ class ServerSession:
                     if sample > 0:
                         self.rtt = 0.875 * self.rtt + 0.125 * sample
                 delivered, lost = window.on_ack(start, largest, gaps, now, self.rtt)
-                self.rate.on_feedback(now, queue_us / 1e6, delivered * self.block_size,
-                                      delivered, lost, self.rtt)
+                # In wire bytes, as the pacing budget counts them.
+                wire = self.block_size + PACKET_OVERHEAD + IP_UDP_OVERHEAD.get(self.sock.family, 48)
+                self.rate.on_feedback(now, queue_us / 1e6, delivered * wire, delivered, lost, self.rtt)
             elif kind == KIND_NAK:
                 fid, ranges = decode_nak(body)
                 if fid == file_id:
