@@ -329,3 +329,25 @@ def test_server_refuses_a_client_of_another_version():
     assert reply[1] == wanxfer.PROTOCOL_VERSION and reply[4] == bytes(32)   # no proof given
     a.close()
     b.close()
+
+
+def test_rate_controller_holds_a_steady_bottleneck_with_random_loss():
+    # A 100 Mbit/s bottleneck, 1% random loss before it, a queue that grows
+    # whenever more is offered than it drains, feedback a round trip late.
+    capacity, rtt, step = 100e6 / 8, 0.1, 0.01
+    rate = wanxfer.RateController()
+    queue, now, history, rates = 0.0, 0.0, [], []
+    while now < 20.0:
+        now += step
+        offered = rate.rate * 0.99
+        delivered = min(offered, capacity + queue / step)
+        queue = max(0.0, queue + (offered - capacity) * step)
+        history.append((now, queue / capacity, delivered * step))
+        late = [h for h in history if h[0] <= now - rtt]
+        if late:
+            _, delay, got = late[-1]
+            rate.on_feedback(now, delay, got, got / 1500, got / 1500 * 0.01 / 0.99, rtt)
+        if now > 10:
+            rates.append(min(rate.rate * 0.99, capacity))
+    assert sum(rates) / len(rates) > 0.93 * capacity      # the link stays full
+    assert max(h[1] for h in history[-500:]) < 0.1           # and the queue short
