@@ -1556,6 +1556,8 @@ MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
 SOCKET_BUFFER = 32 << 20
 RECV_BUFFER = 1 << 16
 MAX_RECEIVES_PER_WAKEUP = 512
+FEW_RECEIVES = 8
+TRICKLE_PAUSE = 0.001           # s; far below any feedback interval
 
 
 class DatagramSocket:
@@ -2637,7 +2639,7 @@ class Client:
                         for message in self.control.messages():
                             self._expect(message, 'nothing during the data phase')
                         continue
-                    for _ in range(MAX_RECEIVES_PER_WAKEUP):   # then see to the timers
+                    for receives in range(MAX_RECEIVES_PER_WAKEUP):   # then see to the timers
                         nbytes, segment = self.udp.recv_batch(buffer)
                         if not nbytes:
                             break
@@ -2647,6 +2649,10 @@ class Client:
                         if window.packets != packets:
                             last_data = now
                     receiver.flush()
+                    if receives < FEW_RECEIVES:
+                        # A slow trickle: let datagrams gather in the socket
+                        # buffer rather than wake up for each one.
+                        time.sleep(TRICKLE_PAUSE)
                 now = time.monotonic()
                 if now >= next_feedback:
                     if window.packets != packets_at_feedback:
