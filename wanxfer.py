@@ -5485,6 +5485,7 @@ def build_parser():
                          help='where to listen (default: a free port on 127.0.0.1)')
     add_link_options(emulate, rtt=120.0, loss=1.0, rate=None)
     emulate.set_defaults(func=command_emulate)
+
     tunnel = commands.add_parser(
         'tunnel', parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         help='forward TCP between two peers, compressed and deduplicated',
