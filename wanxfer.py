@@ -2191,14 +2191,15 @@ class ServerSession:
                             if message['op'] == 'abort':
                                 return False
                         continue
-                    while True:
+                    for _ in range(MAX_RECEIVES_PER_WAKEUP):   # a flood must not stop the sending
                         nbytes, segment = udp.recv_batch(buffer)
                         if not nbytes:
                             break
+                        now = time.monotonic()
                         for offset in range(0, nbytes, segment):
                             if self._on_datagram(buffer, offset, min(segment, nbytes - offset),
-                                                 window, file_id, time.monotonic()):
-                                last_feedback = time.monotonic()
+                                                 window, file_id, now):
+                                last_feedback = now
                 silence = time.monotonic() - last_feedback
                 if silence > DATA_TIMEOUT:
                     self.server.log('%s: no feedback for %d s; transfer abandoned'
