@@ -406,54 +406,87 @@ def recv_exactly(sock, n):
     return bytes(data)
 
 
+def seal_frame(sealer, counter, body):
+    """One sealed frame for a stream socket: length | ciphertext | tag.  The
+    frame's counter (its nonce) is bound in as associated data, so a
+    replayed, dropped or reordered frame fails its tag."""
+    header = FRAME_HEADER.pack(len(body) + TAG_SIZE)
+    return header + sealer.seal(counter, header + counter.to_bytes(8, 'big'), body)
+
+
+class FrameReader:
+    """Sealed frames in, the inverse of seal_frame: `feed(data)`, then
+    `frames()` yields each body, authenticated and decrypted, in order, or
+    raises ProtocolError.  The buffer is trimmed once per call, not per frame."""
+
+    def __init__(self, sealer):
+        self._sealer = sealer
+        self._buffer = bytearray()
+        self._frames = 0
+
+    def feed(self, data):
+        self._buffer += data
+
+    def frames(self):
+        buffer, start = self._buffer, 0
+        try:
+            while len(buffer) - start >= FRAME_HEADER.size:
+                (length,) = FRAME_HEADER.unpack_from(buffer, start)
+                if length > MAX_FRAME or length < TAG_SIZE:
+                    raise ProtocolError('frame of %d bytes' % length)
+                end = start + FRAME_HEADER.size + length
+                if len(buffer) < end:
+                    break
+                header = bytes(buffer[start:start + FRAME_HEADER.size]) + self._frames.to_bytes(8, 'big')
+                body = self._sealer.open(self._frames, header,
+                                         bytes(buffer[start + FRAME_HEADER.size:end]))
+                if body is None:
+                    raise ProtocolError('frame failed authentication')
+                self._frames += 1
+                start = end
+                yield body
+        finally:
+            del buffer[:start]
+
+
 class ControlChannel:
     """Sealed JSON messages over a TCP socket, after the handshake.
 
     Blocking use: `send(message)` and `recv()`.  Inside an event loop: call
-    `feed(bytes)` with what the socket gave and read `messages()`.  Frame
-    counters are the nonces, so a replayed or reordered frame fails its tag.
+    `feed(bytes)` with what the socket gave and read `messages()`.
     """
 
     def __init__(self, sock, sealer_out, sealer_in):
         self.sock = sock
-        self._out, self._in = sealer_out, sealer_in
-        self._sent = self._received = 0
-        self._buffer = bytearray()
+        self._out = sealer_out
+        self._sent = 0
+        self._reader = FrameReader(sealer_in)
         self._lock = threading.Lock()
 
     def send(self, message):
         body = json.dumps(message, separators=(',', ':')).encode()
         with self._lock:
-            header = FRAME_HEADER.pack(len(body) + TAG_SIZE)
-            sealed = self._out.seal(self._sent, header + self._sent.to_bytes(8, 'big'), body)
+            frame = seal_frame(self._out, self._sent, body)
             self._sent += 1
-            self.sock.sendall(header + sealed)
+            self.sock.sendall(frame)
 
     def feed(self, data):
-        self._buffer += data
+        self._reader.feed(data)
 
     def messages(self):
         """Decode every complete frame fed so far."""
-        while len(self._buffer) >= FRAME_HEADER.size:
-            (length,) = FRAME_HEADER.unpack_from(self._buffer)
-            if length > MAX_FRAME or length < TAG_SIZE:
-                raise ProtocolError('control frame of %d bytes' % length)
-            end = FRAME_HEADER.size + length
-            if len(self._buffer) < end:
-                return
-            header = bytes(self._buffer[:FRAME_HEADER.size]) + self._received.to_bytes(8, 'big')
-            body = self._in.open(self._received, header, bytes(self._buffer[FRAME_HEADER.size:end]))
-            del self._buffer[:end]
-            if body is None:
-                raise ProtocolError('control frame failed authentication')
-            self._received += 1
-            try:
-                message = json.loads(body.decode())
-            except ValueError:
-                raise ProtocolError('control frame is not JSON')
-            if not isinstance(message, dict) or not isinstance(message.get('op'), str):
-                raise ProtocolError('control message without an op')
-            yield message
+        frames = self._reader.frames()
+        try:
+            for body in frames:
+                try:
+                    message = json.loads(body.decode())
+                except ValueError:
+                    raise ProtocolError('control frame is not JSON')
+                if not isinstance(message, dict) or not isinstance(message.get('op'), str):
+                    raise ProtocolError('control message without an op')
+                yield message
+        finally:
+            frames.close()          # consumed frames leave the buffer even if we stop early
 
     def recv(self):
         """Block until one message arrives."""
@@ -3835,10 +3868,9 @@ class LinkWriter:
             _, sid, digest, chunk = item
             encoding, blob = self._pack_blob(chunk)
             body = b''.join((TUNNEL_MESSAGE.pack(MSG_CHUNK, sid), digest, bytes([encoding]), blob))
-        header = FRAME_HEADER.pack(len(body) + TAG_SIZE)
-        sealed = self._sealer.seal(self._frames, header, body)
+        frame = seal_frame(self._sealer, self._frames, body)
         self._frames += 1
-        return header + sealed
+        return frame
 
     def _pack_blob(self, blob):
         if len(blob) >= MIN_COMPRESS and compressible(blob):
@@ -3858,40 +3890,6 @@ class LinkWriter:
                 continue
             view = view[sent:]
             self.wire_bytes += sent
-
-
-class FrameReader:
-    """Sealed frames in: `feed(data)`, then `frames()` yields each body,
-    authenticated and decrypted, in order, or raises ProtocolError.  The
-    buffer is trimmed once per call, not once per frame."""
-
-    def __init__(self, sealer):
-        self._sealer = sealer
-        self._buffer = bytearray()
-        self._frames = 0
-
-    def feed(self, data):
-        self._buffer += data
-
-    def frames(self):
-        buffer, start = self._buffer, 0
-        try:
-            while len(buffer) - start >= FRAME_HEADER.size:
-                (length,) = FRAME_HEADER.unpack_from(buffer, start)
-                if length > MAX_FRAME or length < TAG_SIZE:
-                    raise ProtocolError('link frame of %d bytes' % length)
-                end = start + FRAME_HEADER.size + length
-                if len(buffer) < end:
-                    break
-                body = self._sealer.open(self._frames, bytes(buffer[start:start + FRAME_HEADER.size]),
-                                         bytes(buffer[start + FRAME_HEADER.size:end]))
-                if body is None:
-                    raise ProtocolError('link frame failed authentication')
-                self._frames += 1
-                start = end
-                yield body
-        finally:
-            del buffer[:start]
 
 
 def tune_link_socket(sock):
