@@ -1524,6 +1524,12 @@ class ReceiveWindow:
         return (start, self.largest, min(ack_delay, 0xFFFFFFFF), min(queue_us, 0xFFFFFFFF),
                 [(s - start, e - s) for s, e in gaps])
 
+    def loss_fraction(self):
+        """Datagrams of this file that never arrived, as a fraction of those sent
+        up to the newest that did (resends make up for them)."""
+        sent = self.largest - self.first_seq + 1
+        return max(0.0, 1.0 - (self.packets - self.duplicates) / sent) if sent > 0 else 0.0
+
     def missing(self, limit=MAX_NAK_RANGES):
         return bitmap_missing_ranges(self.bitmap, self.nblocks, limit)
 
@@ -2469,8 +2475,8 @@ class TransferEvents:
 
 
 class Client:
-    """A session with one server.  `connect()`, then `plan()` what REMOTEs
-    expand to and `fetch()` each file; `close()` at the end."""
+    """A session with one server.  `connect()`, then `listing()` of what a
+    REMOTE expands to and `fetch()` of each file; `close()` at the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
                  max_rate=None):
@@ -2705,7 +2711,8 @@ class Client:
                     self.events.progress({
                         'file_bytes': size, 'held_bytes': min(size, window.held * self.block_size),
                         'received_bytes': writer.written_bytes, 'elapsed': now - started,
-                        'packets': window.packets, 'duplicates': window.duplicates})
+                        'packets': window.packets, 'duplicates': window.duplicates,
+                        'loss': window.loss_fraction()})
                 if now >= next_save:
                     next_save = now + STATE_SAVE_INTERVAL
                     writer.flush()
@@ -4928,9 +4935,9 @@ class ConsoleEvents(TransferEvents):
         if rate > 0:
             left = (size - held) * 8 / rate
             eta = '%d:%02d' % divmod(int(left), 60)
-        dup = snapshot['duplicates'] * 100.0 / max(1, snapshot['packets'])
-        line = '%s  %s / %s  %5.1f%%  %s  ETA %s  dup %.1f%%' % (
-            self._name, human_bytes(held), human_bytes(size), percent, human_rate(rate), eta, dup)
+        line = '%s  %s / %s  %5.1f%%  %s  ETA %s  loss %.1f%%' % (
+            self._name, human_bytes(held), human_bytes(size), percent, human_rate(rate), eta,
+            100.0 * snapshot['loss'])
         if self.tty:
             self.stream.write('\r\x1b[K' + line)
             self._drawn = True

@@ -192,6 +192,15 @@ def test_receive_window_drops_stale_and_duplicate_packets():
     assert window.held == 1 and window.duplicates == 1 and window.stale == 2
 
 
+def test_receive_window_reports_the_loss_it_saw():
+    window = wanxfer.ReceiveWindow(100, 0)
+    for seq in range(100):
+        if seq % 10 != 3:                        # every tenth datagram lost
+            window.on_packet(seq, seq, 0, 0.0)
+    window.on_packet(99, 99, 0, 0.0)             # a duplicate is not an arrival
+    assert window.loss_fraction() == pytest.approx(0.10)
+
+
 def feed(rate, seconds, start, queue, delivered_rate, loss=0.0, rtt=0.12, every=0.01):
     """Feedback every 10 ms for `seconds`: the path delivers `delivered_rate`
     bytes/s (None: whatever is sent) with `loss` and `queue` s of queueing."""
