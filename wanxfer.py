@@ -163,6 +163,14 @@ def block_size_for_mtu(mtu, family=socket.AF_INET):
     return min(mtu, MAX_MTU) - IP_UDP_OVERHEAD.get(family, 48) - PACKET_OVERHEAD
 
 
+# --- Delta transfers: the server's signature of a file -----------------------
+# Sent on the control channel as JSON {'op': 'signature', 'file', 'offset',
+# 'spans'}, where 'spans' is base64 of zlib of SIGNATURE_SPAN records.
+SIGNATURE_SPAN = struct.Struct('!I16s')         # span length, first 16 bytes of its SHA-256
+SPAN_DIGEST_SIZE = 16
+ZERO_SPAN = bytes(SPAN_DIGEST_SIZE)             # digest field of a span of zero bytes
+
+
 # --- Tunnel peer link --------------------------------------------------------
 # After the same handshake (HELLO, SERVER_HELLO, CLIENT_PROOF), both peers send
 # frames exactly like the control channel's: FRAME_HEADER, then a body sealed
@@ -697,6 +705,61 @@ class Chunker:
         return chunk
 
 
+# --- Signatures: what a file holds, span by span, for delta transfers ------
+
+DELTA_MODES = ('fixed', 'cdc')
+DELTA_UNIT = 64 << 10           # 'fixed' spans: digests at C speed catch appends and in-place edits
+SIGNATURE_SEGMENT = 32 << 20    # a signature is sent, and answered, this many bytes at a time
+SIGNATURE_READ = 1 << 20
+
+
+def span_digest(data):
+    return hashlib.sha256(data).digest()[:SPAN_DIGEST_SIZE]
+
+
+def is_zero(data):
+    return data == bytes(len(data))     # calloc'd, then one memcmp: tens of GB/s
+
+
+def file_signature(path, mode, segment=SIGNATURE_SEGMENT):
+    """Yield the signature of the file at `path` as (offset, spans) pieces,
+    each covering about `segment` bytes: spans are (length, digest) in file
+    order, ZERO_SPAN for a span of zero bytes.  'fixed' cuts every
+    DELTA_UNIT bytes (hashlib releases the GIL: this runs beside a transfer
+    at little cost); 'cdc' cuts by content (Chunker), so spans survive
+    inserts and deletes that shift the data after them."""
+    if mode not in DELTA_MODES:
+        raise ValueError(mode)
+    with open(path, 'rb') as f:
+        if mode == 'fixed':
+            offset = 0
+            while True:
+                data = f.read(segment - segment % DELTA_UNIT)
+                if not data:
+                    return
+                spans = []
+                for start in range(0, len(data), DELTA_UNIT):
+                    unit = data[start:start + DELTA_UNIT]
+                    spans.append((len(unit), ZERO_SPAN if is_zero(unit) else span_digest(unit)))
+                yield offset, spans
+                offset += len(data)
+        chunker = Chunker()
+        start = end = 0
+        spans = []
+        while True:
+            data = f.read(SIGNATURE_READ)
+            chunks = chunker.feed(data) if data else [chunker.finish()]
+            for chunk in chunks:
+                if chunk:
+                    spans.append((len(chunk), ZERO_SPAN if is_zero(chunk) else span_digest(chunk)))
+                    end += len(chunk)
+            if spans and (end - start >= segment or not data):
+                yield start, spans
+                start, spans = end, []
+            if not data:
+                return
+
+
 DEFAULT_CACHE_SIZE = 4 << 30
 CACHE_APPLICATION_ID = 0x57584331       # 'WXC1' in the SQLite header: this is a wanxfer cache
 CACHE_FORMAT = 1                        # PRAGMA user_version
@@ -707,7 +770,7 @@ CACHE_EVICT_TO = 0.9                    # evict down to this fraction of the lim
 CACHE_TOUCH_GRANULARITY = 600           # s: how finely least-recent use is told apart
 RUN_FRESH_SECONDS = 15.0                # a run not updated for longer is not running
 RUN_FORGET_SECONDS = 86400.0
-STATS_KINDS = ('tunnel-out', 'tunnel-in')
+STATS_KINDS = ('tunnel-out', 'tunnel-in', 'get')
 
 CACHE_SCHEMA = (
     'CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, '
@@ -721,6 +784,15 @@ CACHE_SCHEMA = (
     'connections INTEGER NOT NULL, original INTEGER NOT NULL, transferred INTEGER NOT NULL, '
     'PRIMARY KEY (run, kind))',
     "INSERT OR IGNORE INTO counters VALUES ('stored_bytes', 0)",
+    # Files `get` received, kept by hard link (owned) or where they lie, and
+    # the spans of each by digest: what a delta transfer can be built from.
+    'CREATE TABLE IF NOT EXISTS kept_files (id INTEGER PRIMARY KEY, path TEXT NOT NULL, '
+    'owned INTEGER NOT NULL, remote TEXT NOT NULL, size INTEGER NOT NULL, '
+    'mtime_ns INTEGER NOT NULL, modes TEXT NOT NULL, kept REAL NOT NULL)',
+    'CREATE TABLE IF NOT EXISTS spans (digest BLOB NOT NULL, file INTEGER NOT NULL, '
+    'offset INTEGER NOT NULL, length INTEGER NOT NULL)',
+    'CREATE INDEX IF NOT EXISTS spans_by_digest ON spans (digest)',
+    'CREATE INDEX IF NOT EXISTS spans_by_file ON spans (file)',
 )
 
 _CORRUPTION_WORDS = ('malformed', 'not a database', 'file is encrypted', 'corrupt')
@@ -918,6 +990,112 @@ class ChunkStore:
     @staticmethod
     def _clock():
         return int(time.time() * 1000)
+
+    # -- files kept for delta transfers --------------------------------------
+    # `get` keeps each file it received: a hard link under `kept_directory`
+    # (so the bytes outlive the user's copy; evicting is unlink) and the
+    # file's spans by digest.  Kept files have a budget of their own, as
+    # large as the chunks'; a file larger than that is indexed where it lies.
+
+    @property
+    def kept_directory(self):
+        return self.path + '.files'
+
+    def kept_files_for(self, remote):
+        """[(id, path, size, mtime_ns, modes)] of files kept for `remote`, newest first."""
+        return self._safely([], lambda: self._db.execute(
+            'SELECT id, path, size, mtime_ns, modes FROM kept_files WHERE remote = ? '
+            'ORDER BY kept DESC', (remote,)).fetchall())
+
+    def keep_file(self, path, remote, mode, spans, link=True):
+        """Remember the file at `path` (received for `remote`) with its
+        `spans` [(offset, length, digest)] cut in `mode`; returns its id."""
+        return self._safely(None, self._keep_file, path, remote, mode, spans, link)
+
+    def _keep_file(self, path, remote, mode, spans, link):
+        info = os.stat(path)
+        self._begin()
+        for (stale,) in self._db.execute('SELECT id FROM kept_files WHERE path = ? AND owned = 0',
+                                         (os.path.abspath(path),)).fetchall():
+            self._forget_file(stale)
+        row = self._db.execute('INSERT INTO kept_files (path, owned, remote, size, mtime_ns, modes, '
+                               'kept) VALUES (?, 0, ?, ?, ?, ?, ?)',
+                               (os.path.abspath(path), remote, info.st_size, info.st_mtime_ns, mode,
+                                time.time()))
+        file_id = row.lastrowid
+        if link and info.st_size <= self.limit:
+            kept = os.path.join(self.kept_directory, '%d' % file_id)
+            try:
+                os.makedirs(self.kept_directory, exist_ok=True)
+                os.link(path, kept)
+                self._db.execute('UPDATE kept_files SET path = ?, owned = 1 WHERE id = ?',
+                                 (kept, file_id))
+            except OSError as e:
+                self._warn('link', 'cannot keep received files under %s (%s): a deleted file '
+                           'will be fetched in full next time' % (self.kept_directory, e.strerror))
+        self._add_spans(file_id, spans)
+        self._evict_files(file_id)
+        self._flush()
+        return file_id
+
+    def add_spans(self, file_id, mode, spans):
+        """Index a kept file again, cut in another mode."""
+        def add():
+            self._begin()
+            self._db.execute("UPDATE kept_files SET modes = modes || ',' || ? WHERE id = ?",
+                             (mode, file_id))
+            self._add_spans(file_id, spans)
+            self._flush()
+        self._safely(None, add)
+
+    def _add_spans(self, file_id, spans):
+        self._db.executemany('INSERT INTO spans VALUES (?, ?, ?, ?)',
+                             ((digest, file_id, offset, length)
+                              for offset, length, digest in spans if digest != ZERO_SPAN))
+
+    def find_spans(self, digests):
+        """{digest: [(file id, path, size, mtime_ns, offset, length)]} for those known."""
+        def find():
+            found = {}
+            digests_list = list(digests)
+            for i in range(0, len(digests_list), 500):
+                batch = digests_list[i:i + 500]
+                for row in self._db.execute(
+                        'SELECT s.digest, f.id, f.path, f.size, f.mtime_ns, s.offset, s.length '
+                        'FROM spans s JOIN kept_files f ON f.id = s.file WHERE s.digest IN (%s)'
+                        % ','.join('?' * len(batch)), batch):
+                    found.setdefault(row[0], []).append(row[1:])
+            return found
+        return self._safely({}, find)
+
+    def forget_file(self, file_id):
+        """Drop a kept file whose bytes no longer match what was recorded."""
+        def forget():
+            self._begin()
+            self._forget_file(file_id)
+            self._flush()
+        self._safely(None, forget)
+
+    def _forget_file(self, file_id):
+        row = self._db.execute('SELECT path, owned FROM kept_files WHERE id = ?',
+                               (file_id,)).fetchone()
+        self._db.execute('DELETE FROM spans WHERE file = ?', (file_id,))
+        self._db.execute('DELETE FROM kept_files WHERE id = ?', (file_id,))
+        if row and row[1]:
+            try:
+                os.unlink(row[0])
+            except OSError:
+                pass
+
+    def _evict_files(self, newest):
+        """Oldest kept files go first once they pass the limit (never `newest`)."""
+        rows = self._db.execute('SELECT id, size FROM kept_files WHERE owned = 1 '
+                                'ORDER BY kept DESC, id DESC').fetchall()
+        total = 0
+        for file_id, size in rows:
+            total += size
+            if total > self.limit and file_id != newest:
+                self._forget_file(file_id)
 
     # -- counters for `stats` -----------------------------------------------
 
@@ -1259,10 +1437,10 @@ def next_block(bitmap, nblocks, block, held):
     return nblocks
 
 
-def bitmap_missing_ranges(bitmap, nblocks, limit=None):
-    """[start, end) ranges of blocks whose bit is clear, in order."""
+def bitmap_missing_ranges(bitmap, nblocks, limit=None, first=0):
+    """[start, end) ranges of blocks from `first` on whose bit is clear, in order."""
     ranges = []
-    block = 0
+    block = first
     while limit is None or len(ranges) < limit:
         start = next_block(bitmap, nblocks, block, False)
         if start >= nblocks:
@@ -1270,6 +1448,25 @@ def bitmap_missing_ranges(bitmap, nblocks, limit=None):
         block = next_block(bitmap, nblocks, start, True)
         ranges.append((start, block))
     return ranges
+
+
+def set_bits(bitmap, start, end):
+    """Set the bits of blocks [start, end); return how many were clear.
+    Whole bytes at once: a delta transfer marks a million blocks in one go."""
+    newly = 0
+    while start < end and (start & 7 or end - start < 8):
+        byte, bit = start >> 3, 1 << (start & 7)
+        if not bitmap[byte] & bit:
+            bitmap[byte] |= bit
+            newly += 1
+        start += 1
+    if start < end:
+        first, last = start >> 3, end >> 3
+        held = bin(int.from_bytes(bitmap[first:last], 'little')).count('1')
+        bitmap[first:last] = b'\xff' * (last - first)
+        newly += (last - first) * 8 - held
+        newly += set_bits(bitmap, last * 8, end)
+    return newly
 
 
 def subtract_ranges(ranges, holes):
@@ -1327,6 +1524,11 @@ class SendWindow:
 
     def has_work(self):
         return bool(self._fresh or self._resend)
+
+    def add_need(self, ranges):
+        """More blocks to send, after all those already named (a delta
+        transfer names them as the receiver answers each signature piece)."""
+        self._fresh[0:0] = [list(r) for r in reversed(ranges) if r[1] > r[0]]
 
     def next_run(self, limit):
         """(first block, count, is_resend): up to `limit` blocks to send now.
@@ -1436,6 +1638,7 @@ class ReceiveWindow:
         self.first_seq = first_seq
         self.bitmap = bitmap if bitmap is not None else bytearray((nblocks + 7) // 8)
         self.held = sum(bin(b).count('1') for b in self.bitmap) if bitmap is not None else 0
+        self.decided = nblocks                  # blocks past this are not asked for yet
         self.largest = first_seq - 1
         self._window_start = first_seq
         self._gaps = []                         # [start, end) packet numbers not received
@@ -1531,7 +1734,12 @@ class ReceiveWindow:
         return max(0.0, 1.0 - (self.packets - self.duplicates) / sent) if sent > 0 else 0.0
 
     def missing(self, limit=MAX_NAK_RANGES):
-        return bitmap_missing_ranges(self.bitmap, self.nblocks, limit)
+        return bitmap_missing_ranges(self.bitmap, self.decided, limit)
+
+    def mark_held(self, ranges):
+        """Blocks that were filled from local data."""
+        for start, end in ranges:
+            self.held += set_bits(self.bitmap, start, end)
 
 
 def seal_datagram(sealer, kind, session_id, seq, body=b'', flags=0):
@@ -1558,6 +1766,22 @@ def decode_feedback(body):
 
 def encode_nak(file_id, ranges):
     return NAK_FIELDS.pack(file_id, len(ranges)) + b''.join(NAK_RANGE.pack(*r) for r in ranges)
+
+
+def encode_spans(spans):
+    """Spans [(length, digest)] as the text of a signature message."""
+    packed = b''.join(SIGNATURE_SPAN.pack(length, digest) for length, digest in spans)
+    return base64.b64encode(zlib.compress(packed, 1)).decode('ascii')
+
+
+def decode_spans(text):
+    try:
+        packed = zlib.decompress(base64.b64decode(text))
+    except (ValueError, TypeError, zlib.error):
+        raise ProtocolError('malformed signature')
+    if len(packed) % SIGNATURE_SPAN.size:
+        raise ProtocolError('malformed signature')
+    return [SIGNATURE_SPAN.unpack_from(packed, i) for i in range(0, len(packed), SIGNATURE_SPAN.size)]
 
 
 def decode_nak(body):
@@ -2008,6 +2232,12 @@ class BlockWriter:
             finally:
                 self._queue.task_done()
 
+    def mark_written(self, ranges):
+        """Blocks written by someone else (local data), now safely on disk."""
+        with self._lock:
+            for start, end in ranges:
+                set_bits(self._bitmap, start, end)
+
     def written_bitmap(self):
         """A copy of the bitmap of blocks safely written."""
         with self._lock:
@@ -2041,6 +2271,50 @@ UDP_SETUP_TIMEOUT = 10.0
 DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
 PACING_BURST = 0.002            # s of sending allowed in one go
 MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
+SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
+
+
+class SignatureJob:
+    """One file's signature being computed on a thread of its own: a
+    session sends each piece (offset, encoded spans) as soon as it is in
+    `pieces`; `done` is set at the end, with `error` if reading failed."""
+
+    def __init__(self, path, mode):
+        self.path, self.mode = path, mode
+        self.pieces = []
+        self.error = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, name='signature', daemon=True).start()
+
+    def _run(self):
+        try:
+            for offset, spans in file_signature(self.path, self.mode):
+                self.pieces.append((offset, encode_spans(spans)))
+        except OSError as e:
+            self.error = e
+        self.done.set()
+
+
+class SignatureCache:
+    """Signatures of served files, remembered by file identity and mode: a
+    file that has not changed is read for its signature once, however often
+    it is fetched, and concurrent fetches share the work."""
+
+    def __init__(self, limit=64):
+        self._jobs = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def start(self, path, mode):
+        key = (DigestCache.identity(path), mode)
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is None or job.error is not None:
+                job = self._jobs[key] = SignatureJob(path, mode)
+                while len(self._jobs) > self._limit:
+                    self._jobs.popitem(last=False)
+            self._jobs.move_to_end(key)
+            return job
 
 
 class ServerSession:
@@ -2158,20 +2432,26 @@ class ServerSession:
             self.data_out.set_stride(block_size)
             caps = [r for r in (self.server.max_rate, message.get('max_rate')) if r]
             self.rate.set_cap(float(min(caps)) if caps else None)
-            nblocks = (st.st_size + block_size - 1) // block_size
-            need = [(max(0, int(a)), min(nblocks, int(b))) for a, b in message.get('need', [])]
+            self._nblocks = (st.st_size + block_size - 1) // block_size
+            need = self._need_ranges(message.get('need', []))
+            signature = None
+            if message.get('delta'):
+                if message['delta'] not in DELTA_MODES:
+                    raise RemoteError('unknown delta mode %r' % message['delta'])
+                signature = self.server.signatures.start(path, message['delta'])
             self._file_id += 1
             window = SendWindow(need, self._next_seq, self._log)
             self.control.send({'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq})
             started = time.monotonic()
-            finished = self._send_blocks(fd, window)
+            finished = self._send_blocks(fd, window, signature)
             self._next_seq = window.next_seq
             if not finished:
                 return
             self.control.send({
                 'op': 'digest', 'file': self._file_id, 'sha256': digest(),
                 'packets_sent': window.next_seq - window.first_seq, 'packets_lost': window.lost,
-                'packets_retransmitted': window.retransmitted, 'wire_bytes': self._wire_bytes})
+                'packets_retransmitted': window.retransmitted, 'wire_bytes': self._wire_bytes,
+                'signature_bytes': self._signature_bytes})
             seconds = time.monotonic() - started
             self.server.log('%s: sent %s (%d bytes) in %.2f s, %.1f Mbit/s, %d packets retransmitted' % (
                 self.peer_name(), remote, st.st_size, seconds,
@@ -2179,14 +2459,37 @@ class ServerSession:
         finally:
             os.close(fd)
 
-    def _send_blocks(self, fd, window):
+    def _need_ranges(self, ranges):
+        return [(max(0, int(a)), min(self._nblocks, int(b))) for a, b in ranges]
+
+    def _send_signature(self, signature, sent):
+        """Send the pieces of the signature computed since the last call;
+        returns how many have been sent in all."""
+        if signature.error is not None:
+            raise RemoteError('cannot read the file for its signature: %s' % signature.error.strerror)
+        pieces = signature.pieces[sent:]
+        if pieces:
+            self.sock.setblocking(True)         # a signature can outgrow the socket buffer
+            try:
+                for offset, spans in pieces:
+                    self.control.send({'op': 'signature', 'file': self._file_id, 'offset': offset,
+                                       'spans': spans})
+                    self._signature_bytes += len(spans) + 64
+            finally:
+                self.sock.setblocking(False)
+        return sent + len(pieces)
+
+    def _send_blocks(self, fd, window, signature=None):
         """The paced data phase of one file.  Returns True when the client
-        reports every block held, False if it gave up or vanished."""
+        reports every block held, False if it gave up or vanished.  With a
+        `signature`, its pieces go out as they are computed and the client
+        answers each with the blocks it still needs."""
         block_size, sid, file_id = self.block_size, self.session_id, self._file_id
         sealer, udp, rate = self.data_out, self.udp, self.rate
         pack_header = DATA_HEADER.pack
         per_packet = PACKET_OVERHEAD + IP_UDP_OVERHEAD.get(self.sock.family, 48)
-        self._wire_bytes = 0
+        self._wire_bytes = self._signature_bytes = 0
+        signature_sent = 0
         selector = selectors.DefaultSelector()
         selector.register(udp.sock, selectors.EVENT_READ, 'udp')
         selector.register(self.sock, selectors.EVENT_READ, 'tcp')
@@ -2198,6 +2501,9 @@ class ServerSession:
         max_batch = max(1, min(MAX_GSO_SEGMENTS if udp.gso else 8, MAX_DATAGRAM_BATCH // block_size))
         try:
             while True:
+                if signature is not None and signature_sent < len(signature.pieces) + \
+                        (signature.error is not None):
+                    signature_sent = self._send_signature(signature, signature_sent)
                 now = time.monotonic()
                 budget = min(budget + rate.rate * (now - last_tick), rate.rate * PACING_BURST + 65536)
                 last_tick = now
@@ -2218,6 +2524,8 @@ class ServerSession:
                     timeout = max(0.0, -budget / rate.rate)
                 else:
                     timeout = 0.05
+                if signature is not None and not signature.done.is_set():
+                    timeout = min(timeout, SIGNATURE_POLL)
                 for key, _events in selector.select(timeout):
                     if key.data == 'tcp':
                         data = self.sock.recv(65536)
@@ -2225,10 +2533,15 @@ class ServerSession:
                             return False
                         self.control.feed(data)
                         for message in self.control.messages():
-                            if message['op'] == 'done' and message.get('file') == file_id:
+                            if message.get('file') != file_id and message['op'] != 'abort':
+                                continue
+                            if message['op'] == 'done':
                                 return True
                             if message['op'] == 'abort':
                                 return False
+                            if message['op'] == 'need':
+                                window.add_need(self._need_ranges(message['ranges']))
+                                last_feedback = time.monotonic()
                         continue
                     for _ in range(MAX_RECEIVES_PER_WAKEUP):   # a flood must not stop the sending
                         nbytes, segment = udp.recv_batch(buffer)
@@ -2240,11 +2553,14 @@ class ServerSession:
                                                  window, file_id, now):
                                 last_feedback = now
                 silence = time.monotonic() - last_feedback
-                if silence > DATA_TIMEOUT:
+                # With nothing in flight the client is busy finding its local
+                # data (or will say done): only its hanging up ends the wait.
+                idle = not window.in_flight() and not window.has_work()
+                if silence > (COMMAND_TIMEOUT if idle else DATA_TIMEOUT):
                     self.server.log('%s: no feedback for %d s; transfer abandoned'
-                                    % (self.peer_name(), DATA_TIMEOUT))
+                                    % (self.peer_name(), silence))
                     return False
-                if silence > max(MIN_FEEDBACK_SILENCE, 4 * self.rtt):
+                if silence > max(MIN_FEEDBACK_SILENCE, 4 * self.rtt) and window.in_flight() > 0:
                     rate.on_silence()
                     last_feedback += max(MIN_FEEDBACK_SILENCE, 4 * self.rtt)
         finally:
@@ -2307,6 +2623,7 @@ class Server:
         self.max_rate = max_rate
         self.log = log or (lambda line: None)
         self.digests = DigestCache()
+        self.signatures = SignatureCache()
         self._sessions = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -2474,14 +2791,124 @@ class TransferEvents:
         pass
 
 
+def signature_spans(path, mode):
+    """The whole signature of a local file as [(offset, length, digest)]."""
+    spans = []
+    for offset, piece in file_signature(path, mode):
+        for length, digest in piece:
+            spans.append((offset, length, digest))
+            offset += length
+    return spans
+
+
+class LocalAssembler:
+    """Builds as much of a file as it can from bytes this machine already
+    holds, while the server's signature of the file arrives piece by piece.
+    Each span is looked up among the kept files (ChunkStore.find_spans),
+    read, checked against its digest and written in place; spans of zeros
+    are left as holes in a new file, so sparse files stay sparse.
+    `on_piece()` says which blocks are now held and how far the file is
+    decided; the blocks in between that are not held must come from the
+    server.  A kept file whose bytes no longer match is forgotten."""
+
+    def __init__(self, store, partial):
+        self._store, self._partial = store, partial
+        self._block_size, self._nblocks = partial.block_size, partial.nblocks
+        self._size = partial.identity['size']
+        self._fresh = partial.resumed_blocks == 0       # unwritten bytes are zeros
+        self._sources = {}          # kept file id -> open fd, or None once it failed
+        self._run_start = 0         # the bytes from here to `offset` are in place
+        self._reported = 0          # blocks before this were reported held or not
+        self.offset = 0             # bytes the signature has covered so far
+        self.spans = []             # (offset, length, digest), to keep the file by
+        self.local_bytes = self.zero_bytes = 0
+
+    def on_piece(self, offset, spans):
+        """Apply one signature piece: (held block ranges, blocks decided)."""
+        if offset != self.offset or offset + sum(length for length, _ in spans) > self._size:
+            raise ProtocolError('the signature does not fit the file')
+        known = self._store.find_spans({digest for _, digest in spans if digest != ZERO_SPAN})
+        held = []
+        position = offset
+        for length, digest in spans:
+            self.spans.append((position, length, digest))
+            if not self._fill(position, length, digest, known.get(digest, ())):
+                self._report(position, held)
+                self._run_start = position + length
+            position += length
+        self.offset = position
+        self._report(position, held)
+        return held, (self._nblocks if position >= self._size else position // self._block_size)
+
+    def _report(self, end, held):
+        """Blocks wholly inside the run of bytes in place up to `end`."""
+        first = max(-(-self._run_start // self._block_size), self._reported)
+        last = self._nblocks if end >= self._size else end // self._block_size
+        if last > first:
+            held.append((first, last))
+        self._reported = max(self._reported, last)
+
+    def _fill(self, position, length, digest, candidates):
+        if digest == ZERO_SPAN:
+            if not self._fresh:
+                self._partial.write(position, bytes(length))
+            self.zero_bytes += length
+            return True
+        for file_id, path, size, mtime_ns, offset, span_length in candidates:
+            fd = self._source(file_id, path, size, mtime_ns)
+            if fd is None or span_length != length:
+                continue
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError:
+                data = b''
+            if len(data) != length or span_digest(data) != digest:
+                self._forget(file_id)
+                continue
+            self._partial.write(position, data)
+            self.local_bytes += length
+            return True
+        return False
+
+    def _source(self, file_id, path, size, mtime_ns):
+        if file_id not in self._sources:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                fd = None
+            else:
+                info = os.fstat(fd)
+                if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
+                    os.close(fd)
+                    fd = None
+            self._sources[file_id] = fd
+            if fd is None:
+                self._store.forget_file(file_id)
+        return self._sources[file_id]
+
+    def _forget(self, file_id):
+        fd = self._sources.get(file_id)
+        if fd is not None:
+            os.close(fd)
+        self._sources[file_id] = None
+        self._store.forget_file(file_id)
+
+    def close(self):
+        for fd in self._sources.values():
+            if fd is not None:
+                os.close(fd)
+        self._sources.clear()
+
+
 class Client:
     """A session with one server.  `connect()`, then `listing()` of what a
     REMOTE expands to and `fetch()` of each file; `close()` at the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
-                 max_rate=None):
+                 max_rate=None, store=None):
         self.host, self.port = host, port
         self.max_rate = max_rate                # bytes/s, or None: the path decides
+        self.store = store                      # a ChunkStore: delta transfers; None: plain
         self.secret, self.encrypt = secret, encrypt
         self.timeout = timeout
         self.events = events or TransferEvents()
@@ -2576,30 +3003,72 @@ class Client:
         self.control.send({'op': 'list', 'path': remote})
         return self._expect(self.control.recv(), 'listing')
 
+    def _delta_mode(self, dest, remote):
+        """'cdc' when an older copy of the file is at hand (at `dest`, or kept
+        from an earlier fetch of `remote`): only content-defined spans line
+        up again after inserts and deletes.  Otherwise 'fixed', so a file new
+        to this machine costs no pure-Python chunking at either end."""
+        kept = self.store.kept_files_for(remote)
+        older = os.path.isfile(dest)
+        return ('cdc' if kept or older else 'fixed'), kept, older
+
+    def _index_older_copies(self, dest, remote, kept, older):
+        """Content-defined spans of each older copy, so they can be found."""
+        for file_id, path, size, mtime_ns, modes in kept:
+            if 'cdc' not in modes.split(','):
+                try:
+                    info = os.stat(path)
+                    if (info.st_size, info.st_mtime_ns) == (size, mtime_ns):
+                        self.store.add_spans(file_id, 'cdc', signature_spans(path, 'cdc'))
+                        continue
+                except OSError:
+                    pass
+                self.store.forget_file(file_id)
+            if older and os.path.exists(path) and os.path.samefile(path, dest):
+                older = False
+        if older:
+            try:
+                self.store.keep_file(dest, remote, 'cdc', signature_spans(dest, 'cdc'))
+            except OSError:
+                pass                            # unreadable: it cannot help
+
     def fetch(self, remote, dest, entry, retry_on_mismatch=True):
         """Fetch one file to `dest`; return its summary dict."""
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
         self._rejected = 0
         self._choose_block_size()
+        delta = kept = older = None
+        if self.store is not None and size:
+            delta, kept, older = self._delta_mode(dest, remote)
         partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         bitmap = partial.open()
         resumed = partial.resumed_blocks
         self.events.file_started(remote, dest, size, min(size, resumed * self.block_size))
         writer = BlockWriter(partial, bitmap)
+        assembler = None
         started = time.monotonic()
         try:
             self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
                                'max_rate': self.max_rate, 'block_size': self.block_size,
-                               'need': bitmap_missing_ranges(bitmap, partial.nblocks)})
+                               'delta': delta,
+                               'need': [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)})
             start = self._expect(self.control.recv(), 'start')
             window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)
             self._file_id = int(start['file'])
+            if delta:
+                window.decided = 0
+                if delta == 'cdc':              # while the server cuts its own copy
+                    self._index_older_copies(dest, remote, kept, older)
+                assembler = LocalAssembler(self.store, partial)
             if not window.complete():
-                self._receive(window, writer, partial, size, started)
+                self._receive(window, writer, partial, size, started, assembler)
             writer.sync()
             partial.save_state(writer.written_bitmap())
             self.control.send({'op': 'done', 'file': self._file_id})
-            report = self._expect(self._next_message(), 'digest')
+            report = self._next_message()
+            while report['op'] == 'signature':  # pieces sent before our done crossed it
+                report = self._next_message()
+            self._expect(report, 'digest')
         except BaseException:
             try:
                 writer.sync()
@@ -2613,6 +3082,8 @@ class Client:
             raise
         finally:
             writer.close()
+            if assembler is not None:
+                assembler.close()
         local = partial.digest()
         if not hmac.compare_digest(local, str(report.get('sha256'))):
             partial.discard()
@@ -2622,9 +3093,12 @@ class Client:
             raise TransferError('%s: digest mismatch after a full transfer; the source may be '
                                 'changing while it is read' % remote)
         partial.finish(int(entry.get('mode', 0o644)), mtime_ns)
+        if assembler is not None and assembler.offset == size:
+            self.store.keep_file(dest, remote, delta, assembler.spans)
         duration = max(time.monotonic() - started, 1e-6)
         received = writer.written_bytes
         wire = int(report.get('wire_bytes', 0))
+        sent = wire + int(report.get('signature_bytes', 0))
         return {
             'file': dest, 'remote': remote, 'file_bytes': size,
             'received_bytes': received, 'resumed_bytes': min(size, resumed * self.block_size),
@@ -2639,6 +3113,12 @@ class Client:
             'file_rate_mbps': round(size * 8 / duration / 1e6, 2),
             'sha256': local, 'encrypted': self.encrypt, 'verified': True,
             'block_bytes': self.block_size,
+            'delta': delta or 'off',
+            'local_bytes': assembler.local_bytes if assembler else 0,
+            'zero_bytes': assembler.zero_bytes if assembler else 0,
+            'signature_bytes': int(report.get('signature_bytes', 0)),
+            'sent_bytes': sent,
+            'saving_percent': round(100.0 * (size - sent) / size, 2) if size else 0.0,
         }
 
     def _next_message(self):
@@ -2650,8 +3130,19 @@ class Client:
         finally:
             self.sock.settimeout(None)
 
-    def _receive(self, window, writer, partial, size, started):
-        """The data phase: datagrams in, blocks written, feedback out."""
+    def _apply_signature(self, message, assembler, window, writer):
+        """Fill what this piece of the signature lets us, and ask the server
+        for the rest of the blocks it decides."""
+        held, decided = assembler.on_piece(int(message['offset']), decode_spans(message['spans']))
+        window.mark_held(held)
+        writer.mark_written(held)
+        need = bitmap_missing_ranges(window.bitmap, decided, first=window.decided)
+        window.decided = decided
+        self.control.send({'op': 'need', 'file': self._file_id, 'ranges': need})
+
+    def _receive(self, window, writer, partial, size, started, assembler=None):
+        """The data phase: datagrams in, blocks written, feedback out; with
+        an `assembler`, signature pieces in and local data written too."""
         receiver = FileReceiver(self.session_id, self.data_in, window, writer, size, self.block_size)
         buffer = bytearray(RECV_BUFFER)
         feedback_interval = max(0.005, min(0.02, self.rtt / 8))
@@ -2677,6 +3168,11 @@ class Client:
                                                 'run the same command again to resume')
                         self.control.feed(data)
                         for message in self.control.messages():
+                            if message['op'] == 'signature' and assembler is not None \
+                                    and message.get('file') == self._file_id:
+                                self._apply_signature(message, assembler, window, writer)
+                                last_data = time.monotonic()
+                                continue
                             self._expect(message, 'nothing during the data phase')
                         continue
                     for receives in range(MAX_RECEIVES_PER_WAKEUP):   # then see to the timers
@@ -2701,7 +3197,9 @@ class Client:
                             self._file_id, *window.feedback(now)))
                     next_feedback = now + feedback_interval
                 if now - last_data >= idle_limit and now >= next_nak:
-                    self._send_datagram(KIND_NAK, encode_nak(self._file_id, window.missing()))
+                    missing = window.missing()
+                    if missing:
+                        self._send_datagram(KIND_NAK, encode_nak(self._file_id, missing))
                     next_nak = now + idle_limit
                     if now - last_data > self.timeout:
                         raise TransferError('no data from the server for %d s; partial data kept: '
@@ -4886,6 +5384,14 @@ def summary_lines(summary):
     ]
     if summary.get('resumed_bytes'):
         lines.insert(3, ('Resumed from disk', human_bytes(summary['resumed_bytes'])))
+    if summary.get('delta', 'off') != 'off':
+        found = summary['local_bytes'] + summary['zero_bytes']
+        lines.insert(3, ('Found locally', '%s (%s of zeros), %s spans' % (
+            human_bytes(found), human_bytes(summary['zero_bytes']), summary['delta'])))
+        saved = summary['file_bytes'] - summary['sent_bytes']
+        lines.append(('Delta', 'transferred %s, saving %.1f%% of bandwidth by sending %s %s' % (
+            human_bytes(summary['sent_bytes']), summary['saving_percent'],
+            human_bytes(abs(saved)), 'fewer' if saved >= 0 else 'more')))
     width = max(len(label) for label, _ in lines)
     return ['%s: %s' % (summary['file'], 'done')] + \
         ['  %s : %s' % (label.ljust(width), value) for label, value in lines]
@@ -5044,8 +5550,12 @@ def command_get(args):
     if args.output is not None and len(args.remote) > 1 and os.path.exists(args.output) \
             and not os.path.isdir(args.output):
         raise UsageError('%s is not a directory (several REMOTEs need one)' % args.output)
+    store = open_get_cache(args, events)
     client = Client(host, port, secret, encrypt=not args.no_encrypt, timeout=args.timeout,
-                    events=events, max_rate=max_rate)
+                    events=events, max_rate=max_rate, store=None if args.no_delta else store)
+    run = secrets.token_hex(8)
+    started = time.time()
+    totals = [0, 0, 0]                          # files, file bytes, bytes sent for them
     failures = 0
     try:
         client.connect()
@@ -5060,13 +5570,34 @@ def command_get(args):
                 raise TransferError('cannot create directory %s: %s' % (directory, e.strerror))
         for remote, dest, entry in jobs:
             try:
-                events.file_finished(client.fetch(remote, dest, entry))
+                summary = client.fetch(remote, dest, entry)
             except RemoteError as e:
                 print('wanxfer: error: %s' % e, file=sys.stderr)
                 failures += 1
+                continue
+            events.file_finished(summary)
+            totals = [totals[0] + 1, totals[1] + summary['file_bytes'],
+                      totals[2] + summary['sent_bytes']]
+            if store is not None:
+                store.save_run(run, 'get', started, {'get': tuple(totals)})
     finally:
         client.close()
+        if store is not None:
+            store.end_run(run)
+            store.close()
     return 1 if failures else 0
+
+
+def open_get_cache(args, events):
+    """The cache `get` builds delta transfers from and counts them in;
+    None (with a warning) if it cannot be used: the transfer goes on."""
+    path = args.cache or default_cache_path()
+    try:
+        return ChunkStore(path, parse_size(args.cache_size),
+                          log=lambda line: print('wanxfer: ' + line, file=sys.stderr))
+    except (CacheError, sqlite3.DatabaseError, OSError) as e:
+        events.warning('%s; fetching without delta' % e)
+        return None
 
 
 def server_logger(stream=None):
@@ -5443,12 +5974,16 @@ def build_parser():
         help='fetch files from a server',
         description='Fetch files or directory trees from a wanxfer server.  Each file is '
                     'verified against the server\'s SHA-256 before it takes its final name; '
-                    'an interrupted fetch resumes when the same command runs again.',
+                    'an interrupted fetch resumes when the same command runs again.  Only what '
+                    'this machine lacks crosses the network: data found in an older copy at the '
+                    'destination or in files fetched before (kept in the cache, even after you '
+                    'delete them) is copied locally, zeros are left as holes.',
         epilog='examples:\n'
                '  python3 wanxfer.py get db1:46224 backup.tar             # into .\n'
                '  python3 wanxfer.py get db1 backup.tar -o /data/b.tar    # to a file name\n'
                '  python3 wanxfer.py get db1 logs/2026 images -o /data/   # trees and files\n'
-               '  python3 wanxfer.py get db1 big.img --rate 500M --json   # capped, for scripts\n\n'
+               '  python3 wanxfer.py get db1 big.img --rate 500M --json   # capped, for scripts\n'
+               '  python3 wanxfer.py get db1 dump.sql -o /data/dump.sql   # again: sends the changes\n\n'
                'exit status: 0 all files verified, 1 a transfer failed, 2 usage error')
     get.add_argument('server', metavar='HOST[:PORT]')
     get.add_argument('remote', nargs='+', metavar='REMOTE',
@@ -5460,6 +5995,14 @@ def build_parser():
     get.add_argument('-q', '--quiet', action='store_true', help='no progress or summary')
     get.add_argument('--timeout', type=float, default=DATA_TIMEOUT, metavar='SECONDS',
                      help='give up after this long without data (default %d)' % DATA_TIMEOUT)
+    get.add_argument('--no-delta', action='store_true',
+                     help='send every byte: do not build files from older copies or the cache')
+    get.add_argument('--cache', metavar='DB',
+                     help='cache of received files for delta transfers, shared with the tunnel '
+                          '(default %s)' % default_cache_path())
+    get.add_argument('--cache-size', default=DEFAULT_CACHE_SIZE_TEXT, metavar='SIZE',
+                     help='keep received files (hard links) up to SIZE in all (default %s)'
+                          % DEFAULT_CACHE_SIZE_TEXT)
     get.set_defaults(func=command_get)
 
     demo = commands.add_parser(

@@ -21,6 +21,14 @@ import wanxfer  # noqa: E402
 SECRET = 'test-secret-please-ignore'
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Each test gets its own default cache: `get` keeps what it received
+    there, and one test's files must not make another's transfer local."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg-cache'))
+    return tmp_path / 'xdg-cache' / 'wanxfer' / 'cache.db'
+
+
 def wanxfer_env(secret=SECRET):
     env = dict(os.environ)
     env.pop('WANXFER_SECRET', None)
