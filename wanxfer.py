@@ -2532,16 +2532,10 @@ class ServerSession:
                         if not data:
                             return False
                         self.control.feed(data)
-                        for message in self.control.messages():
-                            if message.get('file') != file_id and message['op'] != 'abort':
-                                continue
-                            if message['op'] == 'done':
-                                return True
-                            if message['op'] == 'abort':
-                                return False
-                            if message['op'] == 'need':
-                                window.add_need(self._need_ranges(message['ranges']))
-                                last_feedback = time.monotonic()
+                        outcome = self._on_control(window, file_id)
+                        if outcome is not None:
+                            return outcome
+                        last_feedback = time.monotonic()    # the client is alive and answering
                         continue
                     for _ in range(MAX_RECEIVES_PER_WAKEUP):   # a flood must not stop the sending
                         nbytes, segment = udp.recv_batch(buffer)
@@ -2566,6 +2560,20 @@ class ServerSession:
         finally:
             selector.close()
             self.sock.setblocking(True)
+
+    def _on_control(self, window, file_id):
+        """Apply the control messages received: True when the client holds
+        the whole file, False if it gave up, None to go on."""
+        for message in self.control.messages():
+            if message['op'] == 'abort':
+                return False
+            if message.get('file') != file_id:
+                continue
+            if message['op'] == 'done':
+                return True
+            if message['op'] == 'need':
+                window.add_need(self._need_ranges(message['ranges']))
+        return None
 
     def _on_datagram(self, buffer, offset, length, window, file_id, now):
         """Apply one feedback or NAK datagram; True if it was authentic."""
@@ -2773,6 +2781,7 @@ this section never prints."""
 HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
 STATE_SAVE_INTERVAL = 2.0
+DELTA_MAX_MTU = 9000            # largest packet an update uses
 
 
 class TransferEvents:
@@ -2985,10 +2994,11 @@ class Client:
                         view[offset:header_end], view[header_end:offset + length]) is not None:
                     self._largest_probe = max(self._largest_probe, length + overhead)
 
-    def _choose_block_size(self):
+    def _choose_block_size(self, largest_mtu=MAX_MTU):
         """Blocks as large as the path proved it carries (MIN_MTU if unproven)."""
         self._collect_probes()
-        self.block_size = block_size_for_mtu(max(MIN_MTU, self._largest_probe), self.sock.family)
+        mtu = min(largest_mtu, max(MIN_MTU, self._largest_probe))
+        self.block_size = block_size_for_mtu(mtu, self.sock.family)
         self.data_in.set_stride(self.block_size)
 
     @staticmethod
@@ -3036,10 +3046,11 @@ class Client:
         """Fetch one file to `dest`; return its summary dict."""
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
         self._rejected = 0
-        self._choose_block_size()
         delta = kept = older = None
         if self.store is not None and size:
             delta, kept, older = self._delta_mode(dest, remote)
+        # An update is sent as the blocks around each change: smaller blocks waste less.
+        self._choose_block_size(DELTA_MAX_MTU if delta == 'cdc' else MAX_MTU)
         partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         bitmap = partial.open()
         resumed = partial.resumed_blocks
@@ -3140,6 +3151,19 @@ class Client:
         window.decided = decided
         self.control.send({'op': 'need', 'file': self._file_id, 'ranges': need})
 
+    def _on_control(self, assembler, window, writer):
+        """Apply the signature pieces received (and refuse anything else);
+        True if there were any."""
+        applied = False
+        for message in self.control.messages():
+            if message['op'] == 'signature' and assembler is not None \
+                    and message.get('file') == self._file_id:
+                self._apply_signature(message, assembler, window, writer)
+                applied = True
+            else:
+                self._expect(message, 'nothing during the data phase')
+        return applied
+
     def _receive(self, window, writer, partial, size, started, assembler=None):
         """The data phase: datagrams in, blocks written, feedback out; with
         an `assembler`, signature pieces in and local data written too."""
@@ -3157,6 +3181,7 @@ class Client:
         next_save = now + STATE_SAVE_INTERVAL
         packets_at_feedback = 0
         try:
+            self._on_control(assembler, window, writer)     # what arrived with 'start'
             while not window.complete():
                 wake = min(next_feedback, next_progress, max(last_data + idle_limit, next_nak))
                 timeout = max(0.0, wake - now)
@@ -3167,13 +3192,8 @@ class Client:
                             raise TransferError('the server closed the connection; partial data kept: '
                                                 'run the same command again to resume')
                         self.control.feed(data)
-                        for message in self.control.messages():
-                            if message['op'] == 'signature' and assembler is not None \
-                                    and message.get('file') == self._file_id:
-                                self._apply_signature(message, assembler, window, writer)
-                                last_data = time.monotonic()
-                                continue
-                            self._expect(message, 'nothing during the data phase')
+                        if self._on_control(assembler, window, writer):
+                            last_data = time.monotonic()
                         continue
                     for receives in range(MAX_RECEIVES_PER_WAKEUP):   # then see to the timers
                         nbytes, segment = self.udp.recv_batch(buffer)

@@ -1,0 +1,242 @@
+"""Delta transfers as an operator meets them: fetch a file, change it on the
+server (or delete the local copy), fetch again, and check that the bytes are
+right and that only what was missing crossed the network."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from conftest import (WANXFER, json_summaries, make_file, run_get, sha256, wait_for, wanxfer,
+                      wanxfer_env)
+from test_bulk import partial_blocks
+
+MiB = 1024 * 1024
+
+
+def fetch(port, remote, out, *extra):
+    """One `get --json`; returns its summary after checking it succeeded
+    without falling back to a full refetch (which would hide a wrong fill)."""
+    done = run_get(port, remote, '-o', out, '--json', *extra)
+    assert done.returncode == 0, done.stderr
+    assert 'mismatch' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
+    (summary,) = json_summaries(done)
+    return summary
+
+
+def edited(data, seed, edits=20):
+    """`data` after scattered inserts, deletes and rewrites (shifting what follows)."""
+    rng = random.Random(seed)
+    out = bytearray(data)
+    for _ in range(edits):
+        at = rng.randrange(len(out) - 100)
+        kind = rng.choice(('insert', 'delete', 'rewrite'))
+        if kind == 'insert':
+            out[at:at] = b'INSERT %d;' % rng.randrange(10 ** 6)
+        elif kind == 'delete':
+            del out[at:at + rng.randrange(1, 80)]
+        else:
+            out[at:at + 20] = b'UPDATE %012d;' % rng.randrange(10 ** 12)
+    return bytes(out)
+
+
+def sql_like(size, seed):
+    rng = random.Random(seed)
+    rows = []
+    total = 0
+    while total < size:
+        row = "INSERT INTO orders VALUES (%d, 'customer-%d', %d.%02d, '%s');\n" % (
+            rng.randrange(10 ** 9), rng.randrange(10 ** 6), rng.randrange(10 ** 5),
+            rng.randrange(100), ''.join(rng.choice('abcdefghij') for _ in range(rng.randrange(8, 40))))
+        rows.append(row)
+        total += len(row)
+    return ''.join(rows).encode()
+
+
+def test_update_of_an_older_copy_sends_only_the_changes(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    old = sql_like(6 * MiB, seed=1)
+    (src / 'dump.sql').write_bytes(old)
+    server = serve([src])
+    out = tmp_path / 'dump.sql'
+    first = fetch(server.port, 'dump.sql', out)
+    assert first['delta'] == 'fixed' and first['local_bytes'] == 0
+    assert first['wire_bytes'] >= len(old)
+
+    new = edited(old, seed=2, edits=10)
+    (src / 'dump.sql').write_bytes(new)
+    second = fetch(server.port, 'dump.sql', out)
+    assert out.read_bytes() == new
+    assert second['delta'] == 'cdc'
+    assert second['local_bytes'] > 0.8 * len(new)
+    assert second['wire_bytes'] < 0.2 * len(new)
+    assert second['sent_bytes'] < 0.25 * len(new)
+    assert second['saving_percent'] > 75
+
+
+def test_appended_file_after_the_copy_was_deleted_comes_from_the_cache(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    archive = make_file(src / 'backup.tar', 8 * MiB, seed=3)
+    server = serve([src])
+    out = tmp_path / 'backup.tar'
+    fetch(server.port, 'backup.tar', out)
+    with open(archive, 'ab') as f:
+        f.write(os.urandom(300_000))
+    out.unlink()                                # the user deleted the copy; the cache kept it
+    again = fetch(server.port, 'backup.tar', out)
+    assert sha256(out) == sha256(archive)
+    assert again['local_bytes'] >= 8 * MiB - 128 * 1024
+    assert again['wire_bytes'] < 600_000
+
+
+def test_deleted_cache_means_a_full_transfer_still_correct(tmp_path, serve, private_cache):
+    data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=4)
+    server = serve([data])
+    fetch(server.port, 'f.bin', tmp_path / 'a')
+    (tmp_path / 'a').unlink()
+    for suffix in ('', '-wal', '-shm'):
+        if os.path.exists(str(private_cache) + suffix):
+            os.unlink(str(private_cache) + suffix)
+    again = fetch(server.port, 'f.bin', tmp_path / 'a')
+    assert sha256(tmp_path / 'a') == sha256(data)
+    assert again['local_bytes'] == 0 and again['wire_bytes'] >= 4 * MiB
+
+
+def test_corrupt_cache_is_moved_aside_and_the_transfer_is_full_and_correct(tmp_path, serve,
+                                                                          private_cache):
+    data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=5)
+    server = serve([data])
+    fetch(server.port, 'f.bin', tmp_path / 'a')
+    (tmp_path / 'a').unlink()
+    with open(private_cache, 'r+b') as f:      # scribble over the database's pages
+        f.seek(100)
+        f.write(os.urandom(64 * 1024))
+    done = run_get(server.port, 'f.bin', '-o', tmp_path / 'a', '--json')
+    assert done.returncode == 0, done.stderr
+    assert 'Traceback' not in done.stderr
+    assert sha256(tmp_path / 'a') == sha256(data)
+    (summary,) = json_summaries(done)
+    assert summary['local_bytes'] == 0
+    assert 'damaged' in done.stderr or 'malformed' in done.stderr or 'not a database' in done.stderr
+
+
+def test_a_kept_file_whose_bytes_changed_is_never_used(tmp_path, serve):
+    data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=6)
+    server = serve([data])
+    out = tmp_path / 'a'
+    fetch(server.port, 'f.bin', out)
+    # The kept copy is a hard link: change its bytes in place behind the
+    # cache's back, keeping size and mtime so only the digests can tell.
+    before = os.stat(out)
+    with open(out, 'r+b') as f:
+        f.seek(2 * MiB)
+        f.write(b'\xff' * 4096)
+    os.utime(out, ns=(before.st_atime_ns, before.st_mtime_ns))
+    other = tmp_path / 'b'
+    again = fetch(server.port, 'f.bin', other)
+    assert sha256(other) == sha256(data)
+    assert again['local_bytes'] < 4 * MiB          # the damaged span was fetched
+    assert again['wire_bytes'] > 0
+
+
+def test_all_zero_and_sparse_files_cost_nothing_and_stay_sparse(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    with open(src / 'zeros', 'wb') as f:
+        f.write(bytes(16 * MiB))
+    with open(src / 'sparse', 'wb') as f:      # a hole, 1 MiB of data, a hole
+        f.truncate(32 * MiB)
+        f.seek(10 * MiB)
+        f.write(os.urandom(MiB))
+    server = serve([src])
+    zeros = fetch(server.port, 'zeros', tmp_path / 'zeros')
+    sparse = fetch(server.port, 'sparse', tmp_path / 'sparse')
+    assert (tmp_path / 'zeros').read_bytes() == bytes(16 * MiB)
+    assert sha256(tmp_path / 'sparse') == sha256(src / 'sparse')
+    assert zeros['wire_bytes'] == 0 and zeros['zero_bytes'] == 16 * MiB
+    assert sparse['zero_bytes'] >= 30 * MiB and sparse['wire_bytes'] < 2 * MiB
+    assert os.stat(tmp_path / 'zeros').st_blocks * 512 < MiB
+    assert os.stat(tmp_path / 'sparse').st_blocks * 512 < 3 * MiB
+
+
+def test_no_delta_sends_every_byte(tmp_path, serve):
+    data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=7)
+    server = serve([data])
+    fetch(server.port, 'f.bin', tmp_path / 'a')
+    plain = fetch(server.port, 'f.bin', tmp_path / 'a', '--no-delta')
+    assert sha256(tmp_path / 'a') == sha256(data)
+    assert plain['delta'] == 'off' and plain['local_bytes'] == 0
+    assert plain['wire_bytes'] >= 4 * MiB
+
+
+def test_resume_of_a_delta_transfer_after_kill(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    old = sql_like(6 * MiB, seed=8)
+    (src / 'dump.sql').write_bytes(old)
+    server = serve([src], extra=['--rate', '16M'])
+    out = tmp_path / 'dump.sql'
+    fetch(server.port, 'dump.sql', out)
+    new = edited(old, seed=9, edits=3) + os.urandom(3 * MiB)   # mostly new data at the end
+    (src / 'dump.sql').write_bytes(new)
+    state = tmp_path / '.dump.sql.wxstate'
+    first = subprocess.Popen([sys.executable, WANXFER, 'get', '127.0.0.1:%d' % server.port,
+                              'dump.sql', '-o', str(out)], env=wanxfer_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: partial_blocks(state) > 50 or first.poll() is not None,
+             what='a saved partial state')
+    first.kill()
+    first.wait()
+    done = fetch(server.port, 'dump.sql', out)
+    assert out.read_bytes() == new
+    assert done['wire_bytes'] < len(new)
+
+
+def test_stats_count_get_transfers(tmp_path, serve, private_cache):
+    data = make_file(tmp_path / 'f.bin', 2 * MiB, seed=10)
+    server = serve([data])
+    first = fetch(server.port, 'f.bin', tmp_path / 'a')
+    (tmp_path / 'a').unlink()
+    second = fetch(server.port, 'f.bin', tmp_path / 'a')
+    report = subprocess.run([sys.executable, WANXFER, 'stats', '--json'], env=wanxfer_env(),
+                            capture_output=True, text=True, timeout=30)
+    assert report.returncode == 0, report.stderr
+    life = json.loads(report.stdout)['life']['get']
+    assert life['connections'] == 2
+    assert life['original_bytes'] == 4 * MiB
+    assert life['transferred_bytes'] == first['sent_bytes'] + second['sent_bytes']
+    human = subprocess.run([sys.executable, WANXFER, 'stats'], env=wanxfer_env(),
+                           capture_output=True, text=True, timeout=30)
+    assert 'get' in human.stdout
+
+
+def test_assembler_reports_only_blocks_wholly_in_place(tmp_path):
+    """Block edges rarely meet span edges: a block half covered by local data
+    must still come from the server."""
+    store = wanxfer.ChunkStore(str(tmp_path / 'c.db'))
+    basis = tmp_path / 'basis'
+    payload = os.urandom(100_000)
+    basis.write_bytes(payload)
+    # spans: [0, 30000) known, [30000, 50000) unknown, [50000, 100000) zeros
+    known = wanxfer.span_digest(payload[:30000])
+    store.keep_file(str(basis), 'basis', 'cdc', [(0, 30000, known)], link=False)
+    partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', 100_000, 0, 10_000)
+    partial.open()
+    assembler = wanxfer.LocalAssembler(store, partial)
+    held, decided = assembler.on_piece(0, [(30000, known), (20000, b'\x01' * 16)])
+    assert held == [(0, 3)] and decided == 5
+    held, decided = assembler.on_piece(50000, [(50000, wanxfer.ZERO_SPAN)])
+    assert held == [(5, 10)] and decided == 10
+    assert assembler.local_bytes == 30000 and assembler.zero_bytes == 50000
+    with pytest.raises(wanxfer.ProtocolError):
+        assembler.on_piece(0, [(1, known)])
+    assembler.close()
+    partial.close()
+    with open(partial.data_path, 'rb') as f:
+        assert f.read(30000) == payload[:30000]
+    store.close()
