@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""Delta-transfer benchmark (issue 5): wanxfer `get` across an emulated WAN
+link, files the receiver has partly seen before, against rsync over ssh.
+
+Each step runs on a fresh link (`wan up`, the step, `wan down`), so the
+emulator's counters give the bytes host a put on the link for that step
+alone (data, signatures, handshakes: everything).  The receiver's cache
+(`get --cache`) lives on disk and carries over from step to step, as it
+would between an operator's nightly runs; the server is restarted for each
+step, so every signature is computed afresh (the worst case).
+
+Steps, in order, for each run:
+  zeros         1 GiB of zeros, never seen before
+  tar-plain     the backup tar, `get --no-delta` (what a first transfer costs without delta)
+  tar-first     the backup tar, first time with delta (empty cache)
+  tar-append    the tar after `tar rf` of one file; the receiver deleted its copy first
+  sql-first     the SQL dump, first time
+  sql-edited    the dump after 200 scattered edits; the old copy is at the destination
+  rsync-tar-append / rsync-sql-edited
+                rsync over ssh (bbr) of the same updates with the old copy in place
+                (rsync cannot use a deleted copy: its tar-append case has the copy kept)
+
+Corpus (built once under --work): as in tests/bench_tunnel.py.
+
+Example (root, nothing else running):
+  python3 tests/bench_delta.py --runs 3 --json /tmp/delta.json
+  python3 tests/bench_delta.py --link "--delay 60 --rate 1000 --queue 50 --loss 1" --runs 1
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import bench_tunnel  # noqa: E402
+from bench_wan import (DEFAULT_WAN, HOST_A, SSH_PORT, Bench, BenchError, Procs, log,  # noqa: E402
+                       proc_cpu, sha256_file)
+
+LINK = '--delay 60 --rate 1000 --queue 50 --loss 1'
+PORT = 46224
+STEPS = ('zeros', 'tar-plain', 'tar-first', 'tar-append', 'sql-first', 'sql-edited',
+         'rsync-tar-append', 'rsync-sql-edited')
+
+
+class Corpus:
+    """The files, built once: served versions live under `versions`; the
+    served directory holds one name per kind, swapped between versions."""
+
+    def __init__(self, work, sql_size):
+        self.dir = os.path.join(work, 'corpus')
+        os.makedirs(self.dir, exist_ok=True)
+        self.zeros = self._build('zeros.bin', lambda p: bench_tunnel.make_file(p, 1 << 30, 'zeros'))
+        tar1, tar2 = os.path.join(self.dir, 'backup-1.tar'), os.path.join(self.dir, 'backup-2.tar')
+        if not (os.path.exists(tar1) and os.path.exists(tar2)):
+            log('building the backup tar')
+            bench_tunnel.make_tar(tar1, tar2)
+        self.tar = (tar1, tar2)
+        sql1 = self._build('dump-1.sql', lambda p: bench_tunnel.generate_sql(p, sql_size))
+        sql2 = self._build('dump-2.sql', lambda p: bench_tunnel.edit_sql(sql1, p))
+        self.sql = (sql1, sql2)
+
+    def _build(self, name, make):
+        path = os.path.join(self.dir, name)
+        if not os.path.exists(path):
+            log('building %s' % name)
+            make(path + '.part')
+            os.replace(path + '.part', path)
+        return path
+
+
+class DeltaBench:
+    def __init__(self, args, procs, work):
+        self.a, self.p, self.work = args, procs, work
+        self.served = os.path.join(work, 'served')
+        self.ssh = None
+
+    def serve_version(self, name, source):
+        """Put `source` in the served directory under `name` (a new file, new identity)."""
+        os.makedirs(self.served, exist_ok=True)
+        target = os.path.join(self.served, name)
+        shutil.copyfile(source, target + '.tmp')
+        os.replace(target + '.tmp', target)
+        return target
+
+    def step_wanxfer(self, run_dir, remote, dest, extra=()):
+        env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16), PYTHONUNBUFFERED='1')
+        server = self.p.spawn('a', [sys.executable, self.a.wanxfer, 'serve', self.served, '--bind', HOST_A,
+                                    '--port', str(PORT)],
+                              os.path.join(run_dir, 'serve.out'), os.path.join(run_dir, 'serve.err'), env)
+        try:
+            Bench.wait_listen(self, server, PORT, 'tcp', 20, os.path.join(run_dir, 'serve.err'))
+            result = self.p.run_timed('b', [sys.executable, self.a.wanxfer, 'get', '%s:%d' % (HOST_A, PORT),
+                                            remote, '-o', dest, '--json', '-q',
+                                            '--cache', os.path.join(run_dir, '..', 'cache.db')]
+                                      + list(extra),
+                                      os.path.join(run_dir, 'get-%s.out' % remote),
+                                      os.path.join(run_dir, 'get-%s.err' % remote), 600, env)
+        finally:
+            _rc, server_cpu = self.p.stop(server)
+        if result['rc'] != 0:
+            with open(os.path.join(run_dir, 'get-%s.err' % remote)) as f:
+                raise BenchError('get failed: %s' % f.read()[-400:])
+        with open(os.path.join(run_dir, 'get-%s.out' % remote)) as f:
+            summary = json.loads(f.read().strip().splitlines()[-1])
+        return {'wall_s': result['wall'], 'cpu_receiver_s': result['cpu'],
+                'cpu_sender_s': server_cpu, 'summary': {k: summary.get(k) for k in (
+                    'delta', 'local_bytes', 'zero_bytes', 'wire_bytes', 'signature_bytes',
+                    'sent_bytes', 'saving_percent', 'duration_seconds')}}
+
+    def step_rsync(self, run_dir, source, dest):
+        if self.ssh is None:
+            bench = Bench(None, self.p, self.work)
+            bench.setup_ssh()
+            self.ssh = bench.ssh_dir
+        for host in ('a', 'b'):
+            subprocess.run([self.a.wan, host, 'sysctl', '-qw', 'net.ipv4.tcp_congestion_control=bbr'],
+                           check=True)
+        sshd = self.p.spawn('a', ['/usr/sbin/sshd', '-D', '-e', '-f', os.path.join(self.ssh, 'sshd_config')],
+                            os.path.join(run_dir, 'sshd.log'), os.path.join(run_dir, 'sshd.log'))
+        try:
+            Bench.wait_listen(self, sshd, SSH_PORT, 'tcp', 10, os.path.join(run_dir, 'sshd.log'))
+            ssh = ('ssh -F /dev/null -i %s/client_key -o StrictHostKeyChecking=no '
+                   '-o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR' % self.ssh)
+            result = self.p.run_timed('b', ['rsync', '-e', ssh, '--inplace', 'root@%s:%s' % (HOST_A, source),
+                                            dest], os.path.join(run_dir, 'rsync.out'),
+                                      os.path.join(run_dir, 'rsync.err'), 900)
+        finally:
+            self.p.stop(sshd)
+        if result['rc'] != 0:
+            raise BenchError('rsync failed (rc %s)' % result['rc'])
+        return {'wall_s': result['wall'], 'cpu_receiver_s': result['cpu']}
+
+    def one_step(self, step, run_dir, corpus):
+        """Set up the files the step starts from, run it on a fresh link; its record."""
+        recv = os.path.join(run_dir, 'recv')
+        os.makedirs(recv, exist_ok=True)
+        if step == 'zeros':
+            self.serve_version('zeros.bin', corpus.zeros)
+            remote, dest, expect, extra = 'zeros.bin', os.path.join(recv, 'zeros.bin'), corpus.zeros, ()
+        elif step in ('tar-plain', 'tar-first'):
+            self.serve_version('backup.tar', corpus.tar[0])
+            dest = os.path.join(recv, step + '.tar')
+            remote, expect = 'backup.tar', corpus.tar[0]
+            extra = ('--no-delta',) if step == 'tar-plain' else ()
+        elif step == 'tar-append':
+            self.serve_version('backup.tar', corpus.tar[1])
+            dest = os.path.join(recv, 'tar-first.tar')
+            os.unlink(dest)                     # the operator deleted the copy; the cache kept it
+            remote, expect, extra = 'backup.tar', corpus.tar[1], ()
+        elif step == 'sql-first':
+            self.serve_version('dump.sql', corpus.sql[0])
+            remote, dest, expect, extra = 'dump.sql', os.path.join(recv, 'dump.sql'), corpus.sql[0], ()
+        elif step == 'sql-edited':
+            self.serve_version('dump.sql', corpus.sql[1])
+            remote, dest, expect, extra = 'dump.sql', os.path.join(recv, 'dump.sql'), corpus.sql[1], ()
+        elif step.startswith('rsync-'):
+            old, new = corpus.tar if 'tar' in step else corpus.sql
+            dest = os.path.join(recv, 'rsync-' + os.path.basename(new))
+            shutil.copyfile(old, dest)
+            source = self.serve_version(os.path.basename(new), new)
+            expect = new
+        record = {'step': step}
+        self.p.link_up_(self.a.link)
+        try:
+            if step.startswith('rsync-'):
+                record.update(self.step_rsync(run_dir, source, dest))
+            else:
+                record.update(self.step_wanxfer(run_dir, remote, dest, extra))
+        finally:
+            counters = self.p.link_down()
+        if 'ab' not in counters or counters.get('disturbed'):
+            raise BenchError('no link counters (was the link disturbed?)')
+        record['wire_bytes'] = counters['ab']['bytes_in']     # 0.1 MB resolution
+        record['counters'] = counters
+        record['file_bytes'] = os.path.getsize(expect)
+        if sha256_file(dest) != sha256_file(expect):
+            raise BenchError('%s: received file differs' % step)
+        record['wire_ratio'] = record['wire_bytes'] / record['file_bytes']
+        if step.startswith('rsync-'):
+            os.unlink(dest)
+        return record
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--runs', type=int, default=3)
+    parser.add_argument('--link', default=LINK, help='wan up options (default: %s)' % LINK)
+    parser.add_argument('--work', default='/var/tmp/wanxfer-delta-bench')
+    parser.add_argument('--wanxfer', default=os.path.join(os.path.dirname(HERE), 'wanxfer.py'))
+    parser.add_argument('--wan', default=DEFAULT_WAN)
+    parser.add_argument('--sql-size', type=int, default=300 << 20)
+    parser.add_argument('--steps', default=','.join(STEPS))
+    parser.add_argument('--json', metavar='FILE')
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        sys.exit('bench_delta: needs root (network namespaces)')
+    os.makedirs(args.work, exist_ok=True)
+    corpus = Corpus(args.work, args.sql_size)
+    procs = Procs(args.wan)
+    bench = DeltaBench(args, procs, args.work)
+    records = []
+    try:
+        for run in range(args.runs):
+            run_dir = os.path.join(args.work, 'runs', 'run-%d' % run)
+            shutil.rmtree(os.path.dirname(run_dir) + '/run-%d' % run, ignore_errors=True)
+            shutil.rmtree(os.path.join(args.work, 'runs', 'cache.db.files'), ignore_errors=True)
+            for suffix in ('', '-wal', '-shm'):
+                try:
+                    os.unlink(os.path.join(args.work, 'runs', 'cache.db' + suffix))
+                except FileNotFoundError:
+                    pass
+            os.makedirs(run_dir)
+            for step in args.steps.split(','):
+                try:
+                    record = bench.one_step(step, run_dir, corpus)
+                except BenchError as e:
+                    record = {'step': step, 'error': str(e)}
+                record['run'] = run
+                records.append(record)
+                log('run %d %-18s %s' % (run, step, json.dumps(
+                    {k: record.get(k) for k in ('wall_s', 'wire_bytes', 'file_bytes', 'wire_ratio',
+                                                'error')})))
+    finally:
+        procs.kill_all()
+        if procs.link_up:
+            procs.link_down()
+    print('\n| step | file | wall s (median) | wire bytes (median) | wire / file |')
+    print('|---|---|---|---|---|')
+    for step in args.steps.split(','):
+        ok = [r for r in records if r['step'] == step and 'error' not in r]
+        if not ok:
+            print('| %s | error | | | |' % step)
+            continue
+        wall = statistics.median(r['wall_s'] for r in ok)
+        wire = statistics.median(r['wire_bytes'] for r in ok)
+        print('| %s | %.1f MB | %.2f | %.2f MB | %.4f%% |' % (
+            step, ok[0]['file_bytes'] / 1e6, wall, wire / 1e6, 100.0 * wire / ok[0]['file_bytes']))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
