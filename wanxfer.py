@@ -721,6 +721,22 @@ def is_zero(data):
     return data == bytes(len(data))     # calloc'd, then one memcmp: tens of GB/s
 
 
+def content_spans(f, offset, end):
+    """Yield content-defined spans (length, digest) of bytes [offset, end)
+    of the open file `f` (fewer if the file is shorter)."""
+    f.seek(offset)
+    chunker = Chunker()
+    position = offset
+    while True:
+        data = f.read(min(SIGNATURE_READ, end - position)) if position < end else b''
+        position += len(data)
+        for chunk in chunker.feed(data) if data else [chunker.finish()]:
+            if chunk:
+                yield len(chunk), ZERO_SPAN if is_zero(chunk) else span_digest(chunk)
+        if not data:
+            return
+
+
 def file_signature(path, mode, segment=SIGNATURE_SEGMENT):
     """Yield the signature of the file at `path` as (offset, spans) pieces,
     each covering about `segment` bytes: spans are (length, digest) in file
@@ -731,33 +747,32 @@ def file_signature(path, mode, segment=SIGNATURE_SEGMENT):
     if mode not in DELTA_MODES:
         raise ValueError(mode)
     with open(path, 'rb') as f:
-        if mode == 'fixed':
-            offset = 0
-            while True:
-                data = f.read(segment - segment % DELTA_UNIT)
-                if not data:
-                    return
-                spans = []
-                for start in range(0, len(data), DELTA_UNIT):
-                    unit = data[start:start + DELTA_UNIT]
-                    spans.append((len(unit), ZERO_SPAN if is_zero(unit) else span_digest(unit)))
-                yield offset, spans
-                offset += len(data)
-        chunker = Chunker()
-        start = end = 0
-        spans = []
-        while True:
-            data = f.read(SIGNATURE_READ)
-            chunks = chunker.feed(data) if data else [chunker.finish()]
-            for chunk in chunks:
-                if chunk:
-                    spans.append((len(chunk), ZERO_SPAN if is_zero(chunk) else span_digest(chunk)))
-                    end += len(chunk)
-            if spans and (end - start >= segment or not data):
+        if mode == 'cdc':
+            start = end = 0
+            spans = []
+            for span in content_spans(f, 0, os.fstat(f.fileno()).st_size):
+                spans.append(span)
+                end += span[0]
+                if end - start >= segment:
+                    yield start, spans
+                    start, spans = end, []
+            if spans:
                 yield start, spans
-                start, spans = end, []
-            if not data:
+            return
+        offset = 0
+        buffer = bytearray(segment - segment % DELTA_UNIT)
+        view = memoryview(buffer)
+        while True:
+            n = f.readinto(buffer)
+            if not n:
                 return
+            spans = []
+            for start in range(0, n, DELTA_UNIT):
+                unit = view[start:min(n, start + DELTA_UNIT)]
+                zero = is_zero(bytes(unit))     # a copy compares at memcmp speed, a view does not
+                spans.append((len(unit), ZERO_SPAN if zero else span_digest(unit)))
+            yield offset, spans
+            offset += n
 
 
 DEFAULT_CACHE_SIZE = 4 << 30
@@ -2020,16 +2035,50 @@ def file_entry(path, rel):
             'mode': stat.S_IMODE(st.st_mode)}
 
 
+def data_regions(fd, size):
+    """[start, end) regions of the file that may hold data; the rest are
+    holes (SEEK_DATA/SEEK_HOLE), which read as zeros without being read.
+    The whole file where the filesystem cannot tell."""
+    regions, position = [], 0
+    try:
+        while position < size:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:      # only a hole from here on
+                    break
+                raise
+            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+            regions.append((start, end))
+            position = end
+    except (OSError, AttributeError):
+        return [(0, size)]
+    return regions
+
+
 def file_sha256(path, chunk=1 << 20):
+    """Hex SHA-256 of a file; holes are hashed as the zeros they are,
+    without reading them (the kernel can be slow to make up zero pages)."""
     digest = hashlib.sha256()
+    zeros = memoryview(bytes(chunk))
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
     with open(path, 'rb') as f:
-        buffer = bytearray(chunk)
-        view = memoryview(buffer)
-        while True:
-            n = f.readinto(buffer)
-            if not n:
-                break
-            digest.update(view[:n])
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        position = 0
+        for start, end in data_regions(fd, size) + [(size, size)]:
+            while position < start:             # a hole
+                n = min(chunk, start - position)
+                digest.update(zeros[:n])
+                position += n
+            f.seek(start)
+            while position < end:
+                n = f.readinto(view[:min(chunk, end - position)])
+                if not n:
+                    raise OSError(errno.EIO, 'file shrank while being read')
+                digest.update(view[:n])
+                position += n
     return digest.hexdigest()
 
 
@@ -2295,6 +2344,48 @@ class SignatureJob:
         self.done.set()
 
 
+class SpanRefiner:
+    """Content-defined spans of the byte ranges of one file where the
+    client's fixed spans found nothing, cut on a thread of its own (pure
+    Python, so only where the client asks) in the order asked; answers
+    (offset, encoded spans) appear in `answers`."""
+
+    def __init__(self, path, size):
+        self.path, self.size = path, size
+        self.answers = []
+        self.error = None
+        self._requests = queue.Queue()
+        self._thread = None
+
+    def request(self, offset, end):
+        if not 0 <= offset < end <= self.size:
+            raise ProtocolError('refine range outside the file')
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name='refine', daemon=True)
+            self._thread.start()
+        self._requests.put((offset, end))
+
+    def busy(self):
+        return self._requests.unfinished_tasks > 0
+
+    def close(self):
+        if self._thread is not None:
+            self._requests.put(None)
+
+    def _run(self):
+        try:
+            with open(self.path, 'rb') as f:
+                while True:
+                    item = self._requests.get()
+                    if item is None:
+                        return
+                    offset, end = item
+                    self.answers.append((offset, encode_spans(list(content_spans(f, offset, end)))))
+                    self._requests.task_done()
+        except OSError as e:
+            self.error = e
+
+
 class SignatureCache:
     """Signatures of served files, remembered by file identity and mode: a
     file that has not changed is read for its signature once, however often
@@ -2434,16 +2525,19 @@ class ServerSession:
             self.rate.set_cap(float(min(caps)) if caps else None)
             self._nblocks = (st.st_size + block_size - 1) // block_size
             need = self._need_ranges(message.get('need', []))
-            signature = None
+            signature = refiner = None
             if message.get('delta'):
-                if message['delta'] not in DELTA_MODES:
-                    raise RemoteError('unknown delta mode %r' % message['delta'])
-                signature = self.server.signatures.start(path, message['delta'])
+                signature = self.server.signatures.start(path, 'fixed')
+                refiner = SpanRefiner(path, st.st_size)
             self._file_id += 1
             window = SendWindow(need, self._next_seq, self._log)
             self.control.send({'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq})
             started = time.monotonic()
-            finished = self._send_blocks(fd, window, signature)
+            try:
+                finished = self._send_blocks(fd, window, signature, refiner)
+            finally:
+                if refiner is not None:
+                    refiner.close()
             self._next_seq = window.next_seq
             if not finished:
                 return
@@ -2462,34 +2556,38 @@ class ServerSession:
     def _need_ranges(self, ranges):
         return [(max(0, int(a)), min(self._nblocks, int(b))) for a, b in ranges]
 
-    def _send_signature(self, signature, sent):
-        """Send the pieces of the signature computed since the last call;
-        returns how many have been sent in all."""
-        if signature.error is not None:
-            raise RemoteError('cannot read the file for its signature: %s' % signature.error.strerror)
-        pieces = signature.pieces[sent:]
+    def _send_pieces(self, source, sent, refined):
+        """Send the signature pieces (or refinements) `source` made since
+        the last call; returns how many have been sent in all."""
+        if source.error is not None:
+            raise RemoteError('cannot read the file for its signature: %s' % source.error.strerror)
+        pieces = (source.answers if refined else source.pieces)[sent:]
         if pieces:
             self.sock.setblocking(True)         # a signature can outgrow the socket buffer
             try:
                 for offset, spans in pieces:
-                    self.control.send({'op': 'signature', 'file': self._file_id, 'offset': offset,
-                                       'spans': spans})
+                    message = {'op': 'signature', 'file': self._file_id, 'offset': offset,
+                               'spans': spans}
+                    if refined:
+                        message['refined'] = True
+                    self.control.send(message)
                     self._signature_bytes += len(spans) + 64
             finally:
                 self.sock.setblocking(False)
         return sent + len(pieces)
 
-    def _send_blocks(self, fd, window, signature=None):
+    def _send_blocks(self, fd, window, signature=None, refiner=None):
         """The paced data phase of one file.  Returns True when the client
         reports every block held, False if it gave up or vanished.  With a
-        `signature`, its pieces go out as they are computed and the client
-        answers each with the blocks it still needs."""
+        `signature`, its pieces go out as they are computed, the client asks
+        for finer spans (`refiner`) where it found nothing, and answers each
+        piece with the blocks it still needs."""
         block_size, sid, file_id = self.block_size, self.session_id, self._file_id
         sealer, udp, rate = self.data_out, self.udp, self.rate
         pack_header = DATA_HEADER.pack
         per_packet = PACKET_OVERHEAD + IP_UDP_OVERHEAD.get(self.sock.family, 48)
         self._wire_bytes = self._signature_bytes = 0
-        signature_sent = 0
+        signature_sent = refined_sent = 0
         selector = selectors.DefaultSelector()
         selector.register(udp.sock, selectors.EVENT_READ, 'udp')
         selector.register(self.sock, selectors.EVENT_READ, 'tcp')
@@ -2501,9 +2599,11 @@ class ServerSession:
         max_batch = max(1, min(MAX_GSO_SEGMENTS if udp.gso else 8, MAX_DATAGRAM_BATCH // block_size))
         try:
             while True:
-                if signature is not None and signature_sent < len(signature.pieces) + \
-                        (signature.error is not None):
-                    signature_sent = self._send_signature(signature, signature_sent)
+                if signature is not None:
+                    if signature_sent < len(signature.pieces) or signature.error is not None:
+                        signature_sent = self._send_pieces(signature, signature_sent, False)
+                    if refined_sent < len(refiner.answers) or refiner.error is not None:
+                        refined_sent = self._send_pieces(refiner, refined_sent, True)
                 now = time.monotonic()
                 budget = min(budget + rate.rate * (now - last_tick), rate.rate * PACING_BURST + 65536)
                 last_tick = now
@@ -2524,7 +2624,7 @@ class ServerSession:
                     timeout = max(0.0, -budget / rate.rate)
                 else:
                     timeout = 0.05
-                if signature is not None and not signature.done.is_set():
+                if signature is not None and (not signature.done.is_set() or refiner.busy()):
                     timeout = min(timeout, SIGNATURE_POLL)
                 for key, _events in selector.select(timeout):
                     if key.data == 'tcp':
@@ -2532,7 +2632,7 @@ class ServerSession:
                         if not data:
                             return False
                         self.control.feed(data)
-                        outcome = self._on_control(window, file_id)
+                        outcome = self._on_control(window, file_id, refiner)
                         if outcome is not None:
                             return outcome
                         last_feedback = time.monotonic()    # the client is alive and answering
@@ -2561,7 +2661,7 @@ class ServerSession:
             selector.close()
             self.sock.setblocking(True)
 
-    def _on_control(self, window, file_id):
+    def _on_control(self, window, file_id, refiner):
         """Apply the control messages received: True when the client holds
         the whole file, False if it gave up, None to go on."""
         for message in self.control.messages():
@@ -2573,6 +2673,8 @@ class ServerSession:
                 return True
             if message['op'] == 'need':
                 window.add_need(self._need_ranges(message['ranges']))
+            elif message['op'] == 'refine' and refiner is not None:
+                refiner.request(int(message['offset']), int(message['end']))
         return None
 
     def _on_datagram(self, buffer, offset, length, window, file_id, now):
@@ -2781,7 +2883,8 @@ this section never prints."""
 HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
 STATE_SAVE_INTERVAL = 2.0
-DELTA_MAX_MTU = 9000            # largest packet an update uses
+REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
+DELTA_MAX_MTU = 1500            # largest packet an update uses
 
 
 class TransferEvents:
@@ -2813,41 +2916,102 @@ def signature_spans(path, mode):
 class LocalAssembler:
     """Builds as much of a file as it can from bytes this machine already
     holds, while the server's signature of the file arrives piece by piece.
-    Each span is looked up among the kept files (ChunkStore.find_spans),
-    read, checked against its digest and written in place; spans of zeros
-    are left as holes in a new file, so sparse files stay sparse.
-    `on_piece()` says which blocks are now held and how far the file is
-    decided; the blocks in between that are not held must come from the
-    server.  A kept file whose bytes no longer match is forgotten."""
 
-    def __init__(self, store, partial):
+    The signature comes in fixed spans (DELTA_UNIT bytes each, cheap at both
+    ends): each is looked up among the kept files (ChunkStore.find_spans),
+    read, checked against its digest and written in place; spans of zeros
+    are left as holes in a new file, so sparse files stay sparse.  Where a
+    piece's fixed spans find little and an older copy of the file is at hand
+    (`refine`), data has probably shifted: `on_piece()` then asks for the
+    content-defined spans of that stretch and holds later pieces back until
+    they arrive.  It reports the blocks now held and how far the file is
+    decided; blocks decided but not held must come from the server.  A kept
+    file whose bytes no longer match is forgotten."""
+
+    def __init__(self, store, partial, refine=False):
         self._store, self._partial = store, partial
         self._block_size, self._nblocks = partial.block_size, partial.nblocks
         self._size = partial.identity['size']
         self._fresh = partial.resumed_blocks == 0       # unwritten bytes are zeros
+        self._refine = refine
+        self._waiting = collections.deque()     # pieces behind a refinement
+        self._refining = None                   # (offset, spans, start, end) of that piece
         self._sources = {}          # kept file id -> open fd, or None once it failed
         self._run_start = 0         # the bytes from here to `offset` are in place
         self._reported = 0          # blocks before this were reported held or not
         self.offset = 0             # bytes the signature has covered so far
-        self.spans = []             # (offset, length, digest), to keep the file by
+        self.decided = 0            # blocks decided so far
+        self.spans = []             # (offset, length, digest), fixed: to keep the file by
         self.local_bytes = self.zero_bytes = 0
+        self.refined_bytes = 0
 
-    def on_piece(self, offset, spans):
-        """Apply one signature piece: (held block ranges, blocks decided)."""
-        if offset != self.offset or offset + sum(length for length, _ in spans) > self._size:
-            raise ProtocolError('the signature does not fit the file')
-        known = self._store.find_spans({digest for _, digest in spans if digest != ZERO_SPAN})
+    def on_piece(self, offset, spans, refined=False):
+        """Apply one signature piece: (held block ranges, blocks decided,
+        (offset, end) to ask content-defined spans of, or None)."""
         held = []
+        if refined:
+            if self._refining is None or offset != self._refining[2]:
+                raise ProtocolError('a refinement nobody asked for')
+            piece_offset, fixed, start, end = self._refining
+            self._refining = None
+            if sum(length for length, _ in spans) != end - start:
+                spans = [(end - start, None)]       # the file changed: fetch the stretch
+            self.refined_bytes += end - start
+            self._apply(piece_offset, self._splice(piece_offset, fixed, start, end, spans), held)
+        else:
+            self._waiting.append((offset, spans))
+        while self._waiting and self._refining is None:
+            offset, spans = self._waiting.popleft()
+            if offset != self.offset or offset + sum(length for length, _ in spans) > self._size:
+                raise ProtocolError('the signature does not fit the file')
+            self.spans.extend(self._positioned(offset, spans))
+            known = self._store.find_spans({digest for _, digest in spans if digest != ZERO_SPAN})
+            stretch = self._refine and self._missed(offset, spans, known)
+            if stretch:
+                self._refining = (offset, spans) + stretch
+                return held, self.decided, stretch
+            self._apply(offset, spans, held, known)
+        return held, self.decided, None
+
+    @staticmethod
+    def _positioned(offset, spans):
+        for length, digest in spans:
+            yield offset, length, digest
+            offset += length
+
+    @staticmethod
+    def _missed(offset, spans, known):
+        """(start, end) around the spans no copy holds, if worth refining."""
+        missed = [(position, length) for position, length, digest in
+                  LocalAssembler._positioned(offset, spans)
+                  if digest != ZERO_SPAN and digest not in known]
+        if sum(length for _, length in missed) < REFINE_MIN:
+            return None                 # an append or a few changed pages: just fetch them
+        return missed[0][0], missed[-1][0] + missed[-1][1]
+
+    @staticmethod
+    def _splice(offset, fixed, start, end, refined):
+        """The piece's fixed spans outside [start, end), `refined` inside."""
+        spans = []
+        for position, length, digest in LocalAssembler._positioned(offset, fixed):
+            if position == start:
+                spans.extend(refined)
+            if position + length <= start or position >= end:
+                spans.append((length, digest))
+        return spans
+
+    def _apply(self, offset, spans, held, known=None):
+        if known is None:
+            known = self._store.find_spans({d for _, d in spans if d not in (ZERO_SPAN, None)})
         position = offset
         for length, digest in spans:
-            self.spans.append((position, length, digest))
             if not self._fill(position, length, digest, known.get(digest, ())):
                 self._report(position, held)
                 self._run_start = position + length
             position += length
         self.offset = position
         self._report(position, held)
-        return held, (self._nblocks if position >= self._size else position // self._block_size)
+        self.decided = self._nblocks if position >= self._size else position // self._block_size
 
     def _report(self, end, held):
         """Blocks wholly inside the run of bytes in place up to `end`."""
@@ -2923,6 +3087,7 @@ class Client:
         self.events = events or TransferEvents()
         self.sock = self.udp = None
         self._seq = 0
+        self._older_copies = None
 
     def connect(self):
         try:
@@ -3013,29 +3178,20 @@ class Client:
         self.control.send({'op': 'list', 'path': remote})
         return self._expect(self.control.recv(), 'listing')
 
-    def _delta_mode(self, dest, remote):
-        """'cdc' when an older copy of the file is at hand (at `dest`, or kept
-        from an earlier fetch of `remote`): only content-defined spans line
-        up again after inserts and deletes.  Otherwise 'fixed', so a file new
-        to this machine costs no pure-Python chunking at either end."""
-        kept = self.store.kept_files_for(remote)
-        older = os.path.isfile(dest)
-        return ('cdc' if kept or older else 'fixed'), kept, older
-
     def _index_older_copies(self, dest, remote, kept, older):
         """Content-defined spans of each older copy, so they can be found."""
         for file_id, path, size, mtime_ns, modes in kept:
-            if 'cdc' not in modes.split(','):
-                try:
-                    info = os.stat(path)
-                    if (info.st_size, info.st_mtime_ns) == (size, mtime_ns):
-                        self.store.add_spans(file_id, 'cdc', signature_spans(path, 'cdc'))
-                        continue
-                except OSError:
-                    pass
+            try:
+                info = os.stat(path)
+                unchanged = (info.st_size, info.st_mtime_ns) == (size, mtime_ns)
+                if unchanged and 'cdc' not in modes.split(','):
+                    self.store.add_spans(file_id, 'cdc', signature_spans(path, 'cdc'))
+            except OSError:
+                unchanged = False
+            if not unchanged:
                 self.store.forget_file(file_id)
-            if older and os.path.exists(path) and os.path.samefile(path, dest):
-                older = False
+            elif older and os.path.samefile(path, dest):
+                older = False                   # the same bytes, already kept
         if older:
             try:
                 self.store.keep_file(dest, remote, 'cdc', signature_spans(dest, 'cdc'))
@@ -3046,11 +3202,13 @@ class Client:
         """Fetch one file to `dest`; return its summary dict."""
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
         self._rejected = 0
-        delta = kept = older = None
-        if self.store is not None and size:
-            delta, kept, older = self._delta_mode(dest, remote)
+        delta = self.store is not None and size > 0
+        # An older copy of this file, at `dest` or kept from an earlier fetch
+        # of `remote`, is worth content-defined spans where data shifted.
+        kept = self.store.kept_files_for(remote) if delta else []
+        older = delta and os.path.isfile(dest)
         # An update is sent as the blocks around each change: smaller blocks waste less.
-        self._choose_block_size(DELTA_MAX_MTU if delta == 'cdc' else MAX_MTU)
+        self._choose_block_size(DELTA_MAX_MTU if kept or older else MAX_MTU)
         partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         bitmap = partial.open()
         resumed = partial.resumed_blocks
@@ -3068,9 +3226,8 @@ class Client:
             self._file_id = int(start['file'])
             if delta:
                 window.decided = 0
-                if delta == 'cdc':              # while the server cuts its own copy
-                    self._index_older_copies(dest, remote, kept, older)
-                assembler = LocalAssembler(self.store, partial)
+                assembler = LocalAssembler(self.store, partial, refine=bool(kept or older))
+                self._older_copies = (dest, remote, kept, older)
             if not window.complete():
                 self._receive(window, writer, partial, size, started, assembler)
             writer.sync()
@@ -3105,7 +3262,7 @@ class Client:
                                 'changing while it is read' % remote)
         partial.finish(int(entry.get('mode', 0o644)), mtime_ns)
         if assembler is not None and assembler.offset == size:
-            self.store.keep_file(dest, remote, delta, assembler.spans)
+            self.store.keep_file(dest, remote, 'fixed', assembler.spans)
         duration = max(time.monotonic() - started, 1e-6)
         received = writer.written_bytes
         wire = int(report.get('wire_bytes', 0))
@@ -3124,7 +3281,8 @@ class Client:
             'file_rate_mbps': round(size * 8 / duration / 1e6, 2),
             'sha256': local, 'encrypted': self.encrypt, 'verified': True,
             'block_bytes': self.block_size,
-            'delta': delta or 'off',
+            'delta': ('off' if assembler is None else
+                      'fixed+cdc' if assembler.refined_bytes else 'fixed'),
             'local_bytes': assembler.local_bytes if assembler else 0,
             'zero_bytes': assembler.zero_bytes if assembler else 0,
             'signature_bytes': int(report.get('signature_bytes', 0)),
@@ -3144,12 +3302,21 @@ class Client:
     def _apply_signature(self, message, assembler, window, writer):
         """Fill what this piece of the signature lets us, and ask the server
         for the rest of the blocks it decides."""
-        held, decided = assembler.on_piece(int(message['offset']), decode_spans(message['spans']))
+        held, decided, refine = assembler.on_piece(int(message['offset']),
+                                                   decode_spans(message['spans']),
+                                                   bool(message.get('refined')))
         window.mark_held(held)
         writer.mark_written(held)
-        need = bitmap_missing_ranges(window.bitmap, decided, first=window.decided)
-        window.decided = decided
-        self.control.send({'op': 'need', 'file': self._file_id, 'ranges': need})
+        if decided > window.decided:
+            need = bitmap_missing_ranges(window.bitmap, decided, first=window.decided)
+            window.decided = decided
+            self.control.send({'op': 'need', 'file': self._file_id, 'ranges': need})
+        if refine:
+            self.control.send({'op': 'refine', 'file': self._file_id, 'offset': refine[0],
+                               'end': refine[1]})
+            if self._older_copies:              # once, while the server cuts its copy
+                self._index_older_copies(*self._older_copies)
+                self._older_copies = None
 
     def _on_control(self, assembler, window, writer):
         """Apply the signature pieces received (and refuse anything else);

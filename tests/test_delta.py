@@ -71,7 +71,7 @@ def test_update_of_an_older_copy_sends_only_the_changes(tmp_path, serve):
     (src / 'dump.sql').write_bytes(new)
     second = fetch(server.port, 'dump.sql', out)
     assert out.read_bytes() == new
-    assert second['delta'] == 'cdc'
+    assert second['delta'] == 'fixed+cdc'        # the fixed spans missed: data had shifted
     assert second['local_bytes'] > 0.8 * len(new)
     assert second['wire_bytes'] < 0.2 * len(new)
     assert second['sent_bytes'] < 0.25 * len(new)
@@ -224,13 +224,13 @@ def test_assembler_reports_only_blocks_wholly_in_place(tmp_path):
     basis.write_bytes(payload)
     # spans: [0, 30000) known, [30000, 50000) unknown, [50000, 100000) zeros
     known = wanxfer.span_digest(payload[:30000])
-    store.keep_file(str(basis), 'basis', 'cdc', [(0, 30000, known)], link=False)
+    store.keep_file(str(basis), 'basis', 'fixed', [(0, 30000, known)], link=False)
     partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', 100_000, 0, 10_000)
     partial.open()
     assembler = wanxfer.LocalAssembler(store, partial)
-    held, decided = assembler.on_piece(0, [(30000, known), (20000, b'\x01' * 16)])
-    assert held == [(0, 3)] and decided == 5
-    held, decided = assembler.on_piece(50000, [(50000, wanxfer.ZERO_SPAN)])
+    held, decided, refine = assembler.on_piece(0, [(30000, known), (20000, b'\x01' * 16)])
+    assert held == [(0, 3)] and decided == 5 and refine is None
+    held, decided, refine = assembler.on_piece(50000, [(50000, wanxfer.ZERO_SPAN)])
     assert held == [(5, 10)] and decided == 10
     assert assembler.local_bytes == 30000 and assembler.zero_bytes == 50000
     with pytest.raises(wanxfer.ProtocolError):
@@ -239,4 +239,30 @@ def test_assembler_reports_only_blocks_wholly_in_place(tmp_path):
     partial.close()
     with open(partial.data_path, 'rb') as f:
         assert f.read(30000) == payload[:30000]
+    store.close()
+
+
+def test_assembler_asks_for_finer_spans_where_fixed_ones_miss(tmp_path):
+    """With an older copy at hand, a piece whose fixed spans mostly miss is
+    held back until its content-defined spans arrive; later pieces wait."""
+    store = wanxfer.ChunkStore(str(tmp_path / 'c.db'))
+    size = 4 * MiB
+    partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', size, 0, 8192)
+    partial.open()
+    assembler = wanxfer.LocalAssembler(store, partial, refine=True)
+    unit = wanxfer.DELTA_UNIT
+    first = [(unit, os.urandom(16)) for _ in range(2 * MiB // unit)]
+    held, decided, refine = assembler.on_piece(0, first)
+    assert refine == (0, 2 * MiB) and decided == 0 and held == []
+    second = [(unit, wanxfer.ZERO_SPAN) for _ in range(2 * MiB // unit)]
+    assert assembler.on_piece(2 * MiB, second) == ([], 0, None)   # waits its turn
+    # The refinement: a zero stretch, then data nobody has.
+    held, decided, refine = assembler.on_piece(0, [(MiB, wanxfer.ZERO_SPAN), (MiB, os.urandom(16))],
+                                               refined=True)
+    assert refine is None and decided == size // 8192
+    assert held == [(0, MiB // 8192), (2 * MiB // 8192, size // 8192)]
+    with pytest.raises(wanxfer.ProtocolError):
+        assembler.on_piece(0, [(1, wanxfer.ZERO_SPAN)], refined=True)
+    assembler.close()
+    partial.close()
     store.close()
