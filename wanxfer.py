@@ -1530,6 +1530,9 @@ class SendWindow:
     def __init__(self, need_ranges, first_seq, log):
         self._fresh = [list(r) for r in need_ranges if r[1] > r[0]]
         self._fresh.reverse()                   # pop from the end: cheap
+        # Blocks past this were not asked for yet (a delta transfer asks as
+        # it goes), so a NAK that names them raced the asking: ignore them.
+        self._asked_end = max([r[1] for r in need_ranges] + [0])
         self._resend = []
         self._resend_set = set()
         self._log = log
@@ -1544,6 +1547,7 @@ class SendWindow:
         """More blocks to send, after all those already named (a delta
         transfer names them as the receiver answers each signature piece)."""
         self._fresh[0:0] = [list(r) for r in reversed(ranges) if r[1] > r[0]]
+        self._asked_end = max([r[1] for r in ranges] + [self._asked_end])
 
     def next_run(self, limit):
         """(first block, count, is_resend): up to `limit` blocks to send now.
@@ -1629,6 +1633,8 @@ class SendWindow:
             recent.add(log.blocks[slot])
             seq -= 1
         queued = 0
+        ranges = [(start, min(end, self._asked_end)) for start, end in ranges
+                  if start < self._asked_end]
         # Blocks never sent yet are on their way anyway: only the rest can be lost.
         for start, end in subtract_ranges(ranges, sorted(map(tuple, self._fresh))):
             for block in range(start, end):
@@ -2035,51 +2041,111 @@ def file_entry(path, rel):
             'mode': stat.S_IMODE(st.st_mode)}
 
 
-def data_regions(fd, size):
-    """[start, end) regions of the file that may hold data; the rest are
-    holes (SEEK_DATA/SEEK_HOLE), which read as zeros without being read.
-    The whole file where the filesystem cannot tell."""
-    regions, position = [], 0
+def data_regions(fd, end, start=0):
+    """[start, end) regions of the file that may hold data, from `start`
+    on; the rest are holes (SEEK_DATA/SEEK_HOLE), which read as zeros
+    without being read.  All of it where the filesystem cannot tell."""
+    regions, position = [], start
     try:
-        while position < size:
+        while position < end:
             try:
-                start = os.lseek(fd, position, os.SEEK_DATA)
+                first = os.lseek(fd, position, os.SEEK_DATA)
             except OSError as e:
                 if e.errno == errno.ENXIO:      # only a hole from here on
                     break
                 raise
-            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
-            regions.append((start, end))
-            position = end
+            if first >= end:
+                break
+            last = min(end, os.lseek(fd, first, os.SEEK_HOLE))
+            regions.append((first, last))
+            position = last
     except (OSError, AttributeError):
-        return [(0, size)]
+        return [(start, end)]
     return regions
 
 
-def file_sha256(path, chunk=1 << 20):
-    """Hex SHA-256 of a file; holes are hashed as the zeros they are,
-    without reading them (the kernel can be slow to make up zero pages)."""
-    digest = hashlib.sha256()
+def hash_range(digest, fd, start, end, chunk=1 << 20):
+    """Feed bytes [start, end) of the open file `fd` to `digest`; holes are
+    fed as the zeros they are without reading them (the kernel can be slow
+    to make up zero pages)."""
     zeros = memoryview(bytes(chunk))
     buffer = bytearray(chunk)
     view = memoryview(buffer)
-    with open(path, 'rb') as f:
-        fd = f.fileno()
-        size = os.fstat(fd).st_size
-        position = 0
-        for start, end in data_regions(fd, size) + [(size, size)]:
-            while position < start:             # a hole
-                n = min(chunk, start - position)
-                digest.update(zeros[:n])
-                position += n
-            f.seek(start)
-            while position < end:
-                n = f.readinto(view[:min(chunk, end - position)])
-                if not n:
-                    raise OSError(errno.EIO, 'file shrank while being read')
-                digest.update(view[:n])
-                position += n
+    position = start
+    for first, last in data_regions(fd, end, start) + [(end, end)]:
+        while position < first:
+            n = min(chunk, first - position)
+            digest.update(zeros[:n])
+            position += n
+        while position < last:
+            n = os.preadv(fd, [view[:min(chunk, last - position)]], position)
+            if not n:
+                raise OSError(errno.EIO, 'file shrank while being read')
+            digest.update(view[:n])
+            position += n
+
+
+def file_sha256(path):
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hash_range(digest, fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
+
+
+class FrontierDigest:
+    """SHA-256 of a file being written out of order, kept up to date on a
+    thread of its own over the longest prefix already written (`written()`
+    gives the bitmap of blocks safely written), so that when the last
+    block lands only the rest is left to read.  Written blocks are final:
+    every write puts there the bytes the file ends with."""
+
+    POLL = 0.05
+
+    def __init__(self, path, size, block_size, written):
+        self._path, self._size, self._block_size = path, size, block_size
+        self._nblocks = (size + block_size - 1) // block_size
+        self._written = written
+        self._digest = hashlib.sha256()
+        self._hashed = 0                # bytes hashed so far, a prefix
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name='digest', daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except OSError:
+            return                      # finish() reads it all
+        try:
+            while not self._stop.wait(self.POLL):
+                block = next_block(self._written(), self._nblocks,
+                                   self._hashed // self._block_size, False)
+                frontier = min(self._size, block * self._block_size)
+                if frontier > self._hashed:
+                    hash_range(self._digest, fd, self._hashed, frontier)
+                    self._hashed = frontier
+        except OSError:
+            self._digest, self._hashed = hashlib.sha256(), 0
+        finally:
+            os.close(fd)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+    def finish(self):
+        """The hex digest of the whole file, once every block is written."""
+        self.stop()
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            hash_range(self._digest, fd, self._hashed, self._size)
+        finally:
+            os.close(fd)
+        return self._digest.hexdigest()
 
 
 class DigestCache:
@@ -2190,9 +2256,11 @@ class PartialFile:
                                     'command again to resume' % self.dest)
             raise TransferError('cannot write %s: %s' % (self.dest, e.strerror))
 
-    def digest(self):
+    def digest(self, frontier=None):
+        """The SHA-256 of what was written, on disk (fsync) first; a
+        FrontierDigest may have hashed most of it already."""
         os.fsync(self.fd)
-        return file_sha256(self.data_path)
+        return frontier.finish() if frontier is not None else file_sha256(self.data_path)
 
     def finish(self, mode, mtime_ns):
         """Give the verified file its final name, mode and mtime."""
@@ -3214,6 +3282,7 @@ class Client:
         resumed = partial.resumed_blocks
         self.events.file_started(remote, dest, size, min(size, resumed * self.block_size))
         writer = BlockWriter(partial, bitmap)
+        frontier = FrontierDigest(partial.data_path, size, self.block_size, writer.written_bitmap)
         assembler = None
         started = time.monotonic()
         try:
@@ -3233,11 +3302,13 @@ class Client:
             writer.sync()
             partial.save_state(writer.written_bitmap())
             self.control.send({'op': 'done', 'file': self._file_id})
+            local = partial.digest(frontier)    # while the server's answer is on its way
             report = self._next_message()
             while report['op'] == 'signature':  # pieces sent before our done crossed it
                 report = self._next_message()
             self._expect(report, 'digest')
         except BaseException:
+            frontier.stop()
             try:
                 writer.sync()
             except WanxferError:
@@ -3252,7 +3323,6 @@ class Client:
             writer.close()
             if assembler is not None:
                 assembler.close()
-        local = partial.digest()
         if not hmac.compare_digest(local, str(report.get('sha256'))):
             partial.discard()
             if retry_on_mismatch:

@@ -90,25 +90,25 @@ class DeltaBench:
         os.replace(target + '.tmp', target)
         return target
 
-    def step_wanxfer(self, run_dir, remote, dest, extra=()):
+    def step_wanxfer(self, run_dir, step, remote, dest, extra=()):
         env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16), PYTHONUNBUFFERED='1')
         server = self.p.spawn('a', [sys.executable, self.a.wanxfer, 'serve', self.served, '--bind', HOST_A,
                                     '--port', str(PORT)],
-                              os.path.join(run_dir, 'serve.out'), os.path.join(run_dir, 'serve.err'), env)
+                              os.path.join(run_dir, 'serve-%s.out' % step), os.path.join(run_dir, 'serve-%s.err' % step), env)
         try:
-            Bench.wait_listen(self, server, PORT, 'tcp', 20, os.path.join(run_dir, 'serve.err'))
+            Bench.wait_listen(self, server, PORT, 'tcp', 20, os.path.join(run_dir, 'serve-%s.err' % step))
             result = self.p.run_timed('b', [sys.executable, self.a.wanxfer, 'get', '%s:%d' % (HOST_A, PORT),
                                             remote, '-o', dest, '--json', '-q',
                                             '--cache', os.path.join(run_dir, '..', 'cache.db')]
                                       + list(extra),
-                                      os.path.join(run_dir, 'get-%s.out' % remote),
-                                      os.path.join(run_dir, 'get-%s.err' % remote), 600, env)
+                                      os.path.join(run_dir, 'get-%s.out' % step),
+                                      os.path.join(run_dir, 'get-%s.err' % step), 600, env)
         finally:
             _rc, server_cpu = self.p.stop(server)
         if result['rc'] != 0:
-            with open(os.path.join(run_dir, 'get-%s.err' % remote)) as f:
+            with open(os.path.join(run_dir, 'get-%s.err' % step)) as f:
                 raise BenchError('get failed: %s' % f.read()[-400:])
-        with open(os.path.join(run_dir, 'get-%s.out' % remote)) as f:
+        with open(os.path.join(run_dir, 'get-%s.out' % step)) as f:
             summary = json.loads(f.read().strip().splitlines()[-1])
         return {'wall_s': result['wall'], 'cpu_receiver_s': result['cpu'],
                 'cpu_sender_s': server_cpu, 'summary': {k: summary.get(k) for k in (
@@ -173,7 +173,7 @@ class DeltaBench:
             if step.startswith('rsync-'):
                 record.update(self.step_rsync(run_dir, source, dest))
             else:
-                record.update(self.step_wanxfer(run_dir, remote, dest, extra))
+                record.update(self.step_wanxfer(run_dir, step, remote, dest, extra))
         finally:
             counters = self.p.link_down()
         if 'ab' not in counters or counters.get('disturbed'):

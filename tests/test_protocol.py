@@ -309,6 +309,24 @@ def test_a_nak_naming_unsent_blocks_queues_only_the_sent_ones():
     assert sender.next_run(64) == (63, 1, True)
 
 
+def test_a_nak_that_races_a_need_resends_nothing_the_server_was_not_asked_for():
+    # A delta transfer asks for blocks piece by piece over TCP; the
+    # receiver's NAK (UDP) can arrive before the need it sent just earlier.
+    sender = wanxfer.SendWindow([], 0, wanxfer.PacketLog())
+    sender.add_need([(0, 10), (20, 30)])
+    while sender.has_work():
+        first, count, resend = sender.next_run(64)
+        sender.sent_run(first, count, 0.0, resend)
+    assert sender.on_nak([(5, 6), (25, 200)], 10.0, 0.1) == 6     # 5 and 25..29; not 30..199
+    sender.add_need([(100, 110)])
+    assert sender.on_nak([(100, 101)], 10.0, 0.1) == 0            # queued fresh, not a resend
+    blocks = []
+    while sender.has_work():
+        first, count, resend = sender.next_run(64)
+        blocks.extend(range(first, first + count))
+    assert sorted(blocks) == [5] + list(range(25, 30)) + list(range(100, 110))
+
+
 def test_incompatible_protocol_version_is_named():
     # A peer from the future: the server answers with its own version and hangs up.
     a, b = socket.socketpair()
@@ -375,3 +393,35 @@ def test_frames_cannot_be_replayed_or_reordered_even_unencrypted():
         reader.feed(first + replay)
         with pytest.raises(wanxfer.ProtocolError):
             list(reader.frames())
+
+
+def test_frontier_digest_hashes_the_written_prefix_early_and_equals_sha256(tmp_path):
+    """Blocks land out of order, some regions stay holes (zeros never
+    written); the digest kept up behind the written prefix must end equal
+    to SHA-256 of the finished file."""
+    import hashlib
+    import os
+    from conftest import wait_for
+    block, nblocks = 4096, 300
+    size = block * nblocks - 100
+    content = bytearray(os.urandom(size))
+    content[100 * block:150 * block] = bytes(50 * block)        # left as a hole
+    path = tmp_path / 'partial'
+    fd = os.open(str(path), os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, size)
+    bitmap = bytearray((nblocks + 7) // 8)
+
+    def write(first, last):
+        if not 100 <= first < 150:
+            os.pwrite(fd, bytes(content[first * block:min(size, last * block)]), first * block)
+        wanxfer.set_bits(bitmap, first, last)
+
+    frontier = wanxfer.FrontierDigest(str(path), size, block, lambda: bytes(bitmap))
+    write(0, 100)
+    write(200, 300)                     # beyond a gap: must wait for it
+    write(100, 150)                     # the hole: nothing written, but final
+    wait_for(lambda: frontier._hashed >= 150 * block, what='the digest to follow the prefix')
+    assert frontier._hashed == 150 * block
+    write(150, 200)
+    assert frontier.finish() == hashlib.sha256(content).hexdigest()
+    os.close(fd)
