@@ -128,6 +128,7 @@ KIND_PROBE = 5         # server -> client: padding, to learn the largest datagra
 
 # Data packet flags.
 DATA_FLAG_RETRANSMIT = 0x01
+DATA_FLAG_ZLIB = 0x02           # the body is the block compressed by zlib (one stream per block)
 
 # Every datagram: kind, flags, session id, packet number (the nonce: each
 # direction counts its own from 0 and never reuses one).
@@ -737,13 +738,14 @@ def content_spans(f, offset, end):
             return
 
 
-def file_signature(path, mode, segment=SIGNATURE_SEGMENT):
+def file_signature(path, mode, segment=SIGNATURE_SEGMENT, whole=None):
     """Yield the signature of the file at `path` as (offset, spans) pieces,
     each covering about `segment` bytes: spans are (length, digest) in file
     order, ZERO_SPAN for a span of zero bytes.  'fixed' cuts every
     DELTA_UNIT bytes (hashlib releases the GIL: this runs beside a transfer
     at little cost); 'cdc' cuts by content (Chunker), so spans survive
-    inserts and deletes that shift the data after them."""
+    inserts and deletes that shift the data after them.  In 'fixed' mode a
+    hashlib object `whole` is fed the whole file on the way."""
     if mode not in DELTA_MODES:
         raise ValueError(mode)
     with open(path, 'rb') as f:
@@ -766,6 +768,8 @@ def file_signature(path, mode, segment=SIGNATURE_SEGMENT):
             n = f.readinto(buffer)
             if not n:
                 return
+            if whole is not None:
+                whole.update(view[:n])
             spans = []
             for start in range(0, n, DELTA_UNIT):
                 unit = view[start:min(n, start + DELTA_UNIT)]
@@ -2187,7 +2191,7 @@ class DigestCache:
         def wait():
             slot['done'].wait()
             if 'error' in slot:
-                raise TransferError('cannot read %s: %s' % (path, slot['error'].strerror))
+                raise RemoteError('cannot read %s: %s' % (path, slot['error'].strerror))
             return slot['digest']
         return wait
 
@@ -2394,22 +2398,93 @@ SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
 class SignatureJob:
     """One file's signature being computed on a thread of its own: a
     session sends each piece (offset, encoded spans) as soon as it is in
-    `pieces`; `done` is set at the end, with `error` if reading failed."""
+    `pieces`; `done` is set at the end, with `error` if reading failed.
+    The same read gives the whole file's SHA-256 (`sha256()`), so a delta
+    transfer reads the file for hashing once, not twice."""
 
     def __init__(self, path, mode):
         self.path, self.mode = path, mode
         self.pieces = []
         self.error = None
+        self._whole = hashlib.sha256()
         self.done = threading.Event()
         threading.Thread(target=self._run, name='signature', daemon=True).start()
 
     def _run(self):
         try:
-            for offset, spans in file_signature(self.path, self.mode):
+            for offset, spans in file_signature(self.path, self.mode, whole=self._whole):
                 self.pieces.append((offset, encode_spans(spans)))
         except OSError as e:
             self.error = e
         self.done.set()
+
+    def sha256(self):
+        """The whole file's hex SHA-256, once the signature is complete."""
+        self.done.wait()
+        if self.error is not None:
+            raise RemoteError('cannot read %s: %s' % (self.path, self.error.strerror))
+        return self._whole.hexdigest()
+
+
+class CompressionPolicy:
+    """Whether to send the next run of blocks compressed: only while the
+    sender has time to spare (it waits for the pacer at least IDLE_ON of
+    the time, so the link, not the CPU, is the limit) and the data
+    compresses (a sample at zlib level 1 saves a tenth).  A failed sample
+    is not retried for SKIP_AFTER_MISS runs, so incompressible data costs
+    next to nothing."""
+
+    IDLE_ON, IDLE_OFF = 0.3, 0.1        # hysteresis: compressing costs some of the idle time
+    WINDOW = 0.2                        # s over which idle time is measured
+    SKIP_AFTER_MISS = 32
+
+    def __init__(self, allowed):
+        self.allowed = allowed
+        self.compressing = False
+        self._idle = self._busy = 0.0
+        self._skip = 0
+        self.compressed = 0             # packets sent compressed
+
+    def account(self, idle, busy):
+        """Time the sender spent waiting (`idle`) and working since the last call."""
+        self._idle += idle
+        self._busy += busy
+        total = self._idle + self._busy
+        if total >= self.WINDOW:
+            share = self._idle / total
+            if share >= self.IDLE_ON:
+                self.compressing = True
+            elif share < self.IDLE_OFF:
+                self.compressing = False
+            self._idle = self._busy = 0.0
+
+    def use_for(self, payload):
+        if not (self.allowed and self.compressing):
+            return False
+        if self._skip:
+            self._skip -= 1
+            return False
+        if compressible(payload):
+            return True
+        self._skip = self.SKIP_AFTER_MISS
+        return False
+
+
+def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, flags, stamp):
+    """Datagrams for a run of blocks, each compressed on its own when that
+    saves at least a tenth; returns (datagrams, how many compressed)."""
+    packets, compressed = [], 0
+    view = memoryview(payload)
+    for i in range(count):
+        block = view[i * block_size:(i + 1) * block_size]
+        packed = zlib.compress(block, 1)
+        body, block_flags = block, flags
+        if len(packed) < 0.9 * len(block):
+            body, block_flags = packed, flags | DATA_FLAG_ZLIB
+            compressed += 1
+        header = DATA_HEADER.pack(KIND_DATA, block_flags, sid, seq + i, first + i, stamp)
+        packets.append(header + sealer.seal(seq + i, header, body))
+    return packets, compressed
 
 
 class SpanRefiner:
@@ -2583,7 +2658,6 @@ class ServerSession:
             st = os.fstat(fd)
             if st.st_size != message.get('size') or st.st_mtime_ns != message.get('mtime_ns'):
                 raise RemoteError('%s: changed on the server during the transfer' % remote)
-            digest = self.server.digests.start(path)
             block_size = int(message.get('block_size', 0))
             if not 64 <= block_size <= block_size_for_mtu(self.route_mtu, self.sock.family):
                 raise RemoteError('block size %d does not fit this path' % block_size)
@@ -2593,10 +2667,14 @@ class ServerSession:
             self.rate.set_cap(float(min(caps)) if caps else None)
             self._nblocks = (st.st_size + block_size - 1) // block_size
             need = self._need_ranges(message.get('need', []))
+            self._compress = bool(message.get('compress'))
             signature = refiner = None
             if message.get('delta'):
                 signature = self.server.signatures.start(path, 'fixed')
                 refiner = SpanRefiner(path, st.st_size)
+                digest = signature.sha256
+            else:
+                digest = self.server.digests.start(path)
             self._file_id += 1
             window = SendWindow(need, self._next_seq, self._log)
             self.control.send({'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq})
@@ -2613,7 +2691,8 @@ class ServerSession:
                 'op': 'digest', 'file': self._file_id, 'sha256': digest(),
                 'packets_sent': window.next_seq - window.first_seq, 'packets_lost': window.lost,
                 'packets_retransmitted': window.retransmitted, 'wire_bytes': self._wire_bytes,
-                'signature_bytes': self._signature_bytes})
+                'signature_bytes': self._signature_bytes,
+                'packets_compressed': self._compression.compressed})
             seconds = time.monotonic() - started
             self.server.log('%s: sent %s (%d bytes) in %.2f s, %.1f Mbit/s, %d packets retransmitted' % (
                 self.peer_name(), remote, st.st_size, seconds,
@@ -2661,8 +2740,9 @@ class ServerSession:
         selector.register(self.sock, selectors.EVENT_READ, 'tcp')
         self.sock.setblocking(False)
         buffer = bytearray(RECV_BUFFER)
-        last_feedback = now = last_tick = time.monotonic()
+        last_feedback = now = last_tick = busy_from = time.monotonic()
         budget = 0.0
+        compression = self._compression = CompressionPolicy(self._compress)
         # One read and one offloaded send per batch: about 64 KB either way.
         max_batch = max(1, min(MAX_GSO_SEGMENTS if udp.gso else 8, MAX_DATAGRAM_BATCH // block_size))
         try:
@@ -2682,19 +2762,32 @@ class ServerSession:
                     stamp = int(now * 1e6) & 0xFFFFFFFF
                     flags = DATA_FLAG_RETRANSMIT if resend else 0
                     seq = window.next_seq
-                    headers = [pack_header(KIND_DATA, flags, sid, seq + i, first + i, stamp)
-                               for i in range(count)]
                     window.sent_run(first, count, now, resend)
-                    udp.send_packets(sealer.seal_run(seq, headers, payload))
-                    self._wire_bytes += len(payload) + count * per_packet
-                    budget -= len(payload) + count * per_packet
+                    if compression.use_for(payload):
+                        packets, compressed = seal_compressed_run(
+                            sealer, sid, seq, first, count, block_size, payload, flags, stamp)
+                        compression.compressed += compressed
+                        wire = sum(map(len, packets)) + count * (per_packet - PACKET_OVERHEAD)
+                    else:
+                        headers = [pack_header(KIND_DATA, flags, sid, seq + i, first + i, stamp)
+                                   for i in range(count)]
+                        packets = sealer.seal_run(seq, headers, payload)
+                        wire = len(payload) + count * per_packet
+                    udp.send_packets(packets)
+                    self._wire_bytes += wire
+                    budget -= wire
                 if window.has_work() and window.in_flight() < flight_cap:
                     timeout = max(0.0, -budget / rate.rate)
                 else:
                     timeout = 0.05
                 if signature is not None and (not signature.done.is_set() or refiner.busy()):
                     timeout = min(timeout, SIGNATURE_POLL)
-                for key, _events in selector.select(timeout):
+                idle_from = time.monotonic()
+                compression.account(0.0, idle_from - busy_from)
+                events = selector.select(timeout)
+                busy_from = time.monotonic()
+                compression.account(busy_from - idle_from, 0.0)
+                for key, _events in events:
                     if key.data == 'tcp':
                         data = self.sock.recv(65536)
                         if not data:
@@ -2911,13 +3004,16 @@ class FileReceiver:
             if length < minimum:
                 self.rejected += 1
                 continue
-            kind, _flags, sid, seq, block, stamp = unpack(buffer, offset)
+            kind, flags, sid, seq, block, stamp = unpack(buffer, offset)
             body = None
             if kind == KIND_DATA and sid == self._session_id:
                 body = verify(view[offset:offset + header_size],
                               view[offset + header_size:offset + length])
-            if body is None or len(body) != (
-                    self._block_size if block < self._last_block else self._last_size):
+            expected = self._block_size if block < self._last_block else self._last_size
+            if body is not None and flags & DATA_FLAG_ZLIB:
+                self._compressed(seq, block, stamp, body, expected, now)
+                continue
+            if body is None or len(body) != expected:
                 self.rejected += 1
                 continue
             if not window.on_packet(seq, block, stamp, now):
@@ -2931,6 +3027,20 @@ class FileReceiver:
             self._run_count += 1
             if len(body) < self._block_size:
                 self.flush()            # a short block ends a run
+
+    def _compressed(self, seq, block, stamp, body, expected, now):
+        """A block sent compressed: decrypted and inflated on its own."""
+        inflater = zlib.decompressobj()
+        try:
+            data = inflater.decompress(self._sealer.open_run(seq, body), expected + 1)
+        except zlib.error:
+            data = b''
+        if len(data) != expected or not inflater.eof:
+            self.rejected += 1                  # authentic but malformed: the sender is broken
+            return
+        if self.window.on_packet(seq, block, stamp, now):
+            self.flush()
+            self._writer.put(block, data)
 
     def flush(self):
         if self._run_count:
@@ -3288,7 +3398,7 @@ class Client:
         try:
             self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
                                'max_rate': self.max_rate, 'block_size': self.block_size,
-                               'delta': delta,
+                               'delta': delta, 'compress': self.store is not None,
                                'need': [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)})
             start = self._expect(self.control.recv(), 'start')
             window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)
@@ -3346,6 +3456,7 @@ class Client:
             'packets_rejected': self._rejected,
             'packets_lost': int(report.get('packets_lost', 0)),
             'packets_retransmitted': int(report.get('packets_retransmitted', 0)),
+            'packets_compressed': int(report.get('packets_compressed', 0)),
             'throughput_mbps': round(wire * 8 / duration / 1e6, 2),
             'goodput_mbps': round(received * 8 / duration / 1e6, 2),
             'file_rate_mbps': round(size * 8 / duration / 1e6, 2),
@@ -5641,6 +5752,9 @@ def summary_lines(summary):
     ]
     if summary.get('resumed_bytes'):
         lines.insert(3, ('Resumed from disk', human_bytes(summary['resumed_bytes'])))
+    if summary.get('packets_compressed'):
+        lines.insert(-1, ('Packets sent compressed', '%d of %d' % (summary['packets_compressed'],
+                                                                   summary['packets_sent'])))
     if summary.get('delta', 'off') != 'off':
         found = summary['local_bytes'] + summary['zero_bytes']
         lines.insert(3, ('Found locally', '%s (%s of zeros), %s spans' % (

@@ -14,7 +14,8 @@ Steps, in order, for each run:
   tar-plain     the backup tar, `get --no-delta` (what a first transfer costs without delta)
   tar-first     the backup tar, first time with delta (empty cache)
   tar-append    the tar after `tar rf` of one file; the receiver deleted its copy first
-  sql-first     the SQL dump, first time
+  sql-plain     the SQL dump, `get --no-delta` (no compression either)
+  sql-first     the SQL dump, first time (compressed while the link, not the CPU, is the limit)
   sql-edited    the dump after 200 scattered edits; the old copy is at the destination
   rsync-tar-append / rsync-sql-edited
                 rsync over ssh (bbr) of the same updates with the old copy in place
@@ -46,7 +47,7 @@ from bench_wan import (DEFAULT_WAN, HOST_A, SSH_PORT, Bench, BenchError, Procs, 
 
 LINK = '--delay 60 --rate 1000 --queue 50 --loss 1'
 PORT = 46224
-STEPS = ('zeros', 'tar-plain', 'tar-first', 'tar-append', 'sql-first', 'sql-edited',
+STEPS = ('zeros', 'tar-plain', 'tar-first', 'tar-append', 'sql-plain', 'sql-first', 'sql-edited',
          'rsync-tar-append', 'rsync-sql-edited')
 
 
@@ -155,9 +156,11 @@ class DeltaBench:
             dest = os.path.join(recv, 'tar-first.tar')
             os.unlink(dest)                     # the operator deleted the copy; the cache kept it
             remote, expect, extra = 'backup.tar', corpus.tar[1], ()
-        elif step == 'sql-first':
+        elif step in ('sql-plain', 'sql-first'):
             self.serve_version('dump.sql', corpus.sql[0])
-            remote, dest, expect, extra = 'dump.sql', os.path.join(recv, 'dump.sql'), corpus.sql[0], ()
+            dest = os.path.join(recv, 'dump.sql' if step == 'sql-first' else 'plain.sql')
+            remote, expect = 'dump.sql', corpus.sql[0]
+            extra = ('--no-delta',) if step == 'sql-plain' else ()
         elif step == 'sql-edited':
             self.serve_version('dump.sql', corpus.sql[1])
             remote, dest, expect, extra = 'dump.sql', os.path.join(recv, 'dump.sql'), corpus.sql[1], ()

@@ -266,3 +266,23 @@ def test_assembler_asks_for_finer_spans_where_fixed_ones_miss(tmp_path):
     assembler.close()
     partial.close()
     store.close()
+
+
+def test_text_is_sent_compressed_when_the_link_is_the_limit(tmp_path, serve, link):
+    src = tmp_path / 'src'
+    src.mkdir()
+    text = sql_like(3 * MiB, seed=11)
+    (src / 'dump.sql').write_bytes(text)
+    make_file(src / 'random.bin', 2 * MiB, seed=12)
+    server = serve([src])
+    path = link(server.port, delay_ms=5, rate_bps=40e6)      # a thin link: the sender waits on it
+    compressed = fetch(path.port, 'dump.sql', tmp_path / 'dump.sql')
+    assert (tmp_path / 'dump.sql').read_bytes() == text
+    assert compressed['packets_compressed'] > 0.5 * compressed['packets_sent']
+    assert compressed['wire_bytes'] < 0.75 * len(text)
+    incompressible = fetch(path.port, 'random.bin', tmp_path / 'random.bin')
+    assert sha256(tmp_path / 'random.bin') == sha256(src / 'random.bin')
+    assert incompressible['packets_compressed'] == 0
+    plain = fetch(path.port, 'dump.sql', tmp_path / 'plain.sql', '--no-delta')
+    assert (tmp_path / 'plain.sql').read_bytes() == text
+    assert plain['packets_compressed'] == 0 and plain['wire_bytes'] >= len(text)
