@@ -1517,6 +1517,7 @@ class PacketLog:
     def __init__(self):
         self.blocks = array('q', [-1]) * self.SIZE
         self.times = array('d', [0.0]) * self.SIZE
+        self.sent_through = array('d', [0.0]) * self.SIZE    # wire bytes of this file up to here
 
 
 class SendWindow:
@@ -1543,6 +1544,7 @@ class SendWindow:
         self.first_seq = self.next_seq = first_seq
         self.largest_acked = first_seq - 1
         self.delivered = self.lost = self.retransmitted = 0
+        self._sent_bytes = 0.0
 
     def has_work(self):
         return bool(self._fresh or self._resend)
@@ -1571,14 +1573,21 @@ class SendWindow:
             self._fresh.pop()
         return first, count, False
 
-    def sent_run(self, first, count, now, resend):
-        """Blocks first..first+count-1 went out under the next packet numbers."""
-        blocks, times, mask = self._log.blocks, self._log.times, self._log.SIZE - 1
+    def sent_run(self, first, count, now, resend, sizes=1):
+        """Blocks first..first+count-1 went out under the next packet numbers,
+        each `sizes` bytes on the wire (or sizes[i], when they differ)."""
+        log, mask = self._log, self._log.SIZE - 1
+        blocks, times, through = log.blocks, log.times, log.sent_through
         seq = self.next_seq
+        total = self._sent_bytes
+        uniform = isinstance(sizes, int)
         for i in range(count):
             slot = (seq + i) & mask
             blocks[slot] = first + i
             times[slot] = now
+            total += sizes if uniform else sizes[i]
+            through[slot] = total
+        self._sent_bytes = total
         self.next_seq = seq + count
         if resend:
             self.retransmitted += count
@@ -1591,20 +1600,30 @@ class SendWindow:
             self._resend_set.add(block)
             self._resend.append(block)
 
+    def _sent_through(self, seq):
+        if seq < self.first_seq:
+            return 0.0
+        return self._log.sent_through[seq & (self._log.SIZE - 1)]
+
     def on_ack(self, window_start, largest, gaps, now, rtt):
-        """Apply one acknowledgement; return (packets newly delivered, newly lost)."""
+        """Apply one acknowledgement; return (packets newly delivered, newly
+        lost, wire bytes newly delivered)."""
         if largest <= self.largest_acked or largest >= self.next_seq or window_start > largest + 1:
-            return 0, 0                         # old, reordered or nonsense feedback
+            return 0, 0, 0.0                    # old, reordered or nonsense feedback
         log = self._log
         oldest_tracked = self.next_seq - log.SIZE
         newest_sent_time = log.times[largest & (log.SIZE - 1)]
         time_threshold = max(self.MIN_REORDER_TIME, rtt / 8)
         previous = self.largest_acked
         newly_missing = lost = 0
+        missing_bytes = 0.0
         for offset, length in gaps:
             start = window_start + offset
             end = min(start + length, largest + 1)
-            newly_missing += max(0, end - max(start, previous + 1))
+            low = max(start, previous + 1)
+            if end > low:
+                newly_missing += end - low
+                missing_bytes += self._sent_through(end - 1) - self._sent_through(low - 1)
             for seq in range(max(start, self.first_seq, oldest_tracked), end):
                 slot = seq & (log.SIZE - 1)
                 block = log.blocks[slot]
@@ -1615,11 +1634,14 @@ class SendWindow:
                     log.blocks[slot] = -1
                     self._queue_resend(block)
                     lost += 1
-        delivered = max(0, largest - max(previous, window_start - 1) - newly_missing)
+        acked_from = max(previous, window_start - 1)
+        delivered = max(0, largest - acked_from - newly_missing)
+        delivered_bytes = max(0.0, self._sent_through(largest) - self._sent_through(acked_from)
+                              - missing_bytes)
         self.largest_acked = largest
         self.delivered += delivered
         self.lost += lost
-        return delivered, lost
+        return delivered, lost, delivered_bytes
 
     def on_nak(self, ranges, now, rtt):
         """The receiver lacks these blocks: resend those not already on their way."""
@@ -2427,19 +2449,24 @@ class SignatureJob:
 
 
 class CompressionPolicy:
-    """Whether to send the next run of blocks compressed: only while the
-    sender has time to spare (it waits for the pacer at least IDLE_ON of
-    the time, so the link, not the CPU, is the limit) and the data
-    compresses (a sample at zlib level 1 saves a tenth).  A failed sample
-    is not retried for SKIP_AFTER_MISS runs, so incompressible data costs
-    next to nothing."""
+    """Whether to send the next run of blocks compressed: only where the
+    link, not the CPU, is the limit, and the data compresses (a sample at
+    zlib level 1 saves a tenth).  The link is the limit when the path's
+    rate is below MAX_RATE, far below what zlib and the receiver manage
+    per core, and the sender waits for the pacer at least IDLE_ON of the
+    time.  (Idle time alone misleads: compressing slows the receiver, the
+    rate control then slows the sender, which looks idle.)  A failed
+    sample is not retried for SKIP_AFTER_MISS runs, so incompressible data
+    costs next to nothing."""
 
+    MAX_RATE = 200e6 / 8                # bytes/s on the wire
     IDLE_ON, IDLE_OFF = 0.3, 0.1        # hysteresis: compressing costs some of the idle time
     WINDOW = 0.2                        # s over which idle time is measured
     SKIP_AFTER_MISS = 32
 
-    def __init__(self, allowed):
+    def __init__(self, allowed, rate):
         self.allowed = allowed
+        self._rate = rate               # the RateController
         self.compressing = False
         self._idle = self._busy = 0.0
         self._skip = 0
@@ -2459,7 +2486,7 @@ class CompressionPolicy:
             self._idle = self._busy = 0.0
 
     def use_for(self, payload):
-        if not (self.allowed and self.compressing):
+        if not (self.allowed and self.compressing and self._rate.rate < self.MAX_RATE):
             return False
         if self._skip:
             self._skip -= 1
@@ -2742,7 +2769,7 @@ class ServerSession:
         buffer = bytearray(RECV_BUFFER)
         last_feedback = now = last_tick = busy_from = time.monotonic()
         budget = 0.0
-        compression = self._compression = CompressionPolicy(self._compress)
+        compression = self._compression = CompressionPolicy(self._compress, rate)
         # One read and one offloaded send per batch: about 64 KB either way.
         max_batch = max(1, min(MAX_GSO_SEGMENTS if udp.gso else 8, MAX_DATAGRAM_BATCH // block_size))
         try:
@@ -2762,17 +2789,19 @@ class ServerSession:
                     stamp = int(now * 1e6) & 0xFFFFFFFF
                     flags = DATA_FLAG_RETRANSMIT if resend else 0
                     seq = window.next_seq
-                    window.sent_run(first, count, now, resend)
                     if compression.use_for(payload):
                         packets, compressed = seal_compressed_run(
                             sealer, sid, seq, first, count, block_size, payload, flags, stamp)
                         compression.compressed += compressed
-                        wire = sum(map(len, packets)) + count * (per_packet - PACKET_OVERHEAD)
+                        sizes = [len(p) + per_packet - PACKET_OVERHEAD for p in packets]
+                        wire = sum(sizes)
                     else:
                         headers = [pack_header(KIND_DATA, flags, sid, seq + i, first + i, stamp)
                                    for i in range(count)]
                         packets = sealer.seal_run(seq, headers, payload)
                         wire = len(payload) + count * per_packet
+                        sizes = block_size + per_packet     # the last block of a file may be less
+                    window.sent_run(first, count, now, resend, sizes)
                     udp.send_packets(packets)
                     self._wire_bytes += wire
                     budget -= wire
@@ -2859,10 +2888,8 @@ class ServerSession:
                     sample = now - self._log.times[largest & (PacketLog.SIZE - 1)] - ack_delay / 1e6
                     if sample > 0:
                         self.rtt = 0.875 * self.rtt + 0.125 * sample
-                delivered, lost = window.on_ack(start, largest, gaps, now, self.rtt)
-                # In wire bytes, as the pacing budget counts them.
-                wire = self.block_size + PACKET_OVERHEAD + IP_UDP_OVERHEAD.get(self.sock.family, 48)
-                self.rate.on_feedback(now, queue_us / 1e6, delivered * wire, delivered, lost, self.rtt)
+                delivered, lost, delivered_bytes = window.on_ack(start, largest, gaps, now, self.rtt)
+                self.rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost, self.rtt)
             elif kind == KIND_NAK:
                 fid, ranges = decode_nak(body)
                 if fid == file_id:

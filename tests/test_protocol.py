@@ -425,3 +425,15 @@ def test_frontier_digest_hashes_the_written_prefix_early_and_equals_sha256(tmp_p
     write(150, 200)
     assert frontier.finish() == hashlib.sha256(content).hexdigest()
     os.close(fd)
+
+
+def test_acknowledged_wire_bytes_follow_each_packets_size():
+    # Compressed datagrams differ in size: the rate control must be told
+    # the bytes that arrived, not packets times a block.
+    sender = wanxfer.SendWindow([(0, 10)], 500, wanxfer.PacketLog())
+    sender.sent_run(0, 4, 0.0, False, [100, 200, 300, 400])
+    sender.sent_run(4, 6, 0.0, False, 1000)
+    delivered, lost, delivered_bytes = sender.on_ack(500, 503, [(1, 1)], 0.1, 0.1)
+    assert (delivered, delivered_bytes) == (3, 100 + 300 + 400)
+    delivered, lost, delivered_bytes = sender.on_ack(500, 509, [(1, 1)], 0.2, 0.1)
+    assert (delivered, delivered_bytes) == (6, 6000)
