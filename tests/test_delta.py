@@ -286,3 +286,30 @@ def test_text_is_sent_compressed_when_the_link_is_the_limit(tmp_path, serve, lin
     plain = fetch(path.port, 'dump.sql', tmp_path / 'plain.sql', '--no-delta')
     assert (tmp_path / 'plain.sql').read_bytes() == text
     assert plain['packets_compressed'] == 0 and plain['wire_bytes'] >= len(text)
+
+
+def test_a_restarted_server_reuses_the_signature_it_stored(tmp_path, serve, private_cache):
+    data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=13)
+    server = serve([data])
+    fetch(server.port, 'f.bin', tmp_path / 'a')
+    server.stop()
+    # Spoil the first span of the stored signature: a server that uses the
+    # stored signature makes the client fetch that span; one that read the
+    # file again would let it be found locally.
+    db = wanxfer.open_cache_db(str(private_cache), create=False)
+    (key, pieces), = db.execute('SELECT file, pieces FROM signatures').fetchall()
+    pieces = json.loads(pieces)
+    spans = wanxfer.decode_spans(pieces[0][1])
+    spans[0] = (spans[0][0], os.urandom(16))
+    pieces[0][1] = wanxfer.encode_spans(spans)
+    db.execute('UPDATE signatures SET pieces = ? WHERE file = ?', (json.dumps(pieces), key))
+    db.close()
+    (tmp_path / 'a').unlink()
+    server = serve([data])
+    again = fetch(server.port, 'f.bin', tmp_path / 'a')
+    assert sha256(tmp_path / 'a') == sha256(data)
+    assert wanxfer.DELTA_UNIT <= again['wire_bytes'] < 0.1 * 4 * MiB
+    data.write_bytes(data.read_bytes()[::-1])       # new bytes, new identity: a new signature
+    changed = fetch(server.port, 'f.bin', tmp_path / 'b')
+    assert sha256(tmp_path / 'b') == sha256(data)
+    assert changed['wire_bytes'] >= 4 * MiB
