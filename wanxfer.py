@@ -2184,7 +2184,6 @@ class FrontierDigest:
     every write puts there the bytes the file ends with."""
 
     POLL = 0.05
-    SYNC_BYTES = 64 << 20
 
     def __init__(self, path, size, block_size, written):
         self._path, self._size, self._block_size = path, size, block_size
@@ -2202,7 +2201,6 @@ class FrontierDigest:
         except OSError:
             return                      # finish() reads it all
         try:
-            synced = 0
             while not self._stop.wait(self.POLL):
                 block = next_block(self._written(), self._nblocks,
                                    self._hashed // self._block_size, False)
@@ -2210,9 +2208,6 @@ class FrontierDigest:
                 if frontier > self._hashed:
                     hash_range(self._digest, fd, self._hashed, frontier)
                     self._hashed = frontier
-                if self._hashed - synced >= self.SYNC_BYTES:
-                    os.fdatasync(fd)    # so the fsync before the rename has little left
-                    synced = self._hashed
         except OSError:
             self._digest, self._hashed = hashlib.sha256(), 0
         finally:

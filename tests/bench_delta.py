@@ -171,6 +171,7 @@ class DeltaBench:
             source = self.serve_version(os.path.basename(new), new)
             expect = new
         record = {'step': step}
+        os.sync()       # the copies above must not be written back during the step
         self.p.link_up_(self.a.link)
         try:
             if step.startswith('rsync-'):
