@@ -45,7 +45,6 @@ import threading
 import time
 import zlib
 from array import array
-from concurrent.futures import ThreadPoolExecutor
 
 __version__ = '0.1.0'
 
@@ -2527,7 +2526,7 @@ class CompressionPolicy:
     sample is not retried for SKIP_AFTER_MISS runs, so incompressible data
     costs next to nothing."""
 
-    MAX_RATE = 200e6 / 8                # bytes/s on the wire
+    MAX_RATE = 120e6 / 8                # bytes/s on the wire
     IDLE_ON, IDLE_OFF = 0.3, 0.1        # hysteresis: compressing costs some of the idle time
     WINDOW = 0.2                        # s over which idle time is measured
     SKIP_AFTER_MISS = 32
@@ -3160,7 +3159,6 @@ HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
 STATE_SAVE_INTERVAL = 2.0
 REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
-PARALLEL_FILL_SPANS = 64        # spans per thread before local copying is split between two
 DELTA_MAX_MTU = 1500            # largest packet an update uses
 
 
@@ -3214,7 +3212,6 @@ class LocalAssembler:
         self._waiting = collections.deque()     # pieces behind a refinement
         self._refining = None                   # (offset, spans, start, end) of that piece
         self._sources = {}          # kept file id -> open fd, or None once it failed
-        self._helper = None         # a second thread for copying, once there is much to copy
         self._run_start = 0         # the bytes from here to `offset` are in place
         self._reported = 0          # blocks before this were reported held or not
         self.offset = 0             # bytes the signature has covered so far
@@ -3288,16 +3285,7 @@ class LocalAssembler:
             work.append((position, length, digest, candidates))
             position += length
         end = position
-        # Reading, checking and writing release the GIL: two threads copy
-        # about twice as fast as one.
-        half = len(work) // 2
-        if half >= PARALLEL_FILL_SPANS:
-            if self._helper is None:
-                self._helper = ThreadPoolExecutor(1)
-            second = self._helper.submit(self._fill_all, work[half:])
-            filled = self._fill_all(work[:half]) + second.result()
-        else:
-            filled = self._fill_all(work)
+        filled = [self._fill(*item) for item in work]
         for file_id in {file_id for _, damaged in filled for file_id in damaged}:
             self._forget(file_id)
         for (position, length, _digest, _candidates), (kind, _damaged) in zip(work, filled):
@@ -3320,12 +3308,9 @@ class LocalAssembler:
             held.append((first, last))
         self._reported = max(self._reported, last)
 
-    def _fill_all(self, work):
-        """Fill each span from local data if possible: [(how: 'zero',
-        'local' or None, ids of kept files found damaged)]."""
-        return [self._fill(*item) for item in work]
-
     def _fill(self, position, length, digest, candidates):
+        """Fill one span from local data if possible: (how: 'zero', 'local'
+        or None, ids of kept files found damaged)."""
         if digest == ZERO_SPAN:
             if not self._fresh:
                 self._partial.write(position, bytes(length))
@@ -3368,8 +3353,6 @@ class LocalAssembler:
         self._store.forget_file(file_id)
 
     def close(self):
-        if self._helper is not None:
-            self._helper.shutdown()
         for fd in self._sources.values():
             if fd is not None:
                 os.close(fd)
