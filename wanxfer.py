@@ -3360,8 +3360,8 @@ class LocalAssembler:
 
 
 class Client:
-    """A session with one server.  `connect()`, then `listing()` of what a
-    REMOTE expands to and `fetch()` of each file; `close()` at the end."""
+    """A session with one server.  `connect()`, then `listings()` of what
+    REMOTEs expand to and `fetch()` of each file; `close()` at the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
                  max_rate=None, store=None):
@@ -3399,8 +3399,9 @@ class Client:
         self.udp = DatagramSocket(udp)
         for warning in self.udp.warnings:
             self.events.warning(warning)
-        self._open_udp_flow()
         self._largest_probe = 0
+        self._ready = False
+        self._send_datagram(KIND_HELLO)         # the server waits for it from now on
 
     def _send_datagram(self, kind, body=b''):
         packet = seal_datagram(self.data_out, kind, self.session_id, self._seq, body)
@@ -3409,6 +3410,11 @@ class Client:
             self.udp.sock.send(packet)
         except (BlockingIOError, ConnectionRefusedError):
             pass                                # lost like any datagram; timers resend
+
+    def _ensure_ready(self):
+        if not self._ready:
+            self._open_udp_flow()
+            self._ready = True
 
     def _open_udp_flow(self):
         """Send HELLO datagrams until the server says it has seen one."""
@@ -3460,9 +3466,26 @@ class Client:
             raise ProtocolError('expected %s from the server, got %s' % (op, message['op']))
         return message
 
+    def listings(self, remotes):
+        """What each REMOTE expands to, asked all at once and while the UDP
+        channel opens (one round trip in all): a listing dict, or the
+        RemoteError the server answered, for each."""
+        for remote in remotes:
+            self.control.send({'op': 'list', 'path': remote})
+        self._ensure_ready()
+        results = []
+        for _remote in remotes:
+            try:
+                results.append(self._expect(self.control.recv(), 'listing'))
+            except RemoteError as e:
+                results.append(e)
+        return results
+
     def listing(self, remote):
-        self.control.send({'op': 'list', 'path': remote})
-        return self._expect(self.control.recv(), 'listing')
+        (result,) = self.listings([remote])
+        if isinstance(result, RemoteError):
+            raise result
+        return result
 
     def _index_older_copies(self, dest, remote, kept, older):
         """Content-defined spans of each older copy, so they can be found."""
@@ -3486,6 +3509,7 @@ class Client:
 
     def fetch(self, remote, dest, entry, retry_on_mismatch=True):
         """Fetch one file to `dest`; return its summary dict."""
+        self._ensure_ready()
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
         self._rejected = 0
         delta = self.store is not None and size > 0
@@ -5995,11 +6019,11 @@ def plan_downloads(client, remotes, dest):
     """[(remote path, local path, entry)] and [local dirs] for the REMOTEs,
     plus the error lines of REMOTEs the server refused."""
     listings, errors = [], []
-    for remote in remotes:
-        try:
-            listings.append((normalize_remote(remote), client.listing(remote)))
-        except RemoteError as e:
-            errors.append(str(e))
+    for remote, result in zip(remotes, client.listings(remotes)):
+        if isinstance(result, RemoteError):
+            errors.append(str(result))
+        else:
+            listings.append((normalize_remote(remote), result))
     jobs, dirs = [], []
     single = len(remotes) == 1 and len(listings) == 1 and listings[0][1]['kind'] == 'file'
     if single and dest is not None and not os.path.isdir(dest):
