@@ -1389,6 +1389,7 @@ class RateController:
         self._last_growth = None
         self._samples = collections.deque()     # (time, bytes delivered, packets delivered, lost)
         self._recent = collections.deque()      # (time, delivery rate): the best of the last few RTTs
+        self.peak_delivery = 0.0                # the fastest the path has delivered so far
 
     @property
     def startup(self):
@@ -1429,6 +1430,7 @@ class RateController:
 
     def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt):
         delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
+        self.peak_delivery = max(self.peak_delivery, delivery or 0.0)
         best = self._best_delivery(now, delivery, rtt)
         round_trip = max(rtt, 0.01)
         in_phase = now - self._phase_started
@@ -2518,15 +2520,16 @@ class SignatureJob:
 class CompressionPolicy:
     """Whether to send the next run of blocks compressed: only where the
     link, not the CPU, is the limit, and the data compresses (a sample at
-    zlib level 1 saves a tenth).  The link is the limit when the path's
-    rate is below MAX_RATE, far below what zlib and the receiver manage
-    per core, and the sender waits for the pacer at least IDLE_ON of the
-    time.  (Idle time alone misleads: compressing slows the receiver, the
-    rate control then slows the sender, which looks idle.)  A failed
-    sample is not retried for SKIP_AFTER_MISS runs, so incompressible data
-    costs next to nothing."""
+    zlib level 1 saves a tenth).  The link is the limit when the path has
+    never delivered more than MAX_RATE, well below what zlib and the
+    receiver manage per core, and the sender waits for the pacer at least
+    IDLE_ON of the time.  (Idle time alone misleads: compressing can make
+    the receiver the bottleneck, the rate control then slows the sender,
+    which looks idle, and compression stays on; a path that has shown it
+    is faster is not held to that.)  A failed sample is not retried for
+    SKIP_AFTER_MISS runs, so incompressible data costs next to nothing."""
 
-    MAX_RATE = 120e6 / 8                # bytes/s on the wire
+    MAX_RATE = 150e6 / 8                # bytes/s on the wire
     IDLE_ON, IDLE_OFF = 0.3, 0.1        # hysteresis: compressing costs some of the idle time
     WINDOW = 0.2                        # s over which idle time is measured
     SKIP_AFTER_MISS = 32
@@ -2553,7 +2556,8 @@ class CompressionPolicy:
             self._idle = self._busy = 0.0
 
     def use_for(self, payload):
-        if not (self.allowed and self.compressing and self._rate.rate < self.MAX_RATE):
+        if not (self.allowed and self.compressing and self._rate.rate < self.MAX_RATE
+                and self._rate.peak_delivery < self.MAX_RATE):
             return False
         if self._skip:
             self._skip -= 1

@@ -437,3 +437,24 @@ def test_acknowledged_wire_bytes_follow_each_packets_size():
     assert (delivered, delivered_bytes) == (3, 100 + 300 + 400)
     delivered, lost, delivered_bytes = sender.on_ack(500, 509, [(1, 1)], 0.2, 0.1)
     assert (delivered, delivered_bytes) == (6, 6000)
+
+
+def test_compression_only_while_the_link_is_the_limit():
+    class Rate:
+        rate = peak_delivery = 10e6 / 8             # a 10 Mbit/s path
+    rate = Rate()
+    policy = wanxfer.CompressionPolicy(True, rate)
+    text = b"INSERT INTO t VALUES (1, 'some text that repeats');\n" * 100
+    noise = __import__('os').urandom(5000)
+    assert not policy.use_for(text)                 # nothing known of the sender's load yet
+    policy.account(0.15, 0.05)                      # the sender waits on the pacer
+    assert policy.use_for(text) and not policy.use_for(noise)
+    assert not policy.use_for(text)                 # a miss: sampling rests a while
+    policy = wanxfer.CompressionPolicy(True, rate)
+    policy.account(0.15, 0.05)
+    rate.peak_delivery = 400e6 / 8                  # the path has shown it is fast
+    assert not policy.use_for(text)
+    rate.peak_delivery = 10e6 / 8
+    policy.account(0.01, 0.19)                      # the sender is busy: stop
+    assert not policy.use_for(text)
+    assert not wanxfer.CompressionPolicy(False, rate).use_for(text)
