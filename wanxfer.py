@@ -876,7 +876,8 @@ class ChunkStore:
     For callers: `has(digest)` and `get(digest)` (verified against the
     digest: None when absent or damaged), `put(digest, data)`, `flush()`
     about every CACHE_COMMIT_INTERVAL (commits, records use for LRU,
-    evicts), `save_run()` for the byte counters, `close()`.  Faults found
+    evicts), `save_run()` for the byte counters, `close()`; for delta
+    transfers `keep_file()`, `find_spans()`, `forget_file()`.  Faults found
     while running never raise: a corrupt file is moved aside and replaced, a
     busy one costs a miss, so the cache can cost bandwidth, never
     correctness.  `log` receives one line per problem."""

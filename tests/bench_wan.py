@@ -487,8 +487,12 @@ class Bench:
         flags = ["--no-encrypt"] if plain else []
         port = self.a.port
         py = self.a.python
+        # Fresh caches at both ends for every run: the receiver must not find
+        # the previous run's copy, nor the server its remembered signature.
+        caches = lambda name: ["--cache", os.path.join(d, name)]  # noqa: E731
         srv = self.p.spawn("a", [py, self.a.wanxfer, "serve", self.src, "--bind", HOST_A,
-                                 "--port", str(port)] + flags + shlex.split(self.a.serve_args),
+                                 "--port", str(port)] + caches("serve-cache.db") + flags
+                           + shlex.split(self.a.serve_args),
                            os.path.join(d, "serve.out"), os.path.join(d, "serve.err"), env)
         try:
             self.wait_listen(srv, port, "tcp", self.a.ready_timeout, os.path.join(d, "serve.err"))
@@ -498,7 +502,7 @@ class Bench:
             os.makedirs(os.path.dirname(dest))
             remote = self.a.remote or os.path.basename(self.src)
             r = self.p.run_timed("b", [py, self.a.wanxfer, "get", "%s:%d" % (HOST_A, port), remote,
-                                       "-o", dest, "--json", "-q"] + flags
+                                       "-o", dest, "--json", "-q"] + caches("get-cache.db") + flags
                                  + shlex.split(self.a.get_args),
                                  os.path.join(d, "get.out"), os.path.join(d, "get.err"),
                                  self.timeout_for(opts), env)
