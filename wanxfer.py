@@ -3164,6 +3164,7 @@ HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
 STATE_SAVE_INTERVAL = 2.0
 REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
+DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
 DELTA_MAX_MTU = 1500            # largest packet an update uses
 
 
@@ -3265,7 +3266,8 @@ class LocalAssembler:
         missed = [(position, length) for position, length, digest in
                   LocalAssembler._positioned(offset, spans)
                   if digest != ZERO_SPAN and digest not in known]
-        if sum(length for _, length in missed) < REFINE_MIN:
+        piece = sum(length for length, _ in spans)
+        if sum(length for _, length in missed) < min(REFINE_MIN, piece // 4):
             return None                 # an append or a few changed pages: just fetch them
         return missed[0][0], missed[-1][0] + missed[-1][1]
 
@@ -3492,7 +3494,23 @@ class Client:
             raise result
         return result
 
-    def _index_older_copies(self, dest, remote, kept, older):
+    def _keep_older_copy(self, dest, remote, kept):
+        """Index the file at `dest` (an older copy the cache does not know)
+        in fixed spans, at C speed, and keep it: the kept files for
+        `remote` afterwards."""
+        for row in kept:
+            try:
+                if os.path.samefile(row[1], dest):
+                    return kept
+            except OSError:
+                pass
+        try:
+            self.store.keep_file(dest, remote, 'fixed', signature_spans(dest, 'fixed'))
+        except OSError:
+            return kept                         # unreadable: it cannot help
+        return self.store.kept_files_for(remote)
+
+    def _index_older_copies(self, kept):
         """Content-defined spans of each older copy, so they can be found."""
         for file_id, path, size, mtime_ns, modes in kept:
             try:
@@ -3504,26 +3522,21 @@ class Client:
                 unchanged = False
             if not unchanged:
                 self.store.forget_file(file_id)
-            elif older and os.path.samefile(path, dest):
-                older = False                   # the same bytes, already kept
-        if older:
-            try:
-                self.store.keep_file(dest, remote, 'cdc', signature_spans(dest, 'cdc'))
-            except OSError:
-                pass                            # unreadable: it cannot help
 
     def fetch(self, remote, dest, entry, retry_on_mismatch=True):
         """Fetch one file to `dest`; return its summary dict."""
         self._ensure_ready()
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
         self._rejected = 0
-        delta = self.store is not None and size > 0
         # An older copy of this file, at `dest` or kept from an earlier fetch
         # of `remote`, is worth content-defined spans where data shifted.
-        kept = self.store.kept_files_for(remote) if delta else []
-        older = delta and os.path.isfile(dest)
+        kept = self.store.kept_files_for(remote) if self.store is not None and size else []
+        if self.store is not None and size and os.path.isfile(dest):
+            kept = self._keep_older_copy(dest, remote, kept)
+        # A small new file is cheaper sent than looked for: a delta costs a round trip.
+        delta = self.store is not None and size > 0 and bool(size >= DELTA_MIN_SIZE or kept)
         # An update is sent as the blocks around each change: smaller blocks waste less.
-        self._choose_block_size(DELTA_MAX_MTU if kept or older else MAX_MTU)
+        self._choose_block_size(DELTA_MAX_MTU if kept else MAX_MTU)
         partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         bitmap = partial.open()
         resumed = partial.resumed_blocks
@@ -3542,8 +3555,8 @@ class Client:
             self._file_id = int(start['file'])
             if delta:
                 window.decided = 0
-                assembler = LocalAssembler(self.store, partial, refine=bool(kept or older))
-                self._older_copies = (dest, remote, kept, older)
+                assembler = LocalAssembler(self.store, partial, refine=bool(kept))
+                self._older_copies = kept
             if not window.complete():
                 self._receive(window, writer, partial, size, started, assembler)
             writer.sync()
@@ -3633,7 +3646,7 @@ class Client:
             self.control.send({'op': 'refine', 'file': self._file_id, 'offset': refine[0],
                                'end': refine[1]})
             if self._older_copies:              # once, while the server cuts its copy
-                self._index_older_copies(*self._older_copies)
+                self._index_older_copies(self._older_copies)
                 self._older_copies = None
 
     def _on_control(self, assembler, window, writer):

@@ -313,3 +313,32 @@ def test_a_restarted_server_reuses_the_signature_it_stored(tmp_path, serve, priv
     changed = fetch(server.port, 'f.bin', tmp_path / 'b')
     assert sha256(tmp_path / 'b') == sha256(data)
     assert changed['wire_bytes'] >= 4 * MiB
+
+
+def test_a_small_new_file_skips_the_signature_but_an_update_of_it_does_not(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    old = sql_like(200_000, seed=14)
+    (src / 'small.sql').write_bytes(old)
+    server = serve([src])
+    first = fetch(server.port, 'small.sql', tmp_path / 'small.sql')
+    assert first['delta'] == 'off' and first['signature_bytes'] == 0
+    (src / 'small.sql').write_bytes(old[:1000] + b'-- one more line\n' + old[1000:])
+    second = fetch(server.port, 'small.sql', tmp_path / 'small.sql')
+    assert (tmp_path / 'small.sql').read_bytes() == (src / 'small.sql').read_bytes()
+    assert second['delta'] != 'off' and second['local_bytes'] > 100_000
+
+
+def test_an_older_copy_wanxfer_never_saw_is_used_like_rsyncs_basis(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    image = make_file(src / 'disk.img', 6 * MiB, seed=15)
+    out = tmp_path / 'disk.img'
+    out.write_bytes(image.read_bytes())             # put there by cp, rsync, a restore...
+    with open(image, 'r+b') as f:                   # then changed in place on the server
+        f.seek(3 * MiB)
+        f.write(os.urandom(10_000))
+    done = fetch(serve([src]).port, 'disk.img', out)
+    assert sha256(out) == sha256(image)
+    assert done['local_bytes'] >= 6 * MiB - 2 * wanxfer.DELTA_UNIT
+    assert done['wire_bytes'] < 200_000
