@@ -6593,10 +6593,11 @@ def build_parser():
 
     stats = commands.add_parser(
         'stats', formatter_class=argparse.RawDescriptionHelpFormatter,
-        help='what the tunnel carried and saved',
-        description='Connections, original and transferred bytes and the saving, per direction '
-                    'and in total, for the life of the cache and for each tunnel running on it '
-                    '(a running tunnel updates them every few seconds).',
+        help='what the tunnel and get carried and saved',
+        description='Connections (files, for get), original and transferred bytes and the saving, '
+                    'per direction of the tunnel, for get, and in total, for the life of the cache '
+                    'and for each tunnel running on it (a running tunnel updates them every few '
+                    'seconds).',
         epilog='examples:\n'
                '  python3 wanxfer.py stats\n'
                '  python3 wanxfer.py stats --cache /var/cache/wanxfer.db --json')
