@@ -4569,8 +4569,9 @@ the loop).  Short-lived helper threads do what cannot be made non-blocking
 cheaply (name lookup, connect, handshake) and post their result to the loop.
 """
 
-STREAM_WINDOW = 16 << 20            # original bytes a stream may have unacknowledged:
-                                    # 1 Gbit/s at 130 ms round trip, and what a stalled reader holds
+STREAM_WINDOW = 32 << 20            # original bytes a stream may have unacknowledged: the
+                                    # path's bytes in flight plus both ends' queues at 1 Gbit/s over
+                                    # 120 ms, and what a stalled reader holds
 CREDIT_STEP = 1 << 20               # the receiver acknowledges at least this often
 LOCAL_READ_SIZE = 256 << 10
 LINK_READ_SIZE = 1 << 20
@@ -4579,7 +4580,10 @@ FLUSH_GRACE = 0.0005                # s a larger burst may wait for its rest bef
 WRITER_HIGH_WATER = 8 << 20         # queued bytes at which local reads pause
 WRITER_LOW_WATER = 2 << 20
 MERGE_LIMIT = 1 << 20               # bytes of literals in one merged DATA frame
-LINK_BUFFER = 16 << 20              # socket buffers: 1 Gbit/s over 130 ms
+LINK_BUFFER = 48 << 20              # socket buffers: 1 Gbit/s over 130 ms, with losses
+                                    # held out of order for a round trip more
+LINK_UNSENT_LIMIT = 4 << 20         # bytes the kernel may hold not yet sent
+TCP_NOTSENT_LOWAT = getattr(socket, 'TCP_NOTSENT_LOWAT', 25)
 ZLIB_LEVEL = 7                      # zlib's 6 trails GNU gzip -6 a little on SQL dumps; 7 passes it
 MIN_COMPRESS = 256
 PING_INTERVAL = 10.0
@@ -4916,21 +4920,60 @@ class LinkWriter:
 
 
 def tune_link_socket(sock):
-    """Nagle off, BBR when the kernel offers it, and buffers for a long fat
-    pipe (forced past the sysctl limit when we may)."""
+    """Nagle off, BBR when the kernel offers it, little unsent data in the
+    kernel, and buffers for a long fat pipe.  Returns the largest buffer
+    the link can get, for `link_buffer_warning`."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b'bbr')
     except (AttributeError, OSError):
         pass                                # the kernel's default it is
-    for option, force in ((socket.SO_SNDBUF, SO_SNDBUFFORCE), (socket.SO_RCVBUF, SO_RCVBUFFORCE)):
+    try:
+        # Frames wait in the writer, not in a kernel queue ahead of every
+        # other stream's; and unsent bytes do not eat the streams' windows.
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, LINK_UNSENT_LIMIT)
+    except OSError:
+        pass
+    ceiling = LINK_BUFFER
+    for option, force, core, autotuned in (
+            (socket.SO_SNDBUF, SO_SNDBUFFORCE, 'net/core/wmem_max', 'net/ipv4/tcp_wmem'),
+            (socket.SO_RCVBUF, SO_RCVBUFFORCE, 'net/core/rmem_max', 'net/ipv4/tcp_rmem')):
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, LINK_BUFFER)
+            continue
         except OSError:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, option, LINK_BUFFER)
-            except OSError:
-                pass
+            pass
+        # A fixed size turns the kernel's autotuning off, so it is asked for
+        # only where the sysctl lets it reach further than autotuning would.
+        if read_sysctl(core) >= LINK_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, option, LINK_BUFFER)
+        else:
+            ceiling = min(ceiling, read_sysctl(autotuned, field=2, default=LINK_BUFFER))
+    return ceiling
+
+
+def read_sysctl(name, field=0, default=0):
+    """An integer from /proc/sys/`name` (the `field`th of several), or `default`."""
+    try:
+        with open('/proc/sys/' + name) as f:
+            return int(f.read().split()[field])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def link_buffer_warning():
+    """A line for the log when the peer link's buffers cannot grow to
+    LINK_BUFFER (not root, sysctls at their defaults), or None."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        ceiling = tune_link_socket(probe)
+    finally:
+        probe.close()
+    if ceiling >= LINK_BUFFER:
+        return None
+    return ('warning: the peer link\'s TCP buffers can grow to %d MiB only, too little to fill a '
+            'long fast path; run as root, or raise net.ipv4.tcp_rmem and net.ipv4.tcp_wmem '
+            '(their last field) to %d' % (ceiling >> 20, LINK_BUFFER))
 
 
 class Stream:
@@ -5528,6 +5571,9 @@ class Tunnel:
         self.links = set()
         self.run_id = secrets.token_hex(8)
         self.started = time.time()
+        warning = link_buffer_warning()
+        if warning:
+            self.log(warning)
 
     def run(self):
         self._housekeeping()

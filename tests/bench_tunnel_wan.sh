@@ -22,6 +22,7 @@ cleanup() {
     for p in far near sink; do [ -f "$state/$p.pid" ] && kill "$(cat "$state/$p.pid")" 2>/dev/null || true; done
     ip netns del wxt-a 2>/dev/null || true
     ip netns del wxt-b 2>/dev/null || true
+    rm -rf "$state"
 }
 trap cleanup EXIT
 cc -O2 -pthread -o "$state/wanemu" "$wanemu_src"
