@@ -1371,6 +1371,14 @@ class RateController:
     the rate moves in these steps rather than continuously, which would
     overshoot and then undershoot.  Random loss changes nothing; only heavy
     loss (a policer) does.  Feed it `on_feedback()`; read `rate` (bytes/s).
+
+    Yielding to every queue would leave nothing for wanxfer beside a TCP
+    flow, which keeps the bottleneck's queue full whatever others do.  When
+    a drain ends with the queue still full, the queue is another flow's: the
+    path is contested, and the rate holds at least FAIR_SHARE of what the
+    path delivered to wanxfer alone (its capacity, remembered for
+    CAPACITY_MEMORY) until the queue empties again.  The other flow then
+    meets a full queue and backs off as TCP does, and the two share.
     """
 
     MIN_RATE = 64 * 1024                    # bytes/s: never stop probing
@@ -1381,6 +1389,8 @@ class RateController:
     MIN_SAMPLE_SPAN = 0.005                 # s of feedback needed for a delivery rate
     CRUISE_ROUNDS = 4
     GAINS = {'cruise': 1.0, 'probe': 1.1, 'drain': 0.85}
+    FAIR_SHARE = 0.5
+    CAPACITY_MEMORY = 10.0                  # s a capacity not seen again is believed
 
     def __init__(self, max_rate=None, initial_rate=None):
         self.max_rate = max_rate
@@ -1391,6 +1401,10 @@ class RateController:
         self._samples = collections.deque()     # (time, bytes delivered, packets delivered, lost)
         self._recent = collections.deque()      # (time, delivery rate): the best of the last few RTTs
         self.peak_delivery = 0.0                # the fastest the path has delivered so far
+        self.contested = False                  # another flow holds the bottleneck's queue
+        self._capacity = collections.deque()    # (time, delivery with a short queue), falling
+        self._drain_first = None                # the queue when this drain's effect began
+        self._drain_low = None                  # and the shortest since
 
     @property
     def startup(self):
@@ -1433,12 +1447,15 @@ class RateController:
         delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
         self.peak_delivery = max(self.peak_delivery, delivery or 0.0)
         best = self._best_delivery(now, delivery, rtt)
+        capacity = self._track_capacity(now, delivery, queue_delay)
         round_trip = max(rtt, 0.01)
         in_phase = now - self._phase_started
         phase = self.phase
         if loss > self.HEAVY_LOSS and delivery:
             self.rate = min(self.rate, delivery) * 0.7
             self._recent.clear()
+            self._capacity.clear()              # the path is slower than it was:
+            self.contested = False              # not a share worth holding
             self._enter('drain', now)
         elif phase == 'startup':
             if queue_delay > self.STARTUP_EXIT_DELAY:
@@ -1447,16 +1464,21 @@ class RateController:
                 self.rate *= 2.0
                 self._last_growth = now
         elif phase == 'drain':
+            if self._drain_first is None:
+                self._drain_first = queue_delay
+            self._drain_low = min(self._drain_low, queue_delay)
             if in_phase >= 2 * round_trip or (in_phase >= round_trip and
                                               queue_delay < self.TARGET_DELAY):
+                if self._drain_low > max(self.TARGET_DELAY, self._drain_first - 0.05 * round_trip):
+                    self.contested = True       # we sent less, yet the queue did not shrink
                 self._enter('cruise', now)
         elif phase == 'cruise':
-            if queue_delay > 2 * self.TARGET_DELAY:
+            if queue_delay > 2 * self.TARGET_DELAY and not self.contested:
                 self._enter('drain', now)       # another flow, or the path got slower
             elif in_phase >= self.CRUISE_ROUNDS * round_trip:
                 self._enter('probe', now)
         elif phase == 'probe':
-            if queue_delay > self.TARGET_DELAY:
+            if queue_delay > self.TARGET_DELAY and not self.contested:
                 self._enter('drain', now)
             elif in_phase >= round_trip:
                 self._enter('cruise', now)
@@ -1464,13 +1486,31 @@ class RateController:
             # What was lost at random never reached the bottleneck: send that
             # much more so what arrives still fills it.
             self.rate = best * self.GAINS[self.phase] / (1.0 - loss)
+            if self.contested:
+                self.rate = max(self.rate, capacity * self.FAIR_SHARE)
         self.rate = max(self.MIN_RATE, self.rate)
         if self.max_rate:
             self.rate = min(self.rate, self.max_rate)
 
+    def _track_capacity(self, now, delivery, queue_delay):
+        """The most the path delivered while its queue was short, over the
+        last CAPACITY_MEMORY seconds; a short queue also ends a contest."""
+        samples = self._capacity
+        if queue_delay < self.TARGET_DELAY / 2:
+            self.contested = False
+            if delivery:
+                while samples and samples[-1][1] <= delivery:
+                    samples.pop()
+                samples.append((now, delivery))
+        while samples and now - samples[0][0] > self.CAPACITY_MEMORY:
+            samples.popleft()
+        return samples[0][1] if samples else 0.0
+
     def _enter(self, phase, now):
         self.phase = phase
         self._phase_started = now
+        self._drain_low = float('inf')
+        self._drain_first = None
 
     def on_silence(self):
         """No feedback for a long time: assume the worst until it returns."""

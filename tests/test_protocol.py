@@ -222,11 +222,37 @@ def test_rate_controller_ramps_up_fast_and_ignores_random_loss():
 def test_rate_controller_backs_off_to_the_bottleneck_when_the_queue_grows():
     rate = wanxfer.RateController()
     bottleneck = 100e6 / 8
-    now = feed(rate, 1.0, 0.0, queue=0.0, delivered_rate=None)
+    now = feed(rate, 1.0, 0.0, queue=0.0, delivered_rate=bottleneck)
     now = feed(rate, 0.5, now, queue=0.040, delivered_rate=bottleneck)
     assert rate.rate <= bottleneck * 1.01
     feed(rate, 2.0, now, queue=0.004, delivered_rate=bottleneck)    # queue drained: grows again
     assert rate.rate > bottleneck
+
+
+def test_rate_controller_holds_half_the_path_beside_a_flow_that_keeps_the_queue_full():
+    # Alone, the path delivers 100 Mbit/s with a short queue.  Then a TCP
+    # flow arrives and keeps the queue at 40 ms, leaving wanxfer less and
+    # less: yielding to the queue alone would end near nothing.
+    rate = wanxfer.RateController()
+    path = 100e6 / 8
+    now = feed(rate, 1.0, 0.0, queue=0.0, delivered_rate=path)
+    now = feed(rate, 3.0, now, queue=0.040, delivered_rate=0.2 * path)
+    assert rate.contested
+    assert 0.5 * path <= rate.rate < 0.6 * path
+    # Heavy loss at that rate means the path itself got slower: let go.
+    feed(rate, 0.5, now, queue=0.040, delivered_rate=0.2 * path, loss=0.3)
+    assert not rate.contested and rate.rate < 0.2 * path
+
+
+def test_rate_controller_forgets_an_old_capacity_and_a_contest_when_the_queue_empties():
+    rate = wanxfer.RateController()
+    path = 100e6 / 8
+    now = feed(rate, 1.0, 0.0, queue=0.0, delivered_rate=path)
+    now = feed(rate, wanxfer.RateController.CAPACITY_MEMORY + 1, now, queue=0.040,
+               delivered_rate=0.2 * path)
+    assert rate.rate < 0.25 * path          # what it saw alone is too old to hold
+    feed(rate, 0.5, now, queue=0.001, delivered_rate=0.2 * path)
+    assert not rate.contested
 
 
 def test_rate_controller_first_feedback_with_a_queue_keeps_a_sane_rate():
@@ -366,18 +392,19 @@ def test_rate_controller_holds_a_steady_bottleneck_with_random_loss():
     queue, now, history, rates = 0.0, 0.0, [], []
     while now < 20.0:
         now += step
-        offered = rate.rate * 0.99
-        delivered = min(offered, capacity + queue / step)
-        queue = max(0.0, queue + (offered - capacity) * step)
-        history.append((now, queue / capacity, delivered * step))
+        queue += rate.rate * 0.99 * step         # bytes waiting at the bottleneck
+        delivered = min(queue, capacity * step)  # what it passes on in this step
+        queue -= delivered
+        history.append((now, queue / capacity, delivered))
         late = [h for h in history if h[0] <= now - rtt]
         if late:
             _, delay, got = late[-1]
             rate.on_feedback(now, delay, got, got / 1500, got / 1500 * 0.01 / 0.99, rtt)
         if now > 10:
-            rates.append(min(rate.rate * 0.99, capacity))
+            rates.append(delivered / step)
     assert sum(rates) / len(rates) > 0.93 * capacity      # the link stays full
     assert max(h[1] for h in history[-500:]) < 0.1           # and the queue short
+    assert not rate.contested               # its own queue is never taken for another flow's
 
 
 def test_frames_cannot_be_replayed_or_reordered_even_unencrypted():
