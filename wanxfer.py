@@ -2513,6 +2513,10 @@ DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abando
 PACING_BURST = 0.002            # s of sending allowed in one go
 MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
 SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
+SMALL_FILE = 256 << 10          # files this small go whole on the control channel, in batches:
+                                # a round trip costs more than sending them
+SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
+SMALL_BATCH_FILES = 256
 
 
 class SignatureJob:
@@ -2841,6 +2845,50 @@ class ServerSession:
                 st.st_size * 8 / max(seconds, 1e-6) / 1e6, window.retransmitted))
         finally:
             os.close(fd)
+
+    def do_read(self, message):
+        """Small files whole, on this channel: one `content` answer per file
+        asked for, in order, so a tree of small files costs a round trip per
+        batch instead of two per file."""
+        compress = bool(message.get('compress'))
+        sent = total = 0
+        for item in message['files']:
+            remote = str(item.get('path', ''))
+            try:
+                data = self._read_small(remote, item)
+            except RemoteError as e:
+                self.control.send({'op': 'content', 'path': remote, 'error': str(e)})
+                continue
+            encoding, blob = 'raw', data
+            if compress and len(data) >= MIN_COMPRESS and compressible(data):
+                packed = zlib.compress(data, 6)
+                if len(packed) < len(data):
+                    encoding, blob = 'zlib', packed
+            self.control.send({'op': 'content', 'path': remote, 'encoding': encoding,
+                               'sha256': hashlib.sha256(data).hexdigest(),
+                               'data': base64.b64encode(blob).decode('ascii')})
+            sent += 1
+            total += len(data)
+        self.server.log('%s: sent %d small files (%d bytes) on the control channel'
+                        % (self.peer_name(), sent, total))
+
+    def _read_small(self, remote, item):
+        path, is_dir = self.server.tree.resolve(remote)
+        if is_dir:
+            raise RemoteError('%s: is a directory' % remote)
+        try:
+            with open(path, 'rb') as f:
+                st = os.fstat(f.fileno())
+                if st.st_size != item.get('size') or st.st_mtime_ns != item.get('mtime_ns'):
+                    raise RemoteError('%s: changed on the server during the transfer' % remote)
+                if st.st_size > SMALL_FILE:
+                    raise RemoteError('%s: too large to be read whole' % remote)
+                data = f.read(st.st_size + 1)
+        except OSError as e:
+            raise RemoteError('%s: %s' % (remote, e.strerror))
+        if len(data) != st.st_size:
+            raise RemoteError('%s: changed on the server during the transfer' % remote)
+        return data
 
     def _need_ranges(self, ranges):
         return [(max(0, int(a)), min(self._nblocks, int(b))) for a, b in ranges]
@@ -3232,6 +3280,32 @@ def signature_spans(path, mode):
             spans.append((offset, length, digest))
             offset += length
     return spans
+
+
+def transfer_summary(dest, remote, size, received, seconds, wire, sent, encrypted, block_bytes,
+                     sha256, **counts):
+    """The summary of one fetched file, as `--json` prints it: every key is
+    always there (scripts rely on them); `counts` fills in the packet and
+    delta figures, which default to zero."""
+    duration = max(seconds, 1e-6)
+    summary = {
+        'file': dest, 'remote': remote, 'file_bytes': size, 'received_bytes': received,
+        'resumed_bytes': 0, 'duration_seconds': round(duration, 3), 'wire_bytes': wire,
+        'packets_sent': 0, 'packets_received': 0, 'packets_duplicate': 0, 'packets_rejected': 0,
+        'packets_lost': 0, 'packets_retransmitted': 0, 'packets_compressed': 0,
+        'throughput_mbps': round(wire * 8 / duration / 1e6, 2),
+        'goodput_mbps': round(received * 8 / duration / 1e6, 2),
+        'file_rate_mbps': round(size * 8 / duration / 1e6, 2),
+        'sha256': sha256, 'encrypted': encrypted, 'verified': True, 'block_bytes': block_bytes,
+        'delta': 'off', 'local_bytes': 0, 'zero_bytes': 0, 'signature_bytes': 0,
+        'sent_bytes': sent,
+        'saving_percent': round(100.0 * (size - sent) / size, 2) if size else 0.0,
+    }
+    unknown = set(counts) - set(summary)
+    if unknown:
+        raise TypeError('unknown summary keys %s' % sorted(unknown))
+    summary.update(counts)
+    return summary
 
 
 class LocalAssembler:
@@ -3633,33 +3707,89 @@ class Client:
         partial.finish(int(entry.get('mode', 0o644)), mtime_ns)
         if assembler is not None and assembler.offset == size:
             self.store.keep_file(dest, remote, 'fixed', assembler.spans)
-        duration = max(time.monotonic() - started, 1e-6)
         received = writer.written_bytes
         wire = int(report.get('wire_bytes', 0))
-        sent = wire + int(report.get('signature_bytes', 0))
-        return {
-            'file': dest, 'remote': remote, 'file_bytes': size,
-            'received_bytes': received, 'resumed_bytes': min(size, resumed * self.block_size),
-            'duration_seconds': round(duration, 3), 'wire_bytes': wire,
-            'packets_sent': int(report.get('packets_sent', 0)),
-            'packets_received': window.packets, 'packets_duplicate': window.duplicates,
-            'packets_rejected': self._rejected,
-            'packets_lost': int(report.get('packets_lost', 0)),
-            'packets_retransmitted': int(report.get('packets_retransmitted', 0)),
-            'packets_compressed': int(report.get('packets_compressed', 0)),
-            'throughput_mbps': round(wire * 8 / duration / 1e6, 2),
-            'goodput_mbps': round(received * 8 / duration / 1e6, 2),
-            'file_rate_mbps': round(size * 8 / duration / 1e6, 2),
-            'sha256': local, 'encrypted': self.encrypt, 'verified': True,
-            'block_bytes': self.block_size,
-            'delta': ('off' if assembler is None else
-                      'fixed+cdc' if assembler.refined_bytes else 'fixed'),
-            'local_bytes': assembler.local_bytes if assembler else 0,
-            'zero_bytes': assembler.zero_bytes if assembler else 0,
-            'signature_bytes': int(report.get('signature_bytes', 0)),
-            'sent_bytes': sent,
-            'saving_percent': round(100.0 * (size - sent) / size, 2) if size else 0.0,
-        }
+        return transfer_summary(
+            dest, remote, size, received, time.monotonic() - started, wire,
+            wire + int(report.get('signature_bytes', 0)), self.encrypt, self.block_size,
+            local, resumed_bytes=min(size, resumed * self.block_size),
+            packets_sent=int(report.get('packets_sent', 0)),
+            packets_received=window.packets, packets_duplicate=window.duplicates,
+            packets_rejected=self._rejected,
+            packets_lost=int(report.get('packets_lost', 0)),
+            packets_retransmitted=int(report.get('packets_retransmitted', 0)),
+            packets_compressed=int(report.get('packets_compressed', 0)),
+            delta=('off' if assembler is None else
+                   'fixed+cdc' if assembler.refined_bytes else 'fixed'),
+            local_bytes=assembler.local_bytes if assembler else 0,
+            zero_bytes=assembler.zero_bytes if assembler else 0,
+            signature_bytes=int(report.get('signature_bytes', 0)))
+
+    def fetch_small(self, jobs):
+        """Fetch small files whole on the control channel: every batch is
+        asked for before the first answer is read, so the whole lot costs
+        about one round trip.  Yields (job, summary or RemoteError) for each
+        (remote, dest, entry) job; a server that predates this request
+        yields (job, None) for each, to be fetched one by one."""
+        self._ensure_ready()
+        batches, batch, batch_bytes = [], [], 0
+        for job in jobs:
+            size = int(job[2]['size'])
+            if batch and (batch_bytes + size > SMALL_BATCH_BYTES or len(batch) >= SMALL_BATCH_FILES):
+                batches.append(batch)
+                batch, batch_bytes = [], 0
+            batch.append(job)
+            batch_bytes += size
+        if batch:
+            batches.append(batch)
+        compress = self.store is not None
+        for batch in batches:
+            self.control.send({'op': 'read', 'compress': compress, 'files': [
+                {'path': remote, 'size': int(entry['size']), 'mtime_ns': int(entry['mtime_ns'])}
+                for remote, _dest, entry in batch]})
+        started = time.monotonic()
+        for job in itertools.chain.from_iterable(batches):
+            message = self._next_message()
+            if message['op'] == 'error' and job is batches[0][0]:
+                for _batch in batches[1:]:     # an older server: one error per request
+                    self._next_message()
+                for unanswered in itertools.chain.from_iterable(batches):
+                    yield unanswered, None
+                return
+            self._expect(message, 'content')
+            if message.get('path') != job[0]:
+                raise ProtocolError('the server answered for %r, not %r' % (message.get('path'), job[0]))
+            if 'error' in message:
+                yield job, RemoteError(str(message['error']))
+            else:
+                yield job, self._write_small(job, message, time.monotonic() - started)
+            started = time.monotonic()
+
+    def _write_small(self, job, message, seconds):
+        remote, dest, entry = job
+        size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
+        try:
+            blob = base64.b64decode(message['data'], validate=True)
+            data = zlib.decompressobj().decompress(blob, size + 1) \
+                if message.get('encoding') == 'zlib' else blob
+        except (ValueError, zlib.error, TypeError) as e:
+            raise ProtocolError('%s: undecodable content (%s)' % (remote, e))
+        partial = PartialFile(dest, remote, size, mtime_ns, max(1, size))
+        partial.open()
+        try:
+            if data:
+                partial.write(0, data)
+            local = partial.digest()
+        except BaseException:
+            partial.discard()
+            raise
+        if len(data) != size or not hmac.compare_digest(local, str(message.get('sha256'))):
+            partial.discard()
+            raise TransferError('%s: the content the server sent does not match its digest' % remote)
+        partial.finish(int(entry.get('mode', 0o644)), mtime_ns)
+        self.events.file_started(remote, dest, size, 0)
+        wire = FRAME_HEADER.size + TAG_SIZE + len(json.dumps(message, separators=(',', ':')))
+        return transfer_summary(dest, remote, size, size, seconds, wire, wire, self.encrypt, 0, local)
 
     def _next_message(self):
         self.sock.settimeout(self.timeout)
@@ -6175,9 +6305,15 @@ def command_get(args):
                 os.makedirs(directory, exist_ok=True)
             except OSError as e:
                 raise TransferError('cannot create directory %s: %s' % (directory, e.strerror))
-        for remote, dest, entry in jobs:
+        small = [job for job in jobs if int(job[2]['size']) <= SMALL_FILE]
+        large = [job for job in jobs if int(job[2]['size']) > SMALL_FILE]
+        results = client.fetch_small(small) if len(small) > 1 else ((job, None) for job in small)
+        for job, summary in itertools.chain(results, ((job, None) for job in large)):
             try:
-                summary = client.fetch(remote, dest, entry)
+                if summary is None:
+                    summary = client.fetch(*job)
+                elif isinstance(summary, RemoteError):
+                    raise summary
             except RemoteError as e:
                 print('wanxfer: error: %s' % e, file=sys.stderr)
                 failures += 1

@@ -84,6 +84,38 @@ def test_directory_tree_with_empty_files_empty_dirs_and_odd_names(tmp_path, serv
     assert (copied / 'empty').stat().st_size == 0
 
 
+def test_many_small_files_go_in_one_batch_and_a_large_one_by_udp(tmp_path, serve, link):
+    src = tmp_path / 'src'
+    tree = src / 'tree'
+    (tree / 'etc').mkdir(parents=True)
+    for i in range(40):
+        make_file(tree / 'etc' / ('f%02d.conf' % i), 100 * i, seed=i)
+        os.utime(tree / 'etc' / ('f%02d.conf' % i), ns=(1_500_000_000_000_000_000 + i,) * 2)
+    os.chmod(tree / 'etc' / 'f07.conf', 0o600)
+    text = tree / 'notes.txt'
+    text.write_text(''.join('line %d of an ordinary text file\n' % i for i in range(5000)))
+    big = make_file(tree / 'big.bin', wanxfer.SMALL_FILE + 1, seed=99)
+    server = serve([src])
+    path = link(server.port, delay_ms=10)
+    done = run_get(path.port, 'tree', '-o', tmp_path / 'dest', '--json')
+    assert done.returncode == 0, done.stderr
+    copied = tmp_path / 'dest' / 'tree'
+    for original in [p for p in tree.rglob('*') if p.is_file()]:
+        twin = copied / original.relative_to(tree)
+        assert sha256(twin) == sha256(original)
+        assert twin.stat().st_mtime_ns == original.stat().st_mtime_ns
+        assert twin.stat().st_mode & 0o777 == original.stat().st_mode & 0o777
+    summaries = {s['remote']: s for s in json_summaries(done)}
+    assert len(summaries) == 42 and all(s['verified'] for s in summaries.values())
+    assert summaries['tree/notes.txt']['wire_bytes'] < text.stat().st_size / 2    # compressed
+    assert summaries['tree/big.bin']['packets_sent'] > 0                          # by UDP
+    assert not [n for n in os.listdir(copied / 'etc') if n.startswith('.')]
+    server.stop()
+    assert 'sent 41 small files (%d bytes) on the control channel' % (
+        sum(100 * i for i in range(40)) + text.stat().st_size) in server.log()
+    assert 'sent tree/big.bin' in server.log()
+
+
 def test_served_file_by_base_name_and_to_a_file_name(tmp_path, serve):
     data = make_file(tmp_path / 'backup.tar', 100_000)
     server = serve([data])
