@@ -6725,7 +6725,9 @@ def build_parser():
                     'an interrupted fetch resumes when the same command runs again.  Only what '
                     'this machine lacks crosses the network: data found in an older copy at the '
                     'destination or in files fetched before (kept in the cache, even after you '
-                    'delete them) is copied locally, zeros are left as holes.',
+                    'delete them) is copied locally, zeros are left as holes.  Small files '
+                    '(up to 256 KiB) of a tree travel together, so they cost about one round '
+                    'trip in all, not two each.',
         epilog='examples:\n'
                '  python3 wanxfer.py get db1:46224 backup.tar             # into .\n'
                '  python3 wanxfer.py get db1 backup.tar -o /data/b.tar    # to a file name\n'

@@ -52,8 +52,8 @@ class ServeProcess:
     """A `wanxfer.py serve` child on a free port; a thread collects its stderr
     so the pipe never fills and the log can be read at any time."""
 
-    def __init__(self, paths, extra=(), secret=SECRET, port=0):
-        self.args = [sys.executable, WANXFER, 'serve', '--bind', '127.0.0.1',
+    def __init__(self, paths, extra=(), secret=SECRET, port=0, program=(sys.executable, WANXFER)):
+        self.args = list(program) + ['serve', '--bind', '127.0.0.1',
                      '--port', str(port)] + list(extra) + [str(p) for p in paths]
         self.lines = []
         self._listening = threading.Event()
@@ -94,8 +94,8 @@ def serve():
     """serve(paths, extra=(), secret=...) -> a running ServeProcess."""
     started = []
 
-    def start(paths, extra=(), secret=SECRET, port=0):
-        process = ServeProcess(paths, extra, secret, port)
+    def start(paths, extra=(), secret=SECRET, port=0, **options):
+        process = ServeProcess(paths, extra, secret, port, **options)
         started.append(process)
         return process
     yield start

@@ -116,6 +116,25 @@ def test_many_small_files_go_in_one_batch_and_a_large_one_by_udp(tmp_path, serve
     assert 'sent tree/big.bin' in server.log()
 
 
+def test_small_files_from_a_server_without_batches_come_one_by_one(tmp_path, serve):
+    # A server of an earlier version knows no `read` request: it answers
+    # with an error, and the client fetches each file on its own instead.
+    older = ('import sys; sys.path.insert(0, %r); import wanxfer; del wanxfer.ServerSession.do_read; '
+             'sys.exit(wanxfer.main(sys.argv[1:]))' % os.path.dirname(WANXFER))
+    src = tmp_path / 'src'
+    (src / 'tree').mkdir(parents=True)
+    for i in range(5):
+        make_file(src / 'tree' / ('f%d' % i), 1000 + i, seed=i)
+    server = serve([src], program=(sys.executable, '-c', older))
+    done = run_get(server.port, 'tree', '-o', tmp_path / 'dest', '--json')
+    assert done.returncode == 0, done.stderr
+    for i in range(5):
+        assert sha256(tmp_path / 'dest' / 'tree' / ('f%d' % i)) == sha256(src / 'tree' / ('f%d' % i))
+    assert all(s['packets_sent'] > 0 for s in json_summaries(done))     # each by the data channel
+    server.stop()
+    assert 'small files' not in server.log() and server.log().count('sent tree/f') == 5
+
+
 def test_served_file_by_base_name_and_to_a_file_name(tmp_path, serve):
     data = make_file(tmp_path / 'backup.tar', 100_000)
     server = serve([data])
