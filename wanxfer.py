@@ -1374,11 +1374,13 @@ class RateController:
 
     Yielding to every queue would leave nothing for wanxfer beside a TCP
     flow, which keeps the bottleneck's queue full whatever others do.  When
-    a drain ends with the queue still full, the queue is another flow's: the
-    path is contested, and the rate holds at least FAIR_SHARE of what the
-    path delivered to wanxfer alone (its capacity, remembered for
-    CAPACITY_MEMORY) until the queue empties again.  The other flow then
-    meets a full queue and backs off as TCP does, and the two share.
+    a drain ends and the queue did not shrink, the queue is another flow's:
+    the path is contested.  Until the queue is short again (or heavy loss
+    says the path itself got slower), the queue no longer causes drains,
+    and the rate holds at least FAIR_SHARE of the most the path delivered
+    with a short queue in the last CAPACITY_MEMORY seconds.  The other flow
+    then meets a full queue and backs off as TCP does, and the two share.
+    A flow of its own making never looks contested: its drains shrink it.
     """
 
     MIN_RATE = 64 * 1024                    # bytes/s: never stop probing
