@@ -1376,10 +1376,12 @@ class RateController:
     flow, which keeps the bottleneck's queue full whatever others do.  When
     a drain ends and the queue did not shrink, the queue is another flow's:
     the path is contested.  Until the queue is short again (or heavy loss
-    says the path itself got slower), the queue no longer causes drains,
-    and the rate holds at least FAIR_SHARE of the most the path delivered
-    with a short queue in the last CAPACITY_MEMORY seconds.  The other flow
-    then meets a full queue and backs off as TCP does, and the two share.
+    says the path itself got slower), the queue no longer steers the rate:
+    a share does, as TCP's window does.  It starts at FAIR_SHARE of the
+    most the path delivered (alone, with a short queue, within
+    CAPACITY_MEMORY seconds), grows a little every round trip and is cut
+    by 30% when more is lost than at random; a contest soon after another
+    goes on from the last share.  Two such flows settle near equal shares.
     A flow of its own making never looks contested: its drains shrink it.
     """
 
@@ -1392,6 +1394,8 @@ class RateController:
     CRUISE_ROUNDS = 4
     GAINS = {'cruise': 1.0, 'probe': 1.1, 'drain': 0.85}
     FAIR_SHARE = 0.5
+    SHARE_GROWTH = 0.005                    # of the fastest delivery, per round trip
+    MIN_SHARE_GROWTH = 187500               # bytes/s per round trip: 1.5 Mbit/s
     CAPACITY_MEMORY = 10.0                  # s a capacity not seen again is believed
 
     def __init__(self, max_rate=None, initial_rate=None):
@@ -1404,6 +1408,10 @@ class RateController:
         self._recent = collections.deque()      # (time, delivery rate): the best of the last few RTTs
         self.peak_delivery = 0.0                # the fastest the path has delivered so far
         self.contested = False                  # another flow holds the bottleneck's queue
+        self._share = 0.0                       # the rate while contested
+        self._share_step = self._share_cut = 0.0
+        self._contest_ended = float('-inf')     # a contest soon after goes on from its share
+        self._random_loss = 0.0                 # loss rate seen uncontested
         self._capacity = collections.deque()    # (time, delivery with a short queue), falling
         self._drain_first = None                # the queue when this drain's effect began
         self._drain_low = None                  # and the shortest since
@@ -1449,7 +1457,7 @@ class RateController:
         delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
         self.peak_delivery = max(self.peak_delivery, delivery or 0.0)
         best = self._best_delivery(now, delivery, rtt)
-        capacity = self._track_capacity(now, delivery, queue_delay)
+        capacity = self._watch_path(now, delivery, queue_delay, loss)
         round_trip = max(rtt, 0.01)
         in_phase = now - self._phase_started
         phase = self.phase
@@ -1471,8 +1479,13 @@ class RateController:
             self._drain_low = min(self._drain_low, queue_delay)
             if in_phase >= 2 * round_trip or (in_phase >= round_trip and
                                               queue_delay < self.TARGET_DELAY):
-                if self._drain_low > max(self.TARGET_DELAY, self._drain_first - 0.05 * round_trip):
-                    self.contested = True       # we sent less, yet the queue did not shrink
+                if not self.contested and \
+                        self._drain_low > max(self.TARGET_DELAY, self._drain_first - 0.05 * round_trip):
+                    # We sent less, yet the queue did not shrink.  Hold at most
+                    # a fair share of what we had, and at least one of the path.
+                    self.contested = True
+                    if now - self._contest_ended > self.CAPACITY_MEMORY:
+                        self._share = self.FAIR_SHARE * max(capacity, best or 0.0)
                 self._enter('cruise', now)
         elif phase == 'cruise':
             if queue_delay > 2 * self.TARGET_DELAY and not self.contested:
@@ -1489,22 +1502,43 @@ class RateController:
             # much more so what arrives still fills it.
             self.rate = best * self.GAINS[self.phase] / (1.0 - loss)
             if self.contested:
-                self.rate = max(self.rate, capacity * self.FAIR_SHARE)
+                self._adjust_share(now, loss, round_trip)
+                self.rate = self._share
         self.rate = max(self.MIN_RATE, self.rate)
         if self.max_rate:
             self.rate = min(self.rate, self.max_rate)
 
-    def _track_capacity(self, now, delivery, queue_delay):
-        """The most the path delivered while its queue was short, over the
-        last CAPACITY_MEMORY seconds; a short queue also ends a contest."""
-        samples = self._capacity
-        if queue_delay < self.TARGET_DELAY / 2:
+    def _adjust_share(self, now, loss, round_trip):
+        """While contested, the share grows a little every round trip and
+        shrinks by 30% when more is lost than at random, as TCP's window
+        does: two such flows settle on equal shares."""
+        if now - self._share_step < round_trip:
+            return
+        if loss > 2 * self._random_loss + 0.002:
+            if now - self._share_cut >= 2 * round_trip:    # one cut per loss episode
+                self._share *= 0.7
+                self._share_cut = now
+        else:
+            self._share += max(self.SHARE_GROWTH * self.peak_delivery, self.MIN_SHARE_GROWTH)
+        self._share_step = now
+
+    def _watch_path(self, now, delivery, queue_delay, loss):
+        """Keep the path's capacity (the most it delivered while its queue
+        was short, over the last CAPACITY_MEMORY seconds, or since a contest
+        began) and its random loss rate (seen uncontested); a short queue
+        ends a contest."""
+        short = queue_delay < self.TARGET_DELAY / 2
+        if short and self.contested:
             self.contested = False
-            if delivery:
-                while samples and samples[-1][1] <= delivery:
-                    samples.pop()
-                samples.append((now, delivery))
-        while samples and now - samples[0][0] > self.CAPACITY_MEMORY:
+            self._contest_ended = now
+        if not self.contested:
+            self._random_loss += (loss - self._random_loss) * 0.05
+        samples = self._capacity
+        if short and delivery:
+            while samples and samples[-1][1] <= delivery:
+                samples.pop()
+            samples.append((now, delivery))
+        while samples and not self.contested and now - samples[0][0] > self.CAPACITY_MEMORY:
             samples.popleft()
         return samples[0][1] if samples else 0.0
 

@@ -11,6 +11,7 @@ A fair sharer leaves TCP at least about half of the link.
 
     sudo python3 tests/bench_share.py                       # cubic and bbr, 3 runs each
     sudo python3 tests/bench_share.py --cc cubic --runs 1 --link "--delay 60 --rate 200"
+    sudo python3 tests/bench_share.py --wanxfer-first       # TCP joins a running transfer
 
 The default link is thin (200 Mbit/s) so that the two cores of this machine,
 shared by both ends of both flows and the emulator, are not what decides the
@@ -52,6 +53,56 @@ def wait_listening(args, host, port, deadline_s=20.0):
             return
         time.sleep(0.1)
     raise SystemExit("nothing listens on %s port %d" % (host, port))
+
+
+def one_run_wanxfer_first(args, cc, work, source, size):
+    """`get` starts alone; TCP joins after args.alone seconds for args.join_time."""
+    env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16), PYTHONUNBUFFERED="1")
+    wan(args, "up", *args.link.split(), check=True, stdout=subprocess.DEVNULL)
+    procs = []
+    try:
+        procs.append(spawn(args, "b", ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
+                           os.path.join(work, "iperf-server.out")))
+        procs.append(spawn(args, "a", [sys.executable, args.wanxfer, "serve", source, "--bind", HOST_A,
+                                       "--port", str(PORT), "--cache", os.path.join(work, "s.db")],
+                           os.path.join(work, "serve.out"), env))
+        wait_listening(args, "b", IPERF_PORT)
+        wait_listening(args, "a", PORT)
+        dest = os.path.join(work, "recv.bin")
+        t0 = time.monotonic()
+        get = spawn(args, "b", [sys.executable, args.wanxfer, "get", "%s:%d" % (HOST_A, PORT),
+                                os.path.basename(source), "-o", dest, "-q", "--no-delta"],
+                    os.path.join(work, "get.out"), env)
+        procs.append(get)
+        time.sleep(args.alone)          # a benchmark, not a test: wanxfer runs alone first
+        iperf_out = os.path.join(work, "iperf.json")
+        iperf = subprocess.run([args.wan, "a", "iperf3", "-c", HOST_B, "-p", str(IPERF_PORT), "-C", cc,
+                                "-t", str(args.join_time), "-i", "1", "--json"],
+                               stdout=subprocess.PIPE, text=True)
+        still_running = get.poll() is None
+        get.wait()
+        t1 = time.monotonic()
+        if get.returncode:
+            raise SystemExit("get failed: see %s" % os.path.join(work, "get.out"))
+        os.unlink(dest)
+        report = json.loads(iperf.stdout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, 15)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        wan(args, "down", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rates = [i["sum"]["bits_per_second"] / 1e6 for i in report["intervals"] if i["sum"]["start"] >= 3]
+    return {
+        "cc": cc, "order": "wanxfer-first",
+        "tcp_beside_mbps": round(statistics.mean(rates), 1) if rates else None,
+        "wanxfer_mbps": round(size * 8 / (t1 - t0) / 1e6, 1),
+        "wanxfer_seconds": round(t1 - t0, 2),
+        "wanxfer_outlasted_tcp": still_running,
+    }
 
 
 def one_run(args, cc, work, source, size):
@@ -123,6 +174,9 @@ def main():
     ap.add_argument("--size", type=int, default=256, help="file size in MiB (default 256)")
     ap.add_argument("--alone", type=float, default=8.0, help="seconds TCP runs alone first")
     ap.add_argument("--tcp-time", type=int, default=40, help="seconds TCP runs after that")
+    ap.add_argument("--wanxfer-first", action="store_true",
+                    help="start get first and let TCP join it for --join-time seconds")
+    ap.add_argument("--join-time", type=int, default=15, help="seconds TCP runs beside get")
     ap.add_argument("--wanxfer", default=os.path.join(os.path.dirname(here), "wanxfer.py"))
     ap.add_argument("--wan", default=os.environ.get("WANEMU", "/work/shared/wanemu/wan"))
     ap.add_argument("--json", metavar="FILE", help="write every run as JSON")
@@ -138,11 +192,30 @@ def main():
                 f.write(os.urandom(1 << 20))
         for cc in args.cc.split(","):
             for i in range(args.runs):
+                if args.wanxfer_first:
+                    r = one_run_wanxfer_first(args, cc, work, source, size)
+                    results.append(r)
+                    print("%-5s run %d: TCP joining wanxfer %s Mbit/s (from its 3rd second); wanxfer %s "
+                          "Mbit/s over its whole run (%s s)%s" % (
+                              cc, i + 1, r["tcp_beside_mbps"], r["wanxfer_mbps"], r["wanxfer_seconds"],
+                              "" if r["wanxfer_outlasted_tcp"] else ", ended before TCP did"),
+                          flush=True)
+                    continue
                 r = one_run(args, cc, work, source, size)
                 results.append(r)
                 print("%-5s run %d: TCP alone %s Mbit/s, beside wanxfer %s Mbit/s; wanxfer %s Mbit/s "
                       "(%s s)" % (cc, i + 1, r["tcp_alone_mbps"], r["tcp_beside_mbps"],
                                   r["wanxfer_mbps"], r["wanxfer_seconds"]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"link": args.link, "runs": results}, f, indent=1)
+    if args.wanxfer_first:
+        for cc in args.cc.split(","):
+            rows = [r for r in results if r["cc"] == cc]
+            print("%s joining wanxfer: TCP median %.1f Mbit/s, wanxfer median %.1f over its run" % (
+                cc, statistics.median([r["tcp_beside_mbps"] or 0 for r in rows]),
+                statistics.median([r["wanxfer_mbps"] for r in rows])))
+        return
     print("\nlink: %s; medians of %d runs" % (args.link, args.runs))
     print("| TCP | TCP alone | TCP beside wanxfer | wanxfer beside TCP |")
     print("|---|---|---|---|")
@@ -151,9 +224,6 @@ def main():
         med = lambda key: statistics.median([r[key] for r in rows if r[key] is not None] or [0])  # noqa: E731
         print("| %s | %.1f | %.1f | %.1f |" % (cc, med("tcp_alone_mbps"), med("tcp_beside_mbps"),
                                                med("wanxfer_mbps")))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"link": args.link, "runs": results}, f, indent=1)
 
 
 if __name__ == "__main__":
