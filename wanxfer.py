@@ -1375,7 +1375,8 @@ class RateController:
     Yielding to every queue would leave nothing for wanxfer beside a TCP
     flow, which keeps the bottleneck's queue full whatever others do.  When
     a drain ends and the queue did not shrink, the queue is another flow's:
-    the path is contested.  Until the queue is short again (or heavy loss
+    the path is contested (twice in a row: once can be our own probe's
+    queue still arriving).  Until the queue is short again (or heavy loss
     says the path itself got slower), the queue no longer steers the rate:
     a share does, as TCP's window does.  It starts at FAIR_SHARE of the
     most the path delivered (alone, with a short queue, within
@@ -1414,6 +1415,7 @@ class RateController:
         self._random_loss = 0.0                 # loss rate seen uncontested
         self._capacity = collections.deque()    # (time, delivery with a short queue), falling
         self._drain_first = None                # the queue when this drain's effect began
+        self._failed_drains = 0                 # drains in a row that left the queue as it was
         self._drain_low = None                  # and the shortest since
 
     @property
@@ -1479,10 +1481,12 @@ class RateController:
             self._drain_low = min(self._drain_low, queue_delay)
             if in_phase >= 2 * round_trip or (in_phase >= round_trip and
                                               queue_delay < self.TARGET_DELAY):
-                if not self.contested and \
-                        self._drain_low > max(self.TARGET_DELAY, self._drain_first - 0.05 * round_trip):
-                    # We sent less, yet the queue did not shrink.  Hold at most
-                    # a fair share of what we had, and at least one of the path.
+                # We sent less, yet the queue did not shrink: twice in a row,
+                # and it is another flow's.
+                unrelieved = self._drain_low > max(self.TARGET_DELAY,
+                                                   self._drain_first - 0.05 * round_trip)
+                self._failed_drains = self._failed_drains + 1 if unrelieved else 0
+                if self._failed_drains >= 2 and not self.contested:
                     self.contested = True
                     if now - self._contest_ended > self.CAPACITY_MEMORY:
                         self._share = self.FAIR_SHARE * max(capacity, best or 0.0)
@@ -1528,6 +1532,8 @@ class RateController:
         began) and its random loss rate (seen uncontested); a short queue
         ends a contest."""
         short = queue_delay < self.TARGET_DELAY / 2
+        if short:
+            self._failed_drains = 0
         if short and self.contested:
             self.contested = False
             self._contest_ended = now
