@@ -19,6 +19,7 @@ shares. Needs root, ip(8), cc and iperf3; run nothing else meanwhile.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -55,9 +56,11 @@ def wait_listening(args, host, port, deadline_s=20.0):
     raise SystemExit("nothing listens on %s port %d" % (host, port))
 
 
-def one_run_wanxfer_first(args, cc, work, source, size):
-    """`get` starts alone; TCP joins after args.alone seconds for args.join_time."""
-    env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16), PYTHONUNBUFFERED="1")
+@contextlib.contextmanager
+def shared_link(args, work, source, env):
+    """A fresh link with an iperf3 server in b and `wanxfer serve SOURCE` in
+    a, both listening; yields the list of children, every one of which is
+    stopped (and the link taken down) at the end."""
     wan(args, "up", *args.link.split(), check=True, stdout=subprocess.DEVNULL)
     procs = []
     try:
@@ -68,6 +71,22 @@ def one_run_wanxfer_first(args, cc, work, source, size):
                            os.path.join(work, "serve.out"), env))
         wait_listening(args, "b", IPERF_PORT)
         wait_listening(args, "a", PORT)
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, 15)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+        wan(args, "down", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def one_run_wanxfer_first(args, cc, work, source, size):
+    """`get` starts alone; TCP joins after args.alone seconds for args.join_time."""
+    env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16), PYTHONUNBUFFERED="1")
+    with shared_link(args, work, source, env) as procs:
         dest = os.path.join(work, "recv.bin")
         t0 = time.monotonic()
         get = spawn(args, "b", [sys.executable, args.wanxfer, "get", "%s:%d" % (HOST_A, PORT),
@@ -75,7 +94,6 @@ def one_run_wanxfer_first(args, cc, work, source, size):
                     os.path.join(work, "get.out"), env)
         procs.append(get)
         time.sleep(args.alone)          # a benchmark, not a test: wanxfer runs alone first
-        iperf_out = os.path.join(work, "iperf.json")
         iperf = subprocess.run([args.wan, "a", "iperf3", "-c", HOST_B, "-p", str(IPERF_PORT), "-C", cc,
                                 "-t", str(args.join_time), "-i", "1", "--json"],
                                stdout=subprocess.PIPE, text=True)
@@ -86,15 +104,6 @@ def one_run_wanxfer_first(args, cc, work, source, size):
             raise SystemExit("get failed: see %s" % os.path.join(work, "get.out"))
         os.unlink(dest)
         report = json.loads(iperf.stdout)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, 15)
-                except ProcessLookupError:
-                    pass
-                p.wait()
-        wan(args, "down", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rates = [i["sum"]["bits_per_second"] / 1e6 for i in report["intervals"] if i["sum"]["start"] >= 3]
     return {
         "cc": cc, "order": "wanxfer-first",
@@ -107,16 +116,7 @@ def one_run_wanxfer_first(args, cc, work, source, size):
 
 def one_run(args, cc, work, source, size):
     env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16), PYTHONUNBUFFERED="1")
-    wan(args, "up", *args.link.split(), check=True, stdout=subprocess.DEVNULL)
-    procs = []
-    try:
-        procs.append(spawn(args, "b", ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
-                           os.path.join(work, "iperf-server.out")))
-        procs.append(spawn(args, "a", [sys.executable, args.wanxfer, "serve", source, "--bind", HOST_A,
-                                       "--port", str(PORT), "--cache", os.path.join(work, "s.db")],
-                           os.path.join(work, "serve.out"), env))
-        wait_listening(args, "b", IPERF_PORT)
-        wait_listening(args, "a", PORT)
+    with shared_link(args, work, source, env) as procs:
         duration = args.alone + args.tcp_time
         iperf_out = os.path.join(work, "iperf.json")
         iperf = spawn(args, "a", ["iperf3", "-c", HOST_B, "-p", str(IPERF_PORT), "-C", cc,
@@ -136,15 +136,6 @@ def one_run(args, cc, work, source, size):
         iperf.wait(timeout=duration + 30)
         with open(iperf_out) as f:
             report = json.load(f)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, 15)
-                except ProcessLookupError:
-                    pass
-                p.wait()
-        wan(args, "down", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start, end = t0 - t_iperf, t1 - t_iperf
     alone, beside = [], []
     for interval in report["intervals"]:
