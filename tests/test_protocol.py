@@ -229,14 +229,20 @@ def test_rate_controller_backs_off_to_the_bottleneck_when_the_queue_grows():
     assert rate.rate > bottleneck
 
 
-def test_rate_controller_holds_a_share_beside_a_flow_that_keeps_the_queue_full():
-    # Alone, the path delivers 100 Mbit/s with a short queue.  Then a TCP
-    # flow arrives and keeps the queue at 40 ms, leaving wanxfer less and
-    # less: yielding to the queue alone would end near nothing.
+def contested(left):
+    """A controller that had a 100 Mbit/s path to itself for a second, then
+    a second beside a flow that keeps the queue at 40 ms and leaves it
+    `left` of the path: (controller, path rate, time)."""
     rate = wanxfer.RateController()
     path = 100e6 / 8
     now = feed(rate, 1.0, 0.0, queue=0.0, delivered_rate=path)
-    now = feed(rate, 1.0, now, queue=0.040, delivered_rate=0.2 * path)
+    now = feed(rate, 1.0, now, queue=0.040, delivered_rate=left * path)
+    return rate, path, now
+
+
+def test_rate_controller_holds_a_share_beside_a_flow_that_keeps_the_queue_full():
+    # Yielding to the queue alone would end near nothing.
+    rate, path, now = contested(0.2)
     assert rate.contested
     assert 0.5 * path <= rate.rate < 0.7 * path     # half, and some growth
     # Overflow losses beyond the random ones: the share shrinks, as TCP's would.
@@ -249,10 +255,7 @@ def test_rate_controller_holds_a_share_beside_a_flow_that_keeps_the_queue_full()
 
 
 def test_rate_controller_contest_ends_when_the_queue_empties_and_the_next_one_resumes_its_share():
-    rate = wanxfer.RateController()
-    path = 100e6 / 8
-    now = feed(rate, 1.0, 0.0, queue=0.0, delivered_rate=path)
-    now = feed(rate, 1.0, now, queue=0.040, delivered_rate=0.3 * path)
+    rate, path, now = contested(0.3)
     assert rate.contested
     share = rate.rate
     now = feed(rate, 0.05, now, queue=0.001, delivered_rate=0.3 * path)
