@@ -2559,6 +2559,7 @@ SMALL_FILE = 256 << 10          # files this small go whole on the control chann
                                 # a round trip costs more than sending them
 SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
 SMALL_BATCH_FILES = 256
+SMALL_BATCHES_AHEAD = 4         # `read` requests a client may have unanswered
 
 
 class SignatureJob:
@@ -3768,11 +3769,11 @@ class Client:
             signature_bytes=int(report.get('signature_bytes', 0)))
 
     def fetch_small(self, jobs):
-        """Fetch small files whole on the control channel: every batch is
-        asked for before the first answer is read, so the whole lot costs
-        about one round trip.  Yields (job, summary or RemoteError) for each
-        (remote, dest, entry) job; a server that predates this request
-        yields (job, None) for each, to be fetched one by one."""
+        """Fetch small files whole on the control channel, the next batches
+        asked for while the answers to the first arrive, so the whole lot
+        costs about one round trip.  Yields (job, summary or RemoteError)
+        for each (remote, dest, entry) job; a server that predates this
+        request yields (job, None) for each, to be fetched one by one."""
         self._ensure_ready()
         batches, batch, batch_bytes = [], [], 0
         for job in jobs:
@@ -3784,28 +3785,38 @@ class Client:
             batch_bytes += size
         if batch:
             batches.append(batch)
-        compress = self.store is not None
-        for batch in batches:
-            self.control.send({'op': 'read', 'compress': compress, 'files': [
-                {'path': remote, 'size': int(entry['size']), 'mtime_ns': int(entry['mtime_ns'])}
-                for remote, _dest, entry in batch]})
+        # Only a few requests ahead: were all of them sent before any answer
+        # is read, both ends could block writing to each other.
+        asked = min(len(batches), SMALL_BATCHES_AHEAD)
+        for request in batches[:asked]:
+            self._ask_small(request)
         started = time.monotonic()
-        for job in itertools.chain.from_iterable(batches):
-            message = self._next_message()
-            if message['op'] == 'error' and job is batches[0][0]:
-                for _batch in batches[1:]:     # an older server: one error per request
-                    self._next_message()
-                for unanswered in itertools.chain.from_iterable(batches):
-                    yield unanswered, None
-                return
-            self._expect(message, 'content')
-            if message.get('path') != job[0]:
-                raise ProtocolError('the server answered for %r, not %r' % (message.get('path'), job[0]))
-            if 'error' in message:
-                yield job, RemoteError(str(message['error']))
-            else:
-                yield job, self._write_small(job, message, time.monotonic() - started)
-            started = time.monotonic()
+        for batch in batches:
+            for job in batch:
+                message = self._next_message()
+                if message['op'] == 'error' and job is batches[0][0]:
+                    for _request in range(asked - 1):   # an older server: one error per request
+                        self._next_message()
+                    for unanswered in itertools.chain.from_iterable(batches):
+                        yield unanswered, None
+                    return
+                self._expect(message, 'content')
+                if message.get('path') != job[0]:
+                    raise ProtocolError('the server answered for %r, not %r'
+                                        % (message.get('path'), job[0]))
+                if 'error' in message:
+                    yield job, RemoteError(str(message['error']))
+                else:
+                    yield job, self._write_small(job, message, time.monotonic() - started)
+                started = time.monotonic()
+            if asked < len(batches):
+                self._ask_small(batches[asked])
+                asked += 1
+
+    def _ask_small(self, batch):
+        self.control.send({'op': 'read', 'compress': self.store is not None, 'files': [
+            {'path': remote, 'size': int(entry['size']), 'mtime_ns': int(entry['mtime_ns'])}
+            for remote, _dest, entry in batch]})
 
     def _write_small(self, job, message, seconds):
         remote, dest, entry = job

@@ -116,6 +116,24 @@ def test_many_small_files_go_in_one_batch_and_a_large_one_by_udp(tmp_path, serve
     assert 'sent tree/big.bin' in server.log()
 
 
+def test_a_tree_of_more_small_files_than_the_requests_ahead_cover(tmp_path, serve):
+    per_batch, ahead = wanxfer.SMALL_BATCH_FILES, wanxfer.SMALL_BATCHES_AHEAD
+    count = per_batch * (ahead + 1) + 7
+    tree = tmp_path / 'src' / 'many'
+    tree.mkdir(parents=True)
+    for i in range(count):
+        (tree / ('%05d' % i)).write_bytes(b'%d\n' % i * (i % 50))
+    server = serve([tmp_path / 'src'])
+    done = run_get(server.port, 'many', '-o', tmp_path / 'dest', '-q')
+    assert done.returncode == 0, done.stderr
+    for i in range(count):
+        assert (tmp_path / 'dest' / 'many' / ('%05d' % i)).read_bytes() == b'%d\n' % i * (i % 50)
+    server.stop()
+    batches = [line for line in server.log().splitlines() if 'small files' in line]
+    assert len(batches) == ahead + 2
+    assert sum(int(line.split('sent ')[1].split()[0]) for line in batches) == count
+
+
 def test_small_files_from_a_server_without_batches_come_one_by_one(tmp_path, serve):
     # A server of an earlier version knows no `read` request: it answers
     # with an error, and the client fetches each file on its own instead.
