@@ -1832,6 +1832,7 @@ class ReceiveWindow:
         self._base_delay = None
         self._interval_delay = None
         self._largest_arrival = 0.0
+        self.first_arrival = None               # when the first authentic datagram came
         self.packets = self.duplicates = self.stale = 0
 
     def complete(self):
@@ -1843,6 +1844,8 @@ class ReceiveWindow:
             self.stale += 1
             return False
         self.packets += 1
+        if self.first_arrival is None:
+            self.first_arrival = now
         if seq > self.largest:
             if seq > self.largest + 1:
                 self._gaps.append([self.largest + 1, seq])
@@ -3341,7 +3344,7 @@ def transfer_summary(dest, remote, size, received, seconds, wire, sent, encrypte
         'file_rate_mbps': round(size * 8 / duration / 1e6, 2),
         'sha256': sha256, 'encrypted': encrypted, 'verified': True, 'block_bytes': block_bytes,
         'delta': 'off', 'local_bytes': 0, 'zero_bytes': 0, 'signature_bytes': 0,
-        'sent_bytes': sent,
+        'sent_bytes': sent, 'first_data_seconds': None,
         'saving_percent': round(100.0 * (size - sent) / size, 2) if size else 0.0,
     }
     unknown = set(counts) - set(summary)
@@ -3538,8 +3541,10 @@ class Client:
         self.sock = self.udp = None
         self._seq = 0
         self._older_copies = None
+        self._connect_started = None            # the first file's wait counts from here
 
     def connect(self):
+        self._connect_started = time.monotonic()
         try:
             self.sock = socket.create_connection((self.host, self.port), timeout=HANDSHAKE_TIMEOUT)
         except socket.gaierror as e:
@@ -3702,6 +3707,7 @@ class Client:
         frontier = FrontierDigest(partial.data_path, size, self.block_size, writer.written_bitmap)
         assembler = None
         started = time.monotonic()
+        asked, self._connect_started = self._connect_started or started, None
         try:
             self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
                                'max_rate': self.max_rate, 'block_size': self.block_size,
@@ -3766,7 +3772,9 @@ class Client:
                    'fixed+cdc' if assembler.refined_bytes else 'fixed'),
             local_bytes=assembler.local_bytes if assembler else 0,
             zero_bytes=assembler.zero_bytes if assembler else 0,
-            signature_bytes=int(report.get('signature_bytes', 0)))
+            signature_bytes=int(report.get('signature_bytes', 0)),
+            first_data_seconds=(None if window.first_arrival is None
+                                else round(window.first_arrival - asked, 3)))
 
     def fetch_small(self, jobs):
         """Fetch small files whole on the control channel, the next batches

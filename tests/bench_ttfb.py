@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""How long does `get` wait for the first byte of file data?
+
+Builds one emulated link with ../shared/wanemu/wan, runs `wanxfer.py serve` in
+host a and, for each file, `wanxfer.py get --json` in host b, each a new
+session into a fresh destination. Reports, per file, the summary's
+`first_data_seconds` (from the start of the TCP connect to the first data
+datagram) in seconds and in round trips of the link (twice --delay), and the
+wall clock of the whole `get` command (Python start-up included).
+
+    sudo python3 tests/bench_ttfb.py                        # 3 runs per file
+    sudo python3 tests/bench_ttfb.py --link "--delay 150 --rate 100" --runs 5
+
+The target is the handshake (TCP connect plus the authentication exchange: 2
+round trips) plus one round trip: 3 round trips, and half of one for the data
+to travel. Needs root, ip(8) and cc; run nothing else meanwhile.
+"""
+
+import argparse
+import json
+import os
+import re
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+here = os.path.dirname(os.path.abspath(__file__))
+HOST_A = "198.18.0.1"
+PORT = 46226
+
+# (name, size in bytes, extra get options)
+FILES = [
+    ("10 KB", 10 * 1000, []),
+    ("4 MiB", 4 << 20, []),                     # large enough for a delta transfer
+    ("4 MiB --no-delta", 4 << 20, ["--no-delta"]),
+    ("64 MiB", 64 << 20, []),
+]
+
+
+def wait_listening(args, port, deadline_s=20.0):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        out = subprocess.run([args.wan, "a", "ss", "-Hltn", "sport = :%d" % port],
+                             stdout=subprocess.PIPE, text=True).stdout
+        if out.strip():
+            return
+        time.sleep(0.1)
+    raise SystemExit("serve does not listen on port %d" % port)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--link", default="--delay 60 --rate 1000 --queue 50",
+                    help="wan up options (default: %(default)s)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--wanxfer", default=os.path.join(os.path.dirname(here), "wanxfer.py"))
+    ap.add_argument("--wan", default=os.environ.get("WANEMU", "/work/shared/wanemu/wan"))
+    ap.add_argument("--json", metavar="FILE", help="write every run as JSON")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces)")
+    delay = re.search(r"--delay\s+([\d.]+)", args.link)
+    rtt = 2 * float(delay.group(1)) / 1000 if delay else None
+    env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="wanxfer-ttfb-") as work:
+        served = os.path.join(work, "served")
+        os.mkdir(served)
+        for index, (name, size, _options) in enumerate(FILES):
+            with open(os.path.join(served, "f%d.bin" % index), "wb") as f:
+                f.write(os.urandom(size))
+        subprocess.run([args.wan, "up"] + args.link.split(), check=True, stdout=subprocess.DEVNULL)
+        serve = subprocess.Popen([args.wan, "a", sys.executable, args.wanxfer, "serve", served,
+                                  "--bind", HOST_A, "--port", str(PORT),
+                                  "--cache", os.path.join(work, "serve.db")],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+        try:
+            wait_listening(args, PORT)
+            for run in range(args.runs):
+                for index, (name, size, options) in enumerate(FILES):
+                    dest = os.path.join(work, "got-%d-%d.bin" % (run, index))
+                    started = time.monotonic()
+                    got = subprocess.run(
+                        [args.wan, "b", sys.executable, args.wanxfer, "get", "%s:%d" % (HOST_A, PORT),
+                         "f%d.bin" % index, "-o", dest, "--json",
+                         "--cache", os.path.join(work, "get-%d-%d.db" % (run, index))] + options,
+                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    wall = time.monotonic() - started
+                    if got.returncode:
+                        raise SystemExit("get failed: %s" % got.stderr[-2000:])
+                    summary = json.loads(got.stdout.splitlines()[-1])
+                    os.unlink(dest)
+                    first = summary["first_data_seconds"]
+                    results.append({"file": name, "run": run + 1, "first_data_seconds": first,
+                                    "round_trips": round(first / rtt, 2) if rtt and first else None,
+                                    "get_seconds": round(wall, 3)})
+                    print("run %d  %-17s first data %.3f s (%s round trips), whole get %.2f s" % (
+                        run + 1, name, first, results[-1]["round_trips"], wall), flush=True)
+        finally:
+            os.killpg(serve.pid, 15)
+            serve.wait()
+            subprocess.run([args.wan, "down"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print("\nmedians of %d runs, link: %s" % (args.runs, args.link))
+    print("| file | first data s | round trips | whole get s |")
+    print("|---|---|---|---|")
+    for name, _size, _options in FILES:
+        rows = [r for r in results if r["file"] == name]
+        print("| %s | %.3f | %.2f | %.2f |" % (
+            name, statistics.median(r["first_data_seconds"] for r in rows),
+            statistics.median(r["round_trips"] for r in rows),
+            statistics.median(r["get_seconds"] for r in rows)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
