@@ -85,6 +85,11 @@ class TransferError(WanxferError):
     """A transfer could not complete (timeout, disk full, digest mismatch)."""
 
 
+class PathTooNarrow(WanxferError):
+    """Data packets of the size tried do not cross the path (never shown
+    to the user: the client fetches again with smaller ones)."""
+
+
 class CacheError(WanxferError):
     """The chunk cache cannot be used: another program's file, a newer
     format, or a directory that cannot be written."""
@@ -1693,6 +1698,15 @@ class SendWindow:
         self._fresh[0:0] = [list(r) for r in reversed(ranges) if r[1] > r[0]]
         self._asked_end = max([r[1] for r in ranges] + [self._asked_end])
 
+    def withdraw(self, ranges):
+        """Blocks the receiver no longer wants (it found them after all):
+        those not sent yet never will be."""
+        holes = sorted(tuple(r) for r in ranges)
+        kept = []
+        for run in self._fresh:                 # in reverse order of sending; keep it
+            kept.extend(list(piece) for piece in reversed(subtract_ranges([tuple(run)], holes)))
+        self._fresh = kept
+
     def next_run(self, limit):
         """(first block, count, is_resend): up to `limit` blocks to send now.
         Fresh blocks come in runs of consecutive numbers (one read, one
@@ -1933,6 +1947,20 @@ class ReceiveWindow:
 def seal_datagram(sealer, kind, session_id, seq, body=b'', flags=0):
     header = PACKET_HEADER.pack(kind, flags, session_id, seq)
     return header + sealer.seal(seq, header, body)
+
+
+def probe_length(sealer, session_id, buffer, offset, length):
+    """The length of the datagram at buffer[offset:offset + length] if it
+    is an authentic PROBE of this session, else 0."""
+    header_end = offset + PACKET_HEADER.size
+    if length < PACKET_HEADER.size + TAG_SIZE:
+        return 0
+    kind, _flags, sid, _seq = PACKET_HEADER.unpack_from(buffer, offset)
+    view = memoryview(buffer)
+    if kind != KIND_PROBE or sid != session_id or \
+            sealer.verify(view[offset:header_end], view[header_end:offset + length]) is None:
+        return 0
+    return length
 
 
 def encode_feedback(file_id, window_start, largest, ack_delay_us, queue_us, gaps):
@@ -2397,6 +2425,10 @@ class PartialFile:
         self.resumed_blocks = sum(bin(b).count('1') for b in bitmap)
         return bitmap
 
+    def exists(self):
+        """Whether an earlier run left a partial copy to resume."""
+        return os.path.lexists(self.state_path) or os.path.lexists(self.data_path)
+
     def _load_state(self):
         try:
             with open(self.state_path) as f:
@@ -2558,6 +2590,8 @@ DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abando
 PACING_BURST = 0.002            # s of sending allowed in one go
 MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
 SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
+LEAD_BYTES = 1 << 20            # a new file's first bytes sent before the client asks
+LEAD_FRACTION = 32              # ... and at most this fraction of the file
 SMALL_FILE = 256 << 10          # files this small go whole on the control channel, in batches:
                                 # a round trip costs more than sending them
 SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
@@ -2657,6 +2691,29 @@ class CompressionPolicy:
             return True
         self._skip = self.SKIP_AFTER_MISS
         return False
+
+
+def lead_ranges(fd, size, block_size):
+    """(lead, block ranges to send): how many of a new file's first blocks
+    go before the client has looked for them locally (enough for the first
+    round trips of the ramp; at most LEAD_BYTES and a LEAD_FRACTION of the
+    file, so data found locally after all costs little), less the blocks
+    inside spans of zeros, which the signature will give away for free."""
+    nblocks = (size + block_size - 1) // block_size
+    lead = min(nblocks, max(1, min(LEAD_BYTES, size // LEAD_FRACTION) // block_size))
+    head = os.pread(fd, min(size, -(-lead * block_size // DELTA_UNIT) * DELTA_UNIT), 0)
+    zero_units = [is_zero(head[i:i + DELTA_UNIT]) for i in range(0, len(head), DELTA_UNIT)]
+    ranges = []
+    for block in range(lead):
+        units = zero_units[block * block_size // DELTA_UNIT:
+                           ((block + 1) * block_size - 1) // DELTA_UNIT + 1]
+        if all(units):
+            continue
+        if ranges and ranges[-1][1] == block:
+            ranges[-1][1] = block + 1
+        else:
+            ranges.append([block, block + 1])
+    return lead, ranges
 
 
 def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, flags, stamp):
@@ -2841,27 +2898,51 @@ class ServerSession:
         self.control.send(listing)
 
     def do_fetch(self, message):
+        """Send one file, named with the size and mtime a listing gave.  An
+        *open* fetch leaves them out (a client's first request, for a file
+        new to it, saving the listing's round trip): it takes the file as it
+        is now, the server fits the block size to its route, and the `start`
+        says what was chosen; a directory is answered with its listing."""
         remote = str(message.get('path', ''))
         path, is_dir = self.server.tree.resolve(remote)
+        is_open = 'size' not in message
         if is_dir:
+            if is_open:
+                return self.do_list(message)
             raise RemoteError('%s: is a directory' % remote)
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise RemoteError('%s: %s' % (remote, e.strerror))
         try:
             st = os.fstat(fd)
-            if st.st_size != message.get('size') or st.st_mtime_ns != message.get('mtime_ns'):
+            if not is_open and (st.st_size != message.get('size') or
+                                st.st_mtime_ns != message.get('mtime_ns')):
                 raise RemoteError('%s: changed on the server during the transfer' % remote)
             block_size = int(message.get('block_size', 0))
-            if not 64 <= block_size <= block_size_for_mtu(self.route_mtu, self.sock.family):
+            largest = block_size_for_mtu(self.route_mtu, self.sock.family)
+            if is_open:
+                block_size = min(block_size, largest)
+            if not 64 <= block_size <= largest:
                 raise RemoteError('block size %d does not fit this path' % block_size)
             self.block_size = block_size
             self.data_out.set_stride(block_size)
             caps = [r for r in (self.server.max_rate, message.get('max_rate')) if r]
             self.rate.set_cap(float(min(caps)) if caps else None)
             self._nblocks = (st.st_size + block_size - 1) // block_size
-            need = self._need_ranges(message.get('need', []))
+            delta = bool(message.get('delta')) and st.st_size >= int(message.get('delta_min', 0))
+            if is_open:
+                need = [] if delta else [(0, self._nblocks)]
+            else:
+                need = self._need_ranges(message.get('need', []))
+            # A file new to the client is mostly sent: its first blocks go at
+            # once, while the client looks for the rest among its own data.
+            lead = 0
+            if delta and message.get('lead'):
+                lead, need = lead_ranges(fd, st.st_size, block_size)
             self._compress = bool(message.get('compress'))
             signature = refiner = None
-            if message.get('delta'):
+            if delta:
                 signature = self.server.signatures.start(path)
                 refiner = SpanRefiner(path, st.st_size)
                 digest = signature.sha256
@@ -2869,7 +2950,11 @@ class ServerSession:
                 digest = self.server.digests.start(path)
             self._file_id += 1
             window = SendWindow(need, self._next_seq, self._log)
-            self.control.send({'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq})
+            start = {'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq, 'lead': lead}
+            if is_open:
+                start.update(size=st.st_size, mtime_ns=st.st_mtime_ns, mode=stat.S_IMODE(st.st_mode),
+                             block_size=block_size, delta=delta)
+            self.control.send(start)
             started = time.monotonic()
             try:
                 finished = self._send_blocks(fd, window, signature, refiner)
@@ -3071,6 +3156,7 @@ class ServerSession:
             if message['op'] == 'done':
                 return True
             if message['op'] == 'need':
+                window.withdraw(self._need_ranges(message.get('held', [])))
                 window.add_need(self._need_ranges(message['ranges']))
             elif message['op'] == 'refine' and refiner is not None:
                 refiner.request(int(message['offset']), int(message['end']))
@@ -3228,6 +3314,7 @@ class FileReceiver:
         self._run = bytearray()
         self._run_seq = self._run_block = self._run_count = 0
         self.rejected = 0
+        self.largest_probe = 0                  # datagram bytes: probes may come with the data
 
     def receive(self, buffer, nbytes, segment, now):
         """Take one receive's worth of datagrams (several when coalesced)."""
@@ -3242,6 +3329,10 @@ class FileReceiver:
                 continue
             kind, flags, sid, seq, block, stamp = unpack(buffer, offset)
             body = None
+            if kind == KIND_PROBE:
+                self.largest_probe = max(self.largest_probe, probe_length(
+                    self._sealer, self._session_id, buffer, offset, length))
+                continue
             if kind == KIND_DATA and sid == self._session_id:
                 body = verify(view[offset:offset + header_size],
                               view[offset + header_size:offset + length])
@@ -3300,6 +3391,7 @@ STATE_SAVE_INTERVAL = 2.0
 REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
 DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
 DELTA_MAX_MTU = 1500            # largest packet an update uses
+NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
 
 
 class TransferEvents:
@@ -3541,6 +3633,7 @@ class Client:
         self.sock = self.udp = None
         self._seq = 0
         self._older_copies = None
+        self._lead = 0                          # blocks the server sends a delta unasked
         self._connect_started = None            # the first file's wait counts from here
 
     def connect(self):
@@ -3604,26 +3697,22 @@ class Client:
     def _collect_probes(self):
         """Note the largest authentic probe datagram waiting on the socket."""
         buffer = bytearray(RECV_BUFFER)
-        view = memoryview(buffer)
-        overhead = IP_UDP_OVERHEAD.get(self.sock.family, 48)
         while True:
             nbytes, segment = self.udp.recv_batch(buffer)
             if not nbytes:
                 return
             for offset in range(0, nbytes, segment):
-                length = min(segment, nbytes - offset)
-                if length < PACKET_HEADER.size + TAG_SIZE:
-                    continue
-                kind, _flags, sid, _seq = PACKET_HEADER.unpack_from(buffer, offset)
-                header_end = offset + PACKET_HEADER.size
-                if kind == KIND_PROBE and sid == self.session_id and self.data_in.verify(
-                        view[offset:header_end], view[header_end:offset + length]) is not None:
-                    self._largest_probe = max(self._largest_probe, length + overhead)
+                self._largest_probe = max(self._largest_probe, probe_length(
+                    self.data_in, self.session_id, buffer, offset, min(segment, nbytes - offset)))
+
+    def _largest_probe_mtu(self):
+        """The largest packet the path proved it carries (MIN_MTU if unproven)."""
+        return max(MIN_MTU, self._largest_probe + IP_UDP_OVERHEAD.get(self.sock.family, 48))
 
     def _choose_block_size(self, largest_mtu=MAX_MTU):
         """Blocks as large as the path proved it carries (MIN_MTU if unproven)."""
         self._collect_probes()
-        mtu = min(largest_mtu, max(MIN_MTU, self._largest_probe))
+        mtu = min(largest_mtu, self._largest_probe_mtu())
         self.block_size = block_size_for_mtu(mtu, self.sock.family)
         self.data_in.set_stride(self.block_size)
 
@@ -3686,10 +3775,10 @@ class Client:
                 self.store.forget_file(file_id)
 
     def fetch(self, remote, dest, entry, retry_on_mismatch=True):
-        """Fetch one file to `dest`; return its summary dict."""
+        """Fetch one file, whose listing `entry` is known, to `dest`; return
+        its summary dict."""
         self._ensure_ready()
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
-        self._rejected = 0
         # An older copy of this file, at `dest` or kept from an earlier fetch
         # of `remote`, is worth content-defined spans where data shifted.
         kept = self.store.kept_files_for(remote) if self.store is not None and size else []
@@ -3701,27 +3790,89 @@ class Client:
         self._choose_block_size(DELTA_MAX_MTU if kept else MAX_MTU)
         partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         bitmap = partial.open()
+        started = time.monotonic()
+        try:
+            self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
+                               'max_rate': self.max_rate, 'block_size': self.block_size,
+                               'delta': delta, 'compress': self.store is not None,
+                               'lead': delta and not kept and partial.resumed_blocks == 0,
+                               'need': [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)})
+            start = self._next_message()
+            while start['op'] == 'signature':   # of a file given up on just before
+                start = self._next_message()
+            self._expect(start, 'start')
+        except BaseException:
+            partial.close()
+            raise
+        return self._transfer(remote, dest, entry, partial, bitmap, start, delta, kept, started,
+                              retry_on_mismatch)
+
+    def fetch_new(self, remote, dest):
+        """Fetch REMOTE with the session's first request, before anything is
+        known of it, saving the listing's round trip: for a file new here
+        (nothing at `dest`, no partial copy, no older copy kept).  The block
+        size is this host's route's, fitted by the server to its own, and
+        proved by the probes or the data itself; a path that carries less
+        gives up the attempt and fetches again with blocks that fit.
+        Returns (summary, None) when the file came, (None, listing) when
+        REMOTE is a directory, (None, None) when the server would not: the
+        caller then lists and fetches as usual."""
+        if self.store is not None and self.store.kept_files_for(remote):
+            return None, None
+        family, connected, asked = self.sock.family, self._connect_started, time.monotonic()
+        self.control.send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
+                           'block_size': block_size_for_mtu(self.udp.path_mtu(), family),
+                           'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE, 'lead': True,
+                           'compress': self.store is not None})
+        self._ensure_ready()
+        try:
+            answer = self._next_message()
+            if answer['op'] == 'listing':
+                return None, answer
+            start = self._expect(answer, 'start')
+        except RemoteError:
+            return None, None                   # a listing will say why (or an older server)
+        entry = {'size': int(start['size']), 'mtime_ns': int(start['mtime_ns']),
+                 'mode': int(start['mode'])}
+        self.block_size = int(start['block_size'])
+        self.data_in.set_stride(self.block_size)
+        partial = PartialFile(dest, remote, entry['size'], entry['mtime_ns'], self.block_size)
+        bitmap = partial.open()
+        try:
+            return self._transfer(remote, dest, entry, partial, bitmap, start, bool(start['delta']),
+                                  [], asked, True, unproven=True), None
+        except PathTooNarrow:
+            self.control.send({'op': 'abort'})
+            partial.discard()
+            self._connect_started = connected
+            self.events.warning('the path to %s carries only %d-byte packets; fetching %s again '
+                                'with blocks that fit' % (self.host, self._largest_probe_mtu(),
+                                                          remote))
+            return self.fetch(remote, dest, entry), None
+
+    def _transfer(self, remote, dest, entry, partial, bitmap, start, delta, kept, started,
+                  retry_on_mismatch, unproven=False):
+        """The rest of a fetch once the server said `start`: the data phase
+        (and the delta's local assembly), `done`, the digests compared, the
+        file renamed into place; its summary."""
+        size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
+        asked, self._connect_started = self._connect_started or started, None
+        self._rejected = 0
         resumed = partial.resumed_blocks
         self.events.file_started(remote, dest, size, min(size, resumed * self.block_size))
         writer = BlockWriter(partial, bitmap)
         frontier = FrontierDigest(partial.data_path, size, self.block_size, writer.written_bitmap)
         assembler = None
-        started = time.monotonic()
-        asked, self._connect_started = self._connect_started or started, None
         try:
-            self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
-                               'max_rate': self.max_rate, 'block_size': self.block_size,
-                               'delta': delta, 'compress': self.store is not None,
-                               'need': [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)})
-            start = self._expect(self.control.recv(), 'start')
             window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)
             self._file_id = int(start['file'])
             if delta:
                 window.decided = 0
+                self._lead = int(start.get('lead', 0))
                 assembler = LocalAssembler(self.store, partial, refine=bool(kept))
                 self._older_copies = kept
             if not window.complete():
-                self._receive(window, writer, partial, size, started, assembler)
+                self._receive(window, writer, partial, size, started, assembler, unproven)
             writer.sync()
             partial.save_state(writer.written_bitmap())
             self.control.send({'op': 'done', 'file': self._file_id})
@@ -3869,10 +4020,14 @@ class Client:
                                                    bool(message.get('refined')))
         window.mark_held(held)
         writer.mark_written(held)
-        if decided > window.decided:
-            need = bitmap_missing_ranges(window.bitmap, decided, first=window.decided)
-            window.decided = decided
-            self.control.send({'op': 'need', 'file': self._file_id, 'ranges': need})
+        # The server sends the lead unasked: what of it was found here need
+        # not come; what is missing is NAKed once decided.
+        held_lead = [(start, min(end, self._lead)) for start, end in held if start < self._lead]
+        if decided > window.decided or held_lead:
+            need = bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, self._lead))
+            window.decided = max(decided, window.decided)
+            self.control.send({'op': 'need', 'file': self._file_id, 'ranges': need,
+                               'held': held_lead})
         if refine:
             self.control.send({'op': 'refine', 'file': self._file_id, 'offset': refine[0],
                                'end': refine[1]})
@@ -3893,10 +4048,14 @@ class Client:
                 self._expect(message, 'nothing during the data phase')
         return applied
 
-    def _receive(self, window, writer, partial, size, started, assembler=None):
+    def _receive(self, window, writer, partial, size, started, assembler=None, unproven=False):
         """The data phase: datagrams in, blocks written, feedback out; with
-        an `assembler`, signature pieces in and local data written too."""
+        an `assembler`, signature pieces in and local data written too.
+        With `unproven` blocks, no data and probes all smaller than a data
+        datagram for a few round trips raise PathTooNarrow."""
         receiver = FileReceiver(self.session_id, self.data_in, window, writer, size, self.block_size)
+        datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
+        narrow_check = time.monotonic() + max(NARROW_PATH_WAIT, 3 * self.rtt) if unproven else None
         buffer = bytearray(RECV_BUFFER)
         feedback_interval = max(0.005, min(0.02, self.rtt / 8))
         idle_limit = max(0.02, self.rtt / 2)
@@ -3953,6 +4112,10 @@ class Client:
                     if now - last_data > self.timeout:
                         raise TransferError('no data from the server for %d s; partial data kept: '
                                             'run the same command again to resume' % self.timeout)
+                if narrow_check is not None and (window.packets or now >= narrow_check):
+                    if not window.packets and receiver.largest_probe < datagram:
+                        raise PathTooNarrow()
+                    narrow_check = None
                 if now >= next_progress:
                     next_progress = now + PROGRESS_INTERVAL
                     self.events.progress({
@@ -3966,6 +4129,7 @@ class Client:
                     partial.save_state(writer.written_bitmap())
         finally:
             self._rejected += receiver.rejected
+            self._largest_probe = max(self._largest_probe, receiver.largest_probe)
             receiver.flush()
             selector.close()
 
@@ -6310,11 +6474,31 @@ def safe_relative(path):
     return clean
 
 
-def plan_downloads(client, remotes, dest):
+def new_file_destination(remotes, dest):
+    """Where a single REMOTE lands if it is a file, provided nothing is
+    there yet (no file, no partial copy): then it can be fetched before
+    it is listed.  None otherwise."""
+    if len(remotes) != 1:
+        return None
+    try:
+        name = normalize_remote(remotes[0]).rsplit('/', 1)[-1]
+    except RemoteError:
+        return None
+    if not name:
+        return None
+    target = dest if dest is not None and not os.path.isdir(dest) else os.path.join(dest or '.', name)
+    if os.path.lexists(target) or PartialFile(target, '', 0, 0, 1).exists():
+        return None
+    return target
+
+
+def plan_downloads(client, remotes, dest, answered=None):
     """[(remote path, local path, entry)] and [local dirs] for the REMOTEs,
-    plus the error lines of REMOTEs the server refused."""
+    plus the error lines of REMOTEs the server refused.  `answered` is the
+    single REMOTE's listing, if the server already sent it."""
     listings, errors = [], []
-    for remote, result in zip(remotes, client.listings(remotes)):
+    results = [answered] if answered is not None else client.listings(remotes)
+    for remote, result in zip(remotes, results):
         if isinstance(result, RemoteError):
             errors.append(str(result))
         else:
@@ -6357,7 +6541,14 @@ def command_get(args):
     failures = 0
     try:
         client.connect()
-        jobs, dirs, errors = plan_downloads(client, args.remote, args.output)
+        target = new_file_destination(args.remote, args.output)
+        summary, listing = (client.fetch_new(normalize_remote(args.remote[0]), target)
+                            if target is not None else (None, None))
+        if summary is not None:
+            jobs, dirs, errors, fetched = [], [], [], [(None, summary)]
+        else:
+            jobs, dirs, errors = plan_downloads(client, args.remote, args.output, listing)
+            fetched = []
         for line in errors:
             print('wanxfer: error: %s' % line, file=sys.stderr)
             failures += 1
@@ -6369,7 +6560,7 @@ def command_get(args):
         small = [job for job in jobs if int(job[2]['size']) <= SMALL_FILE]
         large = [job for job in jobs if int(job[2]['size']) > SMALL_FILE]
         results = client.fetch_small(small) if len(small) > 1 else ((job, None) for job in small)
-        for job, summary in itertools.chain(results, ((job, None) for job in large)):
+        for job, summary in itertools.chain(fetched, results, ((job, None) for job in large)):
             try:
                 if summary is None:
                     summary = client.fetch(*job)

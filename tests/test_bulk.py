@@ -62,6 +62,10 @@ def test_blocks_fill_the_largest_packet_the_path_carries(tmp_path, serve, link, 
     assert sha256(tmp_path / 'out') == sha256(data)
     # Without the emulator, loopback carries 64 KiB packets.
     assert json_summaries(done)[0]['block_bytes'] == wanxfer.block_size_for_mtu(mtu or 65535)
+    # The first request tries this host's route (loopback: 64 KiB); a narrower
+    # path makes the client fetch again, once, with blocks that fit.
+    retried = 'fetching f again with blocks that fit' in done.stderr
+    assert retried == (mtu is not None), done.stderr
 
 
 def test_directory_tree_with_empty_files_empty_dirs_and_odd_names(tmp_path, serve):
@@ -134,16 +138,32 @@ def test_a_tree_of_more_small_files_than_the_requests_ahead_cover(tmp_path, serv
     assert sum(int(line.split('sent ')[1].split()[0]) for line in batches) == count
 
 
+def patched_serve(serve, paths, patch):
+    """`serve` from a wanxfer whose module was changed by the Python `patch`
+    first (which sees `wanxfer` and `sys`): an older server, or one that
+    logs what it is asked."""
+    program = ('import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\n'
+               'sys.exit(wanxfer.main(sys.argv[1:]))' % (os.path.dirname(WANXFER), patch))
+    return serve(paths, program=(sys.executable, '-c', program))
+
+
+LOG_LISTS = """
+listing = wanxfer.ServerSession.do_list
+def do_list(self, message):
+    self.server.log('asked to list %r' % message['path'])
+    listing(self, message)
+wanxfer.ServerSession.do_list = do_list
+"""
+
+
 def test_small_files_from_a_server_without_batches_come_one_by_one(tmp_path, serve):
     # A server of an earlier version knows no `read` request: it answers
     # with an error, and the client fetches each file on its own instead.
-    older = ('import sys; sys.path.insert(0, %r); import wanxfer; del wanxfer.ServerSession.do_read; '
-             'sys.exit(wanxfer.main(sys.argv[1:]))' % os.path.dirname(WANXFER))
     src = tmp_path / 'src'
     (src / 'tree').mkdir(parents=True)
     for i in range(5):
         make_file(src / 'tree' / ('f%d' % i), 1000 + i, seed=i)
-    server = serve([src], program=(sys.executable, '-c', older))
+    server = patched_serve(serve, [src], 'del wanxfer.ServerSession.do_read')
     done = run_get(server.port, 'tree', '-o', tmp_path / 'dest', '--json')
     assert done.returncode == 0, done.stderr
     for i in range(5):
@@ -151,6 +171,65 @@ def test_small_files_from_a_server_without_batches_come_one_by_one(tmp_path, ser
     assert all(s['packets_sent'] > 0 for s in json_summaries(done))     # each by the data channel
     server.stop()
     assert 'small files' not in server.log() and server.log().count('sent tree/f') == 5
+
+
+@pytest.mark.parametrize('size', [10_000, 3 * 1024 * 1024], ids=['small', 'delta'])
+def test_a_new_file_is_asked_for_before_it_is_listed(tmp_path, serve, link, size):
+    # One round trip after the handshake: the first request is the fetch.
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'new.bin', size)
+    os.chmod(data, 0o640)
+    server = patched_serve(serve, [src], LOG_LISTS)
+    path = link(server.port, delay_ms=20)
+    done = run_get(path.port, 'new.bin', '-o', tmp_path, '--json')
+    assert done.returncode == 0, done.stderr
+    got = tmp_path / 'new.bin'
+    assert sha256(got) == sha256(data)
+    assert got.stat().st_mtime_ns == data.stat().st_mtime_ns and got.stat().st_mode & 0o777 == 0o640
+    (summary,) = json_summaries(done)
+    assert summary['delta'] == ('fixed' if size >= wanxfer.DELTA_MIN_SIZE else 'off')
+    # Connect, authenticate, ask: at least three crossings of the 40 ms round trip.
+    assert summary['first_data_seconds'] >= 3 * 0.040
+    server.stop()
+    assert 'asked to list' not in server.log()
+
+
+def test_first_request_falls_back_to_a_listing_for_directories_and_old_copies(tmp_path, serve):
+    src = tmp_path / 'src'
+    (src / 'dir').mkdir(parents=True)
+    make_file(src / 'dir' / 'a', 5000)
+    data = make_file(src / 'f', 300_000)
+    server = patched_serve(serve, [src], LOG_LISTS)
+    # A directory is answered with its listing: no second request for it.
+    assert run_get(server.port, 'dir', '-o', tmp_path / 'out', '-q').returncode == 0
+    assert (tmp_path / 'out' / 'dir' / 'a').read_bytes() == (src / 'dir' / 'a').read_bytes()
+    # A file already at the destination may be an older copy: list first, as ever.
+    (tmp_path / 'old').write_bytes(b'older')
+    assert run_get(server.port, 'f', '-o', tmp_path / 'old', '-q').returncode == 0
+    assert sha256(tmp_path / 'old') == sha256(data)
+    server.stop()
+    assert server.log().count('asked to list') == 2
+    assert "asked to list 'dir'" in server.log() and "asked to list 'f'" in server.log()
+
+
+def test_a_server_that_wants_a_listing_first_still_gets_the_file(tmp_path, serve):
+    # An earlier server refuses a fetch without size and mtime, as changed.
+    older = """
+fetch = wanxfer.ServerSession.do_fetch
+def do_fetch(self, message):
+    if 'size' not in message:
+        raise wanxfer.RemoteError('%s: changed on the server during the transfer' % message['path'])
+    fetch(self, message)
+wanxfer.ServerSession.do_fetch = do_fetch
+""" + LOG_LISTS
+    data = make_file(tmp_path / 'f', 100_000)
+    server = patched_serve(serve, [data], older)
+    done = run_get(server.port, 'f', '-o', tmp_path / 'out')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data) and 'error' not in done.stderr
+    server.stop()
+    assert "asked to list 'f'" in server.log()
 
 
 def test_served_file_by_base_name_and_to_a_file_name(tmp_path, serve):

@@ -1,3 +1,4 @@
+import os
 """The protocol's pieces without a network: the cipher, the handshake over a
 socket pair, the wire codecs, and the send/receive state machines driven by
 a simulated lossy path."""
@@ -360,6 +361,36 @@ def test_a_nak_that_races_a_need_resends_nothing_the_server_was_not_asked_for():
         first, count, resend = sender.next_run(64)
         blocks.extend(range(first, first + count))
     assert sorted(blocks) == [5] + list(range(25, 30)) + list(range(100, 110))
+
+
+def test_lead_blocks_the_receiver_found_locally_are_not_sent_unless_already_gone():
+    # A new file's first blocks go unasked; the receiver's first need says
+    # which of them it found among its own data.
+    sender = wanxfer.SendWindow([(0, 10), (20, 30)], 0, wanxfer.PacketLog())
+    first, count, resend = sender.next_run(3)
+    sender.sent_run(first, count, 0.0, resend)               # 0..2 are on their way
+    sender.withdraw([(0, 7), (25, 40)])
+    sender.add_need([(40, 42)])
+    blocks = []
+    while sender.has_work():
+        first, count, resend = sender.next_run(64)
+        blocks.extend(range(first, first + count))
+    assert blocks == [7, 8, 9, 20, 21, 22, 23, 24, 40, 41]    # in order, the found ones left out
+
+
+def test_lead_skips_blocks_in_spans_of_zeros(tmp_path):
+    unit = wanxfer.DELTA_UNIT
+    path = tmp_path / 'f'
+    with open(path, 'wb') as f:        # data, a 64 KiB span of zeros, data
+        f.write(os.urandom(unit) + bytes(unit) + os.urandom(126 * unit))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        lead, ranges = wanxfer.lead_ranges(fd, 128 * unit, 1000)
+    finally:
+        os.close(fd)
+    assert lead == 128 * unit // wanxfer.LEAD_FRACTION // 1000       # 1/32 of an 8 MiB file
+    # Blocks wholly inside the zero span are left out; those that straddle it are not.
+    assert ranges == [[0, unit // 1000 + 1], [2 * unit // 1000, lead]]
 
 
 def test_incompatible_protocol_version_is_named():
