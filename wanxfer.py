@@ -2399,10 +2399,8 @@ class PartialFile:
     STATE_FORMAT = 1
 
     def __init__(self, dest, remote, size, mtime_ns, block_size):
-        directory, name = os.path.split(os.path.abspath(dest))
         self.dest = dest
-        self.data_path = os.path.join(directory, '.%s.wxpart' % name)
-        self.state_path = os.path.join(directory, '.%s.wxstate' % name)
+        self.data_path, self.state_path = self.paths_for(dest)
         self.identity = {'format': self.STATE_FORMAT, 'remote': remote, 'size': size,
                          'mtime_ns': mtime_ns, 'block_size': block_size}
         self.nblocks = (size + block_size - 1) // block_size
@@ -2425,9 +2423,17 @@ class PartialFile:
         self.resumed_blocks = sum(bin(b).count('1') for b in bitmap)
         return bitmap
 
-    def exists(self):
-        """Whether an earlier run left a partial copy to resume."""
-        return os.path.lexists(self.state_path) or os.path.lexists(self.data_path)
+    @staticmethod
+    def paths_for(dest):
+        """(temporary data file, state file) beside `dest`."""
+        directory, name = os.path.split(os.path.abspath(dest))
+        return (os.path.join(directory, '.%s.wxpart' % name),
+                os.path.join(directory, '.%s.wxstate' % name))
+
+    @classmethod
+    def left_at(cls, dest):
+        """Whether an earlier run left a partial copy of `dest`."""
+        return any(os.path.lexists(path) for path in cls.paths_for(dest))
 
     def _load_state(self):
         try:
@@ -6487,7 +6493,7 @@ def new_file_destination(remotes, dest):
     if not name:
         return None
     target = dest if dest is not None and not os.path.isdir(dest) else os.path.join(dest or '.', name)
-    if os.path.lexists(target) or PartialFile(target, '', 0, 0, 1).exists():
+    if os.path.lexists(target) or PartialFile.left_at(target):
         return None
     return target
 

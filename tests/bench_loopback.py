@@ -47,17 +47,19 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def one_run(source, size, workdir, encrypt):
+def one_run(source, size, workdir, encrypt, run):
     env = dict(os.environ, WANXFER_SECRET='bench-loopback')
     extra = [] if encrypt else ['--no-encrypt']
-    server, port = start_serve(source, extra, env)
+    # Fresh caches each run: a file `get` saw before would come from its own disk.
+    cache = ['--cache', os.path.join(workdir, 'cache-%s-%d.db' % ('enc' if encrypt else 'plain', run))]
+    server, port = start_serve(source, extra + cache[:1] + [cache[1] + '.serve'], env)
     dest = os.path.join(workdir, 'received.bin')
     try:
         server_cpu = cpu_seconds(server.pid)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         client = subprocess.Popen([sys.executable, WANXFER, 'get', '127.0.0.1:%d' % port,
-                                   os.path.basename(source), '-o', dest, '-q', '--json'] + extra,
+                                   os.path.basename(source), '-o', dest, '-q', '--json'] + extra + cache,
                                   env=env, stdout=subprocess.PIPE, text=True)
         out, _ = client.communicate()
         wall = time.monotonic() - started
@@ -97,7 +99,7 @@ def main():
             name = 'encrypted' if encrypt else '--no-encrypt'
             runs = []
             for i in range(args.runs):
-                run = one_run(source, size, workdir, encrypt)
+                run = one_run(source, size, workdir, encrypt, i)
                 runs.append(run)
                 print('[%s run %d] %.0f Mbit/s, CPU s/GB server %.2f client %s, block %s, verified %s'
                       % (name, i + 1, run['goodput_mbps'], run['server_cpu_s_per_gb'],
