@@ -2034,6 +2034,7 @@ MAX_GSO_SEGMENTS = 64
 MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
 SOCKET_BUFFER = 32 << 20
 RECV_BUFFER = 1 << 16
+GRO_TRIAL = 4096                # receives in a row that coalesced nothing before GRO is dropped
 MAX_RECEIVES_PER_WAKEUP = 512
 FEW_RECEIVES = 8
 TRICKLE_PAUSE = 0.001           # s; far below any feedback interval
@@ -2060,6 +2061,7 @@ class DatagramSocket:
                                      'fast long paths' % (got >> 10, name, SOCKET_BUFFER))
         self.gso = self._try_option(UDP_SEGMENT, 0)
         self.gro = self._try_option(UDP_GRO, 1)
+        self._uncoalesced = 0
         sock.setblocking(False)
 
     def _try_option(self, option, value):
@@ -2107,7 +2109,13 @@ class DatagramSocket:
                 nbytes, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], 64)
                 for level, kind, data in ancillary:
                     if level == SOL_UDP and kind == UDP_GRO:
+                        self._uncoalesced = 0
                         return nbytes, int.from_bytes(data[:4], sys.byteorder)
+                self._uncoalesced += 1
+                if self._uncoalesced >= GRO_TRIAL:
+                    # Nothing on this path is coalesced (a device without
+                    # GRO): plain receives cost a microsecond less each.
+                    self.gro = not self._try_option(UDP_GRO, 0)
                 return nbytes, nbytes
             nbytes = self.sock.recv_into(buffer)
             return nbytes, nbytes

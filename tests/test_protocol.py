@@ -4,6 +4,7 @@ socket pair, the wire codecs, and the send/receive state machines driven by
 a simulated lossy path."""
 
 import random
+import selectors
 import socket
 import threading
 
@@ -391,6 +392,43 @@ def test_lead_skips_blocks_in_spans_of_zeros(tmp_path):
     assert lead == 128 * unit // wanxfer.LEAD_FRACTION // 1000       # 1/32 of an 8 MiB file
     # Blocks wholly inside the zero span are left out; those that straddle it are not.
     assert ranges == [[0, unit // 1000 + 1], [2 * unit // 1000, lead]]
+
+
+def test_receives_drop_gro_when_nothing_is_coalesced_and_lose_nothing():
+    # Datagrams sent one by one on loopback are never coalesced, as from a
+    # device without GRO: after GRO_TRIAL such receives the socket stops
+    # asking for coalescing (and its control message) at all.
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(('127.0.0.1', 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.connect(receiver.getsockname())
+    udp = wanxfer.DatagramSocket(receiver)
+    if not udp.gro:
+        pytest.skip('this kernel has no UDP_GRO')
+    buffer, got = bytearray(2048), []
+    total = (wanxfer.GRO_TRIAL // 100 + 2) * 100
+    try:
+        for first in range(0, total, 100):
+            for i in range(first, first + 100):
+                sender.send(b'%08d' % i)
+            while len(got) < first + 100:
+                nbytes, segment = udp.recv_batch(buffer)
+                if nbytes:
+                    assert segment == nbytes
+                    got.append(bytes(buffer[:nbytes]))
+                else:
+                    wait_readable(receiver)
+            assert udp.gro == (len(got) < wanxfer.GRO_TRIAL)
+    finally:
+        sender.close()
+        udp.close()
+    assert got == [b'%08d' % i for i in range(total)]
+
+
+def wait_readable(sock, timeout=5):
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        assert selector.select(timeout), 'the datagrams sent on loopback never arrived'
 
 
 def test_incompatible_protocol_version_is_named():
