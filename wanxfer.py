@@ -1369,8 +1369,9 @@ class RateController:
     Startup doubles the rate every round trip until the queue starts to
     grow.  From then on the rate follows what the path has shown it delivers
     (the best delivery rate of the last three round trips), in a cycle of
-    phases: cruise at that rate for a few round trips, probe 10% above it
-    for one to find spare capacity, and drain 15% below it for a round trip
+    phases: cruise at that rate for a few round trips (one, while each
+    probe finds more), probe 10% above it for one to find spare capacity,
+    and drain 15% below it for a round trip
     whenever the queueing delay says the probe (or another flow) filled the
     bottleneck's queue.  Because the delay signal arrives a round trip late,
     the rate moves in these steps rather than continuously, which would
@@ -1399,6 +1400,7 @@ class RateController:
     MIN_SAMPLE_SPAN = 0.005                 # s of feedback needed for a delivery rate
     CRUISE_ROUNDS = 4
     GAINS = {'cruise': 1.0, 'probe': 1.1, 'drain': 0.85}
+    PROBE_PAID = 1.05                       # delivery this much above the probe's start: room left
     FAIR_SHARE = 0.5
     SHARE_GROWTH = 0.005                    # of the fastest delivery, per round trip
     MIN_SHARE_GROWTH = 187500               # bytes/s per round trip: 1.5 Mbit/s
@@ -1419,6 +1421,7 @@ class RateController:
         self._contest_ended = float('-inf')     # a contest soon after goes on from its share
         self._random_loss = 0.0                 # loss rate seen uncontested
         self._capacity = collections.deque()    # (time, delivery with a short queue), falling
+        self._probe_base = None                 # the best delivery when the last probe began
         self._drain_first = None                # the queue when this drain's effect began
         self._failed_drains = 0                 # drains in a row that left the queue as it was
         self._drain_low = None                  # and the shortest since
@@ -1499,7 +1502,13 @@ class RateController:
         elif phase == 'cruise':
             if queue_delay > 2 * self.TARGET_DELAY and not self.contested:
                 self._enter('drain', now)       # another flow, or the path got slower
-            elif in_phase >= self.CRUISE_ROUNDS * round_trip:
+            elif in_phase >= self.CRUISE_ROUNDS * round_trip or (
+                    # Delivery followed the last probe up and the queue is
+                    # short: there is room, look for more at once.
+                    in_phase >= round_trip and self._probe_base and best and
+                    best > self.PROBE_PAID * self._probe_base and
+                    queue_delay < self.TARGET_DELAY / 2):
+                self._probe_base = best
                 self._enter('probe', now)
         elif phase == 'probe':
             if queue_delay > self.TARGET_DELAY and not self.contested:
@@ -1556,6 +1565,8 @@ class RateController:
     def _enter(self, phase, now):
         self.phase = phase
         self._phase_started = now
+        if phase == 'drain':
+            self._probe_base = None
         self._drain_low = float('inf')
         self._drain_first = None
 

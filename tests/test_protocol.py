@@ -462,27 +462,48 @@ def test_server_refuses_a_client_of_another_version():
     b.close()
 
 
-def test_rate_controller_holds_a_steady_bottleneck_with_random_loss():
-    # A 100 Mbit/s bottleneck, 1% random loss before it, a queue that grows
-    # whenever more is offered than it drains, feedback a round trip late.
-    capacity, rtt, step = 100e6 / 8, 0.1, 0.01
-    rate = wanxfer.RateController()
-    queue, now, history, rates = 0.0, 0.0, [], []
-    while now < 20.0:
+def bottleneck(rate, capacity, rtt, seconds, loss=0.0, burst_at=None, step=0.01):
+    """Drive `rate` with a model path: random `loss` before a bottleneck of
+    `capacity` bytes/s whose queue grows whenever more is offered than it
+    drains, feedback a round trip late; a burst of another flow's data (20
+    ms of the bottleneck's) joins the queue at `burst_at`.  Returns [(time,
+    queueing delay, bytes delivered in the step)]."""
+    queue, now, history = 0.0, 0.0, []
+    while now < seconds:
         now += step
-        queue += rate.rate * 0.99 * step         # bytes waiting at the bottleneck
-        delivered = min(queue, capacity * step)  # what it passes on in this step
+        queue += rate.rate * (1 - loss) * step           # bytes waiting at the bottleneck
+        if burst_at is not None and burst_at <= now < burst_at + step:
+            queue += 0.020 * capacity
+        delivered = min(queue, capacity * step)          # what it passes on in this step
         queue -= delivered
         history.append((now, queue / capacity, delivered))
-        late = [h for h in history if h[0] <= now - rtt]
+        late = [h for h in history[-int(rtt / step) - 2:] if h[0] <= now - rtt]
         if late:
             _, delay, got = late[-1]
-            rate.on_feedback(now, delay, got, got / 1500, got / 1500 * 0.01 / 0.99, rtt)
-        if now > 10:
-            rates.append(delivered / step)
-    assert sum(rates) / len(rates) > 0.93 * capacity      # the link stays full
-    assert max(h[1] for h in history[-500:]) < 0.1           # and the queue short
+            rate.on_feedback(now, delay, got, got / 1500, got / 1500 * loss / (1 - loss), rtt)
+    return history
+
+
+def test_rate_controller_holds_a_steady_bottleneck_with_random_loss():
+    capacity = 100e6 / 8
+    rate = wanxfer.RateController()
+    history = bottleneck(rate, capacity, rtt=0.1, seconds=20.0, loss=0.01)
+    late = [got / 0.01 for now, _, got in history if now > 10]
+    assert sum(late) / len(late) > 0.93 * capacity       # the link stays full
+    assert max(delay for _, delay, _ in history[-500:]) < 0.1     # and the queue short
     assert not rate.contested               # its own queue is never taken for another flow's
+
+
+def test_rate_controller_regains_the_link_quickly_after_a_startup_cut_short():
+    # Another flow's burst ends the startup at half the link; while each
+    # probe finds more, the next follows a round trip later, not four.
+    capacity, rtt = 500e6 / 8, 0.2
+    rate = wanxfer.RateController()
+    history = bottleneck(rate, capacity, rtt, seconds=6.0, loss=0.02, burst_at=0.75)
+    second = int(1 / 0.01)
+    full = [now for i, (now, _, _) in enumerate(history[:-second])
+            if sum(got for _, _, got in history[i:i + second]) > 0.9 * capacity]
+    assert history[0][0] < 1.0 and full and full[0] < 4.0, full[:1]
 
 
 def test_frames_cannot_be_replayed_or_reordered_even_unencrypted():
