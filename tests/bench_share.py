@@ -34,6 +34,18 @@ HOST_A, HOST_B = "198.18.0.1", "198.18.0.2"
 PORT, IPERF_PORT = 46225, 5202
 
 
+def parse_with_common_options(ap):
+    """Add the options every wanemu benchmark here takes, parse, and check
+    for root."""
+    ap.add_argument("--wanxfer", default=os.path.join(os.path.dirname(here), "wanxfer.py"))
+    ap.add_argument("--wan", default=os.environ.get("WANEMU", "/work/shared/wanemu/wan"))
+    ap.add_argument("--json", metavar="FILE", help="write every run as JSON")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (network namespaces)")
+    return args
+
+
 def wan(args, *argv, **kw):
     return subprocess.run([args.wan] + list(argv), **kw)
 
@@ -168,12 +180,7 @@ def main():
     ap.add_argument("--wanxfer-first", action="store_true",
                     help="start get first and let TCP join it for --join-time seconds")
     ap.add_argument("--join-time", type=int, default=15, help="seconds TCP runs beside get")
-    ap.add_argument("--wanxfer", default=os.path.join(os.path.dirname(here), "wanxfer.py"))
-    ap.add_argument("--wan", default=os.environ.get("WANEMU", "/work/shared/wanemu/wan"))
-    ap.add_argument("--json", metavar="FILE", help="write every run as JSON")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("needs root (network namespaces)")
+    args = parse_with_common_options(ap)
     size = args.size << 20
     results = []
     with tempfile.TemporaryDirectory(prefix="wanxfer-share-") as work:

@@ -28,6 +28,9 @@ import tempfile
 import time
 
 here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, here)
+
+from bench_share import parse_with_common_options, wait_listening  # noqa: E402
 HOST_A = "198.18.0.1"
 PORT = 46226
 
@@ -40,28 +43,12 @@ FILES = [
 ]
 
 
-def wait_listening(args, port, deadline_s=20.0):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        out = subprocess.run([args.wan, "a", "ss", "-Hltn", "sport = :%d" % port],
-                             stdout=subprocess.PIPE, text=True).stdout
-        if out.strip():
-            return
-        time.sleep(0.1)
-    raise SystemExit("serve does not listen on port %d" % port)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--link", default="--delay 60 --rate 1000 --queue 50",
                     help="wan up options (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--wanxfer", default=os.path.join(os.path.dirname(here), "wanxfer.py"))
-    ap.add_argument("--wan", default=os.environ.get("WANEMU", "/work/shared/wanemu/wan"))
-    ap.add_argument("--json", metavar="FILE", help="write every run as JSON")
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("needs root (network namespaces)")
+    args = parse_with_common_options(ap)
     delay = re.search(r"--delay\s+([\d.]+)", args.link)
     rtt = 2 * float(delay.group(1)) / 1000 if delay else None
     env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16))
@@ -79,7 +66,7 @@ def main():
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
         try:
-            wait_listening(args, PORT)
+            wait_listening(args, "a", PORT)
             for run in range(args.runs):
                 for index, (name, size, options) in enumerate(FILES):
                     dest = os.path.join(work, "got-%d-%d.bin" % (run, index))
