@@ -1451,22 +1451,28 @@ class RateController:
             return None, loss
         return sum(s[1] for s in later) / span, loss
 
-    def _best_delivery(self, now, delivery, rtt):
+    def _best_delivery(self, now, delivery, rtt, app_limited):
         """The highest delivery rate of the last three round trips: what the
-        path (and both hosts) have shown they can carry."""
+        path (and both hosts) have shown they can carry.  A sample taken
+        while the sender had too little to send can only raise it, and older
+        ones do not expire meanwhile: they say more about the path."""
         recent = self._recent
-        if delivery:
+        if delivery and not (app_limited and recent and delivery <= recent[0][1]):
             while recent and recent[-1][1] <= delivery:
                 recent.pop()
             recent.append((now, delivery))
-        while recent and now - recent[0][0] > 3 * max(rtt, 0.02):
+        while recent and not app_limited and now - recent[0][0] > 3 * max(rtt, 0.02):
             recent.popleft()
         return recent[0][1] if recent else None
 
-    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt):
+    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False):
+        """One acknowledgement's worth of news.  `app_limited`: the sender ran
+        out of data to send within the last round trip (between files, or
+        waiting for the receiver's requests), so the delivery rate says how
+        much there was to send, not what the path carries."""
         delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
         self.peak_delivery = max(self.peak_delivery, delivery or 0.0)
-        best = self._best_delivery(now, delivery, rtt)
+        best = self._best_delivery(now, delivery, rtt, app_limited)
         capacity = self._watch_path(now, delivery, queue_delay, loss)
         round_trip = max(rtt, 0.01)
         in_phase = now - self._phase_started
@@ -1480,7 +1486,7 @@ class RateController:
         elif phase == 'startup':
             if queue_delay > self.STARTUP_EXIT_DELAY:
                 self._enter('drain', now)
-            elif self._last_growth is None or now - self._last_growth >= rtt:
+            elif not app_limited and (self._last_growth is None or now - self._last_growth >= rtt):
                 self.rate *= 2.0
                 self._last_growth = now
         elif phase == 'drain':
@@ -2842,6 +2848,7 @@ class ServerSession:
         self._next_seq = 0
         self._file_id = 0
         self.rate = RateController(server.max_rate)
+        self._app_limited_until = 0.0           # feedback before this reflects idle sending
         self.rtt = 0.1
         self._wire_bytes = 0
 
@@ -3087,6 +3094,7 @@ class ServerSession:
         self.sock.setblocking(False)
         buffer = bytearray(RECV_BUFFER)
         last_feedback = now = last_tick = busy_from = time.monotonic()
+        self._app_limited_until = now + self.rtt    # idle since the last file
         budget = 0.0
         compression = self._compression = CompressionPolicy(self._compress, rate)
         # One read and one offloaded send per batch: about 64 KB either way.
@@ -3128,6 +3136,8 @@ class ServerSession:
                     timeout = max(0.0, -budget / rate.rate)
                 else:
                     timeout = 0.05
+                if not window.has_work():
+                    self._app_limited_until = now + self.rtt
                 if signature is not None and (not signature.done.is_set() or refiner.busy()):
                     timeout = min(timeout, SIGNATURE_POLL)
                 idle_from = time.monotonic()
@@ -3209,7 +3219,8 @@ class ServerSession:
                     if sample > 0:
                         self.rtt = 0.875 * self.rtt + 0.125 * sample
                 delivered, lost, delivered_bytes = window.on_ack(start, largest, gaps, now, self.rtt)
-                self.rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost, self.rtt)
+                self.rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost, self.rtt,
+                                      now < self._app_limited_until)
             elif kind == KIND_NAK:
                 fid, ranges = decode_nak(body)
                 if fid == file_id:

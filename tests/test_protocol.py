@@ -506,6 +506,43 @@ def test_rate_controller_regains_the_link_quickly_after_a_startup_cut_short():
     assert history[0][0] < 1.0 and full and full[0] < 4.0, full[:1]
 
 
+@pytest.mark.parametrize('flagged', [True, False], ids=['app-limited', 'unflagged'])
+def test_rate_controller_keeps_its_rate_across_files_with_pauses_between(flagged):
+    # A tree of 4 MiB files on a 500 Mbit/s path: each file is sent, then the
+    # sender idles two round trips (done, digest, the next fetch).  Delivery
+    # measured across the pauses says how little there was to send, not what
+    # the path carries; taken at face value it wears the rate down.
+    capacity, rtt, step = 500e6 / 8, 0.1, 0.005
+    rate = wanxfer.RateController()
+    now, left, idle_until, limited_until, history, rates = 0.0, 4 << 20, 0.0, 0.0, [], []
+    queue = 0.0
+    while now < 12.0:
+        now += step
+        sent = 0.0
+        if now >= idle_until:
+            sent = min(left, rate.rate * step)
+            left -= sent
+            if left <= 0:                        # this file is sent: pause, then the next
+                left, idle_until, limited_until = 4 << 20, now + 2 * rtt, now + 3 * rtt
+        else:
+            limited_until = max(limited_until, now + rtt)
+        queue += sent
+        delivered = min(queue, capacity * step)
+        queue -= delivered
+        history.append((now, queue / capacity, delivered))
+        late = [h for h in history[-int(rtt / step) - 2:] if h[0] <= now - rtt]
+        if late:
+            _, delay, got = late[-1]
+            rate.on_feedback(now, delay, got, got / 1500, 0, rtt, flagged and now < limited_until)
+        if now > 6:
+            rates.append(rate.rate)
+    assert max(rates) < 1.5 * capacity
+    if flagged:
+        assert min(rates) > 0.9 * capacity
+    else:
+        assert min(rates) < 0.75 * capacity      # the decay the flag prevents
+
+
 def test_frames_cannot_be_replayed_or_reordered_even_unencrypted():
     # Without encryption a replayed frame would decrypt to itself: only the
     # counter bound into the tag stops it.  The tunnel uses the same frames.
