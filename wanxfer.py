@@ -3094,7 +3094,8 @@ class ServerSession:
         self.sock.setblocking(False)
         buffer = bytearray(RECV_BUFFER)
         last_feedback = now = last_tick = busy_from = time.monotonic()
-        self._app_limited_until = now + self.rtt    # idle since the last file
+        if self._file_id > 1:
+            self._app_limited_until = now + self.rtt    # idle since the last file
         budget = 0.0
         compression = self._compression = CompressionPolicy(self._compress, rate)
         # One read and one offloaded send per batch: about 64 KB either way.
