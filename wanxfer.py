@@ -85,6 +85,16 @@ class TransferError(WanxferError):
     """A transfer could not complete (timeout, disk full, digest mismatch)."""
 
 
+class DigestMismatch(TransferError):
+    """The file received does not hash to the server's digest (it is
+    fetched again from scratch, once, before this reaches the user)."""
+
+    def __init__(self, remote):
+        super().__init__('%s: digest mismatch after a full transfer; the source may be changing '
+                         'while it is read' % remote)
+        self.remote = remote
+
+
 class PathTooNarrow(WanxferError):
     """Data packets of the size tried do not cross the path (never shown
     to the user: the client fetches again with smaller ones)."""
@@ -3811,9 +3821,52 @@ class Client:
             if not unchanged:
                 self.store.forget_file(file_id)
 
-    def fetch(self, remote, dest, entry, retry_on_mismatch=True):
+    def fetch(self, remote, dest, entry, retries=1):
         """Fetch one file, whose listing `entry` is known, to `dest`; return
         its summary dict."""
+        ((_job, result),) = self.fetch_files([(remote, dest, entry)], retries)
+        if isinstance(result, RemoteError):
+            raise result
+        return result
+
+    def fetch_files(self, jobs, retries=1):
+        """Fetch (remote, dest, entry) jobs in order; yield (job, summary, or
+        the RemoteError the server answered).  Each file is asked for as
+        soon as the one before it is whole, so a single round trip carries
+        that one's digest and this one's start.  A file whose digest does
+        not match is fetched again from scratch (`retries` times), after
+        the one already asked for."""
+        queue = collections.deque((job, retries) for job in jobs)
+        ahead = []                      # [(job and retries left, what _ask gave)], at most one
+
+        def ask_next():
+            if queue:
+                job, left = queue.popleft()
+                try:
+                    ahead.append(((job, left), self._ask(*job)))
+                except TransferError as e:      # this file's trouble, not the one finishing
+                    ahead.append(((job, left), e))
+        while queue or ahead:
+            if ahead:
+                (job, left), asked = ahead.pop()
+            else:
+                job, left = queue.popleft()
+                asked = self._ask(*job)
+            if isinstance(asked, TransferError):
+                raise asked
+            try:
+                yield job, self._answer(asked, ask_next)
+            except RemoteError as e:
+                yield job, e
+            except DigestMismatch:
+                if not left:
+                    raise
+                self.events.warning('%s: digest mismatch; fetching it again from scratch' % job[0])
+                queue.appendleft((job, left - 1))
+
+    def _ask(self, remote, dest, entry):
+        """Send the fetch of one file (its partial copy opened, its block
+        size chosen); what _answer() needs to go on with it."""
         self._ensure_ready()
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
         # An older copy of this file, at `dest` or kept from an earlier fetch
@@ -3827,13 +3880,22 @@ class Client:
         self._choose_block_size(DELTA_MAX_MTU if kept else MAX_MTU)
         partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         bitmap = partial.open()
-        started = time.monotonic()
         try:
             self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
                                'max_rate': self.max_rate, 'block_size': self.block_size,
                                'delta': delta, 'compress': self.store is not None,
                                'lead': delta and not kept and partial.resumed_blocks == 0,
                                'need': [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)})
+        except BaseException:
+            partial.close()
+            raise
+        return (remote, dest, entry, partial, bitmap, delta, kept, self.block_size, time.monotonic())
+
+    def _answer(self, asked, then):
+        """The server's `start` for a file _ask() asked for, then the rest of
+        the transfer (`then` is called once the file is whole)."""
+        remote, dest, entry, partial, bitmap, delta, kept, block_size, started = asked
+        try:
             start = self._next_message()
             while start['op'] == 'signature':   # of a file given up on just before
                 start = self._next_message()
@@ -3841,8 +3903,10 @@ class Client:
         except BaseException:
             partial.close()
             raise
+        self.block_size = block_size
+        self.data_in.set_stride(block_size)
         return self._transfer(remote, dest, entry, partial, bitmap, start, delta, kept, started,
-                              retry_on_mismatch)
+                              then=then)
 
     def fetch_new(self, remote, dest):
         """Fetch REMOTE with the session's first request, before anything is
@@ -3877,7 +3941,10 @@ class Client:
         bitmap = partial.open()
         try:
             return self._transfer(remote, dest, entry, partial, bitmap, start, bool(start['delta']),
-                                  [], asked, True, unproven=True), None
+                                  [], asked, unproven=True), None
+        except DigestMismatch:
+            self.events.warning('%s: digest mismatch; fetching it again from scratch' % remote)
+            return self.fetch(remote, dest, entry, retries=0), None
         except PathTooNarrow:
             self.control.send({'op': 'abort'})
             partial.discard()
@@ -3888,17 +3955,19 @@ class Client:
             return self.fetch(remote, dest, entry), None
 
     def _transfer(self, remote, dest, entry, partial, bitmap, start, delta, kept, started,
-                  retry_on_mismatch, unproven=False):
+                  unproven=False, then=None):
         """The rest of a fetch once the server said `start`: the data phase
-        (and the delta's local assembly), `done`, the digests compared, the
-        file renamed into place; its summary."""
+        (and the delta's local assembly), `done` (and `then()`, which may
+        ask for the next file), the digests compared, the file renamed into
+        place; its summary."""
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
+        block_size = self.block_size
         asked, self._connect_started = self._connect_started or started, None
         self._rejected = 0
         resumed = partial.resumed_blocks
-        self.events.file_started(remote, dest, size, min(size, resumed * self.block_size))
+        self.events.file_started(remote, dest, size, min(size, resumed * block_size))
         writer = BlockWriter(partial, bitmap)
-        frontier = FrontierDigest(partial.data_path, size, self.block_size, writer.written_bitmap)
+        frontier = FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
         assembler = None
         try:
             window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)
@@ -3913,6 +3982,8 @@ class Client:
             writer.sync()
             partial.save_state(writer.written_bitmap())
             self.control.send({'op': 'done', 'file': self._file_id})
+            if then is not None:
+                then()
             local = partial.digest(frontier)    # while the server's answer is on its way
             report = self._next_message()
             while report['op'] == 'signature':  # pieces sent before our done crossed it
@@ -3936,11 +4007,7 @@ class Client:
                 assembler.close()
         if not hmac.compare_digest(local, str(report.get('sha256'))):
             partial.discard()
-            if retry_on_mismatch:
-                self.events.warning('%s: digest mismatch; fetching it again from scratch' % remote)
-                return self.fetch(remote, dest, entry, retry_on_mismatch=False)
-            raise TransferError('%s: digest mismatch after a full transfer; the source may be '
-                                'changing while it is read' % remote)
+            raise DigestMismatch(remote)
         partial.finish(int(entry.get('mode', 0o644)), mtime_ns)
         if assembler is not None and assembler.offset == size:
             self.store.keep_file(dest, remote, 'fixed', assembler.spans)
@@ -3948,8 +4015,8 @@ class Client:
         wire = int(report.get('wire_bytes', 0))
         return transfer_summary(
             dest, remote, size, received, time.monotonic() - started, wire,
-            wire + int(report.get('signature_bytes', 0)), self.encrypt, self.block_size,
-            local, resumed_bytes=min(size, resumed * self.block_size),
+            wire + int(report.get('signature_bytes', 0)), self.encrypt, block_size,
+            local, resumed_bytes=min(size, resumed * block_size),
             packets_sent=int(report.get('packets_sent', 0)),
             packets_received=window.packets, packets_duplicate=window.duplicates,
             packets_rejected=self._rejected,
@@ -6561,6 +6628,24 @@ def plan_downloads(client, remotes, dest, answered=None):
     return jobs, dirs, errors
 
 
+def get_outcomes(client, jobs, fetched):
+    """(job, summary or RemoteError) for each job, after those `fetched`
+    already: small files in batches on the control channel, the rest (and
+    small ones an older server would not batch) on the data channel."""
+    yield from fetched
+    small = [job for job in jobs if int(job[2]['size']) <= SMALL_FILE]
+    by_channel = [job for job in jobs if int(job[2]['size']) > SMALL_FILE]
+    if len(small) == 1:
+        by_channel.insert(0, small[0])
+    elif small:
+        for job, summary in client.fetch_small(small):
+            if summary is None:
+                by_channel.append(job)
+            else:
+                yield job, summary
+    yield from client.fetch_files(by_channel)
+
+
 def command_get(args):
     secret = require_secret(args)
     host, port = parse_host_port(args.server)
@@ -6594,17 +6679,9 @@ def command_get(args):
                 os.makedirs(directory, exist_ok=True)
             except OSError as e:
                 raise TransferError('cannot create directory %s: %s' % (directory, e.strerror))
-        small = [job for job in jobs if int(job[2]['size']) <= SMALL_FILE]
-        large = [job for job in jobs if int(job[2]['size']) > SMALL_FILE]
-        results = client.fetch_small(small) if len(small) > 1 else ((job, None) for job in small)
-        for job, summary in itertools.chain(fetched, results, ((job, None) for job in large)):
-            try:
-                if summary is None:
-                    summary = client.fetch(*job)
-                elif isinstance(summary, RemoteError):
-                    raise summary
-            except RemoteError as e:
-                print('wanxfer: error: %s' % e, file=sys.stderr)
+        for _job, summary in get_outcomes(client, jobs, fetched):
+            if isinstance(summary, RemoteError):
+                print('wanxfer: error: %s' % summary, file=sys.stderr)
                 failures += 1
                 continue
             events.file_finished(summary)

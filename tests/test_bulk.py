@@ -233,6 +233,83 @@ wanxfer.ServerSession.do_fetch = do_fetch
     assert "asked to list 'f'" in server.log()
 
 
+LOG_CONTROL = """
+send, messages = wanxfer.ControlChannel.send, wanxfer.ControlChannel.messages
+def logged_send(self, message):
+    sys.stderr.write('sent %s\\n' % message['op'])
+    send(self, message)
+def logged_messages(self):
+    for message in messages(self):
+        sys.stderr.write('got %s\\n' % message['op'])
+        yield message
+wanxfer.ControlChannel.send, wanxfer.ControlChannel.messages = logged_send, logged_messages
+"""
+
+
+def test_each_next_file_is_asked_for_with_the_done_of_the_one_before(tmp_path, serve, link):
+    # One round trip per file, not two: the next fetch goes out before the
+    # digest of the file just completed has come back.
+    src = tmp_path / 'src' / 'tree'
+    src.mkdir(parents=True)
+    files = [make_file(src / ('f%d' % i), wanxfer.SMALL_FILE + 1000 * i, seed=i) for i in range(4)]
+    server = serve([tmp_path / 'src'])
+    path = link(server.port, delay_ms=10)
+    program = ('import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\n'
+               'sys.exit(wanxfer.main(sys.argv[1:]))' % (os.path.dirname(WANXFER), LOG_CONTROL))
+    done = subprocess.run([sys.executable, '-c', program, 'get', '127.0.0.1:%d' % path.port, 'tree',
+                           '-o', str(tmp_path / 'dest'), '-q'],
+                          env=wanxfer_env(SECRET), capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    for original in files:
+        assert sha256(tmp_path / 'dest' / 'tree' / original.name) == sha256(original)
+    ops = [line for line in done.stderr.splitlines() if line.startswith(('sent ', 'got '))]
+    ends = [i for i, op in enumerate(ops) if op == 'sent done']
+    assert len(ends) == 4
+    for end in ends[:-1]:
+        assert ops[end:end + 3] == ['sent done', 'sent fetch', 'got digest'], ops
+    assert ops[ends[-1]:ends[-1] + 2] == ['sent done', 'got digest']
+
+
+WRONG_DIGESTS = """
+send, fetch = wanxfer.ControlChannel.send, wanxfer.ServerSession.do_fetch
+sending, wrong = [], []
+def fetch_noting_the_file(self, message):
+    sending[:] = [message['path']]
+    fetch(self, message)
+def send_wrong_digests(self, message):
+    if message['op'] == 'digest' and sending == ['tree/f0'] and len(wrong) < %d:
+        wrong.append(message['file'])
+        message = dict(message, sha256='0' * 64)
+    send(self, message)
+wanxfer.ControlChannel.send = send_wrong_digests
+wanxfer.ServerSession.do_fetch = fetch_noting_the_file
+"""
+
+
+@pytest.mark.parametrize('wrong', [1, 2], ids=['once', 'twice'])
+def test_a_file_whose_digest_does_not_match_is_fetched_once_more_then_refused(tmp_path, serve,
+                                                                             wrong):
+    # The first file's digest comes back wrong while the second is already
+    # asked for: the first is fetched again after it; a second mismatch is
+    # an error, and no file with those bytes takes the final name.
+    src = tmp_path / 'src' / 'tree'
+    src.mkdir(parents=True)
+    files = [make_file(src / ('f%d' % i), wanxfer.SMALL_FILE + 1, seed=i) for i in range(3)]
+    server = patched_serve(serve, [tmp_path / 'src'], WRONG_DIGESTS % wrong)
+    done = run_get(server.port, 'tree', '-o', tmp_path / 'dest', '-q')
+    dest = tmp_path / 'dest' / 'tree'
+    assert done.stderr.count('f0: digest mismatch; fetching it again from scratch') == 1
+    assert 'Traceback' not in done.stderr
+    if wrong == 1:
+        assert done.returncode == 0, done.stderr
+        for original in files:
+            assert sha256(dest / original.name) == sha256(original)
+    else:
+        assert done.returncode != 0
+        assert 'tree/f0: digest mismatch after a full transfer' in done.stderr
+        assert not (dest / 'f0').exists()
+
+
 def test_served_file_by_base_name_and_to_a_file_name(tmp_path, serve):
     data = make_file(tmp_path / 'backup.tar', 100_000)
     server = serve([data])
