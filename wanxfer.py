@@ -3667,7 +3667,10 @@ class LocalAssembler:
 
 class Client:
     """A session with one server.  `connect()`, then `listings()` of what
-    REMOTEs expand to and `fetch()` of each file; `close()` at the end."""
+    REMOTEs expand to and `fetch_files()` (or `fetch()` of one, or
+    `fetch_small()` of small ones in batches); `fetch_new()` instead, for a
+    single file new here, asks for it before any listing.  `close()` at
+    the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
                  max_rate=None, store=None):
