@@ -1381,12 +1381,14 @@ class RateController:
     (the best delivery rate of the last three round trips), in a cycle of
     phases: cruise at that rate for a few round trips (one, while each
     probe finds more), probe 10% above it for one to find spare capacity,
-    and drain 15% below it for a round trip
-    whenever the queueing delay says the probe (or another flow) filled the
-    bottleneck's queue.  Because the delay signal arrives a round trip late,
-    the rate moves in these steps rather than continuously, which would
-    overshoot and then undershoot.  Random loss changes nothing; only heavy
-    loss (a policer) does.  Feed it `on_feedback()`; read `rate` (bytes/s).
+    and drain 15% below it for a round trip whenever the queueing delay
+    says the probe (or another flow) filled the bottleneck's queue.
+    Because the delay signal arrives a round trip late, the rate moves in
+    these steps rather than continuously, which would overshoot and then
+    undershoot.  Random loss changes nothing; only heavy loss (a policer)
+    does.  Delivery measured while the sender ran out of data says little
+    of the path: it may raise the best rate, never lower it.  Feed it
+    `on_feedback()`; read `rate` (bytes/s).
 
     Yielding to every queue would leave nothing for wanxfer beside a TCP
     flow, which keeps the bottleneck's queue full whatever others do.  When
