@@ -69,20 +69,17 @@ def wait_listening(args, host, port, deadline_s=20.0):
 
 
 @contextlib.contextmanager
-def shared_link(args, work, source, env):
-    """A fresh link with an iperf3 server in b and `wanxfer serve SOURCE` in
-    a, both listening; yields the list of children, every one of which is
-    stopped (and the link taken down) at the end."""
+def link_with_serve(args, work, served, env, port=PORT):
+    """A fresh link (`args.link`) with `wanxfer serve SERVED` listening in
+    host a; yields the list of children, every one of which (and any the
+    caller adds) is stopped, and the link taken down, at the end."""
     wan(args, "up", *args.link.split(), check=True, stdout=subprocess.DEVNULL)
     procs = []
     try:
-        procs.append(spawn(args, "b", ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
-                           os.path.join(work, "iperf-server.out")))
-        procs.append(spawn(args, "a", [sys.executable, args.wanxfer, "serve", source, "--bind", HOST_A,
-                                       "--port", str(PORT), "--cache", os.path.join(work, "s.db")],
+        procs.append(spawn(args, "a", [sys.executable, args.wanxfer, "serve", served, "--bind", HOST_A,
+                                       "--port", str(port), "--cache", os.path.join(work, "s.db")],
                            os.path.join(work, "serve.out"), env))
-        wait_listening(args, "b", IPERF_PORT)
-        wait_listening(args, "a", PORT)
+        wait_listening(args, "a", port)
         yield procs
     finally:
         for p in procs:
@@ -93,6 +90,16 @@ def shared_link(args, work, source, env):
                     pass
                 p.wait()
         wan(args, "down", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def shared_link(args, work, source, env):
+    """link_with_serve(), and an iperf3 server listening in host b."""
+    with link_with_serve(args, work, source, env) as procs:
+        procs.append(spawn(args, "b", ["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
+                           os.path.join(work, "iperf-server.out")))
+        wait_listening(args, "b", IPERF_PORT)
+        yield procs
 
 
 def one_run_wanxfer_first(args, cc, work, source, size):

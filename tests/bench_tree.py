@@ -29,7 +29,7 @@ import time
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
 
-from bench_share import parse_with_common_options, wait_listening  # noqa: E402
+from bench_share import link_with_serve, parse_with_common_options  # noqa: E402
 
 HOST_A = "198.18.0.1"
 PORT = 46227
@@ -52,14 +52,7 @@ def main():
         for i in range(args.files):
             with open(os.path.join(tree, "f%03d.bin" % i), "wb") as f:
                 f.write(os.urandom(args.size << 20))
-        subprocess.run([args.wan, "up"] + args.link.split(), check=True, stdout=subprocess.DEVNULL)
-        serve = subprocess.Popen([args.wan, "a", sys.executable, args.wanxfer, "serve",
-                                  os.path.dirname(tree), "--bind", HOST_A, "--port", str(PORT),
-                                  "--cache", os.path.join(work, "serve.db")],
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-        try:
-            wait_listening(args, "a", PORT)
+        with link_with_serve(args, work, os.path.dirname(tree), env, PORT):
             for run in range(args.runs):
                 for name, options in MODES:
                     dest = os.path.join(work, "dest")
@@ -81,10 +74,6 @@ def main():
                     results[name].append(wall)
                     print("run %d  %-10s %.2f s (%.3f s per file)" % (run + 1, name, wall,
                                                                      wall / args.files), flush=True)
-        finally:
-            os.killpg(serve.pid, 15)
-            serve.wait()
-            subprocess.run([args.wan, "down"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print("\n%d files of %d MiB, link: %s; medians of %d runs" % (args.files, args.size, args.link,
                                                                   args.runs))
     for name, _options in MODES:

@@ -30,7 +30,7 @@ import time
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
 
-from bench_share import parse_with_common_options, wait_listening  # noqa: E402
+from bench_share import link_with_serve, parse_with_common_options  # noqa: E402
 HOST_A = "198.18.0.1"
 PORT = 46226
 
@@ -59,14 +59,7 @@ def main():
         for index, (name, size, _options) in enumerate(FILES):
             with open(os.path.join(served, "f%d.bin" % index), "wb") as f:
                 f.write(os.urandom(size))
-        subprocess.run([args.wan, "up"] + args.link.split(), check=True, stdout=subprocess.DEVNULL)
-        serve = subprocess.Popen([args.wan, "a", sys.executable, args.wanxfer, "serve", served,
-                                  "--bind", HOST_A, "--port", str(PORT),
-                                  "--cache", os.path.join(work, "serve.db")],
-                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-        try:
-            wait_listening(args, "a", PORT)
+        with link_with_serve(args, work, served, env, PORT):
             for run in range(args.runs):
                 for index, (name, size, options) in enumerate(FILES):
                     dest = os.path.join(work, "got-%d-%d.bin" % (run, index))
@@ -87,10 +80,6 @@ def main():
                                     "get_seconds": round(wall, 3)})
                     print("run %d  %-17s first data %.3f s (%s round trips), whole get %.2f s" % (
                         run + 1, name, first, results[-1]["round_trips"], wall), flush=True)
-        finally:
-            os.killpg(serve.pid, 15)
-            serve.wait()
-            subprocess.run([args.wan, "down"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print("\nmedians of %d runs, link: %s" % (args.runs, args.link))
     print("| file | first data s | round trips | whole get s |")
     print("|---|---|---|---|")
