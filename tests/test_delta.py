@@ -94,6 +94,24 @@ def test_appended_file_after_the_copy_was_deleted_comes_from_the_cache(tmp_path,
     assert again['wire_bytes'] < 600_000
 
 
+def test_a_new_name_for_data_seen_before_costs_at_most_the_lead(tmp_path, serve, link):
+    # The same bytes under a name this machine never fetched: the server
+    # sends the file's first blocks unasked (the lead, at most a 32nd of
+    # it) while the client finds the rest among the data it already holds.
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'monday.bin', 8 * MiB)
+    server = serve([src])
+    path = link(server.port, delay_ms=20, mtu=1500)
+    fetch(path.port, 'monday.bin', tmp_path / 'monday.bin')
+    os.link(str(data), str(src / 'tuesday.bin'))
+    again = fetch(path.port, 'tuesday.bin', tmp_path / 'tuesday.bin')
+    assert sha256(tmp_path / 'tuesday.bin') == sha256(data)
+    lead = 8 * MiB // wanxfer.LEAD_FRACTION
+    assert again['local_bytes'] >= 8 * MiB - lead
+    assert 0 < again['wire_bytes'] <= lead * 1.1                  # blocks plus their headers
+
+
 def test_deleted_cache_means_a_full_transfer_still_correct(tmp_path, serve, private_cache):
     data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=4)
     server = serve([data])
