@@ -121,15 +121,19 @@ encrypted unless --no-encrypt.
 """
 
 PROTOCOL_MAGIC = b'WXFR'
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 FLAG_ENCRYPT = 0x01
 
 NONCE_SIZE = 32
+SALT_SIZE = 16
 PROOF_SIZE = 32
 TAG_SIZE = 16
 
-HELLO = struct.Struct('!4sBB32s')               # magic, version, flags, client nonce
-SERVER_HELLO = struct.Struct('!4sBB32s32s')     # magic, version, flags, server nonce, proof
+# Every version of the protocol opens both hellos with this prefix, so each
+# side can name the other's version before reading a layout it may not know.
+HELLO_PREFIX = struct.Struct('!4sBB')           # magic, version, flags
+HELLO = struct.Struct('!4sBB32s')               # prefix, client nonce
+SERVER_HELLO = struct.Struct('!4sBB32s16s32s')  # prefix, server nonce, salt of the secret, proof
 CLIENT_PROOF = struct.Struct('!32s')            # proof
 FRAME_HEADER = struct.Struct('!I')              # sealed body length
 MAX_FRAME = 1 << 24
@@ -235,23 +239,51 @@ BLOB_ZLIB = 1           # one zlib stream per link direction, Z_SYNC_FLUSH per f
 # ---------------------------------------------------------------------------
 """Authentication, key derivation and the cipher, all from hashlib and hmac.
 
-Handshake: each side sends a fresh 32-byte nonce; each proves it knows the
-secret with HMAC-SHA256(secret, label | client nonce | server nonce | version
-| flags).  The server proves first, so a client with the wrong secret learns
-it plainly; the secret never crosses the wire.  Session keys come from
-HKDF-SHA256 over the secret with both nonces as salt, one key pair per
-direction and channel, so no (key, nonce) pair is ever used twice.
+The secret is never used as it is: a server stretches it once, with scrypt
+and a salt it draws at start, into the key K it proves with, and sends the
+salt in its hello; the client stretches its own copy with that salt.  The
+server's proof goes to anyone who connects, so a recorded or provoked proof
+lets an attacker test guesses offline: scrypt makes each guess cost
+STRETCH_COST (about 50 ms and 16 MiB here), and the salt makes the work
+good for one server run only.  Weak secrets are still guessable: `serve`
+and `tunnel` refuse very short ones and warn about short ones.
 
-Cipher (encrypt-then-MAC): the keystream is SHAKE-128(enc key | batch number),
-generated once per batch of KEYSTREAM_BATCH packet numbers and sliced per
-packet; the tag is keyed BLAKE2b-128 over header and ciphertext.  With
---no-encrypt only the tag is applied.  See README.md for the limits.
+Handshake: each side sends a fresh 32-byte nonce; each proves it knows K
+with HMAC-SHA256(K, label | client nonce | server nonce | version | flags).
+The server proves first, so a client with the wrong secret learns it
+plainly; neither the secret nor K crosses the wire.  Session keys come from
+HKDF-SHA256 over K with both nonces as salt, one key pair per direction and
+channel.  No forward secrecy: whoever learns the secret later can derive
+the keys of a recorded session.
+
+Cipher (encrypt-then-MAC): the keystream is SHAKE-128(enc key | stride |
+batch number), generated once per batch of packet numbers and sliced per
+packet (stride bytes each); the tag is keyed BLAKE2b-128 over header and
+ciphertext.  With --no-encrypt only the tag is applied.
+
+The one rule that keeps the keystream from ever being used twice: each key
+seals each nonce (packet or frame number) at most once, and every input to
+SHAKE names how its output is sliced.  A nonce n at stride s takes bytes
+[(n % batch) * s, +s) of the stream for (s, n // batch); a payload longer
+than the stride takes a stream of its own, for (n).  Distinct nonces at one
+stride take disjoint bytes of one stream; different strides take different
+streams; so changing the block size between files (or for the narrow-path
+refetch) cannot land a later packet on bytes an earlier one used.
 """
 
 KEYSTREAM_BATCH = 64            # at most this many nonces share one SHAKE call
 KEYSTREAM_SPAN = 1 << 16        # and at most this many keystream bytes
 KEYSTREAM_STRIDE = 2048         # keystream bytes per nonce on the control channel
+KEYSTREAM_BATCHED = b'B'        # SHAKE input: key | B | stride (4 bytes) | batch (8 bytes)
+KEYSTREAM_LONG = b'L'           # SHAKE input: key | L | nonce (8 bytes)
 SEAL_LABELS = ('ctrl-c2s', 'ctrl-s2c', 'data-s2c', 'data-c2s')
+
+# scrypt's cost: 2**14 rounds of 8 x 128-byte blocks, 16 MiB of memory.  Part
+# of the protocol version: both ends must stretch alike.
+STRETCH_COST = {'n': 1 << 14, 'r': 8, 'p': 1, 'maxmem': 64 << 20, 'dklen': 32}
+STRETCH_LABEL = b'wanxfer v2 secret'
+MIN_SECRET_BYTES = 8            # serve and tunnel refuse shorter secrets
+GOOD_SECRET_BYTES = 16          # and warn about shorter ones
 
 
 def hkdf_sha256(secret, salt, info, length):
@@ -265,9 +297,67 @@ def hkdf_sha256(secret, salt, info, length):
     return out[:length]
 
 
-def handshake_proof(secret, label, client_nonce, server_nonce, flags):
+def handshake_proof(key, label, client_nonce, server_nonce, flags):
     message = label + client_nonce + server_nonce + bytes([PROTOCOL_VERSION, flags])
-    return hmac.new(secret, message, hashlib.sha256).digest()
+    return hmac.new(key, message, hashlib.sha256).digest()
+
+
+def stretch_secret(secret, salt):
+    """The key K a session proves and derives from: scrypt of the secret."""
+    scrypt = getattr(hashlib, 'scrypt', None)
+    if scrypt is None:      # Python built against an OpenSSL before 1.1
+        raise WanxferError('this Python has no hashlib.scrypt (OpenSSL 1.1 or newer is needed)')
+    return scrypt(secret, salt=STRETCH_LABEL + salt, **STRETCH_COST)
+
+
+def secret_weakness(secret):
+    """Why `secret` is too easy to guess offline, or None.  Returns
+    (refuse, reason): refuse is true for secrets no salt can save."""
+    if len(secret) < MIN_SECRET_BYTES:
+        return True, 'the secret is %d bytes; at least %d are needed, %d or more random ones ' \
+            'are advised' % (len(secret), MIN_SECRET_BYTES, GOOD_SECRET_BYTES)
+    if len(secret) < GOOD_SECRET_BYTES or len(set(secret)) < 6:
+        return False, 'the secret is short or repetitive: anyone who connects can test guesses ' \
+            'of it offline; use %d or more random characters (e.g. python3 -c "import secrets; ' \
+            'print(secrets.token_urlsafe(24))")' % GOOD_SECRET_BYTES
+    return None
+
+
+class SharedSecret:
+    """The secret both ends know, and what it stretches to.
+
+    A server (`serve`, `tunnel --listen`) draws one salt per process and
+    stretches once, so no handshake costs it a stretch: an unauthenticated
+    peer must not be able to make the server burn 50 ms per connection.  A
+    client stretches with each salt it meets, once (a tunnel reconnecting to
+    the same far side pays nothing more)."""
+
+    def __init__(self, secret):
+        self._secret = bytes(secret)
+        self._keys = {}
+        self._lock = threading.Lock()
+        self._server_salt = None
+
+    @classmethod
+    def of(cls, secret):
+        return secret if isinstance(secret, cls) else cls(secret)
+
+    def key(self, salt):
+        with self._lock:
+            key = self._keys.get(salt)
+            if key is None:
+                if len(self._keys) >= 16:   # a client meets one or two salts; bound it anyway
+                    self._keys.clear()
+                key = self._keys[salt] = stretch_secret(self._secret, salt)
+            return key
+
+    def server_salt(self):
+        """This process's salt as a server (drawn once) and its key."""
+        with self._lock:
+            if self._server_salt is None:
+                self._server_salt = secrets.token_bytes(SALT_SIZE)
+            salt = self._server_salt
+        return salt, self.key(salt)
 
 
 def xor_bytes(data, keystream):
@@ -300,8 +390,14 @@ class Sealer:
         self.set_stride(stride)
 
     def set_stride(self, stride):
+        """Slice the keystream `stride` bytes per nonce from now on.  The
+        stride is part of every batch's SHAKE input, so no stride can reach
+        keystream another stride used (see the section's comment)."""
+        if not 0 < stride < 1 << 32:
+            raise ValueError('keystream stride %r' % stride)
         self.stride = stride
         self.batch = max(1, min(KEYSTREAM_BATCH, KEYSTREAM_SPAN // stride))
+        self._batch_prefix = self._enc_key + KEYSTREAM_BATCHED + stride.to_bytes(4, 'big')
         self._batches = {}
 
     def _batch_stream(self, batch):
@@ -310,13 +406,14 @@ class Sealer:
             if len(self._batches) >= 8:     # in-order traffic needs one or two
                 self._batches.clear()
             stream = memoryview(hashlib.shake_128(
-                self._enc_key + batch.to_bytes(8, 'big')).digest(self.batch * self.stride))
+                self._batch_prefix + batch.to_bytes(8, 'big')).digest(self.batch * self.stride))
             self._batches[batch] = stream
         return stream
 
     def _keystream(self, nonce, length):
         if length > self.stride:            # long control frames: a stream of their own
-            return hashlib.shake_128(self._enc_key + b'long' + nonce.to_bytes(8, 'big')).digest(length)
+            return hashlib.shake_128(
+                self._enc_key + KEYSTREAM_LONG + nonce.to_bytes(8, 'big')).digest(length)
         batch, index = divmod(nonce, self.batch)
         start = index * self.stride
         return self._batch_stream(batch)[start:start + length]
@@ -386,14 +483,15 @@ class Sealer:
 
 
 class SessionKeys:
-    """The keys and id of one authenticated session, derived from the secret
-    and both sides' nonces.  `sealers(role)` gives the four Sealers as seen
-    from 'client' or 'server': (control out, control in, data out, data in)."""
+    """The keys and id of one authenticated session, derived from the
+    stretched secret K and both sides' nonces.  `sealers(role)` gives the
+    four Sealers as seen from 'client' or 'server': (control out, control
+    in, data out, data in)."""
 
-    def __init__(self, secret, client_nonce, server_nonce, encrypt):
+    def __init__(self, key, client_nonce, server_nonce, encrypt):
         self.encrypt = encrypt
-        material = hkdf_sha256(secret, client_nonce + server_nonce,
-                               b'wanxfer v1 session keys', 4 + 64 * len(SEAL_LABELS))
+        material = hkdf_sha256(key, client_nonce + server_nonce,
+                               b'wanxfer v2 session keys', 4 + 64 * len(SEAL_LABELS))
         self.session_id = int.from_bytes(material[:4], 'big')
         self._keys = {label: material[4 + 64 * i:68 + 64 * i] for i, label in enumerate(SEAL_LABELS)}
 
@@ -524,53 +622,63 @@ class ControlChannel:
 
 
 def client_handshake(sock, secret, encrypt):
-    """Authenticate to a server; return (SessionKeys, round-trip seconds)."""
+    """Authenticate to a server; return (SessionKeys, round-trip seconds).
+    `secret` is a SharedSecret (or the secret's bytes)."""
+    secret = SharedSecret.of(secret)
     flags = FLAG_ENCRYPT if encrypt else 0
     client_nonce = secrets.token_bytes(NONCE_SIZE)
     started = time.monotonic()
     sock.sendall(HELLO.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION, flags, client_nonce))
-    magic, version, server_flags, server_nonce, proof = SERVER_HELLO.unpack(
-        recv_exactly(sock, SERVER_HELLO.size))
+    prefix = recv_exactly(sock, HELLO_PREFIX.size)
     rtt = time.monotonic() - started
+    magic, version, server_flags = HELLO_PREFIX.unpack(prefix)
     if magic != PROTOCOL_MAGIC:
         raise ProtocolError('the peer is not a wanxfer server')
     if version != PROTOCOL_VERSION:
-        raise AuthError('incompatible protocol version: server speaks %d, this client %d'
-                        % (version, PROTOCOL_VERSION))
+        raise AuthError('incompatible protocol version: server speaks %d, this client %d; run the '
+                        'same wanxfer.py at both ends' % (version, PROTOCOL_VERSION))
+    _, _, _, server_nonce, salt, proof = SERVER_HELLO.unpack(
+        prefix + recv_exactly(sock, SERVER_HELLO.size - HELLO_PREFIX.size))
     if server_flags != flags:
         raise AuthError('encryption mismatch: the server runs %s, this client %s; use the same '
                         'setting on both ends' % (describe_flags(server_flags), describe_flags(flags)))
-    expected = handshake_proof(secret, b'wanxfer server', client_nonce, server_nonce, flags)
+    key = secret.key(salt)
+    expected = handshake_proof(key, b'wanxfer server', client_nonce, server_nonce, flags)
     if not hmac.compare_digest(proof, expected):
         raise AuthError('authentication failed: wrong secret (the server could not prove it knows it)')
     sock.sendall(CLIENT_PROOF.pack(
-        handshake_proof(secret, b'wanxfer client', client_nonce, server_nonce, flags)))
-    return SessionKeys(secret, client_nonce, server_nonce, encrypt), rtt
+        handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, flags)))
+    return SessionKeys(key, client_nonce, server_nonce, encrypt), rtt
 
 
 def server_handshake(sock, secret, encrypt):
     """Authenticate a client; return (SessionKeys, round-trip seconds) or
-    raise AuthError."""
+    raise AuthError.  `secret` should be the server's one SharedSecret, so
+    that it is stretched once per process, not per connection."""
+    secret = SharedSecret.of(secret)
     flags = FLAG_ENCRYPT if encrypt else 0
-    magic, version, client_flags, client_nonce = HELLO.unpack(recv_exactly(sock, HELLO.size))
+    prefix = recv_exactly(sock, HELLO_PREFIX.size)
+    magic, version, client_flags = HELLO_PREFIX.unpack(prefix)
     if magic != PROTOCOL_MAGIC:
         raise ProtocolError('not a wanxfer client')
     server_nonce = secrets.token_bytes(NONCE_SIZE)
+    salt, key = secret.server_salt()
     if version != PROTOCOL_VERSION or client_flags != flags:
         # Say who we are so the client can name the mismatch, then hang up.
         sock.sendall(SERVER_HELLO.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION, flags,
-                                       server_nonce, bytes(PROOF_SIZE)))
+                                       server_nonce, salt, bytes(PROOF_SIZE)))
         raise AuthError('client speaks version %d with %s' % (version, describe_flags(client_flags)))
+    _, _, _, client_nonce = HELLO.unpack(prefix + recv_exactly(sock, HELLO.size - HELLO_PREFIX.size))
     sock.sendall(SERVER_HELLO.pack(
-        PROTOCOL_MAGIC, PROTOCOL_VERSION, flags, server_nonce,
-        handshake_proof(secret, b'wanxfer server', client_nonce, server_nonce, flags)))
+        PROTOCOL_MAGIC, PROTOCOL_VERSION, flags, server_nonce, salt,
+        handshake_proof(key, b'wanxfer server', client_nonce, server_nonce, flags)))
     started = time.monotonic()
     (proof,) = CLIENT_PROOF.unpack(recv_exactly(sock, CLIENT_PROOF.size))
     rtt = time.monotonic() - started
-    expected = handshake_proof(secret, b'wanxfer client', client_nonce, server_nonce, flags)
+    expected = handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, flags)
     if not hmac.compare_digest(proof, expected):
         raise AuthError('client failed authentication (wrong secret)')
-    return SessionKeys(secret, client_nonce, server_nonce, encrypt), rtt
+    return SessionKeys(key, client_nonce, server_nonce, encrypt), rtt
 
 
 def describe_flags(flags):
@@ -3260,7 +3368,7 @@ class Server:
     def __init__(self, tree, secret, bind='', port=DEFAULT_PORT, encrypt=True,
                  max_rate=None, log=None, signature_store=None):
         self.tree = tree
-        self.secret = secret
+        self.secret = SharedSecret.of(secret)
         self.encrypt = encrypt
         self.max_rate = max_rate
         self.log = log or (lambda line: None)
@@ -3679,7 +3787,7 @@ class Client:
         self.host, self.port = host, port
         self.max_rate = max_rate                # bytes/s, or None: the path decides
         self.store = store                      # a ChunkStore: delta transfers; None: plain
-        self.secret, self.encrypt = secret, encrypt
+        self.secret, self.encrypt = SharedSecret.of(secret), encrypt
         self.timeout = timeout
         self.events = events or TransferEvents()
         self.sock = self.udp = None
@@ -6066,7 +6174,7 @@ class Tunnel:
     role = ''
 
     def __init__(self, secret, store, encrypt=True, log=None):
-        self.secret = secret
+        self.secret = SharedSecret.of(secret)
         self.store = store
         self.encrypt = encrypt
         self.log = log or (lambda line: None)
@@ -6563,6 +6671,18 @@ def parse_host_port(text, default_port=DEFAULT_PORT):
     return host, port
 
 
+def check_secret_strength(secret):
+    """Refuse a secret too short to survive offline guessing; warn about a
+    weak one (a listening end hands its proof to anyone who connects)."""
+    weakness = secret_weakness(secret)
+    if weakness is None:
+        return
+    refuse, reason = weakness
+    if refuse:
+        raise UsageError(reason)
+    print('wanxfer: warning: %s' % reason, file=sys.stderr, flush=True)
+
+
 def require_secret(args):
     secret = load_secret(args.secret_file)
     if secret is None:
@@ -6730,14 +6850,17 @@ def server_logger(stream=None):
 def command_serve(args):
     tree = ServedTree(args.paths or ['.'])
     secret = load_secret(args.secret_file)
-    max_rate = parse_rate(args.rate) / 8 if args.rate else None
-    log = server_logger()
-    server = Server(tree, secret or b'', args.bind, args.port, encrypt=not args.no_encrypt,
-                    max_rate=max_rate, log=log,
-                    signature_store=SignatureStore(args.cache or default_cache_path(), log))
+    generated = None
     if secret is None:
         generated = secrets.token_urlsafe(24)
-        server.secret = generated.encode()
+    else:
+        check_secret_strength(secret)
+    max_rate = parse_rate(args.rate) / 8 if args.rate else None
+    log = server_logger()
+    server = Server(tree, secret or generated.encode(), args.bind, args.port,
+                    encrypt=not args.no_encrypt, max_rate=max_rate, log=log,
+                    signature_store=SignatureStore(args.cache or default_cache_path(), log))
+    if generated is not None:
         host = args.bind or socket.gethostname()
         port = '' if server.port == DEFAULT_PORT else ':%d' % server.port
         print('wanxfer: no secret was given, so this server made one (shown only now):\n'
@@ -7010,6 +7133,7 @@ def command_tunnel(args):
     if args.peer and (not args.forward or args.allow):
         raise UsageError('--peer takes -L [BIND:]PORT:HOST:PORT (at least one), not --allow')
     secret = require_secret(args)
+    check_secret_strength(secret)
     limit = parse_size(args.cache_size)
     allow = [parse_target(text, '--allow') for text in args.allow]
     forwards = [parse_forward(text) for text in args.forward]

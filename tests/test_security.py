@@ -1,0 +1,184 @@
+"""The security promises of the cipher and the handshake: no keystream byte
+is ever used twice, the secret is stretched before it is proved with, and
+weak secrets are refused or warned about by the ends that listen."""
+
+import random
+import socket
+import threading
+
+import pytest
+
+from conftest import SECRET, make_file, sha256, wanxfer
+
+WINDOW = 16         # a reuse of 2 * WINDOW keystream bytes or more is always found
+
+
+def find_keystream_reuse(streams):
+    """(i, j) for two keystream pieces that share 2 * WINDOW bytes at any
+    offsets, or None.  Every WINDOW-th window of every piece is indexed,
+    then every window of every piece is looked up: an overlap of 2 * WINDOW
+    bytes holds one indexed window whole.  Random keystream repeats a
+    16-byte window by chance with probability ~ n**2 / 2**128."""
+    index = {}
+    for i, stream in enumerate(streams):
+        for offset in range(0, len(stream) - WINDOW + 1, WINDOW):
+            index.setdefault(stream[offset:offset + WINDOW], (i, offset))
+    for i, stream in enumerate(streams):
+        for offset in range(len(stream) - WINDOW + 1):
+            hit = index.get(stream[offset:offset + WINDOW])
+            if hit is not None and hit != (i, offset):
+                return hit[0], i
+    return None
+
+
+def test_the_reuse_detector_finds_a_shifted_overlap():
+    rng = random.Random(3)
+    base = rng.getrandbits(8 * 4000).to_bytes(4000, 'big')
+    assert find_keystream_reuse([base[:2000], base[1000 + 7:3000]]) is not None
+    assert find_keystream_reuse([base[:2000], base[2000:4000]]) is None
+
+
+def recording_keystream(monkeypatch):
+    """Every keystream the cipher seals with, as the bytes it used.  (With
+    both ends in one process, opening uses the same keystream again: only
+    what `seal` and `seal_run` XOR is recorded.)"""
+    used, sealing = [], threading.local()
+    xor = wanxfer.xor_bytes
+
+    def record(data, keystream):
+        if getattr(sealing, 'on', False):
+            used.append(bytes(keystream[:len(data)]))
+        return xor(data, keystream)
+
+    def sealing_with(method):
+        def wrapper(*args):
+            sealing.on = True
+            try:
+                return method(*args)
+            finally:
+                sealing.on = False
+        return wrapper
+    monkeypatch.setattr(wanxfer, 'xor_bytes', record)
+    for name in ('seal', 'seal_run'):
+        monkeypatch.setattr(wanxfer.Sealer, name, sealing_with(getattr(wanxfer.Sealer, name)))
+    return used
+
+
+def test_sealer_never_reuses_keystream_across_stride_changes(monkeypatch):
+    """The sender's stride follows the block size, which changes between
+    files of one session; packet numbers go on counting."""
+    used = recording_keystream(monkeypatch)
+    sealer = wanxfer.Sealer(bytes(range(64)), True)
+    nonce = 0
+    for stride in (65477, 1442, 8000, 1442, 65477, 2048, 1230):
+        sealer.set_stride(stride)
+        for _ in range(70):
+            sealer.seal(nonce, nonce.to_bytes(8, 'big'), bytes(stride))
+            nonce += 1
+        headers = [n.to_bytes(8, 'big') for n in range(nonce, nonce + 50)]
+        sealer.seal_run(nonce, headers, bytes(stride * 50 - 3))
+        nonce += 50
+        sealer.seal(nonce, b'', bytes(stride + 10))     # longer than the stride
+        nonce += 1
+    assert len(used) == 7 * 72
+    assert find_keystream_reuse(used) is None
+
+
+@pytest.mark.parametrize('case', ['updated-file', 'narrow-path'])
+def test_a_session_with_mixed_block_sizes_never_reuses_keystream(tmp_path, monkeypatch, link, case):
+    """Both ends in this process, every sealed payload recorded.  The block
+    size (and so the stride) changes within one session: a new file in 64
+    KiB blocks, then an updated one in the smaller blocks of a delta; or a
+    first request in 64 KiB blocks that a narrow path makes fall back."""
+    used = recording_keystream(monkeypatch)
+    strides = set()
+    set_stride = wanxfer.Sealer.set_stride
+    monkeypatch.setattr(wanxfer.Sealer, 'set_stride',
+                        lambda sealer, stride: strides.add(stride) or set_stride(sealer, stride))
+    served, out = tmp_path / 'served', tmp_path / 'out'
+    served.mkdir()
+    out.mkdir()
+    make_file(served / 'a', 1 << 20, seed=1)
+    make_file(served / 'b', 1 << 20, seed=2)
+    with open(out / 'b', 'wb') as older:                # b changed in its second half
+        older.write((served / 'b').read_bytes()[:1 << 19] + bytes(1 << 19))
+    server = wanxfer.Server(wanxfer.ServedTree([str(served / 'a'), str(served / 'b')]),
+                            SECRET.encode(), '127.0.0.1', 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = link(server.port, mtu=1500).port if case == 'narrow-path' else server.port
+        remotes = ['a', 'b'] if case == 'updated-file' else ['a']
+        monkeypatch.setenv('WANXFER_SECRET', SECRET)
+        status = wanxfer.main(['get', '127.0.0.1:%d' % port] + remotes + ['-o', str(out), '--quiet'])
+    finally:
+        server.shutdown()
+        thread.join(10)
+    assert status == 0
+    for name in remotes:
+        assert sha256(out / name) == sha256(served / name)
+    assert {wanxfer.block_size_for_mtu(65535), wanxfer.block_size_for_mtu(1500)} <= strides, strides
+    assert sum(map(len, used)) > 1 << 20
+    assert find_keystream_reuse(used) is None
+
+
+def test_the_server_proves_with_the_stretched_secret_and_a_salt_of_its_own():
+    """What a listener hands to anyone who connects is an HMAC under scrypt
+    of the secret with a salt drawn per server run, not under the secret."""
+    secret = wanxfer.SharedSecret(b'correct horse battery staple')
+    hellos = []
+    for _ in range(2):
+        a, b = socket.socketpair()
+        a.sendall(wanxfer.HELLO.pack(wanxfer.PROTOCOL_MAGIC, wanxfer.PROTOCOL_VERSION,
+                                     wanxfer.FLAG_ENCRYPT, bytes(32)))
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises(wanxfer.ProtocolError):
+            wanxfer.server_handshake(b, secret, True)
+        hellos.append(wanxfer.SERVER_HELLO.unpack(wanxfer.recv_exactly(a, wanxfer.SERVER_HELLO.size)))
+        a.close()
+        b.close()
+    (_, _, flags, nonce, salt, proof), second = hellos
+    assert second[4] == salt                            # one salt per server
+    assert wanxfer.SharedSecret(b'correct horse battery staple').server_salt()[0] != salt
+    stretched = wanxfer.stretch_secret(b'correct horse battery staple', salt)
+    assert proof == wanxfer.handshake_proof(stretched, b'wanxfer server', bytes(32), nonce, flags)
+    assert proof != wanxfer.handshake_proof(b'correct horse battery staple', b'wanxfer server',
+                                            bytes(32), nonce, flags)
+
+
+def test_a_server_stretches_its_secret_once_not_per_connection(monkeypatch):
+    calls = []
+    stretch = wanxfer.stretch_secret
+    monkeypatch.setattr(wanxfer, 'stretch_secret', lambda *a: calls.append(a) or stretch(*a))
+    server_secret = wanxfer.SharedSecret(b'correct horse battery staple')
+    for _ in range(3):
+        a, b = socket.socketpair()
+        thread = threading.Thread(target=wanxfer.server_handshake, args=(b, server_secret, True))
+        thread.start()
+        wanxfer.client_handshake(a, b'correct horse battery staple', True)
+        thread.join(10)
+        a.close()
+        b.close()
+    assert len(calls) == 1 + 3          # the server once, each new client once
+
+
+@pytest.mark.parametrize('secret,refused,warned', [
+    (b'pw12', True, True), (b'pw123456', False, True), (b'aaaaaaaaaaaaaaaaaaaa', False, True),
+    (b'Zq3-vT9_pLm2xW8kR4n', False, False)])
+def test_weak_secrets_are_refused_or_warned_about(secret, refused, warned):
+    weakness = wanxfer.secret_weakness(secret)
+    assert (weakness is not None) == warned
+    assert (weakness is not None and weakness[0]) == refused
+
+
+def test_serve_refuses_a_very_short_secret_and_warns_about_a_short_one(tmp_path, serve):
+    import subprocess
+    import sys
+    from conftest import WANXFER, wanxfer_env
+    (tmp_path / 'f').write_bytes(b'x')
+    done = subprocess.run([sys.executable, WANXFER, 'serve', '--bind', '127.0.0.1', '--port', '0',
+                           str(tmp_path / 'f')], env=wanxfer_env('pw12'), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and 'at least 8' in done.stderr and 'Traceback' not in done.stderr
+    server = serve([tmp_path / 'f'], secret='pw123456')
+    assert 'warning: the secret is short' in server.log()
