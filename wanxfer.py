@@ -849,6 +849,20 @@ def _is_corruption(error):
     return any(word in text for word in _CORRUPTION_WORDS)
 
 
+def is_our_cache_file(path):
+    """Whether the file at `path` is recognisably a wanxfer cache, however
+    damaged its pages: a SQLite header carrying our application id.  Only
+    such a file may be moved aside; anything else (a mistyped --cache) is
+    not ours to touch."""
+    try:
+        with open(path, 'rb') as f:
+            header = f.read(100)
+    except OSError:
+        return False
+    return header[:16] == b'SQLite format 3\x00' and \
+        header[68:72] == struct.pack('>I', CACHE_APPLICATION_ID)
+
+
 def open_cache_db(path, create):
     """A sqlite3 connection to the wanxfer cache at `path`, its format
     checked; with `create`, a new or empty file becomes a cache.  Raises
@@ -902,9 +916,12 @@ class ChunkStore:
     about every CACHE_COMMIT_INTERVAL (commits, records use for LRU,
     evicts), `save_run()` for the byte counters, `close()`; for delta
     transfers `keep_file()`, `find_spans()`, `forget_file()`.  Faults found
-    while running never raise: a corrupt file is moved aside and replaced, a
-    busy one costs a miss, so the cache can cost bandwidth, never
-    correctness.  `log` receives one line per problem."""
+    while running never raise: a damaged cache is moved aside (with its
+    kept files) and replaced, a busy one costs a miss, so the cache can
+    cost bandwidth, never correctness.  A file that is not recognisably a
+    wanxfer cache is never moved nor written: opening it raises CacheError,
+    and met while running it leaves the store without a cache.  `log`
+    receives one line per problem."""
 
     def __init__(self, path, limit=DEFAULT_CACHE_SIZE, log=None):
         self.path = path
@@ -1048,6 +1065,21 @@ class ChunkStore:
     def kept_directory(self):
         return self.path + '.files'
 
+    def _make_kept_directory(self):
+        """The kept files' directory, private (a link to a file of a private
+        directory must not be reachable by others through it) and real: a
+        link there, planted beside a cache in a shared place, would have
+        the files linked wherever it points."""
+        try:
+            os.mkdir(self.kept_directory, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(self.kept_directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, 'not a directory of ours')
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(self.kept_directory, 0o700)
+
     def kept_files_for(self, remote):
         """[(id, path, size, mtime_ns, modes)] of files kept for `remote`, newest first."""
         return self._safely([], lambda: self._db.execute(
@@ -1060,7 +1092,9 @@ class ChunkStore:
         return self._safely(None, self._keep_file, path, remote, mode, spans, link)
 
     def _keep_file(self, path, remote, mode, spans, link):
-        info = os.stat(path)
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return None                 # a link's target is not ours to keep or index
         self._begin()
         for (stale,) in self._db.execute('SELECT id FROM kept_files WHERE path = ? AND owned = 0',
                                          (os.path.abspath(path),)).fetchall():
@@ -1073,8 +1107,8 @@ class ChunkStore:
         if link and info.st_size <= self.limit:
             kept = os.path.join(self.kept_directory, '%d' % file_id)
             try:
-                os.makedirs(self.kept_directory, exist_ok=True)
-                os.link(path, kept)
+                self._make_kept_directory()
+                os.link(path, kept, follow_symlinks=False)
                 self._db.execute('UPDATE kept_files SET path = ?, owned = 1 WHERE id = ?',
                                  (kept, file_id))
             except OSError as e:
@@ -1202,7 +1236,11 @@ class ChunkStore:
 
     def _replace(self, error):
         self._close_db()
-        self._move_aside(error)
+        try:
+            self._move_aside(error)
+        except CacheError as e:
+            self.log('warning: %s; running without a cache' % e)
+            return
         self._reopen()
 
     def _reopen(self):
@@ -1215,8 +1253,12 @@ class ChunkStore:
                      % (self.path, e))
 
     def _move_aside(self, error):
+        if not is_our_cache_file(self.path):
+            raise CacheError('%s is not a wanxfer cache (%s); it is left as it is: choose another '
+                             '--cache' % (self.path, error))
         aside = '%s.corrupt-%s' % (self.path, time.strftime('%Y%m%d-%H%M%S'))
-        for suffix in ('', '-wal', '-shm'):
+        # The kept files go too: the new cache knows none of them.
+        for suffix in ('', '-wal', '-shm', '.files'):
             try:
                 os.replace(self.path + suffix, aside + suffix)
             except FileNotFoundError:
@@ -6807,7 +6849,44 @@ def plan_downloads(client, remotes, dest, answered=None):
         for entry in listing['files']:
             rel = safe_relative(entry['path'])
             jobs.append(((remote + '/' if remote else '') + rel, os.path.join(top, rel), entry))
+            if '/' in rel:                      # its directory, checked like the listed ones
+                dirs.append(os.path.dirname(os.path.join(top, rel)))
     return jobs, dirs, errors
+
+
+def make_directories(dirs):
+    """Create `dirs` (the destination first, then directories below it).
+    The destination is the user's and may be a link; below it, a symbolic
+    link where a directory of the tree goes is refused, not followed: one
+    planted in a shared destination would put the files wherever it points
+    (moving a link of the user's aside is left to the user)."""
+    if not dirs:
+        return
+    base = dirs[0]
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:
+        raise TransferError('cannot create directory %s: %s' % (base, e.strerror))
+    made = set()
+    for directory in dirs[1:]:
+        path = base
+        for part in os.path.relpath(directory, base).split(os.sep):
+            path = os.path.join(path, part)
+            if part in ('', '.') or path in made:
+                continue
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise TransferError('cannot create directory %s: %s' % (path, e.strerror))
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                raise TransferError('%s is a symbolic link; get does not write through links: '
+                                    'remove it or fetch into another directory' % path)
+            if not stat.S_ISDIR(info.st_mode):
+                raise TransferError('cannot create directory %s: a file is in the way' % path)
+            made.add(path)
 
 
 def get_outcomes(client, jobs, fetched):
@@ -6856,11 +6935,7 @@ def command_get(args):
         for line in errors:
             print('wanxfer: error: %s' % line, file=sys.stderr)
             failures += 1
-        for directory in dirs:
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except OSError as e:
-                raise TransferError('cannot create directory %s: %s' % (directory, e.strerror))
+        make_directories(dirs)
         for _job, summary in get_outcomes(client, jobs, fetched):
             if isinstance(summary, RemoteError):
                 print('wanxfer: error: %s' % summary, file=sys.stderr)
