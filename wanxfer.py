@@ -85,6 +85,15 @@ class TransferError(WanxferError):
     """A transfer could not complete (timeout, disk full, digest mismatch)."""
 
 
+class DiskFull(TransferError):
+    """The destination's disk (or quota) is full.  `written` bytes of the
+    write that failed did reach the file before it filled up."""
+
+    def __init__(self, message, written=0):
+        super().__init__(message)
+        self.written = written
+
+
 class DigestMismatch(TransferError):
     """The file received does not hash to the server's digest (it is
     fetched again from scratch, once, before this reaches the user)."""
@@ -948,6 +957,20 @@ def _is_corruption(error):
     return any(word in text for word in _CORRUPTION_WORDS)
 
 
+def is_our_cache_file(path):
+    """Whether the file at `path` is recognisably a wanxfer cache, however
+    damaged its pages: a SQLite header carrying our application id.  Only
+    such a file may be moved aside; anything else (a mistyped --cache) is
+    not ours to touch."""
+    try:
+        with open(path, 'rb') as f:
+            header = f.read(100)
+    except OSError:
+        return False
+    return header[:16] == b'SQLite format 3\x00' and \
+        header[68:72] == struct.pack('>I', CACHE_APPLICATION_ID)
+
+
 def open_cache_db(path, create):
     """A sqlite3 connection to the wanxfer cache at `path`, its format
     checked; with `create`, a new or empty file becomes a cache.  Raises
@@ -1001,9 +1024,12 @@ class ChunkStore:
     about every CACHE_COMMIT_INTERVAL (commits, records use for LRU,
     evicts), `save_run()` for the byte counters, `close()`; for delta
     transfers `keep_file()`, `find_spans()`, `forget_file()`.  Faults found
-    while running never raise: a corrupt file is moved aside and replaced, a
-    busy one costs a miss, so the cache can cost bandwidth, never
-    correctness.  `log` receives one line per problem."""
+    while running never raise: a damaged cache is moved aside (with its
+    kept files) and replaced, a busy one costs a miss, so the cache can
+    cost bandwidth, never correctness.  A file that is not recognisably a
+    wanxfer cache is never moved nor written: opening it raises CacheError,
+    and met while running it leaves the store without a cache.  `log`
+    receives one line per problem."""
 
     def __init__(self, path, limit=DEFAULT_CACHE_SIZE, log=None):
         self.path = path
@@ -1147,6 +1173,21 @@ class ChunkStore:
     def kept_directory(self):
         return self.path + '.files'
 
+    def _make_kept_directory(self):
+        """The kept files' directory, private (a link to a file of a private
+        directory must not be reachable by others through it) and real: a
+        link there, planted beside a cache in a shared place, would have
+        the files linked wherever it points."""
+        try:
+            os.mkdir(self.kept_directory, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(self.kept_directory)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, 'not a directory of ours')
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(self.kept_directory, 0o700)
+
     def kept_files_for(self, remote):
         """[(id, path, size, mtime_ns, modes)] of files kept for `remote`, newest first."""
         return self._safely([], lambda: self._db.execute(
@@ -1159,7 +1200,9 @@ class ChunkStore:
         return self._safely(None, self._keep_file, path, remote, mode, spans, link)
 
     def _keep_file(self, path, remote, mode, spans, link):
-        info = os.stat(path)
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return None                 # a link's target is not ours to keep or index
         self._begin()
         for (stale,) in self._db.execute('SELECT id FROM kept_files WHERE path = ? AND owned = 0',
                                          (os.path.abspath(path),)).fetchall():
@@ -1172,8 +1215,8 @@ class ChunkStore:
         if link and info.st_size <= self.limit:
             kept = os.path.join(self.kept_directory, '%d' % file_id)
             try:
-                os.makedirs(self.kept_directory, exist_ok=True)
-                os.link(path, kept)
+                self._make_kept_directory()
+                os.link(path, kept, follow_symlinks=False)
                 self._db.execute('UPDATE kept_files SET path = ?, owned = 1 WHERE id = ?',
                                  (kept, file_id))
             except OSError as e:
@@ -1301,7 +1344,11 @@ class ChunkStore:
 
     def _replace(self, error):
         self._close_db()
-        self._move_aside(error)
+        try:
+            self._move_aside(error)
+        except CacheError as e:
+            self.log('warning: %s; running without a cache' % e)
+            return
         self._reopen()
 
     def _reopen(self):
@@ -1314,8 +1361,12 @@ class ChunkStore:
                      % (self.path, e))
 
     def _move_aside(self, error):
+        if not is_our_cache_file(self.path):
+            raise CacheError('%s is not a wanxfer cache (%s); it is left as it is: choose another '
+                             '--cache' % (self.path, error))
         aside = '%s.corrupt-%s' % (self.path, time.strftime('%Y%m%d-%H%M%S'))
-        for suffix in ('', '-wal', '-shm'):
+        # The kept files go too: the new cache knows none of them.
+        for suffix in ('', '-wal', '-shm', '.files'):
             try:
                 os.replace(self.path + suffix, aside + suffix)
             except FileNotFoundError:
@@ -2457,7 +2508,7 @@ class FrontierDigest:
 
     def _run(self):
         try:
-            fd = os.open(self._path, os.O_RDONLY)
+            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return                      # finish() reads it all
         try:
@@ -2480,7 +2531,7 @@ class FrontierDigest:
     def finish(self):
         """The hex digest of the whole file, once every block is written."""
         self.stop()
-        fd = os.open(self._path, os.O_RDONLY)
+        fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             hash_range(self._digest, fd, self._hashed, self._size)
         finally:
@@ -2539,34 +2590,191 @@ class PartialFile:
     destination and a small state file records which blocks are safely
     written, so a killed transfer resumes where it stopped and a half-written
     file never takes the final name.  The state is only trusted when the
-    source's identity (size, mtime) and block size still match."""
+    source's identity (size, mtime) and block size still match.
 
-    STATE_FORMAT = 1
+    The state file is made at its full size before any data is written and
+    is then only overwritten in place, alternating between two slots that
+    each carry a sequence number and a CRC: a disk that fills up with data
+    still has room to record what was written (so the next run resumes it,
+    on filesystems that overwrite in place), and a write torn by a crash
+    spoils only the slot being written.
+
+    Neither file is ever opened through a symbolic link, and an existing one
+    is only resumed if it is a regular file of ours with no other link.
+    Anything else found at those names (a link planted in a shared
+    directory, say) is removed and the file made anew with O_EXCL, as rsync
+    replaces what is in its way instead of writing through it.  The verified
+    file is renamed over the destination, which likewise replaces a link
+    there rather than writing where it points, and takes the source's
+    permission bits without setuid, setgid and sticky (as cp and tar do
+    without -p): a file served with mode 4755 must not become a setuid
+    program owned by whoever runs `get`."""
+
+    STATE_MAGIC = b'WXS2'
+    STATE_SLOT = struct.Struct('>4sQII')    # magic, sequence, body length, CRC-32 of the body
 
     def __init__(self, dest, remote, size, mtime_ns, block_size):
         self.dest = dest
         self.data_path, self.state_path = self.paths_for(dest)
-        self.identity = {'format': self.STATE_FORMAT, 'remote': remote, 'size': size,
-                         'mtime_ns': mtime_ns, 'block_size': block_size}
+        self.identity = {'remote': remote, 'size': size, 'mtime_ns': mtime_ns,
+                         'block_size': block_size}
         self.nblocks = (size + block_size - 1) // block_size
         self.block_size = block_size
-        self.fd = None
+        self.fd = self.state_fd = None
         self.resumed_blocks = 0
+        self._sequence = 0
+        self._identity = json.dumps(self.identity, sort_keys=True, separators=(',', ':')).encode()
+        # A slot holds the bitmap uncompressed if need be: its size never changes.
+        self._slot = self.STATE_SLOT.size + 5 + len(self._identity) + (self.nblocks + 7) // 8
 
-    def open(self):
-        """Open (or resume) the temporary file; return the held-block bitmap."""
-        bitmap = self._load_state()
-        try:
-            if bitmap is None:
-                self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-                bitmap = bytearray((self.nblocks + 7) // 8)
-            else:
-                self.fd = os.open(self.data_path, os.O_RDWR)
-            os.ftruncate(self.fd, self.identity['size'])
-        except OSError as e:
-            raise TransferError('cannot write %s: %s' % (self.dest, e.strerror))
+    def open(self, resume=True):
+        """Open (or resume) the temporary file; return the held-block bitmap.
+        Without `resume` (a file that comes whole) no state is kept."""
+        bitmap = self._resume() if resume else None
+        if bitmap is None:
+            bitmap = bytearray((self.nblocks + 7) // 8)
+            try:
+                self._start(bitmap, resume)
+            except OSError as e:
+                self.discard()
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull('disk full: no room to start writing %s' % self.dest)
+                raise TransferError('cannot write %s: %s' % (self.dest, e.strerror))
+            except BaseException:
+                self.discard()
+                raise
         self.resumed_blocks = sum(bin(b).count('1') for b in bitmap)
         return bitmap
+
+    def _resume(self):
+        """The bitmap an earlier run recorded for this same source, both
+        files then open; None if there is nothing trustworthy to resume."""
+        self.state_fd = self._open_ours(self.state_path)
+        found = self._read_state(self.state_fd) if self.state_fd is not None else None
+        if found is not None and found[1] == self.identity \
+                and len(found[2]) == (self.nblocks + 7) // 8 \
+                and os.fstat(self.state_fd).st_size == 2 * self._slot:
+            self.fd = self._open_ours(self.data_path)
+            if self.fd is not None:
+                try:
+                    os.ftruncate(self.fd, self.identity['size'])
+                except OSError:
+                    pass
+                else:
+                    self._sequence = found[0]
+                    return bytearray(found[2])
+        self.close()
+        return None
+
+    def _start(self, bitmap, keep_state):
+        """Both files anew, the state first and at its full size, while there is room."""
+        if keep_state:
+            self.state_fd = self._create(self.state_path)
+            record = self._record(0, bitmap)
+            self._pwrite_all(self.state_fd, record, 0)
+            zeros = bytes(min(1 << 20, 2 * self._slot))
+            for offset in range(len(record), 2 * self._slot, len(zeros)):
+                self._pwrite_all(self.state_fd, zeros[:2 * self._slot - offset], offset)
+        else:
+            self._remove(self.state_path)
+        self.fd = self._create(self.data_path)
+        os.ftruncate(self.fd, self.identity['size'])
+
+    @staticmethod
+    def _open_ours(path):
+        """An fd on `path` if it is a regular file of ours with one link (not
+        following a symbolic link, not waiting on a FIFO); else None."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError:
+            return None
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_nlink == 1:
+            return fd
+        os.close(fd)
+        return None
+
+    def _create(self, path):
+        """A new, empty file of ours at `path`, whatever was there removed.
+        Should something take the name again between the unlink and the
+        exclusive create, give up rather than write into it."""
+        for _attempt in range(3):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            try:
+                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                continue
+        raise TransferError('cannot write %s: something keeps taking the name %s'
+                            % (self.dest, path))
+
+    @staticmethod
+    def _pwrite_all(fd, data, offset):
+        view, done = memoryview(data), 0
+        while done < len(view):
+            n = os.pwrite(fd, view[done:], offset + done)
+            if not n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += n
+        return done
+
+    def _record(self, sequence, bitmap):
+        bitmap = bytes(bitmap)
+        packed = zlib.compress(bitmap)
+        flag = 1
+        if len(packed) >= len(bitmap):
+            packed, flag = bitmap, 0
+        body = struct.pack('>I', len(self._identity)) + self._identity + bytes([flag]) + packed
+        return self.STATE_SLOT.pack(self.STATE_MAGIC, sequence, len(body), zlib.crc32(body)) + body
+
+    @classmethod
+    def _read_state(cls, fd):
+        """(sequence, identity dict, bitmap) of the newest intact slot, or None."""
+        try:
+            size = os.fstat(fd).st_size
+            if size > 2 * (1 << 30):
+                return None
+            raw = os.pread(fd, size, 0)
+        except OSError:
+            return None
+        slot, best = len(raw) // 2, None
+        for start in (0, slot):
+            try:
+                magic, sequence, length, crc = cls.STATE_SLOT.unpack_from(raw, start)
+            except struct.error:
+                return None
+            body = raw[start + cls.STATE_SLOT.size:start + cls.STATE_SLOT.size + length]
+            if magic != cls.STATE_MAGIC or len(body) != length or length > slot \
+                    or zlib.crc32(body) != crc or (best is not None and sequence <= best[0]):
+                continue
+            try:
+                (name_length,) = struct.unpack_from('>I', body)
+                identity = json.loads(body[4:4 + name_length].decode())
+                flag, packed = body[4 + name_length:5 + name_length], body[5 + name_length:]
+                if flag == b'\x01':
+                    bitmap = zlib.decompressobj().decompress(packed, slot)
+                elif flag == b'\x00':
+                    bitmap = packed
+                else:
+                    continue
+            except (struct.error, ValueError, zlib.error):
+                continue
+            best = (sequence, identity, bitmap)
+        return best
+
+    @classmethod
+    def recorded(cls, state_path):
+        """(identity dict, bitmap) a state file records, or None."""
+        fd = cls._open_ours(state_path)
+        if fd is None:
+            return None
+        try:
+            found = cls._read_state(fd)
+        finally:
+            os.close(fd)
+        return None if found is None else found[1:]
 
     @staticmethod
     def paths_for(dest):
@@ -2580,46 +2788,49 @@ class PartialFile:
         """Whether an earlier run left a partial copy of `dest`."""
         return any(os.path.lexists(path) for path in cls.paths_for(dest))
 
-    def _load_state(self):
-        try:
-            with open(self.state_path) as f:
-                state = json.load(f)
-            bitmap = bytearray(zlib.decompress(base64.b64decode(state.pop('bitmap'))))
-        except (OSError, ValueError, KeyError, zlib.error, TypeError, AttributeError):
-            return None
-        if state != self.identity or len(bitmap) != (self.nblocks + 7) // 8 \
-                or not os.path.exists(self.data_path):
-            return None
-        return bitmap
-
     def save_state(self, bitmap):
-        state = dict(self.identity, bitmap=base64.b64encode(zlib.compress(bytes(bitmap))).decode())
-        temporary = self.state_path + '.tmp'
-        with open(temporary, 'w') as f:
-            json.dump(state, f)
-        os.replace(temporary, self.state_path)
+        """Record `bitmap` as the blocks safely written, over the older slot."""
+        if self.state_fd is None:
+            return
+        self._sequence += 1
+        try:
+            self._pwrite_all(self.state_fd, self._record(self._sequence, bitmap),
+                             (self._sequence % 2) * self._slot)
+        except OSError as e:
+            raise TransferError('cannot record the progress of %s: %s' % (self.dest, e.strerror))
 
     def write(self, offset, data):
+        view, done = memoryview(data), 0
         try:
-            os.pwrite(self.fd, data, offset)
+            while done < len(view):
+                n = os.pwrite(self.fd, view[done:], offset + done)
+                if not n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TransferError('disk full writing %s; the partial data is kept: run the same '
-                                    'command again to resume' % self.dest)
+                raise DiskFull('disk full writing %s; the partial data is kept: run the same '
+                               'command again to resume' % self.dest, done)
             raise TransferError('cannot write %s: %s' % (self.dest, e.strerror))
 
     def digest(self, frontier=None):
         """The SHA-256 of what was written, on disk (fsync) first; a
         FrontierDigest may have hashed most of it already."""
         os.fsync(self.fd)
-        return frontier.finish() if frontier is not None else file_sha256(self.data_path)
+        if frontier is not None:
+            return frontier.finish()
+        digest = hashlib.sha256()
+        hash_range(digest, self.fd, 0, self.identity['size'])
+        return digest.hexdigest()
 
     def finish(self, mode, mtime_ns):
         """Give the verified file its final name, mode and mtime."""
-        os.fchmod(self.fd, mode & 0o7777)
-        os.close(self.fd)
-        self.fd = None
-        os.utime(self.data_path, ns=(mtime_ns, mtime_ns))
+        try:
+            os.fchmod(self.fd, mode & 0o777)
+            os.utime(self.fd, ns=(mtime_ns, mtime_ns))
+        except OSError as e:
+            raise TransferError('cannot set the mode and mtime of %s: %s' % (self.dest, e.strerror))
+        self.close()
         try:
             os.replace(self.data_path, self.dest)
         except OSError as e:
@@ -2632,16 +2843,17 @@ class PartialFile:
         self._remove(self.state_path)
 
     def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        for fd in (self.fd, self.state_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.state_fd = None
 
     @staticmethod
     def _remove(path):
         try:
             os.unlink(path)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass                        # gone already, or not ours to remove (a directory)
 
 
 class BlockWriter:
@@ -2692,14 +2904,20 @@ class BlockWriter:
                 start, end, data = item
                 if self._error is None:
                     self._partial.write(start * self._block_size, data)
-                    with self._lock:
-                        for block in range(start, end):
-                            self._bitmap[block >> 3] |= 1 << (block & 7)
-                        self.written_bytes += len(data)
+                    self._written(start, end, len(data))
+            except DiskFull as e:
+                # What reached the disk before it filled up is kept and resumed.
+                self._written(start, start + e.written // self._block_size, e.written)
+                self._error = e
             except WanxferError as e:
                 self._error = e
             finally:
                 self._queue.task_done()
+
+    def _written(self, start, end, nbytes):
+        with self._lock:
+            set_bits(self._bitmap, start, end)
+            self.written_bytes += nbytes
 
     def mark_written(self, ranges):
         """Blocks written by someone else (local data), now safely on disk."""
@@ -3748,7 +3966,7 @@ class LocalAssembler:
     def _source(self, file_id, path, size, mtime_ns):
         if file_id not in self._sources:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             except OSError:
                 fd = None
             else:
@@ -3985,7 +4203,8 @@ class Client:
         # An older copy of this file, at `dest` or kept from an earlier fetch
         # of `remote`, is worth content-defined spans where data shifted.
         kept = self.store.kept_files_for(remote) if self.store is not None and size else []
-        if self.store is not None and size and os.path.isfile(dest):
+        # Not through a link: what it points to is no copy of ours, and is replaced.
+        if self.store is not None and size and os.path.isfile(dest) and not os.path.islink(dest):
             kept = self._keep_older_copy(dest, remote, kept)
         # A small new file is cheaper sent than looked for: a delta costs a round trip.
         delta = self.store is not None and size > 0 and bool(size >= DELTA_MIN_SIZE or kept)
@@ -4110,7 +4329,7 @@ class Client:
                 pass
             try:
                 partial.save_state(writer.written_bitmap())
-            except OSError:
+            except WanxferError:
                 pass
             partial.close()
             raise
@@ -4204,7 +4423,7 @@ class Client:
         except (ValueError, zlib.error, TypeError) as e:
             raise ProtocolError('%s: undecodable content (%s)' % (remote, e))
         partial = PartialFile(dest, remote, size, mtime_ns, max(1, size))
-        partial.open()
+        partial.open(resume=False)
         try:
             if data:
                 partial.write(0, data)
@@ -6750,7 +6969,44 @@ def plan_downloads(client, remotes, dest, answered=None):
         for entry in listing['files']:
             rel = safe_relative(entry['path'])
             jobs.append(((remote + '/' if remote else '') + rel, os.path.join(top, rel), entry))
+            if '/' in rel:                      # its directory, checked like the listed ones
+                dirs.append(os.path.dirname(os.path.join(top, rel)))
     return jobs, dirs, errors
+
+
+def make_directories(dirs):
+    """Create `dirs` (the destination first, then directories below it).
+    The destination is the user's and may be a link; below it, a symbolic
+    link where a directory of the tree goes is refused, not followed: one
+    planted in a shared destination would put the files wherever it points
+    (moving a link of the user's aside is left to the user)."""
+    if not dirs:
+        return
+    base = dirs[0]
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:
+        raise TransferError('cannot create directory %s: %s' % (base, e.strerror))
+    made = set()
+    for directory in dirs[1:]:
+        path = base
+        for part in os.path.relpath(directory, base).split(os.sep):
+            path = os.path.join(path, part)
+            if part in ('', '.') or path in made:
+                continue
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise TransferError('cannot create directory %s: %s' % (path, e.strerror))
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                raise TransferError('%s is a symbolic link; get does not write through links: '
+                                    'remove it or fetch into another directory' % path)
+            if not stat.S_ISDIR(info.st_mode):
+                raise TransferError('cannot create directory %s: a file is in the way' % path)
+            made.add(path)
 
 
 def get_outcomes(client, jobs, fetched):
@@ -6799,11 +7055,7 @@ def command_get(args):
         for line in errors:
             print('wanxfer: error: %s' % line, file=sys.stderr)
             failures += 1
-        for directory in dirs:
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except OSError as e:
-                raise TransferError('cannot create directory %s: %s' % (directory, e.strerror))
+        make_directories(dirs)
         for _job, summary in get_outcomes(client, jobs, fetched):
             if isinstance(summary, RemoteError):
                 print('wanxfer: error: %s' % summary, file=sys.stderr)

@@ -391,16 +391,8 @@ def test_forged_datagrams_from_a_third_socket_are_dropped(tmp_path, serve):
 
 def partial_blocks(state_path):
     """How many blocks a .wxstate file records as written."""
-    import base64
-    import json
-    import zlib
-    try:
-        with open(state_path) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return 0
-    bitmap = zlib.decompress(base64.b64decode(state['bitmap']))
-    return sum(bin(b).count('1') for b in bitmap)
+    found = wanxfer.PartialFile.recorded(str(state_path))
+    return 0 if found is None else sum(bin(b).count('1') for b in found[1])
 
 
 def test_resume_after_kill_sends_only_what_is_missing(tmp_path, serve, link):
@@ -625,10 +617,19 @@ def test_full_disk_keeps_partial_data_and_resumes(tmp_path, serve):
         assert 'disk full' in done.stderr and 'Traceback' not in done.stderr
         assert not (small / 'f').exists()
         assert (small / '.f.wxpart').exists()
+        # What reached the disk before it filled up is recorded, the last
+        # partial run of blocks included (nearly all of the 1 MiB).
+        identity, bitmap = wanxfer.PartialFile.recorded(str(small / '.f.wxstate'))
+        held = sum(bin(b).count('1') for b in bitmap) * identity['block_size']
+        assert held > 900 * 1024
         subprocess.run(['mount', '-o', 'remount,size=8m', str(small)], check=True)
         done = run_get(server.port, 'f', '-o', small, '--json')
         assert done.returncode == 0, done.stderr
         assert sha256(small / 'f') == sha256(data)
+        (summary,) = json_summaries(done)
+        assert summary['resumed_bytes'] == held
+        assert summary['received_bytes'] <= summary['file_bytes'] - summary['resumed_bytes']
+        assert not (small / '.f.wxstate').exists() and not (small / '.f.wxpart').exists()
     finally:
         subprocess.run(['umount', '-l', str(small)])
 

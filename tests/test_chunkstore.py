@@ -4,6 +4,7 @@ cache file, and the encoder/decoder state machines."""
 import hashlib
 import os
 import sqlite3
+import stat
 import sys
 
 import pytest
@@ -96,15 +97,76 @@ def test_store_evicts_least_recently_used_past_the_limit(store):
     assert store.has(digests[-1]) and not store.has(digests[0])
 
 
-def test_store_moves_a_damaged_file_aside(tmp_path):
+def test_store_moves_a_damaged_cache_aside_with_its_kept_files(tmp_path):
     path = tmp_path / 'cache.db'
-    path.write_bytes(b'garbage' * 1000)
+    store = ChunkStore(str(path))
+    received = tmp_path / 'received'
+    received.write_bytes(noise(5000))
+    store.keep_file(str(received), 'remote', 'fixed', [])
+    store.close()
+    assert len(os.listdir(str(path) + '.files')) == 1
+    with open(str(path), 'r+b') as f:      # its pages scribbled over, the header still ours
+        f.seek(100)
+        f.write(noise(64 * 1024, b'scribble'))
     lines = []
     store = ChunkStore(str(path), log=lines.append)
     store.put(chunk_digest(b'z' * 1000), b'z' * 1000)
     store.close()
     assert any('was damaged' in line for line in lines)
-    assert any(name.startswith('cache.db.corrupt-') for name in os.listdir(str(tmp_path)))
+    (aside,) = [name for name in os.listdir(str(tmp_path))
+                if name.startswith('cache.db.corrupt-') and '.files' not in name and '-wal' not in name]
+    assert (tmp_path / aside).stat().st_size > 64 * 1024
+    assert len(os.listdir(str(tmp_path / (aside + '.files')))) == 1
+    assert not os.path.exists(str(path) + '.files')
+    assert wanxfer.is_our_cache_file(str(path))
+
+
+def damaged_foreign_database(path):
+    db = sqlite3.connect(str(path))
+    db.execute('CREATE TABLE t (x)')
+    db.executemany('INSERT INTO t VALUES (?)', [(noise(100, b'%d' % i),) for i in range(500)])
+    db.commit()
+    db.close()
+    with open(str(path), 'r+b') as f:
+        f.seek(100)
+        f.write(noise(8192, b'scribble'))
+
+
+@pytest.mark.parametrize('content', ['garbage', 'foreign-damaged', 'header-only'])
+def test_store_refuses_a_file_that_is_not_a_wanxfer_cache_and_leaves_it(tmp_path, content):
+    path = tmp_path / 'notes'
+    if content == 'garbage':
+        path.write_bytes(b'garbage' * 1000)
+    elif content == 'foreign-damaged':
+        damaged_foreign_database(path)
+    else:
+        path.write_bytes(b'SQLite format 3\x00' + noise(5000))
+    before = path.read_bytes()
+    with pytest.raises(CacheError, match=r'notes is not a wanxfer cache .*choose another --cache'):
+        ChunkStore(str(path))
+    assert path.read_bytes() == before
+    assert os.listdir(str(tmp_path)) == ['notes']
+
+
+def test_kept_files_go_to_a_private_directory_never_through_a_link(tmp_path):
+    received = tmp_path / 'received'
+    received.write_bytes(noise(5000))
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    planted = tmp_path / 'planted.db'
+    os.symlink(str(elsewhere), str(planted) + '.files')
+    lines = []
+    store = ChunkStore(str(planted), log=lines.append)
+    store.keep_file(str(received), 'remote', 'fixed', [])
+    os.symlink(str(received), str(tmp_path / 'link'))
+    assert store.keep_file(str(tmp_path / 'link'), 'remote', 'fixed', []) is None
+    store.close()
+    assert os.listdir(str(elsewhere)) == []
+    assert any('cannot keep received files' in line for line in lines)
+    store = ChunkStore(str(tmp_path / 'cache.db'))
+    store.keep_file(str(received), 'remote', 'fixed', [])
+    store.close()
+    assert stat.S_IMODE(os.lstat(str(tmp_path / 'cache.db.files')).st_mode) == 0o700
 
 
 def test_store_refuses_another_programs_database(tmp_path):

@@ -141,6 +141,13 @@ def test_corrupt_cache_is_moved_aside_and_the_transfer_is_full_and_correct(tmp_p
     (summary,) = json_summaries(done)
     assert summary['local_bytes'] == 0
     assert 'damaged' in done.stderr or 'malformed' in done.stderr or 'not a database' in done.stderr
+    # The damaged cache and the files it kept were moved aside together.
+    directory = os.path.dirname(str(private_cache))
+    (aside,) = [name for name in os.listdir(directory)
+                if name.startswith('cache.db.corrupt-') and not name.endswith(('.files', '-wal', '-shm'))]
+    assert os.path.getsize(os.path.join(directory, aside)) > 64 * 1024
+    assert len(os.listdir(os.path.join(directory, aside + '.files'))) == 1
+    assert os.path.isfile(str(private_cache))
 
 
 def test_a_kept_file_whose_bytes_changed_is_never_used(tmp_path, serve):

@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tunnel_helpers import (Relay, Server, digest_handler, echo_handler, round_trip,  # noqa: E402
                             run_wanxfer, start_far, start_near, stats)
+from conftest import wanxfer  # noqa: E402
 
 
 def noise(n, seed=b'noise'):
@@ -254,16 +255,32 @@ def test_damaged_chunk_is_never_delivered(tmp_path, echo):
 
 def test_corrupt_cache_file_is_moved_aside(tmp_path, echo):
     cache = tmp_path / 'far.db'
-    cache.write_bytes(b'this is not a database, it is a shopping list\n' * 200)
+    wanxfer.ChunkStore(str(cache)).close()
+    with open(str(cache), 'r+b') as f:         # its pages scribbled over, the header still ours
+        f.seek(100)
+        f.write(noise(64 * 1024))
     far = start_far(cache, [echo.port])
     near = start_near(tmp_path / 'near.db', far.port, [echo.port])
     try:
         far.wait_for(r'cache .*far\.db was damaged .*moved it to .*far\.db\.corrupt-')
         assert round_trip(near.port, b'still works') == b'still works'
-        assert [p for p in os.listdir(str(tmp_path)) if '.corrupt-' in p]
+        (aside,) = [p for p in os.listdir(str(tmp_path)) if p.startswith('far.db.corrupt-')
+                    and not p.endswith(('-wal', '-shm'))]
+        assert os.path.getsize(str(tmp_path / aside)) > 64 * 1024
     finally:
         near.stop()
         far.stop()
+    # A file that is not a cache at all is refused and left as it is.
+    notes = tmp_path / 'notes.txt'
+    notes.write_bytes(b'this is not a database, it is a shopping list\n' * 200)
+    result = run_wanxfer(['tunnel', '--listen', '127.0.0.1:0', '--allow', '127.0.0.1:1',
+                          '--cache', str(notes)])
+    assert result.returncode == 1
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert line.startswith('wanxfer: error: %s is not a wanxfer cache (' % notes)
+    assert line.endswith('choose another --cache')
+    assert notes.read_bytes() == b'this is not a database, it is a shopping list\n' * 200
+    assert not [p for p in os.listdir(str(tmp_path)) if p.startswith('notes.txt.')]
     # A SQLite file of another program is refused, not overwritten.
     foreign = tmp_path / 'foreign.db'
     db = sqlite3.connect(str(foreign))
