@@ -607,6 +607,8 @@ chunk checked against its digest when read.  A file that is not a database
 or turns out corrupt is moved aside and a new cache started; a SQLite file
 of another program is refused.  The same file keeps the byte counters per
 kind ('tunnel-out', 'tunnel-in', later 'get') that `stats` reports.
+QueuedChunkStore is the same store for an event loop: its writes go to a
+thread of their own, so another process's hold on the file cannot stall it.
 """
 
 MIN_CHUNK = 4 << 10
@@ -902,7 +904,8 @@ class ChunkStore:
     digest: None when absent or damaged), `put(digest, data)`, `flush()`
     about every CACHE_COMMIT_INTERVAL (commits, records use for LRU,
     evicts), `save_run()` for the byte counters, `close()`; for delta
-    transfers `keep_file()`, `find_spans()`, `forget_file()`.  Faults found
+    transfers `keep_file()`, `find_spans()`, `forget_file()`; for a writer
+    thread `write_batch()` (see QueuedChunkStore).  Faults found
     while running never raise: a corrupt file is moved aside and replaced, a
     busy one costs a miss, so the cache can cost bandwidth, never
     correctness.  `log` receives one line per problem."""
@@ -912,7 +915,7 @@ class ChunkStore:
         self.limit = limit
         self.log = log or (lambda line: None)
         self.damaged_chunks = 0         # chunks whose content no longer matched their digest
-        self.generation = 0             # counts the databases opened: another file from the next
+        self.generation = 0             # +1 for each database opened: others' connections follow
         self._db = None
         self._identity = None
         self._in_transaction = False
@@ -3801,7 +3804,9 @@ class LocalAssembler:
     content-defined spans of that stretch and holds later pieces back until
     they arrive.  It reports the blocks now held and how far the file is
     decided; blocks decided but not held must come from the server.  A kept
-    file whose bytes no longer match is forgotten."""
+    file whose bytes no longer match is forgotten at `close()`, after the
+    data phase: a cache write can wait seconds for another process's lock,
+    and datagrams do not wait."""
 
     def __init__(self, store, partial, refine=False):
         self._store, self._partial = store, partial
@@ -3812,6 +3817,7 @@ class LocalAssembler:
         self._waiting = collections.deque()     # pieces behind a refinement
         self._refining = None                   # (offset, spans, start, end) of that piece
         self._sources = {}          # kept file id -> open fd, or None once it failed
+        self._forgotten = set()     # kept file ids to drop from the cache at close()
         self._run_start = 0         # the bytes from here to `offset` are in place
         self._reported = 0          # blocks before this were reported held or not
         self.offset = 0             # bytes the signature has covered so far
@@ -3943,7 +3949,7 @@ class LocalAssembler:
                     fd = None
             self._sources[file_id] = fd
             if fd is None:
-                self._store.forget_file(file_id)
+                self._forgotten.add(file_id)
         return self._sources[file_id]
 
     def _forget(self, file_id):
@@ -3951,13 +3957,16 @@ class LocalAssembler:
         if fd is not None:
             os.close(fd)
         self._sources[file_id] = None
-        self._store.forget_file(file_id)
+        self._forgotten.add(file_id)
 
     def close(self):
         for fd in self._sources.values():
             if fd is not None:
                 os.close(fd)
         self._sources.clear()
+        for file_id in self._forgotten:
+            self._store.forget_file(file_id)
+        self._forgotten.clear()
 
 
 class Client:
