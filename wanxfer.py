@@ -724,6 +724,8 @@ chunk checked against its digest when read.  A file that is not a database
 or turns out corrupt is moved aside and a new cache started; a SQLite file
 of another program is refused.  The same file keeps the byte counters per
 kind ('tunnel-out', 'tunnel-in', later 'get') that `stats` reports.
+QueuedChunkStore is the same store for an event loop: its writes go to a
+thread of their own, so another process's hold on the file cannot stall it.
 """
 
 MIN_CHUNK = 4 << 10
@@ -919,6 +921,10 @@ CACHE_COMMIT_INTERVAL = 0.25            # s between batched commits
 CACHE_COMMIT_BYTES = 32 << 20           # or sooner, after this much was written
 CACHE_EVICT_TO = 0.9                    # evict down to this fraction of the limit
 CACHE_TOUCH_GRANULARITY = 600           # s: how finely least-recent use is told apart
+CACHE_QUEUED_BYTES = 64 << 20           # chunks waiting for the writer thread, at most
+CACHE_QUEUED_MARKS = 1 << 16            # digests to mark used or drop, waiting likewise
+CACHE_READ_TIMEOUT = 0.05               # s an event loop's lookup may wait for the file
+CACHE_READ_RETRY = 1.0                  # s lookups miss after the file was busy
 RUN_FRESH_SECONDS = 15.0                # a run not updated for longer is not running
 RUN_FORGET_SECONDS = 86400.0
 STATS_KINDS = ('tunnel-out', 'tunnel-in', 'get')
@@ -971,11 +977,17 @@ def is_our_cache_file(path):
         header[68:72] == struct.pack('>I', CACHE_APPLICATION_ID)
 
 
-def open_cache_db(path, create):
+def _is_busy(error):
+    text = str(error).lower()
+    return 'locked' in text or 'busy' in text
+
+
+def open_cache_db(path, create, timeout=CACHE_BUSY_TIMEOUT):
     """A sqlite3 connection to the wanxfer cache at `path`, its format
     checked; with `create`, a new or empty file becomes a cache.  Raises
     CacheError for a file that is not ours, sqlite3.DatabaseError for one
-    that is not a database at all."""
+    that is not a database at all.  The connection may be handed to another
+    thread (one at a time)."""
     if not create and not os.path.exists(path):
         raise CacheError('no cache at %s (no tunnel has used it yet)' % path)
     if create:
@@ -985,7 +997,7 @@ def open_cache_db(path, create):
         except OSError as e:
             raise CacheError('cannot create cache directory %s: %s' % (directory, e.strerror))
     try:
-        db = sqlite3.connect(path, timeout=CACHE_BUSY_TIMEOUT, isolation_level=None)
+        db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     except sqlite3.OperationalError as e:
         raise CacheError('cannot open cache %s: %s' % (path, e))
     try:
@@ -1023,10 +1035,11 @@ class ChunkStore:
     digest: None when absent or damaged), `put(digest, data)`, `flush()`
     about every CACHE_COMMIT_INTERVAL (commits, records use for LRU,
     evicts), `save_run()` for the byte counters, `close()`; for delta
-    transfers `keep_file()`, `find_spans()`, `forget_file()`.  Faults found
-    while running never raise: a damaged cache is moved aside (with its
-    kept files) and replaced, a busy one costs a miss, so the cache can
-    cost bandwidth, never correctness.  A file that is not recognisably a
+    transfers `keep_file()`, `find_spans()`, `forget_file()`; for a writer
+    thread `write_batch()` (see QueuedChunkStore).  Faults found while
+    running never raise: a damaged cache is moved aside (with its kept
+    files) and replaced, a busy one costs a miss, so the cache can cost
+    bandwidth, never correctness.  A file that is not recognisably a
     wanxfer cache is never moved nor written: opening it raises CacheError,
     and met while running it leaves the store without a cache.  `log`
     receives one line per problem."""
@@ -1036,12 +1049,12 @@ class ChunkStore:
         self.limit = limit
         self.log = log or (lambda line: None)
         self.damaged_chunks = 0         # chunks whose content no longer matched their digest
+        self.generation = 0             # +1 for each database opened: others' connections follow
         self._db = None
         self._identity = None
         self._in_transaction = False
         self._written = 0
         self._added = 0
-        self._last_commit = time.monotonic()
         self._touched = set()
         self._saved = {}                # (run, kind) -> figures already added to the totals
         self._warned = set()
@@ -1053,6 +1066,7 @@ class ChunkStore:
             self._move_aside(e)
             self._db = open_cache_db(path, create=True)
         self._identity = self._file_identity()
+        self.generation = 1
 
     # -- the chunks --------------------------------------------------------
 
@@ -1093,13 +1107,48 @@ class ChunkStore:
 
     def _put(self, digest, data):
         self._begin()
+        self._insert(digest, data, self._clock())
+        if self._written >= CACHE_COMMIT_BYTES:
+            self.flush()
+
+    def _insert(self, digest, data, stamp):
         cursor = self._db.execute('INSERT OR IGNORE INTO chunks (digest, size, used, data) '
-                                  'VALUES (?, ?, ?, ?)', (digest, len(data), self._clock(), data))
+                                  'VALUES (?, ?, ?, ?)', (digest, len(data), stamp, data))
         if cursor.rowcount == 1:
             self._added += len(data)
         self._written += len(data)
-        if self._written >= CACHE_COMMIT_BYTES:
-            self.flush()
+
+    def write_batch(self, chunks, used=(), damaged=()):
+        """In one transaction: store `chunks` [(digest, data)], mark the
+        `used` digests used, drop the `damaged` ones.  Returns 'done',
+        'busy' (another process held the write lock past the busy timeout;
+        the same batch may simply be given again) or 'failed'."""
+        busy = []
+
+        def write():
+            try:
+                self._begin()
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e):
+                    raise
+                busy.append(e)
+                return False
+            for digest in damaged:
+                self._delete(digest)
+            stamp = self._clock()
+            for digest, data in chunks:
+                if len(data) >= MIN_STORED_CHUNK:
+                    self._insert(digest, data, stamp)
+            self._touched.update(used)
+            self._flush()
+            return True
+        if self._safely(False, write):
+            return 'done'
+        if busy:
+            self._warn('busy', 'cache %s is busy (another process holds its write lock): what '
+                       'is new waits in memory meanwhile' % self.path)
+            return 'busy'
+        return 'failed'
 
     def _delete(self, digest):
         self._begin()
@@ -1127,13 +1176,8 @@ class ChunkStore:
             self._db.execute('COMMIT')
             self._in_transaction = False
             added, self._added, self._written = self._added, 0, 0
-            self._last_commit = time.monotonic()
             if added > 0 and self._counter('stored_bytes') > self.limit:
                 self._evict()
-
-    def flush_due(self, now):
-        return (self._in_transaction or self._touched) and \
-            now - self._last_commit >= CACHE_COMMIT_INTERVAL
 
     def _evict(self):
         self._begin()
@@ -1351,6 +1395,12 @@ class ChunkStore:
             return
         self._reopen()
 
+    def replace_damaged(self, error):
+        """Another connection found the file corrupt (`error`): move it
+        aside and start a new one, as if this one had found it."""
+        if self._db is not None:
+            self._replace(error)
+
     def _reopen(self):
         try:
             self._db = open_cache_db(self.path, create=True)
@@ -1359,6 +1409,7 @@ class ChunkStore:
             self._db = None
             self.log('warning: cannot start a new cache at %s (%s); running without one'
                      % (self.path, e))
+        self.generation += 1
 
     def _move_aside(self, error):
         if not is_our_cache_file(self.path):
@@ -1412,6 +1463,251 @@ class ChunkStore:
     def close(self):
         self.flush()
         self._close_db()
+
+
+class QueuedChunkStore:
+    """A ChunkStore as an event loop must use it: no call waits for another
+    process's hold on the file (a `get` keeping a huge file holds the write
+    lock for tens of seconds).
+
+    Lookups (`has`, `get`) run on the caller's thread: first among the
+    chunks not committed yet, then through a connection of their own that
+    only reads, which in WAL mode does not wait for writers; should the
+    file still be busy for CACHE_READ_TIMEOUT, that lookup and those of the
+    next CACHE_READ_RETRY miss.  Everything that writes (`put`, marking
+    chunks used, dropping damaged ones, `save_run`, `end_run`,
+    `check_file`) is queued for one writer thread that owns the ChunkStore
+    and commits about every CACHE_COMMIT_INTERVAL.  A batch the file was
+    too busy for waits and goes again; chunks past CACHE_QUEUED_BYTES are
+    not kept, so a stuck cache costs bandwidth, never memory.  `close()`
+    writes what is queued, then closes the store."""
+
+    def __init__(self, store):
+        self.store = store              # the writer thread's from here on
+        self.path = store.path
+        self.log = store.log
+        self.damaged_chunks = 0
+        self.dropped_bytes = 0          # chunks not kept: the queue was full
+        self._warned = set()
+        self._reader = None
+        self._reader_generation = None
+        self._reader_resume = 0.0
+        self._changed = threading.Condition()
+        self._pending = {}              # digest -> chunk, queued or being written: lookups find it
+        self._pending_bytes = 0
+        self._used = set()
+        self._damaged = set()
+        self._runs = {}                 # run -> its latest (role, started, figures)
+        self._ended = []
+        self._check = False
+        self._corrupt = None            # (generation, error) a lookup ran into
+        self._closing = False
+        self._idle = False
+        self._last_write = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name='cache-writer', daemon=True)
+        self._thread.start()
+
+    # -- lookups, on the caller's thread ------------------------------------
+
+    def has(self, digest):
+        """Whether the chunk is here (and mark it used)."""
+        if digest in self._pending:
+            return True
+        row = self._lookup('SELECT used FROM chunks WHERE digest = ?', digest)
+        if row is None:
+            return False
+        self._touch(digest, row[0])
+        return True
+
+    def get(self, digest):
+        """The chunk's bytes, checked against `digest`, or None."""
+        chunk = self._pending.get(digest)
+        if chunk is not None:
+            return chunk
+        row = self._lookup('SELECT data, used FROM chunks WHERE digest = ?', digest)
+        if row is None:
+            return None
+        if chunk_digest(row[0]) != digest:
+            self.damaged_chunks += 1
+            self._warn('damaged', 'cache %s holds chunks that no longer match their digest; '
+                       'they are dropped and fetched from the peer' % self.path)
+            self._mark(self._damaged, digest)
+            return None
+        self._touch(digest, row[1])
+        return row[0]
+
+    def _touch(self, digest, used):
+        if used < ChunkStore._clock() - CACHE_TOUCH_GRANULARITY * 1000:
+            self._mark(self._used, digest)
+
+    def _lookup(self, query, digest):
+        db = self._reading()
+        if db is None:
+            return None
+        try:
+            return db.execute(query, (digest,)).fetchone()
+        except sqlite3.DatabaseError as e:
+            self._reader_resume = time.monotonic() + CACHE_READ_RETRY
+            if _is_corruption(e):
+                self._close_reader()
+                with self._changed:
+                    self._corrupt = (self._reader_generation, e)
+                    self._changed.notify()
+            else:
+                self._warn(str(e), 'cache %s: %s (carrying on without it for now)' % (self.path, e))
+            return None
+
+    def _reading(self):
+        """The lookups' connection, (re)opened when the writer opened
+        another file; None while the file is not to be asked."""
+        generation = self.store.generation
+        if generation != self._reader_generation:
+            self._close_reader()
+            self._reader_generation = generation
+            self._reader_resume = 0.0
+        if time.monotonic() < self._reader_resume:
+            return None
+        if self._reader is None:
+            try:
+                db = open_cache_db(self.path, create=False, timeout=CACHE_READ_TIMEOUT)
+            except (WanxferError, sqlite3.DatabaseError):
+                self._reader_resume = time.monotonic() + CACHE_READ_RETRY
+                return None
+            db.execute('PRAGMA query_only = ON')
+            self._reader = db
+        return self._reader
+
+    def _close_reader(self):
+        if self._reader is not None:
+            try:
+                self._reader.close()
+            except sqlite3.DatabaseError:
+                pass
+            self._reader = None
+
+    def _warn(self, key, line):
+        if key not in self._warned:
+            self._warned.add(key)
+            self.log('warning: ' + line)
+
+    # -- writes, queued -----------------------------------------------------
+
+    def put(self, digest, data):
+        if len(data) < MIN_STORED_CHUNK or digest in self._pending:
+            return
+        data = bytes(data)              # not a view that would keep a whole frame alive
+        with self._changed:
+            full = self._pending_bytes + len(data) > CACHE_QUEUED_BYTES
+            if not full:
+                self._pending[digest] = data
+                self._pending_bytes += len(data)
+                if self._idle or self._pending_bytes >= CACHE_COMMIT_BYTES:
+                    self._changed.notify()
+        if full:
+            self.dropped_bytes += len(data)
+            self._warn('behind', 'cache %s is not keeping up (busy or slow): chunks past %d MiB '
+                       'waiting to be written are not kept' % (self.path, CACHE_QUEUED_BYTES >> 20))
+
+    def _mark(self, marks, digest):
+        with self._changed:
+            if len(marks) < CACHE_QUEUED_MARKS:
+                marks.add(digest)
+                if self._idle:
+                    self._changed.notify()
+
+    def save_run(self, run, role, started, figures):
+        with self._changed:
+            self._runs[run] = (role, started, figures)
+            self._changed.notify()
+
+    def end_run(self, run):
+        with self._changed:
+            self._ended.append(run)
+            self._changed.notify()
+
+    def check_file(self):
+        with self._changed:
+            self._check = True
+            self._changed.notify()
+
+    def close(self):
+        """Write what is queued (waiting for the file as long as a write
+        would), then close the store."""
+        self._close_reader()
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        self._thread.join()
+
+    # -- the writer thread --------------------------------------------------
+
+    def _due(self):
+        """Seconds until the next batch; None while there is nothing to write."""
+        if not (self._pending or self._used or self._damaged or self._runs or self._ended
+                or self._check or self._corrupt):
+            return None
+        if self._pending_bytes >= CACHE_COMMIT_BYTES:
+            return 0.0
+        return self._last_write + CACHE_COMMIT_INTERVAL - time.monotonic()
+
+    def _run(self):
+        closing = False
+        while not closing:
+            with self._changed:
+                while not self._closing:
+                    wait = self._due()
+                    if wait is not None and wait <= 0:
+                        break
+                    self._idle = wait is None
+                    self._changed.wait(wait)
+                self._idle = False
+                closing = self._closing
+                chunks = list(self._pending.items())
+                used, damaged = set(self._used), set(self._damaged)
+                self._used.clear()
+                self._damaged.clear()
+                runs, self._runs = self._runs, {}
+                ended, self._ended = self._ended, []
+                check, self._check = self._check, False
+                corrupt, self._corrupt = self._corrupt, None
+            try:
+                outcome = self._write(chunks, used, damaged, runs, ended, check, corrupt)
+            except (WanxferError, OSError, sqlite3.Error) as e:
+                self.store._warn(str(e), 'cache %s: %s (carrying on without it for now)'
+                                 % (self.path, e))
+                outcome = 'failed'
+            self._last_write = time.monotonic()
+            with self._changed:
+                if outcome == 'busy' and not closing:
+                    # The same again next time: inserts and marks repeat harmlessly.
+                    for marks, kept in ((self._used, used), (self._damaged, damaged)):
+                        marks.update(itertools.islice(kept, max(0, CACHE_QUEUED_MARKS - len(marks))))
+                    runs.update(self._runs)
+                    self._runs = runs
+                    self._ended[:0] = ended
+                    continue
+                for digest, chunk in chunks:
+                    if self._pending.get(digest) is chunk:
+                        del self._pending[digest]
+                        self._pending_bytes -= len(chunk)
+        self.store.close()
+
+    def _write(self, chunks, used, damaged, runs, ended, check, corrupt):
+        store = self.store
+        if corrupt is not None and corrupt[0] == store.generation:
+            store.replace_damaged(corrupt[1])
+        if check:
+            store.check_file()
+        outcome = 'done'
+        if chunks or used or damaged:
+            outcome = store.write_batch(chunks, used, damaged)
+            if outcome == 'busy':
+                return outcome              # the figures would wait for the same lock
+        for run, (role, started, figures) in runs.items():
+            store.save_run(run, role, started, figures)
+        for run in ended:
+            store.end_run(run)
+        return outcome
 
 
 class SignatureStore:
@@ -3834,7 +4130,9 @@ class LocalAssembler:
     content-defined spans of that stretch and holds later pieces back until
     they arrive.  It reports the blocks now held and how far the file is
     decided; blocks decided but not held must come from the server.  A kept
-    file whose bytes no longer match is forgotten."""
+    file whose bytes no longer match is forgotten at `close()`, after the
+    data phase: a cache write can wait seconds for another process's lock,
+    and datagrams do not wait."""
 
     def __init__(self, store, partial, refine=False):
         self._store, self._partial = store, partial
@@ -3845,6 +4143,7 @@ class LocalAssembler:
         self._waiting = collections.deque()     # pieces behind a refinement
         self._refining = None                   # (offset, spans, start, end) of that piece
         self._sources = {}          # kept file id -> open fd, or None once it failed
+        self._forgotten = set()     # kept file ids to drop from the cache at close()
         self._run_start = 0         # the bytes from here to `offset` are in place
         self._reported = 0          # blocks before this were reported held or not
         self.offset = 0             # bytes the signature has covered so far
@@ -3976,7 +4275,7 @@ class LocalAssembler:
                     fd = None
             self._sources[file_id] = fd
             if fd is None:
-                self._store.forget_file(file_id)
+                self._forgotten.add(file_id)
         return self._sources[file_id]
 
     def _forget(self, file_id):
@@ -3984,13 +4283,16 @@ class LocalAssembler:
         if fd is not None:
             os.close(fd)
         self._sources[file_id] = None
-        self._store.forget_file(file_id)
+        self._forgotten.add(file_id)
 
     def close(self):
         for fd in self._sources.values():
             if fd is not None:
                 os.close(fd)
         self._sources.clear()
+        for file_id in self._forgotten:
+            self._store.forget_file(file_id)
+        self._forgotten.clear()
 
 
 class Client:
@@ -5394,9 +5696,11 @@ sender also keeps the chunks it sent as references until they are
 acknowledged, so it can answer MSG_CHUNK_REQUEST.
 
 Threads: the event loop owns all socket reads, all stream state and the
-store.  Each link's writer thread owns that link's compressor, outbound
-Sealer and socket writes (zlib releases the GIL, so compression runs beside
-the loop).  Short-lived helper threads do what cannot be made non-blocking
+store's lookups; the store's writer thread makes every write to the cache
+file (QueuedChunkStore), so another process holding the file's write lock
+delays the cache, never the streams.  Each link's writer thread owns that
+link's compressor, outbound Sealer and socket writes (zlib releases the GIL,
+so compression runs beside the loop).  Short-lived helper threads do what cannot be made non-blocking
 cheaply (name lookup, connect, handshake) and post their result to the loop.
 """
 
@@ -6381,8 +6685,9 @@ class TunnelStats:
 
 
 class Tunnel:
-    """One `tunnel` process: the event loop, the store, the stats and the
-    links.  Subclasses supply the role: NearTunnel (--peer) and FarTunnel
+    """One `tunnel` process: the event loop, the store (a QueuedChunkStore:
+    the loop never waits for the cache file), the stats and the links.
+    Subclasses supply the role: NearTunnel (--peer) and FarTunnel
     (--listen).  `run()` serves until `stop()`; the figures go to the store
     every STATS_INTERVAL and at the end.
 
@@ -6407,7 +6712,6 @@ class Tunnel:
             self.log(warning)
 
     def run(self):
-        self._housekeeping()
         self._save_stats_later()
         try:
             self.loop.run()
@@ -6428,11 +6732,6 @@ class Tunnel:
 
     def _close_listeners(self):
         pass
-
-    def _housekeeping(self):
-        if self.store.flush_due(time.monotonic()):
-            self.store.flush()
-        self.loop.call_later(CACHE_COMMIT_INTERVAL, self._housekeeping)
 
     def _save_stats_later(self):
         self.save_stats()
@@ -7392,7 +7691,7 @@ def command_tunnel(args):
     listen = parse_listen(args.listen) if args.listen else None
     peer = parse_target(args.peer, '--peer') if args.peer else None
     log = server_logger()
-    store = ChunkStore(args.cache or default_cache_path(), limit, log=log)
+    store = QueuedChunkStore(ChunkStore(args.cache or default_cache_path(), limit, log=log))
     try:
         if listen:
             tunnel = FarTunnel(secret, store, listen[0], listen[1], allow,

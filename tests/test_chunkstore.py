@@ -6,14 +6,16 @@ import os
 import sqlite3
 import stat
 import sys
+import threading
+import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import wanxfer  # noqa: E402
 from wanxfer import (MAX_CHUNK, MIN_CHUNK, PIECE_CHUNK, PIECE_PART, PIECE_REF, CacheError,  # noqa: E402
-                     Chunker, ChunkStore, ProtocolError, StreamDecoder, StreamEncoder,
-                     cache_report, chunk_digest)
+                     Chunker, ChunkStore, ProtocolError, QueuedChunkStore, StreamDecoder,
+                     StreamEncoder, cache_report, chunk_digest)
 
 
 def noise(n, seed=b'x'):
@@ -253,3 +255,99 @@ def test_a_partial_chunk_sent_early_can_still_end_as_a_reference(store):
 
 def test_module_has_no_mutable_state_at_import():
     assert isinstance(wanxfer.CUT_SYMBOLS, bytes) and len(set(wanxfer.CUT_SYMBOLS)) == 4
+
+
+def run_with_deadline(work, seconds):
+    """work() on a thread; its result, or a failure if it is still at it
+    after `seconds` (it was waiting for a lock)."""
+    result, done = [], threading.Event()
+
+    def body():
+        result.append(work())
+        done.set()
+    threading.Thread(target=body, daemon=True).start()
+    assert done.wait(seconds), 'still waiting after %g s' % seconds
+    return result[0]
+
+
+def committed(path, digests):
+    """How many of `digests` another connection finds in the cache file."""
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        return sum(db.execute('SELECT count(*) FROM chunks WHERE digest = ?', (d,)).fetchone()[0]
+                   for d in digests)
+    finally:
+        db.close()
+
+
+def wait_until(predicate, what, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, 'timed out waiting for %s' % what
+        time.sleep(0.02)                # polling with a deadline, not synchronisation
+
+
+def test_queued_store_finds_what_is_not_committed_and_bounds_its_queue(tmp_path, monkeypatch):
+    path = str(tmp_path / 'cache.db')
+    lines = []
+    queued = QueuedChunkStore(ChunkStore(path, log=lines.append))
+    monkeypatch.setattr(wanxfer, 'CACHE_QUEUED_BYTES', 1 << 20)
+    chunks = [noise(60000, seed=b'q%d' % i) for i in range(40)]     # 2.4 MB for a 1 MiB queue
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute('BEGIN EXCLUSIVE')                   # another process writing for a long time
+    try:
+        def use():
+            for chunk in chunks:
+                queued.put(chunk_digest(chunk), chunk)
+            return [c for c in chunks if queued.has(chunk_digest(c)) and
+                    queued.get(chunk_digest(c)) == c]
+        # Every call returns at once: nothing waits for the lock (10 s each).
+        kept = run_with_deadline(use, 20)
+        assert kept == chunks[:len(kept)] and 0 < sum(map(len, kept)) <= 1 << 20
+        assert queued.dropped_bytes == sum(map(len, chunks[len(kept):]))
+        assert [line for line in lines if 'not keeping up' in line]
+        assert committed(path, [chunk_digest(c) for c in chunks]) == 0
+    finally:
+        locker.execute('ROLLBACK')
+        locker.close()
+    # Once the lock is free the queue is written, and close() leaves nothing behind.
+    wait_until(lambda: committed(path, [chunk_digest(c) for c in kept]) == len(kept), 'the commit')
+    late = noise(50000, seed=b'late')
+    queued.put(chunk_digest(late), late)
+    queued.close()
+    assert committed(path, [chunk_digest(late)]) == 1
+
+
+def test_queued_store_follows_its_file_when_it_is_replaced_or_corrupt(tmp_path):
+    path = str(tmp_path / 'cache.db')
+    lines = []
+    queued = QueuedChunkStore(ChunkStore(path, log=lines.append))
+    first = noise(60000, seed=b'first')
+    queued.put(chunk_digest(first), first)
+    wait_until(lambda: committed(path, [chunk_digest(first)]) == 1, 'the commit')
+    assert queued.get(chunk_digest(first)) == first     # read from the file now
+    for suffix in ('', '-wal', '-shm'):
+        os.remove(path + suffix)
+    queued.check_file()
+    wait_until(lambda: queued.store.generation == 2, 'a new cache file')
+    assert [line for line in lines if 'removed or replaced' in line]
+    assert not queued.has(chunk_digest(first))          # lookups read the new file
+    second = [noise(60000, seed=b'second%d' % i) for i in range(8)]
+    for chunk in second:
+        queued.put(chunk_digest(chunk), chunk)
+    wait_until(lambda: committed(path, [chunk_digest(c) for c in second]) == 8, 'the commit')
+    # Bytes damaged on disk under the running store: a lookup meets them,
+    # the writer moves the file aside and starts a new one.
+    db = sqlite3.connect(path)
+    db.execute('PRAGMA wal_checkpoint(TRUNCATE)')
+    db.close()
+    with open(path, 'r+b') as f:
+        f.seek(65536)
+        f.write(b'\xff' * (os.path.getsize(path) - 65536))
+    assert not any(queued.get(chunk_digest(c)) for c in second)
+    wait_until(lambda: queued.store.generation == 3, 'the damaged file replaced')
+    assert [line for line in lines if 'was damaged' in line]
+    assert [p for p in os.listdir(str(tmp_path)) if '.corrupt-' in p]
+    queued.put(chunk_digest(first), first)
+    queued.close()
+    assert committed(path, [chunk_digest(first)]) == 1

@@ -5,8 +5,10 @@ right and that only what was missing crossed the network."""
 import json
 import os
 import random
+import sqlite3
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -264,6 +266,43 @@ def test_assembler_reports_only_blocks_wholly_in_place(tmp_path):
     partial.close()
     with open(partial.data_path, 'rb') as f:
         assert f.read(30000) == payload[:30000]
+    store.close()
+
+
+def test_assembler_writes_nothing_to_the_cache_during_the_data_phase(tmp_path):
+    """A kept file that changed is forgotten after the data phase: the
+    forgetting is a cache write, and another process holding the cache's
+    write lock (as a `get` keeping a huge file does) must not hold up the
+    reading of datagrams for the busy timeout."""
+    store = wanxfer.ChunkStore(str(tmp_path / 'c.db'))
+    basis = tmp_path / 'basis'
+    payload = os.urandom(100_000)
+    basis.write_bytes(payload)
+    known = wanxfer.span_digest(payload[:30000])
+    store.keep_file(str(basis), 'basis', 'fixed', [(0, 30000, known)], link=False)
+    basis.write_bytes(payload + b'changed since')
+    partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', 100_000, 0, 10_000)
+    partial.open()
+    assembler = wanxfer.LocalAssembler(store, partial)
+    locker = sqlite3.connect(str(tmp_path / 'c.db'), isolation_level=None)
+    locker.execute('BEGIN EXCLUSIVE')
+    answers, done = [], threading.Event()
+
+    def apply():
+        answers.append(assembler.on_piece(0, [(30000, known), (70000, b'\x01' * 16)]))
+        done.set()
+    threading.Thread(target=apply, daemon=True).start()
+    try:
+        # Writing on the spot waits out the busy timeout (10 s), then fails.
+        assert done.wait(8), 'the assembler waited for the cache lock'
+    finally:
+        locker.execute('ROLLBACK')
+        locker.close()
+    assert answers == [([], 10, None)]              # nothing held: the kept file changed
+    assert store.kept_files_for('basis')            # not forgotten yet ...
+    assembler.close()
+    assert store.kept_files_for('basis') == []      # ... but at the end of the data phase
+    partial.close()
     store.close()
 
 

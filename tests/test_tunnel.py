@@ -447,3 +447,58 @@ def test_two_tunnels_share_one_cache(tmp_path, echo):
     report = stats(shared)['life']
     assert report['tunnel-out']['original_bytes'] == report['tunnel-in']['original_bytes']
     assert 'warning' not in near.text() + far.text()
+
+
+def stored_bytes(cache):
+    """Bytes of chunks committed to `cache`, as another process sees them."""
+    db = sqlite3.connect(str(cache), timeout=10)
+    try:
+        return db.execute('SELECT coalesce(sum(size), 0) FROM chunks').fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_another_process_holding_the_cache_lock_does_not_stall_the_tunnel(tmp_path, echo):
+    far = start_far(tmp_path / 'far.db', [echo.port])
+    relay = Relay(far.port)
+    near = start_near(tmp_path / 'near.db', relay.port, [echo.port])
+    payload = noise(2 << 20, seed=b'locked') + text(1 << 20, seed=21)
+    try:
+        assert round_trip(near.port, b'before the lock') == b'before the lock'
+        lockers = []
+        try:
+            for name in ('near.db', 'far.db'):
+                db = sqlite3.connect(str(tmp_path / name), timeout=10, isolation_level=None)
+                lockers.append(db)
+                db.execute('BEGIN EXCLUSIVE')           # as a `get` keeping a huge file does
+            echoed, done = [], threading.Event()
+
+            def through():
+                echoed.append(round_trip(near.port, payload))
+                done.set()
+            threading.Thread(target=through, daemon=True).start()
+            # A tunnel that writes on its event loop waits out the busy timeout
+            # (10 s) for each chunk it stores: this would take minutes.
+            assert done.wait(30), 'the tunnel stalled while another process held the cache lock'
+            assert echoed == [payload]
+            assert stored_bytes(tmp_path / 'near.db') == 0      # nothing could be committed yet
+        finally:
+            for db in lockers:
+                if db.in_transaction:
+                    db.execute('ROLLBACK')
+                db.close()
+        # Once the lock is gone the chunks reach both caches ...
+        for name in ('near.db', 'far.db'):
+            deadline = time.monotonic() + 30
+            while stored_bytes(tmp_path / name) < 0.9 * len(payload):
+                assert time.monotonic() < deadline, '%s never received the chunks' % name
+                time.sleep(0.05)            # polling with a deadline, not synchronisation
+        # ... and a second pass is references.
+        up = relay.up
+        assert round_trip(near.port, payload) == payload
+        assert relay.up - up < 0.02 * len(payload)
+    finally:
+        near.stop()
+        far.stop()
+        relay.close()
+    assert 'Traceback' not in near.text() + far.text()
