@@ -242,10 +242,10 @@ def test_assembler_reports_only_blocks_wholly_in_place(tmp_path):
     basis.write_bytes(payload)
     # spans: [0, 30000) known, [30000, 50000) unknown, [50000, 100000) zeros
     known = wanxfer.span_digest(payload[:30000])
-    store.keep_file(str(basis), 'basis', 'fixed', [(0, 30000, known)], link=False)
+    store.keep_file(str(basis), 'basis', 'fixed', [(0, 30000, known)], link=False, origin='here')
     partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', 100_000, 0, 10_000)
     partial.open()
-    assembler = wanxfer.LocalAssembler(store, partial)
+    assembler = wanxfer.LocalAssembler(store, partial, origin='here')
     held, decided, refine = assembler.on_piece(0, [(30000, known), (20000, b'\x01' * 16)])
     assert held == [(0, 3)] and decided == 5 and refine is None
     held, decided, refine = assembler.on_piece(50000, [(50000, wanxfer.ZERO_SPAN)])
@@ -267,7 +267,7 @@ def test_assembler_asks_for_finer_spans_where_fixed_ones_miss(tmp_path):
     size = 4 * MiB
     partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', size, 0, 8192)
     partial.open()
-    assembler = wanxfer.LocalAssembler(store, partial, refine=True)
+    assembler = wanxfer.LocalAssembler(store, partial, refine=True, origin='here')
     unit = wanxfer.DELTA_UNIT
     first = [(unit, os.urandom(16)) for _ in range(2 * MiB // unit)]
     held, decided, refine = assembler.on_piece(0, first)
@@ -323,7 +323,7 @@ def test_a_restarted_server_reuses_the_signature_it_stored(tmp_path, serve, priv
     db.execute('UPDATE signatures SET pieces = ? WHERE file = ?', (json.dumps(pieces), key))
     db.close()
     (tmp_path / 'a').unlink()
-    server = serve([data])
+    server = serve([data], port=server.port)        # the same server to the client: same address
     again = fetch(server.port, 'f.bin', tmp_path / 'a')
     assert sha256(tmp_path / 'a') == sha256(data)
     assert wanxfer.DELTA_UNIT <= again['wire_bytes'] < 0.1 * 4 * MiB
