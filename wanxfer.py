@@ -2262,28 +2262,50 @@ class ServedTree:
                 return real
         return None
 
-    def listing(self, remote):
-        """What a REMOTE expands to: files with identity, and directories."""
+    def listing_pages(self, remote, page_bytes):
+        """What a REMOTE expands to, files with identity and directories, in
+        pages: {kind, name, files, dirs, more}, each holding about
+        `page_bytes` of JSON at most and `more` true on all but the last.
+        A tree is walked as its pages are taken, so no frame, and no page
+        in memory, grows with the tree."""
         clean = normalize_remote(remote)
         real, is_dir = self.resolve(remote)
         if not is_dir:
-            return {'kind': 'file', 'name': clean.rsplit('/', 1)[-1] or os.path.basename(real),
-                    'files': [file_entry(real, '')], 'dirs': []}
+            yield {'kind': 'file', 'name': clean.rsplit('/', 1)[-1] or os.path.basename(real),
+                   'files': [file_entry(real, '')], 'dirs': [], 'more': False}
+            return
+        name = clean.rsplit('/', 1)[-1]
+        page, size = {'kind': 'dir', 'name': name, 'files': [], 'dirs': []}, 0
+        for key, item, cost in self._walk(real):
+            if size + cost > page_bytes and (page['files'] or page['dirs']):
+                page['more'] = True
+                yield page
+                page, size = {'kind': 'dir', 'name': name, 'files': [], 'dirs': []}, 0
+            page[key].append(item)
+            size += cost
+        page['more'] = False
+        yield page
+
+    def _walk(self, real):
+        """('dirs', path, JSON bytes) and ('files', entry, JSON bytes at
+        most) of the directory `real`, in order."""
         root = self.root_of(real)
-        files, dirs = [], []
         for top, subdirs, names in os.walk(real):
             subdirs.sort()
             rel_top = os.path.relpath(top, real)
             rel_top = '' if rel_top == '.' else rel_top.replace(os.sep, '/') + '/'
             for d in subdirs:
                 if not os.path.islink(os.path.join(top, d)):
-                    dirs.append(rel_top + d)
+                    yield 'dirs', rel_top + d, len(json.dumps(rel_top + d)) + 1
             for name in sorted(names):
                 path = os.path.join(top, name)
                 target = os.path.realpath(path)
                 if is_within(target, root) and os.path.isfile(target):
-                    files.append(file_entry(path, rel_top + name))
-        return {'kind': 'dir', 'name': clean.rsplit('/', 1)[-1], 'files': files, 'dirs': dirs}
+                    try:
+                        entry = file_entry(path, rel_top + name)
+                    except OSError:
+                        continue                # gone since its directory was read
+                    yield 'files', entry, len(json.dumps(entry['path'])) + LISTING_ENTRY_BYTES
 
 
 def file_entry(path, rel):
@@ -2659,6 +2681,8 @@ SMALL_FILE = 256 << 10          # files this small go whole on the control chann
 SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
 SMALL_BATCH_FILES = 256
 SMALL_BATCHES_AHEAD = 4         # `read` requests a client may have unanswered
+LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
+LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 
 
 class SignatureJob:
@@ -2956,9 +2980,9 @@ class ServerSession:
         return sizes
 
     def do_list(self, message):
-        listing = self.server.tree.listing(str(message.get('path', '')))
-        listing['op'] = 'listing'
-        self.control.send(listing)
+        for page in self.server.tree.listing_pages(str(message.get('path', '')), LISTING_PAGE_BYTES):
+            page['op'] = 'listing'
+            self.control.send(page)
 
     def do_fetch(self, message):
         """Send one file, named with the size and mtime a listing gave.  An
@@ -3462,6 +3486,7 @@ DELTA_MAX_MTU = 1500            # largest packet an update uses
 MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
 MIN_BLOCK_SIZE = 512            # smallest block a server may choose for an open fetch
 NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
+MAX_LISTING_ENTRIES = 10_000_000    # files and directories one REMOTE may expand to
 
 
 class TransferEvents:
@@ -3832,10 +3857,30 @@ class Client:
         results = []
         for _remote in remotes:
             try:
-                results.append(self._expect(self.control.recv(), 'listing'))
+                results.append(self._whole_listing(self.control.recv()))
             except RemoteError as e:
                 results.append(e)
         return results
+
+    def _whole_listing(self, page):
+        """A listing, from its first page (`page`) and the pages after it."""
+        listing = self._expect(page, 'listing')
+        entries = 0
+        while True:
+            if not isinstance(page.get('files'), list) or not isinstance(page.get('dirs'), list):
+                raise ProtocolError('a listing without its lists of files and directories')
+            entries += len(page['files']) + len(page['dirs'])
+            if entries > MAX_LISTING_ENTRIES:
+                raise ProtocolError('a listing of more than %d entries' % MAX_LISTING_ENTRIES)
+            if page is not listing:
+                if (page.get('kind'), page.get('name')) != (listing.get('kind'), listing.get('name')):
+                    raise ProtocolError('a page of another listing')
+                listing['files'].extend(page['files'])
+                listing['dirs'].extend(page['dirs'])
+            if not page.get('more'):
+                listing.pop('more', None)
+                return listing
+            page = self._expect(self.control.recv(), 'listing')
 
     def listing(self, remote):
         (result,) = self.listings([remote])
@@ -3983,7 +4028,7 @@ class Client:
         try:
             answer = self._next_message()
             if answer['op'] == 'listing':
-                return None, answer
+                return None, self._whole_listing(answer)
             start = self._expect(answer, 'start')
         except RemoteError:
             return None, None                   # a listing will say why (or an older server)

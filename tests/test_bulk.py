@@ -2,6 +2,7 @@
 most of them through the built-in link emulator, every result checked by
 its bytes."""
 
+import json
 import os
 import signal
 import socket
@@ -231,6 +232,63 @@ wanxfer.ServerSession.do_fetch = do_fetch
     assert sha256(tmp_path / 'out') == sha256(data) and 'error' not in done.stderr
     server.stop()
     assert "asked to list 'f'" in server.log()
+
+
+SMALL_FRAMES = """
+wanxfer.MAX_FRAME = 512 << 10
+wanxfer.LISTING_PAGE_BYTES = 64 << 10
+"""
+
+
+def patched_get(port, patch, *args, timeout=90):
+    """`get` from a wanxfer whose module was changed by `patch` first."""
+    program = ('import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\n'
+               'sys.exit(wanxfer.main(sys.argv[1:]))' % (os.path.dirname(WANXFER), patch))
+    return subprocess.run([sys.executable, '-c', program, 'get', '127.0.0.1:%d' % port] +
+                          [str(a) for a in args], env=wanxfer_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_tree_whose_listing_outgrows_a_frame_comes_in_pages(tmp_path, serve):
+    # Frames of at most 512 KiB at both ends (16 MiB really, which a million
+    # files outgrow): these files' listing, about 900 KB, must come in pages,
+    # and `get` must see the tree through.
+    tree = tmp_path / 'src' / 'huge'
+    (tree / 'files').mkdir(parents=True)
+    names = ['%05d-' % i + 'n' * 200 for i in range(3000)]
+    for name in names:
+        os.close(os.open(str(tree / 'files' / name), os.O_CREAT | os.O_WRONLY, 0o644))
+    dirs = ['%03d-' % i + 'd' * 200 for i in range(300)]
+    for name in dirs:
+        (tree / name).mkdir()
+    server = patched_serve(serve, [tmp_path / 'src'], SMALL_FRAMES)
+    done = patched_get(server.port, SMALL_FRAMES, 'huge', '-o', tmp_path / 'dest', '-q')
+    assert done.returncode == 0, done.stderr
+    copied = tmp_path / 'dest' / 'huge'
+    assert sorted(os.listdir(copied / 'files')) == names
+    assert sorted(os.listdir(copied)) == sorted(dirs + ['files'])
+
+
+def test_listing_pages_hold_at_most_a_page_of_json_and_add_up_to_the_tree(tmp_path):
+    tree = tmp_path / 'tree'
+    for d in range(5):
+        (tree / ('dir %d' % d) / 'empty').mkdir(parents=True)
+        for i in range(40):
+            (tree / ('dir %d' % d) / ('caf\u00e9 "%02d"' % i)).write_bytes(b'x' * i)
+    served = wanxfer.ServedTree([tree])
+    pages = list(served.listing_pages('', 2000))
+    assert len(pages) > 10 and [p['more'] for p in pages] == [True] * (len(pages) - 1) + [False]
+    for page in pages:
+        assert page['kind'] == 'dir' and page['files'] + page['dirs']
+        assert len(json.dumps(page['files'] + page['dirs'], separators=(',', ':'))) <= 2000
+    files = [entry for page in pages for entry in page['files']]
+    assert sorted(entry['path'] for entry in files) == sorted(
+        str(p.relative_to(tree)) for p in tree.rglob('*') if p.is_file())
+    assert all(entry['size'] == int(entry['path'][-3:-1]) for entry in files)
+    assert sorted(d for page in pages for d in page['dirs']) == sorted(
+        str(p.relative_to(tree)) for p in tree.rglob('*') if p.is_dir())
+    (single,) = served.listing_pages('dir 1/caf\u00e9 "07"', 10)
+    assert single['kind'] == 'file' and single['files'][0]['size'] == 7 and not single['more']
 
 
 LOG_CONTROL = """
