@@ -2681,6 +2681,8 @@ SMALL_FILE = 256 << 10          # files this small go whole on the control chann
 SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
 SMALL_BATCH_FILES = 256
 SMALL_BATCHES_AHEAD = 4         # `read` requests a client may have unanswered
+SMALL_REQUEST_BYTES = 20 << 10  # and a request's JSON at most this: those ahead fit a receive buffer
+SMALL_ITEM_BYTES = 55           # JSON of a `read` item besides its path (about)
 LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
 LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 
@@ -4142,18 +4144,22 @@ class Client:
         for each (remote, dest, entry) job; a server that predates this
         request yields (job, None) for each, to be fetched one by one."""
         self._ensure_ready()
-        batches, batch, batch_bytes = [], [], 0
+        batches, batch, batch_bytes, request_bytes = [], [], 0, 0
         for job in jobs:
             size = int(job[2]['size'])
-            if batch and (batch_bytes + size > SMALL_BATCH_BYTES or len(batch) >= SMALL_BATCH_FILES):
+            item = len(json.dumps(job[0])) + SMALL_ITEM_BYTES
+            if batch and (batch_bytes + size > SMALL_BATCH_BYTES or len(batch) >= SMALL_BATCH_FILES
+                          or request_bytes + item > SMALL_REQUEST_BYTES):
                 batches.append(batch)
-                batch, batch_bytes = [], 0
+                batch, batch_bytes, request_bytes = [], 0, 0
             batch.append(job)
             batch_bytes += size
+            request_bytes += item
         if batch:
             batches.append(batch)
-        # Only a few requests ahead: were all of them sent before any answer
-        # is read, both ends could block writing to each other.
+        # Only a few small requests ahead: were more sent before any answer
+        # is read than the server's receive buffer holds, both ends could
+        # block writing to each other (long paths made requests that large).
         asked = min(len(batches), SMALL_BATCHES_AHEAD)
         for request in batches[:asked]:
             self._ask_small(request)

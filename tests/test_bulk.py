@@ -269,6 +269,42 @@ def test_a_tree_whose_listing_outgrows_a_frame_comes_in_pages(tmp_path, serve):
     assert sorted(os.listdir(copied)) == sorted(dirs + ['files'])
 
 
+SMALL_BUFFERS = """
+import socket
+def shrink(sock):
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, 32 << 10)
+session_init = wanxfer.ServerSession.__init__
+def init(self, server, sock, address):
+    shrink(sock)
+    session_init(self, server, sock, address)
+wanxfer.ServerSession.__init__ = init
+create_connection = socket.create_connection
+def connect(*args, **options):
+    sock = create_connection(*args, **options)
+    shrink(sock)
+    return sock
+socket.create_connection = connect
+"""
+
+
+def test_small_files_with_long_paths_do_not_block_both_ends_writing(tmp_path, serve):
+    # The client asks for batches of small files ahead; with long paths
+    # those requests outgrew the socket buffers while the server was busy
+    # writing its answers to the first: each end then waited on the other.
+    deep = tmp_path / 'src' / 'deep' / '/'.join('%d' % level + 'd' * 240 for level in range(4))
+    deep.mkdir(parents=True)
+    names = ['%04d-' % i + 'n' * 240 for i in range(1100)]
+    for i, name in enumerate(names):
+        (deep / name).write_bytes(b'%d' % i * 200)
+    server = patched_serve(serve, [tmp_path / 'src'], SMALL_BUFFERS)
+    done = patched_get(server.port, SMALL_BUFFERS, 'deep', '-o', tmp_path / 'dest', '-q', timeout=30)
+    assert done.returncode == 0, done.stderr
+    copied = tmp_path / 'dest' / deep.relative_to(tmp_path / 'src')
+    assert sorted(os.listdir(copied)) == names
+    assert all((copied / name).read_bytes() == b'%d' % i * 200 for i, name in enumerate(names))
+
+
 def test_listing_pages_hold_at_most_a_page_of_json_and_add_up_to_the_tree(tmp_path):
     tree = tmp_path / 'tree'
     for d in range(5):
