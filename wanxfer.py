@@ -3871,7 +3871,7 @@ class Client:
         while True:
             if not isinstance(page.get('files'), list) or not isinstance(page.get('dirs'), list):
                 raise ProtocolError('a listing without its lists of files and directories')
-            entries += len(page['files']) + len(page['dirs'])
+            entries += max(1, len(page['files']) + len(page['dirs']))     # empty pages count too
             if entries > MAX_LISTING_ENTRIES:
                 raise ProtocolError('a listing of more than %d entries' % MAX_LISTING_ENTRIES)
             if page is not listing:
