@@ -234,6 +234,17 @@ wanxfer.ServerSession.do_fetch = do_fetch
     assert "asked to list 'f'" in server.log()
 
 
+def test_a_server_that_picks_tiny_blocks_for_the_first_request_is_refused(tmp_path, serve):
+    # The open fetch lets the server lower the block size; not below a sane
+    # floor, where every few bytes would cost a packet.
+    data = make_file(tmp_path / 'f', 20_000)
+    server = patched_serve(serve, [data], 'wanxfer.block_size_for_mtu = lambda mtu, family=None: 100')
+    done = run_get(server.port, 'f', '-o', tmp_path / 'out')
+    assert done.returncode == 1 and not (tmp_path / 'out').exists()
+    (line,) = done.stderr.splitlines()
+    assert line.startswith('wanxfer: error: the server chose 100-byte blocks'), done.stderr
+
+
 SMALL_FRAMES = """
 wanxfer.MAX_FRAME = 512 << 10
 wanxfer.LISTING_PAGE_BYTES = 64 << 10
