@@ -915,7 +915,7 @@ def file_signature(path, mode, segment=SIGNATURE_SEGMENT, whole=None):
 
 DEFAULT_CACHE_SIZE = 4 << 30
 CACHE_APPLICATION_ID = 0x57584331       # 'WXC1' in the SQLite header: this is a wanxfer cache
-CACHE_FORMAT = 1                        # PRAGMA user_version
+CACHE_FORMAT = 2                        # PRAGMA user_version; 2: kept files carry their origin
 CACHE_BUSY_TIMEOUT = 10.0               # s to wait for another process's write
 CACHE_COMMIT_INTERVAL = 0.25            # s between batched commits
 CACHE_COMMIT_BYTES = 32 << 20           # or sooner, after this much was written
@@ -943,9 +943,11 @@ CACHE_SCHEMA = (
     "INSERT OR IGNORE INTO counters VALUES ('stored_bytes', 0)",
     # Files `get` received, kept by hard link (owned) or where they lie, and
     # the spans of each by digest: what a delta transfer can be built from.
+    # `origin` is the server they came from (server_origin()); NULL in rows
+    # of format 1, whose origin is unknown, so they are never used.
     'CREATE TABLE IF NOT EXISTS kept_files (id INTEGER PRIMARY KEY, path TEXT NOT NULL, '
     'owned INTEGER NOT NULL, remote TEXT NOT NULL, size INTEGER NOT NULL, '
-    'mtime_ns INTEGER NOT NULL, modes TEXT NOT NULL, kept REAL NOT NULL)',
+    'mtime_ns INTEGER NOT NULL, modes TEXT NOT NULL, kept REAL NOT NULL, origin TEXT)',
     'CREATE TABLE IF NOT EXISTS spans (digest BLOB NOT NULL, file INTEGER NOT NULL, '
     'offset INTEGER NOT NULL, length INTEGER NOT NULL)',
     'CREATE INDEX IF NOT EXISTS spans_by_digest ON spans (digest)',
@@ -993,9 +995,12 @@ def open_cache_db(path, create, timeout=CACHE_BUSY_TIMEOUT):
     if create:
         directory = os.path.dirname(os.path.abspath(path))
         try:
-            os.makedirs(directory, exist_ok=True)
+            # Private: the cache holds what crossed the wire, and the
+            # fingerprints of the secrets it came under.
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         except OSError as e:
-            raise CacheError('cannot create cache directory %s: %s' % (directory, e.strerror))
+            raise CacheError('cannot create cache %s: %s' % (path, e.strerror))
     try:
         db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
     except sqlite3.OperationalError as e:
@@ -1017,6 +1022,7 @@ def open_cache_db(path, create, timeout=CACHE_BUSY_TIMEOUT):
             db.execute('BEGIN IMMEDIATE')
             for statement in CACHE_SCHEMA:
                 db.execute(statement)
+            _upgrade_cache(db)
             db.execute('PRAGMA application_id=%d' % CACHE_APPLICATION_ID)
             db.execute('PRAGMA user_version=%d' % CACHE_FORMAT)
             db.execute('COMMIT')
@@ -1026,6 +1032,16 @@ def open_cache_db(path, create, timeout=CACHE_BUSY_TIMEOUT):
         db.close()
         raise
     return db
+
+
+def _upgrade_cache(db):
+    """Bring a cache of an earlier format up to CACHE_FORMAT, inside the
+    caller's transaction.  Format 1 kept files without their origin: they
+    get none, which no server matches."""
+    columns = [row[1] for row in db.execute('PRAGMA table_info(kept_files)')]
+    if 'origin' not in columns:
+        db.execute('ALTER TABLE kept_files ADD COLUMN origin TEXT')
+    db.execute('CREATE INDEX IF NOT EXISTS kept_files_by_origin ON kept_files (origin, remote)')
 
 
 class ChunkStore:
@@ -1212,6 +1228,9 @@ class ChunkStore:
     # (so the bytes outlive the user's copy; evicting is unlink) and the
     # file's spans by digest.  Kept files have a budget of their own, as
     # large as the chunks'; a file larger than that is indexed where it lies.
+    # Each is kept for the origin (server_origin()) it came from, and found
+    # only for that origin: a signature is a server's guess at what the
+    # client holds, and the client's answer tells which guesses were right.
 
     @property
     def kept_directory(self):
@@ -1232,18 +1251,20 @@ class ChunkStore:
         if stat.S_IMODE(info.st_mode) & 0o077:
             os.chmod(self.kept_directory, 0o700)
 
-    def kept_files_for(self, remote):
-        """[(id, path, size, mtime_ns, modes)] of files kept for `remote`, newest first."""
+    def kept_files_for(self, remote, origin):
+        """[(id, path, size, mtime_ns, modes)] of files kept for `remote`
+        of `origin`, newest first."""
         return self._safely([], lambda: self._db.execute(
-            'SELECT id, path, size, mtime_ns, modes FROM kept_files WHERE remote = ? '
-            'ORDER BY kept DESC', (remote,)).fetchall())
+            'SELECT id, path, size, mtime_ns, modes FROM kept_files WHERE origin = ? AND remote = ? '
+            'ORDER BY kept DESC', (origin, remote)).fetchall())
 
-    def keep_file(self, path, remote, mode, spans, link=True):
-        """Remember the file at `path` (received for `remote`) with its
-        `spans` [(offset, length, digest)] cut in `mode`; returns its id."""
-        return self._safely(None, self._keep_file, path, remote, mode, spans, link)
+    def keep_file(self, path, remote, mode, spans, link=True, *, origin):
+        """Remember the file at `path` (received for `remote` from
+        `origin`) with its `spans` [(offset, length, digest)] cut in `mode`;
+        returns its id."""
+        return self._safely(None, self._keep_file, path, remote, mode, spans, link, origin)
 
-    def _keep_file(self, path, remote, mode, spans, link):
+    def _keep_file(self, path, remote, mode, spans, link, origin):
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode):
             return None                 # a link's target is not ours to keep or index
@@ -1252,9 +1273,9 @@ class ChunkStore:
                                          (os.path.abspath(path),)).fetchall():
             self._forget_file(stale)
         row = self._db.execute('INSERT INTO kept_files (path, owned, remote, size, mtime_ns, modes, '
-                               'kept) VALUES (?, 0, ?, ?, ?, ?, ?)',
+                               'kept, origin) VALUES (?, 0, ?, ?, ?, ?, ?, ?)',
                                (os.path.abspath(path), remote, info.st_size, info.st_mtime_ns, mode,
-                                time.time()))
+                                time.time(), origin))
         file_id = row.lastrowid
         if link and info.st_size <= self.limit:
             kept = os.path.join(self.kept_directory, '%d' % file_id)
@@ -1286,8 +1307,9 @@ class ChunkStore:
                              ((digest, file_id, offset, length)
                               for offset, length, digest in spans if digest != ZERO_SPAN))
 
-    def find_spans(self, digests):
-        """{digest: [(file id, path, size, mtime_ns, offset, length)]} for those known."""
+    def find_spans(self, digests, origin):
+        """{digest: [(file id, path, size, mtime_ns, offset, length)]} for
+        those known in files kept for `origin`."""
         def find():
             found = {}
             digests_list = list(digests)
@@ -1295,8 +1317,8 @@ class ChunkStore:
                 batch = digests_list[i:i + 500]
                 for row in self._db.execute(
                         'SELECT s.digest, f.id, f.path, f.size, f.mtime_ns, s.offset, s.length '
-                        'FROM spans s JOIN kept_files f ON f.id = s.file WHERE s.digest IN (%s)'
-                        % ','.join('?' * len(batch)), batch):
+                        'FROM spans s JOIN kept_files f ON f.id = s.file WHERE s.digest IN (%s) '
+                        'AND f.origin = ?' % ','.join('?' * len(batch)), batch + [origin]):
                     found.setdefault(row[0], []).append(row[1:])
             return found
         return self._safely({}, find)
@@ -2698,28 +2720,50 @@ class ServedTree:
                 return real
         return None
 
-    def listing(self, remote):
-        """What a REMOTE expands to: files with identity, and directories."""
+    def listing_pages(self, remote, page_bytes):
+        """What a REMOTE expands to, files with identity and directories, in
+        pages: {kind, name, files, dirs, more}, each holding about
+        `page_bytes` of JSON at most and `more` true on all but the last.
+        A tree is walked as its pages are taken, so no frame, and no page
+        in memory, grows with the tree."""
         clean = normalize_remote(remote)
         real, is_dir = self.resolve(remote)
         if not is_dir:
-            return {'kind': 'file', 'name': clean.rsplit('/', 1)[-1] or os.path.basename(real),
-                    'files': [file_entry(real, '')], 'dirs': []}
+            yield {'kind': 'file', 'name': clean.rsplit('/', 1)[-1] or os.path.basename(real),
+                   'files': [file_entry(real, '')], 'dirs': [], 'more': False}
+            return
+        name = clean.rsplit('/', 1)[-1]
+        page, size = {'kind': 'dir', 'name': name, 'files': [], 'dirs': []}, 0
+        for key, item, cost in self._walk(real):
+            if size + cost > page_bytes and (page['files'] or page['dirs']):
+                page['more'] = True
+                yield page
+                page, size = {'kind': 'dir', 'name': name, 'files': [], 'dirs': []}, 0
+            page[key].append(item)
+            size += cost
+        page['more'] = False
+        yield page
+
+    def _walk(self, real):
+        """('dirs', path, JSON bytes) and ('files', entry, JSON bytes at
+        most) of the directory `real`, in order."""
         root = self.root_of(real)
-        files, dirs = [], []
         for top, subdirs, names in os.walk(real):
             subdirs.sort()
             rel_top = os.path.relpath(top, real)
             rel_top = '' if rel_top == '.' else rel_top.replace(os.sep, '/') + '/'
             for d in subdirs:
                 if not os.path.islink(os.path.join(top, d)):
-                    dirs.append(rel_top + d)
+                    yield 'dirs', rel_top + d, len(json.dumps(rel_top + d)) + 1
             for name in sorted(names):
                 path = os.path.join(top, name)
                 target = os.path.realpath(path)
                 if is_within(target, root) and os.path.isfile(target):
-                    files.append(file_entry(path, rel_top + name))
-        return {'kind': 'dir', 'name': clean.rsplit('/', 1)[-1], 'files': files, 'dirs': dirs}
+                    try:
+                        entry = file_entry(path, rel_top + name)
+                    except OSError:
+                        continue                # gone since its directory was read
+                    yield 'files', entry, len(json.dumps(entry['path'])) + LISTING_ENTRY_BYTES
 
 
 def file_entry(path, rel):
@@ -3262,6 +3306,10 @@ SMALL_FILE = 256 << 10          # files this small go whole on the control chann
 SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
 SMALL_BATCH_FILES = 256
 SMALL_BATCHES_AHEAD = 4         # `read` requests a client may have unanswered
+SMALL_REQUEST_BYTES = 20 << 10  # and a request's JSON at most this: those ahead fit a receive buffer
+SMALL_ITEM_BYTES = 55           # JSON of a `read` item besides its path (about)
+LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
+LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 
 
 class SignatureJob:
@@ -3559,9 +3607,9 @@ class ServerSession:
         return sizes
 
     def do_list(self, message):
-        listing = self.server.tree.listing(str(message.get('path', '')))
-        listing['op'] = 'listing'
-        self.control.send(listing)
+        for page in self.server.tree.listing_pages(str(message.get('path', '')), LISTING_PAGE_BYTES):
+            page['op'] = 'listing'
+            self.control.send(page)
 
     def do_fetch(self, message):
         """Send one file, named with the size and mtime a listing gave.  An
@@ -4062,7 +4110,10 @@ STATE_SAVE_INTERVAL = 2.0
 REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
 DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
 DELTA_MAX_MTU = 1500            # largest packet an update uses
+MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
+MIN_BLOCK_SIZE = 512            # smallest block a server may choose for an open fetch
 NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
+MAX_LISTING_ENTRIES = 10_000_000    # files and directories one REMOTE may expand to
 
 
 class TransferEvents:
@@ -4079,6 +4130,23 @@ class TransferEvents:
 
     def file_finished(self, summary):
         pass
+
+
+def server_origin(host, port, secret):
+    """Where data `get` receives comes from, as the cache records it: the
+    server's address as the user named it (case, a final dot and IPv6
+    spellings normalised) and a fingerprint of the secret (a keyed hash,
+    which does not give the secret away).  Data kept from one origin is
+    never offered to another: only the server that sent it may ask for it."""
+    name = host.strip().lower().rstrip('.')
+    if name.startswith('[') and name.endswith(']'):
+        name = name[1:-1]
+    try:
+        name = '[%s]' % socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, name))
+    except (OSError, ValueError):
+        pass                            # a name or an IPv4 address: as it is
+    fingerprint = hmac.new(secret, b'wanxfer cache origin v1', hashlib.sha256).hexdigest()[:16]
+    return '%s:%d#%s' % (name, port, fingerprint)
 
 
 def signature_spans(path, mode):
@@ -4132,10 +4200,13 @@ class LocalAssembler:
     decided; blocks decided but not held must come from the server.  A kept
     file whose bytes no longer match is forgotten at `close()`, after the
     data phase: a cache write can wait seconds for another process's lock,
-    and datagrams do not wait."""
+    and datagrams do not wait.  Only files kept for `origin` (the server
+    sending the signature) are used, and only spans of at least
+    MIN_LOCAL_SPAN bytes are looked for."""
 
-    def __init__(self, store, partial, refine=False):
+    def __init__(self, store, partial, refine=False, *, origin):
         self._store, self._partial = store, partial
+        self._origin = origin
         self._block_size, self._nblocks = partial.block_size, partial.nblocks
         self._size = partial.identity['size']
         self._fresh = partial.resumed_blocks == 0       # unwritten bytes are zeros
@@ -4172,7 +4243,7 @@ class LocalAssembler:
             if offset != self.offset or offset + sum(length for length, _ in spans) > self._size:
                 raise ProtocolError('the signature does not fit the file')
             self.spans.extend(self._positioned(offset, spans))
-            known = self._store.find_spans({digest for _, digest in spans if digest != ZERO_SPAN})
+            known = self._find(spans)
             stretch = self._refine and self._missed(offset, spans, known)
             if stretch:
                 self._refining = (offset, spans) + stretch
@@ -4208,9 +4279,13 @@ class LocalAssembler:
                 spans.append((length, digest))
         return spans
 
+    def _find(self, spans):
+        return self._store.find_spans({digest for length, digest in spans if length >= MIN_LOCAL_SPAN
+                                       and digest not in (ZERO_SPAN, None)}, self._origin)
+
     def _apply(self, offset, spans, held, known=None):
         if known is None:
-            known = self._store.find_spans({d for _, d in spans if d not in (ZERO_SPAN, None)})
+            known = self._find(spans)
         work, position = [], offset
         for length, digest in spans:
             candidates = [c for c in known.get(digest, ()) if c[-1] == length
@@ -4307,6 +4382,7 @@ class Client:
         self.host, self.port = host, port
         self.max_rate = max_rate                # bytes/s, or None: the path decides
         self.store = store                      # a ChunkStore: delta transfers; None: plain
+        self.origin = server_origin(host, port, secret)     # what of the store this server may use
         self.secret, self.encrypt = SharedSecret.of(secret), encrypt
         self.timeout = timeout
         self.events = events or TransferEvents()
@@ -4414,10 +4490,30 @@ class Client:
         results = []
         for _remote in remotes:
             try:
-                results.append(self._expect(self.control.recv(), 'listing'))
+                results.append(self._whole_listing(self.control.recv()))
             except RemoteError as e:
                 results.append(e)
         return results
+
+    def _whole_listing(self, page):
+        """A listing, from its first page (`page`) and the pages after it."""
+        listing = self._expect(page, 'listing')
+        entries = 0
+        while True:
+            if not isinstance(page.get('files'), list) or not isinstance(page.get('dirs'), list):
+                raise ProtocolError('a listing without its lists of files and directories')
+            entries += max(1, len(page['files']) + len(page['dirs']))     # empty pages count too
+            if entries > MAX_LISTING_ENTRIES:
+                raise ProtocolError('a listing of more than %d entries' % MAX_LISTING_ENTRIES)
+            if page is not listing:
+                if (page.get('kind'), page.get('name')) != (listing.get('kind'), listing.get('name')):
+                    raise ProtocolError('a page of another listing')
+                listing['files'].extend(page['files'])
+                listing['dirs'].extend(page['dirs'])
+            if not page.get('more'):
+                listing.pop('more', None)
+                return listing
+            page = self._expect(self.control.recv(), 'listing')
 
     def listing(self, remote):
         (result,) = self.listings([remote])
@@ -4436,10 +4532,12 @@ class Client:
             except OSError:
                 pass
         try:
-            self.store.keep_file(dest, remote, 'fixed', signature_spans(dest, 'fixed'))
+            # The user already has it, and asks this server for what goes there.
+            self.store.keep_file(dest, remote, 'fixed', signature_spans(dest, 'fixed'),
+                                 origin=self.origin)
         except OSError:
             return kept                         # unreadable: it cannot help
-        return self.store.kept_files_for(remote)
+        return self.store.kept_files_for(remote, self.origin)
 
     def _index_older_copies(self, kept):
         """Content-defined spans of each older copy, so they can be found."""
@@ -4504,7 +4602,7 @@ class Client:
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
         # An older copy of this file, at `dest` or kept from an earlier fetch
         # of `remote`, is worth content-defined spans where data shifted.
-        kept = self.store.kept_files_for(remote) if self.store is not None and size else []
+        kept = self.store.kept_files_for(remote, self.origin) if self.store is not None and size else []
         # Not through a link: what it points to is no copy of ours, and is replaced.
         if self.store is not None and size and os.path.isfile(dest) and not os.path.islink(dest):
             kept = self._keep_older_copy(dest, remote, kept)
@@ -4552,24 +4650,30 @@ class Client:
         Returns (summary, None) when the file came, (None, listing) when
         REMOTE is a directory, (None, None) when the server would not: the
         caller then lists and fetches as usual."""
-        if self.store is not None and self.store.kept_files_for(remote):
+        if self.store is not None and self.store.kept_files_for(remote, self.origin):
             return None, None
         family, connected, asked = self.sock.family, self._connect_started, time.monotonic()
+        offered = block_size_for_mtu(self.udp.path_mtu(), family)
         self.control.send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
-                           'block_size': block_size_for_mtu(self.udp.path_mtu(), family),
+                           'block_size': offered,
                            'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE, 'lead': True,
                            'compress': self.store is not None})
         self._ensure_ready()
         try:
             answer = self._next_message()
             if answer['op'] == 'listing':
-                return None, answer
+                return None, self._whole_listing(answer)
             start = self._expect(answer, 'start')
         except RemoteError:
             return None, None                   # a listing will say why (or an older server)
         entry = {'size': int(start['size']), 'mtime_ns': int(start['mtime_ns']),
                  'mode': int(start['mode'])}
         self.block_size = int(start['block_size'])
+        # The server may only lower what was offered, and not to blocks so
+        # small that the data costs a packet per few bytes.
+        if not min(MIN_BLOCK_SIZE, offered) <= self.block_size <= offered:
+            raise ProtocolError('the server chose %d-byte blocks (offered %d, at least %d)'
+                                % (self.block_size, offered, MIN_BLOCK_SIZE))
         self.data_in.set_stride(self.block_size)
         partial = PartialFile(dest, remote, entry['size'], entry['mtime_ns'], self.block_size)
         bitmap = partial.open()
@@ -4609,7 +4713,7 @@ class Client:
             if delta:
                 window.decided = 0
                 self._lead = int(start.get('lead', 0))
-                assembler = LocalAssembler(self.store, partial, refine=bool(kept))
+                assembler = LocalAssembler(self.store, partial, refine=bool(kept), origin=self.origin)
                 self._older_copies = kept
             if not window.complete():
                 self._receive(window, writer, partial, size, started, assembler, unproven)
@@ -4644,7 +4748,7 @@ class Client:
             raise DigestMismatch(remote)
         partial.finish(int(entry.get('mode', 0o644)), mtime_ns)
         if assembler is not None and assembler.offset == size:
-            self.store.keep_file(dest, remote, 'fixed', assembler.spans)
+            self.store.keep_file(dest, remote, 'fixed', assembler.spans, origin=self.origin)
         received = writer.written_bytes
         wire = int(report.get('wire_bytes', 0))
         return transfer_summary(
@@ -4672,18 +4776,22 @@ class Client:
         for each (remote, dest, entry) job; a server that predates this
         request yields (job, None) for each, to be fetched one by one."""
         self._ensure_ready()
-        batches, batch, batch_bytes = [], [], 0
+        batches, batch, batch_bytes, request_bytes = [], [], 0, 0
         for job in jobs:
             size = int(job[2]['size'])
-            if batch and (batch_bytes + size > SMALL_BATCH_BYTES or len(batch) >= SMALL_BATCH_FILES):
+            item = len(json.dumps(job[0])) + SMALL_ITEM_BYTES
+            if batch and (batch_bytes + size > SMALL_BATCH_BYTES or len(batch) >= SMALL_BATCH_FILES
+                          or request_bytes + item > SMALL_REQUEST_BYTES):
                 batches.append(batch)
-                batch, batch_bytes = [], 0
+                batch, batch_bytes, request_bytes = [], 0, 0
             batch.append(job)
             batch_bytes += size
+            request_bytes += item
         if batch:
             batches.append(batch)
-        # Only a few requests ahead: were all of them sent before any answer
-        # is read, both ends could block writing to each other.
+        # Only a few small requests ahead: were more sent before any answer
+        # is read than the server's receive buffer holds, both ends could
+        # block writing to each other (long paths made requests that large).
         asked = min(len(batches), SMALL_BATCHES_AHEAD)
         for request in batches[:asked]:
             self._ask_small(request)

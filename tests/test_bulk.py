@@ -2,6 +2,7 @@
 most of them through the built-in link emulator, every result checked by
 its bytes."""
 
+import json
 import os
 import signal
 import socket
@@ -231,6 +232,110 @@ wanxfer.ServerSession.do_fetch = do_fetch
     assert sha256(tmp_path / 'out') == sha256(data) and 'error' not in done.stderr
     server.stop()
     assert "asked to list 'f'" in server.log()
+
+
+def test_a_server_that_picks_tiny_blocks_for_the_first_request_is_refused(tmp_path, serve):
+    # The open fetch lets the server lower the block size; not below a sane
+    # floor, where every few bytes would cost a packet.
+    data = make_file(tmp_path / 'f', 20_000)
+    server = patched_serve(serve, [data], 'wanxfer.block_size_for_mtu = lambda mtu, family=None: 100')
+    done = run_get(server.port, 'f', '-o', tmp_path / 'out')
+    assert done.returncode == 1 and not (tmp_path / 'out').exists()
+    (line,) = done.stderr.splitlines()
+    assert line.startswith('wanxfer: error: the server chose 100-byte blocks'), done.stderr
+
+
+SMALL_FRAMES = """
+wanxfer.MAX_FRAME = 512 << 10
+wanxfer.LISTING_PAGE_BYTES = 64 << 10
+"""
+
+
+def patched_get(port, patch, *args, timeout=90):
+    """`get` from a wanxfer whose module was changed by `patch` first."""
+    program = ('import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\n'
+               'sys.exit(wanxfer.main(sys.argv[1:]))' % (os.path.dirname(WANXFER), patch))
+    return subprocess.run([sys.executable, '-c', program, 'get', '127.0.0.1:%d' % port] +
+                          [str(a) for a in args], env=wanxfer_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_tree_whose_listing_outgrows_a_frame_comes_in_pages(tmp_path, serve):
+    # Frames of at most 512 KiB at both ends (16 MiB really, which a million
+    # files outgrow): these files' listing, about 900 KB, must come in pages,
+    # and `get` must see the tree through.
+    tree = tmp_path / 'src' / 'huge'
+    (tree / 'files').mkdir(parents=True)
+    names = ['%05d-' % i + 'n' * 200 for i in range(3000)]
+    for name in names:
+        os.close(os.open(str(tree / 'files' / name), os.O_CREAT | os.O_WRONLY, 0o644))
+    dirs = ['%03d-' % i + 'd' * 200 for i in range(300)]
+    for name in dirs:
+        (tree / name).mkdir()
+    server = patched_serve(serve, [tmp_path / 'src'], SMALL_FRAMES)
+    done = patched_get(server.port, SMALL_FRAMES, 'huge', '-o', tmp_path / 'dest', '-q')
+    assert done.returncode == 0, done.stderr
+    copied = tmp_path / 'dest' / 'huge'
+    assert sorted(os.listdir(copied / 'files')) == names
+    assert sorted(os.listdir(copied)) == sorted(dirs + ['files'])
+
+
+SMALL_BUFFERS = """
+import socket
+def shrink(sock):
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, 32 << 10)
+session_init = wanxfer.ServerSession.__init__
+def init(self, server, sock, address):
+    shrink(sock)
+    session_init(self, server, sock, address)
+wanxfer.ServerSession.__init__ = init
+create_connection = socket.create_connection
+def connect(*args, **options):
+    sock = create_connection(*args, **options)
+    shrink(sock)
+    return sock
+socket.create_connection = connect
+"""
+
+
+def test_small_files_with_long_paths_do_not_block_both_ends_writing(tmp_path, serve):
+    # The client asks for batches of small files ahead; with long paths
+    # those requests outgrew the socket buffers while the server was busy
+    # writing its answers to the first: each end then waited on the other.
+    deep = tmp_path / 'src' / 'deep' / '/'.join('%d' % level + 'd' * 240 for level in range(4))
+    deep.mkdir(parents=True)
+    names = ['%04d-' % i + 'n' * 240 for i in range(1100)]
+    for i, name in enumerate(names):
+        (deep / name).write_bytes(b'%d' % i * 200)
+    server = patched_serve(serve, [tmp_path / 'src'], SMALL_BUFFERS)
+    done = patched_get(server.port, SMALL_BUFFERS, 'deep', '-o', tmp_path / 'dest', '-q', timeout=30)
+    assert done.returncode == 0, done.stderr
+    copied = tmp_path / 'dest' / deep.relative_to(tmp_path / 'src')
+    assert sorted(os.listdir(copied)) == names
+    assert all((copied / name).read_bytes() == b'%d' % i * 200 for i, name in enumerate(names))
+
+
+def test_listing_pages_hold_at_most_a_page_of_json_and_add_up_to_the_tree(tmp_path):
+    tree = tmp_path / 'tree'
+    for d in range(5):
+        (tree / ('dir %d' % d) / 'empty').mkdir(parents=True)
+        for i in range(40):
+            (tree / ('dir %d' % d) / ('caf\u00e9 "%02d"' % i)).write_bytes(b'x' * i)
+    served = wanxfer.ServedTree([tree])
+    pages = list(served.listing_pages('', 2000))
+    assert len(pages) > 10 and [p['more'] for p in pages] == [True] * (len(pages) - 1) + [False]
+    for page in pages:
+        assert page['kind'] == 'dir' and page['files'] + page['dirs']
+        assert len(json.dumps(page['files'] + page['dirs'], separators=(',', ':'))) <= 2000
+    files = [entry for page in pages for entry in page['files']]
+    assert sorted(entry['path'] for entry in files) == sorted(
+        str(p.relative_to(tree)) for p in tree.rglob('*') if p.is_file())
+    assert all(entry['size'] == int(entry['path'][-3:-1]) for entry in files)
+    assert sorted(d for page in pages for d in page['dirs']) == sorted(
+        str(p.relative_to(tree)) for p in tree.rglob('*') if p.is_dir())
+    (single,) = served.listing_pages('dir 1/caf\u00e9 "07"', 10)
+    assert single['kind'] == 'file' and single['files'][0]['size'] == 7 and not single['more']
 
 
 LOG_CONTROL = """

@@ -251,10 +251,10 @@ def test_assembler_reports_only_blocks_wholly_in_place(tmp_path):
     basis.write_bytes(payload)
     # spans: [0, 30000) known, [30000, 50000) unknown, [50000, 100000) zeros
     known = wanxfer.span_digest(payload[:30000])
-    store.keep_file(str(basis), 'basis', 'fixed', [(0, 30000, known)], link=False)
+    store.keep_file(str(basis), 'basis', 'fixed', [(0, 30000, known)], link=False, origin='here')
     partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', 100_000, 0, 10_000)
     partial.open()
-    assembler = wanxfer.LocalAssembler(store, partial)
+    assembler = wanxfer.LocalAssembler(store, partial, origin='here')
     held, decided, refine = assembler.on_piece(0, [(30000, known), (20000, b'\x01' * 16)])
     assert held == [(0, 3)] and decided == 5 and refine is None
     held, decided, refine = assembler.on_piece(50000, [(50000, wanxfer.ZERO_SPAN)])
@@ -313,7 +313,7 @@ def test_assembler_asks_for_finer_spans_where_fixed_ones_miss(tmp_path):
     size = 4 * MiB
     partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', size, 0, 8192)
     partial.open()
-    assembler = wanxfer.LocalAssembler(store, partial, refine=True)
+    assembler = wanxfer.LocalAssembler(store, partial, refine=True, origin='here')
     unit = wanxfer.DELTA_UNIT
     first = [(unit, os.urandom(16)) for _ in range(2 * MiB // unit)]
     held, decided, refine = assembler.on_piece(0, first)
@@ -369,7 +369,7 @@ def test_a_restarted_server_reuses_the_signature_it_stored(tmp_path, serve, priv
     db.execute('UPDATE signatures SET pieces = ? WHERE file = ?', (json.dumps(pieces), key))
     db.close()
     (tmp_path / 'a').unlink()
-    server = serve([data])
+    server = serve([data], port=server.port)        # the same server to the client: same address
     again = fetch(server.port, 'f.bin', tmp_path / 'a')
     assert sha256(tmp_path / 'a') == sha256(data)
     assert wanxfer.DELTA_UNIT <= again['wire_bytes'] < 0.1 * 4 * MiB
@@ -406,3 +406,95 @@ def test_an_older_copy_wanxfer_never_saw_is_used_like_rsyncs_basis(tmp_path, ser
     assert sha256(out) == sha256(image)
     assert done['local_bytes'] >= 6 * MiB - 2 * wanxfer.DELTA_UNIT
     assert done['wire_bytes'] < 200_000
+
+
+def test_data_fetched_from_one_server_is_never_offered_to_another(tmp_path, serve):
+    # A server's signature is a guess at what the client holds, and the
+    # client's `need` says which guesses were right: a file fetched from one
+    # server must not answer another's guesses, even one with the secret.
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    one.mkdir()
+    two.mkdir()
+    private = make_file(one / 'keys.bin', 2 * MiB, seed=21)
+    first = serve([one])
+    fetch(first.port, 'keys.bin', tmp_path / 'keys.bin')
+    os.link(str(private), str(two / 'guess.bin'))           # every span guessed right
+    other = fetch(serve([two]).port, 'guess.bin', tmp_path / 'guess.bin')
+    assert sha256(tmp_path / 'guess.bin') == sha256(private)
+    assert other['delta'] == 'fixed'
+    assert other['local_bytes'] == 0 and other['wire_bytes'] >= 2 * MiB
+    # The same address with another secret is another server too.
+    first.stop()
+    rekeyed = serve([two], port=first.port, secret='another-secret')
+    done = run_get(rekeyed.port, 'guess.bin', '-o', tmp_path / 'rekeyed.bin', '--json',
+                   secret='another-secret')
+    assert done.returncode == 0, done.stderr
+    (summary,) = json_summaries(done)
+    assert summary['local_bytes'] == 0 and summary['wire_bytes'] >= 2 * MiB
+    # The server the data came from still finds it here.
+    rekeyed.stop()
+    again = serve([one], port=first.port)
+    os.link(str(private), str(one / 'copy.bin'))
+    same = fetch(again.port, 'copy.bin', tmp_path / 'copy.bin')
+    assert sha256(tmp_path / 'copy.bin') == sha256(private)
+    assert same['local_bytes'] >= 2 * MiB - 2 * MiB // wanxfer.LEAD_FRACTION
+
+
+def test_server_origin_names_the_address_and_the_secret_but_does_not_hold_it():
+    origin = wanxfer.server_origin('Files.Example.COM.', 46224, b'the secret')
+    assert origin.startswith('files.example.com:46224#') and b'secret' not in origin.encode()
+    assert origin == wanxfer.server_origin('files.example.com', 46224, b'the secret')
+    assert origin != wanxfer.server_origin('files.example.com', 46225, b'the secret')
+    assert origin != wanxfer.server_origin('files.example.com', 46224, b'another secret')
+    assert wanxfer.server_origin('[::1]', 1, b's') == wanxfer.server_origin('0:0::1', 1, b's')
+
+
+def test_a_cache_of_the_first_format_is_upgraded_and_its_files_offered_to_nobody(tmp_path):
+    path = str(tmp_path / 'c.db')
+    basis = tmp_path / 'basis'
+    payload = os.urandom(100_000)
+    basis.write_bytes(payload)
+    digest = wanxfer.span_digest(payload[:65536])
+    db = wanxfer.sqlite3.connect(path, isolation_level=None)
+    db.execute('PRAGMA application_id=%d' % wanxfer.CACHE_APPLICATION_ID)
+    db.execute('PRAGMA user_version=1')
+    db.execute('CREATE TABLE kept_files (id INTEGER PRIMARY KEY, path TEXT NOT NULL, '
+               'owned INTEGER NOT NULL, remote TEXT NOT NULL, size INTEGER NOT NULL, '
+               'mtime_ns INTEGER NOT NULL, modes TEXT NOT NULL, kept REAL NOT NULL)')
+    db.execute('CREATE TABLE spans (digest BLOB NOT NULL, file INTEGER NOT NULL, '
+               'offset INTEGER NOT NULL, length INTEGER NOT NULL)')
+    info = basis.stat()
+    db.execute("INSERT INTO kept_files VALUES (1, ?, 0, 'basis', ?, ?, 'fixed', 0)",
+               (str(basis), info.st_size, info.st_mtime_ns))
+    db.execute('INSERT INTO spans VALUES (?, 1, 0, 65536)', (digest,))
+    db.close()
+    store = wanxfer.ChunkStore(path)
+    assert store.find_spans([digest], 'host:1#00') == {}
+    assert store.kept_files_for('basis', 'host:1#00') == []
+    store.keep_file(str(basis), 'basis', 'fixed', [(0, 65536, digest)], link=False, origin='host:1#00')
+    assert [found[0][-2:] for found in store.find_spans([digest], 'host:1#00').values()] == [(0, 65536)]
+    store.close()
+    db = wanxfer.open_cache_db(path, create=False)
+    assert db.execute('PRAGMA user_version').fetchone()[0] == wanxfer.CACHE_FORMAT
+    db.close()
+
+
+def test_spans_too_short_to_be_worth_sending_are_not_looked_for(tmp_path):
+    # A file's last span can be a few bytes: cheap to guess, so never
+    # answered from local data; the server sends it.
+    store = wanxfer.ChunkStore(str(tmp_path / 'c.db'))
+    basis = tmp_path / 'basis'
+    payload = os.urandom(65536 + 100)
+    basis.write_bytes(payload)
+    spans = [(0, 65536, wanxfer.span_digest(payload[:65536])),
+             (65536, 100, wanxfer.span_digest(payload[65536:]))]
+    store.keep_file(str(basis), 'basis', 'fixed', spans, link=False, origin='here')
+    partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', len(payload), 0, 4)
+    partial.open()
+    assembler = wanxfer.LocalAssembler(store, partial, origin='here')
+    held, decided, _refine = assembler.on_piece(0, [(length, digest) for _, length, digest in spans])
+    assert held == [(0, 65536 // 4)] and decided == len(payload) // 4
+    assert assembler.local_bytes == 65536
+    assembler.close()
+    partial.close()
+    store.close()
