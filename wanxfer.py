@@ -3687,10 +3687,12 @@ class Server:
 
     def _start_session(self, pending):
         """Called on the loop once `pending`'s HELLO is in."""
-        pending.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = ServerSession(self, pending.sock, pending.address)
         try:
+            pending.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=session.run, args=(pending,), name='session', daemon=True).start()
+        except OSError as e:
+            self.pending.abandon(pending, e.strerror or str(e))
         except RuntimeError as e:
             # No thread to be had (a process limit, memory): this client is
             # dropped, the server goes on.
