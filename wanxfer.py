@@ -2416,7 +2416,11 @@ class DigestCache:
                         with self._lock:
                             self._results.pop(key, None)
                     slot['done'].set()
-                threading.Thread(target=work, name='digest', daemon=True).start()
+                try:
+                    threading.Thread(target=work, name='digest', daemon=True).start()
+                except RuntimeError:
+                    del self._results[key]      # or the next fetch of this file waits for ever
+                    raise
 
         def wait():
             slot['done'].wait()
