@@ -3174,6 +3174,8 @@ class Acceptor:
 
     def _resume(self):
         self._timer = None
+        if self._spare is None:
+            self._spare = self._reserve()
         self.loop.watch(self.listener, selectors.EVENT_READ, self._ready)
 
     def close(self):
