@@ -998,7 +998,9 @@ def open_cache_db(path, create, timeout=CACHE_BUSY_TIMEOUT):
             # Private: the cache holds what crossed the wire, and the
             # fingerprints of the secrets it came under.
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
         except OSError as e:
             raise CacheError('cannot create cache %s: %s' % (path, e.strerror))
     try:
@@ -2915,7 +2917,11 @@ class DigestCache:
                         with self._lock:
                             self._results.pop(key, None)
                     slot['done'].set()
-                threading.Thread(target=work, name='digest', daemon=True).start()
+                try:
+                    threading.Thread(target=work, name='digest', daemon=True).start()
+                except RuntimeError:
+                    del self._results[key]      # or the next fetch of this file waits for ever
+                    raise
 
         def wait():
             slot['done'].wait()
@@ -3294,6 +3300,13 @@ client's own flow, and one client's traffic never queues behind another's).
 
 COMMAND_TIMEOUT = 300.0         # s a client may idle between requests
 HANDSHAKE_TIMEOUT = 15.0
+HANDSHAKE_DEADLINE = 10.0       # s from accept to an authenticated peer, however slowly its bytes
+                                # come: room for a lost segment's retransmissions on a long path
+MAX_UNAUTHENTICATED = 64        # connections held before they authenticate (and at most a quarter
+                                # of the process's descriptors: sessions need the rest) ...
+MAX_UNAUTHENTICATED_PER_SOURCE = 8      # ... and from one address (IPv6: one /64)
+ACCEPT_REST = (0.01, 1.0)       # s a listener rests after accept() fails for want of resources,
+                                # doubling from the first figure to the second while it goes on
 UDP_SETUP_TIMEOUT = 10.0
 DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
 PACING_BURST = 0.002            # s of sending allowed in one go
@@ -3513,6 +3526,340 @@ class SignatureCache:
             return job
 
 
+def connection_source(address):
+    """What the per-source cap counts by: the IPv4 address, or the /64 of an
+    IPv6 one (a single host commonly holds a whole /64)."""
+    host = address[0]
+    if host.startswith('::ffff:') and '.' in host:
+        return host[7:]
+    if ':' not in host:
+        return host
+    try:
+        return socket.inet_pton(socket.AF_INET6, host.split('%', 1)[0])[:8]
+    except (OSError, ValueError):
+        return host
+
+
+def unauthenticated_limit():
+    """MAX_UNAUTHENTICATED, or a quarter of the descriptors the process may
+    open if that is less: connections that have not authenticated must not
+    take the descriptors that sessions (UDP socket, files) need."""
+    try:
+        import resource                 # Unix only
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_UNAUTHENTICATED
+    if soft < 0 or soft == resource.RLIM_INFINITY:
+        return MAX_UNAUTHENTICATED
+    return max(1, min(MAX_UNAUTHENTICATED, soft // 4))
+
+
+class PendingConnection:
+    """One accepted connection until its peer has authenticated.  The gate
+    (PendingHandshakes) collects its HELLO without blocking; then a thread
+    calls handshake(), for which this object stands in for the socket."""
+
+    def __init__(self, gate, sock, address, deadline):
+        self.sock = sock
+        self.address = address
+        self.name = '%s:%d' % address[:2]
+        self.source = connection_source(address)
+        self.deadline = deadline
+        self.hello = bytearray()
+        self.proving = False            # the HELLO is in: a handshake thread owns the socket
+        self.dropped = None             # why the gate gave up on it
+        self._gate = gate
+
+    def handshake(self, secret, encrypt):
+        """server_handshake() over this connection, on the calling thread,
+        within what is left of its deadline.  Returns what that returns;
+        raises what it raises, or a ProtocolError saying why the gate
+        dropped the connection meanwhile.  Either way the gate has let go:
+        the socket is the caller's to use or close."""
+        try:
+            result = server_handshake(self, secret, encrypt)
+        except BaseException:
+            dropped = self._gate.release(self)
+            if dropped is not None:
+                raise ProtocolError(dropped)
+            raise
+        dropped = self._gate.release(self)
+        if dropped is not None:
+            raise ProtocolError(dropped)
+        return result
+
+    # The socket as server_handshake() sees it: the HELLO the gate already
+    # read comes first, and every wait is bounded by the one deadline, so a
+    # peer cannot stretch the handshake by sending a byte at a time.
+
+    def recv(self, size):
+        if self.hello:
+            data = bytes(self.hello[:size])
+            del self.hello[:size]
+            return data
+        return self._bounded(self.sock.recv, size)
+
+    def sendall(self, data):
+        return self._bounded(self.sock.sendall, data)
+
+    def _bounded(self, operation, argument):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ProtocolError(self._gate.late)
+        self.sock.settimeout(left)
+        try:
+            return operation(argument)
+        except socket.timeout:
+            raise ProtocolError(self._gate.late)
+
+    def __getattr__(self, name):
+        # Whatever else a revised handshake may ask of its socket.
+        if name == 'sock':
+            raise AttributeError(name)
+        return getattr(self.sock, name)
+
+
+class PendingHandshakes:
+    """The gate between accept() and an authenticated session, for a
+    listener served by an EventLoop (`serve`'s accept loop, `tunnel
+    --listen`'s loop).  A thread per accepted connection, each with a
+    timeout per recv, let peers that send a byte now and then hold threads
+    and descriptors for ever and lock everyone else out; here:
+
+    - Until its HELLO is complete a connection costs a non-blocking socket
+      the loop watches and a few bytes, no thread.  admit() takes it from
+      accept; once HELLO.size bytes are in, `start(pending)` (the owner's)
+      must run pending.handshake() on a thread of its own, which calls the
+      unchanged server_handshake(), or, if no thread can be had, call
+      abandon().  So threads in the handshake are bounded by the caps below.
+    - Each connection has `deadline` seconds (HANDSHAKE_DEADLINE) from
+      accept to authenticated in all, however its bytes trickle in.
+    - At most `limit` connections are pending, and at most `per_source`
+      from one source address: a newcomer over either cap pushes out the
+      oldest pending connection (of its own source, if that cap is the one
+      reached), never itself, so a real client gets in even while an
+      attacker keeps slots filled with slow connections.
+    - make_room() closes the oldest one still sending its HELLO, for an
+      accept() that found the process out of descriptors (see Acceptor).
+
+    Every connection dropped is logged in one line, `label % (name, reason)`;
+    one dropped during its handshake thread is logged by that thread's
+    owner.  release() is called from handshake threads, the rest on the
+    loop."""
+
+    def __init__(self, loop, start, log, label, deadline=None, limit=None,
+                 per_source=MAX_UNAUTHENTICATED_PER_SOURCE):
+        self.loop = loop
+        self.deadline = HANDSHAKE_DEADLINE if deadline is None else deadline
+        self.limit = unauthenticated_limit() if limit is None else limit
+        self.per_source = min(per_source, self.limit)
+        self.late = 'no complete handshake within %g s' % self.deadline
+        self._start = start
+        self._log = log
+        self._label = label
+        self._pending = collections.OrderedDict()      # PendingConnection -> None, oldest first
+        self._sources = collections.Counter()
+        self._lock = threading.Lock()
+        self._timer = None
+
+    def __len__(self):
+        with self._lock:
+            return len(self._pending)
+
+    def admit(self, sock, address):
+        """Take a connection just accepted."""
+        pending = PendingConnection(self, sock, address, time.monotonic() + self.deadline)
+        sock.setblocking(False)
+        with self._lock:
+            if self._sources[pending.source] >= self.per_source:
+                victim = next(p for p in self._pending if p.source == pending.source)
+            elif len(self._pending) >= self.limit:
+                victim = next(iter(self._pending))
+            else:
+                victim = None
+            self._pending[pending] = None
+            self._sources[pending.source] += 1
+        if victim is not None:
+            self._drop(victim, 'pushed out by newer connections that have not authenticated')
+        self.loop.watch(sock, selectors.EVENT_READ, lambda mask: self._read(pending))
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.deadline, self._expire)
+
+    def make_room(self):
+        """Close the oldest connection still sending its HELLO; False if
+        there is none."""
+        with self._lock:
+            victim = next((p for p in self._pending if not p.proving), None)
+        if victim is None:
+            return False
+        self._drop(victim, 'pushed out: the process is out of file descriptors')
+        return True
+
+    def release(self, pending):
+        """The handshake thread is done with `pending`: None, or why the
+        gate dropped it meanwhile."""
+        with self._lock:
+            if pending.dropped is None and pending in self._pending:
+                self._forget(pending)
+            return pending.dropped
+
+    def abandon(self, pending, reason):
+        """For start() when it cannot hand the connection to a thread."""
+        with self._lock:
+            if pending in self._pending:
+                self._forget(pending)
+            pending.dropped = reason
+        pending.sock.close()
+        self._log(self._label % (pending.name, reason))
+
+    def close(self):
+        """Hang up on every connection still pending (the listener is closing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with self._lock:
+            everyone = list(self._pending)
+        for pending in everyone:
+            self._drop(pending, 'shutting down', log=False)
+
+    def _forget(self, pending):
+        del self._pending[pending]
+        self._sources[pending.source] -= 1
+        if not self._sources[pending.source]:
+            del self._sources[pending.source]
+
+    def _drop(self, pending, reason, log=True):
+        with self._lock:
+            if pending not in self._pending:
+                return
+            self._forget(pending)
+            pending.dropped = reason
+            if pending.proving:
+                # Its thread may be blocked on the socket: wake it.  The
+                # thread reports and closes (the lock keeps the descriptor
+                # from being closed and reused under this shutdown).
+                try:
+                    pending.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                return
+        self.loop.watch(pending.sock, 0, None)
+        pending.sock.close()
+        if log:
+            self._log(self._label % (pending.name, reason))
+
+    def _read(self, pending):
+        try:
+            data = pending.sock.recv(HELLO.size - len(pending.hello))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._drop(pending, e.strerror or str(e))
+            return
+        if not data:
+            self._drop(pending, 'connection closed by peer')
+            return
+        pending.hello += data
+        if len(pending.hello) < HELLO.size:
+            return
+        self.loop.watch(pending.sock, 0, None)
+        with self._lock:
+            pending.proving = True
+        self._start(pending)
+
+    def _expire(self):
+        self._timer = None
+        now = time.monotonic()
+        with self._lock:
+            # Admission order is deadline order.
+            late = list(itertools.takewhile(lambda p: p.deadline <= now, self._pending))
+        for pending in late:
+            self._drop(pending, self.late)
+        with self._lock:
+            oldest = next(iter(self._pending), None)
+        if oldest is not None:
+            self._timer = self.loop.call_later(max(0.0, oldest.deadline - now), self._expire)
+
+
+class Acceptor:
+    """Accepts on a listening socket for an EventLoop and passes each
+    connection to on_accept(sock, address).
+
+    When accept() fails for want of resources (EMFILE, ENFILE, ENOBUFS,
+    ENOMEM) the listener stays readable, and trying again at once would spin
+    a core.  Out of descriptors, it first asks make_room() to close a
+    connection that has not authenticated and tries again; with nothing to
+    close it accepts the waiting connection on a descriptor kept spare for
+    this and closes it at once (that peer hears no rather than waiting in the
+    backlog).  Then it stops watching the listener for ACCEPT_REST, doubling
+    while failures go on, and logs the first failure of a run."""
+
+    def __init__(self, loop, listener, on_accept, make_room=None, log=None):
+        self.loop = loop
+        self.listener = listener
+        self._on_accept = on_accept
+        self._make_room = make_room or (lambda: False)
+        self._log = log or (lambda line: None)
+        self._rest = 0.0
+        self._timer = None
+        self._spare = self._reserve()
+        listener.setblocking(False)
+        loop.watch(listener, selectors.EVENT_READ, self._ready)
+
+    @staticmethod
+    def _reserve():
+        try:
+            return os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return None
+
+    def _ready(self, mask):
+        try:
+            sock, address = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._failed(e)
+            return
+        self._rest = 0.0
+        self._on_accept(sock, address)
+
+    def _failed(self, error):
+        if error.errno in (errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM):
+            return                      # that connection died in the backlog; the next is fine
+        out_of_descriptors = error.errno in (errno.EMFILE, errno.ENFILE)
+        if out_of_descriptors and self._make_room():
+            return                      # the listener is still readable: the loop tries again
+        if out_of_descriptors and self._spare is not None:
+            os.close(self._spare)
+            try:
+                self.listener.accept()[0].close()
+            except OSError:
+                pass
+            self._spare = self._reserve()
+        if not self._rest:
+            self._log('accept failed: %s; trying again in up to %g s'
+                      % (error.strerror or error, ACCEPT_REST[1]))
+        self._rest = min(max(self._rest * 2, ACCEPT_REST[0]), ACCEPT_REST[1])
+        self.loop.watch(self.listener, 0, None)
+        self._timer = self.loop.call_later(self._rest, self._resume)
+
+    def _resume(self):
+        self._timer = None
+        if self._spare is None:
+            self._spare = self._reserve()
+        self.loop.watch(self.listener, selectors.EVENT_READ, self._ready)
+
+    def close(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.loop.watch(self.listener, 0, None)
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+
 class ServerSession:
     """One client, from handshake to hang-up.  Answers `list` and `fetch`
     requests; a fetch runs the paced data phase until the client says it
@@ -3540,10 +3887,12 @@ class ServerSession:
             self._udp_address = address
             self._udp_ready.set()
 
-    def run(self):
+    def run(self, pending):
+        """The session's thread, from the HELLO on: `pending` (see
+        PendingHandshakes) has it."""
         try:
+            keys, self.rtt = pending.handshake(self.server.secret, self.server.encrypt)
             self.sock.settimeout(HANDSHAKE_TIMEOUT)
-            keys, self.rtt = server_handshake(self.sock, self.server.secret, self.server.encrypt)
             self.session_id = keys.session_id
             ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('server')
             self.control = ControlChannel(self.sock, ctrl_out, ctrl_in)
@@ -3925,12 +4274,18 @@ class ServerSession:
 class Server:
     """`serve`: accepts clients on TCP, matches their first UDP datagram to
     their session, and runs each session on its own thread.  A failing
-    session is logged and the server keeps serving."""
+    session is logged and the server keeps serving.
+
+    One thread (serve_forever's) accepts and reads every connection's HELLO
+    without blocking; a session's thread starts only once its HELLO is in,
+    and the gate (PendingHandshakes) bounds how many have not authenticated
+    and for how long."""
 
     def __init__(self, tree, secret, bind='', port=DEFAULT_PORT, encrypt=True,
                  max_rate=None, log=None, signature_store=None):
         self.tree = tree
         self.secret = SharedSecret.of(secret)
+        self.secret.server_salt()               # stretched now, not at the first client
         self.encrypt = encrypt
         self.max_rate = max_rate
         self.log = log or (lambda line: None)
@@ -3954,6 +4309,13 @@ class Server:
             raise UsageError('cannot listen on %s:%d: %s' % (bind or '*', port, e.strerror))
         self.listener.listen(64)
         self.address = self.listener.getsockname()
+        self.loop = EventLoop()
+        self.pending = PendingHandshakes(self.loop, self._start_session, self.log, '%s: dropped: %s')
+        self.acceptor = Acceptor(self.loop, self.listener, self.pending.admit, self.pending.make_room,
+                                 self.log)
+        self._loop_thread = None
+        self._loop_done = threading.Event()
+        self._loop_done.set()
 
     def register(self, session):
         with self._lock:
@@ -3995,25 +4357,42 @@ class Server:
 
     def serve_forever(self):
         threading.Thread(target=self._udp_loop, name='udp-hello', daemon=True).start()
-        while not self._stopping.is_set():
-            try:
-                sock, address = self.listener.accept()
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session = ServerSession(self, sock, address)
-            threading.Thread(target=session.run, name='session', daemon=True).start()
+        self._loop_thread = threading.get_ident()
+        self._loop_done.clear()
+        try:
+            self.loop.run()
+        finally:
+            self._loop_done.set()
+
+    def _start_session(self, pending):
+        """Called on the loop once `pending`'s HELLO is in."""
+        session = ServerSession(self, pending.sock, pending.address)
+        try:
+            pending.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=session.run, args=(pending,), name='session', daemon=True).start()
+        except OSError as e:
+            self.pending.abandon(pending, e.strerror or str(e))
+        except RuntimeError as e:
+            # No thread to be had (a process limit, memory): this client is
+            # dropped, the server goes on.
+            self.pending.abandon(pending, 'cannot start a thread for it: %s' % e)
 
     def shutdown(self):
+        if self._stopping.is_set():
+            return
         self._stopping.set()
+        self.loop.stop()
+        if self._loop_thread != threading.get_ident():
+            self._loop_done.wait(5.0)       # the loop's sockets are closed once it has let go
+        self.acceptor.close()
+        self.pending.close()
         for sock in (self.listener, self.udp):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             sock.close()
+        self.loop.close()
 
 
 class FileReceiver:
@@ -5836,7 +6215,6 @@ LINK_STABLE = 10.0                  # s a link must live before back-off starts 
 PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the link
 MAX_PENDING_STREAMS = 256
 CONNECT_TIMEOUT = 10.0
-MAX_HANDSHAKES = 32                 # unauthenticated peers at once
 STATS_INTERVAL = 2.0
 SEND_BATCH = 64                     # buffers per sendmsg to a local socket
 
@@ -6879,7 +7257,13 @@ class Tunnel:
             except Exception as e:              # reported on the loop, not lost with the thread
                 result, error = None, e
             self.loop.post(lambda: done(result, error))
-        threading.Thread(target=body, name='tunnel-helper', daemon=True).start()
+        try:
+            threading.Thread(target=body, name='tunnel-helper', daemon=True).start()
+        except RuntimeError as e:
+            # No thread to be had (a process limit, memory): this piece of
+            # work fails, the tunnel goes on.
+            failure = WanxferError('cannot start a thread: %s' % e)
+            self.loop.post(lambda: done(None, failure))
 
 
 def listen_socket(host, port, tune=False):
@@ -7024,54 +7408,47 @@ class NearTunnel(Tunnel):
 class FarTunnel(Tunnel):
     """The --listen side: accepts peers (each must pass the handshake, and
     one that fails is logged and dropped), and opens connections only to
-    the targets named by --allow, spelled as the peer's -L spells them."""
+    the targets named by --allow, spelled as the peer's -L spells them.
+    Peers not yet authenticated wait in a PendingHandshakes gate on the
+    loop; only the handshake itself runs on a helper thread."""
 
     role = 'listen'
     accepts_open = True
 
     def __init__(self, secret, store, bind, port, allow, encrypt=True, log=None):
         Tunnel.__init__(self, secret, store, encrypt, log)
+        self.secret.server_salt()               # stretched now, not at the first peer
         self.allow = set((host.lower(), target_port) for host, target_port in allow)
         self.listener = listen_socket(bind, port, tune=True)
         self.address = self.listener.getsockname()[:2]
-        self._handshakes = 0
-        self.loop.watch(self.listener, selectors.EVENT_READ, self._accept)
+        self.pending = PendingHandshakes(self.loop, self._handshake, self.log, 'peer %s dropped: %s')
+        self.acceptor = Acceptor(self.loop, self.listener, self.pending.admit, self.pending.make_room,
+                                 self.log)
 
     def _close_listeners(self):
-        self.loop.watch(self.listener, 0, None)
+        self.acceptor.close()
+        self.pending.close()
         self.listener.close()
 
-    def _accept(self, mask):
-        try:
-            sock, address = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self.log('accept failed: %s' % describe_error(e))
-            return
-        name = '%s:%d' % address[:2]
-        if self._handshakes >= MAX_HANDSHAKES:
-            self.log('peer %s dropped: too many handshakes in progress' % name)
-            sock.close()
-            return
-        self._handshakes += 1
+    def _handshake(self, pending):
         secret, encrypt = self.secret, self.encrypt
 
         def work():
             try:
-                sock.settimeout(HANDSHAKE_TIMEOUT)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                keys, _rtt = server_handshake(sock, secret, encrypt)
+                pending.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                keys, _rtt = pending.handshake(secret, encrypt)
             except BaseException:
-                sock.close()
+                pending.sock.close()
                 raise
             return keys
 
-        self.spawn(work, lambda keys, error: self._handshaken(sock, name, keys, error))
+        self.spawn(work, lambda keys, error: self._handshaken(pending, keys, error))
 
-    def _handshaken(self, sock, name, keys, error):
-        self._handshakes -= 1
+    def _handshaken(self, pending, keys, error):
+        sock, name = pending.sock, pending.name
         if error is not None:
+            self.pending.release(pending)       # if no thread could be had to run work()
+            sock.close()
             reason = describe_error(error)
             if isinstance(error, ProtocolError) and 'closed' in reason:
                 # The client checks our proof first and hangs up when it fails.

@@ -1,0 +1,365 @@
+"""Connections that never authenticate must not lock anyone out of `serve`
+or `tunnel --listen`: the whole handshake has one deadline, unauthenticated
+connections are capped (the oldest goes, not the newcomer), accept() failures
+do not spin, and a thread that cannot start costs one connection, not the
+server."""
+
+import errno
+import os
+import select
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import SECRET, WANXFER, make_file, run_get, sha256, wait_for, wanxfer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tunnel_helpers import SECRET as TUNNEL_SECRET  # noqa: E402
+from tunnel_helpers import Server as TcpServer  # noqa: E402
+from tunnel_helpers import echo_handler, round_trip, start_far, start_near  # noqa: E402
+
+# Attackers come from several loopback addresses, some from the legitimate
+# client's own (127.0.0.1), so both the overall and the per-source cap bind.
+SOURCES = ['127.0.0.%d' % n for n in range(1, 10)]
+
+
+class Trickle:
+    """`count` connections held open against 127.0.0.1:port: every other one
+    sends a byte of something HELLO-like each `interval` (never the whole
+    HELLO), the rest send nothing.  Those the server closes are counted and
+    reopened, `reopen` per round, so the server's slots stay full."""
+
+    def __init__(self, port, count, interval=0.2, reopen=5, sources=SOURCES):
+        self.port = port
+        self.count = count
+        self.interval = interval
+        self.reopen = reopen
+        self.sources = sources
+        self.opened = threading.Event()
+        self.closed_by_server = 0
+        self._stop = threading.Event()
+        self._next = 0
+        self._conns = []
+        hello = wanxfer.PROTOCOL_MAGIC + bytes(wanxfer.HELLO.size)
+        self._bytes = hello[:wanxfer.HELLO.size - 1]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        if not self.opened.wait(60):
+            pytest.fail('could not open %d connections' % self.count)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join(10)
+        for conn in self._conns:
+            conn[0].close()
+
+    def _connect(self):
+        index = self._next
+        self._next += 1
+        sock = socket.socket()
+        try:
+            sock.bind((self.sources[index % len(self.sources)], 0))
+            sock.settimeout(3.0)
+            sock.connect(('127.0.0.1', self.port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            return
+        self._conns.append([sock, 0, index % 2 == 0])
+
+    @staticmethod
+    def _alive(sock):
+        try:
+            return sock.recv(1, socket.MSG_PEEK) != b''
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _run(self):
+        for _ in range(self.count):
+            self._connect()
+        self.opened.set()
+        while not self._stop.wait(self.interval):       # the attacker's pace, not synchronisation
+            live = []
+            for conn in self._conns:
+                sock, sent, talks = conn
+                if talks and self._alive(sock) and sent < len(self._bytes):
+                    try:
+                        sock.send(self._bytes[sent:sent + 1])
+                        conn[1] += 1
+                    except OSError:
+                        pass
+                if self._alive(sock):
+                    live.append(conn)
+                else:
+                    self.closed_by_server += 1
+                    sock.close()
+            self._conns = live
+            for _ in range(min(self.reopen, self.count - len(live))):
+                self._connect()
+
+
+def proc_figures(pid):
+    """(threads, open descriptors, CPU seconds) of a process, from /proc."""
+    with open('/proc/%d/status' % pid) as f:
+        threads = next(int(line.split()[1]) for line in f if line.startswith('Threads:'))
+    with open('/proc/%d/stat' % pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    return threads, len(os.listdir('/proc/%d/fd' % pid)), cpu
+
+
+class InProcessServer:
+    """A wanxfer.Server on a thread of this process, its log kept in `lines`."""
+
+    def __init__(self, paths):
+        self.lines = []
+        self.server = wanxfer.Server(wanxfer.ServedTree([str(p) for p in paths]), SECRET.encode(),
+                                     '127.0.0.1', 0, log=self.lines.append)
+        self.port = self.server.port
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def log(self):
+        return '\n'.join(self.lines)
+
+    def stop(self):
+        self.server.shutdown()
+        self.thread.join(10)
+
+
+class InProcessFarTunnel:
+    """A wanxfer.FarTunnel (`tunnel --listen`) on a thread of this process."""
+
+    def __init__(self, tmp_path, allow):
+        self.lines = []
+        store = wanxfer.ChunkStore(str(tmp_path / 'far.db'), 64 << 20)
+        self.tunnel = wanxfer.FarTunnel(TUNNEL_SECRET.encode(), store, '127.0.0.1', 0,
+                                        [('127.0.0.1', port) for port in allow],
+                                        log=self.lines.append)
+        self.port = self.tunnel.address[1]
+        self.thread = threading.Thread(target=self.tunnel.run, daemon=True)
+        self.thread.start()
+
+    def log(self):
+        return '\n'.join(self.lines)
+
+    def stop(self):
+        self.tunnel.stop()
+        self.thread.join(10)
+
+
+class TricklingSocket:
+    """A socket for wanxfer's own client_handshake() that sends the bytes of
+    its `slow`-th sendall (0: HELLO, 1: CLIENT_PROOF) one at a time, one per
+    `interval`, and raises ConnectionError once the server hangs up."""
+
+    def __init__(self, sock, slow, interval=0.1):
+        self.sock = sock
+        self.slow = slow
+        self.interval = interval
+        self.calls = 0
+        self.closed_after = None
+        self.started = time.monotonic()
+
+    def sendall(self, data):
+        self.calls += 1
+        if self.calls - 1 != self.slow:
+            return self.sock.sendall(data)
+        for i in range(len(data)):
+            try:
+                self.sock.send(data[i:i + 1])
+            except OSError:
+                break
+            # Waits for the server to hang up, at most `interval`: nothing
+            # else can arrive while our message is incomplete.
+            readable, _, _ = select.select([self.sock], [], [], self.interval)
+            if readable and not self._answered():
+                break
+        else:
+            return
+        self.closed_after = time.monotonic() - self.started
+        raise ConnectionError('the server hung up %.2f s after connect' % self.closed_after)
+
+    def _answered(self):
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) != b''
+        except OSError:
+            return False
+
+    def recv(self, n):
+        return self.sock.recv(n)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_get_succeeds_while_200_trickling_connections_are_held(tmp_path, serve):
+    data = make_file(tmp_path / 'f', 300_000)
+    server = serve([data])
+    with Trickle(server.port, 200) as attack:
+        threads, fds, _cpu = proc_figures(server.proc.pid)
+        done = run_get(server.port, 'f', '-o', tmp_path / 'out', timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert sha256(tmp_path / 'out') == sha256(data)
+        # Old code: a thread and a descriptor per connection, 200+ of each.
+        assert threads < 20 and fds < 100, (threads, fds)
+        wait_for(lambda: attack.closed_by_server >= 100, timeout=10,
+                 what='serve to close the connections over its caps')
+    assert 'pushed out by newer connections' in server.log()
+
+
+def test_peer_link_comes_up_while_200_trickling_connections_are_held(tmp_path):
+    echo = TcpServer(echo_handler)
+    far = start_far(tmp_path / 'far.db', [echo.port])
+    near = None
+    try:
+        with Trickle(far.port, 200):
+            near = start_near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
+            near.wait_for(r'peer link up', timeout=10)      # old code: dropped, retrying for ever
+            assert round_trip(near.port, b'through the tunnel\n' * 1000, timeout=10) == \
+                b'through the tunnel\n' * 1000
+    finally:
+        if near is not None:
+            near.stop()
+        far.stop()
+        echo.close()
+
+
+@pytest.mark.parametrize('slow', [0, 1], ids=['hello', 'proof'])
+@pytest.mark.parametrize('side', ['serve', 'tunnel'])
+def test_a_trickling_connection_is_closed_at_the_handshake_deadline(tmp_path, monkeypatch, side, slow):
+    monkeypatch.setattr(wanxfer, 'HANDSHAKE_DEADLINE', 0.5, raising=False)
+    data = make_file(tmp_path / 'f', 1000)
+    target = InProcessServer([data]) if side == 'serve' else InProcessFarTunnel(tmp_path, [9])
+    secret = (SECRET if side == 'serve' else TUNNEL_SECRET).encode()
+    try:
+        sock = socket.create_connection(('127.0.0.1', target.port), timeout=10)
+        trickling = TricklingSocket(sock, slow)
+        try:
+            # A byte every 0.1 s: each recv's own timeout would never fire.
+            with pytest.raises((ConnectionError, wanxfer.ProtocolError)):
+                wanxfer.client_handshake(trickling, secret, True)
+        finally:
+            sock.close()
+        assert trickling.closed_after is not None, 'the server hung up before the slow part'
+        assert trickling.closed_after < 3.0
+        wait_for(lambda: 'no complete handshake within 0.5 s' in target.log(), timeout=5,
+                 what='the drop in the log')
+    finally:
+        target.stop()
+
+
+def test_serve_out_of_descriptors_neither_spins_nor_locks_out(tmp_path, serve):
+    data = make_file(tmp_path / 'f', 300_000)
+    limited = ('sh', '-c', 'ulimit -n 64 && exec "$0" "$@"', sys.executable, WANXFER)
+    server = serve([data], program=limited)
+    with open('/proc/%d/limits' % server.proc.pid) as f:
+        assert any(line.startswith('Max open files') and line.split()[3] == '64' for line in f)
+    with Trickle(server.port, 70):
+        # Old code: accept() fails with EMFILE and the loop retries at once,
+        # a core's worth.  Watch the CPU time over a window.
+        _threads, _fds, cpu_before = proc_figures(server.proc.pid)
+        started = time.monotonic()
+        wait_for(lambda: time.monotonic() - started >= 1.5, timeout=5, what='the window')
+        _threads, _fds, cpu_after = proc_figures(server.proc.pid)
+        busy = (cpu_after - cpu_before) / (time.monotonic() - started)
+        assert busy < 0.2, 'serve used %.0f%% of a core' % (100 * busy)
+        done = run_get(server.port, 'f', '-o', tmp_path / 'out', timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert sha256(tmp_path / 'out') == sha256(data)
+        assert server.proc.poll() is None
+
+
+def refuse_one_thread(monkeypatch, name):
+    """Thread.start raises, as at a process limit, for the first thread called `name`."""
+    real_start = threading.Thread.start
+    refused = []
+
+    def start(thread):
+        if thread.name == name and not refused:
+            refused.append(thread)
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    monkeypatch.setattr(threading.Thread, 'start', start)
+    return refused
+
+
+def test_a_session_thread_that_cannot_start_drops_that_client_not_serve(tmp_path, monkeypatch):
+    # As root, RLIMIT_NPROC does not bind; Thread.start fails the same way under it.
+    data = make_file(tmp_path / 'f', 300_000)
+    server = InProcessServer([data])
+    try:
+        refused = refuse_one_thread(monkeypatch, 'session')
+        with socket.create_connection(('127.0.0.1', server.port), timeout=10) as sock:
+            with pytest.raises((wanxfer.WanxferError, OSError)):
+                wanxfer.client_handshake(sock, SECRET.encode(), True)
+        assert refused
+        assert server.thread.is_alive(), 'serve_forever died'
+        wait_for(lambda: 'cannot start a thread' in server.log(), timeout=5, what='the drop in the log')
+        done = run_get(server.port, 'f', '-o', tmp_path / 'out', timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert sha256(tmp_path / 'out') == sha256(data)
+    finally:
+        server.stop()
+
+
+def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel(tmp_path, monkeypatch):
+    echo = TcpServer(echo_handler)
+    far = InProcessFarTunnel(tmp_path, [echo.port])
+    near = None
+    try:
+        refused = refuse_one_thread(monkeypatch, 'tunnel-helper')
+        near = start_near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
+        near.wait_for(r'peer link up', timeout=15)     # its second try
+        assert refused and far.thread.is_alive()
+        assert 'cannot start a thread' in far.log()
+        assert round_trip(near.port, b'hello\n', timeout=10) == b'hello\n'
+    finally:
+        if near is not None:
+            near.stop()
+        far.stop()
+        echo.close()
+
+
+class ExhaustedListener(socket.socket):
+    """A listening socket whose accept() always fails as if out of descriptors."""
+
+    def __init__(self):
+        socket.socket.__init__(self)
+        self.bind(('127.0.0.1', 0))
+        self.listen(8)
+        self.accepts = 0
+
+    def accept(self):
+        self.accepts += 1
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+
+def test_accept_out_of_descriptors_rests_instead_of_spinning():
+    loop = wanxfer.EventLoop()
+    listener = ExhaustedListener()
+    waiting = socket.create_connection(listener.getsockname())     # keeps the listener readable
+    lines, rooms = [], []
+    acceptor = wanxfer.Acceptor(loop, listener, lambda sock, address: None,
+                                lambda: rooms.append(1) and False, lines.append)
+    try:
+        loop.call_later(0.6, loop.stop)
+        loop.run()
+        # 10 ms doubling: about 6 tries in 0.6 s (a busy loop makes thousands),
+        # each asking for room, then turning the waiting peer away.
+        assert 3 <= len(rooms) <= 10, len(rooms)
+        assert listener.accepts <= 2 * len(rooms)
+        assert len(lines) == 1 and 'Too many open files' in lines[0], lines
+    finally:
+        acceptor.close()
+        loop.close()
+        waiting.close()
+        listener.close()
