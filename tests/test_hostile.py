@@ -6,6 +6,7 @@ a one-line error, never a traceback, a huge allocation or a spinning loop;
 
 import json
 import os
+import random
 
 import pytest
 
@@ -186,3 +187,104 @@ def test_file_names_with_escapes_are_printed_escaped(tmp_path):
     assert 'a\\x1b[2Jb' in out
     assert '\x1b' not in out + err
 
+
+
+# --- The codecs and state machines, one hostile input each ----------------------------------------
+
+def test_feedback_with_more_gaps_than_a_receiver_sends_or_overlapping_is_refused():
+    many = wanxfer.encode_feedback(1, 0, 10, 0, 0, [(i, 1) for i in range(wanxfer.MAX_FEEDBACK_GAPS + 1)])
+    with pytest.raises(wanxfer.ProtocolError):
+        wanxfer.decode_feedback(many)
+    # Each gap spans the whole window: the sender would walk it once per gap.
+    overlapping = wanxfer.encode_feedback(1, 0, 10, 0, 0, [(0, 0xFFFFFFFF)] * 100)
+    with pytest.raises(wanxfer.ProtocolError):
+        wanxfer.decode_feedback(overlapping)
+    fine = [(2, 3), (5, 1), (9, 1)]
+    assert wanxfer.decode_feedback(wanxfer.encode_feedback(1, 0, 10, 0, 0, fine))[5] == fine
+
+
+def test_a_nak_with_more_ranges_than_a_receiver_sends_is_refused():
+    with pytest.raises(wanxfer.ProtocolError):
+        wanxfer.decode_nak(wanxfer.encode_nak(1, [(i, i + 1) for i in range(wanxfer.MAX_NAK_RANGES + 1)]))
+
+
+def test_one_nak_naming_a_whole_large_file_looks_at_a_bounded_number_of_blocks():
+    blocks = 1 << 21
+    window = wanxfer.SendWindow([(0, blocks)], 0, wanxfer.PacketLog())
+    while window.has_work():
+        first, count, _resend = window.next_run(1 << 16)
+        window.sent_run(first, count, 0.0, False)
+    queued = window.on_nak([(0, blocks)], now=10.0, rtt=0.1)
+    assert 0 < queued <= 1 << 16
+
+
+def test_a_signature_piece_with_more_spans_than_a_piece_holds_is_refused():
+    spans = [(1, bytes(16))] * (wanxfer.SIGNATURE_SEGMENT // wanxfer.MIN_CHUNK + 2)
+    with pytest.raises(wanxfer.ProtocolError):
+        wanxfer.decode_spans(wanxfer.encode_spans(spans))
+    assert wanxfer.decode_spans(wanxfer.encode_spans(spans[:100])) == spans[:100]
+
+
+def test_a_tunnel_chunk_longer_than_the_longest_chunk_is_refused():
+    decoder = wanxfer.StreamDecoder(store=None)
+    literal = bytes(wanxfer.MAX_CHUNK + 1)
+    with pytest.raises(wanxfer.ProtocolError):
+        decoder.feed([(wanxfer.PIECE_CHUNK, len(literal), None, literal)])
+    part = bytes(wanxfer.MAX_CHUNK - 10)
+    decoder = wanxfer.StreamDecoder(store=None)
+    decoder.feed([(wanxfer.PIECE_PART, len(part), None, part)])
+    with pytest.raises(wanxfer.ProtocolError):
+        decoder.feed([(wanxfer.PIECE_CHUNK, 11, None, bytes(11))])
+
+
+def test_feedback_still_encodes_after_a_sender_skips_two_to_the_32_packet_numbers():
+    window = wanxfer.ReceiveWindow(10, 0)
+    window.on_packet(0, 0, 0, 0.0)
+    window.on_packet(1 << 40, 1, 0, 0.001)
+    start, largest, delay, queue, gaps = window.feedback(0.002)
+    wanxfer.decode_feedback(wanxfer.encode_feedback(1, start, largest, delay, queue, gaps))
+    assert largest == 1 << 40
+
+
+@pytest.mark.parametrize('sender, message, named', [
+    ('client', {'op': 'fetch', 'block_size': 64}, 'block_size'),
+    ('client', {'op': 'fetch', 'block_size': 1430, 'max_rate': 0}, 'max_rate'),
+    ('client', {'op': 'fetch', 'block_size': 1430, 'need': [[5, 4]]}, 'need[0]'),
+    ('client', {'op': 'read', 'files': [{'path': 'a', 'size': 1, 'mtime_ns': True}]}, 'files[0].mtime_ns'),
+    ('client', {'op': 'list', 'path': 'a\x00b'}, 'path'),
+    ('client', {'op': 'need', 'file': 1}, 'ranges'),
+    ('server', {'op': 'listing', 'kind': 'file', 'files': []}, 'exactly one'),
+    ('server', {'op': 'listing', 'kind': 'dir', 'files': [{'path': 'a', 'size': 1, 'mtime_ns': 1,
+                                                          'mode': '644'}]}, 'files[0].mode'),
+    ('server', {'op': 'content', 'path': 'a', 'encoding': 'zlib'}, 'data and sha256'),
+    ('server', {'op': 'error', 'message': ['a']}, 'message'),
+    ('server', {'op': 'ready', 'probes': list(range(100))}, 'probes'),
+])
+def test_validate_message_names_the_op_and_field(sender, message, named):
+    with pytest.raises(wanxfer.ProtocolError) as raised:
+        wanxfer.validate_message(message, sender)
+    assert message['op'] in str(raised.value) and named in str(raised.value)
+
+
+def test_validate_message_lets_unknown_ops_and_fields_through():
+    # A newer peer may add either: the server answers an unknown request with `error`.
+    wanxfer.validate_message({'op': 'someday', 'x': [1]}, 'client')
+    wanxfer.validate_message({'op': 'list', 'path': 'a', 'page': 3}, 'client')
+
+
+def test_json_nesting_is_told_exactly_without_parsing():
+    rng = random.Random(11)
+
+    def nested(depth):
+        value = rng.choice([1, 'a]', '[{', None])
+        for _ in range(depth):
+            value = rng.choice([[value, '}]'], {'k[': value}])
+        return value
+
+    def depth_of(value):
+        return 1 + max([depth_of(v) for v in (value.values() if isinstance(value, dict) else value)]
+                       or [0]) if isinstance(value, (list, dict)) else 0
+    for _ in range(300):
+        value = nested(rng.randrange(0, 24))
+        body = json.dumps(value).encode()
+        assert wanxfer.json_nesting_within(body, 16) == (depth_of(value) <= 16), body
