@@ -338,7 +338,7 @@ def _expect_object(fields):
             if name not in value:
                 if key.endswith('?'):
                     continue
-                return '.' + name, 'present'
+                return '.' + name, None
             problem = item(value[name])
             if problem:
                 return '.' + name + problem[0], problem[1]
@@ -406,19 +406,37 @@ _CONTROL_CHECKS = {sender: {op: _expect_object(fields) for op, fields in ops.ite
                    for sender, ops in CONTROL_MESSAGES.items()}
 
 
+def _describe(value):
+    """A JSON value in a few words, however large it is."""
+    if isinstance(value, list):
+        return 'a list of %d' % len(value)
+    if isinstance(value, dict):
+        return 'an object'
+    if isinstance(value, str):
+        return repr(value[:40]) + ('...' if len(value) > 40 else '')
+    return repr(value)[:40]
+
+
 def validate_message(message, sender):
     """Check one decoded control message from `sender` ('client' or
     'server') against CONTROL_MESSAGES; ProtocolError if it breaks them."""
     op = message.get('op') if isinstance(message, dict) else None
     if type(op) is not str or not 0 < len(op) <= MAX_OP:
-        raise ProtocolError('a control message from the %s without an op' % sender)
+        raise ProtocolError('a control message from the %s without an op of at most %d characters'
+                            % (sender, MAX_OP))
     check = _CONTROL_CHECKS[sender].get(op)
     if check is None:
         return message
     problem = check(message)
     if problem is not None:
-        raise ProtocolError('invalid %s from the %s: %s must be %s'
-                            % (op, sender, problem[0].lstrip('.'), problem[1]))
+        field, expected = problem[0].lstrip('.'), problem[1]
+        if expected is None:
+            raise ProtocolError('invalid %s from the %s: no %s' % (op, sender, field))
+        value = message
+        for step in re.findall(r'\w+|\[\d+\]', field):
+            value = value[int(step[1:-1])] if step.startswith('[') else value.get(step)
+        raise ProtocolError('invalid %s from the %s: %s must be %s, not %s'
+                            % (op, sender, field, expected, _describe(value)))
     rule = CONTROL_RULES.get((sender, op))
     if rule is not None and not rule[0](message):
         raise ProtocolError('invalid %s from the %s: %s' % (op, sender, rule[1]))
@@ -476,7 +494,7 @@ def parse_control(body):
     except (ValueError, RecursionError):
         raise ProtocolError('control frame is not JSON')
     if not isinstance(message, dict) or not isinstance(message.get('op'), str):
-        raise ProtocolError('control message without an op')
+        raise ProtocolError('a control message without an op')
     return message
 
 

@@ -110,10 +110,14 @@ class FakeServer:
     """A `serve` impostor on 127.0.0.1: each connection gets wanxfer's own
     server_handshake, a `ready`, then `answer(message)` for each request,
     a list of messages to send back (dicts, raw bodies, or CLOSE).  It
-    reads until the client hangs up."""
+    reads until the client hangs up.  With ready=False the `ready` is left
+    to answer(); with `idle_close`, a client that asks nothing for that
+    many seconds is hung up on (half-closed)."""
 
-    def __init__(self, answer, secret=SECRET):
+    def __init__(self, answer, secret=SECRET, ready=True, idle_close=None):
         self.answer = answer
+        self.ready = ready
+        self.idle_close = idle_close
         self.secret = secret.encode()
         self.requests = []
         self.errors = []
@@ -145,11 +149,17 @@ class FakeServer:
             def send(message):
                 conn.sendall(wanxfer.seal_frame(out, frames[0], frame_body(message)))
                 frames[0] += 1
-            send({'op': 'ready', 'probes': [], 'server': 'fake'})
+            if self.ready:
+                send({'op': 'ready', 'probes': [], 'server': 'fake'})
             closed = False
             while True:
+                conn.settimeout(20 if closed or self.idle_close is None else self.idle_close)
                 try:
                     message = reader.recv()
+                except socket.timeout:
+                    conn.shutdown(socket.SHUT_WR)
+                    closed = True
+                    continue
                 except wanxfer.ProtocolError:
                     return
                 self.requests.append(message)
