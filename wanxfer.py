@@ -6169,6 +6169,8 @@ class PeerLink:
             raise ProtocolError('unexpected OPEN for stream %d' % sid)
         self._last_sid = sid
         (port,) = TUNNEL_OPEN.unpack_from(payload)
+        if len(payload) - TUNNEL_OPEN.size > 255:           # DNS names are at most 253
+            raise ProtocolError('a target host of %d bytes' % (len(payload) - TUNNEL_OPEN.size))
         try:
             host = bytes(payload[TUNNEL_OPEN.size:]).decode('utf-8')
         except UnicodeDecodeError:
