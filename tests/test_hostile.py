@@ -276,7 +276,7 @@ def test_json_nesting_is_told_exactly_without_parsing():
     rng = random.Random(11)
 
     def nested(depth):
-        value = rng.choice([1, 'a]', '[{', None])
+        value = rng.choice([1, 'a]', '[{', None, '\\', '"]', '\\"[', '\\\\]'])
         for _ in range(depth):
             value = rng.choice([[value, '}]'], {'k[': value}])
         return value
