@@ -380,7 +380,7 @@ CONTROL_MESSAGES = {
                   'server?': _expect_text(64)},
         'error': {'message?': _expect_text(MAX_TEXT)},
         'listing': {'kind': _expect_choice('file', 'dir'), 'name?': _NAME,
-                    'files': _expect_list(_ENTRY), 'dirs?': _expect_list(_NAME)},
+                    'files': _expect_list(_ENTRY), 'dirs': _expect_list(_NAME)},
         'start': {'file': _FILE_ID, 'first_seq': _expect_int(0, 1 << 62), 'lead?': _SIZE,
                   'size?': _SIZE, 'mtime_ns?': _MTIME, 'mode?': _expect_int(0, 0o7777),
                   'block_size?': _expect_int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE), 'delta?': _expect_bool},

@@ -123,6 +123,13 @@ def test_a_listing_entry_out_of_range_is_one_error_line(tmp_path, entry, named):
     assert 'listing' in line and named in line
 
 
+def test_a_directory_listing_without_its_dirs_is_one_error_line(tmp_path):
+    listing = {'op': 'listing', 'kind': 'dir', 'name': 'd', 'files': []}
+    status, _out, err, _rss = get_against(tmp_path, lambda m: [listing], 'd')
+    assert status == 1
+    assert 'dirs' in one_error_line(err)
+
+
 def test_a_signature_that_inflates_without_end_is_refused_in_bounded_memory(tmp_path):
     size = 2 << 20
     start = {'op': 'start', 'file': 1, 'first_seq': 0, 'lead': 0, 'size': size,
