@@ -2,7 +2,9 @@
 ends: a real `serve` (before and after a real handshake, on TCP and on
 UDP), a real `get` (against a fake server in this process), and a real
 `tunnel --listen`.  No traceback anywhere, nothing crashes, and a
-legitimate transfer still works afterwards.
+legitimate transfer still works afterwards.  Besides random mutations,
+each field of each request (to `serve`) and of each answer (to `get`) is
+left out, mistyped and made infinite in turn.
 
 Each test prints its seed; WANXFER_FUZZ_SEED=N runs it again with N.  The
 budgets are in rounds, not seconds, so a run is the same on any machine."""
@@ -14,7 +16,7 @@ import sys
 import threading
 import zlib
 
-from conftest import make_file, run_get, sha256, wanxfer
+from conftest import SECRET, make_file, run_get, sha256, wanxfer
 from hostile_helpers import CLOSE, FakeServer, HostileClient, b64, run_get_measured, sha, zlib_bomb
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -184,12 +186,15 @@ def test_serve_survives_random_and_mutated_requests_and_datagrams(tmp_path, serv
         for _ in range(300):
             udp.sendto(random_datagram(rng), ('127.0.0.1', server.port))
 
-    # After it: mutated requests, a few per session, until the server ends each.
+    # After it: each field of each request left out and mistyped in turn,
+    # then random mutations, a few per session, until the server ends each.
+    sweep = [mutated for request in requests for mutated in field_mutations(request)]
+    randomly = [mutate(rng, rng.choice(requests)) for _ in range(60)]
     client = None
-    for _ in range(160):
+    for message in sweep + randomly:
         if client is None:
             client = HostileClient(server.port)
-        client.send(mutate(rng, rng.choice(requests)))
+        client.send(message)
         if not drain(client) or rng.random() < 0.1:
             client.close()
             client = None
@@ -290,7 +295,7 @@ def test_get_survives_a_server_answering_with_mutated_messages(tmp_path):
     for number, (remotes, first, on_done) in enumerate(conversations()):
         status, _out, err, _rss = run_get_against(tmp_path, 'clean%d' % number, remotes, first, on_done)
         assert status == 0, (remotes, err)
-    for number in range(24):
+    for number in range(12):
         remotes, first, on_done = rng.choice(conversations())
         script = first + on_done
         where = rng.randrange(len(script))
@@ -306,6 +311,55 @@ def test_get_survives_a_server_answering_with_mutated_messages(tmp_path):
         assert all(line.startswith('wanxfer: ') for line in err.splitlines()), described
         assert '\x1b' not in out + err, described
         assert rss < 150 << 10, described
+
+
+WRONG_TYPE = {str: 7, int: 'x', float: 'x', bool: 'yes', list: {}, dict: [], type(None): []}
+
+
+def field_mutations(message):
+    """`message` with each field (and each field of its first listed
+    entry) left out, of the wrong type, infinite, and for a list, holding
+    the wrong type, in turn."""
+    for key, value in message.items():
+        if key == 'op':
+            continue
+        yield {k: v for k, v in message.items() if k != key}
+        yield dict(message, **{key: WRONG_TYPE[type(value)]})
+        yield dict(message, **{key: float('inf')})
+        if isinstance(value, list):
+            yield dict(message, **{key: [7]})
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            for entry in field_mutations(value[0]):
+                yield dict(message, **{key: [entry] + value[1:]})
+
+
+def test_get_in_process_with_each_field_of_each_answer_missing_or_mistyped(tmp_path, monkeypatch,
+                                                                         capsys):
+    # Every field, not a random few: wanxfer's own main() in this process
+    # (cheaper than a process each), so any exception but its one-line
+    # errors fails the test with its traceback.
+    monkeypatch.setenv(wanxfer.SECRET_ENV, SECRET)
+    runs = 0
+    for remotes, first, on_done in conversations():
+        script = first + on_done
+        for where, message in enumerate(script):
+            for mutated in field_mutations(message):
+                changed = script[:where] + [mutated] + script[where + 1:]
+                split = len(first)
+                fake = FakeServer(scripted(changed[:split], changed[split:]), ready=False,
+                                  idle_close=0.5)
+                name = 'sweep%d' % runs
+                try:
+                    status = wanxfer.main(['get', '127.0.0.1:%d' % fake.port] + remotes + [
+                        '-o', str(tmp_path / name), '--timeout', '5', '-q',
+                        '--cache', str(tmp_path / (name + '.db'))])
+                finally:
+                    fake.close()
+                err = capsys.readouterr().err
+                assert status in (0, 1), (mutated, err)
+                assert all(line.startswith('wanxfer: ') for line in err.splitlines()), (mutated, err)
+                runs += 1
+    assert runs > 100
 
 
 def run_get_against(tmp_path, name, remotes, first, on_done):
@@ -426,7 +480,7 @@ def test_tunnel_listen_survives_garbage_and_mutated_frames(tmp_path):
                 except OSError:
                     pass
         link, sid, links = None, 0, 0
-        for _ in range(300):
+        for _ in range(200):
             if link is None or link.closed:
                 if link is not None:
                     link.close()
