@@ -7,7 +7,7 @@ each field of each request (to `serve`) and of each answer (to `get`) is
 left out, mistyped and made infinite in turn.
 
 Each test prints its seed; WANXFER_FUZZ_SEED=N runs it again with N.  The
-budgets are in rounds, not seconds, so a run is the same on any machine."""
+budgets are counted in messages and runs, not seconds."""
 
 import os
 import random
