@@ -77,6 +77,10 @@ class AuthError(ProtocolError):
     """The handshake failed: wrong secret, or settings that cannot agree."""
 
 
+class PeerClosed(ProtocolError):
+    """The peer hung up: the end of a session, not a breach of the protocol."""
+
+
 class RemoteError(WanxferError):
     """The peer refused a request and said why."""
 
@@ -241,6 +245,288 @@ PIECE_REF = 3           # the chunk with this digest and total length ends here:
 # and PART pieces, concatenated.  A MSG_CHUNK blob is the chunk.
 BLOB_RAW = 0
 BLOB_ZLIB = 1           # one zlib stream per link direction, Z_SYNC_FLUSH per frame
+
+
+# --- Control messages: what each end accepts ---------------------------------
+# Everything from the other end is hostile until checked.  A control frame's
+# body must be JSON that nests at most MAX_JSON_DEPTH deep (told before it is
+# parsed: the parser recurses once per level), whose numbers are finite and
+# short, and whose message, if its op is in CONTROL_MESSAGES, has the fields
+# listed there with the types and ranges listed there.  Anything else is a
+# ProtocolError naming the op and the field, and ends that session.  Fields
+# not listed are ignored and ops not listed are left to the dispatcher (a
+# newer peer may add either; a request a server does not know is answered
+# with `error`).  Ranges are [start, end) pairs with start <= end.
+
+MAX_FILE_SIZE = 1 << 53         # bytes (and blocks): every such count is an exact JSON number
+MIN_BLOCK_SIZE = 512            # smaller blocks cost more per-block work than they carry
+MAX_BLOCK_SIZE = block_size_for_mtu(MAX_MTU)
+MAX_RATE_BYTES = 1e13           # bytes/s a `max_rate` may name: 80 Tbit/s
+MAX_MTIME_NS = 1 << 62
+MAX_NAME = 4096                 # characters in a path or name: Linux's PATH_MAX
+MAX_TEXT = 1 << 16              # characters in an error message
+MAX_ITEMS = 1 << 20             # entries in a list: files of a listing, ranges of a need
+MAX_JSON_DEPTH = 16             # the deepest message is three levels
+MAX_JSON_NUMBER = 32            # characters in a number (int() is quadratic in them)
+MAX_OP = 64                     # characters in an op
+
+
+def _expect_int(low, high):
+    def check(value):
+        if type(value) is not int or not low <= value <= high:
+            return '', 'an integer from %d to %d' % (low, high)
+    return check
+
+
+def _expect_number(low, high):
+    """A JSON number above `low` and at most `high`: int or float, finite."""
+    def check(value):
+        if type(value) not in (int, float) or not low < value <= high:
+            return '', 'a number above %g and at most %g' % (low, high)
+    return check
+
+
+def _expect_bool(value):
+    if type(value) is not bool:
+        return '', 'true or false'
+
+
+def _expect_text(limit, name=False):
+    """A string of at most `limit` characters; a `name` (a path) also
+    without NUL and one the file system can spell."""
+    def check(value):
+        if type(value) is not str or len(value) > limit:
+            return '', 'a string of at most %d characters' % limit
+        if name:
+            if '\x00' in value:
+                return '', 'a file name without NUL'
+            try:
+                os.fsencode(value)
+            except UnicodeError:
+                return '', 'a file name the file system can spell'
+    return check
+
+
+def _expect_choice(*choices):
+    def check(value):
+        if type(value) is not str or value not in choices:
+            return '', 'one of %s' % ', '.join(choices)
+    return check
+
+
+def _expect_hex(length):
+    def check(value):
+        if type(value) is not str or len(value) != length or value.strip('0123456789abcdef'):
+            return '', '%d lower-case hex digits' % length
+    return check
+
+
+def _expect_list(item, limit=MAX_ITEMS):
+    def check(value):
+        if type(value) is not list or len(value) > limit:
+            return '', 'a list of at most %d items' % limit
+        for i, element in enumerate(value):
+            problem = item(element)
+            if problem:
+                return '[%d]%s' % (i, problem[0]), problem[1]
+    return check
+
+
+def _expect_ranges(value):
+    if type(value) is not list or len(value) > MAX_ITEMS:
+        return '', 'a list of at most %d [start, end) ranges' % MAX_ITEMS
+    for i, pair in enumerate(value):
+        if type(pair) is not list or len(pair) != 2 or \
+                not all(type(n) is int and 0 <= n <= MAX_FILE_SIZE for n in pair) or pair[0] > pair[1]:
+            return '[%d]' % i, 'a range [start, end) with 0 <= start <= end <= %d' % MAX_FILE_SIZE
+
+
+def _expect_object(fields):
+    """A JSON object with `fields` {name: check}; a name ending in '?' may be absent."""
+    def check(value):
+        if type(value) is not dict:
+            return '', 'an object'
+        for key, item in fields.items():
+            name = key.rstrip('?')
+            if name not in value:
+                if key.endswith('?'):
+                    continue
+                return '.' + name, None
+            problem = item(value[name])
+            if problem:
+                return '.' + name + problem[0], problem[1]
+    return check
+
+
+def _nullable(check):
+    return lambda value: None if value is None else check(value)
+
+
+_SIZE = _expect_int(0, MAX_FILE_SIZE)
+_MTIME = _expect_int(-MAX_MTIME_NS, MAX_MTIME_NS)
+_FILE_ID = _expect_int(0, 0xFFFFFFFF)           # sent back in FEEDBACK and NAK as a u32
+_COUNT = _expect_int(0, 1 << 63)
+_NAME = _expect_text(MAX_NAME, name=True)
+_ENTRY = _expect_object({'path': _NAME, 'size': _SIZE, 'mtime_ns': _MTIME,
+                         'mode': _expect_int(0, 0o7777)})
+_OPEN_FIELDS = ('size', 'mtime_ns', 'mode', 'block_size', 'delta')
+
+# sender -> op -> fields (as _expect_object's), and a rule across fields.
+CONTROL_MESSAGES = {
+    'client': {
+        'list': {'path?': _NAME},
+        'fetch': {'path?': _NAME, 'size?': _SIZE, 'mtime_ns?': _MTIME,
+                  'block_size': _expect_int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE),
+                  'need?': _expect_ranges, 'max_rate?': _nullable(_expect_number(0, MAX_RATE_BYTES)),
+                  'delta?': _expect_bool, 'delta_min?': _SIZE, 'lead?': _expect_bool,
+                  'compress?': _expect_bool},
+        'read': {'files': _expect_list(_expect_object({'path': _NAME, 'size': _SIZE,
+                                                        'mtime_ns': _MTIME})),
+                 'compress?': _expect_bool},
+        'need': {'file': _FILE_ID, 'ranges': _expect_ranges, 'held?': _expect_ranges},
+        'refine': {'file': _FILE_ID, 'offset': _SIZE, 'end': _SIZE},
+        'done': {'file': _FILE_ID},
+        'abort': {},
+    },
+    'server': {
+        'ready': {'probes?': _expect_list(_expect_int(0, MAX_MTU), 16),
+                  'server?': _expect_text(64)},
+        'error': {'message?': _expect_text(MAX_TEXT)},
+        'listing': {'kind': _expect_choice('file', 'dir'), 'name?': _NAME,
+                    'files': _expect_list(_ENTRY), 'dirs': _expect_list(_NAME), 'more?': _expect_bool},
+        'start': {'file': _FILE_ID, 'first_seq': _expect_int(0, 1 << 62), 'lead?': _SIZE,
+                  'size?': _SIZE, 'mtime_ns?': _MTIME, 'mode?': _expect_int(0, 0o7777),
+                  'block_size?': _expect_int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE), 'delta?': _expect_bool},
+        'digest': {'file': _FILE_ID, 'sha256': _expect_hex(64), 'packets_sent?': _COUNT,
+                   'packets_lost?': _COUNT, 'packets_retransmitted?': _COUNT, 'wire_bytes?': _COUNT,
+                   'signature_bytes?': _COUNT, 'packets_compressed?': _COUNT},
+        'signature': {'file': _FILE_ID, 'offset': _SIZE, 'spans': _expect_text(MAX_FRAME),
+                      'refined?': _expect_bool},
+        'content': {'path': _NAME, 'error?': _expect_text(MAX_TEXT),
+                    'encoding?': _expect_choice('raw', 'zlib'), 'sha256?': _expect_hex(64),
+                    'data?': _expect_text(MAX_FRAME)},
+    },
+}
+CONTROL_RULES = {
+    ('server', 'listing'): (lambda m: m['kind'] == 'dir' or len(m['files']) == 1,
+                            'files: a file\'s listing names exactly one'),
+    ('server', 'start'): (lambda m: len({name in m for name in _OPEN_FIELDS}) == 1,
+                          '%s: all or none (after an open fetch)' % ', '.join(_OPEN_FIELDS)),
+    ('server', 'content'): (lambda m: 'error' in m or ('data' in m and 'sha256' in m),
+                            'data and sha256, or error'),
+}
+_CONTROL_CHECKS = {sender: {op: _expect_object(fields) for op, fields in ops.items()}
+                   for sender, ops in CONTROL_MESSAGES.items()}
+
+
+def _describe(value):
+    """A JSON value in a few words, however large it is."""
+    if isinstance(value, list):
+        return 'a list of %d' % len(value)
+    if isinstance(value, dict):
+        return 'an object'
+    if isinstance(value, str):
+        return repr(value[:40]) + ('...' if len(value) > 40 else '')
+    return repr(value)[:40]
+
+
+def validate_message(message, sender):
+    """Check one decoded control message from `sender` ('client' or
+    'server') against CONTROL_MESSAGES; ProtocolError if it breaks them."""
+    op = message.get('op') if isinstance(message, dict) else None
+    if type(op) is not str or not 0 < len(op) <= MAX_OP:
+        raise ProtocolError('a control message from the %s without an op of at most %d characters'
+                            % (sender, MAX_OP))
+    check = _CONTROL_CHECKS[sender].get(op)
+    if check is None:
+        return message
+    problem = check(message)
+    if problem is not None:
+        field, expected = problem[0].lstrip('.'), problem[1]
+        if expected is None:
+            raise ProtocolError('invalid %s from the %s: no %s' % (op, sender, field))
+        value = message
+        for step in re.findall(r'\w+|\[\d+\]', field):
+            value = value[int(step[1:-1])] if step.startswith('[') else value.get(step)
+        raise ProtocolError('invalid %s from the %s: %s must be %s, not %s'
+                            % (op, sender, field, expected, _describe(value)))
+    rule = CONTROL_RULES.get((sender, op))
+    if rule is not None and not rule[0](message):
+        raise ProtocolError('invalid %s from the %s: %s' % (op, sender, rule[1]))
+    return message
+
+
+_JSON_BRACKETS = bytes.maketrans(b'{}', b'[]')
+_JSON_NOT_BRACKET = bytes(b for b in range(256) if b not in b'[]{}')
+
+
+def json_nesting_within(body, limit):
+    """Whether the JSON text `body` nests at most `limit` deep, told at C
+    speed without parsing it: strings out (escapes first, then every other
+    piece between quotes), brackets only and of one kind, then the
+    innermost pairs removed, one level a pass."""
+    if body.count(b'[') + body.count(b'{') <= limit:
+        return True
+    unescaped = bytes(body).replace(b'\\\\', b'').replace(b'\\"', b'')
+    brackets = b''.join(unescaped.split(b'"')[::2]).translate(_JSON_BRACKETS, _JSON_NOT_BRACKET)
+    if b'[' * (limit + 1) in brackets:
+        return False
+    for _level in range(limit):
+        before = len(brackets)
+        brackets = brackets.replace(b'[]', b'')
+        if not brackets:
+            return True
+        if len(brackets) == before:
+            return False                # unbalanced: not JSON at all
+    return False
+
+
+def _json_constant(name):
+    raise ProtocolError('a control message with a non-finite number (%s)' % name)
+
+
+def _json_int(text):
+    if len(text) > MAX_JSON_NUMBER:
+        raise ProtocolError('a control message with a %d-digit number' % len(text))
+    return int(text)
+
+
+def _json_float(text):
+    value = float(text) if len(text) <= MAX_JSON_NUMBER else float('inf')
+    if value in (float('inf'), float('-inf')):
+        raise ProtocolError('a control message with a number out of range (%.40s)' % text)
+    return value
+
+
+def parse_control(body):
+    """A control frame's body as a message: a JSON object with an op."""
+    if not json_nesting_within(body, MAX_JSON_DEPTH):
+        raise ProtocolError('a control message nested deeper than %d' % MAX_JSON_DEPTH)
+    try:
+        message = json.loads(body.decode('utf-8'), parse_constant=_json_constant,
+                             parse_int=_json_int, parse_float=_json_float)
+    except (ValueError, RecursionError):
+        raise ProtocolError('control frame is not JSON')
+    if not isinstance(message, dict) or not isinstance(message.get('op'), str):
+        raise ProtocolError('a control message without an op')
+    return message
+
+
+def inflate(data, limit):
+    """The zlib stream `data`, decompressed to at most `limit` bytes
+    (never more in memory, whatever it claims), or ProtocolError."""
+    if limit < 0:
+        raise ProtocolError('compressed data of a negative size')
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit + 1)     # max_length 0 would mean no limit
+    except zlib.error as e:
+        raise ProtocolError('bad compressed data: %s' % e)
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ProtocolError('compressed data that decodes to more than %d bytes' % limit)
+    if not inflater.eof:
+        raise ProtocolError('truncated compressed data')
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -584,15 +870,18 @@ class ControlChannel:
     """Sealed JSON messages over a TCP socket, after the handshake.
 
     Blocking use: `send(message)` and `recv()`.  Inside an event loop: call
-    `feed(bytes)` with what the socket gave and read `messages()`.
+    `feed(bytes)` with what the socket gave and read `messages()`.  With a
+    `peer` ('client' or 'server'), every message it sends is checked by
+    validate_message before it is yielded.
     """
 
-    def __init__(self, sock, sealer_out, sealer_in):
+    def __init__(self, sock, sealer_out, sealer_in, peer=None):
         self.sock = sock
         self._out = sealer_out
         self._sent = 0
         self._reader = FrameReader(sealer_in)
         self._lock = threading.Lock()
+        self._peer = peer
 
     def send(self, message):
         body = json.dumps(message, separators=(',', ':')).encode()
@@ -609,12 +898,9 @@ class ControlChannel:
         frames = self._reader.frames()
         try:
             for body in frames:
-                try:
-                    message = json.loads(body.decode())
-                except ValueError:
-                    raise ProtocolError('control frame is not JSON')
-                if not isinstance(message, dict) or not isinstance(message.get('op'), str):
-                    raise ProtocolError('control message without an op')
+                message = parse_control(body)
+                if self._peer is not None:
+                    validate_message(message, self._peer)
                 yield message
         finally:
             frames.close()          # consumed frames leave the buffer even if we stop early
@@ -626,7 +912,7 @@ class ControlChannel:
                 return message
             data = self.sock.recv(65536)
             if not data:
-                raise ProtocolError('connection closed by peer')
+                raise PeerClosed('connection closed by peer')
             self.feed(data)
 
 
@@ -2182,6 +2468,7 @@ class SendWindow:
 
     REORDER_PACKETS = 16        # a gap this far below the newest arrival is a loss
     MIN_REORDER_TIME = 0.002    # or one sent this much before the newest arrival
+    NAK_BLOCKS = 1 << 16        # blocks one NAK is looked through for (the next names the rest)
 
     def __init__(self, need_ranges, first_seq, log):
         self._fresh = [list(r) for r in need_ranges if r[1] > r[0]]
@@ -2321,12 +2608,20 @@ class SendWindow:
         queued = 0
         ranges = [(start, min(end, self._asked_end)) for start, end in ranges
                   if start < self._asked_end]
+        # A NAK names ranges, not blocks: one naming a whole file must not
+        # cost a loop over every block of it.  What is left unseen is
+        # named again by the next NAK, half a round trip later.
+        budget = self.NAK_BLOCKS
         # Blocks never sent yet are on their way anyway: only the rest can be lost.
         for start, end in subtract_ranges(ranges, sorted(map(tuple, self._fresh))):
+            end = min(end, start + budget)
+            budget -= end - start
             for block in range(start, end):
                 if block not in recent and block not in self._resend_set:
                     self._queue_resend(block)
                     queued += 1
+            if budget <= 0:
+                break
         return queued
 
 
@@ -2427,6 +2722,11 @@ class ReceiveWindow:
             del gaps[:len(gaps) - MAX_FEEDBACK_GAPS]
             self._window_start = gaps[0][0]
         start = self._window_start
+        if self.largest - start > 0xFFFFFFFF:
+            # Offsets are u32: only a sender that skipped 2**32 packet
+            # numbers gets here, and it is acknowledged from its newest on.
+            start = self._window_start = self.largest
+            gaps.clear()
         if gaps and gaps[0][0] < start:
             gaps[0][0] = start
         queue_us = 0
@@ -2481,10 +2781,19 @@ def decode_feedback(body):
     if len(body) < FEEDBACK_FIELDS.size:
         raise ProtocolError('short feedback')
     file_id, start, largest, ack_delay, queue_us, count = FEEDBACK_FIELDS.unpack_from(body)
+    if count > MAX_FEEDBACK_GAPS:
+        raise ProtocolError('feedback with %d gaps' % count)
     if len(body) != FEEDBACK_FIELDS.size + count * FEEDBACK_GAP.size:
         raise ProtocolError('feedback length does not match its gap count')
     gaps = [FEEDBACK_GAP.unpack_from(body, FEEDBACK_FIELDS.size + i * FEEDBACK_GAP.size)
             for i in range(count)]
+    # In order and apart, as the receiver keeps them: overlapping gaps
+    # would make the sender walk the same packet numbers over and over.
+    end = 0
+    for offset, length in gaps:
+        if offset < end:
+            raise ProtocolError('feedback with gaps out of order')
+        end = offset + length
     return file_id, start, largest, ack_delay, queue_us, gaps
 
 
@@ -2498,11 +2807,19 @@ def encode_spans(spans):
     return base64.b64encode(zlib.compress(packed, 1)).decode('ascii')
 
 
-def decode_spans(text):
+def decode_spans(text, limit=None):
+    """The spans of a signature message, at most `limit` of them (by
+    default as many as a piece of SIGNATURE_SEGMENT bytes can hold)."""
+    if limit is None:
+        limit = SIGNATURE_SEGMENT // MIN_CHUNK + 1
     try:
-        packed = zlib.decompress(base64.b64decode(text))
-    except (ValueError, TypeError, zlib.error):
+        blob = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
         raise ProtocolError('malformed signature')
+    try:
+        packed = inflate(blob, limit * SIGNATURE_SPAN.size)
+    except ProtocolError as e:
+        raise ProtocolError('malformed signature: %s' % e)
     if len(packed) % SIGNATURE_SPAN.size:
         raise ProtocolError('malformed signature')
     return [SIGNATURE_SPAN.unpack_from(packed, i) for i in range(0, len(packed), SIGNATURE_SPAN.size)]
@@ -2513,6 +2830,8 @@ def decode_nak(body):
     if len(body) < NAK_FIELDS.size:
         raise ProtocolError('short NAK')
     file_id, count = NAK_FIELDS.unpack_from(body)
+    if count > MAX_NAK_RANGES:
+        raise ProtocolError('NAK with %d ranges' % count)
     if len(body) != NAK_FIELDS.size + count * NAK_RANGE.size:
         raise ProtocolError('NAK length does not match its range count')
     ranges = [NAK_RANGE.unpack_from(body, NAK_FIELDS.size + i * NAK_RANGE.size) for i in range(count)]
@@ -2546,6 +2865,7 @@ GRO_TRIAL = 4096                # receives in a row that coalesced nothing befor
 MAX_RECEIVES_PER_WAKEUP = 512
 FEW_RECEIVES = 8
 TRICKLE_PAUSE = 0.001           # s; far below any feedback interval
+MAX_TRACKED_BLOCKS = 1 << 33    # blocks of one file a receiver tracks: a bitmap of 1 GiB
 
 
 class DatagramSocket:
@@ -2618,7 +2938,7 @@ class DatagramSocket:
                 for level, kind, data in ancillary:
                     if level == SOL_UDP and kind == UDP_GRO:
                         self._uncoalesced = 0
-                        return nbytes, int.from_bytes(data[:4], sys.byteorder)
+                        return nbytes, int.from_bytes(data[:4], sys.byteorder) or nbytes
                 self._uncoalesced += 1
                 if self._uncoalesced >= GRO_TRIAL:
                     # Nothing on this path is coalesced (a device without
@@ -2965,6 +3285,9 @@ class PartialFile:
         self.identity = {'remote': remote, 'size': size, 'mtime_ns': mtime_ns,
                          'block_size': block_size}
         self.nblocks = (size + block_size - 1) // block_size
+        if self.nblocks > MAX_TRACKED_BLOCKS:
+            raise TransferError('%s: %d bytes in blocks of %d are more blocks than a receiver '
+                                'tracks (%d)' % (remote, size, block_size, MAX_TRACKED_BLOCKS))
         self.block_size = block_size
         self.fd = self.state_fd = None
         self.resumed_blocks = 0
@@ -3870,6 +4193,7 @@ class ServerSession:
         self.sock = sock
         self.address = address
         self.session_id = None
+        self.control = None
         self.udp = None
         self._udp_address = None
         self._udp_ready = threading.Event()
@@ -3895,7 +4219,7 @@ class ServerSession:
             self.sock.settimeout(HANDSHAKE_TIMEOUT)
             self.session_id = keys.session_id
             ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('server')
-            self.control = ControlChannel(self.sock, ctrl_out, ctrl_in)
+            self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='client')
             if not self.server.register(self):
                 raise ProtocolError('session id collision')
             if not self._udp_ready.wait(UDP_SETUP_TIMEOUT):
@@ -3909,8 +4233,8 @@ class ServerSession:
             while True:
                 try:
                     message = self.control.recv()
-                except ProtocolError:
-                    return                      # the client hung up
+                except PeerClosed:
+                    return
                 handler = getattr(self, 'do_' + message['op'], None)
                 if handler is None:
                     self.control.send({'op': 'error', 'message': 'unknown request %r' % message['op']})
@@ -3923,10 +4247,24 @@ class ServerSession:
                     raise ProtocolError('malformed %r request' % message['op'])
         except AuthError as e:
             self.server.log('%s: refused: %s' % (self.peer_name(), e))
-        except (ProtocolError, OSError, struct.error) as e:
+        except ProtocolError as e:
+            self.server.log('%s: dropped: %s' % (self.peer_name(), e))
+            self._tell_client(e)
+        except (OSError, struct.error) as e:
             self.server.log('%s: dropped: %s' % (self.peer_name(), e))
         finally:
             self.close()
+
+    def _tell_client(self, error):
+        """Say why the session ends, if the channel still carries it (the
+        client then shows the line rather than a hang-up)."""
+        if self.control is None or isinstance(error, PeerClosed):
+            return
+        try:
+            self.sock.settimeout(1.0)
+            self.control.send({'op': 'error', 'message': 'the server ends this session: %s' % error})
+        except OSError:
+            pass
 
     def peer_name(self):
         return '%s:%d' % self.address[:2]
@@ -3986,7 +4324,7 @@ class ServerSession:
             largest = block_size_for_mtu(self.route_mtu, self.sock.family)
             if is_open:
                 block_size = min(block_size, largest)
-            if not 64 <= block_size <= largest:
+            if not MIN_BLOCK_SIZE <= block_size <= largest:
                 raise RemoteError('block size %d does not fit this path' % block_size)
             self.block_size = block_size
             self.data_out.set_stride(block_size)
@@ -4085,7 +4423,13 @@ class ServerSession:
         return data
 
     def _need_ranges(self, ranges):
-        return [(max(0, int(a)), min(self._nblocks, int(b))) for a, b in ranges]
+        """Block ranges a client asked for (validate_message saw their
+        types), each inside this file."""
+        for start, end in ranges:
+            if end > self._nblocks:
+                raise ProtocolError('blocks [%d, %d) asked for of a file of %d'
+                                    % (start, end, self._nblocks))
+        return [(start, end) for start, end in ranges]
 
     def _send_pieces(self, source, sent, refined):
         """Send the signature pieces (or refinements) `source` made since
@@ -4789,7 +5133,7 @@ class Client:
             raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
         self.session_id = keys.session_id
         ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('client')
-        self.control = ControlChannel(self.sock, ctrl_out, ctrl_in)
+        self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='server')
         self.sock.settimeout(None)
         udp = socket.socket(self.sock.family, socket.SOCK_DGRAM)
         udp.connect(self.sock.getpeername()[:2])
@@ -5045,6 +5389,8 @@ class Client:
             start = self._expect(answer, 'start')
         except RemoteError:
             return None, None                   # a listing will say why (or an older server)
+        if 'size' not in start:
+            raise ProtocolError('the server started an open fetch without naming the file\'s size')
         entry = {'size': int(start['size']), 'mtime_ns': int(start['mtime_ns']),
                  'mode': int(start['mode'])}
         self.block_size = int(start['block_size'])
@@ -5207,9 +5553,8 @@ class Client:
         size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
         try:
             blob = base64.b64decode(message['data'], validate=True)
-            data = zlib.decompressobj().decompress(blob, size + 1) \
-                if message.get('encoding') == 'zlib' else blob
-        except (ValueError, zlib.error, TypeError) as e:
+            data = inflate(blob, size) if message.get('encoding') == 'zlib' else blob
+        except (ValueError, ProtocolError) as e:
             raise ProtocolError('%s: undecodable content (%s)' % (remote, e))
         partial = PartialFile(dest, remote, size, mtime_ns, max(1, size))
         partial.open(resume=False)
@@ -6294,9 +6639,9 @@ class StreamDecoder:
                 self._open_fed = 0
             else:
                 carried += length
-                self._open_fed = self._open_fed + length if kind == PIECE_PART else 0
-                if self._open_fed > MAX_CHUNK:
+                if self._open_fed + length > MAX_CHUNK:
                     raise ProtocolError('a chunk longer than %d bytes' % MAX_CHUNK)
+                self._open_fed = self._open_fed + length if kind == PIECE_PART else 0
         self.queue.extend(pieces)
         return carried
 
@@ -6942,6 +7287,8 @@ class PeerLink:
             raise ProtocolError('unexpected OPEN for stream %d' % sid)
         self._last_sid = sid
         (port,) = TUNNEL_OPEN.unpack_from(payload)
+        if len(payload) - TUNNEL_OPEN.size > 255:           # DNS names are at most 253
+            raise ProtocolError('a target host of %d bytes' % (len(payload) - TUNNEL_OPEN.size))
         try:
             host = bytes(payload[TUNNEL_OPEN.size:]).decode('utf-8')
         except UnicodeDecodeError:
@@ -7000,7 +7347,7 @@ class PeerLink:
     def _on_reset(self, sid, payload):
         stream = self._stream(sid)
         if stream is not None:
-            reason = bytes(payload).decode('utf-8', 'replace')
+            reason = bytes(payload[:1000]).decode('utf-8', 'replace')
             stream.reset('by the peer: %s' % reason, tell_peer=False)
 
     def _on_chunk_request(self, sid, payload):
@@ -7035,7 +7382,7 @@ class PeerLink:
         return data
 
     def _on_ping(self, sid, payload):
-        self.send_message(MSG_PONG, 0, bytes(payload))
+        self.send_message(MSG_PONG, 0, bytes(payload[:TUNNEL_PING.size]))
 
     def _on_pong(self, sid, payload):
         pass                                # last_heard was updated on arrival
@@ -7502,6 +7849,17 @@ words Tsunami's users know, and sizes and rates in human units.  One summary
 dict feeds both the human report and --json."""
 
 
+def printable(text):
+    """`text` fit for a terminal: what does not print (control characters,
+    a lone surrogate from an undecodable file name) escaped as Python
+    escapes it, so an error line from a peer or a file's name cannot move
+    the cursor, retitle the window or clear the screen."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return ''.join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def human_bytes(n):
     for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
         if abs(n) < 1000 or unit == 'TB':
@@ -7599,15 +7957,15 @@ class ConsoleEvents(TransferEvents):
 
     def warning(self, message):
         self._clear()
-        self.stream.write('wanxfer: warning: %s\n' % message)
+        self.stream.write('wanxfer: warning: %s\n' % printable(message))
 
     def file_started(self, remote, dest, size, resumed_bytes):
-        self._name = remote
+        self._name = printable(remote)
         self._last = None
         if resumed_bytes and not self.quiet:
             self._clear()
             self.stream.write('%s: resuming, %s of %s already on disk\n'
-                              % (remote, human_bytes(resumed_bytes), human_bytes(size)))
+                              % (self._name, human_bytes(resumed_bytes), human_bytes(size)))
 
     def progress(self, snapshot):
         if self.quiet:
@@ -7644,7 +8002,7 @@ class ConsoleEvents(TransferEvents):
         if self.json_output:
             self.out.write(json.dumps(summary, sort_keys=True) + '\n')
         elif not self.quiet:
-            self.out.write('\n'.join(summary_lines(summary)) + '\n')
+            self.out.write('\n'.join(printable(line) for line in summary_lines(summary)) + '\n')
         self.out.flush()
 
 
@@ -7837,12 +8195,12 @@ def command_get(args):
             jobs, dirs, errors = plan_downloads(client, args.remote, args.output, listing)
             fetched = []
         for line in errors:
-            print('wanxfer: error: %s' % line, file=sys.stderr)
+            print('wanxfer: error: %s' % printable(line), file=sys.stderr)
             failures += 1
         make_directories(dirs)
         for _job, summary in get_outcomes(client, jobs, fetched):
             if isinstance(summary, RemoteError):
-                print('wanxfer: error: %s' % summary, file=sys.stderr)
+                print('wanxfer: error: %s' % printable(summary), file=sys.stderr)
                 failures += 1
                 continue
             events.file_finished(summary)
@@ -7864,7 +8222,7 @@ def open_get_cache(args, events):
     path = args.cache or default_cache_path()
     try:
         return ChunkStore(path, parse_size(args.cache_size),
-                          log=lambda line: print('wanxfer: ' + line, file=sys.stderr))
+                          log=lambda line: print('wanxfer: ' + printable(line), file=sys.stderr))
     except (CacheError, sqlite3.DatabaseError, OSError) as e:
         events.warning('%s; fetching without delta' % e)
         return None
@@ -7875,8 +8233,7 @@ def server_logger(stream=None):
     lock = threading.Lock()
 
     def log(line):
-        # Escape control characters: client-chosen names must not rewrite the terminal.
-        text = ''.join(c if c.isprintable() else '\\x%02x' % ord(c) for c in line)
+        text = printable(line)          # client-chosen names must not rewrite the terminal
         with lock:
             stream.write('%s wanxfer: %s\n' % (time.strftime('%Y-%m-%d %H:%M:%S'), text))
             stream.flush()
@@ -7907,7 +8264,7 @@ def command_serve(args):
                  ' --no-encrypt' if args.no_encrypt else ''), flush=True)
     served = ', '.join(real + ('/' if name is None else '') for name, real in tree.roots)
     print('wanxfer: listening on %s:%d (TCP control and UDP data), serving %s'
-          % (args.bind or '*', server.port, served), file=sys.stderr, flush=True)
+          % (args.bind or '*', server.port, printable(served)), file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -8203,7 +8560,7 @@ def command_stats(args):
     if args.json:
         print(json.dumps(report, sort_keys=True, indent=2))
     else:
-        print('\n'.join(stats_lines(report)))
+        print('\n'.join(printable(line) for line in stats_lines(report)))
     return 0
 
 
@@ -8371,14 +8728,14 @@ def main(argv=None):
     try:
         return args.func(args)
     except WanxferError as e:
-        print('wanxfer: error: %s' % e, file=sys.stderr)
+        print('wanxfer: error: %s' % printable(e), file=sys.stderr)
         return e.exit_status
     except KeyboardInterrupt:
         print('\nwanxfer: interrupted; partial data is kept, run the same command to resume',
               file=sys.stderr)
         return 130
     except OSError as e:
-        print('wanxfer: error: %s' % (e.strerror or e), file=sys.stderr)
+        print('wanxfer: error: %s' % printable(e.strerror or e), file=sys.stderr)
         return 1
 
 

@@ -1,0 +1,297 @@
+"""A hostile peer at either end, after a real handshake: a client sending
+`serve` requests no real client sends, and a fake server answering a real
+`get` with messages no real server sends.  Each ends that one session with
+a one-line error, never a traceback, a huge allocation or a spinning loop;
+`serve` goes on serving others."""
+
+import json
+import os
+import random
+
+import pytest
+
+from conftest import make_file, run_get, wait_for, wanxfer
+from hostile_helpers import (CLOSE, FakeServer, HostileClient, b64, run_get_measured, sha,
+                             small_file_answers, zlib_bomb)
+
+
+def closed_fetch(path, **fields):
+    """A fetch of the served file `path`, as named by its listing."""
+    st = os.stat(str(path))
+    message = {'op': 'fetch', 'path': path.name, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns,
+               'block_size': 1430, 'need': [[0, 10]], 'max_rate': None}
+    message.update(fields)
+    return message
+
+
+def open_fetch(path, **fields):
+    message = {'op': 'fetch', 'path': path.name, 'block_size': 1430, 'max_rate': None}
+    message.update(fields)
+    return message
+
+
+# name -> (request for the served file, what the log line must name)
+HOSTILE_REQUESTS = {
+    'read_files_not_a_list': (lambda f: {'op': 'read', 'files': {f.name: 1}}, 'files'),
+    'need_range_to_infinity': (lambda f: closed_fetch(f, need=[[0, float('inf')]]), 'non-finite'),
+    'nested_a_hundred_thousand_deep': (
+        lambda f: b'{"op":"list","path":' + b'[' * 100000 + b']' * 100000 + b'}', 'nested'),
+    'negative_max_rate': (lambda f: open_fetch(f, max_rate=-1), 'max_rate'),
+    'blocks_of_64_bytes': (lambda f: open_fetch(f, block_size=64), 'block_size'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(HOSTILE_REQUESTS))
+def test_a_hostile_request_ends_only_its_session_with_one_line(tmp_path, serve, case):
+    source = make_file(tmp_path / 'f', 300000)
+    server = serve([source])
+    request, named = HOSTILE_REQUESTS[case]
+    client = HostileClient(server.port)
+    client.send(request(source))
+    replies = client.messages_until_closed()
+    client.close()
+    assert [m['op'] for m in replies] == ['error'], replies
+    assert named in replies[0]['message']
+    line = wait_for(lambda: [l for l in server.lines if 'dropped' in l], what='the log line')[0]
+    assert named in line
+    assert 'Traceback' not in server.log() and server.proc.poll() is None
+    result = run_get(server.port, 'f', '-o', tmp_path / 'copy')
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / 'copy').read_bytes() == source.read_bytes()
+
+
+def empty_file_answers(digest=None, start=None):
+    """answer() for a REMOTE that is an empty file: `start` for the open
+    fetch, then `digest` for its done."""
+    start = start or {'op': 'start', 'file': 1, 'first_seq': 0, 'lead': 0, 'size': 0,
+                      'mtime_ns': 1700000000 * 10 ** 9, 'mode': 0o644, 'block_size': 1430,
+                      'delta': False}
+    digest = digest or {'op': 'digest', 'file': 1, 'sha256': sha(b''), 'packets_sent': 0,
+                        'packets_lost': 0, 'packets_retransmitted': 0, 'wire_bytes': 0,
+                        'signature_bytes': 0}
+
+    def answer(message):
+        if message['op'] == 'fetch':
+            return [start]
+        if message['op'] == 'done':
+            return [digest]
+        return [{'op': 'error', 'message': 'no'}]
+    return answer
+
+
+def get_against(tmp_path, answer, *remotes, dest='dest'):
+    """Run `get` of REMOTEs into tmp_path/dest against a fake server."""
+    fake = FakeServer(answer)
+    try:
+        status, out, err, rss = run_get_measured(
+            fake.port, list(remotes or ['e']) + ['-o', str(tmp_path / dest)], tmp_path)
+    finally:
+        fake.close()
+    assert 'Traceback' not in err, err
+    return status, out, err, rss
+
+
+def test_the_fake_server_serves_a_real_get(tmp_path):
+    # The impostor is good enough that a real get completes against it: the
+    # tests below each change one thing only.
+    status, out, err, _rss = get_against(tmp_path, empty_file_answers())
+    assert status == 0, err
+    assert (tmp_path / 'dest').read_bytes() == b''
+    answer, _listing = small_file_answers({'a': b'alpha', 'b': b'beta'})
+    status, out, err, _rss = get_against(tmp_path, answer, 'd', dest='tree')
+    assert status == 0, err
+    assert (tmp_path / 'tree' / 'd' / 'a').read_bytes() == b'alpha'
+
+
+def one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('wanxfer: error: '), err
+    return lines[0]
+
+
+@pytest.mark.parametrize('entry, named', [
+    ({'path': 'a', 'mtime_ns': 1, 'mode': 0o644}, 'size'),                      # no size
+    ({'path': 'a', 'size': 1 << 62, 'mtime_ns': 1, 'mode': 0o644}, 'size'),     # 4 EiB
+    ({'path': 'a', 'size': -1, 'mtime_ns': 1, 'mode': 0o644}, 'size'),
+], ids=['no-size', 'size-2**62', 'size--1'])
+def test_a_listing_entry_out_of_range_is_one_error_line(tmp_path, entry, named):
+    listing = {'op': 'listing', 'kind': 'dir', 'name': 'd', 'dirs': [],
+               'files': [entry, dict(entry, path='b')]}
+    status, _out, err, _rss = get_against(tmp_path, lambda m: [listing], 'd')
+    assert status == 1
+    line = one_error_line(err)
+    assert 'listing' in line and named in line
+
+
+def test_a_directory_listing_without_its_dirs_is_one_error_line(tmp_path):
+    listing = {'op': 'listing', 'kind': 'dir', 'name': 'd', 'files': []}
+    status, _out, err, _rss = get_against(tmp_path, lambda m: [listing], 'd')
+    assert status == 1
+    assert 'dirs' in one_error_line(err)
+
+
+def test_a_signature_that_inflates_without_end_is_refused_in_bounded_memory(tmp_path):
+    size = 2 << 20
+    start = {'op': 'start', 'file': 1, 'first_seq': 0, 'lead': 0, 'size': size,
+             'mtime_ns': 1700000000 * 10 ** 9, 'mode': 0o644, 'block_size': 1430, 'delta': True}
+    bomb = {'op': 'signature', 'file': 1, 'offset': 0, 'spans': b64(zlib_bomb((200 << 20) + 1))}
+    status, _out, err, rss = get_against(tmp_path, lambda m: [start, bomb, CLOSE], 'big')
+    assert rss < 120 << 10, 'get peaked at %d MiB' % (rss >> 10)
+    assert status == 1
+    assert 'signature' in one_error_line(err)
+
+
+def test_small_files_of_negative_size_are_refused_before_any_inflating(tmp_path):
+    # A size of -1 once meant "inflate without limit" for files sent whole.
+    bomb = b64(zlib_bomb(200 << 20))
+    listing = {'op': 'listing', 'kind': 'dir', 'name': 'd', 'dirs': [],
+               'files': [{'path': p, 'size': -1, 'mtime_ns': 1, 'mode': 0o644} for p in 'ab']}
+
+    def answer(message):
+        if message['op'] == 'read':
+            return [{'op': 'content', 'path': item['path'], 'encoding': 'zlib',
+                     'sha256': sha(b''), 'data': bomb} for item in message['files']]
+        return [listing]
+    status, _out, err, rss = get_against(tmp_path, answer, 'd')
+    assert rss < 120 << 10, 'get peaked at %d MiB' % (rss >> 10)
+    assert status == 1
+    assert 'size' in one_error_line(err)
+
+
+@pytest.mark.parametrize('reply', [
+    b'{"op":"start","file":' + b'[' * 100000 + b']' * 100000 + b'}',
+    b'{"op": "start", "file": 1, "first_seq": NaN}',
+    json.dumps({'op': 'start', 'file': 1 << 40, 'first_seq': 0, 'lead': 0, 'size': 5000,
+                'mtime_ns': 1, 'mode': 0o644, 'block_size': 1430, 'delta': False}).encode(),
+    json.dumps({'op': 'start', 'file': 1, 'first_seq': 0, 'size': 5}).encode(),     # open, half named
+], ids=['deep', 'nan', 'file-id-past-u32', 'open-half-named'])
+def test_a_malformed_answer_is_one_error_line(tmp_path, reply):
+    status, _out, err, _rss = get_against(tmp_path, lambda m: [reply])
+    assert status == 1
+    one_error_line(err)
+
+
+def test_a_digest_that_is_not_hex_is_one_error_line(tmp_path):
+    digest = {'op': 'digest', 'file': 1, 'sha256': '\u00e9' * 64}
+    status, _out, err, _rss = get_against(tmp_path, empty_file_answers(digest=digest))
+    assert status == 1
+    assert 'sha256' in one_error_line(err)
+
+
+def test_terminal_escapes_from_the_server_are_printed_escaped(tmp_path):
+    evil = '\x1b]0;owned\x07\x1b[2J'
+    status, _out, err, _rss = get_against(tmp_path, lambda m: [{'op': 'error', 'message': evil}], 'x')
+    assert status == 1
+    assert '\x1b' not in err and '\x07' not in err
+    assert '\\x1b]0;owned\\x07\\x1b[2J' in err
+
+
+def test_file_names_with_escapes_are_printed_escaped(tmp_path):
+    answer, _listing = small_file_answers({'a\x1b[2Jb': b'alpha', 'c': b'gamma'})
+    status, out, err, _rss = get_against(tmp_path, answer, 'd')
+    assert status == 0, err
+    assert (tmp_path / 'dest' / 'd' / 'a\x1b[2Jb').read_bytes() == b'alpha'   # the name is kept
+    assert 'a\\x1b[2Jb' in out
+    assert '\x1b' not in out + err
+
+
+
+# --- The codecs and state machines, one hostile input each ----------------------------------------
+
+def test_feedback_with_more_gaps_than_a_receiver_sends_or_overlapping_is_refused():
+    many = wanxfer.encode_feedback(1, 0, 10, 0, 0, [(i, 1) for i in range(wanxfer.MAX_FEEDBACK_GAPS + 1)])
+    with pytest.raises(wanxfer.ProtocolError):
+        wanxfer.decode_feedback(many)
+    # Each gap spans the whole window: the sender would walk it once per gap.
+    overlapping = wanxfer.encode_feedback(1, 0, 10, 0, 0, [(0, 0xFFFFFFFF)] * 100)
+    with pytest.raises(wanxfer.ProtocolError):
+        wanxfer.decode_feedback(overlapping)
+    fine = [(2, 3), (5, 1), (9, 1)]
+    assert wanxfer.decode_feedback(wanxfer.encode_feedback(1, 0, 10, 0, 0, fine))[5] == fine
+
+
+def test_a_nak_with_more_ranges_than_a_receiver_sends_is_refused():
+    with pytest.raises(wanxfer.ProtocolError):
+        wanxfer.decode_nak(wanxfer.encode_nak(1, [(i, i + 1) for i in range(wanxfer.MAX_NAK_RANGES + 1)]))
+
+
+def test_one_nak_naming_a_whole_large_file_looks_at_a_bounded_number_of_blocks():
+    blocks = 1 << 21
+    window = wanxfer.SendWindow([(0, blocks)], 0, wanxfer.PacketLog())
+    while window.has_work():
+        first, count, _resend = window.next_run(1 << 16)
+        window.sent_run(first, count, 0.0, False)
+    queued = window.on_nak([(0, blocks)], now=10.0, rtt=0.1)
+    assert 0 < queued <= 1 << 16
+
+
+def test_a_signature_piece_with_more_spans_than_a_piece_holds_is_refused():
+    spans = [(1, bytes(16))] * (wanxfer.SIGNATURE_SEGMENT // wanxfer.MIN_CHUNK + 2)
+    with pytest.raises(wanxfer.ProtocolError):
+        wanxfer.decode_spans(wanxfer.encode_spans(spans))
+    assert wanxfer.decode_spans(wanxfer.encode_spans(spans[:100])) == spans[:100]
+
+
+def test_a_tunnel_chunk_longer_than_the_longest_chunk_is_refused():
+    decoder = wanxfer.StreamDecoder(store=None)
+    literal = bytes(wanxfer.MAX_CHUNK + 1)
+    with pytest.raises(wanxfer.ProtocolError):
+        decoder.feed([(wanxfer.PIECE_CHUNK, len(literal), None, literal)])
+    part = bytes(wanxfer.MAX_CHUNK - 10)
+    decoder = wanxfer.StreamDecoder(store=None)
+    decoder.feed([(wanxfer.PIECE_PART, len(part), None, part)])
+    with pytest.raises(wanxfer.ProtocolError):
+        decoder.feed([(wanxfer.PIECE_CHUNK, 11, None, bytes(11))])
+
+
+def test_feedback_still_encodes_after_a_sender_skips_two_to_the_32_packet_numbers():
+    window = wanxfer.ReceiveWindow(10, 0)
+    window.on_packet(0, 0, 0, 0.0)
+    window.on_packet(1 << 40, 1, 0, 0.001)
+    start, largest, delay, queue, gaps = window.feedback(0.002)
+    wanxfer.decode_feedback(wanxfer.encode_feedback(1, start, largest, delay, queue, gaps))
+    assert largest == 1 << 40
+
+
+@pytest.mark.parametrize('sender, message, named', [
+    ('client', {'op': 'fetch', 'block_size': 64}, 'block_size'),
+    ('client', {'op': 'fetch', 'block_size': 1430, 'max_rate': 0}, 'max_rate'),
+    ('client', {'op': 'fetch', 'block_size': 1430, 'need': [[5, 4]]}, 'need[0]'),
+    ('client', {'op': 'read', 'files': [{'path': 'a', 'size': 1, 'mtime_ns': True}]}, 'files[0].mtime_ns'),
+    ('client', {'op': 'list', 'path': 'a\x00b'}, 'path'),
+    ('client', {'op': 'need', 'file': 1}, 'ranges'),
+    ('server', {'op': 'listing', 'kind': 'file', 'files': [], 'dirs': []}, 'exactly one'),
+    ('server', {'op': 'listing', 'kind': 'dir', 'dirs': [],
+                'files': [{'path': 'a', 'size': 1, 'mtime_ns': 1, 'mode': '644'}]}, 'files[0].mode'),
+    ('server', {'op': 'content', 'path': 'a', 'encoding': 'zlib'}, 'data and sha256'),
+    ('server', {'op': 'error', 'message': ['a']}, 'message'),
+    ('server', {'op': 'ready', 'probes': list(range(100))}, 'probes'),
+])
+def test_validate_message_names_the_op_and_field(sender, message, named):
+    with pytest.raises(wanxfer.ProtocolError) as raised:
+        wanxfer.validate_message(message, sender)
+    assert message['op'] in str(raised.value) and named in str(raised.value)
+
+
+def test_validate_message_lets_unknown_ops_and_fields_through():
+    # A newer peer may add either: the server answers an unknown request with `error`.
+    wanxfer.validate_message({'op': 'someday', 'x': [1]}, 'client')
+    wanxfer.validate_message({'op': 'list', 'path': 'a', 'page': 3}, 'client')
+
+
+def test_json_nesting_is_told_exactly_without_parsing():
+    rng = random.Random(11)
+
+    def nested(depth):
+        value = rng.choice([1, 'a]', '[{', None, '\\', '"]', '\\"[', '\\\\]'])
+        for _ in range(depth):
+            value = rng.choice([[value, '}]'], {'k[': value}])
+        return value
+
+    def depth_of(value):
+        return 1 + max([depth_of(v) for v in (value.values() if isinstance(value, dict) else value)]
+                       or [0]) if isinstance(value, (list, dict)) else 0
+    for _ in range(300):
+        value = nested(rng.randrange(0, 24))
+        body = json.dumps(value).encode()
+        assert wanxfer.json_nesting_within(body, 16) == (depth_of(value) <= 16), body
