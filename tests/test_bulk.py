@@ -3,6 +3,7 @@ most of them through the built-in link emulator, every result checked by
 its bytes."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -389,6 +390,55 @@ def test_forged_datagrams_from_a_third_socket_are_dropped(tmp_path, serve):
     assert sha256(tmp_path / 'out') == sha256(data)
 
 
+class ForgingShaper(wanxfer.PathShaper):
+    """The emulator's planning of one direction, which also delivers, just
+    ahead of each of the first data datagrams, a copy of it with one byte
+    flipped: in the session id, the block number, the body or the tag.
+    Each forgery is a real datagram but for that byte."""
+
+    FLIPS = (3, 21, wanxfer.DATA_HEADER.size + 7, -1)
+    FORGERIES = 12
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.forged = 0
+
+    def shape(self, now, data):
+        plans = super().shape(now, data)
+        if not plans or data[0] != wanxfer.KIND_DATA or self.forged >= self.FORGERIES:
+            return plans
+        forged = bytearray(data)
+        forged[self.FLIPS[self.forged % len(self.FLIPS)]] ^= 0x10
+        self.forged += 1
+        # Same arrival time, planned first: the forgery is read first.
+        return ((plans[0][0], bytes(forged)),) + tuple(plans)
+
+
+def test_a_real_datagram_with_one_byte_flipped_is_rejected_and_counted(tmp_path, serve, link,
+                                                                       monkeypatch):
+    data = make_file(tmp_path / 'f', 2 * 1024 * 1024)
+    server = serve([data])
+    shapers = []
+
+    def shaper(*args):
+        shapers.append(ForgingShaper(*args))
+        return shapers[-1]
+    monkeypatch.setattr(wanxfer, 'PathShaper', shaper)
+    path = link(server.port, delay_ms=5)
+    monkeypatch.undo()
+    done = run_get(path.port, 'f', '-o', tmp_path / 'out', '--json')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    forged = sum(s.forged for s in shapers)
+    assert forged == ForgingShaper.FORGERIES
+    # Each forgery came before its genuine twin: taken, it would have been
+    # written (a digest mismatch and a second transfer) or made the twin
+    # a duplicate, and not counted here.
+    assert 'mismatch' not in done.stderr
+    (summary,) = json_summaries(done)
+    assert summary['packets_rejected'] == forged
+
+
 def partial_blocks(state_path):
     """How many blocks a .wxstate file records as written."""
     import base64
@@ -438,6 +488,7 @@ def test_source_changed_between_runs_starts_over(tmp_path, serve):
     first = subprocess.Popen(get_command(server.port, 'f', '-o', out), env=wanxfer_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: partial_blocks(tmp_path / '.f.wxstate') > 0, what='a saved partial state')
+    assert first.poll() is None                 # killed with part of the file written
     first.kill()
     first.wait()
     make_file(data, 4 * 1024 * 1024, seed=2)   # same size, new content and mtime
@@ -445,7 +496,11 @@ def test_source_changed_between_runs_starts_over(tmp_path, serve):
     done = run_get(server.port, 'f', '-o', out, '--json')
     assert done.returncode == 0, done.stderr
     assert sha256(out) == sha256(data)
-    assert json_summaries(done)[0]['resumed_bytes'] == 0
+    # Started over at once: not resumed on the old bytes and then caught
+    # by the digest (which would end right too, a whole transfer later).
+    assert 'mismatch' not in done.stderr, done.stderr
+    (summary,) = json_summaries(done)
+    assert summary['resumed_bytes'] == 0 and summary['received_bytes'] == 4 * 1024 * 1024
 
 
 def test_server_restart_mid_transfer_then_resume(tmp_path, serve):
@@ -481,7 +536,51 @@ def test_wrong_secret_is_refused_and_nothing_written(tmp_path, serve):
     assert 'wrong secret' in done.stderr and 'Traceback' not in done.stderr
     assert os.listdir(dest) == []
     server.stop()
-    assert 'refused' in server.log()
+    # The client hangs up on the server's proof: the server sees a peer
+    # that went away during authentication, and serves it nothing.
+    assert re.search(r'wanxfer: 127\.0\.0\.1:\d+: (refused|dropped): ', server.log()), \
+        server.log()
+    assert 'sent ' not in server.log()
+
+
+class ProofSpoiler:
+    """A client socket whose second write, the client's proof (sent once
+    the server's hello has been read), has its last byte flipped: a client
+    that does not know the secret, as the server sees it, whatever the
+    handshake's layout."""
+
+    def __init__(self, sock):
+        self.sock, self.writes = sock, 0
+
+    def sendall(self, data):
+        self.writes += 1
+        if self.writes == 2:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        return self.sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_server_refuses_a_client_proof_made_without_the_secret(tmp_path, serve):
+    # Checked at the server itself: a real `get` with a wrong secret gives
+    # up on the server's proof before sending its own.
+    data = make_file(tmp_path / 'f', 1000)
+    server = serve([data])
+    sock = socket.create_connection(('127.0.0.1', server.port), timeout=20)
+    try:
+        wanxfer.client_handshake(ProofSpoiler(sock), SECRET.encode(), True)
+        port = sock.getsockname()[1]
+        try:
+            answer = sock.recv(1)               # nothing: not a ready, not an error frame
+        except ConnectionResetError:
+            answer = b''
+        assert answer == b''
+    finally:
+        sock.close()
+    line = wait_for(lambda: [l for l in server.lines if '127.0.0.1:%d: ' % port in l],
+                    what='the server to log the refused client')
+    assert ': refused: ' in line[0] and 'Traceback' not in server.log()
 
 
 def test_encryption_mismatch_is_a_clear_error(tmp_path, serve):
@@ -540,6 +639,47 @@ def test_paths_outside_the_root_or_missing_are_refused(tmp_path, serve, remote):
     assert done.returncode == 1
     assert done.stderr.startswith('wanxfer: error:') and 'Traceback' not in done.stderr
     assert os.listdir(dest) == []
+
+
+def test_the_server_itself_refuses_paths_outside_its_root(tmp_path, serve):
+    # `get` refuses most of these before asking: here they are asked for
+    # over the protocol, after a real handshake, as a client that skipped
+    # its own checks would, in each request that names a path.
+    root = tmp_path / 'root'
+    (root / 'sub').mkdir(parents=True)
+    outside = tmp_path / 'outside'
+    outside.write_text('secret data')
+    os.symlink(outside, root / 'link-out')
+    os.symlink(tmp_path, root / 'sub' / 'up')
+    server = serve([root])
+    remotes = ['../outside', 'sub/../../outside', str(outside), 'link-out', 'sub/up/outside',
+               '~/../outside', 'sub/..\\..\\outside']
+    client = wanxfer.Client('127.0.0.1', server.port, SECRET.encode())
+    client.connect()
+    try:
+        listings = client.listings(remotes)
+        assert all(isinstance(r, wanxfer.RemoteError) for r in listings), listings
+        client.sock.settimeout(20)
+        st = outside.stat()
+        for remote in remotes:
+            client.control.send({'op': 'fetch', 'path': remote, 'block_size': 1200})
+            answer = client.control.recv()
+            assert answer['op'] == 'error', (remote, answer)
+            client.control.send({'op': 'fetch', 'path': remote, 'block_size': 1200,
+                                 'size': st.st_size, 'mtime_ns': st.st_mtime_ns, 'need': [[0, 1]]})
+            answer = client.control.recv()
+            assert answer['op'] == 'error', (remote, answer)
+        client.control.send({'op': 'read', 'files': [
+            {'path': remote, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns} for remote in remotes]})
+        for remote in remotes:
+            answer = client.control.recv()
+            assert answer['op'] == 'content' and answer['path'] == remote and 'error' in answer
+            assert 'data' not in answer
+    finally:
+        client.close()
+    server.stop()
+    assert 'secret data' not in server.log() and 'Traceback' not in server.log()
+    assert 'outside (' not in server.log()          # no "sent ... (N bytes)" for any of them
 
 
 def test_symlink_inside_a_tree_pointing_outside_is_not_served(tmp_path, serve):

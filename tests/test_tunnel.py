@@ -62,6 +62,48 @@ def test_bytes_arrive_intact_both_ways(pair):
     assert echo.accepted == 5
 
 
+def test_bytes_arrive_intact_each_way_on_its_own(tmp_path):
+    # An echo checks both ways at once, and a fault that is its own
+    # inverse (a flipped bit) cancels out on the way back: each direction
+    # is checked here against bytes that never crossed the other.
+    payload = noise(1 << 20, seed=b'way') + text(1 << 20) + noise(1 << 20, seed=b'way')
+
+    def source(conn):
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        conn.recv(1)                            # until the client is done with it
+    sink, talker = Server(digest_handler), Server(source)
+    far = start_far(tmp_path / 'far.db', [sink.port, talker.port])
+    near = start_near(tmp_path / 'near.db', far.port, [sink.port, talker.port])
+    try:
+        # near -> far: the target's digest of what it was given.
+        conn = socket.create_connection(('127.0.0.1', near.ports[0]), timeout=20)
+        conn.sendall(payload)
+        conn.shutdown(socket.SHUT_WR)
+        assert read_to_end(conn) == ('%s %d\n' % (hashlib.sha256(payload).hexdigest(),
+                                                  len(payload))).encode()
+        conn.close()
+        # far -> near: what the target said, with nothing sent to it.
+        conn = socket.create_connection(('127.0.0.1', near.ports[1]), timeout=20)
+        got = read_to_end(conn)
+        conn.close()
+        assert len(got) == len(payload) and got == payload
+    finally:
+        near.stop()
+        far.stop()
+        sink.close()
+        talker.close()
+
+
+def read_to_end(conn):
+    received = bytearray()
+    while True:
+        data = conn.recv(1 << 20)
+        if not data:
+            return bytes(received)
+        received += data
+
+
 def test_half_close_still_gets_the_reply(tmp_path):
     target = Server(digest_handler)
     far = start_far(tmp_path / 'far.db', [target.port])
