@@ -727,6 +727,12 @@ def test_a_stalled_client_does_not_block_others(tmp_path, serve):
         done = run_get(server.port, 'f', '-o', tmp_path / 'out')
         assert done.returncode == 0, done.stderr
         assert sha256(tmp_path / 'out') == sha256(data)
+        # Served while the stalled one was still waited for, not after the
+        # server gave up on it (which closes its connection).
+        stalled.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            stalled.recv(1)
+        assert '127.0.0.1:%d:' % stalled.getsockname()[1] not in server.log()
     finally:
         stalled.close()
 
