@@ -423,9 +423,9 @@ def test_a_real_datagram_with_one_byte_flipped_is_rejected_and_counted(tmp_path,
     def shaper(*args):
         shapers.append(ForgingShaper(*args))
         return shapers[-1]
-    monkeypatch.setattr(wanxfer, 'PathShaper', shaper)
-    path = link(server.port, delay_ms=5)
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(wanxfer, 'PathShaper', shaper)
+        path = link(server.port, delay_ms=5)
     done = run_get(path.port, 'f', '-o', tmp_path / 'out', '--json')
     assert done.returncode == 0, done.stderr
     assert sha256(tmp_path / 'out') == sha256(data)
@@ -437,6 +437,50 @@ def test_a_real_datagram_with_one_byte_flipped_is_rejected_and_counted(tmp_path,
     assert 'mismatch' not in done.stderr
     (summary,) = json_summaries(done)
     assert summary['packets_rejected'] == forged
+
+
+class TailDropper(wanxfer.PathShaper):
+    """The emulator's planning of one direction, which loses the first
+    sending of the last `count` data blocks of a file of `size` bytes:
+    after them nothing arrives that feedback could report a gap before."""
+
+    def __init__(self, size, count, *args):
+        super().__init__(*args)
+        self.size, self.count = size, count
+        self.block = self.dropped = 0
+
+    def shape(self, now, data):
+        plans = super().shape(now, data)
+        if plans and data[0] == wanxfer.KIND_DATA and len(data) > wanxfer.PACKET_OVERHEAD:
+            _kind, flags, _sid, _seq, block, _stamp = wanxfer.DATA_HEADER.unpack_from(data)
+            self.block = max(self.block, len(data) - wanxfer.PACKET_OVERHEAD)   # the client chose it
+            last = -(-self.size // self.block) - 1
+            if block > last - self.count and not flags & wanxfer.DATA_FLAG_RETRANSMIT:
+                self.dropped += 1
+                return ()
+        return plans
+
+
+def test_a_lost_tail_is_sent_again_once_the_client_names_it(tmp_path, serve, link, monkeypatch):
+    # Only the client's NAK can name blocks lost after the last that arrived.
+    size = 300_000 + 77
+    data = make_file(tmp_path / 'f', size)
+    server = serve([data])
+    shapers = []
+
+    def shaper(*args):
+        shapers.append(TailDropper(size, 10, *args))
+        return shapers[-1]
+    with monkeypatch.context() as patched:
+        patched.setattr(wanxfer, 'PathShaper', shaper)
+        path = link(server.port, delay_ms=5)
+    # A short --timeout: without the resends it fails in seconds, not minutes.
+    done = run_get(path.port, 'f', '-o', tmp_path / 'out', '--json', '--timeout', '5')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    assert sum(s.dropped for s in shapers) == 10
+    (summary,) = json_summaries(done)
+    assert summary['packets_retransmitted'] >= 10
 
 
 def partial_blocks(state_path):

@@ -118,6 +118,16 @@ EDITS = [
          [('                if is_within(target, root) and os.path.isfile(target):',
            '                if os.path.isfile(target):')],
          ['tests/test_bulk.py', '-k', 'symlink']),
+    Edit('emulator-tcp-delay', 'the emulator holds TCP data back for the path\'s one-way delay',
+         [('                    due = time.monotonic() + delay\n', '                    due = time.monotonic()\n')],
+         ['tests/test_linkemu.py', '-k', 'tcp_relays']),
+    Edit('emulator-udp-schedule', 'the emulator sends each datagram when its plan says, not before',
+         [('        while heap and heap[0][0] <= now:', '        while heap:')],
+         ['tests/test_linkemu.py', '-k', 'udp_round_trip or rate_limit']),
+    Edit('emulator-refused-reset', 'a target that refuses the connection is a reset to the client',
+         [('            self._aborted = True    # the client sees a reset, as from a refused connect',
+           '            pass')],
+         ['tests/test_linkemu.py', '-k', 'refused']),
     Edit('module-state', 'no mutable module globals',
          [("SEAL_LABELS = ('ctrl-c2s', 'ctrl-s2c', 'data-s2c', 'data-c2s')",
            "SEAL_LABELS = ['ctrl-c2s', 'ctrl-s2c', 'data-s2c', 'data-c2s']")],
@@ -209,6 +219,9 @@ def main(argv=None):
                         help='first run each edit\'s tests on the unedited copy')
     parser.add_argument('--check', action='store_true', help='only check that the table applies')
     parser.add_argument('--list', action='store_true', help='list the edits and exit')
+    parser.add_argument('--tests', metavar='ARGS',
+                        help='pytest arguments to run instead of each edit\'s own, e.g. '
+                             '"tests/test_bulk.py -k proof": does this one test catch the edit?')
     parser.add_argument('--timeout', type=float, default=EDIT_TIMEOUT)
     args = parser.parse_args(argv)
     edits = EDITS
@@ -238,7 +251,7 @@ def main(argv=None):
                 return 2
     rows = []
     for edit in edits:
-        tests = ['tests'] if args.full else edit.tests
+        tests = ['tests'] if args.full else args.tests.split() if args.tests else edit.tests
         outcome, seconds, detail = run_edit(edit, tests, args.timeout)
         rows.append((edit, outcome, seconds, detail))
         print('%-24s %-16s %6.1fs  %s' % (edit.name, outcome, seconds, detail), flush=True)
