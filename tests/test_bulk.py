@@ -311,6 +311,33 @@ def test_a_file_whose_digest_does_not_match_is_fetched_once_more_then_refused(tm
         assert not (dest / 'f0').exists()
 
 
+SPOILED_CONTENT = """
+send = wanxfer.ControlChannel.send
+def send_spoiled(self, message):
+    if message['op'] == 'content' and message.get('path') == 'tree/f1':
+        data = bytearray(wanxfer.base64.b64decode(message['data']))
+        data[len(data) // 2] ^= 1               # damaged, the digest still the original's
+        message = dict(message, data=wanxfer.base64.b64encode(bytes(data)).decode())
+    send(self, message)
+wanxfer.ControlChannel.send = send_spoiled
+"""
+
+
+def test_a_small_file_whose_content_does_not_match_its_digest_is_refused(tmp_path, serve):
+    src = tmp_path / 'src' / 'tree'
+    src.mkdir(parents=True)
+    files = [make_file(src / ('f%d' % i), 5000 + i, seed=i) for i in range(3)]
+    server = patched_serve(serve, [tmp_path / 'src'], SPOILED_CONTENT)
+    done = run_get(server.port, 'tree', '-o', tmp_path / 'dest', '--no-delta')
+    dest = tmp_path / 'dest' / 'tree'
+    assert done.returncode == 1
+    assert 'tree/f1: the content the server sent does not match its digest' in done.stderr
+    assert 'Traceback' not in done.stderr
+    assert not (dest / 'f1').exists()
+    assert not [n for n in os.listdir(dest) if n.startswith('.')]
+    assert sha256(dest / 'f0') == sha256(files[0])
+
+
 def test_served_file_by_base_name_and_to_a_file_name(tmp_path, serve):
     data = make_file(tmp_path / 'backup.tar', 100_000)
     server = serve([data])
