@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import zlib
 from array import array
 
@@ -185,7 +186,7 @@ NAK_FIELDS = struct.Struct('!IH')
 NAK_RANGE = struct.Struct('!QQ')
 MAX_NAK_RANGES = 64
 
-IP_UDP_OVERHEAD = {socket.AF_INET: 28, socket.AF_INET6: 48}
+IP_UDP_OVERHEAD = types.MappingProxyType({socket.AF_INET: 28, socket.AF_INET6: 48})
 MIN_MTU = 1280                  # IPv6's minimum: every path carries this
 MAX_MTU = 65535                 # the largest IP packet
 PROBE_MTUS = (MIN_MTU, 1500, 9000, MAX_MTU)   # and the route's own MTU
@@ -2176,7 +2177,7 @@ class RateController:
     HEAVY_LOSS = 0.20
     MIN_SAMPLE_SPAN = 0.005                 # s of feedback needed for a delivery rate
     CRUISE_ROUNDS = 4
-    GAINS = {'cruise': 1.0, 'probe': 1.1, 'drain': 0.85}
+    GAINS = types.MappingProxyType({'cruise': 1.0, 'probe': 1.1, 'drain': 0.85})
     PROBE_PAID = 1.05                       # delivery this much above the probe's start: room left
     FAIR_SHARE = 0.5
     SHARE_GROWTH = 0.005                    # of the fastest delivery, per round trip

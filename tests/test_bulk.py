@@ -4,6 +4,7 @@ its bytes."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -415,6 +416,33 @@ def test_a_file_whose_digest_does_not_match_is_fetched_once_more_then_refused(tm
         assert not (dest / 'f0').exists()
 
 
+SPOILED_CONTENT = """
+send = wanxfer.ControlChannel.send
+def send_spoiled(self, message):
+    if message['op'] == 'content' and message.get('path') == 'tree/f1':
+        data = bytearray(wanxfer.base64.b64decode(message['data']))
+        data[len(data) // 2] ^= 1               # damaged, the digest still the original's
+        message = dict(message, data=wanxfer.base64.b64encode(bytes(data)).decode())
+    send(self, message)
+wanxfer.ControlChannel.send = send_spoiled
+"""
+
+
+def test_a_small_file_whose_content_does_not_match_its_digest_is_refused(tmp_path, serve):
+    src = tmp_path / 'src' / 'tree'
+    src.mkdir(parents=True)
+    files = [make_file(src / ('f%d' % i), 5000 + i, seed=i) for i in range(3)]
+    server = patched_serve(serve, [tmp_path / 'src'], SPOILED_CONTENT)
+    done = run_get(server.port, 'tree', '-o', tmp_path / 'dest', '--no-delta')
+    dest = tmp_path / 'dest' / 'tree'
+    assert done.returncode == 1
+    assert 'tree/f1: the content the server sent does not match its digest' in done.stderr
+    assert 'Traceback' not in done.stderr
+    assert not (dest / 'f1').exists()
+    assert not [n for n in os.listdir(dest) if n.startswith('.')]
+    assert sha256(dest / 'f0') == sha256(files[0])
+
+
 def test_served_file_by_base_name_and_to_a_file_name(tmp_path, serve):
     data = make_file(tmp_path / 'backup.tar', 100_000)
     server = serve([data])
@@ -494,6 +522,99 @@ def test_forged_datagrams_from_a_third_socket_are_dropped(tmp_path, serve):
     assert sha256(tmp_path / 'out') == sha256(data)
 
 
+class ForgingShaper(wanxfer.PathShaper):
+    """The emulator's planning of one direction, which also delivers, just
+    ahead of each of the first data datagrams, a copy of it with one byte
+    flipped: in the session id, the block number, the body or the tag.
+    Each forgery is a real datagram but for that byte."""
+
+    FLIPS = (3, 21, wanxfer.DATA_HEADER.size + 7, -1)
+    FORGERIES = 12
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.forged = 0
+
+    def shape(self, now, data):
+        plans = super().shape(now, data)
+        if not plans or data[0] != wanxfer.KIND_DATA or self.forged >= self.FORGERIES:
+            return plans
+        forged = bytearray(data)
+        forged[self.FLIPS[self.forged % len(self.FLIPS)]] ^= 0x10
+        self.forged += 1
+        # Same arrival time, planned first: the forgery is read first.
+        return ((plans[0][0], bytes(forged)),) + tuple(plans)
+
+
+def test_a_real_datagram_with_one_byte_flipped_is_rejected_and_counted(tmp_path, serve, link,
+                                                                       monkeypatch):
+    data = make_file(tmp_path / 'f', 2 * 1024 * 1024)
+    server = serve([data])
+    shapers = []
+
+    def shaper(*args):
+        shapers.append(ForgingShaper(*args))
+        return shapers[-1]
+    with monkeypatch.context() as patched:
+        patched.setattr(wanxfer, 'PathShaper', shaper)
+        path = link(server.port, delay_ms=5)
+    done = run_get(path.port, 'f', '-o', tmp_path / 'out', '--json')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    forged = sum(s.forged for s in shapers)
+    assert forged == ForgingShaper.FORGERIES
+    # Each forgery came before its genuine twin: taken, it would have been
+    # written (a digest mismatch and a second transfer) or made the twin
+    # a duplicate, and not counted here.
+    assert 'mismatch' not in done.stderr
+    (summary,) = json_summaries(done)
+    assert summary['packets_rejected'] == forged
+
+
+class TailDropper(wanxfer.PathShaper):
+    """The emulator's planning of one direction, which loses the first
+    sending of the last `count` data blocks of a file of `size` bytes:
+    after them nothing arrives that feedback could report a gap before."""
+
+    def __init__(self, size, count, *args):
+        super().__init__(*args)
+        self.size, self.count = size, count
+        self.block = self.dropped = 0
+
+    def shape(self, now, data):
+        plans = super().shape(now, data)
+        if plans and data[0] == wanxfer.KIND_DATA and len(data) > wanxfer.PACKET_OVERHEAD:
+            _kind, flags, _sid, _seq, block, _stamp = wanxfer.DATA_HEADER.unpack_from(data)
+            self.block = max(self.block, len(data) - wanxfer.PACKET_OVERHEAD)   # the client chose it
+            last = -(-self.size // self.block) - 1
+            if block > last - self.count and not flags & wanxfer.DATA_FLAG_RETRANSMIT:
+                self.dropped += 1
+                return ()
+        return plans
+
+
+def test_a_lost_tail_is_sent_again_once_the_client_names_it(tmp_path, serve, link, monkeypatch):
+    # Only the client's NAK can name blocks lost after the last that arrived.
+    size = 300_000 + 77
+    data = make_file(tmp_path / 'f', size)
+    server = serve([data])
+    shapers = []
+
+    def shaper(*args):
+        shapers.append(TailDropper(size, 10, *args))
+        return shapers[-1]
+    with monkeypatch.context() as patched:
+        patched.setattr(wanxfer, 'PathShaper', shaper)
+        path = link(server.port, delay_ms=5)
+    # A short --timeout: without the resends it fails in seconds, not minutes.
+    done = run_get(path.port, 'f', '-o', tmp_path / 'out', '--json', '--timeout', '5')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    assert sum(s.dropped for s in shapers) == 10
+    (summary,) = json_summaries(done)
+    assert summary['packets_retransmitted'] >= 10
+
+
 def partial_blocks(state_path):
     """How many blocks a .wxstate file records as written."""
     found = wanxfer.PartialFile.recorded(str(state_path))
@@ -535,6 +656,7 @@ def test_source_changed_between_runs_starts_over(tmp_path, serve):
     first = subprocess.Popen(get_command(server.port, 'f', '-o', out), env=wanxfer_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: partial_blocks(tmp_path / '.f.wxstate') > 0, what='a saved partial state')
+    assert first.poll() is None                 # killed with part of the file written
     first.kill()
     first.wait()
     make_file(data, 4 * 1024 * 1024, seed=2)   # same size, new content and mtime
@@ -542,7 +664,11 @@ def test_source_changed_between_runs_starts_over(tmp_path, serve):
     done = run_get(server.port, 'f', '-o', out, '--json')
     assert done.returncode == 0, done.stderr
     assert sha256(out) == sha256(data)
-    assert json_summaries(done)[0]['resumed_bytes'] == 0
+    # Started over at once: not resumed on the old bytes and then caught
+    # by the digest (which would end right too, a whole transfer later).
+    assert 'mismatch' not in done.stderr, done.stderr
+    (summary,) = json_summaries(done)
+    assert summary['resumed_bytes'] == 0 and summary['received_bytes'] == 4 * 1024 * 1024
 
 
 def test_server_restart_mid_transfer_then_resume(tmp_path, serve):
@@ -578,7 +704,51 @@ def test_wrong_secret_is_refused_and_nothing_written(tmp_path, serve):
     assert 'wrong secret' in done.stderr and 'Traceback' not in done.stderr
     assert os.listdir(dest) == []
     server.stop()
-    assert 'refused' in server.log()
+    # The client hangs up on the server's proof: the server sees a peer
+    # that went away during authentication, and serves it nothing.
+    assert re.search(r'wanxfer: 127\.0\.0\.1:\d+: (refused|dropped): ', server.log()), \
+        server.log()
+    assert 'sent ' not in server.log()
+
+
+class ProofSpoiler:
+    """A client socket whose second write, the client's proof (sent once
+    the server's hello has been read), has its last byte flipped: a client
+    that does not know the secret, as the server sees it, whatever the
+    handshake's layout."""
+
+    def __init__(self, sock):
+        self.sock, self.writes = sock, 0
+
+    def sendall(self, data):
+        self.writes += 1
+        if self.writes == 2:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        return self.sock.sendall(data)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_server_refuses_a_client_proof_made_without_the_secret(tmp_path, serve):
+    # Checked at the server itself: a real `get` with a wrong secret gives
+    # up on the server's proof before sending its own.
+    data = make_file(tmp_path / 'f', 1000)
+    server = serve([data])
+    sock = socket.create_connection(('127.0.0.1', server.port), timeout=20)
+    try:
+        wanxfer.client_handshake(ProofSpoiler(sock), SECRET.encode(), True)
+        port = sock.getsockname()[1]
+        try:
+            answer = sock.recv(1)               # nothing: not a ready, not an error frame
+        except ConnectionResetError:
+            answer = b''
+        assert answer == b''
+    finally:
+        sock.close()
+    line = wait_for(lambda: [l for l in server.lines if '127.0.0.1:%d: ' % port in l],
+                    what='the server to log the refused client')
+    assert ': refused: ' in line[0] and 'Traceback' not in server.log()
 
 
 def test_encryption_mismatch_is_a_clear_error(tmp_path, serve):
@@ -639,6 +809,47 @@ def test_paths_outside_the_root_or_missing_are_refused(tmp_path, serve, remote):
     assert os.listdir(dest) == []
 
 
+def test_the_server_itself_refuses_paths_outside_its_root(tmp_path, serve):
+    # `get` refuses most of these before asking: here they are asked for
+    # over the protocol, after a real handshake, as a client that skipped
+    # its own checks would, in each request that names a path.
+    root = tmp_path / 'root'
+    (root / 'sub').mkdir(parents=True)
+    outside = tmp_path / 'outside'
+    outside.write_text('secret data')
+    os.symlink(outside, root / 'link-out')
+    os.symlink(tmp_path, root / 'sub' / 'up')
+    server = serve([root])
+    remotes = ['../outside', 'sub/../../outside', str(outside), 'link-out', 'sub/up/outside',
+               '~/../outside', 'sub/..\\..\\outside']
+    client = wanxfer.Client('127.0.0.1', server.port, SECRET.encode())
+    client.connect()
+    try:
+        listings = client.listings(remotes)
+        assert all(isinstance(r, wanxfer.RemoteError) for r in listings), listings
+        client.sock.settimeout(20)
+        st = outside.stat()
+        for remote in remotes:
+            client.control.send({'op': 'fetch', 'path': remote, 'block_size': 1200})
+            answer = client.control.recv()
+            assert answer['op'] == 'error', (remote, answer)
+            client.control.send({'op': 'fetch', 'path': remote, 'block_size': 1200,
+                                 'size': st.st_size, 'mtime_ns': st.st_mtime_ns, 'need': [[0, 1]]})
+            answer = client.control.recv()
+            assert answer['op'] == 'error', (remote, answer)
+        client.control.send({'op': 'read', 'files': [
+            {'path': remote, 'size': st.st_size, 'mtime_ns': st.st_mtime_ns} for remote in remotes]})
+        for remote in remotes:
+            answer = client.control.recv()
+            assert answer['op'] == 'content' and answer['path'] == remote and 'error' in answer
+            assert 'data' not in answer
+    finally:
+        client.close()
+    server.stop()
+    assert 'secret data' not in server.log() and 'Traceback' not in server.log()
+    assert 'outside (' not in server.log()          # no "sent ... (N bytes)" for any of them
+
+
 def test_symlink_inside_a_tree_pointing_outside_is_not_served(tmp_path, serve):
     root = tmp_path / 'root'
     (root / 'tree').mkdir(parents=True)
@@ -684,6 +895,12 @@ def test_a_stalled_client_does_not_block_others(tmp_path, serve):
         done = run_get(server.port, 'f', '-o', tmp_path / 'out')
         assert done.returncode == 0, done.stderr
         assert sha256(tmp_path / 'out') == sha256(data)
+        # Served while the stalled one was still waited for, not after the
+        # server gave up on it (which closes its connection).
+        stalled.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            stalled.recv(1)
+        assert '127.0.0.1:%d:' % stalled.getsockname()[1] not in server.log()
     finally:
         stalled.close()
 

@@ -3,11 +3,14 @@ cache file, and the encoder/decoder state machines."""
 
 import hashlib
 import os
+import re
 import sqlite3
 import stat
+import struct
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -97,6 +100,66 @@ def test_store_evicts_least_recently_used_past_the_limit(store):
     report = cache_report(store.path)
     assert report['cache']['stored_bytes'] <= 8 << 20
     assert store.has(digests[-1]) and not store.has(digests[0])
+
+
+class ClockedStore(ChunkStore):
+    """A store whose clock (milliseconds, as ChunkStore._clock) the test sets."""
+
+    now = 1_700_000_000_000
+
+    def _clock(self):
+        return self.now
+
+
+def test_store_evicts_the_least_recently_used_not_the_oldest(tmp_path):
+    # Eviction takes chunks in batches: far more chunks than a batch, so
+    # that which ones go is decided by their last use.
+    size, limit = 4096, 2 << 20
+    store = ClockedStore(str(tmp_path / 'cache.db'), limit=limit)
+    old = []
+    for i in range(400):
+        data = noise(size, seed=b'old %d' % i)
+        old.append(chunk_digest(data))
+        store.put(old[-1], data)
+    store.flush()
+    store.now += 2 * wanxfer.CACHE_TOUCH_GRANULARITY * 1000
+    assert store.get(old[0]) is not None        # used again, much later than the rest
+    assert store.has(old[1])
+    store.flush()
+    new = []
+    for i in range(300):                        # past the limit: eviction
+        data = noise(size, seed=b'new %d' % i)
+        new.append(chunk_digest(data))
+        store.put(new[-1], data)
+    store.flush()
+    assert cache_report(store.path)['cache']['stored_bytes'] <= limit
+    kept_old = [d for d in old[2:] if store.has(d)]
+    assert len(kept_old) < len(old) - 2 - 200   # most of the unused old ones went
+    assert store.has(old[0]) and store.has(old[1])
+    assert all(store.has(d) for d in new)
+    store.close()
+
+
+def test_store_starts_a_new_file_when_its_file_is_replaced(tmp_path):
+    path = str(tmp_path / 'cache.db')
+    lines = []
+    store = ChunkStore(path, log=lines.append)
+    first = noise(5000, seed=b'first')
+    store.put(chunk_digest(first), first)
+    store.flush()
+    for suffix in ('', '-wal', '-shm'):         # an operator's rm, under the running store
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    store.check_file()
+    assert any('was removed or replaced; starting a new one' in line for line in lines), lines
+    assert os.path.exists(path)
+    second = noise(5000, seed=b'second')
+    store.put(chunk_digest(second), second)
+    store.flush()
+    other = ChunkStore(path)                    # what is written goes to the new file
+    assert other.get(chunk_digest(second)) == second and not other.has(chunk_digest(first))
+    other.close()
+    store.close()
 
 
 def test_store_moves_a_damaged_cache_aside_with_its_kept_files(tmp_path):
@@ -253,7 +316,57 @@ def test_a_partial_chunk_sent_early_can_still_end_as_a_reference(store):
     assert wanted is None and b''.join(bytes(o) for o in got) == data
 
 
+def test_a_reference_is_delivered_only_where_it_fits_what_came_before(store):
+    # A reference names a whole chunk: what this side holds under that
+    # digest is delivered only if it has that length and begins with the
+    # bytes of it already delivered; otherwise the sender is asked.
+    data = noise(20000, seed=b'fits')
+    digest = chunk_digest(data)
+    store.put(digest, data)
+    decoder = StreamDecoder(store)
+    decoder.feed([(PIECE_REF, len(data) + 1, digest, None)])
+    assert decoder.take() == ([], digest)
+    decoder = StreamDecoder(store)
+    decoder.feed([(PIECE_PART, 100, None, b'y' * 100), (PIECE_REF, len(data), digest, None)])
+    got, wanted = decoder.take()
+    assert b''.join(bytes(g) for g in got) == b'y' * 100 and wanted == digest
+    decoder.supply(digest, data)                # the sender's own copy does not fit either
+    with pytest.raises(ProtocolError):
+        decoder.take()
+
+
+IMMUTABLE = (int, float, complex, str, bytes, type(None), range, struct.Struct, type(re.compile('')))
+
+
+def mutable_parts(name, value):
+    """The names under `name` whose value could be changed in place."""
+    if isinstance(value, IMMUTABLE):
+        return []
+    if isinstance(value, (tuple, frozenset)):
+        return [part for i, item in enumerate(value) for part in mutable_parts('%s[%d]' % (name, i), item)]
+    if isinstance(value, types.MappingProxyType):
+        return [part for key, item in value.items() for part in mutable_parts('%s[%r]' % (name, key), item)]
+    return ['%s (%s)' % (name, type(value).__name__)]
+
+
 def test_module_has_no_mutable_state_at_import():
+    # Module globals and class attributes are shared by every session,
+    # tunnel and test in a process: constants only.
+    found = []
+    for name, value in vars(wanxfer).items():
+        if name.startswith('__') or isinstance(value, (types.ModuleType, types.FunctionType,
+                                                       types.BuiltinFunctionType)):
+            continue
+        if not isinstance(value, type):
+            found += mutable_parts(name, value)
+        elif value.__module__ == wanxfer.__name__:
+            for attribute, item in vars(value).items():
+                if attribute.startswith('__') or isinstance(item, (
+                        types.FunctionType, staticmethod, classmethod, property,
+                        types.MemberDescriptorType)):    # __slots__: per instance
+                    continue
+                found += mutable_parts('%s.%s' % (name, attribute), item)
+    assert found == []
     assert isinstance(wanxfer.CUT_SYMBOLS, bytes) and len(set(wanxfer.CUT_SYMBOLS)) == 4
 
 

@@ -201,27 +201,48 @@ def test_no_delta_sends_every_byte(tmp_path, serve):
     assert plain['wire_bytes'] >= 4 * MiB
 
 
+def held_from(state_path, offset):
+    """Bytes a .wxstate file records as written from `offset` on."""
+    import base64
+    import zlib
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return 0
+    bitmap, block = zlib.decompress(base64.b64decode(state['bitmap'])), state['block_size']
+    first = (offset + block - 1) // block
+    return block * sum(1 for b in range(first, 8 * len(bitmap)) if bitmap[b >> 3] >> (b & 7) & 1)
+
+
 def test_resume_of_a_delta_transfer_after_kill(tmp_path, serve):
     src = tmp_path / 'src'
     src.mkdir()
     old = sql_like(6 * MiB, seed=8)
     (src / 'dump.sql').write_bytes(old)
-    server = serve([src], extra=['--rate', '16M'])
+    server = serve([src])
     out = tmp_path / 'dump.sql'
     fetch(server.port, 'dump.sql', out)
-    new = edited(old, seed=9, edits=3) + os.urandom(3 * MiB)   # mostly new data at the end
+    tail = 3 * MiB
+    new = edited(old, seed=9, edits=3) + os.urandom(tail)   # mostly new data at the end
     (src / 'dump.sql').write_bytes(new)
     state = tmp_path / '.dump.sql.wxstate'
+    # Slowed by its own --rate (about 6 s for the new data), killed once a
+    # good part of what only the wire can bring is safely written.
     first = subprocess.Popen([sys.executable, WANXFER, 'get', '127.0.0.1:%d' % server.port,
-                              'dump.sql', '-o', str(out)], env=wanxfer_env(),
+                              'dump.sql', '-o', str(out), '--rate', '4M'], env=wanxfer_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: partial_blocks(state) > 50 or first.poll() is not None,
-             what='a saved partial state')
+    wait_for(lambda: held_from(state, len(new) - tail) >= tail // 6, what='new data in the partial state')
+    assert first.poll() is None                 # killed mid-transfer, not after
     first.kill()
     first.wait()
+    held = held_from(state, len(new) - tail)
+    assert out.read_bytes() == old              # the older copy is untouched until the end
     done = fetch(server.port, 'dump.sql', out)
     assert out.read_bytes() == new
-    assert done['wire_bytes'] < len(new)
+    assert done['resumed_bytes'] >= held
+    # What was written before the kill does not cross again.
+    assert done['wire_bytes'] <= (tail - held) * 1.1 + 64 * 1024     # headers: 5% of 1430-byte blocks
 
 
 def test_stats_count_get_transfers(tmp_path, serve, private_cache):
@@ -239,7 +260,9 @@ def test_stats_count_get_transfers(tmp_path, serve, private_cache):
     assert life['transferred_bytes'] == first['sent_bytes'] + second['sent_bytes']
     human = subprocess.run([sys.executable, WANXFER, 'stats'], env=wanxfer_env(),
                            capture_output=True, text=True, timeout=30)
-    assert 'get' in human.stdout
+    assert human.returncode == 0, human.stderr
+    rows = [line.split() for line in human.stdout.splitlines()]
+    assert ['get', '2'] + wanxfer.human_bytes(4 * MiB).split() in [row[:4] for row in rows], human.stdout
 
 
 def test_assembler_reports_only_blocks_wholly_in_place(tmp_path):
