@@ -272,6 +272,13 @@ MAX_JSON_NUMBER = 32            # characters in a number (int() is quadratic in 
 MAX_OP = 64                     # characters in an op
 
 
+
+def frozen_mapping(mapping):
+    """A read-only view of `mapping`, nested mappings included: tables at
+    module level are shared by every session in the process."""
+    return types.MappingProxyType({key: frozen_mapping(value) if isinstance(value, dict) else value
+                                   for key, value in mapping.items()})
+
 def _expect_int(low, high):
     def check(value):
         if type(value) is not int or not low <= value <= high:
@@ -373,7 +380,7 @@ _ENTRY = _expect_object({'path': _NAME, 'size': _SIZE, 'mtime_ns': _MTIME,
 _OPEN_FIELDS = ('size', 'mtime_ns', 'mode', 'block_size', 'delta')
 
 # sender -> op -> fields (as _expect_object's), and a rule across fields.
-CONTROL_MESSAGES = {
+CONTROL_MESSAGES = frozen_mapping({
     'client': {
         'list': {'path?': _NAME},
         'fetch': {'path?': _NAME, 'size?': _SIZE, 'mtime_ns?': _MTIME,
@@ -407,17 +414,17 @@ CONTROL_MESSAGES = {
                     'encoding?': _expect_choice('raw', 'zlib'), 'sha256?': _expect_hex(64),
                     'data?': _expect_text(MAX_FRAME)},
     },
-}
-CONTROL_RULES = {
+})
+CONTROL_RULES = frozen_mapping({
     ('server', 'listing'): (lambda m: m['kind'] == 'dir' or len(m['files']) == 1,
                             'files: a file\'s listing names exactly one'),
     ('server', 'start'): (lambda m: len({name in m for name in _OPEN_FIELDS}) == 1,
                           '%s: all or none (after an open fetch)' % ', '.join(_OPEN_FIELDS)),
     ('server', 'content'): (lambda m: 'error' in m or ('data' in m and 'sha256' in m),
                             'data and sha256, or error'),
-}
-_CONTROL_CHECKS = {sender: {op: _expect_object(fields) for op, fields in ops.items()}
-                   for sender, ops in CONTROL_MESSAGES.items()}
+})
+_CONTROL_CHECKS = frozen_mapping({sender: {op: _expect_object(fields) for op, fields in ops.items()}
+                                  for sender, ops in CONTROL_MESSAGES.items()})
 
 
 def _describe(value):
@@ -576,7 +583,7 @@ SEAL_LABELS = ('ctrl-c2s', 'ctrl-s2c', 'data-s2c', 'data-c2s')
 
 # scrypt's cost: 2**14 rounds of 8 x 128-byte blocks, 16 MiB of memory.  Part
 # of the protocol version: both ends must stretch alike.
-STRETCH_COST = {'n': 1 << 14, 'r': 8, 'p': 1, 'maxmem': 64 << 20, 'dklen': 32}
+STRETCH_COST = types.MappingProxyType({'n': 1 << 14, 'r': 8, 'p': 1, 'maxmem': 64 << 20, 'dklen': 32})
 STRETCH_LABEL = b'wanxfer v2 secret'
 MIN_SECRET_BYTES = 8            # serve and tunnel refuse shorter secrets
 GOOD_SECRET_BYTES = 16          # and warn about shorter ones

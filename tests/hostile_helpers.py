@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -182,29 +183,36 @@ class FakeServer:
             thread.join(10)
 
 
+# A small parent for the measured `get`: a child's peak RSS counts the
+# memory of whatever forked it, until its exec, and a pytest process that
+# has run other tests is large.  This parent is small; it reports the
+# peak of its child on its own stdout's last line.
+MEASURING_PARENT = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+_pid, status, usage = os.wait4(pid, 0)
+code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+sys.stdout.write('\\npeak-rss-kib %d\\n' % usage.ru_maxrss)
+sys.exit(code)
+"""
+
+
 def run_get_measured(port, args, cwd, timeout=60):
     """Run `get` against 127.0.0.1:port; (exit status, stdout, stderr,
     peak RSS in KiB of that process alone)."""
-    proc = subprocess.Popen([sys.executable, WANXFER, 'get', '127.0.0.1:%d' % port] + list(args),
-                            env=wanxfer_env(), cwd=str(cwd), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    out, err, waited = [], [], []
-    threads = [threading.Thread(target=lambda: out.append(proc.stdout.read())),
-               threading.Thread(target=lambda: err.append(proc.stderr.read())),
-               threading.Thread(target=lambda: waited.append(os.wait4(proc.pid, 0)))]
-    for thread in threads:
-        thread.start()
-    threads[2].join(timeout)
-    if not waited:
-        proc.kill()
-    for thread in threads:
-        thread.join(10)
-    _pid, status, usage = waited[0]
-    proc.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
-    proc.stdout.close()
-    proc.stderr.close()
-    return (proc.returncode, out[0].decode('utf-8', 'replace'), err[0].decode('utf-8', 'replace'),
-            usage.ru_maxrss)
+    command = [sys.executable, '-c', MEASURING_PARENT, WANXFER, 'get', '127.0.0.1:%d' % port]
+    proc = subprocess.Popen(command + list(args), env=wanxfer_env(), cwd=str(cwd),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)         # the parent and the get it started
+        proc.communicate()
+        raise
+    out, _, peak = out.decode('utf-8', 'replace').rpartition('\npeak-rss-kib ')
+    return proc.returncode, out, err.decode('utf-8', 'replace'), int(peak)
 
 
 def zlib_bomb(size):

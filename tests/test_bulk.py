@@ -239,11 +239,13 @@ def test_a_server_that_picks_tiny_blocks_for_the_first_request_is_refused(tmp_pa
     # The open fetch lets the server lower the block size; not below a sane
     # floor, where every few bytes would cost a packet.
     data = make_file(tmp_path / 'f', 20_000)
-    server = patched_serve(serve, [data], 'wanxfer.block_size_for_mtu = lambda mtu, family=None: 100')
+    server = patched_serve(serve, [data], 'wanxfer.block_size_for_mtu = lambda mtu, family=None: 100\n'
+                                             'wanxfer.MIN_BLOCK_SIZE = 64')
     done = run_get(server.port, 'f', '-o', tmp_path / 'out')
     assert done.returncode == 1 and not (tmp_path / 'out').exists()
     (line,) = done.stderr.splitlines()
-    assert line.startswith('wanxfer: error: the server chose 100-byte blocks'), done.stderr
+    assert line.startswith('wanxfer: error: invalid start from the server: block_size') and \
+        line.endswith('not 100'), done.stderr
 
 
 SMALL_FRAMES = """

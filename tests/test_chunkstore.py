@@ -167,7 +167,7 @@ def test_store_moves_a_damaged_cache_aside_with_its_kept_files(tmp_path):
     store = ChunkStore(str(path))
     received = tmp_path / 'received'
     received.write_bytes(noise(5000))
-    store.keep_file(str(received), 'remote', 'fixed', [])
+    store.keep_file(str(received), 'remote', 'fixed', [], origin='here')
     store.close()
     assert len(os.listdir(str(path) + '.files')) == 1
     with open(str(path), 'r+b') as f:      # its pages scribbled over, the header still ours
@@ -222,14 +222,14 @@ def test_kept_files_go_to_a_private_directory_never_through_a_link(tmp_path):
     os.symlink(str(elsewhere), str(planted) + '.files')
     lines = []
     store = ChunkStore(str(planted), log=lines.append)
-    store.keep_file(str(received), 'remote', 'fixed', [])
+    store.keep_file(str(received), 'remote', 'fixed', [], origin='here')
     os.symlink(str(received), str(tmp_path / 'link'))
-    assert store.keep_file(str(tmp_path / 'link'), 'remote', 'fixed', []) is None
+    assert store.keep_file(str(tmp_path / 'link'), 'remote', 'fixed', [], origin='here') is None
     store.close()
     assert os.listdir(str(elsewhere)) == []
     assert any('cannot keep received files' in line for line in lines)
     store = ChunkStore(str(tmp_path / 'cache.db'))
-    store.keep_file(str(received), 'remote', 'fixed', [])
+    store.keep_file(str(received), 'remote', 'fixed', [], origin='here')
     store.close()
     assert stat.S_IMODE(os.lstat(str(tmp_path / 'cache.db.files')).st_mode) == 0o700
 
@@ -335,7 +335,8 @@ def test_a_reference_is_delivered_only_where_it_fits_what_came_before(store):
         decoder.take()
 
 
-IMMUTABLE = (int, float, complex, str, bytes, type(None), range, struct.Struct, type(re.compile('')))
+IMMUTABLE = (int, float, complex, str, bytes, type(None), range, struct.Struct, type(re.compile('')),
+             types.FunctionType)            # code, such as the checks in a table
 
 
 def mutable_parts(name, value):

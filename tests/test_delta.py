@@ -203,14 +203,11 @@ def test_no_delta_sends_every_byte(tmp_path, serve):
 
 def held_from(state_path, offset):
     """Bytes a .wxstate file records as written from `offset` on."""
-    import base64
-    import zlib
-    try:
-        with open(state_path) as f:
-            state = json.load(f)
-    except (OSError, ValueError):
+    found = wanxfer.PartialFile.recorded(str(state_path))
+    if found is None:
         return 0
-    bitmap, block = zlib.decompress(base64.b64decode(state['bitmap'])), state['block_size']
+    identity, bitmap = found
+    block = identity['block_size']
     first = (offset + block - 1) // block
     return block * sum(1 for b in range(first, 8 * len(bitmap)) if bitmap[b >> 3] >> (b & 7) & 1)
 
@@ -302,11 +299,11 @@ def test_assembler_writes_nothing_to_the_cache_during_the_data_phase(tmp_path):
     payload = os.urandom(100_000)
     basis.write_bytes(payload)
     known = wanxfer.span_digest(payload[:30000])
-    store.keep_file(str(basis), 'basis', 'fixed', [(0, 30000, known)], link=False)
+    store.keep_file(str(basis), 'basis', 'fixed', [(0, 30000, known)], link=False, origin='here')
     basis.write_bytes(payload + b'changed since')
     partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', 100_000, 0, 10_000)
     partial.open()
-    assembler = wanxfer.LocalAssembler(store, partial)
+    assembler = wanxfer.LocalAssembler(store, partial, origin='here')
     locker = sqlite3.connect(str(tmp_path / 'c.db'), isolation_level=None)
     locker.execute('BEGIN EXCLUSIVE')
     answers, done = [], threading.Event()
@@ -322,9 +319,9 @@ def test_assembler_writes_nothing_to_the_cache_during_the_data_phase(tmp_path):
         locker.execute('ROLLBACK')
         locker.close()
     assert answers == [([], 10, None)]              # nothing held: the kept file changed
-    assert store.kept_files_for('basis')            # not forgotten yet ...
+    assert store.kept_files_for('basis', 'here')            # not forgotten yet ...
     assembler.close()
-    assert store.kept_files_for('basis') == []      # ... but at the end of the data phase
+    assert store.kept_files_for('basis', 'here') == []      # ... but at the end of the data phase
     partial.close()
     store.close()
 
