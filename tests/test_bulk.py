@@ -12,8 +12,10 @@ import sys
 
 import pytest
 
-from conftest import (SECRET, WANXFER, get_command, json_summaries, make_file, run_get, sha256,
-                      wait_for, wanxfer, wanxfer_env)
+from helpers import (SECRET, WANXFER, get_command, json_summaries, make_file, partial_blocks, run_get,
+                     sha256, wait_for, wanxfer, wanxfer_env)
+
+pytestmark = pytest.mark.e2e          # all but the listing-pages test start processes or sockets
 
 BLOCK = wanxfer.block_size_for_mtu(1500)
 
@@ -615,12 +617,6 @@ def test_a_lost_tail_is_sent_again_once_the_client_names_it(tmp_path, serve, lin
     assert sum(s.dropped for s in shapers) == 10
     (summary,) = json_summaries(done)
     assert summary['packets_retransmitted'] >= 10
-
-
-def partial_blocks(state_path):
-    """How many blocks a .wxstate file records as written."""
-    found = wanxfer.PartialFile.recorded(str(state_path))
-    return 0 if found is None else sum(bin(b).count('1') for b in found[1])
 
 
 def test_resume_after_kill_sends_only_what_is_missing(tmp_path, serve, link):

@@ -12,9 +12,8 @@ import threading
 
 import pytest
 
-from conftest import (WANXFER, json_summaries, make_file, run_get, sha256, wait_for, wanxfer,
-                      wanxfer_env)
-from test_bulk import partial_blocks
+from helpers import (WANXFER, json_summaries, make_file, run_get, sha256, sql_like, wait_for, wanxfer,
+                     wanxfer_env)
 
 MiB = 1024 * 1024
 
@@ -45,19 +44,7 @@ def edited(data, seed, edits=20):
     return bytes(out)
 
 
-def sql_like(size, seed):
-    rng = random.Random(seed)
-    rows = []
-    total = 0
-    while total < size:
-        row = "INSERT INTO orders VALUES (%d, 'customer-%d', %d.%02d, '%s');\n" % (
-            rng.randrange(10 ** 9), rng.randrange(10 ** 6), rng.randrange(10 ** 5),
-            rng.randrange(100), ''.join(rng.choice('abcdefghij') for _ in range(rng.randrange(8, 40))))
-        rows.append(row)
-        total += len(row)
-    return ''.join(rows).encode()
-
-
+@pytest.mark.e2e
 def test_update_of_an_older_copy_sends_only_the_changes(tmp_path, serve):
     src = tmp_path / 'src'
     src.mkdir()
@@ -80,6 +67,7 @@ def test_update_of_an_older_copy_sends_only_the_changes(tmp_path, serve):
     assert second['saving_percent'] > 75
 
 
+@pytest.mark.e2e
 def test_appended_file_after_the_copy_was_deleted_comes_from_the_cache(tmp_path, serve):
     src = tmp_path / 'src'
     src.mkdir()
@@ -96,6 +84,7 @@ def test_appended_file_after_the_copy_was_deleted_comes_from_the_cache(tmp_path,
     assert again['wire_bytes'] < 600_000
 
 
+@pytest.mark.e2e
 def test_a_new_name_for_data_seen_before_costs_at_most_the_lead(tmp_path, serve, link):
     # The same bytes under a name this machine never fetched: the server
     # sends the file's first blocks unasked (the lead, at most a 32nd of
@@ -114,6 +103,7 @@ def test_a_new_name_for_data_seen_before_costs_at_most_the_lead(tmp_path, serve,
     assert 0 < again['wire_bytes'] <= lead * 1.1                  # blocks plus their headers
 
 
+@pytest.mark.e2e
 def test_deleted_cache_means_a_full_transfer_still_correct(tmp_path, serve, private_cache):
     data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=4)
     server = serve([data])
@@ -127,6 +117,7 @@ def test_deleted_cache_means_a_full_transfer_still_correct(tmp_path, serve, priv
     assert again['local_bytes'] == 0 and again['wire_bytes'] >= 4 * MiB
 
 
+@pytest.mark.e2e
 def test_corrupt_cache_is_moved_aside_and_the_transfer_is_full_and_correct(tmp_path, serve,
                                                                           private_cache):
     data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=5)
@@ -152,6 +143,7 @@ def test_corrupt_cache_is_moved_aside_and_the_transfer_is_full_and_correct(tmp_p
     assert os.path.isfile(str(private_cache))
 
 
+@pytest.mark.e2e
 def test_a_kept_file_whose_bytes_changed_is_never_used(tmp_path, serve):
     data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=6)
     server = serve([data])
@@ -171,6 +163,7 @@ def test_a_kept_file_whose_bytes_changed_is_never_used(tmp_path, serve):
     assert again['wire_bytes'] > 0
 
 
+@pytest.mark.e2e
 def test_all_zero_and_sparse_files_cost_nothing_and_stay_sparse(tmp_path, serve):
     src = tmp_path / 'src'
     src.mkdir()
@@ -191,6 +184,7 @@ def test_all_zero_and_sparse_files_cost_nothing_and_stay_sparse(tmp_path, serve)
     assert os.stat(tmp_path / 'sparse').st_blocks * 512 < 3 * MiB
 
 
+@pytest.mark.e2e
 def test_no_delta_sends_every_byte(tmp_path, serve):
     data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=7)
     server = serve([data])
@@ -212,6 +206,7 @@ def held_from(state_path, offset):
     return block * sum(1 for b in range(first, 8 * len(bitmap)) if bitmap[b >> 3] >> (b & 7) & 1)
 
 
+@pytest.mark.e2e
 def test_resume_of_a_delta_transfer_after_kill(tmp_path, serve):
     src = tmp_path / 'src'
     src.mkdir()
@@ -242,6 +237,7 @@ def test_resume_of_a_delta_transfer_after_kill(tmp_path, serve):
     assert done['wire_bytes'] <= (tail - held) * 1.1 + 64 * 1024     # headers: 5% of 1430-byte blocks
 
 
+@pytest.mark.e2e
 def test_stats_count_get_transfers(tmp_path, serve, private_cache):
     data = make_file(tmp_path / 'f.bin', 2 * MiB, seed=10)
     server = serve([data])
@@ -352,6 +348,7 @@ def test_assembler_asks_for_finer_spans_where_fixed_ones_miss(tmp_path):
     store.close()
 
 
+@pytest.mark.e2e
 def test_text_is_sent_compressed_when_the_link_is_the_limit(tmp_path, serve, link):
     src = tmp_path / 'src'
     src.mkdir()
@@ -372,6 +369,7 @@ def test_text_is_sent_compressed_when_the_link_is_the_limit(tmp_path, serve, lin
     assert plain['packets_compressed'] == 0 and plain['wire_bytes'] >= len(text)
 
 
+@pytest.mark.e2e
 def test_a_restarted_server_reuses_the_signature_it_stored(tmp_path, serve, private_cache):
     data = make_file(tmp_path / 'f.bin', 4 * MiB, seed=13)
     server = serve([data])
@@ -399,6 +397,7 @@ def test_a_restarted_server_reuses_the_signature_it_stored(tmp_path, serve, priv
     assert changed['wire_bytes'] >= 4 * MiB
 
 
+@pytest.mark.e2e
 def test_a_small_new_file_skips_the_signature_but_an_update_of_it_does_not(tmp_path, serve):
     src = tmp_path / 'src'
     src.mkdir()
@@ -413,6 +412,7 @@ def test_a_small_new_file_skips_the_signature_but_an_update_of_it_does_not(tmp_p
     assert second['delta'] != 'off' and second['local_bytes'] > 100_000
 
 
+@pytest.mark.e2e
 def test_an_older_copy_wanxfer_never_saw_is_used_like_rsyncs_basis(tmp_path, serve):
     src = tmp_path / 'src'
     src.mkdir()
@@ -428,6 +428,7 @@ def test_an_older_copy_wanxfer_never_saw_is_used_like_rsyncs_basis(tmp_path, ser
     assert done['wire_bytes'] < 200_000
 
 
+@pytest.mark.e2e
 def test_data_fetched_from_one_server_is_never_offered_to_another(tmp_path, serve):
     # A server's signature is a guess at what the client holds, and the
     # client's `need` says which guesses were right: a file fetched from one

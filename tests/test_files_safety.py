@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from conftest import (get_command, json_summaries, make_file, run_get, sha256, wait_for, wanxfer,
-                      wanxfer_env)
+from helpers import (get_command, json_summaries, make_file, partial_blocks, run_get, sha256, wait_for,
+                     wanxfer, wanxfer_env)
 
 MiB = 1024 * 1024
 
@@ -18,6 +18,7 @@ def mode_of(path):
     return stat.S_IMODE(os.lstat(str(path)).st_mode)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(os.geteuid() != 0, reason='only root can serve a setuid file it does not own')
 def test_setuid_setgid_and_sticky_bits_never_reach_a_received_file(tmp_path, serve):
     src = tmp_path / 'src' / 'tree'
@@ -51,6 +52,7 @@ def test_setuid_setgid_and_sticky_bits_never_reach_a_received_file(tmp_path, ser
     assert mode_of(dest / 'tree' / 'big-sgid') == 0o775
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('size', [3 * MiB, 5000], ids=['by-udp', 'small-batch'])
 def test_links_planted_at_the_names_get_writes_are_replaced_not_followed(tmp_path, serve, size):
     src = tmp_path / 'src' / 'tree'
@@ -81,11 +83,7 @@ def test_links_planted_at_the_names_get_writes_are_replaced_not_followed(tmp_pat
     assert not os.path.lexists(str(here / '.f.wxpart')) and not os.path.lexists(str(here / '.f.wxstate'))
 
 
-def recorded_blocks(state_path):
-    found = wanxfer.PartialFile.recorded(str(state_path))
-    return 0 if found is None else sum(bin(b).count('1') for b in found[1])
-
-
+@pytest.mark.e2e
 def test_a_partial_copy_elsewhere_is_not_resumed_through_a_link(tmp_path, serve):
     # Links at the names get uses to a partial copy of the same file that
     # an earlier get of this user left in another directory: were they
@@ -100,7 +98,7 @@ def test_a_partial_copy_elsewhere_is_not_resumed_through_a_link(tmp_path, serve)
     dest.mkdir()
     first = subprocess.Popen(get_command(server.port, 'f', '-o', elsewhere / 'f'), env=wanxfer_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: recorded_blocks(elsewhere / '.f.wxstate') > 0, what='a saved partial state')
+    wait_for(lambda: partial_blocks(elsewhere / '.f.wxstate') > 0, what='a saved partial state')
     assert first.poll() is None                 # killed with part of the file written
     first.kill()
     first.wait()
@@ -117,6 +115,7 @@ def test_a_partial_copy_elsewhere_is_not_resumed_through_a_link(tmp_path, serve)
     assert not os.path.lexists(str(dest / '.f.wxpart')) and not os.path.lexists(str(dest / '.f.wxstate'))
 
 
+@pytest.mark.e2e
 def test_a_link_where_a_directory_of_the_tree_goes_is_refused(tmp_path, serve):
     src = tmp_path / 'src' / 'tree'
     (src / 'sub').mkdir(parents=True)
@@ -135,6 +134,7 @@ def test_a_link_where_a_directory_of_the_tree_goes_is_refused(tmp_path, serve):
     assert os.listdir(str(elsewhere)) == []
 
 
+@pytest.mark.e2e
 def test_a_cache_option_naming_some_other_file_leaves_it_untouched(tmp_path, serve):
     data = make_file(tmp_path / 'f', 2 * MiB)
     server = serve([data])

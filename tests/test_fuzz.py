@@ -12,16 +12,15 @@ budgets are counted in messages and runs, not seconds."""
 import os
 import random
 import socket
-import sys
 import threading
 import zlib
 
-from conftest import SECRET, make_file, run_get, sha256, wanxfer
-from hostile_helpers import CLOSE, FakeServer, HostileClient, b64, run_get_measured, sha, zlib_bomb
+import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tunnel_helpers import SECRET as TUNNEL_SECRET  # noqa: E402
-from tunnel_helpers import Server, echo_handler, round_trip, start_far, start_near  # noqa: E402
+from helpers import (CLOSE, SECRET, FakeServer, HostileClient, Server, b64, echo_handler, make_file,
+                     round_trip, run_get, run_get_measured, sha, sha256, wanxfer, zlib_bomb)
+
+pytestmark = pytest.mark.e2e          # every test here starts processes or sockets
 
 DEFAULT_SEED = 20240611
 
@@ -384,7 +383,7 @@ class HostileLink:
 
     def __init__(self, port):
         self.sock = socket.create_connection(('127.0.0.1', port), timeout=10)
-        keys, _rtt = wanxfer.client_handshake(self.sock, TUNNEL_SECRET.encode(), True)
+        keys, _rtt = wanxfer.client_handshake(self.sock, SECRET.encode(), True)
         self._out, self._in = keys.sealers('client')[:2]
         self._frames = 0
         self._pongs = set()
@@ -467,10 +466,10 @@ def tunnel_messages(rng, target_port, sid):
     return rng.choice(choices)()
 
 
-def test_tunnel_listen_survives_garbage_and_mutated_frames(tmp_path):
+def test_tunnel_listen_survives_garbage_and_mutated_frames(tmp_path, tunnel_pair):
     rng = seeded('tunnel')
     echo = Server(echo_handler)
-    far = start_far(tmp_path / 'far.db', [echo.port])
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
     try:
         for _ in range(20):
             with socket.create_connection(('127.0.0.1', far.port), timeout=5) as sock:
@@ -495,7 +494,7 @@ def test_tunnel_listen_survives_garbage_and_mutated_frames(tmp_path):
         link.close()
         assert links > 10
         assert far.proc.poll() is None
-        near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
         try:
             payload = bytes(rng.getrandbits(8) for _ in range(100000))
             assert round_trip(near.port, payload) == payload
@@ -505,5 +504,5 @@ def test_tunnel_listen_survives_garbage_and_mutated_frames(tmp_path):
     finally:
         far.stop()
         echo.close()
-    assert 'Traceback' not in far.text(), far.text()
-    assert '\x1b' not in far.text()
+    assert 'Traceback' not in far.log(), far.log()
+    assert '\x1b' not in far.log()

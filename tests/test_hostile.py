@@ -10,9 +10,8 @@ import random
 
 import pytest
 
-from conftest import make_file, run_get, wait_for, wanxfer
-from hostile_helpers import (CLOSE, FakeServer, HostileClient, b64, run_get_measured, sha,
-                             small_file_answers, zlib_bomb)
+from helpers import (CLOSE, FakeServer, HostileClient, b64, make_file, run_get, run_get_measured, sha,
+                     small_file_answers, wait_for, wanxfer, zlib_bomb)
 
 
 def closed_fetch(path, **fields):
@@ -41,6 +40,7 @@ HOSTILE_REQUESTS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('case', sorted(HOSTILE_REQUESTS))
 def test_a_hostile_request_ends_only_its_session_with_one_line(tmp_path, serve, case):
     source = make_file(tmp_path / 'f', 300000)
@@ -91,6 +91,7 @@ def get_against(tmp_path, answer, *remotes, dest='dest'):
     return status, out, err, rss
 
 
+@pytest.mark.e2e
 def test_the_fake_server_serves_a_real_get(tmp_path):
     # The impostor is good enough that a real get completes against it: the
     # tests below each change one thing only.
@@ -109,6 +110,7 @@ def one_error_line(err):
     return lines[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('entry, named', [
     ({'path': 'a', 'mtime_ns': 1, 'mode': 0o644}, 'size'),                      # no size
     ({'path': 'a', 'size': 1 << 62, 'mtime_ns': 1, 'mode': 0o644}, 'size'),     # 4 EiB
@@ -123,6 +125,7 @@ def test_a_listing_entry_out_of_range_is_one_error_line(tmp_path, entry, named):
     assert 'listing' in line and named in line
 
 
+@pytest.mark.e2e
 def test_a_directory_listing_without_its_dirs_is_one_error_line(tmp_path):
     listing = {'op': 'listing', 'kind': 'dir', 'name': 'd', 'files': []}
     status, _out, err, _rss = get_against(tmp_path, lambda m: [listing], 'd')
@@ -130,6 +133,7 @@ def test_a_directory_listing_without_its_dirs_is_one_error_line(tmp_path):
     assert 'dirs' in one_error_line(err)
 
 
+@pytest.mark.e2e
 def test_a_signature_that_inflates_without_end_is_refused_in_bounded_memory(tmp_path):
     size = 2 << 20
     start = {'op': 'start', 'file': 1, 'first_seq': 0, 'lead': 0, 'size': size,
@@ -141,6 +145,7 @@ def test_a_signature_that_inflates_without_end_is_refused_in_bounded_memory(tmp_
     assert 'signature' in one_error_line(err)
 
 
+@pytest.mark.e2e
 def test_small_files_of_negative_size_are_refused_before_any_inflating(tmp_path):
     # A size of -1 once meant "inflate without limit" for files sent whole.
     bomb = b64(zlib_bomb(200 << 20))
@@ -158,6 +163,7 @@ def test_small_files_of_negative_size_are_refused_before_any_inflating(tmp_path)
     assert 'size' in one_error_line(err)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('reply', [
     b'{"op":"start","file":' + b'[' * 100000 + b']' * 100000 + b'}',
     b'{"op": "start", "file": 1, "first_seq": NaN}',
@@ -171,6 +177,7 @@ def test_a_malformed_answer_is_one_error_line(tmp_path, reply):
     one_error_line(err)
 
 
+@pytest.mark.e2e
 def test_a_digest_that_is_not_hex_is_one_error_line(tmp_path):
     digest = {'op': 'digest', 'file': 1, 'sha256': '\u00e9' * 64}
     status, _out, err, _rss = get_against(tmp_path, empty_file_answers(digest=digest))
@@ -178,6 +185,7 @@ def test_a_digest_that_is_not_hex_is_one_error_line(tmp_path):
     assert 'sha256' in one_error_line(err)
 
 
+@pytest.mark.e2e
 def test_terminal_escapes_from_the_server_are_printed_escaped(tmp_path):
     evil = '\x1b]0;owned\x07\x1b[2J'
     status, _out, err, _rss = get_against(tmp_path, lambda m: [{'op': 'error', 'message': evil}], 'x')
@@ -186,6 +194,7 @@ def test_terminal_escapes_from_the_server_are_printed_escaped(tmp_path):
     assert '\\x1b]0;owned\\x07\\x1b[2J' in err
 
 
+@pytest.mark.e2e
 def test_file_names_with_escapes_are_printed_escaped(tmp_path):
     answer, _listing = small_file_answers({'a\x1b[2Jb': b'alpha', 'c': b'gamma'})
     status, out, err, _rss = get_against(tmp_path, answer, 'd')

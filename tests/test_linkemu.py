@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import wanxfer
+from helpers import wanxfer
 
 BurstLoss, LinkConditions, LinkCounters = wanxfer.BurstLoss, wanxfer.LinkConditions, wanxfer.LinkCounters
 LinkEmulator, PathShaper, _UdpRelay = wanxfer.LinkEmulator, wanxfer.PathShaper, wanxfer._UdpRelay
@@ -248,6 +248,7 @@ def test_shaper_reorder_holds_packets_back():
 # UDP relay on loopback
 # ---------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_udp_round_trip_takes_both_delays(udp_server, udp_client, clock):
     with emulate(udp_server, delay_ms=30) as emu:
         udp_server.settimeout(2)
@@ -268,6 +269,7 @@ def test_udp_round_trip_takes_both_delays(udp_server, udp_client, clock):
     assert emu.counters.down.packets_forwarded == 3
 
 
+@pytest.mark.e2e
 def test_udp_each_client_gets_its_own_upstream_address(udp_server, udp_client):
     other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     other.bind((HOST, 0))
@@ -287,6 +289,7 @@ def test_udp_each_client_gets_its_own_upstream_address(udp_server, udp_client):
         assert emu.counters.udp_clients == 2
 
 
+@pytest.mark.e2e
 def test_udp_loss_fraction_matches_configured(udp_server, udp_client):
     count = 5000
     with emulate(udp_server, loss=0.1, seed=11) as emu:
@@ -300,6 +303,7 @@ def test_udp_loss_fraction_matches_configured(udp_server, udp_client):
     assert 1 - len(got) / up.packets_in == pytest.approx(0.1, abs=0.025)
 
 
+@pytest.mark.e2e
 def test_udp_burst_loss_comes_in_runs(udp_server, udp_client):
     count = 5000
     with emulate(udp_server, loss=0.1, burst=6, seed=12) as emu:
@@ -311,6 +315,7 @@ def test_udp_burst_loss_comes_in_runs(udp_server, udp_client):
     assert max(runs) >= 10
 
 
+@pytest.mark.e2e
 def test_udp_rate_limit_paces_departures_and_counts_queue_drops(udp_server, udp_client, clock):
     # 8 Mbit/s: a 1000-byte datagram takes 1 ms; the queue holds 10 of them.
     listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -347,6 +352,7 @@ def receive_forwarded_from(sock, count, timeout=5.0):
     return [sock.recv(65535) for _ in range(count)]
 
 
+@pytest.mark.e2e
 def test_udp_duplicates_are_counted_and_delivered(udp_server, udp_client):
     count = 1000
     with emulate(udp_server, duplicate=0.2, seed=4) as emu:
@@ -358,6 +364,7 @@ def test_udp_duplicates_are_counted_and_delivered(udp_server, udp_client):
     assert up.duplicated == pytest.approx(0.2 * up.packets_in, rel=0.2)
 
 
+@pytest.mark.e2e
 def test_udp_corruption_flips_one_byte(udp_server, udp_client):
     count = 1000
     with emulate(udp_server, corrupt=0.2, seed=5) as emu:
@@ -381,6 +388,7 @@ def test_udp_corruption_flips_one_byte(udp_server, udp_client):
     assert up.corrupted == pytest.approx(0.2 * count, rel=0.2)
 
 
+@pytest.mark.e2e
 def test_udp_reordering_is_observed(udp_server, udp_client):
     with emulate(udp_server, delay_ms=5, reorder=0.2, seed=6) as emu:
         got = send_in_batches(udp_client, emu, 1000, udp_server)
@@ -392,6 +400,7 @@ def test_udp_reordering_is_observed(udp_server, udp_client):
     assert late > 0.25 * up.reordered
 
 
+@pytest.mark.e2e
 def test_udp_idle_clients_are_forgotten(udp_server, udp_client):
     listen = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     listen.bind((HOST, 0))
@@ -422,6 +431,7 @@ def test_udp_idle_clients_are_forgotten(udp_server, udp_client):
         relay.stop()
 
 
+@pytest.mark.e2e
 def test_udp_survives_target_not_listening(udp_client):
     closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     closed.bind((HOST, 0))
@@ -475,6 +485,7 @@ def _recv_exactly(sock, n):
     return data
 
 
+@pytest.mark.e2e
 def test_tcp_relays_both_ways_with_delay_and_half_close(tcp_listener, clock):
     """Ping-pong timing, then the client sends a bulk and half-closes; the
     server reads to the end and only then answers."""
@@ -517,6 +528,7 @@ def test_tcp_relays_both_ways_with_delay_and_half_close(tcp_listener, clock):
         server.join(10)
 
 
+@pytest.mark.e2e
 def test_tcp_reset_on_one_side_closes_the_other(tcp_listener):
     with emulate(tcp_listener, delay_ms=5) as emu:
         client = socket.create_connection(emu.address, timeout=5)
@@ -531,6 +543,7 @@ def test_tcp_reset_on_one_side_closes_the_other(tcp_listener):
                 pass
 
 
+@pytest.mark.e2e
 def test_tcp_refused_target_resets_client(tcp_listener):
     port = tcp_listener.getsockname()[1]
     tcp_listener.close()
@@ -544,6 +557,7 @@ def test_tcp_refused_target_resets_client(tcp_listener):
 # Lifecycle
 # ---------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_same_port_for_tcp_and_udp_and_close_leaves_nothing(tcp_listener, udp_client):
     before = _open_sockets()
     emu = LinkEmulator(HOST, tcp_listener.getsockname()[1],
@@ -569,6 +583,7 @@ def test_same_port_for_tcp_and_udp_and_close_leaves_nothing(tcp_listener, udp_cl
     assert _open_sockets() == before
 
 
+@pytest.mark.e2e
 def test_close_without_start_and_start_twice():
     LinkEmulator(HOST, 9, LinkConditions()).close()
     with LinkEmulator(HOST, 9, LinkConditions()) as emu:

@@ -14,12 +14,10 @@ import time
 
 import pytest
 
-from conftest import SECRET, WANXFER, make_file, run_get, sha256, wait_for, wanxfer
+from helpers import (SECRET, WANXFER, Server, echo_handler, make_file, round_trip, run_get, sha256, wait_for,
+                     wanxfer)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tunnel_helpers import SECRET as TUNNEL_SECRET  # noqa: E402
-from tunnel_helpers import Server as TcpServer  # noqa: E402
-from tunnel_helpers import echo_handler, round_trip, start_far, start_near  # noqa: E402
+pytestmark = pytest.mark.e2e          # every test here starts processes or sockets
 
 # Attackers come from several loopback addresses, some from the legitimate
 # client's own (127.0.0.1), so both the overall and the per-source cap bind.
@@ -141,7 +139,7 @@ class InProcessFarTunnel:
     def __init__(self, tmp_path, allow):
         self.lines = []
         store = wanxfer.ChunkStore(str(tmp_path / 'far.db'), 64 << 20)
-        self.tunnel = wanxfer.FarTunnel(TUNNEL_SECRET.encode(), store, '127.0.0.1', 0,
+        self.tunnel = wanxfer.FarTunnel(SECRET.encode(), store, '127.0.0.1', 0,
                                         [('127.0.0.1', port) for port in allow],
                                         log=self.lines.append)
         self.port = self.tunnel.address[1]
@@ -216,13 +214,13 @@ def test_get_succeeds_while_200_trickling_connections_are_held(tmp_path, serve):
     assert 'pushed out by newer connections' in server.log()
 
 
-def test_peer_link_comes_up_while_200_trickling_connections_are_held(tmp_path):
-    echo = TcpServer(echo_handler)
-    far = start_far(tmp_path / 'far.db', [echo.port])
+def test_peer_link_comes_up_while_200_trickling_connections_are_held(tmp_path, tunnel_pair):
+    echo = Server(echo_handler)
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
     near = None
     try:
         with Trickle(far.port, 200):
-            near = start_near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
+            near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
             near.wait_for(r'peer link up', timeout=10)      # old code: dropped, retrying for ever
             assert round_trip(near.port, b'through the tunnel\n' * 1000, timeout=10) == \
                 b'through the tunnel\n' * 1000
@@ -239,7 +237,7 @@ def test_a_trickling_connection_is_closed_at_the_handshake_deadline(tmp_path, mo
     monkeypatch.setattr(wanxfer, 'HANDSHAKE_DEADLINE', 0.5, raising=False)
     data = make_file(tmp_path / 'f', 1000)
     target = InProcessServer([data]) if side == 'serve' else InProcessFarTunnel(tmp_path, [9])
-    secret = (SECRET if side == 'serve' else TUNNEL_SECRET).encode()
+    secret = SECRET.encode()
     try:
         sock = socket.create_connection(('127.0.0.1', target.port), timeout=10)
         trickling = TricklingSocket(sock, slow)
@@ -378,13 +376,14 @@ def test_a_session_thread_that_cannot_start_drops_that_client_not_serve(tmp_path
         server.stop()
 
 
-def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel(tmp_path, monkeypatch):
-    echo = TcpServer(echo_handler)
+def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel(tmp_path, monkeypatch,
+                                                                                tunnel_pair):
+    echo = Server(echo_handler)
     far = InProcessFarTunnel(tmp_path, [echo.port])
     near = None
     try:
         refused = refuse_one_thread(monkeypatch, 'tunnel-helper')
-        near = start_near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
+        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
         near.wait_for(r'peer link up', timeout=15)     # its second try
         assert refused and far.thread.is_alive()
         assert 'cannot start a thread' in far.log()

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import wanxfer
+from helpers import wanxfer
 
 KEY = bytes(range(64))
 
@@ -394,6 +394,7 @@ def test_lead_skips_blocks_in_spans_of_zeros(tmp_path):
     assert ranges == [[0, unit // 1000 + 1], [2 * unit // 1000, lead]]
 
 
+@pytest.mark.e2e
 def test_receives_drop_gro_when_nothing_is_coalesced_and_lose_nothing():
     # Datagrams sent one by one on loopback are never coalesced, as from a
     # device without GRO: after GRO_TRIAL such receives the socket stops
@@ -566,7 +567,7 @@ def test_frontier_digest_hashes_the_written_prefix_early_and_equals_sha256(tmp_p
     to SHA-256 of the finished file."""
     import hashlib
     import os
-    from conftest import wait_for
+    from helpers import wait_for
     block, nblocks = 4096, 300
     size = block * nblocks - 100
     content = bytearray(os.urandom(size))

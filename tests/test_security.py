@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import SECRET, make_file, sha256, wanxfer
+from helpers import SECRET, make_file, sha256, wanxfer
 
 WINDOW = 16         # a reuse of 2 * WINDOW keystream bytes or more is always found
 
@@ -84,6 +84,7 @@ def test_sealer_never_reuses_keystream_across_stride_changes(monkeypatch):
     assert find_keystream_reuse(used) is None
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('case', ['updated-file', 'narrow-path'])
 def test_a_session_with_mixed_block_sizes_never_reuses_keystream(tmp_path, monkeypatch, link, case):
     """Both ends in this process, every sealed payload recorded.  The block
@@ -171,10 +172,11 @@ def test_weak_secrets_are_refused_or_warned_about(secret, refused, warned):
     assert (weakness is not None and weakness[0]) == refused
 
 
+@pytest.mark.e2e
 def test_serve_refuses_a_very_short_secret_and_warns_about_a_short_one(tmp_path, serve):
     import subprocess
     import sys
-    from conftest import WANXFER, wanxfer_env
+    from helpers import WANXFER, wanxfer_env
     (tmp_path / 'f').write_bytes(b'x')
     done = subprocess.run([sys.executable, WANXFER, 'serve', '--bind', '127.0.0.1', '--port', '0',
                            str(tmp_path / 'f')], env=wanxfer_env('pw12'), capture_output=True,

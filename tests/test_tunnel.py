@@ -5,7 +5,6 @@ import hashlib
 import os
 import socket
 import sqlite3
-import sys
 import threading
 import time
 import urllib.request
@@ -13,30 +12,10 @@ from http.server import HTTPServer, SimpleHTTPRequestHandler
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tunnel_helpers import (Relay, Server, digest_handler, echo_handler, round_trip,  # noqa: E402
-                            run_wanxfer, start_far, start_near, stats)
-from conftest import wanxfer  # noqa: E402
+from helpers import (Relay, Server, digest_handler, echo_handler, noise, round_trip, run_wanxfer, sql_like,
+                     stats, wait_for, wanxfer)
 
-
-def noise(n, seed=b'noise'):
-    """Deterministic incompressible bytes."""
-    return hashlib.shake_256(seed).digest(n)
-
-
-def text(n, seed=1):
-    """Deterministic SQL-dump-like text."""
-    import random
-    r = random.Random(seed)
-    names = ['alice', 'bob', 'carol', 'dave', 'erin', 'frank', 'grace', 'heidi']
-    rows, size = [], 0
-    while size < n:
-        row = "INSERT INTO `orders` VALUES (%d,'%s',%d.%02d,'2024-%02d-%02d');\n" % (
-            r.randrange(10 ** 6), r.choice(names), r.randrange(1000), r.randrange(100),
-            r.randrange(1, 13), r.randrange(1, 29))
-        rows.append(row)
-        size += len(row)
-    return ''.join(rows).encode()[:n]
+pytestmark = pytest.mark.e2e          # every test here starts processes or sockets
 
 
 @pytest.fixture
@@ -47,35 +26,31 @@ def echo():
 
 
 @pytest.fixture
-def pair(tmp_path, echo):
+def pair(echo, tunnel_pair):
     """A far and a near tunnel forwarding to an echo server."""
-    far = start_far(tmp_path / 'far.db', [echo.port])
-    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    far, near = tunnel_pair([echo.port])
     yield far, near, echo
-    near.stop()
-    far.stop()
 
 
 def test_bytes_arrive_intact_both_ways(pair):
     far, near, echo = pair
-    for payload in (b'x', b'hello tunnel\n', noise(3 << 20), text(2 << 20), bytes(1 << 20)):
+    for payload in (b'x', b'hello tunnel\n', noise(3 << 20), sql_like(2 << 20), bytes(1 << 20)):
         assert round_trip(near.port, payload) == payload
     assert echo.accepted == 5
 
 
-def test_bytes_arrive_intact_each_way_on_its_own(tmp_path):
+def test_bytes_arrive_intact_each_way_on_its_own(tunnel_pair):
     # An echo checks both ways at once, and a fault that is its own
     # inverse (a flipped bit) cancels out on the way back: each direction
     # is checked here against bytes that never crossed the other.
-    payload = noise(1 << 20, seed=b'way') + text(1 << 20) + noise(1 << 20, seed=b'way')
+    payload = noise(1 << 20, seed=b'way') + sql_like(1 << 20) + noise(1 << 20, seed=b'way')
 
     def source(conn):
         conn.sendall(payload)
         conn.shutdown(socket.SHUT_WR)
         conn.recv(1)                            # until the client is done with it
     sink, talker = Server(digest_handler), Server(source)
-    far = start_far(tmp_path / 'far.db', [sink.port, talker.port])
-    near = start_near(tmp_path / 'near.db', far.port, [sink.port, talker.port])
+    far, near = tunnel_pair([sink.port, talker.port])
     try:
         # near -> far: the target's digest of what it was given.
         conn = socket.create_connection(('127.0.0.1', near.ports[0]), timeout=20)
@@ -105,12 +80,11 @@ def read_to_end(conn):
         received += data
 
 
-def test_half_close_still_gets_the_reply(tmp_path):
+def test_half_close_still_gets_the_reply(tunnel_pair):
     target = Server(digest_handler)
-    far = start_far(tmp_path / 'far.db', [target.port])
-    near = start_near(tmp_path / 'near.db', far.port, [target.port])
+    far, near = tunnel_pair([target.port])
     try:
-        payload = text(300000) + noise(200000)
+        payload = sql_like(300000) + noise(200000)
         conn = socket.create_connection(('127.0.0.1', near.port), timeout=20)
         conn.sendall(payload)
         conn.shutdown(socket.SHUT_WR)           # the target answers only after our EOF
@@ -130,7 +104,7 @@ def test_half_close_still_gets_the_reply(tmp_path):
 
 def test_many_concurrent_streams(pair):
     far, near, echo = pair
-    payloads = [noise(50000 + 7919 * i, seed=b'%d' % i) if i % 2 else text(60000 + 5003 * i, seed=i)
+    payloads = [noise(50000 + 7919 * i, seed=b'%d' % i) if i % 2 else sql_like(60000 + 5003 * i, seed=i)
                 for i in range(40)]
     results = [None] * len(payloads)
 
@@ -144,7 +118,7 @@ def test_many_concurrent_streams(pair):
     assert [r == p for r, p in zip(results, payloads)] == [True] * len(payloads)
 
 
-def test_slow_reader_does_not_stall_another_stream(tmp_path, echo):
+def test_slow_reader_does_not_stall_another_stream(echo, tunnel_pair):
     flood_size = 96 << 20
 
     def flood(conn):
@@ -153,8 +127,7 @@ def test_slow_reader_does_not_stall_another_stream(tmp_path, echo):
         for _ in range(flood_size >> 20):
             conn.sendall(block)
     flooder = Server(flood)
-    far = start_far(tmp_path / 'far.db', [flooder.port, echo.port])
-    near = start_near(tmp_path / 'near.db', far.port, [flooder.port, echo.port])
+    far, near = tunnel_pair([flooder.port, echo.port])
     try:
         stalled = socket.create_connection(('127.0.0.1', near.ports[0]))
         stalled.sendall(b'go')
@@ -173,10 +146,10 @@ def test_slow_reader_does_not_stall_another_stream(tmp_path, echo):
         flooder.close()
 
 
-def test_target_outside_allow_is_refused(tmp_path, echo):
+def test_target_outside_allow_is_refused(tmp_path, echo, tunnel_pair):
     forbidden = Server(echo_handler)
-    far = start_far(tmp_path / 'far.db', [echo.port])
-    near = start_near(tmp_path / 'near.db', far.port, [forbidden.port])
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [forbidden.port])
     try:
         conn = socket.create_connection(('127.0.0.1', near.port), timeout=10)
         conn.sendall(b'let me in')
@@ -192,27 +165,27 @@ def test_target_outside_allow_is_refused(tmp_path, echo):
         forbidden.close()
 
 
-def test_wrong_secret_is_refused_and_logged(tmp_path, echo):
-    far = start_far(tmp_path / 'far.db', [echo.port])
-    near = start_near(tmp_path / 'near.db', far.port, [echo.port], secret='not the secret',
+def test_wrong_secret_is_refused_and_logged(tmp_path, echo, tunnel_pair):
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], secret='not the secret',
                       wait_link=False)
     try:
         far.wait_for(r'peer 127\.0\.0\.1:\d+ refused: .*wrong secret')
         near.wait_for(r'down: authentication failed: wrong secret.*reconnecting in')
-        assert 'peer link up' not in near.text()
+        assert 'peer link up' not in near.log()
         assert echo.accepted == 0
     finally:
         near.stop()
         far.stop()
 
 
-def test_second_pass_is_references_and_dedup_survives_restarts(tmp_path, echo):
-    payload = noise(6 << 20, seed=b'pass') + text(4 << 20)
+def test_second_pass_is_references_and_dedup_survives_restarts(tmp_path, echo, tunnel_pair):
+    payload = noise(6 << 20, seed=b'pass') + sql_like(4 << 20)
     relay = None
     for attempt in range(2):
-        far = start_far(tmp_path / 'far.db', [echo.port])
+        far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
         relay = Relay(far.port)
-        near = start_near(tmp_path / 'near.db', relay.port, [echo.port])
+        near = tunnel_pair.near(tmp_path / 'near.db', relay.port, [echo.port])
         assert round_trip(near.port, payload) == payload
         assert near.stop() == 0
         assert far.stop() == 0
@@ -236,11 +209,11 @@ def test_second_pass_is_references_and_dedup_survives_restarts(tmp_path, echo):
     assert out['connections'] == 2
 
 
-def test_receiver_cache_deleted_still_correct(tmp_path, echo):
-    payload = noise(3 << 20, seed=b'deleted') + text(3 << 20, seed=5)
+def test_receiver_cache_deleted_still_correct(tmp_path, echo, tunnel_pair):
+    payload = noise(3 << 20, seed=b'deleted') + sql_like(3 << 20, seed=5)
     far_cache = tmp_path / 'far.db'
-    far = start_far(far_cache, [echo.port])
-    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    far = tunnel_pair.far(far_cache, [echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
     try:
         assert round_trip(near.port, payload) == payload
         far.stop()
@@ -249,8 +222,8 @@ def test_receiver_cache_deleted_still_correct(tmp_path, echo):
         for suffix in ('', '-wal', '-shm'):
             if os.path.exists(str(far_cache) + suffix):
                 os.remove(str(far_cache) + suffix)
-        far = start_far(far_cache, [echo.port])
-        near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+        far = tunnel_pair.far(far_cache, [echo.port])
+        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
         # The near side sends references its peer can no longer resolve;
         # the far side asks for each chunk back and the bytes stay exact.
         assert round_trip(near.port, payload) == payload
@@ -258,7 +231,7 @@ def test_receiver_cache_deleted_still_correct(tmp_path, echo):
         second_wire = stats(tmp_path / 'near.db')['life']['tunnel-out']['transferred_bytes'] - first_wire
         assert second_wire > 0.9 * first_wire       # every chunk crossed again
         far.wait_for(r'\d+ chunks 127\.0\.0\.1:\d+ referred to were missing from this side.s cache')
-        near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
         # And while running: the cache file removed under the far side,
         # which notices and starts a new one where the old one was.
         for suffix in ('', '-wal', '-shm'):
@@ -267,20 +240,19 @@ def test_receiver_cache_deleted_still_correct(tmp_path, echo):
         assert round_trip(near.port, payload[::-1]) == payload[::-1]
         far.wait_for(r'cache .*far\.db was removed or replaced; starting a new one')
         assert round_trip(near.port, payload) == payload
-        deadline = time.monotonic() + 10        # its batches are committed every 0.25 s
-        while stats(far_cache)['cache']['chunks'] == 0:
-            assert time.monotonic() < deadline, 'nothing was stored in the new cache file'
-            threading.Event().wait(0.1)
+        # Its batches are committed every 0.25 s.
+        wait_for(lambda: stats(far_cache)['cache']['chunks'], timeout=10, interval=0.1,
+                 what='anything stored in the new cache file')
     finally:
         near.stop()
         far.stop()
 
 
-def test_damaged_chunk_is_never_delivered(tmp_path, echo):
-    payload = text(3 << 20, seed=9) + noise(1 << 20, seed=b'damage')
+def test_damaged_chunk_is_never_delivered(tmp_path, echo, tunnel_pair):
+    payload = sql_like(3 << 20, seed=9) + noise(1 << 20, seed=b'damage')
     far_cache = tmp_path / 'far.db'
-    far = start_far(far_cache, [echo.port])
-    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    far = tunnel_pair.far(far_cache, [echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
     try:
         assert round_trip(near.port, payload) == payload
         far.stop()
@@ -290,9 +262,9 @@ def test_damaged_chunk_is_never_delivered(tmp_path, echo):
         db.commit()
         db.close()
         assert damaged > 10
-        far = start_far(far_cache, [echo.port])
+        far = tunnel_pair.far(far_cache, [echo.port])
         near.stop()
-        near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
         assert round_trip(near.port, payload) == payload
         far.wait_for(r'no longer match their digest')
     finally:
@@ -300,14 +272,14 @@ def test_damaged_chunk_is_never_delivered(tmp_path, echo):
         far.stop()
 
 
-def test_corrupt_cache_file_is_moved_aside(tmp_path, echo):
+def test_corrupt_cache_file_is_moved_aside(tmp_path, echo, tunnel_pair):
     cache = tmp_path / 'far.db'
     wanxfer.ChunkStore(str(cache)).close()
     with open(str(cache), 'r+b') as f:         # its pages scribbled over, the header still ours
         f.seek(100)
         f.write(noise(64 * 1024))
-    far = start_far(cache, [echo.port])
-    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    far = tunnel_pair.far(cache, [echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
     try:
         far.wait_for(r'cache .*far\.db was damaged .*moved it to .*far\.db\.corrupt-')
         assert round_trip(near.port, b'still works') == b'still works'
@@ -346,7 +318,7 @@ def test_corrupt_cache_file_is_moved_aside(tmp_path, echo):
     assert result.stderr.startswith(b'wanxfer: error: no cache at ')
 
 
-def test_link_cut_resets_streams_and_reconnects(tmp_path):
+def test_link_cut_resets_streams_and_reconnects(tmp_path, tunnel_pair):
     started = threading.Event()
 
     def trickle(conn):
@@ -356,9 +328,9 @@ def test_link_cut_resets_streams_and_reconnects(tmp_path):
 
     target = Server(trickle)
     echo = Server(echo_handler)
-    far = start_far(tmp_path / 'far.db', [target.port, echo.port])
+    far = tunnel_pair.far(tmp_path / 'far.db', [target.port, echo.port])
     relay = Relay(far.port)
-    near = start_near(tmp_path / 'near.db', relay.port, [target.port, echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', relay.port, [target.port, echo.port])
     try:
         conn = socket.create_connection(('127.0.0.1', near.ports[0]), timeout=20)
         assert conn.recv(100) == b'first part'
@@ -378,10 +350,10 @@ def test_link_cut_resets_streams_and_reconnects(tmp_path):
         echo.close()
 
 
-def test_http_through_the_tunnel(tmp_path):
+def test_http_through_the_tunnel(tmp_path, tunnel_pair):
     root = tmp_path / 'www'
     root.mkdir()
-    page = text(500000, seed=3)
+    page = sql_like(500000, seed=3)
     (root / 'dump.sql').write_bytes(page)
 
     class Quiet(SimpleHTTPRequestHandler):
@@ -393,8 +365,7 @@ def test_http_through_the_tunnel(tmp_path):
     httpd = HTTPServer(('127.0.0.1', 0), Quiet)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    far = start_far(tmp_path / 'far.db', [httpd.server_address[1]])
-    near = start_near(tmp_path / 'near.db', far.port, [httpd.server_address[1]])
+    far, near = tunnel_pair([httpd.server_address[1]])
     try:
         for _ in range(3):
             with urllib.request.urlopen('http://127.0.0.1:%d/dump.sql' % near.port, timeout=20) as r:
@@ -408,7 +379,7 @@ def test_http_through_the_tunnel(tmp_path):
 
 def test_stats_human_and_json(pair, tmp_path):
     far, near, echo = pair
-    payload = text(1 << 20)
+    payload = sql_like(1 << 20)
     assert round_trip(near.port, payload) == payload
     assert round_trip(near.port, payload) == payload
     # The running tunnel saves its figures every 2 s: poll, with a deadline.
@@ -454,12 +425,12 @@ def test_no_secret_is_a_usage_error(tmp_path):
     assert b'no shared secret' in result.stderr
 
 
-def test_far_side_killed_mid_transfer_restarts_on_the_same_cache(tmp_path, echo):
-    far = start_far(tmp_path / 'far.db', [echo.port])
+def test_far_side_killed_mid_transfer_restarts_on_the_same_cache(tmp_path, echo, tunnel_pair):
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
     relay = Relay(far.port)
-    near = start_near(tmp_path / 'near.db', relay.port, [echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', relay.port, [echo.port])
     try:
-        payload = text(4 << 20, seed=11)
+        payload = sql_like(4 << 20, seed=11)
         assert round_trip(near.port, payload) == payload
         conn = socket.create_connection(('127.0.0.1', near.port), timeout=20)
         conn.sendall(noise(2 << 20, seed=b'midway'))
@@ -469,23 +440,23 @@ def test_far_side_killed_mid_transfer_restarts_on_the_same_cache(tmp_path, echo)
             while conn.recv(1 << 20):
                 pass
         conn.close()
-        far = start_far(tmp_path / 'far.db', [echo.port])   # the same cache file
+        far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])   # the same cache file
         relay.target_port = far.port
         near.wait_for(r'peer link up', count=2, timeout=20)
         assert round_trip(near.port, payload) == payload
-        assert 'damaged' not in far.text()
+        assert 'damaged' not in far.log()
     finally:
         near.stop()
         far.stop()
         relay.close()
 
 
-def test_two_tunnels_share_one_cache(tmp_path, echo):
+def test_two_tunnels_share_one_cache(tmp_path, echo, tunnel_pair):
     shared = tmp_path / 'shared.db'
-    far = start_far(shared, [echo.port])
-    near = start_near(shared, far.port, [echo.port])
+    far = tunnel_pair.far(shared, [echo.port])
+    near = tunnel_pair.near(shared, far.port, [echo.port])
     try:
-        payloads = [noise(3 << 20, seed=b'shared'), text(3 << 20, seed=12)]
+        payloads = [noise(3 << 20, seed=b'shared'), sql_like(3 << 20, seed=12)]
         for payload in payloads + payloads:
             assert round_trip(near.port, payload) == payload
     finally:
@@ -493,7 +464,7 @@ def test_two_tunnels_share_one_cache(tmp_path, echo):
         assert far.stop() == 0
     report = stats(shared)['life']
     assert report['tunnel-out']['original_bytes'] == report['tunnel-in']['original_bytes']
-    assert 'warning' not in near.text() + far.text()
+    assert 'warning' not in near.log() + far.log()
 
 
 def stored_bytes(cache):
@@ -505,11 +476,11 @@ def stored_bytes(cache):
         db.close()
 
 
-def test_another_process_holding_the_cache_lock_does_not_stall_the_tunnel(tmp_path, echo):
-    far = start_far(tmp_path / 'far.db', [echo.port])
+def test_another_process_holding_the_cache_lock_does_not_stall_the_tunnel(tmp_path, echo, tunnel_pair):
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
     relay = Relay(far.port)
-    near = start_near(tmp_path / 'near.db', relay.port, [echo.port])
-    payload = noise(2 << 20, seed=b'locked') + text(1 << 20, seed=21)
+    near = tunnel_pair.near(tmp_path / 'near.db', relay.port, [echo.port])
+    payload = noise(2 << 20, seed=b'locked') + sql_like(1 << 20, seed=21)
     try:
         assert round_trip(near.port, b'before the lock') == b'before the lock'
         lockers = []
@@ -536,10 +507,8 @@ def test_another_process_holding_the_cache_lock_does_not_stall_the_tunnel(tmp_pa
                 db.close()
         # Once the lock is gone the chunks reach both caches ...
         for name in ('near.db', 'far.db'):
-            deadline = time.monotonic() + 30
-            while stored_bytes(tmp_path / name) < 0.9 * len(payload):
-                assert time.monotonic() < deadline, '%s never received the chunks' % name
-                time.sleep(0.05)            # polling with a deadline, not synchronisation
+            wait_for(lambda: stored_bytes(tmp_path / name) >= 0.9 * len(payload), timeout=30, interval=0.05,
+                     what='the chunks in %s' % name)
         # ... and a second pass is references.
         up = relay.up
         assert round_trip(near.port, payload) == payload
@@ -548,4 +517,4 @@ def test_another_process_holding_the_cache_lock_does_not_stall_the_tunnel(tmp_pa
         near.stop()
         far.stop()
         relay.close()
-    assert 'Traceback' not in near.text() + far.text()
+    assert 'Traceback' not in near.log() + far.log()

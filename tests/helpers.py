@@ -1,0 +1,716 @@
+"""What the tests share: the path of wanxfer.py and the one test secret,
+one way of waiting, one set of data generators, one wrapper for the
+wanxfer processes a test starts (`serve`, `get`, `tunnel`), TCP targets and
+a relay for the tunnel, and hostile peers built from wanxfer's own
+handshake.  conftest.py holds the fixtures built on these; no test module
+imports another.
+
+Nothing here sleeps to synchronise: a process is waited on through the
+lines it logs, anything else is polled with a deadline.  Failures raise
+AssertionError, so pytest reports them as failed tests, and the
+benchmarks under tests/bench/ can use these without pytest."""
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WANXFER = os.path.join(ROOT, 'wanxfer.py')
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import wanxfer  # noqa: E402
+
+SECRET = 'test-secret-please-ignore'
+
+
+def wanxfer_env(secret=SECRET):
+    """This environment with WANXFER_SECRET set to `secret` (removed if None)."""
+    env = dict(os.environ)
+    env.pop('WANXFER_SECRET', None)
+    if secret is not None:
+        env['WANXFER_SECRET'] = secret
+    return env
+
+
+# ---------------------------------------------------------------------------
+# Waiting
+# ---------------------------------------------------------------------------
+
+def wait_for(predicate, timeout=20.0, interval=0.02, what='condition'):
+    """Poll `predicate` until it is true and return its value; AssertionError
+    at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)   # polling with a deadline, not synchronisation by sleep
+    raise AssertionError('timed out waiting for %s' % what)
+
+
+# ---------------------------------------------------------------------------
+# Data generators
+# ---------------------------------------------------------------------------
+# Deterministic, so a failure can be run again with the same bytes.
+
+def noise(n, seed=b'noise'):
+    """`n` incompressible bytes, the same for the same seed."""
+    return hashlib.shake_256(seed).digest(n)
+
+
+def sql_like(n, seed=1):
+    """`n` bytes of text like a SQL dump: compressible, and no two rows alike."""
+    r = random.Random(seed)
+    names = ['alice', 'bob', 'carol', 'dave', 'erin', 'frank', 'grace', 'heidi']
+    rows, size = [], 0
+    while size < n:
+        row = "INSERT INTO `orders` VALUES (%d,'%s',%d.%02d,'2024-%02d-%02d');\n" % (
+            r.randrange(10 ** 6), r.choice(names), r.randrange(1000), r.randrange(100),
+            r.randrange(1, 13), r.randrange(1, 29))
+        rows.append(row)
+        size += len(row)
+    return ''.join(rows).encode()[:n]
+
+
+def make_file(path, size, seed=0):
+    """A file of `size` incompressible bytes, the same for the same seed."""
+    rng = random.Random(seed)
+    with open(path, 'wb') as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rng.getrandbits(8 * n).to_bytes(n, 'little') if n else b'')
+            left -= n
+    return path
+
+
+def sha256(path):
+    return wanxfer.file_sha256(str(path))
+
+
+def partial_blocks(state_path):
+    """How many blocks a .wxstate file records as written."""
+    found = wanxfer.PartialFile.recorded(str(state_path))
+    return 0 if found is None else sum(bin(b).count('1') for b in found[1])
+
+
+# ---------------------------------------------------------------------------
+# wanxfer processes
+# ---------------------------------------------------------------------------
+
+class Process:
+    """A wanxfer.py child (or `program` given instead) whose stderr lines
+    are collected by a thread as they come, so the pipe never fills and
+    the log can be read, or waited on, at any time.  `stop()` sends
+    `stop_signal` and waits; it may be called again."""
+
+    def __init__(self, args, secret=SECRET, env=None, program=None, stop_signal=signal.SIGTERM):
+        environment = wanxfer_env(secret)
+        environment['PYTHONUNBUFFERED'] = '1'
+        environment.update(env or {})
+        self.args = list(program or (sys.executable, WANXFER)) + [str(a) for a in args]
+        self.stop_signal = stop_signal
+        self.lines = []
+        self._ended = False
+        self._changed = threading.Condition()
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=environment)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for raw in self.proc.stderr:
+            with self._changed:
+                self.lines.append(raw.decode('utf-8', 'replace').rstrip('\n'))
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def wait_for(self, pattern, timeout=10.0, count=1):
+        """The count-th match of the regular expression `pattern` in stderr,
+        waiting up to `timeout`; AssertionError (with the log) at the
+        deadline or when the process has ended without it."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                matches = [m for m in map(regex.search, self.lines) if m]
+                if len(matches) >= count:
+                    return matches[count - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or self._ended:
+                    raise AssertionError('no %r in stderr of %s:\n%s' % (
+                        pattern, ' '.join(self.args), '\n'.join(self.lines)))
+                self._changed.wait(left)
+
+    def log(self):
+        with self._changed:
+            return '\n'.join(self.lines)
+
+    def stop(self, sig=None, timeout=10.0):
+        """Signal (if still running) and wait; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal if sig is None else sig)
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            status = self.proc.wait()
+        self._reader.join(10)
+        self.proc.stderr.close()
+        return status
+
+    def rss_kib(self):
+        with open('/proc/%d/status' % self.proc.pid) as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1])
+        return 0
+
+
+def starting(process, pattern, timeout=10.0, count=1):
+    """process.wait_for() for a process just started, which is stopped if
+    the line never comes: a failed start leaks nothing."""
+    try:
+        return process.wait_for(pattern, timeout, count)
+    except BaseException:
+        process.stop()
+        raise
+
+
+def run_wanxfer(args, secret=SECRET, timeout=30):
+    """Run wanxfer.py to completion; the CompletedProcess (bytes)."""
+    return subprocess.run([sys.executable, WANXFER] + [str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=wanxfer_env(secret), timeout=timeout)
+
+
+# ---------------------------------------------------------------------------
+# serve and get
+# ---------------------------------------------------------------------------
+
+def start_serve(paths, extra=(), secret=SECRET, port=0, program=None):
+    """`serve PATHS` on 127.0.0.1 (a free port unless `port`), its port read
+    from its 'listening on' line; stopped with SIGINT, as at a terminal."""
+    server = Process(['serve', '--bind', '127.0.0.1', '--port', port] + list(extra) + list(paths),
+                     secret, program=program, stop_signal=signal.SIGINT)
+    server.port = int(starting(server, r'listening on \S+:(\d+)', 15).group(1))
+    return server
+
+
+def get_command(port, *args):
+    return [sys.executable, WANXFER, 'get', '127.0.0.1:%d' % port] + [str(a) for a in args]
+
+
+def run_get(port, *args, secret=SECRET, timeout=90):
+    """Run `get` to completion; the CompletedProcess (text)."""
+    return subprocess.run(get_command(port, *args), env=wanxfer_env(secret), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def json_summaries(completed):
+    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith('{')]
+
+
+# ---------------------------------------------------------------------------
+# tunnel
+# ---------------------------------------------------------------------------
+
+def start_far(cache, allow, secret=SECRET, extra=()):
+    """`tunnel --listen` on a free port of 127.0.0.1, allowing the target
+    ports (or HOST:PORT strings) in `allow`."""
+    args = ['tunnel', '--listen', '127.0.0.1:0', '--cache', cache]
+    for target in allow:
+        args += ['--allow', '127.0.0.1:%d' % target if isinstance(target, int) else target]
+    far = Process(args + list(extra), secret=secret)
+    far.port = int(starting(far, r'listening on 127\.0\.0\.1:(\d+) for peers').group(1))
+    return far
+
+
+def start_near(cache, peer_port, targets, secret=SECRET, extra=(), wait_link=True):
+    """`tunnel --peer 127.0.0.1:PEER_PORT` with a free local port forwarding
+    to each target (`ports`, the first also as `port`); waits for the peer
+    link unless told not to."""
+    args = ['tunnel', '--peer', '127.0.0.1:%d' % peer_port, '--cache', cache]
+    for target in targets:
+        args += ['-L', '0:127.0.0.1:%d' % target if isinstance(target, int) else target]
+    near = Process(args + list(extra), secret=secret)
+    near.ports = [int(starting(near, r'listening on 127\.0\.0\.1:(\d+), forwarding', count=i + 1).group(1))
+                  for i in range(len(targets))]
+    near.port = near.ports[0]
+    if wait_link:
+        starting(near, r'peer link up')
+    return near
+
+
+class Tunnels:
+    """The tunnel processes of one test (the `tunnel_pair` fixture).  Called
+    with target ports, it starts a far side on tmp_path/far.db allowing them
+    and a near side on tmp_path/near.db forwarding to them: (far, near).
+    `far()` and `near()` start one side, as start_far and start_near do
+    (again after a stop, or through a relay).  `stop_all()` stops every one
+    started, the last first, also those of a start that failed halfway."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.started = []
+
+    def __call__(self, targets, **options):
+        far = self.far(self.tmp_path / 'far.db', targets)
+        return far, self.near(self.tmp_path / 'near.db', far.port, targets, **options)
+
+    def far(self, cache, allow, **options):
+        return self._keep(start_far(cache, allow, **options))
+
+    def near(self, cache, peer_port, targets, **options):
+        return self._keep(start_near(cache, peer_port, targets, **options))
+
+    def _keep(self, process):
+        self.started.append(process)
+        return process
+
+    def stop_all(self):
+        for process in reversed(self.started):
+            process.stop()
+
+
+def stats(cache):
+    """`stats --json` of a cache file, parsed."""
+    out = run_wanxfer(['stats', '--json', '--cache', cache])
+    if out.returncode:
+        raise AssertionError('stats failed: %s' % out.stderr.decode())
+    return json.loads(out.stdout.decode())
+
+
+# ---------------------------------------------------------------------------
+# TCP targets and a relay
+# ---------------------------------------------------------------------------
+
+class Server:
+    """A threaded TCP server on 127.0.0.1:0 running handler(conn) per
+    connection.  `accepted` counts connections."""
+
+    def __init__(self, handler):
+        self.handler = handler
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.errors = []
+        self._threads = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn):
+        try:
+            self.handler(conn)
+        except OSError as e:
+            if not self._closing:
+                self.errors.append(e)
+        finally:
+            conn.close()
+
+    def close(self):
+        self._closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._thread.join(5)
+
+
+def echo_handler(conn):
+    """Echo until EOF, then half-close."""
+    while True:
+        data = conn.recv(1 << 16)
+        if not data:
+            break
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+
+
+def digest_handler(conn):
+    """Read to EOF, then answer with the SHA-256 and length of what came."""
+    h, n = hashlib.sha256(), 0
+    while True:
+        data = conn.recv(1 << 16)
+        if not data:
+            break
+        h.update(data)
+        n += len(data)
+    conn.sendall(('%s %d\n' % (h.hexdigest(), n)).encode())
+
+
+def round_trip(port, payload, timeout=30.0):
+    """Send payload through an echo target and return what came back (to EOF)."""
+    conn = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+    received = bytearray()
+    failure = []
+
+    def send():
+        try:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            failure.append(e)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            received += data
+    finally:
+        sender.join(timeout)
+        conn.close()
+    if failure:
+        raise failure[0]
+    return bytes(received)
+
+
+class Relay:
+    """A TCP relay between the near and far tunnel that counts the bytes
+    each way and can cut every connection it carries (the WAN failing)."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.sock = socket.socket()
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.up = 0             # near -> far bytes
+        self.down = 0           # far -> near bytes
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._live = []
+        self._pumps = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                near, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                far = socket.create_connection(('127.0.0.1', self.target_port))
+            except OSError:
+                near.close()                    # the far side is down: so is the path
+                continue
+            with self._lock:
+                self.connections += 1
+                self._live.append((near, far))
+            for a, b, direction in ((near, far, 'up'), (far, near, 'down')):
+                pump = threading.Thread(target=self._pump, args=(a, b, direction), daemon=True)
+                self._pumps.append(pump)
+                pump.start()
+
+    def _pump(self, source, sink, direction):
+        try:
+            while True:
+                data = source.recv(1 << 16)
+                if not data:
+                    break
+                sink.sendall(data)
+                with self._lock:
+                    setattr(self, direction, getattr(self, direction) + len(data))
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            # One side was reset: reset the other too, as a router would pass the RST on.
+            try:
+                sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+                sink.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        """Reset every connection, as a failing WAN or a firewall would."""
+        with self._lock:
+            live, self._live = self._live, []
+        for pair in live:
+            for sock in pair:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+                sock.close()
+
+    def join(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        for pump in list(self._pumps):
+            pump.join(max(0.0, deadline - time.monotonic()))
+
+    def close(self):
+        self.sock.close()
+        self.cut()
+
+
+# ---------------------------------------------------------------------------
+# Hostile peers
+# ---------------------------------------------------------------------------
+# A client that completes the real handshake with `serve` and then sends
+# whatever frames and datagrams a test likes, and a fake server that
+# completes it with a real `get` and answers each request as a test likes.
+# The handshakes go through wanxfer's client_handshake/server_handshake
+# only, so these keep working whatever the handshake's bytes become.
+
+CLOSE = object()        # in an answer: half-close the connection after what came before
+
+
+def frame_body(message):
+    """A frame body: bytes as they are, anything else as JSON (NaN and
+    Infinity included, as a hostile peer would write them)."""
+    if isinstance(message, (bytes, bytearray)):
+        return bytes(message)
+    return json.dumps(message).encode()
+
+
+class HostileClient:
+    """A session with a real `serve`: the handshake by wanxfer's own
+    client_handshake, the UDP flow opened, then any frames and datagrams."""
+
+    def __init__(self, port, secret=SECRET, ready=True, timeout=10.0):
+        self.port = port
+        self.sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+        keys, _rtt = wanxfer.client_handshake(self.sock, secret.encode(), True)
+        self.session_id = keys.session_id
+        self._out, ctrl_in, self.data_out, self.data_in = keys.sealers('client')
+        self._reader = wanxfer.ControlChannel(self.sock, None, ctrl_in)     # reads anything
+        self._frames = 0
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.connect(('127.0.0.1', port))
+        self._seq = 0
+        if ready:
+            self.wait_ready()
+
+    def send(self, message):
+        self.sock.sendall(wanxfer.seal_frame(self._out, self._frames, frame_body(message)))
+        self._frames += 1
+
+    def datagram(self, kind, body=b'', seq=None):
+        seq = self._seq if seq is None else seq
+        self._seq = max(self._seq, seq) + 1
+        try:
+            self.udp.send(wanxfer.seal_datagram(self.data_out, kind, self.session_id, seq, body))
+        except OSError:
+            pass
+
+    def wait_ready(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.datagram(wanxfer.KIND_HELLO)
+            message = self.recv(0.1)
+            if message is not None:
+                assert message['op'] == 'ready', message
+                return message
+        raise AssertionError('serve never said ready')
+
+    def recv(self, timeout):
+        """The next message, None if none came within `timeout`; raises
+        EOFError when the server hung up."""
+        self.sock.settimeout(timeout)
+        try:
+            return self._reader.recv()
+        except socket.timeout:
+            return None
+        except wanxfer.ProtocolError:
+            raise EOFError
+        except OSError:
+            raise EOFError
+
+    def messages_until_closed(self, timeout=10.0):
+        """Every message until the server hangs up; AssertionError if it
+        does not within `timeout`."""
+        deadline = time.monotonic() + timeout
+        got = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError('the server kept the session open; it sent %r' % got[-3:])
+            try:
+                message = self.recv(min(left, 0.5))
+            except EOFError:
+                return got
+            if message is not None:
+                got.append(message)
+
+    def close(self):
+        for sock in (self.sock, self.udp):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class FakeServer:
+    """A `serve` impostor on 127.0.0.1: each connection gets wanxfer's own
+    server_handshake, a `ready`, then `answer(message)` for each request,
+    a list of messages to send back (dicts, raw bodies, or CLOSE).  It
+    reads until the client hangs up.  With ready=False the `ready` is left
+    to answer(); with `idle_close`, a client that asks nothing for that
+    many seconds is hung up on (half-closed)."""
+
+    def __init__(self, answer, secret=SECRET, ready=True, idle_close=None):
+        self.answer = answer
+        self.ready = ready
+        self.idle_close = idle_close
+        self.secret = secret.encode()
+        self.requests = []
+        self.errors = []
+        self.listener = socket.socket()
+        self.listener.bind(('127.0.0.1', 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self._threads = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _address = self.listener.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn):
+        conn.settimeout(20)
+        frames = [0]
+        try:
+            keys, _rtt = wanxfer.server_handshake(conn, self.secret, True)
+            out, ctrl_in, _data_out, _data_in = keys.sealers('server')
+            reader = wanxfer.ControlChannel(conn, None, ctrl_in)
+
+            def send(message):
+                conn.sendall(wanxfer.seal_frame(out, frames[0], frame_body(message)))
+                frames[0] += 1
+            if self.ready:
+                send({'op': 'ready', 'probes': [], 'server': 'fake'})
+            closed = False
+            while True:
+                conn.settimeout(20 if closed or self.idle_close is None else self.idle_close)
+                try:
+                    message = reader.recv()
+                except socket.timeout:
+                    conn.shutdown(socket.SHUT_WR)
+                    closed = True
+                    continue
+                except wanxfer.ProtocolError:
+                    return
+                self.requests.append(message)
+                if closed:
+                    continue
+                for reply in self.answer(message):
+                    if reply is CLOSE:
+                        conn.shutdown(socket.SHUT_WR)
+                        closed = True
+                        break
+                    send(reply)
+        except (OSError, wanxfer.WanxferError) as e:
+            self.errors.append(e)
+        finally:
+            conn.close()
+
+    def close(self):
+        self.listener.close()
+        for thread in self._threads:
+            thread.join(10)
+
+
+# A small parent for the measured `get`: a child's peak RSS counts the
+# memory of whatever forked it, until its exec, and a pytest process that
+# has run other tests is large.  This parent is small; it reports the
+# peak of its child on its own stdout's last line.
+MEASURING_PARENT = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+_pid, status, usage = os.wait4(pid, 0)
+code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+sys.stdout.write('\\npeak-rss-kib %d\\n' % usage.ru_maxrss)
+sys.exit(code)
+"""
+
+
+def run_get_measured(port, args, cwd, timeout=60):
+    """Run `get` against 127.0.0.1:port; (exit status, stdout, stderr,
+    peak RSS in KiB of that process alone)."""
+    command = [sys.executable, '-c', MEASURING_PARENT, WANXFER, 'get', '127.0.0.1:%d' % port]
+    proc = subprocess.Popen(command + list(args), env=wanxfer_env(), cwd=str(cwd),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)         # the parent and the get it started
+        proc.communicate()
+        raise
+    out, _, peak = out.decode('utf-8', 'replace').rpartition('\npeak-rss-kib ')
+    return proc.returncode, out, err.decode('utf-8', 'replace'), int(peak)
+
+
+def zlib_bomb(size):
+    """A zlib stream of `size` zero bytes (about a thousandth as large)."""
+    packer = zlib.compressobj(9)
+    piece = bytes(1 << 20)
+    parts = []
+    left = size
+    while left:
+        n = min(left, len(piece))
+        parts.append(packer.compress(piece[:n]))
+        left -= n
+    parts.append(packer.flush())
+    return b''.join(parts)
+
+
+def b64(data):
+    return base64.b64encode(data).decode('ascii')
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def small_file_answers(files, mtime_ns=1700000000 * 10 ** 9, name='d'):
+    """An answer() for a directory REMOTE of small files {path: bytes}:
+    the open fetch gets its listing, each `read` its contents."""
+    listing = {'op': 'listing', 'kind': 'dir', 'name': name, 'dirs': [],
+               'files': [{'path': path, 'size': len(data), 'mtime_ns': mtime_ns, 'mode': 0o644}
+                         for path, data in files.items()]}
+
+    def answer(message):
+        if message['op'] in ('fetch', 'list'):
+            return [listing]
+        if message['op'] == 'read':
+            found = [(item['path'], files.get(item['path'].split('/', 1)[-1], b''))
+                     for item in message['files']]
+            return [{'op': 'content', 'path': path, 'encoding': 'raw', 'sha256': sha(data),
+                     'data': b64(data)} for path, data in found]
+        return [{'op': 'error', 'message': 'not here'}]
+    return answer, listing
