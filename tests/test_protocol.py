@@ -1,8 +1,9 @@
-import os
 """The protocol's pieces without a network: the cipher, the handshake over a
 socket pair, the wire codecs, and the send/receive state machines driven by
 a simulated lossy path."""
 
+import hashlib
+import os
 import random
 import selectors
 import socket
@@ -10,7 +11,13 @@ import threading
 
 import pytest
 
-from helpers import wanxfer
+from helpers import wait_for, wanxfer
+
+
+# ---------------------------------------------------------------------------
+# Cipher, frames and the handshake
+# ---------------------------------------------------------------------------
+# Sealing and opening packets and frames, and the handshake over a socket pair.
 
 KEY = bytes(range(64))
 
@@ -57,6 +64,36 @@ def test_long_control_frames_round_trip():
     assert wanxfer.Sealer(KEY, True).open(7, b'h', sealer.seal(7, b'h', body)) == body
 
 
+def test_frames_cannot_be_replayed_or_reordered_even_unencrypted():
+    # Without encryption a replayed frame would decrypt to itself: only the
+    # counter bound into the tag stops it.  The tunnel uses the same frames.
+    sealer = wanxfer.Sealer(KEY, False)
+    first, second = wanxfer.seal_frame(sealer, 0, b'one'), wanxfer.seal_frame(sealer, 1, b'two')
+    reader = wanxfer.FrameReader(wanxfer.Sealer(KEY, False))
+    reader.feed(first + second)
+    assert list(reader.frames()) == [b'one', b'two']
+    for replay in (first, second + first):
+        reader = wanxfer.FrameReader(wanxfer.Sealer(KEY, False))
+        reader.feed(first + replay)
+        with pytest.raises(wanxfer.ProtocolError):
+            list(reader.frames())
+
+
+def test_control_channel_rejects_replay():
+    a, b = socket.socketpair()
+    out = wanxfer.ControlChannel(a, wanxfer.Sealer(KEY, True), None)
+    inbound = wanxfer.ControlChannel(b, None, wanxfer.Sealer(KEY, True))
+    out.send({'op': 'one'})
+    frame = b.recv(65536)
+    inbound.feed(frame)
+    assert [m['op'] for m in inbound.messages()] == ['one']
+    inbound.feed(frame)                      # the same frame again
+    with pytest.raises(wanxfer.ProtocolError):
+        list(inbound.messages())
+    a.close()
+    b.close()
+
+
 def run_handshake(client_secret, server_secret, client_encrypt=True, server_encrypt=True):
     a, b = socket.socketpair()
     result = {}
@@ -94,20 +131,41 @@ def test_handshake_wrong_secret_and_mismatches():
     assert 'encryption mismatch' in str(result['client_error'])
 
 
-def test_control_channel_rejects_replay():
+def test_incompatible_protocol_version_is_named():
+    # A peer from the future: the server answers with its own version and hangs up.
     a, b = socket.socketpair()
-    out = wanxfer.ControlChannel(a, wanxfer.Sealer(KEY, True), None)
-    inbound = wanxfer.ControlChannel(b, None, wanxfer.Sealer(KEY, True))
-    out.send({'op': 'one'})
-    frame = b.recv(65536)
-    inbound.feed(frame)
-    assert [m['op'] for m in inbound.messages()] == ['one']
-    inbound.feed(frame)                      # the same frame again
-    with pytest.raises(wanxfer.ProtocolError):
-        list(inbound.messages())
+    result = {}
+
+    def future_server():
+        hello = wanxfer.recv_exactly(b, wanxfer.HELLO.size)
+        result['client_version'] = wanxfer.HELLO.unpack(hello)[1]
+        # A later version may change everything after the common prefix.
+        b.sendall(wanxfer.HELLO_PREFIX.pack(wanxfer.PROTOCOL_MAGIC, 99, hello[5]) + bytes(100))
+        b.close()
+    thread = threading.Thread(target=future_server)
+    thread.start()
+    with pytest.raises(wanxfer.AuthError, match='incompatible protocol version: server speaks 99'):
+        wanxfer.client_handshake(a, b'secret', True)
+    thread.join(10)
+    a.close()
+    assert result['client_version'] == wanxfer.PROTOCOL_VERSION
+
+
+def test_server_refuses_a_client_of_another_version():
+    a, b = socket.socketpair()
+    a.sendall(wanxfer.HELLO.pack(wanxfer.PROTOCOL_MAGIC, 99, wanxfer.FLAG_ENCRYPT, bytes(32)))
+    with pytest.raises(wanxfer.AuthError, match='version 99'):
+        wanxfer.server_handshake(b, b'secret', True)
+    reply = wanxfer.SERVER_HELLO.unpack(wanxfer.recv_exactly(a, wanxfer.SERVER_HELLO.size))
+    assert reply[1] == wanxfer.PROTOCOL_VERSION and reply[5] == bytes(32)   # no proof given
     a.close()
     b.close()
 
+
+# ---------------------------------------------------------------------------
+# Codecs and parsers
+# ---------------------------------------------------------------------------
+# What crosses the wire or the command line, encoded and decoded; ranges and bitmaps.
 
 def test_feedback_and_nak_codecs_round_trip_and_reject_garbage():
     body = wanxfer.encode_feedback(3, 100, 250, 17, 900, [(5, 2), (40, 10)])
@@ -135,6 +193,43 @@ def test_bitmap_missing_ranges_matches_a_naive_scan():
             assert missing == set(range(nblocks)) - held
             assert all(end > start for start, end in ranges)
 
+
+def test_subtract_ranges_matches_sets():
+    rng = random.Random(3)
+    for _ in range(300):
+        def ranges():
+            points = sorted(rng.sample(range(200), rng.randrange(0, 12) * 2))
+            return [(points[i], points[i + 1]) for i in range(0, len(points), 2)]
+        keep, holes = ranges(), ranges()
+        expected = {b for s, e in keep for b in range(s, e)} - {b for s, e in holes for b in range(s, e)}
+        got = wanxfer.subtract_ranges(keep, holes)
+        assert {b for s, e in got for b in range(s, e)} == expected
+        assert all(s < e for s, e in got)
+
+
+@pytest.mark.parametrize('text,bits', [('300M', 300e6), ('1.5G', 1.5e9), ('800k', 800e3),
+                                       ('100000', 1e5), ('2Gbps', 2e9)])
+def test_parse_rate(text, bits):
+    assert wanxfer.parse_rate(text) == pytest.approx(bits)
+
+
+@pytest.mark.parametrize('text', ['fast', '-1M', '0', ''])
+def test_parse_rate_rejects(text):
+    with pytest.raises(wanxfer.UsageError):
+        wanxfer.parse_rate(text)
+
+
+@pytest.mark.parametrize('remote', ['../x', '/etc/passwd', 'a/../../b', '~root/x', 'a\x00b'])
+def test_normalize_remote_refuses_escapes(remote):
+    with pytest.raises(wanxfer.RemoteError):
+        wanxfer.normalize_remote(remote)
+
+
+# ---------------------------------------------------------------------------
+# Send and receive state machines
+# ---------------------------------------------------------------------------
+# SendWindow and ReceiveWindow driven without a network, the lead of a new file, the
+# receiver's running digest, and the datagram socket's receive path.
 
 def simulate(nblocks, loss, feedback_loss=0.0, reorder=0.0, seed=1):
     """Drive SendWindow and ReceiveWindow through a simulated path with
@@ -202,6 +297,174 @@ def test_receive_window_reports_the_loss_it_saw():
     window.on_packet(99, 99, 0, 0.0)             # a duplicate is not an arrival
     assert window.loss_fraction() == pytest.approx(0.10)
 
+
+def test_nak_releases_the_flight_window_when_the_tail_was_lost():
+    # Everything after packet 99 vanished, feedback included: only the NAK
+    # can tell the sender, and it must both requeue and free the window.
+    log = wanxfer.PacketLog()
+    sender = wanxfer.SendWindow([(0, 1000)], 0, log)
+    while sender.has_work():
+        first, count, resend = sender.next_run(64)
+        sender.sent_run(first, count, 0.0, resend)
+    sender.on_ack(0, 99, [], 0.05, 0.05)
+    assert sender.in_flight() == 900
+    queued = sender.on_nak([(100, 1000)], 1.0, 0.05)
+    assert queued == 900
+    assert sender.in_flight() == 0
+    resent = []
+    while sender.has_work():
+        first, count, resend = sender.next_run(64)
+        assert resend
+        resent.extend(range(first, first + count))
+        sender.sent_run(first, count, 1.0, resend)
+    assert sorted(resent) == list(range(100, 1000))
+    # A NAK arriving while those resends are still in flight queues nothing twice.
+    assert sender.on_nak([(100, 1000)], 1.01, 0.05) == 0
+
+
+def test_a_nak_naming_unsent_blocks_queues_only_the_sent_ones():
+    # Early in a transfer the receiver names everything it lacks, most of it
+    # never sent yet: only what was sent can have been lost.  (Walking fifty
+    # million blocks one by one here is what once stalled a sender.)
+    sender = wanxfer.SendWindow([(0, 50_000_000)], 0, wanxfer.PacketLog())
+    first, count, resend = sender.next_run(64)
+    sender.sent_run(first, count, 0.0, resend)
+    queued = sender.on_nak([(10, 50_000_000)], 10.0, 0.1)
+    assert queued == 54                      # the sent-but-missing blocks 10..63, nothing else
+    assert sender.next_run(64) == (63, 1, True)
+
+
+def test_a_nak_that_races_a_need_resends_nothing_the_server_was_not_asked_for():
+    # A delta transfer asks for blocks piece by piece over TCP; the
+    # receiver's NAK (UDP) can arrive before the need it sent just earlier.
+    sender = wanxfer.SendWindow([], 0, wanxfer.PacketLog())
+    sender.add_need([(0, 10), (20, 30)])
+    while sender.has_work():
+        first, count, resend = sender.next_run(64)
+        sender.sent_run(first, count, 0.0, resend)
+    assert sender.on_nak([(5, 6), (25, 200)], 10.0, 0.1) == 6     # 5 and 25..29; not 30..199
+    sender.add_need([(100, 110)])
+    assert sender.on_nak([(100, 101)], 10.0, 0.1) == 0            # queued fresh, not a resend
+    blocks = []
+    while sender.has_work():
+        first, count, resend = sender.next_run(64)
+        blocks.extend(range(first, first + count))
+    assert sorted(blocks) == [5] + list(range(25, 30)) + list(range(100, 110))
+
+
+def test_acknowledged_wire_bytes_follow_each_packets_size():
+    # Compressed datagrams differ in size: the rate control must be told
+    # the bytes that arrived, not packets times a block.
+    sender = wanxfer.SendWindow([(0, 10)], 500, wanxfer.PacketLog())
+    sender.sent_run(0, 4, 0.0, False, [100, 200, 300, 400])
+    sender.sent_run(4, 6, 0.0, False, 1000)
+    delivered, lost, delivered_bytes = sender.on_ack(500, 503, [(1, 1)], 0.1, 0.1)
+    assert (delivered, delivered_bytes) == (3, 100 + 300 + 400)
+    delivered, lost, delivered_bytes = sender.on_ack(500, 509, [(1, 1)], 0.2, 0.1)
+    assert (delivered, delivered_bytes) == (6, 6000)
+
+
+def test_lead_blocks_the_receiver_found_locally_are_not_sent_unless_already_gone():
+    # A new file's first blocks go unasked; the receiver's first need says
+    # which of them it found among its own data.
+    sender = wanxfer.SendWindow([(0, 10), (20, 30)], 0, wanxfer.PacketLog())
+    first, count, resend = sender.next_run(3)
+    sender.sent_run(first, count, 0.0, resend)               # 0..2 are on their way
+    sender.withdraw([(0, 7), (25, 40)])
+    sender.add_need([(40, 42)])
+    blocks = []
+    while sender.has_work():
+        first, count, resend = sender.next_run(64)
+        blocks.extend(range(first, first + count))
+    assert blocks == [7, 8, 9, 20, 21, 22, 23, 24, 40, 41]    # in order, the found ones left out
+
+
+def test_lead_skips_blocks_in_spans_of_zeros(tmp_path):
+    unit = wanxfer.DELTA_UNIT
+    path = tmp_path / 'f'
+    with open(path, 'wb') as f:        # data, a 64 KiB span of zeros, data
+        f.write(os.urandom(unit) + bytes(unit) + os.urandom(126 * unit))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        lead, ranges = wanxfer.lead_ranges(fd, 128 * unit, 1000)
+    finally:
+        os.close(fd)
+    assert lead == 128 * unit // wanxfer.LEAD_FRACTION // 1000       # 1/32 of an 8 MiB file
+    # Blocks wholly inside the zero span are left out; those that straddle it are not.
+    assert ranges == [[0, unit // 1000 + 1], [2 * unit // 1000, lead]]
+
+
+def test_frontier_digest_hashes_the_written_prefix_early_and_equals_sha256(tmp_path):
+    """Blocks land out of order, some regions stay holes (zeros never
+    written); the digest kept up behind the written prefix must end equal
+    to SHA-256 of the finished file."""
+    block, nblocks = 4096, 300
+    size = block * nblocks - 100
+    content = bytearray(os.urandom(size))
+    content[100 * block:150 * block] = bytes(50 * block)        # left as a hole
+    path = tmp_path / 'partial'
+    fd = os.open(str(path), os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, size)
+    bitmap = bytearray((nblocks + 7) // 8)
+
+    def write(first, last):
+        if not 100 <= first < 150:
+            os.pwrite(fd, bytes(content[first * block:min(size, last * block)]), first * block)
+        wanxfer.set_bits(bitmap, first, last)
+
+    frontier = wanxfer.FrontierDigest(str(path), size, block, lambda: bytes(bitmap))
+    write(0, 100)
+    write(200, 300)                     # beyond a gap: must wait for it
+    write(100, 150)                     # the hole: nothing written, but final
+    wait_for(lambda: frontier._hashed >= 150 * block, what='the digest to follow the prefix')
+    assert frontier._hashed == 150 * block
+    write(150, 200)
+    assert frontier.finish() == hashlib.sha256(content).hexdigest()
+    os.close(fd)
+
+
+@pytest.mark.e2e
+def test_receives_drop_gro_when_nothing_is_coalesced_and_lose_nothing():
+    # Datagrams sent one by one on loopback are never coalesced, as from a
+    # device without GRO: after GRO_TRIAL such receives the socket stops
+    # asking for coalescing (and its control message) at all.
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(('127.0.0.1', 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.connect(receiver.getsockname())
+    udp = wanxfer.DatagramSocket(receiver)
+    if not udp.gro:
+        pytest.skip('this kernel has no UDP_GRO')
+    buffer, got = bytearray(2048), []
+    total = (wanxfer.GRO_TRIAL // 100 + 2) * 100
+    try:
+        for first in range(0, total, 100):
+            for i in range(first, first + 100):
+                sender.send(b'%08d' % i)
+            while len(got) < first + 100:
+                nbytes, segment = udp.recv_batch(buffer)
+                if nbytes:
+                    assert segment == nbytes
+                    got.append(bytes(buffer[:nbytes]))
+                else:
+                    wait_readable(receiver)
+            assert udp.gro == (len(got) < wanxfer.GRO_TRIAL)
+    finally:
+        sender.close()
+        udp.close()
+    assert got == [b'%08d' % i for i in range(total)]
+
+
+def wait_readable(sock, timeout=5):
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        assert selector.select(timeout), 'the datagrams sent on loopback never arrived'
+
+
+# ---------------------------------------------------------------------------
+# Rate control
+# ---------------------------------------------------------------------------
+# RateController fed by model paths, and the compression policy that follows the rate.
 
 def feed(rate, seconds, start, queue, delivered_rate, loss=0.0, rtt=0.12, every=0.01):
     """Feedback every 10 ms for `seconds`: the path delivers `delivered_rate`
@@ -277,190 +540,6 @@ def test_rate_controller_respects_the_cap():
     capped = wanxfer.RateController(max_rate=1e6)
     feed(capped, 2.0, 0.0, queue=0.0, delivered_rate=1e9)
     assert capped.rate <= 1e6
-
-
-@pytest.mark.parametrize('text,bits', [('300M', 300e6), ('1.5G', 1.5e9), ('800k', 800e3),
-                                       ('100000', 1e5), ('2Gbps', 2e9)])
-def test_parse_rate(text, bits):
-    assert wanxfer.parse_rate(text) == pytest.approx(bits)
-
-
-@pytest.mark.parametrize('text', ['fast', '-1M', '0', ''])
-def test_parse_rate_rejects(text):
-    with pytest.raises(wanxfer.UsageError):
-        wanxfer.parse_rate(text)
-
-
-@pytest.mark.parametrize('remote', ['../x', '/etc/passwd', 'a/../../b', '~root/x', 'a\x00b'])
-def test_normalize_remote_refuses_escapes(remote):
-    with pytest.raises(wanxfer.RemoteError):
-        wanxfer.normalize_remote(remote)
-
-
-def test_nak_releases_the_flight_window_when_the_tail_was_lost():
-    # Everything after packet 99 vanished, feedback included: only the NAK
-    # can tell the sender, and it must both requeue and free the window.
-    log = wanxfer.PacketLog()
-    sender = wanxfer.SendWindow([(0, 1000)], 0, log)
-    while sender.has_work():
-        first, count, resend = sender.next_run(64)
-        sender.sent_run(first, count, 0.0, resend)
-    sender.on_ack(0, 99, [], 0.05, 0.05)
-    assert sender.in_flight() == 900
-    queued = sender.on_nak([(100, 1000)], 1.0, 0.05)
-    assert queued == 900
-    assert sender.in_flight() == 0
-    resent = []
-    while sender.has_work():
-        first, count, resend = sender.next_run(64)
-        assert resend
-        resent.extend(range(first, first + count))
-        sender.sent_run(first, count, 1.0, resend)
-    assert sorted(resent) == list(range(100, 1000))
-    # A NAK arriving while those resends are still in flight queues nothing twice.
-    assert sender.on_nak([(100, 1000)], 1.01, 0.05) == 0
-
-
-def test_subtract_ranges_matches_sets():
-    rng = random.Random(3)
-    for _ in range(300):
-        def ranges():
-            points = sorted(rng.sample(range(200), rng.randrange(0, 12) * 2))
-            return [(points[i], points[i + 1]) for i in range(0, len(points), 2)]
-        keep, holes = ranges(), ranges()
-        expected = {b for s, e in keep for b in range(s, e)} - {b for s, e in holes for b in range(s, e)}
-        got = wanxfer.subtract_ranges(keep, holes)
-        assert {b for s, e in got for b in range(s, e)} == expected
-        assert all(s < e for s, e in got)
-
-
-def test_a_nak_naming_unsent_blocks_queues_only_the_sent_ones():
-    # Early in a transfer the receiver names everything it lacks, most of it
-    # never sent yet: only what was sent can have been lost.  (Walking fifty
-    # million blocks one by one here is what once stalled a sender.)
-    sender = wanxfer.SendWindow([(0, 50_000_000)], 0, wanxfer.PacketLog())
-    first, count, resend = sender.next_run(64)
-    sender.sent_run(first, count, 0.0, resend)
-    queued = sender.on_nak([(10, 50_000_000)], 10.0, 0.1)
-    assert queued == 54                      # the sent-but-missing blocks 10..63, nothing else
-    assert sender.next_run(64) == (63, 1, True)
-
-
-def test_a_nak_that_races_a_need_resends_nothing_the_server_was_not_asked_for():
-    # A delta transfer asks for blocks piece by piece over TCP; the
-    # receiver's NAK (UDP) can arrive before the need it sent just earlier.
-    sender = wanxfer.SendWindow([], 0, wanxfer.PacketLog())
-    sender.add_need([(0, 10), (20, 30)])
-    while sender.has_work():
-        first, count, resend = sender.next_run(64)
-        sender.sent_run(first, count, 0.0, resend)
-    assert sender.on_nak([(5, 6), (25, 200)], 10.0, 0.1) == 6     # 5 and 25..29; not 30..199
-    sender.add_need([(100, 110)])
-    assert sender.on_nak([(100, 101)], 10.0, 0.1) == 0            # queued fresh, not a resend
-    blocks = []
-    while sender.has_work():
-        first, count, resend = sender.next_run(64)
-        blocks.extend(range(first, first + count))
-    assert sorted(blocks) == [5] + list(range(25, 30)) + list(range(100, 110))
-
-
-def test_lead_blocks_the_receiver_found_locally_are_not_sent_unless_already_gone():
-    # A new file's first blocks go unasked; the receiver's first need says
-    # which of them it found among its own data.
-    sender = wanxfer.SendWindow([(0, 10), (20, 30)], 0, wanxfer.PacketLog())
-    first, count, resend = sender.next_run(3)
-    sender.sent_run(first, count, 0.0, resend)               # 0..2 are on their way
-    sender.withdraw([(0, 7), (25, 40)])
-    sender.add_need([(40, 42)])
-    blocks = []
-    while sender.has_work():
-        first, count, resend = sender.next_run(64)
-        blocks.extend(range(first, first + count))
-    assert blocks == [7, 8, 9, 20, 21, 22, 23, 24, 40, 41]    # in order, the found ones left out
-
-
-def test_lead_skips_blocks_in_spans_of_zeros(tmp_path):
-    unit = wanxfer.DELTA_UNIT
-    path = tmp_path / 'f'
-    with open(path, 'wb') as f:        # data, a 64 KiB span of zeros, data
-        f.write(os.urandom(unit) + bytes(unit) + os.urandom(126 * unit))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        lead, ranges = wanxfer.lead_ranges(fd, 128 * unit, 1000)
-    finally:
-        os.close(fd)
-    assert lead == 128 * unit // wanxfer.LEAD_FRACTION // 1000       # 1/32 of an 8 MiB file
-    # Blocks wholly inside the zero span are left out; those that straddle it are not.
-    assert ranges == [[0, unit // 1000 + 1], [2 * unit // 1000, lead]]
-
-
-@pytest.mark.e2e
-def test_receives_drop_gro_when_nothing_is_coalesced_and_lose_nothing():
-    # Datagrams sent one by one on loopback are never coalesced, as from a
-    # device without GRO: after GRO_TRIAL such receives the socket stops
-    # asking for coalescing (and its control message) at all.
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    receiver.bind(('127.0.0.1', 0))
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender.connect(receiver.getsockname())
-    udp = wanxfer.DatagramSocket(receiver)
-    if not udp.gro:
-        pytest.skip('this kernel has no UDP_GRO')
-    buffer, got = bytearray(2048), []
-    total = (wanxfer.GRO_TRIAL // 100 + 2) * 100
-    try:
-        for first in range(0, total, 100):
-            for i in range(first, first + 100):
-                sender.send(b'%08d' % i)
-            while len(got) < first + 100:
-                nbytes, segment = udp.recv_batch(buffer)
-                if nbytes:
-                    assert segment == nbytes
-                    got.append(bytes(buffer[:nbytes]))
-                else:
-                    wait_readable(receiver)
-            assert udp.gro == (len(got) < wanxfer.GRO_TRIAL)
-    finally:
-        sender.close()
-        udp.close()
-    assert got == [b'%08d' % i for i in range(total)]
-
-
-def wait_readable(sock, timeout=5):
-    with selectors.DefaultSelector() as selector:
-        selector.register(sock, selectors.EVENT_READ)
-        assert selector.select(timeout), 'the datagrams sent on loopback never arrived'
-
-
-def test_incompatible_protocol_version_is_named():
-    # A peer from the future: the server answers with its own version and hangs up.
-    a, b = socket.socketpair()
-    result = {}
-
-    def future_server():
-        hello = wanxfer.recv_exactly(b, wanxfer.HELLO.size)
-        result['client_version'] = wanxfer.HELLO.unpack(hello)[1]
-        # A later version may change everything after the common prefix.
-        b.sendall(wanxfer.HELLO_PREFIX.pack(wanxfer.PROTOCOL_MAGIC, 99, hello[5]) + bytes(100))
-        b.close()
-    thread = threading.Thread(target=future_server)
-    thread.start()
-    with pytest.raises(wanxfer.AuthError, match='incompatible protocol version: server speaks 99'):
-        wanxfer.client_handshake(a, b'secret', True)
-    thread.join(10)
-    a.close()
-    assert result['client_version'] == wanxfer.PROTOCOL_VERSION
-
-
-def test_server_refuses_a_client_of_another_version():
-    a, b = socket.socketpair()
-    a.sendall(wanxfer.HELLO.pack(wanxfer.PROTOCOL_MAGIC, 99, wanxfer.FLAG_ENCRYPT, bytes(32)))
-    with pytest.raises(wanxfer.AuthError, match='version 99'):
-        wanxfer.server_handshake(b, b'secret', True)
-    reply = wanxfer.SERVER_HELLO.unpack(wanxfer.recv_exactly(a, wanxfer.SERVER_HELLO.size))
-    assert reply[1] == wanxfer.PROTOCOL_VERSION and reply[5] == bytes(32)   # no proof given
-    a.close()
-    b.close()
 
 
 def bottleneck(rate, capacity, rtt, seconds, loss=0.0, burst_at=None, step=0.01):
@@ -544,65 +623,6 @@ def test_rate_controller_keeps_its_rate_across_files_with_pauses_between(flagged
         assert min(rates) > 0.9 * capacity
     else:
         assert min(rates) < 0.75 * capacity      # the decay the flag prevents
-
-
-def test_frames_cannot_be_replayed_or_reordered_even_unencrypted():
-    # Without encryption a replayed frame would decrypt to itself: only the
-    # counter bound into the tag stops it.  The tunnel uses the same frames.
-    sealer = wanxfer.Sealer(KEY, False)
-    first, second = wanxfer.seal_frame(sealer, 0, b'one'), wanxfer.seal_frame(sealer, 1, b'two')
-    reader = wanxfer.FrameReader(wanxfer.Sealer(KEY, False))
-    reader.feed(first + second)
-    assert list(reader.frames()) == [b'one', b'two']
-    for replay in (first, second + first):
-        reader = wanxfer.FrameReader(wanxfer.Sealer(KEY, False))
-        reader.feed(first + replay)
-        with pytest.raises(wanxfer.ProtocolError):
-            list(reader.frames())
-
-
-def test_frontier_digest_hashes_the_written_prefix_early_and_equals_sha256(tmp_path):
-    """Blocks land out of order, some regions stay holes (zeros never
-    written); the digest kept up behind the written prefix must end equal
-    to SHA-256 of the finished file."""
-    import hashlib
-    import os
-    from helpers import wait_for
-    block, nblocks = 4096, 300
-    size = block * nblocks - 100
-    content = bytearray(os.urandom(size))
-    content[100 * block:150 * block] = bytes(50 * block)        # left as a hole
-    path = tmp_path / 'partial'
-    fd = os.open(str(path), os.O_RDWR | os.O_CREAT)
-    os.ftruncate(fd, size)
-    bitmap = bytearray((nblocks + 7) // 8)
-
-    def write(first, last):
-        if not 100 <= first < 150:
-            os.pwrite(fd, bytes(content[first * block:min(size, last * block)]), first * block)
-        wanxfer.set_bits(bitmap, first, last)
-
-    frontier = wanxfer.FrontierDigest(str(path), size, block, lambda: bytes(bitmap))
-    write(0, 100)
-    write(200, 300)                     # beyond a gap: must wait for it
-    write(100, 150)                     # the hole: nothing written, but final
-    wait_for(lambda: frontier._hashed >= 150 * block, what='the digest to follow the prefix')
-    assert frontier._hashed == 150 * block
-    write(150, 200)
-    assert frontier.finish() == hashlib.sha256(content).hexdigest()
-    os.close(fd)
-
-
-def test_acknowledged_wire_bytes_follow_each_packets_size():
-    # Compressed datagrams differ in size: the rate control must be told
-    # the bytes that arrived, not packets times a block.
-    sender = wanxfer.SendWindow([(0, 10)], 500, wanxfer.PacketLog())
-    sender.sent_run(0, 4, 0.0, False, [100, 200, 300, 400])
-    sender.sent_run(4, 6, 0.0, False, 1000)
-    delivered, lost, delivered_bytes = sender.on_ack(500, 503, [(1, 1)], 0.1, 0.1)
-    assert (delivered, delivered_bytes) == (3, 100 + 300 + 400)
-    delivered, lost, delivered_bytes = sender.on_ack(500, 509, [(1, 1)], 0.2, 0.1)
-    assert (delivered, delivered_bytes) == (6, 6000)
 
 
 def test_compression_only_while_the_link_is_the_limit():
