@@ -21,11 +21,11 @@ Steps, in order, for each run:
                 rsync over ssh (bbr) of the same updates with the old copy in place
                 (rsync cannot use a deleted copy: its tar-append case has the copy kept)
 
-Corpus (built once under --work): as in tests/bench_tunnel.py.
+Corpus (built once under --work): harness.py's, as tests/bench/bench_tunnel.py uses.
 
 Example (root, nothing else running):
-  python3 tests/bench_delta.py --runs 3 --json /tmp/delta.json
-  python3 tests/bench_delta.py --link "--delay 60 --rate 1000 --queue 50 --loss 1" --runs 1
+  python3 tests/bench/bench_delta.py --runs 3 --json /tmp/delta.json
+  python3 tests/bench/bench_delta.py --link "--delay 60 --rate 1000 --queue 50 --loss 1" --runs 1
 """
 
 import argparse
@@ -33,17 +33,12 @@ import json
 import os
 import secrets
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import bench_tunnel  # noqa: E402
-from bench_wan import (DEFAULT_WAN, HOST_A, SSH_PORT, Bench, BenchError, Procs, log,  # noqa: E402
-                       proc_cpu, sha256_file)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import HOST_A, SSH_PORT, BenchError, log  # noqa: E402
 
 LINK = '--delay 60 --rate 1000 --queue 50 --loss 1'
 PORT = 46224
@@ -58,14 +53,14 @@ class Corpus:
     def __init__(self, work, sql_size):
         self.dir = os.path.join(work, 'corpus')
         os.makedirs(self.dir, exist_ok=True)
-        self.zeros = self._build('zeros.bin', lambda p: bench_tunnel.make_file(p, 1 << 30, 'zeros'))
+        self.zeros = self._build('zeros.bin', lambda p: harness.make_file(p, 1 << 30, 'zeros'))
         tar1, tar2 = os.path.join(self.dir, 'backup-1.tar'), os.path.join(self.dir, 'backup-2.tar')
         if not (os.path.exists(tar1) and os.path.exists(tar2)):
             log('building the backup tar')
-            bench_tunnel.make_tar(tar1, tar2)
+            harness.make_tar(tar1, tar2)
         self.tar = (tar1, tar2)
-        sql1 = self._build('dump-1.sql', lambda p: bench_tunnel.generate_sql(p, sql_size))
-        sql2 = self._build('dump-2.sql', lambda p: bench_tunnel.edit_sql(sql1, p))
+        sql1 = self._build('dump-1.sql', lambda p: harness.generate_sql(p, sql_size))
+        sql2 = self._build('dump-2.sql', lambda p: harness.edit_sql(sql1, p))
         self.sql = (sql1, sql2)
 
     def _build(self, name, make):
@@ -80,6 +75,7 @@ class Corpus:
 class DeltaBench:
     def __init__(self, args, procs, work):
         self.a, self.p, self.work = args, procs, work
+        self.link = procs.link
         self.served = os.path.join(work, 'served')
         self.ssh = None
 
@@ -95,9 +91,10 @@ class DeltaBench:
         env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16), PYTHONUNBUFFERED='1')
         server = self.p.spawn('a', [sys.executable, self.a.wanxfer, 'serve', self.served, '--bind', HOST_A,
                                     '--port', str(PORT)],
-                              os.path.join(run_dir, 'serve-%s.out' % step), os.path.join(run_dir, 'serve-%s.err' % step), env)
+                              os.path.join(run_dir, 'serve-%s.out' % step),
+                              os.path.join(run_dir, 'serve-%s.err' % step), env)
         try:
-            Bench.wait_listen(self, server, PORT, 'tcp', 20, os.path.join(run_dir, 'serve-%s.err' % step))
+            self.p.wait_listening(server, PORT, 'tcp', 20, os.path.join(run_dir, 'serve-%s.err' % step))
             result = self.p.run_timed('b', [sys.executable, self.a.wanxfer, 'get', '%s:%d' % (HOST_A, PORT),
                                             remote, '-o', dest, '--json', '-q',
                                             '--cache', os.path.join(run_dir, '..', 'cache.db')]
@@ -118,18 +115,15 @@ class DeltaBench:
 
     def step_rsync(self, run_dir, source, dest):
         if self.ssh is None:
-            bench = Bench(None, self.p, self.work)
-            bench.setup_ssh()
-            self.ssh = bench.ssh_dir
+            self.ssh = harness.setup_sshd(self.work)
         for host in ('a', 'b'):
-            subprocess.run([self.a.wan, host, 'sysctl', '-qw', 'net.ipv4.tcp_congestion_control=bbr'],
+            subprocess.run(self.link.command(host, ['sysctl', '-qw', 'net.ipv4.tcp_congestion_control=bbr']),
                            check=True)
         sshd = self.p.spawn('a', ['/usr/sbin/sshd', '-D', '-e', '-f', os.path.join(self.ssh, 'sshd_config')],
                             os.path.join(run_dir, 'sshd.log'), os.path.join(run_dir, 'sshd.log'))
         try:
-            Bench.wait_listen(self, sshd, SSH_PORT, 'tcp', 10, os.path.join(run_dir, 'sshd.log'))
-            ssh = ('ssh -F /dev/null -i %s/client_key -o StrictHostKeyChecking=no '
-                   '-o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR' % self.ssh)
+            self.p.wait_listening(sshd, SSH_PORT, 'tcp', 10, os.path.join(run_dir, 'sshd.log'))
+            ssh = harness.ssh_command(self.ssh)
             result = self.p.run_timed('b', ['rsync', '-e', ssh, '--inplace', 'root@%s:%s' % (HOST_A, source),
                                             dest], os.path.join(run_dir, 'rsync.out'),
                                       os.path.join(run_dir, 'rsync.err'), 900)
@@ -172,20 +166,20 @@ class DeltaBench:
             expect = new
         record = {'step': step}
         os.sync()       # the copies above must not be written back during the step
-        self.p.link_up_(self.a.link)
+        self.link.up(self.a.link)
         try:
             if step.startswith('rsync-'):
                 record.update(self.step_rsync(run_dir, source, dest))
             else:
                 record.update(self.step_wanxfer(run_dir, step, remote, dest, extra))
         finally:
-            counters = self.p.link_down()
+            counters = self.link.down()
         if 'ab' not in counters or counters.get('disturbed'):
             raise BenchError('no link counters (was the link disturbed?)')
         record['wire_bytes'] = counters['ab']['bytes_in']     # 0.1 MB resolution
         record['counters'] = counters
         record['file_bytes'] = os.path.getsize(expect)
-        if sha256_file(dest) != sha256_file(expect):
+        if harness.wanxfer.file_sha256(dest) != harness.wanxfer.file_sha256(expect):
             raise BenchError('%s: received file differs' % step)
         record['wire_ratio'] = record['wire_bytes'] / record['file_bytes']
         if step.startswith('rsync-'):
@@ -196,19 +190,16 @@ class DeltaBench:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--runs', type=int, default=3)
-    parser.add_argument('--link', default=LINK, help='wan up options (default: %s)' % LINK)
+    harness.add_common_options(parser, LINK)
     parser.add_argument('--work', default='/var/tmp/wanxfer-delta-bench')
-    parser.add_argument('--wanxfer', default=os.path.join(os.path.dirname(HERE), 'wanxfer.py'))
-    parser.add_argument('--wan', default=DEFAULT_WAN)
-    parser.add_argument('--sql-size', type=int, default=300 << 20)
+    parser.add_argument('--sql-size', type=harness.size_arg, default=300 << 20)
     parser.add_argument('--steps', default=','.join(STEPS))
-    parser.add_argument('--json', metavar='FILE')
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        sys.exit('bench_delta: needs root (network namespaces)')
+    harness.require_root('bench_delta.py')
+    link = harness.make_link(args)
     os.makedirs(args.work, exist_ok=True)
     corpus = Corpus(args.work, args.sql_size)
-    procs = Procs(args.wan)
+    procs = harness.Procs(link)
     bench = DeltaBench(args, procs, args.work)
     records = []
     try:
@@ -234,8 +225,8 @@ def main(argv=None):
                                                 'error')})))
     finally:
         procs.kill_all()
-        if procs.link_up:
-            procs.link_down()
+        if link.is_up:
+            link.down()
     print('\n| step | file | wall s (median) | wire bytes (median) | wire / file |')
     print('|---|---|---|---|---|')
     for step in args.steps.split(','):
@@ -243,13 +234,11 @@ def main(argv=None):
         if not ok:
             print('| %s | error | | | |' % step)
             continue
-        wall = statistics.median(r['wall_s'] for r in ok)
-        wire = statistics.median(r['wire_bytes'] for r in ok)
+        wall = harness.median(r['wall_s'] for r in ok)
+        wire = harness.median(r['wire_bytes'] for r in ok)
         print('| %s | %.1f MB | %.2f | %.2f MB | %.4f%% |' % (
             step, ok[0]['file_bytes'] / 1e6, wall, wire / 1e6, 100.0 * wire / ok[0]['file_bytes']))
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(records, f, indent=1)
+    harness.write_json(args.json, records)
     return 0
 
 

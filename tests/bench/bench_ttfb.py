@@ -1,37 +1,35 @@
 #!/usr/bin/env python3
 """How long does `get` wait for the first byte of file data?
 
-Builds one emulated link with ../shared/wanemu/wan, runs `wanxfer.py serve` in
+Builds one emulated link (harness.py: wanemu or netem), runs `wanxfer.py serve` in
 host a and, for each file, `wanxfer.py get --json` in host b, each a new
 session into a fresh destination. Reports, per file, the summary's
 `first_data_seconds` (from the start of the TCP connect to the first data
 datagram) in seconds and in round trips of the link (twice --delay), and the
 wall clock of the whole `get` command (Python start-up included).
 
-    sudo python3 tests/bench_ttfb.py                        # 3 runs per file
-    sudo python3 tests/bench_ttfb.py --link "--delay 150 --rate 100" --runs 5
+    sudo python3 tests/bench/bench_ttfb.py                        # 3 runs per file
+    sudo python3 tests/bench/bench_ttfb.py --link "--delay 150 --rate 100" --runs 5
 
 The target is the handshake (TCP connect plus the authentication exchange: 2
 round trips) plus one round trip: 3 round trips, and half of one for the data
-to travel. Needs root, ip(8) and cc; run nothing else meanwhile.
+to travel. Needs root, ip(8), and cc (wanemu) or tc (netem); run nothing else
+meanwhile.
 """
 
 import argparse
 import json
 import os
-import re
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-here = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, here)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import HOST_A  # noqa: E402
 
-from bench_share import link_with_serve, parse_with_common_options  # noqa: E402
-HOST_A = "198.18.0.1"
 PORT = 46226
 
 # (name, size in bytes, extra get options)
@@ -45,30 +43,33 @@ FILES = [
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--link", default="--delay 60 --rate 1000 --queue 50",
-                    help="wan up options (default: %(default)s)")
+    harness.add_common_options(ap, "--delay 60 --rate 1000 --queue 50")
     ap.add_argument("--runs", type=int, default=3)
-    args = parse_with_common_options(ap)
-    delay = re.search(r"--delay\s+([\d.]+)", args.link)
-    rtt = 2 * float(delay.group(1)) / 1000 if delay else None
+    args = ap.parse_args()
+    harness.require_root("bench_ttfb.py")
+    link = harness.make_link(args)
+    try:
+        rtt = 2 * harness.parse_link_options(args.link)["delay"] / 1000 or None
+    except harness.BenchError:
+        rtt = None
     env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16))
     results = []
     with tempfile.TemporaryDirectory(prefix="wanxfer-ttfb-") as work:
         served = os.path.join(work, "served")
         os.mkdir(served)
         for index, (name, size, _options) in enumerate(FILES):
-            with open(os.path.join(served, "f%d.bin" % index), "wb") as f:
-                f.write(os.urandom(size))
-        with link_with_serve(args, work, served, env, PORT):
+            harness.random_file(os.path.join(served, "f%d.bin" % index), size)
+        with harness.link_with_serve(link, args.link, work, served, env, PORT, args.wanxfer):
             for run in range(args.runs):
                 for index, (name, size, options) in enumerate(FILES):
                     dest = os.path.join(work, "got-%d-%d.bin" % (run, index))
                     started = time.monotonic()
                     got = subprocess.run(
-                        [args.wan, "b", sys.executable, args.wanxfer, "get", "%s:%d" % (HOST_A, PORT),
-                         "f%d.bin" % index, "-o", dest, "--json",
-                         "--cache", os.path.join(work, "get-%d-%d.db" % (run, index))] + options,
-                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                        link.command("b", [sys.executable, args.wanxfer, "get", "%s:%d" % (HOST_A, PORT),
+                                           "f%d.bin" % index, "-o", dest, "--json",
+                                           "--cache", os.path.join(work, "get-%d-%d.db" % (run, index))]
+                                     + options),
+                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
                     wall = time.monotonic() - started
                     if got.returncode:
                         raise SystemExit("get failed: %s" % got.stderr[-2000:])
@@ -86,12 +87,10 @@ def main():
     for name, _size, _options in FILES:
         rows = [r for r in results if r["file"] == name]
         print("| %s | %.3f | %.2f | %.2f |" % (
-            name, statistics.median(r["first_data_seconds"] for r in rows),
-            statistics.median(r["round_trips"] for r in rows),
-            statistics.median(r["get_seconds"] for r in rows)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            name, harness.median(r["first_data_seconds"] for r in rows),
+            harness.median(r["round_trips"] for r in rows),
+            harness.median(r["get_seconds"] for r in rows)))
+    harness.write_json(args.json, results)
 
 
 if __name__ == "__main__":

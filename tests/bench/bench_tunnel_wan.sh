@@ -1,19 +1,25 @@
 #!/bin/sh
 # Incompressible data through `wanxfer.py tunnel` across an emulated WAN.
 #
-#   sh tests/bench_tunnel_wan.sh [SIZE_MB] [wanemu options]
-#   sh tests/bench_tunnel_wan.sh 256 --delay 60 --rate 1000 --loss 1
-#   RAW=bbr sh tests/bench_tunnel_wan.sh 256 ...   # plain TCP (bbr or cubic), no tunnel
+#   sh tests/bench/bench_tunnel_wan.sh [SIZE_MB] [wanemu options]
+#   sh tests/bench/bench_tunnel_wan.sh 256 --delay 60 --rate 1000 --loss 1
+#   RAW=bbr sh tests/bench/bench_tunnel_wan.sh 256 ...   # plain TCP (bbr or cubic), no tunnel
 #
 # Like ../shared/wanemu/wan, but with namespaces of its own (wxt-a, wxt-b), so
 # it does not disturb a `wan up` link someone else is using.  The far tunnel
 # and a sink run in wxt-a (198.18.0.1), the near tunnel and the sender in
 # wxt-b.  Needs root, ip(8) and a C compiler.  Prints the goodput of original
-# data and the bytes on the link.
+# data and the bytes on the link.  wanemu.c is $WANEMU_SRC, else the one in
+# shared/wanemu/ beside the checkout or beside a directory above it.
 set -e
-here=$(cd "$(dirname "$0")" && pwd)
-wanemu_src=${WANEMU_SRC:-$here/../../shared/wanemu/wanemu.c}
-[ -f "$wanemu_src" ] || wanemu_src=/work/shared/wanemu/wanemu.c
+root=$(cd "$(dirname "$0")/../.." && pwd)
+wanemu_src=${WANEMU_SRC:-}
+dir=$(dirname "$root")
+while [ -z "$wanemu_src" ]; do
+    if [ -f "$dir/shared/wanemu/wanemu.c" ]; then wanemu_src=$dir/shared/wanemu/wanemu.c
+    elif [ "$dir" = / ]; then echo "wanemu.c not found: set WANEMU_SRC" >&2; exit 2
+    else dir=$(dirname "$dir"); fi
+done
 size_mb=${1:-256}; [ $# -gt 0 ] && shift
 [ $# -gt 0 ] || set -- --delay 60 --rate 1000 --loss 1
 state=$(mktemp -d /tmp/wxt-wan.XXXXXX)
@@ -52,10 +58,10 @@ while True:
 print("sink: %d bytes" % total, flush=True)
 ' >"$state/sink.log" 2>&1 &
 echo $! >"$state/sink.pid"
-ip netns exec wxt-a python3 "$here/../wanxfer.py" tunnel --listen 198.18.0.1:7000 \
+ip netns exec wxt-a python3 "$root/wanxfer.py" tunnel --listen 198.18.0.1:7000 \
     --allow 127.0.0.1:9001 --cache "$state/far.db" 2>"$state/far.log" &
 echo $! >"$state/far.pid"
-ip netns exec wxt-b python3 "$here/../wanxfer.py" tunnel --peer 198.18.0.1:7000 \
+ip netns exec wxt-b python3 "$root/wanxfer.py" tunnel --peer 198.18.0.1:7000 \
     -L 9000:127.0.0.1:9001 --cache "$state/near.db" 2>"$state/near.log" &
 echo $! >"$state/near.pid"
 i=0
@@ -81,5 +87,5 @@ print("sent %d bytes in %.1f s: %.0f Mbit/s of original data" % (n, el, n * 8 / 
 ' "$state/data" "$target" "$RAW"
 kill "$(cat "$state/near.pid")"; wait "$(cat "$state/near.pid")" 2>/dev/null || true
 cat "$state/sink.log"
-python3 "$here/../wanxfer.py" stats --cache "$state/near.db" | sed -n '3,6p'
+python3 "$root/wanxfer.py" stats --cache "$state/near.db" | sed -n '3,6p'
 echo "link: $*"

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """WAN benchmark for wanxfer against iperf3 (TCP cubic / bbr) and rsync over ssh.
 
-Every run builds a fresh emulated link with /work/shared/wanemu/wan (two network
-namespaces, wan-a 198.18.0.1 and wan-b 198.18.0.2, joined by the userspace
-emulator wanemu), moves data from host a to host b, and tears the link down
-again, reading the emulator's counters to learn how many bytes host a put on
-the link.
+Every run builds a fresh emulated link (two network namespaces, wan-a 198.18.0.1
+and wan-b 198.18.0.2, joined by the userspace emulator wanemu through
+../shared/wanemu/wan, or with --backend netem by tc netem on a veth pair: see
+harness.py), moves data from host a to host b, and tears the link down again,
+reading the link's counters to learn how many bytes host a put on it.
 
 Tools ("rows"):
   wanxfer            `wanxfer.py serve FILE` in a, `wanxfer.py get` in b (wall clock
@@ -34,38 +34,35 @@ its measured window: link bytes in / (link bytes out - 52 header bytes per packe
 kills our emulator; such runs are detected and reported as errors ("disturbed").
 
 Needs: root (network namespaces), ip(8), a C compiler `cc` (wanemu is built on first
-use), python3 (standard library only); iperf3, rsync, ssh/sshd for the peers
+use) or tc (netem), python3 (standard library only); iperf3, rsync, ssh/sshd for the peers
 (apt-get install -y iperf3 openssh-server rsync). Only 2 CPU cores here: the
 emulator itself burns CPU at high rates, so run nothing else meanwhile.
 
 Examples:
-  sudo python3 tests/bench_wan.py --scenario S1 --runs 1 --size 256M
-  sudo python3 tests/bench_wan.py --no-wanxfer --peers iperf3,rsync --json peers.json
-  sudo python3 tests/bench_wan.py --link "--delay 30 --rate 300 --loss 0.1" --peers none
+  sudo python3 tests/bench/bench_wan.py --scenario S1 --runs 1 --size 256M
+  sudo python3 tests/bench/bench_wan.py --no-wanxfer --peers iperf3,rsync --json peers.json
+  sudo python3 tests/bench/bench_wan.py --link "--delay 30 --rate 300 --loss 0.1" --peers none
 """
 
 import argparse
-import hashlib
 import json
 import os
-import re
 import secrets
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-HOST_A = "198.18.0.1"
-HOST_B = "198.18.0.2"
-DEFAULT_WAN = "/work/shared/wanemu/wan"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import (HOST_A, SSH_PORT, BenchError, Window, log, median, proc_children, proc_cpu,  # noqa: E402
+                     tail)
+
 WANXFER_PORT = 46224
 IPERF_PORT = 5201
-SSH_PORT = 22
 
 SCENARIOS = {
     "S1": "--delay 60 --rate 1000 --queue 50",
@@ -73,26 +70,6 @@ SCENARIOS = {
     "S3": "--delay 100 --rate 500 --queue 50 --loss 2 --burst 5",
     "S4": "--delay 150 --rate 100 --queue 100 --loss 0.5",
 }
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(Exception):
-    pass
-
-
-# --------------------------------------------------------------------------- utils
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def parse_size(s):
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", s, re.I)
-    if not m:
-        raise argparse.ArgumentTypeError("bad size %r (e.g. 1G, 256M)" % s)
-    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult)
 
 
 def fmt_size(n):
@@ -102,299 +79,13 @@ def fmt_size(n):
     return str(n)
 
 
-def sha256_file(path, bufsize=8 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(bufsize)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def link_rate(opts):
-    """--rate of a wanemu option string in Mbit/s (the first one), or None."""
-    toks = shlex.split(opts)
-    for i, t in enumerate(toks[:-1]):
-        if t == "--rate":
-            try:
-                return float(toks[i + 1]) or None
-            except ValueError:
-                return None
-    return None
-
-
-def proc_cpu(pid):
-    """utime+stime+cutime+cstime of a live process, in seconds (None if gone)."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            s = f.read()
-    except OSError:
-        return None
-    fields = s[s.rindex(")") + 2:].split()
-    # fields[0] is state (field 3); utime is field 14 -> index 11
-    return sum(int(x) for x in fields[11:15]) / CLK_TCK
-
-
-def proc_children(pid):
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
-
-
-def descendants(pid):
-    out, todo = [], [pid]
-    while todo:
-        for c in proc_children(todo.pop()):
-            if c not in out:
-                out.append(c)
-                todo.append(c)
-    return out
-
-
-def listening(pid, port, proto="tcp"):
-    """True if a socket in PID's network namespace is bound/listening on PORT.
-
-    Reads /proc/PID/net/{tcp,tcp6,udp,udp6}: no connection is made, so the
-    server never sees a probe."""
-    for fam in ("", "6"):
-        try:
-            with open("/proc/%d/net/%s%s" % (pid, proto, fam)) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    local, state = parts[1], parts[3]
-                    if int(local.rsplit(":", 1)[1], 16) != port:
-                        continue
-                    if proto == "udp" or state == "0A":  # 0A = TCP_LISTEN
-                        return True
-        except (OSError, StopIteration, IndexError, ValueError):
-            continue
-    return False
-
-
-def host_cpu():
-    """(task CPU seconds, irq+softirq seconds) of the whole machine so far, from /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = v
-    return (user + nice + system) / CLK_TCK, (irq + softirq) / CLK_TCK
-
-
-class Window:
-    """CPU used on the host during a transfer by processes other than the two ends
-    and the emulator: other sessions, tests, cron... (the machine has 2 cores, so
-    anything else running skews a benchmark)."""
-
-    def __init__(self, procs, server_pid):
-        self.procs = procs
-        self.t0 = time.monotonic()
-        self.busy0, self.irq0 = host_cpu()
-        self.emu0 = procs.emu_cpu() or 0.0
-        self.srv0 = proc_cpu(server_pid) or 0.0
-
-    def close(self, server_cpu, client_cpu):
-        wall = time.monotonic() - self.t0
-        busy, irq = host_cpu()
-        emu = (self.procs.emu_cpu() or self.emu0) - self.emu0
-        ours = (server_cpu or self.srv0) - self.srv0 + (client_cpu or 0.0) + emu
-        other = max(0.0, busy - self.busy0 - ours)
-        return {"wall_s": wall, "tasks_s": busy - self.busy0, "irq_s": irq - self.irq0,
-                "emu_s": emu, "ours_s": ours, "other_s": other,
-                "other_cores": other / wall if wall > 0 else None}
-
-
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-# ------------------------------------------------------------------ process control
-
-class Procs:
-    """Children we started (each in its own session), for cleanup."""
-
-    def __init__(self, wan):
-        self.wan = wan
-        self.live = {}
-        self.link_up = False
-        self.emu = None  # pid of the wanemu we started
-
-    def spawn(self, host, argv, out, err, env=None):
-        fo = open(out, "wb")
-        fe = open(err, "wb") if err != out else fo
-        try:
-            p = subprocess.Popen([self.wan, host] + list(argv), stdin=subprocess.DEVNULL,
-                                 stdout=fo, stderr=fe, env=env, start_new_session=True)
-        finally:
-            fo.close()
-            if fe is not fo:
-                fe.close()
-        self.live[p.pid] = p
-        return p
-
-    def signal(self, p, sig):
-        """Signal P's process group and every descendant of P (sshd's per-connection
-        children start sessions of their own, out of the group)."""
-        if p.returncode is None and p.pid in self.live:
-            for pid in descendants(p.pid):
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            try:
-                os.killpg(p.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def reap(self, p, timeout=None):
-        """Wait for P (optionally with a deadline); return (exitcode, cpu_seconds) or None."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            flags = 0 if deadline is None else os.WNOHANG
-            try:
-                pid, status, ru = os.wait4(p.pid, flags)
-            except ChildProcessError:
-                self.live.pop(p.pid, None)
-                return (p.returncode, None)
-            if pid == p.pid:
-                p.returncode = os.waitstatus_to_exitcode(status)
-                self.live.pop(p.pid, None)
-                return (p.returncode, ru.ru_utime + ru.ru_stime)
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.02)
-
-    def stop(self, p, grace=5.0):
-        """SIGTERM the process group, then SIGKILL; return (exitcode, cpu_seconds)."""
-        if p.pid not in self.live:
-            return (p.returncode, None)
-        kids = descendants(p.pid)
-        self.signal(p, signal.SIGTERM)
-        r = self.reap(p, grace)
-        if r is None:
-            self.signal(p, signal.SIGKILL)
-            r = self.reap(p, grace) or (None, None)
-        for pid in kids:  # leftovers, now orphans
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return r
-
-    def run_timed(self, host, argv, out, err, timeout, env=None):
-        """Run to completion; return dict(rc, wall, cpu, timed_out)."""
-        fired = threading.Event()
-        t0 = time.monotonic()
-        p = self.spawn(host, argv, out, err, env)
-
-        def kill():
-            fired.set()
-            self.signal(p, signal.SIGKILL)
-
-        timer = threading.Timer(timeout, kill)
-        timer.daemon = True
-        timer.start()
-        try:
-            rc, cpu = self.reap(p)
-        finally:
-            timer.cancel()
-        wall = time.monotonic() - t0
-        return {"rc": rc, "wall": wall, "cpu": cpu, "timed_out": fired.is_set()}
-
-    def kill_all(self):
-        for p in list(self.live.values()):
-            self.signal(p, signal.SIGKILL)
-            self.reap(p, 2.0)
-
-    # the link ---------------------------------------------------------------
-
-    def wan_state_dir(self):
-        return os.environ.get("WAN_STATE") or os.path.join(os.environ.get("TMPDIR") or "/tmp",
-                                                            "wanemu-state")
-
-    def link_up_(self, opts):
-        self.link_up = True  # even a failed `up` may leave namespaces behind
-        # not a pipe: wanemu is started in the background by `wan up` and would
-        # keep a pipe open forever
-        with tempfile.TemporaryFile() as f:
-            r = subprocess.run([self.wan, "up"] + shlex.split(opts), stdin=subprocess.DEVNULL,
-                               stdout=f, stderr=subprocess.STDOUT)
-            f.seek(0)
-            text = f.read().decode(errors="replace")
-        if r.returncode != 0:
-            raise BenchError("wan up failed: %s" % text.strip())
-        self.emu = self.emu_pid()
-
-    def emu_pid(self):
-        try:
-            with open(os.path.join(self.wan_state_dir(), "pid")) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
-
-    def emu_cpu(self):
-        pid = self.emu_pid()
-        return proc_cpu(pid) if pid and pid == self.emu else None
-
-    def link_down(self):
-        """Stop the link; return its parsed counters ({} if none).
-
-        `wan` keeps one link per machine (namespaces wan-a/wan-b, state in
-        $WAN_STATE): if anyone else ran `wan up` or `wan down` meanwhile, our
-        emulator is gone and the run is worthless; counters get "disturbed"."""
-        emu_cpu = self.emu_cpu()
-        pid = self.emu_pid()
-        # a `wan` without a pid file (e.g. a netem stand-in) cannot be checked
-        intact = self.emu is None or (pid == self.emu and os.path.exists("/proc/%d" % pid))
-        self.emu = None
-        r = subprocess.run([self.wan, "down"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
-        self.link_up = False
-        counters = parse_counters(r.stdout) if intact else {}
-        if counters:
-            counters["emu_cpu_s"] = emu_cpu
-        if not intact:
-            counters["disturbed"] = True
-        return counters
-
-
-COUNTER_RE = re.compile(
-    r"^(?P<dir>a->b|b->a): in (?P<pkts_in>\d+) pkts (?P<mb_in>[\d.]+) MB, "
-    r"out (?P<pkts_out>\d+) pkts (?P<mb_out>[\d.]+) MB, random-loss (?P<lost>\d+), "
-    r"queue-drop (?P<qdrop>\d+), overflow (?P<overflow>\d+), too-big (?P<toobig>\d+)", re.M)
-
-
-def parse_counters(text):
-    """wanemu prints, per direction, on stderr (which `wan down` cats):
-    'a->b: in P pkts X MB, out P pkts X MB, random-loss N, queue-drop N, overflow N, too-big N'
-    with MB = 1e6 bytes of IP packets (headers included), 0.1 MB resolution.
-    'in' of a->b is what host a put on the link."""
-    out = {}
-    for m in COUNTER_RE.finditer(text):
-        d = "ab" if m.group("dir") == "a->b" else "ba"
-        out[d] = {
-            "pkts_in": int(m.group("pkts_in")), "bytes_in": round(float(m.group("mb_in")) * 1e6),
-            "pkts_out": int(m.group("pkts_out")), "bytes_out": round(float(m.group("mb_out")) * 1e6),
-            "random_loss": int(m.group("lost")), "queue_drop": int(m.group("qdrop")),
-            "overflow": int(m.group("overflow")), "too_big": int(m.group("toobig")),
-        }
-    return out
-
-
 # --------------------------------------------------------------------------- tools
 
 class Bench:
     def __init__(self, args, procs, workdir):
         self.a = args
         self.p = procs
+        self.link = procs.link
         self.work = workdir
         self.src = None
         self.src_sha = None
@@ -416,32 +107,10 @@ class Bench:
                     left -= n
             os.replace(tmp, path)
         self.src = path
-        self.src_sha = sha256_file(path)
+        self.src_sha = harness.wanxfer.file_sha256(path)
 
     def setup_ssh(self):
-        d = os.path.join(self.work, "ssh")
-        os.makedirs(d, exist_ok=True)
-        for name in ("host_key", "client_key"):
-            k = os.path.join(d, name)
-            if not os.path.exists(k):
-                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", k, "-C",
-                                "wanxfer-bench"], check=True)
-        shutil.copyfile(os.path.join(d, "client_key.pub"), os.path.join(d, "authorized_keys"))
-        cfg = os.path.join(d, "sshd_config")
-        with open(cfg, "w") as f:
-            f.write("\n".join([
-                "ListenAddress %s" % HOST_A, "Port %d" % SSH_PORT,
-                "HostKey %s/host_key" % d, "AuthorizedKeysFile %s/authorized_keys" % d,
-                "PidFile %s/sshd.pid" % d, "PermitRootLogin prohibit-password",
-                "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-                "UsePAM no", "StrictModes no", "X11Forwarding no", "PrintMotd no",
-                "UseDNS no", "LogLevel INFO", ""]))
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege-separation dir
-        r = subprocess.run(["/usr/sbin/sshd", "-t", "-f", cfg], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-        if r.returncode:
-            raise BenchError("sshd -t: %s" % r.stdout)
-        self.ssh_dir = d
+        self.ssh_dir = harness.setup_sshd(self.work)
 
     # helpers ----------------------------------------------------------------
 
@@ -451,23 +120,10 @@ class Bench:
         os.makedirs(d)
         return d
 
-    def wait_listen(self, p, port, proto="tcp", timeout=20.0, errfile=None):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if p.poll() is not None:
-                self.p.live.pop(p.pid, None)
-                raise BenchError("server exited (rc %s) before listening%s" % (
-                    p.returncode, tail(errfile)))
-            if listening(p.pid, port, proto):
-                return
-            time.sleep(0.05)
-        raise BenchError("server not listening on %s/%d after %.0f s%s" % (
-            proto, port, timeout, tail(errfile)))
-
     def timeout_for(self, opts):
         if self.a.timeout:
             return self.a.timeout
-        rate = link_rate(opts) or 1000.0
+        rate = harness.link_rate(opts) or 1000.0
         return max(300.0, 4 * self.a.size * 8 / (rate * 1e6) + 60)
 
     def verify(self, path):
@@ -476,7 +132,7 @@ class Bench:
         size = os.path.getsize(path)
         if size != self.a.size:
             raise BenchError("received %d bytes, expected %d" % (size, self.a.size))
-        if sha256_file(path) != self.src_sha:
+        if harness.wanxfer.file_sha256(path) != self.src_sha:
             raise BenchError("sha256 mismatch")
 
     # wanxfer ----------------------------------------------------------------
@@ -495,9 +151,9 @@ class Bench:
                            + shlex.split(self.a.serve_args),
                            os.path.join(d, "serve.out"), os.path.join(d, "serve.err"), env)
         try:
-            self.wait_listen(srv, port, "tcp", self.a.ready_timeout, os.path.join(d, "serve.err"))
+            self.p.wait_listening(srv, port, "tcp", self.a.ready_timeout, os.path.join(d, "serve.err"))
             srv_cpu0 = proc_cpu(srv.pid)
-            win = Window(self.p, srv.pid)
+            win = Window(self.link, srv.pid)
             dest = os.path.join(d, "recv", os.path.basename(self.src))
             os.makedirs(os.path.dirname(dest))
             remote = self.a.remote or os.path.basename(self.src)
@@ -550,11 +206,11 @@ class Bench:
                            os.path.join(d, "server.out"), os.path.join(d, "server.out"))
         got = None
         try:
-            self.wait_listen(srv, IPERF_PORT, "tcp", 10, os.path.join(d, "server.out"))
+            self.p.wait_listening(srv, IPERF_PORT, "tcp", 10, os.path.join(d, "server.out"))
             amount = ["-n", str(self.a.iperf_bytes)] if self.a.iperf_bytes else \
                 ["-t", str(self.a.iperf_time)]
             tmo = self.timeout_for(opts) if self.a.iperf_bytes else self.a.iperf_time + 60
-            win = Window(self.p, srv.pid)
+            win = Window(self.link, srv.pid)
             r = self.p.run_timed("b", ["iperf3", "-c", HOST_A, "-p", str(IPERF_PORT), "-R",
                                        "-C", cc, "--json"] + amount,
                                  os.path.join(d, "client.json"), os.path.join(d, "client.err"),
@@ -591,18 +247,15 @@ class Bench:
         sd = self.ssh_dir
         if cc:  # congestion control of the ssh connection (per namespace)
             for h in ("a", "b"):
-                subprocess.run([self.a.wan, h, "sysctl", "-qw",
-                                "net.ipv4.tcp_congestion_control=%s" % cc], check=True)
+                subprocess.run(self.link.command(h, ["sysctl", "-qw",
+                                                     "net.ipv4.tcp_congestion_control=%s" % cc]), check=True)
         sshd = self.p.spawn("a", ["/usr/sbin/sshd", "-D", "-e", "-f", os.path.join(sd, "sshd_config")],
                             os.path.join(d, "sshd.log"), os.path.join(d, "sshd.log"))
         try:
-            self.wait_listen(sshd, SSH_PORT, "tcp", 10, os.path.join(d, "sshd.log"))
+            self.p.wait_listening(sshd, SSH_PORT, "tcp", 10, os.path.join(d, "sshd.log"))
             cpu0 = proc_cpu(sshd.pid) or 0.0
-            win = Window(self.p, sshd.pid)
-            ssh = ("ssh -F /dev/null -i %s/client_key -o StrictHostKeyChecking=no "
-                   "-o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR" % sd)
-            if self.a.ssh_opts:
-                ssh += " " + self.a.ssh_opts
+            win = Window(self.link, sshd.pid)
+            ssh = harness.ssh_command(sd, self.a.ssh_opts)
             recv = os.path.join(d, "recv")
             os.makedirs(recv)
             r = self.p.run_timed("b", ["rsync", "-e", ssh] + shlex.split(self.a.rsync_args)
@@ -639,7 +292,7 @@ class Bench:
             link_opts = "--seed %d %s" % (run_no, opts)  # first: applies to both directions
         rec = {"scenario": scen, "link": opts, "link_run": link_opts, "run": run_no, "tool": tool}
         try:
-            self.p.link_up_(link_opts)
+            self.link.up(link_opts)
             if tool == "wanxfer":
                 res = self.run_wanxfer(tag, opts, plain=False)
             elif tool == "wanxfer-noenc":
@@ -653,7 +306,7 @@ class Bench:
         except BenchError as e:
             res = {"status": "error", "error": str(e)}
         finally:
-            counters = self.p.link_down()
+            counters = self.link.down()
         if counters.get("disturbed") and res.get("status") != "error":
             res = dict(res, status="error", error="link disturbed: someone else ran `wan up`/`wan down` "
                                                   "during the run (the wan link is one per machine)")
@@ -662,7 +315,7 @@ class Bench:
         rec.update(res)
         rec["link_counters"] = counters
         rec["other_load_cores"] = (res.get("host_cpu") or {}).get("other_cores")
-        derive(rec, link_rate(opts))
+        derive(rec, harness.link_rate(opts))
         if rec["status"] == "ok" and not self.a.keep_files:
             shutil.rmtree(os.path.join(self.work, "runs", tag, "recv"), ignore_errors=True)
         return rec
@@ -677,19 +330,6 @@ def dir_bytes(d):
             except OSError:
                 pass
     return n
-
-
-def tail(path, n=600):
-    if not path:
-        return ""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            f.seek(max(0, f.tell() - n))
-            t = f.read().decode(errors="replace").strip()
-    except OSError:
-        return ""
-    return (": ..." + t[-n:]) if t else ""
 
 
 def derive(rec, rate):
@@ -764,7 +404,6 @@ def markdown(rows):
 # ---------------------------------------------------------------------------- main
 
 def build_parser():
-    here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(
         prog="bench_wan.py", description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]) + "\n\nScenarios:\n" + "\n".join(
@@ -777,15 +416,16 @@ def build_parser():
                     help='custom link, wanemu options, e.g. --link "--delay 60 --rate 1000" '
                          "(repeatable; named L1, L2, ...)")
     ap.add_argument("--runs", type=int, default=3, help="runs per tool and scenario (median; default 3)")
-    ap.add_argument("--size", type=parse_size, default=1 << 30, help="file size, e.g. 1G (default), 256M")
+    ap.add_argument("--size", type=harness.size_arg, default=1 << 30,
+                    help="file size, e.g. 1G (default), 256M")
     ap.add_argument("--peers", default="iperf3,rsync",
                     help="comma list of iperf3 (= iperf3-cubic,iperf3-bbr), iperf3-cubic, "
                          "iperf3-bbr, rsync, or none (default iperf3,rsync)")
     ap.add_argument("--no-wanxfer", action="store_true", help="run the peers only")
     ap.add_argument("--no-plain", action="store_true", help="skip the wanxfer --no-encrypt row")
     ap.add_argument("--json", metavar="FILE", help="write every run and the summary as JSON")
-    ap.add_argument("--wanxfer", default=os.path.join(os.path.dirname(here), "wanxfer.py"),
-                    help="path of wanxfer.py (default: ../wanxfer.py next to tests/)")
+    ap.add_argument("--wanxfer", default=harness.WANXFER,
+                    help="path of wanxfer.py (default: this checkout's)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for wanxfer.py")
     ap.add_argument("--port", type=int, default=WANXFER_PORT, help="wanxfer port (default 46224)")
     ap.add_argument("--remote", help="REMOTE name passed to get (default: the file's basename)")
@@ -794,7 +434,7 @@ def build_parser():
     ap.add_argument("--ready-timeout", type=float, default=30.0,
                     help="seconds to wait for serve to listen on TCP PORT (default 30)")
     ap.add_argument("--iperf-time", type=int, default=20, help="iperf3 -t seconds (default 20)")
-    ap.add_argument("--iperf-bytes", type=parse_size,
+    ap.add_argument("--iperf-bytes", type=harness.size_arg,
                     help="use iperf3 -n BYTES instead of -t (slow on lossy links with cubic)")
     ap.add_argument("--rsync-cc", default="bbr",
                     help="TCP congestion control(s) for rsync's ssh connection, comma list, or "
@@ -812,21 +452,14 @@ def build_parser():
     ap.add_argument("--workdir", help="work directory (default: a new temp dir, removed at the end); "
                                       "a source file of the right size there is reused")
     ap.add_argument("--keep-files", action="store_true", help="keep received files")
-    ap.add_argument("--wan", default=os.environ.get("WANEMU", DEFAULT_WAN), help="path of the wan script")
+    harness.add_link_options(ap)
     return ap
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if os.geteuid() != 0:
-        sys.exit("bench_wan.py needs root (network namespaces, sshd); run it with sudo")
-    if not os.access(args.wan, os.X_OK):
-        sys.exit("wan script not found: %s" % args.wan)
-    if os.path.realpath(args.wan) == os.path.realpath(DEFAULT_WAN) and not shutil.which("cc") \
-            and not os.path.exists(os.path.join(
-            os.environ.get("WAN_STATE") or os.path.join(os.environ.get("TMPDIR") or "/tmp",
-                                                        "wanemu-state"), "wanemu")):
-        sys.exit("need a C compiler `cc` to build wanemu")
+    harness.require_root("bench_wan.py")
+    link = harness.make_link(args)
 
     scen = []
     for s in args.scenario or ([] if args.link else list(SCENARIOS)):
@@ -870,7 +503,7 @@ def main(argv=None):
     own_work = not args.workdir
     work = args.workdir or tempfile.mkdtemp(prefix="wanxfer-bench-")
     os.makedirs(work, exist_ok=True)
-    procs = Procs(args.wan)
+    procs = harness.Procs(link)
     bench = Bench(args, procs, work)
     records = []
 
@@ -911,8 +544,8 @@ def main(argv=None):
         log("interrupted: cleaning up")
     finally:
         procs.kill_all()
-        if procs.link_up:
-            procs.link_down()
+        if link.is_up:
+            link.down()
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -923,9 +556,8 @@ def main(argv=None):
                 "scenarios": dict(scen), "iperf": ("-n %d" % args.iperf_bytes) if args.iperf_bytes
                 else "-t %d" % args.iperf_time, "rsync_cc": args.rsync_cc,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "uname": " ".join(os.uname()),
-                "cpus": os.cpu_count(), "interrupted": interrupted}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "summary": rows, "runs": records}, f, indent=1)
+                "cpus": os.cpu_count(), "interrupted": interrupted, "backend": link.name}
+        harness.write_json(args.json, {"meta": meta, "summary": rows, "runs": records})
     return 130 if interrupted else 0
 
 

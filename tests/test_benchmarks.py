@@ -1,0 +1,78 @@
+"""The benchmarks under tests/bench/ cannot run here (root, minutes), but
+they must keep starting: each answers --help, and the harness's pieces
+that need no root do what the README's recipes say."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bench'))
+import harness  # noqa: E402
+
+BENCHMARKS = sorted(glob.glob(os.path.join(harness.HERE, 'bench_*.py')))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('script', BENCHMARKS, ids=os.path.basename)
+def test_every_benchmark_answers_help(script):
+    done = subprocess.run([sys.executable, script, '--help'], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith('usage: ') and not done.stderr
+
+
+@pytest.mark.parametrize('options, netem, tbf', [
+    ('--delay 60 --rate 1000 --queue 50', 'netem delay 60ms limit 10000',
+     'tbf rate 1000mbit burst 125000 latency 50ms'),
+    ('--delay 60 --rate 1000 --queue 50 --loss 1', 'netem delay 60ms loss 1% limit 10000',
+     'tbf rate 1000mbit burst 125000 latency 50ms'),
+    ('--delay 100 --rate 500 --queue 50 --loss 2 --burst 5',
+     'netem delay 100ms loss gemodel 0.4082% 20% 100% 0% limit 8334',
+     'tbf rate 500mbit burst 62500 latency 50ms'),
+    ('--delay 150 --rate 100 --queue 100 --loss 0.5', 'netem delay 150ms loss 0.5% limit 2500',
+     'tbf rate 100mbit burst 15000 latency 100ms'),
+], ids=['S1', 'S2', 'S3', 'S4'])
+def test_the_netem_backend_shapes_each_scenario_as_the_readme_recipe(options, netem, tbf):
+    assert [' '.join(q) for q in harness.netem_qdiscs(options)] == [netem, tbf]
+
+
+def test_the_netem_backend_refuses_what_only_wanemu_can_do():
+    for options in ('--delay 60 --mtu 1400', '--udp-loss 100', '--ab --delay 60', '--jitter 5'):
+        with pytest.raises(harness.BenchError):
+            harness.netem_qdiscs(options)
+    assert harness.netem_qdiscs('--delay 30 --seed 4') == (['netem', 'delay', '30ms', 'limit', '1000'], None)
+
+
+def test_the_wan_script_is_found_beside_the_checkout_or_a_directory_above(tmp_path, monkeypatch):
+    monkeypatch.delenv('WANEMU', raising=False)
+    wan = tmp_path / 'work' / 'shared' / 'wanemu' / 'wan'
+    wan.parent.mkdir(parents=True)
+    wan.write_text('#!/bin/sh\n')
+    wan.chmod(0o755)
+    for checkout in (tmp_path / 'work' / 'main', tmp_path / 'work' / 'wt' / 'mine'):
+        monkeypatch.setattr(harness, 'ROOT', str(checkout))
+        assert harness.find_wan() == str(wan)
+    monkeypatch.setattr(harness, 'ROOT', str(tmp_path / 'elsewhere' / 'checkout'))
+    assert harness.find_wan() is None
+    monkeypatch.setenv('WANEMU', '/opt/wan')
+    assert harness.find_wan() == '/opt/wan'
+
+
+def test_link_counters_are_read_alike_from_either_backend():
+    wanemu = harness.WanemuLink.parse_counters(
+        'a->b: in 800 pkts 1.2 MB, out 790 pkts 1.1 MB, random-loss 8, queue-drop 2, overflow 0, too-big 0\n'
+        'b->a: in 400 pkts 0.1 MB, out 400 pkts 0.1 MB, random-loss 0, queue-drop 0, overflow 0, too-big 0\n')
+    assert wanemu['ab'] == {'pkts_in': 800, 'bytes_in': 1200000, 'pkts_out': 790, 'bytes_out': 1100000,
+                            'random_loss': 8, 'queue_drop': 2, 'overflow': 0, 'too_big': 0}
+    netem = harness.NetemLink.parse_counters(
+        'qdisc netem 1: root refcnt 2 limit 10000 delay 60ms loss 1%\n'
+        ' Sent 1500000 bytes 1000 pkt (dropped 10, overlimits 0 requeues 0)\n'
+        ' backlog 0b 0p requeues 0\n'
+        'qdisc tbf 10: parent 1:1 rate 1Gbit burst 125000b lat 50ms\n'
+        ' Sent 1500000 bytes 1000 pkt (dropped 5, overlimits 7 requeues 0)\n'
+        ' backlog 0b 0p requeues 0\n')
+    assert netem == {'pkts_in': 1015, 'bytes_in': 1522500, 'pkts_out': 1000, 'bytes_out': 1500000,
+                     'random_loss': 10, 'queue_drop': 5, 'overflow': 0, 'too_big': 0}
