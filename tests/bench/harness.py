@@ -305,6 +305,9 @@ class NetemLink:
             self._run('ip', '-n', 'wan-' + host, 'addr', 'add', mine, 'peer', peer, 'dev', 'wan0')
             self._run('ip', '-n', 'wan-' + host, 'link', 'set', 'lo', 'up')
             self._run('ip', '-n', 'wan-' + host, 'link', 'set', 'wan0', 'up', 'mtu', '1500')
+            # TCP buffers as `wan up` sets them, so TCP peers can fill a long, fast path.
+            self._run(*self.command(host, ['sysctl', '-qw', 'net.ipv4.tcp_rmem=4096 131072 67108864',
+                                           'net.ipv4.tcp_wmem=4096 65536 67108864']))
             try:
                 self._run(*self.command(host, ['ethtool', '-K', 'wan0', 'tso', 'off', 'gso', 'off',
                                                'gro', 'off']))
