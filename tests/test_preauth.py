@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from helpers import (SECRET, WANXFER, Server, echo_handler, make_file, round_trip, run_get, sha256, wait_for,
-                     wanxfer)
+from helpers import SECRET, WANXFER, echo_handler, make_file, round_trip, run_get, sha256, wait_for, wanxfer
+from helpers import Server as TcpServer         # not to be taken for wanxfer.Server
 
 pytestmark = pytest.mark.e2e          # every test here starts processes or sockets
 
@@ -215,7 +215,7 @@ def test_get_succeeds_while_200_trickling_connections_are_held(tmp_path, serve):
 
 
 def test_peer_link_comes_up_while_200_trickling_connections_are_held(tmp_path, tunnel_pair):
-    echo = Server(echo_handler)
+    echo = TcpServer(echo_handler)
     far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
     near = None
     try:
@@ -378,7 +378,7 @@ def test_a_session_thread_that_cannot_start_drops_that_client_not_serve(tmp_path
 
 def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel(tmp_path, monkeypatch,
                                                                                 tunnel_pair):
-    echo = Server(echo_handler)
+    echo = TcpServer(echo_handler)
     far = InProcessFarTunnel(tmp_path, [echo.port])
     near = None
     try:
