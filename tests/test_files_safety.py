@@ -4,10 +4,12 @@ at the names it uses, and a --cache that is not a cache is left alone."""
 
 import os
 import stat
+import subprocess
 
 import pytest
 
-from conftest import json_summaries, make_file, run_get, sha256, wanxfer
+from conftest import (get_command, json_summaries, make_file, run_get, sha256, wait_for, wanxfer,
+                      wanxfer_env)
 
 MiB = 1024 * 1024
 
@@ -77,6 +79,42 @@ def test_links_planted_at_the_names_get_writes_are_replaced_not_followed(tmp_pat
         assert sha256(here / name) == sha256(src / name)
     assert sha256(here / 'f') == sha256(data)
     assert not os.path.lexists(str(here / '.f.wxpart')) and not os.path.lexists(str(here / '.f.wxstate'))
+
+
+def recorded_blocks(state_path):
+    found = wanxfer.PartialFile.recorded(str(state_path))
+    return 0 if found is None else sum(bin(b).count('1') for b in found[1])
+
+
+def test_a_partial_copy_elsewhere_is_not_resumed_through_a_link(tmp_path, serve):
+    # Links at the names get uses to a partial copy of the same file that
+    # an earlier get of this user left in another directory: were they
+    # opened (no O_NOFOLLOW), the transfer would resume into that copy and
+    # rename the link to the final name.
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 4 * MiB)
+    server = serve([src], extra=['--rate', '8M'])
+    elsewhere, dest = tmp_path / 'elsewhere', tmp_path / 'dest'
+    elsewhere.mkdir()
+    dest.mkdir()
+    first = subprocess.Popen(get_command(server.port, 'f', '-o', elsewhere / 'f'), env=wanxfer_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: recorded_blocks(elsewhere / '.f.wxstate') > 0, what='a saved partial state')
+    assert first.poll() is None                 # killed with part of the file written
+    first.kill()
+    first.wait()
+    left = {name: (elsewhere / name).read_bytes() for name in ('.f.wxpart', '.f.wxstate')}
+    for name in left:
+        os.symlink(str(elsewhere / name), str(dest / name))
+    done = run_get(server.port, 'f', '-o', dest / 'f', '--json')
+    assert done.returncode == 0, done.stderr
+    assert stat.S_ISREG(os.lstat(str(dest / 'f')).st_mode)
+    assert sha256(dest / 'f') == sha256(data)
+    assert json_summaries(done)[0]['resumed_bytes'] == 0
+    for name, content in left.items():
+        assert (elsewhere / name).read_bytes() == content, name
+    assert not os.path.lexists(str(dest / '.f.wxpart')) and not os.path.lexists(str(dest / '.f.wxstate'))
 
 
 def test_a_link_where_a_directory_of_the_tree_goes_is_refused(tmp_path, serve):

@@ -257,6 +257,73 @@ def test_a_trickling_connection_is_closed_at_the_handshake_deadline(tmp_path, mo
         target.stop()
 
 
+class SplitHello:
+    """A socket for wanxfer's own client_handshake() that sends the first
+    `split` bytes of its HELLO, calls `meanwhile()`, then sends the rest."""
+
+    def __init__(self, sock, split, meanwhile):
+        self.sock = sock
+        self.split = split
+        self.meanwhile = meanwhile
+        self.calls = 0
+
+    def sendall(self, data):
+        self.calls += 1
+        if self.calls > 1:
+            return self.sock.sendall(data)
+        self.sock.sendall(data[:self.split])
+        self.meanwhile()
+        return self.sock.sendall(data[self.split:])
+
+    def recv(self, n):
+        return self.sock.recv(n)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_connections_from_one_source_push_out_only_that_sources_own(tmp_path, monkeypatch):
+    # One address opening connection after connection fills its own share
+    # of the gate, not everyone's: a client at another address that is
+    # still sending its HELLO stays, though it is the oldest pending.
+    monkeypatch.setattr(wanxfer, 'MAX_UNAUTHENTICATED', 16)
+    attempts = 40
+    data = make_file(tmp_path / 'f', 1000)
+    server = InProcessServer([data])
+    attackers = []
+
+    def pushed():
+        return [line for line in server.lines if 'pushed out' in line]
+
+    def attack():
+        for _ in range(attempts):
+            sock = socket.socket()
+            attackers.append(sock)
+            sock.bind(('127.0.0.2', 0))
+            sock.connect(('127.0.0.1', server.port))
+        # Pushed out by the per-source cap: attempts - 8.  By the overall
+        # cap alone: attempts + 1 - 16, the client first.
+        wait_for(lambda: len(pushed()) >= attempts + 1 - 16, timeout=10,
+                 what='serve to push out connections over its caps')
+    try:
+        sock = socket.create_connection(('127.0.0.1', server.port), timeout=10)
+        port = sock.getsockname()[1]
+        try:
+            wanxfer.client_handshake(SplitHello(sock, 10, attack), SECRET.encode(), True)
+        except (OSError, wanxfer.WanxferError) as e:
+            pytest.fail('the client was dropped (%s): %s'
+                        % (e, [line for line in server.lines if '127.0.0.1:%d: ' % port in line]))
+        finally:
+            sock.close()
+        assert all(line.startswith('127.0.0.2:') for line in pushed()), pushed()
+        assert len(pushed()) <= attempts - wanxfer.MAX_UNAUTHENTICATED_PER_SOURCE
+        assert not [line for line in server.lines if '127.0.0.1:%d: ' % port in line]
+    finally:
+        for sock in attackers:
+            sock.close()
+        server.stop()
+
+
 def test_serve_out_of_descriptors_neither_spins_nor_locks_out(tmp_path, serve):
     data = make_file(tmp_path / 'f', 300_000)
     limited = ('sh', '-c', 'ulimit -n 64 && exec "$0" "$@"', sys.executable, WANXFER)
