@@ -7653,39 +7653,43 @@ class NearTunnel(Tunnel):
         Tunnel.__init__(self, secret, store, encrypt, log)
         self.peer = peer
         self.link = None
-        self.listeners = []             # (socket, target host, target port)
+        self.listeners = []             # (socket, target host, target port, Acceptor)
         self.addresses = []
         self._pending = collections.deque()     # (deadline, socket, host, port, name)
         self._attempt = 0
         self._dialing = False
-        for bind, port, host, target_port in forwards:
-            sock = listen_socket(bind, port)
-            self.listeners.append((sock, host, target_port))
-            self.addresses.append((sock.getsockname()[:2], (host, target_port)))
-            self.loop.watch(sock, selectors.EVENT_READ,
-                            lambda mask, s=sock, h=host, p=target_port: self._accept(s, h, p))
+        try:
+            for bind, port, host, target_port in forwards:
+                sock = listen_socket(bind, port)
+                # Out of descriptors, accept() fails while the listener stays
+                # readable: the Acceptor rests instead of spinning a core.
+                acceptor = Acceptor(self.loop, sock, lambda conn, address, h=host, p=target_port:
+                                    self._accept(conn, address, h, p), log=self.log)
+                self.listeners.append((sock, host, target_port, acceptor))
+                self.addresses.append((sock.getsockname()[:2], (host, target_port)))
+        except BaseException:
+            self._close_listeners()
+            raise
 
     def run(self):
         self._dial()
         Tunnel.run(self)
 
     def _close_listeners(self):
-        for sock, _host, _port in self.listeners:
-            self.loop.watch(sock, 0, None)
+        for sock, _host, _port, acceptor in self.listeners:
+            acceptor.close()
             sock.close()
+        self.listeners = []
         while self._pending:
             reset_socket(self._pending.popleft()[1])
 
-    def _accept(self, listener, host, port):
+    def _accept(self, sock, address, host, port):
         try:
-            sock, address = listener.accept()
-        except (BlockingIOError, InterruptedError):
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()                # reset before we got to it
             return
-        except OSError as e:
-            self.log('accept failed: %s' % describe_error(e))
-            return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         name = '%s:%d -> %s:%d' % (address[0], address[1], host, port)
         if self.link is not None and self.link.ready:
             self.link.open_stream(sock, host, port, name)

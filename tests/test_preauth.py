@@ -278,6 +278,45 @@ def test_serve_out_of_descriptors_neither_spins_nor_locks_out(tmp_path, serve):
         assert server.proc.poll() is None
 
 
+
+def test_near_tunnel_out_of_descriptors_neither_spins_nor_locks_out(tmp_path):
+    import resource
+    echo = TcpServer(echo_handler)
+    far = start_far(tmp_path / 'far.db', [echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    flood = []
+    try:
+        # As `ulimit -n 64` would have, on the running process: its -L
+        # listener is the one to run out.
+        resource.prlimit(near.proc.pid, resource.RLIMIT_NOFILE, (64, 64))
+        for _ in range(90):
+            flood.append(socket.create_connection(('127.0.0.1', near.port), timeout=10))
+        # Old code: accept() fails with EMFILE and the loop retries at once.
+        _threads, _fds, cpu_before = proc_figures(near.proc.pid)
+        started = time.monotonic()
+        wait_for(lambda: time.monotonic() - started >= 1.5, timeout=5, what='the window')
+        _threads, _fds, cpu_after = proc_figures(near.proc.pid)
+        busy = (cpu_after - cpu_before) / (time.monotonic() - started)
+        assert busy < 0.2, 'the near tunnel used %.0f%% of a core' % (100 * busy)
+        assert near.text().count('accept failed') <= 2, near.text()[-2000:]
+        for sock in flood:
+            sock.close()
+        flood = []
+
+        def forwarded():
+            try:
+                return round_trip(near.port, b'after the flood\n', timeout=5) == b'after the flood\n'
+            except OSError:
+                return False
+        wait_for(forwarded, timeout=20, what='a forwarded connection to work again')
+        assert near.proc.poll() is None
+    finally:
+        for sock in flood:
+            sock.close()
+        near.stop()
+        far.stop()
+        echo.close()
+
 def refuse_one_thread(monkeypatch, name):
     """Thread.start raises, as at a process limit, for the first thread called `name`."""
     real_start = threading.Thread.start
