@@ -119,6 +119,21 @@ class CacheError(WanxferError):
     format, or a directory that cannot be written."""
 
 
+class NoThread(WanxferError):
+    """A helper thread could not be started (a process's thread limit,
+    memory): what needed it fails with one line, not a traceback."""
+
+
+def start_thread(target, name, args=()):
+    """A daemon thread running target(*args), started; NoThread if it cannot be."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError as e:
+        raise NoThread('cannot start a %s thread: %s' % (name, e))
+    return thread
+
+
 # ---------------------------------------------------------------------------
 # Wire formats
 # ---------------------------------------------------------------------------
@@ -3246,8 +3261,8 @@ class DigestCache:
                             self._results.pop(key, None)
                     slot['done'].set()
                 try:
-                    threading.Thread(target=work, name='digest', daemon=True).start()
-                except RuntimeError:
+                    start_thread(work, 'digest')
+                except NoThread:
                     del self._results[key]      # or the next fetch of this file waits for ever
                     raise
 
@@ -3672,7 +3687,7 @@ class SignatureJob:
         self._whole = hashlib.sha256()
         self._digest = None
         self.done = threading.Event()
-        threading.Thread(target=self._run, args=(store, key), name='signature', daemon=True).start()
+        start_thread(self._run, 'signature', (store, key))
 
     def _run(self, store, key):
         stored = store.load(key) if store is not None else None
@@ -3807,8 +3822,7 @@ class SpanRefiner:
         if not 0 <= offset < end <= self.size:
             raise ProtocolError('refine range outside the file')
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name='refine', daemon=True)
-            self._thread.start()
+            self._thread = start_thread(self._run, 'refine')
         self._requests.put((offset, end))
 
     def busy(self):
@@ -4255,7 +4269,7 @@ class ServerSession:
                     raise ProtocolError('malformed %r request' % message['op'])
         except AuthError as e:
             self.server.log('%s: refused: %s' % (self.peer_name(), e))
-        except ProtocolError as e:
+        except (ProtocolError, NoThread) as e:
             self.server.log('%s: dropped: %s' % (self.peer_name(), e))
             self._tell_client(e)
         except (OSError, struct.error) as e:
