@@ -6786,10 +6786,10 @@ class LinkWriter:
         self._closing = False
         self.wire_bytes = 0
         self.error = None
-        self._thread = threading.Thread(target=self._run, name='link-writer', daemon=True)
+        self._thread = None
 
     def start(self):
-        self._thread.start()
+        self._thread = start_thread(self._run, 'link-writer')
 
     def should_pause(self):
         """Whether local reads should pause for the backlog; if so, this
@@ -6823,7 +6823,8 @@ class LinkWriter:
             self._closing = True
             self._queue.append(None)
             self._lock.notify()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread is not None and self._thread.is_alive() \
+                and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _take(self):
@@ -7753,7 +7754,12 @@ class NearTunnel(Tunnel):
             self._retry('%s' % describe_error(error))
             return
         sock, keys = result
-        self.link = self.add_link(sock, keys, '%s:%d' % self.peer)
+        try:
+            self.link = self.add_link(sock, keys, '%s:%d' % self.peer)
+        except NoThread as e:
+            sock.close()
+            self._retry(str(e))
+            return
         self.log('peer link up: %s:%d' % self.peer)
 
     def link_ready(self, link):
@@ -7831,7 +7837,13 @@ class FarTunnel(Tunnel):
         if self.loop.stopping:
             sock.close()
             return
-        self.add_link(sock, keys, name)
+        try:
+            self.add_link(sock, keys, name)
+        except NoThread as e:
+            # Raised on the loop, it would have ended the tunnel.
+            sock.close()
+            self.log('peer %s dropped: %s' % (name, e))
+            return
         self.log('peer link up: %s' % name)
 
     def link_closed(self, link, reason):

@@ -407,6 +407,28 @@ def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel
         echo.close()
 
 
+
+def test_a_link_writer_thread_that_cannot_start_drops_that_peer_not_the_tunnel(tmp_path, monkeypatch):
+    echo = TcpServer(echo_handler)
+    died = []
+    monkeypatch.setattr(threading, 'excepthook', died.append)
+    far = InProcessFarTunnel(tmp_path, [echo.port])
+    near = None
+    try:
+        refused = refuse_one_thread(monkeypatch, 'link-writer')
+        near = start_near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
+        near.wait_for(r'peer link up', timeout=15)     # its second try
+        assert refused
+        assert round_trip(near.port, b'hello\n', timeout=10) == b'hello\n'
+        assert far.thread.is_alive() and not died, [hook.exc_value for hook in died]
+        (line,) = [line for line in far.lines if 'cannot start' in line]
+        assert 'dropped' in line and 'link-writer' in line
+    finally:
+        if near is not None:
+            near.stop()
+        far.stop()
+        echo.close()
+
 class ExhaustedListener(socket.socket):
     """A listening socket whose accept() always fails as if out of descriptors."""
 
