@@ -4460,7 +4460,9 @@ class ServerSession:
             raise RemoteError('cannot read the file for its signature: %s' % source.error.strerror)
         pieces = (source.answers if refined else source.pieces)[sent:]
         if pieces:
-            self.sock.setblocking(True)         # a signature can outgrow the socket buffer
+            # A signature can outgrow the socket buffer; a client that stops
+            # reading it must not hold the session for ever.
+            self.sock.settimeout(DATA_TIMEOUT)
             try:
                 for offset, spans in pieces:
                     message = {'op': 'signature', 'file': self._file_id, 'offset': offset,
@@ -4576,7 +4578,9 @@ class ServerSession:
                     last_feedback += max(MIN_FEEDBACK_SILENCE, 4 * self.rtt)
         finally:
             selector.close()
-            self.sock.setblocking(True)
+            # Not setblocking(True): that is no timeout at all, and the wait
+            # for the next request would never end.
+            self.sock.settimeout(COMMAND_TIMEOUT)
 
     def _on_control(self, window, file_id, refiner):
         """Apply the control messages received: True when the client holds
@@ -5156,7 +5160,8 @@ class Client:
         self.session_id = keys.session_id
         ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('client')
         self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='server')
-        self.sock.settimeout(None)
+        # Every wait on the server, a send to it too, ends after `timeout`.
+        self.sock.settimeout(self.timeout)
         udp = socket.socket(self.sock.family, socket.SOCK_DGRAM)
         udp.connect(self.sock.getpeername()[:2])
         self.udp = DatagramSocket(udp)
@@ -5192,7 +5197,7 @@ class Client:
                     continue
                 return self._expect(message, 'ready')
         finally:
-            self.sock.settimeout(None)
+            self.sock.settimeout(self.timeout)
         raise TransferError('the server never confirmed the UDP data channel')
 
     def _collect_probes(self):
@@ -5230,12 +5235,12 @@ class Client:
         channel opens (one round trip in all): a listing dict, or the
         RemoteError the server answered, for each."""
         for remote in remotes:
-            self.control.send({'op': 'list', 'path': remote})
+            self._send({'op': 'list', 'path': remote})
         self._ensure_ready()
         results = []
         for _remote in remotes:
             try:
-                results.append(self._whole_listing(self.control.recv()))
+                results.append(self._whole_listing(self._next_message()))
             except RemoteError as e:
                 results.append(e)
         return results
@@ -5258,7 +5263,7 @@ class Client:
             if not page.get('more'):
                 listing.pop('more', None)
                 return listing
-            page = self._expect(self.control.recv(), 'listing')
+            page = self._expect(self._next_message(), 'listing')
 
     def listing(self, remote):
         (result,) = self.listings([remote])
@@ -5358,7 +5363,7 @@ class Client:
         partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         bitmap = partial.open()
         try:
-            self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
+            self._send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
                                'max_rate': self.max_rate, 'block_size': self.block_size,
                                'delta': delta, 'compress': self.store is not None,
                                'lead': delta and not kept and partial.resumed_blocks == 0,
@@ -5399,7 +5404,7 @@ class Client:
             return None, None
         family, connected, asked = self.sock.family, self._connect_started, time.monotonic()
         offered = block_size_for_mtu(self.udp.path_mtu(), family)
-        self.control.send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
+        self._send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
                            'block_size': offered,
                            'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE, 'lead': True,
                            'compress': self.store is not None})
@@ -5431,7 +5436,7 @@ class Client:
             self.events.warning('%s: digest mismatch; fetching it again from scratch' % remote)
             return self.fetch(remote, dest, entry, retries=0), None
         except PathTooNarrow:
-            self.control.send({'op': 'abort'})
+            self._send({'op': 'abort'})
             partial.discard()
             self._connect_started = connected
             self.events.warning('the path to %s carries only %d-byte packets; fetching %s again '
@@ -5466,7 +5471,7 @@ class Client:
                 self._receive(window, writer, partial, size, started, assembler, unproven)
             writer.sync()
             partial.save_state(writer.written_bitmap())
-            self.control.send({'op': 'done', 'file': self._file_id})
+            self._send({'op': 'done', 'file': self._file_id})
             if then is not None:
                 then()
             local = partial.digest(frontier)    # while the server's answer is on its way
@@ -5566,7 +5571,7 @@ class Client:
                 asked += 1
 
     def _ask_small(self, batch):
-        self.control.send({'op': 'read', 'compress': self.store is not None, 'files': [
+        self._send({'op': 'read', 'compress': self.store is not None, 'files': [
             {'path': remote, 'size': int(entry['size']), 'mtime_ns': int(entry['mtime_ns'])}
             for remote, _dest, entry in batch]})
 
@@ -5596,13 +5601,16 @@ class Client:
         return transfer_summary(dest, remote, size, size, seconds, wire, wire, self.encrypt, 0, local)
 
     def _next_message(self):
-        self.sock.settimeout(self.timeout)
         try:
             return self.control.recv()
         except socket.timeout:
             raise TransferError('the server did not answer for %d s' % self.timeout)
-        finally:
-            self.sock.settimeout(None)
+
+    def _send(self, message):
+        try:
+            self.control.send(message)
+        except socket.timeout:
+            raise TransferError('the server took no request for %d s' % self.timeout)
 
     def _apply_signature(self, message, assembler, window, writer):
         """Fill what this piece of the signature lets us, and ask the server
@@ -5618,10 +5626,10 @@ class Client:
         if decided > window.decided or held_lead:
             need = bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, self._lead))
             window.decided = max(decided, window.decided)
-            self.control.send({'op': 'need', 'file': self._file_id, 'ranges': need,
+            self._send({'op': 'need', 'file': self._file_id, 'ranges': need,
                                'held': held_lead})
         if refine:
-            self.control.send({'op': 'refine', 'file': self._file_id, 'offset': refine[0],
+            self._send({'op': 'refine', 'file': self._file_id, 'offset': refine[0],
                                'end': refine[1]})
             if self._older_copies:              # once, while the server cuts its copy
                 self._index_older_copies(self._older_copies)
