@@ -6590,6 +6590,8 @@ LINK_STABLE = 10.0                  # s a link must live before back-off starts 
 PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the link
 MAX_PENDING_STREAMS = 256
 CONNECT_TIMEOUT = 10.0
+MAX_CONNECTING = 128                # targets the far side connects to at once (a thread each);
+                                    # later OPENs wait their turn
 STATS_INTERVAL = 2.0
 SEND_BATCH = 64                     # buffers per sendmsg to a local socket
 
@@ -7811,6 +7813,8 @@ class FarTunnel(Tunnel):
         self.pending = PendingHandshakes(self.loop, self._handshake, self.log, 'peer %s dropped: %s')
         self.acceptor = Acceptor(self.loop, self.listener, self.pending.admit, self.pending.make_room,
                                  self.log)
+        self._connecting = 0
+        self._to_connect = collections.deque()  # (stream, host, port) waiting for a helper thread
 
     def _close_listeners(self):
         self.acceptor.close()
@@ -7868,7 +7872,19 @@ class FarTunnel(Tunnel):
             return
         stream = Stream(link, sid, None, target)
         link.streams[sid] = stream
+        # Whoever reaches the peer's -L port opens streams: a thread each,
+        # held up to CONNECT_TIMEOUT by a silent target, needs a cap.
+        self._to_connect.append((stream, host, port))
+        self._connect_next()
 
+    def _connect_next(self):
+        while self._connecting < MAX_CONNECTING and self._to_connect:
+            stream, host, port = self._to_connect.popleft()
+            if not stream.closed:
+                self._connecting += 1
+                self._connect(stream, host, port)
+
+    def _connect(self, stream, host, port):
         def work():
             sock = socket.create_connection((host, port), CONNECT_TIMEOUT)
             sock.setblocking(False)
@@ -7876,13 +7892,15 @@ class FarTunnel(Tunnel):
             return sock
 
         def done(sock, error):
+            self._connecting -= 1
             if stream.closed:
                 if sock is not None:
                     sock.close()
             elif error is not None:
-                stream.reset('cannot connect to %s: %s' % (target, describe_error(error)))
+                stream.reset('cannot connect to %s: %s' % (stream.name, describe_error(error)))
             else:
                 stream.attach(sock)
+            self._connect_next()
 
         self.spawn(work, done)
 

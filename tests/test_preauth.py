@@ -429,6 +429,53 @@ def test_a_link_writer_thread_that_cannot_start_drops_that_peer_not_the_tunnel(t
         far.stop()
         echo.close()
 
+
+def test_far_tunnel_connects_to_targets_on_a_bounded_number_of_threads(tmp_path, monkeypatch):
+    # Anyone who reaches the near side's -L port makes the far side connect:
+    # with the target silent, each connection held a thread for up to
+    # CONNECT_TIMEOUT, as many as there were connections.
+    monkeypatch.setattr(wanxfer, 'MAX_CONNECTING', 8, raising=False)
+    echo = TcpServer(echo_handler)
+    far = InProcessFarTunnel(tmp_path, [echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [echo.port])
+    silent = threading.Event()
+    real_connect = socket.create_connection
+
+    def slow_connect(*args, **kwargs):
+        if threading.current_thread().name == 'tunnel-helper':
+            silent.wait(30)                     # the target says nothing until the test lets it
+        return real_connect(*args, **kwargs)
+    monkeypatch.setattr(socket, 'create_connection', slow_connect)
+    clients = []
+    try:
+        for _ in range(30):
+            clients.append(real_connect(('127.0.0.1', near.port), timeout=10))
+        wait_for(lambda: sum(len(link.streams) for link in list(far.tunnel.links)) == 30,
+                 timeout=10, what='the 30 streams on the far side')
+        seen = threading.Event()
+        far.tunnel.loop.post(seen.set)          # the loop is past the last OPEN
+        assert seen.wait(10)
+        helpers = [t for t in threading.enumerate() if t.name == 'tunnel-helper']
+        assert len(helpers) <= 8, '%d connect threads' % len(helpers)
+        silent.set()
+        for i, conn in enumerate(clients):
+            conn.sendall(b'stream %d\n' % i)
+        for i, conn in enumerate(clients):
+            expected = b'stream %d\n' % i
+            got = b''
+            while len(got) < len(expected):
+                data = conn.recv(100)
+                assert data, 'stream %d closed' % i
+                got += data
+            assert got == expected
+    finally:
+        silent.set()
+        for conn in clients:
+            conn.close()
+        near.stop()
+        far.stop()
+        echo.close()
+
 class ExhaustedListener(socket.socket):
     """A listening socket whose accept() always fails as if out of descriptors."""
 
