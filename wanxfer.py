@@ -2504,6 +2504,10 @@ class SendWindow:
         self._log = log
         self.first_seq = self.next_seq = first_seq
         self.largest_acked = first_seq - 1
+        # Every packet number up to here that an acknowledgement named
+        # missing has been declared lost (a receiver names the same gaps in
+        # several acknowledgements, and a hostile one names them all).
+        self._gaps_decided = first_seq - 1
         self.delivered = self.lost = self.retransmitted = 0
         self._sent_bytes = 0.0
 
@@ -2594,7 +2598,7 @@ class SendWindow:
             if end > low:
                 newly_missing += end - low
                 missing_bytes += self._sent_through(end - 1) - self._sent_through(low - 1)
-            for seq in range(max(start, self.first_seq, oldest_tracked), end):
+            for seq in range(max(start, self.first_seq, oldest_tracked, self._gaps_decided + 1), end):
                 slot = seq & (log.SIZE - 1)
                 block = log.blocks[slot]
                 if block < 0:
@@ -2604,6 +2608,7 @@ class SendWindow:
                     log.blocks[slot] = -1
                     self._queue_resend(block)
                     lost += 1
+        self._gaps_decided = max(self._gaps_decided, largest - self.REORDER_PACKETS)
         acked_from = max(previous, window_start - 1)
         delivered = max(0, largest - acked_from - newly_missing)
         delivered_bytes = max(0.0, self._sent_through(largest) - self._sent_through(acked_from)
