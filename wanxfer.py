@@ -2079,7 +2079,10 @@ class SignatureStore:
             if row is None:
                 return None
             db.execute('UPDATE signatures SET used = ? WHERE file = ?', (time.time(), key))
-            return row[0], [tuple(piece) for piece in json.loads(row[1])]
+            try:
+                return str(row[0]), [(int(offset), str(spans)) for offset, spans in json.loads(row[1])]
+            except (ValueError, TypeError):
+                return None             # a damaged row: the file is read again
         return self._run(load)
 
     def save(self, key, sha256, pieces):
@@ -3695,21 +3698,22 @@ class SignatureJob:
         start_thread(self._run, 'signature', (store, key))
 
     def _run(self, store, key):
-        stored = store.load(key) if store is not None else None
-        if stored is not None:
-            self._digest, self.pieces = stored
-            self.done.set()
-            return
         try:
-            for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
-                self.pieces.append((offset, encode_spans(spans)))
-        except OSError as e:
-            self.error = e
-        else:
-            self._digest = self._whole.hexdigest()
-            if store is not None:
-                store.save(key, self._digest, self.pieces)
-        self.done.set()
+            stored = store.load(key) if store is not None else None
+            if stored is not None:
+                self._digest, self.pieces = stored
+                return
+            try:
+                for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
+                    self.pieces.append((offset, encode_spans(spans)))
+            except OSError as e:
+                self.error = e
+            else:
+                self._digest = self._whole.hexdigest()
+                if store is not None:
+                    store.save(key, self._digest, self.pieces)
+        finally:
+            self.done.set()             # whatever happened: the session must not wait for ever
 
     def sha256(self):
         """The whole file's hex SHA-256, once the signature is complete."""
