@@ -3826,10 +3826,17 @@ class SpanRefiner:
         self.error = None
         self._requests = queue.Queue()
         self._thread = None
+        self._refined_to = 0
 
     def request(self, offset, end):
         if not 0 <= offset < end <= self.size:
             raise ProtocolError('refine range outside the file')
+        # A client asks within one signature piece, pieces in order: so
+        # each byte is cut once a fetch, not once a (tiny) request.
+        if offset < self._refined_to or end - offset > SIGNATURE_SEGMENT:
+            raise ProtocolError('refine range [%d, %d) overlaps one asked before or spans more '
+                                'than a signature piece' % (offset, end))
+        self._refined_to = end
         if self._thread is None:
             self._thread = start_thread(self._run, 'refine')
         self._requests.put((offset, end))

@@ -85,6 +85,27 @@ def test_a_client_idle_after_a_fetch_is_hung_up_on_at_the_command_timeout(tmp_pa
         server.stop()
 
 
+def test_a_client_gets_each_byte_refined_once_a_fetch(tmp_path, serve):
+    # Content-defined spans cost the server a pass over the range in pure
+    # Python: one small request for the whole file, again and again, was
+    # that much work each time.
+    source = make_file(tmp_path / 'f', 2 << 20)
+    server = serve([source])
+    client = HostileClient(server.port)
+    try:
+        client.send(open_fetch(source, delta=True))
+        size = source.stat().st_size
+        for _ in range(3):
+            client.send({'op': 'refine', 'file': 1, 'offset': 0, 'end': size})
+        replies = client.messages_until_closed()
+    finally:
+        client.close()
+    refined = [m for m in replies if m['op'] == 'signature' and m.get('refined')]
+    assert len(refined) <= 1, [m['op'] for m in replies]
+    assert replies[-1]['op'] == 'error' and 'refine' in replies[-1]['message'], replies[-1]
+    assert 'Traceback' not in server.log() and server.proc.poll() is None
+
+
 def empty_file_answers(digest=None, start=None):
     """answer() for a REMOTE that is an empty file: `start` for the open
     fetch, then `digest` for its done."""
