@@ -119,6 +119,21 @@ class CacheError(WanxferError):
     format, or a directory that cannot be written."""
 
 
+class NoThread(WanxferError):
+    """A helper thread could not be started (a process's thread limit,
+    memory): what needed it fails with one line, not a traceback."""
+
+
+def start_thread(target, name, args=()):
+    """A daemon thread running target(*args), started; NoThread if it cannot be."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError as e:
+        raise NoThread('cannot start a %s thread: %s' % (name, e))
+    return thread
+
+
 # ---------------------------------------------------------------------------
 # Wire formats
 # ---------------------------------------------------------------------------
@@ -2064,7 +2079,10 @@ class SignatureStore:
             if row is None:
                 return None
             db.execute('UPDATE signatures SET used = ? WHERE file = ?', (time.time(), key))
-            return row[0], [tuple(piece) for piece in json.loads(row[1])]
+            try:
+                return str(row[0]), [(int(offset), str(spans)) for offset, spans in json.loads(row[1])]
+            except (ValueError, TypeError):
+                return None             # a damaged row: the file is read again
         return self._run(load)
 
     def save(self, key, sha256, pieces):
@@ -2489,6 +2507,10 @@ class SendWindow:
         self._log = log
         self.first_seq = self.next_seq = first_seq
         self.largest_acked = first_seq - 1
+        # Every packet number up to here that an acknowledgement named
+        # missing has been declared lost (a receiver names the same gaps in
+        # several acknowledgements, and a hostile one names them all).
+        self._gaps_decided = first_seq - 1
         self.delivered = self.lost = self.retransmitted = 0
         self._sent_bytes = 0.0
 
@@ -2579,7 +2601,7 @@ class SendWindow:
             if end > low:
                 newly_missing += end - low
                 missing_bytes += self._sent_through(end - 1) - self._sent_through(low - 1)
-            for seq in range(max(start, self.first_seq, oldest_tracked), end):
+            for seq in range(max(start, self.first_seq, oldest_tracked, self._gaps_decided + 1), end):
                 slot = seq & (log.SIZE - 1)
                 block = log.blocks[slot]
                 if block < 0:
@@ -2589,6 +2611,7 @@ class SendWindow:
                     log.blocks[slot] = -1
                     self._queue_resend(block)
                     lost += 1
+        self._gaps_decided = max(self._gaps_decided, largest - self.REORDER_PACKETS)
         acked_from = max(previous, window_start - 1)
         delivered = max(0, largest - acked_from - newly_missing)
         delivered_bytes = max(0.0, self._sent_through(largest) - self._sent_through(acked_from)
@@ -3246,8 +3269,8 @@ class DigestCache:
                             self._results.pop(key, None)
                     slot['done'].set()
                 try:
-                    threading.Thread(target=work, name='digest', daemon=True).start()
-                except RuntimeError:
+                    start_thread(work, 'digest')
+                except NoThread:
                     del self._results[key]      # or the next fetch of this file waits for ever
                     raise
 
@@ -3672,24 +3695,25 @@ class SignatureJob:
         self._whole = hashlib.sha256()
         self._digest = None
         self.done = threading.Event()
-        threading.Thread(target=self._run, args=(store, key), name='signature', daemon=True).start()
+        start_thread(self._run, 'signature', (store, key))
 
     def _run(self, store, key):
-        stored = store.load(key) if store is not None else None
-        if stored is not None:
-            self._digest, self.pieces = stored
-            self.done.set()
-            return
         try:
-            for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
-                self.pieces.append((offset, encode_spans(spans)))
-        except OSError as e:
-            self.error = e
-        else:
-            self._digest = self._whole.hexdigest()
-            if store is not None:
-                store.save(key, self._digest, self.pieces)
-        self.done.set()
+            stored = store.load(key) if store is not None else None
+            if stored is not None:
+                self._digest, self.pieces = stored
+                return
+            try:
+                for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
+                    self.pieces.append((offset, encode_spans(spans)))
+            except OSError as e:
+                self.error = e
+            else:
+                self._digest = self._whole.hexdigest()
+                if store is not None:
+                    store.save(key, self._digest, self.pieces)
+        finally:
+            self.done.set()             # whatever happened: the session must not wait for ever
 
     def sha256(self):
         """The whole file's hex SHA-256, once the signature is complete."""
@@ -3802,13 +3826,19 @@ class SpanRefiner:
         self.error = None
         self._requests = queue.Queue()
         self._thread = None
+        self._refined_to = 0
 
     def request(self, offset, end):
         if not 0 <= offset < end <= self.size:
             raise ProtocolError('refine range outside the file')
+        # A client asks within one signature piece, pieces in order: so
+        # each byte is cut once a fetch, not once a (tiny) request.
+        if offset < self._refined_to or end - offset > SIGNATURE_SEGMENT:
+            raise ProtocolError('refine range [%d, %d) overlaps one asked before or spans more '
+                                'than a signature piece' % (offset, end))
+        self._refined_to = end
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name='refine', daemon=True)
-            self._thread.start()
+            self._thread = start_thread(self._run, 'refine')
         self._requests.put((offset, end))
 
     def busy(self):
@@ -4255,7 +4285,7 @@ class ServerSession:
                     raise ProtocolError('malformed %r request' % message['op'])
         except AuthError as e:
             self.server.log('%s: refused: %s' % (self.peer_name(), e))
-        except ProtocolError as e:
+        except (ProtocolError, NoThread) as e:
             self.server.log('%s: dropped: %s' % (self.peer_name(), e))
             self._tell_client(e)
         except (OSError, struct.error) as e:
@@ -4446,7 +4476,9 @@ class ServerSession:
             raise RemoteError('cannot read the file for its signature: %s' % source.error.strerror)
         pieces = (source.answers if refined else source.pieces)[sent:]
         if pieces:
-            self.sock.setblocking(True)         # a signature can outgrow the socket buffer
+            # A signature can outgrow the socket buffer; a client that stops
+            # reading it must not hold the session for ever.
+            self.sock.settimeout(DATA_TIMEOUT)
             try:
                 for offset, spans in pieces:
                     message = {'op': 'signature', 'file': self._file_id, 'offset': offset,
@@ -4562,7 +4594,9 @@ class ServerSession:
                     last_feedback += max(MIN_FEEDBACK_SILENCE, 4 * self.rtt)
         finally:
             selector.close()
-            self.sock.setblocking(True)
+            # Not setblocking(True): that is no timeout at all, and the wait
+            # for the next request would never end.
+            self.sock.settimeout(COMMAND_TIMEOUT)
 
     def _on_control(self, window, file_id, refiner):
         """Apply the control messages received: True when the client holds
@@ -5142,7 +5176,8 @@ class Client:
         self.session_id = keys.session_id
         ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('client')
         self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='server')
-        self.sock.settimeout(None)
+        # Every wait on the server, a send to it too, ends after `timeout`.
+        self.sock.settimeout(self.timeout)
         udp = socket.socket(self.sock.family, socket.SOCK_DGRAM)
         udp.connect(self.sock.getpeername()[:2])
         self.udp = DatagramSocket(udp)
@@ -5178,7 +5213,7 @@ class Client:
                     continue
                 return self._expect(message, 'ready')
         finally:
-            self.sock.settimeout(None)
+            self.sock.settimeout(self.timeout)
         raise TransferError('the server never confirmed the UDP data channel')
 
     def _collect_probes(self):
@@ -5216,12 +5251,12 @@ class Client:
         channel opens (one round trip in all): a listing dict, or the
         RemoteError the server answered, for each."""
         for remote in remotes:
-            self.control.send({'op': 'list', 'path': remote})
+            self._send({'op': 'list', 'path': remote})
         self._ensure_ready()
         results = []
         for _remote in remotes:
             try:
-                results.append(self._whole_listing(self.control.recv()))
+                results.append(self._whole_listing(self._next_message()))
             except RemoteError as e:
                 results.append(e)
         return results
@@ -5244,7 +5279,7 @@ class Client:
             if not page.get('more'):
                 listing.pop('more', None)
                 return listing
-            page = self._expect(self.control.recv(), 'listing')
+            page = self._expect(self._next_message(), 'listing')
 
     def listing(self, remote):
         (result,) = self.listings([remote])
@@ -5344,7 +5379,7 @@ class Client:
         partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         bitmap = partial.open()
         try:
-            self.control.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
+            self._send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
                                'max_rate': self.max_rate, 'block_size': self.block_size,
                                'delta': delta, 'compress': self.store is not None,
                                'lead': delta and not kept and partial.resumed_blocks == 0,
@@ -5385,7 +5420,7 @@ class Client:
             return None, None
         family, connected, asked = self.sock.family, self._connect_started, time.monotonic()
         offered = block_size_for_mtu(self.udp.path_mtu(), family)
-        self.control.send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
+        self._send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
                            'block_size': offered,
                            'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE, 'lead': True,
                            'compress': self.store is not None})
@@ -5417,7 +5452,7 @@ class Client:
             self.events.warning('%s: digest mismatch; fetching it again from scratch' % remote)
             return self.fetch(remote, dest, entry, retries=0), None
         except PathTooNarrow:
-            self.control.send({'op': 'abort'})
+            self._send({'op': 'abort'})
             partial.discard()
             self._connect_started = connected
             self.events.warning('the path to %s carries only %d-byte packets; fetching %s again '
@@ -5452,7 +5487,7 @@ class Client:
                 self._receive(window, writer, partial, size, started, assembler, unproven)
             writer.sync()
             partial.save_state(writer.written_bitmap())
-            self.control.send({'op': 'done', 'file': self._file_id})
+            self._send({'op': 'done', 'file': self._file_id})
             if then is not None:
                 then()
             local = partial.digest(frontier)    # while the server's answer is on its way
@@ -5552,7 +5587,7 @@ class Client:
                 asked += 1
 
     def _ask_small(self, batch):
-        self.control.send({'op': 'read', 'compress': self.store is not None, 'files': [
+        self._send({'op': 'read', 'compress': self.store is not None, 'files': [
             {'path': remote, 'size': int(entry['size']), 'mtime_ns': int(entry['mtime_ns'])}
             for remote, _dest, entry in batch]})
 
@@ -5582,13 +5617,16 @@ class Client:
         return transfer_summary(dest, remote, size, size, seconds, wire, wire, self.encrypt, 0, local)
 
     def _next_message(self):
-        self.sock.settimeout(self.timeout)
         try:
             return self.control.recv()
         except socket.timeout:
             raise TransferError('the server did not answer for %d s' % self.timeout)
-        finally:
-            self.sock.settimeout(None)
+
+    def _send(self, message):
+        try:
+            self.control.send(message)
+        except socket.timeout:
+            raise TransferError('the server took no request for %d s' % self.timeout)
 
     def _apply_signature(self, message, assembler, window, writer):
         """Fill what this piece of the signature lets us, and ask the server
@@ -5604,10 +5642,10 @@ class Client:
         if decided > window.decided or held_lead:
             need = bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, self._lead))
             window.decided = max(decided, window.decided)
-            self.control.send({'op': 'need', 'file': self._file_id, 'ranges': need,
+            self._send({'op': 'need', 'file': self._file_id, 'ranges': need,
                                'held': held_lead})
         if refine:
-            self.control.send({'op': 'refine', 'file': self._file_id, 'offset': refine[0],
+            self._send({'op': 'refine', 'file': self._file_id, 'offset': refine[0],
                                'end': refine[1]})
             if self._older_copies:              # once, while the server cuts its copy
                 self._index_older_copies(self._older_copies)
@@ -6568,6 +6606,8 @@ LINK_STABLE = 10.0                  # s a link must live before back-off starts 
 PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the link
 MAX_PENDING_STREAMS = 256
 CONNECT_TIMEOUT = 10.0
+MAX_CONNECTING = 128                # targets the far side connects to at once (a thread each);
+                                    # later OPENs wait their turn
 STATS_INTERVAL = 2.0
 SEND_BATCH = 64                     # buffers per sendmsg to a local socket
 
@@ -6772,10 +6812,10 @@ class LinkWriter:
         self._closing = False
         self.wire_bytes = 0
         self.error = None
-        self._thread = threading.Thread(target=self._run, name='link-writer', daemon=True)
+        self._thread = None
 
     def start(self):
-        self._thread.start()
+        self._thread = start_thread(self._run, 'link-writer')
 
     def should_pause(self):
         """Whether local reads should pause for the backlog; if so, this
@@ -6809,7 +6849,8 @@ class LinkWriter:
             self._closing = True
             self._queue.append(None)
             self._lock.notify()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if self._thread is not None and self._thread.is_alive() \
+                and self._thread is not threading.current_thread():
             self._thread.join()
 
     def _take(self):
@@ -7653,39 +7694,43 @@ class NearTunnel(Tunnel):
         Tunnel.__init__(self, secret, store, encrypt, log)
         self.peer = peer
         self.link = None
-        self.listeners = []             # (socket, target host, target port)
+        self.listeners = []             # (socket, target host, target port, Acceptor)
         self.addresses = []
         self._pending = collections.deque()     # (deadline, socket, host, port, name)
         self._attempt = 0
         self._dialing = False
-        for bind, port, host, target_port in forwards:
-            sock = listen_socket(bind, port)
-            self.listeners.append((sock, host, target_port))
-            self.addresses.append((sock.getsockname()[:2], (host, target_port)))
-            self.loop.watch(sock, selectors.EVENT_READ,
-                            lambda mask, s=sock, h=host, p=target_port: self._accept(s, h, p))
+        try:
+            for bind, port, host, target_port in forwards:
+                sock = listen_socket(bind, port)
+                # Out of descriptors, accept() fails while the listener stays
+                # readable: the Acceptor rests instead of spinning a core.
+                acceptor = Acceptor(self.loop, sock, lambda conn, address, h=host, p=target_port:
+                                    self._accept(conn, address, h, p), log=self.log)
+                self.listeners.append((sock, host, target_port, acceptor))
+                self.addresses.append((sock.getsockname()[:2], (host, target_port)))
+        except BaseException:
+            self._close_listeners()
+            raise
 
     def run(self):
         self._dial()
         Tunnel.run(self)
 
     def _close_listeners(self):
-        for sock, _host, _port in self.listeners:
-            self.loop.watch(sock, 0, None)
+        for sock, _host, _port, acceptor in self.listeners:
+            acceptor.close()
             sock.close()
+        self.listeners = []
         while self._pending:
             reset_socket(self._pending.popleft()[1])
 
-    def _accept(self, listener, host, port):
+    def _accept(self, sock, address, host, port):
         try:
-            sock, address = listener.accept()
-        except (BlockingIOError, InterruptedError):
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()                # reset before we got to it
             return
-        except OSError as e:
-            self.log('accept failed: %s' % describe_error(e))
-            return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         name = '%s:%d -> %s:%d' % (address[0], address[1], host, port)
         if self.link is not None and self.link.ready:
             self.link.open_stream(sock, host, port, name)
@@ -7735,7 +7780,12 @@ class NearTunnel(Tunnel):
             self._retry('%s' % describe_error(error))
             return
         sock, keys = result
-        self.link = self.add_link(sock, keys, '%s:%d' % self.peer)
+        try:
+            self.link = self.add_link(sock, keys, '%s:%d' % self.peer)
+        except NoThread as e:
+            sock.close()
+            self._retry(str(e))
+            return
         self.log('peer link up: %s:%d' % self.peer)
 
     def link_ready(self, link):
@@ -7779,6 +7829,8 @@ class FarTunnel(Tunnel):
         self.pending = PendingHandshakes(self.loop, self._handshake, self.log, 'peer %s dropped: %s')
         self.acceptor = Acceptor(self.loop, self.listener, self.pending.admit, self.pending.make_room,
                                  self.log)
+        self._connecting = 0
+        self._to_connect = collections.deque()  # (stream, host, port) waiting for a helper thread
 
     def _close_listeners(self):
         self.acceptor.close()
@@ -7813,7 +7865,13 @@ class FarTunnel(Tunnel):
         if self.loop.stopping:
             sock.close()
             return
-        self.add_link(sock, keys, name)
+        try:
+            self.add_link(sock, keys, name)
+        except NoThread as e:
+            # Raised on the loop, it would have ended the tunnel.
+            sock.close()
+            self.log('peer %s dropped: %s' % (name, e))
+            return
         self.log('peer link up: %s' % name)
 
     def link_closed(self, link, reason):
@@ -7830,7 +7888,19 @@ class FarTunnel(Tunnel):
             return
         stream = Stream(link, sid, None, target)
         link.streams[sid] = stream
+        # Whoever reaches the peer's -L port opens streams: a thread each,
+        # held up to CONNECT_TIMEOUT by a silent target, needs a cap.
+        self._to_connect.append((stream, host, port))
+        self._connect_next()
 
+    def _connect_next(self):
+        while self._connecting < MAX_CONNECTING and self._to_connect:
+            stream, host, port = self._to_connect.popleft()
+            if not stream.closed:
+                self._connecting += 1
+                self._connect(stream, host, port)
+
+    def _connect(self, stream, host, port):
         def work():
             sock = socket.create_connection((host, port), CONNECT_TIMEOUT)
             sock.setblocking(False)
@@ -7838,13 +7908,15 @@ class FarTunnel(Tunnel):
             return sock
 
         def done(sock, error):
+            self._connecting -= 1
             if stream.closed:
                 if sock is not None:
                     sock.close()
             elif error is not None:
-                stream.reset('cannot connect to %s: %s' % (target, describe_error(error)))
+                stream.reset('cannot connect to %s: %s' % (stream.name, describe_error(error)))
             else:
                 stream.attach(sock)
+            self._connect_next()
 
         self.spawn(work, done)
 

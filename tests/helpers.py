@@ -296,6 +296,52 @@ def stats(cache):
 
 
 # ---------------------------------------------------------------------------
+# In-process servers
+# ---------------------------------------------------------------------------
+# serve and tunnel --listen on a thread of the test's own process, where a
+# test can patch what they call (a thread that cannot start, a timeout).
+
+class InProcessServer:
+    """A wanxfer.Server on a thread of this process, its log kept in `lines`."""
+
+    def __init__(self, paths):
+        self.lines = []
+        self.server = wanxfer.Server(wanxfer.ServedTree([str(p) for p in paths]), SECRET.encode(),
+                                     '127.0.0.1', 0, log=self.lines.append)
+        self.port = self.server.port
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def log(self):
+        return '\n'.join(self.lines)
+
+    def stop(self):
+        self.server.shutdown()
+        self.thread.join(10)
+
+
+class InProcessFarTunnel:
+    """A wanxfer.FarTunnel (`tunnel --listen`) on a thread of this process."""
+
+    def __init__(self, tmp_path, allow):
+        self.lines = []
+        store = wanxfer.ChunkStore(str(tmp_path / 'far.db'), 64 << 20)
+        self.tunnel = wanxfer.FarTunnel(SECRET.encode(), store, '127.0.0.1', 0,
+                                        [('127.0.0.1', port) for port in allow],
+                                        log=self.lines.append)
+        self.port = self.tunnel.address[1]
+        self.thread = threading.Thread(target=self.tunnel.run, daemon=True)
+        self.thread.start()
+
+    def log(self):
+        return '\n'.join(self.lines)
+
+    def stop(self):
+        self.tunnel.stop()
+        self.thread.join(10)
+
+
+# ---------------------------------------------------------------------------
 # TCP targets and a relay
 # ---------------------------------------------------------------------------
 

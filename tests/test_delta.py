@@ -398,6 +398,26 @@ def test_a_restarted_server_reuses_the_signature_it_stored(tmp_path, serve, priv
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize('damage', ['not json', '[1]', '[[0]]'])
+def test_a_damaged_stored_signature_costs_a_reread_not_the_session(tmp_path, serve, private_cache,
+                                                                   damage):
+    data = make_file(tmp_path / 'f.bin', 2 * MiB, seed=16)
+    server = serve([data])
+    fetch(server.port, 'f.bin', tmp_path / 'a')
+    server.stop()
+    db = wanxfer.open_cache_db(str(private_cache), create=False)
+    db.execute('UPDATE signatures SET pieces = ?', (damage,))
+    db.close()
+    server = serve([data], port=server.port)
+    # Old code: the signature thread died on the row, and the session
+    # waited for it until the client gave up.
+    done = run_get(server.port, 'f.bin', '-o', tmp_path / 'b', '--timeout', '5')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'b') == sha256(data)
+    assert 'Traceback' not in server.log()
+
+
+@pytest.mark.e2e
 def test_a_small_new_file_skips_the_signature_but_an_update_of_it_does_not(tmp_path, serve):
     src = tmp_path / 'src'
     src.mkdir()

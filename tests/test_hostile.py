@@ -7,11 +7,15 @@ a one-line error, never a traceback, a huge allocation or a spinning loop;
 import json
 import os
 import random
+import socket
+import threading
+import time
+from array import array
 
 import pytest
 
-from helpers import (CLOSE, FakeServer, HostileClient, b64, make_file, run_get, run_get_measured, sha,
-                     small_file_answers, wait_for, wanxfer, zlib_bomb)
+from helpers import (CLOSE, SECRET, FakeServer, HostileClient, InProcessServer, b64, make_file, run_get,
+                     run_get_measured, sha, sha256, small_file_answers, wait_for, wanxfer, zlib_bomb)
 
 
 def closed_fetch(path, **fields):
@@ -58,6 +62,49 @@ def test_a_hostile_request_ends_only_its_session_with_one_line(tmp_path, serve, 
     result = run_get(server.port, 'f', '-o', tmp_path / 'copy')
     assert result.returncode == 0, result.stderr
     assert (tmp_path / 'copy').read_bytes() == source.read_bytes()
+
+
+@pytest.mark.e2e
+def test_a_client_idle_after_a_fetch_is_hung_up_on_at_the_command_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(wanxfer, 'COMMAND_TIMEOUT', 1.0)
+    data = make_file(tmp_path / 'f', 300000)
+    server = InProcessServer([data])
+    client = wanxfer.Client('127.0.0.1', server.port, SECRET.encode())
+    try:
+        client.connect()
+        client.fetch('f', str(tmp_path / 'out'), client.listing('f')['files'][0])
+        assert sha256(tmp_path / 'out') == sha256(data)
+        # Old code: the data phase left the socket without a timeout, so a
+        # client that went quiet (or whose host vanished) held its session
+        # and thread for ever.
+        client.sock.settimeout(15)
+        assert client.sock.recv(1) == b''
+        wait_for(lambda: 'timed out' in server.log(), timeout=5, what='the drop in the log')
+    finally:
+        client.close()
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_a_client_gets_each_byte_refined_once_a_fetch(tmp_path, serve):
+    # Content-defined spans cost the server a pass over the range in pure
+    # Python: one small request for the whole file, again and again, was
+    # that much work each time.
+    source = make_file(tmp_path / 'f', 2 << 20)
+    server = serve([source])
+    client = HostileClient(server.port)
+    try:
+        client.send(open_fetch(source, delta=True))
+        size = source.stat().st_size
+        for _ in range(3):
+            client.send({'op': 'refine', 'file': 1, 'offset': 0, 'end': size})
+        replies = client.messages_until_closed()
+    finally:
+        client.close()
+    refined = [m for m in replies if m['op'] == 'signature' and m.get('refined')]
+    assert len(refined) <= 1, [m['op'] for m in replies]
+    assert replies[-1]['op'] == 'error' and 'refine' in replies[-1]['message'], replies[-1]
+    assert 'Traceback' not in server.log() and server.proc.poll() is None
 
 
 def empty_file_answers(digest=None, start=None):
@@ -178,6 +225,60 @@ def test_a_malformed_answer_is_one_error_line(tmp_path, reply):
 
 
 @pytest.mark.e2e
+def test_a_server_that_never_answers_a_listing_is_given_up_on_at_the_timeout(tmp_path):
+    # Two REMOTEs are listed first.  Old code waited for the listing with no
+    # timeout at all (here until the impostor hung up, 20 s on).
+    fake = FakeServer(lambda message: [])
+    started = time.monotonic()
+    try:
+        status, _out, err, _rss = run_get_measured(
+            fake.port, ['--timeout', '1', 'a', 'b', '-o', str(tmp_path / 'dest')], tmp_path)
+    finally:
+        fake.close()
+    assert time.monotonic() - started < 10
+    assert status == 1
+    assert 'did not answer' in one_error_line(err)
+
+
+@pytest.mark.e2e
+def test_a_server_that_stops_reading_is_given_up_on_at_the_timeout():
+    # Requests are sent before answers are read; a server that takes none
+    # of them must not hold `get` in sendall() for ever.
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(1)
+    done = threading.Event()
+
+    def deaf_server():
+        conn, _address = listener.accept()
+        try:
+            wanxfer.server_handshake(conn, SECRET.encode(), True)
+            done.wait(60)
+        finally:
+            conn.close()
+    threading.Thread(target=deaf_server, daemon=True).start()
+    client = wanxfer.Client('127.0.0.1', listener.getsockname()[1], SECRET.encode(), timeout=1.0)
+    outcome = []
+
+    def ask():
+        try:
+            client.connect()
+            client.listings(['x' * 4000] * 4000)         # 16 MB of requests
+        except (wanxfer.WanxferError, OSError) as e:
+            outcome.append(e)
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    try:
+        asker.join(15)
+        assert not asker.is_alive(), 'get is still sending to a server that does not read'
+        assert outcome and isinstance(outcome[0], wanxfer.TransferError), outcome
+    finally:
+        done.set()
+        client.close()
+        listener.close()
+
+
+@pytest.mark.e2e
 def test_a_digest_that_is_not_hex_is_one_error_line(tmp_path):
     digest = {'op': 'digest', 'file': 1, 'sha256': '\u00e9' * 64}
     status, _out, err, _rss = get_against(tmp_path, empty_file_answers(digest=digest))
@@ -232,6 +333,35 @@ def test_one_nak_naming_a_whole_large_file_looks_at_a_bounded_number_of_blocks()
         window.sent_run(first, count, 0.0, False)
     queued = window.on_nak([(0, blocks)], now=10.0, rtt=0.1)
     assert 0 < queued <= 1 << 16
+
+
+class CountingArray(array):
+    """An array that counts the items read from it."""
+    reads = 0
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return array.__getitem__(self, index)
+
+
+def test_feedback_naming_every_packet_missing_again_and_again_walks_each_once():
+    # A 60-byte datagram whose one gap spans the million tracked packets
+    # cost the sender a million steps (0.1 s), for every one sent.
+    sent = wanxfer.PacketLog.SIZE + 1000
+    log = wanxfer.PacketLog()
+    window = wanxfer.SendWindow([(0, sent)], 0, log)
+    while window.has_work():
+        first, count, _resend = window.next_run(1 << 16)
+        window.sent_run(first, count, 0.0, False)
+    log.blocks = CountingArray('q', log.blocks)
+    largest = sent - 100
+    window.on_ack(0, largest, [(0, largest)], 1.0, 0.1)
+    assert log.blocks.reads <= wanxfer.PacketLog.SIZE
+    for _ in range(20):
+        log.blocks.reads = 0
+        largest += 1
+        window.on_ack(0, largest, [(0, largest)], 1.0, 0.1)
+        assert log.blocks.reads <= 2 * wanxfer.SendWindow.REORDER_PACKETS, log.blocks.reads
 
 
 def test_a_signature_piece_with_more_spans_than_a_piece_holds_is_refused():

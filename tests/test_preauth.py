@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from helpers import SECRET, WANXFER, echo_handler, make_file, round_trip, run_get, sha256, wait_for, wanxfer
+from helpers import (SECRET, WANXFER, InProcessFarTunnel, InProcessServer, echo_handler, make_file,
+                     round_trip, run_get, sha256, wait_for, wanxfer)
 from helpers import Server as TcpServer         # not to be taken for wanxfer.Server
 
 pytestmark = pytest.mark.e2e          # every test here starts processes or sockets
@@ -112,46 +113,6 @@ def proc_figures(pid):
         fields = f.read().rsplit(')', 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
     return threads, len(os.listdir('/proc/%d/fd' % pid)), cpu
-
-
-class InProcessServer:
-    """A wanxfer.Server on a thread of this process, its log kept in `lines`."""
-
-    def __init__(self, paths):
-        self.lines = []
-        self.server = wanxfer.Server(wanxfer.ServedTree([str(p) for p in paths]), SECRET.encode(),
-                                     '127.0.0.1', 0, log=self.lines.append)
-        self.port = self.server.port
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def log(self):
-        return '\n'.join(self.lines)
-
-    def stop(self):
-        self.server.shutdown()
-        self.thread.join(10)
-
-
-class InProcessFarTunnel:
-    """A wanxfer.FarTunnel (`tunnel --listen`) on a thread of this process."""
-
-    def __init__(self, tmp_path, allow):
-        self.lines = []
-        store = wanxfer.ChunkStore(str(tmp_path / 'far.db'), 64 << 20)
-        self.tunnel = wanxfer.FarTunnel(SECRET.encode(), store, '127.0.0.1', 0,
-                                        [('127.0.0.1', port) for port in allow],
-                                        log=self.lines.append)
-        self.port = self.tunnel.address[1]
-        self.thread = threading.Thread(target=self.tunnel.run, daemon=True)
-        self.thread.start()
-
-    def log(self):
-        return '\n'.join(self.lines)
-
-    def stop(self):
-        self.tunnel.stop()
-        self.thread.join(10)
 
 
 class TricklingSocket:
@@ -343,6 +304,45 @@ def test_serve_out_of_descriptors_neither_spins_nor_locks_out(tmp_path, serve):
         assert server.proc.poll() is None
 
 
+
+def test_near_tunnel_out_of_descriptors_neither_spins_nor_locks_out(tmp_path, tunnel_pair):
+    import resource
+    echo = TcpServer(echo_handler)
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
+    flood = []
+    try:
+        # As `ulimit -n 64` would have, on the running process: its -L
+        # listener is the one to run out.
+        resource.prlimit(near.proc.pid, resource.RLIMIT_NOFILE, (64, 64))
+        for _ in range(90):
+            flood.append(socket.create_connection(('127.0.0.1', near.port), timeout=10))
+        # Old code: accept() fails with EMFILE and the loop retries at once.
+        _threads, _fds, cpu_before = proc_figures(near.proc.pid)
+        started = time.monotonic()
+        wait_for(lambda: time.monotonic() - started >= 1.5, timeout=5, what='the window')
+        _threads, _fds, cpu_after = proc_figures(near.proc.pid)
+        busy = (cpu_after - cpu_before) / (time.monotonic() - started)
+        assert busy < 0.2, 'the near tunnel used %.0f%% of a core' % (100 * busy)
+        assert near.log().count('accept failed') <= 2, near.log()[-2000:]
+        for sock in flood:
+            sock.close()
+        flood = []
+
+        def forwarded():
+            try:
+                return round_trip(near.port, b'after the flood\n', timeout=5) == b'after the flood\n'
+            except OSError:
+                return False
+        wait_for(forwarded, timeout=20, what='a forwarded connection to work again')
+        assert near.proc.poll() is None
+    finally:
+        for sock in flood:
+            sock.close()
+        near.stop()
+        far.stop()
+        echo.close()
+
 def refuse_one_thread(monkeypatch, name):
     """Thread.start raises, as at a process limit, for the first thread called `name`."""
     real_start = threading.Thread.start
@@ -376,6 +376,45 @@ def test_a_session_thread_that_cannot_start_drops_that_client_not_serve(tmp_path
         server.stop()
 
 
+
+@pytest.mark.parametrize('helper', ['digest', 'signature', 'refine'])
+def test_a_fetch_helper_thread_that_cannot_start_ends_that_session_not_serve(tmp_path, monkeypatch,
+                                                                              helper):
+    src = tmp_path / 'src'
+    src.mkdir()
+    out = tmp_path / 'out'
+    if helper == 'digest':
+        data = make_file(src / 'f', 300_000)           # under delta's minimum: a plain fetch
+    else:
+        data = make_file(src / 'f', 2 << 20)
+    if helper == 'refine':
+        # An older copy whose data the server's file has shifted: its fixed
+        # spans all miss, and the client asks for finer ones.
+        out.write_bytes(data.read_bytes())
+        data.write_bytes(b'shifted' + out.read_bytes())
+    died = []
+    monkeypatch.setattr(threading, 'excepthook', died.append)
+    server = InProcessServer([src])
+    try:
+        refused = refuse_one_thread(monkeypatch, helper)
+        done = run_get(server.port, 'f', '-o', out, timeout=30)
+        assert refused, 'no %s thread was started' % helper
+        assert done.returncode != 0 and 'Traceback' not in done.stderr, done.stderr
+        if helper == 'refine':
+            # (An open fetch, the others' case, takes an error for "list
+            # instead" and then meets the hang-up.)
+            assert 'cannot start a refine thread' in done.stderr, done.stderr
+        wait_for(lambda: 'cannot start' in server.log(), timeout=5, what='the drop in the log')
+        (line,) = [line for line in server.lines if 'cannot start' in line]
+        assert 'dropped' in line and '\n' not in line and 'Traceback' not in server.log()
+        assert not died, [hook.exc_value for hook in died]
+        done = run_get(server.port, 'f', '-o', out, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert sha256(out) == sha256(data)
+        assert not died, [hook.exc_value for hook in died]
+    finally:
+        server.stop()
+
 def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel(tmp_path, monkeypatch,
                                                                                 tunnel_pair):
     echo = TcpServer(echo_handler)
@@ -394,6 +433,76 @@ def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel
         far.stop()
         echo.close()
 
+
+
+def test_a_link_writer_thread_that_cannot_start_drops_that_peer_not_the_tunnel(tmp_path, monkeypatch,
+                                                                              tunnel_pair):
+    echo = TcpServer(echo_handler)
+    died = []
+    monkeypatch.setattr(threading, 'excepthook', died.append)
+    far = InProcessFarTunnel(tmp_path, [echo.port])
+    near = None
+    try:
+        refused = refuse_one_thread(monkeypatch, 'link-writer')
+        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
+        near.wait_for(r'peer link up', timeout=15)     # its second try
+        assert refused
+        assert round_trip(near.port, b'hello\n', timeout=10) == b'hello\n'
+        assert far.thread.is_alive() and not died, [hook.exc_value for hook in died]
+        (line,) = [line for line in far.lines if 'cannot start' in line]
+        assert 'dropped' in line and 'link-writer' in line
+    finally:
+        if near is not None:
+            near.stop()
+        far.stop()
+        echo.close()
+
+
+def test_far_tunnel_connects_to_targets_on_a_bounded_number_of_threads(tmp_path, monkeypatch, tunnel_pair):
+    # Anyone who reaches the near side's -L port makes the far side connect:
+    # with the target silent, each connection held a thread for up to
+    # CONNECT_TIMEOUT, as many as there were connections.
+    monkeypatch.setattr(wanxfer, 'MAX_CONNECTING', 8, raising=False)
+    echo = TcpServer(echo_handler)
+    far = InProcessFarTunnel(tmp_path, [echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
+    silent = threading.Event()
+    real_connect = socket.create_connection
+
+    def slow_connect(*args, **kwargs):
+        if threading.current_thread().name == 'tunnel-helper':
+            silent.wait(30)                     # the target says nothing until the test lets it
+        return real_connect(*args, **kwargs)
+    monkeypatch.setattr(socket, 'create_connection', slow_connect)
+    clients = []
+    try:
+        for _ in range(30):
+            clients.append(real_connect(('127.0.0.1', near.port), timeout=10))
+        wait_for(lambda: sum(len(link.streams) for link in list(far.tunnel.links)) == 30,
+                 timeout=10, what='the 30 streams on the far side')
+        seen = threading.Event()
+        far.tunnel.loop.post(seen.set)          # the loop is past the last OPEN
+        assert seen.wait(10)
+        helpers = [t for t in threading.enumerate() if t.name == 'tunnel-helper']
+        assert len(helpers) <= 8, '%d connect threads' % len(helpers)
+        silent.set()
+        for i, conn in enumerate(clients):
+            conn.sendall(b'stream %d\n' % i)
+        for i, conn in enumerate(clients):
+            expected = b'stream %d\n' % i
+            got = b''
+            while len(got) < len(expected):
+                data = conn.recv(100)
+                assert data, 'stream %d closed' % i
+                got += data
+            assert got == expected
+    finally:
+        silent.set()
+        for conn in clients:
+            conn.close()
+        near.stop()
+        far.stop()
+        echo.close()
 
 class ExhaustedListener(socket.socket):
     """A listening socket whose accept() always fails as if out of descriptors."""

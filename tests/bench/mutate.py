@@ -165,9 +165,15 @@ EDITS = [
            '        if False:\n'
            '            self._timer = self.loop.call_later(self.deadline, self._expire)')],
          ['tests/test_preauth.py', '-k', 'handshake_deadline and hello']),
-    Edit('gate-deadline-proof', 'the handshake after the HELLO has what is left of the one deadline, '
-         'not a timeout per recv',
-         [('        left = self.deadline - time.monotonic()', '        left = self._gate.deadline')],
+    Edit('gate-deadline-proof', 'the handshake after the HELLO ends at the same deadline (each '
+         'recv has what is left of it, not a timeout of its own; a late one\'s thread is woken)',
+         [('        left = self.deadline - time.monotonic()', '        left = self._gate.deadline'),
+          ('                try:\n'
+           '                    pending.sock.shutdown(socket.SHUT_RDWR)\n'
+           '                except OSError:\n'
+           '                    pass\n'
+           '                return\n',
+           '                return\n')],
          ['tests/test_preauth.py', '-k', 'handshake_deadline and proof']),
     Edit('gate-per-source', 'connections from one source push out only that source\'s own',
          [('            if self._sources[pending.source] >= self.per_source:', '            if False:')],
