@@ -8514,7 +8514,7 @@ def add_link_options(parser, rtt, loss, rate):
     group.add_argument('--rtt', type=float, default=rtt, metavar='MS',
                        help='round-trip time in ms (default %g)' % rtt)
     group.add_argument('--loss', type=float, default=loss, metavar='PCT',
-                       help='random loss each way in %% (default %g)' % loss)
+                       help=help_literal('random loss each way in %% (default %g)' % loss))
     group.add_argument('--link-rate', default=rate, metavar='RATE',
                        help='bottleneck rate in bits/s, e.g. 200M (default %s)' % (rate or 'unlimited'))
     group.add_argument('--queue', type=float, default=50.0, metavar='MS',
@@ -8529,6 +8529,12 @@ def add_link_options(parser, rtt, loss, rate):
     group.add_argument('--seed', type=int, default=None, help='repeatable randomness')
 
 DEFAULT_CACHE_SIZE_TEXT = '4G'
+
+
+def help_literal(text):
+    """`text` shown as it is in an argparse help string, which argparse
+    formats with `%`: a path from the environment may hold a percent sign."""
+    return text.replace('%', '%%')
 
 
 def default_cache_path(environ=None):
@@ -8682,7 +8688,7 @@ def build_parser():
     serve.add_argument('--rate', metavar='RATE', help='cap every transfer at RATE bits/s, e.g. 300M')
     serve.add_argument('--cache', metavar='DB',
                        help='where to remember the signatures of served files for delta transfers '
-                            '(default %s)' % default_cache_path())
+                            '(default %s)' % help_literal(default_cache_path()))
     serve.set_defaults(func=command_serve)
 
     get = commands.add_parser(
@@ -8717,7 +8723,7 @@ def build_parser():
                      help='send every byte: do not build files from older copies or the cache')
     get.add_argument('--cache', metavar='DB',
                      help='cache of received files for delta transfers, shared with the tunnel '
-                          '(default %s)' % default_cache_path())
+                          '(default %s)' % help_literal(default_cache_path()))
     get.add_argument('--cache-size', default=DEFAULT_CACHE_SIZE_TEXT, metavar='SIZE',
                      help='keep received files (hard links) up to SIZE in all (default %s)'
                           % DEFAULT_CACHE_SIZE_TEXT)
@@ -8777,7 +8783,7 @@ def build_parser():
                         help='near side: listen on BIND:PORT (default 127.0.0.1) and carry each '
                              'connection to HOST:PORT as the far side sees it (repeat for more)')
     tunnel.add_argument('--cache', metavar='DB',
-                        help='chunk cache file (default %s)' % default_cache_path())
+                        help='chunk cache file (default %s)' % help_literal(default_cache_path()))
     tunnel.add_argument('--cache-size', default=DEFAULT_CACHE_SIZE_TEXT, metavar='SIZE',
                         help='evict least recently used chunks past SIZE (default %s)'
                              % DEFAULT_CACHE_SIZE_TEXT)
@@ -8793,7 +8799,8 @@ def build_parser():
         epilog='examples:\n'
                '  python3 wanxfer.py stats\n'
                '  python3 wanxfer.py stats --cache /var/cache/wanxfer.db --json')
-    stats.add_argument('--cache', metavar='DB', help='chunk cache file (default %s)' % default_cache_path())
+    stats.add_argument('--cache', metavar='DB',
+                       help='chunk cache file (default %s)' % help_literal(default_cache_path()))
     stats.add_argument('--json', action='store_true', help='one JSON object for scripts')
     stats.set_defaults(func=command_stats)
     return parser, commands
