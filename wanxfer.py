@@ -3542,6 +3542,15 @@ class PartialFile:
         self._remove(self.data_path)
         self._remove(self.state_path)
 
+    def withdraw(self):
+        """Give up before this run wrote anything: what an earlier run left
+        is kept for the next, but a copy holding nothing would only leave
+        hidden files (and a directory it keeps) behind a refused get."""
+        if self.resumed_blocks:
+            self.close()
+        else:
+            self.discard()
+
     def close(self):
         for fd in (self.fd, self.state_fd):
             if fd is not None:
@@ -5343,23 +5352,29 @@ class Client:
                     ahead.append(((job, left), self._ask(*job)))
                 except TransferError as e:      # this file's trouble, not the one finishing
                     ahead.append(((job, left), e))
-        while queue or ahead:
-            if ahead:
-                (job, left), asked = ahead.pop()
-            else:
-                job, left = queue.popleft()
-                asked = self._ask(*job)
-            if isinstance(asked, TransferError):
-                raise asked
-            try:
-                yield job, self._answer(asked, ask_next)
-            except RemoteError as e:
-                yield job, e
-            except DigestMismatch:
-                if not left:
-                    raise
-                self.events.warning('%s: digest mismatch; fetching it again from scratch' % job[0])
-                queue.appendleft((job, left - 1))
+        try:
+            while queue or ahead:
+                if ahead:
+                    (job, left), asked = ahead.pop()
+                else:
+                    job, left = queue.popleft()
+                    asked = self._ask(*job)
+                if isinstance(asked, TransferError):
+                    raise asked
+                try:
+                    yield job, self._answer(asked, ask_next)
+                except RemoteError as e:
+                    yield job, e
+                except DigestMismatch:
+                    if not left:
+                        raise
+                    self.events.warning('%s: digest mismatch; fetching it again from scratch'
+                                        % job[0])
+                    queue.appendleft((job, left - 1))
+        finally:
+            for _job, asked in ahead:           # asked for, never answered: the session failed
+                if not isinstance(asked, TransferError):
+                    asked[3].withdraw()
 
     def _ask(self, remote, dest, entry):
         """Send the fetch of one file (its partial copy opened, its block
@@ -5399,7 +5414,7 @@ class Client:
                 start = self._next_message()
             self._expect(start, 'start')
         except BaseException:
-            partial.close()
+            partial.withdraw()
             raise
         self.block_size = block_size
         self.data_in.set_stride(block_size)
@@ -8164,8 +8179,10 @@ def new_file_destination(remotes, dest):
 
 def plan_downloads(client, remotes, dest, answered=None):
     """[(remote path, local path, entry)] and [local dirs] for the REMOTEs,
-    plus the error lines of REMOTEs the server refused.  `answered` is the
-    single REMOTE's listing, if the server already sent it."""
+    the error lines of REMOTEs the server refused, and for each REMOTE
+    listed, (where it goes, [local paths of its files]), which
+    tidy_directories() needs.  `answered` is the single REMOTE's listing,
+    if the server already sent it."""
     listings, errors = [], []
     results = [answered] if answered is not None else client.listings(remotes)
     for remote, result in zip(remotes, results):
@@ -8173,19 +8190,22 @@ def plan_downloads(client, remotes, dest, answered=None):
             errors.append(str(result))
         else:
             listings.append((normalize_remote(remote), result))
-    jobs, dirs = [], []
+    jobs, dirs, trees = [], [], []
     single = len(remotes) == 1 and len(listings) == 1 and listings[0][1]['kind'] == 'file'
     if single and dest is not None and not os.path.isdir(dest):
         remote, listing = listings[0]
-        return [(remote, dest, listing['files'][0])], dirs, errors
+        return [(remote, dest, listing['files'][0])], dirs, errors, [(dest, [dest])]
     base = dest if dest is not None else '.'
-    dirs.append(base)
+    if listings:                                # else nothing will go there: do not make it
+        dirs.append(base)
     for remote, listing in listings:
         name = listing.get('name') or ''
         top = os.path.join(base, safe_relative(name)) if name else base
         if listing['kind'] == 'file':
             jobs.append((remote, top, listing['files'][0]))
+            trees.append((top, [top]))
             continue
+        first = len(jobs)
         dirs.append(top)
         dirs.extend(os.path.join(top, safe_relative(d)) for d in listing['dirs'])
         for entry in listing['files']:
@@ -8193,22 +8213,31 @@ def plan_downloads(client, remotes, dest, answered=None):
             jobs.append(((remote + '/' if remote else '') + rel, os.path.join(top, rel), entry))
             if '/' in rel:                      # its directory, checked like the listed ones
                 dirs.append(os.path.dirname(os.path.join(top, rel)))
-    return jobs, dirs, errors
+        trees.append((top, [job[1] for job in jobs[first:]]))
+    return jobs, dirs, errors, trees
 
 
-def make_directories(dirs):
-    """Create `dirs` (the destination first, then directories below it).
+def make_directories(dirs, created):
+    """Create `dirs` (the destination first, then directories below it),
+    adding those that were not there before to `created`, parents first
+    (also when one of them cannot be made).
     The destination is the user's and may be a link; below it, a symbolic
     link where a directory of the tree goes is refused, not followed: one
     planted in a shared destination would put the files wherever it points
     (moving a link of the user's aside is left to the user)."""
     if not dirs:
         return
-    base = dirs[0]
+    base, missing = dirs[0], []
+    parent = os.path.normpath(base)
+    while parent not in ('', '.', os.sep) and not os.path.lexists(parent):
+        missing.insert(0, parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(base, exist_ok=True)
     except OSError as e:
+        created.extend(path for path in missing if os.path.isdir(path))
         raise TransferError('cannot create directory %s: %s' % (base, e.strerror))
+    created.extend(missing)
     made = set()
     for directory in dirs[1:]:
         path = base
@@ -8218,6 +8247,7 @@ def make_directories(dirs):
                 continue
             try:
                 os.mkdir(path)
+                created.append(os.path.normpath(path))
             except FileExistsError:
                 pass
             except OSError as e:
@@ -8229,6 +8259,25 @@ def make_directories(dirs):
             if not stat.S_ISDIR(info.st_mode):
                 raise TransferError('cannot create directory %s: a file is in the way' % path)
             made.add(path)
+
+
+def tidy_directories(created, trees, arrived):
+    """Remove the directories this run `created` (parents first) for
+    REMOTEs that failed wholly (none of their files `arrived`), if empty:
+    a refused or failed get leaves nothing behind.  An empty remote
+    directory is content, not a failure: its directories stay, as do the
+    ones leading to whatever did arrive, and any holding a partial file
+    kept for the next run."""
+    kept = [os.path.abspath(top) for top, dests in trees
+            if not dests or any(dest in arrived for dest in dests)]
+    for directory in reversed(created):
+        where = os.path.abspath(directory)
+        if any(is_within(where, top) or is_within(top, where) for top in kept):
+            continue
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass                                # not empty, or not ours to remove after all
 
 
 def get_outcomes(client, jobs, fetched):
@@ -8264,6 +8313,7 @@ def command_get(args):
     started = time.time()
     totals = [0, 0, 0]                          # files, file bytes, bytes sent for them
     failures = 0
+    created, trees, arrived = [], [], set()
     try:
         client.connect()
         target = new_file_destination(args.remote, args.output)
@@ -8272,17 +8322,19 @@ def command_get(args):
         if summary is not None:
             jobs, dirs, errors, fetched = [], [], [], [(None, summary)]
         else:
-            jobs, dirs, errors = plan_downloads(client, args.remote, args.output, listing)
+            jobs, dirs, errors, trees = plan_downloads(client, args.remote, args.output, listing)
             fetched = []
         for line in errors:
             print('wanxfer: error: %s' % printable(line), file=sys.stderr)
             failures += 1
-        make_directories(dirs)
-        for _job, summary in get_outcomes(client, jobs, fetched):
+        make_directories(dirs, created)
+        for job, summary in get_outcomes(client, jobs, fetched):
             if isinstance(summary, RemoteError):
                 print('wanxfer: error: %s' % printable(summary), file=sys.stderr)
                 failures += 1
                 continue
+            if job is not None:
+                arrived.add(job[1])
             events.file_finished(summary)
             totals = [totals[0] + 1, totals[1] + summary['file_bytes'],
                       totals[2] + summary['sent_bytes']]
@@ -8290,6 +8342,7 @@ def command_get(args):
                 store.save_run(run, 'get', started, {'get': tuple(totals)})
     finally:
         client.close()
+        tidy_directories(created, trees, arrived)
         if store is not None:
             store.end_run(run)
             store.close()
