@@ -7981,7 +7981,7 @@ def parse_quantity(text, units, suffixes, what, example):
         number = float(value[:len(value) - len(unit)])
     except ValueError:
         number = -1.0
-    if not number > 0:
+    if not 0 < number < float('inf'):
         raise UsageError('invalid %s %r: use a positive number like %s' % (what, text, example))
     return number * units[unit]
 
@@ -8113,8 +8113,10 @@ def parse_host_port(text, default_port=DEFAULT_PORT):
     """'host', 'host:port', '[v6]:port' -> (host, port)."""
     host, port = text, default_port
     if text.startswith('['):
-        host, _, rest = text[1:].partition(']')
-        if rest.startswith(':'):
+        host, closed, rest = text[1:].partition(']')
+        if not closed or rest[:1] not in ('', ':'):
+            raise UsageError('invalid address %r: use [IPv6] or [IPv6]:PORT' % text)
+        if rest:
             port = rest[1:]
     elif text.count(':') == 1:
         host, port = text.split(':')
@@ -8409,6 +8411,16 @@ def command_serve(args):
 
 def link_conditions(args):
     """LinkConditions from the emulator options shared by `demo` and `emulate`."""
+    # Checked here, in the units the user typed: LinkConditions speaks
+    # one-way delays and fractions, and takes an endless delay.
+    for option, value, high, meaning in (
+            ('--rtt', args.rtt, float('inf'), 'milliseconds, 0 or more'),
+            ('--loss', args.loss, 100, 'a percentage, 0 to 100'),
+            ('--duplicate', args.duplicate, 100, 'a percentage, 0 to 100'),
+            ('--reorder', args.reorder, 100, 'a percentage, 0 to 100'),
+            ('--corrupt', args.corrupt, 100, 'a percentage, 0 to 100')):
+        if not 0 <= value <= high or value == float('inf'):       # NaN fails the first
+            raise UsageError('invalid %s %g: use %s' % (option, value, meaning))
     try:
         return LinkConditions(delay_ms=args.rtt / 2.0, loss=args.loss / 100.0,
                               rate_bps=parse_rate(args.link_rate) if args.link_rate else 0,
@@ -8484,10 +8496,17 @@ class ChildProcess:
 def command_demo(args):
     size = int(parse_size(args.size))
     conditions = link_conditions(args)
+    if conditions.loss >= 1:
+        raise UsageError('demo --loss %g: nothing would arrive; use less than 100' % args.loss)
     encrypt = [] if not args.no_encrypt else ['--no-encrypt']
     workdir = tempfile.mkdtemp(prefix='wanxfer-demo-')
     children = []
     try:
+        free = shutil.disk_usage(workdir).free
+        if 2 * size > free:
+            raise UsageError('demo --size %s needs %s free for the file and its copy; %s has %s'
+                             % (args.size, human_bytes(2 * size), tempfile.gettempdir(),
+                                human_bytes(free)))
         source = os.path.join(workdir, 'demo.bin')
         write_random_file(source, size)
         secret = secrets.token_hex(24)
@@ -8542,8 +8561,14 @@ def command_emulate(args):
     try:
         listen_port = int(listen_port)
     except ValueError:
+        listen_port = -1
+    if not 0 <= listen_port <= 65535:
         raise UsageError('invalid --listen %r: use [ADDR:]PORT' % args.listen)
     conditions = link_conditions(args)
+    try:
+        socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError('cannot resolve %s: %s' % (host, e.strerror))
     try:
         link = LinkEmulator(host, port, conditions, listen_host=bind or '127.0.0.1',
                             listen_port=listen_port).start()
@@ -8584,6 +8609,34 @@ def add_link_options(parser, rtt, loss, rate):
 DEFAULT_CACHE_SIZE_TEXT = '4G'
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, its usage errors raised for main() to report like every
+    other error, in one line (argparse would print the usage and exit)."""
+
+    def error(self, message):
+        raise UsageError('%s (see: python3 wanxfer.py%s --help)'
+                         % (message, self.prog[len('wanxfer'):]))
+
+
+def port_number(text):
+    """argparse type: a port to listen on, 0 for any free one."""
+    port = int(text) if text.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError('invalid port %r: use 0 to 65535' % text)
+    return port
+
+
+def positive_seconds(text):
+    """argparse type: a time-out, finite (a socket takes no other)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float('inf'):
+        raise argparse.ArgumentTypeError('invalid time %r: use a positive number of seconds' % text)
+    return seconds
+
+
 def help_literal(text):
     """`text` shown as it is in an argparse help string, which argparse
     formats with `%`: a path from the environment may hold a percent sign."""
@@ -8599,6 +8652,8 @@ def default_cache_path(environ=None):
 def parse_listen(text):
     """'[ADDR:]PORT' -> (addr, port); no address means every interface."""
     if text.isdigit():
+        if int(text) > 65535:
+            raise UsageError('invalid --listen %r: use [ADDR:]PORT' % text)
         return '', int(text)
     host, port = parse_host_port(text)
     return host.strip('[]'), port
@@ -8710,7 +8765,7 @@ def build_parser():
     common.add_argument('--no-encrypt', action='store_true',
                         help='authenticate only, do not encrypt (must match on both ends)')
 
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog='wanxfer', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Move data between distant data centres fast: bulk transfer over paced '
                     'UDP, a deduplicating TCP tunnel, and stats.',
@@ -8736,7 +8791,7 @@ def build_parser():
     serve.add_argument('paths', nargs='*', metavar='PATH',
                        help='file (served by its name) or directory (its contents); default .')
     serve.add_argument('--bind', default='', metavar='ADDR', help='listen address (default: all)')
-    serve.add_argument('--port', type=int, default=DEFAULT_PORT, metavar='N',
+    serve.add_argument('--port', type=port_number, default=DEFAULT_PORT, metavar='N',
                        help='TCP and UDP port (default %d; 0 picks a free one)' % DEFAULT_PORT)
     serve.add_argument('--rate', metavar='RATE', help='cap every transfer at RATE bits/s, e.g. 300M')
     serve.add_argument('--cache', metavar='DB',
@@ -8770,7 +8825,7 @@ def build_parser():
     get.add_argument('--rate', metavar='RATE', help='cap the sending rate, e.g. 300M or 1.5G bits/s')
     get.add_argument('--json', action='store_true', help='one JSON object per file on stdout')
     get.add_argument('-q', '--quiet', action='store_true', help='no progress or summary')
-    get.add_argument('--timeout', type=float, default=DATA_TIMEOUT, metavar='SECONDS',
+    get.add_argument('--timeout', type=positive_seconds, default=DATA_TIMEOUT, metavar='SECONDS',
                      help='give up after this long without data (default %d)' % DATA_TIMEOUT)
     get.add_argument('--no-delta', action='store_true',
                      help='send every byte: do not build files from older copies or the cache')
@@ -8861,11 +8916,11 @@ def build_parser():
 
 def main(argv=None):
     parser, _commands = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, 'func', None):
-        parser.print_help()
-        return 2
     try:
+        args = parser.parse_args(argv)
+        if not getattr(args, 'func', None):
+            parser.print_help()
+            return 2
         return args.func(args)
     except WanxferError as e:
         print('wanxfer: error: %s' % printable(e), file=sys.stderr)
