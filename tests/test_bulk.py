@@ -834,7 +834,7 @@ def test_a_refused_get_creates_nothing(tmp_path, serve, remotes, output):
     server = serve([root])
     work = tmp_path / 'work'
     work.mkdir()
-    argv = [a for remote in remotes for a in (remote,)] + (['-o', output] if output else [])
+    argv = list(remotes) + (['-o', output] if output else [])
     done = subprocess.run(get_command(server.port, *argv), env=wanxfer_env(), cwd=str(work),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
