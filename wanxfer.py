@@ -3542,6 +3542,15 @@ class PartialFile:
         self._remove(self.data_path)
         self._remove(self.state_path)
 
+    def withdraw(self):
+        """Give up before this run wrote anything: what an earlier run left
+        is kept for the next, but a copy holding nothing would only leave
+        hidden files (and a directory it keeps) behind a refused get."""
+        if self.resumed_blocks:
+            self.close()
+        else:
+            self.discard()
+
     def close(self):
         for fd in (self.fd, self.state_fd):
             if fd is not None:
@@ -5343,23 +5352,29 @@ class Client:
                     ahead.append(((job, left), self._ask(*job)))
                 except TransferError as e:      # this file's trouble, not the one finishing
                     ahead.append(((job, left), e))
-        while queue or ahead:
-            if ahead:
-                (job, left), asked = ahead.pop()
-            else:
-                job, left = queue.popleft()
-                asked = self._ask(*job)
-            if isinstance(asked, TransferError):
-                raise asked
-            try:
-                yield job, self._answer(asked, ask_next)
-            except RemoteError as e:
-                yield job, e
-            except DigestMismatch:
-                if not left:
-                    raise
-                self.events.warning('%s: digest mismatch; fetching it again from scratch' % job[0])
-                queue.appendleft((job, left - 1))
+        try:
+            while queue or ahead:
+                if ahead:
+                    (job, left), asked = ahead.pop()
+                else:
+                    job, left = queue.popleft()
+                    asked = self._ask(*job)
+                if isinstance(asked, TransferError):
+                    raise asked
+                try:
+                    yield job, self._answer(asked, ask_next)
+                except RemoteError as e:
+                    yield job, e
+                except DigestMismatch:
+                    if not left:
+                        raise
+                    self.events.warning('%s: digest mismatch; fetching it again from scratch'
+                                        % job[0])
+                    queue.appendleft((job, left - 1))
+        finally:
+            for _job, asked in ahead:           # asked for, never answered: the session failed
+                if not isinstance(asked, TransferError):
+                    asked[3].withdraw()
 
     def _ask(self, remote, dest, entry):
         """Send the fetch of one file (its partial copy opened, its block
@@ -5399,7 +5414,7 @@ class Client:
                 start = self._next_message()
             self._expect(start, 'start')
         except BaseException:
-            partial.close()
+            partial.withdraw()
             raise
         self.block_size = block_size
         self.data_in.set_stride(block_size)
@@ -7966,7 +7981,7 @@ def parse_quantity(text, units, suffixes, what, example):
         number = float(value[:len(value) - len(unit)])
     except ValueError:
         number = -1.0
-    if not number > 0:
+    if not 0 < number < float('inf'):
         raise UsageError('invalid %s %r: use a positive number like %s' % (what, text, example))
     return number * units[unit]
 
@@ -8098,8 +8113,10 @@ def parse_host_port(text, default_port=DEFAULT_PORT):
     """'host', 'host:port', '[v6]:port' -> (host, port)."""
     host, port = text, default_port
     if text.startswith('['):
-        host, _, rest = text[1:].partition(']')
-        if rest.startswith(':'):
+        host, closed, rest = text[1:].partition(']')
+        if not closed or rest[:1] not in ('', ':'):
+            raise UsageError('invalid address %r: use [IPv6] or [IPv6]:PORT' % text)
+        if rest:
             port = rest[1:]
     elif text.count(':') == 1:
         host, port = text.split(':')
@@ -8164,8 +8181,10 @@ def new_file_destination(remotes, dest):
 
 def plan_downloads(client, remotes, dest, answered=None):
     """[(remote path, local path, entry)] and [local dirs] for the REMOTEs,
-    plus the error lines of REMOTEs the server refused.  `answered` is the
-    single REMOTE's listing, if the server already sent it."""
+    the error lines of REMOTEs the server refused, and for each REMOTE
+    listed, (where it goes, [local paths of its files]), which
+    tidy_directories() needs.  `answered` is the single REMOTE's listing,
+    if the server already sent it."""
     listings, errors = [], []
     results = [answered] if answered is not None else client.listings(remotes)
     for remote, result in zip(remotes, results):
@@ -8173,19 +8192,22 @@ def plan_downloads(client, remotes, dest, answered=None):
             errors.append(str(result))
         else:
             listings.append((normalize_remote(remote), result))
-    jobs, dirs = [], []
+    jobs, dirs, trees = [], [], []
     single = len(remotes) == 1 and len(listings) == 1 and listings[0][1]['kind'] == 'file'
     if single and dest is not None and not os.path.isdir(dest):
         remote, listing = listings[0]
-        return [(remote, dest, listing['files'][0])], dirs, errors
+        return [(remote, dest, listing['files'][0])], dirs, errors, [(dest, [dest])]
     base = dest if dest is not None else '.'
-    dirs.append(base)
+    if listings:                                # else nothing will go there: do not make it
+        dirs.append(base)
     for remote, listing in listings:
         name = listing.get('name') or ''
         top = os.path.join(base, safe_relative(name)) if name else base
         if listing['kind'] == 'file':
             jobs.append((remote, top, listing['files'][0]))
+            trees.append((top, [top]))
             continue
+        first = len(jobs)
         dirs.append(top)
         dirs.extend(os.path.join(top, safe_relative(d)) for d in listing['dirs'])
         for entry in listing['files']:
@@ -8193,22 +8215,31 @@ def plan_downloads(client, remotes, dest, answered=None):
             jobs.append(((remote + '/' if remote else '') + rel, os.path.join(top, rel), entry))
             if '/' in rel:                      # its directory, checked like the listed ones
                 dirs.append(os.path.dirname(os.path.join(top, rel)))
-    return jobs, dirs, errors
+        trees.append((top, [job[1] for job in jobs[first:]]))
+    return jobs, dirs, errors, trees
 
 
-def make_directories(dirs):
-    """Create `dirs` (the destination first, then directories below it).
+def make_directories(dirs, created):
+    """Create `dirs` (the destination first, then directories below it),
+    adding those that were not there before to `created`, parents first
+    (also when one of them cannot be made).
     The destination is the user's and may be a link; below it, a symbolic
     link where a directory of the tree goes is refused, not followed: one
     planted in a shared destination would put the files wherever it points
     (moving a link of the user's aside is left to the user)."""
     if not dirs:
         return
-    base = dirs[0]
+    base, missing = dirs[0], []
+    parent = os.path.normpath(base)
+    while parent not in ('', '.', os.sep) and not os.path.lexists(parent):
+        missing.insert(0, parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(base, exist_ok=True)
     except OSError as e:
+        created.extend(path for path in missing if os.path.isdir(path))
         raise TransferError('cannot create directory %s: %s' % (base, e.strerror))
+    created.extend(missing)
     made = set()
     for directory in dirs[1:]:
         path = base
@@ -8218,6 +8249,7 @@ def make_directories(dirs):
                 continue
             try:
                 os.mkdir(path)
+                created.append(os.path.normpath(path))
             except FileExistsError:
                 pass
             except OSError as e:
@@ -8229,6 +8261,25 @@ def make_directories(dirs):
             if not stat.S_ISDIR(info.st_mode):
                 raise TransferError('cannot create directory %s: a file is in the way' % path)
             made.add(path)
+
+
+def tidy_directories(created, trees, arrived):
+    """Remove the directories this run `created` (parents first) for
+    REMOTEs that failed wholly (none of their files `arrived`), if empty:
+    a refused or failed get leaves nothing behind.  An empty remote
+    directory is content, not a failure: its directories stay, as do the
+    ones leading to whatever did arrive, and any holding a partial file
+    kept for the next run."""
+    kept = [os.path.abspath(top) for top, dests in trees
+            if not dests or any(dest in arrived for dest in dests)]
+    for directory in reversed(created):
+        where = os.path.abspath(directory)
+        if any(is_within(where, top) or is_within(top, where) for top in kept):
+            continue
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass                                # not empty, or not ours to remove after all
 
 
 def get_outcomes(client, jobs, fetched):
@@ -8264,6 +8315,7 @@ def command_get(args):
     started = time.time()
     totals = [0, 0, 0]                          # files, file bytes, bytes sent for them
     failures = 0
+    created, trees, arrived = [], [], set()
     try:
         client.connect()
         target = new_file_destination(args.remote, args.output)
@@ -8272,17 +8324,19 @@ def command_get(args):
         if summary is not None:
             jobs, dirs, errors, fetched = [], [], [], [(None, summary)]
         else:
-            jobs, dirs, errors = plan_downloads(client, args.remote, args.output, listing)
+            jobs, dirs, errors, trees = plan_downloads(client, args.remote, args.output, listing)
             fetched = []
         for line in errors:
             print('wanxfer: error: %s' % printable(line), file=sys.stderr)
             failures += 1
-        make_directories(dirs)
-        for _job, summary in get_outcomes(client, jobs, fetched):
+        make_directories(dirs, created)
+        for job, summary in get_outcomes(client, jobs, fetched):
             if isinstance(summary, RemoteError):
                 print('wanxfer: error: %s' % printable(summary), file=sys.stderr)
                 failures += 1
                 continue
+            if job is not None:
+                arrived.add(job[1])
             events.file_finished(summary)
             totals = [totals[0] + 1, totals[1] + summary['file_bytes'],
                       totals[2] + summary['sent_bytes']]
@@ -8290,6 +8344,7 @@ def command_get(args):
                 store.save_run(run, 'get', started, {'get': tuple(totals)})
     finally:
         client.close()
+        tidy_directories(created, trees, arrived)
         if store is not None:
             store.end_run(run)
             store.close()
@@ -8356,6 +8411,16 @@ def command_serve(args):
 
 def link_conditions(args):
     """LinkConditions from the emulator options shared by `demo` and `emulate`."""
+    # Checked here, in the units the user typed: LinkConditions speaks
+    # one-way delays and fractions, and takes an endless delay.
+    for option, value, high, meaning in (
+            ('--rtt', args.rtt, float('inf'), 'milliseconds, 0 or more'),
+            ('--loss', args.loss, 100, 'a percentage, 0 to 100'),
+            ('--duplicate', args.duplicate, 100, 'a percentage, 0 to 100'),
+            ('--reorder', args.reorder, 100, 'a percentage, 0 to 100'),
+            ('--corrupt', args.corrupt, 100, 'a percentage, 0 to 100')):
+        if not 0 <= value <= high or value == float('inf'):       # NaN fails the first
+            raise UsageError('invalid %s %g: use %s' % (option, value, meaning))
     try:
         return LinkConditions(delay_ms=args.rtt / 2.0, loss=args.loss / 100.0,
                               rate_bps=parse_rate(args.link_rate) if args.link_rate else 0,
@@ -8431,10 +8496,17 @@ class ChildProcess:
 def command_demo(args):
     size = int(parse_size(args.size))
     conditions = link_conditions(args)
+    if conditions.loss >= 1:
+        raise UsageError('demo --loss %g: nothing would arrive; use less than 100' % args.loss)
     encrypt = [] if not args.no_encrypt else ['--no-encrypt']
     workdir = tempfile.mkdtemp(prefix='wanxfer-demo-')
     children = []
     try:
+        free = shutil.disk_usage(workdir).free
+        if 2 * size > free:
+            raise UsageError('demo --size %s needs %s free for the file and its copy; %s has %s'
+                             % (args.size, human_bytes(2 * size), tempfile.gettempdir(),
+                                human_bytes(free)))
         source = os.path.join(workdir, 'demo.bin')
         write_random_file(source, size)
         secret = secrets.token_hex(24)
@@ -8489,8 +8561,14 @@ def command_emulate(args):
     try:
         listen_port = int(listen_port)
     except ValueError:
+        listen_port = -1
+    if not 0 <= listen_port <= 65535:
         raise UsageError('invalid --listen %r: use [ADDR:]PORT' % args.listen)
     conditions = link_conditions(args)
+    try:
+        socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError('cannot resolve %s: %s' % (host, e.strerror))
     try:
         link = LinkEmulator(host, port, conditions, listen_host=bind or '127.0.0.1',
                             listen_port=listen_port).start()
@@ -8514,7 +8592,7 @@ def add_link_options(parser, rtt, loss, rate):
     group.add_argument('--rtt', type=float, default=rtt, metavar='MS',
                        help='round-trip time in ms (default %g)' % rtt)
     group.add_argument('--loss', type=float, default=loss, metavar='PCT',
-                       help='random loss each way in %% (default %g)' % loss)
+                       help=help_literal('random loss each way in %% (default %g)' % loss))
     group.add_argument('--link-rate', default=rate, metavar='RATE',
                        help='bottleneck rate in bits/s, e.g. 200M (default %s)' % (rate or 'unlimited'))
     group.add_argument('--queue', type=float, default=50.0, metavar='MS',
@@ -8531,6 +8609,40 @@ def add_link_options(parser, rtt, loss, rate):
 DEFAULT_CACHE_SIZE_TEXT = '4G'
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, its usage errors raised for main() to report like every
+    other error, in one line (argparse would print the usage and exit)."""
+
+    def error(self, message):
+        raise UsageError('%s (see: python3 wanxfer.py%s --help)'
+                         % (message, self.prog[len('wanxfer'):]))
+
+
+def port_number(text):
+    """argparse type: a port to listen on, 0 for any free one."""
+    port = int(text) if text.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError('invalid port %r: use 0 to 65535' % text)
+    return port
+
+
+def positive_seconds(text):
+    """argparse type: a time-out, finite (a socket takes no other)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float('inf'):
+        raise argparse.ArgumentTypeError('invalid time %r: use a positive number of seconds' % text)
+    return seconds
+
+
+def help_literal(text):
+    """`text` shown as it is in an argparse help string, which argparse
+    formats with `%`: a path from the environment may hold a percent sign."""
+    return text.replace('%', '%%')
+
+
 def default_cache_path(environ=None):
     environ = os.environ if environ is None else environ
     base = environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
@@ -8540,6 +8652,8 @@ def default_cache_path(environ=None):
 def parse_listen(text):
     """'[ADDR:]PORT' -> (addr, port); no address means every interface."""
     if text.isdigit():
+        if int(text) > 65535:
+            raise UsageError('invalid --listen %r: use [ADDR:]PORT' % text)
         return '', int(text)
     host, port = parse_host_port(text)
     return host.strip('[]'), port
@@ -8651,7 +8765,7 @@ def build_parser():
     common.add_argument('--no-encrypt', action='store_true',
                         help='authenticate only, do not encrypt (must match on both ends)')
 
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog='wanxfer', formatter_class=argparse.RawDescriptionHelpFormatter,
         description='Move data between distant data centres fast: bulk transfer over paced '
                     'UDP, a deduplicating TCP tunnel, and stats.',
@@ -8677,12 +8791,12 @@ def build_parser():
     serve.add_argument('paths', nargs='*', metavar='PATH',
                        help='file (served by its name) or directory (its contents); default .')
     serve.add_argument('--bind', default='', metavar='ADDR', help='listen address (default: all)')
-    serve.add_argument('--port', type=int, default=DEFAULT_PORT, metavar='N',
+    serve.add_argument('--port', type=port_number, default=DEFAULT_PORT, metavar='N',
                        help='TCP and UDP port (default %d; 0 picks a free one)' % DEFAULT_PORT)
     serve.add_argument('--rate', metavar='RATE', help='cap every transfer at RATE bits/s, e.g. 300M')
     serve.add_argument('--cache', metavar='DB',
                        help='where to remember the signatures of served files for delta transfers '
-                            '(default %s)' % default_cache_path())
+                            '(default %s)' % help_literal(default_cache_path()))
     serve.set_defaults(func=command_serve)
 
     get = commands.add_parser(
@@ -8711,13 +8825,13 @@ def build_parser():
     get.add_argument('--rate', metavar='RATE', help='cap the sending rate, e.g. 300M or 1.5G bits/s')
     get.add_argument('--json', action='store_true', help='one JSON object per file on stdout')
     get.add_argument('-q', '--quiet', action='store_true', help='no progress or summary')
-    get.add_argument('--timeout', type=float, default=DATA_TIMEOUT, metavar='SECONDS',
+    get.add_argument('--timeout', type=positive_seconds, default=DATA_TIMEOUT, metavar='SECONDS',
                      help='give up after this long without data (default %d)' % DATA_TIMEOUT)
     get.add_argument('--no-delta', action='store_true',
                      help='send every byte: do not build files from older copies or the cache')
     get.add_argument('--cache', metavar='DB',
                      help='cache of received files for delta transfers, shared with the tunnel '
-                          '(default %s)' % default_cache_path())
+                          '(default %s)' % help_literal(default_cache_path()))
     get.add_argument('--cache-size', default=DEFAULT_CACHE_SIZE_TEXT, metavar='SIZE',
                      help='keep received files (hard links) up to SIZE in all (default %s)'
                           % DEFAULT_CACHE_SIZE_TEXT)
@@ -8777,7 +8891,7 @@ def build_parser():
                         help='near side: listen on BIND:PORT (default 127.0.0.1) and carry each '
                              'connection to HOST:PORT as the far side sees it (repeat for more)')
     tunnel.add_argument('--cache', metavar='DB',
-                        help='chunk cache file (default %s)' % default_cache_path())
+                        help='chunk cache file (default %s)' % help_literal(default_cache_path()))
     tunnel.add_argument('--cache-size', default=DEFAULT_CACHE_SIZE_TEXT, metavar='SIZE',
                         help='evict least recently used chunks past SIZE (default %s)'
                              % DEFAULT_CACHE_SIZE_TEXT)
@@ -8793,7 +8907,8 @@ def build_parser():
         epilog='examples:\n'
                '  python3 wanxfer.py stats\n'
                '  python3 wanxfer.py stats --cache /var/cache/wanxfer.db --json')
-    stats.add_argument('--cache', metavar='DB', help='chunk cache file (default %s)' % default_cache_path())
+    stats.add_argument('--cache', metavar='DB',
+                       help='chunk cache file (default %s)' % help_literal(default_cache_path()))
     stats.add_argument('--json', action='store_true', help='one JSON object for scripts')
     stats.set_defaults(func=command_stats)
     return parser, commands
@@ -8801,11 +8916,11 @@ def build_parser():
 
 def main(argv=None):
     parser, _commands = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, 'func', None):
-        parser.print_help()
-        return 2
     try:
+        args = parser.parse_args(argv)
+        if not getattr(args, 'func', None):
+            parser.print_help()
+            return 2
         return args.func(args)
     except WanxferError as e:
         print('wanxfer: error: %s' % printable(e), file=sys.stderr)
