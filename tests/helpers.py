@@ -1,7 +1,8 @@
 """What the tests share: the path of wanxfer.py and the one test secret,
 one way of waiting, one set of data generators, one wrapper for the
-wanxfer processes a test starts (`serve`, `get`, `tunnel`), TCP targets and
-a relay for the tunnel, and hostile peers built from wanxfer's own
+wanxfer processes a test keeps running (`serve`, `tunnel`) beside `get`
+run to completion, serve and tunnel --listen in this process, TCP targets
+and a relay for the tunnel, and hostile peers built from wanxfer's own
 handshake.  conftest.py holds the fixtures built on these; no test module
 imports another.
 
