@@ -2519,9 +2519,20 @@ class SendWindow:
 
     def add_need(self, ranges):
         """More blocks to send, after all those already named (a delta
-        transfer names them as the receiver answers each signature piece)."""
-        self._fresh[0:0] = [list(r) for r in reversed(ranges) if r[1] > r[0]]
-        self._asked_end = max([r[1] for r in ranges] + [self._asked_end])
+        transfer names them as the receiver answers each signature piece).
+        A receiver decides its blocks in file order and names each once, so
+        only blocks past every one named before are new: a need naming
+        earlier ones adds nothing, and however many needs come, no block is
+        queued twice (the queue stays within the file)."""
+        fresh = []
+        asked = self._asked_end
+        for start, end in ranges:
+            start = max(start, asked)
+            if end > start:
+                fresh.append([start, end])
+                asked = end
+        self._fresh[0:0] = fresh[::-1]
+        self._asked_end = asked
 
     def withdraw(self, ranges):
         """Blocks the receiver no longer wants (it found them after all):

@@ -422,3 +422,28 @@ def test_json_nesting_is_told_exactly_without_parsing():
         value = nested(rng.randrange(0, 24))
         body = json.dumps(value).encode()
         assert wanxfer.json_nesting_within(body, 16) == (depth_of(value) <= 16), body
+
+
+def queued_blocks(window):
+    """Blocks a SendWindow holds to send fresh, counted with repeats."""
+    return sum(end - start for start, end in window._fresh)
+
+
+def test_repeated_needs_queue_each_block_of_the_file_at_most_once():
+    # Each `need` (up to a million ranges) was appended as it came: the
+    # same ranges named again and again grew serve's queue without end.
+    window = wanxfer.SendWindow([(0, 4)], 0, wanxfer.PacketLog())
+    ranges = [(i, i + 1) for i in range(4, 1000, 2)]
+    for _ in range(50):
+        window.add_need(ranges)
+        window.add_need([(0, 1000)])
+        window.add_need([(500, 600), (100, 200)])
+    assert queued_blocks(window) == 4 + len(ranges) + 1
+    sent = []
+    while window.has_work():
+        first, count, _resend = window.next_run(64)
+        sent.extend(range(first, first + count))
+    assert len(sent) == len(set(sent)) and max(sent) < 1000
+    # Needs that go on past everything named before still add their blocks.
+    window.add_need([(1000, 1010), (1020, 1030)])
+    assert queued_blocks(window) == 20
