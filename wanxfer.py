@@ -3159,10 +3159,11 @@ def data_regions(fd, end, start=0):
     return regions
 
 
-def hash_range(digest, fd, start, end, chunk=1 << 20):
+def hash_range(digest, fd, start, end, chunk=1 << 20, stop=None):
     """Feed bytes [start, end) of the open file `fd` to `digest`; holes are
     fed as the zeros they are without reading them (the kernel can be slow
-    to make up zero pages)."""
+    to make up zero pages).  `stop`, if given, is called before each read
+    (it raises to end the work early)."""
     zeros = memoryview(bytes(chunk))
     buffer = bytearray(chunk)
     view = memoryview(buffer)
@@ -3173,6 +3174,8 @@ def hash_range(digest, fd, start, end, chunk=1 << 20):
             digest.update(zeros[:n])
             position += n
         while position < last:
+            if stop is not None:
+                stop()
             n = os.preadv(fd, [view[:min(chunk, last - position)]], position)
             if not n:
                 raise OSError(errno.EIO, 'file shrank while being read')
@@ -3243,15 +3246,120 @@ class FrontierDigest:
         return self._digest.hexdigest()
 
 
+class HelperSlots:
+    """The digest and signature threads running for fetches: at most `limit`
+    in all and `per_owner` started for one owner (a session), so clients
+    asking for many files cannot make the server read them all at once."""
+
+    def __init__(self, limit, per_owner):
+        self._limit, self._per_owner = limit, per_owner
+        self._running = 0
+        self._owners = {}
+        self._lock = threading.Lock()
+
+    def take(self, owner):
+        """A slot for one helper thread; returns the callable that gives it
+        back (once, when the thread ends).  RemoteError if none is free."""
+        with self._lock:
+            if self._running >= self._limit or self._owners.get(owner, 0) >= self._per_owner:
+                raise RemoteError('the server is reading too many files at once; try again later')
+            self._running += 1
+            self._owners[owner] = self._owners.get(owner, 0) + 1
+        returned = []
+
+        def give_back():
+            with self._lock:
+                if returned:
+                    return
+                returned.append(True)
+                self._running -= 1
+                self._owners[owner] -= 1
+                if not self._owners[owner]:
+                    del self._owners[owner]
+        return give_back
+
+    def running(self, owner=None):
+        with self._lock:
+            return self._running if owner is None else self._owners.get(owner, 0)
+
+
+class HelperJob:
+    """A file read on a thread of its own for the fetches that use it (a
+    job is shared by concurrent fetches of one file).  Each fetch holds it
+    (`users`) until it ends; when the last lets go before the job is done
+    (the fetch was aborted), `stop` is set and the thread gives up at its
+    next read.  `done` is set however the thread ends."""
+
+    def __init__(self):
+        self.users = 0
+        self.error = None
+        self.stop = threading.Event()
+        self.done = threading.Event()
+
+    def check_stop(self):
+        if self.stop.is_set():
+            raise OSError(errno.ECANCELED, 'no fetch wants it any more')
+
+    def launch(self, slots, owner, target, name, args=()):
+        give_back = slots.take(owner) if slots is not None else (lambda: None)
+
+        def run():
+            try:
+                target(*args)
+            except Exception as e:      # a bug or MemoryError: the fetch fails, not the wait
+                if self.error is None:
+                    self.error = OSError(errno.EIO, 'the %s thread failed: %s' % (name, e))
+            finally:
+                give_back()
+                self.done.set()         # whatever happened: no session waits for ever
+        try:
+            start_thread(run, name)
+        except NoThread:
+            give_back()
+            raise
+
+
+class DigestJob(HelperJob):
+    """One file's whole SHA-256, computed on a thread of its own."""
+
+    def __init__(self, path):
+        HelperJob.__init__(self)
+        self.path = path
+        self._digest = None
+
+    def run(self):
+        try:
+            digest = hashlib.sha256()
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                hash_range(digest, fd, 0, os.fstat(fd).st_size, stop=self.check_stop)
+            finally:
+                os.close(fd)
+            self._digest = digest.hexdigest()
+        except OSError as e:
+            self.error = e
+
+    def failed(self):
+        return self._digest is None
+
+    def sha256(self):
+        self.done.wait()
+        if self._digest is None:
+            error = self.error.strerror if self.error is not None else 'the digest thread failed'
+            raise RemoteError('cannot read %s: %s' % (self.path, error))
+        return self._digest
+
+
 class DigestCache:
     """Whole-file SHA-256 digests, computed on a thread of their own while
     the data flows and remembered by file identity, so a resumed or repeated
     transfer of an unchanged file does not read it twice."""
 
-    def __init__(self, limit=4096):
+    def __init__(self, limit=4096, slots=None):
         self._results = {}
         self._lock = threading.Lock()
         self._limit = limit
+        self._slots = slots
 
     @staticmethod
     def identity(path):
@@ -3260,37 +3368,28 @@ class DigestCache:
         st = os.stat(path)
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def start(self, path):
-        """Begin (or reuse) the digest of `path`; returns a callable that
-        waits for it and gives the hex digest."""
+    def start(self, path, owner=None):
+        """Begin (or join) the digest of `path` (a DigestJob: its sha256()
+        waits for it); the caller calls release() with it when done."""
         key = self.identity(path)
         with self._lock:
-            slot = self._results.get(key)
-            if slot is None:
+            job = self._results.get(key)
+            if job is None or job.stop.is_set() or (job.done.is_set() and job.failed()):
                 if len(self._results) >= self._limit:
                     self._results.clear()
-                slot = self._results[key] = {'done': threading.Event()}
+                job = DigestJob(path)
+                job.launch(self._slots, owner, job.run, 'digest')
+                self._results[key] = job
+            job.users += 1
+            return job
 
-                def work():
-                    try:
-                        slot['digest'] = file_sha256(path)
-                    except OSError as e:
-                        slot['error'] = e
-                        with self._lock:
-                            self._results.pop(key, None)
-                    slot['done'].set()
-                try:
-                    start_thread(work, 'digest')
-                except NoThread:
-                    del self._results[key]      # or the next fetch of this file waits for ever
-                    raise
-
-        def wait():
-            slot['done'].wait()
-            if 'error' in slot:
-                raise RemoteError('cannot read %s: %s' % (path, slot['error'].strerror))
-            return slot['digest']
-        return wait
+    def release(self, job):
+        """A fetch no longer wants `job`: the last to let go of an unfinished
+        one stops it."""
+        with self._lock:
+            job.users -= 1
+            if job.users <= 0 and not job.done.is_set():
+                job.stop.set()
 
 
 class PartialFile:
@@ -3688,9 +3787,11 @@ SMALL_REQUEST_BYTES = 20 << 10  # and a request's JSON at most this: those ahead
 SMALL_ITEM_BYTES = 55           # JSON of a `read` item besides its path (about)
 LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
 LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
+MAX_HELPERS = 128               # digest and signature threads a server runs at once
+MAX_SESSION_HELPERS = 4         # ... and for one session (an aborted fetch's stops at its next read)
 
 
-class SignatureJob:
+class SignatureJob(HelperJob):
     """One file's fixed signature being computed on a thread of its own: a
     session sends each piece (offset, encoded spans) as soon as it is in
     `pieces`; `done` is set at the end, with `error` if reading failed.
@@ -3699,38 +3800,37 @@ class SignatureJob:
     (SignatureStore) a signature found there is used as it is, and a new
     one is saved there under `key`."""
 
-    def __init__(self, path, store=None, key=None):
+    def __init__(self, path, store=None, key=None, slots=None, owner=None):
+        HelperJob.__init__(self)
         self.path = path
         self.pieces = []
-        self.error = None
         self._whole = hashlib.sha256()
         self._digest = None
-        self.done = threading.Event()
-        start_thread(self._run, 'signature', (store, key))
+        self.launch(slots, owner, self._run, 'signature', (store, key))
 
     def _run(self, store, key):
+        stored = store.load(key) if store is not None else None
+        if stored is not None:
+            self._digest, self.pieces = stored
+            return
         try:
-            stored = store.load(key) if store is not None else None
-            if stored is not None:
-                self._digest, self.pieces = stored
-                return
-            try:
-                for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
-                    self.pieces.append((offset, encode_spans(spans)))
-            except OSError as e:
-                self.error = e
-            else:
-                self._digest = self._whole.hexdigest()
-                if store is not None:
-                    store.save(key, self._digest, self.pieces)
-        finally:
-            self.done.set()             # whatever happened: the session must not wait for ever
+            for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
+                self.pieces.append((offset, encode_spans(spans)))
+                self.check_stop()
+        except OSError as e:
+            self.error = e
+        else:
+            self._digest = self._whole.hexdigest()
+            if store is not None:
+                store.save(key, self._digest, self.pieces)
 
     def sha256(self):
         """The whole file's hex SHA-256, once the signature is complete."""
         self.done.wait()
         if self.error is not None:
             raise RemoteError('cannot read %s: %s' % (self.path, self.error.strerror))
+        if self._digest is None:
+            raise RemoteError('cannot read %s: the signature thread failed' % self.path)
         return self._digest
 
 
@@ -3871,6 +3971,8 @@ class SpanRefiner:
                     self._requests.task_done()
         except OSError as e:
             self.error = e
+        except Exception as e:          # whatever it was, the session must hear of it, not wait
+            self.error = OSError(errno.EIO, 'the refine thread failed: %s' % e)
 
 
 class SignatureCache:
@@ -3879,23 +3981,30 @@ class SignatureCache:
     changed is read for its signature once, however often it is fetched,
     and concurrent fetches share the work."""
 
-    def __init__(self, store=None, limit=64):
+    def __init__(self, store=None, limit=64, slots=None):
         self._store = store
         self._jobs = collections.OrderedDict()
         self._lock = threading.Lock()
         self._limit = limit
+        self._slots = slots
 
-    def start(self, path):
+    def start(self, path, owner=None):
+        """The signature job of `path`, begun or joined; the caller calls
+        release() with it when its fetch ends."""
         identity = DigestCache.identity(path)
         with self._lock:
             job = self._jobs.get(identity)
-            if job is None or job.error is not None:
+            if job is None or job.error is not None or job.stop.is_set() or \
+                    (job.done.is_set() and job._digest is None):
                 key = 'fixed:%d:%d:%d:%d:%d' % identity
-                job = self._jobs[identity] = SignatureJob(path, self._store, key)
+                job = self._jobs[identity] = SignatureJob(path, self._store, key, self._slots, owner)
                 while len(self._jobs) > self._limit:
                     self._jobs.popitem(last=False)
             self._jobs.move_to_end(identity)
+            job.users += 1
             return job
+
+    release = DigestCache.release
 
 
 def connection_source(address):
@@ -4364,6 +4473,7 @@ class ServerSession:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             raise RemoteError('%s: %s' % (remote, e.strerror))
+        jobs = job = None
         try:
             st = os.fstat(fd)
             if not is_open and (st.st_size != message.get('size') or
@@ -4392,12 +4502,12 @@ class ServerSession:
                 lead, need = lead_ranges(fd, st.st_size, block_size)
             self._compress = bool(message.get('compress'))
             signature = refiner = None
+            jobs = self.server.signatures if delta else self.server.digests
+            job = jobs.start(path, self)
+            digest = job.sha256
             if delta:
-                signature = self.server.signatures.start(path)
+                signature = job
                 refiner = SpanRefiner(path, st.st_size)
-                digest = signature.sha256
-            else:
-                digest = self.server.digests.start(path)
             self._file_id += 1
             window = SendWindow(need, self._next_seq, self._log)
             start = {'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq, 'lead': lead}
@@ -4425,6 +4535,8 @@ class ServerSession:
                 self.peer_name(), remote, st.st_size, seconds,
                 st.st_size * 8 / max(seconds, 1e-6) / 1e6, window.retransmitted))
         finally:
+            if job is not None:
+                jobs.release(job)
             os.close(fd)
 
     def do_read(self, message):
@@ -4686,8 +4798,9 @@ class Server:
         self.encrypt = encrypt
         self.max_rate = max_rate
         self.log = log or (lambda line: None)
-        self.digests = DigestCache()
-        self.signatures = SignatureCache(signature_store)
+        slots = HelperSlots(MAX_HELPERS, MAX_SESSION_HELPERS)
+        self.digests = DigestCache(slots=slots)
+        self.signatures = SignatureCache(signature_store, slots=slots)
         self._sessions = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()

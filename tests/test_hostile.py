@@ -447,3 +447,87 @@ def test_repeated_needs_queue_each_block_of_the_file_at_most_once():
     # Needs that go on past everything named before still add their blocks.
     window.add_need([(1000, 1010), (1020, 1030)])
     assert queued_blocks(window) == 20
+
+
+class GatedReads:
+    """os.preadv that holds every read until `gate` is set, counting them."""
+
+    def __init__(self, monkeypatch):
+        self.gate = threading.Event()
+        self.calls = 0
+        real = os.preadv
+
+        def preadv(*args):
+            self.calls += 1
+            self.gate.wait(20)
+            return real(*args)
+        monkeypatch.setattr(wanxfer.os, 'preadv', preadv)
+
+
+def test_an_aborted_fetchs_digest_stops_at_its_next_read(tmp_path, monkeypatch):
+    # A fetch aborted at once left its digest thread reading the whole
+    # file: one thread per distinct file a client asked for, none stopped.
+    source = make_file(tmp_path / 'f', 4 << 20)
+    reads = GatedReads(monkeypatch)
+    cache = wanxfer.DigestCache()
+    job = cache.start(str(source), 'session')
+    wait_for(lambda: reads.calls == 1, what='the first read')
+    cache.release(job)
+    reads.gate.set()
+    assert job.done.wait(10)
+    assert reads.calls == 1 and job.error.errno == wanxfer.errno.ECANCELED
+    again = cache.start(str(source), 'session')         # a new fetch starts over
+    assert again is not job and again.sha256() == sha256(source)
+    cache.release(again)
+
+
+def test_helper_threads_are_capped_per_session_and_per_server(tmp_path, monkeypatch):
+    files = [make_file(tmp_path / ('f%d' % i), 1 << 20, seed=i) for i in range(4)]
+    reads = GatedReads(monkeypatch)
+    slots = wanxfer.HelperSlots(3, 2)
+    digests = wanxfer.DigestCache(slots=slots)
+    signatures = wanxfer.SignatureCache(slots=slots)
+    jobs = [(digests, digests.start(str(files[0]), 'a')),
+            (signatures, signatures.start(str(files[1]), 'a'))]
+    with pytest.raises(wanxfer.RemoteError, match='too many files'):
+        digests.start(str(files[2]), 'a')               # a third for one session
+    jobs.append((digests, digests.start(str(files[2]), 'b')))
+    with pytest.raises(wanxfer.RemoteError, match='too many files'):
+        signatures.start(str(files[3]), 'c')            # a fourth for the server
+    # The same file for another session joins its job, at no cost.
+    shared = digests.start(str(files[0]), 'c')
+    assert shared is jobs[0][1] and slots.running() == 3
+    digests.release(shared)
+    assert not shared.stop.is_set()                     # 'a' still wants it
+    for cache, job in jobs:
+        cache.release(job)
+    reads.gate.set()
+    wait_for(lambda: slots.running() == 0, what='the slots given back')
+    assert all(job.done.is_set() for _cache, job in jobs)
+
+
+def test_a_refine_thread_that_fails_is_reported_not_waited_for(tmp_path, monkeypatch):
+    source = make_file(tmp_path / 'f', 1 << 20)
+
+    def broken(spans):
+        raise ValueError('a bug')
+    monkeypatch.setattr(wanxfer, 'encode_spans', broken)
+    refiner = wanxfer.SpanRefiner(str(source), 1 << 20)
+    refiner.request(0, 1 << 20)
+    # Old code: the thread died of anything but OSError with `error` unset
+    # and the request unfinished, so the session polled it for ever.
+    wait_for(lambda: refiner.error is not None, timeout=10, what='the error')
+    assert 'a bug' in refiner.error.strerror
+    refiner.close()
+
+
+def test_a_digest_thread_that_fails_is_reported_not_waited_for(tmp_path, monkeypatch):
+    source = make_file(tmp_path / 'f', 1 << 20)
+
+    def broken(*args, **kwargs):
+        raise ValueError('a bug')
+    monkeypatch.setattr(wanxfer, 'hash_range', broken)
+    job = wanxfer.DigestCache().start(str(source))
+    assert job.done.wait(10)
+    with pytest.raises(wanxfer.RemoteError, match='a bug'):
+        job.sha256()
