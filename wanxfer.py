@@ -5279,6 +5279,8 @@ class Client:
         self._seq = 0
         self._older_copies = None
         self._lead = 0                          # blocks the server sends a delta unasked
+        self._file_id = 0
+        self._strays_left = 0                   # signature pieces of that file still plausible
         self._connect_started = None            # the first file's wait counts from here
 
     def connect(self):
@@ -5518,9 +5520,8 @@ class Client:
         the transfer (`then` is called once the file is whole)."""
         remote, dest, entry, partial, bitmap, delta, kept, block_size, started = asked
         try:
-            start = self._next_message()
-            while start['op'] == 'signature':   # of a file given up on just before
-                start = self._next_message()
+            # Pieces of a file given up on just before may come first.
+            start = self._skip_stray_signatures(self._next_message())
             self._expect(start, 'start')
         except BaseException:
             partial.close()
@@ -5602,6 +5603,8 @@ class Client:
         try:
             window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)
             self._file_id = int(start['file'])
+            # Its signature, fixed and refined, has at most this many pieces.
+            self._strays_left = 2 * (-(-size // SIGNATURE_SEGMENT) + 1) if delta else 0
             if delta:
                 window.decided = 0
                 self._lead = int(start.get('lead', 0))
@@ -5615,9 +5618,8 @@ class Client:
             if then is not None:
                 then()
             local = partial.digest(frontier)    # while the server's answer is on its way
-            report = self._next_message()
-            while report['op'] == 'signature':  # pieces sent before our done crossed it
-                report = self._next_message()
+            # Pieces sent before our done crossed it may come first.
+            report = self._skip_stray_signatures(self._next_message())
             self._expect(report, 'digest')
         except BaseException:
             frontier.stop()
@@ -5739,6 +5741,18 @@ class Client:
         self.events.file_started(remote, dest, size, 0)
         wire = FRAME_HEADER.size + TAG_SIZE + len(json.dumps(message, separators=(',', ':')))
         return transfer_summary(dest, remote, size, size, seconds, wire, wire, self.encrypt, 0, local)
+
+    def _skip_stray_signatures(self, message):
+        """`message`, or the first after it that is not a signature piece of
+        the last file fetched: no more of them than that file's signature
+        has, so a server cannot keep a client reading them for ever."""
+        while message['op'] == 'signature':
+            if message.get('file') != self._file_id or self._strays_left <= 0:
+                raise ProtocolError('the server sent a signature piece no fetch can use (file %s)'
+                                    % printable(str(message.get('file'))))
+            self._strays_left -= 1
+            message = self._next_message()
+        return message
 
     def _next_message(self):
         try:

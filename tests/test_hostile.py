@@ -4,6 +4,7 @@
 a one-line error, never a traceback, a huge allocation or a spinning loop;
 `serve` goes on serving others."""
 
+import itertools
 import json
 import os
 import random
@@ -531,3 +532,20 @@ def test_a_digest_thread_that_fails_is_reported_not_waited_for(tmp_path, monkeyp
     assert job.done.wait(10)
     with pytest.raises(wanxfer.RemoteError, match='a bug'):
         job.sha256()
+
+
+def test_stray_signature_pieces_from_a_server_are_bounded(tmp_path):
+    # `get` read and dropped signature pieces for as long as a server sent
+    # them, waiting for a `digest` (or a later file's `start`).
+    strays = 20000
+    stray = {'op': 'signature', 'file': 1, 'offset': 0, 'spans': ''}
+    plain = empty_file_answers()
+
+    def answer(message):
+        replies = plain(message)
+        if message['op'] == 'done':
+            return itertools.chain(itertools.repeat(stray, strays), replies)
+        return replies
+    status, _out, err, _rss = get_against(tmp_path, answer)
+    assert status == 1
+    assert 'signature piece' in one_error_line(err)
