@@ -1837,8 +1837,7 @@ class QueuedChunkStore:
         self._closing = False
         self._idle = False
         self._last_write = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name='cache-writer', daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, 'cache-writer')
 
     # -- lookups, on the caller's thread ------------------------------------
 
@@ -3210,8 +3209,7 @@ class FrontierDigest:
         self._digest = hashlib.sha256()
         self._hashed = 0                # bytes hashed so far, a prefix
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name='digest', daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, 'digest')
 
     def _run(self):
         try:
@@ -3684,8 +3682,7 @@ class BlockWriter:
         self._lock = threading.Lock()
         self._error = None
         self._queue = queue.Queue(self.QUEUED_WRITES)
-        self._thread = threading.Thread(target=self._run, name='writer', daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, 'writer')
         self.written_bytes = 0
 
     def put(self, block, data):
@@ -5597,8 +5594,17 @@ class Client:
         self._rejected = 0
         resumed = partial.resumed_blocks
         self.events.file_started(remote, dest, size, min(size, resumed * block_size))
-        writer = BlockWriter(partial, bitmap)
-        frontier = FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
+        try:
+            writer = BlockWriter(partial, bitmap)
+        except NoThread:
+            partial.close()
+            raise
+        try:
+            frontier = FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
+        except NoThread:
+            writer.close()
+            partial.close()
+            raise
         assembler = None
         try:
             window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)

@@ -10,12 +10,14 @@ import os
 import random
 from array import array
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import SECRET, make_file, run_get, sha256, wait_for, wanxfer
+from conftest import SECRET, make_file, run_get, sha256, wait_for, wanxfer, wanxfer_env
 from hostile_helpers import (CLOSE, FakeServer, HostileClient, b64, run_get_measured, sha,
                              small_file_answers, zlib_bomb)
 
@@ -549,3 +551,31 @@ def test_stray_signature_pieces_from_a_server_are_bounded(tmp_path):
     status, _out, err, _rss = get_against(tmp_path, answer)
     assert status == 1
     assert 'signature piece' in one_error_line(err)
+
+
+# `get` with threads of one name refused, as a process or memory limit would.
+NO_THREAD_GET = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+refused = sys.argv[2]
+start = threading.Thread.start
+def refusing_start(self):
+    if self.name == refused:
+        raise RuntimeError("can't start new thread")
+    return start(self)
+threading.Thread.start = refusing_start
+import wanxfer
+sys.exit(wanxfer.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize('refused', ['writer', 'digest'])
+def test_get_that_cannot_start_its_own_thread_says_so_in_one_line(tmp_path, serve, refused):
+    source = make_file(tmp_path / 'f', 600000)
+    server = serve([source])
+    command = [sys.executable, '-c', NO_THREAD_GET, os.path.dirname(wanxfer.__file__), refused,
+               'get', '127.0.0.1:%d' % server.port, 'f', '-o', str(tmp_path / 'copy')]
+    result = subprocess.run(command, env=wanxfer_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert 'cannot start a %s thread' % refused in one_error_line(result.stderr)
+    assert not (tmp_path / 'copy').exists()
