@@ -1191,7 +1191,7 @@ def file_signature(path, mode, segment=SIGNATURE_SEGMENT, whole=None):
     hashlib object `whole` is fed the whole file on the way."""
     if mode not in DELTA_MODES:
         raise ValueError(mode)
-    with open(path, 'rb') as f:
+    with os.fdopen(open_regular(path), 'rb') as f:
         if mode == 'cdc':
             start = end = 0
             spans = []
@@ -3135,6 +3135,22 @@ def file_entry(path, rel):
             'mode': stat.S_IMODE(st.st_mode)}
 
 
+def open_regular(path):
+    """A read-only descriptor of the regular file at `path`.  Opened without
+    blocking and checked after: a path swapped for a FIFO or a device after
+    it was looked at must not hang whoever opens it (a FIFO's open waits for
+    a writer, a read for data).  OSError for anything else."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, 'not a regular file')
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def data_regions(fd, end, start=0):
     """[start, end) regions of the file that may hold data, from `start`
     on; the rest are holes (SEEK_DATA/SEEK_HOLE), which read as zeros
@@ -3328,7 +3344,7 @@ class DigestJob(HelperJob):
     def run(self):
         try:
             digest = hashlib.sha256()
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = open_regular(self.path)
             try:
                 hash_range(digest, fd, 0, os.fstat(fd).st_size, stop=self.check_stop)
             finally:
@@ -3958,7 +3974,7 @@ class SpanRefiner:
 
     def _run(self):
         try:
-            with open(self.path, 'rb') as f:
+            with os.fdopen(open_regular(self.path), 'rb') as f:
                 while True:
                     item = self._requests.get()
                     if item is None:
@@ -4467,7 +4483,7 @@ class ServerSession:
                 return self.do_list(message)
             raise RemoteError('%s: is a directory' % remote)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
         except OSError as e:
             raise RemoteError('%s: %s' % (remote, e.strerror))
         jobs = job = None
@@ -4567,7 +4583,7 @@ class ServerSession:
         if is_dir:
             raise RemoteError('%s: is a directory' % remote)
         try:
-            with open(path, 'rb') as f:
+            with os.fdopen(open_regular(path), 'rb') as f:
                 st = os.fstat(f.fileno())
                 if st.st_size != item.get('size') or st.st_mtime_ns != item.get('mtime_ns'):
                     raise RemoteError('%s: changed on the server during the transfer' % remote)

@@ -579,3 +579,26 @@ def test_get_that_cannot_start_its_own_thread_says_so_in_one_line(tmp_path, serv
     assert result.returncode == 1, result.stderr
     assert 'cannot start a %s thread' % refused in one_error_line(result.stderr)
     assert not (tmp_path / 'copy').exists()
+
+
+@pytest.mark.parametrize('request_kind', ['fetch', 'delta', 'read'])
+def test_a_served_file_swapped_for_a_fifo_is_refused_not_waited_on(tmp_path, serve, request_kind):
+    # serve opened served files blocking: a FIFO (put where a served file
+    # was, after the check) held the session in open() until a writer came.
+    source = make_file(tmp_path / 'f', 300000)
+    server = serve([source])
+    size, mtime_ns = source.stat().st_size, source.stat().st_mtime_ns
+    source.unlink()
+    os.mkfifo(str(source))
+    client = HostileClient(server.port)
+    try:
+        if request_kind == 'read':
+            client.send({'op': 'read', 'files': [{'path': 'f', 'size': size, 'mtime_ns': mtime_ns}]})
+        else:
+            client.send(open_fetch(source, delta=request_kind == 'delta'))
+        reply = client.recv(10)
+    finally:
+        client.close()
+    assert reply is not None, 'no answer: the session hangs on the FIFO'
+    assert 'not a regular file' in (reply.get('message') or reply.get('error')), reply
+    assert server.proc.poll() is None and 'Traceback' not in server.log()
