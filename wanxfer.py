@@ -5015,7 +5015,8 @@ DELTA_MAX_MTU = 1500            # largest packet an update uses
 MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
 MIN_BLOCK_SIZE = 512            # smallest block a server may choose for an open fetch
 NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
-MAX_LISTING_ENTRIES = 10_000_000    # files and directories one REMOTE may expand to
+MAX_LISTING_ENTRIES = 2_000_000     # files and directories one REMOTE may expand to: a
+                                    # listing costs get about 500 bytes an entry (1 GB here)
 
 
 class TransferEvents:
@@ -5409,7 +5410,9 @@ class Client:
                 raise ProtocolError('a listing without its lists of files and directories')
             entries += max(1, len(page['files']) + len(page['dirs']))     # empty pages count too
             if entries > MAX_LISTING_ENTRIES:
-                raise ProtocolError('a listing of more than %d entries' % MAX_LISTING_ENTRIES)
+                raise ProtocolError('%s holds more than %d files and directories, more than one '
+                                    'get takes: fetch its subdirectories one at a time'
+                                    % (printable(str(listing.get('name'))), MAX_LISTING_ENTRIES))
             if page is not listing:
                 if (page.get('kind'), page.get('name')) != (listing.get('kind'), listing.get('name')):
                     raise ProtocolError('a page of another listing')

@@ -602,3 +602,19 @@ def test_a_served_file_swapped_for_a_fifo_is_refused_not_waited_on(tmp_path, ser
     assert reply is not None, 'no answer: the session hangs on the FIFO'
     assert 'not a regular file' in (reply.get('message') or reply.get('error')), reply
     assert server.proc.poll() is None and 'Traceback' not in server.log()
+
+
+def test_a_listing_is_bounded_for_memory_but_takes_a_million_files():
+    # 10 million entries cost `get` several GB; a million must still work.
+    assert 1_200_000 <= wanxfer.MAX_LISTING_ENTRIES <= 2_000_000
+
+
+def test_a_listing_beyond_the_limit_says_to_fetch_a_subdirectory(monkeypatch):
+    monkeypatch.setattr(wanxfer, 'MAX_LISTING_ENTRIES', 10)
+    page = {'op': 'listing', 'kind': 'dir', 'name': 'big', 'dirs': [], 'more': True,
+            'files': [{'path': 'big/%d' % i, 'size': 1, 'mtime_ns': 1, 'mode': 0o644}
+                      for i in range(6)]}
+    client = wanxfer.Client('127.0.0.1', 1, SECRET.encode())
+    monkeypatch.setattr(client, '_next_message', lambda: dict(page))
+    with pytest.raises(wanxfer.ProtocolError, match='big holds more than 10 .*subdirectories'):
+        client._whole_listing(dict(page, files=list(page['files'])))
