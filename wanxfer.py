@@ -6768,6 +6768,8 @@ RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 LINK_STABLE = 10.0                  # s a link must live before back-off starts over
 PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the link
 MAX_PENDING_STREAMS = 256
+MAX_STREAMS = 1024                  # streams open at once on one peer link: each holds a socket and
+                                    # up to a STREAM_WINDOW of data each way while its reader lags
 CONNECT_TIMEOUT = 10.0
 MAX_CONNECTING = 128                # targets the far side connects to at once (a thread each);
                                     # later OPENs wait their turn
@@ -7505,6 +7507,12 @@ class PeerLink:
             host = bytes(payload[TUNNEL_OPEN.size:]).decode('utf-8')
         except UnicodeDecodeError:
             raise ProtocolError('target host is not UTF-8')
+        if len(self.streams) >= MAX_STREAMS:
+            self.log('peer %s opened more than %d streams at once: refused one'
+                     % (self.peer_name, MAX_STREAMS))
+            self.send_message(MSG_RESET, sid, ('the --listen side has %d streams open on this link '
+                                               'already' % MAX_STREAMS).encode('utf-8'))
+            return
         self.stats.add('tunnel-out', connections=1)
         self.stats.add('tunnel-in', connections=1)
         self.tunnel.open_target(self, sid, host, port)
@@ -7895,7 +7903,10 @@ class NearTunnel(Tunnel):
             sock.close()                # reset before we got to it
             return
         name = '%s:%d -> %s:%d' % (address[0], address[1], host, port)
-        if self.link is not None and self.link.ready:
+        if self.link is not None and self.link.ready and len(self.link.streams) >= MAX_STREAMS:
+            self.log('%d connections carried already: refused %s' % (MAX_STREAMS, name))
+            reset_socket(sock)
+        elif self.link is not None and self.link.ready:
             self.link.open_stream(sock, host, port, name)
         elif len(self._pending) >= MAX_PENDING_STREAMS:
             reset_socket(sock)

@@ -618,3 +618,89 @@ def test_a_listing_beyond_the_limit_says_to_fetch_a_subdirectory(monkeypatch):
     monkeypatch.setattr(client, '_next_message', lambda: dict(page))
     with pytest.raises(wanxfer.ProtocolError, match='big holds more than 10 .*subdirectories'):
         client._whole_listing(dict(page, files=list(page['files'])))
+
+
+def closed_by_peer(conn, timeout=10):
+    """Whether `conn` is closed or reset by the other end within `timeout`."""
+    conn.settimeout(timeout)
+    try:
+        return conn.recv(100) == b''
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def echoed(conn, payload):
+    conn.settimeout(10)
+    conn.sendall(payload)
+    got = b''
+    while len(got) < len(payload):
+        data = conn.recv(100)
+        if not data:
+            return False
+        got += data
+    return got == payload
+
+
+def check_stream_cap(port, streams_of, log):
+    clients = []
+    try:
+        for i in range(4):
+            clients.append(socket.create_connection(('127.0.0.1', port), timeout=10))
+            assert echoed(clients[-1], b'stream %d\n' % i)
+        wait_for(lambda: streams_of() == 4, timeout=10, what='4 streams')
+        extra = socket.create_connection(('127.0.0.1', port), timeout=10)
+        clients.append(extra)
+        extra.sendall(b'one too many\n')
+        assert closed_by_peer(extra), 'a fifth stream was carried'
+        wait_for(lambda: 'refused' in log(), timeout=10, what='the log line')
+        assert all(echoed(conn, b'still\n') for conn in clients[:4])
+        clients[0].close()
+        wait_for(lambda: streams_of() == 3, timeout=10, what='a stream closed')
+        again = socket.create_connection(('127.0.0.1', port), timeout=10)
+        clients.append(again)
+        assert echoed(again, b'room again\n')
+    finally:
+        for conn in clients:
+            conn.close()
+
+
+def test_the_far_side_resets_opens_beyond_its_streams_per_link(tmp_path, monkeypatch):
+    # Streams per link were unbounded: each a socket, and up to a 32 MiB
+    # window of data while its reader lags.
+    from test_preauth import InProcessFarTunnel
+    from tunnel_helpers import Server as TcpServer, echo_handler, start_near
+    monkeypatch.setattr(wanxfer, 'MAX_STREAMS', 4, raising=False)
+    echo = TcpServer(echo_handler)
+    far = InProcessFarTunnel(tmp_path, [echo.port])
+    near = start_near(tmp_path / 'near.db', far.port, [echo.port])      # not capped at 4
+    try:
+        check_stream_cap(near.port, lambda: sum(len(l.streams) for l in list(far.tunnel.links)),
+                         far.log)
+    finally:
+        near.stop()
+        far.stop()
+        echo.close()
+
+
+def test_the_near_side_refuses_connections_beyond_its_streams_per_link(tmp_path, monkeypatch):
+    from tunnel_helpers import SECRET as TUNNEL_SECRET, Server as TcpServer, echo_handler, start_far
+    monkeypatch.setattr(wanxfer, 'MAX_STREAMS', 4, raising=False)
+    echo = TcpServer(echo_handler)
+    far = start_far(tmp_path / 'far.db', [echo.port])                   # not capped at 4
+    lines = []
+    store = wanxfer.ChunkStore(str(tmp_path / 'near.db'), 64 << 20)
+    near = wanxfer.NearTunnel(TUNNEL_SECRET.encode(), store, ('127.0.0.1', far.port),
+                              [('127.0.0.1', 0, '127.0.0.1', echo.port)], log=lines.append)
+    thread = threading.Thread(target=near.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: near.link is not None and near.link.ready, timeout=10, what='the link')
+        port = near.addresses[0][0][1]
+        check_stream_cap(port, lambda: len(near.link.streams), lambda: '\n'.join(lines))
+    finally:
+        near.stop()
+        thread.join(10)
+        far.stop()
+        echo.close()
