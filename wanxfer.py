@@ -6399,8 +6399,21 @@ class _TcpSplice:
             threading.Thread(target=self._run_down, name='linkemu-tcp-down', daemon=True))
 
     def start(self):
+        """Start both pumps; False, the connection reset and forgotten, if a
+        thread cannot be had (the emulator goes on)."""
+        started = 0
         for thread in self._threads:
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:
+                break
+            started += 1
+        else:
+            return True
+        self.abort()
+        for _missing in range(len(self._threads) - started):
+            self._finish()              # as the pump that never ran would have
+        return False
 
     def abort(self):
         """Tear the connection down: both pumps stop and both peers see a reset."""
@@ -6533,7 +6546,12 @@ class _TcpSplice:
 
 
 class _TcpRelay:
-    """Owns the listening TCP socket, its accept thread and the live splices."""
+    """Owns the listening TCP socket, its accept thread and the live splices:
+    at most MAX_CONNECTIONS (two threads each), more are reset at once.  An
+    accept() failing for want of resources rests the accept thread rather
+    than spinning, as Acceptor does for serve."""
+
+    MAX_CONNECTIONS = 256
 
     def __init__(self, sock, target, target_family, up_delay, down_delay, counters):
         self._sock = sock
@@ -6546,6 +6564,7 @@ class _TcpRelay:
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = None
+        self._rest = 0.0
         sock.setblocking(False)
         self._waker = Waker()
 
@@ -6577,16 +6596,36 @@ class _TcpRelay:
                 for key, _ in sel.select():
                     if key.fileobj is self._sock and not self._stopping:
                         self._accept()
+                if self._rest and not self._stopping:
+                    # The listener stays readable while accept() cannot
+                    # succeed: wait (or for stop()) before trying again.
+                    sel.unregister(self._sock)
+                    sel.select(self._rest)
+                    sel.register(self._sock, selectors.EVENT_READ)
 
     def _accept(self):
         try:
             client, _ = self._sock.accept()
-        except OSError:             # the client gave up already, or out of descriptors
+        except (BlockingIOError, InterruptedError):
             return
-        client.setblocking(False)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        splice = _TcpSplice(client, self._target, self._family, self._up_delay,
-                            self._down_delay, self._counters, self._forget)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._rest = min(max(self._rest * 2, ACCEPT_REST[0]), ACCEPT_REST[1])
+            return                  # else the client gave up already: the next is fine
+        self._rest = 0.0
+        with self._lock:
+            full = len(self._splices) >= self.MAX_CONNECTIONS
+        if full:
+            reset_socket(client)
+            return
+        try:
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            splice = _TcpSplice(client, self._target, self._family, self._up_delay,
+                                self._down_delay, self._counters, self._forget)
+        except OSError:             # out of descriptors for its waker: this one is refused
+            reset_socket(client)
+            return
         with self._lock:
             self._splices.add(splice)
         with self._counters.lock:
