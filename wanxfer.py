@@ -1191,7 +1191,7 @@ def file_signature(path, mode, segment=SIGNATURE_SEGMENT, whole=None):
     hashlib object `whole` is fed the whole file on the way."""
     if mode not in DELTA_MODES:
         raise ValueError(mode)
-    with open(path, 'rb') as f:
+    with os.fdopen(open_regular(path), 'rb') as f:
         if mode == 'cdc':
             start = end = 0
             spans = []
@@ -1837,8 +1837,7 @@ class QueuedChunkStore:
         self._closing = False
         self._idle = False
         self._last_write = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name='cache-writer', daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, 'cache-writer')
 
     # -- lookups, on the caller's thread ------------------------------------
 
@@ -2519,9 +2518,20 @@ class SendWindow:
 
     def add_need(self, ranges):
         """More blocks to send, after all those already named (a delta
-        transfer names them as the receiver answers each signature piece)."""
-        self._fresh[0:0] = [list(r) for r in reversed(ranges) if r[1] > r[0]]
-        self._asked_end = max([r[1] for r in ranges] + [self._asked_end])
+        transfer names them as the receiver answers each signature piece).
+        A receiver decides its blocks in file order and names each once, so
+        only blocks past every one named before are new: a need naming
+        earlier ones adds nothing, and however many needs come, no block is
+        queued twice (the queue stays within the file)."""
+        fresh = []
+        asked = self._asked_end
+        for start, end in ranges:
+            start = max(start, asked)
+            if end > start:
+                fresh.append([start, end])
+                asked = end
+        self._fresh[0:0] = fresh[::-1]
+        self._asked_end = asked
 
     def withdraw(self, ranges):
         """Blocks the receiver no longer wants (it found them after all):
@@ -3125,6 +3135,22 @@ def file_entry(path, rel):
             'mode': stat.S_IMODE(st.st_mode)}
 
 
+def open_regular(path):
+    """A read-only descriptor of the regular file at `path`.  Opened without
+    blocking and checked after: a path swapped for a FIFO or a device after
+    it was looked at must not hang whoever opens it (a FIFO's open waits for
+    a writer, a read for data).  OSError for anything else."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, 'not a regular file')
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def data_regions(fd, end, start=0):
     """[start, end) regions of the file that may hold data, from `start`
     on; the rest are holes (SEEK_DATA/SEEK_HOLE), which read as zeros
@@ -3148,10 +3174,11 @@ def data_regions(fd, end, start=0):
     return regions
 
 
-def hash_range(digest, fd, start, end, chunk=1 << 20):
+def hash_range(digest, fd, start, end, chunk=1 << 20, stop=None):
     """Feed bytes [start, end) of the open file `fd` to `digest`; holes are
     fed as the zeros they are without reading them (the kernel can be slow
-    to make up zero pages)."""
+    to make up zero pages).  `stop`, if given, is called before each read
+    (it raises to end the work early)."""
     zeros = memoryview(bytes(chunk))
     buffer = bytearray(chunk)
     view = memoryview(buffer)
@@ -3162,6 +3189,8 @@ def hash_range(digest, fd, start, end, chunk=1 << 20):
             digest.update(zeros[:n])
             position += n
         while position < last:
+            if stop is not None:
+                stop()
             n = os.preadv(fd, [view[:min(chunk, last - position)]], position)
             if not n:
                 raise OSError(errno.EIO, 'file shrank while being read')
@@ -3196,8 +3225,7 @@ class FrontierDigest:
         self._digest = hashlib.sha256()
         self._hashed = 0                # bytes hashed so far, a prefix
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name='digest', daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, 'digest')
 
     def _run(self):
         try:
@@ -3232,15 +3260,120 @@ class FrontierDigest:
         return self._digest.hexdigest()
 
 
+class HelperSlots:
+    """The digest and signature threads running for fetches: at most `limit`
+    in all and `per_owner` started for one owner (a session), so clients
+    asking for many files cannot make the server read them all at once."""
+
+    def __init__(self, limit, per_owner):
+        self._limit, self._per_owner = limit, per_owner
+        self._running = 0
+        self._owners = {}
+        self._lock = threading.Lock()
+
+    def take(self, owner):
+        """A slot for one helper thread; returns the callable that gives it
+        back (once, when the thread ends).  RemoteError if none is free."""
+        with self._lock:
+            if self._running >= self._limit or self._owners.get(owner, 0) >= self._per_owner:
+                raise RemoteError('the server is reading too many files at once; try again later')
+            self._running += 1
+            self._owners[owner] = self._owners.get(owner, 0) + 1
+        returned = []
+
+        def give_back():
+            with self._lock:
+                if returned:
+                    return
+                returned.append(True)
+                self._running -= 1
+                self._owners[owner] -= 1
+                if not self._owners[owner]:
+                    del self._owners[owner]
+        return give_back
+
+    def running(self, owner=None):
+        with self._lock:
+            return self._running if owner is None else self._owners.get(owner, 0)
+
+
+class HelperJob:
+    """A file read on a thread of its own for the fetches that use it (a
+    job is shared by concurrent fetches of one file).  Each fetch holds it
+    (`users`) until it ends; when the last lets go before the job is done
+    (the fetch was aborted), `stop` is set and the thread gives up at its
+    next read.  `done` is set however the thread ends."""
+
+    def __init__(self):
+        self.users = 0
+        self.error = None
+        self.stop = threading.Event()
+        self.done = threading.Event()
+
+    def check_stop(self):
+        if self.stop.is_set():
+            raise OSError(errno.ECANCELED, 'no fetch wants it any more')
+
+    def launch(self, slots, owner, target, name, args=()):
+        give_back = slots.take(owner) if slots is not None else (lambda: None)
+
+        def run():
+            try:
+                target(*args)
+            except Exception as e:      # a bug or MemoryError: the fetch fails, not the wait
+                if self.error is None:
+                    self.error = OSError(errno.EIO, 'the %s thread failed: %s' % (name, e))
+            finally:
+                give_back()
+                self.done.set()         # whatever happened: no session waits for ever
+        try:
+            start_thread(run, name)
+        except NoThread:
+            give_back()
+            raise
+
+
+class DigestJob(HelperJob):
+    """One file's whole SHA-256, computed on a thread of its own."""
+
+    def __init__(self, path):
+        HelperJob.__init__(self)
+        self.path = path
+        self._digest = None
+
+    def run(self):
+        try:
+            digest = hashlib.sha256()
+            fd = open_regular(self.path)
+            try:
+                hash_range(digest, fd, 0, os.fstat(fd).st_size, stop=self.check_stop)
+            finally:
+                os.close(fd)
+            self._digest = digest.hexdigest()
+        except OSError as e:
+            self.error = e
+
+    def failed(self):
+        return self._digest is None
+
+    def sha256(self):
+        self.done.wait()
+        if self._digest is None:
+            error = self.error.strerror if self.error is not None else 'the digest thread failed'
+            raise RemoteError('cannot read %s: %s' % (self.path, error))
+        return self._digest
+
+
 class DigestCache:
     """Whole-file SHA-256 digests, computed on a thread of their own while
     the data flows and remembered by file identity, so a resumed or repeated
     transfer of an unchanged file does not read it twice."""
 
-    def __init__(self, limit=4096):
+    def __init__(self, limit=4096, slots=None):
         self._results = {}
         self._lock = threading.Lock()
         self._limit = limit
+        self._slots = slots
 
     @staticmethod
     def identity(path):
@@ -3249,37 +3382,28 @@ class DigestCache:
         st = os.stat(path)
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    def start(self, path):
-        """Begin (or reuse) the digest of `path`; returns a callable that
-        waits for it and gives the hex digest."""
+    def start(self, path, owner=None):
+        """Begin (or join) the digest of `path` (a DigestJob: its sha256()
+        waits for it); the caller calls release() with it when done."""
         key = self.identity(path)
         with self._lock:
-            slot = self._results.get(key)
-            if slot is None:
+            job = self._results.get(key)
+            if job is None or job.stop.is_set() or (job.done.is_set() and job.failed()):
                 if len(self._results) >= self._limit:
                     self._results.clear()
-                slot = self._results[key] = {'done': threading.Event()}
+                job = DigestJob(path)
+                job.launch(self._slots, owner, job.run, 'digest')
+                self._results[key] = job
+            job.users += 1
+            return job
 
-                def work():
-                    try:
-                        slot['digest'] = file_sha256(path)
-                    except OSError as e:
-                        slot['error'] = e
-                        with self._lock:
-                            self._results.pop(key, None)
-                    slot['done'].set()
-                try:
-                    start_thread(work, 'digest')
-                except NoThread:
-                    del self._results[key]      # or the next fetch of this file waits for ever
-                    raise
-
-        def wait():
-            slot['done'].wait()
-            if 'error' in slot:
-                raise RemoteError('cannot read %s: %s' % (path, slot['error'].strerror))
-            return slot['digest']
-        return wait
+    def release(self, job):
+        """A fetch no longer wants `job`: the last to let go of an unfinished
+        one stops it."""
+        with self._lock:
+            job.users -= 1
+            if job.users <= 0 and not job.done.is_set():
+                job.stop.set()
 
 
 class PartialFile:
@@ -3583,8 +3707,7 @@ class BlockWriter:
         self._lock = threading.Lock()
         self._error = None
         self._queue = queue.Queue(self.QUEUED_WRITES)
-        self._thread = threading.Thread(target=self._run, name='writer', daemon=True)
-        self._thread.start()
+        self._thread = start_thread(self._run, 'writer')
         self.written_bytes = 0
 
     def put(self, block, data):
@@ -3686,9 +3809,11 @@ SMALL_REQUEST_BYTES = 20 << 10  # and a request's JSON at most this: those ahead
 SMALL_ITEM_BYTES = 55           # JSON of a `read` item besides its path (about)
 LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
 LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
+MAX_HELPERS = 128               # digest and signature threads a server runs at once
+MAX_SESSION_HELPERS = 4         # ... and for one session (an aborted fetch's stops at its next read)
 
 
-class SignatureJob:
+class SignatureJob(HelperJob):
     """One file's fixed signature being computed on a thread of its own: a
     session sends each piece (offset, encoded spans) as soon as it is in
     `pieces`; `done` is set at the end, with `error` if reading failed.
@@ -3697,38 +3822,37 @@ class SignatureJob:
     (SignatureStore) a signature found there is used as it is, and a new
     one is saved there under `key`."""
 
-    def __init__(self, path, store=None, key=None):
+    def __init__(self, path, store=None, key=None, slots=None, owner=None):
+        HelperJob.__init__(self)
         self.path = path
         self.pieces = []
-        self.error = None
         self._whole = hashlib.sha256()
         self._digest = None
-        self.done = threading.Event()
-        start_thread(self._run, 'signature', (store, key))
+        self.launch(slots, owner, self._run, 'signature', (store, key))
 
     def _run(self, store, key):
+        stored = store.load(key) if store is not None else None
+        if stored is not None:
+            self._digest, self.pieces = stored
+            return
         try:
-            stored = store.load(key) if store is not None else None
-            if stored is not None:
-                self._digest, self.pieces = stored
-                return
-            try:
-                for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
-                    self.pieces.append((offset, encode_spans(spans)))
-            except OSError as e:
-                self.error = e
-            else:
-                self._digest = self._whole.hexdigest()
-                if store is not None:
-                    store.save(key, self._digest, self.pieces)
-        finally:
-            self.done.set()             # whatever happened: the session must not wait for ever
+            for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
+                self.pieces.append((offset, encode_spans(spans)))
+                self.check_stop()
+        except OSError as e:
+            self.error = e
+        else:
+            self._digest = self._whole.hexdigest()
+            if store is not None:
+                store.save(key, self._digest, self.pieces)
 
     def sha256(self):
         """The whole file's hex SHA-256, once the signature is complete."""
         self.done.wait()
         if self.error is not None:
             raise RemoteError('cannot read %s: %s' % (self.path, self.error.strerror))
+        if self._digest is None:
+            raise RemoteError('cannot read %s: the signature thread failed' % self.path)
         return self._digest
 
 
@@ -3859,7 +3983,7 @@ class SpanRefiner:
 
     def _run(self):
         try:
-            with open(self.path, 'rb') as f:
+            with os.fdopen(open_regular(self.path), 'rb') as f:
                 while True:
                     item = self._requests.get()
                     if item is None:
@@ -3869,6 +3993,8 @@ class SpanRefiner:
                     self._requests.task_done()
         except OSError as e:
             self.error = e
+        except Exception as e:          # whatever it was, the session must hear of it, not wait
+            self.error = OSError(errno.EIO, 'the refine thread failed: %s' % e)
 
 
 class SignatureCache:
@@ -3877,23 +4003,30 @@ class SignatureCache:
     changed is read for its signature once, however often it is fetched,
     and concurrent fetches share the work."""
 
-    def __init__(self, store=None, limit=64):
+    def __init__(self, store=None, limit=64, slots=None):
         self._store = store
         self._jobs = collections.OrderedDict()
         self._lock = threading.Lock()
         self._limit = limit
+        self._slots = slots
 
-    def start(self, path):
+    def start(self, path, owner=None):
+        """The signature job of `path`, begun or joined; the caller calls
+        release() with it when its fetch ends."""
         identity = DigestCache.identity(path)
         with self._lock:
             job = self._jobs.get(identity)
-            if job is None or job.error is not None:
+            if job is None or job.error is not None or job.stop.is_set() or \
+                    (job.done.is_set() and job._digest is None):
                 key = 'fixed:%d:%d:%d:%d:%d' % identity
-                job = self._jobs[identity] = SignatureJob(path, self._store, key)
+                job = self._jobs[identity] = SignatureJob(path, self._store, key, self._slots, owner)
                 while len(self._jobs) > self._limit:
                     self._jobs.popitem(last=False)
             self._jobs.move_to_end(identity)
+            job.users += 1
             return job
+
+    release = DigestCache.release
 
 
 def connection_source(address):
@@ -4359,9 +4492,10 @@ class ServerSession:
                 return self.do_list(message)
             raise RemoteError('%s: is a directory' % remote)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path)
         except OSError as e:
             raise RemoteError('%s: %s' % (remote, e.strerror))
+        jobs = job = None
         try:
             st = os.fstat(fd)
             if not is_open and (st.st_size != message.get('size') or
@@ -4390,12 +4524,12 @@ class ServerSession:
                 lead, need = lead_ranges(fd, st.st_size, block_size)
             self._compress = bool(message.get('compress'))
             signature = refiner = None
+            jobs = self.server.signatures if delta else self.server.digests
+            job = jobs.start(path, self)
+            digest = job.sha256
             if delta:
-                signature = self.server.signatures.start(path)
+                signature = job
                 refiner = SpanRefiner(path, st.st_size)
-                digest = signature.sha256
-            else:
-                digest = self.server.digests.start(path)
             self._file_id += 1
             window = SendWindow(need, self._next_seq, self._log)
             start = {'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq, 'lead': lead}
@@ -4423,6 +4557,8 @@ class ServerSession:
                 self.peer_name(), remote, st.st_size, seconds,
                 st.st_size * 8 / max(seconds, 1e-6) / 1e6, window.retransmitted))
         finally:
+            if job is not None:
+                jobs.release(job)
             os.close(fd)
 
     def do_read(self, message):
@@ -4456,7 +4592,7 @@ class ServerSession:
         if is_dir:
             raise RemoteError('%s: is a directory' % remote)
         try:
-            with open(path, 'rb') as f:
+            with os.fdopen(open_regular(path), 'rb') as f:
                 st = os.fstat(f.fileno())
                 if st.st_size != item.get('size') or st.st_mtime_ns != item.get('mtime_ns'):
                     raise RemoteError('%s: changed on the server during the transfer' % remote)
@@ -4684,8 +4820,9 @@ class Server:
         self.encrypt = encrypt
         self.max_rate = max_rate
         self.log = log or (lambda line: None)
-        self.digests = DigestCache()
-        self.signatures = SignatureCache(signature_store)
+        slots = HelperSlots(MAX_HELPERS, MAX_SESSION_HELPERS)
+        self.digests = DigestCache(slots=slots)
+        self.signatures = SignatureCache(signature_store, slots=slots)
         self._sessions = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -4887,7 +5024,8 @@ DELTA_MAX_MTU = 1500            # largest packet an update uses
 MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
 MIN_BLOCK_SIZE = 512            # smallest block a server may choose for an open fetch
 NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
-MAX_LISTING_ENTRIES = 10_000_000    # files and directories one REMOTE may expand to
+MAX_LISTING_ENTRIES = 2_000_000     # files and directories one REMOTE may expand to: a
+                                    # listing costs get about 500 bytes an entry (1 GB here)
 
 
 class TransferEvents:
@@ -5164,6 +5302,8 @@ class Client:
         self._seq = 0
         self._older_copies = None
         self._lead = 0                          # blocks the server sends a delta unasked
+        self._file_id = 0
+        self._strays_left = 0                   # signature pieces of that file still plausible
         self._connect_started = None            # the first file's wait counts from here
 
     def connect(self):
@@ -5279,7 +5419,9 @@ class Client:
                 raise ProtocolError('a listing without its lists of files and directories')
             entries += max(1, len(page['files']) + len(page['dirs']))     # empty pages count too
             if entries > MAX_LISTING_ENTRIES:
-                raise ProtocolError('a listing of more than %d entries' % MAX_LISTING_ENTRIES)
+                raise ProtocolError('%s holds more than %d files and directories, more than one '
+                                    'get takes: fetch its subdirectories one at a time'
+                                    % (printable(str(listing.get('name'))), MAX_LISTING_ENTRIES))
             if page is not listing:
                 if (page.get('kind'), page.get('name')) != (listing.get('kind'), listing.get('name')):
                     raise ProtocolError('a page of another listing')
@@ -5409,9 +5551,8 @@ class Client:
         the transfer (`then` is called once the file is whole)."""
         remote, dest, entry, partial, bitmap, delta, kept, block_size, started = asked
         try:
-            start = self._next_message()
-            while start['op'] == 'signature':   # of a file given up on just before
-                start = self._next_message()
+            # Pieces of a file given up on just before may come first.
+            start = self._skip_stray_signatures(self._next_message())
             self._expect(start, 'start')
         except BaseException:
             partial.withdraw()
@@ -5487,12 +5628,23 @@ class Client:
         self._rejected = 0
         resumed = partial.resumed_blocks
         self.events.file_started(remote, dest, size, min(size, resumed * block_size))
-        writer = BlockWriter(partial, bitmap)
-        frontier = FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
+        try:
+            writer = BlockWriter(partial, bitmap)
+        except NoThread:
+            partial.close()
+            raise
+        try:
+            frontier = FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
+        except NoThread:
+            writer.close()
+            partial.close()
+            raise
         assembler = None
         try:
             window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)
             self._file_id = int(start['file'])
+            # Its signature, fixed and refined, has at most this many pieces.
+            self._strays_left = 2 * (-(-size // SIGNATURE_SEGMENT) + 1) if delta else 0
             if delta:
                 window.decided = 0
                 self._lead = int(start.get('lead', 0))
@@ -5506,9 +5658,8 @@ class Client:
             if then is not None:
                 then()
             local = partial.digest(frontier)    # while the server's answer is on its way
-            report = self._next_message()
-            while report['op'] == 'signature':  # pieces sent before our done crossed it
-                report = self._next_message()
+            # Pieces sent before our done crossed it may come first.
+            report = self._skip_stray_signatures(self._next_message())
             self._expect(report, 'digest')
         except BaseException:
             frontier.stop()
@@ -5630,6 +5781,18 @@ class Client:
         self.events.file_started(remote, dest, size, 0)
         wire = FRAME_HEADER.size + TAG_SIZE + len(json.dumps(message, separators=(',', ':')))
         return transfer_summary(dest, remote, size, size, seconds, wire, wire, self.encrypt, 0, local)
+
+    def _skip_stray_signatures(self, message):
+        """`message`, or the first after it that is not a signature piece of
+        the last file fetched: no more of them than that file's signature
+        has, so a server cannot keep a client reading them for ever."""
+        while message['op'] == 'signature':
+            if message.get('file') != self._file_id or self._strays_left <= 0:
+                raise ProtocolError('the server sent a signature piece no fetch can use (file %s)'
+                                    % printable(str(message.get('file'))))
+            self._strays_left -= 1
+            message = self._next_message()
+        return message
 
     def _next_message(self):
         try:
@@ -6251,8 +6414,21 @@ class _TcpSplice:
             threading.Thread(target=self._run_down, name='linkemu-tcp-down', daemon=True))
 
     def start(self):
+        """Start both pumps; False, the connection reset and forgotten, if a
+        thread cannot be had (the emulator goes on)."""
+        started = 0
         for thread in self._threads:
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:
+                break
+            started += 1
+        else:
+            return True
+        self.abort()
+        for _missing in range(len(self._threads) - started):
+            self._finish()              # as the pump that never ran would have
+        return False
 
     def abort(self):
         """Tear the connection down: both pumps stop and both peers see a reset."""
@@ -6385,7 +6561,12 @@ class _TcpSplice:
 
 
 class _TcpRelay:
-    """Owns the listening TCP socket, its accept thread and the live splices."""
+    """Owns the listening TCP socket, its accept thread and the live splices:
+    at most MAX_CONNECTIONS (two threads each), more are reset at once.  An
+    accept() failing for want of resources rests the accept thread rather
+    than spinning, as Acceptor does for serve."""
+
+    MAX_CONNECTIONS = 256
 
     def __init__(self, sock, target, target_family, up_delay, down_delay, counters):
         self._sock = sock
@@ -6398,6 +6579,7 @@ class _TcpRelay:
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = None
+        self._rest = 0.0
         sock.setblocking(False)
         self._waker = Waker()
 
@@ -6429,16 +6611,36 @@ class _TcpRelay:
                 for key, _ in sel.select():
                     if key.fileobj is self._sock and not self._stopping:
                         self._accept()
+                if self._rest and not self._stopping:
+                    # The listener stays readable while accept() cannot
+                    # succeed: wait (or for stop()) before trying again.
+                    sel.unregister(self._sock)
+                    sel.select(self._rest)
+                    sel.register(self._sock, selectors.EVENT_READ)
 
     def _accept(self):
         try:
             client, _ = self._sock.accept()
-        except OSError:             # the client gave up already, or out of descriptors
+        except (BlockingIOError, InterruptedError):
             return
-        client.setblocking(False)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        splice = _TcpSplice(client, self._target, self._family, self._up_delay,
-                            self._down_delay, self._counters, self._forget)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._rest = min(max(self._rest * 2, ACCEPT_REST[0]), ACCEPT_REST[1])
+            return                  # else the client gave up already: the next is fine
+        self._rest = 0.0
+        with self._lock:
+            full = len(self._splices) >= self.MAX_CONNECTIONS
+        if full:
+            reset_socket(client)
+            return
+        try:
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            splice = _TcpSplice(client, self._target, self._family, self._up_delay,
+                                self._down_delay, self._counters, self._forget)
+        except OSError:             # out of descriptors for its waker: this one is refused
+            reset_socket(client)
+            return
         with self._lock:
             self._splices.add(splice)
         with self._counters.lock:
@@ -6620,6 +6822,8 @@ RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 LINK_STABLE = 10.0                  # s a link must live before back-off starts over
 PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the link
 MAX_PENDING_STREAMS = 256
+MAX_STREAMS = 1024                  # streams open at once on one peer link: each holds a socket and
+                                    # up to a STREAM_WINDOW of data each way while its reader lags
 CONNECT_TIMEOUT = 10.0
 MAX_CONNECTING = 128                # targets the far side connects to at once (a thread each);
                                     # later OPENs wait their turn
@@ -7357,6 +7561,12 @@ class PeerLink:
             host = bytes(payload[TUNNEL_OPEN.size:]).decode('utf-8')
         except UnicodeDecodeError:
             raise ProtocolError('target host is not UTF-8')
+        if len(self.streams) >= MAX_STREAMS:
+            self.log('peer %s opened more than %d streams at once: refused one'
+                     % (self.peer_name, MAX_STREAMS))
+            self.send_message(MSG_RESET, sid, ('the --listen side has %d streams open on this link '
+                                               'already' % MAX_STREAMS).encode('utf-8'))
+            return
         self.stats.add('tunnel-out', connections=1)
         self.stats.add('tunnel-in', connections=1)
         self.tunnel.open_target(self, sid, host, port)
@@ -7747,7 +7957,10 @@ class NearTunnel(Tunnel):
             sock.close()                # reset before we got to it
             return
         name = '%s:%d -> %s:%d' % (address[0], address[1], host, port)
-        if self.link is not None and self.link.ready:
+        if self.link is not None and self.link.ready and len(self.link.streams) >= MAX_STREAMS:
+            self.log('%d connections carried already: refused %s' % (MAX_STREAMS, name))
+            reset_socket(sock)
+        elif self.link is not None and self.link.ready:
             self.link.open_stream(sock, host, port, name)
         elif len(self._pending) >= MAX_PENDING_STREAMS:
             reset_socket(sock)

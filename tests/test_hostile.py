@@ -4,18 +4,23 @@
 a one-line error, never a traceback, a huge allocation or a spinning loop;
 `serve` goes on serving others."""
 
+import itertools
 import json
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from array import array
 
 import pytest
 
-from helpers import (CLOSE, SECRET, FakeServer, HostileClient, InProcessServer, b64, make_file, run_get,
-                     run_get_measured, sha, sha256, small_file_answers, wait_for, wanxfer, zlib_bomb)
+from helpers import (CLOSE, SECRET, FakeServer, HostileClient, InProcessFarTunnel, InProcessServer, b64,
+                     echo_handler, make_file, run_get, run_get_measured, sha, sha256, small_file_answers,
+                     wait_for, wanxfer, wanxfer_env, zlib_bomb)
+from helpers import Server as TcpServer         # not to be taken for wanxfer.Server
 
 
 def closed_fetch(path, **fields):
@@ -434,3 +439,297 @@ def test_json_nesting_is_told_exactly_without_parsing():
         value = nested(rng.randrange(0, 24))
         body = json.dumps(value).encode()
         assert wanxfer.json_nesting_within(body, 16) == (depth_of(value) <= 16), body
+
+
+def queued_blocks(window):
+    """Blocks a SendWindow holds to send fresh, counted with repeats."""
+    return sum(end - start for start, end in window._fresh)
+
+
+def test_repeated_needs_queue_each_block_of_the_file_at_most_once():
+    # Each `need` (up to a million ranges) was appended as it came: the
+    # same ranges named again and again grew serve's queue without end.
+    window = wanxfer.SendWindow([(0, 4)], 0, wanxfer.PacketLog())
+    ranges = [(i, i + 1) for i in range(4, 1000, 2)]
+    for _ in range(50):
+        window.add_need(ranges)
+        window.add_need([(0, 1000)])
+        window.add_need([(500, 600), (100, 200)])
+    assert queued_blocks(window) == 4 + len(ranges) + 1
+    sent = []
+    while window.has_work():
+        first, count, _resend = window.next_run(64)
+        sent.extend(range(first, first + count))
+    assert len(sent) == len(set(sent)) and max(sent) < 1000
+    # Needs that go on past everything named before still add their blocks.
+    window.add_need([(1000, 1010), (1020, 1030)])
+    assert queued_blocks(window) == 20
+
+
+class GatedReads:
+    """os.preadv that holds every read until `gate` is set, counting them."""
+
+    def __init__(self, monkeypatch):
+        self.gate = threading.Event()
+        self.calls = 0
+        real = os.preadv
+
+        def preadv(*args):
+            self.calls += 1
+            self.gate.wait(20)
+            return real(*args)
+        monkeypatch.setattr(wanxfer.os, 'preadv', preadv)
+
+
+def test_an_aborted_fetchs_digest_stops_at_its_next_read(tmp_path, monkeypatch):
+    # A fetch aborted at once left its digest thread reading the whole
+    # file: one thread per distinct file a client asked for, none stopped.
+    source = make_file(tmp_path / 'f', 4 << 20)
+    reads = GatedReads(monkeypatch)
+    cache = wanxfer.DigestCache()
+    job = cache.start(str(source), 'session')
+    wait_for(lambda: reads.calls == 1, what='the first read')
+    cache.release(job)
+    reads.gate.set()
+    assert job.done.wait(10)
+    assert reads.calls == 1 and job.error.errno == wanxfer.errno.ECANCELED
+    again = cache.start(str(source), 'session')         # a new fetch starts over
+    assert again is not job and again.sha256() == sha256(source)
+    cache.release(again)
+
+
+def test_helper_threads_are_capped_per_session_and_per_server(tmp_path, monkeypatch):
+    files = [make_file(tmp_path / ('f%d' % i), 1 << 20, seed=i) for i in range(4)]
+    reads = GatedReads(monkeypatch)
+    slots = wanxfer.HelperSlots(3, 2)
+    digests = wanxfer.DigestCache(slots=slots)
+    signatures = wanxfer.SignatureCache(slots=slots)
+    jobs = [(digests, digests.start(str(files[0]), 'a')),
+            (signatures, signatures.start(str(files[1]), 'a'))]
+    with pytest.raises(wanxfer.RemoteError, match='too many files'):
+        digests.start(str(files[2]), 'a')               # a third for one session
+    jobs.append((digests, digests.start(str(files[2]), 'b')))
+    with pytest.raises(wanxfer.RemoteError, match='too many files'):
+        signatures.start(str(files[3]), 'c')            # a fourth for the server
+    # The same file for another session joins its job, at no cost.
+    shared = digests.start(str(files[0]), 'c')
+    assert shared is jobs[0][1] and slots.running() == 3
+    digests.release(shared)
+    assert not shared.stop.is_set()                     # 'a' still wants it
+    for cache, job in jobs:
+        cache.release(job)
+    reads.gate.set()
+    wait_for(lambda: slots.running() == 0, what='the slots given back')
+    assert all(job.done.is_set() for _cache, job in jobs)
+
+
+def test_a_refine_thread_that_fails_is_reported_not_waited_for(tmp_path, monkeypatch):
+    source = make_file(tmp_path / 'f', 1 << 20)
+
+    def broken(spans):
+        raise ValueError('a bug')
+    monkeypatch.setattr(wanxfer, 'encode_spans', broken)
+    refiner = wanxfer.SpanRefiner(str(source), 1 << 20)
+    refiner.request(0, 1 << 20)
+    # Old code: the thread died of anything but OSError with `error` unset
+    # and the request unfinished, so the session polled it for ever.
+    wait_for(lambda: refiner.error is not None, timeout=10, what='the error')
+    assert 'a bug' in refiner.error.strerror
+    refiner.close()
+
+
+def test_a_digest_thread_that_fails_is_reported_not_waited_for(tmp_path, monkeypatch):
+    source = make_file(tmp_path / 'f', 1 << 20)
+
+    def broken(*args, **kwargs):
+        raise ValueError('a bug')
+    monkeypatch.setattr(wanxfer, 'hash_range', broken)
+    job = wanxfer.DigestCache().start(str(source))
+    assert job.done.wait(10)
+    with pytest.raises(wanxfer.RemoteError, match='a bug'):
+        job.sha256()
+
+
+@pytest.mark.e2e
+def test_stray_signature_pieces_from_a_server_are_bounded(tmp_path):
+    # `get` read and dropped signature pieces for as long as a server sent
+    # them, waiting for a `digest` (or a later file's `start`).
+    strays = 20000
+    stray = {'op': 'signature', 'file': 1, 'offset': 0, 'spans': ''}
+    plain = empty_file_answers()
+
+    def answer(message):
+        replies = plain(message)
+        if message['op'] == 'done':
+            return itertools.chain(itertools.repeat(stray, strays), replies)
+        return replies
+    status, _out, err, _rss = get_against(tmp_path, answer)
+    assert status == 1
+    assert 'signature piece' in one_error_line(err)
+
+
+# `get` with threads of one name refused, as a process or memory limit would.
+NO_THREAD_GET = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+refused = sys.argv[2]
+start = threading.Thread.start
+def refusing_start(self):
+    if self.name == refused:
+        raise RuntimeError("can't start new thread")
+    return start(self)
+threading.Thread.start = refusing_start
+import wanxfer
+sys.exit(wanxfer.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('refused', ['writer', 'digest'])
+def test_get_that_cannot_start_its_own_thread_says_so_in_one_line(tmp_path, serve, refused):
+    source = make_file(tmp_path / 'f', 600000)
+    server = serve([source])
+    command = [sys.executable, '-c', NO_THREAD_GET, os.path.dirname(wanxfer.__file__), refused,
+               'get', '127.0.0.1:%d' % server.port, 'f', '-o', str(tmp_path / 'copy')]
+    result = subprocess.run(command, env=wanxfer_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert 'cannot start a %s thread' % refused in one_error_line(result.stderr)
+    assert not (tmp_path / 'copy').exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('request_kind', ['fetch', 'delta', 'read'])
+def test_a_served_file_swapped_for_a_fifo_is_refused_not_waited_on(tmp_path, serve, request_kind):
+    # serve opened served files blocking: a FIFO (put where a served file
+    # was, after the check) held the session in open() until a writer came.
+    source = make_file(tmp_path / 'f', 300000)
+    server = serve([source])
+    size, mtime_ns = source.stat().st_size, source.stat().st_mtime_ns
+    source.unlink()
+    os.mkfifo(str(source))
+    client = HostileClient(server.port)
+    try:
+        if request_kind == 'read':
+            client.send({'op': 'read', 'files': [{'path': 'f', 'size': size, 'mtime_ns': mtime_ns}]})
+        else:
+            client.send(open_fetch(source, delta=request_kind == 'delta'))
+        reply = client.recv(10)
+    finally:
+        client.close()
+    assert reply is not None, 'no answer: the session hangs on the FIFO'
+    assert 'not a regular file' in (reply.get('message') or reply.get('error')), reply
+    assert server.proc.poll() is None and 'Traceback' not in server.log()
+
+
+def test_a_listing_is_bounded_for_memory_but_takes_a_million_files():
+    # 10 million entries cost `get` several GB; a million must still work.
+    assert 1_200_000 <= wanxfer.MAX_LISTING_ENTRIES <= 2_000_000
+
+
+def test_a_listing_beyond_the_limit_says_to_fetch_a_subdirectory(monkeypatch):
+    monkeypatch.setattr(wanxfer, 'MAX_LISTING_ENTRIES', 10)
+    page = {'op': 'listing', 'kind': 'dir', 'name': 'big', 'dirs': [], 'more': True,
+            'files': [{'path': 'big/%d' % i, 'size': 1, 'mtime_ns': 1, 'mode': 0o644}
+                      for i in range(6)]}
+    client = wanxfer.Client('127.0.0.1', 1, SECRET.encode())
+    monkeypatch.setattr(client, '_next_message', lambda: dict(page))
+    with pytest.raises(wanxfer.ProtocolError, match='big holds more than 10 .*subdirectories'):
+        client._whole_listing(dict(page, files=list(page['files'])))
+
+
+def closed_by_peer(conn, timeout=10):
+    """Whether `conn` is closed or reset by the other end within `timeout`."""
+    conn.settimeout(timeout)
+    try:
+        return conn.recv(100) == b''
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def echoed(conn, payload):
+    conn.settimeout(10)
+    conn.sendall(payload)
+    got = b''
+    while len(got) < len(payload):
+        data = conn.recv(100)
+        if not data:
+            return False
+        got += data
+    return got == payload
+
+
+def refused_at_once(port):
+    """Whether a new connection to `port` is reset or closed, not carried (the
+    reset may come before connect() returns)."""
+    try:
+        conn = socket.create_connection(('127.0.0.1', port), timeout=10)
+    except ConnectionResetError:
+        return True
+    try:
+        conn.sendall(b'one too many\n')
+        return closed_by_peer(conn)
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    finally:
+        conn.close()
+
+
+def check_stream_cap(port, streams_of, log):
+    clients = []
+    try:
+        for i in range(4):
+            clients.append(socket.create_connection(('127.0.0.1', port), timeout=10))
+            assert echoed(clients[-1], b'stream %d\n' % i)
+        wait_for(lambda: streams_of() == 4, timeout=10, what='4 streams')
+        assert refused_at_once(port), 'a fifth stream was carried'
+        wait_for(lambda: 'refused' in log(), timeout=10, what='the log line')
+        assert all(echoed(conn, b'still\n') for conn in clients[:4])
+        clients[0].close()
+        wait_for(lambda: streams_of() == 3, timeout=10, what='a stream closed')
+        again = socket.create_connection(('127.0.0.1', port), timeout=10)
+        clients.append(again)
+        assert echoed(again, b'room again\n')
+    finally:
+        for conn in clients:
+            conn.close()
+
+
+@pytest.mark.e2e
+def test_the_far_side_resets_opens_beyond_its_streams_per_link(tmp_path, monkeypatch, tunnel_pair):
+    # Streams per link were unbounded: each a socket, and up to a 32 MiB
+    # window of data while its reader lags.
+    monkeypatch.setattr(wanxfer, 'MAX_STREAMS', 4, raising=False)
+    echo = TcpServer(echo_handler)
+    far = InProcessFarTunnel(tmp_path, [echo.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])      # not capped at 4
+    try:
+        check_stream_cap(near.port, lambda: sum(len(l.streams) for l in list(far.tunnel.links)),
+                         far.log)
+    finally:
+        near.stop()
+        far.stop()
+        echo.close()
+
+
+@pytest.mark.e2e
+def test_the_near_side_refuses_connections_beyond_its_streams_per_link(tmp_path, monkeypatch, tunnel_pair):
+    monkeypatch.setattr(wanxfer, 'MAX_STREAMS', 4, raising=False)
+    echo = TcpServer(echo_handler)
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])                   # not capped at 4
+    lines = []
+    store = wanxfer.ChunkStore(str(tmp_path / 'near.db'), 64 << 20)
+    near = wanxfer.NearTunnel(SECRET.encode(), store, ('127.0.0.1', far.port),
+                              [('127.0.0.1', 0, '127.0.0.1', echo.port)], log=lines.append)
+    thread = threading.Thread(target=near.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: near.link is not None and near.link.ready, timeout=10, what='the link')
+        port = near.addresses[0][0][1]
+        check_stream_cap(port, lambda: len(near.link.streams), lambda: '\n'.join(lines))
+    finally:
+        near.stop()
+        thread.join(10)
+        far.stop()
+        echo.close()

@@ -589,3 +589,105 @@ def test_close_without_start_and_start_twice():
     with LinkEmulator(HOST, 9, LinkConditions()) as emu:
         with pytest.raises(RuntimeError):
             emu.start()
+
+
+# ---------------------------------------------------------------------------
+# Limits: the emulator listens on loopback, and anyone there may connect
+# ---------------------------------------------------------------------------
+
+def _refused(address, timeout=5):
+    """Whether a new connection to `address` is reset or closed, not relayed
+    (the reset may come before connect() returns)."""
+    try:
+        sock = socket.create_connection(address, timeout=5)
+    except ConnectionResetError:
+        return True
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            return sock.recv(10) == b''
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+
+@pytest.mark.e2e
+def test_tcp_connections_beyond_the_cap_are_reset(tcp_listener, monkeypatch):
+    # Two threads a connection, as many connections as came.
+    monkeypatch.setattr(wanxfer._TcpRelay, 'MAX_CONNECTIONS', 2)
+    with emulate(tcp_listener) as emu:
+        clients = [socket.create_connection(emu.address, timeout=5) for _ in range(2)]
+        servers = [tcp_listener.accept()[0] for _ in clients]
+        assert _refused(emu.address, timeout=2), 'a third connection was relayed'
+        clients[0].close()
+        servers[0].close()              # both ends closed: that connection is over
+        deadline = time.monotonic() + 5
+        while emu.counters.tcp_connections > 1 and time.monotonic() < deadline:
+            readable(clients[1], 0.01)  # a poll with a deadline
+        assert emu.counters.tcp_connections == 1
+        again = socket.create_connection(emu.address, timeout=5)
+        conn, _ = tcp_listener.accept()
+        again.sendall(b'room')
+        conn.settimeout(5)
+        assert _recv_exactly(conn, 4) == b'room'
+        for sock in clients[1:] + servers + [again, conn]:
+            sock.close()
+
+
+class _ExhaustedListener(socket.socket):
+    """A listening socket whose accept() always fails as if out of descriptors."""
+
+    def __init__(self):
+        socket.socket.__init__(self)
+        self.bind((HOST, 0))
+        self.listen(8)
+        self.accepts = 0
+
+    def accept(self):
+        self.accepts += 1
+        raise OSError(wanxfer.errno.EMFILE, os.strerror(wanxfer.errno.EMFILE))
+
+
+@pytest.mark.e2e
+def test_tcp_accept_out_of_descriptors_rests_instead_of_spinning():
+    listener = _ExhaustedListener()
+    waiting = socket.create_connection(listener.getsockname(), timeout=5)  # keeps it readable
+    relay = wanxfer._TcpRelay(listener, (HOST, 9), socket.AF_INET, 0.0, 0.0, LinkCounters())
+    relay.start()
+    threading.Event().wait(0.5)         # a span of time to count accept() calls over
+    relay.stop()
+    waiting.close()
+    # Old code: accept() again at once, tens of thousands of times.
+    assert 1 <= listener.accepts <= 20, listener.accepts
+
+
+@pytest.mark.e2e
+def test_tcp_a_pump_thread_that_cannot_start_costs_that_connection_only(tcp_listener, monkeypatch):
+    real_start = threading.Thread.start
+    refused = []
+
+    def start(thread):
+        if thread.name == 'linkemu-tcp-down' and not refused:
+            refused.append(thread)
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    monkeypatch.setattr(threading.Thread, 'start', start)
+    with emulate(tcp_listener) as emu:
+        assert _refused(emu.address)
+        assert refused
+        second = socket.create_connection(emu.address, timeout=5)
+        while True:                     # the first's connect may be in the backlog too
+            conn, _ = tcp_listener.accept()
+            second.sendall(b'ok')
+            conn.settimeout(5)
+            try:
+                got = conn.recv(2)
+            except ConnectionResetError:
+                got = b''
+            if got:
+                break
+            conn.close()
+        assert got == b'ok'
+        for sock in (second, conn):
+            sock.close()
