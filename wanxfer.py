@@ -4945,6 +4945,7 @@ class FileReceiver:
         self._run_seq = self._run_block = self._run_count = 0
         self.rejected = 0
         self.largest_probe = 0                  # datagram bytes: probes may come with the data
+        self.largest_data = 0                   # datagram bytes of the largest authentic data
 
     def receive(self, buffer, nbytes, segment, now):
         """Take one receive's worth of datagrams (several when coalesced)."""
@@ -4966,6 +4967,8 @@ class FileReceiver:
             if kind == KIND_DATA and sid == self._session_id:
                 body = verify(view[offset:offset + header_size],
                               view[offset + header_size:offset + length])
+                if body is not None and length > self.largest_data:
+                    self.largest_data = length
             expected = self._block_size if block < self._last_block else self._last_size
             if body is not None and flags & DATA_FLAG_ZLIB:
                 self._compressed(seq, block, stamp, body, expected, now)
@@ -5845,8 +5848,8 @@ class Client:
     def _receive(self, window, writer, partial, size, started, assembler=None, unproven=False):
         """The data phase: datagrams in, blocks written, feedback out; with
         an `assembler`, signature pieces in and local data written too.
-        With `unproven` blocks, no data and probes all smaller than a data
-        datagram for a few round trips raise PathTooNarrow."""
+        With `unproven` blocks, no datagram (data or probe) as large as a
+        full block's for a few round trips raises PathTooNarrow."""
         receiver = FileReceiver(self.session_id, self.data_in, window, writer, size, self.block_size)
         datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         narrow_check = time.monotonic() + max(NARROW_PATH_WAIT, 3 * self.rtt) if unproven else None
@@ -5906,10 +5909,15 @@ class Client:
                     if now - last_data > self.timeout:
                         raise TransferError('no data from the server for %d s; partial data kept: '
                                             'run the same command again to resume' % self.timeout)
-                if narrow_check is not None and (window.packets or now >= narrow_check):
-                    if not window.packets and receiver.largest_probe < datagram:
+                if narrow_check is not None:
+                    # Only a datagram of a full block's size proves the path:
+                    # the short last block, or one that compressed well, fit
+                    # through a path that loses every other block.
+                    if max(receiver.largest_data, receiver.largest_probe,
+                           self._largest_probe) >= datagram:
+                        narrow_check = None
+                    elif now >= narrow_check:
                         raise PathTooNarrow()
-                    narrow_check = None
                 if now >= next_progress:
                     next_progress = now + PROGRESS_INTERVAL
                     self.events.progress({

@@ -237,6 +237,29 @@ wanxfer.ServerSession.do_fetch = do_fetch
     assert "asked to list 'f'" in server.log()
 
 
+FAST_START = """
+# The whole first pass at once: the file's short last block reaches the
+# client long before it would give up on blocks too large for the path.
+wanxfer.RateController.INITIAL_RATE = 1 << 30
+"""
+
+
+def test_a_short_last_block_does_not_prove_a_path_too_narrow_for_the_blocks(tmp_path, serve, link):
+    # The open fetch tries 64 KiB blocks; through 1500-byte packets only the
+    # file's last block (1000 bytes) arrives.  That is no proof the path
+    # carries the rest: the client must still fall back to blocks that fit,
+    # not wait on the others until it times out.
+    big = wanxfer.block_size_for_mtu(65535)
+    data = make_file(tmp_path / 'f', 3 * big + 1000)
+    server = patched_serve(serve, [data], FAST_START)
+    path = link(server.port, delay_ms=5)
+    done = run_get(path.port, 'f', '-o', tmp_path / 'out', '--json', '--timeout', '5')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    assert 'fetching f again with blocks that fit' in done.stderr
+    assert json_summaries(done)[0]['block_bytes'] == BLOCK
+
+
 def test_a_server_that_picks_tiny_blocks_for_the_first_request_is_refused(tmp_path, serve):
     # The open fetch lets the server lower the block size; not below a sane
     # floor, where every few bytes would cost a packet.
