@@ -134,9 +134,9 @@ EDITS = [
          [("        for kind in STATS_KINDS + ('total',):", "        for kind in STATS_KINDS[:2] + ('total',):")],
          ['tests/test_delta.py', '-k', 'stats']),
     Edit('server-logs-drops', 'the server logs each client it drops',
-         [("        except ProtocolError as e:\n"
+         [("        except (ProtocolError, NoThread) as e:\n"
            "            self.server.log('%s: dropped: %s' % (self.peer_name(), e))",
-           "        except ProtocolError as e:\n            pass"),
+           "        except (ProtocolError, NoThread) as e:\n            pass"),
           ("        except (OSError, struct.error) as e:\n"
            "            self.server.log('%s: dropped: %s' % (self.peer_name(), e))",
            "        except (OSError, struct.error) as e:\n            pass")],
