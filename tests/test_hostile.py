@@ -501,6 +501,14 @@ def test_an_aborted_fetchs_digest_stops_at_its_next_read(tmp_path, monkeypatch):
 def test_helper_threads_are_capped_per_session_and_per_server(tmp_path, monkeypatch):
     files = [make_file(tmp_path / ('f%d' % i), 1 << 20, seed=i) for i in range(4)]
     reads = GatedReads(monkeypatch)
+    # A signature reads through a file object, not preadv: held at the same
+    # gate, or a job may end (and give its slot back) before the caps are tried.
+    signature = wanxfer.file_signature
+
+    def gated_signature(*args, **kwargs):
+        reads.gate.wait(20)
+        return signature(*args, **kwargs)
+    monkeypatch.setattr(wanxfer, 'file_signature', gated_signature)
     slots = wanxfer.HelperSlots(3, 2)
     digests = wanxfer.DigestCache(slots=slots)
     signatures = wanxfer.SignatureCache(slots=slots)
