@@ -553,6 +553,14 @@ def inflate(data, limit):
 
 
 # ---------------------------------------------------------------------------
+# Plumbing
+# ---------------------------------------------------------------------------
+# Threads, sockets and the event loop that several sections share (the bulk
+# server and client, the tunnel, the link emulator), so none of them reaches
+# into another's section for them.
+
+
+# ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
 """Authentication, key derivation and the cipher, all from hashlib and hmac.
