@@ -124,16 +124,6 @@ class NoThread(WanxferError):
     memory): what needed it fails with one line, not a traceback."""
 
 
-def start_thread(target, name, args=()):
-    """A daemon thread running target(*args), started; NoThread if it cannot be."""
-    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-    try:
-        thread.start()
-    except RuntimeError as e:
-        raise NoThread('cannot start a %s thread: %s' % (name, e))
-    return thread
-
-
 # ---------------------------------------------------------------------------
 # Wire formats
 # ---------------------------------------------------------------------------
@@ -560,6 +550,261 @@ def inflate(data, limit):
 # into another's section for them.
 
 
+def start_thread(target, name, args=()):
+    """A daemon thread running target(*args), started; NoThread if it cannot be."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError as e:
+        raise NoThread('cannot start a %s thread: %s' % (name, e))
+    return thread
+
+
+def recv_exactly(sock, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ProtocolError('connection closed by peer')
+        data += chunk
+    return bytes(data)
+
+
+SOL_UDP = 17
+UDP_SEGMENT = 103               # Linux 4.18+, not in the socket module
+UDP_GRO = 104                   # Linux 5.0+
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+IP_MTU = 14
+IP_MTU_DISCOVER = 10
+IPV6_MTU_DISCOVER = 23
+IP_PMTUDISC_DO = 2
+
+
+def _enlarge_buffers(sock, size):
+    # Bursts of tens of thousands of packets a second overflow the default
+    # 200 KB receive buffer before the relay thread is scheduled.  The kernel
+    # caps the request at net.core.[rw]mem_max; a refusal is harmless.
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            pass
+
+
+def reset_socket(sock):
+    """Close a TCP socket so the peer sees a reset, not an orderly end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def listen_socket(host, port, tune=False):
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if tune:
+            tune_link_socket(sock)          # accepted sockets inherit it
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise UsageError('cannot listen on %s:%d: %s' % (host or '*', port, e.strerror))
+    sock.setblocking(False)
+    return sock
+
+
+def describe_error(error):
+    return getattr(error, 'strerror', None) or str(error)
+
+
+class Waker:
+    """Wakes a thread waiting in select() from any other thread: register
+    `reader` for reading and call `wake()`; `drain()` empties it again."""
+
+    def __init__(self):
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def wake(self):
+        try:
+            self._writer.send(b'x')
+        except OSError:
+            pass                    # full (a wake is already pending) or closed
+
+    def drain(self):
+        try:
+            while self.reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self):
+        self.reader.close()
+        self._writer.close()
+
+
+class Timer:
+    __slots__ = ('when', 'callback', 'cancelled')
+
+    def __init__(self, when, callback):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class EventLoop:
+    """One selectors loop with timers and an inbox.
+
+    `watch(sock, events, handler)` calls handler(mask) when the socket is
+    ready (events 0 stops watching); `call_later(delay, fn)` returns a Timer
+    to cancel; `post(fn)`, from any thread, runs fn on the loop soon;
+    `run()` returns after `stop()` (which a signal handler may call)."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.read_buffer = bytearray(LOCAL_READ_SIZE)
+        self.link_buffer = bytearray(LINK_READ_SIZE)
+        self._timers = []
+        self._sequence = itertools.count()
+        self._inbox = collections.deque()
+        self._waker = Waker()
+        self.selector.register(self._waker.reader, selectors.EVENT_READ, self._drain_wake)
+        self.stopping = False
+
+    def watch(self, sock, events, handler):
+        try:
+            key = self.selector.get_key(sock)
+        except (KeyError, ValueError):
+            key = None
+        if not events:
+            if key is not None:
+                self.selector.unregister(sock)
+        elif key is None:
+            self.selector.register(sock, events, handler)
+        elif key.events != events or key.data != handler:
+            self.selector.modify(sock, events, handler)
+
+    def call_later(self, delay, callback):
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
+        return timer
+
+    def post(self, callback):
+        self._inbox.append(callback)
+        self._waker.wake()
+
+    def stop(self):
+        self.stopping = True
+        self._waker.wake()
+
+    def _drain_wake(self, mask):
+        self._waker.drain()
+
+    def run(self):
+        while not self.stopping:
+            timeout = 1.0
+            if self._timers:
+                timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
+            for key, mask in self.selector.select(timeout):
+                key.data(mask)
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                timer = heapq.heappop(self._timers)[2]
+                if not timer.cancelled:
+                    timer.callback()
+            while self._inbox:
+                self._inbox.popleft()()
+
+    def close(self):
+        self.selector.close()
+        self._waker.close()
+
+
+class Acceptor:
+    """Accepts on a listening socket for an EventLoop and passes each
+    connection to on_accept(sock, address).
+
+    When accept() fails for want of resources (EMFILE, ENFILE, ENOBUFS,
+    ENOMEM) the listener stays readable, and trying again at once would spin
+    a core.  Out of descriptors, it first asks make_room() to close a
+    connection that has not authenticated and tries again; with nothing to
+    close it accepts the waiting connection on a descriptor kept spare for
+    this and closes it at once (that peer hears no rather than waiting in the
+    backlog).  Then it stops watching the listener for ACCEPT_REST, doubling
+    while failures go on, and logs the first failure of a run."""
+
+    def __init__(self, loop, listener, on_accept, make_room=None, log=None):
+        self.loop = loop
+        self.listener = listener
+        self._on_accept = on_accept
+        self._make_room = make_room or (lambda: False)
+        self._log = log or (lambda line: None)
+        self._rest = 0.0
+        self._timer = None
+        self._spare = self._reserve()
+        listener.setblocking(False)
+        loop.watch(listener, selectors.EVENT_READ, self._ready)
+
+    @staticmethod
+    def _reserve():
+        try:
+            return os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return None
+
+    def _ready(self, mask):
+        try:
+            sock, address = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._failed(e)
+            return
+        self._rest = 0.0
+        self._on_accept(sock, address)
+
+    def _failed(self, error):
+        if error.errno in (errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM):
+            return                      # that connection died in the backlog; the next is fine
+        out_of_descriptors = error.errno in (errno.EMFILE, errno.ENFILE)
+        if out_of_descriptors and self._make_room():
+            return                      # the listener is still readable: the loop tries again
+        if out_of_descriptors and self._spare is not None:
+            os.close(self._spare)
+            try:
+                self.listener.accept()[0].close()
+            except OSError:
+                pass
+            self._spare = self._reserve()
+        if not self._rest:
+            self._log('accept failed: %s; trying again in up to %g s'
+                      % (error.strerror or error, ACCEPT_REST[1]))
+        self._rest = min(max(self._rest * 2, ACCEPT_REST[0]), ACCEPT_REST[1])
+        self.loop.watch(self.listener, 0, None)
+        self._timer = self.loop.call_later(self._rest, self._resume)
+
+    def _resume(self):
+        self._timer = None
+        if self._spare is None:
+            self._spare = self._reserve()
+        self.loop.watch(self.listener, selectors.EVENT_READ, self._ready)
+
+    def close(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.loop.watch(self.listener, 0, None)
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+
 # ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
@@ -842,16 +1087,6 @@ def load_secret(secret_file=None, environ=None):
         return secret
     value = environ.get(SECRET_ENV, '')
     return value.encode() if value else None
-
-
-def recv_exactly(sock, n):
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ProtocolError('connection closed by peer')
-        data += chunk
-    return bytes(data)
 
 
 def seal_frame(sealer, counter, body):
@@ -2897,15 +3132,6 @@ def decode_nak(body):
 path checks, digests, and the receiver's partial files that make resume work.
 """
 
-SOL_UDP = 17
-UDP_SEGMENT = 103               # Linux 4.18+, not in the socket module
-UDP_GRO = 104                   # Linux 5.0+
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-IP_MTU = 14
-IP_MTU_DISCOVER = 10
-IPV6_MTU_DISCOVER = 23
-IP_PMTUDISC_DO = 2
 MAX_GSO_SEGMENTS = 64
 MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
 SOCKET_BUFFER = 32 << 20
@@ -4290,85 +4516,6 @@ class PendingHandshakes:
             oldest = next(iter(self._pending), None)
         if oldest is not None:
             self._timer = self.loop.call_later(max(0.0, oldest.deadline - now), self._expire)
-
-
-class Acceptor:
-    """Accepts on a listening socket for an EventLoop and passes each
-    connection to on_accept(sock, address).
-
-    When accept() fails for want of resources (EMFILE, ENFILE, ENOBUFS,
-    ENOMEM) the listener stays readable, and trying again at once would spin
-    a core.  Out of descriptors, it first asks make_room() to close a
-    connection that has not authenticated and tries again; with nothing to
-    close it accepts the waiting connection on a descriptor kept spare for
-    this and closes it at once (that peer hears no rather than waiting in the
-    backlog).  Then it stops watching the listener for ACCEPT_REST, doubling
-    while failures go on, and logs the first failure of a run."""
-
-    def __init__(self, loop, listener, on_accept, make_room=None, log=None):
-        self.loop = loop
-        self.listener = listener
-        self._on_accept = on_accept
-        self._make_room = make_room or (lambda: False)
-        self._log = log or (lambda line: None)
-        self._rest = 0.0
-        self._timer = None
-        self._spare = self._reserve()
-        listener.setblocking(False)
-        loop.watch(listener, selectors.EVENT_READ, self._ready)
-
-    @staticmethod
-    def _reserve():
-        try:
-            return os.open(os.devnull, os.O_RDONLY)
-        except OSError:
-            return None
-
-    def _ready(self, mask):
-        try:
-            sock, address = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._failed(e)
-            return
-        self._rest = 0.0
-        self._on_accept(sock, address)
-
-    def _failed(self, error):
-        if error.errno in (errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM):
-            return                      # that connection died in the backlog; the next is fine
-        out_of_descriptors = error.errno in (errno.EMFILE, errno.ENFILE)
-        if out_of_descriptors and self._make_room():
-            return                      # the listener is still readable: the loop tries again
-        if out_of_descriptors and self._spare is not None:
-            os.close(self._spare)
-            try:
-                self.listener.accept()[0].close()
-            except OSError:
-                pass
-            self._spare = self._reserve()
-        if not self._rest:
-            self._log('accept failed: %s; trying again in up to %g s'
-                      % (error.strerror or error, ACCEPT_REST[1]))
-        self._rest = min(max(self._rest * 2, ACCEPT_REST[0]), ACCEPT_REST[1])
-        self.loop.watch(self.listener, 0, None)
-        self._timer = self.loop.call_later(self._rest, self._resume)
-
-    def _resume(self):
-        self._timer = None
-        if self._spare is None:
-            self._spare = self._reserve()
-        self.loop.watch(self.listener, selectors.EVENT_READ, self._ready)
-
-    def close(self):
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.loop.watch(self.listener, 0, None)
-        if self._spare is not None:
-            os.close(self._spare)
-            self._spare = None
 
 
 class ServerSession:
@@ -6163,53 +6310,6 @@ def _direction_rng(seed, direction):
     return random.Random('%s/%s' % (seed, direction))
 
 
-def _enlarge_buffers(sock, size):
-    # Bursts of tens of thousands of packets a second overflow the default
-    # 200 KB receive buffer before the relay thread is scheduled.  The kernel
-    # caps the request at net.core.[rw]mem_max; a refusal is harmless.
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, size)
-        except OSError:
-            pass
-
-
-def reset_socket(sock):
-    """Close a TCP socket so the peer sees a reset, not an orderly end."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
-    except OSError:
-        pass
-    sock.close()
-
-
-class Waker:
-    """Wakes a thread waiting in select() from any other thread: register
-    `reader` for reading and call `wake()`; `drain()` empties it again."""
-
-    def __init__(self):
-        self.reader, self._writer = socket.socketpair()
-        self.reader.setblocking(False)
-        self._writer.setblocking(False)
-
-    def wake(self):
-        try:
-            self._writer.send(b'x')
-        except OSError:
-            pass                    # full (a wake is already pending) or closed
-
-    def drain(self):
-        try:
-            while self.reader.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    def close(self):
-        self.reader.close()
-        self._writer.close()
-
-
 class _UdpMapping:
     """One UDP client: its address and the upstream socket the server sees it as."""
 
@@ -7710,84 +7810,6 @@ class PeerLink:
         self.tunnel.link_closed(self, reason)
 
 
-class Timer:
-    __slots__ = ('when', 'callback', 'cancelled')
-
-    def __init__(self, when, callback):
-        self.when, self.callback, self.cancelled = when, callback, False
-
-    def cancel(self):
-        self.cancelled = True
-
-
-class EventLoop:
-    """One selectors loop with timers and an inbox.
-
-    `watch(sock, events, handler)` calls handler(mask) when the socket is
-    ready (events 0 stops watching); `call_later(delay, fn)` returns a Timer
-    to cancel; `post(fn)`, from any thread, runs fn on the loop soon;
-    `run()` returns after `stop()` (which a signal handler may call)."""
-
-    def __init__(self):
-        self.selector = selectors.DefaultSelector()
-        self.read_buffer = bytearray(LOCAL_READ_SIZE)
-        self.link_buffer = bytearray(LINK_READ_SIZE)
-        self._timers = []
-        self._sequence = itertools.count()
-        self._inbox = collections.deque()
-        self._waker = Waker()
-        self.selector.register(self._waker.reader, selectors.EVENT_READ, self._drain_wake)
-        self.stopping = False
-
-    def watch(self, sock, events, handler):
-        try:
-            key = self.selector.get_key(sock)
-        except (KeyError, ValueError):
-            key = None
-        if not events:
-            if key is not None:
-                self.selector.unregister(sock)
-        elif key is None:
-            self.selector.register(sock, events, handler)
-        elif key.events != events or key.data != handler:
-            self.selector.modify(sock, events, handler)
-
-    def call_later(self, delay, callback):
-        timer = Timer(time.monotonic() + delay, callback)
-        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
-        return timer
-
-    def post(self, callback):
-        self._inbox.append(callback)
-        self._waker.wake()
-
-    def stop(self):
-        self.stopping = True
-        self._waker.wake()
-
-    def _drain_wake(self, mask):
-        self._waker.drain()
-
-    def run(self):
-        while not self.stopping:
-            timeout = 1.0
-            if self._timers:
-                timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
-            for key, mask in self.selector.select(timeout):
-                key.data(mask)
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                timer = heapq.heappop(self._timers)[2]
-                if not timer.cancelled:
-                    timer.callback()
-            while self._inbox:
-                self._inbox.popleft()()
-
-    def close(self):
-        self.selector.close()
-        self._waker.close()
-
-
 class TunnelStats:
     """Connections and bytes per direction for this run.  'tunnel-out' is
     what local sockets gave this side (original) and what it put on the peer
@@ -7901,26 +7923,6 @@ class Tunnel:
             # work fails, the tunnel goes on.
             failure = WanxferError('cannot start a thread: %s' % e)
             self.loop.post(lambda: done(None, failure))
-
-
-def listen_socket(host, port, tune=False):
-    family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if tune:
-            tune_link_socket(sock)          # accepted sockets inherit it
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as e:
-        sock.close()
-        raise UsageError('cannot listen on %s:%d: %s' % (host or '*', port, e.strerror))
-    sock.setblocking(False)
-    return sock
-
-
-def describe_error(error):
-    return getattr(error, 'strerror', None) or str(error)
 
 
 class NearTunnel(Tunnel):
