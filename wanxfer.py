@@ -157,12 +157,17 @@ CLIENT_PROOF = struct.Struct('!32s')            # proof
 FRAME_HEADER = struct.Struct('!I')              # sealed body length
 MAX_FRAME = 1 << 24
 
+HANDSHAKE_TIMEOUT = 15.0
+
 # Datagram kinds (first byte of PACKET_HEADER).
 KIND_DATA = 1          # server -> client: one block of a file
 KIND_HELLO = 2         # client -> server: opens the UDP flow (NAT, firewalls)
 KIND_FEEDBACK = 3      # client -> server: acknowledgements and path delay
 KIND_NAK = 4           # client -> server: blocks still missing, by range
 KIND_PROBE = 5         # server -> client: padding, to learn the largest datagram the path carries
+
+UDP_SETUP_TIMEOUT = 10.0
+DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
 
 # Data packet flags.
 DATA_FLAG_RETRANSMIT = 0x01
@@ -251,6 +256,9 @@ PIECE_REF = 3           # the chunk with this digest and total length ends here:
 # and PART pieces, concatenated.  A MSG_CHUNK blob is the chunk.
 BLOB_RAW = 0
 BLOB_ZLIB = 1           # one zlib stream per link direction, Z_SYNC_FLUSH per frame
+MIN_COMPRESS = 256
+PING_INTERVAL = 10.0
+LINK_DEAD_AFTER = 35.0              # s without a frame from the peer
 
 
 # --- Control messages: what each end accepts ---------------------------------
@@ -275,6 +283,15 @@ MAX_ITEMS = 1 << 20             # entries in a list: files of a listing, ranges 
 MAX_JSON_DEPTH = 16             # the deepest message is three levels
 MAX_JSON_NUMBER = 32            # characters in a number (int() is quadratic in them)
 MAX_OP = 64                     # characters in an op
+SMALL_FILE = 256 << 10          # files this small go whole on the control channel, in batches:
+                                # a round trip costs more than sending them
+SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
+SMALL_BATCH_FILES = 256
+SMALL_BATCHES_AHEAD = 4         # `read` requests a client may have unanswered
+SMALL_REQUEST_BYTES = 20 << 10  # and a request's JSON at most this: those ahead fit a receive buffer
+SMALL_ITEM_BYTES = 55           # JSON of a `read` item besides its path (about)
+LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
+LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 
 
 
@@ -4019,7 +4036,6 @@ client's own flow, and one client's traffic never queues behind another's).
 """
 
 COMMAND_TIMEOUT = 300.0         # s a client may idle between requests
-HANDSHAKE_TIMEOUT = 15.0
 HANDSHAKE_DEADLINE = 10.0       # s from accept to an authenticated peer, however slowly its bytes
                                 # come: room for a lost segment's retransmissions on a long path
 MAX_UNAUTHENTICATED = 64        # connections held before they authenticate (and at most a quarter
@@ -4027,22 +4043,11 @@ MAX_UNAUTHENTICATED = 64        # connections held before they authenticate (and
 MAX_UNAUTHENTICATED_PER_SOURCE = 8      # ... and from one address (IPv6: one /64)
 ACCEPT_REST = (0.01, 1.0)       # s a listener rests after accept() fails for want of resources,
                                 # doubling from the first figure to the second while it goes on
-UDP_SETUP_TIMEOUT = 10.0
-DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
 PACING_BURST = 0.002            # s of sending allowed in one go
 MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
 SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
 LEAD_BYTES = 1 << 20            # a new file's first bytes sent before the client asks
 LEAD_FRACTION = 32              # ... and at most this fraction of the file
-SMALL_FILE = 256 << 10          # files this small go whole on the control channel, in batches:
-                                # a round trip costs more than sending them
-SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
-SMALL_BATCH_FILES = 256
-SMALL_BATCHES_AHEAD = 4         # `read` requests a client may have unanswered
-SMALL_REQUEST_BYTES = 20 << 10  # and a request's JSON at most this: those ahead fit a receive buffer
-SMALL_ITEM_BYTES = 55           # JSON of a `read` item besides its path (about)
-LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
-LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 MAX_HELPERS = 128               # digest and signature threads a server runs at once
 MAX_SESSION_HELPERS = 4         # ... and for one session (an aborted fetch's stops at its next read)
 
@@ -6931,9 +6936,6 @@ LINK_BUFFER = 48 << 20              # socket buffers: 1 Gbit/s over 130 ms, with
 LINK_UNSENT_LIMIT = 4 << 20         # bytes the kernel may hold not yet sent
 TCP_NOTSENT_LOWAT = getattr(socket, 'TCP_NOTSENT_LOWAT', 25)
 ZLIB_LEVEL = 7                      # zlib's 6 trails GNU gzip -6 a little on SQL dumps; 7 passes it
-MIN_COMPRESS = 256
-PING_INTERVAL = 10.0
-LINK_DEAD_AFTER = 35.0              # s without a frame from the peer
 RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 LINK_STABLE = 10.0                  # s a link must live before back-off starts over
 PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the link
