@@ -9,10 +9,13 @@ Three jobs, one shared secret:
                   deduplicated against a persistent chunk cache
     stats         what was sent, how fast, how much was saved
 
-The file reads top to bottom in the order data flows: errors, wire formats,
-security, the chunk store and codec, rate control, the bulk sender and
-receiver, the link emulator used by `demo` and the tests, the tunnel,
-reporting, and the command line.  Nothing runs at import time.
+The file reads top to bottom from what the rest depends on: errors; wire
+formats and the protocol parameters both ends must agree on; plumbing that
+several sections share (threads, sockets, the event loop); security; the
+chunk store and codec; rate control; the bulk transfer (state machines,
+sockets and files, server, client); the link emulator used by `demo` and the
+tests; the tunnel; reporting; and the command line.  Nothing runs at import
+time.
 
 Standard library only; Python 3.8 to 3.13.  MIT licence (see LICENSE).
 """
@@ -56,8 +59,8 @@ SECRET_ENV = 'WANXFER_SECRET'
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
-"""One root exception.  Only main() turns these into a line on stderr and an
-exit status; everything below raises and lets the caller decide."""
+# One root exception.  Only main() turns these into a line on stderr and an
+# exit status; everything below raises and lets the caller decide.
 
 
 class WanxferError(Exception):
@@ -127,17 +130,16 @@ class NoThread(WanxferError):
 # ---------------------------------------------------------------------------
 # Wire formats
 # ---------------------------------------------------------------------------
-"""Every byte layout wanxfer puts on the wire, in one place.  All integers are
-big-endian.  README.md describes the protocol around these layouts.
-
-Control channel (TCP): a plaintext handshake (HELLO, SERVER_HELLO,
-CLIENT_PROOF), then frames of FRAME_HEADER (body length) followed by a sealed
-body: UTF-8 JSON, encrypted (unless --no-encrypt) and tagged.
-
-Data channel (UDP): every datagram starts with PACKET_HEADER and ends with a
-TAG_SIZE keyed tag over everything before it.  The payload between them is
-encrypted unless --no-encrypt.
-"""
+# Every byte layout wanxfer puts on the wire, in one place.  All integers are
+# big-endian.  README.md describes the protocol around these layouts.
+#
+# Control channel (TCP): a plaintext handshake (HELLO, SERVER_HELLO,
+# CLIENT_PROOF), then frames of FRAME_HEADER (body length) followed by a sealed
+# body: UTF-8 JSON, encrypted (unless --no-encrypt) and tagged.
+#
+# Data channel (UDP): every datagram starts with PACKET_HEADER and ends with a
+# TAG_SIZE keyed tag over everything before it.  The payload between them is
+# encrypted unless --no-encrypt.
 
 PROTOCOL_MAGIC = b'WXFR'
 PROTOCOL_VERSION = 2
@@ -825,39 +827,38 @@ class Acceptor:
 # ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
-"""Authentication, key derivation and the cipher, all from hashlib and hmac.
-
-The secret is never used as it is: a server stretches it once, with scrypt
-and a salt it draws at start, into the key K it proves with, and sends the
-salt in its hello; the client stretches its own copy with that salt.  The
-server's proof goes to anyone who connects, so a recorded or provoked proof
-lets an attacker test guesses offline: scrypt makes each guess cost
-STRETCH_COST (about 50 ms and 16 MiB here), and the salt makes the work
-good for one server run only.  Weak secrets are still guessable: `serve`
-and `tunnel` refuse very short ones and warn about short ones.
-
-Handshake: each side sends a fresh 32-byte nonce; each proves it knows K
-with HMAC-SHA256(K, label | client nonce | server nonce | version | flags).
-The server proves first, so a client with the wrong secret learns it
-plainly; neither the secret nor K crosses the wire.  Session keys come from
-HKDF-SHA256 over K with both nonces as salt, one key pair per direction and
-channel.  No forward secrecy: whoever learns the secret later can derive
-the keys of a recorded session.
-
-Cipher (encrypt-then-MAC): the keystream is SHAKE-128(enc key | stride |
-batch number), generated once per batch of packet numbers and sliced per
-packet (stride bytes each); the tag is keyed BLAKE2b-128 over header and
-ciphertext.  With --no-encrypt only the tag is applied.
-
-The one rule that keeps the keystream from ever being used twice: each key
-seals each nonce (packet or frame number) at most once, and every input to
-SHAKE names how its output is sliced.  A nonce n at stride s takes bytes
-[(n % batch) * s, +s) of the stream for (s, n // batch); a payload longer
-than the stride takes a stream of its own, for (n).  Distinct nonces at one
-stride take disjoint bytes of one stream; different strides take different
-streams; so changing the block size between files (or for the narrow-path
-refetch) cannot land a later packet on bytes an earlier one used.
-"""
+# Authentication, key derivation and the cipher, all from hashlib and hmac.
+#
+# The secret is never used as it is: a server stretches it once, with scrypt
+# and a salt it draws at start, into the key K it proves with, and sends the
+# salt in its hello; the client stretches its own copy with that salt.  The
+# server's proof goes to anyone who connects, so a recorded or provoked proof
+# lets an attacker test guesses offline: scrypt makes each guess cost
+# STRETCH_COST (about 50 ms and 16 MiB here), and the salt makes the work
+# good for one server run only.  Weak secrets are still guessable: `serve`
+# and `tunnel` refuse very short ones and warn about short ones.
+#
+# Handshake: each side sends a fresh 32-byte nonce; each proves it knows K
+# with HMAC-SHA256(K, label | client nonce | server nonce | version | flags).
+# The server proves first, so a client with the wrong secret learns it
+# plainly; neither the secret nor K crosses the wire.  Session keys come from
+# HKDF-SHA256 over K with both nonces as salt, one key pair per direction and
+# channel.  No forward secrecy: whoever learns the secret later can derive
+# the keys of a recorded session.
+#
+# Cipher (encrypt-then-MAC): the keystream is SHAKE-128(enc key | stride |
+# batch number), generated once per batch of packet numbers and sliced per
+# packet (stride bytes each); the tag is keyed BLAKE2b-128 over header and
+# ciphertext.  With --no-encrypt only the tag is applied.
+#
+# The one rule that keeps the keystream from ever being used twice: each key
+# seals each nonce (packet or frame number) at most once, and every input to
+# SHAKE names how its output is sliced.  A nonce n at stride s takes bytes
+# [(n % batch) * s, +s) of the stream for (s, n // batch); a payload longer
+# than the stride takes a stream of its own, for (n).  Distinct nonces at one
+# stride take disjoint bytes of one stream; different strides take different
+# streams; so changing the block size between files (or for the narrow-path
+# refetch) cannot land a later packet on bytes an earlier one used.
 
 KEYSTREAM_BATCH = 64            # at most this many nonces share one SHAKE call
 KEYSTREAM_SPAN = 1 << 16        # and at most this many keystream bytes
@@ -1266,36 +1267,35 @@ def describe_flags(flags):
 # ---------------------------------------------------------------------------
 # Chunk store and codec
 # ---------------------------------------------------------------------------
-"""What wanxfer remembers of the data it has moved, and how it cuts data into
-chunks for the wire.  The tunnel uses it; delta transfers can reuse it.
-
-Chunking is content-defined: a cut falls where the 5 to 7 bytes before it,
-each reduced to one of four symbols by the fixed table CUT_SYMBOLS, spell a
-fixed pattern.  The table is derived from SHA-256 of a label, so every
-wanxfer cuts alike, and bytes.translate and bytes.find test every position
-at C speed (300-400 MB/s here; a byte-at-a-time rolling hash in Python
-manages about ten, and one bit per byte halves find's speed).  A cut
-depends only on the bytes just before it, so an insert or delete early in a
-stream moves the chunks around it and no others.  Sizes are steered as in
-TTTD and FastCDC: nothing is cut in a chunk's first 4 KiB, a strict pattern
-applies up to 16 KiB, looser ones after it, and MAX_CHUNK cuts regardless
-(a run of one byte value, like a disk of zeros, becomes MAX_CHUNK chunks
-that are all alike).  Chunks average 20-25 KiB on text and binaries.
-
-Each chunk is named by its SHA-256 (`chunk_digest`).  `compressible`
-decides from a sample whether zlib is worth its time.
-
-ChunkStore keeps chunks by digest in a SQLite file: WAL mode and a busy
-timeout so two processes can share it, commits batched every
-CACHE_COMMIT_INTERVAL (a kill -9 loses at most the last batch, never the
-file), least recently used chunks evicted past the size limit, and every
-chunk checked against its digest when read.  A file that is not a database
-or turns out corrupt is moved aside and a new cache started; a SQLite file
-of another program is refused.  The same file keeps the byte counters per
-kind ('tunnel-out', 'tunnel-in', later 'get') that `stats` reports.
-QueuedChunkStore is the same store for an event loop: its writes go to a
-thread of their own, so another process's hold on the file cannot stall it.
-"""
+# What wanxfer remembers of the data it has moved, and how it cuts data into
+# chunks for the wire.  The tunnel uses it; delta transfers can reuse it.
+#
+# Chunking is content-defined: a cut falls where the 5 to 7 bytes before it,
+# each reduced to one of four symbols by the fixed table CUT_SYMBOLS, spell a
+# fixed pattern.  The table is derived from SHA-256 of a label, so every
+# wanxfer cuts alike, and bytes.translate and bytes.find test every position
+# at C speed (300-400 MB/s here; a byte-at-a-time rolling hash in Python
+# manages about ten, and one bit per byte halves find's speed).  A cut
+# depends only on the bytes just before it, so an insert or delete early in a
+# stream moves the chunks around it and no others.  Sizes are steered as in
+# TTTD and FastCDC: nothing is cut in a chunk's first 4 KiB, a strict pattern
+# applies up to 16 KiB, looser ones after it, and MAX_CHUNK cuts regardless
+# (a run of one byte value, like a disk of zeros, becomes MAX_CHUNK chunks
+# that are all alike).  Chunks average 20-25 KiB on text and binaries.
+#
+# Each chunk is named by its SHA-256 (`chunk_digest`).  `compressible`
+# decides from a sample whether zlib is worth its time.
+#
+# ChunkStore keeps chunks by digest in a SQLite file: WAL mode and a busy
+# timeout so two processes can share it, commits batched every
+# CACHE_COMMIT_INTERVAL (a kill -9 loses at most the last batch, never the
+# file), least recently used chunks evicted past the size limit, and every
+# chunk checked against its digest when read.  A file that is not a database
+# or turns out corrupt is moved aside and a new cache started; a SQLite file
+# of another program is refused.  The same file keeps the byte counters per
+# kind ('tunnel-out', 'tunnel-in', later 'get') that `stats` reports.
+# QueuedChunkStore is the same store for an event loop: its writes go to a
+# thread of their own, so another process's hold on the file cannot stall it.
 
 MIN_CHUNK = 4 << 10
 MAX_CHUNK = 64 << 10
@@ -2411,15 +2411,14 @@ def cache_report(path, now=None):
 # ---------------------------------------------------------------------------
 # Rate control
 # ---------------------------------------------------------------------------
-"""How fast the sender may send, learned from the path.
-
-Delay first, loss second, as in FASP and LEDBAT: the receiver measures the
-one-way delay of every data packet against the smallest it has seen, and
-reports the queueing delay.  A growing queue means the bottleneck is full and
-the rate comes down; random loss with a short queue is only loss, and is
-repaired without slowing down.  The controller is a pure state machine: feed
-it feedback and the time, read `rate` (bytes per second).
-"""
+# How fast the sender may send, learned from the path.
+#
+# Delay first, loss second, as in FASP and LEDBAT: the receiver measures the
+# one-way delay of every data packet against the smallest it has seen, and
+# reports the queueing delay.  A growing queue means the bottleneck is full and
+# the rate comes down; random loss with a short queue is only loss, and is
+# repaired without slowing down.  The controller is a pure state machine: feed
+# it feedback and the time, read `rate` (bytes per second).
 
 
 class RateController:
@@ -2646,16 +2645,15 @@ class RateController:
 # ---------------------------------------------------------------------------
 # Bulk transfer: the protocol state machines
 # ---------------------------------------------------------------------------
-"""Which blocks to send and which arrived: no sockets, no files, no clocks of
-their own, so they can be driven by tests directly.
-
-The sender numbers every datagram with a fresh packet number (never reused,
-so it is also the cipher nonce) and remembers which block each one carried.
-The receiver acknowledges packet numbers as a window minus its gaps; a gap
-old enough is a loss and only that block is queued again.  At the tail, and
-whenever the data stops, the receiver also names the blocks it still lacks,
-so lost feedback can delay a transfer but never stall or corrupt it.
-"""
+# Which blocks to send and which arrived: no sockets, no files, no clocks of
+# their own, so they can be driven by tests directly.
+#
+# The sender numbers every datagram with a fresh packet number (never reused,
+# so it is also the cipher nonce) and remembers which block each one carried.
+# The receiver acknowledges packet numbers as a window minus its gaps; a gap
+# old enough is a loss and only that block is queued again.  At the tail, and
+# whenever the data stops, the receiver also names the blocks it still lacks,
+# so lost feedback can delay a transfer but never stall or corrupt it.
 
 
 _ANY_HELD = re.compile(rb'[^\x00]')
@@ -3144,10 +3142,9 @@ def decode_nak(body):
 # ---------------------------------------------------------------------------
 # Bulk transfer: sockets and files
 # ---------------------------------------------------------------------------
-"""The bulk transfer's contact with the kernel: UDP sockets that batch
-(segmentation offload out, receive coalescing in), the served tree with its
-path checks, digests, and the receiver's partial files that make resume work.
-"""
+# The bulk transfer's contact with the kernel: UDP sockets that batch
+# (segmentation offload out, receive coalescing in), the served tree with its
+# path checks, digests, and the receiver's partial files that make resume work.
 
 MAX_GSO_SEGMENTS = 64
 MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
@@ -4028,12 +4025,11 @@ class BlockWriter:
 # ---------------------------------------------------------------------------
 # Bulk transfer: server
 # ---------------------------------------------------------------------------
-"""`serve`: a TCP listener and a UDP port of the same number.  Each client
-gets a ServerSession on a thread of its own and, once its first UDP datagram
-proves who it is, a UDP socket of its own connected back to the address that
-datagram came from (so NAT and stateful firewalls see replies to the
-client's own flow, and one client's traffic never queues behind another's).
-"""
+# `serve`: a TCP listener and a UDP port of the same number.  Each client
+# gets a ServerSession on a thread of its own and, once its first UDP datagram
+# proves who it is, a UDP socket of its own connected back to the address that
+# datagram came from (so NAT and stateful firewalls see replies to the
+# client's own flow, and one client's traffic never queues behind another's).
 
 COMMAND_TIMEOUT = 300.0         # s a client may idle between requests
 HANDSHAKE_DEADLINE = 10.0       # s from accept to an authenticated peer, however slowly its bytes
@@ -5172,11 +5168,11 @@ class FileReceiver:
 # ---------------------------------------------------------------------------
 # Bulk transfer: client
 # ---------------------------------------------------------------------------
-"""`get`: one authenticated session, the UDP flow opened from the client's
-side, then for each file a fetch that resumes from any partial file, receives
-until every block is held, and verifies the whole-file digest before the
-file takes its final name.  Progress and results go to an `events` object;
-this section never prints."""
+# `get`: one authenticated session, the UDP flow opened from the client's
+# side, then for each file a fetch that resumes from any partial file, receives
+# until every block is held, and verifies the whole-file digest before the
+# file takes its final name.  Progress and results go to an `events` object;
+# this section never prints.
 
 HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
@@ -6107,16 +6103,15 @@ class Client:
 # ---------------------------------------------------------------------------
 # Link emulator
 # ---------------------------------------------------------------------------
-"""A long, lossy path between two processes on one machine, without root.
-
-`LinkEmulator` listens on one port for both TCP and UDP and relays to a
-target.  UDP datagrams go through a `PathShaper` per direction (loss in
-bursts, a rate-limited drop-tail queue, delay, jitter, reordering,
-duplication, corruption) and wait in a heap until they are due; one thread
-serves that heap with `selectors`.  TCP is relayed byte for byte, only late:
-the kernel's TCP would hide any loss anyway.  Nothing here prints; everything
-that happens is counted in `LinkCounters`.
-"""
+# A long, lossy path between two processes on one machine, without root.
+#
+# `LinkEmulator` listens on one port for both TCP and UDP and relays to a
+# target.  UDP datagrams go through a `PathShaper` per direction (loss in
+# bursts, a rate-limited drop-tail queue, delay, jitter, reordering,
+# duplication, corruption) and wait in a heap until they are due; one thread
+# serves that heap with `selectors`.  TCP is relayed byte for byte, only late:
+# the kernel's TCP would hide any loss anyway.  Nothing here prints; everything
+# that happens is counted in `LinkCounters`.
 
 
 class LinkConditions:
@@ -6888,37 +6883,36 @@ class LinkEmulator:
 # ---------------------------------------------------------------------------
 # Tunnel
 # ---------------------------------------------------------------------------
-"""`tunnel`: TCP forwarding between two peers over one authenticated,
-encrypted link, each direction deduplicated against the chunk store and
-compressed.  The --peer side ("near") listens like `ssh -L` and carries each
-connection to the --listen side ("far"), which opens it to an --allow'ed
-target.
-
-The parts, in the order data flows:
-  StreamEncoder   a stream's bytes -> pieces: references or literals (no sockets)
-  StreamDecoder   pieces -> verified bytes, or the digest to ask for (no sockets)
-  LinkWriter      packs, compresses, seals and writes a link's frames, on its own thread
-  FrameReader     a link's sealed frames in
-  Stream          one forwarded connection: its socket, both directions, flow control
-  PeerLink        one authenticated link: messages, streams, keepalive
-  EventLoop       selectors, timers, and an inbox for helper threads' results
-  Tunnel          the process: store, stats, and one role, NearTunnel or FarTunnel
-
-Flow control is per stream and counted in original bytes: a sender keeps at
-most the receiver's window (TUNNEL_HELLO) unacknowledged, and the receiver
-acknowledges (MSG_CREDIT) as its socket takes the bytes, so a slow reader
-holds at most one window and the link keeps moving for everyone else.  A
-sender also keeps the chunks it sent as references until they are
-acknowledged, so it can answer MSG_CHUNK_REQUEST.
-
-Threads: the event loop owns all socket reads, all stream state and the
-store's lookups; the store's writer thread makes every write to the cache
-file (QueuedChunkStore), so another process holding the file's write lock
-delays the cache, never the streams.  Each link's writer thread owns that
-link's compressor, outbound Sealer and socket writes (zlib releases the GIL,
-so compression runs beside the loop).  Short-lived helper threads do what cannot be made non-blocking
-cheaply (name lookup, connect, handshake) and post their result to the loop.
-"""
+# `tunnel`: TCP forwarding between two peers over one authenticated,
+# encrypted link, each direction deduplicated against the chunk store and
+# compressed.  The --peer side ("near") listens like `ssh -L` and carries each
+# connection to the --listen side ("far"), which opens it to an --allow'ed
+# target.
+#
+# The parts, in the order data flows:
+#   StreamEncoder   a stream's bytes -> pieces: references or literals (no sockets)
+#   StreamDecoder   pieces -> verified bytes, or the digest to ask for (no sockets)
+#   LinkWriter      packs, compresses, seals and writes a link's frames, on its own thread
+#   FrameReader     a link's sealed frames in
+#   Stream          one forwarded connection: its socket, both directions, flow control
+#   PeerLink        one authenticated link: messages, streams, keepalive
+#   EventLoop       selectors, timers, and an inbox for helper threads' results
+#   Tunnel          the process: store, stats, and one role, NearTunnel or FarTunnel
+#
+# Flow control is per stream and counted in original bytes: a sender keeps at
+# most the receiver's window (TUNNEL_HELLO) unacknowledged, and the receiver
+# acknowledges (MSG_CREDIT) as its socket takes the bytes, so a slow reader
+# holds at most one window and the link keeps moving for everyone else.  A
+# sender also keeps the chunks it sent as references until they are
+# acknowledged, so it can answer MSG_CHUNK_REQUEST.
+#
+# Threads: the event loop owns all socket reads, all stream state and the
+# store's lookups; the store's writer thread makes every write to the cache
+# file (QueuedChunkStore), so another process holding the file's write lock
+# delays the cache, never the streams.  Each link's writer thread owns that
+# link's compressor, outbound Sealer and socket writes (zlib releases the GIL,
+# so compression runs beside the loop).  Short-lived helper threads do what cannot be made non-blocking
+# cheaply (name lookup, connect, handshake) and post their result to the loop.
 
 STREAM_WINDOW = 32 << 20            # original bytes a stream may have unacknowledged: the
                                     # path's bytes in flight plus both ends' queues at 1 Gbit/s over
@@ -8172,9 +8166,9 @@ class FarTunnel(Tunnel):
 # ---------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------
-"""Everything a person reads: progress lines, the per-file summary in the
-words Tsunami's users know, and sizes and rates in human units.  One summary
-dict feeds both the human report and --json."""
+# Everything a person reads: progress lines, the per-file summary in the
+# words Tsunami's users know, and sizes and rates in human units.  One summary
+# dict feeds both the human report and --json.
 
 
 def printable(text):
@@ -8337,9 +8331,9 @@ class ConsoleEvents(TransferEvents):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-"""argv in, exit status out.  Each command is a short function that builds
-the engine's objects from the arguments and hands them a ConsoleEvents; only
-main() turns a WanxferError into `wanxfer: error: ...` and a status."""
+# argv in, exit status out.  Each command is a short function that builds
+# the engine's objects from the arguments and hands them a ConsoleEvents; only
+# main() turns a WanxferError into `wanxfer: error: ...` and a status.
 
 
 def parse_host_port(text, default_port=DEFAULT_PORT):
