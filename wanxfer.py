@@ -9,10 +9,13 @@ Three jobs, one shared secret:
                   deduplicated against a persistent chunk cache
     stats         what was sent, how fast, how much was saved
 
-The file reads top to bottom in the order data flows: errors, wire formats,
-security, the chunk store and codec, rate control, the bulk sender and
-receiver, the link emulator used by `demo` and the tests, the tunnel,
-reporting, and the command line.  Nothing runs at import time.
+The file reads top to bottom from what the rest depends on: errors; wire
+formats and the protocol parameters both ends must agree on; plumbing that
+several sections share (threads, sockets, the event loop); security; the
+chunk store and codec; rate control; the bulk transfer (state machines,
+sockets and files, server, client); the link emulator used by `demo` and the
+tests; the tunnel; reporting; and the command line.  Nothing runs at import
+time.
 
 Standard library only; Python 3.8 to 3.13.  MIT licence (see LICENSE).
 """
@@ -56,8 +59,8 @@ SECRET_ENV = 'WANXFER_SECRET'
 # ---------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------
-"""One root exception.  Only main() turns these into a line on stderr and an
-exit status; everything below raises and lets the caller decide."""
+# One root exception.  Only main() turns these into a line on stderr and an
+# exit status; everything below raises and lets the caller decide.
 
 
 class WanxferError(Exception):
@@ -124,30 +127,19 @@ class NoThread(WanxferError):
     memory): what needed it fails with one line, not a traceback."""
 
 
-def start_thread(target, name, args=()):
-    """A daemon thread running target(*args), started; NoThread if it cannot be."""
-    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-    try:
-        thread.start()
-    except RuntimeError as e:
-        raise NoThread('cannot start a %s thread: %s' % (name, e))
-    return thread
-
-
 # ---------------------------------------------------------------------------
 # Wire formats
 # ---------------------------------------------------------------------------
-"""Every byte layout wanxfer puts on the wire, in one place.  All integers are
-big-endian.  README.md describes the protocol around these layouts.
-
-Control channel (TCP): a plaintext handshake (HELLO, SERVER_HELLO,
-CLIENT_PROOF), then frames of FRAME_HEADER (body length) followed by a sealed
-body: UTF-8 JSON, encrypted (unless --no-encrypt) and tagged.
-
-Data channel (UDP): every datagram starts with PACKET_HEADER and ends with a
-TAG_SIZE keyed tag over everything before it.  The payload between them is
-encrypted unless --no-encrypt.
-"""
+# Every byte layout wanxfer puts on the wire, in one place.  All integers are
+# big-endian.  README.md describes the protocol around these layouts.
+#
+# Control channel (TCP): a plaintext handshake (HELLO, SERVER_HELLO,
+# CLIENT_PROOF), then frames of FRAME_HEADER (body length) followed by a sealed
+# body: UTF-8 JSON, encrypted (unless --no-encrypt) and tagged.
+#
+# Data channel (UDP): every datagram starts with PACKET_HEADER and ends with a
+# TAG_SIZE keyed tag over everything before it.  The payload between them is
+# encrypted unless --no-encrypt.
 
 PROTOCOL_MAGIC = b'WXFR'
 PROTOCOL_VERSION = 2
@@ -167,12 +159,17 @@ CLIENT_PROOF = struct.Struct('!32s')            # proof
 FRAME_HEADER = struct.Struct('!I')              # sealed body length
 MAX_FRAME = 1 << 24
 
+HANDSHAKE_TIMEOUT = 15.0
+
 # Datagram kinds (first byte of PACKET_HEADER).
 KIND_DATA = 1          # server -> client: one block of a file
 KIND_HELLO = 2         # client -> server: opens the UDP flow (NAT, firewalls)
 KIND_FEEDBACK = 3      # client -> server: acknowledgements and path delay
 KIND_NAK = 4           # client -> server: blocks still missing, by range
 KIND_PROBE = 5         # server -> client: padding, to learn the largest datagram the path carries
+
+UDP_SETUP_TIMEOUT = 10.0
+DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
 
 # Data packet flags.
 DATA_FLAG_RETRANSMIT = 0x01
@@ -261,6 +258,9 @@ PIECE_REF = 3           # the chunk with this digest and total length ends here:
 # and PART pieces, concatenated.  A MSG_CHUNK blob is the chunk.
 BLOB_RAW = 0
 BLOB_ZLIB = 1           # one zlib stream per link direction, Z_SYNC_FLUSH per frame
+MIN_COMPRESS = 256
+PING_INTERVAL = 10.0
+LINK_DEAD_AFTER = 35.0              # s without a frame from the peer
 
 
 # --- Control messages: what each end accepts ---------------------------------
@@ -285,6 +285,15 @@ MAX_ITEMS = 1 << 20             # entries in a list: files of a listing, ranges 
 MAX_JSON_DEPTH = 16             # the deepest message is three levels
 MAX_JSON_NUMBER = 32            # characters in a number (int() is quadratic in them)
 MAX_OP = 64                     # characters in an op
+SMALL_FILE = 256 << 10          # files this small go whole on the control channel, in batches:
+                                # a round trip costs more than sending them
+SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
+SMALL_BATCH_FILES = 256
+SMALL_BATCHES_AHEAD = 4         # `read` requests a client may have unanswered
+SMALL_REQUEST_BYTES = 20 << 10  # and a request's JSON at most this: those ahead fit a receive buffer
+SMALL_ITEM_BYTES = 55           # JSON of a `read` item besides its path (about)
+LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
+LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 
 
 
@@ -553,41 +562,303 @@ def inflate(data, limit):
 
 
 # ---------------------------------------------------------------------------
+# Plumbing
+# ---------------------------------------------------------------------------
+# Threads, sockets and the event loop that several sections share (the bulk
+# server and client, the tunnel, the link emulator), so none of them reaches
+# into another's section for them.
+
+
+def start_thread(target, name, args=()):
+    """A daemon thread running target(*args), started; NoThread if it cannot be."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError as e:
+        raise NoThread('cannot start a %s thread: %s' % (name, e))
+    return thread
+
+
+def recv_exactly(sock, n):
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ProtocolError('connection closed by peer')
+        data += chunk
+    return bytes(data)
+
+
+SOL_UDP = 17
+UDP_SEGMENT = 103               # Linux 4.18+, not in the socket module
+UDP_GRO = 104                   # Linux 5.0+
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+IP_MTU = 14
+IP_MTU_DISCOVER = 10
+IPV6_MTU_DISCOVER = 23
+IP_PMTUDISC_DO = 2
+
+
+def _enlarge_buffers(sock, size):
+    # Bursts of tens of thousands of packets a second overflow the default
+    # 200 KB receive buffer before the relay thread is scheduled.  The kernel
+    # caps the request at net.core.[rw]mem_max; a refusal is harmless.
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        except OSError:
+            pass
+
+
+def reset_socket(sock):
+    """Close a TCP socket so the peer sees a reset, not an orderly end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def listen_socket(host, port, tune=False):
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if tune:
+            tune_link_socket(sock)          # accepted sockets inherit it
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise UsageError('cannot listen on %s:%d: %s' % (host or '*', port, e.strerror))
+    sock.setblocking(False)
+    return sock
+
+
+def describe_error(error):
+    return getattr(error, 'strerror', None) or str(error)
+
+
+class Waker:
+    """Wakes a thread waiting in select() from any other thread: register
+    `reader` for reading and call `wake()`; `drain()` empties it again."""
+
+    def __init__(self):
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def wake(self):
+        try:
+            self._writer.send(b'x')
+        except OSError:
+            pass                    # full (a wake is already pending) or closed
+
+    def drain(self):
+        try:
+            while self.reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def close(self):
+        self.reader.close()
+        self._writer.close()
+
+
+class Timer:
+    __slots__ = ('when', 'callback', 'cancelled')
+
+    def __init__(self, when, callback):
+        self.when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class EventLoop:
+    """One selectors loop with timers and an inbox.
+
+    `watch(sock, events, handler)` calls handler(mask) when the socket is
+    ready (events 0 stops watching); `call_later(delay, fn)` returns a Timer
+    to cancel; `post(fn)`, from any thread, runs fn on the loop soon;
+    `run()` returns after `stop()` (which a signal handler may call)."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.read_buffer = bytearray(LOCAL_READ_SIZE)
+        self.link_buffer = bytearray(LINK_READ_SIZE)
+        self._timers = []
+        self._sequence = itertools.count()
+        self._inbox = collections.deque()
+        self._waker = Waker()
+        self.selector.register(self._waker.reader, selectors.EVENT_READ, self._drain_wake)
+        self.stopping = False
+
+    def watch(self, sock, events, handler):
+        try:
+            key = self.selector.get_key(sock)
+        except (KeyError, ValueError):
+            key = None
+        if not events:
+            if key is not None:
+                self.selector.unregister(sock)
+        elif key is None:
+            self.selector.register(sock, events, handler)
+        elif key.events != events or key.data != handler:
+            self.selector.modify(sock, events, handler)
+
+    def call_later(self, delay, callback):
+        timer = Timer(time.monotonic() + delay, callback)
+        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
+        return timer
+
+    def post(self, callback):
+        self._inbox.append(callback)
+        self._waker.wake()
+
+    def stop(self):
+        self.stopping = True
+        self._waker.wake()
+
+    def _drain_wake(self, mask):
+        self._waker.drain()
+
+    def run(self):
+        while not self.stopping:
+            timeout = 1.0
+            if self._timers:
+                timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
+            for key, mask in self.selector.select(timeout):
+                key.data(mask)
+            now = time.monotonic()
+            while self._timers and self._timers[0][0] <= now:
+                timer = heapq.heappop(self._timers)[2]
+                if not timer.cancelled:
+                    timer.callback()
+            while self._inbox:
+                self._inbox.popleft()()
+
+    def close(self):
+        self.selector.close()
+        self._waker.close()
+
+
+class Acceptor:
+    """Accepts on a listening socket for an EventLoop and passes each
+    connection to on_accept(sock, address).
+
+    When accept() fails for want of resources (EMFILE, ENFILE, ENOBUFS,
+    ENOMEM) the listener stays readable, and trying again at once would spin
+    a core.  Out of descriptors, it first asks make_room() to close a
+    connection that has not authenticated and tries again; with nothing to
+    close it accepts the waiting connection on a descriptor kept spare for
+    this and closes it at once (that peer hears no rather than waiting in the
+    backlog).  Then it stops watching the listener for ACCEPT_REST, doubling
+    while failures go on, and logs the first failure of a run."""
+
+    def __init__(self, loop, listener, on_accept, make_room=None, log=None):
+        self.loop = loop
+        self.listener = listener
+        self._on_accept = on_accept
+        self._make_room = make_room or (lambda: False)
+        self._log = log or (lambda line: None)
+        self._rest = 0.0
+        self._timer = None
+        self._spare = self._reserve()
+        listener.setblocking(False)
+        loop.watch(listener, selectors.EVENT_READ, self._ready)
+
+    @staticmethod
+    def _reserve():
+        try:
+            return os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            return None
+
+    def _ready(self, mask):
+        try:
+            sock, address = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._failed(e)
+            return
+        self._rest = 0.0
+        self._on_accept(sock, address)
+
+    def _failed(self, error):
+        if error.errno in (errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM):
+            return                      # that connection died in the backlog; the next is fine
+        out_of_descriptors = error.errno in (errno.EMFILE, errno.ENFILE)
+        if out_of_descriptors and self._make_room():
+            return                      # the listener is still readable: the loop tries again
+        if out_of_descriptors and self._spare is not None:
+            os.close(self._spare)
+            try:
+                self.listener.accept()[0].close()
+            except OSError:
+                pass
+            self._spare = self._reserve()
+        if not self._rest:
+            self._log('accept failed: %s; trying again in up to %g s'
+                      % (error.strerror or error, ACCEPT_REST[1]))
+        self._rest = min(max(self._rest * 2, ACCEPT_REST[0]), ACCEPT_REST[1])
+        self.loop.watch(self.listener, 0, None)
+        self._timer = self.loop.call_later(self._rest, self._resume)
+
+    def _resume(self):
+        self._timer = None
+        if self._spare is None:
+            self._spare = self._reserve()
+        self.loop.watch(self.listener, selectors.EVENT_READ, self._ready)
+
+    def close(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.loop.watch(self.listener, 0, None)
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+
+
+# ---------------------------------------------------------------------------
 # Security
 # ---------------------------------------------------------------------------
-"""Authentication, key derivation and the cipher, all from hashlib and hmac.
-
-The secret is never used as it is: a server stretches it once, with scrypt
-and a salt it draws at start, into the key K it proves with, and sends the
-salt in its hello; the client stretches its own copy with that salt.  The
-server's proof goes to anyone who connects, so a recorded or provoked proof
-lets an attacker test guesses offline: scrypt makes each guess cost
-STRETCH_COST (about 50 ms and 16 MiB here), and the salt makes the work
-good for one server run only.  Weak secrets are still guessable: `serve`
-and `tunnel` refuse very short ones and warn about short ones.
-
-Handshake: each side sends a fresh 32-byte nonce; each proves it knows K
-with HMAC-SHA256(K, label | client nonce | server nonce | version | flags).
-The server proves first, so a client with the wrong secret learns it
-plainly; neither the secret nor K crosses the wire.  Session keys come from
-HKDF-SHA256 over K with both nonces as salt, one key pair per direction and
-channel.  No forward secrecy: whoever learns the secret later can derive
-the keys of a recorded session.
-
-Cipher (encrypt-then-MAC): the keystream is SHAKE-128(enc key | stride |
-batch number), generated once per batch of packet numbers and sliced per
-packet (stride bytes each); the tag is keyed BLAKE2b-128 over header and
-ciphertext.  With --no-encrypt only the tag is applied.
-
-The one rule that keeps the keystream from ever being used twice: each key
-seals each nonce (packet or frame number) at most once, and every input to
-SHAKE names how its output is sliced.  A nonce n at stride s takes bytes
-[(n % batch) * s, +s) of the stream for (s, n // batch); a payload longer
-than the stride takes a stream of its own, for (n).  Distinct nonces at one
-stride take disjoint bytes of one stream; different strides take different
-streams; so changing the block size between files (or for the narrow-path
-refetch) cannot land a later packet on bytes an earlier one used.
-"""
+# Authentication, key derivation and the cipher, all from hashlib and hmac.
+#
+# The secret is never used as it is: a server stretches it once, with scrypt
+# and a salt it draws at start, into the key K it proves with, and sends the
+# salt in its hello; the client stretches its own copy with that salt.  The
+# server's proof goes to anyone who connects, so a recorded or provoked proof
+# lets an attacker test guesses offline: scrypt makes each guess cost
+# STRETCH_COST (about 50 ms and 16 MiB here), and the salt makes the work
+# good for one server run only.  Weak secrets are still guessable: `serve`
+# and `tunnel` refuse very short ones and warn about short ones.
+#
+# Handshake: each side sends a fresh 32-byte nonce; each proves it knows K
+# with HMAC-SHA256(K, label | client nonce | server nonce | version | flags).
+# The server proves first, so a client with the wrong secret learns it
+# plainly; neither the secret nor K crosses the wire.  Session keys come from
+# HKDF-SHA256 over K with both nonces as salt, one key pair per direction and
+# channel.  No forward secrecy: whoever learns the secret later can derive
+# the keys of a recorded session.
+#
+# Cipher (encrypt-then-MAC): the keystream is SHAKE-128(enc key | stride |
+# batch number), generated once per batch of packet numbers and sliced per
+# packet (stride bytes each); the tag is keyed BLAKE2b-128 over header and
+# ciphertext.  With --no-encrypt only the tag is applied.
+#
+# The one rule that keeps the keystream from ever being used twice: each key
+# seals each nonce (packet or frame number) at most once, and every input to
+# SHAKE names how its output is sliced.  A nonce n at stride s takes bytes
+# [(n % batch) * s, +s) of the stream for (s, n // batch); a payload longer
+# than the stride takes a stream of its own, for (n).  Distinct nonces at one
+# stride take disjoint bytes of one stream; different strides take different
+# streams; so changing the block size between files (or for the narrow-path
+# refetch) cannot land a later packet on bytes an earlier one used.
 
 KEYSTREAM_BATCH = 64            # at most this many nonces share one SHAKE call
 KEYSTREAM_SPAN = 1 << 16        # and at most this many keystream bytes
@@ -836,16 +1107,6 @@ def load_secret(secret_file=None, environ=None):
     return value.encode() if value else None
 
 
-def recv_exactly(sock, n):
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ProtocolError('connection closed by peer')
-        data += chunk
-    return bytes(data)
-
-
 def seal_frame(sealer, counter, body):
     """One sealed frame for a stream socket: length | ciphertext | tag.  The
     frame's counter (its nonce) is bound in as associated data, so a
@@ -1006,36 +1267,35 @@ def describe_flags(flags):
 # ---------------------------------------------------------------------------
 # Chunk store and codec
 # ---------------------------------------------------------------------------
-"""What wanxfer remembers of the data it has moved, and how it cuts data into
-chunks for the wire.  The tunnel uses it; delta transfers can reuse it.
-
-Chunking is content-defined: a cut falls where the 5 to 7 bytes before it,
-each reduced to one of four symbols by the fixed table CUT_SYMBOLS, spell a
-fixed pattern.  The table is derived from SHA-256 of a label, so every
-wanxfer cuts alike, and bytes.translate and bytes.find test every position
-at C speed (300-400 MB/s here; a byte-at-a-time rolling hash in Python
-manages about ten, and one bit per byte halves find's speed).  A cut
-depends only on the bytes just before it, so an insert or delete early in a
-stream moves the chunks around it and no others.  Sizes are steered as in
-TTTD and FastCDC: nothing is cut in a chunk's first 4 KiB, a strict pattern
-applies up to 16 KiB, looser ones after it, and MAX_CHUNK cuts regardless
-(a run of one byte value, like a disk of zeros, becomes MAX_CHUNK chunks
-that are all alike).  Chunks average 20-25 KiB on text and binaries.
-
-Each chunk is named by its SHA-256 (`chunk_digest`).  `compressible`
-decides from a sample whether zlib is worth its time.
-
-ChunkStore keeps chunks by digest in a SQLite file: WAL mode and a busy
-timeout so two processes can share it, commits batched every
-CACHE_COMMIT_INTERVAL (a kill -9 loses at most the last batch, never the
-file), least recently used chunks evicted past the size limit, and every
-chunk checked against its digest when read.  A file that is not a database
-or turns out corrupt is moved aside and a new cache started; a SQLite file
-of another program is refused.  The same file keeps the byte counters per
-kind ('tunnel-out', 'tunnel-in', later 'get') that `stats` reports.
-QueuedChunkStore is the same store for an event loop: its writes go to a
-thread of their own, so another process's hold on the file cannot stall it.
-"""
+# What wanxfer remembers of the data it has moved, and how it cuts data into
+# chunks for the wire.  The tunnel uses it; delta transfers can reuse it.
+#
+# Chunking is content-defined: a cut falls where the 5 to 7 bytes before it,
+# each reduced to one of four symbols by the fixed table CUT_SYMBOLS, spell a
+# fixed pattern.  The table is derived from SHA-256 of a label, so every
+# wanxfer cuts alike, and bytes.translate and bytes.find test every position
+# at C speed (300-400 MB/s here; a byte-at-a-time rolling hash in Python
+# manages about ten, and one bit per byte halves find's speed).  A cut
+# depends only on the bytes just before it, so an insert or delete early in a
+# stream moves the chunks around it and no others.  Sizes are steered as in
+# TTTD and FastCDC: nothing is cut in a chunk's first 4 KiB, a strict pattern
+# applies up to 16 KiB, looser ones after it, and MAX_CHUNK cuts regardless
+# (a run of one byte value, like a disk of zeros, becomes MAX_CHUNK chunks
+# that are all alike).  Chunks average 20-25 KiB on text and binaries.
+#
+# Each chunk is named by its SHA-256 (`chunk_digest`).  `compressible`
+# decides from a sample whether zlib is worth its time.
+#
+# ChunkStore keeps chunks by digest in a SQLite file: WAL mode and a busy
+# timeout so two processes can share it, commits batched every
+# CACHE_COMMIT_INTERVAL (a kill -9 loses at most the last batch, never the
+# file), least recently used chunks evicted past the size limit, and every
+# chunk checked against its digest when read.  A file that is not a database
+# or turns out corrupt is moved aside and a new cache started; a SQLite file
+# of another program is refused.  The same file keeps the byte counters per
+# kind ('tunnel-out', 'tunnel-in', later 'get') that `stats` reports.
+# QueuedChunkStore is the same store for an event loop: its writes go to a
+# thread of their own, so another process's hold on the file cannot stall it.
 
 MIN_CHUNK = 4 << 10
 MAX_CHUNK = 64 << 10
@@ -2151,15 +2411,14 @@ def cache_report(path, now=None):
 # ---------------------------------------------------------------------------
 # Rate control
 # ---------------------------------------------------------------------------
-"""How fast the sender may send, learned from the path.
-
-Delay first, loss second, as in FASP and LEDBAT: the receiver measures the
-one-way delay of every data packet against the smallest it has seen, and
-reports the queueing delay.  A growing queue means the bottleneck is full and
-the rate comes down; random loss with a short queue is only loss, and is
-repaired without slowing down.  The controller is a pure state machine: feed
-it feedback and the time, read `rate` (bytes per second).
-"""
+# How fast the sender may send, learned from the path.
+#
+# Delay first, loss second, as in FASP and LEDBAT: the receiver measures the
+# one-way delay of every data packet against the smallest it has seen, and
+# reports the queueing delay.  A growing queue means the bottleneck is full and
+# the rate comes down; random loss with a short queue is only loss, and is
+# repaired without slowing down.  The controller is a pure state machine: feed
+# it feedback and the time, read `rate` (bytes per second).
 
 
 class RateController:
@@ -2386,16 +2645,15 @@ class RateController:
 # ---------------------------------------------------------------------------
 # Bulk transfer: the protocol state machines
 # ---------------------------------------------------------------------------
-"""Which blocks to send and which arrived: no sockets, no files, no clocks of
-their own, so they can be driven by tests directly.
-
-The sender numbers every datagram with a fresh packet number (never reused,
-so it is also the cipher nonce) and remembers which block each one carried.
-The receiver acknowledges packet numbers as a window minus its gaps; a gap
-old enough is a loss and only that block is queued again.  At the tail, and
-whenever the data stops, the receiver also names the blocks it still lacks,
-so lost feedback can delay a transfer but never stall or corrupt it.
-"""
+# Which blocks to send and which arrived: no sockets, no files, no clocks of
+# their own, so they can be driven by tests directly.
+#
+# The sender numbers every datagram with a fresh packet number (never reused,
+# so it is also the cipher nonce) and remembers which block each one carried.
+# The receiver acknowledges packet numbers as a window minus its gaps; a gap
+# old enough is a loss and only that block is queued again.  At the tail, and
+# whenever the data stops, the receiver also names the blocks it still lacks,
+# so lost feedback can delay a transfer but never stall or corrupt it.
 
 
 _ANY_HELD = re.compile(rb'[^\x00]')
@@ -2884,20 +3142,10 @@ def decode_nak(body):
 # ---------------------------------------------------------------------------
 # Bulk transfer: sockets and files
 # ---------------------------------------------------------------------------
-"""The bulk transfer's contact with the kernel: UDP sockets that batch
-(segmentation offload out, receive coalescing in), the served tree with its
-path checks, digests, and the receiver's partial files that make resume work.
-"""
+# The bulk transfer's contact with the kernel: UDP sockets that batch
+# (segmentation offload out, receive coalescing in), the served tree with its
+# path checks, digests, and the receiver's partial files that make resume work.
 
-SOL_UDP = 17
-UDP_SEGMENT = 103               # Linux 4.18+, not in the socket module
-UDP_GRO = 104                   # Linux 5.0+
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
-IP_MTU = 14
-IP_MTU_DISCOVER = 10
-IPV6_MTU_DISCOVER = 23
-IP_PMTUDISC_DO = 2
 MAX_GSO_SEGMENTS = 64
 MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
 SOCKET_BUFFER = 32 << 20
@@ -3777,15 +4025,13 @@ class BlockWriter:
 # ---------------------------------------------------------------------------
 # Bulk transfer: server
 # ---------------------------------------------------------------------------
-"""`serve`: a TCP listener and a UDP port of the same number.  Each client
-gets a ServerSession on a thread of its own and, once its first UDP datagram
-proves who it is, a UDP socket of its own connected back to the address that
-datagram came from (so NAT and stateful firewalls see replies to the
-client's own flow, and one client's traffic never queues behind another's).
-"""
+# `serve`: a TCP listener and a UDP port of the same number.  Each client
+# gets a ServerSession on a thread of its own and, once its first UDP datagram
+# proves who it is, a UDP socket of its own connected back to the address that
+# datagram came from (so NAT and stateful firewalls see replies to the
+# client's own flow, and one client's traffic never queues behind another's).
 
 COMMAND_TIMEOUT = 300.0         # s a client may idle between requests
-HANDSHAKE_TIMEOUT = 15.0
 HANDSHAKE_DEADLINE = 10.0       # s from accept to an authenticated peer, however slowly its bytes
                                 # come: room for a lost segment's retransmissions on a long path
 MAX_UNAUTHENTICATED = 64        # connections held before they authenticate (and at most a quarter
@@ -3793,22 +4039,11 @@ MAX_UNAUTHENTICATED = 64        # connections held before they authenticate (and
 MAX_UNAUTHENTICATED_PER_SOURCE = 8      # ... and from one address (IPv6: one /64)
 ACCEPT_REST = (0.01, 1.0)       # s a listener rests after accept() fails for want of resources,
                                 # doubling from the first figure to the second while it goes on
-UDP_SETUP_TIMEOUT = 10.0
-DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
 PACING_BURST = 0.002            # s of sending allowed in one go
 MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
 SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
 LEAD_BYTES = 1 << 20            # a new file's first bytes sent before the client asks
 LEAD_FRACTION = 32              # ... and at most this fraction of the file
-SMALL_FILE = 256 << 10          # files this small go whole on the control channel, in batches:
-                                # a round trip costs more than sending them
-SMALL_BATCH_BYTES = 4 << 20     # and a batch (one `read` request) holds at most this much
-SMALL_BATCH_FILES = 256
-SMALL_BATCHES_AHEAD = 4         # `read` requests a client may have unanswered
-SMALL_REQUEST_BYTES = 20 << 10  # and a request's JSON at most this: those ahead fit a receive buffer
-SMALL_ITEM_BYTES = 55           # JSON of a `read` item besides its path (about)
-LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
-LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 MAX_HELPERS = 128               # digest and signature threads a server runs at once
 MAX_SESSION_HELPERS = 4         # ... and for one session (an aborted fetch's stops at its next read)
 
@@ -4282,85 +4517,6 @@ class PendingHandshakes:
             oldest = next(iter(self._pending), None)
         if oldest is not None:
             self._timer = self.loop.call_later(max(0.0, oldest.deadline - now), self._expire)
-
-
-class Acceptor:
-    """Accepts on a listening socket for an EventLoop and passes each
-    connection to on_accept(sock, address).
-
-    When accept() fails for want of resources (EMFILE, ENFILE, ENOBUFS,
-    ENOMEM) the listener stays readable, and trying again at once would spin
-    a core.  Out of descriptors, it first asks make_room() to close a
-    connection that has not authenticated and tries again; with nothing to
-    close it accepts the waiting connection on a descriptor kept spare for
-    this and closes it at once (that peer hears no rather than waiting in the
-    backlog).  Then it stops watching the listener for ACCEPT_REST, doubling
-    while failures go on, and logs the first failure of a run."""
-
-    def __init__(self, loop, listener, on_accept, make_room=None, log=None):
-        self.loop = loop
-        self.listener = listener
-        self._on_accept = on_accept
-        self._make_room = make_room or (lambda: False)
-        self._log = log or (lambda line: None)
-        self._rest = 0.0
-        self._timer = None
-        self._spare = self._reserve()
-        listener.setblocking(False)
-        loop.watch(listener, selectors.EVENT_READ, self._ready)
-
-    @staticmethod
-    def _reserve():
-        try:
-            return os.open(os.devnull, os.O_RDONLY)
-        except OSError:
-            return None
-
-    def _ready(self, mask):
-        try:
-            sock, address = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self._failed(e)
-            return
-        self._rest = 0.0
-        self._on_accept(sock, address)
-
-    def _failed(self, error):
-        if error.errno in (errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM):
-            return                      # that connection died in the backlog; the next is fine
-        out_of_descriptors = error.errno in (errno.EMFILE, errno.ENFILE)
-        if out_of_descriptors and self._make_room():
-            return                      # the listener is still readable: the loop tries again
-        if out_of_descriptors and self._spare is not None:
-            os.close(self._spare)
-            try:
-                self.listener.accept()[0].close()
-            except OSError:
-                pass
-            self._spare = self._reserve()
-        if not self._rest:
-            self._log('accept failed: %s; trying again in up to %g s'
-                      % (error.strerror or error, ACCEPT_REST[1]))
-        self._rest = min(max(self._rest * 2, ACCEPT_REST[0]), ACCEPT_REST[1])
-        self.loop.watch(self.listener, 0, None)
-        self._timer = self.loop.call_later(self._rest, self._resume)
-
-    def _resume(self):
-        self._timer = None
-        if self._spare is None:
-            self._spare = self._reserve()
-        self.loop.watch(self.listener, selectors.EVENT_READ, self._ready)
-
-    def close(self):
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.loop.watch(self.listener, 0, None)
-        if self._spare is not None:
-            os.close(self._spare)
-            self._spare = None
 
 
 class ServerSession:
@@ -5012,11 +5168,11 @@ class FileReceiver:
 # ---------------------------------------------------------------------------
 # Bulk transfer: client
 # ---------------------------------------------------------------------------
-"""`get`: one authenticated session, the UDP flow opened from the client's
-side, then for each file a fetch that resumes from any partial file, receives
-until every block is held, and verifies the whole-file digest before the
-file takes its final name.  Progress and results go to an `events` object;
-this section never prints."""
+# `get`: one authenticated session, the UDP flow opened from the client's
+# side, then for each file a fetch that resumes from any partial file, receives
+# until every block is held, and verifies the whole-file digest before the
+# file takes its final name.  Progress and results go to an `events` object;
+# this section never prints.
 
 HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
@@ -5947,16 +6103,15 @@ class Client:
 # ---------------------------------------------------------------------------
 # Link emulator
 # ---------------------------------------------------------------------------
-"""A long, lossy path between two processes on one machine, without root.
-
-`LinkEmulator` listens on one port for both TCP and UDP and relays to a
-target.  UDP datagrams go through a `PathShaper` per direction (loss in
-bursts, a rate-limited drop-tail queue, delay, jitter, reordering,
-duplication, corruption) and wait in a heap until they are due; one thread
-serves that heap with `selectors`.  TCP is relayed byte for byte, only late:
-the kernel's TCP would hide any loss anyway.  Nothing here prints; everything
-that happens is counted in `LinkCounters`.
-"""
+# A long, lossy path between two processes on one machine, without root.
+#
+# `LinkEmulator` listens on one port for both TCP and UDP and relays to a
+# target.  UDP datagrams go through a `PathShaper` per direction (loss in
+# bursts, a rate-limited drop-tail queue, delay, jitter, reordering,
+# duplication, corruption) and wait in a heap until they are due; one thread
+# serves that heap with `selectors`.  TCP is relayed byte for byte, only late:
+# the kernel's TCP would hide any loss anyway.  Nothing here prints; everything
+# that happens is counted in `LinkCounters`.
 
 
 class LinkConditions:
@@ -6153,53 +6308,6 @@ def _direction_rng(seed, direction):
     if seed is None:
         return random.Random()
     return random.Random('%s/%s' % (seed, direction))
-
-
-def _enlarge_buffers(sock, size):
-    # Bursts of tens of thousands of packets a second overflow the default
-    # 200 KB receive buffer before the relay thread is scheduled.  The kernel
-    # caps the request at net.core.[rw]mem_max; a refusal is harmless.
-    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, size)
-        except OSError:
-            pass
-
-
-def reset_socket(sock):
-    """Close a TCP socket so the peer sees a reset, not an orderly end."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
-    except OSError:
-        pass
-    sock.close()
-
-
-class Waker:
-    """Wakes a thread waiting in select() from any other thread: register
-    `reader` for reading and call `wake()`; `drain()` empties it again."""
-
-    def __init__(self):
-        self.reader, self._writer = socket.socketpair()
-        self.reader.setblocking(False)
-        self._writer.setblocking(False)
-
-    def wake(self):
-        try:
-            self._writer.send(b'x')
-        except OSError:
-            pass                    # full (a wake is already pending) or closed
-
-    def drain(self):
-        try:
-            while self.reader.recv(4096):
-                pass
-        except OSError:
-            pass
-
-    def close(self):
-        self.reader.close()
-        self._writer.close()
 
 
 class _UdpMapping:
@@ -6775,37 +6883,36 @@ class LinkEmulator:
 # ---------------------------------------------------------------------------
 # Tunnel
 # ---------------------------------------------------------------------------
-"""`tunnel`: TCP forwarding between two peers over one authenticated,
-encrypted link, each direction deduplicated against the chunk store and
-compressed.  The --peer side ("near") listens like `ssh -L` and carries each
-connection to the --listen side ("far"), which opens it to an --allow'ed
-target.
-
-The parts, in the order data flows:
-  StreamEncoder   a stream's bytes -> pieces: references or literals (no sockets)
-  StreamDecoder   pieces -> verified bytes, or the digest to ask for (no sockets)
-  LinkWriter      packs, compresses, seals and writes a link's frames, on its own thread
-  FrameReader     a link's sealed frames in
-  Stream          one forwarded connection: its socket, both directions, flow control
-  PeerLink        one authenticated link: messages, streams, keepalive
-  EventLoop       selectors, timers, and an inbox for helper threads' results
-  Tunnel          the process: store, stats, and one role, NearTunnel or FarTunnel
-
-Flow control is per stream and counted in original bytes: a sender keeps at
-most the receiver's window (TUNNEL_HELLO) unacknowledged, and the receiver
-acknowledges (MSG_CREDIT) as its socket takes the bytes, so a slow reader
-holds at most one window and the link keeps moving for everyone else.  A
-sender also keeps the chunks it sent as references until they are
-acknowledged, so it can answer MSG_CHUNK_REQUEST.
-
-Threads: the event loop owns all socket reads, all stream state and the
-store's lookups; the store's writer thread makes every write to the cache
-file (QueuedChunkStore), so another process holding the file's write lock
-delays the cache, never the streams.  Each link's writer thread owns that
-link's compressor, outbound Sealer and socket writes (zlib releases the GIL,
-so compression runs beside the loop).  Short-lived helper threads do what cannot be made non-blocking
-cheaply (name lookup, connect, handshake) and post their result to the loop.
-"""
+# `tunnel`: TCP forwarding between two peers over one authenticated,
+# encrypted link, each direction deduplicated against the chunk store and
+# compressed.  The --peer side ("near") listens like `ssh -L` and carries each
+# connection to the --listen side ("far"), which opens it to an --allow'ed
+# target.
+#
+# The parts, in the order data flows:
+#   StreamEncoder   a stream's bytes -> pieces: references or literals (no sockets)
+#   StreamDecoder   pieces -> verified bytes, or the digest to ask for (no sockets)
+#   LinkWriter      packs, compresses, seals and writes a link's frames, on its own thread
+#   FrameReader     a link's sealed frames in
+#   Stream          one forwarded connection: its socket, both directions, flow control
+#   PeerLink        one authenticated link: messages, streams, keepalive
+#   EventLoop       selectors, timers, and an inbox for helper threads' results
+#   Tunnel          the process: store, stats, and one role, NearTunnel or FarTunnel
+#
+# Flow control is per stream and counted in original bytes: a sender keeps at
+# most the receiver's window (TUNNEL_HELLO) unacknowledged, and the receiver
+# acknowledges (MSG_CREDIT) as its socket takes the bytes, so a slow reader
+# holds at most one window and the link keeps moving for everyone else.  A
+# sender also keeps the chunks it sent as references until they are
+# acknowledged, so it can answer MSG_CHUNK_REQUEST.
+#
+# Threads: the event loop owns all socket reads, all stream state and the
+# store's lookups; the store's writer thread makes every write to the cache
+# file (QueuedChunkStore), so another process holding the file's write lock
+# delays the cache, never the streams.  Each link's writer thread owns that
+# link's compressor, outbound Sealer and socket writes (zlib releases the GIL,
+# so compression runs beside the loop).  Short-lived helper threads do what cannot be made non-blocking
+# cheaply (name lookup, connect, handshake) and post their result to the loop.
 
 STREAM_WINDOW = 32 << 20            # original bytes a stream may have unacknowledged: the
                                     # path's bytes in flight plus both ends' queues at 1 Gbit/s over
@@ -6823,9 +6930,6 @@ LINK_BUFFER = 48 << 20              # socket buffers: 1 Gbit/s over 130 ms, with
 LINK_UNSENT_LIMIT = 4 << 20         # bytes the kernel may hold not yet sent
 TCP_NOTSENT_LOWAT = getattr(socket, 'TCP_NOTSENT_LOWAT', 25)
 ZLIB_LEVEL = 7                      # zlib's 6 trails GNU gzip -6 a little on SQL dumps; 7 passes it
-MIN_COMPRESS = 256
-PING_INTERVAL = 10.0
-LINK_DEAD_AFTER = 35.0              # s without a frame from the peer
 RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 LINK_STABLE = 10.0                  # s a link must live before back-off starts over
 PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the link
@@ -7702,84 +7806,6 @@ class PeerLink:
         self.tunnel.link_closed(self, reason)
 
 
-class Timer:
-    __slots__ = ('when', 'callback', 'cancelled')
-
-    def __init__(self, when, callback):
-        self.when, self.callback, self.cancelled = when, callback, False
-
-    def cancel(self):
-        self.cancelled = True
-
-
-class EventLoop:
-    """One selectors loop with timers and an inbox.
-
-    `watch(sock, events, handler)` calls handler(mask) when the socket is
-    ready (events 0 stops watching); `call_later(delay, fn)` returns a Timer
-    to cancel; `post(fn)`, from any thread, runs fn on the loop soon;
-    `run()` returns after `stop()` (which a signal handler may call)."""
-
-    def __init__(self):
-        self.selector = selectors.DefaultSelector()
-        self.read_buffer = bytearray(LOCAL_READ_SIZE)
-        self.link_buffer = bytearray(LINK_READ_SIZE)
-        self._timers = []
-        self._sequence = itertools.count()
-        self._inbox = collections.deque()
-        self._waker = Waker()
-        self.selector.register(self._waker.reader, selectors.EVENT_READ, self._drain_wake)
-        self.stopping = False
-
-    def watch(self, sock, events, handler):
-        try:
-            key = self.selector.get_key(sock)
-        except (KeyError, ValueError):
-            key = None
-        if not events:
-            if key is not None:
-                self.selector.unregister(sock)
-        elif key is None:
-            self.selector.register(sock, events, handler)
-        elif key.events != events or key.data != handler:
-            self.selector.modify(sock, events, handler)
-
-    def call_later(self, delay, callback):
-        timer = Timer(time.monotonic() + delay, callback)
-        heapq.heappush(self._timers, (timer.when, next(self._sequence), timer))
-        return timer
-
-    def post(self, callback):
-        self._inbox.append(callback)
-        self._waker.wake()
-
-    def stop(self):
-        self.stopping = True
-        self._waker.wake()
-
-    def _drain_wake(self, mask):
-        self._waker.drain()
-
-    def run(self):
-        while not self.stopping:
-            timeout = 1.0
-            if self._timers:
-                timeout = max(0.0, min(timeout, self._timers[0][0] - time.monotonic()))
-            for key, mask in self.selector.select(timeout):
-                key.data(mask)
-            now = time.monotonic()
-            while self._timers and self._timers[0][0] <= now:
-                timer = heapq.heappop(self._timers)[2]
-                if not timer.cancelled:
-                    timer.callback()
-            while self._inbox:
-                self._inbox.popleft()()
-
-    def close(self):
-        self.selector.close()
-        self._waker.close()
-
-
 class TunnelStats:
     """Connections and bytes per direction for this run.  'tunnel-out' is
     what local sockets gave this side (original) and what it put on the peer
@@ -7893,26 +7919,6 @@ class Tunnel:
             # work fails, the tunnel goes on.
             failure = WanxferError('cannot start a thread: %s' % e)
             self.loop.post(lambda: done(None, failure))
-
-
-def listen_socket(host, port, tune=False):
-    family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if tune:
-            tune_link_socket(sock)          # accepted sockets inherit it
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as e:
-        sock.close()
-        raise UsageError('cannot listen on %s:%d: %s' % (host or '*', port, e.strerror))
-    sock.setblocking(False)
-    return sock
-
-
-def describe_error(error):
-    return getattr(error, 'strerror', None) or str(error)
 
 
 class NearTunnel(Tunnel):
@@ -8160,9 +8166,9 @@ class FarTunnel(Tunnel):
 # ---------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------
-"""Everything a person reads: progress lines, the per-file summary in the
-words Tsunami's users know, and sizes and rates in human units.  One summary
-dict feeds both the human report and --json."""
+# Everything a person reads: progress lines, the per-file summary in the
+# words Tsunami's users know, and sizes and rates in human units.  One summary
+# dict feeds both the human report and --json.
 
 
 def printable(text):
@@ -8325,9 +8331,9 @@ class ConsoleEvents(TransferEvents):
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-"""argv in, exit status out.  Each command is a short function that builds
-the engine's objects from the arguments and hands them a ConsoleEvents; only
-main() turns a WanxferError into `wanxfer: error: ...` and a status."""
+# argv in, exit status out.  Each command is a short function that builds
+# the engine's objects from the arguments and hands them a ConsoleEvents; only
+# main() turns a WanxferError into `wanxfer: error: ...` and a status.
 
 
 def parse_host_port(text, default_port=DEFAULT_PORT):
