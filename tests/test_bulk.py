@@ -993,38 +993,23 @@ def test_concurrent_clients_each_get_their_file(tmp_path, serve, link):
         assert sha256(tmp_path / ('out%d' % i)) == sha256(f)
 
 
-def test_a_stalled_client_does_not_block_others(tmp_path, serve):
-    data = make_file(tmp_path / 'f', 200_000)
-    server = serve([data])
-    stalled = socket.create_connection(('127.0.0.1', server.port))   # says nothing at all
-    try:
-        done = run_get(server.port, 'f', '-o', tmp_path / 'out')
-        assert done.returncode == 0, done.stderr
-        assert sha256(tmp_path / 'out') == sha256(data)
-        # Served while the stalled one was still waited for, not after the
-        # server gave up on it (which closes its connection).
-        stalled.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            stalled.recv(1)
-        assert '127.0.0.1:%d:' % stalled.getsockname()[1] not in server.log()
-    finally:
-        stalled.close()
-
-
-def test_a_client_stalled_after_the_handshake_does_not_block_others(tmp_path, serve):
-    # One that authenticates, then sends nothing (no UDP hello, no request):
-    # its session waits for it on a thread of its own, not on the thread
-    # that accepts and authenticates everyone else.
+@pytest.mark.parametrize('stage', ['before-hello', 'after-handshake'])
+def test_a_stalled_client_does_not_block_others(tmp_path, serve, stage):
+    # One that says nothing at all is held by the gate that reads HELLOs;
+    # one that authenticates, then sends nothing (no UDP hello, no request),
+    # has a session waiting for it on a thread of its own.  Neither holds up
+    # the thread that accepts and authenticates everyone else.
     data = make_file(tmp_path / 'f', 200_000)
     server = serve([data])
     stalled = socket.create_connection(('127.0.0.1', server.port), timeout=20)
     try:
-        wanxfer.client_handshake(stalled, SECRET.encode(), True)
+        if stage == 'after-handshake':
+            wanxfer.client_handshake(stalled, SECRET.encode(), True)
         done = run_get(server.port, 'f', '-o', tmp_path / 'out')
         assert done.returncode == 0, done.stderr
         assert sha256(tmp_path / 'out') == sha256(data)
-        # Served while the stalled session still waited for its client,
-        # not after it gave up (which says so and hangs up).
+        # Served while the stalled one was still waited for, not after the
+        # server gave up on it (which says so and hangs up).
         stalled.setblocking(False)
         with pytest.raises(BlockingIOError):
             stalled.recv(1)
