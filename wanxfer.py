@@ -5183,6 +5183,8 @@ DELTA_MAX_MTU = 1500            # largest packet an update uses
 MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
 MIN_BLOCK_SIZE = 512            # smallest block a server may choose for an open fetch
 NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
+PROBE_WAIT_MIN = 0.2            # s the first block-size choice waits for a probe at least,
+PROBE_WAIT_MAX = 1.0            # and at most (4 round trips between the two)
 MAX_LISTING_ENTRIES = 2_000_000     # files and directories one REMOTE may expand to: a
                                     # listing costs get about 500 bytes an entry (1 GB here)
 
@@ -5492,6 +5494,7 @@ class Client:
         for warning in self.udp.warnings:
             self.events.warning(warning)
         self._largest_probe = 0
+        self._probes_awaited = False
         self._ready = False
         self._send_datagram(KIND_HELLO)         # the server waits for it from now on
 
@@ -5539,9 +5542,27 @@ class Client:
         """The largest packet the path proved it carries (MIN_MTU if unproven)."""
         return max(MIN_MTU, self._largest_probe + IP_UDP_OVERHEAD.get(self.sock.family, 48))
 
+    def _await_probes(self):
+        """Wait, once a session and briefly, for the first probe: the server
+        sends them with `ready`, but on a loaded host or path they can come
+        after the listing that follows it, and blocks chosen before any
+        came would be the smallest (and would not match a partial copy's)."""
+        if self._probes_awaited:
+            return
+        self._probes_awaited = True
+        deadline = time.monotonic() + min(PROBE_WAIT_MAX, max(PROBE_WAIT_MIN, 4 * self.rtt))
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.udp.sock, selectors.EVENT_READ)
+            while not self._largest_probe:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    return
+                self._collect_probes()
+
     def _choose_block_size(self, largest_mtu=MAX_MTU):
         """Blocks as large as the path proved it carries (MIN_MTU if unproven)."""
         self._collect_probes()
+        self._await_probes()
         mtu = min(largest_mtu, self._largest_probe_mtu())
         self.block_size = block_size_for_mtu(mtu, self.sock.family)
         self.data_in.set_stride(self.block_size)

@@ -1077,3 +1077,29 @@ def test_demo_runs_a_verified_transfer_through_the_emulator():
     assert summary['verified'] is True and summary['file_bytes'] == 2 * 1024 * 1024
     assert summary['packets_retransmitted'] > 0          # the emulated loss was repaired
     assert '20 ms round trip, 2% loss' in done.stderr
+
+
+LATE_PROBES = """
+import threading
+send_probes = wanxfer.ServerSession._send_probes
+def late_probes(self):
+    # The probes leave after `ready` and its listing: a loaded host or path.
+    sizes = sorted({m for m in wanxfer.PROBE_MTUS + (self.route_mtu,) if m <= self.route_mtu})
+    threading.Timer(0.15, send_probes, args=(self,)).start()
+    return sizes
+wanxfer.ServerSession._send_probes = late_probes
+"""
+
+
+def test_blocks_are_chosen_by_probes_that_come_after_the_listing(tmp_path, serve):
+    # A listed fetch (two REMOTEs) sizes its blocks by the probes; ones that
+    # come late must still count, or the blocks are the smallest a path
+    # carries, and a partial copy made with other blocks is not resumed.
+    for name in 'ab':
+        make_file(tmp_path / name, 300_000, seed=ord(name))
+    server = patched_serve(serve, [tmp_path / 'a', tmp_path / 'b'], LATE_PROBES)
+    out = tmp_path / 'out'
+    out.mkdir()
+    done = run_get(server.port, 'a', 'b', '-o', out, '--json')
+    assert done.returncode == 0, done.stderr
+    assert [s['block_bytes'] for s in json_summaries(done)] == [wanxfer.block_size_for_mtu(65535)] * 2
