@@ -296,7 +296,6 @@ LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at mos
 LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 
 
-
 def frozen_mapping(mapping):
     """A read-only view of `mapping`, nested mappings included: tables at
     module level are shared by every session in the process."""
@@ -566,7 +565,9 @@ def inflate(data, limit):
 # ---------------------------------------------------------------------------
 # Threads, sockets and the event loop that several sections share (the bulk
 # server and client, the tunnel, the link emulator), so none of them reaches
-# into another's section for them.
+# into another's section for them; and the helper threads (digests,
+# signatures) a session may start, counted so that no session starts more
+# than its share.
 
 
 def start_thread(target, name, args=()):
@@ -822,6 +823,100 @@ class Acceptor:
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None
+
+
+class HelperSlots:
+    """The digest and signature threads running for fetches: at most `limit`
+    in all and `per_owner` started for one owner (a session), so clients
+    asking for many files cannot make the server read them all at once."""
+
+    def __init__(self, limit, per_owner):
+        self._limit, self._per_owner = limit, per_owner
+        self._running = 0
+        self._owners = {}
+        self._lock = threading.Lock()
+
+    def take(self, owner):
+        """A slot for one helper thread; returns the callable that gives it
+        back (once, when the thread ends).  RemoteError if none is free."""
+        with self._lock:
+            if self._running >= self._limit or self._owners.get(owner, 0) >= self._per_owner:
+                raise RemoteError('the server is reading too many files at once; try again later')
+            self._running += 1
+            self._owners[owner] = self._owners.get(owner, 0) + 1
+        returned = []
+
+        def give_back():
+            with self._lock:
+                if returned:
+                    return
+                returned.append(True)
+                self._running -= 1
+                self._owners[owner] -= 1
+                if not self._owners[owner]:
+                    del self._owners[owner]
+        return give_back
+
+    def running(self, owner=None):
+        with self._lock:
+            return self._running if owner is None else self._owners.get(owner, 0)
+
+
+class HelperJob:
+    """A file read on a thread of its own for the fetches that use it (a
+    job is shared by concurrent fetches of one file).  Each fetch holds it
+    (`users`) until it ends; when the last lets go before the job is done
+    (the fetch was aborted), `stop` is set and the thread gives up at its
+    next read.  `done` is set however the thread ends."""
+
+    def __init__(self):
+        self.users = 0
+        self.error = None
+        self.stop = threading.Event()
+        self.done = threading.Event()
+
+    def check_stop(self):
+        if self.stop.is_set():
+            raise OSError(errno.ECANCELED, 'no fetch wants it any more')
+
+    def launch(self, slots, owner, target, name, args=()):
+        give_back = slots.take(owner) if slots is not None else (lambda: None)
+
+        def run():
+            try:
+                target(*args)
+            except Exception as e:      # a bug or MemoryError: the fetch fails, not the wait
+                if self.error is None:
+                    self.error = OSError(errno.EIO, 'the %s thread failed: %s' % (name, e))
+            finally:
+                give_back()
+                self.done.set()         # whatever happened: no session waits for ever
+        try:
+            start_thread(run, name)
+        except NoThread:
+            give_back()
+            raise
+
+
+class SharedJobs:
+    """Helper jobs that several fetches may share (a file's digest or
+    signature), each counted by its users.  Subclasses keep the jobs in a
+    dict under `_lock`."""
+
+    def release(self, job):
+        """A fetch no longer wants `job`: the last to let go of an unfinished
+        one stops it."""
+        with self._lock:
+            job.users -= 1
+            if job.users <= 0 and not job.done.is_set():
+                job.stop.set()
+
+
+def file_identity(path):
+    """What changes whenever the file's bytes may have: ctime too, which
+    moves on every write and cannot be set back like mtime."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 # ---------------------------------------------------------------------------
@@ -1265,26 +1360,9 @@ def describe_flags(flags):
 
 
 # ---------------------------------------------------------------------------
-# Chunk store and codec
+# Cache database
 # ---------------------------------------------------------------------------
-# What wanxfer remembers of the data it has moved, and how it cuts data into
-# chunks for the wire.  The tunnel uses it; delta transfers can reuse it.
-#
-# Chunking is content-defined: a cut falls where the 5 to 7 bytes before it,
-# each reduced to one of four symbols by the fixed table CUT_SYMBOLS, spell a
-# fixed pattern.  The table is derived from SHA-256 of a label, so every
-# wanxfer cuts alike, and bytes.translate and bytes.find test every position
-# at C speed (300-400 MB/s here; a byte-at-a-time rolling hash in Python
-# manages about ten, and one bit per byte halves find's speed).  A cut
-# depends only on the bytes just before it, so an insert or delete early in a
-# stream moves the chunks around it and no others.  Sizes are steered as in
-# TTTD and FastCDC: nothing is cut in a chunk's first 4 KiB, a strict pattern
-# applies up to 16 KiB, looser ones after it, and MAX_CHUNK cuts regardless
-# (a run of one byte value, like a disk of zeros, becomes MAX_CHUNK chunks
-# that are all alike).  Chunks average 20-25 KiB on text and binaries.
-#
-# Each chunk is named by its SHA-256 (`chunk_digest`).  `compressible`
-# decides from a sample whether zlib is worth its time.
+# What wanxfer remembers of the data it has moved.
 #
 # ChunkStore keeps chunks by digest in a SQLite file: WAL mode and a busy
 # timeout so two processes can share it, commits batched every
@@ -1296,191 +1374,6 @@ def describe_flags(flags):
 # kind ('tunnel-out', 'tunnel-in', later 'get') that `stats` reports.
 # QueuedChunkStore is the same store for an event loop: its writes go to a
 # thread of their own, so another process's hold on the file cannot stall it.
-
-MIN_CHUNK = 4 << 10
-MAX_CHUNK = 64 << 10
-MIN_STORED_CHUNK = 256          # smaller chunks cost more to name than to send
-
-
-def _pattern(text):
-    return bytes(int(c) for c in text)
-
-
-# (smallest cut, largest cut, pattern), offsets from the chunk's start.  The
-# patterns use every symbol and do not overlap themselves, so skewed data
-# (text) still matches about as often as random data.
-CUT_TIERS = (
-    (MIN_CHUNK, 16 << 10, _pattern('0213301')),     # 1 position in 16 Ki
-    (16 << 10, 32 << 10, _pattern('210301')),       # 1 in 4 Ki
-    (32 << 10, MAX_CHUNK, _pattern('13020')),       # 1 in 1 Ki
-)
-
-
-def _cut_table():
-    """byte -> symbol 0..3.  Within each class of bytes (digits, lower case,
-    upper case, other printable, control, high) the members, ranked by
-    SHA-256 under a fixed label, take the four symbols in turn: text then
-    spreads over all four, so patterns match about as often in an SQL dump
-    as in random data, and every wanxfer derives the same table."""
-    classes = (range(0x30, 0x3a), range(0x61, 0x7b), range(0x41, 0x5b),
-               [b for b in range(0x20, 0x7f) if not chr(b).isalnum()], range(0x20), range(0x7f, 0x100))
-    table = bytearray(256)
-    for members in classes:
-        ranked = sorted(members, key=lambda b: hashlib.sha256(b'wanxfer cut v1' + bytes([b])).digest())
-        for rank, value in enumerate(ranked):
-            table[value] = rank % 4
-    return bytes(table)
-
-
-CUT_SYMBOLS = _cut_table()
-
-
-def chunk_digest(data):
-    return hashlib.sha256(data).digest()
-
-
-def compressible(data, sample=4096):
-    """Whether zlib is likely to save at least a tenth of `data`, judged
-    from two samples (its start and middle) at level 1."""
-    if len(data) <= sample:
-        probe = bytes(data)
-    else:
-        middle = len(data) // 2
-        probe = bytes(data[:sample // 2]) + bytes(data[middle:middle + sample // 2])
-    return len(zlib.compress(probe, 1)) < 0.9 * len(probe)
-
-
-class Chunker:
-    """Cuts one stream into content-defined chunks as its bytes arrive.
-
-    `feed(data)` returns the chunks that `data` completed; `pending_size`
-    and `pending_from(offset)` tell what came after the last cut;
-    `finish()` returns that as the last chunk (b'' if none) and starts
-    over."""
-
-    def __init__(self):
-        self._data = bytearray()
-        self._symbols = bytearray()
-        self._checked = 0           # cuts at or before this offset were ruled out
-
-    @property
-    def pending_size(self):
-        return len(self._data)
-
-    def pending_from(self, offset):
-        return bytes(self._data[offset:])
-
-    def feed(self, data):
-        self._data += data
-        self._symbols += data.translate(CUT_SYMBOLS)
-        chunks, start, end = [], 0, len(self._data)
-        while True:
-            cut = self._find_cut(start, end)
-            if cut is None:
-                break
-            chunks.append(bytes(self._data[start:cut]))
-            start = self._checked = cut
-        if start:
-            del self._data[:start]
-            del self._symbols[:start]
-            self._checked -= start
-        return chunks
-
-    def _find_cut(self, start, end):
-        symbols, checked = self._symbols, self._checked
-        for low, high, pattern in CUT_TIERS:
-            low, high = start + low, start + high
-            if checked >= high:
-                continue                    # this tier was searched in full already
-            width = len(pattern)
-            found = symbols.find(pattern, max(low, checked + 1) - width, min(high, end))
-            if found >= 0:
-                return found + width
-            if end < high:
-                self._checked = max(checked, end)
-                return None
-        return start + MAX_CHUNK
-
-    def finish(self):
-        chunk = bytes(self._data)
-        self._data.clear()
-        self._symbols.clear()
-        self._checked = 0
-        return chunk
-
-
-# --- Signatures: what a file holds, span by span, for delta transfers ------
-
-DELTA_MODES = ('fixed', 'cdc')
-DELTA_UNIT = 64 << 10           # 'fixed' spans: digests at C speed catch appends and in-place edits
-SIGNATURE_SEGMENT = 32 << 20    # a signature is sent, and answered, this many bytes at a time
-SIGNATURE_READ = 1 << 20
-
-
-def span_digest(data):
-    return hashlib.sha256(data).digest()[:SPAN_DIGEST_SIZE]
-
-
-def is_zero(data):
-    return data == bytes(len(data))     # calloc'd, then one memcmp: tens of GB/s
-
-
-def content_spans(f, offset, end):
-    """Yield content-defined spans (length, digest) of bytes [offset, end)
-    of the open file `f` (fewer if the file is shorter)."""
-    f.seek(offset)
-    chunker = Chunker()
-    position = offset
-    while True:
-        data = f.read(min(SIGNATURE_READ, end - position)) if position < end else b''
-        position += len(data)
-        for chunk in chunker.feed(data) if data else [chunker.finish()]:
-            if chunk:
-                yield len(chunk), ZERO_SPAN if is_zero(chunk) else span_digest(chunk)
-        if not data:
-            return
-
-
-def file_signature(path, mode, segment=SIGNATURE_SEGMENT, whole=None):
-    """Yield the signature of the file at `path` as (offset, spans) pieces,
-    each covering about `segment` bytes: spans are (length, digest) in file
-    order, ZERO_SPAN for a span of zero bytes.  'fixed' cuts every
-    DELTA_UNIT bytes (hashlib releases the GIL: this runs beside a transfer
-    at little cost); 'cdc' cuts by content (Chunker), so spans survive
-    inserts and deletes that shift the data after them.  In 'fixed' mode a
-    hashlib object `whole` is fed the whole file on the way."""
-    if mode not in DELTA_MODES:
-        raise ValueError(mode)
-    with os.fdopen(open_regular(path), 'rb') as f:
-        if mode == 'cdc':
-            start = end = 0
-            spans = []
-            for span in content_spans(f, 0, os.fstat(f.fileno()).st_size):
-                spans.append(span)
-                end += span[0]
-                if end - start >= segment:
-                    yield start, spans
-                    start, spans = end, []
-            if spans:
-                yield start, spans
-            return
-        offset = 0
-        buffer = bytearray(segment - segment % DELTA_UNIT)
-        view = memoryview(buffer)
-        while True:
-            n = f.readinto(buffer)
-            if not n:
-                return
-            if whole is not None:
-                whole.update(view[:n])
-            spans = []
-            for start in range(0, n, DELTA_UNIT):
-                unit = view[start:min(n, start + DELTA_UNIT)]
-                zero = is_zero(bytes(unit))     # a copy compares at memcmp speed, a view does not
-                spans.append((len(unit), ZERO_SPAN if zero else span_digest(unit)))
-            yield offset, spans
-            offset += n
-
 
 DEFAULT_CACHE_SIZE = 4 << 30
 CACHE_APPLICATION_ID = 0x57584331       # 'WXC1' in the SQLite header: this is a wanxfer cache
@@ -2302,6 +2195,310 @@ class QueuedChunkStore:
         return outcome
 
 
+def figures_dict(connections, original, transferred):
+    saved = original - transferred
+    return {'connections': connections, 'original_bytes': original,
+            'transferred_bytes': transferred, 'saved_bytes': saved,
+            'saving_percent': round(100.0 * saved / original, 2) if original else 0.0}
+
+
+def cache_report(path, now=None):
+    """Everything `stats` shows, as one dict: the cache's size, the totals
+    for its life and the figures of each tunnel running on it."""
+    now = time.time() if now is None else now
+    try:
+        db = open_cache_db(path, create=False)
+    except sqlite3.DatabaseError as e:
+        raise CacheError('cannot read cache %s: %s' % (path, e))
+    try:
+        chunks, stored = db.execute('SELECT count(*), total(size) FROM chunks').fetchone()
+        life = {kind: (0, 0, 0) for kind in STATS_KINDS}
+        for kind, connections, original, transferred in db.execute(
+                'SELECT kind, connections, original, transferred FROM stats'):
+            life[kind] = (connections, original, transferred)
+        runs = collections.OrderedDict()
+        for row in db.execute('SELECT run, kind, pid, role, started, updated, connections, original, '
+                              'transferred FROM runs WHERE updated >= ? ORDER BY started, run, kind',
+                              (now - RUN_FRESH_SECONDS,)):
+            run = runs.setdefault(row[0], {'pid': row[2], 'role': row[3], 'started': row[4],
+                                           'updated': row[5], 'figures': {}})
+            run['figures'][row[1]] = tuple(row[6:9])
+    except sqlite3.DatabaseError as e:
+        raise CacheError('cannot read cache %s: %s' % (path, e))
+    finally:
+        db.close()
+
+    def section(figures):
+        out = {kind: figures_dict(*figures.get(kind, (0, 0, 0))) for kind in STATS_KINDS}
+        # A connection carries both directions: the total counts it once.
+        connections = max([figures.get(kind, (0, 0, 0))[0] for kind in STATS_KINDS] + [0])
+        out['total'] = figures_dict(connections,
+                                    sum(figures.get(kind, (0, 0, 0))[1] for kind in STATS_KINDS),
+                                    sum(figures.get(kind, (0, 0, 0))[2] for kind in STATS_KINDS))
+        return out
+
+    running = []
+    for run in runs.values():
+        entry = {'pid': run['pid'], 'role': run['role'], 'started': run['started'],
+                 'updated': run['updated'], 'uptime_seconds': round(run['updated'] - run['started'], 1)}
+        entry.update(section(run['figures']))
+        running.append(entry)
+    report = {'cache': {'path': os.path.abspath(path), 'chunks': chunks, 'stored_bytes': int(stored)},
+              'life': section(life), 'running': running}
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Chunking and signatures
+# ---------------------------------------------------------------------------
+# How wanxfer cuts data into chunks and names them: the tunnel's unit of
+# dedup, and the spans of a delta transfer's signatures.
+#
+# Chunking is content-defined: a cut falls where the 5 to 7 bytes before it,
+# each reduced to one of four symbols by the fixed table CUT_SYMBOLS, spell a
+# fixed pattern.  The table is derived from SHA-256 of a label, so every
+# wanxfer cuts alike, and bytes.translate and bytes.find test every position
+# at C speed (300-400 MB/s here; a byte-at-a-time rolling hash in Python
+# manages about ten, and one bit per byte halves find's speed).  A cut
+# depends only on the bytes just before it, so an insert or delete early in a
+# stream moves the chunks around it and no others.  Sizes are steered as in
+# TTTD and FastCDC: nothing is cut in a chunk's first 4 KiB, a strict pattern
+# applies up to 16 KiB, looser ones after it, and MAX_CHUNK cuts regardless
+# (a run of one byte value, like a disk of zeros, becomes MAX_CHUNK chunks
+# that are all alike).  Chunks average 20-25 KiB on text and binaries.
+#
+# Each chunk is named by its SHA-256 (`chunk_digest`).  `compressible`
+# decides from a sample whether zlib is worth its time.
+
+MIN_CHUNK = 4 << 10
+MAX_CHUNK = 64 << 10
+MIN_STORED_CHUNK = 256          # smaller chunks cost more to name than to send
+
+
+def _pattern(text):
+    return bytes(int(c) for c in text)
+
+
+# (smallest cut, largest cut, pattern), offsets from the chunk's start.  The
+# patterns use every symbol and do not overlap themselves, so skewed data
+# (text) still matches about as often as random data.
+CUT_TIERS = (
+    (MIN_CHUNK, 16 << 10, _pattern('0213301')),     # 1 position in 16 Ki
+    (16 << 10, 32 << 10, _pattern('210301')),       # 1 in 4 Ki
+    (32 << 10, MAX_CHUNK, _pattern('13020')),       # 1 in 1 Ki
+)
+
+
+def _cut_table():
+    """byte -> symbol 0..3.  Within each class of bytes (digits, lower case,
+    upper case, other printable, control, high) the members, ranked by
+    SHA-256 under a fixed label, take the four symbols in turn: text then
+    spreads over all four, so patterns match about as often in an SQL dump
+    as in random data, and every wanxfer derives the same table."""
+    classes = (range(0x30, 0x3a), range(0x61, 0x7b), range(0x41, 0x5b),
+               [b for b in range(0x20, 0x7f) if not chr(b).isalnum()], range(0x20), range(0x7f, 0x100))
+    table = bytearray(256)
+    for members in classes:
+        ranked = sorted(members, key=lambda b: hashlib.sha256(b'wanxfer cut v1' + bytes([b])).digest())
+        for rank, value in enumerate(ranked):
+            table[value] = rank % 4
+    return bytes(table)
+
+
+CUT_SYMBOLS = _cut_table()
+
+
+def chunk_digest(data):
+    return hashlib.sha256(data).digest()
+
+
+def compressible(data, sample=4096):
+    """Whether zlib is likely to save at least a tenth of `data`, judged
+    from two samples (its start and middle) at level 1."""
+    if len(data) <= sample:
+        probe = bytes(data)
+    else:
+        middle = len(data) // 2
+        probe = bytes(data[:sample // 2]) + bytes(data[middle:middle + sample // 2])
+    return len(zlib.compress(probe, 1)) < 0.9 * len(probe)
+
+
+class Chunker:
+    """Cuts one stream into content-defined chunks as its bytes arrive.
+
+    `feed(data)` returns the chunks that `data` completed; `pending_size`
+    and `pending_from(offset)` tell what came after the last cut;
+    `finish()` returns that as the last chunk (b'' if none) and starts
+    over."""
+
+    def __init__(self):
+        self._data = bytearray()
+        self._symbols = bytearray()
+        self._checked = 0           # cuts at or before this offset were ruled out
+
+    @property
+    def pending_size(self):
+        return len(self._data)
+
+    def pending_from(self, offset):
+        return bytes(self._data[offset:])
+
+    def feed(self, data):
+        self._data += data
+        self._symbols += data.translate(CUT_SYMBOLS)
+        chunks, start, end = [], 0, len(self._data)
+        while True:
+            cut = self._find_cut(start, end)
+            if cut is None:
+                break
+            chunks.append(bytes(self._data[start:cut]))
+            start = self._checked = cut
+        if start:
+            del self._data[:start]
+            del self._symbols[:start]
+            self._checked -= start
+        return chunks
+
+    def _find_cut(self, start, end):
+        symbols, checked = self._symbols, self._checked
+        for low, high, pattern in CUT_TIERS:
+            low, high = start + low, start + high
+            if checked >= high:
+                continue                    # this tier was searched in full already
+            width = len(pattern)
+            found = symbols.find(pattern, max(low, checked + 1) - width, min(high, end))
+            if found >= 0:
+                return found + width
+            if end < high:
+                self._checked = max(checked, end)
+                return None
+        return start + MAX_CHUNK
+
+    def finish(self):
+        chunk = bytes(self._data)
+        self._data.clear()
+        self._symbols.clear()
+        self._checked = 0
+        return chunk
+
+
+# --- Signatures: what a file holds, span by span, for delta transfers ------
+
+DELTA_MODES = ('fixed', 'cdc')
+DELTA_UNIT = 64 << 10           # 'fixed' spans: digests at C speed catch appends and in-place edits
+SIGNATURE_SEGMENT = 32 << 20    # a signature is sent, and answered, this many bytes at a time
+SIGNATURE_READ = 1 << 20
+
+
+def span_digest(data):
+    return hashlib.sha256(data).digest()[:SPAN_DIGEST_SIZE]
+
+
+def is_zero(data):
+    return data == bytes(len(data))     # calloc'd, then one memcmp: tens of GB/s
+
+
+def content_spans(f, offset, end):
+    """Yield content-defined spans (length, digest) of bytes [offset, end)
+    of the open file `f` (fewer if the file is shorter)."""
+    f.seek(offset)
+    chunker = Chunker()
+    position = offset
+    while True:
+        data = f.read(min(SIGNATURE_READ, end - position)) if position < end else b''
+        position += len(data)
+        for chunk in chunker.feed(data) if data else [chunker.finish()]:
+            if chunk:
+                yield len(chunk), ZERO_SPAN if is_zero(chunk) else span_digest(chunk)
+        if not data:
+            return
+
+
+def file_signature(path, mode, segment=SIGNATURE_SEGMENT, whole=None):
+    """Yield the signature of the file at `path` as (offset, spans) pieces,
+    each covering about `segment` bytes: spans are (length, digest) in file
+    order, ZERO_SPAN for a span of zero bytes.  'fixed' cuts every
+    DELTA_UNIT bytes (hashlib releases the GIL: this runs beside a transfer
+    at little cost); 'cdc' cuts by content (Chunker), so spans survive
+    inserts and deletes that shift the data after them.  In 'fixed' mode a
+    hashlib object `whole` is fed the whole file on the way."""
+    if mode not in DELTA_MODES:
+        raise ValueError(mode)
+    with os.fdopen(open_regular(path), 'rb') as f:
+        if mode == 'cdc':
+            start = end = 0
+            spans = []
+            for span in content_spans(f, 0, os.fstat(f.fileno()).st_size):
+                spans.append(span)
+                end += span[0]
+                if end - start >= segment:
+                    yield start, spans
+                    start, spans = end, []
+            if spans:
+                yield start, spans
+            return
+        offset = 0
+        buffer = bytearray(segment - segment % DELTA_UNIT)
+        view = memoryview(buffer)
+        while True:
+            n = f.readinto(buffer)
+            if not n:
+                return
+            if whole is not None:
+                whole.update(view[:n])
+            spans = []
+            for start in range(0, n, DELTA_UNIT):
+                unit = view[start:min(n, start + DELTA_UNIT)]
+                zero = is_zero(bytes(unit))     # a copy compares at memcmp speed, a view does not
+                spans.append((len(unit), ZERO_SPAN if zero else span_digest(unit)))
+            yield offset, spans
+            offset += n
+
+
+# ---------------------------------------------------------------------------
+# Delta transfers
+# ---------------------------------------------------------------------------
+# Sending only what the receiver lacks.  The sender computes a signature of
+# the file (SignatureJob, remembered in the cache by SignatureStore and in
+# memory by SignatureCache) and sends it piece by piece; the receiver builds
+# what it can from bytes it already holds (LocalAssembler) and asks for finer
+# spans where fixed ones missed (SpanRefiner answers).  Bytes kept from one
+# server are offered only to that server (server_origin).
+
+SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
+REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
+DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
+DELTA_MAX_MTU = 1500            # largest packet an update uses
+MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
+
+
+def server_origin(host, port, secret):
+    """Where data `get` receives comes from, as the cache records it: the
+    server's address as the user named it (case, a final dot and IPv6
+    spellings normalised) and a fingerprint of the secret (a keyed hash,
+    which does not give the secret away).  Data kept from one origin is
+    never offered to another: only the server that sent it may ask for it."""
+    name = host.strip().lower().rstrip('.')
+    if name.startswith('[') and name.endswith(']'):
+        name = name[1:-1]
+    try:
+        name = '[%s]' % socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, name))
+    except (OSError, ValueError):
+        pass                            # a name or an IPv4 address: as it is
+    fingerprint = hmac.new(secret, b'wanxfer cache origin v1', hashlib.sha256).hexdigest()[:16]
+    return '%s:%d#%s' % (name, port, fingerprint)
+
+
+def signature_spans(path, mode):
+    """The whole signature of a local file as [(offset, length, digest)]."""
+    spans = []
+    for offset, piece in file_signature(path, mode):
+        for length, digest in piece:
+            spans.append((offset, length, digest))
+            offset += length
+    return spans
+
+
 class SignatureStore:
     """`serve`'s signatures of its files in the cache database, by file
     identity, so that a restarted server does not read an unchanged file
@@ -2355,57 +2552,312 @@ class SignatureStore:
         self._run(save)
 
 
-def figures_dict(connections, original, transferred):
-    saved = original - transferred
-    return {'connections': connections, 'original_bytes': original,
-            'transferred_bytes': transferred, 'saved_bytes': saved,
-            'saving_percent': round(100.0 * saved / original, 2) if original else 0.0}
+class SignatureJob(HelperJob):
+    """One file's fixed signature being computed on a thread of its own: a
+    session sends each piece (offset, encoded spans) as soon as it is in
+    `pieces`; `done` is set at the end, with `error` if reading failed.
+    The same read gives the whole file's SHA-256 (`sha256()`), so a delta
+    transfer reads the file for hashing once, not twice.  With a `store`
+    (SignatureStore) a signature found there is used as it is, and a new
+    one is saved there under `key`."""
+
+    def __init__(self, path, store=None, key=None, slots=None, owner=None):
+        HelperJob.__init__(self)
+        self.path = path
+        self.pieces = []
+        self._whole = hashlib.sha256()
+        self._digest = None
+        self.launch(slots, owner, self._run, 'signature', (store, key))
+
+    def _run(self, store, key):
+        stored = store.load(key) if store is not None else None
+        if stored is not None:
+            self._digest, self.pieces = stored
+            return
+        try:
+            for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
+                self.pieces.append((offset, encode_spans(spans)))
+                self.check_stop()
+        except OSError as e:
+            self.error = e
+        else:
+            self._digest = self._whole.hexdigest()
+            if store is not None:
+                store.save(key, self._digest, self.pieces)
+
+    def sha256(self):
+        """The whole file's hex SHA-256, once the signature is complete."""
+        self.done.wait()
+        if self.error is not None:
+            raise RemoteError('cannot read %s: %s' % (self.path, self.error.strerror))
+        if self._digest is None:
+            raise RemoteError('cannot read %s: the signature thread failed' % self.path)
+        return self._digest
 
 
-def cache_report(path, now=None):
-    """Everything `stats` shows, as one dict: the cache's size, the totals
-    for its life and the figures of each tunnel running on it."""
-    now = time.time() if now is None else now
-    try:
-        db = open_cache_db(path, create=False)
-    except sqlite3.DatabaseError as e:
-        raise CacheError('cannot read cache %s: %s' % (path, e))
-    try:
-        chunks, stored = db.execute('SELECT count(*), total(size) FROM chunks').fetchone()
-        life = {kind: (0, 0, 0) for kind in STATS_KINDS}
-        for kind, connections, original, transferred in db.execute(
-                'SELECT kind, connections, original, transferred FROM stats'):
-            life[kind] = (connections, original, transferred)
-        runs = collections.OrderedDict()
-        for row in db.execute('SELECT run, kind, pid, role, started, updated, connections, original, '
-                              'transferred FROM runs WHERE updated >= ? ORDER BY started, run, kind',
-                              (now - RUN_FRESH_SECONDS,)):
-            run = runs.setdefault(row[0], {'pid': row[2], 'role': row[3], 'started': row[4],
-                                           'updated': row[5], 'figures': {}})
-            run['figures'][row[1]] = tuple(row[6:9])
-    except sqlite3.DatabaseError as e:
-        raise CacheError('cannot read cache %s: %s' % (path, e))
-    finally:
-        db.close()
+class SpanRefiner:
+    """Content-defined spans of the byte ranges of one file where the
+    client's fixed spans found nothing, cut on a thread of its own (pure
+    Python, so only where the client asks) in the order asked; answers
+    (offset, encoded spans) appear in `answers`."""
 
-    def section(figures):
-        out = {kind: figures_dict(*figures.get(kind, (0, 0, 0))) for kind in STATS_KINDS}
-        # A connection carries both directions: the total counts it once.
-        connections = max([figures.get(kind, (0, 0, 0))[0] for kind in STATS_KINDS] + [0])
-        out['total'] = figures_dict(connections,
-                                    sum(figures.get(kind, (0, 0, 0))[1] for kind in STATS_KINDS),
-                                    sum(figures.get(kind, (0, 0, 0))[2] for kind in STATS_KINDS))
-        return out
+    def __init__(self, path, size):
+        self.path, self.size = path, size
+        self.answers = []
+        self.error = None
+        self._requests = queue.Queue()
+        self._thread = None
+        self._refined_to = 0
 
-    running = []
-    for run in runs.values():
-        entry = {'pid': run['pid'], 'role': run['role'], 'started': run['started'],
-                 'updated': run['updated'], 'uptime_seconds': round(run['updated'] - run['started'], 1)}
-        entry.update(section(run['figures']))
-        running.append(entry)
-    report = {'cache': {'path': os.path.abspath(path), 'chunks': chunks, 'stored_bytes': int(stored)},
-              'life': section(life), 'running': running}
-    return report
+    def request(self, offset, end):
+        if not 0 <= offset < end <= self.size:
+            raise ProtocolError('refine range outside the file')
+        # A client asks within one signature piece, pieces in order: so
+        # each byte is cut once a fetch, not once a (tiny) request.
+        if offset < self._refined_to or end - offset > SIGNATURE_SEGMENT:
+            raise ProtocolError('refine range [%d, %d) overlaps one asked before or spans more '
+                                'than a signature piece' % (offset, end))
+        self._refined_to = end
+        if self._thread is None:
+            self._thread = start_thread(self._run, 'refine')
+        self._requests.put((offset, end))
+
+    def busy(self):
+        return self._requests.unfinished_tasks > 0
+
+    def close(self):
+        if self._thread is not None:
+            self._requests.put(None)
+
+    def _run(self):
+        try:
+            with os.fdopen(open_regular(self.path), 'rb') as f:
+                while True:
+                    item = self._requests.get()
+                    if item is None:
+                        return
+                    offset, end = item
+                    self.answers.append((offset, encode_spans(list(content_spans(f, offset, end)))))
+                    self._requests.task_done()
+        except OSError as e:
+            self.error = e
+        except Exception as e:          # whatever it was, the session must hear of it, not wait
+            self.error = OSError(errno.EIO, 'the refine thread failed: %s' % e)
+
+
+class SignatureCache(SharedJobs):
+    """Signatures of served files, remembered by file identity (in memory,
+    and in a SignatureStore when the server has one): a file that has not
+    changed is read for its signature once, however often it is fetched,
+    and concurrent fetches share the work."""
+
+    def __init__(self, store=None, limit=64, slots=None):
+        self._store = store
+        self._jobs = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._limit = limit
+        self._slots = slots
+
+    def start(self, path, owner=None):
+        """The signature job of `path`, begun or joined; the caller calls
+        release() with it when its fetch ends."""
+        identity = file_identity(path)
+        with self._lock:
+            job = self._jobs.get(identity)
+            if job is None or job.error is not None or job.stop.is_set() or \
+                    (job.done.is_set() and job._digest is None):
+                key = 'fixed:%d:%d:%d:%d:%d' % identity
+                job = self._jobs[identity] = SignatureJob(path, self._store, key, self._slots, owner)
+                while len(self._jobs) > self._limit:
+                    self._jobs.popitem(last=False)
+            self._jobs.move_to_end(identity)
+            job.users += 1
+            return job
+
+
+class LocalAssembler:
+    """Builds as much of a file as it can from bytes this machine already
+    holds, while the server's signature of the file arrives piece by piece.
+
+    The signature comes in fixed spans (DELTA_UNIT bytes each, cheap at both
+    ends): each is looked up among the kept files (ChunkStore.find_spans),
+    read, checked against its digest and written in place; spans of zeros
+    are left as holes in a new file, so sparse files stay sparse.  Where a
+    piece's fixed spans find little and an older copy of the file is at hand
+    (`refine`), data has probably shifted: `on_piece()` then asks for the
+    content-defined spans of that stretch and holds later pieces back until
+    they arrive.  It reports the blocks now held and how far the file is
+    decided; blocks decided but not held must come from the server.  A kept
+    file whose bytes no longer match is forgotten at `close()`, after the
+    data phase: a cache write can wait seconds for another process's lock,
+    and datagrams do not wait.  Only files kept for `origin` (the server
+    sending the signature) are used, and only spans of at least
+    MIN_LOCAL_SPAN bytes are looked for."""
+
+    def __init__(self, store, partial, refine=False, *, origin):
+        self._store, self._partial = store, partial
+        self._origin = origin
+        self._block_size, self._nblocks = partial.block_size, partial.nblocks
+        self._size = partial.identity['size']
+        self._fresh = partial.resumed_blocks == 0       # unwritten bytes are zeros
+        self._refine = refine
+        self._waiting = collections.deque()     # pieces behind a refinement
+        self._refining = None                   # (offset, spans, start, end) of that piece
+        self._sources = {}          # kept file id -> open fd, or None once it failed
+        self._forgotten = set()     # kept file ids to drop from the cache at close()
+        self._run_start = 0         # the bytes from here to `offset` are in place
+        self._reported = 0          # blocks before this were reported held or not
+        self.offset = 0             # bytes the signature has covered so far
+        self.decided = 0            # blocks decided so far
+        self.spans = []             # (offset, length, digest), fixed: to keep the file by
+        self.local_bytes = self.zero_bytes = 0
+        self.refined_bytes = 0
+
+    def on_piece(self, offset, spans, refined=False):
+        """Apply one signature piece: (held block ranges, blocks decided,
+        (offset, end) to ask content-defined spans of, or None)."""
+        held = []
+        if refined:
+            if self._refining is None or offset != self._refining[2]:
+                raise ProtocolError('a refinement nobody asked for')
+            piece_offset, fixed, start, end = self._refining
+            self._refining = None
+            if sum(length for length, _ in spans) != end - start:
+                spans = [(end - start, None)]       # the file changed: fetch the stretch
+            self.refined_bytes += end - start
+            self._apply(piece_offset, self._splice(piece_offset, fixed, start, end, spans), held)
+        else:
+            self._waiting.append((offset, spans))
+        while self._waiting and self._refining is None:
+            offset, spans = self._waiting.popleft()
+            if offset != self.offset or offset + sum(length for length, _ in spans) > self._size:
+                raise ProtocolError('the signature does not fit the file')
+            self.spans.extend(self._positioned(offset, spans))
+            known = self._find(spans)
+            stretch = self._refine and self._missed(offset, spans, known)
+            if stretch:
+                self._refining = (offset, spans) + stretch
+                return held, self.decided, stretch
+            self._apply(offset, spans, held, known)
+        return held, self.decided, None
+
+    @staticmethod
+    def _positioned(offset, spans):
+        for length, digest in spans:
+            yield offset, length, digest
+            offset += length
+
+    @staticmethod
+    def _missed(offset, spans, known):
+        """(start, end) around the spans no copy holds, if worth refining."""
+        missed = [(position, length) for position, length, digest in
+                  LocalAssembler._positioned(offset, spans)
+                  if digest != ZERO_SPAN and digest not in known]
+        piece = sum(length for length, _ in spans)
+        if sum(length for _, length in missed) < min(REFINE_MIN, piece // 4):
+            return None                 # an append or a few changed pages: just fetch them
+        return missed[0][0], missed[-1][0] + missed[-1][1]
+
+    @staticmethod
+    def _splice(offset, fixed, start, end, refined):
+        """The piece's fixed spans outside [start, end), `refined` inside."""
+        spans = []
+        for position, length, digest in LocalAssembler._positioned(offset, fixed):
+            if position == start:
+                spans.extend(refined)
+            if position + length <= start or position >= end:
+                spans.append((length, digest))
+        return spans
+
+    def _find(self, spans):
+        return self._store.find_spans({digest for length, digest in spans if length >= MIN_LOCAL_SPAN
+                                       and digest not in (ZERO_SPAN, None)}, self._origin)
+
+    def _apply(self, offset, spans, held, known=None):
+        if known is None:
+            known = self._find(spans)
+        work, position = [], offset
+        for length, digest in spans:
+            candidates = [c for c in known.get(digest, ()) if c[-1] == length
+                          and self._source(*c[:4]) is not None]
+            work.append((position, length, digest, candidates))
+            position += length
+        end = position
+        filled = [self._fill(*item) for item in work]
+        for file_id in {file_id for _, damaged in filled for file_id in damaged}:
+            self._forget(file_id)
+        for (position, length, _digest, _candidates), (kind, _damaged) in zip(work, filled):
+            if kind is None:
+                self._report(position, held)
+                self._run_start = position + length
+            elif kind == 'zero':
+                self.zero_bytes += length
+            else:
+                self.local_bytes += length
+        self.offset = end
+        self._report(end, held)
+        self.decided = self._nblocks if end >= self._size else end // self._block_size
+
+    def _report(self, end, held):
+        """Blocks wholly inside the run of bytes in place up to `end`."""
+        first = max(-(-self._run_start // self._block_size), self._reported)
+        last = self._nblocks if end >= self._size else end // self._block_size
+        if last > first:
+            held.append((first, last))
+        self._reported = max(self._reported, last)
+
+    def _fill(self, position, length, digest, candidates):
+        """Fill one span from local data if possible: (how: 'zero', 'local'
+        or None, ids of kept files found damaged)."""
+        if digest == ZERO_SPAN:
+            if not self._fresh:
+                self._partial.write(position, bytes(length))
+            return 'zero', ()
+        damaged = []
+        for file_id, _path, _size, _mtime_ns, offset, _length in candidates:
+            fd = self._sources[file_id]
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError:
+                data = b''
+            if len(data) != length or span_digest(data) != digest:
+                damaged.append(file_id)
+                continue
+            self._partial.write(position, data)
+            return 'local', damaged
+        return None, damaged
+
+    def _source(self, file_id, path, size, mtime_ns):
+        if file_id not in self._sources:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError:
+                fd = None
+            else:
+                info = os.fstat(fd)
+                if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
+                    os.close(fd)
+                    fd = None
+            self._sources[file_id] = fd
+            if fd is None:
+                self._forgotten.add(file_id)
+        return self._sources[file_id]
+
+    def _forget(self, file_id):
+        fd = self._sources.get(file_id)
+        if fd is not None:
+            os.close(fd)
+        self._sources[file_id] = None
+        self._forgotten.add(file_id)
+
+    def close(self):
+        for fd in self._sources.values():
+            if fd is not None:
+                os.close(fd)
+        self._sources.clear()
+        for file_id in self._forgotten:
+            self._store.forget_file(file_id)
+        self._forgotten.clear()
 
 
 # ---------------------------------------------------------------------------
@@ -3508,79 +3960,6 @@ class FrontierDigest:
         return self._digest.hexdigest()
 
 
-class HelperSlots:
-    """The digest and signature threads running for fetches: at most `limit`
-    in all and `per_owner` started for one owner (a session), so clients
-    asking for many files cannot make the server read them all at once."""
-
-    def __init__(self, limit, per_owner):
-        self._limit, self._per_owner = limit, per_owner
-        self._running = 0
-        self._owners = {}
-        self._lock = threading.Lock()
-
-    def take(self, owner):
-        """A slot for one helper thread; returns the callable that gives it
-        back (once, when the thread ends).  RemoteError if none is free."""
-        with self._lock:
-            if self._running >= self._limit or self._owners.get(owner, 0) >= self._per_owner:
-                raise RemoteError('the server is reading too many files at once; try again later')
-            self._running += 1
-            self._owners[owner] = self._owners.get(owner, 0) + 1
-        returned = []
-
-        def give_back():
-            with self._lock:
-                if returned:
-                    return
-                returned.append(True)
-                self._running -= 1
-                self._owners[owner] -= 1
-                if not self._owners[owner]:
-                    del self._owners[owner]
-        return give_back
-
-    def running(self, owner=None):
-        with self._lock:
-            return self._running if owner is None else self._owners.get(owner, 0)
-
-
-class HelperJob:
-    """A file read on a thread of its own for the fetches that use it (a
-    job is shared by concurrent fetches of one file).  Each fetch holds it
-    (`users`) until it ends; when the last lets go before the job is done
-    (the fetch was aborted), `stop` is set and the thread gives up at its
-    next read.  `done` is set however the thread ends."""
-
-    def __init__(self):
-        self.users = 0
-        self.error = None
-        self.stop = threading.Event()
-        self.done = threading.Event()
-
-    def check_stop(self):
-        if self.stop.is_set():
-            raise OSError(errno.ECANCELED, 'no fetch wants it any more')
-
-    def launch(self, slots, owner, target, name, args=()):
-        give_back = slots.take(owner) if slots is not None else (lambda: None)
-
-        def run():
-            try:
-                target(*args)
-            except Exception as e:      # a bug or MemoryError: the fetch fails, not the wait
-                if self.error is None:
-                    self.error = OSError(errno.EIO, 'the %s thread failed: %s' % (name, e))
-            finally:
-                give_back()
-                self.done.set()         # whatever happened: no session waits for ever
-        try:
-            start_thread(run, name)
-        except NoThread:
-            give_back()
-            raise
-
-
 class DigestJob(HelperJob):
     """One file's whole SHA-256, computed on a thread of its own."""
 
@@ -3612,7 +3991,7 @@ class DigestJob(HelperJob):
         return self._digest
 
 
-class DigestCache:
+class DigestCache(SharedJobs):
     """Whole-file SHA-256 digests, computed on a thread of their own while
     the data flows and remembered by file identity, so a resumed or repeated
     transfer of an unchanged file does not read it twice."""
@@ -3623,17 +4002,10 @@ class DigestCache:
         self._limit = limit
         self._slots = slots
 
-    @staticmethod
-    def identity(path):
-        """What changes whenever the file's bytes may have: ctime too, which
-        moves on every write and cannot be set back like mtime."""
-        st = os.stat(path)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
     def start(self, path, owner=None):
         """Begin (or join) the digest of `path` (a DigestJob: its sha256()
         waits for it); the caller calls release() with it when done."""
-        key = self.identity(path)
+        key = file_identity(path)
         with self._lock:
             job = self._results.get(key)
             if job is None or job.stop.is_set() or (job.done.is_set() and job.failed()):
@@ -3644,14 +4016,6 @@ class DigestCache:
                 self._results[key] = job
             job.users += 1
             return job
-
-    def release(self, job):
-        """A fetch no longer wants `job`: the last to let go of an unfinished
-        one stops it."""
-        with self._lock:
-            job.users -= 1
-            if job.users <= 0 and not job.done.is_set():
-                job.stop.set()
 
 
 class PartialFile:
@@ -4041,54 +4405,10 @@ ACCEPT_REST = (0.01, 1.0)       # s a listener rests after accept() fails for wa
                                 # doubling from the first figure to the second while it goes on
 PACING_BURST = 0.002            # s of sending allowed in one go
 MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
-SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
 LEAD_BYTES = 1 << 20            # a new file's first bytes sent before the client asks
 LEAD_FRACTION = 32              # ... and at most this fraction of the file
 MAX_HELPERS = 128               # digest and signature threads a server runs at once
 MAX_SESSION_HELPERS = 4         # ... and for one session (an aborted fetch's stops at its next read)
-
-
-class SignatureJob(HelperJob):
-    """One file's fixed signature being computed on a thread of its own: a
-    session sends each piece (offset, encoded spans) as soon as it is in
-    `pieces`; `done` is set at the end, with `error` if reading failed.
-    The same read gives the whole file's SHA-256 (`sha256()`), so a delta
-    transfer reads the file for hashing once, not twice.  With a `store`
-    (SignatureStore) a signature found there is used as it is, and a new
-    one is saved there under `key`."""
-
-    def __init__(self, path, store=None, key=None, slots=None, owner=None):
-        HelperJob.__init__(self)
-        self.path = path
-        self.pieces = []
-        self._whole = hashlib.sha256()
-        self._digest = None
-        self.launch(slots, owner, self._run, 'signature', (store, key))
-
-    def _run(self, store, key):
-        stored = store.load(key) if store is not None else None
-        if stored is not None:
-            self._digest, self.pieces = stored
-            return
-        try:
-            for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
-                self.pieces.append((offset, encode_spans(spans)))
-                self.check_stop()
-        except OSError as e:
-            self.error = e
-        else:
-            self._digest = self._whole.hexdigest()
-            if store is not None:
-                store.save(key, self._digest, self.pieces)
-
-    def sha256(self):
-        """The whole file's hex SHA-256, once the signature is complete."""
-        self.done.wait()
-        if self.error is not None:
-            raise RemoteError('cannot read %s: %s' % (self.path, self.error.strerror))
-        if self._digest is None:
-            raise RemoteError('cannot read %s: the signature thread failed' % self.path)
-        return self._digest
 
 
 class CompressionPolicy:
@@ -4180,88 +4500,6 @@ def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, fla
         header = DATA_HEADER.pack(KIND_DATA, block_flags, sid, seq + i, first + i, stamp)
         packets.append(header + sealer.seal(seq + i, header, body))
     return packets, compressed
-
-
-class SpanRefiner:
-    """Content-defined spans of the byte ranges of one file where the
-    client's fixed spans found nothing, cut on a thread of its own (pure
-    Python, so only where the client asks) in the order asked; answers
-    (offset, encoded spans) appear in `answers`."""
-
-    def __init__(self, path, size):
-        self.path, self.size = path, size
-        self.answers = []
-        self.error = None
-        self._requests = queue.Queue()
-        self._thread = None
-        self._refined_to = 0
-
-    def request(self, offset, end):
-        if not 0 <= offset < end <= self.size:
-            raise ProtocolError('refine range outside the file')
-        # A client asks within one signature piece, pieces in order: so
-        # each byte is cut once a fetch, not once a (tiny) request.
-        if offset < self._refined_to or end - offset > SIGNATURE_SEGMENT:
-            raise ProtocolError('refine range [%d, %d) overlaps one asked before or spans more '
-                                'than a signature piece' % (offset, end))
-        self._refined_to = end
-        if self._thread is None:
-            self._thread = start_thread(self._run, 'refine')
-        self._requests.put((offset, end))
-
-    def busy(self):
-        return self._requests.unfinished_tasks > 0
-
-    def close(self):
-        if self._thread is not None:
-            self._requests.put(None)
-
-    def _run(self):
-        try:
-            with os.fdopen(open_regular(self.path), 'rb') as f:
-                while True:
-                    item = self._requests.get()
-                    if item is None:
-                        return
-                    offset, end = item
-                    self.answers.append((offset, encode_spans(list(content_spans(f, offset, end)))))
-                    self._requests.task_done()
-        except OSError as e:
-            self.error = e
-        except Exception as e:          # whatever it was, the session must hear of it, not wait
-            self.error = OSError(errno.EIO, 'the refine thread failed: %s' % e)
-
-
-class SignatureCache:
-    """Signatures of served files, remembered by file identity (in memory,
-    and in a SignatureStore when the server has one): a file that has not
-    changed is read for its signature once, however often it is fetched,
-    and concurrent fetches share the work."""
-
-    def __init__(self, store=None, limit=64, slots=None):
-        self._store = store
-        self._jobs = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self._limit = limit
-        self._slots = slots
-
-    def start(self, path, owner=None):
-        """The signature job of `path`, begun or joined; the caller calls
-        release() with it when its fetch ends."""
-        identity = DigestCache.identity(path)
-        with self._lock:
-            job = self._jobs.get(identity)
-            if job is None or job.error is not None or job.stop.is_set() or \
-                    (job.done.is_set() and job._digest is None):
-                key = 'fixed:%d:%d:%d:%d:%d' % identity
-                job = self._jobs[identity] = SignatureJob(path, self._store, key, self._slots, owner)
-                while len(self._jobs) > self._limit:
-                    self._jobs.popitem(last=False)
-            self._jobs.move_to_end(identity)
-            job.users += 1
-            return job
-
-    release = DigestCache.release
 
 
 def connection_source(address):
@@ -5177,10 +5415,6 @@ class FileReceiver:
 HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
 STATE_SAVE_INTERVAL = 2.0
-REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
-DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
-DELTA_MAX_MTU = 1500            # largest packet an update uses
-MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
 MIN_BLOCK_SIZE = 512            # smallest block a server may choose for an open fetch
 NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
 PROBE_WAIT_MIN = 0.2            # s the first block-size choice waits for a probe at least,
@@ -5203,33 +5437,6 @@ class TransferEvents:
 
     def file_finished(self, summary):
         pass
-
-
-def server_origin(host, port, secret):
-    """Where data `get` receives comes from, as the cache records it: the
-    server's address as the user named it (case, a final dot and IPv6
-    spellings normalised) and a fingerprint of the secret (a keyed hash,
-    which does not give the secret away).  Data kept from one origin is
-    never offered to another: only the server that sent it may ask for it."""
-    name = host.strip().lower().rstrip('.')
-    if name.startswith('[') and name.endswith(']'):
-        name = name[1:-1]
-    try:
-        name = '[%s]' % socket.inet_ntop(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, name))
-    except (OSError, ValueError):
-        pass                            # a name or an IPv4 address: as it is
-    fingerprint = hmac.new(secret, b'wanxfer cache origin v1', hashlib.sha256).hexdigest()[:16]
-    return '%s:%d#%s' % (name, port, fingerprint)
-
-
-def signature_spans(path, mode):
-    """The whole signature of a local file as [(offset, length, digest)]."""
-    spans = []
-    for offset, piece in file_signature(path, mode):
-        for length, digest in piece:
-            spans.append((offset, length, digest))
-            offset += length
-    return spans
 
 
 def transfer_summary(dest, remote, size, received, seconds, wire, sent, encrypted, block_bytes,
@@ -5256,191 +5463,6 @@ def transfer_summary(dest, remote, size, received, seconds, wire, sent, encrypte
         raise TypeError('unknown summary keys %s' % sorted(unknown))
     summary.update(counts)
     return summary
-
-
-class LocalAssembler:
-    """Builds as much of a file as it can from bytes this machine already
-    holds, while the server's signature of the file arrives piece by piece.
-
-    The signature comes in fixed spans (DELTA_UNIT bytes each, cheap at both
-    ends): each is looked up among the kept files (ChunkStore.find_spans),
-    read, checked against its digest and written in place; spans of zeros
-    are left as holes in a new file, so sparse files stay sparse.  Where a
-    piece's fixed spans find little and an older copy of the file is at hand
-    (`refine`), data has probably shifted: `on_piece()` then asks for the
-    content-defined spans of that stretch and holds later pieces back until
-    they arrive.  It reports the blocks now held and how far the file is
-    decided; blocks decided but not held must come from the server.  A kept
-    file whose bytes no longer match is forgotten at `close()`, after the
-    data phase: a cache write can wait seconds for another process's lock,
-    and datagrams do not wait.  Only files kept for `origin` (the server
-    sending the signature) are used, and only spans of at least
-    MIN_LOCAL_SPAN bytes are looked for."""
-
-    def __init__(self, store, partial, refine=False, *, origin):
-        self._store, self._partial = store, partial
-        self._origin = origin
-        self._block_size, self._nblocks = partial.block_size, partial.nblocks
-        self._size = partial.identity['size']
-        self._fresh = partial.resumed_blocks == 0       # unwritten bytes are zeros
-        self._refine = refine
-        self._waiting = collections.deque()     # pieces behind a refinement
-        self._refining = None                   # (offset, spans, start, end) of that piece
-        self._sources = {}          # kept file id -> open fd, or None once it failed
-        self._forgotten = set()     # kept file ids to drop from the cache at close()
-        self._run_start = 0         # the bytes from here to `offset` are in place
-        self._reported = 0          # blocks before this were reported held or not
-        self.offset = 0             # bytes the signature has covered so far
-        self.decided = 0            # blocks decided so far
-        self.spans = []             # (offset, length, digest), fixed: to keep the file by
-        self.local_bytes = self.zero_bytes = 0
-        self.refined_bytes = 0
-
-    def on_piece(self, offset, spans, refined=False):
-        """Apply one signature piece: (held block ranges, blocks decided,
-        (offset, end) to ask content-defined spans of, or None)."""
-        held = []
-        if refined:
-            if self._refining is None or offset != self._refining[2]:
-                raise ProtocolError('a refinement nobody asked for')
-            piece_offset, fixed, start, end = self._refining
-            self._refining = None
-            if sum(length for length, _ in spans) != end - start:
-                spans = [(end - start, None)]       # the file changed: fetch the stretch
-            self.refined_bytes += end - start
-            self._apply(piece_offset, self._splice(piece_offset, fixed, start, end, spans), held)
-        else:
-            self._waiting.append((offset, spans))
-        while self._waiting and self._refining is None:
-            offset, spans = self._waiting.popleft()
-            if offset != self.offset or offset + sum(length for length, _ in spans) > self._size:
-                raise ProtocolError('the signature does not fit the file')
-            self.spans.extend(self._positioned(offset, spans))
-            known = self._find(spans)
-            stretch = self._refine and self._missed(offset, spans, known)
-            if stretch:
-                self._refining = (offset, spans) + stretch
-                return held, self.decided, stretch
-            self._apply(offset, spans, held, known)
-        return held, self.decided, None
-
-    @staticmethod
-    def _positioned(offset, spans):
-        for length, digest in spans:
-            yield offset, length, digest
-            offset += length
-
-    @staticmethod
-    def _missed(offset, spans, known):
-        """(start, end) around the spans no copy holds, if worth refining."""
-        missed = [(position, length) for position, length, digest in
-                  LocalAssembler._positioned(offset, spans)
-                  if digest != ZERO_SPAN and digest not in known]
-        piece = sum(length for length, _ in spans)
-        if sum(length for _, length in missed) < min(REFINE_MIN, piece // 4):
-            return None                 # an append or a few changed pages: just fetch them
-        return missed[0][0], missed[-1][0] + missed[-1][1]
-
-    @staticmethod
-    def _splice(offset, fixed, start, end, refined):
-        """The piece's fixed spans outside [start, end), `refined` inside."""
-        spans = []
-        for position, length, digest in LocalAssembler._positioned(offset, fixed):
-            if position == start:
-                spans.extend(refined)
-            if position + length <= start or position >= end:
-                spans.append((length, digest))
-        return spans
-
-    def _find(self, spans):
-        return self._store.find_spans({digest for length, digest in spans if length >= MIN_LOCAL_SPAN
-                                       and digest not in (ZERO_SPAN, None)}, self._origin)
-
-    def _apply(self, offset, spans, held, known=None):
-        if known is None:
-            known = self._find(spans)
-        work, position = [], offset
-        for length, digest in spans:
-            candidates = [c for c in known.get(digest, ()) if c[-1] == length
-                          and self._source(*c[:4]) is not None]
-            work.append((position, length, digest, candidates))
-            position += length
-        end = position
-        filled = [self._fill(*item) for item in work]
-        for file_id in {file_id for _, damaged in filled for file_id in damaged}:
-            self._forget(file_id)
-        for (position, length, _digest, _candidates), (kind, _damaged) in zip(work, filled):
-            if kind is None:
-                self._report(position, held)
-                self._run_start = position + length
-            elif kind == 'zero':
-                self.zero_bytes += length
-            else:
-                self.local_bytes += length
-        self.offset = end
-        self._report(end, held)
-        self.decided = self._nblocks if end >= self._size else end // self._block_size
-
-    def _report(self, end, held):
-        """Blocks wholly inside the run of bytes in place up to `end`."""
-        first = max(-(-self._run_start // self._block_size), self._reported)
-        last = self._nblocks if end >= self._size else end // self._block_size
-        if last > first:
-            held.append((first, last))
-        self._reported = max(self._reported, last)
-
-    def _fill(self, position, length, digest, candidates):
-        """Fill one span from local data if possible: (how: 'zero', 'local'
-        or None, ids of kept files found damaged)."""
-        if digest == ZERO_SPAN:
-            if not self._fresh:
-                self._partial.write(position, bytes(length))
-            return 'zero', ()
-        damaged = []
-        for file_id, _path, _size, _mtime_ns, offset, _length in candidates:
-            fd = self._sources[file_id]
-            try:
-                data = os.pread(fd, length, offset)
-            except OSError:
-                data = b''
-            if len(data) != length or span_digest(data) != digest:
-                damaged.append(file_id)
-                continue
-            self._partial.write(position, data)
-            return 'local', damaged
-        return None, damaged
-
-    def _source(self, file_id, path, size, mtime_ns):
-        if file_id not in self._sources:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                fd = None
-            else:
-                info = os.fstat(fd)
-                if (info.st_size, info.st_mtime_ns) != (size, mtime_ns):
-                    os.close(fd)
-                    fd = None
-            self._sources[file_id] = fd
-            if fd is None:
-                self._forgotten.add(file_id)
-        return self._sources[file_id]
-
-    def _forget(self, file_id):
-        fd = self._sources.get(file_id)
-        if fd is not None:
-            os.close(fd)
-        self._sources[file_id] = None
-        self._forgotten.add(file_id)
-
-    def close(self):
-        for fd in self._sources.values():
-            if fd is not None:
-                os.close(fd)
-        self._sources.clear()
-        for file_id in self._forgotten:
-            self._store.forget_file(file_id)
-        self._forgotten.clear()
 
 
 class Client:
@@ -6119,786 +6141,6 @@ class Client:
                     channel.close()
                 except OSError:
                     pass
-
-
-# ---------------------------------------------------------------------------
-# Link emulator
-# ---------------------------------------------------------------------------
-# A long, lossy path between two processes on one machine, without root.
-#
-# `LinkEmulator` listens on one port for both TCP and UDP and relays to a
-# target.  UDP datagrams go through a `PathShaper` per direction (loss in
-# bursts, a rate-limited drop-tail queue, delay, jitter, reordering,
-# duplication, corruption) and wait in a heap until they are due; one thread
-# serves that heap with `selectors`.  TCP is relayed byte for byte, only late:
-# the kernel's TCP would hide any loss anyway.  Nothing here prints; everything
-# that happens is counted in `LinkCounters`.
-
-
-class LinkConditions:
-    """What the emulated path does to traffic in one direction (a value).
-
-    Times in milliseconds, fractions 0..1, `rate_bps` in bits per second
-    (0 = unlimited).  `burst` is the mean length of a run of lost packets
-    (1 = independent losses); the long-run loss fraction stays `loss`.
-    `queue_ms` bounds the bottleneck queue when `rate_bps` is set.
-    `jitter_ms` moves each packet's delay by up to +-jitter_ms but never
-    reorders; only `reorder` does, by holding the chosen packets back an
-    extra 1 ms .. `reorder_ms`.  `mtu` is the largest IP packet the path
-    carries (datagram + 28 bytes); larger ones are dropped, as a real link
-    drops packets that may not be fragmented.  `seed` makes the path repeatable.
-    """
-
-    def __init__(self, delay_ms=60.0, loss=0.0, rate_bps=0, queue_ms=50.0, burst=1,
-                 duplicate=0.0, reorder=0.0, corrupt=0.0, jitter_ms=0.0, seed=None, mtu=1500):
-        for name, value in (('delay_ms', delay_ms), ('rate_bps', rate_bps),
-                            ('jitter_ms', jitter_ms)):
-            if not value >= 0:          # also rejects NaN
-                raise ValueError('%s must be >= 0, not %r' % (name, value))
-        if not queue_ms > 0:
-            raise ValueError('queue_ms must be > 0, not %r' % (queue_ms,))
-        if not burst >= 1:
-            raise ValueError('burst must be >= 1, not %r' % (burst,))
-        if not 576 <= mtu <= 65535:
-            raise ValueError('mtu must be 576..65535, not %r' % (mtu,))
-        for name, value in (('loss', loss), ('duplicate', duplicate),
-                            ('reorder', reorder), ('corrupt', corrupt)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError('%s is a fraction 0..1, not %r' % (name, value))
-        # A run of `burst` losses needs at least one delivered packet after it,
-        # so the loss fraction can be at most burst / (burst + 1).
-        if burst > 1 and 0 < loss < 1 and loss > burst / (burst + 1.0):
-            raise ValueError('loss %g cannot come in bursts of %g (at most %.3f)'
-                             % (loss, burst, burst / (burst + 1.0)))
-        self.delay_ms = float(delay_ms)
-        self.loss = float(loss)
-        self.rate_bps = rate_bps
-        self.queue_ms = float(queue_ms)
-        self.burst = float(burst)
-        self.duplicate = float(duplicate)
-        self.reorder = float(reorder)
-        self.corrupt = float(corrupt)
-        self.jitter_ms = float(jitter_ms)
-        self.seed = seed
-        self.mtu = int(mtu)
-
-    @property
-    def reorder_ms(self):
-        """Most extra delay a reordered packet gets: half the path delay, or 2 ms."""
-        return max(2.0, self.delay_ms / 2.0)
-
-    def __repr__(self):
-        return ('LinkConditions(delay_ms=%g, loss=%g, rate_bps=%d, queue_ms=%g, burst=%g, '
-                'duplicate=%g, reorder=%g, corrupt=%g, jitter_ms=%g, seed=%r, mtu=%d)'
-                % (self.delay_ms, self.loss, self.rate_bps, self.queue_ms, self.burst,
-                   self.duplicate, self.reorder, self.corrupt, self.jitter_ms, self.seed, self.mtu))
-
-
-class LinkDirectionCounters:
-    """What happened to traffic going one way.  The UDP fields are written by
-    the UDP thread alone; `tcp_bytes` only under `LinkCounters.lock`."""
-
-    FIELDS = ('packets_in', 'bytes_in',                 # UDP datagrams read from the sender
-              'packets_forwarded', 'bytes_forwarded',   # UDP datagrams sent on, copies included
-              'dropped_loss', 'dropped_queue', 'dropped_mtu',
-              'duplicated', 'reordered', 'corrupted',
-              'send_errors',                            # forwarding failed (buffer full, refused)
-              'tcp_bytes')                              # TCP payload relayed
-    __slots__ = FIELDS
-
-    def __init__(self):
-        for name in self.FIELDS:
-            setattr(self, name, 0)
-
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.FIELDS}
-
-
-class LinkCounters:
-    """Everything the emulator did, per direction: `up` is client -> server,
-    `down` server -> client.  Plain ints: read them at any time."""
-
-    def __init__(self):
-        self.up = LinkDirectionCounters()
-        self.down = LinkDirectionCounters()
-        self.udp_clients = 0        # live UDP client mappings
-        self.tcp_connections = 0    # live relayed TCP connections
-        self.tcp_accepted = 0       # TCP connections accepted since start
-        self.lock = threading.Lock()   # for fields several threads write
-
-    def as_dict(self):
-        return {'up': self.up.as_dict(), 'down': self.down.as_dict(),
-                'udp_clients': self.udp_clients,
-                'tcp_connections': self.tcp_connections,
-                'tcp_accepted': self.tcp_accepted}
-
-
-class BurstLoss:
-    """Decides packet by packet whether the path loses it.
-
-    A two-state (Gilbert) chain: the lossy state is entered with probability
-    loss / (burst * (1 - loss)) and left with probability 1 / burst, so runs
-    of losses average `burst` packets and the long-run fraction is `loss`.
-    With burst 1 both probabilities are `loss`: independent losses.
-    """
-
-    __slots__ = ('_rng', '_enter', '_stay', '_lossy')
-
-    def __init__(self, loss, burst, rng):
-        self._rng = rng
-        self._lossy = False
-        if loss >= 1.0:
-            self._enter = self._stay = 1.0
-        elif burst <= 1.0:
-            self._enter = self._stay = loss
-        else:
-            self._stay = 1.0 - 1.0 / burst
-            self._enter = loss / (burst * (1.0 - loss))
-
-    def lost(self):
-        self._lossy = self._rng.random() < (self._stay if self._lossy else self._enter)
-        return self._lossy
-
-
-class PathShaper:
-    """Plans one direction's datagrams: owns its loss chain, its bottleneck
-    queue, its random stream and its counters.  No sockets, no clock:
-    `shape(now, data)` returns the (arrival_time, payload) copies to deliver,
-    none if the packet is dropped."""
-
-    def __init__(self, conditions, rng, counters):
-        c = conditions
-        self._rng = rng
-        self._counters = counters
-        self._loss = BurstLoss(c.loss, c.burst, rng) if c.loss > 0 else None
-        self._seconds_per_byte = 8.0 / c.rate_bps if c.rate_bps else 0.0
-        self._queue_s = c.queue_ms / 1000.0
-        self._delay_s = c.delay_ms / 1000.0
-        self._jitter_s = c.jitter_ms / 1000.0
-        self._reorder = c.reorder
-        self._reorder_span_s = (0.001, c.reorder_ms / 1000.0)
-        self._duplicate = c.duplicate
-        self._corrupt = c.corrupt
-        self._max_datagram = c.mtu - 28
-        self._last_departure = 0.0    # when the bottleneck finishes its queue
-        self._last_arrival = 0.0      # latest in-order arrival, to keep jitter from reordering
-
-    def shape(self, now, data):
-        counters = self._counters
-        if len(data) > self._max_datagram:
-            counters.dropped_mtu += 1
-            return ()
-        if self._loss is not None and self._loss.lost():
-            counters.dropped_loss += 1
-            return ()
-        departure = now
-        if self._seconds_per_byte:
-            start = self._last_departure if self._last_departure > now else now
-            departure = start + len(data) * self._seconds_per_byte
-            # Drop-tail, but an idle bottleneck always takes a packet, however
-            # long it is to serialise, or a slow link would carry nothing.
-            if start > now and departure - now > self._queue_s:
-                counters.dropped_queue += 1
-                return ()
-            self._last_departure = departure
-        arrival = departure + self._delay_s
-        rng = self._rng
-        if self._jitter_s:
-            arrival += rng.uniform(-self._jitter_s, self._jitter_s)
-            if arrival < departure:
-                arrival = departure
-        if self._reorder and rng.random() < self._reorder:
-            counters.reordered += 1
-            arrival += rng.uniform(*self._reorder_span_s)
-        else:
-            if arrival < self._last_arrival:
-                arrival = self._last_arrival
-            self._last_arrival = arrival
-        if self._corrupt and data and rng.random() < self._corrupt:
-            counters.corrupted += 1
-            data = bytearray(data)
-            data[rng.randrange(len(data))] ^= rng.randrange(1, 256)
-        if self._duplicate and rng.random() < self._duplicate:
-            counters.duplicated += 1
-            return ((arrival, data), (arrival, data))
-        return ((arrival, data),)
-
-
-def _direction_rng(seed, direction):
-    """An independent, repeatable random stream for one direction."""
-    if seed is None:
-        return random.Random()
-    return random.Random('%s/%s' % (seed, direction))
-
-
-class _UdpMapping:
-    """One UDP client: its address and the upstream socket the server sees it as."""
-
-    __slots__ = ('client', 'sock', 'last_seen')
-
-    def __init__(self, client, sock, now):
-        self.client = client
-        self.sock = sock
-        self.last_seen = now
-
-
-class _UdpRelay:
-    """Owns the listening UDP socket, one connected upstream socket per client
-    address, the heap of datagrams in flight, and the thread that serves them.
-
-    `poll()` is one turn of the loop; `run()` turns it until `stop()`.
-    """
-
-    BATCH = 256                 # datagrams read per readable event, so the heap is served too
-    BUFFER_BYTES = 4 << 20
-    UPSTREAM_BUFFER_BYTES = 1 << 20
-    MAX_DATAGRAM = 65535
-
-    def __init__(self, sock, target, target_family, up, down, counters, idle_timeout=60.0):
-        self._sock = sock
-        self._target = target
-        self._family = target_family
-        self._up = up
-        self._down = down
-        self._counters = counters
-        self.idle_timeout = idle_timeout
-        self._sweep_every = min(5.0, idle_timeout / 2.0)
-        self._next_sweep = time.monotonic() + self._sweep_every
-        self._mappings = {}
-        self._heap = []             # (due, seq, socket, data, addr or None when connected)
-        self._seq = 0               # tie-break so equal due times keep arrival order
-        self._stopping = False
-        self._thread = None
-        sock.setblocking(False)
-        _enlarge_buffers(sock, self.BUFFER_BYTES)
-        self._waker = Waker()
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(sock, selectors.EVENT_READ, None)
-        self._sel.register(self._waker.reader, selectors.EVENT_READ, self._waker)
-
-    def start(self):
-        self._thread = threading.Thread(target=self.run, name='linkemu-udp', daemon=True)
-        self._thread.start()
-
-    def run(self):
-        while not self._stopping:
-            self.poll()
-
-    def stop(self):
-        """Stop the thread, then close every socket.  Datagrams in flight are lost."""
-        self._stopping = True
-        self._waker.wake()
-        if self._thread is not None:
-            self._thread.join()
-        for mapping in self._mappings.values():
-            mapping.sock.close()
-        self._mappings.clear()
-        self._counters.udp_clients = 0
-        self._heap = []
-        self._sel.close()
-        self._sock.close()
-        self._waker.close()
-
-    def poll(self, timeout=None):
-        """Wait for datagrams or the next due time (at most `timeout`), then
-        read what arrived and send what is due."""
-        now = time.monotonic()
-        wait = self._next_sweep - now
-        if self._heap and self._heap[0][0] - now < wait:
-            wait = self._heap[0][0] - now
-        if timeout is not None and timeout < wait:
-            wait = timeout
-        for key, _ in self._sel.select(wait if wait > 0 else 0):
-            data = key.data
-            if data is None:
-                self._from_clients()
-            elif data is not self._waker:
-                self._from_server(data)
-        now = time.monotonic()
-        if self._heap and self._heap[0][0] <= now:
-            self._send_due(now)
-        if now >= self._next_sweep:
-            self.expire_idle(now)
-
-    def expire_idle(self, now):
-        """Forget clients that neither sent nor received for `idle_timeout`."""
-        self._next_sweep = now + self._sweep_every
-        limit = now - self.idle_timeout
-        for client in [c for c, m in self._mappings.items() if m.last_seen < limit]:
-            mapping = self._mappings.pop(client)
-            self._sel.unregister(mapping.sock)
-            mapping.sock.close()
-        self._counters.udp_clients = len(self._mappings)
-
-    def _open_mapping(self, client, now):
-        try:
-            upstream = socket.socket(self._family, socket.SOCK_DGRAM)
-        except OSError:             # out of descriptors: drop, as a full NAT table would
-            return None
-        try:
-            upstream.setblocking(False)
-            _enlarge_buffers(upstream, self.UPSTREAM_BUFFER_BYTES)
-            upstream.connect(self._target)
-        except OSError:
-            upstream.close()
-            return None
-        mapping = _UdpMapping(client, upstream, now)
-        self._sel.register(upstream, selectors.EVENT_READ, mapping)
-        self._mappings[client] = mapping
-        self._counters.udp_clients = len(self._mappings)
-        return mapping
-
-    # The two readers and the sender are the per-packet path: locals, no calls
-    # that can be avoided.
-
-    def _from_clients(self):
-        recvfrom = self._sock.recvfrom
-        shape = self._up.shape
-        push = heapq.heappush
-        mappings = self._mappings
-        heap = self._heap
-        counters = self._counters.up
-        seq = self._seq
-        now = time.monotonic()
-        for _ in range(self.BATCH):
-            try:
-                data, client = recvfrom(self.MAX_DATAGRAM)
-            except OSError:         # would block, or an ICMP error for an earlier send
-                break
-            counters.packets_in += 1
-            counters.bytes_in += len(data)
-            mapping = mappings.get(client)
-            if mapping is None:
-                mapping = self._open_mapping(client, now)
-                if mapping is None:
-                    counters.send_errors += 1
-                    continue
-            mapping.last_seen = now
-            for due, payload in shape(now, data):
-                seq += 1
-                push(heap, (due, seq, mapping.sock, payload, None))
-        self._seq = seq
-
-    def _from_server(self, mapping):
-        recv = mapping.sock.recv
-        shape = self._down.shape
-        push = heapq.heappush
-        heap = self._heap
-        counters = self._counters.down
-        out = self._sock
-        client = mapping.client
-        seq = self._seq
-        now = time.monotonic()
-        mapping.last_seen = now
-        for _ in range(self.BATCH):
-            try:
-                data = recv(self.MAX_DATAGRAM)
-            except OSError:         # would block, or the server's port is closed
-                break
-            counters.packets_in += 1
-            counters.bytes_in += len(data)
-            for due, payload in shape(now, data):
-                seq += 1
-                push(heap, (due, seq, out, payload, client))
-        self._seq = seq
-
-    def _send_due(self, now):
-        heap = self._heap
-        up = self._counters.up
-        down = self._counters.down
-        heappop = heapq.heappop
-        while heap and heap[0][0] <= now:
-            _, _, sock, data, addr = heappop(heap)
-            counters = up if addr is None else down
-            try:
-                if addr is None:
-                    sock.send(data)
-                else:
-                    sock.sendto(data, addr)
-            except OSError:         # buffer full, refused, or mapping expired meanwhile
-                counters.send_errors += 1
-                continue
-            counters.packets_forwarded += 1
-            counters.bytes_forwarded += len(data)
-
-
-class _TcpSplice:
-    """Owns one relayed TCP connection: the client's socket, the socket to the
-    target, and one pump thread per direction that delivers each chunk a
-    fixed delay after reading it.  The last thread out closes both sockets,
-    with a reset if either side reset or the emulator is closing."""
-
-    CHUNK = 65536
-    HELD_LIMIT = 4 << 20        # bytes in flight per direction before reading pauses
-    CONNECT_TIMEOUT = 10.0
-
-    def __init__(self, client, target, target_family, up_delay, down_delay, counters, on_done):
-        self._client = client
-        self._server = None
-        self._target = target
-        self._family = target_family
-        self._up_delay = up_delay
-        self._down_delay = down_delay
-        self._counters = counters
-        self._on_done = on_done
-        self._aborted = False
-        self._connected = threading.Event()
-        self._lock = threading.Lock()
-        self._running = 2
-        self._waker = Waker()
-        self._threads = (
-            threading.Thread(target=self._run_up, name='linkemu-tcp-up', daemon=True),
-            threading.Thread(target=self._run_down, name='linkemu-tcp-down', daemon=True))
-
-    def start(self):
-        """Start both pumps; False, the connection reset and forgotten, if a
-        thread cannot be had (the emulator goes on)."""
-        started = 0
-        for thread in self._threads:
-            try:
-                thread.start()
-            except RuntimeError:
-                break
-            started += 1
-        else:
-            return True
-        self.abort()
-        for _missing in range(len(self._threads) - started):
-            self._finish()              # as the pump that never ran would have
-        return False
-
-    def abort(self):
-        """Tear the connection down: both pumps stop and both peers see a reset."""
-        self._aborted = True
-        self._waker.wake()
-
-    def join(self):
-        for thread in self._threads:
-            thread.join()
-
-    def _run_up(self):
-        try:
-            self._server = self._connect()
-        except OSError:
-            self._server = None
-        if self._server is None:
-            self._aborted = True    # the client sees a reset, as from a refused connect
-        self._connected.set()
-        if self._server is not None:
-            self._pump(self._client, self._server, self._up_delay, self._counters.up)
-        self._finish()
-
-    def _run_down(self):
-        self._connected.wait()
-        if self._server is not None:
-            self._pump(self._server, self._client, self._down_delay, self._counters.down)
-        self._finish()
-
-    def _connect(self):
-        server = socket.socket(self._family, socket.SOCK_STREAM)
-        server.setblocking(False)
-        err = server.connect_ex(self._target)
-        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
-            # Wait for the connect or an abort, never blocking close().
-            with selectors.DefaultSelector() as sel:
-                sel.register(server, selectors.EVENT_WRITE)
-                sel.register(self._waker.reader, selectors.EVENT_READ)
-                ready = sel.select(self.CONNECT_TIMEOUT)
-            if self._aborted or not any(key.fileobj is server for key, _ in ready):
-                err = errno.ETIMEDOUT
-            else:
-                err = server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            server.close()
-            return None
-        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return server
-
-    def _pump(self, src, dst, delay, counters):
-        """Copy src to dst, each chunk `delay` seconds after it was read, then
-        pass the end of stream on the same way."""
-        pending = collections.deque()   # (due, memoryview); a None chunk is end of stream
-        held = 0
-        reading = writing = eof = False
-        sel = selectors.DefaultSelector()
-        try:
-            sel.register(self._waker.reader, selectors.EVENT_READ)
-            while not self._aborted:
-                now = time.monotonic()
-                blocked = False
-                while pending and pending[0][0] <= now:
-                    due, chunk = pending[0]
-                    if chunk is None:
-                        dst.shutdown(socket.SHUT_WR)
-                        return
-                    try:
-                        sent = dst.send(chunk)
-                    except BlockingIOError:
-                        sent = 0
-                    if sent:
-                        held -= sent
-                        with self._counters.lock:
-                            counters.tcp_bytes += sent
-                    if sent < len(chunk):
-                        pending[0] = (due, chunk[sent:])
-                        blocked = True
-                        break
-                    pending.popleft()
-                # Stop reading while too much is held, so a fast sender feels
-                # back-pressure instead of filling memory.
-                want_read = not eof and held < self.HELD_LIMIT
-                if want_read != reading:
-                    if want_read:
-                        sel.register(src, selectors.EVENT_READ)
-                    else:
-                        sel.unregister(src)
-                    reading = want_read
-                if blocked != writing:
-                    if blocked:
-                        sel.register(dst, selectors.EVENT_WRITE)
-                    else:
-                        sel.unregister(dst)
-                    writing = blocked
-                timeout = None
-                if pending and not blocked:
-                    timeout = max(0.0, pending[0][0] - now)
-                for key, _ in sel.select(timeout):
-                    if key.fileobj is not src:
-                        continue
-                    try:
-                        data = src.recv(self.CHUNK)
-                    except BlockingIOError:
-                        continue
-                    due = time.monotonic() + delay
-                    if data:
-                        pending.append((due, memoryview(data)))
-                        held += len(data)
-                    else:
-                        eof = True
-                        pending.append((due, None))
-        except OSError:             # reset, broken pipe: take the whole connection down
-            self.abort()
-        finally:
-            sel.close()
-
-    def _finish(self):
-        with self._lock:
-            self._running -= 1
-            if self._running:
-                return
-        for sock in (self._client, self._server):
-            if sock is None:
-                continue
-            if self._aborted:
-                reset_socket(sock)
-            else:
-                sock.close()
-        self._waker.close()
-        self._on_done(self)
-
-
-class _TcpRelay:
-    """Owns the listening TCP socket, its accept thread and the live splices:
-    at most MAX_CONNECTIONS (two threads each), more are reset at once.  An
-    accept() failing for want of resources rests the accept thread rather
-    than spinning, as Acceptor does for serve."""
-
-    MAX_CONNECTIONS = 256
-
-    def __init__(self, sock, target, target_family, up_delay, down_delay, counters):
-        self._sock = sock
-        self._target = target
-        self._family = target_family
-        self._up_delay = up_delay
-        self._down_delay = down_delay
-        self._counters = counters
-        self._splices = set()
-        self._lock = threading.Lock()
-        self._stopping = False
-        self._thread = None
-        self._rest = 0.0
-        sock.setblocking(False)
-        self._waker = Waker()
-
-    def start(self):
-        self._thread = threading.Thread(target=self._run, name='linkemu-tcp-accept',
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        """Stop accepting, reset every live connection, join every thread."""
-        self._stopping = True
-        self._waker.wake()
-        if self._thread is not None:
-            self._thread.join()
-        self._sock.close()
-        self._waker.close()
-        with self._lock:
-            splices = list(self._splices)
-        for splice in splices:
-            splice.abort()
-        for splice in splices:
-            splice.join()
-
-    def _run(self):
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._sock, selectors.EVENT_READ)
-            sel.register(self._waker.reader, selectors.EVENT_READ)
-            while not self._stopping:
-                for key, _ in sel.select():
-                    if key.fileobj is self._sock and not self._stopping:
-                        self._accept()
-                if self._rest and not self._stopping:
-                    # The listener stays readable while accept() cannot
-                    # succeed: wait (or for stop()) before trying again.
-                    sel.unregister(self._sock)
-                    sel.select(self._rest)
-                    sel.register(self._sock, selectors.EVENT_READ)
-
-    def _accept(self):
-        try:
-            client, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self._rest = min(max(self._rest * 2, ACCEPT_REST[0]), ACCEPT_REST[1])
-            return                  # else the client gave up already: the next is fine
-        self._rest = 0.0
-        with self._lock:
-            full = len(self._splices) >= self.MAX_CONNECTIONS
-        if full:
-            reset_socket(client)
-            return
-        try:
-            client.setblocking(False)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            splice = _TcpSplice(client, self._target, self._family, self._up_delay,
-                                self._down_delay, self._counters, self._forget)
-        except OSError:             # out of descriptors for its waker: this one is refused
-            reset_socket(client)
-            return
-        with self._lock:
-            self._splices.add(splice)
-        with self._counters.lock:
-            self._counters.tcp_accepted += 1
-            self._counters.tcp_connections += 1
-        splice.start()
-
-    def _forget(self, splice):
-        with self._lock:
-            self._splices.discard(splice)
-        with self._counters.lock:
-            self._counters.tcp_connections -= 1
-
-
-class LinkEmulator:
-    """Owns one emulated path: a TCP relay and a UDP relay on the same port
-    number in front of (target_host, target_port).
-
-    Methods for the caller: `start()` (returns self; then `port` is the bound
-    port), `close()`, or use it as a context manager.  `counters` can be read
-    at any time.  `conditions` shape client -> server traffic and
-    `reverse_conditions` server -> client (by default the same).
-    """
-
-    BIND_ATTEMPTS = 20          # ephemeral TCP ports whose UDP twin may be taken
-    udp_idle_timeout = 60.0     # seconds before a silent UDP client is forgotten
-
-    def __init__(self, target_host, target_port, conditions, listen_host='127.0.0.1',
-                 listen_port=0, reverse_conditions=None):
-        self.target_host = target_host
-        self.target_port = int(target_port)
-        self.conditions = conditions
-        self.reverse_conditions = (conditions if reverse_conditions is None
-                                   else reverse_conditions)
-        self.listen_host = listen_host
-        self.port = int(listen_port)
-        self.counters = LinkCounters()
-        self._udp = None
-        self._tcp = None
-        self._started = False
-
-    @property
-    def address(self):
-        return (self.listen_host, self.port)
-
-    def start(self):
-        if self._started:
-            raise RuntimeError('LinkEmulator already started')
-        self._started = True
-        tcp_target = self._resolve(self.target_host, self.target_port, socket.SOCK_STREAM)
-        udp_target = self._resolve(self.target_host, self.target_port, socket.SOCK_DGRAM)
-        tcp_sock, udp_sock = self._bind_pair()
-        up = PathShaper(self.conditions, _direction_rng(self.conditions.seed, 'up'),
-                        self.counters.up)
-        down = PathShaper(self.reverse_conditions,
-                          _direction_rng(self.reverse_conditions.seed, 'down'),
-                          self.counters.down)
-        try:
-            self._udp = _UdpRelay(udp_sock, udp_target[1], udp_target[0], up, down,
-                                  self.counters, self.udp_idle_timeout)
-            self._tcp = _TcpRelay(tcp_sock, tcp_target[1], tcp_target[0],
-                                  self.conditions.delay_ms / 1000.0,
-                                  self.reverse_conditions.delay_ms / 1000.0, self.counters)
-        except BaseException:
-            udp_sock.close()
-            tcp_sock.close()
-            if self._udp is not None:
-                self._udp.stop()
-                self._udp = None
-            raise
-        self._udp.start()
-        self._tcp.start()
-        return self
-
-    def close(self):
-        """Stop both relays and join their threads; every socket is closed."""
-        udp, self._udp = self._udp, None
-        tcp, self._tcp = self._tcp, None
-        if tcp is not None:
-            tcp.stop()
-        if udp is not None:
-            udp.stop()
-
-    def __enter__(self):
-        return self if self._started else self.start()
-
-    def __exit__(self, *exc_info):
-        self.close()
-
-    @staticmethod
-    def _resolve(host, port, socktype):
-        """(family, sockaddr) for host:port, resolved once before any thread runs."""
-        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, 0, socktype)[0]
-        return family, sockaddr
-
-    def _bind_pair(self):
-        """A listening TCP socket and a UDP socket bound to the same port."""
-        family, sockaddr = self._resolve(self.listen_host or None, self.port,
-                                         socket.SOCK_STREAM)
-        attempts = self.BIND_ATTEMPTS if self.port == 0 else 1
-        error = None
-        for _ in range(attempts):
-            tcp = socket.socket(family, socket.SOCK_STREAM)
-            udp = None
-            try:
-                # So `demo` can be rerun at once on a fixed port despite TIME_WAIT.
-                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                tcp.bind(sockaddr)
-                tcp.listen(64)
-                port = tcp.getsockname()[1]
-                udp = socket.socket(family, socket.SOCK_DGRAM)
-                udp.bind((sockaddr[0], port) + tuple(sockaddr[2:]))
-            except OSError as exc:
-                tcp.close()
-                if udp is not None:
-                    udp.close()
-                error = exc
-                continue
-            self.port = port
-            return tcp, udp
-        raise error
 
 
 # ---------------------------------------------------------------------------
@@ -8182,6 +7424,786 @@ class FarTunnel(Tunnel):
             self._connect_next()
 
         self.spawn(work, done)
+
+
+# ---------------------------------------------------------------------------
+# Link emulator
+# ---------------------------------------------------------------------------
+# A long, lossy path between two processes on one machine, without root.
+#
+# `LinkEmulator` listens on one port for both TCP and UDP and relays to a
+# target.  UDP datagrams go through a `PathShaper` per direction (loss in
+# bursts, a rate-limited drop-tail queue, delay, jitter, reordering,
+# duplication, corruption) and wait in a heap until they are due; one thread
+# serves that heap with `selectors`.  TCP is relayed byte for byte, only late:
+# the kernel's TCP would hide any loss anyway.  Nothing here prints; everything
+# that happens is counted in `LinkCounters`.
+
+
+class LinkConditions:
+    """What the emulated path does to traffic in one direction (a value).
+
+    Times in milliseconds, fractions 0..1, `rate_bps` in bits per second
+    (0 = unlimited).  `burst` is the mean length of a run of lost packets
+    (1 = independent losses); the long-run loss fraction stays `loss`.
+    `queue_ms` bounds the bottleneck queue when `rate_bps` is set.
+    `jitter_ms` moves each packet's delay by up to +-jitter_ms but never
+    reorders; only `reorder` does, by holding the chosen packets back an
+    extra 1 ms .. `reorder_ms`.  `mtu` is the largest IP packet the path
+    carries (datagram + 28 bytes); larger ones are dropped, as a real link
+    drops packets that may not be fragmented.  `seed` makes the path repeatable.
+    """
+
+    def __init__(self, delay_ms=60.0, loss=0.0, rate_bps=0, queue_ms=50.0, burst=1,
+                 duplicate=0.0, reorder=0.0, corrupt=0.0, jitter_ms=0.0, seed=None, mtu=1500):
+        for name, value in (('delay_ms', delay_ms), ('rate_bps', rate_bps),
+                            ('jitter_ms', jitter_ms)):
+            if not value >= 0:          # also rejects NaN
+                raise ValueError('%s must be >= 0, not %r' % (name, value))
+        if not queue_ms > 0:
+            raise ValueError('queue_ms must be > 0, not %r' % (queue_ms,))
+        if not burst >= 1:
+            raise ValueError('burst must be >= 1, not %r' % (burst,))
+        if not 576 <= mtu <= 65535:
+            raise ValueError('mtu must be 576..65535, not %r' % (mtu,))
+        for name, value in (('loss', loss), ('duplicate', duplicate),
+                            ('reorder', reorder), ('corrupt', corrupt)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError('%s is a fraction 0..1, not %r' % (name, value))
+        # A run of `burst` losses needs at least one delivered packet after it,
+        # so the loss fraction can be at most burst / (burst + 1).
+        if burst > 1 and 0 < loss < 1 and loss > burst / (burst + 1.0):
+            raise ValueError('loss %g cannot come in bursts of %g (at most %.3f)'
+                             % (loss, burst, burst / (burst + 1.0)))
+        self.delay_ms = float(delay_ms)
+        self.loss = float(loss)
+        self.rate_bps = rate_bps
+        self.queue_ms = float(queue_ms)
+        self.burst = float(burst)
+        self.duplicate = float(duplicate)
+        self.reorder = float(reorder)
+        self.corrupt = float(corrupt)
+        self.jitter_ms = float(jitter_ms)
+        self.seed = seed
+        self.mtu = int(mtu)
+
+    @property
+    def reorder_ms(self):
+        """Most extra delay a reordered packet gets: half the path delay, or 2 ms."""
+        return max(2.0, self.delay_ms / 2.0)
+
+    def __repr__(self):
+        return ('LinkConditions(delay_ms=%g, loss=%g, rate_bps=%d, queue_ms=%g, burst=%g, '
+                'duplicate=%g, reorder=%g, corrupt=%g, jitter_ms=%g, seed=%r, mtu=%d)'
+                % (self.delay_ms, self.loss, self.rate_bps, self.queue_ms, self.burst,
+                   self.duplicate, self.reorder, self.corrupt, self.jitter_ms, self.seed, self.mtu))
+
+
+class LinkDirectionCounters:
+    """What happened to traffic going one way.  The UDP fields are written by
+    the UDP thread alone; `tcp_bytes` only under `LinkCounters.lock`."""
+
+    FIELDS = ('packets_in', 'bytes_in',                 # UDP datagrams read from the sender
+              'packets_forwarded', 'bytes_forwarded',   # UDP datagrams sent on, copies included
+              'dropped_loss', 'dropped_queue', 'dropped_mtu',
+              'duplicated', 'reordered', 'corrupted',
+              'send_errors',                            # forwarding failed (buffer full, refused)
+              'tcp_bytes')                              # TCP payload relayed
+    __slots__ = FIELDS
+
+    def __init__(self):
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+class LinkCounters:
+    """Everything the emulator did, per direction: `up` is client -> server,
+    `down` server -> client.  Plain ints: read them at any time."""
+
+    def __init__(self):
+        self.up = LinkDirectionCounters()
+        self.down = LinkDirectionCounters()
+        self.udp_clients = 0        # live UDP client mappings
+        self.tcp_connections = 0    # live relayed TCP connections
+        self.tcp_accepted = 0       # TCP connections accepted since start
+        self.lock = threading.Lock()   # for fields several threads write
+
+    def as_dict(self):
+        return {'up': self.up.as_dict(), 'down': self.down.as_dict(),
+                'udp_clients': self.udp_clients,
+                'tcp_connections': self.tcp_connections,
+                'tcp_accepted': self.tcp_accepted}
+
+
+class BurstLoss:
+    """Decides packet by packet whether the path loses it.
+
+    A two-state (Gilbert) chain: the lossy state is entered with probability
+    loss / (burst * (1 - loss)) and left with probability 1 / burst, so runs
+    of losses average `burst` packets and the long-run fraction is `loss`.
+    With burst 1 both probabilities are `loss`: independent losses.
+    """
+
+    __slots__ = ('_rng', '_enter', '_stay', '_lossy')
+
+    def __init__(self, loss, burst, rng):
+        self._rng = rng
+        self._lossy = False
+        if loss >= 1.0:
+            self._enter = self._stay = 1.0
+        elif burst <= 1.0:
+            self._enter = self._stay = loss
+        else:
+            self._stay = 1.0 - 1.0 / burst
+            self._enter = loss / (burst * (1.0 - loss))
+
+    def lost(self):
+        self._lossy = self._rng.random() < (self._stay if self._lossy else self._enter)
+        return self._lossy
+
+
+class PathShaper:
+    """Plans one direction's datagrams: owns its loss chain, its bottleneck
+    queue, its random stream and its counters.  No sockets, no clock:
+    `shape(now, data)` returns the (arrival_time, payload) copies to deliver,
+    none if the packet is dropped."""
+
+    def __init__(self, conditions, rng, counters):
+        c = conditions
+        self._rng = rng
+        self._counters = counters
+        self._loss = BurstLoss(c.loss, c.burst, rng) if c.loss > 0 else None
+        self._seconds_per_byte = 8.0 / c.rate_bps if c.rate_bps else 0.0
+        self._queue_s = c.queue_ms / 1000.0
+        self._delay_s = c.delay_ms / 1000.0
+        self._jitter_s = c.jitter_ms / 1000.0
+        self._reorder = c.reorder
+        self._reorder_span_s = (0.001, c.reorder_ms / 1000.0)
+        self._duplicate = c.duplicate
+        self._corrupt = c.corrupt
+        self._max_datagram = c.mtu - 28
+        self._last_departure = 0.0    # when the bottleneck finishes its queue
+        self._last_arrival = 0.0      # latest in-order arrival, to keep jitter from reordering
+
+    def shape(self, now, data):
+        counters = self._counters
+        if len(data) > self._max_datagram:
+            counters.dropped_mtu += 1
+            return ()
+        if self._loss is not None and self._loss.lost():
+            counters.dropped_loss += 1
+            return ()
+        departure = now
+        if self._seconds_per_byte:
+            start = self._last_departure if self._last_departure > now else now
+            departure = start + len(data) * self._seconds_per_byte
+            # Drop-tail, but an idle bottleneck always takes a packet, however
+            # long it is to serialise, or a slow link would carry nothing.
+            if start > now and departure - now > self._queue_s:
+                counters.dropped_queue += 1
+                return ()
+            self._last_departure = departure
+        arrival = departure + self._delay_s
+        rng = self._rng
+        if self._jitter_s:
+            arrival += rng.uniform(-self._jitter_s, self._jitter_s)
+            if arrival < departure:
+                arrival = departure
+        if self._reorder and rng.random() < self._reorder:
+            counters.reordered += 1
+            arrival += rng.uniform(*self._reorder_span_s)
+        else:
+            if arrival < self._last_arrival:
+                arrival = self._last_arrival
+            self._last_arrival = arrival
+        if self._corrupt and data and rng.random() < self._corrupt:
+            counters.corrupted += 1
+            data = bytearray(data)
+            data[rng.randrange(len(data))] ^= rng.randrange(1, 256)
+        if self._duplicate and rng.random() < self._duplicate:
+            counters.duplicated += 1
+            return ((arrival, data), (arrival, data))
+        return ((arrival, data),)
+
+
+def _direction_rng(seed, direction):
+    """An independent, repeatable random stream for one direction."""
+    if seed is None:
+        return random.Random()
+    return random.Random('%s/%s' % (seed, direction))
+
+
+class _UdpMapping:
+    """One UDP client: its address and the upstream socket the server sees it as."""
+
+    __slots__ = ('client', 'sock', 'last_seen')
+
+    def __init__(self, client, sock, now):
+        self.client = client
+        self.sock = sock
+        self.last_seen = now
+
+
+class _UdpRelay:
+    """Owns the listening UDP socket, one connected upstream socket per client
+    address, the heap of datagrams in flight, and the thread that serves them.
+
+    `poll()` is one turn of the loop; `run()` turns it until `stop()`.
+    """
+
+    BATCH = 256                 # datagrams read per readable event, so the heap is served too
+    BUFFER_BYTES = 4 << 20
+    UPSTREAM_BUFFER_BYTES = 1 << 20
+    MAX_DATAGRAM = 65535
+
+    def __init__(self, sock, target, target_family, up, down, counters, idle_timeout=60.0):
+        self._sock = sock
+        self._target = target
+        self._family = target_family
+        self._up = up
+        self._down = down
+        self._counters = counters
+        self.idle_timeout = idle_timeout
+        self._sweep_every = min(5.0, idle_timeout / 2.0)
+        self._next_sweep = time.monotonic() + self._sweep_every
+        self._mappings = {}
+        self._heap = []             # (due, seq, socket, data, addr or None when connected)
+        self._seq = 0               # tie-break so equal due times keep arrival order
+        self._stopping = False
+        self._thread = None
+        sock.setblocking(False)
+        _enlarge_buffers(sock, self.BUFFER_BYTES)
+        self._waker = Waker()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(sock, selectors.EVENT_READ, None)
+        self._sel.register(self._waker.reader, selectors.EVENT_READ, self._waker)
+
+    def start(self):
+        self._thread = threading.Thread(target=self.run, name='linkemu-udp', daemon=True)
+        self._thread.start()
+
+    def run(self):
+        while not self._stopping:
+            self.poll()
+
+    def stop(self):
+        """Stop the thread, then close every socket.  Datagrams in flight are lost."""
+        self._stopping = True
+        self._waker.wake()
+        if self._thread is not None:
+            self._thread.join()
+        for mapping in self._mappings.values():
+            mapping.sock.close()
+        self._mappings.clear()
+        self._counters.udp_clients = 0
+        self._heap = []
+        self._sel.close()
+        self._sock.close()
+        self._waker.close()
+
+    def poll(self, timeout=None):
+        """Wait for datagrams or the next due time (at most `timeout`), then
+        read what arrived and send what is due."""
+        now = time.monotonic()
+        wait = self._next_sweep - now
+        if self._heap and self._heap[0][0] - now < wait:
+            wait = self._heap[0][0] - now
+        if timeout is not None and timeout < wait:
+            wait = timeout
+        for key, _ in self._sel.select(wait if wait > 0 else 0):
+            data = key.data
+            if data is None:
+                self._from_clients()
+            elif data is not self._waker:
+                self._from_server(data)
+        now = time.monotonic()
+        if self._heap and self._heap[0][0] <= now:
+            self._send_due(now)
+        if now >= self._next_sweep:
+            self.expire_idle(now)
+
+    def expire_idle(self, now):
+        """Forget clients that neither sent nor received for `idle_timeout`."""
+        self._next_sweep = now + self._sweep_every
+        limit = now - self.idle_timeout
+        for client in [c for c, m in self._mappings.items() if m.last_seen < limit]:
+            mapping = self._mappings.pop(client)
+            self._sel.unregister(mapping.sock)
+            mapping.sock.close()
+        self._counters.udp_clients = len(self._mappings)
+
+    def _open_mapping(self, client, now):
+        try:
+            upstream = socket.socket(self._family, socket.SOCK_DGRAM)
+        except OSError:             # out of descriptors: drop, as a full NAT table would
+            return None
+        try:
+            upstream.setblocking(False)
+            _enlarge_buffers(upstream, self.UPSTREAM_BUFFER_BYTES)
+            upstream.connect(self._target)
+        except OSError:
+            upstream.close()
+            return None
+        mapping = _UdpMapping(client, upstream, now)
+        self._sel.register(upstream, selectors.EVENT_READ, mapping)
+        self._mappings[client] = mapping
+        self._counters.udp_clients = len(self._mappings)
+        return mapping
+
+    # The two readers and the sender are the per-packet path: locals, no calls
+    # that can be avoided.
+
+    def _from_clients(self):
+        recvfrom = self._sock.recvfrom
+        shape = self._up.shape
+        push = heapq.heappush
+        mappings = self._mappings
+        heap = self._heap
+        counters = self._counters.up
+        seq = self._seq
+        now = time.monotonic()
+        for _ in range(self.BATCH):
+            try:
+                data, client = recvfrom(self.MAX_DATAGRAM)
+            except OSError:         # would block, or an ICMP error for an earlier send
+                break
+            counters.packets_in += 1
+            counters.bytes_in += len(data)
+            mapping = mappings.get(client)
+            if mapping is None:
+                mapping = self._open_mapping(client, now)
+                if mapping is None:
+                    counters.send_errors += 1
+                    continue
+            mapping.last_seen = now
+            for due, payload in shape(now, data):
+                seq += 1
+                push(heap, (due, seq, mapping.sock, payload, None))
+        self._seq = seq
+
+    def _from_server(self, mapping):
+        recv = mapping.sock.recv
+        shape = self._down.shape
+        push = heapq.heappush
+        heap = self._heap
+        counters = self._counters.down
+        out = self._sock
+        client = mapping.client
+        seq = self._seq
+        now = time.monotonic()
+        mapping.last_seen = now
+        for _ in range(self.BATCH):
+            try:
+                data = recv(self.MAX_DATAGRAM)
+            except OSError:         # would block, or the server's port is closed
+                break
+            counters.packets_in += 1
+            counters.bytes_in += len(data)
+            for due, payload in shape(now, data):
+                seq += 1
+                push(heap, (due, seq, out, payload, client))
+        self._seq = seq
+
+    def _send_due(self, now):
+        heap = self._heap
+        up = self._counters.up
+        down = self._counters.down
+        heappop = heapq.heappop
+        while heap and heap[0][0] <= now:
+            _, _, sock, data, addr = heappop(heap)
+            counters = up if addr is None else down
+            try:
+                if addr is None:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, addr)
+            except OSError:         # buffer full, refused, or mapping expired meanwhile
+                counters.send_errors += 1
+                continue
+            counters.packets_forwarded += 1
+            counters.bytes_forwarded += len(data)
+
+
+class _TcpSplice:
+    """Owns one relayed TCP connection: the client's socket, the socket to the
+    target, and one pump thread per direction that delivers each chunk a
+    fixed delay after reading it.  The last thread out closes both sockets,
+    with a reset if either side reset or the emulator is closing."""
+
+    CHUNK = 65536
+    HELD_LIMIT = 4 << 20        # bytes in flight per direction before reading pauses
+    CONNECT_TIMEOUT = 10.0
+
+    def __init__(self, client, target, target_family, up_delay, down_delay, counters, on_done):
+        self._client = client
+        self._server = None
+        self._target = target
+        self._family = target_family
+        self._up_delay = up_delay
+        self._down_delay = down_delay
+        self._counters = counters
+        self._on_done = on_done
+        self._aborted = False
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._running = 2
+        self._waker = Waker()
+        self._threads = (
+            threading.Thread(target=self._run_up, name='linkemu-tcp-up', daemon=True),
+            threading.Thread(target=self._run_down, name='linkemu-tcp-down', daemon=True))
+
+    def start(self):
+        """Start both pumps; False, the connection reset and forgotten, if a
+        thread cannot be had (the emulator goes on)."""
+        started = 0
+        for thread in self._threads:
+            try:
+                thread.start()
+            except RuntimeError:
+                break
+            started += 1
+        else:
+            return True
+        self.abort()
+        for _missing in range(len(self._threads) - started):
+            self._finish()              # as the pump that never ran would have
+        return False
+
+    def abort(self):
+        """Tear the connection down: both pumps stop and both peers see a reset."""
+        self._aborted = True
+        self._waker.wake()
+
+    def join(self):
+        for thread in self._threads:
+            thread.join()
+
+    def _run_up(self):
+        try:
+            self._server = self._connect()
+        except OSError:
+            self._server = None
+        if self._server is None:
+            self._aborted = True    # the client sees a reset, as from a refused connect
+        self._connected.set()
+        if self._server is not None:
+            self._pump(self._client, self._server, self._up_delay, self._counters.up)
+        self._finish()
+
+    def _run_down(self):
+        self._connected.wait()
+        if self._server is not None:
+            self._pump(self._server, self._client, self._down_delay, self._counters.down)
+        self._finish()
+
+    def _connect(self):
+        server = socket.socket(self._family, socket.SOCK_STREAM)
+        server.setblocking(False)
+        err = server.connect_ex(self._target)
+        if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            # Wait for the connect or an abort, never blocking close().
+            with selectors.DefaultSelector() as sel:
+                sel.register(server, selectors.EVENT_WRITE)
+                sel.register(self._waker.reader, selectors.EVENT_READ)
+                ready = sel.select(self.CONNECT_TIMEOUT)
+            if self._aborted or not any(key.fileobj is server for key, _ in ready):
+                err = errno.ETIMEDOUT
+            else:
+                err = server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            server.close()
+            return None
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return server
+
+    def _pump(self, src, dst, delay, counters):
+        """Copy src to dst, each chunk `delay` seconds after it was read, then
+        pass the end of stream on the same way."""
+        pending = collections.deque()   # (due, memoryview); a None chunk is end of stream
+        held = 0
+        reading = writing = eof = False
+        sel = selectors.DefaultSelector()
+        try:
+            sel.register(self._waker.reader, selectors.EVENT_READ)
+            while not self._aborted:
+                now = time.monotonic()
+                blocked = False
+                while pending and pending[0][0] <= now:
+                    due, chunk = pending[0]
+                    if chunk is None:
+                        dst.shutdown(socket.SHUT_WR)
+                        return
+                    try:
+                        sent = dst.send(chunk)
+                    except BlockingIOError:
+                        sent = 0
+                    if sent:
+                        held -= sent
+                        with self._counters.lock:
+                            counters.tcp_bytes += sent
+                    if sent < len(chunk):
+                        pending[0] = (due, chunk[sent:])
+                        blocked = True
+                        break
+                    pending.popleft()
+                # Stop reading while too much is held, so a fast sender feels
+                # back-pressure instead of filling memory.
+                want_read = not eof and held < self.HELD_LIMIT
+                if want_read != reading:
+                    if want_read:
+                        sel.register(src, selectors.EVENT_READ)
+                    else:
+                        sel.unregister(src)
+                    reading = want_read
+                if blocked != writing:
+                    if blocked:
+                        sel.register(dst, selectors.EVENT_WRITE)
+                    else:
+                        sel.unregister(dst)
+                    writing = blocked
+                timeout = None
+                if pending and not blocked:
+                    timeout = max(0.0, pending[0][0] - now)
+                for key, _ in sel.select(timeout):
+                    if key.fileobj is not src:
+                        continue
+                    try:
+                        data = src.recv(self.CHUNK)
+                    except BlockingIOError:
+                        continue
+                    due = time.monotonic() + delay
+                    if data:
+                        pending.append((due, memoryview(data)))
+                        held += len(data)
+                    else:
+                        eof = True
+                        pending.append((due, None))
+        except OSError:             # reset, broken pipe: take the whole connection down
+            self.abort()
+        finally:
+            sel.close()
+
+    def _finish(self):
+        with self._lock:
+            self._running -= 1
+            if self._running:
+                return
+        for sock in (self._client, self._server):
+            if sock is None:
+                continue
+            if self._aborted:
+                reset_socket(sock)
+            else:
+                sock.close()
+        self._waker.close()
+        self._on_done(self)
+
+
+class _TcpRelay:
+    """Owns the listening TCP socket, its accept thread and the live splices:
+    at most MAX_CONNECTIONS (two threads each), more are reset at once.  An
+    accept() failing for want of resources rests the accept thread rather
+    than spinning, as Acceptor does for serve."""
+
+    MAX_CONNECTIONS = 256
+
+    def __init__(self, sock, target, target_family, up_delay, down_delay, counters):
+        self._sock = sock
+        self._target = target
+        self._family = target_family
+        self._up_delay = up_delay
+        self._down_delay = down_delay
+        self._counters = counters
+        self._splices = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = None
+        self._rest = 0.0
+        sock.setblocking(False)
+        self._waker = Waker()
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name='linkemu-tcp-accept',
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Stop accepting, reset every live connection, join every thread."""
+        self._stopping = True
+        self._waker.wake()
+        if self._thread is not None:
+            self._thread.join()
+        self._sock.close()
+        self._waker.close()
+        with self._lock:
+            splices = list(self._splices)
+        for splice in splices:
+            splice.abort()
+        for splice in splices:
+            splice.join()
+
+    def _run(self):
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ)
+            sel.register(self._waker.reader, selectors.EVENT_READ)
+            while not self._stopping:
+                for key, _ in sel.select():
+                    if key.fileobj is self._sock and not self._stopping:
+                        self._accept()
+                if self._rest and not self._stopping:
+                    # The listener stays readable while accept() cannot
+                    # succeed: wait (or for stop()) before trying again.
+                    sel.unregister(self._sock)
+                    sel.select(self._rest)
+                    sel.register(self._sock, selectors.EVENT_READ)
+
+    def _accept(self):
+        try:
+            client, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._rest = min(max(self._rest * 2, ACCEPT_REST[0]), ACCEPT_REST[1])
+            return                  # else the client gave up already: the next is fine
+        self._rest = 0.0
+        with self._lock:
+            full = len(self._splices) >= self.MAX_CONNECTIONS
+        if full:
+            reset_socket(client)
+            return
+        try:
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            splice = _TcpSplice(client, self._target, self._family, self._up_delay,
+                                self._down_delay, self._counters, self._forget)
+        except OSError:             # out of descriptors for its waker: this one is refused
+            reset_socket(client)
+            return
+        with self._lock:
+            self._splices.add(splice)
+        with self._counters.lock:
+            self._counters.tcp_accepted += 1
+            self._counters.tcp_connections += 1
+        splice.start()
+
+    def _forget(self, splice):
+        with self._lock:
+            self._splices.discard(splice)
+        with self._counters.lock:
+            self._counters.tcp_connections -= 1
+
+
+class LinkEmulator:
+    """Owns one emulated path: a TCP relay and a UDP relay on the same port
+    number in front of (target_host, target_port).
+
+    Methods for the caller: `start()` (returns self; then `port` is the bound
+    port), `close()`, or use it as a context manager.  `counters` can be read
+    at any time.  `conditions` shape client -> server traffic and
+    `reverse_conditions` server -> client (by default the same).
+    """
+
+    BIND_ATTEMPTS = 20          # ephemeral TCP ports whose UDP twin may be taken
+    udp_idle_timeout = 60.0     # seconds before a silent UDP client is forgotten
+
+    def __init__(self, target_host, target_port, conditions, listen_host='127.0.0.1',
+                 listen_port=0, reverse_conditions=None):
+        self.target_host = target_host
+        self.target_port = int(target_port)
+        self.conditions = conditions
+        self.reverse_conditions = (conditions if reverse_conditions is None
+                                   else reverse_conditions)
+        self.listen_host = listen_host
+        self.port = int(listen_port)
+        self.counters = LinkCounters()
+        self._udp = None
+        self._tcp = None
+        self._started = False
+
+    @property
+    def address(self):
+        return (self.listen_host, self.port)
+
+    def start(self):
+        if self._started:
+            raise RuntimeError('LinkEmulator already started')
+        self._started = True
+        tcp_target = self._resolve(self.target_host, self.target_port, socket.SOCK_STREAM)
+        udp_target = self._resolve(self.target_host, self.target_port, socket.SOCK_DGRAM)
+        tcp_sock, udp_sock = self._bind_pair()
+        up = PathShaper(self.conditions, _direction_rng(self.conditions.seed, 'up'),
+                        self.counters.up)
+        down = PathShaper(self.reverse_conditions,
+                          _direction_rng(self.reverse_conditions.seed, 'down'),
+                          self.counters.down)
+        try:
+            self._udp = _UdpRelay(udp_sock, udp_target[1], udp_target[0], up, down,
+                                  self.counters, self.udp_idle_timeout)
+            self._tcp = _TcpRelay(tcp_sock, tcp_target[1], tcp_target[0],
+                                  self.conditions.delay_ms / 1000.0,
+                                  self.reverse_conditions.delay_ms / 1000.0, self.counters)
+        except BaseException:
+            udp_sock.close()
+            tcp_sock.close()
+            if self._udp is not None:
+                self._udp.stop()
+                self._udp = None
+            raise
+        self._udp.start()
+        self._tcp.start()
+        return self
+
+    def close(self):
+        """Stop both relays and join their threads; every socket is closed."""
+        udp, self._udp = self._udp, None
+        tcp, self._tcp = self._tcp, None
+        if tcp is not None:
+            tcp.stop()
+        if udp is not None:
+            udp.stop()
+
+    def __enter__(self):
+        return self if self._started else self.start()
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    @staticmethod
+    def _resolve(host, port, socktype):
+        """(family, sockaddr) for host:port, resolved once before any thread runs."""
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, 0, socktype)[0]
+        return family, sockaddr
+
+    def _bind_pair(self):
+        """A listening TCP socket and a UDP socket bound to the same port."""
+        family, sockaddr = self._resolve(self.listen_host or None, self.port,
+                                         socket.SOCK_STREAM)
+        attempts = self.BIND_ATTEMPTS if self.port == 0 else 1
+        error = None
+        for _ in range(attempts):
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            udp = None
+            try:
+                # So `demo` can be rerun at once on a fixed port despite TIME_WAIT.
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind(sockaddr)
+                tcp.listen(64)
+                port = tcp.getsockname()[1]
+                udp = socket.socket(family, socket.SOCK_DGRAM)
+                udp.bind((sockaddr[0], port) + tuple(sockaddr[2:]))
+            except OSError as exc:
+                tcp.close()
+                if udp is not None:
+                    udp.close()
+                error = exc
+                continue
+            self.port = port
+            return tcp, udp
+        raise error
 
 
 # ---------------------------------------------------------------------------
