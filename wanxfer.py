@@ -204,9 +204,15 @@ MAX_MTU = 65535                 # the largest IP packet
 PROBE_MTUS = (MIN_MTU, 1500, 9000, MAX_MTU)   # and the route's own MTU
 
 
+def ip_udp_overhead(family):
+    """Bytes of IP and UDP header around a datagram (IPv6's, the larger,
+    for a family not known)."""
+    return IP_UDP_OVERHEAD.get(family, IP_UDP_OVERHEAD[socket.AF_INET6])
+
+
 def block_size_for_mtu(mtu, family=socket.AF_INET):
     """Largest file block whose datagram fits in one packet of `mtu` bytes."""
-    return min(mtu, MAX_MTU) - IP_UDP_OVERHEAD.get(family, 48) - PACKET_OVERHEAD
+    return min(mtu, MAX_MTU) - ip_udp_overhead(family) - PACKET_OVERHEAD
 
 
 # --- Delta transfers: the server's signature of a file -----------------------
@@ -217,12 +223,13 @@ SPAN_DIGEST_SIZE = 16
 ZERO_SPAN = bytes(SPAN_DIGEST_SIZE)             # digest field of a span of zero bytes
 
 
-# --- Tunnel peer link --------------------------------------------------------
+# --- Tunnel peer connection --------------------------------------------------
 # After the same handshake (HELLO, SERVER_HELLO, CLIENT_PROOF), both peers send
 # frames exactly like the control channel's: FRAME_HEADER, then a body sealed
 # with the control Sealers, the frame counter as nonce.  A tunnel body is
 # binary: TUNNEL_MESSAGE (type, stream id), then the payload of that type.
-# Stream ids are chosen by the --peer side, counting up from 1; 0 is the link.
+# Stream ids are chosen by the --peer side, counting up from 1; 0 is the
+# connection itself.
 TUNNEL_MAGIC = b'WXTN'
 TUNNEL_VERSION = 1
 TUNNEL_MESSAGE = struct.Struct('!BI')           # message type, stream id
@@ -260,7 +267,7 @@ BLOB_RAW = 0
 BLOB_ZLIB = 1           # one zlib stream per link direction, Z_SYNC_FLUSH per frame
 MIN_COMPRESS = 256
 PING_INTERVAL = 10.0
-LINK_DEAD_AFTER = 35.0              # s without a frame from the peer
+PEER_DEAD_AFTER = 35.0              # s without a frame from the peer
 
 
 # --- Control messages: what each end accepts ---------------------------------
@@ -599,6 +606,7 @@ IP_MTU = 14
 IP_MTU_DISCOVER = 10
 IPV6_MTU_DISCOVER = 23
 IP_PMTUDISC_DO = 2
+CONNECT_TIMEOUT = 10.0          # s a TCP connect to a forwarded target may take
 
 
 def _enlarge_buffers(sock, size):
@@ -627,7 +635,7 @@ def listen_socket(host, port, tune=False):
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if tune:
-            tune_link_socket(sock)          # accepted sockets inherit it
+            tune_peer_socket(sock)          # accepted sockets inherit it
         sock.bind((host, port))
         sock.listen(128)
     except OSError as e:
@@ -689,7 +697,7 @@ class EventLoop:
     def __init__(self):
         self.selector = selectors.DefaultSelector()
         self.read_buffer = bytearray(LOCAL_READ_SIZE)
-        self.link_buffer = bytearray(LINK_READ_SIZE)
+        self.peer_buffer = bytearray(PEER_READ_SIZE)
         self._timers = []
         self._sequence = itertools.count()
         self._inbox = collections.deque()
@@ -4857,7 +4865,7 @@ class ServerSession:
         """Two datagrams of each candidate MTU up to the route's; the client
         reports the largest that arrived and sizes its blocks by it."""
         sizes = sorted({m for m in PROBE_MTUS + (self.route_mtu,) if m <= self.route_mtu})
-        overhead = IP_UDP_OVERHEAD.get(self.sock.family, 48) + PACKET_HEADER.size + TAG_SIZE
+        overhead = ip_udp_overhead(self.sock.family) + PACKET_HEADER.size + TAG_SIZE
         probes = []
         for mtu in sizes:
             for _copy in range(2):
@@ -5039,7 +5047,7 @@ class ServerSession:
         block_size, sid, file_id = self.block_size, self.session_id, self._file_id
         sealer, udp, rate = self.data_out, self.udp, self.rate
         pack_header = DATA_HEADER.pack
-        per_packet = PACKET_OVERHEAD + IP_UDP_OVERHEAD.get(self.sock.family, 48)
+        per_packet = PACKET_OVERHEAD + ip_udp_overhead(self.sock.family)
         self._wire_bytes = self._signature_bytes = 0
         signature_sent = refined_sent = 0
         selector = selectors.DefaultSelector()
@@ -5255,10 +5263,6 @@ class Server:
             if self._sessions.get(session.session_id) is session:
                 del self._sessions[session.session_id]
 
-    def active_sessions(self):
-        with self._lock:
-            return len(self._sessions)
-
     def _udp_loop(self):
         """Match each HELLO datagram to its session by id and tag."""
         buffer = bytearray(2048)
@@ -5415,7 +5419,6 @@ class FileReceiver:
 HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
 STATE_SAVE_INTERVAL = 2.0
-MIN_BLOCK_SIZE = 512            # smallest block a server may choose for an open fetch
 NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
 PROBE_WAIT_MIN = 0.2            # s the first block-size choice waits for a probe at least,
 PROBE_WAIT_MAX = 1.0            # and at most (4 round trips between the two)
@@ -5562,7 +5565,7 @@ class Client:
 
     def _largest_probe_mtu(self):
         """The largest packet the path proved it carries (MIN_MTU if unproven)."""
-        return max(MIN_MTU, self._largest_probe + IP_UDP_OVERHEAD.get(self.sock.family, 48))
+        return max(MIN_MTU, self._largest_probe + ip_udp_overhead(self.sock.family))
 
     def _await_probes(self):
         """Wait, once a session and briefly, for the first probe: the server
@@ -6146,8 +6149,8 @@ class Client:
 # ---------------------------------------------------------------------------
 # Tunnel
 # ---------------------------------------------------------------------------
-# `tunnel`: TCP forwarding between two peers over one authenticated,
-# encrypted link, each direction deduplicated against the chunk store and
+# `tunnel`: TCP forwarding between two peers over one authenticated, encrypted
+# peer connection, each direction deduplicated against the chunk store and
 # compressed.  The --peer side ("near") listens like `ssh -L` and carries each
 # connection to the --listen side ("far"), which opens it to an --allow'ed
 # target.
@@ -6155,51 +6158,51 @@ class Client:
 # The parts, in the order data flows:
 #   StreamEncoder   a stream's bytes -> pieces: references or literals (no sockets)
 #   StreamDecoder   pieces -> verified bytes, or the digest to ask for (no sockets)
-#   LinkWriter      packs, compresses, seals and writes a link's frames, on its own thread
-#   FrameReader     a link's sealed frames in
+#   PeerWriter      packs, compresses, seals and writes a connection's frames, on its own thread
+#   FrameReader     a connection's sealed frames in
 #   Stream          one forwarded connection: its socket, both directions, flow control
-#   PeerLink        one authenticated link: messages, streams, keepalive
+#   PeerConnection  one authenticated peer connection: messages, streams, keepalive
 #   EventLoop       selectors, timers, and an inbox for helper threads' results
 #   Tunnel          the process: store, stats, and one role, NearTunnel or FarTunnel
 #
 # Flow control is per stream and counted in original bytes: a sender keeps at
 # most the receiver's window (TUNNEL_HELLO) unacknowledged, and the receiver
 # acknowledges (MSG_CREDIT) as its socket takes the bytes, so a slow reader
-# holds at most one window and the link keeps moving for everyone else.  A
-# sender also keeps the chunks it sent as references until they are
+# holds at most one window and the peer connection keeps moving for everyone
+# else.  A sender also keeps the chunks it sent as references until they are
 # acknowledged, so it can answer MSG_CHUNK_REQUEST.
 #
 # Threads: the event loop owns all socket reads, all stream state and the
 # store's lookups; the store's writer thread makes every write to the cache
 # file (QueuedChunkStore), so another process holding the file's write lock
-# delays the cache, never the streams.  Each link's writer thread owns that
-# link's compressor, outbound Sealer and socket writes (zlib releases the GIL,
-# so compression runs beside the loop).  Short-lived helper threads do what cannot be made non-blocking
-# cheaply (name lookup, connect, handshake) and post their result to the loop.
+# delays the cache, never the streams.  Each peer connection's writer thread
+# owns that peer connection's compressor, outbound Sealer and socket writes
+# (zlib releases the GIL, so compression runs beside the loop).  Short-lived
+# helper threads do what cannot be made non-blocking cheaply (name lookup,
+# connect, handshake) and post their result to the loop.
 
 STREAM_WINDOW = 32 << 20            # original bytes a stream may have unacknowledged: the
                                     # path's bytes in flight plus both ends' queues at 1 Gbit/s over
                                     # 120 ms, and what a stalled reader holds
 CREDIT_STEP = 1 << 20               # the receiver acknowledges at least this often
 LOCAL_READ_SIZE = 256 << 10
-LINK_READ_SIZE = 1 << 20
+PEER_READ_SIZE = 1 << 20
 FLUSH_AT_ONCE = 16 << 10            # a read this small that empties the socket goes out at once
 FLUSH_GRACE = 0.0005                # s a larger burst may wait for its rest before its tail goes
 WRITER_HIGH_WATER = 8 << 20         # queued bytes at which local reads pause
 WRITER_LOW_WATER = 2 << 20
 MERGE_LIMIT = 1 << 20               # bytes of literals in one merged DATA frame
-LINK_BUFFER = 48 << 20              # socket buffers: 1 Gbit/s over 130 ms, with losses
+PEER_BUFFER = 48 << 20              # socket buffers: 1 Gbit/s over 130 ms, with losses
                                     # held out of order for a round trip more
-LINK_UNSENT_LIMIT = 4 << 20         # bytes the kernel may hold not yet sent
+PEER_UNSENT_LIMIT = 4 << 20         # bytes the kernel may hold not yet sent
 TCP_NOTSENT_LOWAT = getattr(socket, 'TCP_NOTSENT_LOWAT', 25)
 ZLIB_LEVEL = 7                      # zlib's 6 trails GNU gzip -6 a little on SQL dumps; 7 passes it
 RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
-LINK_STABLE = 10.0                  # s a link must live before back-off starts over
-PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the link
+PEER_STABLE = 10.0                  # s a peer connection must live before back-off starts over
+PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the peer connection
 MAX_PENDING_STREAMS = 256
-MAX_STREAMS = 1024                  # streams open at once on one peer link: each holds a socket and
-                                    # up to a STREAM_WINDOW of data each way while its reader lags
-CONNECT_TIMEOUT = 10.0
+MAX_STREAMS = 1024                  # streams open at once on one peer connection: each holds a socket
+                                    # and up to a STREAM_WINDOW of data each way while its reader lags
 MAX_CONNECTING = 128                # targets the far side connects to at once (a thread each);
                                     # later OPENs wait their turn
 STATS_INTERVAL = 2.0
@@ -6382,16 +6385,16 @@ def unpack_pieces(payload, count):
     return filled
 
 
-class LinkWriter:
-    """The sending half of a peer link, on its own thread.
+class PeerWriter:
+    """The sending half of a peer connection, on its own thread.
 
-    The loop queues messages with `send(body)`, `send_data(sid, pieces)`
-    and `send_chunk(sid, digest, chunk)`; this thread packs them, runs
-    literal blobs through the link's one zlib stream when a sample says it
-    pays, seals, and writes.  It owns the compressor, the outbound Sealer
-    and every write to the socket.  The loop reads `should_pause()`,
-    `wire_bytes` and `error`; `on_event(name)` is called from this
-    thread ('drained', 'failed') and must only post to the loop."""
+    The loop queues messages with `send(body)`, `send_data(sid, pieces)` and
+    `send_chunk(sid, digest, chunk)`; this thread packs them, runs literal
+    blobs through the peer connection's one zlib stream when a sample says it
+    pays, seals, and writes.  It owns the compressor, the outbound Sealer and
+    every write to the socket.  The loop reads `should_pause()`, `wire_bytes`
+    and `error`; `on_event(name)` is called from this thread ('drained',
+    'failed') and must only post to the loop."""
 
     def __init__(self, sock, sealer, on_event, level=ZLIB_LEVEL):
         self.sock = sock
@@ -6409,7 +6412,7 @@ class LinkWriter:
         self._thread = None
 
     def start(self):
-        self._thread = start_thread(self._run, 'link-writer')
+        self._thread = start_thread(self._run, 'peer-writer')
 
     def should_pause(self):
         """Whether local reads should pause for the backlog; if so, this
@@ -6478,7 +6481,7 @@ class LinkWriter:
                 if self.error is None:
                     try:
                         self._write(self._frame(item), waiter)
-                    except Exception as e:          # the link is unusable either way; say why
+                    except Exception as e:          # the connection is unusable either way; say why
                         self.error = e
                         self._on_event('failed')
                 with self._lock:
@@ -6528,10 +6531,10 @@ class LinkWriter:
             self.wire_bytes += sent
 
 
-def tune_link_socket(sock):
+def tune_peer_socket(sock):
     """Nagle off, BBR when the kernel offers it, little unsent data in the
     kernel, and buffers for a long fat pipe.  Returns the largest buffer
-    the link can get, for `link_buffer_warning`."""
+    the peer connection can get, for `peer_buffer_warning`."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b'bbr')
@@ -6540,24 +6543,24 @@ def tune_link_socket(sock):
     try:
         # Frames wait in the writer, not in a kernel queue ahead of every
         # other stream's; and unsent bytes do not eat the streams' windows.
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, LINK_UNSENT_LIMIT)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, PEER_UNSENT_LIMIT)
     except OSError:
         pass
-    ceiling = LINK_BUFFER
+    ceiling = PEER_BUFFER
     for option, force, core, autotuned in (
             (socket.SO_SNDBUF, SO_SNDBUFFORCE, 'net/core/wmem_max', 'net/ipv4/tcp_wmem'),
             (socket.SO_RCVBUF, SO_RCVBUFFORCE, 'net/core/rmem_max', 'net/ipv4/tcp_rmem')):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, force, LINK_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, force, PEER_BUFFER)
             continue
         except OSError:
             pass
         # A fixed size turns the kernel's autotuning off, so it is asked for
         # only where the sysctl lets it reach further than autotuning would.
-        if read_sysctl(core) >= LINK_BUFFER:
-            sock.setsockopt(socket.SOL_SOCKET, option, LINK_BUFFER)
+        if read_sysctl(core) >= PEER_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, option, PEER_BUFFER)
         else:
-            ceiling = min(ceiling, read_sysctl(autotuned, field=2, default=LINK_BUFFER))
+            ceiling = min(ceiling, read_sysctl(autotuned, field=2, default=PEER_BUFFER))
     return ceiling
 
 
@@ -6570,36 +6573,36 @@ def read_sysctl(name, field=0, default=0):
         return default
 
 
-def link_buffer_warning():
-    """A line for the log when the peer link's buffers cannot grow to
-    LINK_BUFFER (not root, sysctls at their defaults), or None."""
+def peer_buffer_warning():
+    """A line for the log when the peer connection's buffers cannot grow to
+    PEER_BUFFER (not root, sysctls at their defaults), or None."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        ceiling = tune_link_socket(probe)
+        ceiling = tune_peer_socket(probe)
     finally:
         probe.close()
-    if ceiling >= LINK_BUFFER:
+    if ceiling >= PEER_BUFFER:
         return None
-    return ('warning: the peer link\'s TCP buffers can grow to %d MiB only, too little to fill a '
-            'long fast path; run as root, or raise net.ipv4.tcp_rmem and net.ipv4.tcp_wmem '
-            '(their last field) to %d' % (ceiling >> 20, LINK_BUFFER))
+    return ('warning: the peer connection\'s TCP buffers can grow to %d MiB only, too little to '
+            'fill a long fast path; run as root, or raise net.ipv4.tcp_rmem and net.ipv4.tcp_wmem '
+            '(their last field) to %d' % (ceiling >> 20, PEER_BUFFER))
 
 
 class Stream:
-    """One forwarded connection on one peer link: the local socket (the
+    """One forwarded connection on one peer connection: the local socket (the
     client's on the near side, the target's on the far side; None while the
     far side connects) and both directions, each with its own flow control.
     It ends when both directions were shut and everything it sent was
     acknowledged, or at the first reset."""
 
-    def __init__(self, link, sid, sock=None, name=''):
-        self.link = link
+    def __init__(self, peer, sid, sock=None, name=''):
+        self.peer = peer
         self.sid = sid
         self.sock = sock
         self.name = name
         self.closed = False
         # local socket -> peer
-        self.encoder = StreamEncoder(link.store)
+        self.encoder = StreamEncoder(peer.store)
         self.read_total = 0
         self.credited = 0
         self.refs = collections.deque()     # (read_total when sent, digest, chunk)
@@ -6607,7 +6610,7 @@ class Stream:
         self._reads = 0
         self._flush_timer = None
         # peer -> local socket
-        self.decoder = StreamDecoder(link.store)
+        self.decoder = StreamDecoder(peer.store)
         self.outbuf = collections.deque()
         self.received = 0
         self.delivered = 0
@@ -6634,18 +6637,18 @@ class Stream:
         if self.sock is None or self.closed:
             return
         events = 0
-        link = self.link
-        if not self.read_done and self.read_total - self.credited < link.send_window \
-                and not link.writer.should_pause():
+        peer = self.peer
+        if not self.read_done and self.read_total - self.credited < peer.send_window \
+                and not peer.writer.should_pause():
             events |= selectors.EVENT_READ
         if self.outbuf:
             events |= selectors.EVENT_WRITE
-        link.loop.watch(self.sock, events, self.on_event)
+        peer.loop.watch(self.sock, events, self.on_event)
 
     def _read_in(self):
-        buffer = self.link.loop.read_buffer
+        buffer = self.peer.loop.read_buffer
         # Never read past the window: the receiver holds at most that much.
-        room = min(len(buffer), self.link.send_window - (self.read_total - self.credited))
+        room = min(len(buffer), self.peer.send_window - (self.read_total - self.credited))
         if room <= 0:
             return
         try:
@@ -6660,14 +6663,14 @@ class Stream:
             return
         data = bytes(memoryview(buffer)[:n])
         self.read_total += n
-        self.link.stats.add('tunnel-out', original=n)
+        self.peer.stats.add('tunnel-out', original=n)
         self._reads += 1
         drained = n < len(buffer)           # (or the window is full: send the tail too)
         flush = drained and n < FLUSH_AT_ONCE
         self._send(*self.encoder.encode(data, flush=flush))
         if drained and not flush:
             reads = self._reads
-            self._flush_timer = self.link.loop.call_later(FLUSH_GRACE, lambda: self._flush_tail(reads))
+            self._flush_timer = self.peer.loop.call_later(FLUSH_GRACE, lambda: self._flush_tail(reads))
 
     def _flush_tail(self, reads):
         if not self.closed and not self.read_done and reads == self._reads:
@@ -6676,14 +6679,14 @@ class Stream:
     def _end_of_input(self):
         self.read_done = True
         self._send(*self.encoder.encode(final=True))
-        self.link.send_message(MSG_SHUT, self.sid)
+        self.peer.send_message(MSG_SHUT, self.sid)
         self._maybe_finish()
 
     def _send(self, pieces, refs):
         for digest, chunk in refs:
             self.refs.append((self.read_total, digest, chunk))
         if pieces:
-            self.link.writer.send_data(self.sid, pieces)
+            self.peer.writer.send_data(self.sid, pieces)
 
     def _write_out(self):
         if self.sock is None or self.closed:
@@ -6698,7 +6701,7 @@ class Stream:
                 self.reset('%s' % (e.strerror or e))
                 return
             self.delivered += sent
-            self.link.stats.add('tunnel-in', original=sent)
+            self.peer.stats.add('tunnel-in', original=sent)
             while sent:
                 head = self.outbuf[0]
                 if sent >= len(head):
@@ -6714,7 +6717,7 @@ class Stream:
         if pending and (finished or pending >= CREDIT_STEP
                         or (not self.outbuf and pending >= 64 << 10)):
             self.credit_sent = self.delivered
-            self.link.send_message(MSG_CREDIT, self.sid, TUNNEL_CREDIT.pack(self.delivered))
+            self.peer.send_message(MSG_CREDIT, self.sid, TUNNEL_CREDIT.pack(self.delivered))
         if finished and not self.write_done:
             self.write_done = True
             try:
@@ -6727,7 +6730,7 @@ class Stream:
 
     def on_pieces(self, pieces):
         self.received += self.decoder.feed(pieces)
-        if self.received - self.delivered > self.link.receive_window + MAX_CHUNK:
+        if self.received - self.delivered > self.peer.receive_window + MAX_CHUNK:
             raise ProtocolError('stream %d overran its window' % self.sid)
         self._decode()
 
@@ -6739,8 +6742,8 @@ class Stream:
         out, wanted = self.decoder.take()
         self.outbuf.extend(piece for piece in out if len(piece))
         if wanted is not None:
-            self.link.cache_misses += 1
-            self.link.send_message(MSG_CHUNK_REQUEST, self.sid, wanted)
+            self.peer.cache_misses += 1
+            self.peer.send_message(MSG_CHUNK_REQUEST, self.sid, wanted)
         self._write_out()
         if not self.closed:
             self.update_interest()
@@ -6761,7 +6764,7 @@ class Stream:
     def on_chunk_request(self, digest):
         for _offset, held, chunk in self.refs:
             if held == digest:
-                self.link.writer.send_chunk(self.sid, digest, chunk)
+                self.peer.writer.send_chunk(self.sid, digest, chunk)
                 return
         self.reset('the peer asked for a chunk this side no longer holds')
 
@@ -6779,9 +6782,9 @@ class Stream:
         if self.closed:
             return
         if tell_peer:
-            self.link.send_message(MSG_RESET, self.sid, reason.encode('utf-8', 'replace')[:1000])
+            self.peer.send_message(MSG_RESET, self.sid, reason.encode('utf-8', 'replace')[:1000])
         if log:
-            self.link.log('stream %d%s reset: %s' % (self.sid, self.name and ' (%s)' % self.name, reason))
+            self.peer.log('stream %d%s reset: %s' % (self.sid, self.name and ' (%s)' % self.name, reason))
         self._close()
         if self.sock is not None:
             reset_socket(self.sock)
@@ -6791,19 +6794,19 @@ class Stream:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
         if self.sock is not None:
-            self.link.loop.watch(self.sock, 0, None)
-        self.link.streams.pop(self.sid, None)
+            self.peer.loop.watch(self.sock, 0, None)
+        self.peer.streams.pop(self.sid, None)
         self.refs.clear()
         self.outbuf.clear()
 
 
-class PeerLink:
-    """One authenticated peer link and the streams it carries.
+class PeerConnection:
+    """One authenticated peer connection and the streams it carries.
 
-    The loop calls `on_readable`; messages go to `_on_<type>` methods by
-    type.  Anything the peer gets wrong closes the link (its streams are
-    reset), never the process.  The Tunnel that made it is told
-    `link_ready` after the peer's MSG_HELLO and `link_closed` at the end."""
+    The loop calls `on_readable`; messages go to `_on_<type>` methods by type.
+    Anything the peer gets wrong closes the peer connection (its streams are
+    reset), never the process.  The Tunnel that made it is told `peer_ready`
+    after the peer's MSG_HELLO and `peer_closed` at the end."""
 
     def __init__(self, tunnel, sock, keys, role, peer_name):
         self.tunnel = tunnel
@@ -6833,7 +6836,7 @@ class PeerLink:
             MSG_PING: self._on_ping, MSG_PONG: self._on_pong,
         }
         sock.setblocking(False)
-        self.writer = LinkWriter(sock, out_sealer, self._on_writer_event)
+        self.writer = PeerWriter(sock, out_sealer, self._on_writer_event)
         self.writer.start()
         self.send_message(MSG_HELLO, 0, TUNNEL_HELLO.pack(TUNNEL_MAGIC, TUNNEL_VERSION, self.receive_window))
         self.loop.watch(sock, selectors.EVENT_READ, self.on_readable)
@@ -6862,7 +6865,8 @@ class PeerLink:
         if self.closed:
             return
         if name == 'failed':
-            self.close('link lost: %s' % (getattr(self.writer.error, 'strerror', None) or self.writer.error))
+            error = self.writer.error
+            self.close('peer connection lost: %s' % (getattr(error, 'strerror', None) or error))
         else:
             for stream in list(self.streams.values()):
                 stream.update_interest()
@@ -6875,16 +6879,16 @@ class PeerLink:
     # -- in -----------------------------------------------------------------------
 
     def on_readable(self, mask):
-        buffer = self.loop.link_buffer
+        buffer = self.loop.peer_buffer
         try:
             n = self.sock.recv_into(buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self.close('link lost: %s' % (e.strerror or e))
+            self.close('peer connection lost: %s' % (e.strerror or e))
             return
         if n == 0:
-            self.close('the peer closed the link')
+            self.close('the peer closed the connection')
             return
         self.stats.add('tunnel-in', transferred=n)
         self.last_heard = time.monotonic()
@@ -6923,7 +6927,7 @@ class PeerLink:
             raise ProtocolError('the peer offers a window of %d bytes' % window)
         self.send_window = window
         self.ready = True
-        self.tunnel.link_ready(self)
+        self.tunnel.peer_ready(self)
 
     def _on_open(self, sid, payload):
         if not self.tunnel.accepts_open or sid <= self._last_sid or len(payload) < TUNNEL_OPEN.size:
@@ -6939,8 +6943,8 @@ class PeerLink:
         if len(self.streams) >= MAX_STREAMS:
             self.log('peer %s opened more than %d streams at once: refused one'
                      % (self.peer_name, MAX_STREAMS))
-            self.send_message(MSG_RESET, sid, ('the --listen side has %d streams open on this link '
-                                               'already' % MAX_STREAMS).encode('utf-8'))
+            self.send_message(MSG_RESET, sid, ('the --listen side has %d streams open on this '
+                                               'connection already' % MAX_STREAMS).encode('utf-8'))
             return
         self.stats.add('tunnel-out', connections=1)
         self.stats.add('tunnel-in', connections=1)
@@ -7039,8 +7043,8 @@ class PeerLink:
     def _keepalive(self):
         if self.closed:
             return
-        if time.monotonic() - self.last_heard > LINK_DEAD_AFTER:
-            self.close('no word from the peer for %d s' % LINK_DEAD_AFTER)
+        if time.monotonic() - self.last_heard > PEER_DEAD_AFTER:
+            self.close('no word from the peer for %d s' % PEER_DEAD_AFTER)
             return
         self.send_message(MSG_PING, 0, TUNNEL_PING.pack(int(time.time() * 1000)))
         self._ping_timer = self.loop.call_later(PING_INTERVAL, self._keepalive)
@@ -7048,14 +7052,14 @@ class PeerLink:
     # -- the end ------------------------------------------------------------------
 
     def close(self, reason):
-        """Tear the link down: every stream on it is reset."""
+        """Tear the peer connection down: every stream on it is reset."""
         if self.closed:
             return
         self.closed = True
         self._ping_timer.cancel()
         self.loop.watch(self.sock, 0, None)
         for stream in list(self.streams.values()):
-            stream.reset('the peer link went down', tell_peer=False, log=False)
+            stream.reset('the peer connection went down', tell_peer=False, log=False)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -7066,14 +7070,15 @@ class PeerLink:
         if self.cache_misses:
             self.log('%d chunks %s referred to were missing from this side\'s cache and were '
                      'fetched from it' % (self.cache_misses, self.peer_name))
-        self.tunnel.link_closed(self, reason)
+        self.tunnel.peer_closed(self, reason)
 
 
 class TunnelStats:
-    """Connections and bytes per direction for this run.  'tunnel-out' is
-    what local sockets gave this side (original) and what it put on the peer
-    links for them (transferred, every frame byte and the handshake);
-    'tunnel-in' is what came off the links and what local sockets took."""
+    """Connections and bytes per direction for this run.  'tunnel-out' is what
+    local sockets gave this side (original) and what it put on the peer
+    connections for them (transferred, every frame byte and the handshake);
+    'tunnel-in' is what came off the peer connections and what local sockets
+    took."""
 
     def __init__(self):
         self.figures = {kind: [0, 0, 0] for kind in STATS_KINDS}
@@ -7089,14 +7094,15 @@ class TunnelStats:
 
 
 class Tunnel:
-    """One `tunnel` process: the event loop, the store (a QueuedChunkStore:
-    the loop never waits for the cache file), the stats and the links.
-    Subclasses supply the role: NearTunnel (--peer) and FarTunnel
-    (--listen).  `run()` serves until `stop()`; the figures go to the store
-    every STATS_INTERVAL and at the end.
+    """One `tunnel` process: the event loop, the store (a QueuedChunkStore: the
+    loop never waits for the cache file), the stats and the peer connections.
+    Subclasses supply the role: NearTunnel (--peer) and FarTunnel (--listen).
+    `run()` serves until `stop()`; the figures go to the store every
+    STATS_INTERVAL and at the end.
 
-    Methods the links call: link_ready(link), link_closed(link, reason),
-    open_target(link, sid, host, port) (far side only; see accepts_open)."""
+    Methods the peer connections call: peer_ready(peer), peer_closed(peer,
+    reason), open_target(peer, sid, host, port) (far side only; see
+    accepts_open)."""
 
     accepts_open = False
     role = ''
@@ -7108,10 +7114,10 @@ class Tunnel:
         self.log = log or (lambda line: None)
         self.loop = EventLoop()
         self.stats = TunnelStats()
-        self.links = set()
+        self.peers = set()
         self.run_id = secrets.token_hex(8)
         self.started = time.time()
-        warning = link_buffer_warning()
+        warning = peer_buffer_warning()
         if warning:
             self.log(warning)
 
@@ -7126,8 +7132,8 @@ class Tunnel:
         self.loop.stop()
 
     def shutdown(self):
-        for link in list(self.links):
-            link.close('the tunnel is stopping')
+        for peer in list(self.peers):
+            peer.close('the tunnel is stopping')
         self._close_listeners()
         self.save_stats()
         self.store.end_run(self.run_id)
@@ -7143,27 +7149,27 @@ class Tunnel:
         self.loop.call_later(STATS_INTERVAL, self._save_stats_later)
 
     def save_stats(self):
-        for link in self.links:
-            link.collect_stats()
+        for peer in self.peers:
+            peer.collect_stats()
         self.store.save_run(self.run_id, self.role, self.started, self.stats.snapshot())
 
-    def add_link(self, sock, keys, peer_name):
-        link = PeerLink(self, sock, keys, 'client' if self.role == 'peer' else 'server', peer_name)
-        # The handshake's bytes count as link bytes too.
+    def add_peer(self, sock, keys, peer_name):
+        peer = PeerConnection(self, sock, keys, 'client' if self.role == 'peer' else 'server', peer_name)
+        # The handshake's bytes count as peer connection bytes too.
         sent, received = (HELLO.size + CLIENT_PROOF.size, SERVER_HELLO.size) if self.role == 'peer' \
             else (SERVER_HELLO.size, HELLO.size + CLIENT_PROOF.size)
         self.stats.add('tunnel-out', transferred=sent)
         self.stats.add('tunnel-in', transferred=received)
-        self.links.add(link)
-        return link
+        self.peers.add(peer)
+        return peer
 
-    def link_ready(self, link):
+    def peer_ready(self, peer):
         pass
 
-    def link_closed(self, link, reason):
-        self.links.discard(link)
+    def peer_closed(self, peer, reason):
+        self.peers.discard(peer)
 
-    def open_target(self, link, sid, host, port):
+    def open_target(self, peer, sid, host, port):
         raise ProtocolError('this side does not open connections')
 
     def spawn(self, work, done):
@@ -7185,17 +7191,17 @@ class Tunnel:
 
 
 class NearTunnel(Tunnel):
-    """The --peer side: listens on each -L address like `ssh -L`, carries
-    every accepted connection over the link to its target, and keeps the
-    link up, reconnecting with back-off.  Connections accepted while the
-    link is down wait for it up to PENDING_STREAM_WAIT."""
+    """The --peer side: listens on each -L address like `ssh -L`, carries every
+    accepted connection over the peer connection to its target, and keeps the
+    peer connection up, reconnecting with back-off.  Connections accepted while
+    the peer connection is down wait for it up to PENDING_STREAM_WAIT."""
 
     role = 'peer'
 
     def __init__(self, secret, store, peer, forwards, encrypt=True, log=None):
         Tunnel.__init__(self, secret, store, encrypt, log)
-        self.peer = peer
-        self.link = None
+        self.peer_address = peer
+        self.peer = None
         self.listeners = []             # (socket, target host, target port, Acceptor)
         self.addresses = []
         self._pending = collections.deque()     # (deadline, socket, host, port, name)
@@ -7234,11 +7240,11 @@ class NearTunnel(Tunnel):
             sock.close()                # reset before we got to it
             return
         name = '%s:%d -> %s:%d' % (address[0], address[1], host, port)
-        if self.link is not None and self.link.ready and len(self.link.streams) >= MAX_STREAMS:
+        if self.peer is not None and self.peer.ready and len(self.peer.streams) >= MAX_STREAMS:
             self.log('%d connections carried already: refused %s' % (MAX_STREAMS, name))
             reset_socket(sock)
-        elif self.link is not None and self.link.ready:
-            self.link.open_stream(sock, host, port, name)
+        elif self.peer is not None and self.peer.ready:
+            self.peer.open_stream(sock, host, port, name)
         elif len(self._pending) >= MAX_PENDING_STREAMS:
             reset_socket(sock)
         else:
@@ -7249,14 +7255,14 @@ class NearTunnel(Tunnel):
         now = time.monotonic()
         while self._pending and self._pending[0][0] <= now:
             _deadline, sock, _host, _port, name = self._pending.popleft()
-            self.log('no peer link for %d s: dropped %s' % (PENDING_STREAM_WAIT, name))
+            self.log('no peer connection for %d s: dropped %s' % (PENDING_STREAM_WAIT, name))
             reset_socket(sock)
 
     def _dial(self):
         if self._dialing or self.loop.stopping:
             return
         self._dialing = True
-        host, port = self.peer
+        host, port = self.peer_address
         secret, encrypt = self.secret, self.encrypt
 
         def work():
@@ -7264,7 +7270,7 @@ class NearTunnel(Tunnel):
             family, kind, proto, _name, address = infos[0]
             sock = socket.socket(family, kind, proto)
             try:
-                tune_link_socket(sock)
+                tune_peer_socket(sock)
                 sock.settimeout(CONNECT_TIMEOUT)
                 sock.connect(address)
                 keys, _rtt = client_handshake(sock, secret, encrypt)
@@ -7286,24 +7292,24 @@ class NearTunnel(Tunnel):
             return
         sock, keys = result
         try:
-            self.link = self.add_link(sock, keys, '%s:%d' % self.peer)
+            self.peer = self.add_peer(sock, keys, '%s:%d' % self.peer_address)
         except NoThread as e:
             sock.close()
             self._retry(str(e))
             return
-        self.log('peer link up: %s:%d' % self.peer)
+        self.log('peer connection up: %s:%d' % self.peer_address)
 
-    def link_ready(self, link):
+    def peer_ready(self, peer):
         while self._pending:
             _deadline, sock, host, port, name = self._pending.popleft()
-            link.open_stream(sock, host, port, name)
+            peer.open_stream(sock, host, port, name)
 
-    def link_closed(self, link, reason):
-        Tunnel.link_closed(self, link, reason)
-        if link is not self.link:
+    def peer_closed(self, peer, reason):
+        Tunnel.peer_closed(self, peer, reason)
+        if peer is not self.peer:
             return
-        self.link = None
-        if time.monotonic() - link.opened_at >= LINK_STABLE:
+        self.peer = None
+        if time.monotonic() - peer.opened_at >= PEER_STABLE:
             self._attempt = 0
         if not self.loop.stopping:
             self._retry(reason)
@@ -7311,7 +7317,8 @@ class NearTunnel(Tunnel):
     def _retry(self, reason):
         delay = RECONNECT_DELAYS[min(self._attempt, len(RECONNECT_DELAYS) - 1)]
         self._attempt += 1
-        self.log('peer link to %s:%d down: %s; reconnecting in %g s' % (self.peer + (reason, delay)))
+        self.log('peer connection to %s:%d down: %s; reconnecting in %g s'
+                 % (self.peer_address + (reason, delay)))
         self.loop.call_later(delay, self._dial)
 
 
@@ -7371,28 +7378,28 @@ class FarTunnel(Tunnel):
             sock.close()
             return
         try:
-            self.add_link(sock, keys, name)
+            self.add_peer(sock, keys, name)
         except NoThread as e:
             # Raised on the loop, it would have ended the tunnel.
             sock.close()
             self.log('peer %s dropped: %s' % (name, e))
             return
-        self.log('peer link up: %s' % name)
+        self.log('peer connection up: %s' % name)
 
-    def link_closed(self, link, reason):
-        Tunnel.link_closed(self, link, reason)
-        self.log('peer link from %s down: %s' % (link.peer_name, reason))
+    def peer_closed(self, peer, reason):
+        Tunnel.peer_closed(self, peer, reason)
+        self.log('peer connection from %s down: %s' % (peer.peer_name, reason))
 
-    def open_target(self, link, sid, host, port):
+    def open_target(self, peer, sid, host, port):
         target = '%s:%d' % (host, port)
         if (host.lower(), port) not in self.allow:
             self.log('peer %s asked for %s, which --allow does not name: refused'
-                     % (link.peer_name, target))
-            link.send_message(MSG_RESET, sid, ('target %s is not allowed by the --listen side'
+                     % (peer.peer_name, target))
+            peer.send_message(MSG_RESET, sid, ('target %s is not allowed by the --listen side'
                                                % target).encode('utf-8'))
             return
-        stream = Stream(link, sid, None, target)
-        link.streams[sid] = stream
+        stream = Stream(peer, sid, None, target)
+        peer.streams[sid] = stream
         # Whoever reaches the peer's -L port opens streams: a thread each,
         # held up to CONNECT_TIMEOUT by a silent target, needs a cap.
         self._to_connect.append((stream, host, port))
@@ -7835,7 +7842,6 @@ class _TcpSplice:
 
     CHUNK = 65536
     HELD_LIMIT = 4 << 20        # bytes in flight per direction before reading pauses
-    CONNECT_TIMEOUT = 10.0
 
     def __init__(self, client, target, target_family, up_delay, down_delay, counters, on_done):
         self._client = client
@@ -7908,7 +7914,7 @@ class _TcpSplice:
             with selectors.DefaultSelector() as sel:
                 sel.register(server, selectors.EVENT_WRITE)
                 sel.register(self._waker.reader, selectors.EVENT_READ)
-                ready = sel.select(self.CONNECT_TIMEOUT)
+                ready = sel.select(CONNECT_TIMEOUT)
             if self._aborted or not any(key.fileobj is server for key, _ in ready):
                 err = errno.ETIMEDOUT
             else:
@@ -9028,6 +9034,11 @@ def command_stats(args):
     return 0
 
 
+def add_cache_option(command, purpose):
+    command.add_argument('--cache', metavar='DB',
+                         help='%s (default %s)' % (purpose, help_literal(default_cache_path())))
+
+
 def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument('--secret-file', metavar='FILE',
@@ -9064,9 +9075,7 @@ def build_parser():
     serve.add_argument('--port', type=port_number, default=DEFAULT_PORT, metavar='N',
                        help='TCP and UDP port (default %d; 0 picks a free one)' % DEFAULT_PORT)
     serve.add_argument('--rate', metavar='RATE', help='cap every transfer at RATE bits/s, e.g. 300M')
-    serve.add_argument('--cache', metavar='DB',
-                       help='where to remember the signatures of served files for delta transfers '
-                            '(default %s)' % help_literal(default_cache_path()))
+    add_cache_option(serve, 'where to remember the signatures of served files for delta transfers')
     serve.set_defaults(func=command_serve)
 
     get = commands.add_parser(
@@ -9099,9 +9108,7 @@ def build_parser():
                      help='give up after this long without data (default %d)' % DATA_TIMEOUT)
     get.add_argument('--no-delta', action='store_true',
                      help='send every byte: do not build files from older copies or the cache')
-    get.add_argument('--cache', metavar='DB',
-                     help='cache of received files for delta transfers, shared with the tunnel '
-                          '(default %s)' % help_literal(default_cache_path()))
+    add_cache_option(get, 'cache of received files for delta transfers, shared with the tunnel')
     get.add_argument('--cache-size', default=DEFAULT_CACHE_SIZE_TEXT, metavar='SIZE',
                      help='keep received files (hard links) up to SIZE in all (default %s)'
                           % DEFAULT_CACHE_SIZE_TEXT)
@@ -9160,8 +9167,7 @@ def build_parser():
                         metavar='[BIND:]PORT:HOST:PORT',
                         help='near side: listen on BIND:PORT (default 127.0.0.1) and carry each '
                              'connection to HOST:PORT as the far side sees it (repeat for more)')
-    tunnel.add_argument('--cache', metavar='DB',
-                        help='chunk cache file (default %s)' % help_literal(default_cache_path()))
+    add_cache_option(tunnel, 'chunk cache file')
     tunnel.add_argument('--cache-size', default=DEFAULT_CACHE_SIZE_TEXT, metavar='SIZE',
                         help='evict least recently used chunks past SIZE (default %s)'
                              % DEFAULT_CACHE_SIZE_TEXT)
@@ -9177,8 +9183,7 @@ def build_parser():
         epilog='examples:\n'
                '  python3 wanxfer.py stats\n'
                '  python3 wanxfer.py stats --cache /var/cache/wanxfer.db --json')
-    stats.add_argument('--cache', metavar='DB',
-                       help='chunk cache file (default %s)' % help_literal(default_cache_path()))
+    add_cache_option(stats, 'chunk cache file')
     stats.add_argument('--json', action='store_true', help='one JSON object for scripts')
     stats.set_defaults(func=command_stats)
     return parser, commands

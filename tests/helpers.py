@@ -253,7 +253,7 @@ def start_near(cache, peer_port, targets, secret=SECRET, extra=(), wait_link=Tru
                   for i in range(len(targets))]
     near.port = near.ports[0]
     if wait_link:
-        starting(near, r'peer link up')
+        starting(near, r'peer connection up')
     return near
 
 

@@ -376,7 +376,7 @@ def run_get_against(tmp_path, name, remotes, first, on_done):
 # --- tunnel --listen ------------------------------------------------------------------------------
 
 class HostileLink:
-    """A peer link to a real `tunnel --listen` through wanxfer's own
+    """A peer connection to a real `tunnel --listen` through wanxfer's own
     client_handshake, sending any frames.  A thread reads what comes back;
     `sync()` pings and waits for the pong (or the end of the link), so
     everything sent before has been dealt with."""

@@ -713,7 +713,7 @@ def test_the_far_side_resets_opens_beyond_its_streams_per_link(tmp_path, monkeyp
     far = InProcessFarTunnel(tmp_path, [echo.port])
     near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])      # not capped at 4
     try:
-        check_stream_cap(near.port, lambda: sum(len(l.streams) for l in list(far.tunnel.links)),
+        check_stream_cap(near.port, lambda: sum(len(l.streams) for l in list(far.tunnel.peers)),
                          far.log)
     finally:
         near.stop()

@@ -182,7 +182,7 @@ def test_peer_link_comes_up_while_200_trickling_connections_are_held(tmp_path, t
     try:
         with Trickle(far.port, 200):
             near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
-            near.wait_for(r'peer link up', timeout=10)      # old code: dropped, retrying for ever
+            near.wait_for(r'peer connection up', timeout=10)      # old code: dropped, retrying for ever
             assert round_trip(near.port, b'through the tunnel\n' * 1000, timeout=10) == \
                 b'through the tunnel\n' * 1000
     finally:
@@ -423,7 +423,7 @@ def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel
     try:
         refused = refuse_one_thread(monkeypatch, 'tunnel-helper')
         near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
-        near.wait_for(r'peer link up', timeout=15)     # its second try
+        near.wait_for(r'peer connection up', timeout=15)     # its second try
         assert refused and far.thread.is_alive()
         assert 'cannot start a thread' in far.log()
         assert round_trip(near.port, b'hello\n', timeout=10) == b'hello\n'
@@ -445,7 +445,7 @@ def test_a_link_writer_thread_that_cannot_start_drops_that_peer_not_the_tunnel(t
     try:
         refused = refuse_one_thread(monkeypatch, 'link-writer')
         near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
-        near.wait_for(r'peer link up', timeout=15)     # its second try
+        near.wait_for(r'peer connection up', timeout=15)     # its second try
         assert refused
         assert round_trip(near.port, b'hello\n', timeout=10) == b'hello\n'
         assert far.thread.is_alive() and not died, [hook.exc_value for hook in died]
@@ -478,7 +478,7 @@ def test_far_tunnel_connects_to_targets_on_a_bounded_number_of_threads(tmp_path,
     try:
         for _ in range(30):
             clients.append(real_connect(('127.0.0.1', near.port), timeout=10))
-        wait_for(lambda: sum(len(link.streams) for link in list(far.tunnel.links)) == 30,
+        wait_for(lambda: sum(len(peer.streams) for peer in list(far.tunnel.peers)) == 30,
                  timeout=10, what='the 30 streams on the far side')
         seen = threading.Event()
         far.tunnel.loop.post(seen.set)          # the loop is past the last OPEN

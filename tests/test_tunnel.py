@@ -172,7 +172,7 @@ def test_wrong_secret_is_refused_and_logged(tmp_path, echo, tunnel_pair):
     try:
         far.wait_for(r'peer 127\.0\.0\.1:\d+ refused: .*wrong secret')
         near.wait_for(r'down: authentication failed: wrong secret.*reconnecting in')
-        assert 'peer link up' not in near.log()
+        assert 'peer connection up' not in near.log()
         assert echo.accepted == 0
     finally:
         near.stop()
@@ -339,7 +339,7 @@ def test_link_cut_resets_streams_and_reconnects(tmp_path, tunnel_pair):
             while conn.recv(100):
                 pass
         conn.close()
-        near.wait_for(r'peer link up', count=2, timeout=20)
+        near.wait_for(r'peer connection up', count=2, timeout=20)
         assert round_trip(near.ports[1], b'after the cut' * 1000) == b'after the cut' * 1000
         assert relay.connections == 2
     finally:
@@ -442,7 +442,7 @@ def test_far_side_killed_mid_transfer_restarts_on_the_same_cache(tmp_path, echo,
         conn.close()
         far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])   # the same cache file
         relay.target_port = far.port
-        near.wait_for(r'peer link up', count=2, timeout=20)
+        near.wait_for(r'peer connection up', count=2, timeout=20)
         assert round_trip(near.port, payload) == payload
         assert 'damaged' not in far.log()
     finally:

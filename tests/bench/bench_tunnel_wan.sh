@@ -65,7 +65,7 @@ ip netns exec wxt-b python3 "$root/wanxfer.py" tunnel --peer 198.18.0.1:7000 \
     -L 9000:127.0.0.1:9001 --cache "$state/near.db" 2>"$state/near.log" &
 echo $! >"$state/near.pid"
 i=0
-until grep -q 'peer link up' "$state/near.log" 2>/dev/null; do
+until grep -q 'peer connection up' "$state/near.log" 2>/dev/null; do
     i=$((i + 1)); [ $i -lt 100 ] || { cat "$state/near.log" "$state/far.log"; exit 1; }
     sleep 0.1
 done
