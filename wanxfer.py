@@ -4863,11 +4863,14 @@ class ServerSession:
 
     def _send_probes(self):
         """Two datagrams of each candidate MTU up to the route's; the client
-        reports the largest that arrived and sizes its blocks by it."""
+        reports the largest that arrived and sizes its blocks by it.  The
+        largest go first: a client that stops waiting at the first probe to
+        arrive (on a loaded host, before the rest are sent) then has the
+        largest this path carries, not the smallest."""
         sizes = sorted({m for m in PROBE_MTUS + (self.route_mtu,) if m <= self.route_mtu})
         overhead = ip_udp_overhead(self.sock.family) + PACKET_HEADER.size + TAG_SIZE
         probes = []
-        for mtu in sizes:
+        for mtu in reversed(sizes):
             for _copy in range(2):
                 probes.append(seal_datagram(self.data_out, KIND_PROBE, self.session_id,
                                             self._next_seq, bytes(mtu - overhead)))
