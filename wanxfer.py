@@ -6212,6 +6212,8 @@ STATS_INTERVAL = 2.0
 SEND_BATCH = 64                     # buffers per sendmsg to a local socket
 
 
+# --- Codec: stream bytes <-> pieces (no sockets) -----------------------------
+
 class StreamEncoder:
     """One direction of one stream, sending end: bytes in, pieces out.
 
@@ -6387,6 +6389,8 @@ def unpack_pieces(payload, count):
             filled.append((kind, length, digest, None))
     return filled
 
+
+# --- Writer: the sending half of a peer connection, on its own thread --------
 
 class PeerWriter:
     """The sending half of a peer connection, on its own thread.
@@ -6590,6 +6594,8 @@ def peer_buffer_warning():
             'fill a long fast path; run as root, or raise net.ipv4.tcp_rmem and net.ipv4.tcp_wmem '
             '(their last field) to %d' % (ceiling >> 20, PEER_BUFFER))
 
+
+# --- Streams: one forwarded connection each ----------------------------------
 
 class Stream:
     """One forwarded connection on one peer connection: the local socket (the
@@ -6802,6 +6808,8 @@ class Stream:
         self.refs.clear()
         self.outbuf.clear()
 
+
+# --- Peer connection: messages, streams, keepalive ---------------------------
 
 class PeerConnection:
     """One authenticated peer connection and the streams it carries.
@@ -7075,6 +7083,8 @@ class PeerConnection:
                      'fetched from it' % (self.cache_misses, self.peer_name))
         self.tunnel.peer_closed(self, reason)
 
+
+# --- Roles: the tunnel process, near (--peer) and far (--listen) -------------
 
 class TunnelStats:
     """Connections and bytes per direction for this run.  'tunnel-out' is what
