@@ -4402,6 +4402,13 @@ class BlockWriter:
 # proves who it is, a UDP socket of its own connected back to the address that
 # datagram came from (so NAT and stateful firewalls see replies to the
 # client's own flow, and one client's traffic never queues behind another's).
+#
+# The parts:
+#   CompressionPolicy    whether the next run of blocks goes compressed
+#   OutgoingFile         one file sent: request, helper job, paced blocks, feedback and NAKs in
+#   PendingHandshakes    accepted connections until they authenticate (PendingConnection each)
+#   ServerSession        one client: control channel, keys, UDP flow; hands each fetch on
+#   Server               the listener, the UDP port's HELLOs, a thread per session
 
 COMMAND_TIMEOUT = 300.0         # s a client may idle between requests
 HANDSHAKE_DEADLINE = 10.0       # s from accept to an authenticated peer, however slowly its bytes
@@ -4508,6 +4515,392 @@ def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, fla
         header = DATA_HEADER.pack(KIND_DATA, block_flags, sid, seq + i, first + i, stamp)
         packets.append(header + sealer.seal(seq + i, header, body))
     return packets, compressed
+
+
+class OutgoingFile:
+    """One file on its way out, from the request that asks for it to the
+    digest that closes it: what socketserver calls the request handler,
+    with the session as the connection.  It borrows the session's channels
+    (control channel, DatagramSocket, the sealers of both directions, the
+    session id, the RateController, the PacketLog) and assumes nothing
+    about which end it runs at.
+
+    In order: open() (RemoteError if the file cannot be sent as asked),
+    start_helper(), start(), run(), finish() if run() returned True, and
+    close() in any case.  The flow's next packet number (`next_seq`) and
+    round-trip estimate (`rtt`) are the session's to take back after.
+
+    run() waits on both channels and calls one step per job: signature
+    pieces out, pacing and sending, control messages in, datagrams in
+    (feedback, NAKs), the feedback-silence timer.  A test drives the steps
+    itself, with stand-ins for the channels and the `clock`."""
+
+    def __init__(self, control, udp, sealer, opener, session_id, rate, log, first_seq, rtt,
+                 clock=time.monotonic):
+        self._control = control
+        self._udp = udp
+        self._sealer = sealer                   # data out
+        self._opener = opener                   # feedback and NAKs in
+        self._session_id = session_id
+        self._rate = rate
+        self._log = log
+        self._first_seq = first_seq
+        self.rtt = rtt
+        self._clock = clock
+        # The file, from open() on.
+        self.remote = None
+        self.size = self.mtime_ns = self.mode = 0
+        self.block_size = self.nblocks = 0
+        self.delta = False
+        self.lead = 0                           # blocks sent before the receiver asks
+        self.file_id = 0
+        self._path = None
+        self._fd = None
+        self._is_open = False                   # asked for without size and mtime
+        self._need = []
+        self.compression = None
+        self._jobs = self._job = None           # its digest, or a delta's signature
+        self._refiner = None
+        self.window = None
+        # What the digest message reports.
+        self.wire_bytes = self.signature_bytes = 0
+        # The data phase, from one wakeup to the next.
+        self.outcome = None                     # True: the receiver holds it all; False: gave up
+        self.failure = None                     # why the sender gave up, when it did
+        self._signature_sent = self._refined_sent = 0
+        self._budget = 0.0
+        self._last_tick = self._busy_from = self._last_feedback = 0.0
+        self._app_limited_until = 0.0           # feedback before this reflects idle sending
+        self._per_packet = 0
+        self._max_batch = 1
+        self._buffer = bytearray(RECV_BUFFER)
+
+    # -- before the data phase ----------------------------------------------
+
+    def open(self, path, remote, request, largest_block, max_rate=None):
+        """Open `path` for `request` (a fetch validate_message has seen) and
+        decide how to send it; RemoteError (named by `remote`) if it cannot
+        be sent as asked.  An *open* request leaves out size and mtime: it
+        takes the file as it is now and the block size is fitted to
+        `largest_block`.  `max_rate` is this end's own cap."""
+        self.remote, self._path = remote, path
+        self._is_open = 'size' not in request
+        try:
+            self._fd = open_regular(path)
+        except OSError as e:
+            raise RemoteError('%s: %s' % (remote, e.strerror))
+        st = os.fstat(self._fd)
+        if not self._is_open and (st.st_size != request.get('size') or
+                                  st.st_mtime_ns != request.get('mtime_ns')):
+            raise RemoteError('%s: changed on the server during the transfer' % remote)
+        self.size, self.mtime_ns, self.mode = st.st_size, st.st_mtime_ns, stat.S_IMODE(st.st_mode)
+        block_size = int(request.get('block_size', 0))
+        if self._is_open:
+            block_size = min(block_size, largest_block)
+        if not MIN_BLOCK_SIZE <= block_size <= largest_block:
+            raise RemoteError('block size %d does not fit this path' % block_size)
+        self.block_size = block_size
+        self._sealer.set_stride(block_size)
+        caps = [r for r in (max_rate, request.get('max_rate')) if r]
+        self._rate.set_cap(float(min(caps)) if caps else None)
+        self.nblocks = (self.size + block_size - 1) // block_size
+        self.delta = bool(request.get('delta')) and self.size >= int(request.get('delta_min', 0))
+        if self._is_open:
+            self._need = [] if self.delta else [(0, self.nblocks)]
+        else:
+            self._need = self._need_ranges(request.get('need', []))
+        # A file new to the receiver is mostly sent: its first blocks go at
+        # once, while the receiver looks for the rest among its own data.
+        if self.delta and request.get('lead'):
+            self.lead, self._need = lead_ranges(self._fd, self.size, block_size)
+        self.compression = CompressionPolicy(bool(request.get('compress')), self._rate)
+
+    def start_helper(self, digests, signatures, owner=None):
+        """Begin (or join) the thread that reads the file for its digest
+        (from `digests`, a DigestCache), or for a delta transfer its
+        signature (from `signatures`, a SignatureCache), which gives the
+        digest too.  `owner` is what the helper slots count it against;
+        RemoteError if no slot is free."""
+        jobs = signatures if self.delta else digests
+        self._job = jobs.start(self._path, owner)
+        self._jobs = jobs
+        if self.delta:
+            self._refiner = SpanRefiner(self._path, self.size)
+
+    def start(self, file_id):
+        """Announce the file under `file_id` (a flow numbers its files from
+        1) and set the clocks of the data phase going."""
+        self.file_id = file_id
+        self.window = SendWindow(self._need, self._first_seq, self._log)
+        start = {'op': 'start', 'file': file_id, 'first_seq': self._first_seq, 'lead': self.lead}
+        if self._is_open:
+            start.update(size=self.size, mtime_ns=self.mtime_ns, mode=self.mode,
+                         block_size=self.block_size, delta=self.delta)
+        self._control.send(start)
+        udp = self._udp
+        self._per_packet = PACKET_OVERHEAD + ip_udp_overhead(udp.sock.family)
+        # One read and one offloaded send per batch: about 64 KB either way.
+        self._max_batch = max(1, min(MAX_GSO_SEGMENTS if udp.gso else 8,
+                                     MAX_DATAGRAM_BATCH // self.block_size))
+        now = self._clock()
+        self._last_feedback = self._last_tick = self._busy_from = now
+        if file_id > 1:
+            self._app_limited_until = now + self.rtt    # idle since the last file
+
+    @property
+    def next_seq(self):
+        """The first packet number not used by this file."""
+        return self._first_seq if self.window is None else self.window.next_seq
+
+    def _need_ranges(self, ranges):
+        """Block ranges the receiver asked for (validate_message saw their
+        types), each inside this file."""
+        for start, end in ranges:
+            if end > self.nblocks:
+                raise ProtocolError('blocks [%d, %d) asked for of a file of %d'
+                                    % (start, end, self.nblocks))
+        return [(start, end) for start, end in ranges]
+
+    # -- the data phase: a loop and its steps -------------------------------
+
+    def run(self):
+        """The paced data phase.  True when the receiver reports every block
+        held, False if it gave up or vanished (`failure` says why, when it
+        went silent).  With a signature, its pieces go out as they are
+        computed, the receiver asks for finer spans where it found nothing,
+        and answers each piece with the blocks it still needs."""
+        sock = self._control.sock
+        timeout = sock.gettimeout()
+        selector = selectors.DefaultSelector()
+        selector.register(self._udp.sock, selectors.EVENT_READ, self.read_datagrams)
+        selector.register(sock, selectors.EVENT_READ, self.read_control)
+        sock.setblocking(False)
+        try:
+            while self.outcome is None:
+                self.send_signature()
+                wait = min(self.pace_and_send(), self.signature_poll())
+                for key, _events in self.wait(selector, wait):
+                    if self.outcome is None:
+                        key.data()
+                if self.outcome is None:
+                    self.check_silence()
+            return self.outcome
+        finally:
+            selector.close()
+            if self._refiner is not None:
+                self._refiner.close()
+            # The session's timeout again, not setblocking(True): that is no
+            # timeout at all, and a wait for the next request would never end.
+            sock.settimeout(timeout)
+
+    def send_signature(self):
+        """Step: the signature pieces, and the refinements asked for, that
+        were computed since the last wakeup go out."""
+        if self._refiner is None:
+            return
+        signature, refiner = self._job, self._refiner
+        if self._signature_sent < len(signature.pieces) or signature.error is not None:
+            self._signature_sent = self._send_pieces(signature, self._signature_sent, False)
+        if self._refined_sent < len(refiner.answers) or refiner.error is not None:
+            self._refined_sent = self._send_pieces(refiner, self._refined_sent, True)
+
+    def _send_pieces(self, source, sent, refined):
+        """Send the signature pieces (or refinements) `source` made since
+        the last call; returns how many have been sent in all."""
+        if source.error is not None:
+            raise RemoteError('cannot read the file for its signature: %s' % source.error.strerror)
+        pieces = (source.answers if refined else source.pieces)[sent:]
+        if pieces:
+            # A signature can outgrow the socket buffer; a receiver that
+            # stops reading it must not hold the session for ever.
+            sock = self._control.sock
+            sock.settimeout(DATA_TIMEOUT)
+            try:
+                for offset, spans in pieces:
+                    message = {'op': 'signature', 'file': self.file_id, 'offset': offset,
+                               'spans': spans}
+                    if refined:
+                        message['refined'] = True
+                    self._control.send(message)
+                    self.signature_bytes += len(spans) + 64
+            finally:
+                sock.setblocking(False)
+        return sent + len(pieces)
+
+    def signature_poll(self):
+        """Seconds until the signature needs looking at again: SIGNATURE_POLL
+        while pieces or refinements are being computed."""
+        if self._refiner is not None and (not self._job.done.is_set() or self._refiner.busy()):
+            return SIGNATURE_POLL
+        return float('inf')
+
+    def pace_and_send(self):
+        """Step: send what the pacer's budget and the flight cap allow now;
+        returns the seconds until more may go.  The hot path: the names the
+        loop uses are looked up once a wakeup, not once a run."""
+        now = self._clock()
+        rate, window, block_size = self._rate, self.window, self.block_size
+        budget = min(self._budget + rate.rate * (now - self._last_tick),
+                     rate.rate * PACING_BURST + 65536)
+        self._last_tick = now
+        flight_cap = max(256, int(rate.rate * (2 * self.rtt + 0.2) / block_size))
+        if budget > 0 and window.has_work() and window.in_flight() < flight_cap:
+            sealer, udp, compression, fd = self._sealer, self._udp, self.compression, self._fd
+            sid, per_packet, max_batch = self._session_id, self._per_packet, self._max_batch
+            pack_header = DATA_HEADER.pack
+            stamp = int(now * 1e6) & 0xFFFFFFFF
+            while budget > 0 and window.has_work() and window.in_flight() < flight_cap:
+                first, count, resend = window.next_run(max_batch)
+                payload = os.pread(fd, count * block_size, first * block_size)
+                flags = DATA_FLAG_RETRANSMIT if resend else 0
+                seq = window.next_seq
+                if compression.use_for(payload):
+                    packets, compressed = seal_compressed_run(
+                        sealer, sid, seq, first, count, block_size, payload, flags, stamp)
+                    compression.compressed += compressed
+                    sizes = [len(p) + per_packet - PACKET_OVERHEAD for p in packets]
+                    wire = sum(sizes)
+                else:
+                    headers = [pack_header(KIND_DATA, flags, sid, seq + i, first + i, stamp)
+                               for i in range(count)]
+                    packets = sealer.seal_run(seq, headers, payload)
+                    wire = len(payload) + count * per_packet
+                    sizes = block_size + per_packet     # the last block of a file may be less
+                window.sent_run(first, count, now, resend, sizes)
+                udp.send_packets(packets)
+                self.wire_bytes += wire
+                budget -= wire
+        self._budget = budget
+        if not window.has_work():
+            self._app_limited_until = now + self.rtt
+        if window.has_work() and window.in_flight() < flight_cap:
+            return max(0.0, -budget / rate.rate)
+        return 0.05
+
+    def wait(self, selector, timeout):
+        """Wait for either channel, at most `timeout` seconds; the time spent
+        waiting tells the compression policy whether the link is the limit."""
+        idle_from = self._clock()
+        self.compression.account(0.0, idle_from - self._busy_from)
+        events = selector.select(timeout)
+        self._busy_from = self._clock()
+        self.compression.account(self._busy_from - idle_from, 0.0)
+        return events
+
+    def read_control(self):
+        """Step: the control messages that came in; a hang-up ends the file."""
+        data = self._control.sock.recv(65536)
+        if not data:
+            self.outcome = False
+            return
+        self._control.feed(data)
+        for message in self._control.messages():
+            if self.on_control(message) is not None:
+                return
+        self._last_feedback = self._clock()    # the receiver is alive and answering
+
+    def on_control(self, message):
+        """Apply one control message: `outcome` (True when the receiver holds
+        the whole file, False if it gave up), or None to go on."""
+        op = message['op']
+        if op == 'abort':
+            self.outcome = False
+        elif message.get('file') != self.file_id:
+            pass
+        elif op == 'done':
+            self.outcome = True
+        elif op == 'need':
+            self.window.withdraw(self._need_ranges(message.get('held', [])))
+            self.window.add_need(self._need_ranges(message['ranges']))
+        elif op == 'refine' and self._refiner is not None:
+            self._refiner.request(int(message['offset']), int(message['end']))
+        return self.outcome
+
+    def read_datagrams(self):
+        """Step: the feedback and NAKs waiting, a bounded number of receives
+        at a time: a flood must not stop the sending."""
+        udp, buffer, clock = self._udp, self._buffer, self._clock
+        for _ in range(MAX_RECEIVES_PER_WAKEUP):
+            nbytes, segment = udp.recv_batch(buffer)
+            if not nbytes:
+                break
+            now = clock()
+            for offset in range(0, nbytes, segment):
+                if self.on_datagram(buffer, offset, min(segment, nbytes - offset), now):
+                    self._last_feedback = now
+
+    def on_datagram(self, buffer, offset, length, now):
+        """Apply one feedback or NAK datagram; True if it was authentic."""
+        if length < PACKET_HEADER.size + TAG_SIZE:
+            return False
+        kind, _flags, sid, seq = PACKET_HEADER.unpack_from(buffer, offset)
+        if sid != self._session_id:
+            return False
+        view = memoryview(buffer)
+        body = self._opener.open(seq, view[offset:offset + PACKET_HEADER.size],
+                                 view[offset + PACKET_HEADER.size:offset + length])
+        if body is None:
+            return False
+        window = self.window
+        try:
+            if kind == KIND_FEEDBACK:
+                fid, start, largest, ack_delay, queue_us, gaps = decode_feedback(body)
+                if fid != self.file_id:
+                    return True
+                if window.first_seq <= largest < window.next_seq:
+                    sample = now - self._log.times[largest & (PacketLog.SIZE - 1)] - ack_delay / 1e6
+                    if sample > 0:
+                        self.rtt = 0.875 * self.rtt + 0.125 * sample
+                delivered, lost, delivered_bytes = window.on_ack(start, largest, gaps, now, self.rtt)
+                self._rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost,
+                                       self.rtt, now < self._app_limited_until)
+            elif kind == KIND_NAK:
+                fid, ranges = decode_nak(body)
+                if fid == self.file_id:
+                    window.on_nak(ranges, now, self.rtt)
+        except ProtocolError:
+            return False
+        return True
+
+    def check_silence(self):
+        """Step: the feedback-silence timers.  Data in flight and no word for
+        a while halves the rate (RateController.on_silence); no word for
+        DATA_TIMEOUT gives up.  With nothing in flight the receiver is busy
+        finding its local data (or will say done): only its hanging up, or
+        COMMAND_TIMEOUT, ends the wait."""
+        silence = self._clock() - self._last_feedback
+        window = self.window
+        idle = not window.in_flight() and not window.has_work()
+        if silence > (COMMAND_TIMEOUT if idle else DATA_TIMEOUT):
+            self.failure = 'no feedback for %d s' % silence
+            self.outcome = False
+            return
+        quiet = max(MIN_FEEDBACK_SILENCE, 4 * self.rtt)
+        if silence > quiet and window.in_flight() > 0:
+            self._rate.on_silence()
+            self._last_feedback += quiet
+
+    # -- after it -----------------------------------------------------------
+
+    def finish(self):
+        """The receiver holds every block: send the whole file's digest
+        (waiting for the helper if need be) and what the sending cost."""
+        window = self.window
+        self._control.send({
+            'op': 'digest', 'file': self.file_id, 'sha256': self._job.sha256(),
+            'packets_sent': window.next_seq - window.first_seq, 'packets_lost': window.lost,
+            'packets_retransmitted': window.retransmitted, 'wire_bytes': self.wire_bytes,
+            'signature_bytes': self.signature_bytes,
+            'packets_compressed': self.compression.compressed})
+
+    def close(self):
+        """Let go of the helper job and the file (the refiner stops with run())."""
+        if self._job is not None:
+            self._jobs.release(self._job)
+            self._job = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def connection_source(address):
@@ -4766,9 +5159,12 @@ class PendingHandshakes:
 
 
 class ServerSession:
-    """One client, from handshake to hang-up.  Answers `list` and `fetch`
-    requests; a fetch runs the paced data phase until the client says it
-    holds every block, then sends the whole-file digest."""
+    """One client, from handshake to hang-up: the control channel, the
+    session keys, the UDP flow (its socket, packet numbers, rate and round
+    trip, which go on from one file to the next) and the helper threads
+    counted against it.  Answers `list` and `read` itself; each `fetch` is
+    handed to an OutgoingFile, which runs the paced data phase until the
+    client says it holds every block, then sends the whole-file digest."""
 
     def __init__(self, server, sock, address):
         self.server = server
@@ -4776,16 +5172,17 @@ class ServerSession:
         self.address = address
         self.session_id = None
         self.control = None
+        self.data_out = self.data_in = None     # the data channel's Sealers
         self.udp = None
+        self.route_mtu = None                   # once the UDP flow is open
         self._udp_address = None
         self._udp_ready = threading.Event()
+        # The UDP flow, across its files: packet numbers never repeat.
         self._log = PacketLog()
         self._next_seq = 0
         self._file_id = 0
         self.rate = RateController(server.max_rate)
-        self._app_limited_until = 0.0           # feedback before this reflects idle sending
         self.rtt = 0.1
-        self._wire_bytes = 0
 
     # Called from the UDP listener thread once a HELLO from this client checks out.
     def udp_hello(self, address):
@@ -4884,87 +5281,41 @@ class ServerSession:
             self.control.send(page)
 
     def do_fetch(self, message):
-        """Send one file, named with the size and mtime a listing gave.  An
-        *open* fetch leaves them out (a client's first request, for a file
-        new to it, saving the listing's round trip): it takes the file as it
-        is now, the server fits the block size to its route, and the `start`
-        says what was chosen; a directory is answered with its listing."""
+        """Send one file, named with the size and mtime a listing gave, by
+        an OutgoingFile.  An *open* fetch leaves them out (a client's first
+        request, for a file new to it, saving the listing's round trip): it
+        takes the file as it is now, the server fits the block size to its
+        route, and the `start` says what was chosen; a directory is
+        answered with its listing."""
         remote = str(message.get('path', ''))
         path, is_dir = self.server.tree.resolve(remote)
-        is_open = 'size' not in message
         if is_dir:
-            if is_open:
+            if 'size' not in message:
                 return self.do_list(message)
             raise RemoteError('%s: is a directory' % remote)
+        outgoing = OutgoingFile(self.control, self.udp, self.data_out, self.data_in, self.session_id,
+                                self.rate, self._log, self._next_seq, self.rtt)
         try:
-            fd = open_regular(path)
-        except OSError as e:
-            raise RemoteError('%s: %s' % (remote, e.strerror))
-        jobs = job = None
-        try:
-            st = os.fstat(fd)
-            if not is_open and (st.st_size != message.get('size') or
-                                st.st_mtime_ns != message.get('mtime_ns')):
-                raise RemoteError('%s: changed on the server during the transfer' % remote)
-            block_size = int(message.get('block_size', 0))
-            largest = block_size_for_mtu(self.route_mtu, self.sock.family)
-            if is_open:
-                block_size = min(block_size, largest)
-            if not MIN_BLOCK_SIZE <= block_size <= largest:
-                raise RemoteError('block size %d does not fit this path' % block_size)
-            self.block_size = block_size
-            self.data_out.set_stride(block_size)
-            caps = [r for r in (self.server.max_rate, message.get('max_rate')) if r]
-            self.rate.set_cap(float(min(caps)) if caps else None)
-            self._nblocks = (st.st_size + block_size - 1) // block_size
-            delta = bool(message.get('delta')) and st.st_size >= int(message.get('delta_min', 0))
-            if is_open:
-                need = [] if delta else [(0, self._nblocks)]
-            else:
-                need = self._need_ranges(message.get('need', []))
-            # A file new to the client is mostly sent: its first blocks go at
-            # once, while the client looks for the rest among its own data.
-            lead = 0
-            if delta and message.get('lead'):
-                lead, need = lead_ranges(fd, st.st_size, block_size)
-            self._compress = bool(message.get('compress'))
-            signature = refiner = None
-            jobs = self.server.signatures if delta else self.server.digests
-            job = jobs.start(path, self)
-            digest = job.sha256
-            if delta:
-                signature = job
-                refiner = SpanRefiner(path, st.st_size)
+            outgoing.open(path, remote, message, block_size_for_mtu(self.route_mtu, self.sock.family),
+                          self.server.max_rate)
+            outgoing.start_helper(self.server.digests, self.server.signatures, owner=self)
             self._file_id += 1
-            window = SendWindow(need, self._next_seq, self._log)
-            start = {'op': 'start', 'file': self._file_id, 'first_seq': self._next_seq, 'lead': lead}
-            if is_open:
-                start.update(size=st.st_size, mtime_ns=st.st_mtime_ns, mode=stat.S_IMODE(st.st_mode),
-                             block_size=block_size, delta=delta)
-            self.control.send(start)
+            outgoing.start(self._file_id)
             started = time.monotonic()
-            try:
-                finished = self._send_blocks(fd, window, signature, refiner)
-            finally:
-                if refiner is not None:
-                    refiner.close()
-            self._next_seq = window.next_seq
+            finished = outgoing.run()
+            self._next_seq = outgoing.next_seq
             if not finished:
+                if outgoing.failure is not None:
+                    self.server.log('%s: %s; transfer abandoned' % (self.peer_name(), outgoing.failure))
                 return
-            self.control.send({
-                'op': 'digest', 'file': self._file_id, 'sha256': digest(),
-                'packets_sent': window.next_seq - window.first_seq, 'packets_lost': window.lost,
-                'packets_retransmitted': window.retransmitted, 'wire_bytes': self._wire_bytes,
-                'signature_bytes': self._signature_bytes,
-                'packets_compressed': self._compression.compressed})
+            outgoing.finish()
             seconds = time.monotonic() - started
             self.server.log('%s: sent %s (%d bytes) in %.2f s, %.1f Mbit/s, %d packets retransmitted' % (
-                self.peer_name(), remote, st.st_size, seconds,
-                st.st_size * 8 / max(seconds, 1e-6) / 1e6, window.retransmitted))
+                self.peer_name(), remote, outgoing.size, seconds,
+                outgoing.size * 8 / max(seconds, 1e-6) / 1e6, outgoing.window.retransmitted))
         finally:
-            if job is not None:
-                jobs.release(job)
-            os.close(fd)
+            self.rtt = outgoing.rtt
+            outgoing.close()
 
     def do_read(self, message):
         """Small files whole, on this channel: one `content` answer per file
@@ -5009,193 +5360,6 @@ class ServerSession:
         if len(data) != st.st_size:
             raise RemoteError('%s: changed on the server during the transfer' % remote)
         return data
-
-    def _need_ranges(self, ranges):
-        """Block ranges a client asked for (validate_message saw their
-        types), each inside this file."""
-        for start, end in ranges:
-            if end > self._nblocks:
-                raise ProtocolError('blocks [%d, %d) asked for of a file of %d'
-                                    % (start, end, self._nblocks))
-        return [(start, end) for start, end in ranges]
-
-    def _send_pieces(self, source, sent, refined):
-        """Send the signature pieces (or refinements) `source` made since
-        the last call; returns how many have been sent in all."""
-        if source.error is not None:
-            raise RemoteError('cannot read the file for its signature: %s' % source.error.strerror)
-        pieces = (source.answers if refined else source.pieces)[sent:]
-        if pieces:
-            # A signature can outgrow the socket buffer; a client that stops
-            # reading it must not hold the session for ever.
-            self.sock.settimeout(DATA_TIMEOUT)
-            try:
-                for offset, spans in pieces:
-                    message = {'op': 'signature', 'file': self._file_id, 'offset': offset,
-                               'spans': spans}
-                    if refined:
-                        message['refined'] = True
-                    self.control.send(message)
-                    self._signature_bytes += len(spans) + 64
-            finally:
-                self.sock.setblocking(False)
-        return sent + len(pieces)
-
-    def _send_blocks(self, fd, window, signature=None, refiner=None):
-        """The paced data phase of one file.  Returns True when the client
-        reports every block held, False if it gave up or vanished.  With a
-        `signature`, its pieces go out as they are computed, the client asks
-        for finer spans (`refiner`) where it found nothing, and answers each
-        piece with the blocks it still needs."""
-        block_size, sid, file_id = self.block_size, self.session_id, self._file_id
-        sealer, udp, rate = self.data_out, self.udp, self.rate
-        pack_header = DATA_HEADER.pack
-        per_packet = PACKET_OVERHEAD + ip_udp_overhead(self.sock.family)
-        self._wire_bytes = self._signature_bytes = 0
-        signature_sent = refined_sent = 0
-        selector = selectors.DefaultSelector()
-        selector.register(udp.sock, selectors.EVENT_READ, 'udp')
-        selector.register(self.sock, selectors.EVENT_READ, 'tcp')
-        self.sock.setblocking(False)
-        buffer = bytearray(RECV_BUFFER)
-        last_feedback = now = last_tick = busy_from = time.monotonic()
-        if self._file_id > 1:
-            self._app_limited_until = now + self.rtt    # idle since the last file
-        budget = 0.0
-        compression = self._compression = CompressionPolicy(self._compress, rate)
-        # One read and one offloaded send per batch: about 64 KB either way.
-        max_batch = max(1, min(MAX_GSO_SEGMENTS if udp.gso else 8, MAX_DATAGRAM_BATCH // block_size))
-        try:
-            while True:
-                if signature is not None:
-                    if signature_sent < len(signature.pieces) or signature.error is not None:
-                        signature_sent = self._send_pieces(signature, signature_sent, False)
-                    if refined_sent < len(refiner.answers) or refiner.error is not None:
-                        refined_sent = self._send_pieces(refiner, refined_sent, True)
-                now = time.monotonic()
-                budget = min(budget + rate.rate * (now - last_tick), rate.rate * PACING_BURST + 65536)
-                last_tick = now
-                flight_cap = max(256, int(rate.rate * (2 * self.rtt + 0.2) / block_size))
-                while budget > 0 and window.has_work() and window.in_flight() < flight_cap:
-                    first, count, resend = window.next_run(max_batch)
-                    payload = os.pread(fd, count * block_size, first * block_size)
-                    stamp = int(now * 1e6) & 0xFFFFFFFF
-                    flags = DATA_FLAG_RETRANSMIT if resend else 0
-                    seq = window.next_seq
-                    if compression.use_for(payload):
-                        packets, compressed = seal_compressed_run(
-                            sealer, sid, seq, first, count, block_size, payload, flags, stamp)
-                        compression.compressed += compressed
-                        sizes = [len(p) + per_packet - PACKET_OVERHEAD for p in packets]
-                        wire = sum(sizes)
-                    else:
-                        headers = [pack_header(KIND_DATA, flags, sid, seq + i, first + i, stamp)
-                                   for i in range(count)]
-                        packets = sealer.seal_run(seq, headers, payload)
-                        wire = len(payload) + count * per_packet
-                        sizes = block_size + per_packet     # the last block of a file may be less
-                    window.sent_run(first, count, now, resend, sizes)
-                    udp.send_packets(packets)
-                    self._wire_bytes += wire
-                    budget -= wire
-                if window.has_work() and window.in_flight() < flight_cap:
-                    timeout = max(0.0, -budget / rate.rate)
-                else:
-                    timeout = 0.05
-                if not window.has_work():
-                    self._app_limited_until = now + self.rtt
-                if signature is not None and (not signature.done.is_set() or refiner.busy()):
-                    timeout = min(timeout, SIGNATURE_POLL)
-                idle_from = time.monotonic()
-                compression.account(0.0, idle_from - busy_from)
-                events = selector.select(timeout)
-                busy_from = time.monotonic()
-                compression.account(busy_from - idle_from, 0.0)
-                for key, _events in events:
-                    if key.data == 'tcp':
-                        data = self.sock.recv(65536)
-                        if not data:
-                            return False
-                        self.control.feed(data)
-                        outcome = self._on_control(window, file_id, refiner)
-                        if outcome is not None:
-                            return outcome
-                        last_feedback = time.monotonic()    # the client is alive and answering
-                        continue
-                    for _ in range(MAX_RECEIVES_PER_WAKEUP):   # a flood must not stop the sending
-                        nbytes, segment = udp.recv_batch(buffer)
-                        if not nbytes:
-                            break
-                        now = time.monotonic()
-                        for offset in range(0, nbytes, segment):
-                            if self._on_datagram(buffer, offset, min(segment, nbytes - offset),
-                                                 window, file_id, now):
-                                last_feedback = now
-                silence = time.monotonic() - last_feedback
-                # With nothing in flight the client is busy finding its local
-                # data (or will say done): only its hanging up ends the wait.
-                idle = not window.in_flight() and not window.has_work()
-                if silence > (COMMAND_TIMEOUT if idle else DATA_TIMEOUT):
-                    self.server.log('%s: no feedback for %d s; transfer abandoned'
-                                    % (self.peer_name(), silence))
-                    return False
-                if silence > max(MIN_FEEDBACK_SILENCE, 4 * self.rtt) and window.in_flight() > 0:
-                    rate.on_silence()
-                    last_feedback += max(MIN_FEEDBACK_SILENCE, 4 * self.rtt)
-        finally:
-            selector.close()
-            # Not setblocking(True): that is no timeout at all, and the wait
-            # for the next request would never end.
-            self.sock.settimeout(COMMAND_TIMEOUT)
-
-    def _on_control(self, window, file_id, refiner):
-        """Apply the control messages received: True when the client holds
-        the whole file, False if it gave up, None to go on."""
-        for message in self.control.messages():
-            if message['op'] == 'abort':
-                return False
-            if message.get('file') != file_id:
-                continue
-            if message['op'] == 'done':
-                return True
-            if message['op'] == 'need':
-                window.withdraw(self._need_ranges(message.get('held', [])))
-                window.add_need(self._need_ranges(message['ranges']))
-            elif message['op'] == 'refine' and refiner is not None:
-                refiner.request(int(message['offset']), int(message['end']))
-        return None
-
-    def _on_datagram(self, buffer, offset, length, window, file_id, now):
-        """Apply one feedback or NAK datagram; True if it was authentic."""
-        if length < PACKET_HEADER.size + TAG_SIZE:
-            return False
-        kind, _flags, sid, seq = PACKET_HEADER.unpack_from(buffer, offset)
-        if sid != self.session_id:
-            return False
-        view = memoryview(buffer)
-        body = self.data_in.open(seq, view[offset:offset + PACKET_HEADER.size],
-                                 view[offset + PACKET_HEADER.size:offset + length])
-        if body is None:
-            return False
-        try:
-            if kind == KIND_FEEDBACK:
-                fid, start, largest, ack_delay, queue_us, gaps = decode_feedback(body)
-                if fid != file_id:
-                    return True
-                if window.first_seq <= largest < window.next_seq:
-                    sample = now - self._log.times[largest & (PacketLog.SIZE - 1)] - ack_delay / 1e6
-                    if sample > 0:
-                        self.rtt = 0.875 * self.rtt + 0.125 * sample
-                delivered, lost, delivered_bytes = window.on_ack(start, largest, gaps, now, self.rtt)
-                self.rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost, self.rtt,
-                                      now < self._app_limited_until)
-            elif kind == KIND_NAK:
-                fid, ranges = decode_nak(body)
-                if fid == file_id:
-                    window.on_nak(ranges, now, self.rtt)
-        except ProtocolError:
-            return False
-        return True
 
     def close(self):
         self.server.unregister(self)
