@@ -1,0 +1,249 @@
+"""The sending role without sockets: an OutgoingFile driven one step at a
+time, with stand-ins for its control channel, datagram socket, rate
+controller and clock, to see what each request, acknowledgement, NAK and
+silence makes it send."""
+
+import hashlib
+import socket
+import types
+
+import pytest
+
+from helpers import make_file, wanxfer
+
+KEY_OUT, KEY_IN = bytes(range(64)), bytes(range(64, 128))
+SESSION = 7
+BLOCK = 1000
+FIRST_SEQ = 100
+WIRE = BLOCK + wanxfer.PACKET_OVERHEAD + wanxfer.ip_udp_overhead(socket.AF_INET)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class Control:
+    """The control channel: what was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+class Datagrams:
+    """The DatagramSocket: what was sent, as (block, flags) per datagram."""
+
+    def __init__(self):
+        self.sock = types.SimpleNamespace(family=socket.AF_INET)
+        self.gso = False
+        self.packets = []
+
+    def send_packets(self, packets):
+        self.packets.extend(packets)
+        return len(packets)
+
+    def take(self):
+        sent = [wanxfer.DATA_HEADER.unpack_from(p) for p in self.packets]
+        self.packets = []
+        return [(block, flags) for _kind, flags, _sid, _seq, block, _stamp in sent]
+
+
+class Rate:
+    """The RateController: what it was told."""
+
+    def __init__(self):
+        self.rate = 2e6
+        self.peak_delivery = 0.0
+        self.cap = None
+        self.feedback = []
+        self.silences = 0
+
+    def set_cap(self, cap):
+        self.cap = cap
+
+    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False):
+        self.feedback.append({'delivered': delivered, 'lost': lost, 'rtt': rtt,
+                              'app_limited': app_limited})
+
+    def on_silence(self):
+        self.silences += 1
+        self.rate /= 2
+
+
+@pytest.fixture
+def sending(tmp_path):
+    """sending(blocks, open_fetch=False, **request) -> the OutgoingFile
+    (`file`) of a file (`path`) of `blocks` blocks, opened for a fetch of
+    all of them (or an open fetch, without size and mtime) and started as
+    file 1, with its stand-ins (`control`, `udp`, `rate`, `clock`)."""
+    opened = []
+
+    def open_file(blocks=20, open_fetch=False, **request):
+        path = make_file(tmp_path / ('f%d' % len(opened)), blocks * BLOCK)
+        st = path.stat()
+        fetch = {'op': 'fetch', 'path': 'f', 'block_size': BLOCK}
+        if not open_fetch:
+            fetch.update(size=st.st_size, mtime_ns=st.st_mtime_ns, need=[[0, blocks]])
+        fetch.update(request)
+        ends = types.SimpleNamespace(control=Control(), udp=Datagrams(), rate=Rate(), clock=Clock(),
+                                     path=path)
+        ends.file = wanxfer.OutgoingFile(ends.control, ends.udp, wanxfer.Sealer(KEY_OUT, True),
+                                         wanxfer.Sealer(KEY_IN, True), SESSION, ends.rate,
+                                         wanxfer.PacketLog(), FIRST_SEQ, 0.1, clock=ends.clock)
+        opened.append(ends.file)
+        ends.file.open(str(path), 'f', fetch, largest_block=1400)
+        ends.file.start_helper(wanxfer.DigestCache(), wanxfer.SignatureCache())
+        ends.file.start(1)
+        return ends
+    yield open_file
+    for outgoing in opened:
+        outgoing.close()
+
+
+def from_receiver(kind, body, seq=0, key=KEY_IN, session=SESSION):
+    return wanxfer.seal_datagram(wanxfer.Sealer(key, True), kind, session, seq, body)
+
+
+def deliver(ends, datagram):
+    return ends.file.on_datagram(bytearray(datagram), 0, len(datagram), ends.clock())
+
+
+def send_all(ends):
+    """What goes a second after the last send: the pacer's whole burst,
+    more than these small files hold."""
+    ends.clock.advance(1.0)
+    return send_now(ends)
+
+
+def send_now(ends):
+    ends.file.pace_and_send()
+    return ends.udp.take()
+
+
+def test_the_start_announces_the_file_and_the_digest_closes_it(sending):
+    ends = sending(blocks=20, max_rate=1e6)
+    (start,) = ends.control.sent
+    assert start == {'op': 'start', 'file': 1, 'first_seq': FIRST_SEQ, 'lead': 0}
+    assert ends.rate.cap == 1e6
+    assert send_all(ends) == [(block, 0) for block in range(20)]
+    assert ends.file.next_seq == FIRST_SEQ + 20
+    ends.file.finish()
+    digest = ends.control.sent[-1]
+    assert digest['op'] == 'digest' and digest['file'] == 1
+    assert digest['sha256'] == hashlib.sha256(ends.path.read_bytes()).hexdigest()
+    assert digest['packets_sent'] == 20 and digest['wire_bytes'] == 20 * WIRE
+
+
+def test_an_open_fetch_is_told_the_file_and_the_block_size_that_fits(sending):
+    ends = sending(blocks=4, open_fetch=True, block_size=9000)
+    (start,) = ends.control.sent
+    st = ends.path.stat()
+    assert start == {'op': 'start', 'file': 1, 'first_seq': FIRST_SEQ, 'lead': 0, 'size': 4 * BLOCK,
+                     'mtime_ns': st.st_mtime_ns, 'mode': st.st_mode & 0o7777, 'block_size': 1400,
+                     'delta': False}
+    assert [block for block, _flags in send_all(ends)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize('request_', [{'size': 1}, {'block_size': 1500}, {'block_size': 100}],
+                         ids=['changed', 'too-large-blocks', 'too-small-blocks'])
+def test_a_fetch_that_cannot_be_served_as_asked_is_refused(sending, request_):
+    with pytest.raises(wanxfer.RemoteError):
+        sending(blocks=4, **request_)
+
+
+def test_a_nak_schedules_exactly_the_blocks_it_names_that_are_not_on_their_way(sending):
+    ends = sending(blocks=20)
+    send_all(ends)
+    # Named within a round trip of their sending: they may still arrive.
+    ends.clock.advance(0.05)
+    assert deliver(ends, from_receiver(wanxfer.KIND_NAK, wanxfer.encode_nak(1, [(3, 5)])))
+    ends.clock.advance(0.001)
+    assert send_now(ends) == []
+    # Later they are lost: resent, flagged as such, and nothing else.
+    ends.clock.advance(0.2)
+    assert deliver(ends, from_receiver(wanxfer.KIND_NAK,
+                                       wanxfer.encode_nak(1, [(3, 5), (10, 11)]), seq=1))
+    assert sorted(send_now(ends)) == [(3, wanxfer.DATA_FLAG_RETRANSMIT), (4, wanxfer.DATA_FLAG_RETRANSMIT),
+                              (10, wanxfer.DATA_FLAG_RETRANSMIT)]
+    assert ends.file.window.retransmitted == 3
+
+
+@pytest.mark.parametrize('datagram,authentic', [
+    (from_receiver(wanxfer.KIND_NAK, wanxfer.encode_nak(2, [(0, 20)])), True),     # another file's
+    (from_receiver(wanxfer.KIND_FEEDBACK,
+                   wanxfer.encode_feedback(2, FIRST_SEQ, FIRST_SEQ + 19, 0, 0, [(0, 3)])), True),
+    (from_receiver(wanxfer.KIND_NAK, wanxfer.encode_nak(1, [(0, 20)]), session=8), False),
+    (from_receiver(wanxfer.KIND_NAK, wanxfer.encode_nak(1, [(0, 20)]), key=KEY_OUT), False),
+    (from_receiver(wanxfer.KIND_NAK, wanxfer.encode_nak(1, [(0, 20)]))[:-1], False),
+    (from_receiver(wanxfer.KIND_NAK, wanxfer.encode_nak(1, [(5, 2)])), False),     # malformed
+    (from_receiver(wanxfer.KIND_FEEDBACK, b'short'), False),
+], ids=['other-file', 'other-file-feedback', 'other-session', 'forged', 'cut', 'backwards',
+        'short-feedback'])
+def test_datagrams_not_about_this_file_schedule_nothing(sending, datagram, authentic):
+    ends = sending(blocks=20)
+    send_all(ends)
+    ends.clock.advance(0.5)
+    assert deliver(ends, datagram) is authentic
+    assert send_now(ends) == [] and ends.rate.feedback == []
+
+
+def test_feedback_measures_the_round_trip_and_a_gap_old_enough_is_resent(sending):
+    ends = sending(blocks=20)
+    send_all(ends)
+    ends.clock.advance(0.05)
+    # Every packet but the third arrived; the newest 10 ms before this was sent.
+    feedback = wanxfer.encode_feedback(1, FIRST_SEQ, FIRST_SEQ + 19, 10000, 0, [(2, 1)])
+    assert deliver(ends, from_receiver(wanxfer.KIND_FEEDBACK, feedback))
+    assert ends.file.rtt == pytest.approx(0.875 * 0.1 + 0.125 * 0.04)
+    # Sent all it had: the delivery says little of the path.
+    assert ends.rate.feedback == [{'delivered': 19, 'lost': 1, 'rtt': ends.file.rtt,
+                                   'app_limited': True}]
+    assert ends.file.window.in_flight() == 0
+    assert send_now(ends) == [(2, wanxfer.DATA_FLAG_RETRANSMIT)]
+
+
+def test_need_done_and_abort_from_the_receiver(sending):
+    ends = sending(blocks=20, need=[])
+    assert send_all(ends) == []
+    assert ends.file.on_control({'op': 'need', 'file': 1, 'ranges': [[4, 6]]}) is None
+    assert ends.file.on_control({'op': 'need', 'file': 2, 'ranges': [[8, 9]]}) is None
+    ends.clock.advance(0.1)
+    assert send_now(ends) == [(4, 0), (5, 0)]
+    with pytest.raises(wanxfer.ProtocolError):
+        ends.file.on_control({'op': 'need', 'file': 1, 'ranges': [[19, 21]]})
+    assert ends.file.on_control({'op': 'done', 'file': 2}) is None
+    assert ends.file.on_control({'op': 'done', 'file': 1}) is True
+    assert sending(blocks=2).file.on_control({'op': 'abort'}) is False
+
+
+def test_silence_halves_the_rate_while_data_is_in_flight_and_ends_the_file_at_last(sending):
+    ends = sending(blocks=20)
+    send_all(ends)
+    ends.clock.advance(0.2)                     # 1.2 s since the start, no word
+    for _ in range(5):
+        ends.file.check_silence()
+    # Once each silent MIN_FEEDBACK_SILENCE (4 round trips are less), not each wakeup.
+    assert ends.rate.silences == 2 and ends.file.outcome is None
+    ends.clock.advance(wanxfer.DATA_TIMEOUT)
+    ends.file.check_silence()
+    assert ends.file.outcome is False and ends.file.failure.startswith('no feedback for 30 s')
+
+
+def test_a_receiver_with_nothing_in_flight_may_be_silent_while_it_looks_for_its_data(sending):
+    ends = sending(blocks=20, need=[])
+    send_all(ends)
+    ends.clock.advance(wanxfer.DATA_TIMEOUT + 1)
+    ends.file.check_silence()
+    assert ends.file.outcome is None and ends.rate.silences == 0
+    ends.clock.advance(wanxfer.COMMAND_TIMEOUT)
+    ends.file.check_silence()
+    assert ends.file.outcome is False
