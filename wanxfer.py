@@ -5302,9 +5302,7 @@ class ServerSession:
             self._file_id += 1
             outgoing.start(self._file_id)
             started = time.monotonic()
-            finished = outgoing.run()
-            self._next_seq = outgoing.next_seq
-            if not finished:
+            if not outgoing.run():
                 if outgoing.failure is not None:
                     self.server.log('%s: %s; transfer abandoned' % (self.peer_name(), outgoing.failure))
                 return
@@ -5314,7 +5312,9 @@ class ServerSession:
                 self.peer_name(), remote, outgoing.size, seconds,
                 outgoing.size * 8 / max(seconds, 1e-6) / 1e6, outgoing.window.retransmitted))
         finally:
-            self.rtt = outgoing.rtt
+            # Also after an error the session survives (a signature that
+            # cannot be read): the numbers sent under are nonces, spent.
+            self._next_seq, self.rtt = outgoing.next_seq, outgoing.rtt
             outgoing.close()
 
     def do_read(self, message):

@@ -2,13 +2,14 @@
 is ever used twice, the secret is stretched before it is proved with, and
 weak secrets are refused or warned about by the ends that listen."""
 
+import errno
 import random
 import socket
 import threading
 
 import pytest
 
-from helpers import SECRET, make_file, sha256, wanxfer
+from helpers import SECRET, HostileClient, InProcessServer, make_file, sha256, wanxfer
 
 WINDOW = 16         # a reuse of 2 * WINDOW keystream bytes or more is always found
 
@@ -121,6 +122,67 @@ def test_a_session_with_mixed_block_sizes_never_reuses_keystream(tmp_path, monke
     assert {wanxfer.block_size_for_mtu(65535), wanxfer.block_size_for_mtu(1500)} <= strides, strides
     assert sum(map(len, used)) > 1 << 20
     assert find_keystream_reuse(used) is None
+
+
+def data_datagram_seqs(sock, wait):
+    """Packet numbers of the data datagrams waiting on the client's UDP
+    `sock`, after waiting up to `wait` seconds for the first (probes are
+    passed over)."""
+    seqs = []
+    sock.settimeout(wait)
+    try:
+        while True:
+            datagram = sock.recv(1 << 16)
+            kind, _flags, _sid, seq = wanxfer.PACKET_HEADER.unpack_from(datagram)
+            if kind == wanxfer.KIND_DATA:
+                seqs.append(seq)
+                sock.settimeout(0)      # the first is in: only what is already waiting
+    except OSError:                     # socket.timeout, BlockingIOError: nothing more
+        return seqs
+
+
+@pytest.mark.e2e
+def test_a_fetch_that_fails_while_sending_leaves_its_packet_numbers_spent(tmp_path, monkeypatch):
+    """A delta fetch whose signature cannot be read fails with an error
+    while its blocks are on their way, and the session goes on: the next
+    file's packet numbers (the cipher's nonces) must come after every one
+    the failed file used.  (They started again from the failed file's
+    first: the same keystream for other data.)"""
+    used = recording_keystream(monkeypatch)
+    fail = threading.Event()
+
+    def unreadable(*args, **kwargs):
+        fail.wait(10)
+        raise OSError(errno.EIO, 'unreadable')
+    monkeypatch.setattr(wanxfer, 'file_signature', unreadable)
+    source = make_file(tmp_path / 'f', 1 << 20)
+    st = source.stat()
+    fetch = {'op': 'fetch', 'path': 'f', 'size': st.st_size, 'mtime_ns': st.st_mtime_ns,
+             'block_size': 1430, 'need': [[0, 10]]}
+    server = InProcessServer([source])
+    client = HostileClient(server.port)
+    try:
+        client.send(dict(fetch, delta=True))
+        first = client.recv(10)
+        assert first['op'] == 'start'
+        sent = data_datagram_seqs(client.udp, 10)
+        assert sent, 'no block of the first file came'
+        fail.set()
+        replies = [client.recv(10)]
+        while replies[-1]['op'] == 'signature':
+            replies.append(client.recv(10))
+        assert replies[-1]['op'] == 'error' and 'unreadable' in replies[-1]['message']
+        # Loopback delivers within send(): what the server sent is waiting.
+        sent += data_datagram_seqs(client.udp, 0)
+        client.send(fetch)
+        second = client.recv(10)
+        assert second['op'] == 'start' and second['file'] == 2
+        assert second['first_seq'] > max(sent), (first['first_seq'], sent, second['first_seq'])
+        assert len(data_datagram_seqs(client.udp, 10)) > 0
+    finally:
+        client.close()
+        server.stop()
+    assert find_keystream_reuse(list(used)) is None
 
 
 def test_the_server_proves_with_the_stretched_secret_and_a_salt_of_its_own():
