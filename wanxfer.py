@@ -4548,7 +4548,6 @@ class OutgoingFile:
         self.rtt = rtt
         self._clock = clock
         # The file, from open() on.
-        self.remote = None
         self.size = self.mtime_ns = self.mode = 0
         self.block_size = self.nblocks = 0
         self.delta = False
@@ -4583,7 +4582,7 @@ class OutgoingFile:
         be sent as asked.  An *open* request leaves out size and mtime: it
         takes the file as it is now and the block size is fitted to
         `largest_block`.  `max_rate` is this end's own cap."""
-        self.remote, self._path = remote, path
+        self._path = path
         self._is_open = 'size' not in request
         try:
             self._fd = open_regular(path)
@@ -4619,8 +4618,8 @@ class OutgoingFile:
         """Begin (or join) the thread that reads the file for its digest
         (from `digests`, a DigestCache), or for a delta transfer its
         signature (from `signatures`, a SignatureCache), which gives the
-        digest too.  `owner` is what the helper slots count it against;
-        RemoteError if no slot is free."""
+        digest too.  `owner` is the key the helper slots count it under
+        (the session's); RemoteError if no slot is free."""
         jobs = signatures if self.delta else digests
         self._job = jobs.start(self._path, owner)
         self._jobs = jobs
@@ -4805,15 +4804,14 @@ class OutgoingFile:
         op = message['op']
         if op == 'abort':
             self.outcome = False
-        elif message.get('file') != self.file_id:
-            pass
-        elif op == 'done':
-            self.outcome = True
-        elif op == 'need':
-            self.window.withdraw(self._need_ranges(message.get('held', [])))
-            self.window.add_need(self._need_ranges(message['ranges']))
-        elif op == 'refine' and self._refiner is not None:
-            self._refiner.request(int(message['offset']), int(message['end']))
+        elif message.get('file') == self.file_id:     # not a late word about an earlier file
+            if op == 'done':
+                self.outcome = True
+            elif op == 'need':
+                self.window.withdraw(self._need_ranges(message.get('held', [])))
+                self.window.add_need(self._need_ranges(message['ranges']))
+            elif op == 'refine' and self._refiner is not None:
+                self._refiner.request(int(message['offset']), int(message['end']))
         return self.outcome
 
     def read_datagrams(self):
