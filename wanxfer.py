@@ -223,6 +223,20 @@ SPAN_DIGEST_SIZE = 16
 ZERO_SPAN = bytes(SPAN_DIGEST_SIZE)             # digest field of a span of zero bytes
 
 
+# --- Between `serve` and its session processes (one machine, no network) ----
+# Over a SOCK_SEQPACKET socketpair, one message per packet.  A session process,
+# once its client has authenticated, sends SESSION_REGISTER with its session
+# id; the listener answers SESSION_ACCEPTED or SESSION_REFUSED (the id is
+# taken), then passes on every HELLO datagram that names that id:
+# SESSION_HELLO, the datagram's source address as JSON, the datagram.  The
+# session process checks the datagram's tag: keys never leave it.
+SESSION_REGISTER = struct.Struct('!cI')         # b'R', session id
+SESSION_HELLO = struct.Struct('!cH')            # b'H', length of the address JSON
+SESSION_ACCEPTED = b'Y'
+SESSION_REFUSED = b'N'
+MAX_SESSION_MESSAGE = 4096
+
+
 # --- Tunnel peer connection --------------------------------------------------
 # After the same handshake (HELLO, SERVER_HELLO, CLIENT_PROOF), both peers send
 # frames exactly like the control channel's: FRAME_HEADER, then a body sealed
@@ -4770,12 +4784,14 @@ class ServerSession:
     requests; a fetch runs the paced data phase until the client says it
     holds every block, then sends the whole-file digest."""
 
-    def __init__(self, server, sock, address):
+    def __init__(self, server, sock, address, registry=None):
         self.server = server
+        self.registry = server if registry is None else registry
         self.sock = sock
         self.address = address
         self.session_id = None
         self.control = None
+        self.data_in = self.data_out = None
         self.udp = None
         self._udp_address = None
         self._udp_ready = threading.Event()
@@ -4787,9 +4803,15 @@ class ServerSession:
         self.rtt = 0.1
         self._wire_bytes = 0
 
-    # Called from the UDP listener thread once a HELLO from this client checks out.
-    def udp_hello(self, address):
-        if self._udp_address is None:
+    def hello_datagram(self, datagram, address):
+        """A HELLO datagram naming this session arrived from `address` (on
+        the listener's loop, or a session process's listener thread): the
+        client's UDP flow starts there if its tag checks out."""
+        if self.data_in is None or len(datagram) < PACKET_HEADER.size + TAG_SIZE:
+            return
+        view = memoryview(datagram)
+        if hmac.compare_digest(self.data_in.tag(view[:PACKET_HEADER.size], b''),
+                               bytes(view[PACKET_HEADER.size:])) and self._udp_address is None:
             self._udp_address = address
             self._udp_ready.set()
 
@@ -4802,7 +4824,7 @@ class ServerSession:
             self.session_id = keys.session_id
             ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('server')
             self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='client')
-            if not self.server.register(self):
+            if not self.registry.register(self):
                 raise ProtocolError('session id collision')
             if not self._udp_ready.wait(UDP_SETUP_TIMEOUT):
                 self.control.send({'op': 'error', 'message':
@@ -5198,7 +5220,7 @@ class ServerSession:
         return True
 
     def close(self):
-        self.server.unregister(self)
+        self.registry.unregister(self)
         if self.udp is not None:
             self.udp.close()
         try:
@@ -5207,28 +5229,151 @@ class ServerSession:
             pass
 
 
+class SessionProcess:
+    """A session forked into a process of its own, as the listener sees it:
+    the process, its end of the socketpair, and the accepted connection
+    until the client has authenticated (the gate counts it until then, and
+    can still cut it short: a shutdown() of the socket reaches the process
+    too).  Messages are in the wire formats section."""
+
+    def __init__(self, server, pending, pid, channel):
+        self.server = server
+        self.pending = pending
+        self.pid = pid
+        self.channel = channel
+        self.session_id = None
+
+    def on_readable(self, mask):
+        try:
+            message = self.channel.recv(MAX_SESSION_MESSAGE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            message = b''
+        if len(message) == SESSION_REGISTER.size and message[:1] == b'R' and self.session_id is None:
+            self._register(SESSION_REGISTER.unpack(message)[1])
+            return
+        if message:
+            os.kill(self.pid, signal.SIGKILL)   # not our session process's words: a bug, end it
+        self.server.session_process_ended(self)
+
+    def _register(self, session_id):
+        accepted = self.server.route(session_id, self)
+        if accepted:
+            self.session_id = session_id
+        self._release_connection()
+        try:
+            self.channel.send(SESSION_ACCEPTED if accepted else SESSION_REFUSED)
+        except OSError:
+            pass
+
+    def _release_connection(self):
+        """The client authenticated (or the process ended): the gate lets
+        go of the connection, and this process of its copy of the socket."""
+        if self.pending is not None:
+            self.server.pending.release(self.pending)
+            self.pending.sock.close()
+            self.pending = None
+
+    def hello_datagram(self, datagram, address):
+        """Pass a HELLO on; one the process is too busy to take is dropped
+        (the client sends another)."""
+        address_text = json.dumps(list(address)).encode()
+        try:
+            self.channel.send(SESSION_HELLO.pack(b'H', len(address_text)) + address_text + datagram)
+        except OSError:
+            pass
+
+    def close(self):
+        """After the process ended: reap it and say so if it failed."""
+        self._release_connection()
+        self.server.loop.watch(self.channel, 0, None)
+        self.channel.close()
+        try:
+            _pid, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return
+        if os.WIFSIGNALED(status):
+            self.server.log('session process %d ended by signal %d' % (self.pid, os.WTERMSIG(status)))
+
+
+class SessionListener:
+    """The listener as a forked session process sees it (the session's
+    `registry`): register() tells it the session id and waits for its word;
+    then a thread takes the HELLO datagrams it passes on.  When the
+    listener goes away, so does this process: a session never outlives
+    its `serve`."""
+
+    REGISTER_TIMEOUT = 10.0
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def register(self, session):
+        self.channel.settimeout(self.REGISTER_TIMEOUT)
+        self.channel.send(SESSION_REGISTER.pack(b'R', session.session_id))
+        if self.channel.recv(MAX_SESSION_MESSAGE) != SESSION_ACCEPTED:
+            return False
+        self.channel.settimeout(None)
+        start_thread(self._pass_hellos, 'session-listener', (session,))
+        return True
+
+    def unregister(self, session):
+        pass                            # the process ends with its session
+
+    def _pass_hellos(self, session):
+        while True:
+            try:
+                message = self.channel.recv(MAX_SESSION_MESSAGE)
+            except OSError:
+                message = b''
+            if not message:
+                os._exit(1)             # the listener is gone: so is this session
+            if len(message) < SESSION_HELLO.size or message[:1] != b'H':
+                continue
+            length = SESSION_HELLO.unpack_from(message)[1]
+            try:
+                address = tuple(json.loads(message[SESSION_HELLO.size:SESSION_HELLO.size + length]))
+            except ValueError:
+                continue
+            session.hello_datagram(message[SESSION_HELLO.size + length:], address)
+
+
+def sessions_can_fork():
+    """Whether sessions may run in processes of their own: on Linux (fork,
+    SEQPACKET socketpairs) and from a process with no other thread, which
+    a fork could catch holding a lock."""
+    return sys.platform.startswith('linux') and hasattr(os, 'fork') and \
+        threading.active_count() == 1
+
+
 class Server:
     """`serve`: accepts clients on TCP, matches their first UDP datagram to
-    their session, and runs each session on its own thread.  A failing
+    their session, and runs each session in a process of its own (forked,
+    on Linux: sessions use every core, and one that crashes takes no other
+    down) or, where that cannot be, on a thread of its own.  A failing
     session is logged and the server keeps serving.
 
-    One thread (serve_forever's) accepts and reads every connection's HELLO
-    without blocking; a session's thread starts only once its HELLO is in,
-    and the gate (PendingHandshakes) bounds how many have not authenticated
-    and for how long."""
+    The listener is one thread, running an EventLoop: it accepts, reads
+    every connection's HELLO without blocking (the gate, PendingHandshakes,
+    bounds how many have not authenticated and for how long), starts a
+    session once a HELLO is in, and routes each HELLO datagram to its
+    session by the session id it names."""
 
     def __init__(self, tree, secret, bind='', port=DEFAULT_PORT, encrypt=True,
-                 max_rate=None, log=None, signature_store=None):
+                 max_rate=None, log=None, signature_store=None, processes=True):
         self.tree = tree
         self.secret = SharedSecret.of(secret)
         self.secret.server_salt()               # stretched now, not at the first client
         self.encrypt = encrypt
         self.max_rate = max_rate
         self.log = log or (lambda line: None)
+        self.processes = processes
         slots = HelperSlots(MAX_HELPERS, MAX_SESSION_HELPERS)
         self.digests = DigestCache(slots=slots)
         self.signatures = SignatureCache(signature_store, slots=slots)
-        self._sessions = {}
+        self._routes = {}                       # session id -> ServerSession or SessionProcess
+        self._children = {}                     # pid -> SessionProcess
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         family = socket.AF_INET6 if ':' in bind else socket.AF_INET
@@ -5244,52 +5389,57 @@ class Server:
         except OSError as e:
             self.listener.close()
             raise UsageError('cannot listen on %s:%d: %s' % (bind or '*', port, e.strerror))
+        self.udp.setblocking(False)
         self.listener.listen(64)
         self.address = self.listener.getsockname()
         self.loop = EventLoop()
+        self.loop.watch(self.udp, selectors.EVENT_READ, self._on_udp)
         self.pending = PendingHandshakes(self.loop, self._start_session, self.log, '%s: dropped: %s')
         self.acceptor = Acceptor(self.loop, self.listener, self.pending.admit, self.pending.make_room,
                                  self.log)
+        self._hello_buffer = bytearray(2048)
         self._loop_thread = None
         self._loop_done = threading.Event()
         self._loop_done.set()
 
-    def register(self, session):
+    # -- the session registry: by id, for HELLO datagrams ---------------------------
+
+    def route(self, session_id, session):
         with self._lock:
-            if session.session_id in self._sessions:
+            if session_id in self._routes:
                 return False
-            self._sessions[session.session_id] = session
+            self._routes[session_id] = session
             return True
+
+    def register(self, session):
+        return self.route(session.session_id, session)
 
     def unregister(self, session):
         with self._lock:
-            if self._sessions.get(session.session_id) is session:
-                del self._sessions[session.session_id]
+            if self._routes.get(session.session_id) is session:
+                del self._routes[session.session_id]
 
-    def _udp_loop(self):
-        """Match each HELLO datagram to its session by id and tag."""
-        buffer = bytearray(2048)
-        while not self._stopping.is_set():
+    def _on_udp(self, mask):
+        """Pass each HELLO datagram to the session it names."""
+        buffer = self._hello_buffer
+        for _ in range(64):             # then let the loop see to the rest
             try:
                 nbytes, address = self.udp.recvfrom_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
-                if self._stopping.is_set():
-                    return
-                continue
+                return
             if nbytes < PACKET_HEADER.size + TAG_SIZE:
                 continue
-            kind, _flags, sid, seq = PACKET_HEADER.unpack_from(buffer)
+            kind, _flags, sid, _seq = PACKET_HEADER.unpack_from(buffer)
             with self._lock:
-                session = self._sessions.get(sid)
-            if kind != KIND_HELLO or session is None:
-                continue
-            view = memoryview(buffer)
-            if hmac.compare_digest(session.data_in.tag(view[:PACKET_HEADER.size], b''),
-                                   bytes(view[PACKET_HEADER.size:nbytes])):
-                session.udp_hello(address)
+                session = self._routes.get(sid)
+            if kind == KIND_HELLO and session is not None:
+                session.hello_datagram(bytes(buffer[:nbytes]), address)
+
+    # -- running ---------------------------------------------------------------------
 
     def serve_forever(self):
-        threading.Thread(target=self._udp_loop, name='udp-hello', daemon=True).start()
         self._loop_thread = threading.get_ident()
         self._loop_done.clear()
         try:
@@ -5299,9 +5449,12 @@ class Server:
 
     def _start_session(self, pending):
         """Called on the loop once `pending`'s HELLO is in."""
-        session = ServerSession(self, pending.sock, pending.address)
         try:
             pending.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.processes and sessions_can_fork():
+                self._fork_session(pending)
+                return
+            session = ServerSession(self, pending.sock, pending.address)
             threading.Thread(target=session.run, args=(pending,), name='session', daemon=True).start()
         except OSError as e:
             self.pending.abandon(pending, e.strerror or str(e))
@@ -5309,6 +5462,63 @@ class Server:
             # No thread to be had (a process limit, memory): this client is
             # dropped, the server goes on.
             self.pending.abandon(pending, 'cannot start a thread for it: %s' % e)
+
+    def _fork_session(self, pending):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()              # or the child writes the parent's buffered lines again
+        try:
+            pid = os.fork()
+        except OSError:
+            mine.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            self._run_session_process(pending, theirs, mine)
+        theirs.close()
+        mine.setblocking(False)
+        child = self._children[pid] = SessionProcess(self, pending, pid, mine)
+        self.loop.watch(mine, selectors.EVENT_READ, child.on_readable)
+
+    def _run_session_process(self, pending, channel, parents_end):
+        """In the forked process: let go of everything the listener holds
+        (a listener socket kept open here would keep the port bound after
+        `serve` ends), run the session, exit.  Never returns."""
+        status = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the listener's to handle
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            parents_end.close()
+            for key in list(self.loop.selector.get_map().values()):
+                if key.fileobj is not pending.sock:
+                    key.fileobj.close()
+            self.loop.close()
+            self.listener.close()
+            self.udp.close()
+            ServerSession(self, pending.sock, pending.address, SessionListener(channel)).run(pending)
+            status = 0
+        except Exception as e:          # a bug: one line in the log, and only this session ends
+            self.log('%s: session process failed: %r' % (pending.name, e))
+        except BaseException:
+            pass
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(status)
+
+    def session_process_ended(self, child):
+        with self._lock:
+            if child.session_id is not None and self._routes.get(child.session_id) is child:
+                del self._routes[child.session_id]
+        self._children.pop(child.pid, None)
+        child.close()
+
+    def session_processes(self):
+        """The pids of the session processes running now."""
+        return sorted(self._children)
 
     def shutdown(self):
         if self._stopping.is_set():
@@ -5319,6 +5529,8 @@ class Server:
             self._loop_done.wait(5.0)       # the loop's sockets are closed once it has let go
         self.acceptor.close()
         self.pending.close()
+        for child in list(self._children.values()):
+            child.channel.close()           # its listener thread sees the end, and it exits
         for sock in (self.listener, self.udp):
             try:
                 sock.shutdown(socket.SHUT_RDWR)

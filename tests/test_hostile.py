@@ -722,7 +722,7 @@ def test_the_far_side_resets_opens_beyond_its_streams_per_link(tmp_path, monkeyp
 
 
 @pytest.mark.e2e
-def test_the_near_side_refuses_connections_beyond_its_streams_per_link(tmp_path, monkeypatch, tunnel_pair):
+def test_the_near_side_refuses_connections_beyond_its_streams_per_peer_connection(tmp_path, monkeypatch, tunnel_pair):
     monkeypatch.setattr(wanxfer, 'MAX_STREAMS', 4, raising=False)
     echo = TcpServer(echo_handler)
     far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])                   # not capped at 4
@@ -733,9 +733,9 @@ def test_the_near_side_refuses_connections_beyond_its_streams_per_link(tmp_path,
     thread = threading.Thread(target=near.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: near.link is not None and near.link.ready, timeout=10, what='the link')
+        wait_for(lambda: near.peer is not None and near.peer.ready, timeout=10, what='the peer connection')
         port = near.addresses[0][0][1]
-        check_stream_cap(port, lambda: len(near.link.streams), lambda: '\n'.join(lines))
+        check_stream_cap(port, lambda: len(near.peer.streams), lambda: '\n'.join(lines))
     finally:
         near.stop()
         thread.join(10)
