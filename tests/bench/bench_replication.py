@@ -42,6 +42,7 @@ error is in the output and the JSON).  Run nothing else meanwhile.
 """
 
 import argparse
+import collections
 import json
 import os
 import pwd
@@ -89,8 +90,9 @@ def relay_pump(source, dest, path):
                 n = source.recv_into(buffer)
                 if not n:
                     break
-                dest.sendall(view[:n])
+                # Kept before it goes on: once the peer has a byte, so has the capture.
                 out.write(view[:n])
+                dest.sendall(view[:n])
             dest.shutdown(socket.SHUT_WR)
         except OSError:
             # One side reset: the other must see it too, not a clean end.
@@ -107,6 +109,11 @@ def relay_main(listen_port, target_port, directory):
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(('127.0.0.1', listen_port))
     server.listen(16)
+    relay_serve(server, target_port, directory)
+
+
+def relay_serve(server, target_port, directory):
+    """Relay each connection `server` accepts to 127.0.0.1:target_port, for ever."""
     number = 0
     while True:
         conn, _ = server.accept()
@@ -646,7 +653,9 @@ def make_database(name, rig, args):
 def run_database(name, args, link, work):
     """One database on a link of its own: its records, or one saying why not."""
     rig = Rig(args, link, os.path.join(work, name))
-    os.makedirs(rig.work)
+    for directory in (work, rig.work):
+        os.makedirs(directory, exist_ok=True)
+        os.chmod(directory, 0o755)  # the servers' users must reach their own directories below
     db, why = make_database(name, rig, args)
     if why:
         log('skipped: %s: %s' % (name, why))
@@ -678,41 +687,56 @@ def pct(p):
     return '' if p is None else '%.1f%%' % p
 
 
-def report(records):
-    print('\n| database | phase | time s | plaintext a→b MB | tunnel wire a→b MB | tunnel saving '
+def print_table(phases):
+    """Medians over the runs, one row per phase."""
+    print('\n| database | phase | runs | time s | plaintext a→b MB | tunnel wire a→b MB | tunnel saving '
           '| zlib -6 | zstd -3 | IP a→b MB | near cache chunks (avg KB) |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    for (database, phase), rows in phases.items():
+        def med(key):
+            return harness.median(r.get(key) for r in rows)
+        chunks = med('near_cache_chunks')
+        print('| %s | %s | %d | %.1f | %s | %s | %s | %s | %s | %s | %d (%.1f) |' % (
+            database, phase, len(rows), med('seconds'), mb(med('plain_down_bytes')),
+            mb(med('tunnel_down_wire_bytes')), pct(med('tunnel_saving_percent')),
+            pct(med('zlib6_saving_percent')), pct(med('zstd3_saving_percent')), mb(med('link_ab_bytes')),
+            chunks, med('near_cache_bytes') / chunks / 1e3 if chunks else 0))
+
+
+def report(records):
+    """A table of medians over the runs per phase, then each run's lines."""
+    phases = collections.OrderedDict()
     for r in records:
-        if 'phase' not in r:
-            continue
-        chunks = r['near_cache_chunks']
-        print('| %s | %s | %.1f | %s | %s | %s | %s | %s | %s | %d (%.1f) |' % (
-            r['database'], r['phase'], r['seconds'], mb(r['plain_down_bytes']), mb(r['tunnel_down_wire_bytes']),
-            pct(r['tunnel_saving_percent']), pct(r.get('zlib6_saving_percent')),
-            pct(r.get('zstd3_saving_percent')), mb(r['link_ab_bytes']), chunks,
-            r['near_cache_bytes'] / chunks / 1e3 if chunks else 0))
+        if 'phase' in r:
+            phases.setdefault((r['database'], r['phase']), []).append(r)
+    if phases:
+        print_table(phases)
+    print()
+    second = []
     for r in records:
-        first = [x for x in records if x.get('phase') == 'basebackup-1']
+        first = [x for x in records if x.get('phase') == 'basebackup-1' and x['run'] == r['run']]
         if r.get('phase') == 'basebackup-2' and first:
-            first = first[0]
-            print('\nsecond base backup / first, on the wire: %.1f%% (tunnel), %.1f%% (IP a→b)' % (
-                100.0 * r['tunnel_down_wire_bytes'] / first['tunnel_down_wire_bytes'],
-                100.0 * r['link_ab_bytes'] / first['link_ab_bytes']))
+            second.append(100.0 * r['tunnel_down_wire_bytes'] / first[0]['tunnel_down_wire_bytes'])
+            print('run %d: second base backup / first, on the wire: %.1f%% (tunnel), %.1f%% (IP a→b)' % (
+                r['run'], second[-1], 100.0 * r['link_ab_bytes'] / first[0]['link_ab_bytes']))
         if r.get('phase') == 'wal-stream':
-            print('wal-stream: %.0f tps, %.1f MB of WAL in %.1f s; at the end %s bytes behind, replay_lag %s s, '
-                  'replayed everything %.3f s after the load; tables equal: %s' % (
-                      r['tps'] or 0, r['wal_bytes'] / 1e6, r['load_seconds'], r['lag_bytes_at_end'],
+            print('run %d: wal-stream: %.0f tps, %.1f MB of WAL in %.1f s; at the end %s bytes behind, '
+                  'replay_lag %s s, replayed everything %.3f s after the load; tables equal: %s' % (
+                      r['run'], r['tps'] or 0, r['wal_bytes'] / 1e6, r['load_seconds'], r['lag_bytes_at_end'],
                       r['replay_lag_at_end_s'], r['catch_up_s'], r['data_equal']))
         if r.get('phase') == 'binlog':
-            print('binlog: %d rows, %.1f MB of binlog, load %.1f s, replica caught up %.3f s after it; '
-                  'CHECKSUM TABLE equal: %s' % (r['rows'], r['binlog_bytes'] / 1e6, r['load_seconds'],
+            print('run %d: binlog: %d rows, %.1f MB of binlog, load %.1f s, replica caught up %.3f s after it; '
+                  'CHECKSUM TABLE equal: %s' % (r['run'], r['rows'], r['binlog_bytes'] / 1e6, r['load_seconds'],
                                                 r['catch_up_s'], r['data_equal']))
         if 'wan_down' in r:
-            print('%s: `wan down` counters %s; %.0f s in all' % (r['database'], json.dumps(
+            print('run %d: %s: `wan down` counters %s; %.0f s in all' % (r['run'], r['database'], json.dumps(
                 {d: {k: c.get(k) for k in ('bytes_in', 'pkts_in', 'random_loss', 'queue_drop')}
                  for d, c in r['wan_down'].items() if isinstance(c, dict)}), r['seconds']))
         if 'error' in r or 'skipped' in r:
-            print('%s: %s' % (r['database'], r.get('error') or 'skipped: ' + r['skipped']))
+            print('run %d: %s: %s' % (r['run'], r['database'], r.get('error') or 'skipped: ' + r['skipped']))
+    if len(second) > 1:
+        print('second base backup / first, on the wire (tunnel), median of %d runs: %.1f%%'
+              % (len(second), harness.median(second)))
 
 
 def main(argv=None):
@@ -722,6 +746,8 @@ def main(argv=None):
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_options(parser, LINK)
+    parser.add_argument('--runs', type=int, default=1, help='runs of each database, a fresh link, servers and '
+                        'tunnel caches each; the table shows medians (default: %(default)s)')
     parser.add_argument('--databases', default=','.join(DATABASES),
                         help='which, in order (default: %(default)s)')
     parser.add_argument('--scale', type=int, default=20, help='pgbench -i scale (default: %(default)s)')
@@ -750,12 +776,15 @@ def main(argv=None):
     args.json = args.json and os.path.abspath(args.json)
     link = harness.make_link(args)
     work = tempfile.mkdtemp(prefix='wanxfer-repl-', dir=args.work)
-    os.chmod(work, 0o755)           # the servers' users must reach their directories
+    os.chmod(work, 0o755)
     log('working in %s' % work)
     records = []
     try:
-        for name in names:
-            records += run_database(name, args, link, work)
+        for run in range(args.runs):
+            for name in names:
+                for record in run_database(name, args, link, os.path.join(work, 'run-%d' % run)):
+                    record['run'] = run
+                    records.append(record)
     finally:
         if link.is_up:
             link.down()
