@@ -421,6 +421,13 @@ class Postgres:
                                    *extra), timeout=3600, user=self.user)
         return time.monotonic() - started
 
+    def answers(self, host):
+        try:
+            return self.sql(host, 'SELECT 1', db='postgres') == '1'
+        except BenchError as e:
+            self.last_error = str(e)
+            return False
+
     def caught_up(self, lsn):
         # A standby refuses connections until it reaches a consistent state.
         try:
@@ -437,6 +444,8 @@ class Postgres:
     def run(self):
         rig, records = self.rig, []
         self.primary = self.server('a', os.path.join(self.dir, 'primary'))
+        # It listens before it takes queries ("the database system is starting up").
+        rig.wait_for(lambda: self.answers('a'), 120, 'answer from the primary')
         self.sql('a', 'CREATE DATABASE bench', db='postgres')
         self.sql('a', 'CREATE ROLE replicator WITH REPLICATION LOGIN')
         started = time.monotonic()
