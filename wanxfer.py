@@ -5471,6 +5471,161 @@ def transfer_summary(dest, remote, size, received, seconds, wire, sent, encrypte
     return summary
 
 
+# --- Planning a get: destinations, directories made and tidied --------------
+
+def safe_relative(path):
+    """A path the server sent us, checked so a hostile server cannot make us
+    write outside the destination."""
+    try:
+        clean = normalize_remote(path)
+    except RemoteError:
+        clean = None
+    if clean != path.strip('/') or clean in ('', '.'):
+        raise ProtocolError('the server sent an unsafe path %r' % path)
+    return clean
+
+
+def new_file_destination(remotes, dest):
+    """Where a single REMOTE lands if it is a file, provided nothing is
+    there yet (no file, no partial copy): then it can be fetched before
+    it is listed.  None otherwise."""
+    if len(remotes) != 1:
+        return None
+    try:
+        name = normalize_remote(remotes[0]).rsplit('/', 1)[-1]
+    except RemoteError:
+        return None
+    if not name:
+        return None
+    target = dest if dest is not None and not os.path.isdir(dest) else os.path.join(dest or '.', name)
+    if os.path.lexists(target) or PartialFile.left_at(target):
+        return None
+    return target
+
+
+def plan_downloads(client, remotes, dest, answered=None):
+    """[(remote path, local path, entry)] and [local dirs] for the REMOTEs,
+    the error lines of REMOTEs the server refused, and for each REMOTE
+    listed, (where it goes, [local paths of its files]), which
+    tidy_directories() needs.  `answered` is the single REMOTE's listing,
+    if the server already sent it."""
+    listings, errors = [], []
+    results = [answered] if answered is not None else client.listings(remotes)
+    for remote, result in zip(remotes, results):
+        if isinstance(result, RemoteError):
+            errors.append(str(result))
+        else:
+            listings.append((normalize_remote(remote), result))
+    jobs, dirs, trees = [], [], []
+    single = len(remotes) == 1 and len(listings) == 1 and listings[0][1]['kind'] == 'file'
+    if single and dest is not None and not os.path.isdir(dest):
+        remote, listing = listings[0]
+        return [(remote, dest, listing['files'][0])], dirs, errors, [(dest, [dest])]
+    base = dest if dest is not None else '.'
+    if listings:                                # else nothing will go there: do not make it
+        dirs.append(base)
+    for remote, listing in listings:
+        name = listing.get('name') or ''
+        top = os.path.join(base, safe_relative(name)) if name else base
+        if listing['kind'] == 'file':
+            jobs.append((remote, top, listing['files'][0]))
+            trees.append((top, [top]))
+            continue
+        first = len(jobs)
+        dirs.append(top)
+        dirs.extend(os.path.join(top, safe_relative(d)) for d in listing['dirs'])
+        for entry in listing['files']:
+            rel = safe_relative(entry['path'])
+            jobs.append(((remote + '/' if remote else '') + rel, os.path.join(top, rel), entry))
+            if '/' in rel:                      # its directory, checked like the listed ones
+                dirs.append(os.path.dirname(os.path.join(top, rel)))
+        trees.append((top, [job[1] for job in jobs[first:]]))
+    return jobs, dirs, errors, trees
+
+
+def make_directories(dirs, created):
+    """Create `dirs` (the destination first, then directories below it),
+    adding those that were not there before to `created`, parents first
+    (also when one of them cannot be made).
+    The destination is the user's and may be a link; below it, a symbolic
+    link where a directory of the tree goes is refused, not followed: one
+    planted in a shared destination would put the files wherever it points
+    (moving a link of the user's aside is left to the user)."""
+    if not dirs:
+        return
+    base, missing = dirs[0], []
+    parent = os.path.normpath(base)
+    while parent not in ('', '.', os.sep) and not os.path.lexists(parent):
+        missing.insert(0, parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:
+        created.extend(path for path in missing if os.path.isdir(path))
+        raise TransferError('cannot create directory %s: %s' % (base, e.strerror))
+    created.extend(missing)
+    made = set()
+    for directory in dirs[1:]:
+        path = base
+        for part in os.path.relpath(directory, base).split(os.sep):
+            path = os.path.join(path, part)
+            if part in ('', '.') or path in made:
+                continue
+            try:
+                os.mkdir(path)
+                created.append(os.path.normpath(path))
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise TransferError('cannot create directory %s: %s' % (path, e.strerror))
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                raise TransferError('%s is a symbolic link; get does not write through links: '
+                                    'remove it or fetch into another directory' % path)
+            if not stat.S_ISDIR(info.st_mode):
+                raise TransferError('cannot create directory %s: a file is in the way' % path)
+            made.add(path)
+
+
+def tidy_directories(created, trees, arrived):
+    """Remove the directories this run `created` (parents first) for
+    REMOTEs that failed wholly (none of their files `arrived`), if empty:
+    a refused or failed get leaves nothing behind.  An empty remote
+    directory is content, not a failure: its directories stay, as do the
+    ones leading to whatever did arrive, and any holding a partial file
+    kept for the next run."""
+    kept = [os.path.abspath(top) for top, dests in trees
+            if not dests or any(dest in arrived for dest in dests)]
+    for directory in reversed(created):
+        where = os.path.abspath(directory)
+        if any(is_within(where, top) or is_within(top, where) for top in kept):
+            continue
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass                                # not empty, or not ours to remove after all
+
+
+def get_outcomes(client, jobs, fetched):
+    """(job, summary or RemoteError) for each job, after those `fetched`
+    already: small files in batches on the control channel, the rest (and
+    small ones an older server would not batch) on the data channel."""
+    yield from fetched
+    small = [job for job in jobs if int(job[2]['size']) <= SMALL_FILE]
+    by_channel = [job for job in jobs if int(job[2]['size']) > SMALL_FILE]
+    if len(small) == 1:
+        by_channel.insert(0, small[0])
+    elif small:
+        for job, summary in client.fetch_small(small):
+            if summary is None:
+                by_channel.append(job)
+            else:
+                yield job, summary
+    yield from client.fetch_files(by_channel)
+
+
+# --- The session ------------------------------------------------------------
+
 class Client:
     """A session with one server.  `connect()`, then `listings()` of what
     REMOTEs expand to and `fetch_files()` (or `fetch()` of one, or
@@ -8436,157 +8591,6 @@ def require_secret(args):
         raise UsageError('no shared secret: set %s or pass --secret-file FILE (the one `serve` '
                          'printed or was given)' % SECRET_ENV)
     return secret
-
-
-def safe_relative(path):
-    """A path the server sent us, checked so a hostile server cannot make us
-    write outside the destination."""
-    try:
-        clean = normalize_remote(path)
-    except RemoteError:
-        clean = None
-    if clean != path.strip('/') or clean in ('', '.'):
-        raise ProtocolError('the server sent an unsafe path %r' % path)
-    return clean
-
-
-def new_file_destination(remotes, dest):
-    """Where a single REMOTE lands if it is a file, provided nothing is
-    there yet (no file, no partial copy): then it can be fetched before
-    it is listed.  None otherwise."""
-    if len(remotes) != 1:
-        return None
-    try:
-        name = normalize_remote(remotes[0]).rsplit('/', 1)[-1]
-    except RemoteError:
-        return None
-    if not name:
-        return None
-    target = dest if dest is not None and not os.path.isdir(dest) else os.path.join(dest or '.', name)
-    if os.path.lexists(target) or PartialFile.left_at(target):
-        return None
-    return target
-
-
-def plan_downloads(client, remotes, dest, answered=None):
-    """[(remote path, local path, entry)] and [local dirs] for the REMOTEs,
-    the error lines of REMOTEs the server refused, and for each REMOTE
-    listed, (where it goes, [local paths of its files]), which
-    tidy_directories() needs.  `answered` is the single REMOTE's listing,
-    if the server already sent it."""
-    listings, errors = [], []
-    results = [answered] if answered is not None else client.listings(remotes)
-    for remote, result in zip(remotes, results):
-        if isinstance(result, RemoteError):
-            errors.append(str(result))
-        else:
-            listings.append((normalize_remote(remote), result))
-    jobs, dirs, trees = [], [], []
-    single = len(remotes) == 1 and len(listings) == 1 and listings[0][1]['kind'] == 'file'
-    if single and dest is not None and not os.path.isdir(dest):
-        remote, listing = listings[0]
-        return [(remote, dest, listing['files'][0])], dirs, errors, [(dest, [dest])]
-    base = dest if dest is not None else '.'
-    if listings:                                # else nothing will go there: do not make it
-        dirs.append(base)
-    for remote, listing in listings:
-        name = listing.get('name') or ''
-        top = os.path.join(base, safe_relative(name)) if name else base
-        if listing['kind'] == 'file':
-            jobs.append((remote, top, listing['files'][0]))
-            trees.append((top, [top]))
-            continue
-        first = len(jobs)
-        dirs.append(top)
-        dirs.extend(os.path.join(top, safe_relative(d)) for d in listing['dirs'])
-        for entry in listing['files']:
-            rel = safe_relative(entry['path'])
-            jobs.append(((remote + '/' if remote else '') + rel, os.path.join(top, rel), entry))
-            if '/' in rel:                      # its directory, checked like the listed ones
-                dirs.append(os.path.dirname(os.path.join(top, rel)))
-        trees.append((top, [job[1] for job in jobs[first:]]))
-    return jobs, dirs, errors, trees
-
-
-def make_directories(dirs, created):
-    """Create `dirs` (the destination first, then directories below it),
-    adding those that were not there before to `created`, parents first
-    (also when one of them cannot be made).
-    The destination is the user's and may be a link; below it, a symbolic
-    link where a directory of the tree goes is refused, not followed: one
-    planted in a shared destination would put the files wherever it points
-    (moving a link of the user's aside is left to the user)."""
-    if not dirs:
-        return
-    base, missing = dirs[0], []
-    parent = os.path.normpath(base)
-    while parent not in ('', '.', os.sep) and not os.path.lexists(parent):
-        missing.insert(0, parent)
-        parent = os.path.dirname(parent)
-    try:
-        os.makedirs(base, exist_ok=True)
-    except OSError as e:
-        created.extend(path for path in missing if os.path.isdir(path))
-        raise TransferError('cannot create directory %s: %s' % (base, e.strerror))
-    created.extend(missing)
-    made = set()
-    for directory in dirs[1:]:
-        path = base
-        for part in os.path.relpath(directory, base).split(os.sep):
-            path = os.path.join(path, part)
-            if part in ('', '.') or path in made:
-                continue
-            try:
-                os.mkdir(path)
-                created.append(os.path.normpath(path))
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise TransferError('cannot create directory %s: %s' % (path, e.strerror))
-            info = os.lstat(path)
-            if stat.S_ISLNK(info.st_mode):
-                raise TransferError('%s is a symbolic link; get does not write through links: '
-                                    'remove it or fetch into another directory' % path)
-            if not stat.S_ISDIR(info.st_mode):
-                raise TransferError('cannot create directory %s: a file is in the way' % path)
-            made.add(path)
-
-
-def tidy_directories(created, trees, arrived):
-    """Remove the directories this run `created` (parents first) for
-    REMOTEs that failed wholly (none of their files `arrived`), if empty:
-    a refused or failed get leaves nothing behind.  An empty remote
-    directory is content, not a failure: its directories stay, as do the
-    ones leading to whatever did arrive, and any holding a partial file
-    kept for the next run."""
-    kept = [os.path.abspath(top) for top, dests in trees
-            if not dests or any(dest in arrived for dest in dests)]
-    for directory in reversed(created):
-        where = os.path.abspath(directory)
-        if any(is_within(where, top) or is_within(top, where) for top in kept):
-            continue
-        try:
-            os.rmdir(directory)
-        except OSError:
-            pass                                # not empty, or not ours to remove after all
-
-
-def get_outcomes(client, jobs, fetched):
-    """(job, summary or RemoteError) for each job, after those `fetched`
-    already: small files in batches on the control channel, the rest (and
-    small ones an older server would not batch) on the data channel."""
-    yield from fetched
-    small = [job for job in jobs if int(job[2]['size']) <= SMALL_FILE]
-    by_channel = [job for job in jobs if int(job[2]['size']) > SMALL_FILE]
-    if len(small) == 1:
-        by_channel.insert(0, small[0])
-    elif small:
-        for job, summary in client.fetch_small(small):
-            if summary is None:
-                by_channel.append(job)
-            else:
-                yield job, summary
-    yield from client.fetch_files(by_channel)
 
 
 def command_get(args):
