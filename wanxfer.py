@@ -5672,12 +5672,13 @@ class IncomingFile:
         self.partial = partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
         self.bitmap = bitmap = partial.open()
         try:
-            self.conversation.send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
-                                    'max_rate': max_rate, 'block_size': self.block_size,
-                                    'delta': delta, 'compress': store is not None,
+            need = [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)
+            self.conversation.send({'op': 'fetch', 'path': remote, 'size': size,
+                                    'mtime_ns': mtime_ns, 'max_rate': max_rate,
+                                    'block_size': self.block_size, 'delta': delta,
+                                    'compress': store is not None,
                                     'lead': delta and not kept and partial.resumed_blocks == 0,
-                                    'need': [] if delta else bitmap_missing_ranges(bitmap,
-                                                                                   partial.nblocks)})
+                                    'need': need})
         except BaseException:
             partial.close()
             raise
