@@ -223,6 +223,20 @@ SPAN_DIGEST_SIZE = 16
 ZERO_SPAN = bytes(SPAN_DIGEST_SIZE)             # digest field of a span of zero bytes
 
 
+# --- Between `serve` and its session processes (one machine, no network) ----
+# Over a SOCK_SEQPACKET socketpair, one message per packet.  A session process,
+# once its client has authenticated, sends SESSION_REGISTER with its session
+# id; the listener answers SESSION_ACCEPTED or SESSION_REFUSED (the id is
+# taken), then passes on every HELLO datagram that names that id:
+# SESSION_HELLO, the datagram's source address as JSON, the datagram.  The
+# session process checks the datagram's tag: keys never leave it.
+SESSION_REGISTER = struct.Struct('!cI')         # b'R', session id
+SESSION_HELLO = struct.Struct('!cH')            # b'H', length of the address JSON
+SESSION_ACCEPTED = b'Y'
+SESSION_REFUSED = b'N'
+MAX_SESSION_MESSAGE = 4096
+
+
 # --- Tunnel peer connection --------------------------------------------------
 # After the same handshake (HELLO, SERVER_HELLO, CLIENT_PROOF), both peers send
 # frames exactly like the control channel's: FRAME_HEADER, then a body sealed
@@ -5164,8 +5178,9 @@ class ServerSession:
     handed to an OutgoingFile, which runs the paced data phase until the
     client says it holds every block, then sends the whole-file digest."""
 
-    def __init__(self, server, sock, address):
+    def __init__(self, server, sock, address, registry=None):
         self.server = server
+        self.registry = server if registry is None else registry
         self.sock = sock
         self.address = address
         self.session_id = None
@@ -5182,9 +5197,15 @@ class ServerSession:
         self.rate = RateController(server.max_rate)
         self.rtt = 0.1
 
-    # Called from the UDP listener thread once a HELLO from this client checks out.
-    def udp_hello(self, address):
-        if self._udp_address is None:
+    def hello_datagram(self, datagram, address):
+        """A HELLO datagram naming this session arrived from `address` (on
+        the listener's loop, or a session process's listener thread): the
+        client's UDP flow starts there if its tag checks out."""
+        if self.data_in is None or len(datagram) < PACKET_HEADER.size + TAG_SIZE:
+            return
+        view = memoryview(datagram)
+        if hmac.compare_digest(self.data_in.tag(view[:PACKET_HEADER.size], b''),
+                               bytes(view[PACKET_HEADER.size:])) and self._udp_address is None:
             self._udp_address = address
             self._udp_ready.set()
 
@@ -5197,7 +5218,7 @@ class ServerSession:
             self.session_id = keys.session_id
             ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('server')
             self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='client')
-            if not self.server.register(self):
+            if not self.registry.register(self):
                 raise ProtocolError('session id collision')
             if not self._udp_ready.wait(UDP_SETUP_TIMEOUT):
                 self.control.send({'op': 'error', 'message':
@@ -5360,7 +5381,7 @@ class ServerSession:
         return data
 
     def close(self):
-        self.server.unregister(self)
+        self.registry.unregister(self)
         if self.udp is not None:
             self.udp.close()
         try:
@@ -5369,28 +5390,151 @@ class ServerSession:
             pass
 
 
+class SessionProcess:
+    """A session forked into a process of its own, as the listener sees it:
+    the process, its end of the socketpair, and the accepted connection
+    until the client has authenticated (the gate counts it until then, and
+    can still cut it short: a shutdown() of the socket reaches the process
+    too).  Messages are in the wire formats section."""
+
+    def __init__(self, server, pending, pid, channel):
+        self.server = server
+        self.pending = pending
+        self.pid = pid
+        self.channel = channel
+        self.session_id = None
+
+    def on_readable(self, mask):
+        try:
+            message = self.channel.recv(MAX_SESSION_MESSAGE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            message = b''
+        if len(message) == SESSION_REGISTER.size and message[:1] == b'R' and self.session_id is None:
+            self._register(SESSION_REGISTER.unpack(message)[1])
+            return
+        if message:
+            os.kill(self.pid, signal.SIGKILL)   # not our session process's words: a bug, end it
+        self.server.session_process_ended(self)
+
+    def _register(self, session_id):
+        accepted = self.server.route(session_id, self)
+        if accepted:
+            self.session_id = session_id
+        self._release_connection()
+        try:
+            self.channel.send(SESSION_ACCEPTED if accepted else SESSION_REFUSED)
+        except OSError:
+            pass
+
+    def _release_connection(self):
+        """The client authenticated (or the process ended): the gate lets
+        go of the connection, and this process of its copy of the socket."""
+        if self.pending is not None:
+            self.server.pending.release(self.pending)
+            self.pending.sock.close()
+            self.pending = None
+
+    def hello_datagram(self, datagram, address):
+        """Pass a HELLO on; one the process is too busy to take is dropped
+        (the client sends another)."""
+        address_text = json.dumps(list(address)).encode()
+        try:
+            self.channel.send(SESSION_HELLO.pack(b'H', len(address_text)) + address_text + datagram)
+        except OSError:
+            pass
+
+    def close(self):
+        """After the process ended: reap it and say so if it failed."""
+        self._release_connection()
+        self.server.loop.watch(self.channel, 0, None)
+        self.channel.close()
+        try:
+            _pid, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return
+        if os.WIFSIGNALED(status):
+            self.server.log('session process %d ended by signal %d' % (self.pid, os.WTERMSIG(status)))
+
+
+class SessionListener:
+    """The listener as a forked session process sees it (the session's
+    `registry`): register() tells it the session id and waits for its word;
+    then a thread takes the HELLO datagrams it passes on.  When the
+    listener goes away, so does this process: a session never outlives
+    its `serve`."""
+
+    REGISTER_TIMEOUT = 10.0
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def register(self, session):
+        self.channel.settimeout(self.REGISTER_TIMEOUT)
+        self.channel.send(SESSION_REGISTER.pack(b'R', session.session_id))
+        if self.channel.recv(MAX_SESSION_MESSAGE) != SESSION_ACCEPTED:
+            return False
+        self.channel.settimeout(None)
+        start_thread(self._pass_hellos, 'session-listener', (session,))
+        return True
+
+    def unregister(self, session):
+        pass                            # the process ends with its session
+
+    def _pass_hellos(self, session):
+        while True:
+            try:
+                message = self.channel.recv(MAX_SESSION_MESSAGE)
+            except OSError:
+                message = b''
+            if not message:
+                os._exit(1)             # the listener is gone: so is this session
+            if len(message) < SESSION_HELLO.size or message[:1] != b'H':
+                continue
+            length = SESSION_HELLO.unpack_from(message)[1]
+            try:
+                address = tuple(json.loads(message[SESSION_HELLO.size:SESSION_HELLO.size + length]))
+            except ValueError:
+                continue
+            session.hello_datagram(message[SESSION_HELLO.size + length:], address)
+
+
+def sessions_can_fork():
+    """Whether sessions may run in processes of their own: on Linux (fork,
+    SEQPACKET socketpairs) and from a process with no other thread, which
+    a fork could catch holding a lock."""
+    return sys.platform.startswith('linux') and hasattr(os, 'fork') and \
+        threading.active_count() == 1
+
+
 class Server:
     """`serve`: accepts clients on TCP, matches their first UDP datagram to
-    their session, and runs each session on its own thread.  A failing
+    their session, and runs each session in a process of its own (forked,
+    on Linux: sessions use every core, and one that crashes takes no other
+    down) or, where that cannot be, on a thread of its own.  A failing
     session is logged and the server keeps serving.
 
-    One thread (serve_forever's) accepts and reads every connection's HELLO
-    without blocking; a session's thread starts only once its HELLO is in,
-    and the gate (PendingHandshakes) bounds how many have not authenticated
-    and for how long."""
+    The listener is one thread, running an EventLoop: it accepts, reads
+    every connection's HELLO without blocking (the gate, PendingHandshakes,
+    bounds how many have not authenticated and for how long), starts a
+    session once a HELLO is in, and routes each HELLO datagram to its
+    session by the session id it names."""
 
     def __init__(self, tree, secret, bind='', port=DEFAULT_PORT, encrypt=True,
-                 max_rate=None, log=None, signature_store=None):
+                 max_rate=None, log=None, signature_store=None, processes=True):
         self.tree = tree
         self.secret = SharedSecret.of(secret)
         self.secret.server_salt()               # stretched now, not at the first client
         self.encrypt = encrypt
         self.max_rate = max_rate
         self.log = log or (lambda line: None)
+        self.processes = processes
         slots = HelperSlots(MAX_HELPERS, MAX_SESSION_HELPERS)
         self.digests = DigestCache(slots=slots)
         self.signatures = SignatureCache(signature_store, slots=slots)
-        self._sessions = {}
+        self._routes = {}                       # session id -> ServerSession or SessionProcess
+        self._children = {}                     # pid -> SessionProcess
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         family = socket.AF_INET6 if ':' in bind else socket.AF_INET
@@ -5406,52 +5550,57 @@ class Server:
         except OSError as e:
             self.listener.close()
             raise UsageError('cannot listen on %s:%d: %s' % (bind or '*', port, e.strerror))
+        self.udp.setblocking(False)
         self.listener.listen(64)
         self.address = self.listener.getsockname()
         self.loop = EventLoop()
+        self.loop.watch(self.udp, selectors.EVENT_READ, self._on_udp)
         self.pending = PendingHandshakes(self.loop, self._start_session, self.log, '%s: dropped: %s')
         self.acceptor = Acceptor(self.loop, self.listener, self.pending.admit, self.pending.make_room,
                                  self.log)
+        self._hello_buffer = bytearray(2048)
         self._loop_thread = None
         self._loop_done = threading.Event()
         self._loop_done.set()
 
-    def register(self, session):
+    # -- the session registry: by id, for HELLO datagrams ---------------------------
+
+    def route(self, session_id, session):
         with self._lock:
-            if session.session_id in self._sessions:
+            if session_id in self._routes:
                 return False
-            self._sessions[session.session_id] = session
+            self._routes[session_id] = session
             return True
+
+    def register(self, session):
+        return self.route(session.session_id, session)
 
     def unregister(self, session):
         with self._lock:
-            if self._sessions.get(session.session_id) is session:
-                del self._sessions[session.session_id]
+            if self._routes.get(session.session_id) is session:
+                del self._routes[session.session_id]
 
-    def _udp_loop(self):
-        """Match each HELLO datagram to its session by id and tag."""
-        buffer = bytearray(2048)
-        while not self._stopping.is_set():
+    def _on_udp(self, mask):
+        """Pass each HELLO datagram to the session it names."""
+        buffer = self._hello_buffer
+        for _ in range(64):             # then let the loop see to the rest
             try:
                 nbytes, address = self.udp.recvfrom_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError:
-                if self._stopping.is_set():
-                    return
-                continue
+                return
             if nbytes < PACKET_HEADER.size + TAG_SIZE:
                 continue
-            kind, _flags, sid, seq = PACKET_HEADER.unpack_from(buffer)
+            kind, _flags, sid, _seq = PACKET_HEADER.unpack_from(buffer)
             with self._lock:
-                session = self._sessions.get(sid)
-            if kind != KIND_HELLO or session is None:
-                continue
-            view = memoryview(buffer)
-            if hmac.compare_digest(session.data_in.tag(view[:PACKET_HEADER.size], b''),
-                                   bytes(view[PACKET_HEADER.size:nbytes])):
-                session.udp_hello(address)
+                session = self._routes.get(sid)
+            if kind == KIND_HELLO and session is not None:
+                session.hello_datagram(bytes(buffer[:nbytes]), address)
+
+    # -- running ---------------------------------------------------------------------
 
     def serve_forever(self):
-        threading.Thread(target=self._udp_loop, name='udp-hello', daemon=True).start()
         self._loop_thread = threading.get_ident()
         self._loop_done.clear()
         try:
@@ -5461,9 +5610,12 @@ class Server:
 
     def _start_session(self, pending):
         """Called on the loop once `pending`'s HELLO is in."""
-        session = ServerSession(self, pending.sock, pending.address)
         try:
             pending.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.processes and sessions_can_fork():
+                self._fork_session(pending)
+                return
+            session = ServerSession(self, pending.sock, pending.address)
             threading.Thread(target=session.run, args=(pending,), name='session', daemon=True).start()
         except OSError as e:
             self.pending.abandon(pending, e.strerror or str(e))
@@ -5471,6 +5623,63 @@ class Server:
             # No thread to be had (a process limit, memory): this client is
             # dropped, the server goes on.
             self.pending.abandon(pending, 'cannot start a thread for it: %s' % e)
+
+    def _fork_session(self, pending):
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()              # or the child writes the parent's buffered lines again
+        try:
+            pid = os.fork()
+        except OSError:
+            mine.close()
+            theirs.close()
+            raise
+        if pid == 0:
+            self._run_session_process(pending, theirs, mine)
+        theirs.close()
+        mine.setblocking(False)
+        child = self._children[pid] = SessionProcess(self, pending, pid, mine)
+        self.loop.watch(mine, selectors.EVENT_READ, child.on_readable)
+
+    def _run_session_process(self, pending, channel, parents_end):
+        """In the forked process: let go of everything the listener holds
+        (a listener socket kept open here would keep the port bound after
+        `serve` ends), run the session, exit.  Never returns."""
+        status = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the listener's to handle
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            parents_end.close()
+            for key in list(self.loop.selector.get_map().values()):
+                if key.fileobj is not pending.sock:
+                    key.fileobj.close()
+            self.loop.close()
+            self.listener.close()
+            self.udp.close()
+            ServerSession(self, pending.sock, pending.address, SessionListener(channel)).run(pending)
+            status = 0
+        except Exception as e:          # a bug: one line in the log, and only this session ends
+            self.log('%s: session process failed: %r' % (pending.name, e))
+        except BaseException:
+            pass
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(status)
+
+    def session_process_ended(self, child):
+        with self._lock:
+            if child.session_id is not None and self._routes.get(child.session_id) is child:
+                del self._routes[child.session_id]
+        self._children.pop(child.pid, None)
+        child.close()
+
+    def session_processes(self):
+        """The pids of the session processes running now."""
+        return sorted(self._children)
 
     def shutdown(self):
         if self._stopping.is_set():
@@ -5481,6 +5690,8 @@ class Server:
             self._loop_done.wait(5.0)       # the loop's sockets are closed once it has let go
         self.acceptor.close()
         self.pending.close()
+        for child in list(self._children.values()):
+            child.channel.close()           # its listener thread sees the end, and it exits
         for sock in (self.listener, self.udp):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -5580,6 +5791,14 @@ class FileReceiver:
 # until every block is held, and verifies the whole-file digest before the
 # file takes its final name.  Progress and results go to an `events` object;
 # this section never prints.
+#
+# Client holds the session (connection, keys, UDP flow, probes) and has one
+# way in, get(): listings become Listing and ListingEntry records where they
+# arrive, plan_downloads() makes them a DownloadPlan, and each Download is
+# received by an IncomingFile (ask, answer, transfer), whose data phase a
+# ReceivePhase runs.  An IncomingFile is handed a Conversation (control
+# messages) and a DataChannel (datagrams), not the Client: the receiving
+# role does not assume it runs in the client.
 
 HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
@@ -5633,12 +5852,703 @@ def transfer_summary(dest, remote, size, received, seconds, wire, sent, encrypte
     return summary
 
 
+# --- Records: what a listing says, what a get plans -------------------------
+
+class ListingEntry(collections.namedtuple('ListingEntry', 'path size mtime_ns mode')):
+    """One file of a listing: its path (below the listed directory), size,
+    mtime and permission bits, as the server stated them.  Made once, where
+    the listing arrives (its message already passed validate_message), and
+    read as attributes from then on."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_message(cls, entry):
+        """From one checked entry of a `listing` (or an open fetch's `start`)."""
+        return cls(entry['path'], entry['size'], entry['mtime_ns'], entry['mode'])
+
+
+class Listing(collections.namedtuple('Listing', 'kind name files dirs')):
+    """What one REMOTE expands to: its `kind` ('file' or 'dir'), its `name`
+    (where it goes below the destination; '' for the served root), its
+    `files` as ListingEntry records and the paths of its `dirs`, the pages
+    it came in joined."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_pages(cls, page, next_page):
+        """The listing whose first `listing` message is `page`, with the
+        pages after it from next_page().  A page of another listing, or
+        more entries than one get takes, is a ProtocolError."""
+        kind, name = page.get('kind'), page.get('name')
+        files, dirs, entries = [], [], 0
+        entry = ListingEntry.from_message
+        while True:
+            if not isinstance(page.get('files'), list) or not isinstance(page.get('dirs'), list):
+                raise ProtocolError('a listing without its lists of files and directories')
+            entries += max(1, len(page['files']) + len(page['dirs']))     # empty pages count too
+            if entries > MAX_LISTING_ENTRIES:
+                raise ProtocolError('%s holds more than %d files and directories, more than one '
+                                    'get takes: fetch its subdirectories one at a time'
+                                    % (printable(str(name)), MAX_LISTING_ENTRIES))
+            if (page.get('kind'), page.get('name')) != (kind, name):
+                raise ProtocolError('a page of another listing')
+            files.extend([entry(item) for item in page['files']])
+            dirs.extend(page['dirs'])
+            if not page.get('more'):
+                return cls(kind, name or '', files, dirs)
+            page = next_page()
+
+
+class Download(collections.namedtuple('Download', 'remote dest entry')):
+    """One file a get fetches: its path on the server, the local path it
+    goes to, and its ListingEntry."""
+
+    __slots__ = ()
+
+
+class DownloadPlan(collections.namedtuple('DownloadPlan', 'downloads dirs errors trees')):
+    """What a get does once the REMOTEs are listed: fetch the `downloads`
+    after making the local `dirs` (the destination first), report the
+    RemoteError of each REMOTE refused in `errors`, and in `trees` keep
+    (where a REMOTE goes, [local paths of its files]) for each REMOTE
+    listed, which tidy_directories() needs."""
+
+    __slots__ = ()
+
+
+# --- One file coming in: request and answer, datagrams, data phase ----------
+
+class Conversation:
+    """One end's blocking use of a session's ControlChannel, request and
+    answer: each wait and each send ends after `timeout` with a
+    TransferError, an `error` answer is raised as RemoteError, and the
+    signature pieces a file may still have on their way once its data
+    phase is over (`expect_strays()`) are passed over where the next
+    answer is read (`skip_strays()`).  `peer` names the other end in errors."""
+
+    def __init__(self, channel, timeout, peer='server'):
+        self.channel = channel
+        self.timeout = timeout
+        self.peer = peer
+        self._stray_file = None                 # the file whose signature pieces may still come
+        self._strays_left = 0                   # and how many of them are still plausible
+
+    def send(self, message):
+        try:
+            self.channel.send(message)
+        except socket.timeout:
+            raise TransferError('the %s took no request for %d s' % (self.peer, self.timeout))
+
+    def recv(self):
+        try:
+            return self.channel.recv()
+        except socket.timeout:
+            raise TransferError('the %s did not answer for %d s' % (self.peer, self.timeout))
+
+    def check(self, message, op):
+        """`message` if it is an `op`; RemoteError if it is an error."""
+        if message['op'] == 'error':
+            raise RemoteError(str(message.get('message', 'the %s refused' % self.peer)))
+        if message['op'] != op:
+            raise ProtocolError('expected %s from the %s, got %s' % (op, self.peer, message['op']))
+        return message
+
+    def expect(self, op):
+        return self.check(self.recv(), op)
+
+    def expect_strays(self, file_id, count):
+        """Up to `count` signature pieces of file `file_id` may come late."""
+        self._stray_file, self._strays_left = file_id, count
+
+    def skip_strays(self, message):
+        """`message`, or the first after it that is not a late signature
+        piece: no more of them than expect_strays() allows, so a peer
+        cannot keep this end reading them for ever."""
+        while message['op'] == 'signature':
+            if message.get('file') != self._stray_file or self._strays_left <= 0:
+                raise ProtocolError('the %s sent a signature piece no fetch can use (file %s)'
+                                    % (self.peer, printable(str(message.get('file')))))
+            self._strays_left -= 1
+            message = self.recv()
+        return message
+
+
+class DataChannel:
+    """A session's UDP flow as its receiving end uses it: sealed datagrams
+    out (HELLO, FEEDBACK, NAK) numbered in one sequence, and the sealer and
+    session id that tell the session's datagrams in.  `udp` is a connected
+    DatagramSocket."""
+
+    def __init__(self, udp, sealer_out, sealer_in, session_id):
+        self.udp = udp
+        self.sealer_out, self.sealer_in = sealer_out, sealer_in
+        self.session_id = session_id
+        self._seq = 0
+
+    def send(self, kind, body=b''):
+        packet = seal_datagram(self.sealer_out, kind, self.session_id, self._seq, body)
+        self._seq += 1
+        try:
+            self.udp.sock.send(packet)
+        except (BlockingIOError, ConnectionRefusedError):
+            pass                                # lost like any datagram; timers resend
+
+
+class IncomingFile:
+    """One file being received, from the request for it to the digest that
+    proves it.  `ask()` sends the fetch (resuming a partial copy, offering
+    an older copy for a delta); `answer()` reads the sender's `start` (or
+    `begin()` takes the `start` of an open fetch); `transfer()` runs the
+    data phase, says `done`, compares the digests, puts the file in place
+    and returns its summary.  `withdraw()` gives up a file asked for and
+    never answered; `write_whole()` takes a small file's `content` instead.
+
+    It is handed what it uses (a Conversation, a DataChannel, the events,
+    a clock, and for a delta the ChunkStore and the sender's origin), not
+    the session, so it does not care which end of one it runs at."""
+
+    def __init__(self, remote, dest, entry, conversation, data, events, rtt, store=None,
+                 origin=None, clock=time.monotonic):
+        self.remote, self.dest, self.entry = remote, dest, entry
+        self.conversation, self.data, self.events = conversation, data, events
+        self.rtt = rtt
+        self.store, self.origin = store, origin
+        self.clock = clock
+        self.block_size = 0
+        self.delta = False                      # built from the sender's signature and local data
+        self.kept = []                          # older copies of it kept in the store (its rows)
+        self.partial = None                     # the PartialFile, once asked for
+        self.bitmap = None                      # the blocks it held then
+        self.asked_at = None                    # clock() when the fetch went
+        self.start = None                       # the sender's `start`
+        self.rejected = 0                       # datagrams of the data phase that failed checks
+        self.largest_probe = 0                  # bytes of the largest probe that came with the data
+
+    def ask(self, choose_block_size, max_rate):
+        """Send the fetch: its partial copy opened, its blocks sized by
+        choose_block_size(the largest MTU worth using)."""
+        remote, dest, store = self.remote, self.dest, self.store
+        size, mtime_ns = self.entry.size, self.entry.mtime_ns
+        # An older copy of this file, at `dest` or kept from an earlier fetch
+        # of `remote`, is worth content-defined spans where data shifted.
+        kept = store.kept_files_for(remote, self.origin) if store is not None and size else []
+        # Not through a link: what it points to is no copy of ours, and is replaced.
+        if store is not None and size and os.path.isfile(dest) and not os.path.islink(dest):
+            kept = self._keep_older_copy(kept)
+        # A small new file is cheaper sent than looked for: a delta costs a round trip.
+        delta = store is not None and size > 0 and bool(size >= DELTA_MIN_SIZE or kept)
+        # An update is sent as the blocks around each change: smaller blocks waste less.
+        self.block_size = choose_block_size(DELTA_MAX_MTU if kept else MAX_MTU)
+        self.kept, self.delta = kept, delta
+        self.partial = partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
+        self.bitmap = bitmap = partial.open()
+        try:
+            need = [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)
+            self.conversation.send({'op': 'fetch', 'path': remote, 'size': size,
+                                    'mtime_ns': mtime_ns, 'max_rate': max_rate,
+                                    'block_size': self.block_size, 'delta': delta,
+                                    'compress': store is not None,
+                                    'lead': delta and not kept and partial.resumed_blocks == 0,
+                                    'need': need})
+        except BaseException:
+            partial.close()
+            raise
+        self.asked_at = self.clock()
+
+    def answer(self):
+        """Read the sender's `start` for what ask() sent."""
+        conversation = self.conversation
+        try:
+            # Pieces of a file given up on just before may come first.
+            self.start = conversation.check(conversation.skip_strays(conversation.recv()), 'start')
+        except BaseException:
+            self.partial.withdraw()
+            raise
+
+    def begin(self, start, asked_at):
+        """Take the `start` that answered an open fetch (sent at `asked_at`,
+        before the file was known): its partial copy opened in the blocks
+        the sender chose."""
+        self.start, self.asked_at = start, asked_at
+        self.block_size, self.delta = start['block_size'], start['delta']
+        self.partial = PartialFile(self.dest, self.remote, self.entry.size, self.entry.mtime_ns,
+                                   self.block_size)
+        self.bitmap = self.partial.open()
+
+    def withdraw(self):
+        self.partial.withdraw()
+
+    def discard(self):
+        self.partial.discard()
+
+    def transfer(self, waited_since, then=None, unproven=False, proven=0):
+        """The rest of a fetch once the sender said `start`: the data phase
+        (and the delta's local assembly), `done` (and `then()`, which may
+        ask for the next file), the digests compared, the file renamed into
+        place; its summary.  The first data counts from `waited_since`.
+        With `unproven` blocks, a path that carries none as large as a full
+        one's (nor a probe that large: `proven` bytes came before) raises
+        PathTooNarrow."""
+        entry, partial, start, block_size = self.entry, self.partial, self.start, self.block_size
+        size = entry.size
+        self.data.sealer_in.set_stride(block_size)
+        resumed = partial.resumed_blocks
+        self.events.file_started(self.remote, self.dest, size, min(size, resumed * block_size))
+        try:
+            writer = BlockWriter(partial, self.bitmap)
+        except NoThread:
+            partial.close()
+            raise
+        try:
+            frontier = FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
+        except NoThread:
+            writer.close()
+            partial.close()
+            raise
+        assembler = None
+        try:
+            window = ReceiveWindow(partial.nblocks, start['first_seq'], self.bitmap)
+            # Its signature, fixed and refined, has at most this many pieces.
+            self.conversation.expect_strays(
+                start['file'], 2 * (-(-size // SIGNATURE_SEGMENT) + 1) if self.delta else 0)
+            if self.delta:
+                window.decided = 0
+                assembler = LocalAssembler(self.store, partial, refine=bool(self.kept),
+                                           origin=self.origin)
+            if not window.complete():
+                phase = ReceivePhase(self, window, writer, assembler, unproven, proven)
+                try:
+                    phase.run()
+                finally:
+                    self.rejected += phase.receiver.rejected
+                    self.largest_probe = max(self.largest_probe, phase.receiver.largest_probe)
+            writer.sync()
+            partial.save_state(writer.written_bitmap())
+            self.conversation.send({'op': 'done', 'file': start['file']})
+            if then is not None:
+                then()
+            local = partial.digest(frontier)    # while the sender's answer is on its way
+            # Pieces sent before our done crossed it may come first.
+            report = self.conversation.check(
+                self.conversation.skip_strays(self.conversation.recv()), 'digest')
+        except BaseException:
+            frontier.stop()
+            try:
+                writer.sync()
+            except WanxferError:
+                pass
+            try:
+                partial.save_state(writer.written_bitmap())
+            except WanxferError:
+                pass
+            partial.close()
+            raise
+        finally:
+            writer.close()
+            if assembler is not None:
+                assembler.close()
+        if not hmac.compare_digest(local, str(report.get('sha256'))):
+            partial.discard()
+            raise DigestMismatch(self.remote)
+        partial.finish(entry.mode, entry.mtime_ns)
+        if assembler is not None and assembler.offset == size:
+            self.store.keep_file(self.dest, self.remote, 'fixed', assembler.spans, origin=self.origin)
+        received = writer.written_bytes
+        wire = int(report.get('wire_bytes', 0))
+        return transfer_summary(
+            self.dest, self.remote, size, received, self.clock() - self.asked_at, wire,
+            wire + int(report.get('signature_bytes', 0)), self.data.sealer_in.encrypt, block_size,
+            local, resumed_bytes=min(size, resumed * block_size),
+            packets_sent=int(report.get('packets_sent', 0)),
+            packets_received=window.packets, packets_duplicate=window.duplicates,
+            packets_rejected=self.rejected,
+            packets_lost=int(report.get('packets_lost', 0)),
+            packets_retransmitted=int(report.get('packets_retransmitted', 0)),
+            packets_compressed=int(report.get('packets_compressed', 0)),
+            delta=('off' if assembler is None else
+                   'fixed+cdc' if assembler.refined_bytes else 'fixed'),
+            local_bytes=assembler.local_bytes if assembler else 0,
+            zero_bytes=assembler.zero_bytes if assembler else 0,
+            signature_bytes=int(report.get('signature_bytes', 0)),
+            first_data_seconds=(None if window.first_arrival is None
+                                else round(window.first_arrival - waited_since, 3)))
+
+    def write_whole(self, message, seconds):
+        """Take a small file sent whole in a `content` message (one that
+        is not an error); its summary."""
+        remote, dest, size, mtime_ns = self.remote, self.dest, self.entry.size, self.entry.mtime_ns
+        try:
+            blob = base64.b64decode(message['data'], validate=True)
+            data = inflate(blob, size) if message.get('encoding') == 'zlib' else blob
+        except (ValueError, ProtocolError) as e:
+            raise ProtocolError('%s: undecodable content (%s)' % (remote, e))
+        partial = PartialFile(dest, remote, size, mtime_ns, max(1, size))
+        partial.open(resume=False)
+        try:
+            if data:
+                partial.write(0, data)
+            local = partial.digest()
+        except BaseException:
+            partial.discard()
+            raise
+        if len(data) != size or not hmac.compare_digest(local, str(message.get('sha256'))):
+            partial.discard()
+            raise TransferError('%s: the content the %s sent does not match its digest'
+                                % (remote, self.conversation.peer))
+        partial.finish(self.entry.mode, mtime_ns)
+        self.events.file_started(remote, dest, size, 0)
+        wire = FRAME_HEADER.size + TAG_SIZE + len(json.dumps(message, separators=(',', ':')))
+        return transfer_summary(dest, remote, size, size, seconds, wire, wire,
+                                self.data.sealer_in.encrypt, 0, local)
+
+    def _keep_older_copy(self, kept):
+        """Index the file at `dest` (an older copy the store does not know)
+        in fixed spans, at C speed, and keep it: the kept files for
+        `remote` afterwards."""
+        for row in kept:
+            try:
+                if os.path.samefile(row[1], self.dest):
+                    return kept
+            except OSError:
+                pass
+        try:
+            # The user already has it, and asks this sender for what goes there.
+            self.store.keep_file(self.dest, self.remote, 'fixed',
+                                 signature_spans(self.dest, 'fixed'), origin=self.origin)
+        except OSError:
+            return kept                         # unreadable: it cannot help
+        return self.store.kept_files_for(self.remote, self.origin)
+
+    def index_older_copies(self, kept):
+        """Content-defined spans of each older copy, so they can be found."""
+        for file_id, path, size, mtime_ns, modes in kept:
+            try:
+                info = os.stat(path)
+                unchanged = (info.st_size, info.st_mtime_ns) == (size, mtime_ns)
+                if unchanged and 'cdc' not in modes.split(','):
+                    self.store.add_spans(file_id, 'cdc', signature_spans(path, 'cdc'))
+            except OSError:
+                unchanged = False
+            if not unchanged:
+                self.store.forget_file(file_id)
+
+
+class ReceivePhase:
+    """The data phase of one IncomingFile: datagrams in and blocks written,
+    feedback and NAKs out; with an `assembler` (a delta), signature pieces
+    in and local data written too.  `run()` is one small loop, as
+    socketserver's serve_forever: wait for either channel or the next
+    timer, take what came, then give each timer its turn (feedback, NAK,
+    the path's proof, progress, state save), each step one job.  With
+    `unproven` blocks, no datagram (data or probe) as large as a full
+    block's for a few round trips raises PathTooNarrow."""
+
+    def __init__(self, incoming, window, writer, assembler=None, unproven=False, proven=0):
+        start, rtt = incoming.start, incoming.rtt
+        self.incoming = incoming
+        self.window, self.writer, self.assembler = window, writer, assembler
+        self.conversation, self.data = incoming.conversation, incoming.data
+        self.channel = incoming.conversation.channel     # fed here: the loop waits on its socket
+        self.events, self.clock = incoming.events, incoming.clock
+        self.size, self.block_size = incoming.entry.size, incoming.block_size
+        self.file_id = start['file']
+        self.lead = start.get('lead', 0)        # blocks the sender sends a delta unasked
+        self.older_copies = incoming.kept if assembler is not None else None
+        self.receiver = FileReceiver(self.data.session_id, self.data.sealer_in, window, writer,
+                                     self.size, self.block_size)
+        self.buffer = bytearray(RECV_BUFFER)
+        self.full_datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
+        self.proven = proven                    # bytes of the largest probe before this phase
+        self.feedback_interval = max(0.005, min(0.02, rtt / 8))
+        self.idle_limit = max(0.02, rtt / 2)
+        now = self.clock()
+        self.narrow_check = now + max(NARROW_PATH_WAIT, 3 * rtt) if unproven else None
+        self.last_data = self.next_nak = now
+        self.next_feedback = now + self.feedback_interval
+        self.next_progress = now + PROGRESS_INTERVAL
+        self.next_save = now + STATE_SAVE_INTERVAL
+        self.packets_at_feedback = 0
+
+    def run(self):
+        clock, complete = self.clock, self.window.complete
+        selector = selectors.DefaultSelector()
+        selector.register(self.data.udp.sock, selectors.EVENT_READ, self._receive_datagrams)
+        selector.register(self.channel.sock, selectors.EVENT_READ, self._receive_control)
+        try:
+            self._apply_control()               # what arrived with 'start'
+            now = clock()
+            while not complete():
+                for key, _events in selector.select(max(0.0, self._wake_at() - now)):
+                    key.data()
+                now = clock()
+                self._send_feedback(now)
+                self._send_nak(now)
+                self._check_path(now)
+                self._report_progress(now)
+                self._save_state(now)
+        finally:
+            self.receiver.flush()
+            selector.close()
+
+    def _wake_at(self):
+        return min(self.next_feedback, self.next_progress,
+                   max(self.last_data + self.idle_limit, self.next_nak))
+
+    def _receive_datagrams(self):
+        """Up to MAX_RECEIVES_PER_WAKEUP receives, then the timers' turn."""
+        recv_batch, receive, window = self.data.udp.recv_batch, self.receiver.receive, self.window
+        buffer, clock, last_data = self.buffer, self.clock, self.last_data
+        for receives in range(MAX_RECEIVES_PER_WAKEUP):
+            nbytes, segment = recv_batch(buffer)
+            if not nbytes:
+                break
+            now = clock()
+            packets = window.packets
+            receive(buffer, nbytes, segment, now)
+            if window.packets != packets:
+                last_data = now
+        self.last_data = last_data
+        self.receiver.flush()
+        if receives < FEW_RECEIVES:
+            # A slow trickle: let datagrams gather in the socket buffer
+            # rather than wake up for each one.
+            time.sleep(TRICKLE_PAUSE)
+
+    def _receive_control(self):
+        data = self.channel.sock.recv(65536)
+        if not data:
+            raise TransferError('the %s closed the connection; partial data kept: run the same '
+                                'command again to resume' % self.conversation.peer)
+        self.channel.feed(data)
+        if self._apply_control():
+            self.last_data = self.clock()
+
+    def _apply_control(self):
+        """Apply the signature pieces received (and refuse anything else);
+        True if there were any."""
+        applied = False
+        for message in self.channel.messages():
+            if message['op'] == 'signature' and self.assembler is not None \
+                    and message.get('file') == self.file_id:
+                self._apply_signature(message)
+                applied = True
+            else:
+                self.conversation.check(message, 'nothing during the data phase')
+        return applied
+
+    def _apply_signature(self, message):
+        """Fill what this piece of the signature lets us, and ask the sender
+        for the rest of the blocks it decides."""
+        window, lead = self.window, self.lead
+        held, decided, refine = self.assembler.on_piece(message['offset'],
+                                                        decode_spans(message['spans']),
+                                                        bool(message.get('refined')))
+        window.mark_held(held)
+        self.writer.mark_written(held)
+        # The sender sends the lead unasked: what of it was found here need
+        # not come; what is missing is NAKed once decided.
+        held_lead = [(start, min(end, lead)) for start, end in held if start < lead]
+        if decided > window.decided or held_lead:
+            need = bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, lead))
+            window.decided = max(decided, window.decided)
+            self.conversation.send({'op': 'need', 'file': self.file_id, 'ranges': need,
+                                    'held': held_lead})
+        if refine:
+            self.conversation.send({'op': 'refine', 'file': self.file_id, 'offset': refine[0],
+                                    'end': refine[1]})
+            if self.older_copies:               # once, while the sender cuts its copy
+                self.incoming.index_older_copies(self.older_copies)
+                self.older_copies = None
+
+    def _send_feedback(self, now):
+        if now >= self.next_feedback:
+            window = self.window
+            if window.packets != self.packets_at_feedback:
+                self.packets_at_feedback = window.packets
+                self.data.send(KIND_FEEDBACK, encode_feedback(self.file_id, *window.feedback(now)))
+            self.next_feedback = now + self.feedback_interval
+
+    def _send_nak(self, now):
+        """Once the data pauses, what is missing; after `timeout` of it, give up."""
+        if now - self.last_data >= self.idle_limit and now >= self.next_nak:
+            missing = self.window.missing()
+            if missing:
+                self.data.send(KIND_NAK, encode_nak(self.file_id, missing))
+            self.next_nak = now + self.idle_limit
+            if now - self.last_data > self.conversation.timeout:
+                raise TransferError('no data from the %s for %d s; partial data kept: run the same '
+                                    'command again to resume'
+                                    % (self.conversation.peer, self.conversation.timeout))
+
+    def _check_path(self, now):
+        # Only a datagram of a full block's size proves the path: the short
+        # last block, or one that compressed well, fit through a path that
+        # loses every other block.
+        if self.narrow_check is not None:
+            receiver = self.receiver
+            if max(receiver.largest_data, receiver.largest_probe, self.proven) >= self.full_datagram:
+                self.narrow_check = None
+            elif now >= self.narrow_check:
+                raise PathTooNarrow()
+
+    def _report_progress(self, now):
+        if now >= self.next_progress:
+            self.next_progress = now + PROGRESS_INTERVAL
+            window, size = self.window, self.size
+            self.events.progress({
+                'file_bytes': size, 'held_bytes': min(size, window.held * self.block_size),
+                'received_bytes': self.writer.written_bytes, 'elapsed': now - self.incoming.asked_at,
+                'packets': window.packets, 'duplicates': window.duplicates,
+                'loss': window.loss_fraction()})
+
+    def _save_state(self, now):
+        if now >= self.next_save:
+            self.next_save = now + STATE_SAVE_INTERVAL
+            self.writer.flush()
+            self.incoming.partial.save_state(self.writer.written_bitmap())
+
+
+# --- Planning a get: destinations, directories made and tidied --------------
+
+def safe_relative(path):
+    """A path the server sent us, checked so a hostile server cannot make us
+    write outside the destination."""
+    try:
+        clean = normalize_remote(path)
+    except RemoteError:
+        clean = None
+    if clean != path.strip('/') or clean in ('', '.'):
+        raise ProtocolError('the server sent an unsafe path %r' % path)
+    return clean
+
+
+def new_file_destination(remotes, dest):
+    """Where a single REMOTE lands if it is a file, provided nothing is
+    there yet (no file, no partial copy): then it can be fetched before
+    it is listed.  None otherwise."""
+    if len(remotes) != 1:
+        return None
+    try:
+        name = normalize_remote(remotes[0]).rsplit('/', 1)[-1]
+    except RemoteError:
+        return None
+    if not name:
+        return None
+    target = dest if dest is not None and not os.path.isdir(dest) else os.path.join(dest or '.', name)
+    if os.path.lexists(target) or PartialFile.left_at(target):
+        return None
+    return target
+
+
+def plan_downloads(remotes, dest, results):
+    """The DownloadPlan of getting the REMOTEs into `dest` (None: the
+    current directory), from `results`: the Listing of each REMOTE, or the
+    RemoteError the server answered for it."""
+    listings, errors = [], []
+    for remote, result in zip(remotes, results):
+        if isinstance(result, RemoteError):
+            errors.append(result)
+        else:
+            listings.append((normalize_remote(remote), result))
+    downloads, dirs, trees = [], [], []
+    single = len(remotes) == 1 and len(listings) == 1 and listings[0][1].kind == 'file'
+    if single and dest is not None and not os.path.isdir(dest):
+        remote, listing = listings[0]
+        return DownloadPlan([Download(remote, dest, listing.files[0])], dirs, errors, [(dest, [dest])])
+    base = dest if dest is not None else '.'
+    if listings:                                # else nothing will go there: do not make it
+        dirs.append(base)
+    for remote, listing in listings:
+        top = os.path.join(base, safe_relative(listing.name)) if listing.name else base
+        if listing.kind == 'file':
+            downloads.append(Download(remote, top, listing.files[0]))
+            trees.append((top, [top]))
+            continue
+        first = len(downloads)
+        dirs.append(top)
+        dirs.extend(os.path.join(top, safe_relative(d)) for d in listing.dirs)
+        for entry in listing.files:
+            rel = safe_relative(entry.path)
+            downloads.append(Download((remote + '/' if remote else '') + rel, os.path.join(top, rel),
+                                      entry))
+            if '/' in rel:                      # its directory, checked like the listed ones
+                dirs.append(os.path.dirname(os.path.join(top, rel)))
+        trees.append((top, [download.dest for download in downloads[first:]]))
+    return DownloadPlan(downloads, dirs, errors, trees)
+
+
+def make_directories(dirs, created):
+    """Create `dirs` (the destination first, then directories below it),
+    adding those that were not there before to `created`, parents first
+    (also when one of them cannot be made).
+    The destination is the user's and may be a link; below it, a symbolic
+    link where a directory of the tree goes is refused, not followed: one
+    planted in a shared destination would put the files wherever it points
+    (moving a link of the user's aside is left to the user)."""
+    if not dirs:
+        return
+    base, missing = dirs[0], []
+    parent = os.path.normpath(base)
+    while parent not in ('', '.', os.sep) and not os.path.lexists(parent):
+        missing.insert(0, parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:
+        created.extend(path for path in missing if os.path.isdir(path))
+        raise TransferError('cannot create directory %s: %s' % (base, e.strerror))
+    created.extend(missing)
+    made = set()
+    for directory in dirs[1:]:
+        path = base
+        for part in os.path.relpath(directory, base).split(os.sep):
+            path = os.path.join(path, part)
+            if part in ('', '.') or path in made:
+                continue
+            try:
+                os.mkdir(path)
+                created.append(os.path.normpath(path))
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise TransferError('cannot create directory %s: %s' % (path, e.strerror))
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                raise TransferError('%s is a symbolic link; get does not write through links: '
+                                    'remove it or fetch into another directory' % path)
+            if not stat.S_ISDIR(info.st_mode):
+                raise TransferError('cannot create directory %s: a file is in the way' % path)
+            made.add(path)
+
+
+def tidy_directories(created, trees, arrived):
+    """Remove the directories this run `created` (parents first) for
+    REMOTEs that failed wholly (none of their files `arrived`), if empty:
+    a refused or failed get leaves nothing behind.  An empty remote
+    directory is content, not a failure: its directories stay, as do the
+    ones leading to whatever did arrive, and any holding a partial file
+    kept for the next run."""
+    kept = [os.path.abspath(top) for top, dests in trees
+            if not dests or any(dest in arrived for dest in dests)]
+    for directory in reversed(created):
+        where = os.path.abspath(directory)
+        if any(is_within(where, top) or is_within(top, where) for top in kept):
+            continue
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass                                # not empty, or not ours to remove after all
+
+
+# --- The session ------------------------------------------------------------
+
 class Client:
-    """A session with one server.  `connect()`, then `listings()` of what
-    REMOTEs expand to and `fetch_files()` (or `fetch()` of one, or
-    `fetch_small()` of small ones in batches); `fetch_new()` instead, for a
-    single file new here, asks for it before any listing.  `close()` at
-    the end."""
+    """A session with one server: its connection, keys, UDP flow and the
+    probes that size its blocks.  `get()` is the way in: REMOTEs into a
+    destination, file by file.  `listing()` and `fetch()` of one file
+    whose listing is known serve `demo` and tests.  `close()` at the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
                  max_rate=None, store=None):
@@ -5650,11 +6560,14 @@ class Client:
         self.timeout = timeout
         self.events = events or TransferEvents()
         self.sock = self.udp = None
-        self._seq = 0
-        self._older_copies = None
-        self._lead = 0                          # blocks the server sends a delta unasked
-        self._file_id = 0
-        self._strays_left = 0                   # signature pieces of that file still plausible
+        self.session_id = None
+        self.rtt = None                         # s, measured by the handshake
+        self.control = None                     # the ControlChannel
+        self.conversation = None                # and the Conversation on it
+        self.data = None                        # the DataChannel on `udp`
+        self._largest_probe = 0                 # bytes of the largest authentic probe
+        self._probes_awaited = False
+        self._ready = False                     # the server has seen our HELLO
         self._connect_started = None            # the first file's wait counts from here
 
     def connect(self):
@@ -5674,27 +6587,67 @@ class Client:
         except socket.timeout:
             raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
         self.session_id = keys.session_id
-        ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('client')
+        ctrl_out, ctrl_in, data_out, data_in = keys.sealers('client')
         self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='server')
+        self.conversation = Conversation(self.control, self.timeout)
         # Every wait on the server, a send to it too, ends after `timeout`.
         self.sock.settimeout(self.timeout)
         udp = socket.socket(self.sock.family, socket.SOCK_DGRAM)
         udp.connect(self.sock.getpeername()[:2])
         self.udp = DatagramSocket(udp)
+        self.data = DataChannel(self.udp, data_out, data_in, self.session_id)
         for warning in self.udp.warnings:
             self.events.warning(warning)
         self._largest_probe = 0
         self._probes_awaited = False
         self._ready = False
-        self._send_datagram(KIND_HELLO)         # the server waits for it from now on
+        self.data.send(KIND_HELLO)              # the server waits for it from now on
 
-    def _send_datagram(self, kind, body=b''):
-        packet = seal_datagram(self.data_out, kind, self.session_id, self._seq, body)
-        self._seq += 1
+    def get(self, remotes, dest=None):
+        """Get the REMOTEs into `dest`: a directory (made if need be), or
+        for a single file its new name; None: the current directory.
+        Connects first if need be.  Yields the RemoteError of each REMOTE
+        the server refused, then the summary of each file as it arrives
+        (or the RemoteError the server answered for it).  Directories it
+        made for REMOTEs of which nothing arrived are removed again when
+        it ends, however it ends."""
+        if self.sock is None:
+            self.connect()
+        created, trees, arrived = [], [], set()
         try:
-            self.udp.sock.send(packet)
-        except (BlockingIOError, ConnectionRefusedError):
-            pass                                # lost like any datagram; timers resend
+            target = new_file_destination(remotes, dest)
+            summary, listing = (self._fetch_new(normalize_remote(remotes[0]), target)
+                                if target is not None else (None, None))
+            if summary is not None:
+                yield summary
+                return
+            plan = plan_downloads(remotes, dest, [listing] if listing is not None
+                                  else self.listings(remotes))
+            trees = plan.trees
+            yield from plan.errors
+            make_directories(plan.dirs, created)
+            for download, outcome in self._outcomes(plan.downloads):
+                if not isinstance(outcome, RemoteError):
+                    arrived.add(download.dest)
+                yield outcome
+        finally:
+            tidy_directories(created, trees, arrived)
+
+    def _outcomes(self, downloads):
+        """(download, summary or RemoteError) for each: small files in
+        batches on the control channel, the rest (and small ones an older
+        server would not batch) on the data channel."""
+        small = [download for download in downloads if download.entry.size <= SMALL_FILE]
+        by_channel = [download for download in downloads if download.entry.size > SMALL_FILE]
+        if len(small) == 1:
+            by_channel.insert(0, small[0])
+        elif small:
+            for download, summary in self._fetch_small(small):
+                if summary is None:
+                    by_channel.append(download)
+                else:
+                    yield download, summary
+        yield from self._fetch_files(by_channel)
 
     def _ensure_ready(self):
         if not self._ready:
@@ -5707,12 +6660,12 @@ class Client:
         self.sock.settimeout(HELLO_INTERVAL)
         try:
             while time.monotonic() < deadline:
-                self._send_datagram(KIND_HELLO)
+                self.data.send(KIND_HELLO)
                 try:
                     message = self.control.recv()
                 except socket.timeout:
                     continue
-                return self._expect(message, 'ready')
+                return self.conversation.check(message, 'ready')
         finally:
             self.sock.settimeout(self.timeout)
         raise TransferError('the server never confirmed the UDP data channel')
@@ -5720,13 +6673,14 @@ class Client:
     def _collect_probes(self):
         """Note the largest authentic probe datagram waiting on the socket."""
         buffer = bytearray(RECV_BUFFER)
+        sealer, session_id = self.data.sealer_in, self.session_id
         while True:
             nbytes, segment = self.udp.recv_batch(buffer)
             if not nbytes:
                 return
             for offset in range(0, nbytes, segment):
                 self._largest_probe = max(self._largest_probe, probe_length(
-                    self.data_in, self.session_id, buffer, offset, min(segment, nbytes - offset)))
+                    sealer, session_id, buffer, offset, min(segment, nbytes - offset)))
 
     def _largest_probe_mtu(self):
         """The largest packet the path proved it carries (MIN_MTU if unproven)."""
@@ -5753,54 +6707,27 @@ class Client:
         """Blocks as large as the path proved it carries (MIN_MTU if unproven)."""
         self._collect_probes()
         self._await_probes()
-        mtu = min(largest_mtu, self._largest_probe_mtu())
-        self.block_size = block_size_for_mtu(mtu, self.sock.family)
-        self.data_in.set_stride(self.block_size)
-
-    @staticmethod
-    def _expect(message, op):
-        if message['op'] == 'error':
-            raise RemoteError(str(message.get('message', 'the server refused')))
-        if message['op'] != op:
-            raise ProtocolError('expected %s from the server, got %s' % (op, message['op']))
-        return message
+        return block_size_for_mtu(min(largest_mtu, self._largest_probe_mtu()), self.sock.family)
 
     def listings(self, remotes):
         """What each REMOTE expands to, asked all at once and while the UDP
-        channel opens (one round trip in all): a listing dict, or the
+        channel opens (one round trip in all): a Listing, or the
         RemoteError the server answered, for each."""
         for remote in remotes:
-            self._send({'op': 'list', 'path': remote})
+            self.conversation.send({'op': 'list', 'path': remote})
         self._ensure_ready()
         results = []
         for _remote in remotes:
             try:
-                results.append(self._whole_listing(self._next_message()))
+                results.append(self._whole_listing(self.conversation.recv()))
             except RemoteError as e:
                 results.append(e)
         return results
 
     def _whole_listing(self, page):
-        """A listing, from its first page (`page`) and the pages after it."""
-        listing = self._expect(page, 'listing')
-        entries = 0
-        while True:
-            if not isinstance(page.get('files'), list) or not isinstance(page.get('dirs'), list):
-                raise ProtocolError('a listing without its lists of files and directories')
-            entries += max(1, len(page['files']) + len(page['dirs']))     # empty pages count too
-            if entries > MAX_LISTING_ENTRIES:
-                raise ProtocolError('%s holds more than %d files and directories, more than one '
-                                    'get takes: fetch its subdirectories one at a time'
-                                    % (printable(str(listing.get('name'))), MAX_LISTING_ENTRIES))
-            if page is not listing:
-                if (page.get('kind'), page.get('name')) != (listing.get('kind'), listing.get('name')):
-                    raise ProtocolError('a page of another listing')
-                listing['files'].extend(page['files'])
-                listing['dirs'].extend(page['dirs'])
-            if not page.get('more'):
-                listing.pop('more', None)
-                return listing
-            page = self._expect(self._next_message(), 'listing')
+        """A Listing, from its first page (`page`) and the pages after it."""
+        return Listing.from_pages(self.conversation.check(page, 'listing'),
+                                  lambda: self.conversation.expect('listing'))
 
     def listing(self, remote):
         (result,) = self.listings([remote])
@@ -5808,287 +6735,143 @@ class Client:
             raise result
         return result
 
-    def _keep_older_copy(self, dest, remote, kept):
-        """Index the file at `dest` (an older copy the cache does not know)
-        in fixed spans, at C speed, and keep it: the kept files for
-        `remote` afterwards."""
-        for row in kept:
-            try:
-                if os.path.samefile(row[1], dest):
-                    return kept
-            except OSError:
-                pass
-        try:
-            # The user already has it, and asks this server for what goes there.
-            self.store.keep_file(dest, remote, 'fixed', signature_spans(dest, 'fixed'),
-                                 origin=self.origin)
-        except OSError:
-            return kept                         # unreadable: it cannot help
-        return self.store.kept_files_for(remote, self.origin)
-
-    def _index_older_copies(self, kept):
-        """Content-defined spans of each older copy, so they can be found."""
-        for file_id, path, size, mtime_ns, modes in kept:
-            try:
-                info = os.stat(path)
-                unchanged = (info.st_size, info.st_mtime_ns) == (size, mtime_ns)
-                if unchanged and 'cdc' not in modes.split(','):
-                    self.store.add_spans(file_id, 'cdc', signature_spans(path, 'cdc'))
-            except OSError:
-                unchanged = False
-            if not unchanged:
-                self.store.forget_file(file_id)
-
     def fetch(self, remote, dest, entry, retries=1):
-        """Fetch one file, whose listing `entry` is known, to `dest`; return
+        """Fetch one file, whose ListingEntry is known, to `dest`; return
         its summary dict."""
-        ((_job, result),) = self.fetch_files([(remote, dest, entry)], retries)
+        ((_download, result),) = self._fetch_files([Download(remote, dest, entry)], retries)
         if isinstance(result, RemoteError):
             raise result
         return result
 
-    def fetch_files(self, jobs, retries=1):
-        """Fetch (remote, dest, entry) jobs in order; yield (job, summary, or
-        the RemoteError the server answered).  Each file is asked for as
-        soon as the one before it is whole, so a single round trip carries
-        that one's digest and this one's start.  A file whose digest does
-        not match is fetched again from scratch (`retries` times), after
-        the one already asked for."""
-        queue = collections.deque((job, retries) for job in jobs)
-        ahead = []                      # [(job and retries left, what _ask gave)], at most one
+    def _incoming(self, download):
+        return IncomingFile(download.remote, download.dest, download.entry, self.conversation,
+                            self.data, self.events, self.rtt, self.store, self.origin)
+
+    def _fetch_files(self, downloads, retries=1):
+        """Fetch `downloads` in order; yield (download, summary, or the
+        RemoteError the server answered).  Each file is asked for as soon
+        as the one before it is whole, so a single round trip carries that
+        one's digest and this one's start.  A file whose digest does not
+        match is fetched again from scratch (`retries` times), after the
+        one already asked for."""
+        queue = collections.deque((download, retries) for download in downloads)
+        ahead = []              # [(download and retries left, its IncomingFile asked for)], at most one
 
         def ask_next():
             if queue:
-                job, left = queue.popleft()
+                download, left = queue.popleft()
                 try:
-                    ahead.append(((job, left), self._ask(*job)))
+                    ahead.append(((download, left), self._ask(download)))
                 except TransferError as e:      # this file's trouble, not the one finishing
-                    ahead.append(((job, left), e))
+                    ahead.append(((download, left), e))
         try:
             while queue or ahead:
                 if ahead:
-                    (job, left), asked = ahead.pop()
+                    (download, left), incoming = ahead.pop()
                 else:
-                    job, left = queue.popleft()
-                    asked = self._ask(*job)
-                if isinstance(asked, TransferError):
-                    raise asked
+                    download, left = queue.popleft()
+                    incoming = self._ask(download)
+                if isinstance(incoming, TransferError):
+                    raise incoming
                 try:
-                    yield job, self._answer(asked, ask_next)
+                    incoming.answer()
+                    yield download, self._transfer(incoming, then=ask_next)
                 except RemoteError as e:
-                    yield job, e
+                    yield download, e
                 except DigestMismatch:
                     if not left:
                         raise
                     self.events.warning('%s: digest mismatch; fetching it again from scratch'
-                                        % job[0])
-                    queue.appendleft((job, left - 1))
+                                        % download.remote)
+                    queue.appendleft((download, left - 1))
         finally:
-            for _job, asked in ahead:           # asked for, never answered: the session failed
-                if not isinstance(asked, TransferError):
-                    asked[3].withdraw()
+            for _download, incoming in ahead:   # asked for, never answered: the session failed
+                if not isinstance(incoming, TransferError):
+                    incoming.withdraw()
 
-    def _ask(self, remote, dest, entry):
-        """Send the fetch of one file (its partial copy opened, its block
-        size chosen); what _answer() needs to go on with it."""
+    def _ask(self, download):
+        """An IncomingFile for `download`, its fetch sent."""
         self._ensure_ready()
-        size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
-        # An older copy of this file, at `dest` or kept from an earlier fetch
-        # of `remote`, is worth content-defined spans where data shifted.
-        kept = self.store.kept_files_for(remote, self.origin) if self.store is not None and size else []
-        # Not through a link: what it points to is no copy of ours, and is replaced.
-        if self.store is not None and size and os.path.isfile(dest) and not os.path.islink(dest):
-            kept = self._keep_older_copy(dest, remote, kept)
-        # A small new file is cheaper sent than looked for: a delta costs a round trip.
-        delta = self.store is not None and size > 0 and bool(size >= DELTA_MIN_SIZE or kept)
-        # An update is sent as the blocks around each change: smaller blocks waste less.
-        self._choose_block_size(DELTA_MAX_MTU if kept else MAX_MTU)
-        partial = PartialFile(dest, remote, size, mtime_ns, self.block_size)
-        bitmap = partial.open()
-        try:
-            self._send({'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
-                               'max_rate': self.max_rate, 'block_size': self.block_size,
-                               'delta': delta, 'compress': self.store is not None,
-                               'lead': delta and not kept and partial.resumed_blocks == 0,
-                               'need': [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)})
-        except BaseException:
-            partial.close()
-            raise
-        return (remote, dest, entry, partial, bitmap, delta, kept, self.block_size, time.monotonic())
+        incoming = self._incoming(download)
+        incoming.ask(self._choose_block_size, self.max_rate)
+        return incoming
 
-    def _answer(self, asked, then):
-        """The server's `start` for a file _ask() asked for, then the rest of
-        the transfer (`then` is called once the file is whole)."""
-        remote, dest, entry, partial, bitmap, delta, kept, block_size, started = asked
+    def _transfer(self, incoming, then=None, unproven=False):
+        """incoming.transfer(), the session's first file waited for since the
+        connect, the probes that came with its data kept for the session."""
+        waited_since, self._connect_started = self._connect_started or incoming.asked_at, None
         try:
-            # Pieces of a file given up on just before may come first.
-            start = self._skip_stray_signatures(self._next_message())
-            self._expect(start, 'start')
-        except BaseException:
-            partial.withdraw()
-            raise
-        self.block_size = block_size
-        self.data_in.set_stride(block_size)
-        return self._transfer(remote, dest, entry, partial, bitmap, start, delta, kept, started,
-                              then=then)
+            return incoming.transfer(waited_since, then, unproven, self._largest_probe)
+        finally:
+            self._largest_probe = max(self._largest_probe, incoming.largest_probe)
 
-    def fetch_new(self, remote, dest):
+    def _fetch_new(self, remote, dest):
         """Fetch REMOTE with the session's first request, before anything is
         known of it, saving the listing's round trip: for a file new here
         (nothing at `dest`, no partial copy, no older copy kept).  The block
         size is this host's route's, fitted by the server to its own, and
         proved by the probes or the data itself; a path that carries less
         gives up the attempt and fetches again with blocks that fit.
-        Returns (summary, None) when the file came, (None, listing) when
+        Returns (summary, None) when the file came, (None, Listing) when
         REMOTE is a directory, (None, None) when the server would not: the
         caller then lists and fetches as usual."""
         if self.store is not None and self.store.kept_files_for(remote, self.origin):
             return None, None
         family, connected, asked = self.sock.family, self._connect_started, time.monotonic()
         offered = block_size_for_mtu(self.udp.path_mtu(), family)
-        self._send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
-                           'block_size': offered,
-                           'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE, 'lead': True,
-                           'compress': self.store is not None})
+        self.conversation.send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
+                                'block_size': offered,
+                                'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE,
+                                'lead': True, 'compress': self.store is not None})
         self._ensure_ready()
         try:
-            answer = self._next_message()
+            answer = self.conversation.recv()
             if answer['op'] == 'listing':
                 return None, self._whole_listing(answer)
-            start = self._expect(answer, 'start')
+            start = self.conversation.check(answer, 'start')
         except RemoteError:
             return None, None                   # a listing will say why (or an older server)
         if 'size' not in start:
             raise ProtocolError('the server started an open fetch without naming the file\'s size')
-        entry = {'size': int(start['size']), 'mtime_ns': int(start['mtime_ns']),
-                 'mode': int(start['mode'])}
-        self.block_size = int(start['block_size'])
+        entry = ListingEntry.from_message(dict(start, path=remote))
+        block_size = start['block_size']
         # The server may only lower what was offered, and not to blocks so
         # small that the data costs a packet per few bytes.
-        if not min(MIN_BLOCK_SIZE, offered) <= self.block_size <= offered:
+        if not min(MIN_BLOCK_SIZE, offered) <= block_size <= offered:
             raise ProtocolError('the server chose %d-byte blocks (offered %d, at least %d)'
-                                % (self.block_size, offered, MIN_BLOCK_SIZE))
-        self.data_in.set_stride(self.block_size)
-        partial = PartialFile(dest, remote, entry['size'], entry['mtime_ns'], self.block_size)
-        bitmap = partial.open()
+                                % (block_size, offered, MIN_BLOCK_SIZE))
+        incoming = self._incoming(Download(remote, dest, entry))
+        incoming.begin(start, asked)
         try:
-            return self._transfer(remote, dest, entry, partial, bitmap, start, bool(start['delta']),
-                                  [], asked, unproven=True), None
+            return self._transfer(incoming, unproven=True), None
         except DigestMismatch:
             self.events.warning('%s: digest mismatch; fetching it again from scratch' % remote)
             return self.fetch(remote, dest, entry, retries=0), None
         except PathTooNarrow:
-            self._send({'op': 'abort'})
-            partial.discard()
+            self.conversation.send({'op': 'abort'})
+            incoming.discard()
             self._connect_started = connected
             self.events.warning('the path to %s carries only %d-byte packets; fetching %s again '
                                 'with blocks that fit' % (self.host, self._largest_probe_mtu(),
                                                           remote))
             return self.fetch(remote, dest, entry), None
 
-    def _transfer(self, remote, dest, entry, partial, bitmap, start, delta, kept, started,
-                  unproven=False, then=None):
-        """The rest of a fetch once the server said `start`: the data phase
-        (and the delta's local assembly), `done` (and `then()`, which may
-        ask for the next file), the digests compared, the file renamed into
-        place; its summary."""
-        size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
-        block_size = self.block_size
-        asked, self._connect_started = self._connect_started or started, None
-        self._rejected = 0
-        resumed = partial.resumed_blocks
-        self.events.file_started(remote, dest, size, min(size, resumed * block_size))
-        try:
-            writer = BlockWriter(partial, bitmap)
-        except NoThread:
-            partial.close()
-            raise
-        try:
-            frontier = FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
-        except NoThread:
-            writer.close()
-            partial.close()
-            raise
-        assembler = None
-        try:
-            window = ReceiveWindow(partial.nblocks, int(start['first_seq']), bitmap)
-            self._file_id = int(start['file'])
-            # Its signature, fixed and refined, has at most this many pieces.
-            self._strays_left = 2 * (-(-size // SIGNATURE_SEGMENT) + 1) if delta else 0
-            if delta:
-                window.decided = 0
-                self._lead = int(start.get('lead', 0))
-                assembler = LocalAssembler(self.store, partial, refine=bool(kept), origin=self.origin)
-                self._older_copies = kept
-            if not window.complete():
-                self._receive(window, writer, partial, size, started, assembler, unproven)
-            writer.sync()
-            partial.save_state(writer.written_bitmap())
-            self._send({'op': 'done', 'file': self._file_id})
-            if then is not None:
-                then()
-            local = partial.digest(frontier)    # while the server's answer is on its way
-            # Pieces sent before our done crossed it may come first.
-            report = self._skip_stray_signatures(self._next_message())
-            self._expect(report, 'digest')
-        except BaseException:
-            frontier.stop()
-            try:
-                writer.sync()
-            except WanxferError:
-                pass
-            try:
-                partial.save_state(writer.written_bitmap())
-            except WanxferError:
-                pass
-            partial.close()
-            raise
-        finally:
-            writer.close()
-            if assembler is not None:
-                assembler.close()
-        if not hmac.compare_digest(local, str(report.get('sha256'))):
-            partial.discard()
-            raise DigestMismatch(remote)
-        partial.finish(int(entry.get('mode', 0o644)), mtime_ns)
-        if assembler is not None and assembler.offset == size:
-            self.store.keep_file(dest, remote, 'fixed', assembler.spans, origin=self.origin)
-        received = writer.written_bytes
-        wire = int(report.get('wire_bytes', 0))
-        return transfer_summary(
-            dest, remote, size, received, time.monotonic() - started, wire,
-            wire + int(report.get('signature_bytes', 0)), self.encrypt, block_size,
-            local, resumed_bytes=min(size, resumed * block_size),
-            packets_sent=int(report.get('packets_sent', 0)),
-            packets_received=window.packets, packets_duplicate=window.duplicates,
-            packets_rejected=self._rejected,
-            packets_lost=int(report.get('packets_lost', 0)),
-            packets_retransmitted=int(report.get('packets_retransmitted', 0)),
-            packets_compressed=int(report.get('packets_compressed', 0)),
-            delta=('off' if assembler is None else
-                   'fixed+cdc' if assembler.refined_bytes else 'fixed'),
-            local_bytes=assembler.local_bytes if assembler else 0,
-            zero_bytes=assembler.zero_bytes if assembler else 0,
-            signature_bytes=int(report.get('signature_bytes', 0)),
-            first_data_seconds=(None if window.first_arrival is None
-                                else round(window.first_arrival - asked, 3)))
-
-    def fetch_small(self, jobs):
+    def _fetch_small(self, downloads):
         """Fetch small files whole on the control channel, the next batches
         asked for while the answers to the first arrive, so the whole lot
-        costs about one round trip.  Yields (job, summary or RemoteError)
-        for each (remote, dest, entry) job; a server that predates this
-        request yields (job, None) for each, to be fetched one by one."""
+        costs about one round trip.  Yields (download, summary or
+        RemoteError) for each; a server that predates this request yields
+        (download, None) for each, to be fetched one by one."""
         self._ensure_ready()
         batches, batch, batch_bytes, request_bytes = [], [], 0, 0
-        for job in jobs:
-            size = int(job[2]['size'])
-            item = len(json.dumps(job[0])) + SMALL_ITEM_BYTES
+        for download in downloads:
+            size = download.entry.size
+            item = len(json.dumps(download.remote)) + SMALL_ITEM_BYTES
             if batch and (batch_bytes + size > SMALL_BATCH_BYTES or len(batch) >= SMALL_BATCH_FILES
                           or request_bytes + item > SMALL_REQUEST_BYTES):
                 batches.append(batch)
                 batch, batch_bytes, request_bytes = [], 0, 0
-            batch.append(job)
+            batch.append(download)
             batch_bytes += size
             request_bytes += item
         if batch:
@@ -6101,206 +6884,32 @@ class Client:
             self._ask_small(request)
         started = time.monotonic()
         for batch in batches:
-            for job in batch:
-                message = self._next_message()
-                if message['op'] == 'error' and job is batches[0][0]:
+            for download in batch:
+                message = self.conversation.recv()
+                if message['op'] == 'error' and download is batches[0][0]:
                     for _request in range(asked - 1):   # an older server: one error per request
-                        self._next_message()
+                        self.conversation.recv()
                     for unanswered in itertools.chain.from_iterable(batches):
                         yield unanswered, None
                     return
-                self._expect(message, 'content')
-                if message.get('path') != job[0]:
+                self.conversation.check(message, 'content')
+                if message.get('path') != download.remote:
                     raise ProtocolError('the server answered for %r, not %r'
-                                        % (message.get('path'), job[0]))
+                                        % (message.get('path'), download.remote))
                 if 'error' in message:
-                    yield job, RemoteError(str(message['error']))
+                    yield download, RemoteError(str(message['error']))
                 else:
-                    yield job, self._write_small(job, message, time.monotonic() - started)
+                    yield download, self._incoming(download).write_whole(
+                        message, time.monotonic() - started)
                 started = time.monotonic()
             if asked < len(batches):
                 self._ask_small(batches[asked])
                 asked += 1
 
     def _ask_small(self, batch):
-        self._send({'op': 'read', 'compress': self.store is not None, 'files': [
-            {'path': remote, 'size': int(entry['size']), 'mtime_ns': int(entry['mtime_ns'])}
-            for remote, _dest, entry in batch]})
-
-    def _write_small(self, job, message, seconds):
-        remote, dest, entry = job
-        size, mtime_ns = int(entry['size']), int(entry['mtime_ns'])
-        try:
-            blob = base64.b64decode(message['data'], validate=True)
-            data = inflate(blob, size) if message.get('encoding') == 'zlib' else blob
-        except (ValueError, ProtocolError) as e:
-            raise ProtocolError('%s: undecodable content (%s)' % (remote, e))
-        partial = PartialFile(dest, remote, size, mtime_ns, max(1, size))
-        partial.open(resume=False)
-        try:
-            if data:
-                partial.write(0, data)
-            local = partial.digest()
-        except BaseException:
-            partial.discard()
-            raise
-        if len(data) != size or not hmac.compare_digest(local, str(message.get('sha256'))):
-            partial.discard()
-            raise TransferError('%s: the content the server sent does not match its digest' % remote)
-        partial.finish(int(entry.get('mode', 0o644)), mtime_ns)
-        self.events.file_started(remote, dest, size, 0)
-        wire = FRAME_HEADER.size + TAG_SIZE + len(json.dumps(message, separators=(',', ':')))
-        return transfer_summary(dest, remote, size, size, seconds, wire, wire, self.encrypt, 0, local)
-
-    def _skip_stray_signatures(self, message):
-        """`message`, or the first after it that is not a signature piece of
-        the last file fetched: no more of them than that file's signature
-        has, so a server cannot keep a client reading them for ever."""
-        while message['op'] == 'signature':
-            if message.get('file') != self._file_id or self._strays_left <= 0:
-                raise ProtocolError('the server sent a signature piece no fetch can use (file %s)'
-                                    % printable(str(message.get('file'))))
-            self._strays_left -= 1
-            message = self._next_message()
-        return message
-
-    def _next_message(self):
-        try:
-            return self.control.recv()
-        except socket.timeout:
-            raise TransferError('the server did not answer for %d s' % self.timeout)
-
-    def _send(self, message):
-        try:
-            self.control.send(message)
-        except socket.timeout:
-            raise TransferError('the server took no request for %d s' % self.timeout)
-
-    def _apply_signature(self, message, assembler, window, writer):
-        """Fill what this piece of the signature lets us, and ask the server
-        for the rest of the blocks it decides."""
-        held, decided, refine = assembler.on_piece(int(message['offset']),
-                                                   decode_spans(message['spans']),
-                                                   bool(message.get('refined')))
-        window.mark_held(held)
-        writer.mark_written(held)
-        # The server sends the lead unasked: what of it was found here need
-        # not come; what is missing is NAKed once decided.
-        held_lead = [(start, min(end, self._lead)) for start, end in held if start < self._lead]
-        if decided > window.decided or held_lead:
-            need = bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, self._lead))
-            window.decided = max(decided, window.decided)
-            self._send({'op': 'need', 'file': self._file_id, 'ranges': need,
-                               'held': held_lead})
-        if refine:
-            self._send({'op': 'refine', 'file': self._file_id, 'offset': refine[0],
-                               'end': refine[1]})
-            if self._older_copies:              # once, while the server cuts its copy
-                self._index_older_copies(self._older_copies)
-                self._older_copies = None
-
-    def _on_control(self, assembler, window, writer):
-        """Apply the signature pieces received (and refuse anything else);
-        True if there were any."""
-        applied = False
-        for message in self.control.messages():
-            if message['op'] == 'signature' and assembler is not None \
-                    and message.get('file') == self._file_id:
-                self._apply_signature(message, assembler, window, writer)
-                applied = True
-            else:
-                self._expect(message, 'nothing during the data phase')
-        return applied
-
-    def _receive(self, window, writer, partial, size, started, assembler=None, unproven=False):
-        """The data phase: datagrams in, blocks written, feedback out; with
-        an `assembler`, signature pieces in and local data written too.
-        With `unproven` blocks, no datagram (data or probe) as large as a
-        full block's for a few round trips raises PathTooNarrow."""
-        receiver = FileReceiver(self.session_id, self.data_in, window, writer, size, self.block_size)
-        datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
-        narrow_check = time.monotonic() + max(NARROW_PATH_WAIT, 3 * self.rtt) if unproven else None
-        buffer = bytearray(RECV_BUFFER)
-        feedback_interval = max(0.005, min(0.02, self.rtt / 8))
-        idle_limit = max(0.02, self.rtt / 2)
-        selector = selectors.DefaultSelector()
-        selector.register(self.udp.sock, selectors.EVENT_READ, 'udp')
-        selector.register(self.sock, selectors.EVENT_READ, 'tcp')
-        now = time.monotonic()
-        last_data = next_nak = now
-        next_feedback = now + feedback_interval
-        next_progress = now + PROGRESS_INTERVAL
-        next_save = now + STATE_SAVE_INTERVAL
-        packets_at_feedback = 0
-        try:
-            self._on_control(assembler, window, writer)     # what arrived with 'start'
-            while not window.complete():
-                wake = min(next_feedback, next_progress, max(last_data + idle_limit, next_nak))
-                timeout = max(0.0, wake - now)
-                for key, _events in selector.select(timeout):
-                    if key.data == 'tcp':
-                        data = self.sock.recv(65536)
-                        if not data:
-                            raise TransferError('the server closed the connection; partial data kept: '
-                                                'run the same command again to resume')
-                        self.control.feed(data)
-                        if self._on_control(assembler, window, writer):
-                            last_data = time.monotonic()
-                        continue
-                    for receives in range(MAX_RECEIVES_PER_WAKEUP):   # then see to the timers
-                        nbytes, segment = self.udp.recv_batch(buffer)
-                        if not nbytes:
-                            break
-                        now = time.monotonic()
-                        packets = window.packets
-                        receiver.receive(buffer, nbytes, segment, now)
-                        if window.packets != packets:
-                            last_data = now
-                    receiver.flush()
-                    if receives < FEW_RECEIVES:
-                        # A slow trickle: let datagrams gather in the socket
-                        # buffer rather than wake up for each one.
-                        time.sleep(TRICKLE_PAUSE)
-                now = time.monotonic()
-                if now >= next_feedback:
-                    if window.packets != packets_at_feedback:
-                        packets_at_feedback = window.packets
-                        self._send_datagram(KIND_FEEDBACK, encode_feedback(
-                            self._file_id, *window.feedback(now)))
-                    next_feedback = now + feedback_interval
-                if now - last_data >= idle_limit and now >= next_nak:
-                    missing = window.missing()
-                    if missing:
-                        self._send_datagram(KIND_NAK, encode_nak(self._file_id, missing))
-                    next_nak = now + idle_limit
-                    if now - last_data > self.timeout:
-                        raise TransferError('no data from the server for %d s; partial data kept: '
-                                            'run the same command again to resume' % self.timeout)
-                if narrow_check is not None:
-                    # Only a datagram of a full block's size proves the path:
-                    # the short last block, or one that compressed well, fit
-                    # through a path that loses every other block.
-                    if max(receiver.largest_data, receiver.largest_probe,
-                           self._largest_probe) >= datagram:
-                        narrow_check = None
-                    elif now >= narrow_check:
-                        raise PathTooNarrow()
-                if now >= next_progress:
-                    next_progress = now + PROGRESS_INTERVAL
-                    self.events.progress({
-                        'file_bytes': size, 'held_bytes': min(size, window.held * self.block_size),
-                        'received_bytes': writer.written_bytes, 'elapsed': now - started,
-                        'packets': window.packets, 'duplicates': window.duplicates,
-                        'loss': window.loss_fraction()})
-                if now >= next_save:
-                    next_save = now + STATE_SAVE_INTERVAL
-                    writer.flush()
-                    partial.save_state(writer.written_bitmap())
-        finally:
-            self._rejected += receiver.rejected
-            self._largest_probe = max(self._largest_probe, receiver.largest_probe)
-            receiver.flush()
-            selector.close()
+        self.conversation.send({'op': 'read', 'compress': self.store is not None, 'files': [
+            {'path': download.remote, 'size': download.entry.size,
+             'mtime_ns': download.entry.mtime_ns} for download in batch]})
 
     def close(self):
         for channel in (self.udp, self.sock):
@@ -8600,157 +9209,6 @@ def require_secret(args):
     return secret
 
 
-def safe_relative(path):
-    """A path the server sent us, checked so a hostile server cannot make us
-    write outside the destination."""
-    try:
-        clean = normalize_remote(path)
-    except RemoteError:
-        clean = None
-    if clean != path.strip('/') or clean in ('', '.'):
-        raise ProtocolError('the server sent an unsafe path %r' % path)
-    return clean
-
-
-def new_file_destination(remotes, dest):
-    """Where a single REMOTE lands if it is a file, provided nothing is
-    there yet (no file, no partial copy): then it can be fetched before
-    it is listed.  None otherwise."""
-    if len(remotes) != 1:
-        return None
-    try:
-        name = normalize_remote(remotes[0]).rsplit('/', 1)[-1]
-    except RemoteError:
-        return None
-    if not name:
-        return None
-    target = dest if dest is not None and not os.path.isdir(dest) else os.path.join(dest or '.', name)
-    if os.path.lexists(target) or PartialFile.left_at(target):
-        return None
-    return target
-
-
-def plan_downloads(client, remotes, dest, answered=None):
-    """[(remote path, local path, entry)] and [local dirs] for the REMOTEs,
-    the error lines of REMOTEs the server refused, and for each REMOTE
-    listed, (where it goes, [local paths of its files]), which
-    tidy_directories() needs.  `answered` is the single REMOTE's listing,
-    if the server already sent it."""
-    listings, errors = [], []
-    results = [answered] if answered is not None else client.listings(remotes)
-    for remote, result in zip(remotes, results):
-        if isinstance(result, RemoteError):
-            errors.append(str(result))
-        else:
-            listings.append((normalize_remote(remote), result))
-    jobs, dirs, trees = [], [], []
-    single = len(remotes) == 1 and len(listings) == 1 and listings[0][1]['kind'] == 'file'
-    if single and dest is not None and not os.path.isdir(dest):
-        remote, listing = listings[0]
-        return [(remote, dest, listing['files'][0])], dirs, errors, [(dest, [dest])]
-    base = dest if dest is not None else '.'
-    if listings:                                # else nothing will go there: do not make it
-        dirs.append(base)
-    for remote, listing in listings:
-        name = listing.get('name') or ''
-        top = os.path.join(base, safe_relative(name)) if name else base
-        if listing['kind'] == 'file':
-            jobs.append((remote, top, listing['files'][0]))
-            trees.append((top, [top]))
-            continue
-        first = len(jobs)
-        dirs.append(top)
-        dirs.extend(os.path.join(top, safe_relative(d)) for d in listing['dirs'])
-        for entry in listing['files']:
-            rel = safe_relative(entry['path'])
-            jobs.append(((remote + '/' if remote else '') + rel, os.path.join(top, rel), entry))
-            if '/' in rel:                      # its directory, checked like the listed ones
-                dirs.append(os.path.dirname(os.path.join(top, rel)))
-        trees.append((top, [job[1] for job in jobs[first:]]))
-    return jobs, dirs, errors, trees
-
-
-def make_directories(dirs, created):
-    """Create `dirs` (the destination first, then directories below it),
-    adding those that were not there before to `created`, parents first
-    (also when one of them cannot be made).
-    The destination is the user's and may be a link; below it, a symbolic
-    link where a directory of the tree goes is refused, not followed: one
-    planted in a shared destination would put the files wherever it points
-    (moving a link of the user's aside is left to the user)."""
-    if not dirs:
-        return
-    base, missing = dirs[0], []
-    parent = os.path.normpath(base)
-    while parent not in ('', '.', os.sep) and not os.path.lexists(parent):
-        missing.insert(0, parent)
-        parent = os.path.dirname(parent)
-    try:
-        os.makedirs(base, exist_ok=True)
-    except OSError as e:
-        created.extend(path for path in missing if os.path.isdir(path))
-        raise TransferError('cannot create directory %s: %s' % (base, e.strerror))
-    created.extend(missing)
-    made = set()
-    for directory in dirs[1:]:
-        path = base
-        for part in os.path.relpath(directory, base).split(os.sep):
-            path = os.path.join(path, part)
-            if part in ('', '.') or path in made:
-                continue
-            try:
-                os.mkdir(path)
-                created.append(os.path.normpath(path))
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise TransferError('cannot create directory %s: %s' % (path, e.strerror))
-            info = os.lstat(path)
-            if stat.S_ISLNK(info.st_mode):
-                raise TransferError('%s is a symbolic link; get does not write through links: '
-                                    'remove it or fetch into another directory' % path)
-            if not stat.S_ISDIR(info.st_mode):
-                raise TransferError('cannot create directory %s: a file is in the way' % path)
-            made.add(path)
-
-
-def tidy_directories(created, trees, arrived):
-    """Remove the directories this run `created` (parents first) for
-    REMOTEs that failed wholly (none of their files `arrived`), if empty:
-    a refused or failed get leaves nothing behind.  An empty remote
-    directory is content, not a failure: its directories stay, as do the
-    ones leading to whatever did arrive, and any holding a partial file
-    kept for the next run."""
-    kept = [os.path.abspath(top) for top, dests in trees
-            if not dests or any(dest in arrived for dest in dests)]
-    for directory in reversed(created):
-        where = os.path.abspath(directory)
-        if any(is_within(where, top) or is_within(top, where) for top in kept):
-            continue
-        try:
-            os.rmdir(directory)
-        except OSError:
-            pass                                # not empty, or not ours to remove after all
-
-
-def get_outcomes(client, jobs, fetched):
-    """(job, summary or RemoteError) for each job, after those `fetched`
-    already: small files in batches on the control channel, the rest (and
-    small ones an older server would not batch) on the data channel."""
-    yield from fetched
-    small = [job for job in jobs if int(job[2]['size']) <= SMALL_FILE]
-    by_channel = [job for job in jobs if int(job[2]['size']) > SMALL_FILE]
-    if len(small) == 1:
-        by_channel.insert(0, small[0])
-    elif small:
-        for job, summary in client.fetch_small(small):
-            if summary is None:
-                by_channel.append(job)
-            else:
-                yield job, summary
-    yield from client.fetch_files(by_channel)
-
-
 def command_get(args):
     secret = require_secret(args)
     host, port = parse_host_port(args.server)
@@ -8766,36 +9224,21 @@ def command_get(args):
     started = time.time()
     totals = [0, 0, 0]                          # files, file bytes, bytes sent for them
     failures = 0
-    created, trees, arrived = [], [], set()
+    outcomes = client.get(args.remote, args.output)
     try:
-        client.connect()
-        target = new_file_destination(args.remote, args.output)
-        summary, listing = (client.fetch_new(normalize_remote(args.remote[0]), target)
-                            if target is not None else (None, None))
-        if summary is not None:
-            jobs, dirs, errors, fetched = [], [], [], [(None, summary)]
-        else:
-            jobs, dirs, errors, trees = plan_downloads(client, args.remote, args.output, listing)
-            fetched = []
-        for line in errors:
-            print('wanxfer: error: %s' % printable(line), file=sys.stderr)
-            failures += 1
-        make_directories(dirs, created)
-        for job, summary in get_outcomes(client, jobs, fetched):
-            if isinstance(summary, RemoteError):
-                print('wanxfer: error: %s' % printable(summary), file=sys.stderr)
+        for outcome in outcomes:
+            if isinstance(outcome, RemoteError):
+                print('wanxfer: error: %s' % printable(outcome), file=sys.stderr)
                 failures += 1
                 continue
-            if job is not None:
-                arrived.add(job[1])
-            events.file_finished(summary)
-            totals = [totals[0] + 1, totals[1] + summary['file_bytes'],
-                      totals[2] + summary['sent_bytes']]
+            events.file_finished(outcome)
+            totals = [totals[0] + 1, totals[1] + outcome['file_bytes'],
+                      totals[2] + outcome['sent_bytes']]
             if store is not None:
                 store.save_run(run, 'get', started, {'get': tuple(totals)})
     finally:
+        outcomes.close()                        # what a failed get made is tidied away
         client.close()
-        tidy_directories(created, trees, arrived)
         if store is not None:
             store.end_run(run)
             store.close()
@@ -8973,7 +9416,7 @@ def command_demo(args):
                         events=events)
         try:
             client.connect()
-            entry = client.listing('demo.bin')['files'][0]
+            entry = client.listing('demo.bin').files[0]
             dest = os.path.join(workdir, 'received.bin')
             summary = client.fetch('demo.bin', dest, entry)
         finally:

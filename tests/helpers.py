@@ -212,6 +212,15 @@ def start_serve(paths, extra=(), secret=SECRET, port=0, program=None):
     return server
 
 
+def patched_serve(serve, paths, patch):
+    """`serve` (the fixture) from a wanxfer whose module was changed by the
+    Python `patch` first (which sees `wanxfer` and `sys`): an older server,
+    or one that logs what it is asked."""
+    program = ('import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\n'
+               'sys.exit(wanxfer.main(sys.argv[1:]))' % (os.path.dirname(WANXFER), patch))
+    return serve(paths, program=(sys.executable, '-c', program))
+
+
 def get_command(port, *args):
     return [sys.executable, WANXFER, 'get', '127.0.0.1:%d' % port] + [str(a) for a in args]
 
@@ -241,7 +250,7 @@ def start_far(cache, allow, secret=SECRET, extra=()):
     return far
 
 
-def start_near(cache, peer_port, targets, secret=SECRET, extra=(), wait_link=True):
+def start_near(cache, peer_port, targets, secret=SECRET, extra=(), wait_connected=True):
     """`tunnel --peer 127.0.0.1:PEER_PORT` with a free local port forwarding
     to each target (`ports`, the first also as `port`); waits for the peer
     link unless told not to."""
@@ -252,7 +261,7 @@ def start_near(cache, peer_port, targets, secret=SECRET, extra=(), wait_link=Tru
     near.ports = [int(starting(near, r'listening on 127\.0\.0\.1:(\d+), forwarding', count=i + 1).group(1))
                   for i in range(len(targets))]
     near.port = near.ports[0]
-    if wait_link:
+    if wait_connected:
         starting(near, r'peer connection up')
     return near
 

@@ -76,3 +76,45 @@ def test_link_counters_are_read_alike_from_either_backend():
         ' backlog 0b 0p requeues 0\n')
     assert netem == {'pkts_in': 1015, 'bytes_in': 1522500, 'pkts_out': 1000, 'bytes_out': 1500000,
                      'random_loss': 10, 'queue_drop': 5, 'overflow': 0, 'too_big': 0}
+
+
+def test_the_replication_relay_captures_each_direction_and_cuts_phases_from_it(tmp_path):
+    import socket
+    import threading
+    import bench_replication
+    echo = socket.socket()
+    echo.bind(('127.0.0.1', 0))
+    echo.listen(1)
+
+    def serve():
+        conn, _ = echo.accept()
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data.upper())
+        conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    relay = socket.socket()
+    relay.bind(('127.0.0.1', 0))
+    relay.listen(1)
+    captures = tmp_path / 'captures'
+    captures.mkdir()
+    threading.Thread(target=bench_replication.relay_serve, daemon=True,
+                     args=(relay, echo.getsockname()[1], str(captures))).start()
+    client = socket.create_connection(relay.getsockname())
+    marks = [bench_replication.capture_sizes(str(captures))]
+    for message in (b'first phase ' * 1000, b'second phase ' * 3000):
+        client.sendall(message)
+        got = b''
+        while len(got) < len(message):
+            got += client.recv(65536)
+        assert got == message.upper()
+        marks.append(bench_replication.capture_sizes(str(captures)))
+    client.close()
+    out = str(tmp_path / 'phase.bin')
+    assert bench_replication.extract(str(captures), marks[1], marks[2], 'down', out) == 39000
+    with open(out, 'rb') as f:
+        assert f.read() == b'SECOND PHASE ' * 3000
+    assert bench_replication.extract(str(captures), marks[0], marks[2], 'up', out) == 51000
+    assert 0 < bench_replication.zlib_size(out) < 1000

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from helpers import (SECRET, WANXFER, get_command, json_summaries, make_file, partial_blocks, run_get,
-                     sha256, wait_for, wanxfer, wanxfer_env)
+from helpers import (SECRET, WANXFER, get_command, json_summaries, make_file, partial_blocks,
+                     patched_serve, run_get, sha256, wait_for, wanxfer, wanxfer_env)
 
 pytestmark = pytest.mark.e2e          # all but the listing-pages test start processes or sockets
 
@@ -140,15 +140,6 @@ def test_a_tree_of_more_small_files_than_the_requests_ahead_cover(tmp_path, serv
     batches = [line for line in server.log().splitlines() if 'small files' in line]
     assert len(batches) == ahead + 2
     assert sum(int(line.split('sent ')[1].split()[0]) for line in batches) == count
-
-
-def patched_serve(serve, paths, patch):
-    """`serve` from a wanxfer whose module was changed by the Python `patch`
-    first (which sees `wanxfer` and `sys`): an older server, or one that
-    logs what it is asked."""
-    program = ('import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\n'
-               'sys.exit(wanxfer.main(sys.argv[1:]))' % (os.path.dirname(WANXFER), patch))
-    return serve(paths, program=(sys.executable, '-c', program))
 
 
 LOG_LISTS = """
@@ -314,9 +305,9 @@ def shrink(sock):
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         sock.setsockopt(socket.SOL_SOCKET, option, 32 << 10)
 session_init = wanxfer.ServerSession.__init__
-def init(self, server, sock, address):
+def init(self, server, sock, *args):
     shrink(sock)
-    session_init(self, server, sock, address)
+    session_init(self, server, sock, *args)
 wanxfer.ServerSession.__init__ = init
 create_connection = socket.create_connection
 def connect(*args, **options):

@@ -77,7 +77,7 @@ def test_a_client_idle_after_a_fetch_is_hung_up_on_at_the_command_timeout(tmp_pa
     client = wanxfer.Client('127.0.0.1', server.port, SECRET.encode())
     try:
         client.connect()
-        client.fetch('f', str(tmp_path / 'out'), client.listing('f')['files'][0])
+        client.fetch('f', str(tmp_path / 'out'), client.listing('f').files[0])
         assert sha256(tmp_path / 'out') == sha256(data)
         # Old code: the data phase left the socket without a timeout, so a
         # client that went quiet (or whose host vanished) held its session
@@ -639,10 +639,8 @@ def test_a_listing_beyond_the_limit_says_to_fetch_a_subdirectory(monkeypatch):
     page = {'op': 'listing', 'kind': 'dir', 'name': 'big', 'dirs': [], 'more': True,
             'files': [{'path': 'big/%d' % i, 'size': 1, 'mtime_ns': 1, 'mode': 0o644}
                       for i in range(6)]}
-    client = wanxfer.Client('127.0.0.1', 1, SECRET.encode())
-    monkeypatch.setattr(client, '_next_message', lambda: dict(page))
     with pytest.raises(wanxfer.ProtocolError, match='big holds more than 10 .*subdirectories'):
-        client._whole_listing(dict(page, files=list(page['files'])))
+        wanxfer.Listing.from_pages(dict(page), lambda: dict(page))
 
 
 def closed_by_peer(conn, timeout=10):
@@ -722,7 +720,7 @@ def test_the_far_side_resets_opens_beyond_its_streams_per_link(tmp_path, monkeyp
 
 
 @pytest.mark.e2e
-def test_the_near_side_refuses_connections_beyond_its_streams_per_link(tmp_path, monkeypatch, tunnel_pair):
+def test_the_near_side_refuses_connections_beyond_its_streams_per_peer_connection(tmp_path, monkeypatch, tunnel_pair):
     monkeypatch.setattr(wanxfer, 'MAX_STREAMS', 4, raising=False)
     echo = TcpServer(echo_handler)
     far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])                   # not capped at 4
@@ -733,9 +731,9 @@ def test_the_near_side_refuses_connections_beyond_its_streams_per_link(tmp_path,
     thread = threading.Thread(target=near.run, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: near.link is not None and near.link.ready, timeout=10, what='the link')
+        wait_for(lambda: near.peer is not None and near.peer.ready, timeout=10, what='the peer connection')
         port = near.addresses[0][0][1]
-        check_stream_cap(port, lambda: len(near.link.streams), lambda: '\n'.join(lines))
+        check_stream_cap(port, lambda: len(near.peer.streams), lambda: '\n'.join(lines))
     finally:
         near.stop()
         thread.join(10)

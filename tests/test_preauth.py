@@ -181,7 +181,7 @@ def test_peer_link_comes_up_while_200_trickling_connections_are_held(tmp_path, t
     near = None
     try:
         with Trickle(far.port, 200):
-            near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
+            near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_connected=False)
             near.wait_for(r'peer connection up', timeout=10)      # old code: dropped, retrying for ever
             assert round_trip(near.port, b'through the tunnel\n' * 1000, timeout=10) == \
                 b'through the tunnel\n' * 1000
@@ -422,7 +422,7 @@ def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel
     near = None
     try:
         refused = refuse_one_thread(monkeypatch, 'tunnel-helper')
-        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
+        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_connected=False)
         near.wait_for(r'peer connection up', timeout=15)     # its second try
         assert refused and far.thread.is_alive()
         assert 'cannot start a thread' in far.log()
@@ -435,7 +435,7 @@ def test_a_tunnel_helper_thread_that_cannot_start_drops_that_peer_not_the_tunnel
 
 
 
-def test_a_link_writer_thread_that_cannot_start_drops_that_peer_not_the_tunnel(tmp_path, monkeypatch,
+def test_a_peer_writer_thread_that_cannot_start_drops_that_peer_not_the_tunnel(tmp_path, monkeypatch,
                                                                               tunnel_pair):
     echo = TcpServer(echo_handler)
     died = []
@@ -443,14 +443,14 @@ def test_a_link_writer_thread_that_cannot_start_drops_that_peer_not_the_tunnel(t
     far = InProcessFarTunnel(tmp_path, [echo.port])
     near = None
     try:
-        refused = refuse_one_thread(monkeypatch, 'link-writer')
-        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_link=False)
+        refused = refuse_one_thread(monkeypatch, 'peer-writer')
+        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], wait_connected=False)
         near.wait_for(r'peer connection up', timeout=15)     # its second try
         assert refused
         assert round_trip(near.port, b'hello\n', timeout=10) == b'hello\n'
         assert far.thread.is_alive() and not died, [hook.exc_value for hook in died]
         (line,) = [line for line in far.lines if 'cannot start' in line]
-        assert 'dropped' in line and 'link-writer' in line
+        assert 'dropped' in line and 'peer-writer' in line
     finally:
         if near is not None:
             near.stop()

@@ -168,7 +168,7 @@ def test_target_outside_allow_is_refused(tmp_path, echo, tunnel_pair):
 def test_wrong_secret_is_refused_and_logged(tmp_path, echo, tunnel_pair):
     far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
     near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], secret='not the secret',
-                      wait_link=False)
+                      wait_connected=False)
     try:
         far.wait_for(r'peer 127\.0\.0\.1:\d+ refused: .*wrong secret')
         near.wait_for(r'down: authentication failed: wrong secret.*reconnecting in')

@@ -34,7 +34,7 @@ def one_run(source, size, workdir, encrypt, run):
             None, [sys.executable, harness.WANXFER, 'get', '127.0.0.1:%d' % server.port,
                    os.path.basename(source), '-o', dest, '-q', '--json', '--cache', cache] + extra,
             out, err, 3600, dict(os.environ, WANXFER_SECRET=SECRET))
-        server_cpu = harness.proc_cpu(server.proc.pid) - server_cpu
+        server_cpu = harness.settled_cpu(server.proc.pid) - server_cpu
     finally:
         server.stop()
     if got['rc'] != 0:

@@ -58,7 +58,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import (HOST_A, SSH_PORT, BenchError, Window, log, median, proc_children, proc_cpu,  # noqa: E402
+from harness import (HOST_A, SSH_PORT, BenchError, Window, log, median, proc_children, proc_cpu, settled_cpu,  # noqa: E402
                      tail)
 
 WANXFER_PORT = 46224
@@ -162,7 +162,7 @@ class Bench:
                                  + shlex.split(self.a.get_args),
                                  os.path.join(d, "get.out"), os.path.join(d, "get.err"),
                                  self.timeout_for(opts), env)
-            host = win.close(proc_cpu(srv.pid), r["cpu"])
+            host = win.close(settled_cpu(srv.pid), r["cpu"])
         finally:
             rc_s, srv_cpu = self.p.stop(srv)
         reports = []

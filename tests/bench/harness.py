@@ -567,6 +567,16 @@ def proc_cpu(pid):
     return sum(int(x) for x in fields[11:15]) / CLK_TCK     # utime stime cutime cstime
 
 
+def settled_cpu(pid, timeout=10.0):
+    """proc_cpu() of a `serve` once its session processes have ended and
+    been reaped (their CPU is then in its own figures), waiting at most
+    `timeout` seconds for that."""
+    deadline = time.monotonic() + timeout
+    while proc_children(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)        # polling /proc with a deadline, not synchronising
+    return proc_cpu(pid)
+
+
 def host_cpu():
     """(task CPU seconds, irq + softirq seconds) of the whole machine so far."""
     with open('/proc/stat') as f:
