@@ -5701,88 +5701,6 @@ class Server:
         self.loop.close()
 
 
-class FileReceiver:
-    """Turns one file's data datagrams into written blocks: checks each
-    datagram's header and tag, records it in the ReceiveWindow, and keeps
-    new blocks that arrive in order as one run, decrypted with one XOR and
-    handed to the writer in one piece."""
-
-    RUN_BYTES = 256 * 1024
-
-    def __init__(self, session_id, sealer, window, writer, size, block_size):
-        self._session_id, self._sealer = session_id, sealer
-        self.window, self._writer = window, writer
-        self._block_size = block_size
-        self._last_block = window.nblocks - 1
-        self._last_size = size - self._last_block * block_size
-        self._run = bytearray()
-        self._run_seq = self._run_block = self._run_count = 0
-        self.rejected = 0
-        self.largest_probe = 0                  # datagram bytes: probes may come with the data
-        self.largest_data = 0                   # datagram bytes of the largest authentic data
-
-    def receive(self, buffer, nbytes, segment, now):
-        """Take one receive's worth of datagrams (several when coalesced)."""
-        view = memoryview(buffer)
-        unpack, header_size = DATA_HEADER.unpack_from, DATA_HEADER.size
-        minimum = header_size + TAG_SIZE
-        window, verify = self.window, self._sealer.verify
-        for offset in range(0, nbytes, segment):
-            length = min(segment, nbytes - offset)
-            if length < minimum:
-                self.rejected += 1
-                continue
-            kind, flags, sid, seq, block, stamp = unpack(buffer, offset)
-            body = None
-            if kind == KIND_PROBE:
-                self.largest_probe = max(self.largest_probe, probe_length(
-                    self._sealer, self._session_id, buffer, offset, length))
-                continue
-            if kind == KIND_DATA and sid == self._session_id:
-                body = verify(view[offset:offset + header_size],
-                              view[offset + header_size:offset + length])
-                if body is not None and length > self.largest_data:
-                    self.largest_data = length
-            expected = self._block_size if block < self._last_block else self._last_size
-            if body is not None and flags & DATA_FLAG_ZLIB:
-                self._compressed(seq, block, stamp, body, expected, now)
-                continue
-            if body is None or len(body) != expected:
-                self.rejected += 1
-                continue
-            if not window.on_packet(seq, block, stamp, now):
-                continue
-            count = self._run_count
-            if not count or block != self._run_block + count or seq != self._run_seq + count \
-                    or len(self._run) >= self.RUN_BYTES:
-                self.flush()
-                self._run_block, self._run_seq = block, seq
-            self._run += body
-            self._run_count += 1
-            if len(body) < self._block_size:
-                self.flush()            # a short block ends a run
-
-    def _compressed(self, seq, block, stamp, body, expected, now):
-        """A block sent compressed: decrypted and inflated on its own."""
-        inflater = zlib.decompressobj()
-        try:
-            data = inflater.decompress(self._sealer.open_run(seq, body), expected + 1)
-        except zlib.error:
-            data = b''
-        if len(data) != expected or not inflater.eof:
-            self.rejected += 1                  # authentic but malformed: the sender is broken
-            return
-        if self.window.on_packet(seq, block, stamp, now):
-            self.flush()
-            self._writer.put(block, data)
-
-    def flush(self):
-        if self._run_count:
-            self._writer.put(self._run_block, self._sealer.open_run(self._run_seq, self._run))
-            self._run = bytearray()
-            self._run_count = 0
-
-
 # ---------------------------------------------------------------------------
 # Bulk transfer: client
 # ---------------------------------------------------------------------------
@@ -6233,6 +6151,88 @@ class IncomingFile:
                 unchanged = False
             if not unchanged:
                 self.store.forget_file(file_id)
+
+
+class FileReceiver:
+    """Turns one file's data datagrams into written blocks: checks each
+    datagram's header and tag, records it in the ReceiveWindow, and keeps
+    new blocks that arrive in order as one run, decrypted with one XOR and
+    handed to the writer in one piece."""
+
+    RUN_BYTES = 256 * 1024
+
+    def __init__(self, session_id, sealer, window, writer, size, block_size):
+        self._session_id, self._sealer = session_id, sealer
+        self.window, self._writer = window, writer
+        self._block_size = block_size
+        self._last_block = window.nblocks - 1
+        self._last_size = size - self._last_block * block_size
+        self._run = bytearray()
+        self._run_seq = self._run_block = self._run_count = 0
+        self.rejected = 0
+        self.largest_probe = 0                  # datagram bytes: probes may come with the data
+        self.largest_data = 0                   # datagram bytes of the largest authentic data
+
+    def receive(self, buffer, nbytes, segment, now):
+        """Take one receive's worth of datagrams (several when coalesced)."""
+        view = memoryview(buffer)
+        unpack, header_size = DATA_HEADER.unpack_from, DATA_HEADER.size
+        minimum = header_size + TAG_SIZE
+        window, verify = self.window, self._sealer.verify
+        for offset in range(0, nbytes, segment):
+            length = min(segment, nbytes - offset)
+            if length < minimum:
+                self.rejected += 1
+                continue
+            kind, flags, sid, seq, block, stamp = unpack(buffer, offset)
+            body = None
+            if kind == KIND_PROBE:
+                self.largest_probe = max(self.largest_probe, probe_length(
+                    self._sealer, self._session_id, buffer, offset, length))
+                continue
+            if kind == KIND_DATA and sid == self._session_id:
+                body = verify(view[offset:offset + header_size],
+                              view[offset + header_size:offset + length])
+                if body is not None and length > self.largest_data:
+                    self.largest_data = length
+            expected = self._block_size if block < self._last_block else self._last_size
+            if body is not None and flags & DATA_FLAG_ZLIB:
+                self._compressed(seq, block, stamp, body, expected, now)
+                continue
+            if body is None or len(body) != expected:
+                self.rejected += 1
+                continue
+            if not window.on_packet(seq, block, stamp, now):
+                continue
+            count = self._run_count
+            if not count or block != self._run_block + count or seq != self._run_seq + count \
+                    or len(self._run) >= self.RUN_BYTES:
+                self.flush()
+                self._run_block, self._run_seq = block, seq
+            self._run += body
+            self._run_count += 1
+            if len(body) < self._block_size:
+                self.flush()            # a short block ends a run
+
+    def _compressed(self, seq, block, stamp, body, expected, now):
+        """A block sent compressed: decrypted and inflated on its own."""
+        inflater = zlib.decompressobj()
+        try:
+            data = inflater.decompress(self._sealer.open_run(seq, body), expected + 1)
+        except zlib.error:
+            data = b''
+        if len(data) != expected or not inflater.eof:
+            self.rejected += 1                  # authentic but malformed: the sender is broken
+            return
+        if self.window.on_packet(seq, block, stamp, now):
+            self.flush()
+            self._writer.put(block, data)
+
+    def flush(self):
+        if self._run_count:
+            self._writer.put(self._run_block, self._sealer.open_run(self._run_seq, self._run))
+            self._run = bytearray()
+            self._run_count = 0
 
 
 class ReceivePhase:
