@@ -4689,6 +4689,7 @@ class OutgoingFile:
         selector.register(sock, selectors.EVENT_READ, self.read_control)
         sock.setblocking(False)
         try:
+            self.apply_control()                # what came in with the request, or after it
             while self.outcome is None:
                 self.send_signature()
                 wait = min(self.pace_and_send(), self.signature_poll())
@@ -4807,10 +4808,17 @@ class OutgoingFile:
             self.outcome = False
             return
         self._control.feed(data)
+        if self.apply_control():
+            self._last_feedback = self._clock()    # the receiver is alive and answering
+
+    def apply_control(self):
+        """The control messages read but not yet applied: the request's
+        read may have taken the next ones along.  False if one ended the
+        data phase."""
         for message in self._control.messages():
             if self.on_control(message) is not None:
-                return
-        self._last_feedback = self._clock()    # the receiver is alive and answering
+                return False
+        return True
 
     def on_control(self, message):
         """Apply one control message: `outcome` (True when the receiver holds

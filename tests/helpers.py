@@ -564,9 +564,13 @@ class HostileClient:
         if ready:
             self.wait_ready()
 
-    def send(self, message):
-        self.sock.sendall(wanxfer.seal_frame(self._out, self._frames, frame_body(message)))
-        self._frames += 1
+    def send(self, *messages):
+        """Send `messages` in one write: the server may read them all at once."""
+        frames = []
+        for message in messages:
+            frames.append(wanxfer.seal_frame(self._out, self._frames, frame_body(message)))
+            self._frames += 1
+        self.sock.sendall(b''.join(frames))
 
     def datagram(self, kind, body=b'', seq=None):
         seq = self._seq if seq is None else seq

@@ -112,6 +112,23 @@ def test_a_client_gets_each_byte_refined_once_a_fetch(tmp_path, serve):
     assert 'Traceback' not in server.log() and server.proc.poll() is None
 
 
+def test_requests_that_arrive_with_the_fetch_are_answered(tmp_path, serve):
+    # The server reads the fetch and whatever came in the same segment; a
+    # refine that came with it must not wait for the next bytes to arrive
+    # (here none do: the client waits for the answer).
+    source = make_file(tmp_path / 'f', 2 << 20)
+    server = serve([source])
+    client = HostileClient(server.port)
+    try:
+        size = source.stat().st_size
+        client.send(open_fetch(source, delta=True), {'op': 'refine', 'file': 1, 'offset': 0, 'end': size},
+                    {'op': 'refine', 'file': 1, 'offset': 0, 'end': size})
+        replies = client.messages_until_closed(timeout=20)
+    finally:
+        client.close()
+    assert replies[-1]['op'] == 'error' and 'refine' in replies[-1]['message'], replies[-1]
+
+
 def empty_file_answers(digest=None, start=None):
     """answer() for a REMOTE that is an empty file: `start` for the open
     fetch, then `digest` for its done."""
