@@ -1409,7 +1409,8 @@ CACHE_QUEUED_BYTES = 64 << 20           # chunks waiting for the writer thread, 
 CACHE_QUEUED_MARKS = 1 << 16            # digests to mark used or drop, waiting likewise
 CACHE_READ_TIMEOUT = 0.05               # s an event loop's lookup may wait for the file
 CACHE_READ_RETRY = 1.0                  # s lookups miss after the file was busy
-RUN_FRESH_SECONDS = 15.0                # a run not updated for longer is not running
+RUN_FRESH_SECONDS = 15.0                # a run whose process cannot be checked (run_alive)
+                                        # is not running once not updated for longer
 RUN_FORGET_SECONDS = 86400.0
 STATS_KINDS = ('tunnel-out', 'tunnel-in', 'get')
 
@@ -1424,6 +1425,9 @@ CACHE_SCHEMA = (
     'role TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL, '
     'connections INTEGER NOT NULL, original INTEGER NOT NULL, transferred INTEGER NOT NULL, '
     'PRIMARY KEY (run, kind))',
+    # The process that saves each run's figures (process_identity): a run
+    # whose process has ended is not running, however fresh its figures.
+    'CREATE TABLE IF NOT EXISTS run_owners (run TEXT PRIMARY KEY, process TEXT NOT NULL)',
     "INSERT OR IGNORE INTO counters VALUES ('stored_bytes', 0)",
     # Files `get` received, kept by hard link (owned) or where they lie, and
     # the spans of each by digest: what a delta transfer can be built from.
@@ -1857,7 +1861,11 @@ class ChunkStore:
                              'transferred = transferred + ? WHERE kind = ?', delta + [kind])
             self._db.execute('INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
                              (run, kind, os.getpid(), role, started, now) + tuple(values))
+        identity = process_identity(os.getpid())
+        if identity:
+            self._db.execute('INSERT OR REPLACE INTO run_owners VALUES (?, ?)', (run, identity))
         self._db.execute('DELETE FROM runs WHERE updated < ?', (now - RUN_FORGET_SECONDS,))
+        self._db.execute('DELETE FROM run_owners WHERE run NOT IN (SELECT run FROM runs)')
         self._flush()
         for kind, values in figures.items():
             self._saved[(run, kind)] = tuple(values)
@@ -1868,6 +1876,7 @@ class ChunkStore:
     def _end_run(self, run):
         self._begin()
         self._db.execute('DELETE FROM runs WHERE run = ?', (run,))
+        self._db.execute('DELETE FROM run_owners WHERE run = ?', (run,))
         self._flush()
 
     # -- faults ---------------------------------------------------------------
@@ -2217,6 +2226,41 @@ class QueuedChunkStore:
         return outcome
 
 
+def boot_id():
+    """This boot of this machine, as Linux names it ('' elsewhere)."""
+    try:
+        with open('/proc/sys/kernel/random/boot_id') as f:
+            return f.read().strip()
+    except OSError:
+        return ''
+
+
+def process_identity(pid):
+    """What tells process `pid` from a later one given the same pid: the
+    boot and the process's start (clock ticks since boot), as Linux's /proc
+    tells them; '' if it has ended (a zombie has) or this is not Linux."""
+    boot = boot_id()
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            stat = f.read()
+    except OSError:
+        return ''
+    fields = stat[stat.rindex(b')') + 2:].split()      # after the command, which may hold anything
+    if not boot or fields[0] in (b'Z', b'X'):
+        return ''
+    return '%s %d' % (boot, int(fields[19]))
+
+
+def run_alive(pid, identity, updated, now):
+    """Whether the process that saved a run's figures is still running it:
+    on the machine and boot it ran on, that `identity` is still `pid`'s;
+    elsewhere (another machine sharing the file, or no /proc) whether its
+    figures were saved in the last RUN_FRESH_SECONDS."""
+    if identity and identity.split()[0] == boot_id():
+        return process_identity(pid) == identity
+    return updated >= now - RUN_FRESH_SECONDS
+
+
 def figures_dict(connections, original, transferred):
     saved = original - transferred
     return {'connections': connections, 'original_bytes': original,
@@ -2238,13 +2282,19 @@ def cache_report(path, now=None):
         for kind, connections, original, transferred in db.execute(
                 'SELECT kind, connections, original, transferred FROM stats'):
             life[kind] = (connections, original, transferred)
+        owners = {}
+        if db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'run_owners'").fetchone()[0]:
+            owners = dict(db.execute('SELECT run, process FROM run_owners'))   # none from older wanxfers
         runs = collections.OrderedDict()
-        for row in db.execute('SELECT run, kind, pid, role, started, updated, connections, original, '
-                              'transferred FROM runs WHERE updated >= ? ORDER BY started, run, kind',
-                              (now - RUN_FRESH_SECONDS,)):
-            run = runs.setdefault(row[0], {'pid': row[2], 'role': row[3], 'started': row[4],
-                                           'updated': row[5], 'figures': {}})
-            run['figures'][row[1]] = tuple(row[6:9])
+        for run, kind, pid, role, started, updated, *figures in db.execute(
+                'SELECT run, kind, pid, role, started, updated, connections, original, transferred '
+                'FROM runs ORDER BY started, run, kind'):
+            if run not in runs:
+                alive = run_alive(pid, owners.get(run, ''), updated, now)
+                runs[run] = {'pid': pid, 'role': role, 'started': started, 'updated': updated,
+                             'figures': {}} if alive else None
+            if runs[run] is not None:
+                runs[run]['figures'][kind] = tuple(figures)
     except sqlite3.DatabaseError as e:
         raise CacheError('cannot read cache %s: %s' % (path, e))
     finally:
@@ -2260,7 +2310,7 @@ def cache_report(path, now=None):
         return out
 
     running = []
-    for run in runs.values():
+    for run in filter(None, runs.values()):
         entry = {'pid': run['pid'], 'role': run['role'], 'started': run['started'],
                  'updated': run['updated'], 'uptime_seconds': round(run['updated'] - run['started'], 1)}
         entry.update(section(run['figures']))
@@ -2276,18 +2326,38 @@ def cache_report(path, now=None):
 # How wanxfer cuts data into chunks and names them: the tunnel's unit of
 # dedup, and the spans of a delta transfer's signatures.
 #
-# Chunking is content-defined: a cut falls where the 5 to 7 bytes before it,
-# each reduced to one of four symbols by the fixed table CUT_SYMBOLS, spell a
-# fixed pattern.  The table is derived from SHA-256 of a label, so every
-# wanxfer cuts alike, and bytes.translate and bytes.find test every position
-# at C speed (300-400 MB/s here; a byte-at-a-time rolling hash in Python
-# manages about ten, and one bit per byte halves find's speed).  A cut
-# depends only on the bytes just before it, so an insert or delete early in a
-# stream moves the chunks around it and no others.  Sizes are steered as in
-# TTTD and FastCDC: nothing is cut in a chunk's first 4 KiB, a strict pattern
-# applies up to 16 KiB, looser ones after it, and MAX_CHUNK cuts regardless
-# (a run of one byte value, like a disk of zeros, becomes MAX_CHUNK chunks
-# that are all alike).  Chunks average 20-25 KiB on text and binaries.
+# Chunking is content-defined, so that an insert or delete early in a stream
+# moves the chunks around it and no others.  Two rules, the second for data
+# too regular for the first:
+#
+#   Patterns.  A cut falls where the 5 to 7 bytes before it, each reduced to
+#   one of four symbols by the fixed table CUT_SYMBOLS, spell a fixed
+#   pattern.  bytes.translate and bytes.find test every position at C speed
+#   (the chunker cuts random data and SQL dumps at about 240 MB/s here; a
+#   byte-at-a-time rolling hash in Python manages about ten).  Sizes are
+#   steered as in TTTD and FastCDC: nothing is cut in a chunk's first 4 KiB,
+#   a strict pattern applies up to 16 KiB, looser ones up to MAX_CHUNK.
+#   Random data gets 14 KiB chunks on average this way, a SQL dump 23 KiB.
+#
+#   Window hash.  Fixed-size records and database pages can hold no
+#   pattern at all: 5 to 7 bytes see only constant padding most of the
+#   time.  A chunk that reaches MAX_CHUNK without a pattern is cut
+#   instead by a hash of the 32 bytes before each position, which sees a
+#   record's varying fields; the hash comes from Python's integers, whose
+#   multiplication, shifts and additions run over a whole block of data at
+#   C speed (`window_hashes`): multiplying by an 8-byte constant mixes each
+#   byte into the 8 after it, two shifted additions widen that to 32.  Its
+#   tiers, like the patterns', loosen towards MAX_CHUNK.
+#   The cut is known only once MAX_CHUNK bytes are in, after bytes before it
+#   may have gone out (see StreamEncoder).
+#
+# A run of one byte value (a disk of zeros) holds no cut either way.  A
+# chunk that begins with MIN_CHUNK of one value ends where the value does
+# (MAX_CHUNK chunks that are all alike, then the rest), so what follows a
+# run starts a chunk of its own; a chunk that runs into one and has no other
+# cut ends where the run starts (or ends), so the run's chunks do not
+# depend on what came before it.  The tables and constants are derived from
+# SHA-256 of labels, so every wanxfer cuts alike.
 #
 # Each chunk is named by its SHA-256 (`chunk_digest`).  `compressible`
 # decides from a sample whether zlib is worth its time.
@@ -2303,7 +2373,7 @@ def _pattern(text):
 
 # (smallest cut, largest cut, pattern), offsets from the chunk's start.  The
 # patterns use every symbol and do not overlap themselves, so skewed data
-# (text) still matches about as often as random data.
+# (text) still matches, if less often than random data.
 CUT_TIERS = (
     (MIN_CHUNK, 16 << 10, _pattern('0213301')),     # 1 position in 16 Ki
     (16 << 10, 32 << 10, _pattern('210301')),       # 1 in 4 Ki
@@ -2330,6 +2400,65 @@ def _cut_table():
 CUT_SYMBOLS = _cut_table()
 
 
+# Where no pattern matched: (smallest cut, largest cut, pattern) over the top
+# four bits of each position's window hash.  The patterns use distinct
+# values, so a constant stretch never matches the first two.  Nothing is cut
+# in the first 16 KiB: such data compresses tenfold or more, and a reference
+# costs 37 bytes whatever the chunk's size (so chunks average about 30 KiB).
+HASH_TIERS = (
+    (16 << 10, 48 << 10, bytes([0xa0, 0x30, 0xd0])),   # 1 position in 4 Ki
+    (48 << 10, 56 << 10, bytes([0x60, 0xe0])),          # 1 in 256
+    (56 << 10, MAX_CHUNK, bytes([0x90])),               # 1 in 16
+)
+HASH_WINDOW = 32                # bytes each position's hash covers, the position's own last
+HASH_GUARD = 8                  # bytes more before a block, for the carries of its first sums
+HASH_BLOCK = 4 << 10            # positions hashed at a time, from a fixed point of the chunk:
+                                # little more than needed, and the same wherever the feed ends
+RUN_MIN = 1 << 10               # equal bytes that make a run
+NONZERO = bytes([0]) + bytes([1]) * 255
+
+
+def _ranked_bytes(label):
+    """The byte values 0-255 ordered by SHA-256 under `label`."""
+    return sorted(range(256), key=lambda b: hashlib.sha256(label + bytes([b])).digest())
+
+
+def _hash_constants():
+    table = bytes(_ranked_bytes(b'wanxfer hash v2 table'))
+    multiplier = bytes(b | 1 for b in hashlib.sha256(b'wanxfer hash v2 multiplier').digest()[:8])
+    mask = b'\xf0' * (HASH_BLOCK + 2 * HASH_WINDOW + HASH_GUARD)
+    return table, int.from_bytes(multiplier, 'little'), int.from_bytes(mask, 'little')
+
+
+HASH_TABLE, HASH_MULTIPLIER, HASH_MASK = _hash_constants()
+
+
+def window_hashes(data, start, end):
+    """The window hash of each position in [start, end) of `data`, top four
+    bits of a byte each (needs HASH_WINDOW + HASH_GUARD bytes before start).
+
+    The bytes, spread by HASH_TABLE, are one integer's base-256 digits.
+    Times HASH_MULTIPLIER (eight odd bytes), digit j sums bytes j-7..j, each
+    times its own odd factor, plus the carries from below; adding the
+    product shifted by 8 bytes and then by 16 makes that j-31..j.  Carries
+    from before the guard are cut off, so a position's hash depends on where
+    its block starts only when a carry crosses eight digits of 0xff."""
+    first = start - HASH_WINDOW - HASH_GUARD
+    window = data[first:end]
+    x = int.from_bytes(window.translate(HASH_TABLE), 'little') * HASH_MULTIPLIER
+    x += x << 64
+    x += x << 128
+    return (x & HASH_MASK).to_bytes(len(window) + HASH_WINDOW + 8, 'little')[start - first:end - first]
+
+
+def one_value(data, start, end):
+    """Whether data[start:end] is one byte value repeated."""
+    last = data[end - 1]
+    if data[start] != last or data[(start + end) // 2] != last:
+        return False                # as most data does, cheaply
+    return data.startswith(data[end - 1:end] * (end - start), start)     # memset and memcmp
+
+
 def chunk_digest(data):
     return hashlib.sha256(data).digest()
 
@@ -2351,12 +2480,19 @@ class Chunker:
     `feed(data)` returns the chunks that `data` completed; `pending_size`
     and `pending_from(offset)` tell what came after the last cut;
     `finish()` returns that as the last chunk (b'' if none) and starts
-    over."""
+    over.  Where the cuts fall depends on the bytes only, never on how
+    they were split between calls."""
 
     def __init__(self):
         self._data = bytearray()
         self._symbols = bytearray()
-        self._checked = 0           # cuts at or before this offset were ruled out
+        self._forget_searches()
+
+    def _forget_searches(self):
+        # Per tier of CUT_TIERS, the last search: (from, to, first match or
+        # -1).  A chunk's tiers overlap the next one's, and the data that
+        # needs the window hash needs these searches over 60 KiB per chunk.
+        self._searched = [(0, 0, -1)] * len(CUT_TIERS)
 
     @property
     def pending_size(self):
@@ -2374,33 +2510,107 @@ class Chunker:
             if cut is None:
                 break
             chunks.append(bytes(self._data[start:cut]))
-            start = self._checked = cut
+            start = cut
         if start:
             del self._data[:start]
             del self._symbols[:start]
-            self._checked -= start
+            self._shift_searches(start)
         return chunks
 
+    def _shift_searches(self, by):
+        shifted = []
+        for low, high, found in self._searched:
+            if 0 <= found < by:
+                shifted.append((0, 0, -1))  # its match is gone, and past it nothing was searched
+            else:
+                shifted.append((max(low - by, 0), max(high - by, 0), found - by if found >= 0 else -1))
+        self._searched = shifted
+
     def _find_cut(self, start, end):
-        symbols, checked = self._symbols, self._checked
-        for low, high, pattern in CUT_TIERS:
+        if end >= start + MIN_CHUNK and one_value(self._data, start, start + MIN_CHUNK):
+            return self._run_end(start, end)
+        for tier, (low, high, pattern) in enumerate(CUT_TIERS):
             low, high = start + low, start + high
-            if checked >= high:
-                continue                    # this tier was searched in full already
-            width = len(pattern)
-            found = symbols.find(pattern, max(low, checked + 1) - width, min(high, end))
+            found = self._search(tier, pattern, low - len(pattern), min(high, end))
             if found >= 0:
-                return found + width
+                return found + len(pattern)
             if end < high:
-                self._checked = max(checked, end)
-                return None
-        return start + MAX_CHUNK
+                return None                 # the rest of this tier has not arrived
+        return self._hash_cut(start)
+
+    def _run_end(self, start, end):
+        """The cut of a chunk that begins with MIN_CHUNK bytes of one value:
+        where that value ends, so that what follows a run starts a chunk of
+        its own (None while that is not known)."""
+        data, limit = self._data, min(end, start + MAX_CHUNK)
+        if data.startswith(data[start:start + 1] * (limit - start), start):
+            return limit if limit == start + MAX_CHUNK else None
+        others = bytearray(b'\x01') * 256
+        others[data[start]] = 0
+        return start + MIN_CHUNK + data[start + MIN_CHUNK:limit].translate(others).find(1)
+
+    def _search(self, tier, pattern, low, high):
+        """symbols.find(pattern, low, high), skipping what an earlier search
+        of this tier's pattern covered."""
+        searched_low, searched_high, found = self._searched[tier]
+        if searched_low <= low:
+            if found >= low:
+                return found if found + len(pattern) <= high else -1
+            if found < 0 and searched_high >= high:
+                return -1
+            if found < 0:
+                found = self._symbols.find(pattern, max(low, searched_high - len(pattern) + 1), high)
+                self._searched[tier] = (low, high, found)
+                return found
+        found = self._symbols.find(pattern, low, high)
+        self._searched[tier] = (low, high, found)
+        return found
+
+    def _hash_cut(self, start):
+        """The cut of a chunk whose MAX_CHUNK bytes, all here, hold no pattern."""
+        data, limit = self._data, start + MAX_CHUNK
+        hashes, base = bytearray(), start + HASH_TIERS[0][0] - 8   # hashes[i] is position base + i
+        for low, high, pattern in HASH_TIERS:
+            low, high, width = start + low, start + high, len(pattern)
+            first = low - width
+            while True:
+                hashed = base + len(hashes)
+                found = hashes.find(pattern, first - base, min(high, hashed) - base)
+                if found >= 0:
+                    return base + found + width
+                if hashed >= high:
+                    break
+                first = max(first, hashed - width + 1)
+                block_end = min(hashed + HASH_BLOCK, limit)
+                if one_value(data, hashed - HASH_WINDOW - HASH_GUARD, block_end):
+                    hashes += bytes(block_end - hashed)     # a run: no cut, and no need to hash it
+                else:
+                    hashes += window_hashes(data, hashed, block_end)
+        return self._run_cut(start)
+
+    def _run_cut(self, start):
+        """Where a chunk with no cut by pattern or hash ends: at the start of
+        its last run of RUN_MIN equal bytes, or else at that run's end, if
+        that leaves MIN_CHUNK to MAX_CHUNK bytes; else at MAX_CHUNK."""
+        data, end = self._data, start + MAX_CHUNK
+        x = int.from_bytes(data[start:end], 'little')
+        equal = (x ^ (x >> 8)).to_bytes(MAX_CHUNK, 'little')    # 0 where a byte equals the next
+        found = equal.rfind(bytes(RUN_MIN - 1), 0, MAX_CHUNK - 1)
+        if found < 0:
+            return end
+        run_start = start + equal.translate(NONZERO).rfind(1, 0, found) + 1
+        run_end = start + found + RUN_MIN
+        if run_start >= start + MIN_CHUNK:
+            return run_start
+        if start + MIN_CHUNK <= run_end < end:
+            return run_end
+        return end
 
     def finish(self):
         chunk = bytes(self._data)
         self._data.clear()
         self._symbols.clear()
-        self._checked = 0
+        self._forget_searches()
         return chunk
 
 
@@ -7002,12 +7212,19 @@ class StreamEncoder:
     and into the store.  With `flush`, the bytes after the last cut go out
     at once as PIECE_PART (an interactive peer must not wait for a chunk to
     fill); the chunk they open can still end as a reference.  `refs` lists
-    (digest, chunk) for each reference, for MSG_CHUNK_REQUEST."""
+    (digest, chunk) for each reference, for MSG_CHUNK_REQUEST.
+
+    The chunker may find a cut only later, among bytes already sent as
+    PART (the window hash decides once MAX_CHUNK bytes are in).  The wire's
+    chunk then ends where the sent bytes end, as an empty PIECE_CHUNK, and
+    the chunks it overlaps go as literals, never stored: the peer holds
+    other chunks for those bytes."""
 
     def __init__(self, store):
         self.store = store
         self.chunker = Chunker()
-        self.sent_of_open = 0       # bytes of the open chunk already sent as PART
+        self.sent_of_open = 0       # bytes of the open chunk already on the wire
+        self.part_open = 0          # the last of those, PART of a wire chunk not yet ended
 
     def encode(self, data=b'', flush=False, final=False):
         pieces, refs = [], []
@@ -7022,11 +7239,23 @@ class StreamEncoder:
             part = self.chunker.pending_from(self.sent_of_open)
             pieces.append((PIECE_PART, len(part), None, part))
             self.sent_of_open += len(part)
+            self.part_open += len(part)
         return pieces, refs
 
     def _end_chunk(self, chunk, pieces, refs):
+        sent, part = self.sent_of_open, self.part_open
+        if sent > len(chunk):               # cut among bytes already sent
+            if part and sent - part < len(chunk):
+                pieces.append((PIECE_CHUNK, 0, None, b''))
+                part = 0
+            self.sent_of_open, self.part_open = sent - len(chunk), part
+            return
+        self.sent_of_open = self.part_open = 0
+        if part < sent:                     # its start went in an earlier wire chunk
+            if part or sent < len(chunk):
+                pieces.append((PIECE_CHUNK, len(chunk) - sent, None, chunk[sent:]))
+            return
         digest = chunk_digest(chunk)
-        sent, self.sent_of_open = self.sent_of_open, 0
         if len(chunk) >= MIN_STORED_CHUNK and self.store.has(digest):
             pieces.append((PIECE_REF, len(chunk), digest, None))
             refs.append((digest, chunk))

@@ -12,8 +12,8 @@ from http.server import HTTPServer, SimpleHTTPRequestHandler
 
 import pytest
 
-from helpers import (Relay, Server, digest_handler, echo_handler, noise, round_trip, run_wanxfer, sql_like,
-                     stats, wait_for, wanxfer)
+from helpers import (Relay, Server, digest_handler, echo_handler, fixed_records, noise, round_trip, run_wanxfer,
+                     sql_like, stats, wait_for, wanxfer)
 
 pytestmark = pytest.mark.e2e          # every test here starts processes or sockets
 
@@ -209,6 +209,38 @@ def test_second_pass_is_references_and_dedup_survives_restarts(tmp_path, echo, t
     assert out['connections'] == 2
 
 
+def test_a_short_insert_into_fixed_records_crosses_as_references(tmp_path, tunnel_pair):
+    # Issue 15's reproduction: records of a counter and padding, sent, then
+    # sent again with 14 bytes inserted after 1 MiB.  The second copy used
+    # to cost almost what the first did (every later 64 KiB block moved);
+    # now it costs about what an identical copy does (references: here a
+    # tenth of the first copy, which compresses fiftyfold).
+    data = fixed_records(8 << 20)
+    edited = data[:1 << 20] + b'p' * 14 + data[1 << 20:]
+    target = Server(digest_handler)
+    far, near = tunnel_pair([target.port])
+    try:
+        wire, sent = [], 0
+        for payload in (data, edited, edited):
+            conn = socket.create_connection(('127.0.0.1', near.port), timeout=20)
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            assert read_to_end(conn).split()[0].decode() == hashlib.sha256(payload).hexdigest()
+            conn.close()
+            sent += len(payload)
+            # The running tunnel saves its figures every 2 s.
+            running = wait_for(lambda: [run['tunnel-out'] for run in stats(tmp_path / 'near.db')['running']
+                                        if run['tunnel-out']['original_bytes'] == sent],
+                               timeout=15, interval=0.2, what='the figures of the pass')
+            wire.append(running[0]['transferred_bytes'] - sum(wire))
+        first, shifted, again = wire
+        assert shifted - again < 0.05 * first, wire
+    finally:
+        near.stop()
+        far.stop()
+        target.close()
+
+
 def test_receiver_cache_deleted_still_correct(tmp_path, echo, tunnel_pair):
     payload = noise(3 << 20, seed=b'deleted') + sql_like(3 << 20, seed=5)
     far_cache = tmp_path / 'far.db'
@@ -402,6 +434,20 @@ def test_stats_human_and_json(pair, tmp_path):
     assert 'Life of the cache' in lines
     assert any(line.startswith('Running tunnel (--peer, pid %d' % near.proc.pid) for line in lines)
     assert any(line.split()[:2] == ['tunnel-out', '2'] and line.endswith('%') for line in lines)
+
+
+def test_stats_never_shows_a_killed_tunnel_as_running(pair, tmp_path):
+    far, near, echo = pair
+    assert round_trip(near.port, b'x' * 1000) == b'x' * 1000
+    wait_for(lambda: stats(tmp_path / 'near.db')['running'], timeout=10, interval=0.1,
+             what='the near side listed as running')
+    near.proc.kill()                            # kill -9: no chance to say it stops
+    assert stats(tmp_path / 'near.db')['running'] == []       # not reaped yet: a zombie
+    near.stop()
+    assert stats(tmp_path / 'near.db')['running'] == []
+    result = run_wanxfer(['stats', '--cache', str(tmp_path / 'near.db')])
+    assert result.stdout.decode().splitlines()[-1] == 'No tunnel is running on this cache.'
+    assert [run['role'] for run in stats(tmp_path / 'far.db')['running']] == ['listen']
 
 
 @pytest.mark.parametrize('args, message', [
