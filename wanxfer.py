@@ -1476,6 +1476,8 @@ class Chunker:
         self._searched = shifted
 
     def _find_cut(self, start, end):
+        if end >= start + MIN_CHUNK and one_value(self._data, start, start + MIN_CHUNK):
+            return self._run_end(start, end)
         for tier, (low, high, pattern) in enumerate(CUT_TIERS):
             low, high = start + low, start + high
             found = self._search(tier, pattern, low - len(pattern), min(high, end))
@@ -1484,6 +1486,17 @@ class Chunker:
             if end < high:
                 return None                 # the rest of this tier has not arrived
         return self._hash_cut(start)
+
+    def _run_end(self, start, end):
+        """The cut of a chunk that begins with MIN_CHUNK bytes of one value:
+        where that value ends, so that what follows a run starts a chunk of
+        its own (None while that is not known)."""
+        data, limit = self._data, min(end, start + MAX_CHUNK)
+        if data.startswith(data[start:start + 1] * (limit - start), start):
+            return limit if limit == start + MAX_CHUNK else None
+        others = bytearray(b'\x01') * 256
+        others[data[start]] = 0
+        return start + MIN_CHUNK + data[start + MIN_CHUNK:limit].translate(others).find(1)
 
     def _search(self, tier, pattern, low, high):
         """symbols.find(pattern, low, high), skipping what an earlier search

@@ -86,6 +86,62 @@ def sql_like(n, seed=1):
     return ''.join(rows).encode()[:n]
 
 
+def fixed_records(n):
+    """`n` bytes of issue 15's reproduction: 128-byte records, each a
+    counter and then constant padding (zeros, spaces), as a table's rows."""
+    count = n // 128 + 1
+    return b''.join(struct.pack('<I', i) + bytes(4) + b' ' * 84 + bytes(36) for i in range(count))[:n]
+
+
+def database_pages(n, seed=1):
+    """`n` bytes of 8 KiB pages like PostgreSQL's heap of pgbench_accounts:
+    a header (LSN, checksum, bounds), line pointers, free space of zeros and
+    128-byte tuples stored from the end; most pages full, some not."""
+    r = random.Random(seed)
+    pages, row, lsn = [], 1, 1 << 32
+    for block in range(n // 8192 + 1):
+        count = r.choice((61, 61, 61, r.randrange(1, 61)))
+        page, pointers, upper = bytearray(8192), [], 8192
+        for item in range(count):
+            header = struct.pack('<IIIHHHHHB', 0x2d1, 0, 0, 0, block, item + 1, 4, 0x0902, 24) + bytes(1)
+            values = struct.pack('<iii', row, 1 + row // 100000, r.choice((0, 0, 0, r.randrange(-5000, 5000))))
+            body = header + values + b'\xab' + b' ' * 84
+            upper -= 128
+            page[upper:upper + len(body)] = body
+            pointers.append(struct.pack('<I', upper | 1 << 15 | len(body) << 17))
+            row += 1
+        lsn += r.randrange(1, 1 << 16)
+        lower = 24 + 4 * count
+        page[:24] = struct.pack('<QHHHHHHI', lsn, r.getrandbits(16), 0, lower, upper, 8192, 0x2004, 0)
+        page[24:lower] = b''.join(pointers)
+        pages.append(bytes(page))
+    return b''.join(pages)[:n]
+
+
+def disk_image(n, seed=1):
+    """`n` bytes like a disk image: 4 KiB-aligned extents of incompressible
+    data and of zeros, 4 KiB to 256 KiB each."""
+    r = random.Random(seed)
+    extents, size = [], 0
+    while size < n:
+        length = r.randrange(1, 64) * 4096
+        extents.append(noise(length, b'extent %d' % size) if r.random() < 0.5 else bytes(length))
+        size += length
+    return b''.join(extents)[:n]
+
+
+def text_with_runs(n, seed=1):
+    """`n` bytes of SQL-like text broken by runs of zeros or spaces, 100
+    bytes to 100 KB long."""
+    r = random.Random(seed)
+    text, pieces, at = sql_like(n, seed), [], 0
+    while at < len(text):
+        length = r.randrange(2000, 60000)
+        pieces += [text[at:at + length], r.choice((b' ', b'\0')) * r.randrange(100, 100000)]
+        at += length
+    return b''.join(pieces)[:n]
+
+
 def make_file(path, size, seed=0):
     """A file of `size` incompressible bytes, the same for the same seed."""
     rng = random.Random(seed)
