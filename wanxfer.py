@@ -7129,12 +7129,19 @@ class StreamEncoder:
     and into the store.  With `flush`, the bytes after the last cut go out
     at once as PIECE_PART (an interactive peer must not wait for a chunk to
     fill); the chunk they open can still end as a reference.  `refs` lists
-    (digest, chunk) for each reference, for MSG_CHUNK_REQUEST."""
+    (digest, chunk) for each reference, for MSG_CHUNK_REQUEST.
+
+    The chunker may find a cut only later, among bytes already sent as
+    PART (the window hash decides once MAX_CHUNK bytes are in).  The wire's
+    chunk then ends where the sent bytes end, as an empty PIECE_CHUNK, and
+    the chunks it overlaps go as literals, never stored: the peer holds
+    other chunks for those bytes."""
 
     def __init__(self, store):
         self.store = store
         self.chunker = Chunker()
-        self.sent_of_open = 0       # bytes of the open chunk already sent as PART
+        self.sent_of_open = 0       # bytes of the open chunk already on the wire
+        self.part_open = 0          # the last of those, PART of a wire chunk not yet ended
 
     def encode(self, data=b'', flush=False, final=False):
         pieces, refs = [], []
@@ -7149,11 +7156,23 @@ class StreamEncoder:
             part = self.chunker.pending_from(self.sent_of_open)
             pieces.append((PIECE_PART, len(part), None, part))
             self.sent_of_open += len(part)
+            self.part_open += len(part)
         return pieces, refs
 
     def _end_chunk(self, chunk, pieces, refs):
+        sent, part = self.sent_of_open, self.part_open
+        if sent > len(chunk):               # cut among bytes already sent
+            if part and sent - part < len(chunk):
+                pieces.append((PIECE_CHUNK, 0, None, b''))
+                part = 0
+            self.sent_of_open, self.part_open = sent - len(chunk), part
+            return
+        self.sent_of_open = self.part_open = 0
+        if part < sent:                     # its start went in an earlier wire chunk
+            if part or sent < len(chunk):
+                pieces.append((PIECE_CHUNK, len(chunk) - sent, None, chunk[sent:]))
+            return
         digest = chunk_digest(chunk)
-        sent, self.sent_of_open = self.sent_of_open, 0
         if len(chunk) >= MIN_STORED_CHUNK and self.store.has(digest):
             pieces.append((PIECE_REF, len(chunk), digest, None))
             refs.append((digest, chunk))

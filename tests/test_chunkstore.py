@@ -2,6 +2,7 @@
 cache file, and the encoder/decoder state machines."""
 
 import os
+import random
 import re
 import sqlite3
 import stat
@@ -11,7 +12,8 @@ import types
 
 import pytest
 
-from helpers import noise, wait_for, wanxfer
+from helpers import (database_pages, disk_image, fixed_records, noise, sql_like, text_with_runs, wait_for,
+                     wanxfer)
 from wanxfer import (MAX_CHUNK, MIN_CHUNK, PIECE_CHUNK, PIECE_PART, PIECE_REF, CacheError, Chunker,
                      ChunkStore, ProtocolError, QueuedChunkStore, StreamDecoder, StreamEncoder, cache_report,
                      chunk_digest)
@@ -39,6 +41,11 @@ def test_chunks_reassemble_and_respect_the_size_bounds():
 def test_cuts_do_not_depend_on_how_the_bytes_arrive():
     data = noise(2 << 20, seed=b'arrive')
     assert chunks_of(data, 65536) == chunks_of(data, 1000) == chunks_of(data, len(data))
+    # Nor where no pattern matches: the window hash, runs.
+    data = fixed_records(1 << 20) + disk_image(1 << 20) + database_pages(1 << 20) + text_with_runs(1 << 20)
+    chunks = chunks_of(data, len(data))
+    assert chunks_of(data, 65536) == chunks_of(data, 4099) == chunks_of(data, 333) == chunks
+    assert all(MIN_CHUNK <= len(c) <= MAX_CHUNK for c in chunks[:-1])
 
 
 def test_an_early_insert_moves_only_nearby_chunks():
@@ -48,6 +55,44 @@ def test_an_early_insert_moves_only_nearby_chunks():
     after = chunks_of(edited)
     new = sum(len(c) for c in after if chunk_digest(c) not in before)
     assert new < 3 * MAX_CHUNK
+
+
+def new_chunks(data, edited):
+    """The chunks of `edited` that cutting `data` did not give."""
+    known = set(chunk_digest(c) for c in chunks_of(data))
+    return [c for c in chunks_of(edited) if chunk_digest(c) not in known]
+
+
+def test_a_short_insert_into_fixed_records_costs_a_chunk_or_two():
+    # Issue 15's reproduction, smaller: records of a counter and padding
+    # hold no pattern, and 14 bytes inserted after 1 MiB moved every later
+    # 64 KiB block (all 112 of them were new).
+    data = fixed_records(8 << 20)
+    edited = data[:1 << 20] + b'p' * 14 + data[1 << 20:]
+    new = new_chunks(data, edited)
+    assert len(new) <= 3, [len(c) for c in new]
+    assert len(data) // len(chunks_of(data)) < 32 << 10        # not fixed blocks in disguise
+
+
+@pytest.mark.parametrize('kind, make', [
+    ('random', lambda n: noise(n, seed=b'edits')), ('text', sql_like), ('text with runs', text_with_runs),
+    ('disk image', disk_image), ('fixed records', fixed_records), ('database pages', database_pages),
+])
+def test_cuts_resynchronise_after_random_edits(kind, make):
+    # Inserts and deletes of random lengths at random places: the chunks
+    # around each edit change, the rest are found again.  (Now and then
+    # the cut after an edit falls in another tier and a few more change.)
+    rng = random.Random(kind)
+    data = make(1 << 20)
+    counts = []
+    for edit in range(20):
+        at, length = rng.randrange(len(data)), rng.choice((1, 14, rng.randrange(1, 4096)))
+        if edit % 2:
+            edited = data[:at] + noise(length, seed=b'%d' % edit) + data[at:]
+        else:
+            edited = data[:at] + data[at + length:]
+        counts.append(len(new_chunks(data, edited)))
+    assert sum(counts) <= 2 * len(counts) and max(counts) <= 8, counts
 
 
 @pytest.fixture
@@ -306,6 +351,31 @@ def test_a_partial_chunk_sent_early_can_still_end_as_a_reference(store):
     decoder.feed(literal_pieces(early + rest))
     got, wanted = decoder.take()
     assert wanted is None and b''.join(bytes(o) for o in got) == data
+
+
+def test_parts_sent_early_stay_whole_where_a_cut_is_found_later(tmp_path):
+    # Fixed records are cut by the window hash once MAX_CHUNK bytes are in,
+    # often before bytes that already went out as PART: the wire's chunk
+    # then ends where those bytes do, and every byte still arrives once.
+    sender, receiver = ChunkStore(str(tmp_path / 's.db')), ChunkStore(str(tmp_path / 'r.db'))
+    data = fixed_records(1 << 20) + database_pages(1 << 20) + noise(300000, seed=b'late')
+    for attempt in range(2):                    # the second time, with references
+        encoder, decoder, out = StreamEncoder(sender), StreamDecoder(receiver), []
+        at = 0
+        for size in [100, 5000, 40000, 70000, 3000, 150000] * 30:
+            pieces, _ = encoder.encode(data[at:at + size], flush=True)
+            decoder.feed(literal_pieces(pieces))
+            got, wanted = decoder.take()
+            assert wanted is None
+            out += got
+            at += size
+        pieces, _ = encoder.encode(data[at:], final=True)
+        decoder.feed(literal_pieces(pieces))
+        got, wanted = decoder.take()
+        assert wanted is None
+        assert b''.join(bytes(o) for o in out + got) == data
+    sender.close()
+    receiver.close()
 
 
 def test_a_reference_is_delivered_only_where_it_fits_what_came_before(store):

@@ -12,8 +12,8 @@ from http.server import HTTPServer, SimpleHTTPRequestHandler
 
 import pytest
 
-from helpers import (Relay, Server, digest_handler, echo_handler, noise, round_trip, run_wanxfer, sql_like,
-                     stats, wait_for, wanxfer)
+from helpers import (Relay, Server, digest_handler, echo_handler, fixed_records, noise, round_trip, run_wanxfer,
+                     sql_like, stats, wait_for, wanxfer)
 
 pytestmark = pytest.mark.e2e          # every test here starts processes or sockets
 
@@ -207,6 +207,38 @@ def test_second_pass_is_references_and_dedup_survives_restarts(tmp_path, echo, t
     # Both processes were restarted: the caches on disk still knew every chunk.
     assert second_wire < 0.01 * len(payload)
     assert out['connections'] == 2
+
+
+def test_a_short_insert_into_fixed_records_crosses_as_references(tmp_path, tunnel_pair):
+    # Issue 15's reproduction: records of a counter and padding, sent, then
+    # sent again with 14 bytes inserted after 1 MiB.  The second copy used
+    # to cost almost what the first did (every later 64 KiB block moved);
+    # now it costs about what an identical copy does (references: here a
+    # tenth of the first copy, which compresses fiftyfold).
+    data = fixed_records(8 << 20)
+    edited = data[:1 << 20] + b'p' * 14 + data[1 << 20:]
+    target = Server(digest_handler)
+    far, near = tunnel_pair([target.port])
+    try:
+        wire, sent = [], 0
+        for payload in (data, edited, edited):
+            conn = socket.create_connection(('127.0.0.1', near.port), timeout=20)
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            assert read_to_end(conn).split()[0].decode() == hashlib.sha256(payload).hexdigest()
+            conn.close()
+            sent += len(payload)
+            # The running tunnel saves its figures every 2 s.
+            running = wait_for(lambda: [run['tunnel-out'] for run in stats(tmp_path / 'near.db')['running']
+                                        if run['tunnel-out']['original_bytes'] == sent],
+                               timeout=15, interval=0.2, what='the figures of the pass')
+            wire.append(running[0]['transferred_bytes'] - sum(wire))
+        first, shifted, again = wire
+        assert shifted - again < 0.05 * first, wire
+    finally:
+        near.stop()
+        far.stop()
+        target.close()
 
 
 def test_receiver_cache_deleted_still_correct(tmp_path, echo, tunnel_pair):
