@@ -1650,7 +1650,8 @@ CACHE_QUEUED_BYTES = 64 << 20           # chunks waiting for the writer thread, 
 CACHE_QUEUED_MARKS = 1 << 16            # digests to mark used or drop, waiting likewise
 CACHE_READ_TIMEOUT = 0.05               # s an event loop's lookup may wait for the file
 CACHE_READ_RETRY = 1.0                  # s lookups miss after the file was busy
-RUN_FRESH_SECONDS = 15.0                # a run not updated for longer is not running
+RUN_FRESH_SECONDS = 15.0                # a run whose process cannot be checked (run_alive)
+                                        # is not running once not updated for longer
 RUN_FORGET_SECONDS = 86400.0
 STATS_KINDS = ('tunnel-out', 'tunnel-in', 'get')
 
@@ -1665,6 +1666,9 @@ CACHE_SCHEMA = (
     'role TEXT NOT NULL, started REAL NOT NULL, updated REAL NOT NULL, '
     'connections INTEGER NOT NULL, original INTEGER NOT NULL, transferred INTEGER NOT NULL, '
     'PRIMARY KEY (run, kind))',
+    # The process that saves each run's figures (process_identity): a run
+    # whose process has ended is not running, however fresh its figures.
+    'CREATE TABLE IF NOT EXISTS run_owners (run TEXT PRIMARY KEY, process TEXT NOT NULL)',
     "INSERT OR IGNORE INTO counters VALUES ('stored_bytes', 0)",
     # Files `get` received, kept by hard link (owned) or where they lie, and
     # the spans of each by digest: what a delta transfer can be built from.
@@ -2098,7 +2102,11 @@ class ChunkStore:
                              'transferred = transferred + ? WHERE kind = ?', delta + [kind])
             self._db.execute('INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)',
                              (run, kind, os.getpid(), role, started, now) + tuple(values))
+        identity = process_identity(os.getpid())
+        if identity:
+            self._db.execute('INSERT OR REPLACE INTO run_owners VALUES (?, ?)', (run, identity))
         self._db.execute('DELETE FROM runs WHERE updated < ?', (now - RUN_FORGET_SECONDS,))
+        self._db.execute('DELETE FROM run_owners WHERE run NOT IN (SELECT run FROM runs)')
         self._flush()
         for kind, values in figures.items():
             self._saved[(run, kind)] = tuple(values)
@@ -2109,6 +2117,7 @@ class ChunkStore:
     def _end_run(self, run):
         self._begin()
         self._db.execute('DELETE FROM runs WHERE run = ?', (run,))
+        self._db.execute('DELETE FROM run_owners WHERE run = ?', (run,))
         self._flush()
 
     # -- faults ---------------------------------------------------------------
@@ -2511,6 +2520,41 @@ class SignatureStore:
         self._run(save)
 
 
+def boot_id():
+    """This boot of this machine, as Linux names it ('' elsewhere)."""
+    try:
+        with open('/proc/sys/kernel/random/boot_id') as f:
+            return f.read().strip()
+    except OSError:
+        return ''
+
+
+def process_identity(pid):
+    """What tells process `pid` from a later one given the same pid: the
+    boot and the process's start (clock ticks since boot), as Linux's /proc
+    tells them; '' if it has ended (a zombie has) or this is not Linux."""
+    boot = boot_id()
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            stat = f.read()
+    except OSError:
+        return ''
+    fields = stat[stat.rindex(b')') + 2:].split()      # after the command, which may hold anything
+    if not boot or fields[0] in (b'Z', b'X'):
+        return ''
+    return '%s %d' % (boot, int(fields[19]))
+
+
+def run_alive(pid, identity, updated, now):
+    """Whether the process that saved a run's figures is still running it:
+    on the machine and boot it ran on, that `identity` is still `pid`'s;
+    elsewhere (another machine sharing the file, or no /proc) whether its
+    figures were saved in the last RUN_FRESH_SECONDS."""
+    if identity and identity.split()[0] == boot_id():
+        return process_identity(pid) == identity
+    return updated >= now - RUN_FRESH_SECONDS
+
+
 def figures_dict(connections, original, transferred):
     saved = original - transferred
     return {'connections': connections, 'original_bytes': original,
@@ -2532,13 +2576,19 @@ def cache_report(path, now=None):
         for kind, connections, original, transferred in db.execute(
                 'SELECT kind, connections, original, transferred FROM stats'):
             life[kind] = (connections, original, transferred)
+        owners = {}
+        if db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'run_owners'").fetchone()[0]:
+            owners = dict(db.execute('SELECT run, process FROM run_owners'))   # none from older wanxfers
         runs = collections.OrderedDict()
-        for row in db.execute('SELECT run, kind, pid, role, started, updated, connections, original, '
-                              'transferred FROM runs WHERE updated >= ? ORDER BY started, run, kind',
-                              (now - RUN_FRESH_SECONDS,)):
-            run = runs.setdefault(row[0], {'pid': row[2], 'role': row[3], 'started': row[4],
-                                           'updated': row[5], 'figures': {}})
-            run['figures'][row[1]] = tuple(row[6:9])
+        for run, kind, pid, role, started, updated, *figures in db.execute(
+                'SELECT run, kind, pid, role, started, updated, connections, original, transferred '
+                'FROM runs ORDER BY started, run, kind'):
+            if run not in runs:
+                alive = run_alive(pid, owners.get(run, ''), updated, now)
+                runs[run] = {'pid': pid, 'role': role, 'started': started, 'updated': updated,
+                             'figures': {}} if alive else None
+            if runs[run] is not None:
+                runs[run]['figures'][kind] = tuple(figures)
     except sqlite3.DatabaseError as e:
         raise CacheError('cannot read cache %s: %s' % (path, e))
     finally:
@@ -2554,7 +2604,7 @@ def cache_report(path, now=None):
         return out
 
     running = []
-    for run in runs.values():
+    for run in filter(None, runs.values()):
         entry = {'pid': run['pid'], 'role': run['role'], 'started': run['started'],
                  'updated': run['updated'], 'uptime_seconds': round(run['updated'] - run['started'], 1)}
         entry.update(section(run['figures']))

@@ -8,6 +8,7 @@ import sqlite3
 import stat
 import struct
 import threading
+import time
 import types
 
 import pytest
@@ -292,6 +293,30 @@ def test_stats_counters_add_up_across_runs(store):
     assert life['total']['original_bytes'] == 3550
     running = cache_report(store.path)['running']
     assert [r['role'] for r in running] == ['listen']
+
+
+@pytest.mark.skipif(not wanxfer.boot_id(), reason='processes are told apart through Linux /proc')
+def test_a_run_whose_process_has_ended_is_not_running(store):
+    # Figures saved a moment ago, by a process that has ended or by
+    # another that had the same pid before: neither is running.
+    store.save_run('mine', 'peer', 1.0, {'tunnel-out': (1, 10, 10)})
+    store.save_run('ended', 'peer', 1.0, {'tunnel-out': (1, 10, 10)})
+    store.save_run('earlier', 'peer', 1.0, {'tunnel-out': (1, 10, 10)})
+    with open('/proc/sys/kernel/pid_max') as f:
+        unused = next(pid for pid in range(int(f.read()) - 1, 1, -1) if not os.path.exists('/proc/%d' % pid))
+    db = sqlite3.connect(store.path)
+    db.execute("UPDATE runs SET pid = ? WHERE run = 'ended'", (unused,))
+    db.execute("UPDATE run_owners SET process = process || '0' WHERE run = 'earlier'")
+    db.commit()
+    db.close()
+    assert [r['pid'] for r in cache_report(store.path)['running']] == [os.getpid()]
+    # Another machine's (or boot's) runs are judged by their age alone.
+    db = sqlite3.connect(store.path)
+    db.execute("UPDATE run_owners SET process = 'another-boot 1' WHERE run = 'earlier'")
+    db.commit()
+    db.close()
+    assert len(cache_report(store.path)['running']) == 2
+    assert len(cache_report(store.path, now=time.time() + 60)['running']) == 1
 
 
 def literal_pieces(pieces):

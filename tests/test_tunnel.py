@@ -436,6 +436,20 @@ def test_stats_human_and_json(pair, tmp_path):
     assert any(line.split()[:2] == ['tunnel-out', '2'] and line.endswith('%') for line in lines)
 
 
+def test_stats_never_shows_a_killed_tunnel_as_running(pair, tmp_path):
+    far, near, echo = pair
+    assert round_trip(near.port, b'x' * 1000) == b'x' * 1000
+    wait_for(lambda: stats(tmp_path / 'near.db')['running'], timeout=10, interval=0.1,
+             what='the near side listed as running')
+    near.proc.kill()                            # kill -9: no chance to say it stops
+    assert stats(tmp_path / 'near.db')['running'] == []       # not reaped yet: a zombie
+    near.stop()
+    assert stats(tmp_path / 'near.db')['running'] == []
+    result = run_wanxfer(['stats', '--cache', str(tmp_path / 'near.db')])
+    assert result.stdout.decode().splitlines()[-1] == 'No tunnel is running on this cache.'
+    assert [run['role'] for run in stats(tmp_path / 'far.db')['running']] == ['listen']
+
+
 @pytest.mark.parametrize('args, message', [
     (['tunnel', '--listen', '0', '--peer', 'h:1', '-L', '1:h:2'], 'give --listen'),
     (['tunnel', '--listen', '0'], '--listen takes --allow'),
