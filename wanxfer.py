@@ -1291,8 +1291,7 @@ def describe_flags(flags):
 #   multiplication, shifts and additions run over a whole block of data at
 #   C speed (`window_hashes`): multiplying by an 8-byte constant mixes each
 #   byte into the 8 after it, two shifted additions widen that to 32.  Its
-#   tiers, like the patterns', begin at 4 KiB and loosen towards MAX_CHUNK.
-#   Such data is cut at about 90 MB/s, into chunks of 17-19 KiB on average.
+#   tiers, like the patterns', loosen towards MAX_CHUNK.
 #   The cut is known only once MAX_CHUNK bytes are in, after bytes before it
 #   may have gone out (see StreamEncoder).
 #
@@ -1358,11 +1357,13 @@ CUT_SYMBOLS = _cut_table()
 
 # Where no pattern matched: (smallest cut, largest cut, pattern) over the top
 # four bits of each position's window hash.  The patterns use distinct
-# values, so a constant stretch never matches the first two.
+# values, so a constant stretch never matches the first two.  Nothing is cut
+# in the first 16 KiB: such data compresses tenfold or more, and a reference
+# costs 37 bytes whatever the chunk's size (so chunks average about 30 KiB).
 HASH_TIERS = (
-    (MIN_CHUNK, 32 << 10, bytes([0xa0, 0x30, 0xd0])),  # 1 position in 4 Ki
-    (32 << 10, 48 << 10, bytes([0x60, 0xe0])),          # 1 in 256
-    (48 << 10, MAX_CHUNK, bytes([0x90])),               # 1 in 16
+    (16 << 10, 48 << 10, bytes([0xa0, 0x30, 0xd0])),   # 1 position in 4 Ki
+    (48 << 10, 56 << 10, bytes([0x60, 0xe0])),          # 1 in 256
+    (56 << 10, MAX_CHUNK, bytes([0x90])),               # 1 in 16
 )
 HASH_WINDOW = 32                # bytes each position's hash covers, the position's own last
 HASH_GUARD = 8                  # bytes more before a block, for the carries of its first sums
@@ -1408,8 +1409,8 @@ def window_hashes(data, start, end):
 def one_value(data, start, end):
     """Whether data[start:end] is one byte value repeated."""
     last = data[end - 1]
-    if any(data[start + (end - start) * k // 7] != last for k in range(7)):
-        return False                # most data differs at a few of these places
+    if data[start] != last or data[(start + end) // 2] != last:
+        return False                # as most data does, cheaply
     return data.startswith(data[end - 1:end] * (end - start), start)     # memset and memcmp
 
 
@@ -1523,9 +1524,7 @@ class Chunker:
     def _hash_cut(self, start):
         """The cut of a chunk whose MAX_CHUNK bytes, all here, hold no pattern."""
         data, limit = self._data, start + MAX_CHUNK
-        if one_value(data, start, limit):
-            return limit
-        hashes, base = bytearray(), start + MIN_CHUNK - 8     # hashes[i] is position base + i
+        hashes, base = bytearray(), start + HASH_TIERS[0][0] - 8   # hashes[i] is position base + i
         for low, high, pattern in HASH_TIERS:
             low, high, width = start + low, start + high, len(pattern)
             first = low - width
