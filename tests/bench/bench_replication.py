@@ -179,16 +179,8 @@ def zstd_size(path, level=3):
     """Bytes of `zstd -LEVEL` of the file; None without the zstd command."""
     if not shutil.which('zstd'):
         return None
-    proc = subprocess.Popen(['zstd', '-%d' % level, '-q', '-c', path], stdout=subprocess.PIPE)
-    total = 0
-    while True:
-        data = proc.stdout.read(1 << 20)
-        if not data:
-            break
-        total += len(data)
-    if proc.wait():
-        return None
-    return total
+    total, _seconds, status = harness.piped_size(['zstd', '-%d' % level, '-q', '-c'], path)
+    return None if status else total
 
 
 def percent_saved(original, sent):

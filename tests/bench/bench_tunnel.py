@@ -49,17 +49,7 @@ def baseline(path, command):
 
 
 def baseline_size(path, command):
-    started = time.monotonic()
-    with open(path, 'rb') as f:
-        proc = subprocess.Popen(command, stdin=f, stdout=subprocess.PIPE)
-        total = 0
-        while True:
-            data = proc.stdout.read(1 << 20)
-            if not data:
-                break
-            total += len(data)
-        proc.wait()
-    return total, time.monotonic() - started
+    return harness.piped_size(command, path)[:2]
 
 
 # -- one pass through the tunnel ------------------------------------------------------

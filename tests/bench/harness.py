@@ -567,6 +567,22 @@ def proc_cpu(pid):
     return sum(int(x) for x in fields[11:15]) / CLK_TCK     # utime stime cutime cstime
 
 
+def piped_size(command, path):
+    """(bytes `command` writes with the file at `path` on its stdin, seconds,
+    exit status): a comparison compressor's output, counted, not kept."""
+    started = time.monotonic()
+    with open(path, 'rb') as f:
+        proc = subprocess.Popen(command, stdin=f, stdout=subprocess.PIPE)
+        total = 0
+        while True:
+            data = proc.stdout.read(1 << 20)
+            if not data:
+                break
+            total += len(data)
+        status = proc.wait()
+    return total, time.monotonic() - started, status
+
+
 def settled_cpu(pid, timeout=10.0):
     """proc_cpu() of a `serve` once its session processes have ended and
     been reaped (their CPU is then in its own figures), waiting at most
