@@ -257,8 +257,8 @@ class Rig:
 
         def link_up():
             with open(log_path, errors='replace') as f:
-                return 'peer link up' in f.read()
-        self.wait_for(link_up, 30, 'peer link from the near tunnel' + harness.tail(log_path))
+                return 'peer connection up' in f.read()
+        self.wait_for(link_up, 30, 'peer connection from the near tunnel' + harness.tail(log_path))
 
     def wait_for(self, predicate, timeout, what, interval=0.05):
         """Poll `predicate` until true, with a deadline; the seconds it took."""
