@@ -8080,7 +8080,8 @@ class PeerConnection:
         if magic != TUNNEL_MAGIC:
             raise ProtocolError('the peer is not a wanxfer tunnel')
         if version != TUNNEL_VERSION:
-            raise ProtocolError('the peer speaks tunnel protocol %d, this side %d' % (version, TUNNEL_VERSION))
+            raise ProtocolError('the peer speaks tunnel protocol %d, this side %d: run the same wanxfer '
+                                'at both ends' % (version, TUNNEL_VERSION))
         if window < MAX_CHUNK:
             raise ProtocolError('the peer offers a window of %d bytes' % window)
         self.send_window = window
