@@ -7158,7 +7158,8 @@ class Client:
 # The parts, in the order data flows:
 #   StreamEncoder   a stream's bytes -> pieces: references or literals (no sockets)
 #   StreamDecoder   pieces -> verified bytes, or the digest to ask for (no sockets)
-#   PeerWriter      packs, compresses, seals and writes a connection's frames, on its own thread
+#   DeflatePool     compresses literal blocks for every connection, on a few threads
+#   PeerWriter      packs, seals and writes a connection's frames in order, on its own thread
 #   FrameReader     a connection's sealed frames in
 #   Stream          one forwarded connection: its socket, both directions, flow control
 #   PeerConnection  one authenticated peer connection: messages, streams, keepalive
@@ -7176,8 +7177,9 @@ class Client:
 # store's lookups; the store's writer thread makes every write to the cache
 # file (QueuedChunkStore), so another process holding the file's write lock
 # delays the cache, never the streams.  Each peer connection's writer thread
-# owns that peer connection's compressor, outbound Sealer and socket writes
-# (zlib releases the GIL, so compression runs beside the loop).  Short-lived
+# owns that peer connection's outbound Sealer and socket writes, and hands
+# its literal blocks to the process's DeflatePool (zlib releases the GIL, so
+# blocks compress on several cores beside the loop).  Short-lived
 # helper threads do what cannot be made non-blocking cheaply (name lookup,
 # connect, handshake) and post their result to the loop.
 
@@ -7415,17 +7417,19 @@ class DeflatePool:
     here use more than one core while the loop chunks and the writers seal.
     `submit(blob, dictionary, done)` runs `deflate_blob` on a pool thread
     and then `done((encoding, packed), error)` there; done must not block.
-    With no threads, submit runs the work at once on the caller's thread."""
+    With no threads, or for a blob too short to compress (an interactive
+    stream's: no hop between threads), submit runs the work at once on the
+    caller's thread."""
 
     def __init__(self, threads, level=ZLIB_LEVEL):
         self.level = level
         self.threads = threads
-        self._jobs = queue.SimpleQueue() if hasattr(queue, 'SimpleQueue') else queue.Queue()
+        self._jobs = queue.SimpleQueue()
         for _ in range(threads):
             start_thread(self._work, 'tunnel-deflate')
 
     def submit(self, blob, dictionary, done):
-        if not self.threads:
+        if not self.threads or len(blob) < MIN_COMPRESS:
             self._run(blob, dictionary, done)
         else:
             self._jobs.put((blob, dictionary, done))
