@@ -245,12 +245,13 @@ MAX_SESSION_MESSAGE = 4096
 # Stream ids are chosen by the --peer side, counting up from 1; 0 is the
 # connection itself.
 TUNNEL_MAGIC = b'WXTN'
-TUNNEL_VERSION = 1
+TUNNEL_VERSION = 2                              # 2: BLOB_DEFLATE replaced version 1's BLOB_ZLIB
 TUNNEL_MESSAGE = struct.Struct('!BI')           # message type, stream id
 TUNNEL_HELLO = struct.Struct('!4sBI')           # magic, version, receive window per stream (bytes)
 TUNNEL_OPEN = struct.Struct('!H')               # target port; the target host (UTF-8) follows
 TUNNEL_DATA = struct.Struct('!BHI')             # blob encoding, piece count, blob size decoded; the blob
 TUNNEL_PIECE = struct.Struct('!BI')             # piece kind, length; PIECE_REF adds the digest
+TUNNEL_CHUNK = struct.Struct('!B')              # blob encoding (after the digest); the blob
 TUNNEL_CREDIT = struct.Struct('!Q')             # bytes of this stream delivered so far
 TUNNEL_PING = struct.Struct('!Q')               # sender's token, echoed in MSG_PONG
 CHUNK_DIGEST_SIZE = 32                          # SHA-256
@@ -277,8 +278,15 @@ PIECE_REF = 3           # the chunk with this digest and total length ends here:
 # A MSG_DATA blob, once decoded: the piece table (a TUNNEL_PIECE per piece,
 # each PIECE_REF followed by its digest), then the literal bytes of the CHUNK
 # and PART pieces, concatenated.  A MSG_CHUNK blob is the chunk.
+# A direction's history is the decoded blobs of every DATA and CHUNK it
+# carried, in frame order, raw ones too; each BLOB_DEFLATE is primed with
+# the last HISTORY_SIZE bytes of it, so blobs compress about as well as one
+# continuous stream yet each can be compressed on its own, in parallel.
 BLOB_RAW = 0
-BLOB_ZLIB = 1           # one zlib stream per link direction, Z_SYNC_FLUSH per frame
+BLOB_DEFLATE = 2        # one complete raw deflate stream (RFC 1951, ended by its final block),
+                        # dictionary: the last HISTORY_SIZE bytes of the direction's history
+                        # (1 was version 1's single zlib stream per direction)
+HISTORY_SIZE = 32 << 10                         # deflate's window
 MIN_COMPRESS = 256
 PING_INTERVAL = 10.0
 PEER_DEAD_AFTER = 35.0              # s without a frame from the peer
@@ -7150,7 +7158,8 @@ class Client:
 # The parts, in the order data flows:
 #   StreamEncoder   a stream's bytes -> pieces: references or literals (no sockets)
 #   StreamDecoder   pieces -> verified bytes, or the digest to ask for (no sockets)
-#   PeerWriter      packs, compresses, seals and writes a connection's frames, on its own thread
+#   DeflatePool     compresses literal blocks for every connection, on a few threads
+#   PeerWriter      packs, seals and writes a connection's frames in order, on its own thread
 #   FrameReader     a connection's sealed frames in
 #   Stream          one forwarded connection: its socket, both directions, flow control
 #   PeerConnection  one authenticated peer connection: messages, streams, keepalive
@@ -7168,8 +7177,9 @@ class Client:
 # store's lookups; the store's writer thread makes every write to the cache
 # file (QueuedChunkStore), so another process holding the file's write lock
 # delays the cache, never the streams.  Each peer connection's writer thread
-# owns that peer connection's compressor, outbound Sealer and socket writes
-# (zlib releases the GIL, so compression runs beside the loop).  Short-lived
+# owns that peer connection's outbound Sealer and socket writes, and hands
+# its literal blocks to the process's DeflatePool (zlib releases the GIL, so
+# blocks compress on several cores beside the loop).  Short-lived
 # helper threads do what cannot be made non-blocking cheaply (name lookup,
 # connect, handshake) and post their result to the loop.
 
@@ -7400,23 +7410,124 @@ def unpack_pieces(payload, count):
 
 # --- Writer: the sending half of a peer connection, on its own thread --------
 
+class DeflatePool:
+    """Threads that compress blobs for every peer connection of a process.
+
+    zlib releases the GIL while it works on a buffer, so blobs compressed
+    here use more than one core while the loop chunks and the writers seal.
+    `submit(blob, dictionary, done)` runs `deflate_blob` on a pool thread
+    and then `done((encoding, packed), error)` there; done must not block.
+    With no threads, or for a blob too short to compress (an interactive
+    stream's: no hop between threads), submit runs the work at once on the
+    caller's thread."""
+
+    def __init__(self, threads, level=ZLIB_LEVEL):
+        self.level = level
+        self.threads = threads
+        self._jobs = queue.SimpleQueue()
+        for _ in range(threads):
+            start_thread(self._work, 'tunnel-deflate')
+
+    def submit(self, blob, dictionary, done):
+        if not self.threads or len(blob) < MIN_COMPRESS:
+            self._run(blob, dictionary, done)
+        else:
+            self._jobs.put((blob, dictionary, done))
+
+    def close(self):
+        for _ in range(self.threads):
+            self._jobs.put(None)
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            self._run(*job)
+
+    def _run(self, blob, dictionary, done):
+        try:
+            result = deflate_blob(blob, dictionary, self.level)
+        except Exception as e:          # (MemoryError): the writer reports it and the connection ends
+            done(None, e)
+            return
+        done(result, None)
+
+
+def default_pool_threads():
+    """Compression threads for a tunnel: one per core, at most 4 (beyond
+    that the loop's chunking and digests are the limit)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def deflate_blob(blob, dictionary, level=ZLIB_LEVEL):
+    """(encoding, bytes on the wire) of a DATA or CHUNK blob: BLOB_DEFLATE,
+    primed with `dictionary`, where a sample says it pays; else BLOB_RAW."""
+    if len(blob) < MIN_COMPRESS or not compressible(blob):
+        return BLOB_RAW, blob
+    deflate = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, dictionary)
+    return BLOB_DEFLATE, deflate.compress(blob) + deflate.flush()
+
+
+def inflate_blob(blob, dictionary, limit):
+    """The decoded bytes of a BLOB_DEFLATE from the peer: at most `limit`
+    of them, one complete deflate stream, nothing after it."""
+    inflate = zlib.decompressobj(-15, zdict=dictionary)
+    try:
+        data = inflate.decompress(blob, limit + 1)
+    except zlib.error as e:
+        raise ProtocolError('bad compressed data: %s' % e)
+    if len(data) > limit or inflate.unconsumed_tail:
+        raise ProtocolError('compressed data longer than %d bytes' % limit)
+    if not inflate.eof or inflate.unused_data:
+        raise ProtocolError('compressed data %s its end' % ('short of' if not inflate.eof else 'past'))
+    return data
+
+
+def extend_history(history, blob):
+    """A direction's history (the last HISTORY_SIZE bytes) after `blob`."""
+    if len(blob) >= HISTORY_SIZE:
+        return bytes(blob[-HISTORY_SIZE:])
+    return (history + bytes(blob))[-HISTORY_SIZE:]
+
+
+class Staged:
+    """A frame on its way out of a PeerWriter: its backlog size, and either
+    its body or the head to put before its blob once the pool is done."""
+
+    __slots__ = ('size', 'head', 'result', 'error', 'ready')
+
+    def __init__(self, size, head, body=None):
+        self.size = size
+        self.head = head                    # (prefix, struct of the encoding, its other fields)
+        self.result = body                  # the body; for a blob, (encoding, packed blob)
+        self.error = None
+        self.ready = head is None
+
+
 class PeerWriter:
     """The sending half of a peer connection, on its own thread.
 
     The loop queues messages with `send(body)`, `send_data(sid, pieces)` and
-    `send_chunk(sid, digest, chunk)`; this thread packs them, runs literal
-    blobs through the peer connection's one zlib stream when a sample says it
-    pays, seals, and writes.  It owns the compressor, the outbound Sealer and
-    every write to the socket.  The loop reads `should_pause()`, `wire_bytes`
-    and `error`; `on_event(name)` is called from this thread ('drained',
-    'failed') and must only post to the loop."""
+    `send_chunk(sid, digest, chunk)`; this thread packs them, hands each
+    literal blob to the DeflatePool (primed with the history before it),
+    and seals and writes the frames strictly in queue order as their blobs
+    come back.  At most 2 x the pool's threads blobs are in the pool at
+    once, so a fast stream keeps every thread busy and the memory bounded.
+    It owns the outbound Sealer and every write to the socket.  The loop
+    reads `should_pause()`, `wire_bytes` and `error`; `on_event(name)` is
+    called from this thread ('drained', 'failed') and must only post to the
+    loop."""
 
-    def __init__(self, sock, sealer, on_event, level=ZLIB_LEVEL):
+    def __init__(self, sock, sealer, on_event, pool):
         self.sock = sock
         self._sealer = sealer
         self._on_event = on_event
-        self._deflate = zlib.compressobj(level, zlib.DEFLATED, 15, 8)
+        self._pool = pool
+        self._in_flight = max(1, 2 * pool.threads)
+        self._history = b''
         self._queue = collections.deque()
+        self._staged = collections.deque()      # Staged, in send order
         self._lock = threading.Condition()
         self._frames = 0
         self._backlog = 0
@@ -7466,41 +7577,82 @@ class PeerWriter:
             self._thread.join()
 
     def _take(self):
-        """The next item; DATA for one stream queued back to back is merged
-        into one frame (up to MERGE_LIMIT bytes), so a writer that falls
-        behind sends fewer, larger frames: less framing, fewer flushes."""
+        """The next item (the lock held); DATA for one stream queued back to
+        back is merged into one frame (up to MERGE_LIMIT bytes), so a writer
+        that falls behind sends fewer, larger frames: less framing, fewer
+        flushes."""
+        entry = self._queue.popleft()
+        if entry is None or entry[0][0] != 'data':
+            return entry
+        (_, sid, pieces), size = entry
+        while self._queue and self._queue[0] is not None and self._queue[0][0][0] == 'data' \
+                and self._queue[0][0][1] == sid and size + self._queue[0][1] <= MERGE_LIMIT \
+                and len(pieces) + len(self._queue[0][0][2]) < 65536:
+            (_, _, more), more_size = self._queue.popleft()
+            pieces = pieces + more
+            size += more_size
+        return ('data', sid, pieces), size
+
+    def _next(self):
+        """The next frame to write, once its blob is back from the pool;
+        items are staged meanwhile, up to the pool's share.  None at the
+        end."""
         with self._lock:
-            while not self._queue:
+            while True:
+                if self._staged and self._staged[0].ready:
+                    return self._staged.popleft()
+                if self._queue and self._queue[0] is None:
+                    if not self._staged:
+                        return None                 # the end, after everything staged
+                elif self._queue and len(self._staged) < self._in_flight:
+                    entry = self._take()
+                    self._lock.release()
+                    try:
+                        staged = self._stage(*entry)
+                    finally:
+                        self._lock.acquire()
+                    self._staged.append(staged)
+                    continue
                 self._lock.wait()
-            entry = self._queue.popleft()
-            if entry is None or entry[0][0] != 'data':
-                return entry
-            (_, sid, pieces), size = entry
-            while self._queue and self._queue[0] is not None and self._queue[0][0][0] == 'data' \
-                    and self._queue[0][0][1] == sid and size + self._queue[0][1] <= MERGE_LIMIT \
-                    and len(pieces) + len(self._queue[0][0][2]) < 65536:
-                (_, _, more), more_size = self._queue.popleft()
-                pieces = pieces + more
-                size += more_size
-            return ('data', sid, pieces), size
+
+    def _stage(self, item, size):
+        """A Staged for the item: its blob, in history order, off to the pool."""
+        if item[0] == 'frame' or self.error is not None:    # (a dead socket's frames are dropped)
+            return Staged(size, None, item[1] if item[0] == 'frame' else None)
+        if item[0] == 'data':
+            _, sid, pieces = item
+            blob = pack_pieces(pieces)
+            head = (TUNNEL_MESSAGE.pack(MSG_DATA, sid), TUNNEL_DATA, (len(pieces), len(blob)))
+        else:
+            _, sid, digest, blob = item
+            head = (TUNNEL_MESSAGE.pack(MSG_CHUNK, sid) + digest, TUNNEL_CHUNK, ())
+        staged = Staged(size, head)
+        dictionary = self._history
+        self._history = extend_history(dictionary, blob)
+        self._pool.submit(blob, dictionary, lambda result, error: self._done(staged, result, error))
+        return staged
+
+    def _done(self, staged, result, error):
+        with self._lock:
+            staged.result, staged.error, staged.ready = result, error, True
+            self._lock.notify()
 
     def _run(self):
         waiter = selectors.DefaultSelector()
         waiter.register(self.sock, selectors.EVENT_WRITE)
         try:
             while True:
-                entry = self._take()
-                if entry is None:
+                staged = self._next()
+                if staged is None:
                     return
-                item, size = entry
                 if self.error is None:
                     try:
-                        self._write(self._frame(item), waiter)
+                        self._write(self._frame(staged), waiter)
                     except Exception as e:          # the connection is unusable either way; say why
                         self.error = e
                         self._on_event('failed')
                 with self._lock:
-                    self._backlog -= size
+                    self._backlog -= staged.size
                     drained = self._want_drained and self._backlog <= WRITER_LOW_WATER
                     if drained:
                         self._want_drained = False
@@ -7509,27 +7661,18 @@ class PeerWriter:
         finally:
             waiter.close()
 
-    def _frame(self, item):
-        if item[0] == 'frame':
-            body = item[1]
-        elif item[0] == 'data':
-            _, sid, pieces = item
-            decoded = pack_pieces(pieces)
-            encoding, blob = self._pack_blob(decoded)
-            body = b''.join((TUNNEL_MESSAGE.pack(MSG_DATA, sid),
-                             TUNNEL_DATA.pack(encoding, len(pieces), len(decoded)), blob))
+    def _frame(self, staged):
+        if staged.error is not None:
+            raise staged.error
+        if staged.head is None:
+            body = staged.result
         else:
-            _, sid, digest, chunk = item
-            encoding, blob = self._pack_blob(chunk)
-            body = b''.join((TUNNEL_MESSAGE.pack(MSG_CHUNK, sid), digest, bytes([encoding]), blob))
+            prefix, layout, fields = staged.head
+            encoding, blob = staged.result
+            body = b''.join((prefix, layout.pack(encoding, *fields), blob))
         frame = seal_frame(self._sealer, self._frames, body)
         self._frames += 1
         return frame
-
-    def _pack_blob(self, blob):
-        if len(blob) >= MIN_COMPRESS and compressible(blob):
-            return BLOB_ZLIB, self._deflate.compress(blob) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
-        return BLOB_RAW, blob
 
     def _write(self, frame, waiter):
         view = memoryview(frame)
@@ -7847,7 +7990,7 @@ class PeerConnection:
         self._wire_reported = 0
         out_sealer, in_sealer, _data_out, _data_in = keys.sealers(role)
         self._reader = FrameReader(in_sealer)
-        self._inflate = zlib.decompressobj()
+        self._history = b''                 # of the peer's direction (BLOB_DEFLATE)
         self._handlers = {
             MSG_HELLO: self._on_hello, MSG_OPEN: self._on_open, MSG_DATA: self._on_data,
             MSG_CREDIT: self._on_credit, MSG_SHUT: self._on_shut, MSG_RESET: self._on_reset,
@@ -7855,7 +7998,7 @@ class PeerConnection:
             MSG_PING: self._on_ping, MSG_PONG: self._on_pong,
         }
         sock.setblocking(False)
-        self.writer = PeerWriter(sock, out_sealer, self._on_writer_event)
+        self.writer = PeerWriter(sock, out_sealer, self._on_writer_event, tunnel.pool)
         self.writer.start()
         self.send_message(MSG_HELLO, 0, TUNNEL_HELLO.pack(TUNNEL_MAGIC, TUNNEL_VERSION, self.receive_window))
         self.loop.watch(sock, selectors.EVENT_READ, self.on_readable)
@@ -7941,7 +8084,8 @@ class PeerConnection:
         if magic != TUNNEL_MAGIC:
             raise ProtocolError('the peer is not a wanxfer tunnel')
         if version != TUNNEL_VERSION:
-            raise ProtocolError('the peer speaks tunnel protocol %d, this side %d' % (version, TUNNEL_VERSION))
+            raise ProtocolError('the peer speaks tunnel protocol %d, this side %d: run the same wanxfer '
+                                'at both ends' % (version, TUNNEL_VERSION))
         if window < MAX_CHUNK:
             raise ProtocolError('the peer offers a window of %d bytes' % window)
         self.send_window = window
@@ -7975,7 +8119,7 @@ class PeerConnection:
         encoding, count, size = TUNNEL_DATA.unpack_from(payload)
         if size > MAX_FRAME:
             raise ProtocolError('a blob of %d bytes' % size)
-        # Decoded even for a stream that is gone, to keep the zlib stream in step.
+        # Decoded even for a stream that is gone, to keep the history in step.
         blob = self._unpack_blob(encoding, payload[TUNNEL_DATA.size:], size)
         pieces = unpack_pieces(blob, count)
         stream = self._stream(sid)
@@ -7983,19 +8127,23 @@ class PeerConnection:
             self._guarded(stream, stream.on_pieces, pieces)
 
     def _unpack_blob(self, encoding, blob, expected):
-        if encoding == BLOB_RAW:
-            data = bytes(blob)
-        elif encoding == BLOB_ZLIB:
-            try:
-                data = self._inflate.decompress(blob, expected + 1)
-            except zlib.error as e:
-                raise ProtocolError('bad compressed data: %s' % e)
-            if self._inflate.unconsumed_tail:
-                raise ProtocolError('compressed data longer than announced')
-        else:
-            raise ProtocolError('unknown blob encoding %d' % encoding)
+        data = self._decode_blob(encoding, blob, expected)
         if len(data) != expected:
             raise ProtocolError('blob of %d bytes where %d were announced' % (len(data), expected))
+        return data
+
+    def _decode_blob(self, encoding, blob, limit):
+        """A DATA or CHUNK blob from the peer, decoded (at most `limit`
+        bytes) and added to the history of the peer's direction."""
+        if encoding == BLOB_RAW:
+            if len(blob) > limit:
+                raise ProtocolError('a blob longer than %d bytes' % limit)
+            data = bytes(blob)
+        elif encoding == BLOB_DEFLATE:
+            data = inflate_blob(blob, self._history, limit)
+        else:
+            raise ProtocolError('unknown blob encoding %d' % encoding)
+        self._history = extend_history(self._history, data)
         return data
 
     def _guarded(self, stream, method, *args):
@@ -8039,19 +8187,7 @@ class PeerConnection:
             self._guarded(stream, stream.on_chunk, digest, chunk)
 
     def _unpack_chunk(self, encoding, blob):
-        if encoding == BLOB_RAW:
-            if len(blob) > MAX_CHUNK:
-                raise ProtocolError('a chunk of %d bytes' % len(blob))
-            return bytes(blob)
-        if encoding != BLOB_ZLIB:
-            raise ProtocolError('unknown blob encoding %d' % encoding)
-        try:
-            data = self._inflate.decompress(blob, MAX_CHUNK + 1)
-        except zlib.error as e:
-            raise ProtocolError('bad compressed data: %s' % e)
-        if self._inflate.unconsumed_tail or len(data) > MAX_CHUNK:
-            raise ProtocolError('a chunk longer than %d bytes' % MAX_CHUNK)
-        return data
+        return self._decode_blob(encoding, blob, MAX_CHUNK)
 
     def _on_ping(self, sid, payload):
         self.send_message(MSG_PONG, 0, bytes(payload[:TUNNEL_PING.size]))
@@ -8128,12 +8264,13 @@ class Tunnel:
     accepts_open = False
     role = ''
 
-    def __init__(self, secret, store, encrypt=True, log=None):
+    def __init__(self, secret, store, encrypt=True, log=None, threads=None):
         self.secret = SharedSecret.of(secret)
         self.store = store
         self.encrypt = encrypt
         self.log = log or (lambda line: None)
         self.loop = EventLoop()
+        self.pool = DeflatePool(default_pool_threads() if threads is None else threads)
         self.stats = TunnelStats()
         self.peers = set()
         self.run_id = secrets.token_hex(8)
@@ -8159,6 +8296,7 @@ class Tunnel:
         self.save_stats()
         self.store.end_run(self.run_id)
         self.store.close()
+        self.pool.close()
         self.loop.close()
 
     def _close_listeners(self):
@@ -8219,8 +8357,8 @@ class NearTunnel(Tunnel):
 
     role = 'peer'
 
-    def __init__(self, secret, store, peer, forwards, encrypt=True, log=None):
-        Tunnel.__init__(self, secret, store, encrypt, log)
+    def __init__(self, secret, store, peer, forwards, encrypt=True, log=None, threads=None):
+        Tunnel.__init__(self, secret, store, encrypt, log, threads)
         self.peer_address = peer
         self.peer = None
         self.listeners = []             # (socket, target host, target port, Acceptor)
@@ -8353,8 +8491,8 @@ class FarTunnel(Tunnel):
     role = 'listen'
     accepts_open = True
 
-    def __init__(self, secret, store, bind, port, allow, encrypt=True, log=None):
-        Tunnel.__init__(self, secret, store, encrypt, log)
+    def __init__(self, secret, store, bind, port, allow, encrypt=True, log=None, threads=None):
+        Tunnel.__init__(self, secret, store, encrypt, log, threads)
         self.secret.server_salt()               # stretched now, not at the first peer
         self.allow = set((host.lower(), target_port) for host, target_port in allow)
         self.listener = listen_socket(bind, port, tune=True)
@@ -9850,6 +9988,8 @@ def command_tunnel(args):
                          'connections only to the targets it is told to')
     if args.peer and (not args.forward or args.allow):
         raise UsageError('--peer takes -L [BIND:]PORT:HOST:PORT (at least one), not --allow')
+    if args.threads is not None and not 0 <= args.threads <= 64:
+        raise UsageError('--threads takes 0 (compress on the writer thread) to 64')
     secret = require_secret(args)
     check_secret_strength(secret)
     limit = parse_size(args.cache_size)
@@ -9862,11 +10002,12 @@ def command_tunnel(args):
     try:
         if listen:
             tunnel = FarTunnel(secret, store, listen[0], listen[1], allow,
-                               encrypt=not args.no_encrypt, log=log)
+                               encrypt=not args.no_encrypt, log=log, threads=args.threads)
             log('listening on %s:%d for peers; allowed targets: %s' % (
                 tunnel.address + (', '.join('%s:%d' % target for target in allow),)))
         else:
-            tunnel = NearTunnel(secret, store, peer, forwards, encrypt=not args.no_encrypt, log=log)
+            tunnel = NearTunnel(secret, store, peer, forwards, encrypt=not args.no_encrypt, log=log,
+                                threads=args.threads)
             for (bind, port), (host, target_port) in tunnel.addresses:
                 log('listening on %s:%d, forwarding to %s:%d via peer %s:%d'
                     % ((bind, port, host, target_port) + peer))
@@ -10026,6 +10167,9 @@ def build_parser():
     tunnel.add_argument('--cache-size', default=DEFAULT_CACHE_SIZE_TEXT, metavar='SIZE',
                         help='evict least recently used chunks past SIZE (default %s)'
                              % DEFAULT_CACHE_SIZE_TEXT)
+    tunnel.add_argument('--threads', type=int, metavar='N',
+                        help='compression threads (default: one per core, at most 4; 0: each '
+                             'peer connection compresses on its writer thread)')
     tunnel.set_defaults(func=command_tunnel)
 
     stats = commands.add_parser(

@@ -791,9 +791,10 @@ def run_get_measured(port, args, cwd, timeout=60):
     return proc.returncode, out, err.decode('utf-8', 'replace'), int(peak)
 
 
-def zlib_bomb(size):
-    """A zlib stream of `size` zero bytes (about a thousandth as large)."""
-    packer = zlib.compressobj(9)
+def zlib_bomb(size, wbits=15):
+    """A zlib stream of `size` zero bytes (about a thousandth as large);
+    with wbits -15, a raw deflate stream (the tunnel's BLOB_DEFLATE)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
     piece = bytes(1 << 20)
     parts = []
     left = size

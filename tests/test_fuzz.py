@@ -448,10 +448,10 @@ def tunnel_messages(rng, target_port, sid):
         lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_RAW, 1, 37) +
                  wanxfer.TUNNEL_PIECE.pack(wanxfer.PIECE_REF, rng.choice([0, 10, 70000])) +
                  bytes(rng.getrandbits(8) for _ in range(32))),
-        lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_ZLIB, 1, 100) +
-                 zlib_bomb(rng.choice([1000, 8 << 20]))),
-        lambda: (wanxfer.MSG_CHUNK, sid, bytes(32) + bytes([rng.choice([0, 1, 5])]) +
-                 rng.choice([zlib_bomb(4 << 20), bytes(70000), b'x'])),
+        lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_DEFLATE, 1, 100) +
+                 zlib_bomb(rng.choice([1000, 8 << 20]), rng.choice([15, -15]))),
+        lambda: (wanxfer.MSG_CHUNK, sid, bytes(32) + bytes([rng.choice([0, 1, 2, 5])]) +
+                 rng.choice([zlib_bomb(4 << 20, -15), zlib_bomb(4 << 20), bytes(70000), b'x'])),
         lambda: (wanxfer.MSG_CREDIT, sid, wanxfer.TUNNEL_CREDIT.pack(rng.getrandbits(64))),
         lambda: (wanxfer.MSG_CREDIT, sid, b'\x01'),
         lambda: (wanxfer.MSG_SHUT, sid, b''),

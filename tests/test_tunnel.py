@@ -1,19 +1,24 @@
 """The tunnel as an operator uses it: two real `wanxfer.py tunnel` processes
 on loopback, real TCP servers behind them, real bytes through, checked."""
 
+import gzip
 import hashlib
+import itertools
 import os
+import shutil
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 import urllib.request
+import zlib
 from http.server import HTTPServer, SimpleHTTPRequestHandler
 
 import pytest
 
-from helpers import (Relay, Server, digest_handler, echo_handler, fixed_records, noise, round_trip, run_wanxfer,
-                     sql_like, stats, wait_for, wanxfer)
+from helpers import (SECRET, Relay, Server, digest_handler, echo_handler, fixed_records, noise, round_trip,
+                     run_wanxfer, sql_like, stats, wait_for, wanxfer, zlib_bomb)
 
 pytestmark = pytest.mark.e2e          # every test here starts processes or sockets
 
@@ -456,6 +461,7 @@ def test_stats_never_shows_a_killed_tunnel_as_running(pair, tmp_path):
     (['tunnel', '--peer', 'h:1'], '--peer takes -L'),
     (['tunnel', '--peer', 'h:1', '-L', 'nonsense'], "invalid -L 'nonsense'"),
     (['tunnel', '--listen', '0', '--allow', 'h:1', '--cache-size', 'lots'], "invalid size 'lots'"),
+    (['tunnel', '--listen', '0', '--allow', 'h:1', '--threads', '-1'], '--threads takes 0'),
 ])
 def test_usage_errors(tmp_path, args, message):
     result = run_wanxfer(args + ['--cache', str(tmp_path / 'c.db')])
@@ -564,3 +570,132 @@ def test_another_process_holding_the_cache_lock_does_not_stall_the_tunnel(tmp_pa
         far.stop()
         relay.close()
     assert 'Traceback' not in near.log() + far.log()
+
+
+# -- the compression pool: order, hostile blocks, saving ------------------------------
+
+POOL = ('--threads', '4')           # more threads than this machine's cores: blocks finish out of order
+
+
+def test_large_compressible_streams_cross_exact_and_in_order_through_the_pool(tmp_path, echo, tunnel_pair):
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port], extra=POOL)
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port], extra=POOL)
+    try:
+        # Compressed and raw blobs in turn: both belong to the history the
+        # next block's dictionary is cut from.
+        big = b''.join(sql_like(2 << 20, seed=s) + noise(1 << 18, seed=b'%d' % s) for s in range(8))
+        assert hashlib.sha256(round_trip(near.port, big)).digest() == hashlib.sha256(big).digest()
+        payloads = [sql_like((3 << 20) + i * 1001, seed=40 + i) for i in range(4)]
+        echoed = [None] * len(payloads)
+
+        def one(i):
+            echoed[i] = round_trip(near.port, payloads[i])
+        threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(payloads))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        for i, payload in enumerate(payloads):
+            assert echoed[i] is not None and len(echoed[i]) == len(payload), 'stream %d came back short' % i
+            assert hashlib.sha256(echoed[i]).digest() == hashlib.sha256(payload).digest(), \
+                'stream %d came back different' % i
+    finally:
+        near.stop()
+        far.stop()
+    assert 'Traceback' not in near.log() + far.log()
+    assert 'protocol error' not in near.log() + far.log()
+
+
+def test_the_saving_on_a_sql_dump_is_at_least_gzip_6s(tmp_path, tunnel_pair):
+    payload = sql_like(16 << 20, seed=3)
+    target = Server(digest_handler)
+    far = tunnel_pair.far(tmp_path / 'far.db', [target.port])
+    near = tunnel_pair.near(tmp_path / 'near.db', far.port, [target.port])
+    try:
+        assert round_trip(near.port, payload) == ('%s %d\n' % (hashlib.sha256(payload).hexdigest(),
+                                                               len(payload))).encode()
+    finally:
+        near.stop()
+        far.stop()
+        target.close()
+    wire = stats(tmp_path / 'near.db')['life']['tunnel-out']['transferred_bytes']
+    if shutil.which('gzip'):
+        gzip6 = len(subprocess.run(['gzip', '-6', '-c'], input=payload, stdout=subprocess.PIPE,
+                                   check=True).stdout)
+    else:
+        gzip6 = len(gzip.compress(payload, 6))
+    # Every byte the link carried counts: handshake, frames, seals, piece tables.
+    assert wire <= gzip6, 'the tunnel put %d bytes on the link, gzip -6 makes %d' % (wire, gzip6)
+
+
+class ForgedPeer:
+    """An authenticated peer connection to a far side that sends what a
+    test tells it, frame by frame."""
+
+    def __init__(self, port):
+        self.sock = socket.create_connection(('127.0.0.1', port), timeout=10)
+        keys, _rtt = wanxfer.client_handshake(self.sock, SECRET.encode(), True)
+        self._sealer = keys.sealers('client')[0]
+        self._frames = itertools.count()
+
+    def send(self, kind, sid, payload=b''):
+        body = wanxfer.TUNNEL_MESSAGE.pack(kind, sid) + payload
+        self.sock.sendall(wanxfer.seal_frame(self._sealer, next(self._frames), body))
+
+    def hello(self, version=wanxfer.TUNNEL_VERSION):
+        self.send(wanxfer.MSG_HELLO, 0, wanxfer.TUNNEL_HELLO.pack(wanxfer.TUNNEL_MAGIC, version,
+                                                                  wanxfer.STREAM_WINDOW))
+
+    def closed_by_peer(self):
+        try:
+            while self.sock.recv(1 << 16):
+                pass
+        except ConnectionResetError:
+            pass
+        return True
+
+
+def raw_deflate(data, dictionary=b'', finish=True):
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, dictionary)
+    return packer.compress(data) + packer.flush(zlib.Z_FINISH if finish else zlib.Z_SYNC_FLUSH)
+
+
+FORGED_BLOCKS = {
+    # An 8 MiB bomb where 100 bytes were announced.
+    'oversized': (100, lambda: zlib_bomb(8 << 20, -15), r'compressed data longer than 100 bytes'),
+    # Back-references into a dictionary the receiver never had.
+    'forged': (1000, lambda: raw_deflate(b'x' * 1000, dictionary=b'x' * 1000),
+               r'bad compressed data: .*distance too far back'),
+    'cut short': (1000, lambda: raw_deflate(bytes(range(250)) * 4, finish=False),
+                  r'compressed data short of its end'),
+    'trailing bytes': (1000, lambda: raw_deflate(bytes(range(250)) * 4) + b'more',
+                       r'compressed data past its end'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(FORGED_BLOCKS) + ['chunk', 'version 1'])
+def test_a_forged_compressed_block_ends_the_connection_not_the_process(tmp_path, echo, tunnel_pair, case):
+    far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
+    try:
+        peer = ForgedPeer(far.port)
+        if case == 'version 1':
+            peer.hello(1)
+            expected = r'the peer speaks tunnel protocol 1, this side %d: run the same wanxfer at both ends' \
+                % wanxfer.TUNNEL_VERSION
+        elif case == 'chunk':               # a MSG_CHUNK past the longest chunk
+            peer.hello()
+            peer.send(wanxfer.MSG_CHUNK, 1, bytes(32) + bytes([wanxfer.BLOB_DEFLATE]) + zlib_bomb(4 << 20, -15))
+            expected = r'compressed data longer than %d bytes' % wanxfer.MAX_CHUNK
+        else:
+            size, blob, expected = FORGED_BLOCKS[case]
+            peer.hello()
+            peer.send(wanxfer.MSG_DATA, 1, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_DEFLATE, 1, size) + blob())
+        assert peer.closed_by_peer()
+        far.wait_for(r'peer connection from \S+ down: protocol error: ' + expected)
+        peer.sock.close()
+        near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
+        assert round_trip(near.port, b'still here') == b'still here'
+        near.stop()
+    finally:
+        far.stop()
+    assert 'Traceback' not in far.log()

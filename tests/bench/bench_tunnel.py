@@ -89,16 +89,16 @@ class Sink:
             conn.close()
 
 
-def one_pass(workdir, path, near_cache, far_cache):
-    """Send `path` through fresh tunnel processes; return (original, wire,
-    seconds, near CPU seconds, far CPU seconds)."""
+def one_pass(workdir, path, near_cache, far_cache, extra=()):
+    """Send `path` through fresh tunnel processes (given `extra` arguments);
+    return (original, wire, seconds, near CPU seconds, far CPU seconds)."""
     sink = Sink()
     size = os.path.getsize(path)
     sink.expect = size
-    far = start_far(far_cache, [sink.port])
+    far = start_far(far_cache, [sink.port], extra=extra)
     near = None
     try:
-        near = start_near(near_cache, far.port, [sink.port])
+        near = start_near(near_cache, far.port, [sink.port], extra=extra)
         before = stats(near_cache)['life']['tunnel-out']
         cpu_before = harness.proc_cpu(near.proc.pid), harness.proc_cpu(far.proc.pid)
         conn = socket.create_connection(('127.0.0.1', near.port))
@@ -214,8 +214,11 @@ def main():
     parser.add_argument('--zeros-size', type=harness.size_arg, default='1G')
     parser.add_argument('--random-size', type=harness.size_arg, default='256M')
     parser.add_argument('--sql-size', type=harness.size_arg, default='300M')
+    parser.add_argument('--threads', type=int, metavar='N',
+                        help='both tunnels\' --threads (default: theirs)')
     parser.add_argument('--json', metavar='FILE')
     args = parser.parse_args()
+    extra = () if args.threads is None else ('--threads', args.threads)
     os.environ.setdefault('WANXFER_SECRET', SECRET)
     os.makedirs(args.workdir, exist_ok=True)
     scenarios = args.scenarios.split(',')
@@ -239,12 +242,12 @@ def main():
 
     if 'zeros' in scenarios:
         make_file(path('zeros.bin'), args.zeros_size, 'zeros')
-        rows.append(summarize('zeros', [one_pass(w, path('zeros.bin'), *fresh_caches(w, 'zeros'))
+        rows.append(summarize('zeros', [one_pass(w, path('zeros.bin'), *fresh_caches(w, 'zeros'), extra)
                                         for _ in range(args.runs)]))
     if 'random' in scenarios:
         make_file(path('random.bin'), args.random_size, 'random')
         baseline_for('random', path('random.bin'))
-        rows.append(summarize('random', [one_pass(w, path('random.bin'), *fresh_caches(w, 'random'))
+        rows.append(summarize('random', [one_pass(w, path('random.bin'), *fresh_caches(w, 'random'), extra)
                                          for _ in range(args.runs)]))
     if 'tar' in scenarios:
         make_tar(path('backup.tar'), path('backup-appended.tar'))
@@ -252,8 +255,8 @@ def main():
         first, again = [], []
         for _ in range(args.runs):
             caches = fresh_caches(w, 'tar')
-            first.append(one_pass(w, path('backup.tar'), *caches))
-            again.append(one_pass(w, path('backup-appended.tar'), *caches))
+            first.append(one_pass(w, path('backup.tar'), *caches, extra))
+            again.append(one_pass(w, path('backup-appended.tar'), *caches, extra))
         rows.append(summarize('tar first pass', first))
         rows.append(summarize('tar appended, restarted', again))
     if 'sql' in scenarios or 'known' in scenarios:
@@ -265,11 +268,11 @@ def main():
         first, edited, known = [], [], []
         for _ in range(args.runs):
             caches = fresh_caches(w, 'sql')
-            first.append(one_pass(w, path('dump.sql'), *caches))
+            first.append(one_pass(w, path('dump.sql'), *caches, extra))
             if 'sql' in scenarios:
-                edited.append(one_pass(w, path('dump-edited.sql'), *caches))
+                edited.append(one_pass(w, path('dump-edited.sql'), *caches, extra))
             if 'known' in scenarios:
-                known.append(one_pass(w, path('dump.sql'), *caches))
+                known.append(one_pass(w, path('dump.sql'), *caches, extra))
         rows.append(summarize('sql first pass', first))
         if edited:
             rows.append(summarize('sql after 200 edits', edited))
