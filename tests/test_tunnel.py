@@ -267,7 +267,8 @@ def test_receiver_cache_deleted_still_correct(tmp_path, echo, tunnel_pair):
         near.stop()
         second_wire = stats(tmp_path / 'near.db')['life']['tunnel-out']['transferred_bytes'] - first_wire
         assert second_wire > 0.9 * first_wire       # every chunk crossed again
-        far.wait_for(r'\d+ chunks 127\.0\.0\.1:\d+ referred to were missing from this side.s cache')
+        far.wait_for(r'\d+ chunks 127\.0\.0\.1:\d+ referred to were missing from this side.s cache',
+                     timeout=30)
         near = tunnel_pair.near(tmp_path / 'near.db', far.port, [echo.port])
         # And while running: the cache file removed under the far side,
         # which notices and starts a new one where the old one was.
@@ -275,7 +276,7 @@ def test_receiver_cache_deleted_still_correct(tmp_path, echo, tunnel_pair):
             if os.path.exists(str(far_cache) + suffix):
                 os.remove(str(far_cache) + suffix)
         assert round_trip(near.port, payload[::-1]) == payload[::-1]
-        far.wait_for(r'cache .*far\.db was removed or replaced; starting a new one')
+        far.wait_for(r'cache .*far\.db was removed or replaced; starting a new one', timeout=30)
         assert round_trip(near.port, payload) == payload
         # Its batches are committed every 0.25 s.
         wait_for(lambda: stats(far_cache)['cache']['chunks'], timeout=10, interval=0.1,
