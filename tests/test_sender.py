@@ -65,14 +65,18 @@ class Rate:
         self.peak_delivery = 0.0
         self.cap = None
         self.feedback = []
+        self.idle = []
         self.silences = 0
 
     def set_cap(self, cap):
         self.cap = cap
 
-    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False):
-        self.feedback.append({'delivered': delivered, 'lost': lost, 'rtt': rtt,
-                              'app_limited': app_limited})
+    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False,
+                    sent_at=None, ack_delay=0.0):
+        self.feedback.append({'delivered': delivered, 'lost': lost, 'rtt': rtt})
+
+    def on_idle(self, now):
+        self.idle.append(now)
 
     def on_silence(self):
         self.silences += 1
@@ -204,9 +208,10 @@ def test_feedback_measures_the_round_trip_and_a_gap_old_enough_is_resent(sending
     feedback = wanxfer.encode_feedback(1, FIRST_SEQ, FIRST_SEQ + 19, 10000, 0, [(2, 1)])
     assert deliver(ends, from_receiver(wanxfer.KIND_FEEDBACK, feedback))
     assert ends.file.rtt == pytest.approx(0.875 * 0.1 + 0.125 * 0.04)
-    # Sent all it had: the delivery says little of the path.
-    assert ends.rate.feedback == [{'delivered': 19, 'lost': 1, 'rtt': ends.file.rtt,
-                                   'app_limited': True}]
+    # Sent all it had: the rate control is told so, as the delivery says
+    # little of the path.
+    assert ends.rate.idle
+    assert ends.rate.feedback == [{'delivered': 19, 'lost': 1, 'rtt': ends.file.rtt}]
     assert ends.file.window.in_flight() == 0
     assert send_now(ends) == [(2, wanxfer.DATA_FLAG_RETRANSMIT)]
 
