@@ -2419,49 +2419,146 @@ def cache_report(path, now=None):
 # the rate comes down; random loss with a short queue is only loss, and is
 # repaired without slowing down.  The controller is a pure state machine: feed
 # it feedback and the time, read `rate` (bytes per second).
+#
+# Everything it learns is a round trip old, and on a long path a round trip is
+# a second: whatever rate it sets, it lives with for a second before it hears
+# what became of it.  So it never sends much above what the path has shown it
+# carries.  It tries more only for short stretches (a few feedback intervals,
+# however long the round trip) and waits to hear how the packets of that
+# stretch fared: how fast they arrived, how many were lost, how much queue
+# they met.  A stretch that overshoots builds at most its own length of queue.
+# Each acknowledgement carries the send time of the newest packet it covers,
+# so the controller knows which stretch it speaks of, and it judges the path
+# again only on news of packets sent after its last decision.
+
+
+class DeliverySlot:
+    """What became of the packets sent during one stretch at one rate, from
+    the acknowledgements that cover nothing else: how fast they arrived, the
+    share lost, and how much the queue grew while they crossed."""
+
+    __slots__ = ('start', 'end', 'sent', 'queue_before', 'queue_peak', 'bytes', 'packets',
+                 'lost', 'first', 'last', 'idle')
+
+    def __init__(self, start, sent, queue_before):
+        self.start, self.end = start, None
+        self.sent = sent                        # bytes/s it was sent at
+        self.queue_before = self.queue_peak = queue_before
+        self.bytes = self.packets = self.lost = 0
+        self.first = self.last = None           # (arrival, send time) where the span begins, ends
+        self.idle = False                       # the sender ran short of data meanwhile
+
+    def add(self, previous, now, sent_at, nbytes, delivered, lost, queue_delay, app_limited):
+        """One acknowledgement; `previous` is (arrival, send time) of the one before."""
+        if previous is None or previous[1] < self.start:
+            return
+        if self.end is not None and sent_at > self.end:
+            if previous[1] <= self.end:
+                # The receiver's least queue while the slot's last packets came.
+                self.queue_peak = max(self.queue_peak, queue_delay)
+            return
+        if self.first is None:
+            self.first = previous
+        self.last = (now, sent_at)
+        self.bytes += nbytes
+        self.packets += delivered
+        self.lost += lost
+        self.queue_peak = max(self.queue_peak, queue_delay)
+        self.idle = self.idle or app_limited
+
+    def complete(self, sent_at):
+        return self.end is not None and sent_at > self.end
+
+    def delivery(self):
+        """Bytes/s, over the longer of the send and the arrival spans (a
+        bunch of acknowledgements arriving together must not look fast), or
+        None if too little was covered to say."""
+        if self.first is None or self.last is None:
+            return None
+        span = max(self.last[0] - self.first[0], self.last[1] - self.first[1])
+        return self.bytes / span if span > 0 else None
+
+    def loss(self):
+        total = self.packets + self.lost
+        return self.lost / total if total else 0.0
 
 
 class RateController:
-    """Sending rate from queueing delay and delivery rate, with a fast start
-    and a hard cap.
+    """Sending rate from delivery, queueing delay and loss, with a paced
+    start, short probes, and a TCP-like share of a contested path.
 
-    Startup doubles the rate every round trip until the queue starts to
-    grow.  From then on the rate follows what the path has shown it delivers
-    (the best delivery rate of the last three round trips), in a cycle of
-    phases: cruise at that rate for a few round trips (one, while each
-    probe finds more), probe 10% above it for one to find spare capacity,
-    and drain 15% below it for a round trip whenever the queueing delay
-    says the probe (or another flow) filled the bottleneck's queue.
-    Because the delay signal arrives a round trip late, the rate moves in
-    these steps rather than continuously, which would overshoot and then
-    undershoot.  Random loss changes nothing; only heavy loss (a policer)
-    does.  Delivery measured while the sender ran out of data says little
-    of the path: it may raise the best rate, never lower it.  Feed it
-    `on_feedback()`; read `rate` (bytes/s).
+    It keeps `level`, the rate at which the path delivers this flow's data
+    (wire bytes that arrive, per second), and sends at level / (1 - random
+    loss): what random loss takes never reached the bottleneck, so sending
+    that much more still fills it and no more.  Random loss is learnt where
+    no queue can overflow: in the startup while the queue is short, then in
+    the return slots below.
+
+    Startup: from INITIAL_RATE, each round trip sends one slot (a stretch
+    of a few feedback intervals) at STARTUP_GAIN times the level (EARLY_GAIN
+    while that is still a low rate) and the rest at the level.  When the
+    news of the slot is in, the level becomes what it delivered if that was
+    nearly all it asked for and the queue hardly rose, and the next slot
+    follows at once; otherwise the slot found the bottleneck, whose rate is
+    what it delivered, and startup ends.  The level grows as fast as by
+    doubling the whole rate every round trip, but at most a slot's worth of
+    queue is ever built beyond the bottleneck.
+
+    Then a cycle: cruise at the level, adding the same small amount every
+    round trip (so flows sharing a path converge, as TCP's do); every few
+    round trips a probe slot at the 'probe' gain and right after it a return
+    slot that takes back the queue the probe built if it found no room.  A
+    probe that delivered more raises the level (one that delivered all it
+    asked for starts the doubling again).  Whenever the news of packets sent
+    since the last decision says the path is over-full (a standing queue,
+    or on a queue too short to see, more loss than at random), the level
+    becomes what the path passes (measured while the queue stood, when it
+    has: a bottleneck with a queue passes exactly its rate; or from how fast
+    the queue grew, or from what it dropped, after a sudden drop), and the
+    queue built meanwhile drains at the 'drain' gain.
 
     Yielding to every queue would leave nothing for wanxfer beside a TCP
     flow, which keeps the bottleneck's queue full whatever others do.  When
     a drain ends and the queue did not shrink, the queue is another flow's:
     the path is contested (twice in a row: once can be our own probe's
-    queue still arriving).  Until the queue is short again (or heavy loss
-    says the path itself got slower), the queue no longer steers the rate:
-    a share does, as TCP's window does.  It starts at FAIR_SHARE of the
-    most the path delivered (alone, with a short queue, within
-    CAPACITY_MEMORY seconds), grows a little every round trip and is cut
-    by 30% when more is lost than at random; a contest soon after another
-    goes on from the last share.  Two such flows settle near equal shares.
-    A flow of its own making never looks contested: its drains shrink it.
+    queue still arriving).  Until the queue is short again, the queue no
+    longer steers the rate: a share does, as TCP's window does.  It starts
+    at FAIR_SHARE of the most the path delivered (alone, with a short queue,
+    within CAPACITY_MEMORY seconds), grows a little every round trip and is
+    cut by 30% when more is lost than at random; a contest soon after
+    another goes on from the last share.  Two such flows settle near equal
+    shares.  A flow of its own making never looks contested: its drains
+    shrink it.
+
+    What the sender sends while it has too little to send (`on_idle()`)
+    measures its want of data, not the path: it never lowers the level, and
+    a slot it touched proves nothing.  Feed it `on_feedback()` with each
+    acknowledgement and `on_idle()` whenever the sender runs out of data;
+    read `rate` (bytes/s).
     """
 
     MIN_RATE = 64 * 1024                    # bytes/s: never stop probing
     INITIAL_RATE = 2 * 1024 * 1024          # 16 Mbit/s before the path is known
-    STARTUP_EXIT_DELAY = 0.006              # s of queue that ends startup
-    TARGET_DELAY = 0.012                    # s of queue a probe may build
+    STARTUP_GAIN = 2.0                      # a startup slot's rate, of the level
+    EARLY_GAIN, EARLY_RATE = 4.0, 16e6      # ... up to this gain while the slot's rate is below this
+    GAINS = types.MappingProxyType({'startup': 1.0, 'cruise': 1.0, 'probe': 1.25, 'return': 0.75,
+                                    'drain': 0.85})
+    SLOT_INTERVALS = 4                      # feedback intervals in a slot: enough to measure one
+    MIN_SLOT = 0.02                         # s
+    PASSED = 0.85                           # of what a startup slot asked for: the path carried it,
+    QUEUE_RISE = 0.04                       # ... if the queue grew less than this share of the slot
+    PROBE_PAID = 1.08                       # delivery this much above the level: room left
+    NOISE = 0.02                            # a slot's delivery is measured this well
+    PROBE_ROUNDS = 3                        # round trips between probes that found nothing
+    TARGET_DELAY = 0.012                    # s of standing queue that means the path is full
+    EXCESS_LOSS = 0.03                      # loss above the random loss that means the same,
+    LOSSY_WINDOWS = 3                       # ... in this many windows of LOSS_PACKETS in a row
+    MIN_LOSS_PACKETS = 100                  # packets a loss rate needs before it is believed,
+    LOSS_PACKETS = 2000                     # ... or before a few percent more says more than chance
     HEAVY_LOSS = 0.20
+    MAX_COMPENSATION = 0.3                  # the most random loss sent extra for
     MIN_SAMPLE_SPAN = 0.005                 # s of feedback needed for a delivery rate
-    CRUISE_ROUNDS = 4
-    GAINS = types.MappingProxyType({'cruise': 1.0, 'probe': 1.1, 'drain': 0.85})
-    PROBE_PAID = 1.05                       # delivery this much above the probe's start: room left
+    CREEP = 0.05                            # of the level, per round trip in cruise at most
     FAIR_SHARE = 0.5
     SHARE_GROWTH = 0.005                    # of the fastest delivery, per round trip
     MIN_SHARE_GROWTH = 187500               # bytes/s per round trip: 1.5 Mbit/s
@@ -2470,22 +2567,38 @@ class RateController:
     def __init__(self, max_rate=None, initial_rate=None):
         self.max_rate = max_rate
         self.rate = float(min(initial_rate or self.INITIAL_RATE, max_rate or float('inf')))
+        self.level = self.rate                  # bytes/s the path is known to deliver
         self.phase = 'startup'
-        self._phase_started = 0.0
-        self._last_growth = None
+        self._phase_ends = 0.0                  # when a timed phase (probe, return, drain) is over
+        self._gain = 1.0                        # of the probe or return being sent
+        self._crept = 0.0                       # when cruise last added to the level
+        self._idle_at = float('-inf')           # when the sender last had nothing to send
+        self._unseen_queue = False              # the path was last found full by its loss
+        self._changed = float('-inf')           # news of packets sent before this is stale
+        self._news = DeliverySlot(0.0, 0.0, 0.0)    # what became of packets sent since
+        self._loss_news = [0, 0]                # ... packets delivered, lost in this window of them
+        self._lossy_windows = 0                 # ... windows in a row with excess loss
+        self._queued = collections.deque()      # (arrival, send time, bytes) while a queue stood
+        self._queue_trend = collections.deque(maxlen=3)     # (arrival, queue, send time) of the last few
+        self._slot = None                       # the slot being sent or waited for
+        self._return = None                     # the return slot after a probe
+        self._next_probe = 0.0
+        self._quiet = (0.0, 0.0)                # send times of a probe and its return
+        self._probed = False                    # the news is of them
+        self._interval = 0.01                   # s between acknowledgements, smoothed
+        self._last_ack = None                   # (time, send time) of the last acknowledgement
         self._samples = collections.deque()     # (time, bytes delivered, packets delivered, lost)
-        self._recent = collections.deque()      # (time, delivery rate): the best of the last few RTTs
         self.peak_delivery = 0.0                # the fastest the path has delivered so far
+        self.random_loss = None                 # loss that is not the bottleneck's
+        self._clean = [0.0, 0.0]                # packets delivered, lost where no queue overflowed
         self.contested = False                  # another flow holds the bottleneck's queue
         self._share = 0.0                       # the rate while contested
         self._share_step = self._share_cut = 0.0
         self._contest_ended = float('-inf')     # a contest soon after goes on from its share
-        self._random_loss = 0.0                 # loss rate seen uncontested
         self._capacity = collections.deque()    # (time, delivery with a short queue), falling
-        self._probe_base = None                 # the best delivery when the last probe began
-        self._drain_first = None                # the queue when this drain's effect began
+        self._drain_queue = None                # the queue when the last drain began
+        self._drained = 0.0                     # s of queue that drain should have removed
         self._failed_drains = 0                 # drains in a row that left the queue as it was
-        self._drain_low = None                  # and the shortest since
 
     @property
     def startup(self):
@@ -2495,6 +2608,8 @@ class RateController:
         self.max_rate = max_rate
         if max_rate:
             self.rate = min(self.rate, max_rate)
+
+    # --- what the acknowledgements say -----------------------------------
 
     def _measure(self, now, delivered_bytes, delivered, lost, rtt):
         """(delivery rate in bytes/s or None, loss fraction) over about one round trip."""
@@ -2512,86 +2627,395 @@ class RateController:
             return None, loss
         return sum(s[1] for s in later) / span, loss
 
-    def _best_delivery(self, now, delivery, rtt, app_limited):
-        """The highest delivery rate of the last three round trips: what the
-        path (and both hosts) have shown they can carry.  A sample taken
-        while the sender had too little to send can only raise it, and older
-        ones do not expire meanwhile: they say more about the path."""
-        recent = self._recent
-        if delivery and not (app_limited and recent and delivery <= recent[0][1]):
-            while recent and recent[-1][1] <= delivery:
-                recent.pop()
-            recent.append((now, delivery))
-        while recent and not app_limited and now - recent[0][0] > 3 * max(rtt, 0.02):
-            recent.popleft()
-        return recent[0][1] if recent else None
+    def _compensation(self):
+        return min(self.random_loss or 0.0, self.MAX_COMPENSATION)
 
-    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False):
-        """One acknowledgement's worth of news.  `app_limited`: the sender ran
-        out of data to send within the last round trip (between files, or
-        waiting for the receiver's requests), so the delivery rate says how
-        much there was to send, not what the path carries."""
+    def _learn_loss(self, delivered, lost, queue_delay, sent_at):
+        """The random loss, from packets no queue can have overflowed:
+        those of the startup that met a short queue outside its slots, then
+        those of the return slots (below the level)."""
+        if self.phase != 'startup' or self.contested or queue_delay > self.TARGET_DELAY / 2 or \
+                (self._slot is not None and sent_at >= self._slot.start):
+            return
+        self._count_clean(delivered, lost)
+
+    def _count_clean(self, delivered, lost, fade=1.0):
+        counts = self._clean
+        counts[0] = counts[0] * fade + delivered
+        counts[1] = counts[1] * fade + lost
+        if counts[0] + counts[1] >= self.MIN_LOSS_PACKETS:
+            self.random_loss = counts[1] / (counts[0] + counts[1])
+
+    def _count_lossy(self, delivered, lost):
+        """Windows of LOSS_PACKETS fresh packets in a row with more loss than
+        at random: LOSSY_WINDOWS of them, and the loss is the bottleneck's
+        (a queue too short to show, overflowing); one or two can be
+        clusters of random bursts."""
+        counts = self._loss_news
+        counts[0] += delivered
+        counts[1] += lost
+        if counts[0] + counts[1] >= self.LOSS_PACKETS:
+            lossy = self._excess_loss(counts[1] / (counts[0] + counts[1]))
+            self._lossy_windows = self._lossy_windows + 1 if lossy else 0
+            self._loss_news = [0, 0]
+
+    def _excess_loss(self, loss):
+        random_loss = self.random_loss or 0.0
+        return loss > random_loss + max(self.EXCESS_LOSS, random_loss)
+
+    def _slot_length(self, rtt):
+        """Long enough to measure (several acknowledgements), short enough
+        that an overshoot queues little; never longer than a round trip."""
+        return max(self.MIN_SLOT, min(self.SLOT_INTERVALS * self._interval, max(rtt, self.MIN_SLOT)))
+
+    # --- the state machine ----------------------------------------------
+
+    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False,
+                    sent_at=None, ack_delay=0.0):
+        """One acknowledgement's worth of news.  `sent_at`: when the newest
+        packet it covers was sent (else taken as a round trip ago);
+        `ack_delay`: how long the receiver held it before acknowledging.
+        `app_limited`: the sender ran out of data to send within the last
+        round trip (between files, or waiting for the receiver's requests),
+        so the delivery rate says how much there was to send, not what the
+        path carries."""
+        if sent_at is None:
+            sent_at = now - rtt
         delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
         self.peak_delivery = max(self.peak_delivery, delivery or 0.0)
-        best = self._best_delivery(now, delivery, rtt, app_limited)
+        # Spans of arrival are measured by when the packets arrived, so a
+        # receiver late to acknowledge does not make them look slow.
+        arrived = now - max(0.0, min(ack_delay, rtt))
+        previous = self._last_ack
+        if previous is not None:
+            sent_at = max(sent_at, previous[1])     # an old acknowledgement, overtaken
+            arrived = max(arrived, previous[0])
+        self._last_ack = (arrived, sent_at)
+        if previous is not None and arrived > previous[0]:
+            self._interval += (min(arrived - previous[0], 0.1) - self._interval) * 0.1
+        if now - self._news.start > 4 * max(rtt, 0.05) and self._news.start >= self._changed:
+            self._news = DeliverySlot(now, 0.0, 0.0)    # recent news, not all since
+        self._note_queue(arrived, sent_at, delivered_bytes, queue_delay, rtt)
+        for slot in (self._slot, self._return, self._news):
+            if slot is not None:
+                slot.add(previous, arrived, sent_at, delivered_bytes, delivered, lost, queue_delay,
+                         app_limited)
+        self._learn_loss(delivered, lost, queue_delay, sent_at)
         capacity = self._watch_path(now, delivery, queue_delay, loss)
         round_trip = max(rtt, 0.01)
-        in_phase = now - self._phase_started
-        phase = self.phase
-        if loss > self.HEAVY_LOSS and delivery:
-            self.rate = min(self.rate, delivery) * 0.7
-            self._recent.clear()
-            self._capacity.clear()              # the path is slower than it was:
-            self.contested = False              # not a share worth holding
-            self._enter('drain', now)
-        elif phase == 'startup':
-            if queue_delay > self.STARTUP_EXIT_DELAY:
-                self._enter('drain', now)
-            elif not app_limited and (self._last_growth is None or now - self._last_growth >= rtt):
-                self.rate *= 2.0
-                self._last_growth = now
-        elif phase == 'drain':
-            if self._drain_first is None:
-                self._drain_first = queue_delay
-            self._drain_low = min(self._drain_low, queue_delay)
-            if in_phase >= 2 * round_trip or (in_phase >= round_trip and
-                                              queue_delay < self.TARGET_DELAY):
-                # We sent less, yet the queue did not shrink: twice in a row,
-                # and it is another flow's.
-                unrelieved = self._drain_low > max(self.TARGET_DELAY,
-                                                   self._drain_first - 0.05 * round_trip)
-                self._failed_drains = self._failed_drains + 1 if unrelieved else 0
-                if self._failed_drains >= 2 and not self.contested:
-                    self.contested = True
-                    if now - self._contest_ended > self.CAPACITY_MEMORY:
-                        self._share = self.FAIR_SHARE * max(capacity, best or 0.0)
+        if app_limited:
+            self.on_idle(now)
+            if delivery:
+                self.level = max(self.level, delivery)
+        # A probe's packets are judged by the probe, unless the queue they
+        # meet is far more than a probe builds.
+        probed = self._quiet[0] <= sent_at <= self._quiet[1]
+        fresh = sent_at >= self._changed and not app_limited and \
+            (not probed or queue_delay > 3 * self.TARGET_DELAY)
+        self._probed = probed
+        if fresh:
+            self._count_lossy(delivered, lost)
+        news = self._news
+        if fresh and self.phase != 'startup' and news.packets + news.lost >= self.MIN_LOSS_PACKETS \
+                and news.loss() > self.HEAVY_LOSS + (self.random_loss or 0.0):
+            # Heavy loss at the rate we send: the path itself got slower
+            # (a policer), whatever holds its queue.
+            self.contested = False
+            self._capacity.clear()
+            self._set_level(min(self.level, self._delivered(delivery)) * 0.9, now)
+            self._drain(now, queue_delay, round_trip)
+        elif self.contested:
+            self._adjust_share(now, loss, round_trip)
+        elif self.phase == 'startup':
+            self._startup(now, sent_at, queue_delay, delivery, rtt)
+        else:
+            self._cycle(now, sent_at, queue_delay, delivery, loss, fresh, capacity, rtt)
+        self._update_rate()
+
+    def on_idle(self, now):
+        """The sender has nothing to send now (between files, or waiting for
+        the receiver's requests).  What it sends meanwhile measures its want
+        of data, not the path: a startup slot being sent starts again when
+        sending does (a short file may never let one finish: it is sent at
+        the slot's rate anyway), a probe is given up, and the delivery since
+        the last decision cannot lower the level."""
+        self._idle_at = now
+        slot = self._slot
+        if slot is not None and slot.end is None and now > slot.start:
+            if self.phase == 'probe':
+                slot.idle = True
+                slot.end = now
+                self._quiet = (self._quiet[0], now)
                 self._enter('cruise', now)
-        elif phase == 'cruise':
-            if queue_delay > 2 * self.TARGET_DELAY and not self.contested:
-                self._enter('drain', now)       # another flow, or the path got slower
-            elif in_phase >= self.CRUISE_ROUNDS * round_trip or (
-                    # Delivery followed the last probe up and the queue is
-                    # short: there is room, look for more at once.
-                    in_phase >= round_trip and self._probe_base and best and
-                    best > self.PROBE_PAID * self._probe_base and
-                    queue_delay < self.TARGET_DELAY / 2):
-                self._probe_base = best
-                self._enter('probe', now)
-        elif phase == 'probe':
-            if queue_delay > self.TARGET_DELAY and not self.contested:
-                self._enter('drain', now)
-            elif in_phase >= round_trip:
-                self._enter('cruise', now)
-        if self.phase != 'startup' and best and loss <= self.HEAVY_LOSS:
-            # What was lost at random never reached the bottleneck: send that
-            # much more so what arrives still fills it.
-            self.rate = best * self.GAINS[self.phase] / (1.0 - loss)
-            if self.contested:
-                self._adjust_share(now, loss, round_trip)
-                self.rate = self._share
-        self.rate = max(self.MIN_RATE, self.rate)
+            else:
+                slot.start = now
+        if now >= self._news.start:
+            self._news.idle = True
+
+    def _note_queue(self, arrived, sent_at, nbytes, queue_delay, rtt):
+        """Keep the last round trip of acknowledgements that came while a
+        queue stood before the bottleneck, and when it last was short."""
+        self._queue_trend.append((arrived, queue_delay, sent_at))
+        queued = self._queued
+        if queue_delay < self.TARGET_DELAY / 4 or sent_at <= self._idle_at:
+            queued.clear()                      # (the sender's pauses are not the path's)
+            return
+        queued.append((arrived, sent_at, nbytes))
+        while len(queued) > 2 and arrived - queued[1][0] >= max(rtt, 4 * self._interval):
+            queued.popleft()
+
+    def _queued_delivery(self):
+        """What the bottleneck passed while a queue stood before it, which
+        is all it can pass; None if the queue has not stood long enough."""
+        queued = self._queued
+        if len(queued) < 2 or queued[-1][0] - queued[0][0] < 4 * self._interval:
+            return None
+        # By arrival alone: with a queue between, the sending's pace (a
+        # probe, a return) does not show in the arrivals.
+        return sum(entry[2] for entry in list(queued)[1:]) / (queued[-1][0] - queued[0][0])
+
+    def _passing(self, arrived):
+        """What the bottleneck passes, from how fast its queue grew over the
+        last few acknowledgements while `arrived` bytes/s reached it: its
+        packets arrive that much further apart than they were sent (a queue
+        that grows half a second a second passes half of what arrives).
+        Known before a queue has stood long enough to measure what it
+        passed; rough, but a sudden drop is what it is for."""
+        if not self._queue_trend or self._queue_trend[0][2] <= self._idle_at:
+            return float('inf')
+        (first, before, _), (last, after, _) = self._queue_trend[0], self._queue_trend[-1]
+        if last <= first or after <= before:
+            return float('inf')
+        return arrived * max(0.0, 1.0 - (after - before) / (last - first))
+
+    def _samples_packets(self):
+        return sum(s[2] + s[3] for s in list(self._samples)[1:])
+
+    def _delivered(self, delivery):
+        """What the path delivers: best measured while a queue stood before
+        the bottleneck (which then passes exactly its rate), else over the
+        packets sent since the last decision, else over the last round trip;
+        never what an idle sender's packets showed."""
+        queued = self._queued_delivery()
+        if queued:
+            return queued
+        news = self._news
+        if news.first is not None and not news.idle and news.last[0] - news.first[0] >= 4 * self._interval:
+            return news.delivery() or delivery or self.level
+        if news.idle:
+            return self.level                   # the sender's want of data, not the path's
+        return delivery or self.level
+
+    def _startup(self, now, sent_at, queue_delay, delivery, rtt):
+        slot = self._slot
+        if slot is None and queue_delay > self.TARGET_DELAY and sent_at >= self._changed:
+            # Even the level fills the path (slower than INITIAL_RATE).
+            self.level = max(self.MIN_RATE, min(self.level, self._delivered(delivery)))
+            self._end_startup(now)
+            self._drain(now, queue_delay, max(rtt, 0.01))
+        elif slot is None:
+            self._slot = self._open_slot(now, self._startup_gain(), queue_delay)
+        elif slot.end is None:
+            if now - slot.start >= self._slot_length(rtt):
+                slot.end = now
+        elif slot.complete(sent_at):
+            self._slot = None
+            got = slot.delivery()
+            if slot.idle or not got:
+                return                          # proves nothing: try again
+            length = slot.end - slot.start
+            rise = max(0.0, slot.queue_peak - slot.queue_before)
+            target = self._target(slot)
+            # Nearly all it asked for, and no queue worth the name: carried.
+            # (Not its loss: a cluster of random loss can fall in one slot,
+            # and a queue that overflowed shows as less delivered.)
+            carried = got >= self.PASSED * target and rise < self.QUEUE_RISE * length
+            if carried:
+                self.level = max(self.level, min(got, target))
+                if self.max_rate and self.level >= self.PASSED * self.max_rate:
+                    self._end_startup(now)      # held by the cap, not by the path
+                else:
+                    self._startup(now, sent_at, queue_delay, None, rtt)
+                return
+            # The slot found the bottleneck, which passed `got` while the
+            # slot queued at it (the queue's rise says the same, from the
+            # receiver's clock); since then the lower rate has been taking
+            # the queue back.
+            sent_after = self.level
+            if got < self.level:
+                self.level = got                # even the level was too much
+            else:
+                self.level = max(self.level, min(got, target * length / (length + rise)))
+            built = max(rise, length * (target / got - 1.0))
+            left = built - (now - slot.end) * max(0.0, 1.0 - sent_after / self.level)
+            self._end_startup(now)
+            if left > 0:
+                self._drain_for(now, left, rtt)
+
+    def _startup_gain(self):
+        """Double, or quadruple while the rate is low: what a slot sends
+        beyond the bottleneck is then only a few hundred packets."""
+        return max(self.STARTUP_GAIN, min(self.EARLY_GAIN, self.EARLY_RATE / self.level))
+
+    def _end_startup(self, now):
+        self.phase = 'cruise'
+        self._decided(now)
+        self._next_probe = now
+
+    def _open_slot(self, now, gain, queue_delay):
+        """A slot at `gain` times the level, as fast as the cap allows; it
+        records the rate it is sent at."""
+        rate = self.level * gain / (1.0 - self._compensation())
         if self.max_rate:
-            self.rate = min(self.rate, self.max_rate)
+            rate = min(rate, self.max_rate)
+        return DeliverySlot(now, rate, queue_delay)
+
+    def _target(self, slot):
+        """What a slot would have delivered had the path carried it all:
+        its rate less the random loss, as now known."""
+        return slot.sent * (1.0 - self._compensation())
+
+    def _cycle(self, now, sent_at, queue_delay, delivery, loss, fresh, capacity, rtt):
+        round_trip = max(rtt, 0.01)
+        self._judge_slots(now, sent_at, queue_delay, rtt)
+        if self.phase == 'drain' and now >= self._phase_ends:
+            self._enter('cruise', now)
+            self._decided(now)
+        if self.phase == 'probe' and now >= self._phase_ends and self._slot is not None:
+            self._slot.end = now
+            self._gain = 2.0 - self._gain       # takes back what the probe added
+            self._return = self._open_slot(now, self._gain, queue_delay)
+            self._enter('return', now, now + self._slot_length(rtt))
+        elif self.phase == 'return' and now >= self._phase_ends and self._return is not None:
+            self._return.end = now
+            self._enter('cruise', now)
+            self._quiet = (self._quiet[0], now)
+            self._news = DeliverySlot(now, 0.0, 0.0)    # the probe's loss is its own
+        if self.phase != 'cruise':
+            return
+        # Every flow gains the same few bytes/s each round trip in cruise
+        # (less on short round trips and at low rates), and a full path
+        # takes from each in proportion: flows that share it converge on
+        # equal shares, as TCP's do.  Not where the queue is too short to
+        # show: only loss says it is full, and late.
+        if now - self._crept >= round_trip:
+            if not self._unseen_queue and now - self._idle_at > round_trip:
+                self.level += min(self.MIN_SHARE_GROWTH, self.CREEP * self.level) * min(1.0, round_trip / 0.1)
+            self._crept = now
+        if not fresh:
+            return
+        if self._drain_queue is not None:
+            # The news of the drain's end: did the queue shrink as our drain
+            # alone would shrink it?  Twice not, and it is another flow's.
+            unrelieved = queue_delay > max(self.TARGET_DELAY, self._drain_queue - self._drained / 2)
+            self._failed_drains = self._failed_drains + 1 if unrelieved else 0
+            self._drain_queue = None
+            if self._failed_drains >= 2:
+                self.contested = True
+                if now - self._contest_ended > self.CAPACITY_MEMORY:
+                    self._share = self.FAIR_SHARE * max(capacity, self.level)
+                self._share_step = now
+                return
+        if queue_delay > self.TARGET_DELAY or self._lossy_windows >= self.LOSSY_WINDOWS:
+            self._unseen_queue = queue_delay <= self.TARGET_DELAY
+            # Over-full: a bottleneck with a queue delivers exactly its rate.
+            # What reached it was the rate less the loss measured, not the
+            # loss assumed: with a queue too short to overflow, less loss
+            # than assumed means the random loss is less, and was sent
+            # extra for in vain.
+            if queue_delay <= self.TARGET_DELAY * 4 and self.random_loss and loss < self.random_loss \
+                    and self._samples_packets() >= self.LOSS_PACKETS:
+                self.random_loss = (self.random_loss + loss) / 2
+            # The news is of packets sent in cruise, at the level; the
+            # random loss took its share before the queue.
+            random_loss = self.random_loss or 0.0
+            arrived = self.level / (1.0 - self._compensation()) * (1.0 - min(loss, random_loss))
+            # (Not while a probe's own queue grows: the growth is the probe's.)
+            passing = float('inf') if self._probed else self._passing(arrived)
+            if passing > arrived * 0.9 and self._queued_delivery():
+                passing = float('inf')          # no sudden drop: what passed says it better
+            overflow = (loss - random_loss) / (1.0 - random_loss)
+            if overflow > self.EXCESS_LOSS and self._samples_packets() >= self.LOSS_PACKETS:
+                # A queue at its limit grows no more; what it drops says as much.
+                passing = min(passing, arrived * (1.0 - overflow))
+            self._set_level(min(self.level, self._delivered(delivery), passing), now)
+            # The queue grew for a round trip more than the news shows.
+            built = queue_delay + max(0.0, arrived / self.level - 1.0) * round_trip
+            self._drain(now, queue_delay, round_trip, built)
+        elif now >= self._next_probe and self._slot is None and self._return is None:
+            self._gain = self.GAINS['probe']
+            self._slot = self._open_slot(now, self._gain, queue_delay)
+            self._enter('probe', now, now + self._slot_length(rtt))
+            self._quiet = (now, float('inf'))
+
+    def _judge_slots(self, now, sent_at, queue_delay, rtt):
+        """A probe, and the return after it, once all their news is in."""
+        slot = self._slot
+        if slot is not None and slot.complete(sent_at) and (self._return is None or
+                                                            self._return.end is not None):
+            self._slot = None
+            got = slot.delivery()
+            round_trip = max(rtt, 0.01)
+            self._next_probe = now + self.PROBE_ROUNDS * round_trip
+            if slot.idle or got is None:
+                return
+            before, target = self.level, self._target(slot)
+            if got > before * (1.0 + self.NOISE):
+                # Even a probe that overflowed a short queue says how much passed.
+                self.level = min(got, target)
+            if got >= self.PROBE_PAID * before and not self._excess_loss(slot.loss()):
+                self._next_probe = now          # room left: look for more at once
+                if got >= self.PASSED * target * 1.1:
+                    # Delivered all it asked for: the room may be large.
+                    self.phase = 'startup'
+        returned = self._return
+        if returned is not None and returned.complete(sent_at):
+            self._return = None
+            if not returned.idle:
+                # Below the level no queue overflows: what is lost here is
+                # random.  The last twenty or so returns count most.
+                self._count_clean(returned.packets, returned.lost, fade=0.95)
+
+    def _set_level(self, level, now):
+        self.level = max(self.MIN_RATE, level)
+        self._decided(now)
+
+    def _decided(self, at):
+        """The path is judged again on news of packets sent from `at` on."""
+        self._changed = at
+        self._news = DeliverySlot(at, 0.0, 0.0)
+        self._loss_news = [0, 0]
+        self._lossy_windows = 0
+
+    def _drain(self, now, queue_delay, round_trip, built=None):
+        self._drain_for(now, queue_delay if built is None else built, round_trip)
+        self._drain_queue = queue_delay
+
+    def _drain_for(self, now, built, rtt):
+        """Send below the level long enough to take back `built` seconds of queue."""
+        self._slot = self._return = None
+        duration = min(max(rtt, 0.01), built / (1.0 - self.GAINS['drain']))
+        self._drained = duration * (1.0 - self.GAINS['drain'])
+        self._enter('drain', now, now + duration)
+        self._decided(now + duration)
+        self._next_probe = now + duration + self.PROBE_ROUNDS * max(rtt, 0.01)
+
+    def _enter(self, phase, now, ends=0.0):
+        self.phase = phase
+        self._phase_ends = ends
+
+    def _update_rate(self):
+        if self.contested:
+            rate = self._share
+        else:
+            gain = self._gain if self.phase in ('probe', 'return') else self.GAINS[self.phase]
+            if self.phase == 'startup' and self._slot is not None and self._slot.end is None:
+                gain = self._slot.sent * (1.0 - self._compensation()) / self.level
+            rate = self.level * gain / (1.0 - self._compensation())
+        rate = max(self.MIN_RATE, rate)
+        if self.max_rate:
+            rate = min(rate, self.max_rate)
+        self.rate = rate
 
     def _adjust_share(self, now, loss, round_trip):
         """While contested, the share grows a little every round trip and
@@ -2599,7 +3023,7 @@ class RateController:
         does: two such flows settle on equal shares."""
         if now - self._share_step < round_trip:
             return
-        if loss > 2 * self._random_loss + 0.002:
+        if loss > 2 * (self.random_loss or 0.0) + 0.002:
             if now - self._share_cut >= 2 * round_trip:    # one cut per loss episode
                 self._share *= 0.7
                 self._share_cut = now
@@ -2610,16 +3034,17 @@ class RateController:
     def _watch_path(self, now, delivery, queue_delay, loss):
         """Keep the path's capacity (the most it delivered while its queue
         was short, over the last CAPACITY_MEMORY seconds, or since a contest
-        began) and its random loss rate (seen uncontested); a short queue
-        ends a contest."""
+        began); a short queue ends a contest."""
         short = queue_delay < self.TARGET_DELAY / 2
         if short:
             self._failed_drains = 0
         if short and self.contested:
             self.contested = False
             self._contest_ended = now
-        if not self.contested:
-            self._random_loss += (loss - self._random_loss) * 0.05
+            self.level = max(self.MIN_RATE, delivery or self._share * (1.0 - self._compensation()))
+            self._enter('cruise', now)
+            self._decided(now)
+            self._next_probe = now
         samples = self._capacity
         if short and delivery:
             while samples and samples[-1][1] <= delivery:
@@ -2629,16 +3054,12 @@ class RateController:
             samples.popleft()
         return samples[0][1] if samples else 0.0
 
-    def _enter(self, phase, now):
-        self.phase = phase
-        self._phase_started = now
-        if phase == 'drain':
-            self._probe_base = None
-        self._drain_low = float('inf')
-        self._drain_first = None
-
     def on_silence(self):
         """No feedback for a long time: assume the worst until it returns."""
+        self.level = max(self.MIN_RATE, self.level / 2)
+        self._slot = self._return = None
+        if self.phase in ('probe', 'return'):
+            self._enter('cruise', 0.0)
         self.rate = max(self.MIN_RATE, self.rate / 2)
 
 
@@ -4537,7 +4958,6 @@ class ServerSession:
         self._next_seq = 0
         self._file_id = 0
         self.rate = RateController(server.max_rate)
-        self._app_limited_until = 0.0           # feedback before this reflects idle sending
         self.rtt = 0.1
         self._wire_bytes = 0
 
@@ -4811,7 +5231,7 @@ class ServerSession:
         buffer = bytearray(RECV_BUFFER)
         last_feedback = now = last_tick = busy_from = time.monotonic()
         if self._file_id > 1:
-            self._app_limited_until = now + self.rtt    # idle since the last file
+            rate.on_idle(now)                   # idle since the last file
         budget = 0.0
         compression = self._compression = CompressionPolicy(self._compress, rate)
         # One read and one offloaded send per batch: about 64 KB either way.
@@ -4854,7 +5274,7 @@ class ServerSession:
                 else:
                     timeout = 0.05
                 if not window.has_work():
-                    self._app_limited_until = now + self.rtt
+                    rate.on_idle(now)
                 if signature is not None and (not signature.done.is_set() or refiner.busy()):
                     timeout = min(timeout, SIGNATURE_POLL)
                 idle_from = time.monotonic()
@@ -4933,13 +5353,15 @@ class ServerSession:
                 fid, start, largest, ack_delay, queue_us, gaps = decode_feedback(body)
                 if fid != file_id:
                     return True
+                sent_at = None
                 if window.first_seq <= largest < window.next_seq:
-                    sample = now - self._log.times[largest & (PacketLog.SIZE - 1)] - ack_delay / 1e6
+                    sent_at = self._log.times[largest & (PacketLog.SIZE - 1)]
+                    sample = now - sent_at - ack_delay / 1e6
                     if sample > 0:
                         self.rtt = 0.875 * self.rtt + 0.125 * sample
                 delivered, lost, delivered_bytes = window.on_ack(start, largest, gaps, now, self.rtt)
                 self.rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost, self.rtt,
-                                      now < self._app_limited_until)
+                                      False, sent_at, ack_delay / 1e6)
             elif kind == KIND_NAK:
                 fid, ranges = decode_nak(body)
                 if fid == file_id:
@@ -5177,6 +5599,9 @@ class FileReceiver:
 HELLO_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.5
 STATE_SAVE_INTERVAL = 2.0
+FEEDBACK_INTERVAL = (0.005, 0.01)   # s between acknowledgements: an eighth of the round trip within
+                                    # these bounds (the sender's rate control measures its short
+                                    # probes by a few of them)
 REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
 DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
 DELTA_MAX_MTU = 1500            # largest packet an update uses
@@ -6031,7 +6456,7 @@ class Client:
         datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         narrow_check = time.monotonic() + max(NARROW_PATH_WAIT, 3 * self.rtt) if unproven else None
         buffer = bytearray(RECV_BUFFER)
-        feedback_interval = max(0.005, min(0.02, self.rtt / 8))
+        feedback_interval = max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], self.rtt / 8))
         idle_limit = max(0.02, self.rtt / 2)
         selector = selectors.DefaultSelector()
         selector.register(self.udp.sock, selectors.EVENT_READ, 'udp')

@@ -12,7 +12,9 @@ AssertionError, so pytest reports them as failed tests, and the
 benchmarks under tests/bench/ can use these without pytest."""
 
 import base64
+import collections
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -515,6 +517,289 @@ class Relay:
     def close(self):
         self.sock.close()
         self.cut()
+
+
+# ---------------------------------------------------------------------------
+# Path model
+# ---------------------------------------------------------------------------
+# A path in discrete time, for RateController without sockets or clocks, laid
+# out as wanemu lays out the real one: random loss (each packet alone, or in
+# bursts), then a drop-tail queue of `queue` seconds in front of a bottleneck
+# of `capacity` bytes/s, then the one-way delay.  Each flow's sender paces at
+# its controller's rate within the real sender's in-flight cap and feeds the
+# controller as ServerSession does (wire bytes and packets delivered, packets
+# lost, the smoothed round trip, the send time of the newest packet acked;
+# half the rate after a long silence).  Its receiver acknowledges every
+# feedback interval with the least queueing delay it saw there; the
+# acknowledgement takes the one-way delay back and is lost as often as data
+# (the next one carries its news: acknowledgements are cumulative).
+
+class ModelFlow:
+    """One sender and its receiver across a ModelPath.  With `files`, a
+    list of (size in bytes, pause in seconds after it), the last repeated,
+    it sends files one after another and idles between them, and tells its
+    controller whenever it has nothing to send, as the real sender does
+    (unless not `tell_idle`)."""
+
+    def __init__(self, path, controller, start, files=None, tell_idle=True):
+        self.path = path
+        self.controller = controller
+        self.start = start
+        self.files, self.tell_idle = list(files or ()), tell_idle
+        self._left = self.files[0][0] if self.files else None
+        self._idle_until = self._limited_until = start
+        try:        # older controllers were not told send times
+            inspect.signature(controller.on_feedback).bind(*range(9))
+            self._told_times = True
+        except TypeError:
+            self._told_times = False
+        self.rtt = path.rtt + path.ack_lag      # the handshake's round trip to begin with
+        self.feedback_interval = max(wanxfer.FEEDBACK_INTERVAL[0],
+                                     min(wanxfer.FEEDBACK_INTERVAL[1], self.rtt / 8))
+        self._budget = 0.0
+        self._last_tick = start
+        self._in_flight = 0                     # bytes sent, not yet acknowledged
+        self._last_feedback = start
+        # Receiver: cumulative counts, and what arrived since the last feedback.
+        self._got_bytes = self._got_packets = self._lost_packets = 0
+        self._interval_delay = None
+        self._newest = None                     # (send time, arrival time) of the newest arrival
+        self._next_feedback = start + self.feedback_interval
+        self._feedback = collections.deque()    # (arrives at the sender, acknowledgement)
+        # Sender: what the last acknowledgement it read said.
+        self._acked = (0, 0, 0, None)
+        self.sent_bytes = self.dropped_packets = self.lost_packets = 0
+        self.delivered = collections.Counter()  # bytes that reached the receiver, per 0.1 s
+        self.rates = []                         # (time, controller's rate) every step
+
+    def send(self, now):
+        """Pace out this step's packets: (packets that survive the random
+        loss, packets it took)."""
+        rate = self.controller.rate
+        self._budget = min(self._budget + rate * (now - self._last_tick),
+                           rate * self.path.PACING_BURST + 65536)
+        self._last_tick = now
+        packet = self.path.packet
+        cap = max(256 * packet, rate * (2 * self.rtt + 0.2))
+        if self.files and now < self._idle_until:
+            self._limited_until = now + self.rtt
+            if self.tell_idle and hasattr(self.controller, 'on_idle'):
+                self.controller.on_idle(now)
+            self.rates.append((now, rate))
+            return 0, 0
+        count = 0
+        while self._budget > 0 and self._in_flight + (count + 1) * packet <= cap:
+            self._budget -= packet
+            count += 1
+        if self.files:
+            count = min(count, -(-self._left // packet))
+            self._left -= count * packet
+            if self._left <= 0:                 # this file is sent: pause, then the next
+                pause = self.files[0][1]
+                if len(self.files) > 1:
+                    self.files.pop(0)
+                self._left = self.files[0][0]
+                self._idle_until = now + pause
+                self._limited_until = self._idle_until + self.rtt
+        self._in_flight += count * packet
+        self.sent_bytes += count * packet
+        kept = sum(1 for _ in range(count) if not self.path.randomly_lost())
+        self.lost_packets += count - kept
+        self.rates.append((now, rate))
+        return kept, count - kept
+
+    def arrive(self, now, sent_at, nbytes, lost, queue_delay):
+        """Bytes that crossed the bottleneck reach the receiver, and the
+        gaps that packets lost before them left."""
+        self._lost_packets += lost
+        if not nbytes:
+            return
+        self._got_bytes += nbytes
+        self._got_packets += nbytes / self.path.packet
+        self.delivered[int(now * 10)] += nbytes
+        if self._interval_delay is None or queue_delay < self._interval_delay:
+            self._interval_delay = queue_delay
+        if self._newest is None or sent_at >= self._newest[0]:
+            self._newest = (sent_at, now)
+
+    def receiver_tick(self, now):
+        if now < self._next_feedback:
+            return
+        # A busy receiver is late to acknowledge (it says by how much).
+        self._next_feedback = now + self.feedback_interval + self.path.random.random() * self.path.jitter
+        if self._interval_delay is None:
+            return                                  # nothing arrived: nothing to say
+        sent_at, arrived = self._newest
+        ack = (self._got_bytes, self._got_packets, self._lost_packets, sent_at,
+               now - arrived, self._interval_delay)
+        self._interval_delay = None
+        if not self.path.randomly_lost():
+            # A busy sender reads it late too, never out of order.
+            arrival = now + self.path.rtt / 2 + self.path.ack_lag + \
+                self.path.random.random() * self.path.jitter / 5
+            if self._feedback:
+                arrival = max(arrival, self._feedback[-1][0])
+            self._feedback.append((arrival, ack))
+
+    def sender_tick(self, now):
+        while self._feedback and self._feedback[0][0] <= now:
+            _, (got, packets, lost, sent_at, ack_delay, queue_delay) = self._feedback.popleft()
+            old_got, old_packets, old_lost, _ = self._acked
+            self._acked = (got, packets, lost, sent_at)
+            self._in_flight = max(0, self._in_flight - (got - old_got) - (lost - old_lost) * self.path.packet)
+            sample = now - sent_at - ack_delay
+            self.rtt = 0.875 * self.rtt + 0.125 * sample
+            self._last_feedback = now
+            # Controllers without on_idle were told by a flag, a round trip long.
+            flagged = self.tell_idle and not hasattr(self.controller, 'on_idle') and \
+                now < self._limited_until
+            news = (now, queue_delay, got - old_got, packets - old_packets, lost - old_lost, self.rtt,
+                    flagged)
+            if self._told_times:
+                self.controller.on_feedback(*news, sent_at, ack_delay)
+            else:
+                self.controller.on_feedback(*news)
+        silence = max(0.5, 4 * self.rtt)
+        if now - self._last_feedback > silence and self._in_flight > 0:
+            self.controller.on_silence()
+            self._last_feedback += silence
+
+    def goodput(self, start, end):
+        """Bytes/s that reached the receiver from `start` to `end` (multiples of 0.1 s)."""
+        bins = range(int(round(start * 10)), int(round(end * 10)))
+        return sum(self.delivered[b] for b in bins) / (end - start)
+
+    def first_time_above(self, level, span=1.0):
+        """The first time from which `span` seconds delivered at least `level` bytes/s."""
+        bins = int(round(span * 10))
+        last = max(self.delivered) if self.delivered else 0
+        for b in range(int(self.start * 10), last - bins + 2):
+            if sum(self.delivered[b + i] for i in range(bins)) >= level * span:
+                return b / 10.0
+        return None
+
+
+class AimdFlow:
+    """TCP Reno's congestion control as a rate, to share a ModelPath with: a
+    window that doubles every round trip until the first loss, then grows
+    by a packet every round trip and halves at most once a round trip when
+    packets are lost; it sends a window per smoothed round trip (its ACK
+    clock), so a queue slows it as it slows TCP."""
+
+    def __init__(self, packet=1500, window=10):
+        self.packet = packet
+        self.window = window * packet           # bytes
+        self.rtt = None
+        self.slow_start = True
+        self._last_cut = float('-inf')
+        self.rate = self.window / 0.1
+
+    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, *more):
+        self.rtt = rtt
+        if lost and now - self._last_cut >= rtt:
+            self.window = max(2 * self.packet, self.window / 2)
+            self.slow_start = False
+            self._last_cut = now
+        elif not lost and self.slow_start:
+            self.window += delivered_bytes
+        elif not lost:
+            self.window += self.packet * delivered_bytes / self.window
+        self.rate = self.window / rtt
+
+    def on_silence(self):
+        self.window = max(2 * self.packet, self.window / 2)
+
+
+class ModelPath:
+    """A bottleneck shared by ModelFlows; run(until) advances it in steps of
+    `step` seconds.  Rates in bytes/s, times in seconds; `loss` a fraction,
+    in bursts of `burst` packets on average (Gilbert-Elliott, as wanemu);
+    the receiver acknowledges up to `jitter` seconds late, the sender reads
+    acknowledgements up to a fifth of that late, and they take `ack_lag`
+    seconds longer than the data to cross (`rtt` is the data's alone)."""
+
+    PACING_BURST = 0.002
+
+    def __init__(self, capacity, rtt, queue=0.05, loss=0.0, burst=1.0, seed=1, step=0.001,
+                 packet=1500, jitter=0.0, ack_lag=0.0):
+        self.capacity, self.rtt, self.queue_limit, self.jitter = capacity, rtt, queue, jitter
+        self.ack_lag = ack_lag
+        self.loss, self.burst, self.step, self.packet = loss, burst, step, packet
+        self.random = random.Random(seed)
+        self._bad = False
+        self.flows = []
+        self.now = 0.0
+        self._queue = collections.deque()       # [flow, send time, bytes left, enqueued at, lost]
+        self._queued = 0.0                      # bytes
+        self._in_transit = collections.deque()  # (arrival, flow, send time, bytes, lost, queueing delay)
+        self.dropped = collections.Counter()    # packets the full queue dropped, per 0.1 s
+        self.queue_delay = collections.Counter()    # the longest queue, per 0.1 s
+
+    def add_flow(self, controller, start=0.0, **options):
+        flow = ModelFlow(self, controller, start, **options)
+        self.flows.append(flow)
+        return flow
+
+    def inject(self, seconds):
+        """Another flow's burst joins the queue now: `seconds` of the bottleneck's time."""
+        self._queue.append([None, self.now, seconds * self.capacity, self.now, 0])
+        self._queued += seconds * self.capacity
+
+    def randomly_lost(self):
+        if not self.loss:
+            return False
+        if self.burst > 1:
+            back = 1.0 / self.burst
+            self._bad = self.random.random() >= back if self._bad else \
+                self.random.random() < self.loss * back / (1 - self.loss)
+            return self._bad
+        return self.random.random() < self.loss
+
+    def run(self, until):
+        step = self.step
+        while self.now < until:
+            self.now = now = round(self.now + step, 9)
+            flows = [f for f in self.flows if f.start <= now]
+            for flow in flows:
+                flow.sender_tick(now)
+            # Arrivals from different senders interleave at the queue.
+            for flow in (flows if int(now / step) % 2 else flows[::-1]):
+                kept, lost = flow.send(now)
+                room = int((self.queue_limit * self.capacity - self._queued) // self.packet) + 1
+                entered = max(0, min(kept, room))
+                if kept > entered:
+                    flow.dropped_packets += kept - entered
+                    self.dropped[int(now * 10)] += kept - entered
+                if kept or lost:
+                    # The receiver sees the gaps when what follows them arrives.
+                    self._queue.append([flow, now, entered * self.packet, now, lost + kept - entered])
+                    self._queued += entered * self.packet
+            key = int(now * 10)
+            self.queue_delay[key] = max(self.queue_delay[key], self._queued / self.capacity)
+            service = self.capacity * step
+            while self._queue and (service > 0 or self._queue[0][2] <= 0):
+                head = self._queue[0]
+                served = min(service, head[2])
+                head[2] -= served
+                service -= served
+                self._queued -= served
+                self._in_transit.append((now + self.rtt / 2, head[0], head[1], served, head[4],
+                                         now - head[3]))
+                head[4] = 0
+                if head[2] <= 0:
+                    self._queue.popleft()
+            while self._in_transit and self._in_transit[0][0] <= now:
+                _, flow, sent_at, nbytes, lost, delay = self._in_transit.popleft()
+                if flow is not None:
+                    flow.arrive(now, sent_at, nbytes, lost, delay)
+            for flow in flows:
+                flow.receiver_tick(now)
+
+    def drops(self, start, end):
+        return sum(n for b, n in self.dropped.items() if start * 10 <= b < end * 10)
+
+    def longest_queue(self, start, end):
+        return max([d for b, d in self.queue_delay.items() if start * 10 <= b < end * 10] or [0.0])
 
 
 # ---------------------------------------------------------------------------

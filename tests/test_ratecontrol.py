@@ -1,0 +1,297 @@
+"""RateController without sockets: driven through helpers.ModelPath (a
+bottleneck with a drop-tail queue, random loss, one-way delays, feedback a
+round trip late) as the bulk sender drives it, and fed by hand where a test
+needs a path no model makes; and the compression policy that follows the
+rate.  Rates are bytes/s; M is one Mbit/s."""
+
+import os
+
+import pytest
+
+from helpers import AimdFlow, ModelPath, wanxfer
+
+M = 1e6 / 8
+
+
+def run(capacity, rtt, seconds, seed=1, **path_options):
+    """One RateController alone on a ModelPath: (path, its flow)."""
+    path = ModelPath(capacity * M, rtt, seed=seed, jitter=0.005, **path_options)
+    flow = path.add_flow(wanxfer.RateController())
+    path.run(seconds)
+    return path, flow
+
+
+def bdp_packets(capacity, rtt):
+    return capacity * M * rtt / 1500
+
+
+# ---------------------------------------------------------------------------
+# Startup
+# ---------------------------------------------------------------------------
+# Feedback a second old must not let the startup flood the path: it learns
+# what the path carries from short slots, each a few feedback intervals long.
+
+@pytest.mark.parametrize('capacity, rtt', [(200, 1.2), (300, 1.0), (300, 1.2)])
+def test_startup_fills_a_deep_pipe_within_a_few_seconds_without_flooding_it(capacity, rtt):
+    path, flow = run(capacity, rtt, 20.0)
+    full = flow.first_time_above(0.85 * capacity * M)
+    assert full is not None and full < 5.5 * rtt, full    # the first news comes after a round trip
+    # Doubling the whole rate each round trip overflows the 50 ms queue by
+    # up to a bandwidth-delay product (12,000-20,000 packets here).
+    assert path.drops(0, 20) < 0.01 * bdp_packets(capacity, rtt), path.drops(0, 20)
+    assert flow.goodput(full + 2, 20) > 0.95 * capacity * M     # and the link stays full
+
+
+@pytest.mark.parametrize('capacity, rtt, within', [(200, 0.12, 0.6), (1000, 0.12, 1.2), (200, 0.02, 0.3)])
+def test_startup_on_shorter_paths_is_as_quick_as_doubling(capacity, rtt, within):
+    # Where a round trip is short the slots take longer than it, yet the
+    # level still at least doubles every round trip and a slot.
+    path, flow = run(capacity, rtt, 4.0, loss=0.01)
+    full = flow.first_time_above(0.85 * capacity * M, span=0.5)
+    assert full is not None and full <= within, full
+    assert path.drops(0, 4) < 0.2 * bdp_packets(capacity, rtt) + 100    # doubling: up to a whole one
+
+
+def test_startup_cut_short_by_another_flows_burst_regains_the_link_quickly():
+    # A burst of another flow's data (20 ms of the bottleneck) ends the
+    # startup early; probes that find more delivery start it again.
+    capacity, rtt = 500, 0.2
+    path = ModelPath(capacity * M, rtt, loss=0.02, jitter=0.005)
+    flow = path.add_flow(wanxfer.RateController())
+    path.run(0.55)
+    path.inject(0.020)
+    path.run(8.0)
+    assert not flow.controller.startup
+    assert flow.goodput(1.0, 1.5) < 0.7 * capacity * M         # the burst did cut the startup short
+    full = flow.first_time_above(0.9 * capacity * M)
+    assert full is not None and full < 4.0, full
+
+
+# ---------------------------------------------------------------------------
+# Random loss and congestion
+# ---------------------------------------------------------------------------
+# What random loss takes never reached the bottleneck: it is sent again, and
+# the rate stays.  A full bottleneck (a queue, or loss beyond the random
+# loss) still brings the rate down to what it passes.
+
+@pytest.mark.parametrize('rtt, loss, burst', [
+    (0.12, 0.01, 1), (0.12, 0.10, 1), (0.6, 0.05, 1), (1.2, 0.03, 1), (1.2, 0.10, 1),
+    (0.12, 0.02, 5), (0.6, 0.03, 5)])
+def test_random_loss_is_not_taken_for_congestion(rtt, loss, burst):
+    capacity = 200
+    seconds = 8 + 10 * rtt
+    path, flow = run(capacity, rtt, seconds, loss=loss, burst=burst)
+    full = flow.first_time_above(0.85 * capacity * M)
+    assert full is not None and full < 6 * rtt + 1, full
+    after = [flow.goodput(t / 2, t / 2 + 0.5) for t in range(int(2 * (full + rtt)) + 2, int(2 * seconds))]
+    assert min(after) > 0.85 * capacity * M, [round(g / M) for g in after]
+    assert sum(after) / len(after) > 0.95 * capacity * M
+    assert not flow.controller.contested
+    # The loss is sent again, and little more: the queue never overflowed.
+    assert path.drops(0, seconds) < 0.01 * bdp_packets(capacity, rtt) + 50
+
+
+def test_a_queue_too_short_to_see_is_kept_full_without_much_overflow():
+    # A 5 ms queue never shows the queueing delay that says "full": the
+    # loss beyond the random loss does, and probes that overflow it say
+    # how much passed.
+    capacity, seconds = 200, 12.0
+    path, flow = run(capacity, 0.12, seconds, queue=0.005, loss=0.01)
+    assert flow.goodput(2, seconds) > 0.95 * capacity * M
+    assert flow.dropped_packets < 0.03 * flow.sent_bytes / 1500
+
+
+def test_a_path_that_gets_slower_brings_the_rate_down_at_once():
+    # Half the capacity from one moment on, 1% random loss: the queue that
+    # builds says so, and what the path passed while it stood is the new
+    # level.  Once the capacity is back, probes find it.
+    capacity, rtt = 200, 0.3
+    path = ModelPath(capacity * M, rtt, loss=0.01, jitter=0.005)
+    flow = path.add_flow(wanxfer.RateController())
+    path.run(8.0)
+    path.capacity = capacity * M / 2
+    path.run(16.0)
+    # A round trip passes before the first news of it: what overflows
+    # meanwhile is lost whatever the controller does, and not much more.
+    assert path.drops(8, 16) < 4 * (capacity / 2 * M * (rtt - 0.05)) / 1500, path.drops(8, 16)
+    assert path.drops(11, 16) == 0
+    assert 0.4 * capacity * M < flow.goodput(10, 16) <= 0.5 * capacity * M
+    path.capacity = capacity * M
+    path.run(26.0)
+    assert flow.goodput(20, 26) > 0.9 * capacity * M
+
+
+# ---------------------------------------------------------------------------
+# Late feedback
+# ---------------------------------------------------------------------------
+
+def test_feedback_a_second_late_does_not_make_it_oscillate():
+    # Each decision waits for news of the packets sent after it: acting on
+    # news a second old again and again overshoots, then undershoots.
+    capacity = 200
+    path = ModelPath(capacity * M, 0.1, loss=0.01, jitter=0.005, ack_lag=1.0)
+    flow = path.add_flow(wanxfer.RateController())
+    path.run(40.0)
+    assert path.drops(12, 40) < 0.0002 * capacity * M * 28 / 1500, path.drops(12, 40)
+    assert min(flow.goodput(t, t + 1) for t in range(12, 40)) > 0.9 * capacity * M
+    rates = [rate for now, rate in flow.rates if now > 12]
+    assert max(rates) < 1.3 * capacity * M and min(rates) > 0.7 * capacity * M
+
+
+# ---------------------------------------------------------------------------
+# Sharing
+# ---------------------------------------------------------------------------
+
+def test_two_controllers_share_a_bottleneck():
+    capacity = 200
+    path = ModelPath(capacity * M, 0.12, jitter=0.005)
+    first = path.add_flow(wanxfer.RateController())
+    second = path.add_flow(wanxfer.RateController(), start=5.0)
+    path.run(40.0)
+    for flow in (first, second):
+        assert flow.goodput(15, 40) > 0.3 * capacity * M, (first.goodput(15, 40) / M,
+                                                          second.goodput(15, 40) / M)
+    assert first.goodput(15, 40) + second.goodput(15, 40) > 0.9 * capacity * M
+
+
+def test_a_tcp_like_flow_keeps_its_share():
+    # The controller joins a path a TCP-like flow has filled: neither
+    # starves.  (Where the two settle depends on who met the first losses:
+    # this TCP grows a packet a round trip and halves only on loss, so it
+    # keeps or loses ground slowly; one that keeps the queue full makes a
+    # contest, tested below.)
+    capacity = 200
+    path = ModelPath(capacity * M, 0.12, jitter=0.005)
+    tcp = path.add_flow(AimdFlow())
+    ours = path.add_flow(wanxfer.RateController(), start=5.0)
+    path.run(40.0)
+    assert tcp.goodput(10, 40) > 0.15 * capacity * M, tcp.goodput(10, 40) / M
+    assert ours.goodput(10, 40) > 0.15 * capacity * M, ours.goodput(10, 40) / M
+    assert tcp.goodput(10, 40) + ours.goodput(10, 40) > 0.9 * capacity * M
+
+
+# ---------------------------------------------------------------------------
+# An idle sender
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('tell', [True, False], ids=['told', 'not-told'])
+def test_pauses_between_files_do_not_wear_the_rate_down(tell):
+    # A large file, then a tree of 4 MiB files on a 500 Mbit/s path, the
+    # sender idle two round trips after each (done, digest, the next
+    # fetch).  Delivery measured across the pauses says how little there
+    # was to send, not what the path carries.
+    capacity, rtt = 500, 0.1
+    path = ModelPath(capacity * M, rtt, jitter=0.005)
+    flow = path.add_flow(wanxfer.RateController(), files=[(200 << 20, 2 * rtt), (4 << 20, 2 * rtt)],
+                         tell_idle=tell)
+    path.run(12.0)
+    rates = sorted(rate for now, rate in flow.rates if now > 6)
+    assert rates[len(rates) // 2] > 0.9 * capacity * M and rates[len(rates) // 20] > 0.7 * capacity * M
+    assert flow.controller.level > 0.9 * capacity * M
+    if tell:
+        # Told, it also stops adding to a level no acknowledgement confirms.
+        assert rates[-1] < 1.3 * capacity * M
+
+
+def test_a_file_too_short_to_measure_a_slot_is_still_sent_fast():
+    # 1 MiB files with 50 ms between them: no startup slot ever ends on a
+    # busy sender, yet each file goes at a slot's rate.
+    capacity = 500
+    path = ModelPath(capacity * M, 0.1, jitter=0.005)
+    flow = path.add_flow(wanxfer.RateController(), files=[(1 << 20, 0.05)])
+    path.run(8.0)
+    assert flow.controller.rate > 0.25 * capacity * M
+    assert path.drops(0, 8) == 0
+
+
+# ---------------------------------------------------------------------------
+# Fed by hand
+# ---------------------------------------------------------------------------
+# Paths a model does not make: a queue held at 40 ms by another flow
+# whatever this one sends, a first acknowledgement that already shows a
+# queue, a cap.
+
+def feed(rate, seconds, start, queue, delivered_rate, loss=0.0, rtt=0.12, every=0.01):
+    """Feedback every 10 ms for `seconds`: the path delivers `delivered_rate`
+    bytes/s (None: whatever is sent) with `loss` and `queue` s of queueing."""
+    now = start
+    while now < start + seconds:
+        now += every
+        got = (delivered_rate or rate.rate) * every
+        packets = got / 1400
+        rate.on_feedback(now, queue, got, packets * (1 - loss), packets * loss, rtt)
+    return now
+
+
+def contested(left):
+    """A controller that had a 100 Mbit/s path to itself for a second, then
+    a second beside a flow that keeps the queue at 40 ms and leaves it
+    `left` of the path: (controller, path rate, time)."""
+    rate = wanxfer.RateController()
+    path = 100e6 / 8
+    now = feed(rate, 1.0, 0.0, queue=0.0, delivered_rate=path)
+    now = feed(rate, 1.0, now, queue=0.040, delivered_rate=left * path)
+    return rate, path, now
+
+
+def test_rate_controller_holds_a_share_beside_a_flow_that_keeps_the_queue_full():
+    # Yielding to the queue alone would end near nothing.
+    rate, path, now = contested(0.2)
+    assert rate.contested
+    assert 0.5 * path <= rate.rate < 0.7 * path     # half, and some growth
+    # Overflow losses beyond the random ones: the share shrinks, as TCP's would.
+    before = rate.rate
+    now = feed(rate, 0.2, now, queue=0.040, delivered_rate=0.2 * path, loss=0.05)
+    assert rate.contested and rate.rate < 0.75 * before
+    # Heavy loss at that rate means the path itself got slower: let go.
+    feed(rate, 0.5, now, queue=0.040, delivered_rate=0.2 * path, loss=0.3)
+    assert not rate.contested and rate.rate < 0.2 * path
+
+
+def test_rate_controller_contest_ends_when_the_queue_empties_and_the_next_one_resumes_its_share():
+    rate, path, now = contested(0.3)
+    assert rate.contested
+    share = rate.rate
+    now = feed(rate, 0.05, now, queue=0.001, delivered_rate=0.3 * path)
+    assert not rate.contested
+    feed(rate, 1.0, now, queue=0.040, delivered_rate=0.3 * path)
+    assert rate.contested and rate.rate >= share     # not halved again
+
+
+def test_rate_controller_first_feedback_with_a_queue_keeps_a_sane_rate():
+    # A single sample carries no delivery rate: it must not be taken as zero.
+    rate = wanxfer.RateController()
+    rate.on_feedback(0.01, 0.050, 64 * 1400, 64, 0, 0.001)
+    assert rate.rate >= wanxfer.RateController.INITIAL_RATE / 2
+
+
+def test_rate_controller_respects_the_cap():
+    capped = wanxfer.RateController(max_rate=1e6)
+    feed(capped, 2.0, 0.0, queue=0.0, delivered_rate=1e9)
+    assert capped.rate <= 1e6
+    path = ModelPath(200 * M, 0.12)
+    flow = path.add_flow(wanxfer.RateController(max_rate=50 * M))
+    path.run(6.0)
+    assert max(rate for now, rate in flow.rates) <= 50 * M
+    assert flow.goodput(2, 6) > 0.95 * 50 * M
+
+
+def test_compression_only_while_the_link_is_the_limit():
+    class Rate:
+        rate = peak_delivery = 10e6 / 8             # a 10 Mbit/s path
+    rate = Rate()
+    policy = wanxfer.CompressionPolicy(True, rate)
+    text = b"INSERT INTO t VALUES (1, 'some text that repeats');\n" * 100
+    noise = os.urandom(5000)
+    assert not policy.use_for(text)                 # nothing known of the sender's load yet
+    policy.account(0.15, 0.05)                      # the sender waits on the pacer
+    assert policy.use_for(text) and not policy.use_for(noise)
+    assert not policy.use_for(text)                 # a miss: sampling rests a while
+    policy = wanxfer.CompressionPolicy(True, rate)
+    policy.account(0.15, 0.05)
+    rate.peak_delivery = 400e6 / 8                  # the path has shown it is fast
+    assert not policy.use_for(text)
+    rate.peak_delivery = 10e6 / 8
+    policy.account(0.01, 0.19)                      # the sender is busy: stop
+    assert not policy.use_for(text)
+    assert not wanxfer.CompressionPolicy(False, rate).use_for(text)
