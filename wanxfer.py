@@ -2432,13 +2432,20 @@ def cache_report(path, now=None):
 # again only on news of packets sent after its last decision.
 
 
+def stall(gap, interval):
+    """The part of a gap between acknowledgements in which nothing
+    arrived at all: a receiver acknowledges every `interval` if anything
+    came, so a longer gap is the path (a busy host) stalled, not slow."""
+    return max(0.0, gap - 2 * interval)
+
+
 class DeliverySlot:
     """What became of the packets sent during one stretch at one rate, from
     the acknowledgements that cover nothing else: how fast they arrived, the
     share lost, and how much the queue grew while they crossed."""
 
     __slots__ = ('start', 'end', 'sent', 'queue_before', 'queue_peak', 'bytes', 'packets',
-                 'lost', 'first', 'last', 'idle')
+                 'lost', 'first', 'last', 'stalled', 'idle')
 
     def __init__(self, start, sent, queue_before):
         self.start, self.end = start, None
@@ -2446,10 +2453,13 @@ class DeliverySlot:
         self.queue_before = self.queue_peak = queue_before
         self.bytes = self.packets = self.lost = 0
         self.first = self.last = None           # (arrival, send time) where the span begins, ends
+        self.stalled = 0.0                      # s of the arrival span in which nothing came
         self.idle = False                       # the sender ran short of data meanwhile
 
-    def add(self, previous, now, sent_at, nbytes, delivered, lost, queue_delay, app_limited):
-        """One acknowledgement; `previous` is (arrival, send time) of the one before."""
+    def add(self, previous, now, sent_at, nbytes, delivered, lost, queue_delay, app_limited,
+            interval):
+        """One acknowledgement; `previous` is (arrival, send time) of the one before,
+        `interval` how far apart acknowledgements come."""
         if previous is None or previous[1] < self.start:
             return
         if self.end is not None and sent_at > self.end:
@@ -2459,6 +2469,7 @@ class DeliverySlot:
             return
         if self.first is None:
             self.first = previous
+        self.stalled += stall(now - previous[0], interval)
         self.last = (now, sent_at)
         self.bytes += nbytes
         self.packets += delivered
@@ -2471,11 +2482,12 @@ class DeliverySlot:
 
     def delivery(self):
         """Bytes/s, over the longer of the send and the arrival spans (a
-        bunch of acknowledgements arriving together must not look fast), or
-        None if too little was covered to say."""
+        bunch of acknowledgements arriving together must not look fast), the
+        stalls taken out of the arrival span; or None if too little was
+        covered to say."""
         if self.first is None or self.last is None:
             return None
-        span = max(self.last[0] - self.first[0], self.last[1] - self.first[1])
+        span = max(self.last[0] - self.first[0] - self.stalled, self.last[1] - self.first[1])
         return self.bytes / span if span > 0 else None
 
     def loss(self):
@@ -2579,12 +2591,12 @@ class RateController:
         self._loss_news = [0, 0]                # ... packets delivered, lost in this window of them
         self._lossy_windows = 0                 # ... windows in a row with excess loss
         self._queued = collections.deque()      # (arrival, send time, bytes) while a queue stood
-        self._queue_trend = collections.deque(maxlen=3)     # (arrival, queue, send time) of the last few
+        self._recent_queue = collections.deque(maxlen=3)    # the queue in the last few acknowledgements
         self._slot = None                       # the slot being sent or waited for
         self._return = None                     # the return slot after a probe
         self._next_probe = 0.0
+        self._probe_wait = 1.0                  # of PROBE_ROUNDS round trips between probes
         self._quiet = (0.0, 0.0)                # send times of a probe and its return
-        self._probed = False                    # the news is of them
         self._interval = 0.01                   # s between acknowledgements, smoothed
         self._last_ack = None                   # (time, send time) of the last acknowledgement
         self._samples = collections.deque()     # (time, bytes delivered, packets delivered, lost)
@@ -2699,7 +2711,7 @@ class RateController:
         for slot in (self._slot, self._return, self._news):
             if slot is not None:
                 slot.add(previous, arrived, sent_at, delivered_bytes, delivered, lost, queue_delay,
-                         app_limited)
+                         app_limited, self._interval)
         self._learn_loss(delivered, lost, queue_delay, sent_at)
         capacity = self._watch_path(now, delivery, queue_delay, loss)
         round_trip = max(rtt, 0.01)
@@ -2712,7 +2724,6 @@ class RateController:
         probed = self._quiet[0] <= sent_at <= self._quiet[1]
         fresh = sent_at >= self._changed and not app_limited and \
             (not probed or queue_delay > 3 * self.TARGET_DELAY)
-        self._probed = probed
         if fresh:
             self._count_lossy(delivered, lost)
         news = self._news
@@ -2754,8 +2765,8 @@ class RateController:
 
     def _note_queue(self, arrived, sent_at, nbytes, queue_delay, rtt):
         """Keep the last round trip of acknowledgements that came while a
-        queue stood before the bottleneck, and when it last was short."""
-        self._queue_trend.append((arrived, queue_delay, sent_at))
+        queue stood before the bottleneck, and the last few queues."""
+        self._recent_queue.append(queue_delay)
         queued = self._queued
         if queue_delay < self.TARGET_DELAY / 4 or sent_at <= self._idle_at:
             queued.clear()                      # (the sender's pauses are not the path's)
@@ -2766,45 +2777,26 @@ class RateController:
 
     def _queued_delivery(self):
         """What the bottleneck passed while a queue stood before it, which
-        is all it can pass; None if the queue has not stood long enough."""
-        queued = self._queued
-        if len(queued) < 2 or queued[-1][0] - queued[0][0] < 4 * self._interval:
+        is all it can pass: the median of the rates at which the
+        acknowledgements came (by arrival alone: with a queue between, the
+        sending's pace does not show; and a moment the path stalled, a busy
+        host, spoils one or two of them, not the median); None if the queue
+        has not stood long enough."""
+        queued = list(self._queued)
+        if len(queued) < 5 or queued[-1][0] - queued[0][0] < 3 * self._interval:
             return None
-        # By arrival alone: with a queue between, the sending's pace (a
-        # probe, a return) does not show in the arrivals.
-        return sum(entry[2] for entry in list(queued)[1:]) / (queued[-1][0] - queued[0][0])
-
-    def _passing(self, arrived):
-        """What the bottleneck passes, from how fast its queue grew over the
-        last few acknowledgements while `arrived` bytes/s reached it: its
-        packets arrive that much further apart than they were sent (a queue
-        that grows half a second a second passes half of what arrives).
-        Known before a queue has stood long enough to measure what it
-        passed; rough, but a sudden drop is what it is for."""
-        if not self._queue_trend or self._queue_trend[0][2] <= self._idle_at:
-            return float('inf')
-        (first, before, _), (last, after, _) = self._queue_trend[0], self._queue_trend[-1]
-        if last <= first or after <= before:
-            return float('inf')
-        return arrived * max(0.0, 1.0 - (after - before) / (last - first))
+        rates = sorted(b[2] / (b[0] - a[0]) for a, b in zip(queued, queued[1:]) if b[0] > a[0])
+        return rates[len(rates) // 2] if rates else None
 
     def _samples_packets(self):
         return sum(s[2] + s[3] for s in list(self._samples)[1:])
 
     def _delivered(self, delivery):
-        """What the path delivers: best measured while a queue stood before
-        the bottleneck (which then passes exactly its rate), else over the
-        packets sent since the last decision, else over the last round trip;
-        never what an idle sender's packets showed."""
-        queued = self._queued_delivery()
-        if queued:
-            return queued
-        news = self._news
-        if news.first is not None and not news.idle and news.last[0] - news.first[0] >= 4 * self._interval:
-            return news.delivery() or delivery or self.level
-        if news.idle:
-            return self.level                   # the sender's want of data, not the path's
-        return delivery or self.level
+        """What the path delivers, as measured while a queue stood before
+        the bottleneck (which then passes exactly its rate); the level if
+        that is not known yet (the queue will still stand after the drain if
+        the level is too high)."""
+        return self._queued_delivery() or self.level
 
     def _startup(self, now, sent_at, queue_delay, delivery, rtt):
         slot = self._slot
@@ -2826,10 +2818,12 @@ class RateController:
             length = slot.end - slot.start
             rise = max(0.0, slot.queue_peak - slot.queue_before)
             target = self._target(slot)
-            # Nearly all it asked for, and no queue worth the name: carried.
+            # Nearly all it asked for and no queue worth the name, or all
+            # of it whatever the queue did (a stall of a busy host): carried.
             # (Not its loss: a cluster of random loss can fall in one slot,
             # and a queue that overflowed shows as less delivered.)
-            carried = got >= self.PASSED * target and rise < self.QUEUE_RISE * length
+            carried = got >= self.PASSED * target and rise < self.QUEUE_RISE * length or \
+                got >= (1.0 - self.NOISE) * target
             if carried:
                 self.level = max(self.level, min(got, target))
                 if self.max_rate and self.level >= self.PASSED * self.max_rate:
@@ -2842,10 +2836,7 @@ class RateController:
             # receiver's clock); since then the lower rate has been taking
             # the queue back.
             sent_after = self.level
-            if got < self.level:
-                self.level = got                # even the level was too much
-            else:
-                self.level = max(self.level, min(got, target * length / (length + rise)))
+            self.level = max(self.level, min(got, target * length / (length + rise)))
             built = max(rise, length * (target / got - 1.0))
             left = built - (now - slot.end) * max(0.0, 1.0 - sent_after / self.level)
             self._end_startup(now)
@@ -2916,8 +2907,11 @@ class RateController:
                     self._share = self.FAIR_SHARE * max(capacity, self.level)
                 self._share_step = now
                 return
-        if queue_delay > self.TARGET_DELAY or self._lossy_windows >= self.LOSSY_WINDOWS:
-            self._unseen_queue = queue_delay <= self.TARGET_DELAY
+        # A queue that stood through the last few acknowledgements, not a
+        # moment's delay (a busy host holds packets up as a queue would).
+        standing = min(self._recent_queue)
+        if standing > self.TARGET_DELAY or self._lossy_windows >= self.LOSSY_WINDOWS:
+            self._unseen_queue = standing <= self.TARGET_DELAY
             # Over-full: a bottleneck with a queue delivers exactly its rate.
             # What reached it was the rate less the loss measured, not the
             # loss assumed: with a queue too short to overflow, less loss
@@ -2930,14 +2924,11 @@ class RateController:
             # random loss took its share before the queue.
             random_loss = self.random_loss or 0.0
             arrived = self.level / (1.0 - self._compensation()) * (1.0 - min(loss, random_loss))
-            # (Not while a probe's own queue grows: the growth is the probe's.)
-            passing = float('inf') if self._probed else self._passing(arrived)
-            if passing > arrived * 0.9 and self._queued_delivery():
-                passing = float('inf')          # no sudden drop: what passed says it better
+            passing = float('inf')
             overflow = (loss - random_loss) / (1.0 - random_loss)
             if overflow > self.EXCESS_LOSS and self._samples_packets() >= self.LOSS_PACKETS:
-                # A queue at its limit grows no more; what it drops says as much.
-                passing = min(passing, arrived * (1.0 - overflow))
+                # What a full queue dropped was sent beyond what it passes.
+                passing = arrived * (1.0 - overflow)
             self._set_level(min(self.level, self._delivered(delivery), passing), now)
             # The queue grew for a round trip more than the news shows.
             built = queue_delay + max(0.0, arrived / self.level - 1.0) * round_trip
@@ -2956,14 +2947,19 @@ class RateController:
             self._slot = None
             got = slot.delivery()
             round_trip = max(rtt, 0.01)
-            self._next_probe = now + self.PROBE_ROUNDS * round_trip
+            # A probe that found nothing and overflowed a short queue was
+            # all cost: wait longer for the next (up to 4 times, 2 s).
+            overflowed = self._excess_loss(slot.loss())
+            self._probe_wait = min(4.0, self._probe_wait * 2) if overflowed else 1.0
+            self._next_probe = now + min(self.PROBE_ROUNDS * round_trip * self._probe_wait,
+                                         max(self.PROBE_ROUNDS * round_trip, 2.0))
             if slot.idle or got is None:
                 return
             before, target = self.level, self._target(slot)
             if got > before * (1.0 + self.NOISE):
                 # Even a probe that overflowed a short queue says how much passed.
                 self.level = min(got, target)
-            if got >= self.PROBE_PAID * before and not self._excess_loss(slot.loss()):
+            if got >= self.PROBE_PAID * before and not overflowed:
                 self._next_probe = now          # room left: look for more at once
                 if got >= self.PASSED * target * 1.1:
                     # Delivered all it asked for: the room may be large.

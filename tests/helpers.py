@@ -716,14 +716,19 @@ class ModelPath:
     in bursts of `burst` packets on average (Gilbert-Elliott, as wanemu);
     the receiver acknowledges up to `jitter` seconds late, the sender reads
     acknowledgements up to a fifth of that late, and they take `ack_lag`
-    seconds longer than the data to cross (`rtt` is the data's alone)."""
+    seconds longer than the data to cross (`rtt` is the data's alone).
+    `stalls` (every, length): the bottleneck stops for about `length`
+    seconds at random, on average every `every` seconds, as a busy host
+    running the emulator does."""
 
     PACING_BURST = 0.002
 
     def __init__(self, capacity, rtt, queue=0.05, loss=0.0, burst=1.0, seed=1, step=0.001,
-                 packet=1500, jitter=0.0, ack_lag=0.0):
+                 packet=1500, jitter=0.0, ack_lag=0.0, stalls=(0.0, 0.0)):
         self.capacity, self.rtt, self.queue_limit, self.jitter = capacity, rtt, queue, jitter
         self.ack_lag = ack_lag
+        self.stall_every, self.stall_length = stalls
+        self._stalled_until = 0.0
         self.loss, self.burst, self.step, self.packet = loss, burst, step, packet
         self.random = random.Random(seed)
         self._bad = False
@@ -776,7 +781,10 @@ class ModelPath:
                     self._queued += entered * self.packet
             key = int(now * 10)
             self.queue_delay[key] = max(self.queue_delay[key], self._queued / self.capacity)
-            service = self.capacity * step
+            if self.stall_every and now >= self._stalled_until and \
+                    self.random.random() < step / self.stall_every:
+                self._stalled_until = now + self.stall_length * (0.5 + self.random.random())
+            service = self.capacity * step if now >= self._stalled_until else 0.0
             while self._queue and (service > 0 or self._queue[0][2] <= 0):
                 head = self._queue[0]
                 served = min(service, head[2])
