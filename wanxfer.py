@@ -2603,6 +2603,7 @@ class RateController:
         self.peak_delivery = 0.0                # the fastest the path has delivered so far
         self.random_loss = None                 # loss that is not the bottleneck's
         self._clean = [0.0, 0.0]                # packets delivered, lost where no queue overflowed
+        self._returns_counted = False
         self.contested = False                  # another flow holds the bottleneck's queue
         self._share = 0.0                       # the rate while contested
         self._share_step = self._share_cut = 0.0
@@ -2644,9 +2645,9 @@ class RateController:
 
     def _learn_loss(self, delivered, lost, queue_delay, sent_at):
         """The random loss, from packets no queue can have overflowed:
-        those of the startup that met a short queue outside its slots, then
-        those of the return slots (below the level)."""
-        if self.phase != 'startup' or self.contested or queue_delay > self.TARGET_DELAY / 2 or \
+        those that met a short queue outside any slot, until return slots
+        (below the level) say it better."""
+        if self._returns_counted or self.contested or queue_delay > self.TARGET_DELAY / 2 or \
                 (self._slot is not None and sent_at >= self._slot.start):
             return
         self._count_clean(delivered, lost)
@@ -2813,7 +2814,7 @@ class RateController:
         elif slot.complete(sent_at):
             self._slot = None
             got = slot.delivery()
-            if slot.idle or not got:
+            if slot.idle or not got or slot.packets + slot.lost < self.MIN_LOSS_PACKETS / 3:
                 return                          # proves nothing: try again
             length = slot.end - slot.start
             rise = max(0.0, slot.queue_peak - slot.queue_before)
@@ -2970,6 +2971,7 @@ class RateController:
             if not returned.idle:
                 # Below the level no queue overflows: what is lost here is
                 # random.  The last twenty or so returns count most.
+                self._returns_counted = True
                 self._count_clean(returned.packets, returned.lost, fade=0.95)
 
     def _set_level(self, level, now):

@@ -73,6 +73,8 @@ def build_parser():
                     help='runs in all of a cell that misses a target, medians counted (default 3)')
     ap.add_argument('--no-bbr', action='store_true', help='skip the iperf3 -C bbr row')
     ap.add_argument('--plain', action='store_true', help='run wanxfer with --no-encrypt')
+    ap.add_argument('--serve-args', default='', help='extra arguments for wanxfer serve')
+    ap.add_argument('--get-args', default='', help="extra arguments for wanxfer get, e.g. '--no-delta'")
     ap.add_argument('--json', metavar='FILE', help='write every run and the summary as JSON')
     ap.add_argument('--markdown', metavar='FILE', help='write the tables as markdown')
     ap.add_argument('--wanxfer', default=harness.WANXFER, help="path of wanxfer.py (default: this checkout's)")
@@ -226,7 +228,7 @@ def main(argv=None):
     if not args.no_bbr and not shutil.which('iperf3'):
         sys.exit('missing iperf3 (apt-get install -y iperf3), or give --no-bbr')
     # What bench_wan.Bench reads from its options.
-    for name, value in (('size', args.min_size), ('remote', None), ('serve_args', ''), ('get_args', ''),
+    for name, value in (('size', args.min_size), ('remote', None),
                         ('ready_timeout', 30.0), ('iperf_bytes', None), ('iperf_time', 20),
                         ('fixed_seed', False), ('keep_files', False)):
         setattr(args, name, value)
