@@ -107,10 +107,13 @@ def cells(args):
     return out
 
 
-def size_for(args, rate_mbit, rtt):
+def size_for(args, options, rtt):
+    """The file for a cell: --bdp-multiple of its bandwidth-delay product,
+    within --min-size and --max-size, in whole MiB."""
+    rate_mbit = harness.link_rate(options) or args.rate
     bdp = rate_mbit * 1e6 / 8 * rtt
     size = max(args.min_size, min(args.max_size, int(args.bdp_multiple * bdp)))
-    return -(-size // (1 << 20)) << 20                  # whole MiB
+    return -(-size // (1 << 20)) << 20
 
 
 def targets(loss):
@@ -141,7 +144,7 @@ def summarize(records, tool):
 
 
 def run_cell(bench, args, name, options, loss, rtt, records):
-    size = size_for(args, args.rate, rtt)
+    size = size_for(args, options, rtt)
     bench.a.size = size
     bench.make_source()
     tools = ['wanxfer-noenc' if args.plain else 'wanxfer'] + ([] if args.no_bbr else ['iperf3-bbr'])
