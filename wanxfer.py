@@ -24,6 +24,7 @@ import argparse
 import base64
 import collections
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
@@ -1809,15 +1810,20 @@ class ChunkStore:
         """{digest: [(file id, path, size, mtime_ns, offset, length)]} for
         those known in files kept for `origin`."""
         def find():
+            # The origin's files first, then the spans by digest alone: a
+            # join costs five times as much per span (a piece has 512).
+            files = {row[0]: row for row in self._db.execute(
+                'SELECT id, path, size, mtime_ns FROM kept_files WHERE origin = ?', (origin,))}
             found = {}
-            digests_list = list(digests)
+            digests_list = list(digests) if files else []
             for i in range(0, len(digests_list), 500):
                 batch = digests_list[i:i + 500]
-                for row in self._db.execute(
-                        'SELECT s.digest, f.id, f.path, f.size, f.mtime_ns, s.offset, s.length '
-                        'FROM spans s JOIN kept_files f ON f.id = s.file WHERE s.digest IN (%s) '
-                        'AND f.origin = ?' % ','.join('?' * len(batch)), batch + [origin]):
-                    found.setdefault(row[0], []).append(row[1:])
+                for digest, file_id, offset, length in self._db.execute(
+                        'SELECT digest, file, offset, length FROM spans WHERE digest IN (%s)'
+                        % ','.join('?' * len(batch)), batch):
+                    kept = files.get(file_id)
+                    if kept is not None:
+                        found.setdefault(digest, []).append(kept + (offset, length))
             return found
         return self._safely({}, find)
 
@@ -2628,14 +2634,117 @@ DELTA_MODES = ('fixed', 'cdc')
 DELTA_UNIT = 64 << 10           # 'fixed' spans: digests at C speed catch appends and in-place edits
 SIGNATURE_SEGMENT = 32 << 20    # a signature is sent, and answered, this many bytes at a time
 SIGNATURE_READ = 1 << 20
+HASH_THREADS = 4                # threads one file's spans are hashed (and copied) on, at most
 
 
 def span_digest(data):
     return hashlib.sha256(data).digest()[:SPAN_DIGEST_SIZE]
 
 
+ZERO_UNIT_DIGEST = span_digest(bytes(DELTA_UNIT))
+
+
 def is_zero(data):
     return data == bytes(len(data))     # calloc'd, then one memcmp: tens of GB/s
+
+
+def hash_threads():
+    """Threads worth hashing one file with: the cores this process may
+    run on, up to HASH_THREADS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(HASH_THREADS, cores))
+
+
+class Workers:
+    """A few threads for the bulk work of delta transfers, hashing and
+    copying file data: hashlib, reads and writes let go of the GIL on large
+    buffers, so this work runs on as many cores as there are threads.
+
+    `run(tasks)` runs zero-argument callables, the caller's thread taking
+    its share, and returns their results in order (or raises the first
+    task's error, once all have ended).  `submit(task)` queues one task
+    and returns a Pending; with one background thread (`Workers(1)`) the
+    tasks submitted run one at a time, in order.  Threads that cannot be
+    started are done without: the work then runs on the caller's thread.
+    close() ends the threads once the work queued is done."""
+
+    def __init__(self, threads, name='hash'):
+        self._tasks = queue.Queue()
+        self._threads = []
+        for _ in range(threads):
+            try:
+                self._threads.append(start_thread(self._serve, name))
+            except NoThread:
+                break
+
+    @property
+    def size(self):
+        """Threads that work, the caller's not counted."""
+        return len(self._threads)
+
+    def _serve(self):
+        while True:
+            pending = self._tasks.get()
+            if pending is None:
+                return
+            pending.run()
+
+    def submit(self, task):
+        pending = Pending(task)
+        if self._threads:
+            self._tasks.put(pending)
+        else:
+            pending.run()
+        return pending
+
+    def run(self, tasks):
+        pendings = [Pending(task) for task in tasks]
+        for pending in pendings[1:] if self._threads else ():
+            self._tasks.put(pending)
+        for pending in pendings:
+            pending.run()               # the caller's share: what no thread took yet
+        return [pending.wait() for pending in pendings]
+
+    def close(self):
+        for _ in self._threads:
+            self._tasks.put(None)
+        self._threads = []
+
+
+class Pending:
+    """One task of a Workers: run once, by whichever thread takes it
+    first; wait() gives its result or raises its error."""
+
+    def __init__(self, task):
+        self._task = task
+        self._claimed = False
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._result = self._error = None
+
+    def run(self):
+        with self._lock:
+            if self._claimed:
+                return
+            self._claimed = True
+        try:
+            self._result = self._task()
+        except BaseException as e:      # handed to wait(), on the thread that wants the result
+            self._error = e
+        finally:
+            self._done.set()
+
+    def done(self):
+        return self._done.is_set()
+
+    def wait(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def content_spans(f, offset, end):
@@ -2677,22 +2786,61 @@ def file_signature(path, mode, segment=SIGNATURE_SEGMENT, whole=None):
             if spans:
                 yield start, spans
             return
+        yield from fixed_spans(f, segment - segment % DELTA_UNIT, whole)
+
+
+def fixed_spans(f, segment, whole):
+    """file_signature's 'fixed' pieces of the open file `f`, each
+    `segment` bytes (a multiple of DELTA_UNIT).  The units of a segment are
+    hashed on hash_threads() threads, while the whole file's digest takes
+    the segment before on a thread of its own: so pieces come at the speed
+    of the span digests spread over the cores, and the whole digest, which
+    cannot be spread, is not on their way.  Two buffers take turns."""
+    threads = hash_threads()
+    spans_workers = Workers(threads - 1)
+    whole_worker = Workers(1 if whole is not None and threads > 1 else 0)
+    buffers = [bytearray(segment) for _ in range(2 if whole_worker.size else 1)]
+    hashing = [None] * len(buffers)     # each buffer's digest update, while it runs
+    shares = spans_workers.size + 1
+    try:
         offset = 0
-        buffer = bytearray(segment - segment % DELTA_UNIT)
-        view = memoryview(buffer)
-        while True:
+        for turn in itertools.count():
+            buffer = buffers[turn % len(buffers)]
+            if hashing[turn % len(buffers)] is not None:
+                hashing[turn % len(buffers)].wait()
             n = f.readinto(buffer)
             if not n:
                 return
+            view = memoryview(buffer)[:n]
             if whole is not None:
-                whole.update(view[:n])
-            spans = []
-            for start in range(0, n, DELTA_UNIT):
-                unit = view[start:min(n, start + DELTA_UNIT)]
-                zero = is_zero(bytes(unit))     # a copy compares at memcmp speed, a view does not
-                spans.append((len(unit), ZERO_SPAN if zero else span_digest(unit)))
-            yield offset, spans
+                hashing[turn % len(buffers)] = whole_worker.submit(functools.partial(whole.update, view))
+            units = -(-n // DELTA_UNIT)
+            bounds = [units * k // shares * DELTA_UNIT for k in range(shares)] + [n]
+            parts = spans_workers.run([functools.partial(unit_spans, view, bounds[k], bounds[k + 1])
+                                       for k in range(shares) if bounds[k] < bounds[k + 1]])
+            yield offset, [span for part in parts for span in part]
             offset += n
+    finally:
+        for pending in hashing:
+            if pending is not None:
+                pending.wait()          # the buffer is ours until the digest is done with it
+        spans_workers.close()
+        whole_worker.close()
+
+
+def unit_spans(view, start, end):
+    """(length, digest) of each DELTA_UNIT of view[start:end], ZERO_SPAN
+    for a unit of zeros: told by its digest, which costs nothing more."""
+    spans = []
+    for position in range(start, end, DELTA_UNIT):
+        unit = view[position:min(end, position + DELTA_UNIT)]
+        digest = span_digest(unit)
+        if len(unit) == DELTA_UNIT:
+            zero = digest == ZERO_UNIT_DIGEST
+        else:
+            zero = is_zero(bytes(unit))     # a copy compares at memcmp speed, a view does not
+        spans.append((len(unit), ZERO_SPAN if zero else digest))
+    return spans
 
 
 # ---------------------------------------------------------------------------
@@ -2710,6 +2858,8 @@ REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before f
 DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
 DELTA_MAX_MTU = 1500            # largest packet an update uses
 MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
+COPY_ALIGN = 4096               # a filesystem block: extents are shared in whole ones
+MIN_COPY = 16 << 10             # bytes worth a copy_file_range; less is read and written
 
 
 def server_origin(host, port, secret):
@@ -2815,9 +2965,13 @@ class SignatureJob(HelperJob):
             self._digest, self.pieces = stored
             return
         try:
-            for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
-                self.pieces.append((offset, encode_spans(spans)))
-                self.check_stop()
+            pieces = file_signature(self.path, 'fixed', whole=self._whole)
+            try:
+                for offset, spans in pieces:
+                    self.pieces.append((offset, encode_spans(spans)))
+                    self.check_stop()
+            finally:
+                pieces.close()          # its hashing threads end now, not when collected
         except OSError as e:
             self.error = e
         else:
@@ -2915,6 +3069,15 @@ class SignatureCache(SharedJobs):
             return job
 
 
+def write_back(fd):
+    """Write the file's dirty pages to disk now (no error: the fsync that
+    proves the file reports those)."""
+    try:
+        getattr(os, 'fdatasync', os.fsync)(fd)
+    except OSError:
+        pass
+
+
 class LocalAssembler:
     """Builds as much of a file as it can from bytes this machine already
     holds, while the server's signature of the file arrives piece by piece.
@@ -2934,22 +3097,33 @@ class LocalAssembler:
     sending the signature) are used, and only spans of at least
     MIN_LOCAL_SPAN bytes are looked for."""
 
-    def __init__(self, store, partial, refine=False, *, origin):
+    def __init__(self, store, partial, refine=False, *, origin, lead=0):
         self._store, self._partial = store, partial
         self._origin = origin
+        self._lead = lead                       # blocks the sender sends unasked
         self._block_size, self._nblocks = partial.block_size, partial.nblocks
         self._size = partial.identity['size']
         self._fresh = partial.resumed_blocks == 0       # unwritten bytes are zeros
+        self._copy = self._fresh and hasattr(os, 'copy_file_range')    # see _copy_span
         self._refine = refine
         self._waiting = collections.deque()     # pieces behind a refinement
         self._refining = None                   # (offset, spans, start, end) of that piece
         self._sources = {}          # kept file id -> open fd, or None once it failed
+        self._workers = None        # the threads spans are filled on, from the first piece
+        self._flusher = None        # and the one that has the disk write them
+        self._flushing = None       # its Pending, while it does
         self._forgotten = set()     # kept file ids to drop from the cache at close()
         self._run_start = 0         # the bytes from here to `offset` are in place
         self._reported = 0          # blocks before this were reported held or not
         self.offset = 0             # bytes the signature has covered so far
         self.decided = 0            # blocks decided so far
         self.spans = []             # (offset, length, digest), fixed: to keep the file by
+        # Called with (block ranges local data is to fill, blocks decided)
+        # once a piece is planned, before its spans are read: what no local
+        # data fills can be asked for while they are.
+        self.on_planned = None
+        # Called with (position, bytes) for the bytes of each span filled, checked and written.
+        self.on_filled = None
         self.local_bytes = self.zero_bytes = 0
         self.refined_bytes = 0
 
@@ -3023,28 +3197,72 @@ class LocalAssembler:
             work.append((position, length, digest, candidates))
             position += length
         end = position
-        filled = [self._fill(*item) for item in work]
+        decided = self._nblocks if end >= self._size else end // self._block_size
+        if self.on_planned is not None:
+            planned = ['zero' if digest == ZERO_SPAN else 'local' if candidates else None
+                       for _position, _length, digest, candidates in work]
+            self.on_planned(self._held_ranges(work, planned, end)[0], decided)
+        filled = self._fill_all(work)
         for file_id in {file_id for _, damaged in filled for file_id in damaged}:
             self._forget(file_id)
-        for (position, length, _digest, _candidates), (kind, _damaged) in zip(work, filled):
-            if kind is None:
-                self._report(position, held)
-                self._run_start = position + length
-            elif kind == 'zero':
+        for (_position, length, _digest, _candidates), (kind, _damaged) in zip(work, filled):
+            if kind == 'zero':
                 self.zero_bytes += length
-            else:
+            elif kind == 'local':
                 self.local_bytes += length
+        ranges, self._run_start, self._reported = self._held_ranges(
+            work, [kind for kind, _damaged in filled], end)
+        held.extend(ranges)
         self.offset = end
-        self._report(end, held)
-        self.decided = self._nblocks if end >= self._size else end // self._block_size
+        self.decided = decided
+        if self.local_bytes and end < self._size:
+            self._write_back()
 
-    def _report(self, end, held):
-        """Blocks wholly inside the run of bytes in place up to `end`."""
-        first = max(-(-self._run_start // self._block_size), self._reported)
+    def _write_back(self):
+        """Have the disk start on what the pieces so far wrote, on a thread
+        of its own, while later pieces are filled: the fsync before the
+        file's digest then waits for the last piece's writes, not all."""
+        if self._flusher is None:
+            self._flusher = Workers(1, 'flush')
+        if self._flushing is None or self._flushing.done():
+            self._flushing = self._flusher.submit(functools.partial(write_back, self._partial.fd))
+
+    def _held_ranges(self, work, kinds, end):
+        """The blocks wholly inside runs of bytes in place, were the spans
+        of `work` filled as `kinds` says (None: not filled): (block ranges,
+        where the last run starts, blocks reported up to then)."""
+        run_start, reported, ranges = self._run_start, self._reported, []
+        for (position, length, _digest, _candidates), kind in zip(work, kinds):
+            if kind is None:
+                reported = self._report(run_start, reported, position, ranges)
+                run_start = position + length
+        return ranges, run_start, self._report(run_start, reported, end, ranges)
+
+    def _report(self, run_start, reported, end, ranges):
+        """Blocks wholly inside the run of bytes in place from `run_start`
+        up to `end`, past those `reported`, go to `ranges`; returns how far
+        blocks are reported now."""
+        first = max(-(-run_start // self._block_size), reported)
         last = self._nblocks if end >= self._size else end // self._block_size
         if last > first:
-            held.append((first, last))
-        self._reported = max(self._reported, last)
+            ranges.append((first, last))
+        return max(reported, last)
+
+    def _fill_all(self, work):
+        """_fill() each span of `work`, the spans shared in runs among the
+        Workers' threads (reads, digests and writes all let go of the GIL)."""
+        if not work:
+            return []
+        if self._workers is None:
+            self._workers = Workers(hash_threads() - 1)
+        shares = min(len(work), self._workers.size + 1)
+        bounds = [len(work) * k // shares for k in range(shares + 1)]
+        parts = self._workers.run([functools.partial(self._fill_run, work[bounds[k]:bounds[k + 1]])
+                                   for k in range(shares)])
+        return [result for part in parts for result in part]
+
+    def _fill_run(self, work):
+        return [self._fill(*item) for item in work]
 
     def _fill(self, position, length, digest, candidates):
         """Fill one span from local data if possible: (how: 'zero', 'local'
@@ -3056,16 +3274,85 @@ class LocalAssembler:
         damaged = []
         for file_id, _path, _size, _mtime_ns, offset, _length in candidates:
             fd = self._sources[file_id]
-            try:
-                data = os.pread(fd, length, offset)
-            except OSError:
-                data = b''
-            if len(data) != length or span_digest(data) != digest:
-                damaged.append(file_id)
-                continue
-            self._partial.write(position, data)
-            return 'local', damaged
+            if self._copy_span(fd, offset, position, length, digest):
+                return 'local', damaged
+            damaged.append(file_id)
         return None, damaged
+
+    def _read_span(self, fd, offset, position, length, digest):
+        """Read the span from `fd` at `offset`, check it, write it in place:
+        whether it was right."""
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError:
+            data = b''
+        if len(data) != length or span_digest(data) != digest:
+            return False
+        self._partial.write(position, data)
+        self._filled(position, data)
+        return True
+
+    def _copy_span(self, fd, offset, position, length, digest):
+        """Fill the span by copy_file_range, in the kernel (a filesystem
+        that shares extents, such as XFS or btrfs, copies no data at all),
+        then check the bytes now in place: whether they were right.
+
+        A copy lands before its check, so it goes only where no other
+        writer can be: into a new partial file (nothing resumed), past the
+        lead, and only the blocks wholly inside the span (a block it shares
+        with a neighbour may be coming from the sender).  Those blocks are
+        not reported held, nor asked for, until the check is done, so bytes
+        that fail it are later overwritten by the blocks then asked for.
+        The span's ragged ends are read, checked with the rest and written
+        as _read_span does.  Where copy_file_range is missing or refuses
+        (another filesystem, an old kernel), this and later spans are read
+        and written instead."""
+        end = position + length
+        block = self._block_size
+        low = max(-(-position // block), self._lead) * block
+        high = end if end >= self._size else end // block * block
+        if (offset - position) % COPY_ALIGN == 0:
+            # Extents are shared in whole filesystem blocks, at the same place in both files.
+            low = -(-low // COPY_ALIGN) * COPY_ALIGN
+            high = high if high >= self._size else high // COPY_ALIGN * COPY_ALIGN
+        if not self._copy or high - low < MIN_COPY:
+            return self._read_span(fd, offset, position, length, digest)
+        source = offset - position              # source offset of a position in the file
+        try:
+            copied = 0
+            while copied < high - low:
+                n = os.copy_file_range(fd, self._partial.fd, high - low - copied,
+                                       source + low + copied, low + copied)
+                if not n:
+                    return False                # the kept file is shorter than it was
+                copied += n
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull('disk full writing %s; the partial data is kept: run the same '
+                               'command again to resume' % self._partial.dest)
+            self._copy = False                  # not here: read and write
+            return self._read_span(fd, offset, position, length, digest)
+        try:
+            head = os.pread(fd, low - position, offset)
+            tail = os.pread(fd, end - high, source + high)
+            landed = os.pread(self._partial.fd, high - low, low)
+        except OSError:
+            return False
+        check = hashlib.sha256(head)
+        check.update(landed)
+        check.update(tail)
+        if len(head) + len(landed) + len(tail) != length or \
+                check.digest()[:SPAN_DIGEST_SIZE] != digest:
+            return False
+        self._partial.write(position, head)
+        self._partial.write(high, tail)
+        for at, data in ((position, head), (low, landed), (high, tail)):
+            self._filled(at, data)
+        return True
+
+    def _filled(self, position, data):
+        if self.on_filled is not None:
+            self.on_filled(position, data)
 
     def _source(self, file_id, path, size, mtime_ns):
         if file_id not in self._sources:
@@ -3091,6 +3378,13 @@ class LocalAssembler:
         self._forgotten.add(file_id)
 
     def close(self):
+        if self._flushing is not None:
+            self._flushing.wait()       # before the file it syncs can be closed
+            self._flushing = None
+        for workers in (self._workers, self._flusher):
+            if workers is not None:
+                workers.close()
+        self._workers = self._flusher = None
         for fd in self._sources.values():
             if fd is not None:
                 os.close(fd)
@@ -4573,9 +4867,12 @@ class FrontierDigest:
     thread of its own over the longest prefix already written (`written()`
     gives the bitmap of blocks safely written), so that when the last
     block lands only the rest is left to read.  Written blocks are final:
-    every write puts there the bytes the file ends with."""
+    every write puts there the bytes the file ends with.  Bytes written
+    and still in hand (a delta's local spans, checked) may be `offer()`ed:
+    the digest then takes them from memory instead of reading them back."""
 
     POLL = 0.05
+    OFFERED_LIMIT = 64 << 20            # bytes offered and kept, at most
 
     def __init__(self, path, size, block_size, written):
         self._path, self._size, self._block_size = path, size, block_size
@@ -4583,8 +4880,23 @@ class FrontierDigest:
         self._written = written
         self._digest = hashlib.sha256()
         self._hashed = 0                # bytes hashed so far, a prefix
+        self._offered = {}              # position -> the bytes the file holds from there
+        self._offered_bytes = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = start_thread(self._run, 'digest')
+
+    def offer(self, position, data):
+        """`data` is what the file holds from `position` on, final."""
+        if not data:
+            return
+        with self._lock:
+            if position < self._hashed or self._offered_bytes + len(data) > self.OFFERED_LIMIT:
+                return                  # read back instead
+            self._offered[position] = data
+            self._offered_bytes += len(data)
+        self._wake.set()
 
     def _run(self):
         try:
@@ -4592,20 +4904,42 @@ class FrontierDigest:
         except OSError:
             return                      # finish() reads it all
         try:
-            while not self._stop.wait(self.POLL):
+            while not self._stop.is_set():
+                self._wake.wait(self.POLL)
+                self._wake.clear()
                 block = next_block(self._written(), self._nblocks,
                                    self._hashed // self._block_size, False)
-                frontier = min(self._size, block * self._block_size)
-                if frontier > self._hashed:
-                    hash_range(self._digest, fd, self._hashed, frontier)
-                    self._hashed = frontier
+                self._advance(fd, min(self._size, block * self._block_size))
         except OSError:
             self._digest, self._hashed = hashlib.sha256(), 0
         finally:
             os.close(fd)
 
+    def _advance(self, fd, frontier):
+        """Hash what was offered from where the digest is, then what the
+        file holds up to `frontier` (up to the next offer)."""
+        while True:
+            with self._lock:
+                data = self._offered.pop(self._hashed, None)
+                if data is None:
+                    for position in [p for p in self._offered if p < self._hashed]:
+                        self._offered_bytes -= len(self._offered.pop(position))
+                    later = min(self._offered, default=frontier)
+                else:
+                    self._offered_bytes -= len(data)
+            if data is not None:
+                self._digest.update(data)
+                self._hashed += len(data)
+            elif self._hashed < frontier:
+                end = min(frontier, later)
+                hash_range(self._digest, fd, self._hashed, end)
+                self._hashed = end
+            else:
+                return
+
     def stop(self):
         self._stop.set()
+        self._wake.set()
         self._thread.join()
 
     def finish(self):
@@ -4613,7 +4947,7 @@ class FrontierDigest:
         self.stop()
         fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            hash_range(self._digest, fd, self._hashed, self._size)
+            self._advance(fd, self._size)
         finally:
             os.close(fd)
         return self._digest.hexdigest()
@@ -6683,7 +7017,8 @@ class IncomingFile:
             if self.delta:
                 window.decided = 0
                 assembler = LocalAssembler(self.store, partial, refine=bool(self.kept),
-                                           origin=self.origin)
+                                           origin=self.origin, lead=start.get('lead', 0))
+                assembler.on_filled = frontier.offer    # no reading back what it wrote
             if not window.complete():
                 phase = ReceivePhase(self, window, writer, assembler, unproven, proven)
                 try:
@@ -6710,6 +7045,8 @@ class IncomingFile:
                 partial.save_state(writer.written_bitmap())
             except WanxferError:
                 pass
+            if assembler is not None:
+                assembler.close()               # its write-back thread syncs the file
             partial.close()
             raise
         finally:
@@ -6904,6 +7241,8 @@ class ReceivePhase:
         self.size, self.block_size = incoming.entry.size, incoming.block_size
         self.file_id = start['file']
         self.lead = start.get('lead', 0)        # blocks the sender sends a delta unasked
+        self.asked_end = self.lead              # blocks named to the sender end here
+        self.planned = []                       # blocks local data is to fill, not yet filled
         self.older_copies = incoming.kept if assembler is not None else None
         self.receiver = FileReceiver(self.data.session_id, self.data.sealer_in, window, writer,
                                      self.size, self.block_size)
@@ -6991,25 +7330,49 @@ class ReceivePhase:
         """Fill what this piece of the signature lets us, and ask the sender
         for the rest of the blocks it decides."""
         window, lead = self.window, self.lead
+        self.assembler.on_planned = self._ask_early
         held, decided, refine = self.assembler.on_piece(message['offset'],
                                                         decode_spans(message['spans']),
                                                         bool(message.get('refined')))
         window.mark_held(held)
         self.writer.mark_written(held)
+        window.decided = max(decided, window.decided)
         # The sender sends the lead unasked: what of it was found here need
         # not come; what is missing is NAKed once decided.
         held_lead = [(start, min(end, lead)) for start, end in held if start < lead]
-        if decided > window.decided or held_lead:
-            need = bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, lead))
-            window.decided = max(decided, window.decided)
-            self.conversation.send({'op': 'need', 'file': self.file_id, 'ranges': need,
-                                    'held': held_lead})
+        # What local data was to fill and did not (a span that failed its
+        # check) is asked for now; below blocks asked for before it is
+        # NAKed, once the data pauses, as a lost block is (the sender takes
+        # each block's first naming, in file order, and no later one).
+        failed = subtract_ranges(self.planned, held)
+        self.planned = []
+        late = [(max(start, self.asked_end), end) for start, end in failed if end > self.asked_end]
+        if late or held_lead:
+            self._ask(late, held_lead)
         if refine:
             self.conversation.send({'op': 'refine', 'file': self.file_id, 'offset': refine[0],
                                     'end': refine[1]})
             if self.older_copies:               # once, while the sender cuts its copy
                 self.incoming.index_older_copies(self.older_copies)
                 self.older_copies = None
+
+    def _ask_early(self, planned, decided):
+        """Ask for the blocks of a piece that local data is not to fill
+        (`planned` are those it is to) before its spans are read and
+        checked: they come while the disk works."""
+        window = self.window
+        self.planned.extend(planned)
+        if decided > window.decided:
+            need = subtract_ranges(
+                bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, self.lead)),
+                planned)
+            window.decided = decided
+            self._ask(need, [])
+
+    def _ask(self, ranges, held):
+        self.conversation.send({'op': 'need', 'file': self.file_id, 'ranges': ranges, 'held': held})
+        if ranges:
+            self.asked_end = max(self.asked_end, ranges[-1][1])
 
     def _send_feedback(self, now):
         if now >= self.next_feedback:
