@@ -78,6 +78,9 @@ class DeltaBench:
         self.link = procs.link
         self.served = os.path.join(work, 'served')
         self.ssh = None
+        # One secret for the whole benchmark: data kept from a server is
+        # reused only for the same origin, which includes the secret.
+        self.secret = secrets.token_hex(16)
 
     def serve_version(self, name, source):
         """Put `source` in the served directory under `name` (a new file, new identity)."""
@@ -88,7 +91,7 @@ class DeltaBench:
         return target
 
     def step_wanxfer(self, run_dir, step, remote, dest, extra=()):
-        env = dict(os.environ, WANXFER_SECRET=secrets.token_hex(16), PYTHONUNBUFFERED='1')
+        env = dict(os.environ, WANXFER_SECRET=self.secret, PYTHONUNBUFFERED='1')
         server = self.p.spawn('a', [sys.executable, self.a.wanxfer, 'serve', self.served, '--bind', HOST_A,
                                     '--port', str(PORT)],
                               os.path.join(run_dir, 'serve-%s.out' % step),
