@@ -24,6 +24,7 @@ import argparse
 import base64
 import collections
 import errno
+import functools
 import hashlib
 import heapq
 import hmac
@@ -2620,14 +2621,114 @@ DELTA_MODES = ('fixed', 'cdc')
 DELTA_UNIT = 64 << 10           # 'fixed' spans: digests at C speed catch appends and in-place edits
 SIGNATURE_SEGMENT = 32 << 20    # a signature is sent, and answered, this many bytes at a time
 SIGNATURE_READ = 1 << 20
+HASH_THREADS = 4                # threads one file's spans are hashed (and copied) on, at most
 
 
 def span_digest(data):
     return hashlib.sha256(data).digest()[:SPAN_DIGEST_SIZE]
 
 
+ZERO_UNIT_DIGEST = span_digest(bytes(DELTA_UNIT))
+
+
 def is_zero(data):
     return data == bytes(len(data))     # calloc'd, then one memcmp: tens of GB/s
+
+
+def hash_threads():
+    """Threads worth hashing one file with: the cores this process may
+    run on, up to HASH_THREADS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(HASH_THREADS, cores))
+
+
+class Workers:
+    """A few threads for the bulk work of delta transfers, hashing and
+    copying file data: hashlib, reads and writes let go of the GIL on large
+    buffers, so this work runs on as many cores as there are threads.
+
+    `run(tasks)` runs zero-argument callables, the caller's thread taking
+    its share, and returns their results in order (or raises the first
+    task's error, once all have ended).  `submit(task)` queues one task
+    and returns a Pending; with one background thread (`Workers(1)`) the
+    tasks submitted run one at a time, in order.  Threads that cannot be
+    started are done without: the work then runs on the caller's thread.
+    close() ends the threads once the work queued is done."""
+
+    def __init__(self, threads, name='hash'):
+        self._tasks = queue.Queue()
+        self._threads = []
+        for _ in range(threads):
+            try:
+                self._threads.append(start_thread(self._serve, name))
+            except NoThread:
+                break
+
+    @property
+    def size(self):
+        """Threads that work, the caller's not counted."""
+        return len(self._threads)
+
+    def _serve(self):
+        while True:
+            pending = self._tasks.get()
+            if pending is None:
+                return
+            pending.run()
+
+    def submit(self, task):
+        pending = Pending(task)
+        if self._threads:
+            self._tasks.put(pending)
+        else:
+            pending.run()
+        return pending
+
+    def run(self, tasks):
+        pendings = [Pending(task) for task in tasks]
+        for pending in pendings[1:] if self._threads else ():
+            self._tasks.put(pending)
+        for pending in pendings:
+            pending.run()               # the caller's share: what no thread took yet
+        return [pending.wait() for pending in pendings]
+
+    def close(self):
+        for _ in self._threads:
+            self._tasks.put(None)
+        self._threads = []
+
+
+class Pending:
+    """One task of a Workers: run once, by whichever thread takes it
+    first; wait() gives its result or raises its error."""
+
+    def __init__(self, task):
+        self._task = task
+        self._claimed = False
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._result = self._error = None
+
+    def run(self):
+        with self._lock:
+            if self._claimed:
+                return
+            self._claimed = True
+        try:
+            self._result = self._task()
+        except BaseException as e:      # handed to wait(), on the thread that wants the result
+            self._error = e
+        finally:
+            self._done.set()
+
+    def wait(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
 
 def content_spans(f, offset, end):
@@ -2669,22 +2770,61 @@ def file_signature(path, mode, segment=SIGNATURE_SEGMENT, whole=None):
             if spans:
                 yield start, spans
             return
+        yield from fixed_spans(f, segment - segment % DELTA_UNIT, whole)
+
+
+def fixed_spans(f, segment, whole):
+    """file_signature's 'fixed' pieces of the open file `f`, each
+    `segment` bytes (a multiple of DELTA_UNIT).  The units of a segment are
+    hashed on hash_threads() threads, while the whole file's digest takes
+    the segment before on a thread of its own: so pieces come at the speed
+    of the span digests spread over the cores, and the whole digest, which
+    cannot be spread, is not on their way.  Two buffers take turns."""
+    threads = hash_threads()
+    spans_workers = Workers(threads - 1)
+    whole_worker = Workers(1 if whole is not None and threads > 1 else 0, 'digest')
+    buffers = [bytearray(segment) for _ in range(2 if whole_worker.size else 1)]
+    hashing = [None] * len(buffers)     # each buffer's digest update, while it runs
+    shares = spans_workers.size + 1
+    try:
         offset = 0
-        buffer = bytearray(segment - segment % DELTA_UNIT)
-        view = memoryview(buffer)
-        while True:
+        for turn in itertools.count():
+            buffer = buffers[turn % len(buffers)]
+            if hashing[turn % len(buffers)] is not None:
+                hashing[turn % len(buffers)].wait()
             n = f.readinto(buffer)
             if not n:
                 return
+            view = memoryview(buffer)[:n]
             if whole is not None:
-                whole.update(view[:n])
-            spans = []
-            for start in range(0, n, DELTA_UNIT):
-                unit = view[start:min(n, start + DELTA_UNIT)]
-                zero = is_zero(bytes(unit))     # a copy compares at memcmp speed, a view does not
-                spans.append((len(unit), ZERO_SPAN if zero else span_digest(unit)))
-            yield offset, spans
+                hashing[turn % len(buffers)] = whole_worker.submit(functools.partial(whole.update, view))
+            units = -(-n // DELTA_UNIT)
+            bounds = [units * k // shares * DELTA_UNIT for k in range(shares)] + [n]
+            parts = spans_workers.run([functools.partial(unit_spans, view, bounds[k], bounds[k + 1])
+                                       for k in range(shares) if bounds[k] < bounds[k + 1]])
+            yield offset, [span for part in parts for span in part]
             offset += n
+    finally:
+        for pending in hashing:
+            if pending is not None:
+                pending.wait()          # the buffer is ours until the digest is done with it
+        spans_workers.close()
+        whole_worker.close()
+
+
+def unit_spans(view, start, end):
+    """(length, digest) of each DELTA_UNIT of view[start:end], ZERO_SPAN
+    for a unit of zeros: told by its digest, which costs nothing more."""
+    spans = []
+    for position in range(start, end, DELTA_UNIT):
+        unit = view[position:min(end, position + DELTA_UNIT)]
+        digest = span_digest(unit)
+        if len(unit) == DELTA_UNIT:
+            zero = digest == ZERO_UNIT_DIGEST
+        else:
+            zero = is_zero(bytes(unit))     # a copy compares at memcmp speed, a view does not
+        spans.append((len(unit), ZERO_SPAN if zero else digest))
+    return spans
 
 
 # ---------------------------------------------------------------------------
@@ -2936,12 +3076,17 @@ class LocalAssembler:
         self._waiting = collections.deque()     # pieces behind a refinement
         self._refining = None                   # (offset, spans, start, end) of that piece
         self._sources = {}          # kept file id -> open fd, or None once it failed
+        self._workers = None        # the threads spans are filled on, from the first piece
         self._forgotten = set()     # kept file ids to drop from the cache at close()
         self._run_start = 0         # the bytes from here to `offset` are in place
         self._reported = 0          # blocks before this were reported held or not
         self.offset = 0             # bytes the signature has covered so far
         self.decided = 0            # blocks decided so far
         self.spans = []             # (offset, length, digest), fixed: to keep the file by
+        # Called with (block ranges local data is to fill, blocks decided)
+        # once a piece is planned, before its spans are read: what no local
+        # data fills can be asked for while they are.
+        self.on_planned = None
         self.local_bytes = self.zero_bytes = 0
         self.refined_bytes = 0
 
@@ -3015,28 +3160,61 @@ class LocalAssembler:
             work.append((position, length, digest, candidates))
             position += length
         end = position
-        filled = [self._fill(*item) for item in work]
+        decided = self._nblocks if end >= self._size else end // self._block_size
+        if self.on_planned is not None:
+            planned = ['zero' if digest == ZERO_SPAN else 'local' if candidates else None
+                       for _position, _length, digest, candidates in work]
+            self.on_planned(self._held_ranges(work, planned, end)[0], decided)
+        filled = self._fill_all(work)
         for file_id in {file_id for _, damaged in filled for file_id in damaged}:
             self._forget(file_id)
-        for (position, length, _digest, _candidates), (kind, _damaged) in zip(work, filled):
-            if kind is None:
-                self._report(position, held)
-                self._run_start = position + length
-            elif kind == 'zero':
+        for (_position, length, _digest, _candidates), (kind, _damaged) in zip(work, filled):
+            if kind == 'zero':
                 self.zero_bytes += length
-            else:
+            elif kind == 'local':
                 self.local_bytes += length
+        ranges, self._run_start, self._reported = self._held_ranges(
+            work, [kind for kind, _damaged in filled], end)
+        held.extend(ranges)
         self.offset = end
-        self._report(end, held)
-        self.decided = self._nblocks if end >= self._size else end // self._block_size
+        self.decided = decided
 
-    def _report(self, end, held):
-        """Blocks wholly inside the run of bytes in place up to `end`."""
-        first = max(-(-self._run_start // self._block_size), self._reported)
+    def _held_ranges(self, work, kinds, end):
+        """The blocks wholly inside runs of bytes in place, were the spans
+        of `work` filled as `kinds` says (None: not filled): (block ranges,
+        where the last run starts, blocks reported up to then)."""
+        run_start, reported, ranges = self._run_start, self._reported, []
+        for (position, length, _digest, _candidates), kind in zip(work, kinds):
+            if kind is None:
+                reported = self._report(run_start, reported, position, ranges)
+                run_start = position + length
+        return ranges, run_start, self._report(run_start, reported, end, ranges)
+
+    def _report(self, run_start, reported, end, ranges):
+        """Blocks wholly inside the run of bytes in place from `run_start`
+        up to `end`, past those `reported`, go to `ranges`; returns how far
+        blocks are reported now."""
+        first = max(-(-run_start // self._block_size), reported)
         last = self._nblocks if end >= self._size else end // self._block_size
         if last > first:
-            held.append((first, last))
-        self._reported = max(self._reported, last)
+            ranges.append((first, last))
+        return max(reported, last)
+
+    def _fill_all(self, work):
+        """_fill() each span of `work`, the spans shared in runs among the
+        Workers' threads (reads, digests and writes all let go of the GIL)."""
+        if not work:
+            return []
+        if self._workers is None:
+            self._workers = Workers(hash_threads() - 1)
+        shares = min(len(work), self._workers.size + 1)
+        bounds = [len(work) * k // shares for k in range(shares + 1)]
+        parts = self._workers.run([functools.partial(self._fill_run, work[bounds[k]:bounds[k + 1]])
+                                   for k in range(shares)])
+        return [result for part in parts for result in part]
+
+    def _fill_run(self, work):
+        return [self._fill(*item) for item in work]
 
     def _fill(self, position, length, digest, candidates):
         """Fill one span from local data if possible: (how: 'zero', 'local'
@@ -3083,6 +3261,9 @@ class LocalAssembler:
         self._forgotten.add(file_id)
 
     def close(self):
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
         for fd in self._sources.values():
             if fd is not None:
                 os.close(fd)
@@ -6473,6 +6654,8 @@ class ReceivePhase:
         self.size, self.block_size = incoming.entry.size, incoming.block_size
         self.file_id = start['file']
         self.lead = start.get('lead', 0)        # blocks the sender sends a delta unasked
+        self.asked_end = self.lead              # blocks named to the sender end here
+        self.planned = []                       # blocks local data is to fill, not yet filled
         self.older_copies = incoming.kept if assembler is not None else None
         self.receiver = FileReceiver(self.data.session_id, self.data.sealer_in, window, writer,
                                      self.size, self.block_size)
@@ -6560,25 +6743,49 @@ class ReceivePhase:
         """Fill what this piece of the signature lets us, and ask the sender
         for the rest of the blocks it decides."""
         window, lead = self.window, self.lead
+        self.assembler.on_planned = self._ask_early
         held, decided, refine = self.assembler.on_piece(message['offset'],
                                                         decode_spans(message['spans']),
                                                         bool(message.get('refined')))
         window.mark_held(held)
         self.writer.mark_written(held)
+        window.decided = max(decided, window.decided)
         # The sender sends the lead unasked: what of it was found here need
         # not come; what is missing is NAKed once decided.
         held_lead = [(start, min(end, lead)) for start, end in held if start < lead]
-        if decided > window.decided or held_lead:
-            need = bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, lead))
-            window.decided = max(decided, window.decided)
-            self.conversation.send({'op': 'need', 'file': self.file_id, 'ranges': need,
-                                    'held': held_lead})
+        # What local data was to fill and did not (a span that failed its
+        # check) is asked for now; below blocks asked for before it is
+        # NAKed, once the data pauses, as a lost block is (the sender takes
+        # each block's first naming, in file order, and no later one).
+        failed = subtract_ranges(self.planned, held)
+        self.planned = []
+        late = [(max(start, self.asked_end), end) for start, end in failed if end > self.asked_end]
+        if late or held_lead:
+            self._ask(late, held_lead)
         if refine:
             self.conversation.send({'op': 'refine', 'file': self.file_id, 'offset': refine[0],
                                     'end': refine[1]})
             if self.older_copies:               # once, while the sender cuts its copy
                 self.incoming.index_older_copies(self.older_copies)
                 self.older_copies = None
+
+    def _ask_early(self, planned, decided):
+        """Ask for the blocks of a piece that local data is not to fill
+        (`planned` are those it is to) before its spans are read and
+        checked: they come while the disk works."""
+        window = self.window
+        self.planned.extend(planned)
+        if decided > window.decided:
+            need = subtract_ranges(
+                bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, self.lead)),
+                planned)
+            window.decided = decided
+            self._ask(need, [])
+
+    def _ask(self, ranges, held):
+        self.conversation.send({'op': 'need', 'file': self.file_id, 'ranges': ranges, 'held': held})
+        if ranges:
+            self.asked_end = max(self.asked_end, ranges[-1][1])
 
     def _send_feedback(self, now):
         if now >= self.next_feedback:

@@ -166,6 +166,31 @@ def test_a_kept_file_whose_bytes_changed_is_never_used(tmp_path, serve):
 
 
 @pytest.mark.e2e
+def test_a_span_that_fails_its_check_after_later_blocks_were_asked_for_still_comes(tmp_path, serve):
+    # The client asks for a piece's missing blocks (here: what was appended,
+    # at the end) before it reads the piece's local spans; one of those then
+    # fails its check, below blocks already asked for, and must still come.
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f.bin', 4 * MiB, seed=7)
+    server = serve([src])
+    out = tmp_path / 'a'
+    fetch(server.port, 'f.bin', out)
+    before = os.stat(out)
+    with open(out, 'r+b') as f:                 # the kept copy, damaged behind the cache's back
+        f.seek(MiB)
+        f.write(b'\xff' * 4096)
+    os.utime(out, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with open(data, 'ab') as f:
+        f.write(os.urandom(300_000))
+    other = tmp_path / 'b'
+    again = fetch(server.port, 'f.bin', other, '--timeout', '10')
+    assert sha256(other) == sha256(data)
+    assert again['local_bytes'] == 4 * MiB - wanxfer.DELTA_UNIT
+    assert 300_000 + wanxfer.DELTA_UNIT <= again['received_bytes'] < 600_000
+
+
+@pytest.mark.e2e
 def test_all_zero_and_sparse_files_cost_nothing_and_stay_sparse(tmp_path, serve):
     src = tmp_path / 'src'
     src.mkdir()
