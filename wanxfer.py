@@ -2724,6 +2724,9 @@ class Pending:
         finally:
             self._done.set()
 
+    def done(self):
+        return self._done.is_set()
+
     def wait(self):
         self._done.wait()
         if self._error is not None:
@@ -2842,6 +2845,8 @@ REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before f
 DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
 DELTA_MAX_MTU = 1500            # largest packet an update uses
 MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
+COPY_ALIGN = 4096               # a filesystem block: extents are shared in whole ones
+MIN_COPY = 16 << 10             # bytes worth a copy_file_range; less is read and written
 
 
 def server_origin(host, port, secret):
@@ -3047,6 +3052,15 @@ class SignatureCache(SharedJobs):
             return job
 
 
+def write_back(fd):
+    """Write the file's dirty pages to disk now (no error: the fsync that
+    proves the file reports those)."""
+    try:
+        getattr(os, 'fdatasync', os.fsync)(fd)
+    except OSError:
+        pass
+
+
 class LocalAssembler:
     """Builds as much of a file as it can from bytes this machine already
     holds, while the server's signature of the file arrives piece by piece.
@@ -3066,17 +3080,21 @@ class LocalAssembler:
     sending the signature) are used, and only spans of at least
     MIN_LOCAL_SPAN bytes are looked for."""
 
-    def __init__(self, store, partial, refine=False, *, origin):
+    def __init__(self, store, partial, refine=False, *, origin, lead=0):
         self._store, self._partial = store, partial
         self._origin = origin
+        self._lead = lead                       # blocks the sender sends unasked
         self._block_size, self._nblocks = partial.block_size, partial.nblocks
         self._size = partial.identity['size']
         self._fresh = partial.resumed_blocks == 0       # unwritten bytes are zeros
+        self._copy = self._fresh and hasattr(os, 'copy_file_range')    # see _copy_span
         self._refine = refine
         self._waiting = collections.deque()     # pieces behind a refinement
         self._refining = None                   # (offset, spans, start, end) of that piece
         self._sources = {}          # kept file id -> open fd, or None once it failed
         self._workers = None        # the threads spans are filled on, from the first piece
+        self._flusher = None        # and the one that has the disk write them
+        self._flushing = None       # its Pending, while it does
         self._forgotten = set()     # kept file ids to drop from the cache at close()
         self._run_start = 0         # the bytes from here to `offset` are in place
         self._reported = 0          # blocks before this were reported held or not
@@ -3178,6 +3196,17 @@ class LocalAssembler:
         held.extend(ranges)
         self.offset = end
         self.decided = decided
+        if self.local_bytes and end < self._size:
+            self._write_back()
+
+    def _write_back(self):
+        """Have the disk start on what the pieces so far wrote, on a thread
+        of its own, while later pieces are filled: the fsync before the
+        file's digest then waits for the last piece's writes, not all."""
+        if self._flusher is None:
+            self._flusher = Workers(1, 'flush')
+        if self._flushing is None or self._flushing.done():
+            self._flushing = self._flusher.submit(functools.partial(write_back, self._partial.fd))
 
     def _held_ranges(self, work, kinds, end):
         """The blocks wholly inside runs of bytes in place, were the spans
@@ -3226,16 +3255,78 @@ class LocalAssembler:
         damaged = []
         for file_id, _path, _size, _mtime_ns, offset, _length in candidates:
             fd = self._sources[file_id]
-            try:
-                data = os.pread(fd, length, offset)
-            except OSError:
-                data = b''
-            if len(data) != length or span_digest(data) != digest:
-                damaged.append(file_id)
-                continue
-            self._partial.write(position, data)
-            return 'local', damaged
+            if self._copy_span(fd, offset, position, length, digest):
+                return 'local', damaged
+            damaged.append(file_id)
         return None, damaged
+
+    def _read_span(self, fd, offset, position, length, digest):
+        """Read the span from `fd` at `offset`, check it, write it in place:
+        whether it was right."""
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError:
+            data = b''
+        if len(data) != length or span_digest(data) != digest:
+            return False
+        self._partial.write(position, data)
+        return True
+
+    def _copy_span(self, fd, offset, position, length, digest):
+        """Fill the span by copy_file_range, in the kernel (a filesystem
+        that shares extents, such as XFS or btrfs, copies no data at all),
+        then check the bytes now in place: whether they were right.
+
+        A copy lands before its check, so it goes only where no other
+        writer can be: into a new partial file (nothing resumed), past the
+        lead, and only the blocks wholly inside the span (a block it shares
+        with a neighbour may be coming from the sender).  Those blocks are
+        not reported held, nor asked for, until the check is done, so bytes
+        that fail it are later overwritten by the blocks then asked for.
+        The span's ragged ends are read, checked with the rest and written
+        as _read_span does.  Where copy_file_range is missing or refuses
+        (another filesystem, an old kernel), this and later spans are read
+        and written instead."""
+        end = position + length
+        block = self._block_size
+        low = max(-(-position // block), self._lead) * block
+        high = end if end >= self._size else end // block * block
+        if (offset - position) % COPY_ALIGN == 0:
+            # Extents are shared in whole filesystem blocks, at the same place in both files.
+            low = -(-low // COPY_ALIGN) * COPY_ALIGN
+            high = high if high >= self._size else high // COPY_ALIGN * COPY_ALIGN
+        if not self._copy or high - low < MIN_COPY:
+            return self._read_span(fd, offset, position, length, digest)
+        source = offset - position              # source offset of a position in the file
+        try:
+            copied = 0
+            while copied < high - low:
+                n = os.copy_file_range(fd, self._partial.fd, high - low - copied,
+                                       source + low + copied, low + copied)
+                if not n:
+                    return False                # the kept file is shorter than it was
+                copied += n
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull('disk full writing %s; the partial data is kept: run the same '
+                               'command again to resume' % self._partial.dest)
+            self._copy = False                  # not here: read and write
+            return self._read_span(fd, offset, position, length, digest)
+        try:
+            head = os.pread(fd, low - position, offset)
+            tail = os.pread(fd, end - high, source + high)
+            landed = os.pread(self._partial.fd, high - low, low)
+        except OSError:
+            return False
+        check = hashlib.sha256(head)
+        check.update(landed)
+        check.update(tail)
+        if len(head) + len(landed) + len(tail) != length or \
+                check.digest()[:SPAN_DIGEST_SIZE] != digest:
+            return False
+        self._partial.write(position, head)
+        self._partial.write(high, tail)
+        return True
 
     def _source(self, file_id, path, size, mtime_ns):
         if file_id not in self._sources:
@@ -3261,9 +3352,13 @@ class LocalAssembler:
         self._forgotten.add(file_id)
 
     def close(self):
-        if self._workers is not None:
-            self._workers.close()
-            self._workers = None
+        if self._flushing is not None:
+            self._flushing.wait()       # before the file it syncs can be closed
+            self._flushing = None
+        for workers in (self._workers, self._flusher):
+            if workers is not None:
+                workers.close()
+        self._workers = self._flusher = None
         for fd in self._sources.values():
             if fd is not None:
                 os.close(fd)
@@ -6433,7 +6528,7 @@ class IncomingFile:
             if self.delta:
                 window.decided = 0
                 assembler = LocalAssembler(self.store, partial, refine=bool(self.kept),
-                                           origin=self.origin)
+                                           origin=self.origin, lead=start.get('lead', 0))
             if not window.complete():
                 phase = ReceivePhase(self, window, writer, assembler, unproven, proven)
                 try:
@@ -6460,6 +6555,8 @@ class IncomingFile:
                 partial.save_state(writer.written_bitmap())
             except WanxferError:
                 pass
+            if assembler is not None:
+                assembler.close()               # its write-back thread syncs the file
             partial.close()
             raise
         finally:

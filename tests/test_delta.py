@@ -312,6 +312,126 @@ def test_assembler_reports_only_blocks_wholly_in_place(tmp_path):
     store.close()
 
 
+def assemble_from_basis(tmp_path, basis_bytes, changed=None, block_size=1430, lead=0, sender=None):
+    """Keep a file holding `basis_bytes` (for origin 'here'), optionally
+    overwrite bytes of it in place afterwards (`changed`: (offset, bytes),
+    size and mtime kept), then build a fresh file of the content of
+    tmp_path/basis-signed from its fixed signature: (assembler, held
+    ranges, the bytes built).  With `sender` (the signed bytes), the blocks
+    asked for early arrive at once, as if the sender were that fast."""
+    store = wanxfer.ChunkStore(str(tmp_path / 'c.db'))
+    basis = tmp_path / 'basis'
+    basis.write_bytes(basis_bytes)
+    store.keep_file(str(basis), 'basis', 'fixed', wanxfer.signature_spans(str(basis), 'fixed'),
+                    link=False, origin='here')
+    if changed is not None:
+        before = os.stat(basis)
+        with open(basis, 'r+b') as f:
+            f.seek(changed[0])
+            f.write(changed[1])
+        os.utime(basis, ns=(before.st_atime_ns, before.st_mtime_ns))
+    size = len(basis_bytes)
+    partial = wanxfer.PartialFile(str(tmp_path / 'out'), 'r', size, 0, block_size)
+    partial.open()
+    assembler = wanxfer.LocalAssembler(store, partial, origin='here', lead=lead)
+    if sender is not None:
+        decided = [0]
+
+        def arrive(planned, now_decided):
+            asked = wanxfer.subtract_ranges([(decided[0], now_decided)], planned)
+            for start, end in asked:
+                partial.write(start * block_size, sender[start * block_size:end * block_size])
+            decided[0] = now_decided
+        assembler.on_planned = arrive
+    held = []
+    for offset, spans in wanxfer.file_signature(str(tmp_path / 'basis-signed'), 'fixed'):
+        held += assembler.on_piece(offset, spans)[0]
+    assembler.close()
+    partial.close()
+    store.close()
+    return assembler, held, open(partial.data_path, 'rb').read()
+
+
+def copy_calls(monkeypatch, fail=None):
+    """Count os.copy_file_range calls (made to fail with errno `fail`)."""
+    calls = []
+    real = wanxfer.os.copy_file_range
+
+    def counted(*args):
+        calls.append(args)
+        if fail is not None:
+            raise OSError(fail, os.strerror(fail))
+        return real(*args)
+    monkeypatch.setattr(wanxfer.os, 'copy_file_range', counted)
+    return calls
+
+
+@pytest.mark.skipif(not hasattr(os, 'copy_file_range'), reason='no copy_file_range')
+@pytest.mark.parametrize('fail', [None, wanxfer.errno.EXDEV, wanxfer.errno.ENOSYS])
+def test_assembler_copies_spans_in_the_kernel_or_else_reads_and_writes_them(tmp_path, monkeypatch,
+                                                                          fail):
+    payload = os.urandom(1 * MiB + 12345)
+    (tmp_path / 'basis-signed').write_bytes(payload)
+    calls = copy_calls(monkeypatch, fail)
+    assembler, held, built = assemble_from_basis(tmp_path, payload)
+    assert built == payload
+    assert held == [(0, -(-len(payload) // 1430))]
+    assert assembler.local_bytes == len(payload)
+    # Copied where it can be (the short last span is read and written);
+    # after one refusal, read and written.
+    assert len(payload) % wanxfer.DELTA_UNIT < wanxfer.MIN_COPY
+    assert len(calls) == (1 if fail else len(payload) // wanxfer.DELTA_UNIT)
+
+
+@pytest.mark.parametrize('block_size', [1430, 4096, 65536])
+def test_a_span_whose_kept_bytes_changed_is_not_used_copied_or_read(tmp_path, block_size):
+    """The kept copy changed in place (size and mtime as recorded): its
+    bytes may land in the new file before their check, but the span is not
+    used, and no block it touches is reported held."""
+    payload = os.urandom(1 * MiB)
+    (tmp_path / 'basis-signed').write_bytes(payload)
+    unit = wanxfer.DELTA_UNIT
+    assembler, held, built = assemble_from_basis(tmp_path, payload, (5 * unit + 100, b'\xff' * 10),
+                                                 block_size)
+    assert assembler.local_bytes == len(payload) - unit
+    touched = set(range(5 * unit // block_size, -(-6 * unit // block_size)))
+    nblocks = -(-len(payload) // block_size)
+    assert sum(end - start for start, end in held) == nblocks - len(touched)
+    for start, end in held:
+        assert not touched & set(range(start, end))
+        assert built[start * block_size:end * block_size] == payload[start * block_size:end * block_size]
+
+
+def test_a_copy_never_lands_on_a_block_the_sender_may_be_writing(tmp_path):
+    """A block shared by a span found locally and one that is not is asked
+    for before the local span is read: a copy of that span, should it fail
+    its check, must not have landed on the block."""
+    payload = os.urandom(256 * 1024)
+    unit = wanxfer.DELTA_UNIT
+    signed = os.urandom(unit) + payload[unit:]      # the first span is nowhere here
+    (tmp_path / 'basis-signed').write_bytes(signed)
+    block = 5000                                    # block 13 holds bytes of spans 0 and 1
+    _assembler, held, built = assemble_from_basis(tmp_path, payload, (unit + 100, b'\xff' * 10),
+                                                  block, sender=signed)
+    shared = unit // block
+    assert all(not start <= shared < end for start, end in held)
+    assert built[shared * block:(shared + 1) * block] == signed[shared * block:(shared + 1) * block]
+
+
+def test_assembler_copies_nothing_into_the_lead(tmp_path, monkeypatch):
+    """Blocks of the lead come from the sender unasked: a copy checked
+    after it landed must not go where they may already be."""
+    if not hasattr(os, 'copy_file_range'):
+        pytest.skip('no copy_file_range')
+    payload = os.urandom(512 * 1024)
+    (tmp_path / 'basis-signed').write_bytes(payload)
+    calls = copy_calls(monkeypatch)
+    lead = 200
+    _assembler, _held, built = assemble_from_basis(tmp_path, payload, lead=lead)
+    assert built == payload
+    assert calls and min(call[4] for call in calls) >= lead * 1430
+
+
 def test_assembler_writes_nothing_to_the_cache_during_the_data_phase(tmp_path):
     """A kept file that changed is forgotten after the data phase: the
     forgetting is a cache write, and another process holding the cache's
