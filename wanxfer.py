@@ -1802,15 +1802,20 @@ class ChunkStore:
         """{digest: [(file id, path, size, mtime_ns, offset, length)]} for
         those known in files kept for `origin`."""
         def find():
+            # The origin's files first, then the spans by digest alone: a
+            # join costs five times as much per span (a piece has 512).
+            files = {row[0]: row for row in self._db.execute(
+                'SELECT id, path, size, mtime_ns FROM kept_files WHERE origin = ?', (origin,))}
             found = {}
-            digests_list = list(digests)
+            digests_list = list(digests) if files else []
             for i in range(0, len(digests_list), 500):
                 batch = digests_list[i:i + 500]
-                for row in self._db.execute(
-                        'SELECT s.digest, f.id, f.path, f.size, f.mtime_ns, s.offset, s.length '
-                        'FROM spans s JOIN kept_files f ON f.id = s.file WHERE s.digest IN (%s) '
-                        'AND f.origin = ?' % ','.join('?' * len(batch)), batch + [origin]):
-                    found.setdefault(row[0], []).append(row[1:])
+                for digest, file_id, offset, length in self._db.execute(
+                        'SELECT digest, file, offset, length FROM spans WHERE digest IN (%s)'
+                        % ','.join('?' * len(batch)), batch):
+                    kept = files.get(file_id)
+                    if kept is not None:
+                        found.setdefault(digest, []).append(kept + (offset, length))
             return found
         return self._safely({}, find)
 
