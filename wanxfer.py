@@ -3110,6 +3110,8 @@ class LocalAssembler:
         # once a piece is planned, before its spans are read: what no local
         # data fills can be asked for while they are.
         self.on_planned = None
+        # Called with (position, bytes) for the bytes of each span filled, checked and written.
+        self.on_filled = None
         self.local_bytes = self.zero_bytes = 0
         self.refined_bytes = 0
 
@@ -3275,6 +3277,7 @@ class LocalAssembler:
         if len(data) != length or span_digest(data) != digest:
             return False
         self._partial.write(position, data)
+        self._filled(position, data)
         return True
 
     def _copy_span(self, fd, offset, position, length, digest):
@@ -3331,7 +3334,13 @@ class LocalAssembler:
             return False
         self._partial.write(position, head)
         self._partial.write(high, tail)
+        for at, data in ((position, head), (low, landed), (high, tail)):
+            self._filled(at, data)
         return True
+
+    def _filled(self, position, data):
+        if self.on_filled is not None:
+            self.on_filled(position, data)
 
     def _source(self, file_id, path, size, mtime_ns):
         if file_id not in self._sources:
@@ -4427,9 +4436,12 @@ class FrontierDigest:
     thread of its own over the longest prefix already written (`written()`
     gives the bitmap of blocks safely written), so that when the last
     block lands only the rest is left to read.  Written blocks are final:
-    every write puts there the bytes the file ends with."""
+    every write puts there the bytes the file ends with.  Bytes written
+    and still in hand (a delta's local spans, checked) may be `offer()`ed:
+    the digest then takes them from memory instead of reading them back."""
 
     POLL = 0.05
+    OFFERED_LIMIT = 64 << 20            # bytes offered and kept, at most
 
     def __init__(self, path, size, block_size, written):
         self._path, self._size, self._block_size = path, size, block_size
@@ -4437,8 +4449,23 @@ class FrontierDigest:
         self._written = written
         self._digest = hashlib.sha256()
         self._hashed = 0                # bytes hashed so far, a prefix
+        self._offered = {}              # position -> the bytes the file holds from there
+        self._offered_bytes = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = start_thread(self._run, 'digest')
+
+    def offer(self, position, data):
+        """`data` is what the file holds from `position` on, final."""
+        if not data:
+            return
+        with self._lock:
+            if position < self._hashed or self._offered_bytes + len(data) > self.OFFERED_LIMIT:
+                return                  # read back instead
+            self._offered[position] = data
+            self._offered_bytes += len(data)
+        self._wake.set()
 
     def _run(self):
         try:
@@ -4446,20 +4473,42 @@ class FrontierDigest:
         except OSError:
             return                      # finish() reads it all
         try:
-            while not self._stop.wait(self.POLL):
+            while not self._stop.is_set():
+                self._wake.wait(self.POLL)
+                self._wake.clear()
                 block = next_block(self._written(), self._nblocks,
                                    self._hashed // self._block_size, False)
-                frontier = min(self._size, block * self._block_size)
-                if frontier > self._hashed:
-                    hash_range(self._digest, fd, self._hashed, frontier)
-                    self._hashed = frontier
+                self._advance(fd, min(self._size, block * self._block_size))
         except OSError:
             self._digest, self._hashed = hashlib.sha256(), 0
         finally:
             os.close(fd)
 
+    def _advance(self, fd, frontier):
+        """Hash what was offered from where the digest is, then what the
+        file holds up to `frontier` (up to the next offer)."""
+        while True:
+            with self._lock:
+                data = self._offered.pop(self._hashed, None)
+                if data is None:
+                    for position in [p for p in self._offered if p < self._hashed]:
+                        self._offered_bytes -= len(self._offered.pop(position))
+                    later = min(self._offered, default=frontier)
+                else:
+                    self._offered_bytes -= len(data)
+            if data is not None:
+                self._digest.update(data)
+                self._hashed += len(data)
+            elif self._hashed < frontier:
+                end = min(frontier, later)
+                hash_range(self._digest, fd, self._hashed, end)
+                self._hashed = end
+            else:
+                return
+
     def stop(self):
         self._stop.set()
+        self._wake.set()
         self._thread.join()
 
     def finish(self):
@@ -4467,7 +4516,7 @@ class FrontierDigest:
         self.stop()
         fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            hash_range(self._digest, fd, self._hashed, self._size)
+            self._advance(fd, self._size)
         finally:
             os.close(fd)
         return self._digest.hexdigest()
@@ -6534,6 +6583,7 @@ class IncomingFile:
                 window.decided = 0
                 assembler = LocalAssembler(self.store, partial, refine=bool(self.kept),
                                            origin=self.origin, lead=start.get('lead', 0))
+                assembler.on_filled = frontier.offer    # no reading back what it wrote
             if not window.complete():
                 phase = ReceivePhase(self, window, writer, assembler, unproven, proven)
                 try:

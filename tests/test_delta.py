@@ -2,6 +2,7 @@
 server (or delete the local copy), fetch again, and check that the bytes are
 right and that only what was missing crossed the network."""
 
+import hashlib
 import json
 import os
 import random
@@ -430,6 +431,30 @@ def test_assembler_copies_nothing_into_the_lead(tmp_path, monkeypatch):
     _assembler, _held, built = assemble_from_basis(tmp_path, payload, lead=lead)
     assert built == payload
     assert calls and min(call[4] for call in calls) >= lead * 1430
+
+
+def test_the_file_digest_takes_offered_bytes_instead_of_reading_them_back(tmp_path):
+    """A delta's local spans, checked and written, are offered to the
+    running digest, which hashes them from memory (here they differ from
+    the file, which shows it); the rest, and what is offered past its
+    limit or behind it, is read from the file."""
+    block, size = 4096, 300 * 4096 - 100
+    on_disk = os.urandom(size)
+    offered = bytearray(on_disk)
+    offered[5000:75000] = os.urandom(70000)     # not what the file holds: only memory has it
+    path = tmp_path / 'partial'
+    path.write_bytes(on_disk)
+    bitmap = bytearray(-(-size // block) // 8 + 1)
+    frontier = wanxfer.FrontierDigest(str(path), size, block, lambda: bytes(bitmap))
+    frontier.OFFERED_LIMIT = 200_000
+    frontier.offer(75000, bytes(offered[75000:140000]))     # out of order, unaligned
+    frontier.offer(5000, bytes(offered[5000:75000]))
+    frontier.offer(0, bytes(offered[0:5000]))
+    frontier.offer(600_000, bytes(300_000))                 # past the limit: dropped
+    wanxfer.set_bits(bitmap, 0, 10)
+    wait_for(lambda: frontier._hashed >= 140000, what='the digest to take the offers')
+    wanxfer.set_bits(bitmap, 0, 300)
+    assert frontier.finish() == hashlib.sha256(bytes(offered)).hexdigest()
 
 
 def test_assembler_writes_nothing_to_the_cache_during_the_data_phase(tmp_path):
