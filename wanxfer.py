@@ -2790,7 +2790,7 @@ def fixed_spans(f, segment, whole):
     cannot be spread, is not on their way.  Two buffers take turns."""
     threads = hash_threads()
     spans_workers = Workers(threads - 1)
-    whole_worker = Workers(1 if whole is not None and threads > 1 else 0, 'digest')
+    whole_worker = Workers(1 if whole is not None and threads > 1 else 0)
     buffers = [bytearray(segment) for _ in range(2 if whole_worker.size else 1)]
     hashing = [None] * len(buffers)     # each buffer's digest update, while it runs
     shares = spans_workers.size + 1
@@ -2957,9 +2957,13 @@ class SignatureJob(HelperJob):
             self._digest, self.pieces = stored
             return
         try:
-            for offset, spans in file_signature(self.path, 'fixed', whole=self._whole):
-                self.pieces.append((offset, encode_spans(spans)))
-                self.check_stop()
+            pieces = file_signature(self.path, 'fixed', whole=self._whole)
+            try:
+                for offset, spans in pieces:
+                    self.pieces.append((offset, encode_spans(spans)))
+                    self.check_stop()
+            finally:
+                pieces.close()          # its hashing threads end now, not when collected
         except OSError as e:
             self.error = e
         else:

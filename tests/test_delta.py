@@ -433,6 +433,35 @@ def test_assembler_copies_nothing_into_the_lead(tmp_path, monkeypatch):
     assert calls and min(call[4] for call in calls) >= lead * 1430
 
 
+def test_no_hashing_thread_outlives_its_signature(tmp_path, monkeypatch):
+    """A signature hashes on threads of its own (Workers): they end with
+    it, whether it completes or its fetch gives it up half way."""
+    monkeypatch.setattr(wanxfer, 'hash_threads', lambda: 3)
+    path = make_file(tmp_path / 'f', 3 * MiB)
+    expected = wanxfer.signature_spans(str(path), 'fixed')
+    gate = threading.Event()
+    real = wanxfer.unit_spans
+
+    def gated(*args):
+        gate.wait(10)
+        return real(*args)
+    monkeypatch.setattr(wanxfer, 'unit_spans', gated)
+    cache = wanxfer.SignatureCache()
+    hashing = lambda: [t for t in threading.enumerate() if t.name == 'hash']     # noqa: E731
+    given_up = cache.start(str(path), 'a')
+    wait_for(lambda: len(hashing()) == 3, what='the hashing threads')     # 2 for units, 1 whole
+    cache.release(given_up)                     # its fetch ends: stop
+    gate.set()
+    assert given_up.done.wait(10) and given_up.error is not None
+    wait_for(lambda: not hashing(), what='the hashing threads to end')
+    done = cache.start(str(path), 'b')
+    assert done.sha256() == sha256(path)
+    assert [span for _offset, encoded in done.pieces for span in wanxfer.decode_spans(encoded)] == \
+        [(length, digest) for _offset, length, digest in expected]
+    wait_for(lambda: not hashing(), what='the hashing threads to end')
+    cache.release(done)
+
+
 def test_the_file_digest_takes_offered_bytes_instead_of_reading_them_back(tmp_path):
     """A delta's local spans, checked and written, are offered to the
     running digest, which hashes them from memory (here they differ from
