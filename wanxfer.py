@@ -51,6 +51,11 @@ import types
 import zlib
 from array import array
 
+try:
+    import fcntl
+except ImportError:                     # not a Unix: no sharing of extents
+    fcntl = None
+
 __version__ = '0.1.0'
 
 DEFAULT_PORT = 46224          # Tsunami UDP's port, so firewall rules carry over
@@ -2852,6 +2857,12 @@ def unit_spans(view, start, end):
 # what it can from bytes it already holds (LocalAssembler) and asks for finer
 # spans where fixed ones missed (SpanRefiner answers).  Bytes kept from one
 # server are offered only to that server (server_origin).
+#
+# Apart from a few round trips, a delta's time is local work at both ends,
+# all of it hashing and copying: hashlib and file reads and writes let go
+# of the GIL, so both ends spread it over threads (Workers), and the one
+# thing that cannot be spread, each end's SHA-256 of the whole file, runs
+# beside the rest on a thread of its own, fed bytes already in memory.
 
 SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
 REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
@@ -2859,7 +2870,9 @@ DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if a
 DELTA_MAX_MTU = 1500            # largest packet an update uses
 MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
 COPY_ALIGN = 4096               # a filesystem block: extents are shared in whole ones
-MIN_COPY = 16 << 10             # bytes worth a copy_file_range; less is read and written
+MIN_COPY = 16 << 10             # bytes worth sharing; less is read and written
+FICLONERANGE = 0x4020940d       # Linux: _IOW(0x94, 13, struct file_clone_range)
+FILE_CLONE_RANGE = struct.Struct('=qQQQ')   # source fd, source offset, length, destination offset
 
 
 def server_origin(host, port, secret):
@@ -2877,6 +2890,18 @@ def server_origin(host, port, secret):
         pass                            # a name or an IPv4 address: as it is
     fingerprint = hmac.new(secret, b'wanxfer cache origin v1', hashlib.sha256).hexdigest()[:16]
     return '%s:%d#%s' % (name, port, fingerprint)
+
+
+def clone_range(source_fd, source_offset, length, fd, offset):
+    """Make bytes [offset, offset + length) of the file `fd` share the
+    extents of the source's at `source_offset` (FICLONERANGE: XFS, btrfs
+    and others share them; nothing is copied, nothing written).  OSError
+    where the filesystem cannot, or the ranges are not whole filesystem
+    blocks; never a copy instead (copy_file_range would copy, in the
+    kernel, at more CPU than a read and a write)."""
+    if fcntl is None or not sys.platform.startswith('linux'):
+        raise OSError(errno.EOPNOTSUPP, 'no FICLONERANGE here')
+    fcntl.ioctl(fd, FICLONERANGE, FILE_CLONE_RANGE.pack(source_fd, source_offset, length, offset))
 
 
 def signature_spans(path, mode):
@@ -3084,8 +3109,13 @@ class LocalAssembler:
 
     The signature comes in fixed spans (DELTA_UNIT bytes each, cheap at both
     ends): each is looked up among the kept files (ChunkStore.find_spans),
-    read, checked against its digest and written in place; spans of zeros
-    are left as holes in a new file, so sparse files stay sparse.  Where a
+    read, checked against its digest and written in place (or, where the
+    filesystem can, given the kept file's extents and checked where they
+    landed: _copy_span), a piece's spans on hash_threads() threads; spans
+    of zeros are left as holes in a new file, so sparse files stay sparse.
+    Once a piece is planned, before its spans are read, `on_planned` hears
+    which blocks local data is to fill, so the rest can be asked for while
+    the disk works; `on_filled` hears the bytes of each span filled.  Where a
     piece's fixed spans find little and an older copy of the file is at hand
     (`refine`), data has probably shifted: `on_piece()` then asks for the
     content-defined spans of that stretch and holds later pieces back until
@@ -3104,7 +3134,7 @@ class LocalAssembler:
         self._block_size, self._nblocks = partial.block_size, partial.nblocks
         self._size = partial.identity['size']
         self._fresh = partial.resumed_blocks == 0       # unwritten bytes are zeros
-        self._copy = self._fresh and hasattr(os, 'copy_file_range')    # see _copy_span
+        self._copy = self._fresh                    # see _copy_span
         self._refine = refine
         self._waiting = collections.deque()     # pieces behind a refinement
         self._refining = None                   # (offset, spans, start, end) of that piece
@@ -3198,11 +3228,12 @@ class LocalAssembler:
             position += length
         end = position
         decided = self._nblocks if end >= self._size else end // self._block_size
+        kinds = ['zero' if digest == ZERO_SPAN else 'local' if candidates else None
+                 for _position, _length, digest, candidates in work]
+        planned = self._held_ranges(work, kinds, end)[0]
         if self.on_planned is not None:
-            planned = ['zero' if digest == ZERO_SPAN else 'local' if candidates else None
-                       for _position, _length, digest, candidates in work]
-            self.on_planned(self._held_ranges(work, planned, end)[0], decided)
-        filled = self._fill_all(work)
+            self.on_planned(planned, decided)
+        filled = self._fill_all(work, self._clone_bounds(work, planned))
         for file_id in {file_id for _, damaged in filled for file_id in damaged}:
             self._forget(file_id)
         for (_position, length, _digest, _candidates), (kind, _damaged) in zip(work, filled):
@@ -3248,24 +3279,43 @@ class LocalAssembler:
             ranges.append((first, last))
         return max(reported, last)
 
-    def _fill_all(self, work):
+    def _clone_bounds(self, work, planned):
+        """Per span of `work`, (low, high): its bytes in the blocks local
+        data is to fill (`planned`), which the sender is not asked for (see
+        _copy_span)."""
+        block = self._block_size
+        ranges = [(first * block, min(self._size, last * block)) for first, last in planned]
+        bounds, i = [], 0
+        for position, length, _digest, _candidates in work:
+            end = position + length
+            while i < len(ranges) and ranges[i][1] <= position:
+                i += 1
+            if i < len(ranges) and ranges[i][0] < end:
+                bounds.append((max(position, ranges[i][0]), min(end, ranges[i][1])))
+            else:
+                bounds.append((end, end))
+        return bounds
+
+    def _fill_all(self, work, clone_bounds):
         """_fill() each span of `work`, the spans shared in runs among the
         Workers' threads (reads, digests and writes all let go of the GIL)."""
         if not work:
             return []
         if self._workers is None:
             self._workers = Workers(hash_threads() - 1)
-        shares = min(len(work), self._workers.size + 1)
-        bounds = [len(work) * k // shares for k in range(shares + 1)]
-        parts = self._workers.run([functools.partial(self._fill_run, work[bounds[k]:bounds[k + 1]])
+        items = list(zip(work, clone_bounds))
+        shares = min(len(items), self._workers.size + 1)
+        bounds = [len(items) * k // shares for k in range(shares + 1)]
+        parts = self._workers.run([functools.partial(self._fill_run, items[bounds[k]:bounds[k + 1]])
                                    for k in range(shares)])
         return [result for part in parts for result in part]
 
-    def _fill_run(self, work):
-        return [self._fill(*item) for item in work]
+    def _fill_run(self, items):
+        return [self._fill(*item, clone) for item, clone in items]
 
-    def _fill(self, position, length, digest, candidates):
-        """Fill one span from local data if possible: (how: 'zero', 'local'
+    def _fill(self, position, length, digest, candidates, clone):
+        """Fill one span from local data if possible (`clone`: the bytes
+        of it that may be shared, see _copy_span): (how: 'zero', 'local'
         or None, ids of kept files found damaged)."""
         if digest == ZERO_SPAN:
             if not self._fresh:
@@ -3274,7 +3324,7 @@ class LocalAssembler:
         damaged = []
         for file_id, _path, _size, _mtime_ns, offset, _length in candidates:
             fd = self._sources[file_id]
-            if self._copy_span(fd, offset, position, length, digest):
+            if self._copy_span(fd, offset, position, length, digest, clone):
                 return 'local', damaged
             damaged.append(file_id)
         return None, damaged
@@ -3292,40 +3342,31 @@ class LocalAssembler:
         self._filled(position, data)
         return True
 
-    def _copy_span(self, fd, offset, position, length, digest):
-        """Fill the span by copy_file_range, in the kernel (a filesystem
-        that shares extents, such as XFS or btrfs, copies no data at all),
-        then check the bytes now in place: whether they were right.
+    def _copy_span(self, fd, offset, position, length, digest, clone):
+        """Fill the span by sharing the kept file's extents (clone_range:
+        no data copied, none written), then check the bytes now in place:
+        whether they were right.  Where the filesystem cannot share, this
+        and later spans are read and written instead (_read_span).
 
-        A copy lands before its check, so it goes only where no other
+        A clone lands before its check, so it goes only where no other
         writer can be: into a new partial file (nothing resumed), past the
-        lead, and only the blocks wholly inside the span (a block it shares
-        with a neighbour may be coming from the sender).  Those blocks are
-        not reported held, nor asked for, until the check is done, so bytes
-        that fail it are later overwritten by the blocks then asked for.
-        The span's ragged ends are read, checked with the rest and written
-        as _read_span does.  Where copy_file_range is missing or refuses
-        (another filesystem, an old kernel), this and later spans are read
-        and written instead."""
+        lead, and only into blocks that local data is to fill, `clone`
+        (low, high) (a block the span shares with a neighbour the sender
+        is asked for may be on its way).  Those blocks are not reported
+        held, nor asked for, until the piece's checks are done, so bytes
+        that fail them are later overwritten by the blocks then asked for.
+        The rest of the span is read, checked with what landed and written
+        as _read_span does."""
         end = position + length
-        block = self._block_size
-        low = max(-(-position // block), self._lead) * block
-        high = end if end >= self._size else end // block * block
-        if (offset - position) % COPY_ALIGN == 0:
-            # Extents are shared in whole filesystem blocks, at the same place in both files.
-            low = -(-low // COPY_ALIGN) * COPY_ALIGN
-            high = high if high >= self._size else high // COPY_ALIGN * COPY_ALIGN
-        if not self._copy or high - low < MIN_COPY:
+        low, high = max(clone[0], self._lead * self._block_size), clone[1]
+        # Extents are shared in whole filesystem blocks, at the same place in both files.
+        low = -(-low // COPY_ALIGN) * COPY_ALIGN
+        high = high if high >= self._size else high // COPY_ALIGN * COPY_ALIGN
+        if not self._copy or (offset - position) % COPY_ALIGN or high - low < MIN_COPY:
             return self._read_span(fd, offset, position, length, digest)
         source = offset - position              # source offset of a position in the file
         try:
-            copied = 0
-            while copied < high - low:
-                n = os.copy_file_range(fd, self._partial.fd, high - low - copied,
-                                       source + low + copied, low + copied)
-                if not n:
-                    return False                # the kept file is shorter than it was
-                copied += n
+            clone_range(fd, source + low, high - low, self._partial.fd, low)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull('disk full writing %s; the partial data is kept: run the same '
@@ -4896,7 +4937,9 @@ class FrontierDigest:
                 return                  # read back instead
             self._offered[position] = data
             self._offered_bytes += len(data)
-        self._wake.set()
+            waited_for = position == self._hashed
+        if waited_for:                  # else the thread, busy, gets there by itself
+            self._wake.set()
 
     def _run(self):
         try:
