@@ -51,6 +51,11 @@ import types
 import zlib
 from array import array
 
+try:
+    import fcntl
+except ImportError:                     # not a Unix: no sharing of extents
+    fcntl = None
+
 __version__ = '0.1.0'
 
 DEFAULT_PORT = 46224          # Tsunami UDP's port, so firewall rules carry over
@@ -2851,7 +2856,9 @@ DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if a
 DELTA_MAX_MTU = 1500            # largest packet an update uses
 MIN_LOCAL_SPAN = MIN_CHUNK      # shorter spans are fetched, never looked for: cheap to send, cheap to guess
 COPY_ALIGN = 4096               # a filesystem block: extents are shared in whole ones
-MIN_COPY = 16 << 10             # bytes worth a copy_file_range; less is read and written
+MIN_COPY = 16 << 10             # bytes worth sharing; less is read and written
+FICLONERANGE = 0x4020940d       # Linux: _IOW(0x94, 13, struct file_clone_range)
+FILE_CLONE_RANGE = struct.Struct('=qQQQ')   # source fd, source offset, length, destination offset
 
 
 def server_origin(host, port, secret):
@@ -2869,6 +2876,18 @@ def server_origin(host, port, secret):
         pass                            # a name or an IPv4 address: as it is
     fingerprint = hmac.new(secret, b'wanxfer cache origin v1', hashlib.sha256).hexdigest()[:16]
     return '%s:%d#%s' % (name, port, fingerprint)
+
+
+def clone_range(source_fd, source_offset, length, fd, offset):
+    """Make bytes [offset, offset + length) of the file `fd` share the
+    extents of the source's at `source_offset` (FICLONERANGE: XFS, btrfs
+    and others share them; nothing is copied, nothing written).  OSError
+    where the filesystem cannot, or the ranges are not whole filesystem
+    blocks; never a copy instead (copy_file_range would copy, in the
+    kernel, at more CPU than a read and a write)."""
+    if fcntl is None or not sys.platform.startswith('linux'):
+        raise OSError(errno.EOPNOTSUPP, 'no FICLONERANGE here')
+    fcntl.ioctl(fd, FICLONERANGE, FILE_CLONE_RANGE.pack(source_fd, source_offset, length, offset))
 
 
 def signature_spans(path, mode):
@@ -3096,7 +3115,7 @@ class LocalAssembler:
         self._block_size, self._nblocks = partial.block_size, partial.nblocks
         self._size = partial.identity['size']
         self._fresh = partial.resumed_blocks == 0       # unwritten bytes are zeros
-        self._copy = self._fresh and hasattr(os, 'copy_file_range')    # see _copy_span
+        self._copy = self._fresh                    # see _copy_span
         self._refine = refine
         self._waiting = collections.deque()     # pieces behind a refinement
         self._refining = None                   # (offset, spans, start, end) of that piece
@@ -3285,39 +3304,31 @@ class LocalAssembler:
         return True
 
     def _copy_span(self, fd, offset, position, length, digest):
-        """Fill the span by copy_file_range, in the kernel (a filesystem
-        that shares extents, such as XFS or btrfs, copies no data at all),
-        then check the bytes now in place: whether they were right.
+        """Fill the span by sharing the kept file's extents (clone_range:
+        no data copied, none written), then check the bytes now in place:
+        whether they were right.  Where the filesystem cannot share, this
+        and later spans are read and written instead (_read_span).
 
-        A copy lands before its check, so it goes only where no other
+        A clone lands before its check, so it goes only where no other
         writer can be: into a new partial file (nothing resumed), past the
         lead, and only the blocks wholly inside the span (a block it shares
         with a neighbour may be coming from the sender).  Those blocks are
         not reported held, nor asked for, until the check is done, so bytes
         that fail it are later overwritten by the blocks then asked for.
         The span's ragged ends are read, checked with the rest and written
-        as _read_span does.  Where copy_file_range is missing or refuses
-        (another filesystem, an old kernel), this and later spans are read
-        and written instead."""
+        as _read_span does."""
         end = position + length
         block = self._block_size
         low = max(-(-position // block), self._lead) * block
         high = end if end >= self._size else end // block * block
-        if (offset - position) % COPY_ALIGN == 0:
-            # Extents are shared in whole filesystem blocks, at the same place in both files.
-            low = -(-low // COPY_ALIGN) * COPY_ALIGN
-            high = high if high >= self._size else high // COPY_ALIGN * COPY_ALIGN
-        if not self._copy or high - low < MIN_COPY:
+        # Extents are shared in whole filesystem blocks, at the same place in both files.
+        low = -(-low // COPY_ALIGN) * COPY_ALIGN
+        high = high if high >= self._size else high // COPY_ALIGN * COPY_ALIGN
+        if not self._copy or (offset - position) % COPY_ALIGN or high - low < MIN_COPY:
             return self._read_span(fd, offset, position, length, digest)
         source = offset - position              # source offset of a position in the file
         try:
-            copied = 0
-            while copied < high - low:
-                n = os.copy_file_range(fd, self._partial.fd, high - low - copied,
-                                       source + low + copied, low + copied)
-                if not n:
-                    return False                # the kept file is shorter than it was
-                copied += n
+            clone_range(fd, source + low, high - low, self._partial.fd, low)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull('disk full writing %s; the partial data is kept: run the same '

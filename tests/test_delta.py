@@ -353,42 +353,57 @@ def assemble_from_basis(tmp_path, basis_bytes, changed=None, block_size=1430, le
     return assembler, held, open(partial.data_path, 'rb').read()
 
 
-def copy_calls(monkeypatch, fail=None):
-    """Count os.copy_file_range calls (made to fail with errno `fail`)."""
+def clone_calls(monkeypatch, fail=None):
+    """Record clone_range calls; each shares nothing but copies, as a
+    filesystem that shares extents would appear to (or fails with errno
+    `fail`, as one that cannot does)."""
     calls = []
-    real = wanxfer.os.copy_file_range
 
-    def counted(*args):
-        calls.append(args)
+    def clone(source_fd, source_offset, length, fd, offset):
+        calls.append((source_offset, length, offset))
         if fail is not None:
             raise OSError(fail, os.strerror(fail))
-        return real(*args)
-    monkeypatch.setattr(wanxfer.os, 'copy_file_range', counted)
+        os.pwrite(fd, os.pread(source_fd, length, source_offset), offset)
+    monkeypatch.setattr(wanxfer, 'clone_range', clone)
     return calls
 
 
-@pytest.mark.skipif(not hasattr(os, 'copy_file_range'), reason='no copy_file_range')
-@pytest.mark.parametrize('fail', [None, wanxfer.errno.EXDEV, wanxfer.errno.ENOSYS])
-def test_assembler_copies_spans_in_the_kernel_or_else_reads_and_writes_them(tmp_path, monkeypatch,
-                                                                          fail):
+@pytest.mark.parametrize('fail', [None, wanxfer.errno.EOPNOTSUPP, wanxfer.errno.EXDEV,
+                                  wanxfer.errno.EINVAL])
+def test_assembler_shares_extents_where_it_can_else_reads_and_writes(tmp_path, monkeypatch, fail):
     payload = os.urandom(1 * MiB + 12345)
     (tmp_path / 'basis-signed').write_bytes(payload)
-    calls = copy_calls(monkeypatch, fail)
+    calls = clone_calls(monkeypatch, fail)
     assembler, held, built = assemble_from_basis(tmp_path, payload)
     assert built == payload
     assert held == [(0, -(-len(payload) // 1430))]
     assert assembler.local_bytes == len(payload)
-    # Copied where it can be (the short last span is read and written);
+    # Shared where it can be (the short last span is read and written);
     # after one refusal, read and written.
     assert len(payload) % wanxfer.DELTA_UNIT < wanxfer.MIN_COPY
     assert len(calls) == (1 if fail else len(payload) // wanxfer.DELTA_UNIT)
+    assert all(start % wanxfer.COPY_ALIGN == 0 and length % wanxfer.COPY_ALIGN == 0
+               for start, length, _offset in calls)
 
 
+def test_extents_are_shared_for_real_where_the_filesystem_can(tmp_path):
+    """On this machine's filesystem: shared (XFS, btrfs) or refused (ext4,
+    tmpfs), and the file right either way."""
+    payload = os.urandom(2 * MiB)
+    (tmp_path / 'basis-signed').write_bytes(payload)
+    assembler, _held, built = assemble_from_basis(tmp_path, payload)
+    assert built == payload and assembler.local_bytes == len(payload)
+
+
+@pytest.mark.parametrize('shared', [True, False])
 @pytest.mark.parametrize('block_size', [1430, 4096, 65536])
-def test_a_span_whose_kept_bytes_changed_is_not_used_copied_or_read(tmp_path, block_size):
+def test_a_span_whose_kept_bytes_changed_is_not_used_shared_or_read(tmp_path, monkeypatch,
+                                                                    block_size, shared):
     """The kept copy changed in place (size and mtime as recorded): its
-    bytes may land in the new file before their check, but the span is not
-    used, and no block it touches is reported held."""
+    bytes may land in the new file before their check (shared extents),
+    but the span is not used, and no block it touches is reported held."""
+    if shared:
+        clone_calls(monkeypatch)
     payload = os.urandom(1 * MiB)
     (tmp_path / 'basis-signed').write_bytes(payload)
     unit = wanxfer.DELTA_UNIT
@@ -403,10 +418,11 @@ def test_a_span_whose_kept_bytes_changed_is_not_used_copied_or_read(tmp_path, bl
         assert built[start * block_size:end * block_size] == payload[start * block_size:end * block_size]
 
 
-def test_a_copy_never_lands_on_a_block_the_sender_may_be_writing(tmp_path):
+def test_a_clone_never_lands_on_a_block_the_sender_may_be_writing(tmp_path, monkeypatch):
     """A block shared by a span found locally and one that is not is asked
-    for before the local span is read: a copy of that span, should it fail
-    its check, must not have landed on the block."""
+    for before the local span is read: the span's extents, should they
+    fail its check, must not have landed on the block."""
+    calls = clone_calls(monkeypatch)
     payload = os.urandom(256 * 1024)
     unit = wanxfer.DELTA_UNIT
     signed = os.urandom(unit) + payload[unit:]      # the first span is nowhere here
@@ -415,22 +431,21 @@ def test_a_copy_never_lands_on_a_block_the_sender_may_be_writing(tmp_path):
     _assembler, held, built = assemble_from_basis(tmp_path, payload, (unit + 100, b'\xff' * 10),
                                                   block, sender=signed)
     shared = unit // block
+    assert calls
     assert all(not start <= shared < end for start, end in held)
     assert built[shared * block:(shared + 1) * block] == signed[shared * block:(shared + 1) * block]
 
 
-def test_assembler_copies_nothing_into_the_lead(tmp_path, monkeypatch):
-    """Blocks of the lead come from the sender unasked: a copy checked
-    after it landed must not go where they may already be."""
-    if not hasattr(os, 'copy_file_range'):
-        pytest.skip('no copy_file_range')
+def test_assembler_shares_no_extent_into_the_lead(tmp_path, monkeypatch):
+    """Blocks of the lead come from the sender unasked: extents checked
+    after they landed must not go where those may already be."""
     payload = os.urandom(512 * 1024)
     (tmp_path / 'basis-signed').write_bytes(payload)
-    calls = copy_calls(monkeypatch)
+    calls = clone_calls(monkeypatch)
     lead = 200
     _assembler, _held, built = assemble_from_basis(tmp_path, payload, lead=lead)
     assert built == payload
-    assert calls and min(call[4] for call in calls) >= lead * 1430
+    assert calls and min(offset for _source, _length, offset in calls) >= lead * 1430
 
 
 def test_no_hashing_thread_outlives_its_signature(tmp_path, monkeypatch):
