@@ -3209,11 +3209,11 @@ class LocalAssembler:
             position += length
         end = position
         decided = self._nblocks if end >= self._size else end // self._block_size
+        planned = self._held_ranges(work, ['zero' if digest == ZERO_SPAN else 'local' if candidates
+                                           else None for _p, _l, digest, candidates in work], end)[0]
         if self.on_planned is not None:
-            planned = ['zero' if digest == ZERO_SPAN else 'local' if candidates else None
-                       for _position, _length, digest, candidates in work]
-            self.on_planned(self._held_ranges(work, planned, end)[0], decided)
-        filled = self._fill_all(work)
+            self.on_planned(planned, decided)
+        filled = self._fill_all(work, self._clone_bounds(work, planned))
         for file_id in {file_id for _, damaged in filled for file_id in damaged}:
             self._forget(file_id)
         for (_position, length, _digest, _candidates), (kind, _damaged) in zip(work, filled):
@@ -3259,24 +3259,43 @@ class LocalAssembler:
             ranges.append((first, last))
         return max(reported, last)
 
-    def _fill_all(self, work):
+    def _clone_bounds(self, work, planned):
+        """Per span of `work`, (low, high): its bytes in the blocks local
+        data is to fill (`planned`), which the sender is not asked for (see
+        _copy_span)."""
+        block = self._block_size
+        ranges = [(first * block, min(self._size, last * block)) for first, last in planned]
+        bounds, i = [], 0
+        for position, length, _digest, _candidates in work:
+            end = position + length
+            while i < len(ranges) and ranges[i][1] <= position:
+                i += 1
+            if i < len(ranges) and ranges[i][0] < end:
+                bounds.append((max(position, ranges[i][0]), min(end, ranges[i][1])))
+            else:
+                bounds.append((end, end))
+        return bounds
+
+    def _fill_all(self, work, clone_bounds):
         """_fill() each span of `work`, the spans shared in runs among the
         Workers' threads (reads, digests and writes all let go of the GIL)."""
         if not work:
             return []
         if self._workers is None:
             self._workers = Workers(hash_threads() - 1)
-        shares = min(len(work), self._workers.size + 1)
-        bounds = [len(work) * k // shares for k in range(shares + 1)]
-        parts = self._workers.run([functools.partial(self._fill_run, work[bounds[k]:bounds[k + 1]])
+        items = list(zip(work, clone_bounds))
+        shares = min(len(items), self._workers.size + 1)
+        bounds = [len(items) * k // shares for k in range(shares + 1)]
+        parts = self._workers.run([functools.partial(self._fill_run, items[bounds[k]:bounds[k + 1]])
                                    for k in range(shares)])
         return [result for part in parts for result in part]
 
-    def _fill_run(self, work):
-        return [self._fill(*item) for item in work]
+    def _fill_run(self, items):
+        return [self._fill(*item, clone) for item, clone in items]
 
-    def _fill(self, position, length, digest, candidates):
-        """Fill one span from local data if possible: (how: 'zero', 'local'
+    def _fill(self, position, length, digest, candidates, clone):
+        """Fill one span from local data if possible (`clone`: the bytes
+        of it that may be shared, see _copy_span): (how: 'zero', 'local'
         or None, ids of kept files found damaged)."""
         if digest == ZERO_SPAN:
             if not self._fresh:
@@ -3285,7 +3304,7 @@ class LocalAssembler:
         damaged = []
         for file_id, _path, _size, _mtime_ns, offset, _length in candidates:
             fd = self._sources[file_id]
-            if self._copy_span(fd, offset, position, length, digest):
+            if self._copy_span(fd, offset, position, length, digest, clone):
                 return 'local', damaged
             damaged.append(file_id)
         return None, damaged
@@ -3303,7 +3322,7 @@ class LocalAssembler:
         self._filled(position, data)
         return True
 
-    def _copy_span(self, fd, offset, position, length, digest):
+    def _copy_span(self, fd, offset, position, length, digest, clone):
         """Fill the span by sharing the kept file's extents (clone_range:
         no data copied, none written), then check the bytes now in place:
         whether they were right.  Where the filesystem cannot share, this
@@ -3311,16 +3330,15 @@ class LocalAssembler:
 
         A clone lands before its check, so it goes only where no other
         writer can be: into a new partial file (nothing resumed), past the
-        lead, and only the blocks wholly inside the span (a block it shares
-        with a neighbour may be coming from the sender).  Those blocks are
-        not reported held, nor asked for, until the check is done, so bytes
-        that fail it are later overwritten by the blocks then asked for.
-        The span's ragged ends are read, checked with the rest and written
+        lead, and only into blocks that local data is to fill, `clone`
+        (low, high) (a block the span shares with a neighbour the sender
+        is asked for may be on its way).  Those blocks are not reported
+        held, nor asked for, until the piece's checks are done, so bytes
+        that fail them are later overwritten by the blocks then asked for.
+        The rest of the span is read, checked with what landed and written
         as _read_span does."""
         end = position + length
-        block = self._block_size
-        low = max(-(-position // block), self._lead) * block
-        high = end if end >= self._size else end // block * block
+        low, high = max(clone[0], self._lead * self._block_size), clone[1]
         # Extents are shared in whole filesystem blocks, at the same place in both files.
         low = -(-low // COPY_ALIGN) * COPY_ALIGN
         high = high if high >= self._size else high // COPY_ALIGN * COPY_ALIGN
