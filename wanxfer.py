@@ -4498,7 +4498,9 @@ class FrontierDigest:
                 return                  # read back instead
             self._offered[position] = data
             self._offered_bytes += len(data)
-        self._wake.set()
+            waited_for = position == self._hashed
+        if waited_for:                  # else the thread, busy, gets there by itself
+            self._wake.set()
 
     def _run(self):
         try:
