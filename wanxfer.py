@@ -2849,6 +2849,12 @@ def unit_spans(view, start, end):
 # what it can from bytes it already holds (LocalAssembler) and asks for finer
 # spans where fixed ones missed (SpanRefiner answers).  Bytes kept from one
 # server are offered only to that server (server_origin).
+#
+# Apart from a few round trips, a delta's time is local work at both ends,
+# all of it hashing and copying: hashlib and file reads and writes let go
+# of the GIL, so both ends spread it over threads (Workers), and the one
+# thing that cannot be spread, each end's SHA-256 of the whole file, runs
+# beside the rest on a thread of its own, fed bytes already in memory.
 
 SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
 REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
@@ -3095,8 +3101,13 @@ class LocalAssembler:
 
     The signature comes in fixed spans (DELTA_UNIT bytes each, cheap at both
     ends): each is looked up among the kept files (ChunkStore.find_spans),
-    read, checked against its digest and written in place; spans of zeros
-    are left as holes in a new file, so sparse files stay sparse.  Where a
+    read, checked against its digest and written in place (or, where the
+    filesystem can, given the kept file's extents and checked where they
+    landed: _copy_span), a piece's spans on hash_threads() threads; spans
+    of zeros are left as holes in a new file, so sparse files stay sparse.
+    Once a piece is planned, before its spans are read, `on_planned` hears
+    which blocks local data is to fill, so the rest can be asked for while
+    the disk works; `on_filled` hears the bytes of each span filled.  Where a
     piece's fixed spans find little and an older copy of the file is at hand
     (`refine`), data has probably shifted: `on_piece()` then asks for the
     content-defined spans of that stretch and holds later pieces back until
