@@ -3220,8 +3220,9 @@ class LocalAssembler:
             position += length
         end = position
         decided = self._nblocks if end >= self._size else end // self._block_size
-        planned = self._held_ranges(work, ['zero' if digest == ZERO_SPAN else 'local' if candidates
-                                           else None for _p, _l, digest, candidates in work], end)[0]
+        kinds = ['zero' if digest == ZERO_SPAN else 'local' if candidates else None
+                 for _position, _length, digest, candidates in work]
+        planned = self._held_ranges(work, kinds, end)[0]
         if self.on_planned is not None:
             self.on_planned(planned, decided)
         filled = self._fill_all(work, self._clone_bounds(work, planned))
