@@ -8,8 +8,9 @@ get` fetches a random file of --bdp-multiple times the cell's
 bandwidth-delay product (at least --min-size) from `serve` in host a, and
 `iperf3 -C bbr -n` moves as many bytes the same way across a fresh link with
 the same options and seed; runs are as bench_wan.py makes them (fresh caches
-at both ends, sha256 checked).  A cell that misses a target is run again up
-to --runs-on-miss times in all, and its medians count.
+at both ends, sha256 checked).  A cell that misses its goodput target, or BBR's
+goodput, is run again up to --runs-on-miss times in all, and its medians
+count (a wire miss alone is not: see below).
 
 Targets (issue 14): goodput >= 0.85 of the link where loss <= 5%, >= 0.75
 at 10%; wire/file <= 1 + loss + 0.03; not below BBR in the same cell.
@@ -165,7 +166,10 @@ def run_cell(bench, args, name, options, loss, rtt, records):
         ours = summarize(cell_records, tools[0])
         ours['loss'] = loss
         bbr = summarize(cell_records, 'iperf3-bbr') if not args.no_bbr else None
-        if not judge(ours, bbr):
+        # A wire miss alone is not run again: packet headers put even a
+        # loss-free run at 1.049 (above the 1.03 allowed at no loss), and
+        # a rerun cannot change that.
+        if not set(judge(ours, bbr)) - {'wire'}:
             break
     ours = summarize(cell_records, tools[0])
     ours.update(cell=name, link=options, loss=loss, rtt=rtt, size=size)
