@@ -3584,6 +3584,8 @@ class RateController:
                                     'drain': 0.85})
     SLOT_INTERVALS = 4                      # feedback intervals in a slot: enough to measure one
     MIN_SLOT = 0.02                         # s
+    SLOT_PACKETS = 50                       # a slot holds at least this many (a startup slot of
+                                            # fewer than MIN_LOSS_PACKETS / 3 is not judged)
     PASSED = 0.85                           # of what a startup slot asked for: the path carried it,
     QUEUE_RISE = 0.04                       # ... if the queue grew less than this share of the slot
     PROBE_PAID = 1.08                       # delivery this much above the level: room left
@@ -3625,6 +3627,7 @@ class RateController:
         self._probe_wait = 1.0                  # of PROBE_ROUNDS round trips between probes
         self._quiet = (0.0, 0.0)                # send times of a probe and its return
         self._interval = 0.01                   # s between acknowledgements, smoothed
+        self._packet_bytes = 1500.0             # bytes per packet delivered, smoothed
         self._last_ack = None                   # (time, send time) of the last acknowledgement
         self._samples = collections.deque()     # (time, bytes delivered, packets delivered, lost)
         self.peak_delivery = 0.0                # the fastest the path has delivered so far
@@ -3705,8 +3708,13 @@ class RateController:
 
     def _slot_length(self, rtt):
         """Long enough to measure (several acknowledgements), short enough
-        that an overshoot queues little; never longer than a round trip."""
-        return max(self.MIN_SLOT, min(self.SLOT_INTERVALS * self._interval, max(rtt, self.MIN_SLOT)))
+        that an overshoot queues little; never longer than a round trip,
+        unless the packets it would hold at the rate sent are too few to
+        judge (large blocks at a low rate: loopback's 64 KiB blocks at
+        INITIAL_RATE are 30 a second).  Counted in packets, what that
+        overshoot can queue stays small."""
+        length = max(self.MIN_SLOT, min(self.SLOT_INTERVALS * self._interval, max(rtt, self.MIN_SLOT)))
+        return max(length, self.SLOT_PACKETS * self._packet_bytes / max(self.rate, self.MIN_RATE))
 
     # --- the state machine ----------------------------------------------
 
@@ -3722,6 +3730,8 @@ class RateController:
         if sent_at is None:
             sent_at = now - rtt
         delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
+        if delivered > 0:
+            self._packet_bytes += (delivered_bytes / delivered - self._packet_bytes) * 0.2
         self.peak_delivery = max(self.peak_delivery, delivery or 0.0)
         # Spans of arrival are measured by when the packets arrived, so a
         # receiver late to acknowledge does not make them look slow.

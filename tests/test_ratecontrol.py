@@ -308,3 +308,17 @@ def test_compression_only_while_the_link_is_the_limit():
     policy.account(0.01, 0.19)                      # the sender is busy: stop
     assert not policy.use_for(text)
     assert not wanxfer.CompressionPolicy(False, rate).use_for(text)
+
+
+def test_large_blocks_at_a_low_rate_still_leave_the_startup():
+    # Loopback's 64 KiB blocks at INITIAL_RATE are 30 packets a second: a
+    # slot a few feedback intervals long held too few packets to be
+    # judged, every slot was tried again, and the rate stayed where it
+    # started (31 Mbit/s on loopback).  A slot lasts long enough to hold
+    # enough packets to judge.
+    capacity, rtt = 2000, 0.002
+    path = ModelPath(capacity * M, rtt, packet=65536, jitter=0.0005)
+    flow = path.add_flow(wanxfer.RateController())
+    path.run(3.0)
+    full = flow.first_time_above(0.5 * capacity * M, span=0.2)
+    assert full is not None and full < 1.5, full
