@@ -6065,7 +6065,10 @@ class OutgoingFile:
         """Let go of the helper job and the file (the refiner stops with run()),
         and of the workers' shares."""
         if self.team is not None and self.window is not None:
-            self.team.end_file(self)
+            try:
+                self.team.end_file(self)
+            except ProtocolError:
+                pass                            # the team is broken: the session ends
         if self._job is not None:
             self._jobs.release(self._job)
             self._job = None
