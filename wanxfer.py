@@ -5703,6 +5703,7 @@ class OutgoingFile:
         self.workers = 1                        # how many share this file
         self.stripe_blocks = 0
         self._parts = None                      # each worker's first need
+        self.shared_rate = None                 # the SharedRate the workers send by
 
     # -- before the data phase ----------------------------------------------
 
@@ -5752,7 +5753,8 @@ class OutgoingFile:
         self.stripe_blocks = max(1, STRIPE_BYTES // self.block_size)
         self._parts = split_stripes(self._need, self.stripe_blocks, count)
         self._need = self._parts[0]
-        self._rate = RateShare(self._rate, team, count)
+        self.shared_rate = SharedRate(self._rate, count, team.rate_changed)
+        self._rate = self.shared_rate.share(0)
         self.compression._rate = self._rate
 
     def start_helper(self, digests, signatures, owner=None):
@@ -8461,35 +8463,101 @@ def send_quietly(channel, message):
 
 # --- The sending end: `serve` -------------------------------------------------
 
-class RateShare:
-    """The session's RateController as the coordinator's own share of a
-    striped file sees it: its rate is 1/count of the controller's; what it
-    learns goes to the controller, and a changed rate on to the workers."""
+class SharedRate:
+    """One RateController for the k workers of a striped file.  Each sends
+    at 1/k of its rate (`share(i)` is worker i's view of it).  Their
+    acknowledgements are gathered until each worker's has come (or
+    MERGE_WAIT has passed) and reach the controller as one flow's would:
+    what they delivered and lost, summed; the least queue any met; the
+    send time all of them have got news of.  Fed one by one, interleaved,
+    they would not: each covers a k-th of the bytes of its span, and
+    their send times leapfrog, so the controller's slots would measure
+    nonsense (a model test shows it overshooting a path one flow fills
+    cleanly)."""
 
-    def __init__(self, controller, team, count):
-        self.controller, self._team, self._share = controller, team, 1.0 / count
+    MERGE_WAIT = 2 * FEEDBACK_INTERVAL[1]   # s an acknowledgement waits for the other workers'
+
+    def __init__(self, controller, count, changed=lambda: None):
+        self.controller, self.count = controller, count
+        self._changed = changed                 # called when the rate may have moved
+        self._pending = {}                      # worker -> [queue, bytes, packets, lost, rtt,
+                                                #            app limited, send time, arrival]
+        self._since = None
+
+    def share(self, index):
+        return RateShare(self, index)
+
+    def add(self, index, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False,
+            sent_at=None, ack_delay=0.0):
+        """Worker `index`'s acknowledgement, as RateController.on_feedback takes it."""
+        if sent_at is None:
+            sent_at = now - rtt
+        arrived = now - ack_delay
+        news = self._pending.get(index)
+        if news is None:
+            self._pending[index] = [queue_delay, delivered_bytes, delivered, lost, rtt, app_limited,
+                                    sent_at, arrived]
+        else:
+            news[0] = min(news[0], queue_delay)
+            news[1] += delivered_bytes
+            news[2] += delivered
+            news[3] += lost
+            news[4] = rtt
+            news[5] = news[5] or app_limited
+            news[6] = max(news[6], sent_at)
+            news[7] = max(news[7], arrived)
+        if self._since is None:
+            self._since = now
+        if len(self._pending) >= self.count or now - self._since >= self.MERGE_WAIT:
+            self._flush(now)
+
+    def _flush(self, now):
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._since = None
+        oldest = min(pending, key=lambda news: news[6])
+        self.controller.on_feedback(
+            now, min(news[0] for news in pending), sum(news[1] for news in pending),
+            sum(news[2] for news in pending), sum(news[3] for news in pending),
+            max(news[4] for news in pending), any(news[5] for news in pending), oldest[6],
+            max(0.0, now - oldest[7]))
+        self._changed()
+
+    def idle(self, now):
+        self.controller.on_idle(now)
+
+    def silence(self):
+        self.controller.on_silence()
+        self._changed()
+
+
+class RateShare:
+    """Worker `index`'s view of a SharedRate, as OutgoingFile (and a
+    model test's sender) uses a RateController: its share of the rate;
+    what it learns goes to the shared one."""
+
+    def __init__(self, shared, index):
+        self._shared, self._index = shared, index
 
     @property
     def rate(self):
-        return self.controller.rate * self._share
+        return self._shared.controller.rate / self._shared.count
 
     @property
     def peak_delivery(self):
-        return self.controller.peak_delivery
+        return self._shared.controller.peak_delivery
 
     def on_feedback(self, *args, **kwargs):
-        self.controller.on_feedback(*args, **kwargs)
-        self._team.rate_changed()
+        self._shared.add(self._index, *args, **kwargs)
 
     def on_idle(self, now):
-        self.controller.on_idle(now)
+        self._shared.idle(now)
 
     def on_silence(self):
-        self.controller.on_silence()
-        self._team.rate_changed()
+        self._shared.silence()
 
     def set_cap(self, max_rate):
-        self.controller.set_cap(max_rate)
+        self._shared.controller.set_cap(max_rate)
 
 
 class WorkerRate:
@@ -8761,9 +8829,9 @@ class SendingTeam:
         elif code == b'A' and len(message) == WORKER_ACK.size:
             _code, now, queue_delay, nbytes, delivered, lost, rtt, sent_at, ack_delay = \
                 WORKER_ACK.unpack(message)
-            self._controller.on_feedback(now, queue_delay, nbytes, delivered, lost, rtt, False,
-                                         None if sent_at < 0 else sent_at, ack_delay)
-            self.rate_changed()
+            if outgoing is not None:
+                outgoing.shared_rate.add(worker.index, now, queue_delay, nbytes, delivered, lost, rtt,
+                                         False, None if sent_at < 0 else sent_at, ack_delay)
         elif code == b'I' and len(message) == WORKER_EVENT.size:
             self._controller.on_idle(WORKER_EVENT.unpack(message)[1])
         elif code == b'S' and len(message) == WORKER_EVENT.size:
