@@ -13,9 +13,9 @@ The file reads top to bottom from what the rest depends on: errors; wire
 formats and the protocol parameters both ends must agree on; plumbing that
 several sections share (threads, sockets, the event loop); security; the
 chunk store and codec; rate control; the bulk transfer (state machines,
-sockets and files, server, client); the link emulator used by `demo` and the
-tests; the tunnel; reporting; and the command line.  Nothing runs at import
-time.
+sockets and files, server, client, worker processes); the link emulator
+used by `demo` and the tests; the tunnel; reporting; and the command line.
+Nothing runs at import time.
 
 Standard library only; Python 3.8 to 3.13.  MIT licence (see LICENSE).
 """
