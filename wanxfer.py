@@ -7608,6 +7608,8 @@ class ReceivePhase:
         self.writer.mark_written(held)
         window.decided = max(decided, window.decided)
         if self.team is not None:
+            # Decided blocks reach the workers only with those local data
+            # filled: a worker would NAK the rest, and the sender send them.
             for start, end in held:
                 set_bits(self.known, start, end)
             self.team.forward_held(held)
@@ -7642,8 +7644,6 @@ class ReceivePhase:
                 bitmap_missing_ranges(self.known, decided, first=max(window.decided, self.lead)),
                 planned)
             window.decided = decided
-            if self.team is not None:
-                self.team.forward_decided(decided)
             self._ask(need, [])
 
     def _ask(self, ranges, held):

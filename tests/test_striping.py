@@ -1,0 +1,98 @@
+"""Striping a file over worker processes, without processes or sockets:
+how blocks are cut into stripes and shared out, what each worker's window
+sees, per-worker keys, and what a receiving coordinator tells its workers
+during a delta."""
+import types
+
+from helpers import wanxfer
+
+
+def test_stripes_go_round_robin_and_cover_each_range_once():
+    ranges = [(0, 10), (12, 30), (31, 32)]
+    parts = wanxfer.split_stripes(ranges, 4, 3)
+    assert parts[0] == [(0, 4), (12, 16), (24, 28)]
+    assert parts[1] == [(4, 8), (16, 20), (28, 30), (31, 32)]
+    assert parts[2] == [(8, 10), (20, 24)]
+    blocks = sorted(b for part in parts for start, end in part for b in range(start, end))
+    assert blocks == [b for start, end in ranges for b in range(start, end)]
+    assert wanxfer.split_stripes(ranges, 4, 1) == [ranges]
+
+
+def test_a_workers_view_holds_every_other_workers_block():
+    nblocks, stripe, count = 23, 4, 3
+    held = bytearray((nblocks + 7) // 8)
+    wanxfer.set_bits(held, 5, 6)                        # held already (a resume)
+    for index in range(count):
+        view = wanxfer.stripe_view(held, nblocks, stripe, count, index)
+        window = wanxfer.ReceiveWindow(nblocks, 0, view)
+        mine = [b for b in range(nblocks) if (b // stripe) % count == index]
+        missing = [b for start, end in window.missing() for b in range(start, end)]
+        assert missing == [b for b in mine if b != 5]
+        assert wanxfer.foreign_blocks(nblocks, stripe, count, index) == nblocks - len(mine)
+    assert held == bytes([0x20, 0, 0])                  # the bitmap itself is untouched
+
+
+def test_how_many_workers_a_file_gets():
+    per = wanxfer.STRIPES_PER_WORKER
+    assert wanxfer.stripe_workers(per * 10 - 1, 10, 8) == 1    # too few stripes to share
+    assert wanxfer.stripe_workers(2 * per * 10, 10, 8) == 2
+    assert wanxfer.stripe_workers(100 * per * 10, 10, 3) == 3  # no more than there are
+
+
+def test_each_worker_has_keys_of_its_own_and_worker_0_the_sessions():
+    keys = wanxfer.SessionKeys(bytes(32), bytes(32), bytes(range(32)), True)
+    session = keys.sealers('server')
+    header = bytes(14)
+    tags = set()
+    for index in range(4):
+        out, _in = keys.worker_sealers('server', index)
+        client_out, client_in = keys.worker_sealers('client', index)
+        assert client_in.tag(header, b'x') == out.tag(header, b'x')    # the two ends agree
+        tags.add(out.tag(header, b'x'))
+    assert keys.worker_sealers('server', 0)[0].tag(header, b'x') == session[2].tag(header, b'x')
+    assert len(tags) == 4
+
+
+class Team:
+    """A ReceivingTeam's stand-in: what the coordinator tells its workers."""
+
+    def __init__(self):
+        self.told = []
+
+    def forward_held(self, ranges):
+        self.told.append(('held', list(ranges)))
+
+    def forward_decided(self, decided):
+        self.told.append(('decided', decided))
+
+
+def test_workers_hear_of_decided_blocks_only_with_those_local_data_filled():
+    # A worker NAKs what is decided and not held: told the decided blocks
+    # before the ones local data filled (zeros, say), it NAKs those, and
+    # the sender sends a whole stripe of them (seen once, as 2 MB too many
+    # on the wire of a sparse file).
+    nblocks, stripe = 64, 8
+    team = Team()
+    bitmap = bytearray(nblocks // 8)
+    window = wanxfer.ReceiveWindow(nblocks, 0, wanxfer.stripe_view(bitmap, nblocks, stripe, 2, 0))
+    window.decided = 0
+    incoming = types.SimpleNamespace(
+        start={'file': 1, 'first_seq': 0, 'lead': 0, 'stripe': stripe, 'workers': [0]}, rtt=0.01,
+        conversation=types.SimpleNamespace(channel=None, send=lambda message: None),
+        data=types.SimpleNamespace(session_id=1, sealer_in=None), events=None, clock=lambda: 0.0,
+        entry=types.SimpleNamespace(size=nblocks * 1024), block_size=1024, kept=[], bitmap=bitmap)
+    writer = types.SimpleNamespace(mark_written=lambda ranges: None)
+
+    class Assembler:
+        on_planned = None
+
+        def on_piece(self, offset, spans, refined):
+            self.on_planned([], nblocks)                # decides every block, plans none
+            return [(0, 32)], nblocks, None             # and finds the first half locally
+
+    phase = wanxfer.ReceivePhase(incoming, window, writer, Assembler(), team=team)
+    phase._ask = lambda ranges, held: None
+    phase._apply_signature({'offset': 0, 'spans': wanxfer.encode_spans([]), 'file': 1})
+    decided_at = [i for i, (what, _value) in enumerate(team.told) if what == 'decided']
+    held_at = [i for i, (what, _value) in enumerate(team.told) if what == 'held']
+    assert held_at and decided_at and held_at[0] < decided_at[0], team.told
