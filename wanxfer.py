@@ -280,6 +280,8 @@ MAX_SESSION_MESSAGE = 4096
 #                   written), b'X' it failed (the reason, UTF-8, follows)
 MAX_WORKERS = 64                                # the worker index rides in a HELLO's flags byte
 MAX_WORKER_RANGES = 256
+MAX_WORKER_MESSAGE = 1 << 16    # bytes a worker message may have (MAX_WORKER_RANGES ranges, a path):
+                                # a packet longer than the receive buffer would be cut short
 WORKER_FLOW = struct.Struct('!cH')              # b'U', length of the address JSON
 WORKER_SEND = struct.Struct('!cIQIBdQq')        # b'F', file id, first packet number, block size,
                                                 # compress, rtt (s), size, mtime (ns)
@@ -8652,7 +8654,7 @@ class WorkerOutgoingFile(OutgoingFile):
         """Step: the coordinator's messages.  Unlike a receiver's, they do
         not prove the receiver alive: rate updates come from any worker's
         feedback."""
-        data = self._control.sock.recv(MAX_SESSION_MESSAGE)
+        data = self._control.sock.recv(MAX_WORKER_MESSAGE)
         if not data:
             self.outcome = False
             return
@@ -8750,7 +8752,7 @@ class SendingTeam:
                     break
                 worker.channel.settimeout(left)
                 try:
-                    message = worker.channel.recv(MAX_SESSION_MESSAGE)
+                    message = worker.channel.recv(MAX_WORKER_MESSAGE)
                 except socket.timeout:
                     continue
                 except OSError:
@@ -8812,7 +8814,7 @@ class SendingTeam:
 
     def _read(self, worker):
         try:
-            message = worker.channel.recv(MAX_SESSION_MESSAGE, socket.MSG_DONTWAIT)
+            message = worker.channel.recv(MAX_WORKER_MESSAGE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -8880,7 +8882,7 @@ class SendingTeam:
                     break
                 worker.channel.settimeout(left)
                 try:
-                    message = worker.channel.recv(MAX_SESSION_MESSAGE)
+                    message = worker.channel.recv(MAX_WORKER_MESSAGE)
                 except socket.timeout:
                     continue
                 except OSError:
@@ -8910,7 +8912,7 @@ def run_sending_worker(index, channel, keys, session_id, local, family, log):
     packet_log = PacketLog()
     udp, next_seq, rtt = None, 0, 0.1
     while True:
-        message = channel.recv(MAX_SESSION_MESSAGE)
+        message = channel.recv(MAX_WORKER_MESSAGE)
         if not message:
             return
         code = message[:1]
@@ -9044,7 +9046,7 @@ class ReceivingTeam:
         """One message from `worker`; a worker that received more is data
         arriving, as far as the phase's timers care."""
         try:
-            message = worker.channel.recv(MAX_SESSION_MESSAGE, socket.MSG_DONTWAIT)
+            message = worker.channel.recv(MAX_WORKER_MESSAGE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -9177,14 +9179,14 @@ def run_receiving_worker(index, channel, keys, session_id, address, family, time
         else:
             channel.settimeout(None)
         try:
-            message = channel.recv(MAX_SESSION_MESSAGE)
+            message = channel.recv(MAX_WORKER_MESSAGE)
         except socket.timeout:
             pass
     channel.settimeout(None)
     while message:
         if message[:1] == b'F' and len(message) > WORKER_RECEIVE.size:
             receive_share(message, channel, data)
-        message = channel.recv(MAX_SESSION_MESSAGE)
+        message = channel.recv(MAX_WORKER_MESSAGE)
 
 
 def receive_share(message, channel, data):

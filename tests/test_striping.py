@@ -2,6 +2,7 @@
 how blocks are cut into stripes and shared out, what each worker's window
 sees, per-worker keys, and what a receiving coordinator tells its workers
 during a delta."""
+import socket
 import types
 
 from helpers import wanxfer
@@ -96,3 +97,23 @@ def test_workers_hear_of_decided_blocks_only_with_those_local_data_filled():
     decided_at = [i for i, (what, _value) in enumerate(team.told) if what == 'decided']
     held_at = [i for i, (what, _value) in enumerate(team.told) if what == 'held']
     assert held_at and decided_at and held_at[0] < decided_at[0], team.told
+
+
+def test_a_workers_longest_message_arrives_whole():
+    # A report of MAX_WORKER_RANGES written runs is 4103 bytes: received
+    # into a buffer of 4096 (the session messages' size) its last run was
+    # cut off, never recorded as written.
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    marked = []
+    team = wanxfer.ReceivingTeam.__new__(wanxfer.ReceivingTeam)
+    team._file_id, team._writer = 3, types.SimpleNamespace(mark_written=marked.extend)
+    worker = wanxfer.ReceivingWorker(1, 0, mine)
+    runs = [(2 * i, 2 * i + 1) for i in range(wanxfer.MAX_WORKER_RANGES)]
+    try:
+        (message,) = wanxfer.worker_ranges(b'W', 3, runs)
+        theirs.send(message)
+        team._read(worker, None)
+    finally:
+        mine.close()
+        theirs.close()
+    assert marked == runs
