@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from helpers import (Process, get_command, json_summaries, make_file, partial_blocks, run_get, sha256,
-                     wait_for, wanxfer)
+from helpers import (Process, get_command, json_summaries, make_file, partial_blocks, patched_serve,
+                     run_get, sha256, wait_for, wanxfer)
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not sys.platform.startswith('linux'),
@@ -215,3 +215,33 @@ def test_a_killed_server_worker_fails_the_get_cleanly_and_a_rerun_resumes(tmp_pa
     assert sha256(dest) == sha256(source)
     (summary,) = json_summaries(done)
     assert summary['resumed_bytes'] > 0
+
+
+def test_a_server_from_before_workers_is_fetched_from_as_before(tmp_path, serve):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=9)
+    server = patched_serve(serve, [source], 'del wanxfer.ServerSession.do_workers')
+    dest = tmp_path / 'out.bin'
+    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == 1 and 'error' not in got.stderr and 'warning' not in got.stderr
+
+
+def test_a_session_that_dies_takes_its_workers_with_it(tmp_path, serve):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=10)
+    server = serve([source], extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    first = Process(get_command(server.port, 'big.bin', '-o', dest, '--rate', '24M', '-q',
+                                '--workers', '3')[2:])
+    try:
+        _count, pids = worker_pids(server)
+        wait_for(lambda: partial_blocks(tmp_path / '.out.bin.wxstate') > 50, timeout=60,
+                 what='a saved partial state')
+        (session,) = children(server.proc.pid)
+        os.kill(session, signal.SIGKILL)
+        wait_for(lambda: not any(alive(pid) for pid in pids), what='the session\'s workers to end')
+        assert first.proc.wait(60) == 1
+    finally:
+        first.stop()
+    assert len(first.log().splitlines()) == 1, first.log()
