@@ -5706,6 +5706,7 @@ class OutgoingFile:
         self.stripe_blocks = 0
         self._parts = None                      # each worker's first need
         self.shared_rate = None                 # the SharedRate the workers send by
+        self.striped = False                    # a share of a striped file (this end's, or a worker's)
 
     # -- before the data phase ----------------------------------------------
 
@@ -5755,6 +5756,7 @@ class OutgoingFile:
         self.stripe_blocks = max(1, STRIPE_BYTES // self.block_size)
         self._parts = split_stripes(self._need, self.stripe_blocks, count)
         self._need = self._parts[0]
+        self.striped = True
         self.shared_rate = SharedRate(self._rate, count, team.rate_changed)
         self._rate = self.shared_rate.share(0)
         self.compression._rate = self._rate
@@ -6020,9 +6022,14 @@ class OutgoingFile:
                     sample = now - sent_at - ack_delay / 1e6
                     if sample > 0:
                         self.rtt = 0.875 * self.rtt + 0.125 * sample
+                acked = window.largest_acked
                 delivered, lost, delivered_bytes = window.on_ack(start, largest, gaps, now, self.rtt)
-                self._rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost,
-                                       self.rtt, False, sent_at, ack_delay / 1e6)
+                # A striped share's receiver repeats its last acknowledgement
+                # once complete: news of nothing, and of no queue, which the
+                # shared controller would take for the least queue of all.
+                if not (self.striped and largest <= acked):
+                    self._rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost,
+                                           self.rtt, False, sent_at, ack_delay / 1e6)
             elif kind == KIND_NAK:
                 fid, ranges = decode_nak(body)
                 if fid == self.file_id:
@@ -7524,6 +7531,8 @@ class ReceivePhase:
         self.next_progress = now + PROGRESS_INTERVAL
         self.next_save = now + STATE_SAVE_INTERVAL
         self.packets_at_feedback = 0
+        self.repeat_final = team is not None    # see _send_feedback
+        self.next_final = now
 
     def run(self):
         clock, complete = self.clock, self.complete
@@ -7656,9 +7665,17 @@ class ReceivePhase:
     def _send_feedback(self, now):
         if now >= self.next_feedback:
             window = self.window
-            if window.packets != self.packets_at_feedback:
+            # A share of a striped file, complete, says so again every
+            # idle_limit while the rest of the file comes: were its last
+            # acknowledgement lost, its sender would see packets in flight
+            # and silence, and halve the rate all the workers share.  (One
+            # that got no packet, all of it found locally, has nothing to say.)
+            repeat = self.repeat_final and window.packets and window.complete() and \
+                now >= self.next_final
+            if window.packets != self.packets_at_feedback or repeat:
                 self.packets_at_feedback = window.packets
                 self.data.send(KIND_FEEDBACK, encode_feedback(self.file_id, *window.feedback(now)))
+                self.next_final = now + self.idle_limit
             self.next_feedback = now + self.feedback_interval
 
     def _send_nak(self, now):
@@ -8649,6 +8666,7 @@ class WorkerOutgoingFile(OutgoingFile):
         self.nblocks = (size + block_size - 1) // block_size
         self._need = []
         self.compression = CompressionPolicy(compress, self._rate)
+        self.striped = True
 
     def read_control(self):
         """Step: the coordinator's messages.  Unlike a receiver's, they do
@@ -9070,7 +9088,7 @@ class ReceivingTeam:
             worker.held, worker.written_bytes, worker.packets = held, written, packets
             worker.duplicates, worker.rejected = duplicates, rejected
             worker.first_arrival = None if first < 0 else first
-            worker.complete = code == b'C'
+            worker.complete = worker.complete or code == b'C'
 
     def totals(self):
         """What the workers sharing the file report, summed."""
@@ -9084,13 +9102,13 @@ class ReceivingTeam:
                 'first_arrival': min(arrivals) if arrivals else None}
 
     def end_file(self):
-        """The file is over, whole or given up: those still at it stop."""
+        """The file is over, whole or given up: its workers stop (those
+        complete were still acknowledging)."""
         for worker in self._active:
-            if not worker.complete:
-                try:
-                    worker.channel.sendall(WORKER_END.pack(b'E', self._file_id))
-                except OSError:
-                    pass
+            try:
+                worker.channel.sendall(WORKER_END.pack(b'E', self._file_id))
+            except OSError:
+                pass
         self._active = []
         self._file_id = self._writer = None
 
@@ -9125,6 +9143,22 @@ class WorkerReceivePhase(ReceivePhase):
         self._channel = channel
         self.foreign = foreign                  # blocks of other workers, held in its window
         self.next_progress = self.clock() + WORKER_REPORT_INTERVAL
+        self.repeat_final = True
+        self.reported = False
+
+    def complete(self):
+        """Its share whole, once: written, and said so.  The phase goes on
+        (acknowledging, see _send_feedback) until the coordinator ends the
+        file."""
+        if not self.reported and self.window.complete():
+            self.writer.sync()
+            self.report(b'C')
+            self.reported = True
+        return False
+
+    def _send_nak(self, now):
+        if not self.reported:                   # complete: no data is to come
+            ReceivePhase._send_nak(self, now)
 
     def _apply_control(self):
         window = self.window
@@ -9144,7 +9178,7 @@ class WorkerReceivePhase(ReceivePhase):
         return False
 
     def _report_progress(self, now):
-        if now >= self.next_progress:
+        if now >= self.next_progress and not self.reported:
             self.next_progress = now + WORKER_REPORT_INTERVAL
             self.report(b'P')
 
@@ -9215,9 +9249,7 @@ def receive_share(message, channel, data):
             entry=types.SimpleNamespace(size=size), block_size=block_size, kept=[])
         phase = WorkerReceivePhase(incoming, window, writer, channel,
                                    foreign_blocks(partial.nblocks, stripe, count, index))
-        phase.run()
-        writer.sync()
-        phase.report(b'C')
+        phase.run()                             # until the coordinator ends the file
     except ShareEnded:
         pass
     except (WanxferError, OSError) as e:

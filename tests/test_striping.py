@@ -3,7 +3,11 @@ how blocks are cut into stripes and shared out, what each worker's window
 sees, per-worker keys, and what a receiving coordinator tells its workers
 during a delta."""
 import socket
+import threading
+import time
 import types
+
+import pytest
 
 from helpers import wanxfer
 
@@ -117,3 +121,61 @@ def test_a_workers_longest_message_arrives_whole():
         mine.close()
         theirs.close()
     assert marked == runs
+
+
+@pytest.mark.e2e
+def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
+    # A worker whose share is whole, stopping at once, left its last
+    # packets unacknowledged: its sender saw them in flight and silence,
+    # and halved the rate every worker shares, every half second, until
+    # the whole file was done.
+    keys = wanxfer.SessionKeys(bytes(32), bytes(32), bytes(32), True)
+    out, opener = keys.worker_sealers('client', 1)
+    server_in = keys.worker_sealers('server', 1)[1]
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(('127.0.0.1', 0))
+    rx.settimeout(5.0)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.connect(rx.getsockname())
+    coordinator, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    data = wanxfer.DataChannel(wanxfer.DatagramSocket(tx), out, opener, keys.session_id, hello_flags=1)
+    window = wanxfer.ReceiveWindow(4, 0)
+    for block in range(4):
+        window.on_packet(block, block, 0, 0.0)
+    writer = types.SimpleNamespace(sync=lambda: None, take_written=lambda: [], written_bytes=0,
+                                   flush=lambda: None)
+    incoming = types.SimpleNamespace(
+        start={'file': 1, 'first_seq': 0, 'lead': 0}, rtt=0.01,
+        conversation=types.SimpleNamespace(channel=wanxfer.WorkerInbox(worker_end), timeout=5,
+                                           peer='server'),
+        data=data, events=wanxfer.TransferEvents(), clock=time.monotonic, asked_at=time.monotonic(),
+        entry=types.SimpleNamespace(size=4096), block_size=1024, kept=[])
+    phase = wanxfer.WorkerReceivePhase(incoming, window, writer, worker_end, 0)
+    ended = []
+
+    def run():
+        try:
+            phase.run()
+            ended.append('returned')
+        except wanxfer.ShareEnded:
+            ended.append('ended')
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        acknowledged = []
+        while len(acknowledged) < 2:
+            datagram = rx.recv(2048)
+            kind, _flags, _sid, seq = wanxfer.PACKET_HEADER.unpack_from(datagram)
+            body = server_in.open(seq, datagram[:wanxfer.PACKET_HEADER.size],
+                                  datagram[wanxfer.PACKET_HEADER.size:])
+            if kind == wanxfer.KIND_FEEDBACK and body is not None:
+                acknowledged.append(wanxfer.decode_feedback(body)[2])
+        assert acknowledged == [3, 3]                   # the last packet, and again
+        coordinator.settimeout(5.0)
+        assert coordinator.recv(65536)[:1] == b'C'      # its share said complete
+        coordinator.send(wanxfer.WORKER_END.pack(b'E', 1))
+        thread.join(5.0)
+        assert ended == ['ended']
+    finally:
+        for sock in (rx, tx, coordinator, worker_end):
+            sock.close()
