@@ -13,9 +13,9 @@ The file reads top to bottom from what the rest depends on: errors; wire
 formats and the protocol parameters both ends must agree on; plumbing that
 several sections share (threads, sockets, the event loop); security; the
 chunk store and codec; rate control; the bulk transfer (state machines,
-sockets and files, server, client); the link emulator used by `demo` and the
-tests; the tunnel; reporting; and the command line.  Nothing runs at import
-time.
+sockets and files, server, client, worker processes); the link emulator
+used by `demo` and the tests; the tunnel; reporting; and the command line.
+Nothing runs at import time.
 
 Standard library only; Python 3.8 to 3.13.  MIT licence (see LICENSE).
 """
@@ -48,6 +48,7 @@ import tempfile
 import threading
 import time
 import types
+import warnings
 import zlib
 from array import array
 
@@ -128,6 +129,11 @@ class CacheError(WanxferError):
     format, or a directory that cannot be written."""
 
 
+class ShareEnded(WanxferError):
+    """A receiving worker's coordinator ended its share of a file (never
+    shown: the coordinator knows why)."""
+
+
 class NoThread(WanxferError):
     """A helper thread could not be started (a process's thread limit,
     memory): what needed it fails with one line, not a traceback."""
@@ -169,7 +175,8 @@ HANDSHAKE_TIMEOUT = 15.0
 
 # Datagram kinds (first byte of PACKET_HEADER).
 KIND_DATA = 1          # server -> client: one block of a file
-KIND_HELLO = 2         # client -> server: opens the UDP flow (NAT, firewalls)
+KIND_HELLO = 2         # client -> server: opens the UDP flow (NAT, firewalls); its flags
+                       # byte names the worker whose flow it opens (0: the session's own)
 KIND_FEEDBACK = 3      # client -> server: acknowledgements and path delay
 KIND_NAK = 4           # client -> server: blocks still missing, by range
 KIND_PROBE = 5         # server -> client: padding, to learn the largest datagram the path carries
@@ -241,6 +248,58 @@ SESSION_HELLO = struct.Struct('!cH')            # b'H', length of the address JS
 SESSION_ACCEPTED = b'Y'
 SESSION_REFUSED = b'N'
 MAX_SESSION_MESSAGE = 4096
+
+
+# --- Between a transfer's coordinator and its worker processes ---------------
+# `get --workers N` and `serve --workers N` stripe one transfer over N
+# processes per end.  The coordinator (the session's own process: worker 0)
+# forks workers 1..N-1 and talks to each over a SOCK_SEQPACKET socketpair,
+# one message per packet, each opening with a code byte.  Ranges follow a
+# WORKER_RANGES as NAK_RANGE records, at most MAX_WORKER_RANGES of them.
+#
+# Sending end (serve): coordinator -> worker
+#   WORKER_FLOW     b'U': the client worker's HELLO came from this address
+#                   (JSON of it follows): open the worker's UDP flow there
+#   WORKER_SEND     b'F': send a file's share (its path, UTF-8, follows)
+#   WORKER_RANGES   b'N' blocks to send, b'W' blocks withdrawn (a delta's needs)
+#   WORKER_RATE     b'R': pace at this rate (bytes/s); the path's best delivery
+#   WORKER_END      b'E': the file is over (the receiver said done, or gave up)
+# worker -> coordinator
+#   b'u' (one byte)  the UDP flow is open
+#   WORKER_ACK      b'A': one acknowledgement, as RateController.on_feedback takes it
+#   WORKER_EVENT    b'I' the worker ran out of data, b'S' its feedback went silent
+#   WORKER_SENT     b'D': its share of the file is over, with what it cost
+# Receiving end (get): coordinator -> worker
+#   WORKER_RECEIVE  b'F': receive a file's share (JSON [data file, state file] follows)
+#   WORKER_RANGES   b'H': blocks held from local data (a delta)
+#   WORKER_DECIDED  b'C': a delta's blocks are decided up to here
+#   WORKER_END      b'E': give the file up
+# worker -> coordinator
+#   WORKER_RANGES   b'W': blocks now safely written to the shared partial file
+#   WORKER_PROGRESS b'P' progress, b'C' its share is complete (every block
+#                   written), b'X' it failed (the reason, UTF-8, follows)
+MAX_WORKERS = 64                                # the worker index rides in a HELLO's flags byte
+MAX_WORKER_RANGES = 256
+MAX_WORKER_MESSAGE = 1 << 16    # bytes a worker message may have (MAX_WORKER_RANGES ranges, a path):
+                                # a packet longer than the receive buffer would be cut short
+WORKER_FLOW = struct.Struct('!cH')              # b'U', length of the address JSON
+WORKER_SEND = struct.Struct('!cIQIBdQq')        # b'F', file id, first packet number, block size,
+                                                # compress, rtt (s), size, mtime (ns)
+WORKER_RANGES = struct.Struct('!cIH')           # code, file id, range count
+WORKER_RATE = struct.Struct('!cdd')             # b'R', rate (bytes/s), peak delivery (bytes/s)
+WORKER_END = struct.Struct('!cI')               # b'E', file id
+WORKER_ACK = struct.Struct('!cdddQQddd')        # b'A', now, queue delay, bytes delivered, packets
+                                                # delivered, lost, rtt, send time (-1: unknown),
+                                                # ack delay (all times in s, the one monotonic clock)
+WORKER_EVENT = struct.Struct('!cd')             # b'I' or b'S', now
+WORKER_SENT = struct.Struct('!cIQQQQQB')        # b'D', file id, next packet number, packets lost,
+                                                # retransmitted, wire bytes, compressed, 1 if whole
+WORKER_RECEIVE = struct.Struct('!cIQIQQHHQd')   # b'F', file id, first packet number, block size,
+                                                # size, blocks per stripe, workers, index, decided, rtt
+WORKER_DECIDED = struct.Struct('!cIQ')          # b'C', file id, blocks decided
+WORKER_PROGRESS = struct.Struct('!cIQQQQQd')    # code, file id, blocks held (its stripes), bytes
+                                                # written, packets, duplicates, rejected,
+                                                # first arrival (-1: none yet)
 
 
 # --- Tunnel peer connection --------------------------------------------------
@@ -329,6 +388,8 @@ SMALL_REQUEST_BYTES = 20 << 10  # and a request's JSON at most this: those ahead
 SMALL_ITEM_BYTES = 55           # JSON of a `read` item besides its path (about)
 LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at most about this much JSON
 LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
+STRIPE_BYTES = 2 << 20          # a file striped over workers goes in runs of about this much each,
+STRIPES_PER_WORKER = 4          # ... and only over as many workers as have this many runs each
 
 
 def frozen_mapping(mapping):
@@ -453,6 +514,7 @@ CONTROL_MESSAGES = frozen_mapping({
         'refine': {'file': _FILE_ID, 'offset': _SIZE, 'end': _SIZE},
         'done': {'file': _FILE_ID},
         'abort': {},
+        'workers': {'count': _expect_int(1, MAX_WORKERS)},
     },
     'server': {
         'ready': {'probes?': _expect_list(_expect_int(0, MAX_MTU), 16),
@@ -462,7 +524,10 @@ CONTROL_MESSAGES = frozen_mapping({
                     'files': _expect_list(_ENTRY), 'dirs': _expect_list(_NAME), 'more?': _expect_bool},
         'start': {'file': _FILE_ID, 'first_seq': _expect_int(0, 1 << 62), 'lead?': _SIZE,
                   'size?': _SIZE, 'mtime_ns?': _MTIME, 'mode?': _expect_int(0, 0o7777),
-                  'block_size?': _expect_int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE), 'delta?': _expect_bool},
+                  'block_size?': _expect_int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE), 'delta?': _expect_bool,
+                  'stripe?': _expect_int(1, MAX_FILE_SIZE),
+                  'workers?': _expect_list(_expect_int(0, 1 << 62), MAX_WORKERS - 1)},
+        'workers': {'count': _expect_int(1, MAX_WORKERS)},
         'digest': {'file': _FILE_ID, 'sha256': _expect_hex(64), 'packets_sent?': _COUNT,
                    'packets_lost?': _COUNT, 'packets_retransmitted?': _COUNT, 'wire_bytes?': _COUNT,
                    'signature_bytes?': _COUNT, 'packets_compressed?': _COUNT},
@@ -977,6 +1042,11 @@ def file_identity(path):
 # channel.  No forward secrecy: whoever learns the secret later can derive
 # the keys of a recorded session.
 #
+# A transfer striped over worker processes gives each worker i >= 1 data keys
+# of its own: HKDF-SHA256 of the session's data key of each direction, no
+# salt, info 'wanxfer v2 worker data <i>' (i in decimal ASCII).  Each worker
+# counts its packet numbers from 0, under keys no other flow uses.
+#
 # Cipher (encrypt-then-MAC): the keystream is SHAKE-128(enc key | stride |
 # batch number), generated once per batch of packet numbers and sliced per
 # packet (stride bytes each); the tag is keyed BLAKE2b-128 over header and
@@ -1220,6 +1290,22 @@ class SessionKeys:
         return tuple(Sealer(self._keys['%s-%s' % (channel, direction)], self.encrypt)
                      for channel, direction in (('ctrl', mine), ('ctrl', theirs),
                                                 ('data', mine), ('data', theirs)))
+
+    def worker_sealers(self, role, index):
+        """The data channel's Sealers (out, in) of worker `index` of a
+        striped transfer, as seen from `role`.  Worker 0 is the session's
+        own flow, with its keys; each other worker has keys of its own,
+        derived from the session's data keys and its index, so that its
+        packet numbers (nonces, counted from 0 like every flow's) never
+        meet another worker's under one key."""
+        mine, theirs = ('c2s', 's2c') if role == 'client' else ('s2c', 'c2s')
+        keys = []
+        for direction in (mine, theirs):
+            key = self._keys['data-%s' % direction]
+            if index:
+                key = hkdf_sha256(key, b'', b'wanxfer v2 worker data %d' % index, 64)
+            keys.append(Sealer(key, self.encrypt))
+        return tuple(keys)
 
 
 def load_secret(secret_file=None, environ=None):
@@ -5356,8 +5442,9 @@ class BlockWriter:
     FLUSH_BYTES = 1 << 20
     QUEUED_WRITES = 64                  # at most this many MB waiting for the disk
 
-    def __init__(self, partial, held_bitmap):
+    def __init__(self, partial, held_bitmap, track=False):
         self._partial = partial
+        self._fresh = [] if track else None     # runs written since take_written(), if tracked
         self._block_size = partial.block_size
         self._start = self._next = -1
         self._buffer = bytearray()
@@ -5408,6 +5495,19 @@ class BlockWriter:
         with self._lock:
             set_bits(self._bitmap, start, end)
             self.written_bytes += nbytes
+            fresh = self._fresh
+            if fresh is not None and end > start:
+                if fresh and fresh[-1][1] == start:
+                    fresh[-1] = (fresh[-1][0], end)
+                else:
+                    fresh.append((start, end))
+
+    def take_written(self):
+        """The runs of blocks written since the last call (a writer made
+        with `track`): a receiving worker tells its coordinator of them."""
+        with self._lock:
+            fresh, self._fresh = self._fresh, []
+        return fresh
 
     def mark_written(self, ranges):
         """Blocks written by someone else (local data), now safely on disk."""
@@ -5610,6 +5710,13 @@ class OutgoingFile:
         self._per_packet = 0
         self._max_batch = 1
         self._buffer = bytearray(RECV_BUFFER)
+        # Striped over worker processes (stripe()): this end sends part 0.
+        self.team = None                        # the SendingTeam
+        self.workers = 1                        # how many share this file
+        self.stripe_blocks = 0
+        self._parts = None                      # each worker's first need
+        self.shared_rate = None                 # the SharedRate the workers send by
+        self.striped = False                    # a share of a striped file (this end's, or a worker's)
 
     # -- before the data phase ----------------------------------------------
 
@@ -5651,6 +5758,19 @@ class OutgoingFile:
             self.lead, self._need = lead_ranges(self._fd, self.size, block_size)
         self.compression = CompressionPolicy(bool(request.get('compress')), self._rate)
 
+    def stripe(self, team, count):
+        """Share the file with workers 1..count-1 of `team`: blocks in
+        stripes of about STRIPE_BYTES, round robin, this end sending the
+        first; the one rate budget divided equally."""
+        self.team, self.workers = team, count
+        self.stripe_blocks = max(1, STRIPE_BYTES // self.block_size)
+        self._parts = split_stripes(self._need, self.stripe_blocks, count)
+        self._need = self._parts[0]
+        self.striped = True
+        self.shared_rate = SharedRate(self._rate, count, team.rate_changed)
+        self._rate = self.shared_rate.share(0)
+        self.compression._rate = self._rate
+
     def start_helper(self, digests, signatures, owner=None):
         """Begin (or join) the thread that reads the file for its digest
         (from `digests`, a DigestCache), or for a delta transfer its
@@ -5666,13 +5786,23 @@ class OutgoingFile:
     def start(self, file_id):
         """Announce the file under `file_id` (a flow numbers its files from
         1) and set the clocks of the data phase going."""
-        self.file_id = file_id
-        self.window = SendWindow(self._need, self._first_seq, self._log)
         start = {'op': 'start', 'file': file_id, 'first_seq': self._first_seq, 'lead': self.lead}
         if self._is_open:
             start.update(size=self.size, mtime_ns=self.mtime_ns, mode=self.mode,
                          block_size=self.block_size, delta=self.delta)
+        if self.team is not None:
+            start.update(stripe=self.stripe_blocks,
+                         workers=[self.team.next_seq(i) for i in range(1, self.workers)])
+        self.begin(file_id)
         self._control.send(start)
+        if self.team is not None:
+            self.team.send_file(self, self._parts)
+
+    def begin(self, file_id):
+        """The data phase's window and clocks (start() without the
+        announcement: a worker's coordinator made it)."""
+        self.file_id = file_id
+        self.window = SendWindow(self._need, self._first_seq, self._log)
         udp = self._udp
         self._per_packet = PACKET_OVERHEAD + ip_udp_overhead(udp.sock.family)
         # One read and one offloaded send per batch: about 64 KB either way.
@@ -5710,6 +5840,8 @@ class OutgoingFile:
         selector = selectors.DefaultSelector()
         selector.register(self._udp.sock, selectors.EVENT_READ, self.read_datagrams)
         selector.register(sock, selectors.EVENT_READ, self.read_control)
+        if self.team is not None:
+            self.team.watch(selector, self)
         sock.setblocking(False)
         try:
             self.apply_control()                # what came in with the request, or after it
@@ -5853,8 +5985,12 @@ class OutgoingFile:
             if op == 'done':
                 self.outcome = True
             elif op == 'need':
-                self.window.withdraw(self._need_ranges(message.get('held', [])))
-                self.window.add_need(self._need_ranges(message['ranges']))
+                held = self._need_ranges(message.get('held', []))
+                ranges = self._need_ranges(message['ranges'])
+                if self.team is not None:
+                    held, ranges = self.team.forward_need(self, held, ranges)
+                self.window.withdraw(held)
+                self.window.add_need(ranges)
             elif op == 'refine' and self._refiner is not None:
                 self._refiner.request(int(message['offset']), int(message['end']))
         return self.outcome
@@ -5896,9 +6032,14 @@ class OutgoingFile:
                     sample = now - sent_at - ack_delay / 1e6
                     if sample > 0:
                         self.rtt = 0.875 * self.rtt + 0.125 * sample
+                acked = window.largest_acked
                 delivered, lost, delivered_bytes = window.on_ack(start, largest, gaps, now, self.rtt)
-                self._rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost,
-                                       self.rtt, False, sent_at, ack_delay / 1e6)
+                # A striped share's receiver repeats its last acknowledgement
+                # once complete: news of nothing, and of no queue, which the
+                # shared controller would take for the least queue of all.
+                if not (self.striped and largest <= acked):
+                    self._rate.on_feedback(now, queue_us / 1e6, delivered_bytes, delivered, lost,
+                                           self.rtt, False, sent_at, ack_delay / 1e6)
             elif kind == KIND_NAK:
                 fid, ranges = decode_nak(body)
                 if fid == self.file_id:
@@ -5931,15 +6072,24 @@ class OutgoingFile:
         """The receiver holds every block: send the whole file's digest
         (waiting for the helper if need be) and what the sending cost."""
         window = self.window
+        counts = [window.next_seq - window.first_seq, window.lost, window.retransmitted,
+                  self.wire_bytes, self.compression.compressed]
+        if self.team is not None:
+            counts = [mine + theirs for mine, theirs in zip(counts, self.team.end_file(self))]
         self._control.send({
             'op': 'digest', 'file': self.file_id, 'sha256': self._job.sha256(),
-            'packets_sent': window.next_seq - window.first_seq, 'packets_lost': window.lost,
-            'packets_retransmitted': window.retransmitted, 'wire_bytes': self.wire_bytes,
-            'signature_bytes': self.signature_bytes,
-            'packets_compressed': self.compression.compressed})
+            'packets_sent': counts[0], 'packets_lost': counts[1],
+            'packets_retransmitted': counts[2], 'wire_bytes': counts[3],
+            'signature_bytes': self.signature_bytes, 'packets_compressed': counts[4]})
 
     def close(self):
-        """Let go of the helper job and the file (the refiner stops with run())."""
+        """Let go of the helper job and the file (the refiner stops with run()),
+        and of the workers' shares."""
+        if self.team is not None and self.window is not None:
+            try:
+                self.team.end_file(self)
+            except ProtocolError:
+                pass                            # the team is broken: the session ends
         if self._job is not None:
             self._jobs.release(self._job)
             self._job = None
@@ -6229,12 +6379,20 @@ class ServerSession:
         self._file_id = 0
         self.rate = RateController(server.max_rate)
         self.rtt = 0.1
+        self.keys = None
+        self.team = None                        # the SendingTeam, once the client asked for workers
 
     def hello_datagram(self, datagram, address):
         """A HELLO datagram naming this session arrived from `address` (on
         the listener's loop, or a session process's listener thread): the
-        client's UDP flow starts there if its tag checks out."""
+        client's UDP flow starts there if its tag checks out.  One whose
+        flags name a worker opens that worker's flow."""
         if self.data_in is None or len(datagram) < PACKET_HEADER.size + TAG_SIZE:
+            return
+        if datagram[1]:
+            team = self.team
+            if team is not None:
+                team.hello(datagram[1], datagram, address)
             return
         view = memoryview(datagram)
         if hmac.compare_digest(self.data_in.tag(view[:PACKET_HEADER.size], b''),
@@ -6249,6 +6407,7 @@ class ServerSession:
             keys, self.rtt = pending.handshake(self.server.secret, self.server.encrypt)
             self.sock.settimeout(HANDSHAKE_TIMEOUT)
             self.session_id = keys.session_id
+            self.keys = keys
             ctrl_out, ctrl_in, self.data_out, self.data_in = keys.sealers('server')
             self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='client')
             if not self.registry.register(self):
@@ -6332,6 +6491,28 @@ class ServerSession:
             page['op'] = 'listing'
             self.control.send(page)
 
+    def do_workers(self, message):
+        """The client would stripe its transfers over `count` processes:
+        grant as many as this server runs per session at most (and only
+        where sessions are processes: a thread cannot fork), fork them, and
+        say how many.  Asked once, before any file."""
+        if self.team is not None or self._file_id:
+            raise RemoteError('workers are asked for once, before any file')
+        granted = max(1, min(int(message['count']), self.server.workers))
+        if granted > 1 and not isinstance(self.registry, SessionListener):
+            granted = 1
+        if granted > 1:
+            try:
+                self.team = SendingTeam(self, granted)
+            except OSError as e:
+                self.server.log('%s: cannot start workers: %s; one process sends'
+                                % (self.peer_name(), describe_error(e)))
+                granted = 1
+        self.control.send({'op': 'workers', 'count': granted})
+        if granted > 1:
+            self.server.log('%s: %d workers (pids %s)' % (
+                self.peer_name(), granted, ' '.join(str(pid) for pid in self.team.pids())))
+
     def do_fetch(self, message):
         """Send one file, named with the size and mtime a listing gave, by
         an OutgoingFile.  An *open* fetch leaves them out (a client's first
@@ -6351,12 +6532,18 @@ class ServerSession:
             outgoing.open(path, remote, message, block_size_for_mtu(self.route_mtu, self.sock.family),
                           self.server.max_rate)
             outgoing.start_helper(self.server.digests, self.server.signatures, owner=self)
+            if self.team is not None:
+                count = self.team.workers_for(outgoing.nblocks, outgoing.block_size)
+                if count > 1:
+                    outgoing.stripe(self.team, count)
             self._file_id += 1
             outgoing.start(self._file_id)
             started = time.monotonic()
             if not outgoing.run():
                 if outgoing.failure is not None:
                     self.server.log('%s: %s; transfer abandoned' % (self.peer_name(), outgoing.failure))
+                if self.team is not None and self.team.broken:
+                    raise ProtocolError(self.team.broken)
                 return
             outgoing.finish()
             seconds = time.monotonic() - started
@@ -6415,6 +6602,8 @@ class ServerSession:
 
     def close(self):
         self.registry.unregister(self)
+        if self.team is not None:
+            self.team.close()
         if self.udp is not None:
             self.udp.close()
         try:
@@ -6555,8 +6744,9 @@ class Server:
     session by the session id it names."""
 
     def __init__(self, tree, secret, bind='', port=DEFAULT_PORT, encrypt=True,
-                 max_rate=None, log=None, signature_store=None, processes=True):
+                 max_rate=None, log=None, signature_store=None, processes=True, workers=1):
         self.tree = tree
+        self.workers = workers                  # the most processes one session's transfers use
         self.secret = SharedSecret.of(secret)
         self.secret.server_salt()               # stretched now, not at the first client
         self.encrypt = encrypt
@@ -6796,7 +6986,7 @@ def transfer_summary(dest, remote, size, received, seconds, wire, sent, encrypte
         'file_rate_mbps': round(size * 8 / duration / 1e6, 2),
         'sha256': sha256, 'encrypted': encrypted, 'verified': True, 'block_bytes': block_bytes,
         'delta': 'off', 'local_bytes': 0, 'zero_bytes': 0, 'signature_bytes': 0,
-        'sent_bytes': sent, 'first_data_seconds': None,
+        'sent_bytes': sent, 'first_data_seconds': None, 'workers': 1, 'worker_packets': [],
         'saving_percent': round(100.0 * (size - sent) / size, 2) if size else 0.0,
     }
     unknown = set(counts) - set(summary)
@@ -6935,14 +7125,16 @@ class DataChannel:
     session id that tell the session's datagrams in.  `udp` is a connected
     DatagramSocket."""
 
-    def __init__(self, udp, sealer_out, sealer_in, session_id):
+    def __init__(self, udp, sealer_out, sealer_in, session_id, hello_flags=0):
         self.udp = udp
         self.sealer_out, self.sealer_in = sealer_out, sealer_in
         self.session_id = session_id
+        self.hello_flags = hello_flags          # a worker's flow: its index
         self._seq = 0
 
     def send(self, kind, body=b''):
-        packet = seal_datagram(self.sealer_out, kind, self.session_id, self._seq, body)
+        packet = seal_datagram(self.sealer_out, kind, self.session_id, self._seq, body,
+                               self.hello_flags if kind == KIND_HELLO else 0)
         self._seq += 1
         try:
             self.udp.sock.send(packet)
@@ -6964,8 +7156,9 @@ class IncomingFile:
     the session, so it does not care which end of one it runs at."""
 
     def __init__(self, remote, dest, entry, conversation, data, events, rtt, store=None,
-                 origin=None, clock=time.monotonic):
+                 origin=None, clock=time.monotonic, team=None):
         self.remote, self.dest, self.entry = remote, dest, entry
+        self.team = team                        # receiving workers a striped file shares
         self.conversation, self.data, self.events = conversation, data, events
         self.rtt = rtt
         self.store, self.origin = store, origin
@@ -7062,8 +7255,13 @@ class IncomingFile:
             partial.close()
             raise
         assembler = None
+        team = self._team_for(start)
         try:
-            window = ReceiveWindow(partial.nblocks, start['first_seq'], self.bitmap)
+            if team is None:
+                window = ReceiveWindow(partial.nblocks, start['first_seq'], self.bitmap)
+            else:
+                window = ReceiveWindow(partial.nblocks, start['first_seq'], stripe_view(
+                    self.bitmap, partial.nblocks, start['stripe'], len(start['workers']) + 1, 0))
             # Its signature, fixed and refined, has at most this many pieces.
             self.conversation.expect_strays(
                 start['file'], 2 * (-(-size // SIGNATURE_SEGMENT) + 1) if self.delta else 0)
@@ -7072,13 +7270,19 @@ class IncomingFile:
                 assembler = LocalAssembler(self.store, partial, refine=bool(self.kept),
                                            origin=self.origin, lead=start.get('lead', 0))
                 assembler.on_filled = frontier.offer    # no reading back what it wrote
-            if not window.complete():
-                phase = ReceivePhase(self, window, writer, assembler, unproven, proven)
+            if team is not None:
+                team.start_file(self, window, writer, len(start['workers']) + 1, start['stripe'],
+                                start['workers'])
+            if not window.complete() or team is not None:
+                phase = ReceivePhase(self, window, writer, assembler, unproven, proven, team)
                 try:
                     phase.run()
                 finally:
                     self.rejected += phase.receiver.rejected
                     self.largest_probe = max(self.largest_probe, phase.receiver.largest_probe)
+            shares = team.totals() if team is not None else None
+            if team is not None:
+                team.end_file()
             writer.sync()
             partial.save_state(writer.written_bitmap())
             self.conversation.send({'op': 'done', 'file': start['file']})
@@ -7089,6 +7293,8 @@ class IncomingFile:
             report = self.conversation.check(
                 self.conversation.skip_strays(self.conversation.recv()), 'digest')
         except BaseException:
+            if team is not None:
+                team.end_file()
             frontier.stop()
             try:
                 writer.sync()
@@ -7113,14 +7319,24 @@ class IncomingFile:
         if assembler is not None and assembler.offset == size:
             self.store.keep_file(self.dest, self.remote, 'fixed', assembler.spans, origin=self.origin)
         received = writer.written_bytes
+        packets, duplicates, rejected, first_arrival = (window.packets, window.duplicates,
+                                                         self.rejected, window.first_arrival)
+        worker_packets = [packets]
+        if shares is not None:
+            received += shares['written_bytes']
+            worker_packets += shares['packets']
+            packets, duplicates = sum(worker_packets), duplicates + shares['duplicates']
+            rejected += shares['rejected']
+            arrivals = [t for t in (first_arrival, shares['first_arrival']) if t is not None]
+            first_arrival = min(arrivals) if arrivals else None
         wire = int(report.get('wire_bytes', 0))
         return transfer_summary(
             self.dest, self.remote, size, received, self.clock() - self.asked_at, wire,
             wire + int(report.get('signature_bytes', 0)), self.data.sealer_in.encrypt, block_size,
             local, resumed_bytes=min(size, resumed * block_size),
             packets_sent=int(report.get('packets_sent', 0)),
-            packets_received=window.packets, packets_duplicate=window.duplicates,
-            packets_rejected=self.rejected,
+            packets_received=packets, packets_duplicate=duplicates, packets_rejected=rejected,
+            workers=len(worker_packets), worker_packets=worker_packets,
             packets_lost=int(report.get('packets_lost', 0)),
             packets_retransmitted=int(report.get('packets_retransmitted', 0)),
             packets_compressed=int(report.get('packets_compressed', 0)),
@@ -7129,8 +7345,16 @@ class IncomingFile:
             local_bytes=assembler.local_bytes if assembler else 0,
             zero_bytes=assembler.zero_bytes if assembler else 0,
             signature_bytes=int(report.get('signature_bytes', 0)),
-            first_data_seconds=(None if window.first_arrival is None
-                                else round(window.first_arrival - waited_since, 3)))
+            first_data_seconds=(None if first_arrival is None
+                                else round(first_arrival - waited_since, 3)))
+
+    def _team_for(self, start):
+        """The receiving workers a `start` stripes its file over, or None."""
+        if not start.get('workers'):
+            return None
+        if self.team is None or len(start['workers']) >= self.team.count or 'stripe' not in start:
+            raise ProtocolError('the server striped a file over more workers than this client runs')
+        return self.team
 
     def write_whole(self, message, seconds):
         """Take a small file sent whole in a `content` message (one that
@@ -7284,9 +7508,15 @@ class ReceivePhase:
     `unproven` blocks, no datagram (data or probe) as large as a full
     block's for a few round trips raises PathTooNarrow."""
 
-    def __init__(self, incoming, window, writer, assembler=None, unproven=False, proven=0):
+    def __init__(self, incoming, window, writer, assembler=None, unproven=False, proven=0, team=None):
         start, rtt = incoming.start, incoming.rtt
         self.incoming = incoming
+        # Striped (a ReceivingTeam): the window holds this process's stripes
+        # only, `known` what the file holds.
+        self.team = team
+        self.known = window.bitmap if team is None else incoming.bitmap
+        self.foreign = 0 if team is None else foreign_blocks(
+            window.nblocks, start['stripe'], len(start['workers']) + 1, 0)
         self.window, self.writer, self.assembler = window, writer, assembler
         self.conversation, self.data = incoming.conversation, incoming.data
         self.channel = incoming.conversation.channel     # fed here: the loop waits on its socket
@@ -7311,12 +7541,16 @@ class ReceivePhase:
         self.next_progress = now + PROGRESS_INTERVAL
         self.next_save = now + STATE_SAVE_INTERVAL
         self.packets_at_feedback = 0
+        self.repeat_final = team is not None    # see _send_feedback
+        self.next_final = now
 
     def run(self):
-        clock, complete = self.clock, self.window.complete
+        clock, complete = self.clock, self.complete
         selector = selectors.DefaultSelector()
         selector.register(self.data.udp.sock, selectors.EVENT_READ, self._receive_datagrams)
         selector.register(self.channel.sock, selectors.EVENT_READ, self._receive_control)
+        if self.team is not None:
+            self.team.watch(selector, self)
         try:
             self._apply_control()               # what arrived with 'start'
             now = clock()
@@ -7332,6 +7566,10 @@ class ReceivePhase:
         finally:
             self.receiver.flush()
             selector.close()
+
+    def complete(self):
+        """Every block held: this process's, and the workers' too."""
+        return self.window.complete() and (self.team is None or self.team.complete())
 
     def _wake_at(self):
         return min(self.next_feedback, self.next_progress,
@@ -7390,6 +7628,13 @@ class ReceivePhase:
         window.mark_held(held)
         self.writer.mark_written(held)
         window.decided = max(decided, window.decided)
+        if self.team is not None:
+            # Decided blocks reach the workers only with those local data
+            # filled: a worker would NAK the rest, and the sender send them.
+            for start, end in held:
+                set_bits(self.known, start, end)
+            self.team.forward_held(held)
+            self.team.forward_decided(window.decided)
         # The sender sends the lead unasked: what of it was found here need
         # not come; what is missing is NAKed once decided.
         held_lead = [(start, min(end, lead)) for start, end in held if start < lead]
@@ -7417,7 +7662,7 @@ class ReceivePhase:
         self.planned.extend(planned)
         if decided > window.decided:
             need = subtract_ranges(
-                bitmap_missing_ranges(window.bitmap, decided, first=max(window.decided, self.lead)),
+                bitmap_missing_ranges(self.known, decided, first=max(window.decided, self.lead)),
                 planned)
             window.decided = decided
             self._ask(need, [])
@@ -7430,9 +7675,17 @@ class ReceivePhase:
     def _send_feedback(self, now):
         if now >= self.next_feedback:
             window = self.window
-            if window.packets != self.packets_at_feedback:
+            # A share of a striped file, complete, says so again every
+            # idle_limit while the rest of the file comes: were its last
+            # acknowledgement lost, its sender would see packets in flight
+            # and silence, and halve the rate all the workers share.  (One
+            # that got no packet, all of it found locally, has nothing to say.)
+            repeat = self.repeat_final and window.packets and window.complete() and \
+                now >= self.next_final
+            if window.packets != self.packets_at_feedback or repeat:
                 self.packets_at_feedback = window.packets
                 self.data.send(KIND_FEEDBACK, encode_feedback(self.file_id, *window.feedback(now)))
+                self.next_final = now + self.idle_limit
             self.next_feedback = now + self.feedback_interval
 
     def _send_nak(self, now):
@@ -7462,10 +7715,17 @@ class ReceivePhase:
         if now >= self.next_progress:
             self.next_progress = now + PROGRESS_INTERVAL
             window, size = self.window, self.size
+            held, received = window.held - self.foreign, self.writer.written_bytes
+            packets, duplicates = window.packets, window.duplicates
+            if self.team is not None:
+                shares = self.team.totals()
+                held, received = held + shares['held'], received + shares['written_bytes']
+                packets += sum(shares['packets'])
+                duplicates += shares['duplicates']
             self.events.progress({
-                'file_bytes': size, 'held_bytes': min(size, window.held * self.block_size),
-                'received_bytes': self.writer.written_bytes, 'elapsed': now - self.incoming.asked_at,
-                'packets': window.packets, 'duplicates': window.duplicates,
+                'file_bytes': size, 'held_bytes': min(size, held * self.block_size),
+                'received_bytes': received, 'elapsed': now - self.incoming.asked_at,
+                'packets': packets, 'duplicates': duplicates,
                 'loss': window.loss_fraction()})
 
     def _save_state(self, now):
@@ -7616,8 +7876,12 @@ class Client:
     whose listing is known serve `demo` and tests.  `close()` at the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
-                 max_rate=None, store=None):
+                 max_rate=None, store=None, workers=1):
         self.host, self.port = host, port
+        self.workers = workers                  # processes to stripe large files over, at most
+        self.team = None                        # the ReceivingTeam, once the server granted more than 1
+        self.keys = None
+        self._workers_asked = False
         self.max_rate = max_rate                # bytes/s, or None: the path decides
         self.store = store                      # a ChunkStore: delta transfers; None: plain
         self.origin = server_origin(host, port, secret)     # what of the store this server may use
@@ -7652,6 +7916,7 @@ class Client:
         except socket.timeout:
             raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
         self.session_id = keys.session_id
+        self.keys = keys
         ctrl_out, ctrl_in, data_out, data_in = keys.sealers('client')
         self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='server')
         self.conversation = Conversation(self.control, self.timeout)
@@ -7667,6 +7932,15 @@ class Client:
         self._probes_awaited = False
         self._ready = False
         self.data.send(KIND_HELLO)              # the server waits for it from now on
+        # Before any request, so that the first (an open fetch) is striped too.
+        self._workers_asked = False
+        if self.workers > 1:
+            if sessions_can_fork():
+                self.conversation.send({'op': 'workers', 'count': self.workers})
+                self._workers_asked = True
+            else:
+                self.events.warning('worker processes cannot be forked here (not Linux, or '
+                                    'threads running); one process receives')
 
     def get(self, remotes, dest=None):
         """Get the REMOTEs into `dest`: a directory (made if need be), or
@@ -7718,6 +7992,22 @@ class Client:
         if not self._ready:
             self._open_udp_flow()
             self._ready = True
+            if self._workers_asked:
+                self._start_workers()
+
+    def _start_workers(self):
+        """The server's answer to the workers asked for (the first, as it
+        was the first request; an older server refuses it): the workers it
+        granted are forked, each opening its own flow."""
+        answer = self.conversation.recv()
+        if answer['op'] == 'error':
+            return
+        granted = min(self.workers, self.conversation.check(answer, 'workers')['count'])
+        if granted > 1:
+            try:
+                self.team = ReceivingTeam(self, granted)
+            except OSError as e:
+                raise TransferError('cannot start worker processes: %s' % describe_error(e))
 
     def _open_udp_flow(self):
         """Send HELLO datagrams until the server says it has seen one."""
@@ -7810,7 +8100,8 @@ class Client:
 
     def _incoming(self, download):
         return IncomingFile(download.remote, download.dest, download.entry, self.conversation,
-                            self.data, self.events, self.rtt, self.store, self.origin)
+                            self.data, self.events, self.rtt, self.store, self.origin,
+                            team=self.team)
 
     def _fetch_files(self, downloads, retries=1):
         """Fetch `downloads` in order; yield (download, summary, or the
@@ -7983,6 +8274,1010 @@ class Client:
                     channel.close()
                 except OSError:
                     pass
+        if self.team is not None:
+            self.team.close()
+            self.team = None
+
+
+# ---------------------------------------------------------------------------
+# Bulk transfer: worker processes
+# ---------------------------------------------------------------------------
+# One transfer striped over several processes per end (`--workers N`), so
+# that sealing, opening and copying blocks take a core each.  The session's
+# own process is worker 0 and the coordinator: it keeps the control channel,
+# the one RateController, the file's digest and (receiving) its state file.
+# Workers 1..N-1 are forked from it when the client asks for them, before
+# any file; each has a UDP flow of its own (socket, keys, packet numbers)
+# and a socketpair to its coordinator (messages in the wire formats section).
+#
+# A file is cut into stripes of about STRIPE_BYTES; stripe j goes to worker
+# j mod k, where k, the workers the file uses, is at most N and leaves each
+# at least STRIPES_PER_WORKER stripes (smaller files go to worker 0 alone;
+# the `start` names k and the stripe).  Each worker runs the one-worker
+# machinery (SendWindow, ReceiveWindow, feedback, NAKs) over its stripes.
+# Sending workers hand every acknowledgement to the coordinator's one
+# RateController and pace at the share of its rate it sends back (1/k
+# each), so k workers take from a path what one flow would.  Receiving
+# workers write their blocks into the one partial file and tell the
+# coordinator which are written; it records them in the state file and
+# hashes the file as with one worker, so resume, delta and verification do
+# not depend on how many workers there were.
+#
+# Workers end with their coordinator: each waits on its socketpair, whose
+# other end is in no other process, and exits when that closes.  A worker
+# that dies ends the transfer with one line; the partial file stays.
+
+PER_WORKER_RATE = 600e6 / 8     # bytes/s one worker seals and sends, about (automatic --workers)
+MAX_AUTO_WORKERS = 8
+WORKER_RATE_STEP = 0.02         # a change of the rate this large reaches the workers at once,
+WORKER_RATE_INTERVAL = 0.02     # ... a smaller one at most this often (s)
+WORKER_REPORT_INTERVAL = 0.05   # s between a receiving worker's reports of what it wrote
+WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair closes, then SIGKILL
+
+
+def usable_cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def automatic_workers(max_rate=None):
+    """`--workers auto`: a process per usable core (at most
+    MAX_AUTO_WORKERS), no more than a rate cap (bytes/s) needs, and one
+    where processes cannot be forked."""
+    if not sessions_can_fork():
+        return 1
+    count = min(usable_cores(), MAX_AUTO_WORKERS)
+    if max_rate:
+        count = min(count, int(-(-max_rate // PER_WORKER_RATE)))
+    return max(1, count)
+
+
+def stripe_workers(nblocks, stripe, available):
+    """How many of `available` workers a file of `nblocks` shares."""
+    return max(1, min(available, -(-nblocks // stripe) // STRIPES_PER_WORKER))
+
+
+def split_stripes(ranges, stripe, count):
+    """Block ranges cut at stripe boundaries: [ranges of worker i] for
+    each of `count` workers, stripe j going to worker j mod count."""
+    parts = [[] for _ in range(count)]
+    for start, end in ranges:
+        while start < end:
+            stop = min(end, (start // stripe + 1) * stripe)
+            part = parts[(start // stripe) % count]
+            if part and part[-1][1] == start:
+                part[-1] = (part[-1][0], stop)
+            else:
+                part.append((start, stop))
+            start = stop
+    return parts
+
+
+def stripe_view(bitmap, nblocks, stripe, count, index):
+    """A copy of a held-block bitmap as worker `index` sees it: every block
+    of other workers' stripes held, so its ReceiveWindow asks for, and
+    completes with, its own stripes only."""
+    view = bytearray(bitmap)
+    for first in range(0, nblocks, stripe):
+        if (first // stripe) % count != index:
+            set_bits(view, first, min(nblocks, first + stripe))
+    return view
+
+
+def foreign_blocks(nblocks, stripe, count, index):
+    """Blocks of a file that are not in worker `index`'s stripes."""
+    mine = 0
+    for first in range(index * stripe, nblocks, count * stripe):
+        mine += min(stripe, nblocks - first)
+    return nblocks - mine
+
+
+def worker_ranges(code, file_id, ranges):
+    """WORKER_RANGES messages naming `ranges`, MAX_WORKER_RANGES at most each."""
+    ranges = list(ranges)
+    return [WORKER_RANGES.pack(code, file_id, len(chunk)) + b''.join(NAK_RANGE.pack(*r) for r in chunk)
+            for chunk in (ranges[i:i + MAX_WORKER_RANGES]
+                          for i in range(0, len(ranges), MAX_WORKER_RANGES))]
+
+
+def read_worker_ranges(message):
+    """(code, file id, ranges) of a WORKER_RANGES message."""
+    code, file_id, count = WORKER_RANGES.unpack_from(message)
+    return code, file_id, [NAK_RANGE.unpack_from(message, WORKER_RANGES.size + i * NAK_RANGE.size)
+                           for i in range(min(count, (len(message) - WORKER_RANGES.size)
+                                              // NAK_RANGE.size))]
+
+
+def fork_workers(count, main, inherited):
+    """Fork workers 1..count-1, each running main(index, channel) and
+    exiting (it never returns here); [(pid, channel)] of the coordinator's
+    ends.  A worker keeps nothing of `inherited` (the control connection:
+    its peer must see it close when the coordinator ends) nor any other
+    worker's socketpair."""
+    pairs = []
+    try:
+        for _ in range(count - 1):
+            pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET))
+    except OSError:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+        raise
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()              # or a worker writes the coordinator's buffered lines again
+    workers = []
+    for index, (mine, theirs) in enumerate(pairs, 1):
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12 warns of fork() beside other threads.  The only
+                # others here wait in a system call (a session's listener
+                # thread in recv()), and a worker takes no lock they hold.
+                warnings.simplefilter('ignore', DeprecationWarning)
+                pid = os.fork()
+        except OSError:
+            for sock in itertools.chain.from_iterable(pairs[index - 1:]):
+                sock.close()
+            end_workers(workers)
+            raise
+        if pid == 0:
+            _worker_process(index, theirs, pairs, inherited, main)
+        theirs.close()
+        workers.append((pid, mine))
+    return workers
+
+
+def _worker_process(index, channel, pairs, inherited, main):
+    """In a forked worker: let go of what is the coordinator's, run, exit."""
+    status = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C is the coordinator's to handle
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for mine, theirs in pairs:
+            mine.close()
+            if theirs is not channel:
+                theirs.close()
+        for thing in inherited:
+            try:
+                thing.close()
+            except OSError:
+                pass
+        main(index, channel)
+        status = 0
+    except BaseException:
+        pass
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+
+
+def end_workers(workers):
+    """Close the coordinator's ends of [(pid, channel)] (each worker exits
+    when it reads the end) and reap them; kill one that lingers."""
+    for _pid, channel in workers:
+        channel.close()
+    deadline = time.monotonic() + WORKER_EXIT_WAIT
+    for pid, _channel in workers:
+        while True:
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            if time.monotonic() > deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+                break
+            time.sleep(0.005)       # a worker's exit is not signalled to us otherwise
+
+
+def send_quietly(channel, message):
+    """Send one message now, or drop it (a full socketpair): for rate
+    updates, which the next one supersedes."""
+    try:
+        channel.send(message, socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+
+
+# --- The sending end: `serve` -------------------------------------------------
+
+class SharedRate:
+    """One RateController for the k workers of a striped file.  Each sends
+    at 1/k of its rate (`share(i)` is worker i's view of it).  Their
+    acknowledgements are gathered until each worker's has come (or
+    MERGE_WAIT has passed) and reach the controller as one flow's would:
+    what they delivered and lost, summed; the least queue any met; the
+    send time all of them have got news of.  Fed one by one, interleaved,
+    they would not: each covers a k-th of the bytes of its span, and
+    their send times leapfrog, so the controller's slots would measure
+    nonsense (a model test shows it overshooting a path one flow fills
+    cleanly)."""
+
+    MERGE_WAIT = 2 * FEEDBACK_INTERVAL[1]   # s an acknowledgement waits for the other workers'
+
+    def __init__(self, controller, count, changed=lambda: None):
+        self.controller, self.count = controller, count
+        self._changed = changed                 # called when the rate may have moved
+        self._pending = {}                      # worker -> [queue, bytes, packets, lost, rtt,
+                                                #            app limited, send time, arrival]
+        self._since = None
+
+    def share(self, index):
+        return RateShare(self, index)
+
+    def add(self, index, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False,
+            sent_at=None, ack_delay=0.0):
+        """Worker `index`'s acknowledgement, as RateController.on_feedback takes it."""
+        if sent_at is None:
+            sent_at = now - rtt
+        arrived = now - ack_delay
+        news = self._pending.get(index)
+        if news is None:
+            self._pending[index] = [queue_delay, delivered_bytes, delivered, lost, rtt, app_limited,
+                                    sent_at, arrived]
+        else:
+            news[0] = min(news[0], queue_delay)
+            news[1] += delivered_bytes
+            news[2] += delivered
+            news[3] += lost
+            news[4] = rtt
+            news[5] = news[5] or app_limited
+            news[6] = max(news[6], sent_at)
+            news[7] = max(news[7], arrived)
+        if self._since is None:
+            self._since = now
+        if len(self._pending) >= self.count or now - self._since >= self.MERGE_WAIT:
+            self._flush(now)
+
+    def _flush(self, now):
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._since = None
+        oldest = min(pending, key=lambda news: news[6])
+        self.controller.on_feedback(
+            now, min(news[0] for news in pending), sum(news[1] for news in pending),
+            sum(news[2] for news in pending), sum(news[3] for news in pending),
+            max(news[4] for news in pending), any(news[5] for news in pending), oldest[6],
+            max(0.0, now - oldest[7]))
+        self._changed()
+
+    def idle(self, now):
+        self.controller.on_idle(now)
+
+    def silence(self):
+        self.controller.on_silence()
+        self._changed()
+
+
+class RateShare:
+    """Worker `index`'s view of a SharedRate, as OutgoingFile (and a
+    model test's sender) uses a RateController: its share of the rate;
+    what it learns goes to the shared one."""
+
+    def __init__(self, shared, index):
+        self._shared, self._index = shared, index
+
+    @property
+    def rate(self):
+        return self._shared.controller.rate / self._shared.count
+
+    @property
+    def peak_delivery(self):
+        return self._shared.controller.peak_delivery
+
+    def on_feedback(self, *args, **kwargs):
+        self._shared.add(self._index, *args, **kwargs)
+
+    def on_idle(self, now):
+        self._shared.idle(now)
+
+    def on_silence(self):
+        self._shared.silence()
+
+    def set_cap(self, max_rate):
+        self._shared.controller.set_cap(max_rate)
+
+
+class WorkerRate:
+    """The coordinator's RateController as a sending worker sees it: the
+    rate it last sent (this worker's share); every acknowledgement, running
+    dry and silence are passed to it.  Dropped when the socketpair is full,
+    as feedback is lost on a path."""
+
+    IDLE_REPORT = 0.01                  # s between reports of having nothing to send
+
+    def __init__(self, channel):
+        self.rate = float(RateController.INITIAL_RATE)  # until the coordinator says
+        self.peak_delivery = 0.0
+        self._channel = channel
+        self._idle_told = float('-inf')
+
+    def update(self, message):
+        _code, rate, peak = WORKER_RATE.unpack(message)
+        self.rate, self.peak_delivery = max(rate, 1.0), peak
+
+    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False,
+                    sent_at=None, ack_delay=0.0):
+        send_quietly(self._channel, WORKER_ACK.pack(
+            b'A', now, queue_delay, delivered_bytes, delivered, lost, rtt,
+            -1.0 if sent_at is None else sent_at, ack_delay))
+
+    def on_idle(self, now):
+        if now - self._idle_told >= self.IDLE_REPORT:
+            self._idle_told = now
+            send_quietly(self._channel, WORKER_EVENT.pack(b'I', now))
+
+    def on_silence(self):
+        send_quietly(self._channel, WORKER_EVENT.pack(b'S', time.monotonic()))
+
+    def set_cap(self, max_rate):
+        pass                            # the coordinator's controller holds the caps
+
+
+class WorkerControl:
+    """A sending worker's stand-in for the control channel: the
+    coordinator's messages as the control messages OutgoingFile takes
+    (`need` for WORKER_RANGES, `done` for WORKER_END); rate updates go to
+    the WorkerRate."""
+
+    def __init__(self, channel, rate):
+        self.sock = channel
+        self._rate = rate
+        self._inbox = collections.deque()
+
+    def feed(self, data):
+        self._inbox.append(bytes(data))
+
+    def messages(self):
+        while self._inbox:
+            message = self._inbox.popleft()
+            code = message[:1]
+            if code == b'R' and len(message) == WORKER_RATE.size:
+                self._rate.update(message)
+            elif code in (b'N', b'W') and len(message) >= WORKER_RANGES.size:
+                code, file_id, ranges = read_worker_ranges(message)
+                yield {'op': 'need', 'file': file_id, 'ranges': ranges if code == b'N' else [],
+                       'held': ranges if code == b'W' else []}
+            elif code == b'E' and len(message) == WORKER_END.size:
+                yield {'op': 'done', 'file': WORKER_END.unpack(message)[1]}
+
+    def send(self, message):
+        pass                            # the coordinator speaks to the client
+
+
+class WorkerOutgoingFile(OutgoingFile):
+    """A sending worker's share of one file: OutgoingFile over the blocks
+    the coordinator names, announced by the coordinator, ended by it."""
+
+    def open_share(self, path, size, mtime_ns, block_size, compress):
+        """The file the coordinator opened, which must still be the same."""
+        self._path = path
+        try:
+            self._fd = open_regular(path)
+        except OSError as e:
+            raise RemoteError('%s: %s' % (path, e.strerror))
+        st = os.fstat(self._fd)
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            raise RemoteError('%s: changed on the server during the transfer' % path)
+        self.size, self.mtime_ns, self.mode = size, mtime_ns, stat.S_IMODE(st.st_mode)
+        self.block_size = block_size
+        self._sealer.set_stride(block_size)
+        self.nblocks = (size + block_size - 1) // block_size
+        self._need = []
+        self.compression = CompressionPolicy(compress, self._rate)
+        self.striped = True
+
+    def read_control(self):
+        """Step: the coordinator's messages.  Unlike a receiver's, they do
+        not prove the receiver alive: rate updates come from any worker's
+        feedback."""
+        data = self._control.sock.recv(MAX_WORKER_MESSAGE)
+        if not data:
+            self.outcome = False
+            return
+        self._control.feed(data)
+        self.apply_control()
+
+
+class SendingWorker:
+    """One sending worker as its coordinator sees it."""
+
+    def __init__(self, index, pid, channel, opener):
+        self.index, self.pid, self.channel = index, pid, channel
+        self.opener = opener                    # checks its client worker's HELLO
+        self.flow = False                       # its UDP flow is open
+        self.flow_asked = False
+        self.given_up = False                   # its flow never opened
+        self.next_seq = 0                       # its packet numbers: the next not used
+        self.first_seq = 0
+        self.file_id = None
+        self.counts = None                      # what its share of the file cost, once over
+
+
+class SendingTeam:
+    """A session's sending workers, as the session process (the
+    coordinator) sees them: forked when the client asks, each given its
+    UDP flow when its client worker's HELLO comes, and a share of each
+    large file.  Their acknowledgements feed the session's RateController,
+    whose rate they get back as their share.  `broken` says why the team
+    cannot go on (a worker died)."""
+
+    def __init__(self, session, count):
+        self.session = session
+        self.broken = None
+        self._controller = session.rate
+        self._share = 1.0
+        self._told = (0.0, float('-inf'))       # the rate last sent, and when
+        self._outgoing = None                   # the file being sent
+        self._active = []                       # the workers sharing it
+        local = session.sock.getsockname()[0]
+        keys, session_id, port = session.keys, session.session_id, session.server.port
+        family, log = session.sock.family, session.server.log
+        name = session.peer_name()
+
+        def main(index, channel):
+            run_sending_worker(index, channel, keys, session_id, (local, port), family,
+                               lambda line: log('%s: worker %d: %s' % (name, index, line)))
+        inherited = [session.sock, session.udp.sock]
+        if isinstance(session.registry, SessionListener):
+            inherited.append(session.registry.channel)
+        self.workers = [SendingWorker(index, pid, channel, keys.worker_sealers('server', index)[1])
+                        for index, (pid, channel) in
+                        enumerate(fork_workers(count, main, inherited), 1)]
+
+    def pids(self):
+        return [worker.pid for worker in self.workers]
+
+    def hello(self, index, datagram, address):
+        """A HELLO for worker `index` (on the listener thread): its flow opens
+        where it came from, if its tag checks out."""
+        if not 1 <= index <= len(self.workers):
+            return
+        worker = self.workers[index - 1]
+        view = memoryview(datagram)
+        if worker.flow_asked or not hmac.compare_digest(
+                worker.opener.tag(view[:PACKET_HEADER.size], b''), bytes(view[PACKET_HEADER.size:])):
+            return
+        worker.flow_asked = True
+        address_text = json.dumps(list(address)).encode()
+        try:
+            worker.channel.send(WORKER_FLOW.pack(b'U', len(address_text)) + address_text)
+        except OSError:
+            pass
+
+    def workers_for(self, nblocks, block_size):
+        """How many workers (this process included) send a file of
+        `nblocks`: those it has stripes enough for, whose flows are open
+        (waited for, the first time, up to UDP_SETUP_TIMEOUT)."""
+        if self.broken:
+            raise ProtocolError(self.broken)
+        count = stripe_workers(nblocks, max(1, STRIPE_BYTES // block_size), len(self.workers) + 1)
+        if count > 1:
+            count = 1 + self._flows(count - 1)
+        return count
+
+    def _flows(self, wanted):
+        deadline = time.monotonic() + UDP_SETUP_TIMEOUT
+        ready = 0
+        for worker in self.workers[:wanted]:
+            while not worker.flow and not worker.given_up:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    worker.given_up = True
+                    self.session.server.log('%s: no UDP flow for worker %d; it sends nothing'
+                                            % (self.session.peer_name(), worker.index))
+                    break
+                worker.channel.settimeout(left)
+                try:
+                    message = worker.channel.recv(MAX_WORKER_MESSAGE)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    message = b''
+                finally:
+                    worker.channel.settimeout(None)
+                if not message:
+                    self._broke(worker)
+                    raise ProtocolError(self.broken)
+                worker.flow = worker.flow or message == b'u'
+            if not worker.flow:
+                break
+            ready += 1
+        return ready
+
+    def next_seq(self, index):
+        return self.workers[index - 1].next_seq
+
+    def send_file(self, outgoing, parts):
+        """Workers 1..k-1 start their shares (`parts`: each worker's need)
+        of the file `outgoing` announced."""
+        self._outgoing = outgoing
+        self._share = 1.0 / outgoing.workers
+        self._active = self.workers[:outgoing.workers - 1]
+        file_id, path = outgoing.file_id, os.fsencode(outgoing._path)
+        for worker, part in zip(self._active, parts[1:]):
+            worker.first_seq, worker.counts, worker.file_id = worker.next_seq, None, file_id
+            self._send(worker, WORKER_SEND.pack(
+                b'F', file_id, worker.next_seq, outgoing.block_size,
+                1 if outgoing.compression.allowed else 0, outgoing.rtt, outgoing.size,
+                outgoing.mtime_ns) + path)
+            for message in worker_ranges(b'N', file_id, part):
+                self._send(worker, message)
+        self._told = (0.0, float('-inf'))
+        self.rate_changed()
+
+    def _send(self, worker, message):
+        try:
+            worker.channel.sendall(message)
+        except OSError:
+            self._broke(worker)
+
+    def forward_need(self, outgoing, held, ranges):
+        """A `need`: each worker's part of it goes to that worker; returns
+        the coordinator's (held, ranges)."""
+        stripe, count, file_id = outgoing.stripe_blocks, outgoing.workers, outgoing.file_id
+        held_parts = split_stripes(held, stripe, count)
+        range_parts = split_stripes(ranges, stripe, count)
+        for worker, withdrawn, wanted in zip(self._active, held_parts[1:], range_parts[1:]):
+            for message in worker_ranges(b'W', file_id, withdrawn) + \
+                    worker_ranges(b'N', file_id, wanted):
+                self._send(worker, message)
+        return held_parts[0], range_parts[0]
+
+    def watch(self, selector, outgoing):
+        for worker in self._active:
+            selector.register(worker.channel, selectors.EVENT_READ,
+                              functools.partial(self._read, worker))
+
+    def _read(self, worker):
+        try:
+            message = worker.channel.recv(MAX_WORKER_MESSAGE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            message = b''
+        self._take(worker, message)
+
+    def _take(self, worker, message):
+        """One message from `worker`."""
+        code, outgoing = message[:1], self._outgoing
+        if not message:
+            self._broke(worker)
+            if outgoing is not None and outgoing.outcome is None:
+                outgoing.outcome, outgoing.failure = False, self.broken
+        elif code == b'A' and len(message) == WORKER_ACK.size:
+            _code, now, queue_delay, nbytes, delivered, lost, rtt, sent_at, ack_delay = \
+                WORKER_ACK.unpack(message)
+            if outgoing is not None:
+                outgoing.shared_rate.add(worker.index, now, queue_delay, nbytes, delivered, lost, rtt,
+                                         False, None if sent_at < 0 else sent_at, ack_delay)
+        elif code == b'I' and len(message) == WORKER_EVENT.size:
+            self._controller.on_idle(WORKER_EVENT.unpack(message)[1])
+        elif code == b'S' and len(message) == WORKER_EVENT.size:
+            self._controller.on_silence()
+            self.rate_changed()
+        elif code == b'D' and len(message) == WORKER_SENT.size:
+            _code, file_id, next_seq, lost, resent, wire, compressed, whole = WORKER_SENT.unpack(message)
+            if file_id == worker.file_id and worker.counts is None:
+                worker.next_seq = next_seq
+                worker.counts = (next_seq - worker.first_seq, lost, resent, wire, compressed)
+                if not whole and outgoing is not None and outgoing.outcome is None:
+                    outgoing.outcome = False
+                    outgoing.failure = 'worker %d could not send its share' % worker.index
+
+    def rate_changed(self):
+        """Pass the controller's rate on to the workers (their share of it)
+        when it changed enough, or long enough ago."""
+        rate = self._controller.rate * self._share
+        told, when = self._told
+        now = time.monotonic()
+        if rate == told or (abs(rate - told) <= WORKER_RATE_STEP * told
+                            and now - when < WORKER_RATE_INTERVAL):
+            return
+        self._told = (rate, now)
+        message = WORKER_RATE.pack(b'R', rate, self._controller.peak_delivery)
+        for worker in self._active:
+            send_quietly(worker.channel, message)
+
+    def end_file(self, outgoing):
+        """The file is over: each worker ends its share and says what it
+        cost; [packets sent, lost, retransmitted, wire bytes, compressed]
+        of them all.  ProtocolError if a worker does not answer."""
+        if self._outgoing is not outgoing:
+            return [0] * 5
+        self._outgoing = None
+        active, self._active = self._active, []
+        for worker in active:
+            if worker.counts is None:
+                self._send(worker, WORKER_END.pack(b'E', outgoing.file_id))
+        deadline = time.monotonic() + DATA_TIMEOUT
+        for worker in active:
+            while worker.counts is None and not self.broken:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.broken = 'worker %d did not end its share of a file' % worker.index
+                    break
+                worker.channel.settimeout(left)
+                try:
+                    message = worker.channel.recv(MAX_WORKER_MESSAGE)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    message = b''
+                finally:
+                    worker.channel.settimeout(None)
+                self._take(worker, message)
+        if self.broken:
+            raise ProtocolError(self.broken)
+        return [sum(worker.counts[i] for worker in active) for i in range(5)]
+
+    def _broke(self, worker):
+        if self.broken is None:
+            self.broken = 'worker process %d (pid %d) ended' % (worker.index, worker.pid)
+
+    def close(self):
+        end_workers([(worker.pid, worker.channel) for worker in self.workers])
+
+
+def run_sending_worker(index, channel, keys, session_id, local, family, log):
+    """A sending worker's life: its UDP flow once the coordinator names the
+    client worker's address, then each share of a file it is given, until
+    the coordinator's end closes."""
+    sealer, opener = keys.worker_sealers('server', index)
+    rate = WorkerRate(channel)
+    control = WorkerControl(channel, rate)
+    packet_log = PacketLog()
+    udp, next_seq, rtt = None, 0, 0.1
+    while True:
+        message = channel.recv(MAX_WORKER_MESSAGE)
+        if not message:
+            return
+        code = message[:1]
+        if code == b'U' and udp is None and len(message) > WORKER_FLOW.size:
+            length = WORKER_FLOW.unpack_from(message)[1]
+            address = tuple(json.loads(message[WORKER_FLOW.size:WORKER_FLOW.size + length]))
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(local)
+            sock.connect(address)
+            udp = DatagramSocket(sock)
+            channel.sendall(b'u')
+        elif code == b'R' and len(message) == WORKER_RATE.size:
+            rate.update(message)
+        elif code == b'F' and udp is not None and len(message) > WORKER_SEND.size:
+            _code, file_id, first_seq, block_size, compress, share_rtt, size, mtime_ns = \
+                WORKER_SEND.unpack_from(message)
+            if first_seq < next_seq:
+                log('told to send from packet %d, below %d: packet numbers would repeat'
+                    % (first_seq, next_seq))
+                return
+            outgoing = WorkerOutgoingFile(control, udp, sealer, opener, session_id, rate, packet_log,
+                                          first_seq, share_rtt or rtt)
+            whole = False
+            try:
+                outgoing.open_share(os.fsdecode(message[WORKER_SEND.size:]), size, mtime_ns,
+                                    block_size, bool(compress))
+                outgoing.begin(file_id)
+                whole = outgoing.run()
+                if outgoing.failure is not None:
+                    log('%s; its share abandoned' % outgoing.failure)
+            except RemoteError as e:
+                log(str(e))
+            finally:
+                outgoing.close()
+            next_seq, rtt = outgoing.next_seq, outgoing.rtt
+            window = outgoing.window
+            compressed = outgoing.compression.compressed if outgoing.compression else 0
+            channel.sendall(WORKER_SENT.pack(
+                b'D', file_id, next_seq, window.lost if window else 0,
+                window.retransmitted if window else 0, outgoing.wire_bytes, compressed,
+                1 if whole else 0))
+
+
+# --- The receiving end: `get` ---------------------------------------------------
+
+class ReceivingWorker:
+    """One receiving worker as its coordinator sees it, with what it last
+    reported of the file it shares."""
+
+    def __init__(self, index, pid, channel):
+        self.index, self.pid, self.channel = index, pid, channel
+        self.reset(None)
+
+    def reset(self, file_id):
+        self.file_id = file_id
+        self.held = self.written_bytes = self.packets = self.duplicates = self.rejected = 0
+        self.first_arrival = None
+        self.complete = False
+
+
+class ReceivingTeam:
+    """A client's receiving workers, as the client (the coordinator) sees
+    them: forked once the server granted them, each with its UDP flow
+    (opened by its own HELLOs), and a share of each striped file: the
+    coordinator records in its BlockWriter what they wrote, and sums what
+    they report."""
+
+    def __init__(self, client, count):
+        keys, session_id = client.keys, client.session_id
+        address, family = client.udp.sock.getpeername(), client.udp.sock.family
+        timeout = client.timeout
+
+        def main(index, channel):
+            run_receiving_worker(index, channel, keys, session_id, address, family, timeout)
+        self.workers = [ReceivingWorker(index, pid, channel) for index, (pid, channel) in
+                        enumerate(fork_workers(count, main, [client.sock, client.udp.sock]), 1)]
+        self.count = count
+        self._active = []
+        self._file_id = None
+        self._writer = None
+        self._decided = 0
+
+    def pids(self):
+        return [worker.pid for worker in self.workers]
+
+    def start_file(self, incoming, window, writer, count, stripe, first_seqs):
+        """Workers 1..count-1 receive their stripes of `incoming`'s file."""
+        file_id = incoming.start['file']
+        self._active = self.workers[:count - 1]
+        self._file_id, self._writer, self._decided = file_id, writer, window.decided
+        tail = json.dumps([incoming.dest, incoming.conversation.timeout]).encode()
+        for worker, first_seq in zip(self._active, first_seqs):
+            worker.reset(file_id)
+            self._send(worker, WORKER_RECEIVE.pack(
+                b'F', file_id, first_seq, incoming.block_size, incoming.entry.size, stripe, count,
+                worker.index, window.decided, incoming.rtt) + tail)
+
+    def _send(self, worker, message):
+        try:
+            worker.channel.sendall(message)
+        except OSError:
+            raise self._ended(worker)
+
+    def _ended(self, worker):
+        return TransferError('worker process %d (pid %d) ended during the transfer; partial data '
+                             'kept: run the same command again to resume' % (worker.index, worker.pid))
+
+    def forward_held(self, ranges):
+        """Blocks local data filled: no worker waits for them."""
+        for worker in self._active:
+            for message in worker_ranges(b'H', self._file_id, ranges):
+                self._send(worker, message)
+
+    def forward_decided(self, decided):
+        if decided > self._decided:
+            self._decided = decided
+            for worker in self._active:
+                self._send(worker, WORKER_DECIDED.pack(b'C', self._file_id, decided))
+
+    def complete(self):
+        return all(worker.complete for worker in self._active)
+
+    def watch(self, selector, phase):
+        for worker in self._active:
+            selector.register(worker.channel, selectors.EVENT_READ,
+                              functools.partial(self._read, worker, phase))
+
+    def _read(self, worker, phase):
+        """One message from `worker`; a worker that received more is data
+        arriving, as far as the phase's timers care."""
+        try:
+            message = worker.channel.recv(MAX_WORKER_MESSAGE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            message = b''
+        if not message:
+            raise self._ended(worker)
+        code = message[:1]
+        if code == b'W' and len(message) >= WORKER_RANGES.size:
+            _code, file_id, ranges = read_worker_ranges(message)
+            if file_id == self._file_id:
+                self._writer.mark_written(ranges)
+        elif code in (b'P', b'C', b'X') and len(message) >= WORKER_PROGRESS.size:
+            (_code, file_id, held, written, packets, duplicates, rejected,
+             first) = WORKER_PROGRESS.unpack_from(message)
+            if file_id != self._file_id:
+                return
+            if code == b'X':
+                raise TransferError(message[WORKER_PROGRESS.size:].decode('utf-8', 'replace'))
+            if packets != worker.packets:
+                phase.last_data = phase.clock()
+            worker.held, worker.written_bytes, worker.packets = held, written, packets
+            worker.duplicates, worker.rejected = duplicates, rejected
+            worker.first_arrival = None if first < 0 else first
+            worker.complete = worker.complete or code == b'C'
+
+    def totals(self):
+        """What the workers sharing the file report, summed."""
+        active = self._active
+        arrivals = [w.first_arrival for w in active if w.first_arrival is not None]
+        return {'held': sum(w.held for w in active),
+                'written_bytes': sum(w.written_bytes for w in active),
+                'packets': [w.packets for w in active],
+                'duplicates': sum(w.duplicates for w in active),
+                'rejected': sum(w.rejected for w in active),
+                'first_arrival': min(arrivals) if arrivals else None}
+
+    def end_file(self):
+        """The file is over, whole or given up: its workers stop (those
+        complete were still acknowledging)."""
+        for worker in self._active:
+            try:
+                worker.channel.sendall(WORKER_END.pack(b'E', self._file_id))
+            except OSError:
+                pass
+        self._active = []
+        self._file_id = self._writer = None
+
+    def close(self):
+        end_workers([(worker.pid, worker.channel) for worker in self.workers])
+
+
+class WorkerInbox:
+    """A receiving worker's stand-in for the control channel: the
+    coordinator's messages, raw."""
+
+    def __init__(self, channel):
+        self.sock = channel
+        self._inbox = collections.deque()
+
+    def feed(self, data):
+        self._inbox.append(bytes(data))
+
+    def messages(self):
+        while self._inbox:
+            yield self._inbox.popleft()
+
+
+class WorkerReceivePhase(ReceivePhase):
+    """A receiving worker's share of one file: ReceivePhase over its own
+    flow and stripes, told by the coordinator of blocks local data filled
+    (and of a delta's decided blocks), reporting what it wrote instead of
+    keeping the state file."""
+
+    def __init__(self, incoming, window, writer, channel, foreign):
+        ReceivePhase.__init__(self, incoming, window, writer)
+        self._channel = channel
+        self.foreign = foreign                  # blocks of other workers, held in its window
+        self.next_progress = self.clock() + WORKER_REPORT_INTERVAL
+        self.repeat_final = True
+        self.reported = False
+
+    def complete(self):
+        """Its share whole, once: written, and said so.  The phase goes on
+        (acknowledging, see _send_feedback) until the coordinator ends the
+        file."""
+        if not self.reported and self.window.complete():
+            self.writer.sync()
+            self.report(b'C')
+            self.reported = True
+        return False
+
+    def _send_nak(self, now):
+        if not self.reported:                   # complete: no data is to come
+            ReceivePhase._send_nak(self, now)
+
+    def _apply_control(self):
+        window = self.window
+        for message in self.channel.messages():
+            code = message[:1]
+            if code == b'H' and len(message) >= WORKER_RANGES.size:
+                _code, file_id, ranges = read_worker_ranges(message)
+                if file_id == self.file_id:
+                    window.mark_held(ranges)
+            elif code == b'C' and len(message) == WORKER_DECIDED.size:
+                _code, file_id, decided = WORKER_DECIDED.unpack(message)
+                if file_id == self.file_id:
+                    window.decided = max(window.decided, min(decided, window.nblocks))
+            elif code == b'E' and len(message) == WORKER_END.size:
+                if WORKER_END.unpack(message)[1] == self.file_id:
+                    raise ShareEnded()
+        return False
+
+    def _report_progress(self, now):
+        if now >= self.next_progress and not self.reported:
+            self.next_progress = now + WORKER_REPORT_INTERVAL
+            self.report(b'P')
+
+    def _save_state(self, now):
+        pass                                    # the coordinator's, from what is reported
+
+    def report(self, code, text=''):
+        """What was written since the last report, then how far it got."""
+        for message in worker_ranges(b'W', self.file_id, self.writer.take_written()):
+            self._channel.sendall(message)
+        window = self.window
+        self._channel.sendall(WORKER_PROGRESS.pack(
+            code, self.file_id, window.held - self.foreign, self.writer.written_bytes,
+            window.packets, window.duplicates, self.receiver.rejected,
+            -1.0 if window.first_arrival is None else window.first_arrival) + text.encode())
+
+
+def run_receiving_worker(index, channel, keys, session_id, address, family, timeout):
+    """A receiving worker's life: HELLOs on its own flow until its first
+    share comes (the server announces none before every flow it uses is
+    open), then each share it is given, until the coordinator's end closes."""
+    sealer_out, sealer_in = keys.worker_sealers('client', index)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.connect(address)
+    data = DataChannel(DatagramSocket(sock), sealer_out, sealer_in, session_id, hello_flags=index)
+    deadline = time.monotonic() + UDP_SETUP_TIMEOUT + 5
+    channel.settimeout(HELLO_INTERVAL)
+    message = None
+    while message is None:
+        if time.monotonic() < deadline:
+            data.send(KIND_HELLO)
+        else:
+            channel.settimeout(None)
+        try:
+            message = channel.recv(MAX_WORKER_MESSAGE)
+        except socket.timeout:
+            pass
+    channel.settimeout(None)
+    while message:
+        if message[:1] == b'F' and len(message) > WORKER_RECEIVE.size:
+            receive_share(message, channel, data)
+        message = channel.recv(MAX_WORKER_MESSAGE)
+
+
+def receive_share(message, channel, data):
+    """Receive one share of a file into the coordinator's partial file."""
+    (_code, file_id, first_seq, block_size, size, stripe, count, index, decided,
+     rtt) = WORKER_RECEIVE.unpack_from(message)
+    dest, timeout = json.loads(message[WORKER_RECEIVE.size:].decode())
+    phase = writer = partial = None
+    try:
+        partial = PartialFile(dest, '', size, 0, block_size)
+        partial.fd = PartialFile._open_ours(partial.data_path)
+        recorded = PartialFile.recorded(partial.state_path)
+        if partial.fd is None or recorded is None or len(recorded[1]) != (partial.nblocks + 7) // 8 \
+                or recorded[0].get('block_size') != block_size:
+            raise TransferError('%s: worker %d found no partial file to write into' % (dest, index))
+        view = stripe_view(recorded[1], partial.nblocks, stripe, count, index)
+        window = ReceiveWindow(partial.nblocks, first_seq, view)
+        window.decided = min(decided, partial.nblocks)
+        data.sealer_in.set_stride(block_size)
+        writer = BlockWriter(partial, view, track=True)
+        incoming = types.SimpleNamespace(
+            start={'file': file_id, 'first_seq': first_seq, 'lead': 0}, rtt=rtt,
+            conversation=types.SimpleNamespace(channel=WorkerInbox(channel), timeout=timeout,
+                                               peer='server'),
+            data=data, events=TransferEvents(), clock=time.monotonic, asked_at=time.monotonic(),
+            entry=types.SimpleNamespace(size=size), block_size=block_size, kept=[])
+        phase = WorkerReceivePhase(incoming, window, writer, channel,
+                                   foreign_blocks(partial.nblocks, stripe, count, index))
+        phase.run()                             # until the coordinator ends the file
+    except ShareEnded:
+        pass
+    except (WanxferError, OSError) as e:
+        if writer is not None:
+            try:
+                writer.sync()
+            except WanxferError:
+                pass
+        text = str(e) if isinstance(e, WanxferError) else 'worker %d: %s' % (index, describe_error(e))
+        if phase is not None:
+            phase.report(b'X', text)
+        else:
+            channel.sendall(WORKER_PROGRESS.pack(b'X', file_id, 0, 0, 0, 0, 0, -1.0) + text.encode())
+    finally:
+        if writer is not None:
+            writer.close()
+        if partial is not None:
+            partial.close()
 
 
 # ---------------------------------------------------------------------------
@@ -10433,7 +11728,8 @@ def command_get(args):
         raise UsageError('%s is not a directory (several REMOTEs need one)' % args.output)
     store = open_get_cache(args, events)
     client = Client(host, port, secret, encrypt=not args.no_encrypt, timeout=args.timeout,
-                    events=events, max_rate=max_rate, store=None if args.no_delta else store)
+                    events=events, max_rate=max_rate, store=None if args.no_delta else store,
+                    workers=automatic_workers(max_rate) if args.workers is None else args.workers)
     run = secrets.token_hex(8)
     started = time.time()
     totals = [0, 0, 0]                          # files, file bytes, bytes sent for them
@@ -10493,9 +11789,14 @@ def command_serve(args):
         check_secret_strength(secret)
     max_rate = parse_rate(args.rate) / 8 if args.rate else None
     log = server_logger()
+    workers = automatic_workers() if args.workers is None else args.workers
+    if workers > 1 and not sessions_can_fork():
+        log('worker processes cannot be forked here (not Linux); each session sends from one')
+        workers = 1
     server = Server(tree, secret or generated.encode(), args.bind, args.port,
                     encrypt=not args.no_encrypt, max_rate=max_rate, log=log,
-                    signature_store=SignatureStore(args.cache or default_cache_path(), log))
+                    signature_store=SignatureStore(args.cache or default_cache_path(), log),
+                    workers=workers)
     if generated is not None:
         host = args.bind or socket.gethostname()
         port = '' if server.port == DEFAULT_PORT else ':%d' % server.port
@@ -10734,6 +12035,20 @@ def port_number(text):
     return port
 
 
+def worker_count(text):
+    """--workers: 'auto' (None) or a count from 1 to MAX_WORKERS."""
+    if text == 'auto':
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError('expected auto or a number of processes from 1 to %d, '
+                                         'not %r' % (MAX_WORKERS, text))
+    return count
+
+
 def positive_seconds(text):
     """argparse type: a time-out, finite (a socket takes no other)."""
     try:
@@ -10910,6 +12225,9 @@ def build_parser():
     serve.add_argument('--port', type=port_number, default=DEFAULT_PORT, metavar='N',
                        help='TCP and UDP port (default %d; 0 picks a free one)' % DEFAULT_PORT)
     serve.add_argument('--rate', metavar='RATE', help='cap every transfer at RATE bits/s, e.g. 300M')
+    serve.add_argument('--workers', type=worker_count, default=None, metavar='N',
+                       help='stripe a transfer over at most N processes per session, as the client '
+                            'asks (default: auto, one per usable core, at most %d)' % MAX_AUTO_WORKERS)
     add_cache_option(serve, 'where to remember the signatures of served files for delta transfers')
     serve.set_defaults(func=command_serve)
 
@@ -10937,6 +12255,11 @@ def build_parser():
     get.add_argument('-o', '--output', metavar='DEST',
                      help='file name (one file) or directory (default: current directory)')
     get.add_argument('--rate', metavar='RATE', help='cap the sending rate, e.g. 300M or 1.5G bits/s')
+    get.add_argument('--workers', type=worker_count, default=None, metavar='N',
+                     help='stripe large files over N processes at each end, each with its own UDP '
+                          'flow, within one rate budget (default: auto, one per usable core, at most '
+                          '%d, fewer for a --rate one core sends; the server may grant fewer)'
+                          % MAX_AUTO_WORKERS)
     get.add_argument('--json', action='store_true', help='one JSON object per file on stdout')
     get.add_argument('-q', '--quiet', action='store_true', help='no progress or summary')
     get.add_argument('--timeout', type=positive_seconds, default=DATA_TIMEOUT, metavar='SECONDS',

@@ -982,7 +982,9 @@ class FakeServer:
     a list of messages to send back (dicts, raw bodies, or CLOSE).  It
     reads until the client hangs up.  With ready=False the `ready` is left
     to answer(); with `idle_close`, a client that asks nothing for that
-    many seconds is hung up on (half-closed)."""
+    many seconds is hung up on (half-closed).  A `workers` request is
+    answered as a server from before it answers (`error`), and is not
+    among the `requests`."""
 
     def __init__(self, answer, secret=SECRET, ready=True, idle_close=None):
         self.answer = answer
@@ -1021,6 +1023,7 @@ class FakeServer:
                 frames[0] += 1
             if self.ready:
                 send({'op': 'ready', 'probes': [], 'server': 'fake'})
+            said_ready, unknown = self.ready, []
             closed = False
             while True:
                 conn.settimeout(20 if closed or self.idle_close is None else self.idle_close)
@@ -1032,6 +1035,13 @@ class FakeServer:
                     continue
                 except wanxfer.ProtocolError:
                     return
+                if message.get('op') == 'workers' and not closed:
+                    # A `get` asks for workers first: answered as by a server from
+                    # before them (after its `ready`), the test's script follows.
+                    unknown.append({'op': 'error', 'message': "unknown request 'workers'"})
+                    if said_ready:
+                        send(unknown.pop())
+                    continue
                 self.requests.append(message)
                 if closed:
                     continue
@@ -1041,6 +1051,10 @@ class FakeServer:
                         closed = True
                         break
                     send(reply)
+                    if isinstance(reply, dict) and reply.get('op') == 'ready':
+                        said_ready = True
+                        while unknown:
+                            send(unknown.pop())
         except (OSError, wanxfer.WanxferError) as e:
             self.errors.append(e)
         finally:

@@ -184,6 +184,55 @@ def test_a_tcp_like_flow_keeps_its_share():
 
 
 # ---------------------------------------------------------------------------
+# Workers: one controller, several senders
+# ---------------------------------------------------------------------------
+# A transfer striped over k worker processes has one RateController: each
+# worker sends at 1/k of its rate and hands it every acknowledgement of its
+# own flow, gathered with the others' (wanxfer.SharedRate).  The k flows
+# then take from a path what one flow would, alone or beside another (k
+# controllers of their own would take 140 and 152 of 200 Mbit/s beside one
+# flow, for k = 2 and 3).
+
+def striped(path, count, start=0.0):
+    """`count` ModelFlows sharing one RateController, as k workers do."""
+    shared = wanxfer.SharedRate(wanxfer.RateController(), count)
+    return [path.add_flow(shared.share(i), start=start) for i in range(count)]
+
+
+def total(flows, start, end):
+    return sum(flow.goodput(start, end) for flow in flows)
+
+
+@pytest.mark.parametrize('count', [2, 3])
+def test_workers_sharing_one_controller_fill_a_path_as_one_flow_does(count):
+    capacity, rtt, seconds = 200, 0.12, 12.0
+    one_path, one = run(capacity, rtt, seconds, loss=0.01)
+    path = ModelPath(capacity * M, rtt, seed=1, jitter=0.005, loss=0.01)
+    shares = striped(path, count)
+    path.run(seconds)
+    assert total(shares, 3, seconds) > 0.9 * capacity * M
+    # Each worker sends its share, and the queue overflows no more than one flow's.
+    for flow in shares:
+        assert flow.goodput(3, seconds) > 0.8 * capacity * M / count
+    assert path.drops(0, seconds) <= 2 * one_path.drops(0, seconds) + 20
+
+
+@pytest.mark.parametrize('count', [2, 3])
+def test_a_striped_transfer_takes_no_more_than_one_flow_beside_another(count):
+    # Beside one ordinary flow, k workers of one transfer settle near half
+    # the path between them, as a second flow would (see the test of two
+    # controllers above), not k/(k+1) of it as k flows would.
+    capacity = 200
+    path = ModelPath(capacity * M, 0.12, jitter=0.005)
+    other = path.add_flow(wanxfer.RateController())
+    shares = striped(path, count, start=5.0)
+    path.run(60.0)
+    ours, theirs = total(shares, 50, 60), other.goodput(50, 60)
+    assert ours + theirs > 0.9 * capacity * M
+    assert 0.3 * capacity * M < ours < 0.62 * capacity * M, (ours / M, theirs / M)
+
+
+# ---------------------------------------------------------------------------
 # An idle sender
 # ---------------------------------------------------------------------------
 

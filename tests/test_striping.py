@@ -1,0 +1,181 @@
+"""Striping a file over worker processes, without processes or sockets:
+how blocks are cut into stripes and shared out, what each worker's window
+sees, per-worker keys, and what a receiving coordinator tells its workers
+during a delta."""
+import socket
+import threading
+import time
+import types
+
+import pytest
+
+from helpers import wanxfer
+
+
+def test_stripes_go_round_robin_and_cover_each_range_once():
+    ranges = [(0, 10), (12, 30), (31, 32)]
+    parts = wanxfer.split_stripes(ranges, 4, 3)
+    assert parts[0] == [(0, 4), (12, 16), (24, 28)]
+    assert parts[1] == [(4, 8), (16, 20), (28, 30), (31, 32)]
+    assert parts[2] == [(8, 10), (20, 24)]
+    blocks = sorted(b for part in parts for start, end in part for b in range(start, end))
+    assert blocks == [b for start, end in ranges for b in range(start, end)]
+    assert wanxfer.split_stripes(ranges, 4, 1) == [ranges]
+
+
+def test_a_workers_view_holds_every_other_workers_block():
+    nblocks, stripe, count = 23, 4, 3
+    held = bytearray((nblocks + 7) // 8)
+    wanxfer.set_bits(held, 5, 6)                        # held already (a resume)
+    for index in range(count):
+        view = wanxfer.stripe_view(held, nblocks, stripe, count, index)
+        window = wanxfer.ReceiveWindow(nblocks, 0, view)
+        mine = [b for b in range(nblocks) if (b // stripe) % count == index]
+        missing = [b for start, end in window.missing() for b in range(start, end)]
+        assert missing == [b for b in mine if b != 5]
+        assert wanxfer.foreign_blocks(nblocks, stripe, count, index) == nblocks - len(mine)
+    assert held == bytes([0x20, 0, 0])                  # the bitmap itself is untouched
+
+
+def test_how_many_workers_a_file_gets():
+    per = wanxfer.STRIPES_PER_WORKER
+    assert wanxfer.stripe_workers(per * 10 - 1, 10, 8) == 1    # too few stripes to share
+    assert wanxfer.stripe_workers(2 * per * 10, 10, 8) == 2
+    assert wanxfer.stripe_workers(100 * per * 10, 10, 3) == 3  # no more than there are
+
+
+def test_each_worker_has_keys_of_its_own_and_worker_0_the_sessions():
+    keys = wanxfer.SessionKeys(bytes(32), bytes(32), bytes(range(32)), True)
+    session = keys.sealers('server')
+    header = bytes(14)
+    tags = set()
+    for index in range(4):
+        out, _in = keys.worker_sealers('server', index)
+        client_out, client_in = keys.worker_sealers('client', index)
+        assert client_in.tag(header, b'x') == out.tag(header, b'x')    # the two ends agree
+        tags.add(out.tag(header, b'x'))
+    assert keys.worker_sealers('server', 0)[0].tag(header, b'x') == session[2].tag(header, b'x')
+    assert len(tags) == 4
+
+
+class Team:
+    """A ReceivingTeam's stand-in: what the coordinator tells its workers."""
+
+    def __init__(self):
+        self.told = []
+
+    def forward_held(self, ranges):
+        self.told.append(('held', list(ranges)))
+
+    def forward_decided(self, decided):
+        self.told.append(('decided', decided))
+
+
+def test_workers_hear_of_decided_blocks_only_with_those_local_data_filled():
+    # A worker NAKs what is decided and not held: told the decided blocks
+    # before the ones local data filled (zeros, say), it NAKs those, and
+    # the sender sends a whole stripe of them (seen once, as 2 MB too many
+    # on the wire of a sparse file).
+    nblocks, stripe = 64, 8
+    team = Team()
+    bitmap = bytearray(nblocks // 8)
+    window = wanxfer.ReceiveWindow(nblocks, 0, wanxfer.stripe_view(bitmap, nblocks, stripe, 2, 0))
+    window.decided = 0
+    incoming = types.SimpleNamespace(
+        start={'file': 1, 'first_seq': 0, 'lead': 0, 'stripe': stripe, 'workers': [0]}, rtt=0.01,
+        conversation=types.SimpleNamespace(channel=None, send=lambda message: None),
+        data=types.SimpleNamespace(session_id=1, sealer_in=None), events=None, clock=lambda: 0.0,
+        entry=types.SimpleNamespace(size=nblocks * 1024), block_size=1024, kept=[], bitmap=bitmap)
+    writer = types.SimpleNamespace(mark_written=lambda ranges: None)
+
+    class Assembler:
+        on_planned = None
+
+        def on_piece(self, offset, spans, refined):
+            self.on_planned([], nblocks)                # decides every block, plans none
+            return [(0, 32)], nblocks, None             # and finds the first half locally
+
+    phase = wanxfer.ReceivePhase(incoming, window, writer, Assembler(), team=team)
+    phase._ask = lambda ranges, held: None
+    phase._apply_signature({'offset': 0, 'spans': wanxfer.encode_spans([]), 'file': 1})
+    decided_at = [i for i, (what, _value) in enumerate(team.told) if what == 'decided']
+    held_at = [i for i, (what, _value) in enumerate(team.told) if what == 'held']
+    assert held_at and decided_at and held_at[0] < decided_at[0], team.told
+
+
+def test_a_workers_longest_message_arrives_whole():
+    # A report of MAX_WORKER_RANGES written runs is 4103 bytes: received
+    # into a buffer of 4096 (the session messages' size) its last run was
+    # cut off, never recorded as written.
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    marked = []
+    team = wanxfer.ReceivingTeam.__new__(wanxfer.ReceivingTeam)
+    team._file_id, team._writer = 3, types.SimpleNamespace(mark_written=marked.extend)
+    worker = wanxfer.ReceivingWorker(1, 0, mine)
+    runs = [(2 * i, 2 * i + 1) for i in range(wanxfer.MAX_WORKER_RANGES)]
+    try:
+        (message,) = wanxfer.worker_ranges(b'W', 3, runs)
+        theirs.send(message)
+        team._read(worker, None)
+    finally:
+        mine.close()
+        theirs.close()
+    assert marked == runs
+
+
+@pytest.mark.e2e
+def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
+    # A worker whose share is whole, stopping at once, left its last
+    # packets unacknowledged: its sender saw them in flight and silence,
+    # and halved the rate every worker shares, every half second, until
+    # the whole file was done.
+    keys = wanxfer.SessionKeys(bytes(32), bytes(32), bytes(32), True)
+    out, opener = keys.worker_sealers('client', 1)
+    server_in = keys.worker_sealers('server', 1)[1]
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(('127.0.0.1', 0))
+    rx.settimeout(5.0)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.connect(rx.getsockname())
+    coordinator, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    data = wanxfer.DataChannel(wanxfer.DatagramSocket(tx), out, opener, keys.session_id, hello_flags=1)
+    window = wanxfer.ReceiveWindow(4, 0)
+    for block in range(4):
+        window.on_packet(block, block, 0, 0.0)
+    writer = types.SimpleNamespace(sync=lambda: None, take_written=lambda: [], written_bytes=0,
+                                   flush=lambda: None)
+    incoming = types.SimpleNamespace(
+        start={'file': 1, 'first_seq': 0, 'lead': 0}, rtt=0.01,
+        conversation=types.SimpleNamespace(channel=wanxfer.WorkerInbox(worker_end), timeout=5,
+                                           peer='server'),
+        data=data, events=wanxfer.TransferEvents(), clock=time.monotonic, asked_at=time.monotonic(),
+        entry=types.SimpleNamespace(size=4096), block_size=1024, kept=[])
+    phase = wanxfer.WorkerReceivePhase(incoming, window, writer, worker_end, 0)
+    ended = []
+
+    def run():
+        try:
+            phase.run()
+            ended.append('returned')
+        except wanxfer.ShareEnded:
+            ended.append('ended')
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        acknowledged = []
+        while len(acknowledged) < 2:
+            datagram = rx.recv(2048)
+            kind, _flags, _sid, seq = wanxfer.PACKET_HEADER.unpack_from(datagram)
+            body = server_in.open(seq, datagram[:wanxfer.PACKET_HEADER.size],
+                                  datagram[wanxfer.PACKET_HEADER.size:])
+            if kind == wanxfer.KIND_FEEDBACK and body is not None:
+                acknowledged.append(wanxfer.decode_feedback(body)[2])
+        assert acknowledged == [3, 3]                   # the last packet, and again
+        coordinator.settimeout(5.0)
+        assert coordinator.recv(65536)[:1] == b'C'      # its share said complete
+        coordinator.send(wanxfer.WORKER_END.pack(b'E', 1))
+        thread.join(5.0)
+        assert ended == ['ended']
+    finally:
+        for sock in (rx, tx, coordinator, worker_end):
+            sock.close()

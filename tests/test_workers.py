@@ -1,0 +1,268 @@
+"""`--workers N`: one transfer striped over N processes at each end, each
+with its own UDP flow, within one rate budget.  Files come out byte for
+byte as with one worker; `--workers 1` is the one-process transfer."""
+import os
+import re
+import signal
+import sys
+
+import pytest
+
+from helpers import (Process, get_command, json_summaries, make_file, partial_blocks, patched_serve,
+                     run_get, sha256, wait_for, wanxfer)
+
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not sys.platform.startswith('linux'),
+                                 reason='workers are forked processes, on Linux only')]
+
+# Enough stripes that three workers share the file (STRIPES_PER_WORKER each).
+SIZE = 3 * wanxfer.STRIPES_PER_WORKER * wanxfer.STRIPE_BYTES + 12345
+
+
+def worker_pids(server, count=1):
+    """The pids the server logged for a session's workers."""
+    match = server.wait_for(r'(\d+) workers \(pids ([\d ]+)\)', count=count)
+    return int(match.group(1)), [int(p) for p in match.group(2).split()]
+
+
+@pytest.mark.parametrize('workers', [2, 3])
+def test_a_large_file_striped_over_workers_is_byte_identical(tmp_path, serve, workers):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=workers)
+    server = serve([source], extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', workers)
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == workers
+    # Each worker's own flow carried its share: packets counted on its socket.
+    assert len(summary['worker_packets']) == workers
+    assert all(count > 0 for count in summary['worker_packets']), summary['worker_packets']
+    assert sum(summary['worker_packets']) == summary['packets_received']
+    granted, pids = worker_pids(server)
+    assert granted == workers and len(set(pids)) == workers - 1
+    assert server.proc.pid not in pids
+    assert not re.search(r'Traceback|failed', server.log() + got.stderr)
+
+
+def test_one_worker_asks_for_none(tmp_path, serve):
+    """--workers 1: no `workers` request, no forked worker, one flow."""
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=1)
+    server = serve([source], extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '1')
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == 1 and summary['worker_packets'] == [summary['packets_received']]
+    server.wait_for(r'sent big.bin')
+    assert 'workers' not in server.log()
+
+
+def test_the_server_grants_no_more_than_its_maximum(tmp_path, serve):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=2)
+    server = serve([source], extra=['--workers', '2'])
+    dest = tmp_path / 'out.bin'
+    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == 2
+    assert worker_pids(server)[0] == 2
+
+
+def test_workers_option_is_checked():
+    for bad in ('0', '65', 'many'):
+        completed = run_get(1, 'x', '--workers', bad)
+        assert completed.returncode == 2 and '--workers' in completed.stderr
+
+
+# --- trees, resume, delta: as with one worker -----------------------------------
+
+def children(pid):
+    try:
+        with open('/proc/%d/task/%d/children' % (pid, pid)) as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().split(') ')[-1][:1] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize('workers', [1, 2, 3])
+def test_a_tree_with_workers_is_byte_identical(tmp_path, serve, workers):
+    tree = tmp_path / 'tree'
+    (tree / 'sub').mkdir(parents=True)
+    files = {'big.bin': SIZE, 'sub/medium.bin': 3 << 20, 'sub/small.txt': 1000, 'tiny': 0}
+    for seed, (name, size) in enumerate(sorted(files.items())):
+        make_file(tree / name, size, seed=seed + 10 * workers)
+    server = serve([tree], extra=['--workers', '3'])
+    out = tmp_path / 'out'
+    got = run_get(server.port, '.', '-o', out, '--json', '--workers', workers)
+    assert got.returncode == 0, got.stderr
+    for name in files:
+        assert sha256(out / name) == sha256(tree / name), name
+    summaries = {s['remote']: s for s in json_summaries(got)}
+    assert summaries['big.bin']['workers'] == workers
+    assert summaries['sub/medium.bin']['workers'] == 1     # too few stripes to share
+
+
+@pytest.mark.parametrize('first_workers, then_workers', [(2, 3), (3, 1), (1, 2)])
+def test_a_killed_get_resumes_with_other_workers(tmp_path, serve, first_workers, then_workers):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=first_workers)
+    server = serve([source], extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    state = tmp_path / '.out.bin.wxstate'
+    first = Process(get_command(server.port, 'big.bin', '-o', dest, '--rate', '24M',
+                                '--workers', first_workers)[2:])
+    try:
+        wait_for(lambda: partial_blocks(state) > 50, timeout=60, what='a saved partial state')
+        workers = children(first.proc.pid)
+        assert len(workers) == first_workers - 1
+    finally:
+        first.stop(signal.SIGKILL)
+    wait_for(lambda: not any(alive(pid) for pid in workers), what='its workers to end with it')
+    assert not dest.exists()
+    held = partial_blocks(state)
+    done = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', then_workers)
+    assert done.returncode == 0, done.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(done)
+    assert summary['workers'] == then_workers
+    assert summary['resumed_bytes'] >= held * summary['block_bytes'] - summary['block_bytes']
+    assert summary['received_bytes'] <= SIZE - summary['resumed_bytes']
+    assert not state.exists()
+
+
+@pytest.mark.parametrize('workers', [1, 2, 3])
+def test_a_delta_with_workers_is_byte_identical(tmp_path, serve, workers):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=5)
+    server = serve([source], extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    first = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', 3)
+    assert first.returncode == 0, first.stderr
+    # Changed in the middle and at the end: most of it is found locally.
+    with open(source, 'r+b') as f:
+        f.seek(SIZE // 2)
+        f.write(b'changed' * 1000)
+        f.seek(0, os.SEEK_END)
+        f.write(os.urandom(100000))
+    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', workers)
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['delta'] != 'off' and summary['local_bytes'] > SIZE * 0.9
+    assert summary['workers'] == workers
+    assert summary['received_bytes'] < SIZE * 0.1
+
+
+# --- a worker that dies ------------------------------------------------------------
+
+def test_a_killed_client_worker_fails_the_get_cleanly_and_a_rerun_resumes(tmp_path, serve):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=7)
+    server = serve([source], extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    state = tmp_path / '.out.bin.wxstate'
+    first = Process(get_command(server.port, 'big.bin', '-o', dest, '--rate', '24M', '-q',
+                                '--workers', '3')[2:])
+    try:
+        wait_for(lambda: partial_blocks(state) > 50, timeout=60, what='a saved partial state')
+        workers = children(first.proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        assert first.proc.wait(60) == 1
+    finally:
+        first.stop()
+    lines = first.log().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('wanxfer: error: worker process'), lines
+    assert 'resume' in lines[0]
+    wait_for(lambda: not any(alive(pid) for pid in workers), what='the other worker to end')
+    assert partial_blocks(state) > 0 and not dest.exists()
+    done = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
+    assert done.returncode == 0, done.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(done)
+    assert summary['resumed_bytes'] > 0
+
+
+def test_a_killed_server_worker_fails_the_get_cleanly_and_a_rerun_resumes(tmp_path, serve):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=8)
+    server = serve([source], extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    state = tmp_path / '.out.bin.wxstate'
+    first = Process(get_command(server.port, 'big.bin', '-o', dest, '--rate', '24M', '-q',
+                                '--workers', '3')[2:])
+    try:
+        _count, pids = worker_pids(server)
+        wait_for(lambda: partial_blocks(state) > 50, timeout=60, what='a saved partial state')
+        os.kill(pids[1], signal.SIGKILL)
+        assert first.proc.wait(60) == 1
+    finally:
+        first.stop()
+    lines = first.log().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('wanxfer: error:') and 'worker' in lines[0], lines
+    server.wait_for(r'dropped: worker process 2')
+    wait_for(lambda: not any(alive(pid) for pid in pids), what='the session\'s other worker to end')
+    assert 'Traceback' not in server.log()
+    done = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
+    assert done.returncode == 0, done.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(done)
+    assert summary['resumed_bytes'] > 0
+
+
+def test_a_server_from_before_workers_is_fetched_from_as_before(tmp_path, serve):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=9)
+    server = patched_serve(serve, [source], 'del wanxfer.ServerSession.do_workers')
+    dest = tmp_path / 'out.bin'
+    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == 1 and 'error' not in got.stderr and 'warning' not in got.stderr
+
+
+def test_a_session_that_dies_takes_its_workers_with_it(tmp_path, serve):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=10)
+    server = serve([source], extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    first = Process(get_command(server.port, 'big.bin', '-o', dest, '--rate', '24M', '-q',
+                                '--workers', '3')[2:])
+    try:
+        _count, pids = worker_pids(server)
+        wait_for(lambda: partial_blocks(tmp_path / '.out.bin.wxstate') > 50, timeout=60,
+                 what='a saved partial state')
+        (session,) = children(server.proc.pid)
+        os.kill(session, signal.SIGKILL)
+        wait_for(lambda: not any(alive(pid) for pid in pids), what='the session\'s workers to end')
+        assert first.proc.wait(60) == 1
+    finally:
+        first.stop()
+    assert len(first.log().splitlines()) == 1, first.log()
+
+
+def test_later_files_of_a_tree_go_as_fast_as_the_first(tmp_path, serve):
+    # A worker's share complete, it acknowledged nothing more: its sender
+    # saw packets in flight and silence, and halved the one rate every
+    # half second until the file ended; the next file started from there
+    # (24, 5.6 and 2.8 Mbit/s for three files, once).
+    tree = tmp_path / 'tree'
+    tree.mkdir()
+    for name in 'abc':
+        make_file(tree / name, SIZE, seed=ord(name))
+    server = serve([tree], extra=['--workers', '2'])
+    out = tmp_path / 'out'
+    got = run_get(server.port, '.', '-o', out, '--json', '--workers', '2', '--no-delta', timeout=200)
+    assert got.returncode == 0, got.stderr
+    summaries = {s['remote']: s for s in json_summaries(got)}
+    for name in 'abc':
+        assert sha256(out / name) == sha256(tree / name)
+        assert summaries[name]['workers'] == 2
+    first = summaries['a']['file_rate_mbps']
+    assert min(summaries[name]['file_rate_mbps'] for name in 'bc') > 0.5 * first, summaries
