@@ -7255,7 +7255,7 @@ class IncomingFile:
             partial.close()
             raise
         assembler = None
-        team = self._team_for(start)
+        team = self._team_for(start, block_size)
         try:
             if team is None:
                 window = ReceiveWindow(partial.nblocks, start['first_seq'], self.bitmap)
@@ -7348,12 +7348,18 @@ class IncomingFile:
             first_data_seconds=(None if first_arrival is None
                                 else round(first_arrival - waited_since, 3)))
 
-    def _team_for(self, start):
+    def _team_for(self, start, block_size):
         """The receiving workers a `start` stripes its file over, or None."""
         if not start.get('workers'):
             return None
         if self.team is None or len(start['workers']) >= self.team.count or 'stripe' not in start:
             raise ProtocolError('the server striped a file over more workers than this client runs')
+        # Work per stripe is ours: a server naming tiny stripes must not
+        # make a large file cost a loop per block.
+        least = max(1, STRIPE_BYTES // 2 // block_size)
+        if start['stripe'] < least:
+            raise ProtocolError('the server striped %s in runs of %d blocks; at least %d were expected'
+                                % (self.remote, start['stripe'], least))
         return self.team
 
     def write_whole(self, message, seconds):

@@ -179,3 +179,15 @@ def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
     finally:
         for sock in (rx, tx, coordinator, worker_end):
             sock.close()
+
+
+def test_a_server_naming_tiny_stripes_is_refused_in_one_line():
+    # Each stripe costs the receiver a step of Python: stripes of one
+    # block would make a large file cost a loop per block.
+    incoming = wanxfer.IncomingFile('big.bin', '/nonexistent/big.bin', None, None, None, None, 0.1)
+    incoming.team = types.SimpleNamespace(count=3)
+    start = {'workers': [0, 0], 'stripe': 1}
+    with pytest.raises(wanxfer.ProtocolError, match='runs of 1 blocks'):
+        incoming._team_for(start, 1430)
+    start['stripe'] = wanxfer.STRIPE_BYTES // 1430
+    assert incoming._team_for(start, 1430) is incoming.team
