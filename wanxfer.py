@@ -3771,6 +3771,20 @@ class RateController:
             self._cycle(now, sent_at, queue_delay, delivery, loss, fresh, capacity, rtt)
         self._update_rate()
 
+    def on_start(self, now, rtt):
+        """The sender starts sending (`rtt` as the handshake measured it).
+        The first startup slot goes at once, not a round trip later with the
+        first acknowledgement: on a short transfer that round trip at
+        INITIAL_RATE is a good part of the whole.  At STARTUP_GAIN only: no
+        news yet says the path carries even INITIAL_RATE, and nothing turns
+        the rate down before the first acknowledgement, so this rate lasts
+        a round trip; but the slot is judged on its first slot length, so
+        the next one follows a slot and a round trip from now."""
+        if self.phase == 'startup' and self._slot is None and self._last_ack is None:
+            self._slot = self._open_slot(now, self.STARTUP_GAIN, 0.0)
+            self._update_rate()
+            self._slot.end = now + self._slot_length(rtt)
+
     def on_idle(self, now):
         """The sender has nothing to send now (between files, or waiting for
         the receiver's requests).  What it sends meanwhile measures its want
@@ -5672,6 +5686,8 @@ class OutgoingFile:
         self._last_feedback = self._last_tick = self._busy_from = now
         if file_id > 1:
             self._rate.on_idle(now)             # idle since the last file
+        else:
+            self._rate.on_start(now, self.rtt)
 
     @property
     def next_seq(self):

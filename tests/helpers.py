@@ -636,6 +636,8 @@ class ModelFlow:
         self.sent_bytes = self.dropped_packets = self.lost_packets = 0
         self.delivered = collections.Counter()  # bytes that reached the receiver, per 0.1 s
         self.rates = []                         # (time, controller's rate) every step
+        if hasattr(controller, 'on_start'):     # as the real sender does with its first file
+            controller.on_start(start, self.rtt)
 
     def send(self, now):
         """Pace out this step's packets: (packets that survive the random
