@@ -1062,7 +1062,8 @@ def test_full_disk_keeps_partial_data_and_resumes(tmp_path, serve):
 
 def test_demo_runs_a_verified_transfer_through_the_emulator():
     done = subprocess.run([sys.executable, WANXFER, 'demo', '--size', '2M', '--rtt', '20',
-                           '--loss', '2', '--json'], capture_output=True, text=True, timeout=120)
+                           '--loss', '2', '--json', '--no-tcp'], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     (summary,) = json_summaries(done)
     assert summary['verified'] is True and summary['file_bytes'] == 2 * 1024 * 1024
