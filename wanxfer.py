@@ -10811,7 +10811,11 @@ class ChildProcess:
         self._ready = ready
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        self.port = self._read_port()
+        try:
+            self.port = self._read_port()
+        except BaseException:           # Ctrl-C meanwhile: no child outlives the demo
+            self.stop()
+            raise
 
     def _read_port(self):
         selector = selectors.DefaultSelector()
