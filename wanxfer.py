@@ -3772,15 +3772,17 @@ class RateController:
         self._update_rate()
 
     def on_start(self, now, rtt):
-        """The sender starts sending (`rtt` as the handshake measured it).
-        The first startup slot goes at once, not a round trip later with the
-        first acknowledgement: on a short transfer that round trip at
-        INITIAL_RATE is a good part of the whole.  At STARTUP_GAIN only: no
-        news yet says the path carries even INITIAL_RATE, and nothing turns
-        the rate down before the first acknowledgement, so this rate lasts
-        a round trip; but the slot is judged on its first slot length, so
-        the next one follows a slot and a round trip from now."""
-        if self.phase == 'startup' and self._slot is None and self._last_ack is None:
+        """The sender starts sending a file (`rtt` as the session knows it).
+        Before any acknowledgement, the first startup slot goes at once, not
+        a round trip later with the first one: on a short transfer that
+        round trip at INITIAL_RATE is a good part of the whole.  At
+        STARTUP_GAIN only: no news yet says the path carries even
+        INITIAL_RATE, and nothing turns the rate down before the first
+        acknowledgement, so this rate lasts a round trip; but the slot is
+        judged on its first slot length, so the next one follows a slot and
+        a round trip from now.  (Again for the next file if none came: the
+        last one's packets may all have been too large for the path.)"""
+        if self.phase == 'startup' and self._last_ack is None:
             self._slot = self._open_slot(now, self.STARTUP_GAIN, 0.0)
             self._update_rate()
             self._slot.end = now + self._slot_length(rtt)
@@ -5686,8 +5688,7 @@ class OutgoingFile:
         self._last_feedback = self._last_tick = self._busy_from = now
         if file_id > 1:
             self._rate.on_idle(now)             # idle since the last file
-        else:
-            self._rate.on_start(now, self.rtt)
+        self._rate.on_start(now, self.rtt)
 
     @property
     def next_seq(self):
@@ -10877,11 +10878,17 @@ def command_demo(args):
     return 0
 
 
-def demo_fetch(host, port, secret, args, events, dest):
-    """The demo's wanxfer transfer: a get of demo.bin to `dest` (an open
-    fetch: no listing first); its summary."""
+def demo_fetch(host, port, secret, args, events, dest, listed=False):
+    """The demo's wanxfer transfer of demo.bin to `dest`, as `get` does it
+    (an open fetch: no listing first), or `listed` (the listing's round
+    trip brings the probes that size the blocks: through the built-in
+    emulator, whose MTU is less than the loopback route's that an open
+    fetch's blocks are cut for); its summary."""
     client = Client(host, port, secret.encode(), encrypt=not args.no_encrypt, events=events)
     try:
+        if listed:
+            client.connect()
+            return client.fetch('demo.bin', dest, client.listing('demo.bin').files[0])
         outcomes = client.get(['demo.bin'], dest)
         try:
             for outcome in outcomes:
@@ -10925,7 +10932,7 @@ def demo_emulated(args, conditions, source, size, workdir):
               % (human_bytes(size), describe_link(conditions)), file=sys.stderr, flush=True)
         events = ConsoleEvents(json_output=args.json, quiet=args.quiet)
         dest = os.path.join(workdir, 'received.bin')
-        summary = demo_fetch('127.0.0.1', link.port, secret, args, events, dest)
+        summary = demo_fetch('127.0.0.1', link.port, secret, args, events, dest, listed=True)
         demo_check_copy(dest, source, summary, events)
         counters = json.loads(children.pop().stop() or '{}').get('down', {})
         if counters and not args.json and not args.quiet:

@@ -63,6 +63,18 @@ def test_the_first_startup_slot_goes_with_the_first_packet():
     assert controller.level >= 1.9 * wanxfer.RateController.INITIAL_RATE, controller.level
 
 
+def test_a_file_none_of_whose_packets_arrived_leaves_the_first_slot_to_the_next():
+    # The session's first file went in packets too large for the path
+    # (nothing came back); the next file's first packets start the slot.
+    path = ModelPath(200 * M, 0.12, jitter=0.005)
+    controller = wanxfer.RateController()
+    controller.on_start(0.0, 0.12)
+    controller.on_idle(0.7)
+    path.add_flow(controller, start=0.7)
+    path.run(0.95)
+    assert controller.level >= 1.9 * wanxfer.RateController.INITIAL_RATE, controller.level
+
+
 def test_startup_cut_short_by_another_flows_burst_regains_the_link_quickly():
     # A burst of another flow's data (20 ms of the bottleneck) that meets
     # a startup slot at the bottleneck ends the startup early; probes that
