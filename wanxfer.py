@@ -11428,11 +11428,15 @@ def build_parser():
         help='a real transfer on this machine through an emulated long, lossy link',
         description='Serve a generated file on loopback, fetch it through the built-in link '
                     'emulator (UDP and TCP relays that add delay, loss and a bottleneck), verify '
-                    'it, and print the summary a real transfer prints.  Needs no root.',
+                    'it, and print the summary a real transfer prints.  Needs no root.  As root '
+                    '(Linux, ip(8) and TUN devices), the link carries IP packets between two '
+                    'network namespaces instead, and after wanxfer one plain TCP connection '
+                    'sends the same file across it: both rates side by side.',
         epilog='examples:\n'
                '  python3 wanxfer.py demo\n'
-               '  python3 wanxfer.py demo --rtt 300 --loss 2 --size 256M --link-rate 500M')
-    demo.add_argument('--size', default='64M', help='size of the generated file (default 64M)')
+               '  sudo python3 wanxfer.py demo                  # and plain TCP beside it\n'
+               '  python3 wanxfer.py demo --rtt 300 --loss 2 --size 1G --link-rate 500M')
+    demo.add_argument('--size', default='256M', help='size of the generated file (default 256M)')
     demo.add_argument('--json', action='store_true',
                       help='print the summary as JSON (and plain TCP\'s as a second object)')
     demo.add_argument('-q', '--quiet', action='store_true', help='no progress')
