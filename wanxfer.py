@@ -10855,6 +10855,11 @@ def command_demo(args):
     if conditions.loss >= 1:
         raise UsageError('demo --loss %g: nothing would arrive; use less than 100' % args.loss)
     lacking = None if args.no_tcp else packet_link_unavailable()
+    if args.tcp_congestion and not lacking and not args.no_tcp:
+        available = read_congestion_control('tcp_available_congestion_control').split()
+        if args.tcp_congestion not in available:
+            raise UsageError('demo --tcp-congestion %s: this kernel offers %s'
+                             % (args.tcp_congestion, ', '.join(available) or 'none'))
     workdir = tempfile.mkdtemp(prefix='wanxfer-demo-')
     try:
         free = shutil.disk_usage(workdir).free
@@ -10982,13 +10987,16 @@ def demo_side_by_side(args, conditions, source, size, workdir):
             wanxfer_link = json.loads(relay.stop() or '{}').get('down', {})
             demo_check_copy(dest, source, summary, events)
 
-            congestion = run_in_netns(side_a, read_congestion_control)
+            congestion = args.tcp_congestion or run_in_netns(side_a, read_congestion_control)
             if not args.json and not args.quiet:
-                print('demo: now plain TCP, one connection (the kernel\'s %s congestion control), '
-                      'the same file across the same link...' % congestion, flush=True)
+                print('demo: now plain TCP, one connection (%s congestion control), the same file '
+                      'across the same link...' % (congestion if args.tcp_congestion else
+                                                   'the kernel\'s ' + congestion), flush=True)
             relay = ChildProcess(relay_argv, ready='ready')
             children.append(relay)
-            sender = ChildProcess(['tcp-send', '--bind', server_address, source], prefix=in_a)
+            sender = ChildProcess(['tcp-send', '--bind', server_address, source] +
+                                  (['--congestion', congestion] if args.tcp_congestion else []),
+                                  prefix=in_a)
             children.append(sender)
             limit = max(DEMO_TCP_TIME[0], DEMO_TCP_TIME[1] * summary['duration_seconds'])
             tcp = run_in_netns(side_b, receive_plain_tcp, (server_address, sender.port), dest,
@@ -11014,9 +11022,11 @@ def demo_side_by_side(args, conditions, source, size, workdir):
     print(demo_comparison(summary, tcp))
 
 
-def read_congestion_control():
+def read_congestion_control(name='tcp_congestion_control'):
+    """The calling thread's namespace's default TCP congestion control
+    (or another of the kernel's lists of them, by `name`)."""
     try:
-        with open('/proc/sys/net/ipv4/tcp_congestion_control') as f:
+        with open('/proc/sys/net/ipv4/' + name) as f:
             return f.read().strip() or 'unknown'
     except OSError:
         return 'unknown'
@@ -11147,6 +11157,8 @@ def command_tcp_send(args):
     accepted on --bind, then close."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
+        if args.congestion:             # the accepted connection inherits it
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, args.congestion.encode())
         listener.bind((args.bind, 0))
         listener.listen(1)
         print('wanxfer: listening on %s:%d (plain TCP)' % (args.bind, listener.getsockname()[1]),
@@ -11442,6 +11454,8 @@ def build_parser():
     demo.add_argument('-q', '--quiet', action='store_true', help='no progress')
     demo.add_argument('--no-tcp', action='store_true',
                       help='skip plain TCP across the same link (which needs root)')
+    demo.add_argument('--tcp-congestion', metavar='NAME',
+                      help='plain TCP\'s congestion control, e.g. cubic (default: the kernel\'s)')
     add_link_options(demo, rtt=120.0, loss=1.0, rate='200M')
     demo.set_defaults(func=command_demo)
 
@@ -11454,6 +11468,7 @@ def build_parser():
     tcp_send = commands.add_parser('tcp-send')
     tcp_send.add_argument('path', metavar='FILE')
     tcp_send.add_argument('--bind', default='127.0.0.1', metavar='ADDR')
+    tcp_send.add_argument('--congestion', metavar='NAME')
     tcp_send.set_defaults(func=command_tcp_send)
 
     emulate = commands.add_parser(
