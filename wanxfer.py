@@ -10850,6 +10850,10 @@ class ChildProcess:
 
 
 def command_demo(args):
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # Started in the background: its helpers would ignore SIGINT too,
+        # and that is how it stops them (and has them print their counters).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     size = int(parse_size(args.size))
     conditions = link_conditions(args)
     if conditions.loss >= 1:

@@ -1071,6 +1071,18 @@ def test_demo_runs_a_verified_transfer_through_the_emulator():
     assert '20 ms round trip, 2% loss' in done.stderr
 
 
+def test_demo_started_in_the_background_still_stops_its_helpers_with_sigint():
+    # A shell starts background jobs with SIGINT ignored, and children
+    # inherit that: the demo stops its helpers with SIGINT (the emulator
+    # then prints its counters), so it must let them take it.
+    done = subprocess.run([sys.executable, WANXFER, 'demo', '--size', '1M', '--rtt', '10',
+                           '--loss', '0', '--no-tcp'], capture_output=True, text=True,
+                          timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                        signal.SIG_IGN))
+    assert done.returncode == 0, done.stderr
+    assert 'Link (server to client): ' in done.stdout, done.stdout
+
+
 def test_demo_without_root_says_what_the_tcp_comparison_needs():
     # As if not root: wanxfer alone, and one line on what plain TCP beside it
     # needs (never a TCP figure through a relay that hides the path's loss).
