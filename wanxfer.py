@@ -3867,6 +3867,22 @@ class RateController:
             self._cycle(now, sent_at, queue_delay, delivery, loss, fresh, capacity, rtt)
         self._update_rate()
 
+    def on_start(self, now, rtt):
+        """The sender starts sending a file (`rtt` as the session knows it).
+        Before any acknowledgement, the first startup slot goes at once, not
+        a round trip later with the first one: on a short transfer that
+        round trip at INITIAL_RATE is a good part of the whole.  At
+        STARTUP_GAIN only: no news yet says the path carries even
+        INITIAL_RATE, and nothing turns the rate down before the first
+        acknowledgement, so this rate lasts a round trip; but the slot is
+        judged on its first slot length, so the next one follows a slot and
+        a round trip from now.  (Again for the next file if none came: the
+        last one's packets may all have been too large for the path.)"""
+        if self.phase == 'startup' and self._last_ack is None:
+            self._slot = self._open_slot(now, self.STARTUP_GAIN, 0.0)
+            self._update_rate()
+            self._slot.end = now + self._slot_length(rtt)
+
     def on_idle(self, now):
         """The sender has nothing to send now (between files, or waiting for
         the receiver's requests).  What it sends meanwhile measures its want
@@ -5812,6 +5828,7 @@ class OutgoingFile:
         self._last_feedback = self._last_tick = self._busy_from = now
         if file_id > 1:
             self._rate.on_idle(now)             # idle since the last file
+        self._rate.on_start(now, self.rtt)
 
     @property
     def next_seq(self):
@@ -10744,6 +10761,12 @@ class FarTunnel(Tunnel):
 # serves that heap with `selectors`.  TCP is relayed byte for byte, only late:
 # the kernel's TCP would hide any loss anyway.  Nothing here prints; everything
 # that happens is counted in `LinkCounters`.
+#
+# So a byte-for-byte relay is no path to measure kernel TCP on: it never sees
+# the loss or the queue.  With root, `PacketLink` makes two network namespaces
+# joined by TUN devices, and `PacketRelay` carries their IP packets through
+# the same `PathShaper`s, so wanxfer and a plain TCP connection cross the
+# same link model as packets (what `demo` compares).
 
 
 class LinkConditions:
@@ -10875,9 +10898,10 @@ class PathShaper:
     """Plans one direction's datagrams: owns its loss chain, its bottleneck
     queue, its random stream and its counters.  No sockets, no clock:
     `shape(now, data)` returns the (arrival_time, payload) copies to deliver,
-    none if the packet is dropped."""
+    none if the packet is dropped.  `headers`: the bytes of IP and UDP
+    header the data handed to shape() lacks (none for whole IP packets)."""
 
-    def __init__(self, conditions, rng, counters):
+    def __init__(self, conditions, rng, counters, headers=28):
         c = conditions
         self._rng = rng
         self._counters = counters
@@ -10890,7 +10914,7 @@ class PathShaper:
         self._reorder_span_s = (0.001, c.reorder_ms / 1000.0)
         self._duplicate = c.duplicate
         self._corrupt = c.corrupt
-        self._max_datagram = c.mtu - 28
+        self._max_datagram = c.mtu - headers
         self._last_departure = 0.0    # when the bottleneck finishes its queue
         self._last_arrival = 0.0      # latest in-order arrival, to keep jitter from reordering
 
@@ -11511,6 +11535,230 @@ class LinkEmulator:
         raise error
 
 
+# --- Packet link: kernel TCP across the same model (root, Linux) -------------
+
+PACKET_LINK_PREFIX = 'wxdemo-'          # namespace names: another tool owns wan-a and wan-b
+PACKET_LINK_DEVICE = 'wan0'
+PACKET_LINK_ADDRESSES = ('198.18.14.1', '198.18.14.2')  # side a (the server's), side b
+CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454ca
+IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
+# What `wan` gives TCP too: windows may grow past the bandwidth-delay product
+# of a long fast path (the kernel's default maximum would cap the TCP side).
+PACKET_LINK_TCP_BUFFERS = (('tcp_rmem', '4096 131072 67108864'),
+                           ('tcp_wmem', '4096 65536 67108864'))
+
+
+def packet_link_unavailable():
+    """None if this process can make a PacketLink, else what it lacks."""
+    if not sys.platform.startswith('linux'):
+        return 'Linux'
+    if os.geteuid() != 0:
+        return 'root'
+    if shutil.which('ip') is None:
+        return 'ip(8)'
+    if fcntl is None or not os.path.exists('/dev/net/tun'):
+        return 'TUN devices (/dev/net/tun)'
+    return None
+
+
+def enter_netns(name):
+    """Move the calling thread (only it) into the network namespace `name`."""
+    fd = os.open(os.path.join('/var/run/netns', name), os.O_RDONLY)
+    try:
+        if hasattr(os, 'setns'):                # 3.12
+            os.setns(fd, CLONE_NEWNET)
+            return
+        import ctypes                           # only here: most runs never need it
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, 'setns %s: %s' % (name, os.strerror(code)))
+    finally:
+        os.close(fd)
+
+
+def run_in_netns(name, function, *args):
+    """function(*args) on a thread of its own inside the namespace `name`
+    (the caller's stays where it is): its result, or what it raised."""
+    outcome = []
+
+    def body():
+        try:
+            enter_netns(name)
+            outcome.append((True, function(*args)))
+        except BaseException as e:              # handed to the caller
+            outcome.append((False, e))
+    thread = threading.Thread(target=body, name='netns-' + name, daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def open_tun(device):
+    """A non-blocking descriptor of the TUN `device` of the calling
+    thread's namespace: one read or write is one IP packet."""
+    fd = os.open('/dev/net/tun', os.O_RDWR | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack('16sH', device.encode(), IFF_TUN | IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _tune_tcp_buffers():
+    for name, value in PACKET_LINK_TCP_BUFFERS:
+        with open('/proc/sys/net/ipv4/' + name, 'w') as f:
+            f.write(value)
+
+
+class PacketLink:
+    """Two network namespaces, `names` (a, the server's side, and b), each
+    with a TUN device and one address of `addresses`, routed to the other;
+    nothing carries their packets until a PacketRelay reads both devices.
+    `start()` makes them (returns self), `close()` removes them whatever
+    happened, which also ends whatever still ran inside.  Root only (see
+    packet_link_unavailable)."""
+
+    def __init__(self, mtu=1500):
+        tag = '%d-%s' % (os.getpid(), secrets.token_hex(3))
+        self.names = (PACKET_LINK_PREFIX + tag + '-a', PACKET_LINK_PREFIX + tag + '-b')
+        self.addresses = PACKET_LINK_ADDRESSES
+        self.mtu = mtu
+        self._made = []
+
+    def start(self):
+        try:
+            for name, here, there in ((self.names[0],) + self.addresses,
+                                      (self.names[1],) + self.addresses[::-1]):
+                self._ip('netns', 'add', name)
+                self._made.append(name)
+                self._ip('-n', name, 'link', 'set', 'lo', 'up')
+                self._ip('-n', name, 'tuntap', 'add', 'dev', PACKET_LINK_DEVICE, 'mode', 'tun')
+                self._ip('-n', name, 'addr', 'add', here, 'peer', there, 'dev', PACKET_LINK_DEVICE)
+                self._ip('-n', name, 'link', 'set', PACKET_LINK_DEVICE, 'up', 'mtu', str(self.mtu))
+                run_in_netns(name, _tune_tcp_buffers)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self):
+        while self._made:
+            name = self._made.pop()
+            subprocess.run(['ip', 'netns', 'del', name], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    @staticmethod
+    def _ip(*argv):
+        done = subprocess.run(('ip',) + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True)
+        if done.returncode:
+            raise TransferError('ip %s: %s' % (' '.join(argv),
+                                               done.stderr.strip() or done.returncode))
+
+
+class PacketRelay:
+    """Carries IP packets between two descriptors (a PacketLink's TUN
+    devices, or in tests anything where one read is one packet) through a
+    PathShaper each way: a to b is `down` (server to client, as in
+    LinkEmulator), b to a is `up`.  `poll()` is one turn of the loop,
+    `run()` turns it until `stop()`; `counters` can be read at any time."""
+
+    BATCH = 256                 # packets read per readable event, so the heap is served too
+    MAX_PACKET = 65535
+
+    def __init__(self, fd_a, fd_b, conditions, reverse_conditions=None):
+        reverse = conditions if reverse_conditions is None else reverse_conditions
+        self.counters = LinkCounters()
+        self._fds = (fd_a, fd_b)
+        # Whole IP packets: no header is missing from what shape() counts.
+        down, up = self.counters.down, self.counters.up
+        self._shapers = {
+            fd_a: (PathShaper(conditions, _direction_rng(conditions.seed, 'down'), down,
+                              headers=0), fd_b, down),
+            fd_b: (PathShaper(reverse, _direction_rng(reverse.seed, 'up'), up, headers=0),
+                   fd_a, up)}
+        self._heap = []             # (due, seq, fd to write, packet, counters)
+        self._seq = 0
+        self._stopping = False
+        self._waker = Waker()
+        self._sel = selectors.DefaultSelector()
+        for fd in self._fds:
+            os.set_blocking(fd, False)
+            self._sel.register(fd, selectors.EVENT_READ, fd)
+        self._sel.register(self._waker.reader, selectors.EVENT_READ, None)
+
+    def run(self):
+        while not self._stopping:
+            self.poll()
+
+    def stop(self):
+        """Ends run() (from another thread or a signal handler)."""
+        self._stopping = True
+        self._waker.wake()
+
+    def close(self):
+        self._sel.close()
+        self._waker.close()
+
+    def poll(self, timeout=None):
+        """Wait for packets or the next due time (at most `timeout`), then
+        read what arrived and write what is due."""
+        now = time.monotonic()
+        wait = timeout
+        if self._heap:
+            due = self._heap[0][0] - now
+            wait = due if wait is None or due < wait else wait
+        for key, _ in self._sel.select(None if wait is None else max(0.0, wait)):
+            if key.data is None:
+                self._waker.drain()
+            else:
+                self._read(key.data)
+        self._write_due(time.monotonic())
+
+    def _read(self, fd):
+        shaper, to, counters = self._shapers[fd]
+        read, push, heap, shape = os.read, heapq.heappush, self._heap, shaper.shape
+        seq = self._seq
+        now = time.monotonic()
+        for _ in range(self.BATCH):
+            try:
+                packet = read(fd, self.MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not packet:
+                break
+            counters.packets_in += 1
+            counters.bytes_in += len(packet)
+            for due, data in shape(now, packet):
+                seq += 1
+                push(heap, (due, seq, to, data, counters))
+        self._seq = seq
+
+    def _write_due(self, now):
+        heap, pop, write = self._heap, heapq.heappop, os.write
+        while heap and heap[0][0] <= now:
+            _, _, fd, data, counters = pop(heap)
+            try:
+                write(fd, data)
+            except OSError:         # the device's queue is full, or it went away
+                counters.send_errors += 1
+                continue
+            counters.packets_forwarded += 1
+            counters.bytes_forwarded += len(data)
+
+
 # ---------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------
@@ -11871,13 +12119,21 @@ def write_random_file(path, size):
 class ChildProcess:
     """This file run as another process (`serve`, `emulate`) for `demo`, so
     each end has a core and an interpreter of its own.  The port it
-    listens on is read from its 'listening on' line."""
+    listens on is read from its 'listening on' line; a child that listens
+    on nothing says `ready` instead (then `port` is None).  `prefix` runs
+    it through another command (`ip netns exec NAME`)."""
 
-    def __init__(self, argv, env=None):
-        command = [sys.executable, os.path.abspath(__file__)] + argv
+    def __init__(self, argv, env=None, prefix=(), ready='listening on '):
+        command = list(prefix) + [sys.executable, os.path.abspath(__file__)] + argv
+        self.name = argv[0]
+        self._ready = ready
         self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
-        self.port = self._read_port()
+        try:
+            self.port = self._read_port()
+        except BaseException:           # Ctrl-C meanwhile: no child outlives the demo
+            self.stop()
+            raise
 
     def _read_port(self):
         selector = selectors.DefaultSelector()
@@ -11891,10 +12147,12 @@ class ChildProcess:
                 if 'listening on ' in line:
                     address = line.split('listening on ', 1)[1].split()[0].rstrip(',')
                     return int(address.rsplit(':', 1)[1])
+                if self._ready in line:
+                    return None
         finally:
             selector.close()
         self.stop()
-        raise TransferError('demo: a helper process did not start: %s' % self.proc.args[2])
+        raise TransferError('demo: a helper process did not start: %s' % self.name)
 
     def stop(self):
         """Interrupt it and return what it printed on stdout."""
@@ -11909,13 +12167,21 @@ class ChildProcess:
 
 
 def command_demo(args):
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # Started in the background: its helpers would ignore SIGINT too,
+        # and that is how it stops them (and has them print their counters).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     size = int(parse_size(args.size))
     conditions = link_conditions(args)
     if conditions.loss >= 1:
         raise UsageError('demo --loss %g: nothing would arrive; use less than 100' % args.loss)
-    encrypt = [] if not args.no_encrypt else ['--no-encrypt']
+    lacking = None if args.no_tcp else packet_link_unavailable()
+    if args.tcp_congestion and not lacking and not args.no_tcp:
+        available = read_congestion_control('tcp_available_congestion_control').split()
+        if args.tcp_congestion not in available:
+            raise UsageError('demo --tcp-congestion %s: this kernel offers %s'
+                             % (args.tcp_congestion, ', '.join(available) or 'none'))
     workdir = tempfile.mkdtemp(prefix='wanxfer-demo-')
-    children = []
     try:
         free = shutil.disk_usage(workdir).free
         if 2 * size > free:
@@ -11924,7 +12190,65 @@ def command_demo(args):
                                 human_bytes(free)))
         source = os.path.join(workdir, 'demo.bin')
         write_random_file(source, size)
-        secret = secrets.token_hex(24)
+        if args.no_tcp or lacking:
+            demo_emulated(args, conditions, source, size, workdir)
+            if lacking:
+                print('demo: no plain TCP beside it: that needs %s (kernel TCP must cross the '
+                      'emulated link as packets, between network namespaces joined by TUN '
+                      'devices); run the demo with sudo for it, or pass --no-tcp to skip it'
+                      % lacking, file=sys.stderr, flush=True)
+        else:
+            demo_side_by_side(args, conditions, source, size, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def demo_fetch(host, port, secret, args, events, dest, listed=False):
+    """The demo's wanxfer transfer of demo.bin to `dest`, as `get` does it
+    (an open fetch: no listing first), or `listed` (the listing's round
+    trip brings the probes that size the blocks: through the built-in
+    emulator, whose MTU is less than the loopback route's that an open
+    fetch's blocks are cut for); its summary."""
+    client = Client(host, port, secret.encode(), encrypt=not args.no_encrypt, events=events)
+    try:
+        if listed:
+            client.connect()
+            return client.fetch('demo.bin', dest, client.listing('demo.bin').files[0])
+        outcomes = client.get(['demo.bin'], dest)
+        try:
+            for outcome in outcomes:
+                if isinstance(outcome, RemoteError):
+                    raise outcome
+                summary = outcome
+        finally:
+            outcomes.close()
+    finally:
+        client.close()
+    return summary
+
+
+def demo_check_copy(dest, source, summary, events):
+    if file_sha256(dest) != file_sha256(source):
+        raise TransferError('demo: the received file differs from the source')
+    summary['file'] = 'demo.bin'                # the copy lives in a directory removed below
+    events.file_finished(summary)
+    os.unlink(dest)                             # room for the next copy
+
+
+def print_link_counters(counters, what):
+    if counters:
+        print('Link (server to client)%s: %d packets forwarded, %d lost on the path, %d dropped '
+              'by the queue' % (what, counters['packets_forwarded'], counters['dropped_loss'],
+                                counters['dropped_queue']))
+
+
+def demo_emulated(args, conditions, source, size, workdir):
+    """wanxfer alone, through the built-in emulator (no root needed)."""
+    encrypt = [] if not args.no_encrypt else ['--no-encrypt']
+    secret = secrets.token_hex(24)
+    children = []
+    try:
         server = ChildProcess(['serve', '--bind', '127.0.0.1', '--port', '0', source] + encrypt,
                               env=dict(os.environ, **{SECRET_ENV: secret}))
         children.append(server)
@@ -11933,19 +12257,9 @@ def command_demo(args):
         print('demo: a %s file served on loopback through the built-in link emulator: %s'
               % (human_bytes(size), describe_link(conditions)), file=sys.stderr, flush=True)
         events = ConsoleEvents(json_output=args.json, quiet=args.quiet)
-        client = Client('127.0.0.1', link.port, secret.encode(), encrypt=not args.no_encrypt,
-                        events=events)
-        try:
-            client.connect()
-            entry = client.listing('demo.bin').files[0]
-            dest = os.path.join(workdir, 'received.bin')
-            summary = client.fetch('demo.bin', dest, entry)
-        finally:
-            client.close()
-        if file_sha256(dest) != file_sha256(source):
-            raise TransferError('demo: the received file differs from the source')
-        summary['file'] = 'demo.bin'            # the copy lives in a directory removed below
-        events.file_finished(summary)
+        dest = os.path.join(workdir, 'received.bin')
+        summary = demo_fetch('127.0.0.1', link.port, secret, args, events, dest, listed=True)
+        demo_check_copy(dest, source, summary, events)
         counters = json.loads(children.pop().stop() or '{}').get('down', {})
         if counters and not args.json and not args.quiet:
             print('Link (server to client): %d packets forwarded, %d lost on the path, %d dropped '
@@ -11955,8 +12269,140 @@ def command_demo(args):
     finally:
         for child in children:
             child.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+
+
+DEMO_TCP_TIME = (20.0, 3.0)     # s, and times wanxfer's: plain TCP may take no longer (a loss-
+                                # based TCP on a lossy path could take hours); its rate so far counts
+
+
+def demo_side_by_side(args, conditions, source, size, workdir):
+    """wanxfer, then one plain TCP connection, each across the same
+    emulated link as IP packets (a PacketLink and a fresh PacketRelay each:
+    an empty queue for both); both rates, and the ratio.  Root only."""
+    encrypt = [] if not args.no_encrypt else ['--no-encrypt']
+    secret = secrets.token_hex(24)
+    events = ConsoleEvents(json_output=args.json, quiet=args.quiet)
+    children = []
+    with PacketLink(conditions.mtu) as link:
+        side_a, side_b = link.names
+        server_address, _client_address = link.addresses
+        in_a = ('ip', 'netns', 'exec', side_a)
+        relay_argv = ['link-relay', '--a', side_a, '--b', side_b] + link_argv(args)
+        try:
+            print('demo: a %s file, fetched by wanxfer and then sent over one plain TCP connection, '
+                  'each across the same emulated link as IP packets (two network namespaces joined '
+                  'by TUN devices): %s' % (human_bytes(size), describe_link(conditions)),
+                  file=sys.stderr, flush=True)
+            relay = ChildProcess(relay_argv, ready='ready')
+            children.append(relay)
+            server = ChildProcess(['serve', '--bind', server_address, '--port', '0', source]
+                                  + encrypt, env=dict(os.environ, **{SECRET_ENV: secret}),
+                                  prefix=in_a)
+            children.append(server)
+            dest = os.path.join(workdir, 'received.bin')
+            summary = run_in_netns(side_b, demo_fetch, server_address, server.port, secret, args,
+                                   events, dest)
+            children.remove(server)
+            server.stop()
+            children.remove(relay)
+            wanxfer_link = json.loads(relay.stop() or '{}').get('down', {})
+            demo_check_copy(dest, source, summary, events)
+
+            congestion = args.tcp_congestion or run_in_netns(side_a, read_congestion_control)
+            if not args.json and not args.quiet:
+                print('demo: now plain TCP, one connection (%s congestion control), the same file '
+                      'across the same link...' % (congestion if args.tcp_congestion else
+                                                   'the kernel\'s ' + congestion), flush=True)
+            relay = ChildProcess(relay_argv, ready='ready')
+            children.append(relay)
+            sender = ChildProcess(['tcp-send', '--bind', server_address, source] +
+                                  (['--congestion', congestion] if args.tcp_congestion else []),
+                                  prefix=in_a)
+            children.append(sender)
+            limit = max(DEMO_TCP_TIME[0], DEMO_TCP_TIME[1] * summary['duration_seconds'])
+            tcp = run_in_netns(side_b, receive_plain_tcp, (server_address, sender.port), dest,
+                               size, limit)
+            children.remove(relay)
+            tcp_link = json.loads(relay.stop() or '{}').get('down', {})
+        finally:
+            for child in children:
+                child.stop()
+    if tcp['received_bytes'] == size and tcp['sha256'] != file_sha256(source):
+        raise TransferError('demo: the file sent over TCP arrived different')
+    tcp.update(transfer='tcp', congestion_control=congestion, file_bytes=size,
+               verified=tcp['received_bytes'] == size,
+               wanxfer_to_tcp=round(summary['file_rate_mbps'] / tcp['file_rate_mbps'], 2)
+               if tcp['file_rate_mbps'] else None)
+    if args.json:
+        print(json.dumps(tcp, sort_keys=True), flush=True)
+        return
+    if args.quiet:
+        return
+    print_link_counters(wanxfer_link, ' during wanxfer')
+    print_link_counters(tcp_link, ' during TCP')
+    print(demo_comparison(summary, tcp))
+
+
+def read_congestion_control(name='tcp_congestion_control'):
+    """The calling thread's namespace's default TCP congestion control
+    (or another of the kernel's lists of them, by `name`)."""
+    try:
+        with open('/proc/sys/net/ipv4/' + name) as f:
+            return f.read().strip() or 'unknown'
+    except OSError:
+        return 'unknown'
+
+
+def receive_plain_tcp(address, dest, size, limit):
+    """Read one plain TCP connection's bytes into `dest` for at most
+    `limit` seconds from the connect: the figures of that transfer."""
+    started = time.monotonic()
+    deadline = started + limit
+    digest = hashlib.sha256()
+    received = 0
+    sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT)
+    try:
+        buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
+        with open(dest, 'wb') as f:
+            while received < size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+                try:
+                    n = sock.recv_into(buffer)
+                except socket.timeout:
+                    break
+                if not n:
+                    break
+                f.write(view[:n])
+                digest.update(view[:n])
+                received += n
+        seconds = max(time.monotonic() - started, 1e-6)
+    finally:
+        sock.close()
+    return {'received_bytes': received, 'duration_seconds': round(seconds, 3),
+            'file_rate_mbps': round(received * 8 / seconds / 1e6, 2),
+            'complete': received == size, 'sha256': digest.hexdigest()}
+
+
+def demo_comparison(summary, tcp):
+    """The side-by-side lines `demo` ends with."""
+    note = '' if tcp['complete'] else ('; stopped there, %s of %s had arrived'
+                                       % (human_bytes(tcp['received_bytes']),
+                                          human_bytes(tcp['file_bytes'])))
+    rows = [('wanxfer', '%s in %.2f s' % (human_rate(summary['file_rate_mbps'] * 1e6),
+                                          summary['duration_seconds'])),
+            ('plain TCP (%s, 1 connection)' % tcp['congestion_control'],
+             '%s in %.2f s%s' % (human_rate(tcp['file_rate_mbps'] * 1e6), tcp['duration_seconds'],
+                                 note))]
+    if tcp['wanxfer_to_tcp']:
+        rows.append(('wanxfer / TCP', '%.2f' % tcp['wanxfer_to_tcp']))
+    width = max(len(label) for label, _ in rows)
+    return '\n'.join(['Side by side, the same %s file across the same link (file bytes / seconds):'
+                      % human_bytes(tcp['file_bytes'])] +
+                     ['  %-*s : %s' % (width, label, value) for label, value in rows])
 
 
 def link_argv(args):
@@ -11999,6 +12445,60 @@ def command_emulate(args):
     finally:
         link.close()
         print(json.dumps(link.counters.as_dict(), sort_keys=True), flush=True)
+    return 0
+
+
+def command_link_relay(args):
+    """`demo`'s packet link: the TUN devices of two PacketLink namespaces
+    joined through a PacketRelay until interrupted; then its counters as
+    JSON on stdout, as `emulate` prints them."""
+    conditions = link_conditions(args)
+    fds = []
+    try:
+        for name in (args.a, args.b):
+            fds.append(run_in_netns(name, open_tun, PACKET_LINK_DEVICE))
+        relay = PacketRelay(fds[0], fds[1], conditions)
+        print('wanxfer: emulating %s between %s and %s; ready'
+              % (describe_link(conditions), args.a, args.b), file=sys.stderr, flush=True)
+        try:
+            relay.run()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            relay.close()
+            print(json.dumps(relay.counters.as_dict(), sort_keys=True), flush=True)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return 0
+
+
+def command_tcp_send(args):
+    """`demo`'s plain TCP sender: the file over the first connection
+    accepted on --bind, then close."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if args.congestion:             # the accepted connection inherits it
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, args.congestion.encode())
+        listener.bind((args.bind, 0))
+        listener.listen(1)
+        print('wanxfer: listening on %s:%d (plain TCP)' % (args.bind, listener.getsockname()[1]),
+              file=sys.stderr, flush=True)
+        listener.settimeout(CONNECT_TIMEOUT)
+        try:
+            conn, _ = listener.accept()
+        except socket.timeout:
+            raise TransferError('no receiver connected')
+        conn.settimeout(None)
+        with conn, open(args.path, 'rb') as f:
+            try:
+                conn.sendfile(f)
+            except (BrokenPipeError, ConnectionResetError):
+                pass                            # the receiver stopped early (demo's time limit)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
     return 0
 
 
@@ -12283,15 +12783,36 @@ def build_parser():
         help='a real transfer on this machine through an emulated long, lossy link',
         description='Serve a generated file on loopback, fetch it through the built-in link '
                     'emulator (UDP and TCP relays that add delay, loss and a bottleneck), verify '
-                    'it, and print the summary a real transfer prints.  Needs no root.',
+                    'it, and print the summary a real transfer prints.  Needs no root.  As root '
+                    '(Linux, ip(8) and TUN devices), the link carries IP packets between two '
+                    'network namespaces instead, and after wanxfer one plain TCP connection '
+                    'sends the same file across it: both rates side by side.',
         epilog='examples:\n'
                '  python3 wanxfer.py demo\n'
-               '  python3 wanxfer.py demo --rtt 300 --loss 2 --size 256M --link-rate 500M')
-    demo.add_argument('--size', default='64M', help='size of the generated file (default 64M)')
-    demo.add_argument('--json', action='store_true', help='print the summary as JSON')
+               '  sudo python3 wanxfer.py demo                  # and plain TCP beside it\n'
+               '  python3 wanxfer.py demo --rtt 300 --loss 2 --size 1G --link-rate 500M')
+    demo.add_argument('--size', default='256M', help='size of the generated file (default 256M)')
+    demo.add_argument('--json', action='store_true',
+                      help='print the summary as JSON (and plain TCP\'s as a second object)')
     demo.add_argument('-q', '--quiet', action='store_true', help='no progress')
+    demo.add_argument('--no-tcp', action='store_true',
+                      help='skip plain TCP across the same link (which needs root)')
+    demo.add_argument('--tcp-congestion', metavar='NAME',
+                      help='plain TCP\'s congestion control, e.g. cubic (default: the kernel\'s)')
     add_link_options(demo, rtt=120.0, loss=1.0, rate='200M')
     demo.set_defaults(func=command_demo)
+
+    # demo's helpers, run as processes of their own (no help: not for people).
+    relay = commands.add_parser('link-relay')
+    relay.add_argument('--a', required=True, metavar='NETNS', help='the server\'s side')
+    relay.add_argument('--b', required=True, metavar='NETNS', help='the client\'s side')
+    add_link_options(relay, rtt=120.0, loss=1.0, rate=None)
+    relay.set_defaults(func=command_link_relay)
+    tcp_send = commands.add_parser('tcp-send')
+    tcp_send.add_argument('path', metavar='FILE')
+    tcp_send.add_argument('--bind', default='127.0.0.1', metavar='ADDR')
+    tcp_send.add_argument('--congestion', metavar='NAME')
+    tcp_send.set_defaults(func=command_tcp_send)
 
     emulate = commands.add_parser(
         'emulate', formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -13,6 +13,8 @@ benchmarks under tests/bench/ can use these without pytest."""
 
 import base64
 import collections
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import json
@@ -287,6 +289,25 @@ def run_get(port, *args, secret=SECRET, timeout=90):
     """Run `get` to completion; the CompletedProcess (text)."""
     return subprocess.run(get_command(port, *args), env=wanxfer_env(secret), capture_output=True,
                           text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def netns_lock():
+    """Held while a test has network namespaces or TUN devices: one emulated
+    link at a time on a machine others share.  The file to flock is
+    $WANXFER_NETNS_LOCK, by default /work/scratch/wan.lock (where `wan`
+    users take it on the machine this was written on), none if neither is
+    set and that directory does not exist."""
+    path = os.environ.get('WANXFER_NETNS_LOCK', '/work/scratch/wan.lock')
+    if not os.path.isdir(os.path.dirname(path) or '.'):
+        yield
+        return
+    with open(path, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def json_summaries(completed):
@@ -636,6 +657,8 @@ class ModelFlow:
         self.sent_bytes = self.dropped_packets = self.lost_packets = 0
         self.delivered = collections.Counter()  # bytes that reached the receiver, per 0.1 s
         self.rates = []                         # (time, controller's rate) every step
+        if hasattr(controller, 'on_start'):     # as the real sender does with its first file
+            controller.on_start(start, self.rtt)
 
     def send(self, now):
         """Pace out this step's packets: (packets that survive the random

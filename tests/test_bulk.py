@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from helpers import (SECRET, WANXFER, get_command, json_summaries, make_file, partial_blocks,
-                     patched_serve, run_get, sha256, wait_for, wanxfer, wanxfer_env)
+from helpers import (SECRET, WANXFER, get_command, json_summaries, make_file, netns_lock,
+                     partial_blocks, patched_serve, run_get, sha256, wait_for, wanxfer, wanxfer_env)
 
 pytestmark = pytest.mark.e2e          # all but the listing-pages test start processes or sockets
 
@@ -1062,12 +1062,70 @@ def test_full_disk_keeps_partial_data_and_resumes(tmp_path, serve):
 
 def test_demo_runs_a_verified_transfer_through_the_emulator():
     done = subprocess.run([sys.executable, WANXFER, 'demo', '--size', '2M', '--rtt', '20',
-                           '--loss', '2', '--json'], capture_output=True, text=True, timeout=120)
+                           '--loss', '2', '--json', '--no-tcp'], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     (summary,) = json_summaries(done)
     assert summary['verified'] is True and summary['file_bytes'] == 2 * 1024 * 1024
     assert summary['packets_retransmitted'] > 0          # the emulated loss was repaired
     assert '20 ms round trip, 2% loss' in done.stderr
+
+
+def test_demo_started_in_the_background_still_stops_its_helpers_with_sigint():
+    # A shell starts background jobs with SIGINT ignored, and children
+    # inherit that: the demo stops its helpers with SIGINT (the emulator
+    # then prints its counters), so it must let them take it.
+    done = subprocess.run([sys.executable, WANXFER, 'demo', '--size', '1M', '--rtt', '10',
+                           '--loss', '0', '--no-tcp'], capture_output=True, text=True,
+                          timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                        signal.SIG_IGN))
+    assert done.returncode == 0, done.stderr
+    assert 'Link (server to client): ' in done.stdout, done.stdout
+
+
+def test_demo_without_root_says_what_the_tcp_comparison_needs():
+    # As if not root: wanxfer alone, and one line on what plain TCP beside it
+    # needs (never a TCP figure through a relay that hides the path's loss).
+    script = ('import sys; sys.path.insert(0, %r); import wanxfer; '
+              'wanxfer.packet_link_unavailable = lambda: "root"; '
+              'sys.exit(wanxfer.main(sys.argv[1:]))' % os.path.dirname(WANXFER))
+    done = subprocess.run([sys.executable, '-c', script, 'demo', '--size', '1M', '--rtt', '10',
+                           '--loss', '0'], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    needs = [line for line in done.stderr.splitlines() if 'TCP' in line]
+    assert len(needs) == 1 and 'needs root' in needs[0] and '--no-tcp' in needs[0], done.stderr
+    assert 'plain TCP' not in done.stdout and 'Final file rate' in done.stdout
+    quiet = subprocess.run([sys.executable, '-c', script, 'demo', '--size', '1M', '--rtt', '10',
+                            '--loss', '0', '--no-tcp'], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and 'TCP' not in quiet.stderr, quiet.stderr
+
+
+def demo_namespaces():
+    done = subprocess.run(['ip', 'netns', 'list'], capture_output=True, text=True, timeout=30)
+    return {line.split()[0] for line in done.stdout.splitlines()
+            if line.startswith(wanxfer.PACKET_LINK_PREFIX)}
+
+
+@pytest.mark.skipif(wanxfer.packet_link_unavailable() is not None,
+                    reason='plain TCP across the emulated link needs %s'
+                           % wanxfer.packet_link_unavailable())
+def test_demo_as_root_puts_plain_tcp_beside_wanxfer_across_the_same_link():
+    before = demo_namespaces()
+    with netns_lock():
+        done = subprocess.run([sys.executable, WANXFER, 'demo', '--size', '8M', '--rtt', '40'],
+                              capture_output=True, text=True, timeout=300)
+        assert demo_namespaces() == before      # made and removed again
+    assert done.returncode == 0, done.stderr
+    assert 'needs root' not in done.stderr
+    wanxfer_rate = re.search(r'^  wanxfer +: ([0-9.]+) Mbit/s in ', done.stdout, re.M)
+    tcp_rate = re.search(r'^  plain TCP \((\w+), 1 connection\) +: ([0-9.]+) Mbit/s in ',
+                         done.stdout, re.M)
+    assert wanxfer_rate and tcp_rate, done.stdout
+    assert float(wanxfer_rate.group(1)) > 0 and float(tcp_rate.group(2)) > 0
+    assert re.search(r'^  wanxfer / TCP +: [0-9.]+$', done.stdout, re.M)
+    # Each transfer crossed the link as packets: the TCP one was shaped too.
+    assert re.search(r'^Link \(server to client\) during TCP: [1-9][0-9]* packets forwarded',
+                     done.stdout, re.M), done.stdout
 
 
 LATE_PROBES = """

@@ -691,3 +691,91 @@ def test_tcp_a_pump_thread_that_cannot_start_costs_that_connection_only(tcp_list
         assert got == b'ok'
         for sock in (second, conn):
             sock.close()
+
+
+# ---------------------------------------------------------------------------
+# Packet relay: the same shaping for whole IP packets (demo's kernel TCP)
+# ---------------------------------------------------------------------------
+# Datagram socketpairs stand in for the two TUN devices: one read, one packet.
+
+@pytest.fixture
+def devices():
+    """((device a, its stack side), (device b, its stack side)): the
+    relay reads and writes each device, the test the other end."""
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    yield pairs
+    for pair in pairs:
+        for sock in pair:
+            sock.close()
+
+
+def test_packet_relay_paces_whole_ip_packets_and_counts_queue_drops(devices, clock):
+    # 8 Mbit/s: a 1000-byte packet takes 1 ms; the queue holds 10 of them;
+    # 5 ms one way.  The server's side (a) to the client's (b) is `down`.
+    (a, stack_a), (b, stack_b) = devices
+    conditions = LinkConditions(delay_ms=5, rate_bps=8000000, queue_ms=10.5, seed=1)
+    relay = wanxfer.PacketRelay(a.fileno(), b.fileno(), conditions)
+    try:
+        start = clock.now
+        for seq in range(30):               # three times what fits, all at once
+            stack_a.send(SEQ.pack(seq) + bytes(1000 - SEQ.size))
+        deadline = time.monotonic() + 5
+        down = relay.counters.down
+        while down.packets_in < 30:
+            assert time.monotonic() < deadline, 'the relay did not read the packets'
+            relay.poll(timeout=0.01)
+        assert down.dropped_queue == 20 and down.packets_forwarded == 0
+        for ms in range(1, 18):             # one arrival per millisecond after the delay
+            clock.now = start + ms * 0.001 + 1e-9
+            relay.poll(timeout=0)
+            assert down.packets_forwarded == max(0, min(ms - 5, 10)), ms
+        stack_b.settimeout(5)               # a packet the relay never wrote fails the test
+        got = [stack_b.recv(2000) for _ in range(10)]
+        assert [SEQ.unpack_from(p)[0] for p in got] == list(range(10))
+        # The other way is `up`; an IP packet as long as the MTU crosses
+        # (the UDP relay's datagrams lack 28 bytes of header: these do not).
+        clock.now += 1.0
+        stack_b.send(bytes(1500))
+        stack_b.send(bytes(1501))
+        while relay.counters.up.packets_in < 2:
+            assert time.monotonic() < deadline, 'the relay did not read the packets'
+            relay.poll(timeout=0.01)
+        clock.now += 0.1
+        relay.poll(timeout=0)
+        stack_a.settimeout(5)
+        assert len(stack_a.recv(2000)) == 1500
+        up = relay.counters.up
+        assert (up.packets_forwarded, up.dropped_mtu) == (1, 1)
+    finally:
+        relay.close()
+
+
+def test_packet_relay_loses_the_configured_share_each_way(devices, clock):
+    (a, stack_a), (b, stack_b) = devices
+    relay = wanxfer.PacketRelay(a.fileno(), b.fileno(), LinkConditions(delay_ms=0, loss=0.3, seed=7))
+    try:
+        deadline = time.monotonic() + 5
+        for stack, far, counters in ((stack_a, stack_b, relay.counters.down),
+                                     (stack_b, stack_a, relay.counters.up)):
+            far.setblocking(False)
+            arrived = 0
+            for batch in range(4):          # within what a datagram socket buffers
+                for _ in range(100):
+                    stack.send(bytes(100))
+                while counters.packets_in < 100 * (batch + 1):
+                    assert time.monotonic() < deadline, 'the relay did not read the packets'
+                    relay.poll(timeout=0.01)
+                clock.now += 0.001
+                relay.poll(timeout=0)
+                while True:
+                    try:
+                        far.recv(200)
+                    except BlockingIOError:
+                        break
+                    arrived += 1
+            assert counters.send_errors == 0
+            assert counters.dropped_loss + counters.packets_forwarded == 400
+            assert arrived == counters.packets_forwarded
+            assert 80 <= counters.dropped_loss <= 160, counters.dropped_loss
+    finally:
+        relay.close()

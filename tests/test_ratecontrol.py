@@ -52,13 +52,37 @@ def test_startup_on_shorter_paths_is_as_quick_as_doubling(capacity, rtt, within)
     assert path.drops(0, 4) < 0.2 * bdp_packets(capacity, rtt) + 100    # doubling: up to a whole one
 
 
+def test_the_first_startup_slot_goes_with_the_first_packet():
+    # Not a round trip later with the first acknowledgement: by a round
+    # trip and a slot the level has doubled.
+    path = ModelPath(200 * M, 0.12, jitter=0.005)
+    controller = wanxfer.RateController()
+    path.add_flow(controller)
+    assert controller.rate == wanxfer.RateController.STARTUP_GAIN * controller.level
+    path.run(0.25)
+    assert controller.level >= 1.9 * wanxfer.RateController.INITIAL_RATE, controller.level
+
+
+def test_a_file_none_of_whose_packets_arrived_leaves_the_first_slot_to_the_next():
+    # The session's first file went in packets too large for the path
+    # (nothing came back); the next file's first packets start the slot.
+    path = ModelPath(200 * M, 0.12, jitter=0.005)
+    controller = wanxfer.RateController()
+    controller.on_start(0.0, 0.12)
+    controller.on_idle(0.7)
+    path.add_flow(controller, start=0.7)
+    path.run(0.95)
+    assert controller.level >= 1.9 * wanxfer.RateController.INITIAL_RATE, controller.level
+
+
 def test_startup_cut_short_by_another_flows_burst_regains_the_link_quickly():
-    # A burst of another flow's data (20 ms of the bottleneck) ends the
-    # startup early; probes that find more delivery start it again.
+    # A burst of another flow's data (20 ms of the bottleneck) that meets
+    # a startup slot at the bottleneck ends the startup early; probes that
+    # find more delivery start it again.
     capacity, rtt = 500, 0.2
     path = ModelPath(capacity * M, rtt, loss=0.02, jitter=0.005)
     flow = path.add_flow(wanxfer.RateController())
-    path.run(0.55)
+    path.run(0.53)
     path.inject(0.020)
     path.run(8.0)
     assert not flow.controller.startup

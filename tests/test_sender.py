@@ -66,6 +66,7 @@ class Rate:
         self.cap = None
         self.feedback = []
         self.idle = []
+        self.started = []
         self.silences = 0
 
     def set_cap(self, cap):
@@ -74,6 +75,9 @@ class Rate:
     def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False,
                     sent_at=None, ack_delay=0.0):
         self.feedback.append({'delivered': delivered, 'lost': lost, 'rtt': rtt})
+
+    def on_start(self, now, rtt):
+        self.started.append(now)
 
     def on_idle(self, now):
         self.idle.append(now)
