@@ -8602,6 +8602,9 @@ class RateShare:
     def on_feedback(self, *args, **kwargs):
         self._shared.add(self._index, *args, **kwargs)
 
+    def on_start(self, now, rtt):
+        self._shared.controller.on_start(now, rtt)  # once: it only acts before any news
+
     def on_idle(self, now):
         self._shared.idle(now)
 
@@ -8635,6 +8638,9 @@ class WorkerRate:
         send_quietly(self._channel, WORKER_ACK.pack(
             b'A', now, queue_delay, delivered_bytes, delivered, lost, rtt,
             -1.0 if sent_at is None else sent_at, ack_delay))
+
+    def on_start(self, now, rtt):
+        pass                            # the coordinator's own share starts the shared controller
 
     def on_idle(self, now):
         if now - self._idle_told >= self.IDLE_REPORT:
