@@ -56,6 +56,11 @@ try:
 except ImportError:                     # not a Unix: no sharing of extents
     fcntl = None
 
+try:
+    import lzma
+except ImportError:                     # a Python built without liblzma: the tunnel says so
+    lzma = None                         # at HELLO, and its peer sends it deflate only
+
 __version__ = '0.1.0'
 
 DEFAULT_PORT = 46224          # Tsunami UDP's port, so firewall rules carry over
@@ -251,9 +256,12 @@ MAX_SESSION_MESSAGE = 4096
 # Stream ids are chosen by the --peer side, counting up from 1; 0 is the
 # connection itself.
 TUNNEL_MAGIC = b'WXTN'
-TUNNEL_VERSION = 2                              # 2: BLOB_DEFLATE replaced version 1's BLOB_ZLIB
+TUNNEL_VERSION = 3                              # 2: BLOB_DEFLATE replaced version 1's BLOB_ZLIB;
+                                                # 3: BLOB_LZMA, and HELLO says what a side decodes
 TUNNEL_MESSAGE = struct.Struct('!BI')           # message type, stream id
-TUNNEL_HELLO = struct.Struct('!4sBI')           # magic, version, receive window per stream (bytes)
+TUNNEL_HELLO_PREFIX = struct.Struct('!4sB')     # magic, version: every version's HELLO starts so
+TUNNEL_HELLO = struct.Struct('!4sBIB')          # prefix, receive window per stream (bytes),
+                                                # blob encodings this side decodes (bit 1 << encoding)
 TUNNEL_OPEN = struct.Struct('!H')               # target port; the target host (UTF-8) follows
 TUNNEL_DATA = struct.Struct('!BHI')             # blob encoding, piece count, blob size decoded; the blob
 TUNNEL_PIECE = struct.Struct('!BI')             # piece kind, length; PIECE_REF adds the digest
@@ -288,11 +296,17 @@ PIECE_REF = 3           # the chunk with this digest and total length ends here:
 # carried, in frame order, raw ones too; each BLOB_DEFLATE is primed with
 # the last HISTORY_SIZE bytes of it, so blobs compress about as well as one
 # continuous stream yet each can be compressed on its own, in parallel.
+# A BLOB_LZMA is not primed: it pays on larger blobs of structured data
+# (WAL, binlogs, binaries), where LZMA's coder beats deflate's by far more
+# than the history would give; a sender chooses per blob (BlobChoice).
 BLOB_RAW = 0
 BLOB_DEFLATE = 2        # one complete raw deflate stream (RFC 1951, ended by its final block),
                         # dictionary: the last HISTORY_SIZE bytes of the direction's history
                         # (1 was version 1's single zlib stream per direction)
+BLOB_LZMA = 3           # one complete raw LZMA2 stream (xz's filter 0x21 with no container,
+                        # ended by its end marker), dictionary of at most LZMA_DICT bytes
 HISTORY_SIZE = 32 << 10                         # deflate's window
+LZMA_DICT = 256 << 10                           # xz preset 0's; what a receiver allocates
 MIN_COMPRESS = 256
 PING_INTERVAL = 10.0
 PEER_DEAD_AFTER = 35.0              # s without a frame from the peer
@@ -8028,6 +8042,9 @@ PEER_BUFFER = 48 << 20              # socket buffers: 1 Gbit/s over 130 ms, with
 PEER_UNSENT_LIMIT = 4 << 20         # bytes the kernel may hold not yet sent
 TCP_NOTSENT_LOWAT = getattr(socket, 'TCP_NOTSENT_LOWAT', 25)
 ZLIB_LEVEL = 7                      # zlib's 6 trails GNU gzip -6 a little on SQL dumps; 7 passes it
+COMPRESS_SAMPLE = 4 << 10           # blobs up to this size are tried outright, not sampled
+LZMA_MIN = 4 << 10                  # smaller blobs go deflated: unprimed LZMA loses on them
+PROBE_GAP_MAX = 256                 # blobs between a stream's trials of the coder it is not using
 RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 PEER_STABLE = 10.0                  # s a peer connection must live before back-off starts over
 PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the peer connection
@@ -8242,13 +8259,13 @@ def unpack_pieces(payload, count):
 class DeflatePool:
     """Threads that compress blobs for every peer connection of a process.
 
-    zlib releases the GIL while it works on a buffer, so blobs compressed
-    here use more than one core while the loop chunks and the writers seal.
-    `submit(blob, dictionary, done)` runs `deflate_blob` on a pool thread
-    and then `done((encoding, packed), error)` there; done must not block.
-    With no threads, or for a blob too short to compress (an interactive
-    stream's: no hop between threads), submit runs the work at once on the
-    caller's thread."""
+    zlib and lzma release the GIL while they work on a buffer, so blobs
+    compressed here use more than one core while the loop chunks and the
+    writers seal.  `submit(blob, dictionary, done, choice)` runs
+    `compress_blob` on a pool thread and then `done((encoding, packed),
+    error)` there; done must not block.  With no threads, or for a blob too
+    short to compress (an interactive stream's: no hop between threads),
+    submit runs the work at once on the caller's thread."""
 
     def __init__(self, threads, level=ZLIB_LEVEL):
         self.level = level
@@ -8257,11 +8274,11 @@ class DeflatePool:
         for _ in range(threads):
             start_thread(self._work, 'tunnel-deflate')
 
-    def submit(self, blob, dictionary, done):
+    def submit(self, blob, dictionary, done, choice=None):
         if not self.threads or len(blob) < MIN_COMPRESS:
-            self._run(blob, dictionary, done)
+            self._run(blob, dictionary, done, choice)
         else:
-            self._jobs.put((blob, dictionary, done))
+            self._jobs.put((blob, dictionary, done, choice))
 
     def close(self):
         for _ in range(self.threads):
@@ -8274,9 +8291,9 @@ class DeflatePool:
                 return
             self._run(*job)
 
-    def _run(self, blob, dictionary, done):
+    def _run(self, blob, dictionary, done, choice):
         try:
-            result = deflate_blob(blob, dictionary, self.level)
+            result = compress_blob(blob, dictionary, self.level, choice)
         except Exception as e:          # (MemoryError): the writer reports it and the connection ends
             done(None, e)
             return
@@ -8289,13 +8306,110 @@ def default_pool_threads():
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def deflate_blob(blob, dictionary, level=ZLIB_LEVEL):
+def deflate_blob(blob, dictionary, level=ZLIB_LEVEL, judged=False):
     """(encoding, bytes on the wire) of a DATA or CHUNK blob: BLOB_DEFLATE,
-    primed with `dictionary`, where a sample says it pays; else BLOB_RAW."""
-    if len(blob) < MIN_COMPRESS or not compressible(blob):
+    primed with `dictionary`, where a sample says it pays (or the caller
+    `judged` so); else BLOB_RAW."""
+    if not judged and (len(blob) < MIN_COMPRESS or not compressible(blob)):
         return BLOB_RAW, blob
     deflate = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, dictionary)
     return BLOB_DEFLATE, deflate.compress(blob) + deflate.flush()
+
+
+def lzma_filters(dict_size=LZMA_DICT, preset=None):
+    options = {'id': lzma.FILTER_LZMA2, 'dict_size': dict_size}
+    if preset is not None:
+        options['preset'] = preset
+    return [options]
+
+
+def lzma_blob(blob):
+    """A BLOB_LZMA's bytes on the wire: xz's fastest preset, which on
+    structured data is about as fast as deflate and far smaller."""
+    compressor = lzma.LZMACompressor(lzma.FORMAT_RAW, filters=lzma_filters(preset=0))
+    return compressor.compress(blob) + compressor.flush()
+
+
+def compress_blob(blob, dictionary, level=ZLIB_LEVEL, choice=None):
+    """(encoding, bytes on the wire) of a DATA or CHUNK blob.  A small one
+    is deflated outright (a sample of it, without the history, would
+    misjudge it) and goes raw unless that saves; a larger one goes raw if a
+    sample says it does not compress, else as `choice` (a BlobChoice, None
+    for deflate only) says: deflated, LZMA, or both tried and the smaller."""
+    if len(blob) < MIN_COMPRESS:
+        return BLOB_RAW, blob
+    if len(blob) <= COMPRESS_SAMPLE:
+        encoding, packed = deflate_blob(blob, dictionary, level, judged=True)
+        return (encoding, packed) if len(packed) < len(blob) else (BLOB_RAW, blob)
+    if not compressible(blob):
+        return BLOB_RAW, blob
+    plan = choice.plan() if choice is not None and len(blob) >= LZMA_MIN else BLOB_DEFLATE
+    if plan == BLOB_LZMA:
+        return BLOB_LZMA, lzma_blob(blob)
+    encoding, packed = deflate_blob(blob, dictionary, level, judged=True)
+    if plan is None:                        # a trial: both coders, and the smaller goes
+        other = lzma_blob(blob)
+        choice.learn(len(other) < len(packed))
+        if len(other) < len(packed):
+            return BLOB_LZMA, other
+    return encoding, packed
+
+
+class BlobChoice:
+    """Which coder one stream's larger blobs get, one way: deflate primed
+    with the history, or LZMA.  A blob gets the stream's current choice,
+    except now and then a trial: both coders, the smaller sent.  A trial
+    that agrees with the choice doubles the gap to the next one (up to
+    PROBE_GAP_MAX blobs); one that disagrees switches, and trials come
+    soon again.  So a stream that changes character is followed within a
+    few blobs, and one that does not pays for the other coder on under 1%
+    of its blobs.  Called from the pool's threads, in any order."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.coder = BLOB_DEFLATE
+        self._gap = 1
+        self._until_trial = 0               # the first blob is a trial
+
+    def plan(self):
+        """The coder for the next blob, or None for a trial of both."""
+        with self._lock:
+            if self._until_trial > 0:
+                self._until_trial -= 1
+                return self.coder
+            self._until_trial = self._gap
+            return None
+
+    def learn(self, lzma_won):
+        with self._lock:
+            winner = BLOB_LZMA if lzma_won else BLOB_DEFLATE
+            if winner == self.coder:
+                self._gap = min(2 * self._gap, PROBE_GAP_MAX)
+            else:
+                self.coder, self._gap = winner, 1
+            self._until_trial = min(self._until_trial, self._gap)
+
+
+def unlzma_blob(blob, limit):
+    """The decoded bytes of a BLOB_LZMA from the peer: at most `limit` of
+    them, one complete LZMA2 stream within LZMA_DICT, nothing after it."""
+    if lzma is None:
+        raise ProtocolError('the peer sent LZMA, which this side said it cannot decode')
+    decompressor = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=lzma_filters())
+    try:
+        data = decompressor.decompress(blob, limit + 1)
+    except lzma.LZMAError as e:
+        raise ProtocolError('bad LZMA data: %s' % e)
+    if len(data) > limit:
+        raise ProtocolError('compressed data longer than %d bytes' % limit)
+    if not decompressor.eof or decompressor.unused_data:
+        raise ProtocolError('LZMA data %s its end' % ('short of' if not decompressor.eof else 'past'))
+    return data
+
+
+def decodable_encodings():
+    """HELLO's bit mask of the blob encodings this side decodes."""
+    return 1 << BLOB_RAW | 1 << BLOB_DEFLATE | (1 << BLOB_LZMA if lzma is not None else 0)
 
 
 def inflate_blob(blob, dictionary, limit):
@@ -8337,9 +8451,10 @@ class Staged:
 class PeerWriter:
     """The sending half of a peer connection, on its own thread.
 
-    The loop queues messages with `send(body)`, `send_data(sid, pieces)` and
-    `send_chunk(sid, digest, chunk)`; this thread packs them, hands each
-    literal blob to the DeflatePool (primed with the history before it),
+    The loop queues messages with `send(body)`, `send_data(sid, pieces,
+    choice)` and `send_chunk(sid, digest, chunk)`; this thread packs them,
+    hands each literal blob to the DeflatePool (primed with the history
+    before it; LZMA allowed once `lzma_ok`, the peer's HELLO, says so),
     and seals and writes the frames strictly in queue order as their blobs
     come back.  At most 2 x the pool's threads blobs are in the pool at
     once, so a fast stream keeps every thread busy and the memory bounded.
@@ -8355,6 +8470,7 @@ class PeerWriter:
         self._pool = pool
         self._in_flight = max(1, 2 * pool.threads)
         self._history = b''
+        self.lzma_ok = False                    # set by the loop at the peer's HELLO, before any DATA
         self._queue = collections.deque()
         self._staged = collections.deque()      # Staged, in send order
         self._lock = threading.Condition()
@@ -8381,9 +8497,9 @@ class PeerWriter:
     def send(self, body):
         self._put(('frame', body), 0)
 
-    def send_data(self, sid, pieces):
+    def send_data(self, sid, pieces, choice=None):
         size = sum(length for kind, length, _d, _l in pieces if kind != PIECE_REF)
-        self._put(('data', sid, pieces), size)
+        self._put(('data', sid, pieces, choice), size)
 
     def send_chunk(self, sid, digest, chunk):
         self._put(('chunk', sid, digest, chunk), len(chunk))
@@ -8413,14 +8529,14 @@ class PeerWriter:
         entry = self._queue.popleft()
         if entry is None or entry[0][0] != 'data':
             return entry
-        (_, sid, pieces), size = entry
+        (_, sid, pieces, choice), size = entry
         while self._queue and self._queue[0] is not None and self._queue[0][0][0] == 'data' \
                 and self._queue[0][0][1] == sid and size + self._queue[0][1] <= MERGE_LIMIT \
                 and len(pieces) + len(self._queue[0][0][2]) < 65536:
-            (_, _, more), more_size = self._queue.popleft()
+            (_, _, more, _), more_size = self._queue.popleft()
             pieces = pieces + more
             size += more_size
-        return ('data', sid, pieces), size
+        return ('data', sid, pieces, choice), size
 
     def _next(self):
         """The next frame to write, once its blob is back from the pool;
@@ -8448,8 +8564,9 @@ class PeerWriter:
         """A Staged for the item: its blob, in history order, off to the pool."""
         if item[0] == 'frame' or self.error is not None:    # (a dead socket's frames are dropped)
             return Staged(size, None, item[1] if item[0] == 'frame' else None)
+        choice = None
         if item[0] == 'data':
-            _, sid, pieces = item
+            _, sid, pieces, choice = item
             blob = pack_pieces(pieces)
             head = (TUNNEL_MESSAGE.pack(MSG_DATA, sid), TUNNEL_DATA, (len(pieces), len(blob)))
         else:
@@ -8458,7 +8575,8 @@ class PeerWriter:
         staged = Staged(size, head)
         dictionary = self._history
         self._history = extend_history(dictionary, blob)
-        self._pool.submit(blob, dictionary, lambda result, error: self._done(staged, result, error))
+        self._pool.submit(blob, dictionary, lambda result, error: self._done(staged, result, error),
+                          choice if self.lzma_ok else None)
         return staged
 
     def _done(self, staged, result, error):
@@ -8592,6 +8710,7 @@ class Stream:
         self.closed = False
         # local socket -> peer
         self.encoder = StreamEncoder(peer.store)
+        self.choice = BlobChoice()
         self.read_total = 0
         self.credited = 0
         self.refs = collections.deque()     # (read_total when sent, digest, chunk)
@@ -8675,7 +8794,7 @@ class Stream:
         for digest, chunk in refs:
             self.refs.append((self.read_total, digest, chunk))
         if pieces:
-            self.peer.writer.send_data(self.sid, pieces)
+            self.peer.writer.send_data(self.sid, pieces, self.choice)
 
     def _write_out(self):
         if self.sock is None or self.closed:
@@ -8829,7 +8948,8 @@ class PeerConnection:
         sock.setblocking(False)
         self.writer = PeerWriter(sock, out_sealer, self._on_writer_event, tunnel.pool)
         self.writer.start()
-        self.send_message(MSG_HELLO, 0, TUNNEL_HELLO.pack(TUNNEL_MAGIC, TUNNEL_VERSION, self.receive_window))
+        self.send_message(MSG_HELLO, 0, TUNNEL_HELLO.pack(TUNNEL_MAGIC, TUNNEL_VERSION, self.receive_window,
+                                                          decodable_encodings()))
         self.loop.watch(sock, selectors.EVENT_READ, self.on_readable)
         self._ping_timer = self.loop.call_later(PING_INTERVAL, self._keepalive)
 
@@ -8907,16 +9027,22 @@ class PeerConnection:
         return self.streams.get(sid)
 
     def _on_hello(self, sid, payload):
-        if len(payload) < TUNNEL_HELLO.size:
+        if len(payload) < TUNNEL_HELLO_PREFIX.size:
             raise ProtocolError('the peer is not a wanxfer tunnel')
-        magic, version, window = TUNNEL_HELLO.unpack_from(payload)
+        magic, version = TUNNEL_HELLO_PREFIX.unpack_from(payload)
         if magic != TUNNEL_MAGIC:
             raise ProtocolError('the peer is not a wanxfer tunnel')
         if version != TUNNEL_VERSION:
             raise ProtocolError('the peer speaks tunnel protocol %d, this side %d: run the same wanxfer '
                                 'at both ends' % (version, TUNNEL_VERSION))
+        if len(payload) < TUNNEL_HELLO.size:
+            raise ProtocolError('short HELLO')
+        _, _, window, encodings = TUNNEL_HELLO.unpack_from(payload)
         if window < MAX_CHUNK:
             raise ProtocolError('the peer offers a window of %d bytes' % window)
+        if not encodings & 1 << BLOB_DEFLATE:
+            raise ProtocolError('the peer cannot decode deflate')
+        self.writer.lzma_ok = bool(encodings & 1 << BLOB_LZMA)
         self.send_window = window
         self.ready = True
         self.tunnel.peer_ready(self)
@@ -8970,6 +9096,8 @@ class PeerConnection:
             data = bytes(blob)
         elif encoding == BLOB_DEFLATE:
             data = inflate_blob(blob, self._history, limit)
+        elif encoding == BLOB_LZMA:
+            data = unlzma_blob(blob, limit)
         else:
             raise ProtocolError('unknown blob encoding %d' % encoding)
         self._history = extend_history(self._history, data)
