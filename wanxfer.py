@@ -257,7 +257,8 @@ MAX_SESSION_MESSAGE = 4096
 # connection itself.
 TUNNEL_MAGIC = b'WXTN'
 TUNNEL_VERSION = 3                              # 2: BLOB_DEFLATE replaced version 1's BLOB_ZLIB;
-                                                # 3: BLOB_LZMA, and HELLO says what a side decodes
+                                                # 3: BLOB_LZMA, HELLO says what a side decodes,
+                                                # PIECE_RUN and MSG_RUN_REQUEST/MSG_RUN
 TUNNEL_MESSAGE = struct.Struct('!BI')           # message type, stream id
 TUNNEL_HELLO_PREFIX = struct.Struct('!4sB')     # magic, version: every version's HELLO starts so
 TUNNEL_HELLO = struct.Struct('!4sBIB')          # prefix, receive window per stream (bytes),
@@ -265,10 +266,13 @@ TUNNEL_HELLO = struct.Struct('!4sBIB')          # prefix, receive window per str
 TUNNEL_OPEN = struct.Struct('!H')               # target port; the target host (UTF-8) follows
 TUNNEL_DATA = struct.Struct('!BHI')             # blob encoding, piece count, blob size decoded; the blob
 TUNNEL_PIECE = struct.Struct('!BI')             # piece kind, length; PIECE_REF adds the digest
+TUNNEL_RUN = struct.Struct('!H16s')             # after a PIECE_RUN's TUNNEL_PIECE: chunks, run check
 TUNNEL_CHUNK = struct.Struct('!B')              # blob encoding (after the digest); the blob
 TUNNEL_CREDIT = struct.Struct('!Q')             # bytes of this stream delivered so far
 TUNNEL_PING = struct.Struct('!Q')               # sender's token, echoed in MSG_PONG
 CHUNK_DIGEST_SIZE = 32                          # SHA-256
+RUN_CHECK_SIZE = 16                             # of SHA-256 of the run's digests, concatenated
+MAX_RUN = 4096                                  # chunks in one PIECE_RUN
 
 # Message types.
 MSG_HELLO = 1           # both ways, first frame: TUNNEL_HELLO
@@ -281,6 +285,8 @@ MSG_CHUNK_REQUEST = 7   # receiver -> sender: digest of a reference it could not
 MSG_CHUNK = 8           # sender -> receiver: digest, blob encoding byte, blob (the chunk)
 MSG_PING = 9            # both ways: TUNNEL_PING; the peer answers MSG_PONG with it
 MSG_PONG = 10
+MSG_RUN_REQUEST = 11    # receiver -> sender: the check of a run it could not resolve
+MSG_RUN = 12            # sender -> receiver: the run's check, then the digests of its chunks
 
 # Piece kinds inside MSG_DATA.  A stream is cut into chunks; the receiver
 # assembles the chunk in progress from PARTs, and a CHUNK or REF ends it.
@@ -288,6 +294,9 @@ PIECE_CHUNK = 1         # literal bytes (from the blob) that end the current chu
 PIECE_PART = 2          # literal bytes (from the blob); the chunk goes on
 PIECE_REF = 3           # the chunk with this digest and total length ends here:
                         # deliver what is not yet delivered of it from the cache
+PIECE_RUN = 4           # TUNNEL_RUN: `count` whole chunks of `length` bytes in all, each the
+                        # one that followed the one before it last time (ChunkLinks), from
+                        # the last chunk this stream ended; the check names their digests
 
 # A MSG_DATA blob, once decoded: the piece table (a TUNNEL_PIECE per piece,
 # each PIECE_REF followed by its digest), then the literal bytes of the CHUNK
@@ -7999,8 +8008,9 @@ class Client:
 # target.
 #
 # The parts, in the order data flows:
-#   StreamEncoder   a stream's bytes -> pieces: references or literals (no sockets)
-#   StreamDecoder   pieces -> verified bytes, or the digest to ask for (no sockets)
+#   StreamEncoder   a stream's bytes -> pieces: references, runs of them, or literals (no sockets)
+#   StreamDecoder   pieces -> verified bytes, or the digest or run to ask for (no sockets)
+#   ChunkLinks      which chunk followed which last time, so a run of them costs one piece
 #   DeflatePool     compresses literal blocks for every connection, on a few threads
 #   PeerWriter      packs, seals and writes a connection's frames in order, on its own thread
 #   FrameReader     a connection's sealed frames in
@@ -8055,6 +8065,8 @@ MAX_CONNECTING = 128                # targets the far side connects to at once (
                                     # later OPENs wait their turn
 STATS_INTERVAL = 2.0
 SEND_BATCH = 64                     # buffers per sendmsg to a local socket
+LINKS_KEPT = 1 << 16                # chunk successions a tunnel remembers (ChunkLinks): about
+                                    # 1.5 GB of recent traffic, in about 11 MB
 
 
 # --- Codec: stream bytes <-> pieces (no sockets) -----------------------------
@@ -8074,13 +8086,21 @@ class StreamEncoder:
     PART (the window hash decides once MAX_CHUNK bytes are in).  The wire's
     chunk then ends where the sent bytes end, as an empty PIECE_CHUNK, and
     the chunks it overlaps go as literals, never stored: the peer holds
-    other chunks for those bytes."""
+    other chunks for those bytes.
 
-    def __init__(self, store):
+    With `links`, references to chunks that each followed the one before
+    last time (ChunkLinks) go as one PIECE_RUN, ended with each encode
+    call so that nothing waits for the run to end; `refs` then also lists
+    (check, digests) of each run, for MSG_RUN_REQUEST."""
+
+    def __init__(self, store, links=None):
         self.store = store
+        self.links = links
         self.chunker = Chunker()
         self.sent_of_open = 0       # bytes of the open chunk already on the wire
         self.part_open = 0          # the last of those, PART of a wire chunk not yet ended
+        self.last = None            # digest of the last wire chunk, if this side knows it
+        self._run = []              # (digest, chunk) referred to by the run not yet sent
 
     def encode(self, data=b'', flush=False, final=False):
         pieces, refs = [], []
@@ -8092,15 +8112,19 @@ class StreamEncoder:
             if chunk:
                 self._end_chunk(chunk, pieces, refs)
         elif flush and self.chunker.pending_size > self.sent_of_open:
+            self._end_run(pieces, refs)
             part = self.chunker.pending_from(self.sent_of_open)
             pieces.append((PIECE_PART, len(part), None, part))
             self.sent_of_open += len(part)
             self.part_open += len(part)
+        self._end_run(pieces, refs)
         return pieces, refs
 
     def _end_chunk(self, chunk, pieces, refs):
         sent, part = self.sent_of_open, self.part_open
         if sent > len(chunk):               # cut among bytes already sent
+            self._end_run(pieces, refs)
+            self.last = None                # (the wire chunk is not this one)
             if part and sent - part < len(chunk):
                 pieces.append((PIECE_CHUNK, 0, None, b''))
                 part = 0
@@ -8108,17 +8132,41 @@ class StreamEncoder:
             return
         self.sent_of_open = self.part_open = 0
         if part < sent:                     # its start went in an earlier wire chunk
+            self._end_run(pieces, refs)
+            self.last = None
             if part or sent < len(chunk):
                 pieces.append((PIECE_CHUNK, len(chunk) - sent, None, chunk[sent:]))
             return
         digest = chunk_digest(chunk)
         if len(chunk) >= MIN_STORED_CHUNK and self.store.has(digest):
-            pieces.append((PIECE_REF, len(chunk), digest, None))
-            refs.append((digest, chunk))
+            if not sent and self.last is not None and len(self._run) < MAX_RUN \
+                    and self.links is not None and self.links.follows(self.last) == digest:
+                self._run.append((digest, chunk))
+            else:
+                self._end_run(pieces, refs)
+                pieces.append((PIECE_REF, len(chunk), digest, None))
+                refs.append((digest, chunk))
         else:
+            self._end_run(pieces, refs)
             literal = chunk[sent:] if sent else chunk
             pieces.append((PIECE_CHUNK, len(literal), None, literal))
             self.store.put(digest, chunk)
+        if len(chunk) < MIN_STORED_CHUNK:
+            self.last = None                # never referred to, so never in a run
+            return
+        if self.links is not None:
+            self.links.note(self.last, digest)
+        self.last = digest
+
+    def _end_run(self, pieces, refs):
+        if not self._run:
+            return
+        digests = tuple(digest for digest, _chunk in self._run)
+        check = run_check(digests)
+        pieces.append((PIECE_RUN, sum(len(chunk) for _digest, chunk in self._run), check, len(digests)))
+        refs.extend(self._run)
+        refs.append((check, digests))
+        self._run = []
 
 
 class StreamDecoder:
@@ -8129,15 +8177,24 @@ class StreamDecoder:
     A reference is delivered only from a chunk that matched its digest, its
     length and the bytes of it already delivered; one the store cannot
     give is asked of the sender, and nothing after it moves until
-    `supply(digest, chunk)`.  Literal chunks are stored for next time."""
+    `supply(digest, chunk)`.  Literal chunks are stored for next time.
 
-    def __init__(self, store):
+    A run (PIECE_RUN) becomes the references it stands for: the chunks
+    that followed each other from this stream's last chunk on, as `links`
+    remember them, if their digests match the run's check; else its check
+    is what `take` asks for, and `supply_run(check, digests)` the answer."""
+
+    def __init__(self, store, links=None):
         self.store = store
+        self.links = links
         self.queue = collections.deque()
         self.open_chunk = bytearray()       # PART bytes of the chunk in progress
         self._open_fed = 0                  # the same, counted as pieces arrive
         self.wanted = None
         self._supplied = None
+        self._supplied_run = None
+        self.last = None                    # digest of the last chunk this stream ended
+        self._run_left = None               # [references, bytes] of the run being delivered
 
     @property
     def idle(self):
@@ -8151,6 +8208,10 @@ class StreamDecoder:
                     raise ProtocolError('a reference of %d bytes after %d' % (length, self._open_fed))
                 carried += length - self._open_fed
                 self._open_fed = 0
+            elif kind == PIECE_RUN:
+                if self._open_fed:
+                    raise ProtocolError('a run inside a chunk')
+                carried += length
             else:
                 carried += length
                 if self._open_fed + length > MAX_CHUNK:
@@ -8167,10 +8228,30 @@ class StreamDecoder:
         self._supplied = (digest, chunk)
         self.store.put(digest, chunk)
 
+    def supply_run(self, check, digests):
+        if check != self.wanted:
+            return                          # an answer to a request that was overtaken
+        if run_check(digests) != check:
+            raise ProtocolError('the peer sent a run that does not match its check')
+        self._supplied_run = (check, digests)
+
     def take(self):
         out = []
         while self.queue:
             kind, length, digest, literal = self.queue[0]
+            if kind == PIECE_RUN:
+                digests = self._run_digests(digest, literal)
+                if digests is None:
+                    if self.wanted == digest:
+                        return out, None            # asked already
+                    self.wanted = digest
+                    return out, digest
+                self.wanted = None
+                self.queue.popleft()
+                # Length None: a run's references are checked by its total.
+                self.queue.extendleft((PIECE_REF, None, each, None) for each in reversed(digests))
+                self._run_left = [len(digests), length]
+                continue
             if kind == PIECE_REF:
                 chunk = None
                 if self._supplied is not None and self._supplied[0] == digest:
@@ -8190,6 +8271,9 @@ class StreamDecoder:
                 self.wanted = None
                 out.append(memoryview(chunk)[len(self.open_chunk):])
                 self.open_chunk.clear()
+                if length is None:
+                    self._count_run(len(chunk))
+                self._ended(digest)
             elif kind == PIECE_PART:
                 self.open_chunk += literal
                 out.append(literal)
@@ -8200,14 +8284,86 @@ class StreamDecoder:
                     self.open_chunk.clear()
                 else:
                     chunk = literal
-                self.store.put(chunk_digest(chunk), chunk)
+                digest = chunk_digest(chunk)
+                self.store.put(digest, chunk)
                 out.append(literal)
+                self._ended(digest)
             self.queue.popleft()
         return out, None
 
     def _fits(self, chunk, length):
         opened = len(self.open_chunk)
-        return len(chunk) == length and (not opened or chunk[:opened] == self.open_chunk)
+        return (length is None or len(chunk) == length) and (not opened or chunk[:opened] == self.open_chunk)
+
+    def _ended(self, digest):
+        if self.links is not None:
+            self.links.note(self.last, digest)
+        self.last = digest
+
+    def _count_run(self, length):
+        left = self._run_left
+        left[0] -= 1
+        left[1] -= length
+        if left[1] < 0 or (not left[0] and left[1]):
+            raise ProtocolError('a run\'s chunks do not add up to its length')
+        if not left[0]:
+            self._run_left = None
+
+    def _run_digests(self, check, count):
+        """The digests a run stands for, or None to ask the sender."""
+        if self._supplied_run is not None and self._supplied_run[0] == check:
+            digests = self._supplied_run[1]
+            self._supplied_run = None
+            if len(digests) != count:
+                raise ProtocolError('the peer sent a run of %d chunks for one of %d' % (len(digests), count))
+            return digests
+        if self.links is None or self.last is None:
+            return None
+        digests = self.links.walk(self.last, count)
+        if digests is None or run_check(digests) != check:
+            return None
+        return digests
+
+
+def run_check(digests):
+    """What a PIECE_RUN says of the chunks it stands for."""
+    return hashlib.sha256(b''.join(digests)).digest()[:RUN_CHECK_SIZE]
+
+
+class ChunkLinks:
+    """Which chunk followed which, the last time a stream carried them
+    whole, for the LINKS_KEPT most recent: what lets a PIECE_RUN stand for
+    many references.  Each end learns from what it sends and what it
+    receives, so the two mostly agree; where they do not, the run's check
+    says so and the receiver asks for the digests.  In memory only: after
+    a restart references go one by one until the links are learnt again.
+    The loop's thread only."""
+
+    def __init__(self, limit=LINKS_KEPT):
+        self._next = {}                     # in the order learnt, the oldest first
+        self._limit = limit
+
+    def follows(self, digest):
+        return self._next.get(digest)
+
+    def note(self, digest, following):
+        if digest is None:
+            return
+        links = self._next
+        if links.pop(digest, None) is None and len(links) >= self._limit:
+            del links[next(iter(links))]
+        links[digest] = following
+
+    def walk(self, digest, count):
+        """The `count` chunks that followed `digest`, one after the other;
+        None where the chain breaks."""
+        digests = []
+        for _ in range(count):
+            digest = self._next.get(digest)
+            if digest is None:
+                return None
+            digests.append(digest)
+        return digests
 
 
 def pack_pieces(pieces):
@@ -8217,6 +8373,8 @@ def pack_pieces(pieces):
         table.append(TUNNEL_PIECE.pack(kind, length))
         if kind == PIECE_REF:
             table.append(digest)
+        elif kind == PIECE_RUN:
+            table.append(TUNNEL_RUN.pack(literal, digest))
         else:
             literals.append(literal)
     return b''.join(table + literals)
@@ -8224,33 +8382,41 @@ def pack_pieces(pieces):
 
 def unpack_pieces(payload, count):
     """Parse a decoded MSG_DATA blob: [(kind, length, digest, literal)],
-    the literals as views of `payload`; ProtocolError if it does not add up."""
+    the literals as views of `payload` (a run's: its check and chunk count in
+    place of digest and literal); ProtocolError if it does not add up."""
     pieces, offset, literal_bytes = [], 0, 0
     for _ in range(count):
         if offset + TUNNEL_PIECE.size > len(payload):
             raise ProtocolError('truncated piece table')
         kind, length = TUNNEL_PIECE.unpack_from(payload, offset)
         offset += TUNNEL_PIECE.size
-        digest = None
+        digest, chunks = None, None
         if kind == PIECE_REF:
             digest = bytes(payload[offset:offset + CHUNK_DIGEST_SIZE])
             if len(digest) != CHUNK_DIGEST_SIZE:
                 raise ProtocolError('truncated reference')
             offset += CHUNK_DIGEST_SIZE
+        elif kind == PIECE_RUN:
+            if offset + TUNNEL_RUN.size > len(payload):
+                raise ProtocolError('truncated run')
+            chunks, digest = TUNNEL_RUN.unpack_from(payload, offset)
+            offset += TUNNEL_RUN.size
+            if not 0 < chunks <= MAX_RUN or not chunks <= length <= chunks * MAX_CHUNK:
+                raise ProtocolError('a run of %d chunks and %d bytes' % (chunks, length))
         elif kind in (PIECE_CHUNK, PIECE_PART):
             literal_bytes += length
         else:
             raise ProtocolError('unknown piece kind %d' % kind)
-        pieces.append((kind, length, digest, None))
+        pieces.append((kind, length, digest, chunks))
     if offset + literal_bytes != len(payload):
         raise ProtocolError('pieces of %d bytes in a blob of %d' % (literal_bytes, len(payload) - offset))
     view, filled = memoryview(payload), []
-    for kind, length, digest, _ in pieces:
-        if kind != PIECE_REF:
+    for kind, length, digest, chunks in pieces:
+        if kind in (PIECE_CHUNK, PIECE_PART):
             filled.append((kind, length, None, view[offset:offset + length]))
             offset += length
         else:
-            filled.append((kind, length, digest, None))
+            filled.append((kind, length, digest, chunks))
     return filled
 
 
@@ -8498,7 +8664,7 @@ class PeerWriter:
         self._put(('frame', body), 0)
 
     def send_data(self, sid, pieces, choice=None):
-        size = sum(length for kind, length, _d, _l in pieces if kind != PIECE_REF)
+        size = sum(length for kind, length, _d, _l in pieces if kind in (PIECE_CHUNK, PIECE_PART))
         self._put(('data', sid, pieces, choice), size)
 
     def send_chunk(self, sid, digest, chunk):
@@ -8709,16 +8875,17 @@ class Stream:
         self.name = name
         self.closed = False
         # local socket -> peer
-        self.encoder = StreamEncoder(peer.store)
+        self.encoder = StreamEncoder(peer.store, peer.links)
         self.choice = BlobChoice()
         self.read_total = 0
         self.credited = 0
-        self.refs = collections.deque()     # (read_total when sent, digest, chunk)
+        self.refs = collections.deque()     # (read_total when sent, digest, chunk) or, of a run,
+                                            # (read_total, check, digests)
         self.read_done = False              # local EOF seen and MSG_SHUT queued
         self._reads = 0
         self._flush_timer = None
         # peer -> local socket
-        self.decoder = StreamDecoder(peer.store)
+        self.decoder = StreamDecoder(peer.store, peer.links)
         self.outbuf = collections.deque()
         self.received = 0
         self.delivered = 0
@@ -8849,7 +9016,10 @@ class Stream:
     def _decode(self):
         out, wanted = self.decoder.take()
         self.outbuf.extend(piece for piece in out if len(piece))
-        if wanted is not None:
+        if wanted is not None and len(wanted) == RUN_CHECK_SIZE:
+            self.peer.run_misses += 1
+            self.peer.send_message(MSG_RUN_REQUEST, self.sid, wanted)
+        elif wanted is not None:
             self.peer.cache_misses += 1
             self.peer.send_message(MSG_CHUNK_REQUEST, self.sid, wanted)
         self._write_out()
@@ -8875,6 +9045,17 @@ class Stream:
                 self.peer.writer.send_chunk(self.sid, digest, chunk)
                 return
         self.reset('the peer asked for a chunk this side no longer holds')
+
+    def on_run_request(self, check):
+        for _offset, held, digests in self.refs:
+            if held == check:               # (a check is shorter than any digest)
+                self.peer.send_message(MSG_RUN, self.sid, check + b''.join(digests))
+                return
+        self.reset('the peer asked for a run this side no longer holds')
+
+    def on_run(self, check, digests):
+        self.decoder.supply_run(check, digests)
+        self._decode()
 
     # -- the end ---------------------------------------------------------------
 
@@ -8922,6 +9103,7 @@ class PeerConnection:
         self.tunnel = tunnel
         self.loop = tunnel.loop
         self.store = tunnel.store
+        self.links = tunnel.links
         self.stats = tunnel.stats
         self.log = tunnel.log
         self.sock = sock
@@ -8930,6 +9112,7 @@ class PeerConnection:
         self.ready = False
         self.closed = False
         self.cache_misses = 0
+        self.run_misses = 0
         self.receive_window = STREAM_WINDOW
         self.send_window = 0
         self.last_heard = time.monotonic()
@@ -8944,6 +9127,7 @@ class PeerConnection:
             MSG_CREDIT: self._on_credit, MSG_SHUT: self._on_shut, MSG_RESET: self._on_reset,
             MSG_CHUNK_REQUEST: self._on_chunk_request, MSG_CHUNK: self._on_chunk,
             MSG_PING: self._on_ping, MSG_PONG: self._on_pong,
+            MSG_RUN_REQUEST: self._on_run_request, MSG_RUN: self._on_run,
         }
         sock.setblocking(False)
         self.writer = PeerWriter(sock, out_sealer, self._on_writer_event, tunnel.pool)
@@ -9134,6 +9318,25 @@ class PeerConnection:
         else:
             stream.on_chunk_request(bytes(payload))
 
+    def _on_run_request(self, sid, payload):
+        if len(payload) != RUN_CHECK_SIZE:
+            raise ProtocolError('a run request of %d bytes' % len(payload))
+        stream = self._stream(sid)
+        if stream is None:
+            self.send_message(MSG_RESET, sid, b'the stream is gone')
+        else:
+            stream.on_run_request(bytes(payload))
+
+    def _on_run(self, sid, payload):
+        size = len(payload) - RUN_CHECK_SIZE
+        if not 0 < size <= MAX_RUN * CHUNK_DIGEST_SIZE or size % CHUNK_DIGEST_SIZE:
+            raise ProtocolError('a RUN of %d bytes' % len(payload))
+        digests = tuple(bytes(payload[i:i + CHUNK_DIGEST_SIZE])
+                        for i in range(RUN_CHECK_SIZE, len(payload), CHUNK_DIGEST_SIZE))
+        stream = self._stream(sid)
+        if stream is not None:
+            self._guarded(stream, stream.on_run, bytes(payload[:RUN_CHECK_SIZE]), digests)
+
     def _on_chunk(self, sid, payload):
         if len(payload) < CHUNK_DIGEST_SIZE + 1:
             raise ProtocolError('short CHUNK')
@@ -9179,6 +9382,9 @@ class PeerConnection:
         self.writer.close()
         self.sock.close()
         self.collect_stats()
+        if self.run_misses:
+            self.log('%d runs of references %s made did not follow this side\'s links and were '
+                     'spelt out by it' % (self.run_misses, self.peer_name))
         if self.cache_misses:
             self.log('%d chunks %s referred to were missing from this side\'s cache and were '
                      'fetched from it' % (self.cache_misses, self.peer_name))
@@ -9228,6 +9434,7 @@ class Tunnel:
         self.log = log or (lambda line: None)
         self.loop = EventLoop()
         self.pool = DeflatePool(default_pool_threads() if threads is None else threads)
+        self.links = ChunkLinks()
         self.stats = TunnelStats()
         self.peers = set()
         self.run_id = secrets.token_hex(8)

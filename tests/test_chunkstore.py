@@ -15,9 +15,9 @@ import pytest
 
 from helpers import (database_pages, disk_image, fixed_records, noise, sql_like, text_with_runs, wait_for,
                      wanxfer)
-from wanxfer import (MAX_CHUNK, MIN_CHUNK, PIECE_CHUNK, PIECE_PART, PIECE_REF, CacheError, Chunker,
-                     ChunkStore, ProtocolError, QueuedChunkStore, StreamDecoder, StreamEncoder, cache_report,
-                     chunk_digest)
+from wanxfer import (MAX_CHUNK, MAX_RUN, MIN_CHUNK, PIECE_CHUNK, PIECE_PART, PIECE_REF, PIECE_RUN, CacheError,
+                     Chunker, ChunkLinks, ChunkStore, ProtocolError, QueuedChunkStore, StreamDecoder, StreamEncoder,
+                     cache_report, chunk_digest, pack_pieces, unpack_pieces)
 
 
 def chunks_of(data, step=65536):
@@ -420,6 +420,109 @@ def test_a_reference_is_delivered_only_where_it_fits_what_came_before(store):
     decoder.supply(digest, data)                # the sender's own copy does not fit either
     with pytest.raises(ProtocolError):
         decoder.take()
+
+
+def relay_pieces(encoder, decoder, data, feed=256 << 10, answers=None):
+    """Send `data` `feed` bytes at a time from encoder to decoder, through
+    the wire's packing; requests answered from `answers` (digest or check
+    -> chunk or digests).  The bytes delivered, and the pieces sent."""
+    out, sent = [], []
+
+    def deliver(pieces):
+        if pieces:
+            sent.extend(pieces)
+            decoder.feed(unpack_pieces(pack_pieces(pieces), len(pieces)))
+        while True:
+            got, wanted = decoder.take()
+            out.extend(bytes(g) for g in got)
+            if wanted is None:
+                return
+            if len(wanted) == wanxfer.RUN_CHECK_SIZE:
+                decoder.supply_run(wanted, answers[wanted])       # MSG_RUN_REQUEST answered
+            else:
+                decoder.supply(wanted, answers[wanted])           # MSG_CHUNK_REQUEST answered
+    for at in range(0, len(data), feed):
+        pieces, refs = encoder.encode(data[at:at + feed])
+        if answers is not None:
+            answers.update(refs)
+        deliver(pieces)
+    pieces, refs = encoder.encode(final=True)
+    if answers is not None:
+        answers.update(refs)
+    deliver(pieces)
+    return b''.join(out), sent
+
+
+def test_chunks_that_follow_each_other_again_go_as_one_run(tmp_path):
+    # Sent once, each end learns which chunk followed which; sent again,
+    # the references go as runs, one per read instead of one per chunk.
+    sender, receiver = ChunkStore(str(tmp_path / 's.db')), ChunkStore(str(tmp_path / 'r.db'))
+    sent_links, received_links = ChunkLinks(), ChunkLinks()
+    data = noise(4 << 20, seed=b'runs')
+    first, _ = relay_pieces(StreamEncoder(sender, sent_links), StreamDecoder(receiver, received_links), data)
+    again, pieces = relay_pieces(StreamEncoder(sender, sent_links), StreamDecoder(receiver, received_links), data)
+    assert first == again == data
+    kinds = [kind for kind, _, _, _ in pieces]
+    chunks = len(Chunker().feed(data)) + 1
+    assert kinds[0] == PIECE_REF and set(kinds[1:]) == {PIECE_RUN}
+    assert sum(count for kind, _, _, count in pieces if kind == PIECE_RUN) == chunks - 1
+    assert len(pack_pieces(pieces)) < 2 * len(data) // (256 << 10) * (5 + 18) + 37
+    # What the receiver's links do not know it asks for (MSG_RUN_REQUEST):
+    # here a receiver that forgot them, and one that learnt other ones.
+    answers = {}
+    for links in (ChunkLinks(), received_links):
+        if links is received_links:
+            for digest in list(links._next)[::7]:
+                links.note(digest, chunk_digest(b'another'))
+        again, _ = relay_pieces(StreamEncoder(sender, sent_links), StreamDecoder(receiver, links), data,
+                                answers=answers)
+        assert again == data
+    sender.close()
+    receiver.close()
+
+
+def test_hostile_runs_are_refused(store):
+    data = noise(300000, seed=b'hostile')
+    links = ChunkLinks()
+    relay_pieces(StreamEncoder(store, links), StreamDecoder(store, links), data)
+    _, pieces = relay_pieces(StreamEncoder(store, links), StreamDecoder(store, links), data)
+    kind, length, check, count = pieces[1]
+    assert kind == PIECE_RUN
+    table = wanxfer.TUNNEL_PIECE.pack(PIECE_RUN, length)
+    for bad_count, bad_length in ((0, 0), (MAX_RUN + 1, length), (count, count * MAX_CHUNK + 1), (count, 1)):
+        with pytest.raises(ProtocolError, match='a run of'):
+            unpack_pieces(wanxfer.TUNNEL_PIECE.pack(PIECE_RUN, bad_length) +
+                          wanxfer.TUNNEL_RUN.pack(bad_count, check), 1)
+    with pytest.raises(ProtocolError, match='truncated run'):
+        unpack_pieces(table + check, 1)
+    # Inside a chunk begun with PARTs.
+    decoder = StreamDecoder(store, links)
+    with pytest.raises(ProtocolError, match='a run inside a chunk'):
+        decoder.feed([(PIECE_PART, 3, None, b'abc'), pieces[1]])
+    # A run whose chunks are not the length it says (a sender lying about
+    # them), refused at the first chunk past it.
+    decoder = StreamDecoder(store, links)
+    decoder.feed([pieces[0], (PIECE_RUN, count, check, count)])
+    with pytest.raises(ProtocolError, match='do not add up'):
+        decoder.take()
+    # An answer to a run request that does not match the check.
+    decoder = StreamDecoder(store, ChunkLinks())
+    decoder.feed(pieces[:2])
+    got, wanted = decoder.take()
+    assert wanted == check
+    with pytest.raises(ProtocolError, match='does not match its check'):
+        decoder.supply_run(check, [chunk_digest(b'other')] * count)
+
+
+def test_links_keep_the_most_recent():
+    links = ChunkLinks(limit=3)
+    for i in range(5):
+        links.note(b'%d' % i, b'%d' % (i + 1))
+    links.note(b'2', b'x')                      # relearnt: the newest again
+    assert links.follows(b'0') is None and links.follows(b'1') is None
+    assert links.walk(b'3', 2) == [b'4', b'5'] and links.walk(b'2', 2) is None
+    links.note(b'9', b'10')
+    assert links.follows(b'3') is None and links.follows(b'2') == b'x'
 
 
 IMMUTABLE = (int, float, complex, str, bytes, type(None), range, struct.Struct, type(re.compile('')),

@@ -300,6 +300,62 @@ def test_a_short_insert_into_fixed_records_crosses_as_references(tmp_path, tunne
         target.close()
 
 
+def send_for_digest(port, payload):
+    conn = socket.create_connection(('127.0.0.1', port), timeout=20)
+    conn.sendall(payload)
+    conn.shutdown(socket.SHUT_WR)
+    answer = read_to_end(conn).split()[0].decode()
+    conn.close()
+    return answer
+
+
+def test_data_sent_again_costs_a_few_bytes_of_references_per_read(tmp_path, tunnel_pair):
+    # Issue 15: identical data sent again cost 37 bytes of reference per
+    # chunk.  Chunks that follow each other as they did before now go as
+    # one run per read.  Between the two copies, other data, so that the
+    # first copy's references are out of the history blobs are deflated
+    # against (which would hide their cost).
+    data, other = noise(8 << 20, seed=b'again'), noise(1 << 20, seed=b'between')
+    chunks = len(wanxfer.Chunker().feed(data)) + 1
+    target = Server(digest_handler)
+    far, near = tunnel_pair([target.port])
+    try:
+        wire, sent = [], 0
+        for payload in (data, other, data):
+            assert send_for_digest(near.port, payload) == hashlib.sha256(payload).hexdigest()
+            sent += len(payload)
+            running = wait_for(lambda: [run['tunnel-out'] for run in stats(tmp_path / 'near.db')['running']
+                                        if run['tunnel-out']['original_bytes'] == sent],
+                               timeout=15, interval=0.2, what='the figures of the pass')
+            wire.append(running[0]['transferred_bytes'] - sum(wire))
+        assert wire[2] < 8 * chunks, (wire, chunks)        # one reference a chunk: 37 bytes
+    finally:
+        near.stop()
+        far.stop()
+        target.close()
+
+
+def test_runs_the_far_side_cannot_follow_are_spelt_out(tmp_path, tunnel_pair):
+    # The far side restarted: its cache holds the chunks, but it has
+    # forgotten which followed which.  It asks for each run's digests.
+    data = sql_like(6 << 20, seed=9)
+    target = Server(digest_handler)
+    far, near = tunnel_pair([target.port])
+    try:
+        assert send_for_digest(near.port, data) == hashlib.sha256(data).hexdigest()
+        far.stop()
+        far = tunnel_pair.far(tmp_path / 'far.db', [target.port], extra=['--listen', '127.0.0.1:%d' % far.port])
+        wait_for(lambda: send_for_digest(near.port, data) == hashlib.sha256(data).hexdigest(), timeout=20,
+                 interval=0.25, what='the data through the reconnected tunnel')
+        far.stop()
+        far.wait_for(r'\d+ runs of references 127\.0\.0\.1:\d+ made did not follow this side.s links',
+                     timeout=30)
+    finally:
+        near.stop()
+        far.stop()
+        target.close()
+
+
 def test_receiver_cache_deleted_still_correct(tmp_path, echo, tunnel_pair):
     payload = noise(3 << 20, seed=b'deleted') + sql_like(3 << 20, seed=5)
     far_cache = tmp_path / 'far.db'
