@@ -451,8 +451,14 @@ def tunnel_messages(rng, target_port, sid):
         lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(
             rng.choice([0, 1, 3, 7]), rng.getrandbits(16), rng.getrandbits(32)) + random_datagram(rng)),
         lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_RAW, 1, 5 + 5) +
-                 wanxfer.TUNNEL_PIECE.pack(rng.choice([1, 2, 3, 9]), rng.choice([0, 5, 1 << 31])) +
+                 wanxfer.TUNNEL_PIECE.pack(rng.choice([1, 2, 3, 4, 9]), rng.choice([0, 5, 1 << 31])) +
                  b'hello'),
+        lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_RAW, 2, 37 + 23) +
+                 wanxfer.TUNNEL_PIECE.pack(wanxfer.PIECE_REF, 5000) + bytes(32) +
+                 wanxfer.TUNNEL_PIECE.pack(wanxfer.PIECE_RUN, rng.choice([0, 1, 5000, 1 << 31])) +
+                 wanxfer.TUNNEL_RUN.pack(rng.choice([0, 1, 2, 5000]), bytes(16))),
+        lambda: (wanxfer.MSG_RUN_REQUEST, sid, bytes(rng.choice([0, 16, 32]))),
+        lambda: (wanxfer.MSG_RUN, sid, bytes(rng.choice([0, 16, 48, 50, 16 + 32 * 5000]))),
         lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_RAW, 1, 37) +
                  wanxfer.TUNNEL_PIECE.pack(wanxfer.PIECE_REF, rng.choice([0, 10, 70000])) +
                  bytes(rng.getrandbits(8) for _ in range(32))),

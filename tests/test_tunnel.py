@@ -811,7 +811,7 @@ FORGED_LZMA = {
 
 
 @pytest.mark.parametrize('case', sorted(FORGED_BLOCKS) + sorted(FORGED_LZMA) + ['chunk', 'version 1',
-                                                                                  'version 2'])
+                                                                                  'version 2', 'run'])
 def test_a_forged_compressed_block_ends_the_connection_not_the_process(tmp_path, echo, tunnel_pair, case):
     far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
     try:
@@ -821,6 +821,12 @@ def test_a_forged_compressed_block_ends_the_connection_not_the_process(tmp_path,
             peer.hello(old)
             expected = r'the peer speaks tunnel protocol %d, this side %d: run the same wanxfer at both ends' \
                 % (old, wanxfer.TUNNEL_VERSION)
+        elif case == 'run':                 # more chunks than a run may have
+            peer.hello()
+            table = wanxfer.TUNNEL_PIECE.pack(wanxfer.PIECE_RUN, 1 << 20) + \
+                wanxfer.TUNNEL_RUN.pack(wanxfer.MAX_RUN + 1, bytes(16))
+            peer.send(wanxfer.MSG_DATA, 1, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_RAW, 1, len(table)) + table)
+            expected = r'a run of %d chunks and %d bytes' % (wanxfer.MAX_RUN + 1, 1 << 20)
         elif case == 'chunk':               # a MSG_CHUNK past the longest chunk
             peer.hello()
             peer.send(wanxfer.MSG_CHUNK, 1, bytes(32) + bytes([wanxfer.BLOB_DEFLATE]) + zlib_bomb(4 << 20, -15))
