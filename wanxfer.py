@@ -8331,27 +8331,39 @@ def run_check(digests):
 
 
 class ChunkLinks:
-    """Which chunk followed which, the last time a stream carried them
-    whole, for the LINKS_KEPT most recent: what lets a PIECE_RUN stand for
-    many references.  Each end learns from what it sends and what it
-    receives, so the two mostly agree; where they do not, the run's check
-    says so and the receiver asks for the digests.  In memory only: after
-    a restart references go one by one until the links are learnt again.
-    The loop's thread only."""
+    """Which chunk followed which when streams carried them whole, for the
+    LINKS_KEPT most recent: what lets a PIECE_RUN stand for many
+    references.  Each end learns from what it sends and what it receives,
+    so the two mostly agree; where they do not, the run's check says so
+    and the receiver asks for the digests, a round trip.  The two ends
+    learn in different orders (each interleaves its streams and directions
+    its own way), so a chunk seen followed by two different ones (a run of
+    zeros, a page that recurs) is no one's successor in particular: it
+    ends runs at both ends, for good.  In memory only: after a restart
+    references go one by one until the links are learnt again.  The loop's
+    thread only."""
+
+    AMBIGUOUS = b''                         # followed by more than one chunk
 
     def __init__(self, limit=LINKS_KEPT):
         self._next = {}                     # in the order learnt, the oldest first
         self._limit = limit
 
     def follows(self, digest):
-        return self._next.get(digest)
+        """The chunk that follows `digest` whenever it was seen, or None."""
+        following = self._next.get(digest)
+        return following or None
 
     def note(self, digest, following):
         if digest is None:
             return
         links = self._next
-        if links.pop(digest, None) is None and len(links) >= self._limit:
-            del links[next(iter(links))]
+        known = links.pop(digest, None)
+        if known is None:
+            if len(links) >= self._limit:
+                del links[next(iter(links))]
+        elif known != following:
+            following = self.AMBIGUOUS
         links[digest] = following
 
     def walk(self, digest, count):
@@ -8360,7 +8372,7 @@ class ChunkLinks:
         digests = []
         for _ in range(count):
             digest = self._next.get(digest)
-            if digest is None:
+            if not digest:
                 return None
             digests.append(digest)
         return digests
