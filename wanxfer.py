@@ -9236,8 +9236,9 @@ class PeerConnection:
         _, _, window, encodings = TUNNEL_HELLO.unpack_from(payload)
         if window < MAX_CHUNK:
             raise ProtocolError('the peer offers a window of %d bytes' % window)
-        if not encodings & 1 << BLOB_DEFLATE:
-            raise ProtocolError('the peer cannot decode deflate')
+        required = 1 << BLOB_RAW | 1 << BLOB_DEFLATE
+        if encodings & required != required:
+            raise ProtocolError('the peer decodes blob encodings %#x, not raw and deflate' % encodings)
         self.writer.lzma_ok = bool(encodings & 1 << BLOB_LZMA)
         self.send_window = window
         self.ready = True
