@@ -751,12 +751,12 @@ class ForgedPeer:
         body = wanxfer.TUNNEL_MESSAGE.pack(kind, sid) + payload
         self.sock.sendall(wanxfer.seal_frame(self._sealer, next(self._frames), body))
 
-    def hello(self, version=wanxfer.TUNNEL_VERSION):
+    def hello(self, version=wanxfer.TUNNEL_VERSION, encodings=None):
         if version < 3:                     # the layout before encodings were announced
             payload = struct.pack('!4sBI', wanxfer.TUNNEL_MAGIC, version, wanxfer.STREAM_WINDOW)
         else:
             payload = wanxfer.TUNNEL_HELLO.pack(wanxfer.TUNNEL_MAGIC, version, wanxfer.STREAM_WINDOW,
-                                                wanxfer.decodable_encodings())
+                                                wanxfer.decodable_encodings() if encodings is None else encodings)
         self.send(wanxfer.MSG_HELLO, 0, payload)
 
     def closed_by_peer(self):
@@ -811,7 +811,8 @@ FORGED_LZMA = {
 
 
 @pytest.mark.parametrize('case', sorted(FORGED_BLOCKS) + sorted(FORGED_LZMA) + ['chunk', 'version 1',
-                                                                                  'version 2', 'run'])
+                                                                                  'version 2', 'run',
+                                                                                  'encodings'])
 def test_a_forged_compressed_block_ends_the_connection_not_the_process(tmp_path, echo, tunnel_pair, case):
     far = tunnel_pair.far(tmp_path / 'far.db', [echo.port])
     try:
@@ -821,6 +822,9 @@ def test_a_forged_compressed_block_ends_the_connection_not_the_process(tmp_path,
             peer.hello(old)
             expected = r'the peer speaks tunnel protocol %d, this side %d: run the same wanxfer at both ends' \
                 % (old, wanxfer.TUNNEL_VERSION)
+        elif case == 'encodings':           # a peer that decodes raw blobs only
+            peer.hello(encodings=1 << wanxfer.BLOB_RAW)
+            expected = r'the peer decodes blob encodings 0x1, not raw and deflate'
         elif case == 'run':                 # more chunks than a run may have
             peer.hello()
             table = wanxfer.TUNNEL_PIECE.pack(wanxfer.PIECE_RUN, 1 << 20) + \
