@@ -8056,6 +8056,8 @@ COMPRESS_SAMPLE = 4 << 10           # blobs up to this size are tried outright, 
 LZMA_PRESET = 2
 LZMA_MIN = 4 << 10                  # smaller blobs go deflated: unprimed LZMA loses on them
 PROBE_GAP_MAX = 256                 # blobs between a stream's trials of the coder it is not using
+LZMA_LARGE = 64 << 10               # BlobChoice chooses apart for blobs under and over this
+TRIAL_DECAY = 0.75                  # weight of a trial against the one after it (BlobChoice)
 RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 PEER_STABLE = 10.0                  # s a peer connection must live before back-off starts over
 PENDING_STREAM_WAIT = 10.0          # s an accepted connection waits for the peer connection
@@ -8526,13 +8528,13 @@ def compress_blob(blob, dictionary, level=ZLIB_LEVEL, choice=None):
         return (encoding, packed) if len(packed) < len(blob) else (BLOB_RAW, blob)
     if not compressible(blob):
         return BLOB_RAW, blob
-    plan = choice.plan() if choice is not None and len(blob) >= LZMA_MIN else BLOB_DEFLATE
+    plan = choice.plan(len(blob)) if choice is not None and len(blob) >= LZMA_MIN else BLOB_DEFLATE
     if plan == BLOB_LZMA:
         return BLOB_LZMA, lzma_blob(blob)
     encoding, packed = deflate_blob(blob, dictionary, level, judged=True)
     if plan is None:                        # a trial: both coders, and the smaller goes
         other = lzma_blob(blob)
-        choice.learn(len(other) < len(packed))
+        choice.learn(len(blob), len(other), len(packed))
         if len(other) < len(packed):
             return BLOB_LZMA, other
     return encoding, packed
@@ -8540,37 +8542,46 @@ def compress_blob(blob, dictionary, level=ZLIB_LEVEL, choice=None):
 
 class BlobChoice:
     """Which coder one stream's larger blobs get, one way: deflate primed
-    with the history, or LZMA.  A blob gets the stream's current choice,
-    except now and then a trial: both coders, the smaller sent.  A trial
-    that agrees with the choice doubles the gap to the next one (up to
-    PROBE_GAP_MAX blobs); one that disagrees switches, and trials come
-    soon again.  So a stream that changes character is followed within a
-    few blobs, and one that does not pays for the other coder on under 1%
-    of its blobs.  Called from the pool's threads, in any order."""
+    with the history, or LZMA.  Blobs under and over LZMA_LARGE choose
+    apart: on a binlog primed deflate wins the smaller ones and LZMA the
+    larger ones by 9%.  A blob gets its size's current choice, except now
+    and then a trial: both coders, the smaller sent.  The choice is the
+    coder with the smaller total over the last few trials (each weighs
+    TRIAL_DECAY as much as the next), not the last one's winner, as single
+    blobs go either way where the two are close.  A trial that leaves the
+    choice as it was doubles the gap to the next one (up to PROBE_GAP_MAX
+    blobs of that size); one that changes it brings trials soon again.  So
+    a stream that changes character is followed within a few blobs, and
+    one that does not pays for the other coder on under 1% of its blobs.
+    Called from the pool's threads, in any order."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.coder = BLOB_DEFLATE
-        self._gap = 1
-        self._until_trial = 0               # the first blob is a trial
+        # Per size: [coder, gap, blobs until the next trial (the first is
+        # one), LZMA's and deflate's decayed totals].
+        self._sizes = [[BLOB_DEFLATE, 1, 0, 0.0, 0.0], [BLOB_DEFLATE, 1, 0, 0.0, 0.0]]
 
-    def plan(self):
-        """The coder for the next blob, or None for a trial of both."""
+    def plan(self, size):
+        """The coder for a blob of `size` bytes, or None for a trial of both."""
+        state = self._sizes[size >= LZMA_LARGE]
         with self._lock:
-            if self._until_trial > 0:
-                self._until_trial -= 1
-                return self.coder
-            self._until_trial = self._gap
+            if state[2] > 0:
+                state[2] -= 1
+                return state[0]
+            state[2] = state[1]
             return None
 
-    def learn(self, lzma_won):
+    def learn(self, size, lzma_size, deflate_size):
+        state = self._sizes[size >= LZMA_LARGE]
         with self._lock:
-            winner = BLOB_LZMA if lzma_won else BLOB_DEFLATE
-            if winner == self.coder:
-                self._gap = min(2 * self._gap, PROBE_GAP_MAX)
+            state[3] = state[3] * TRIAL_DECAY + lzma_size
+            state[4] = state[4] * TRIAL_DECAY + deflate_size
+            winner = BLOB_LZMA if state[3] < state[4] else BLOB_DEFLATE
+            if winner == state[0]:
+                state[1] = min(2 * state[1], PROBE_GAP_MAX)
             else:
-                self.coder, self._gap = winner, 1
-            self._until_trial = min(self._until_trial, self._gap)
+                state[0], state[1] = winner, 1
+            state[2] = min(state[2], state[1])
 
 
 def unlzma_blob(blob, limit):
@@ -8755,11 +8766,14 @@ class PeerWriter:
         else:
             _, sid, digest, blob = item
             head = (TUNNEL_MESSAGE.pack(MSG_CHUNK, sid) + digest, TUNNEL_CHUNK, ())
+        # LZMA (slower than deflate on text) only while the pool keeps up:
+        # where compression is what limits a stream, deflate's speed counts.
+        if not self.lzma_ok or sum(1 for waiting in self._staged if not waiting.ready) >= self._pool.threads > 0:
+            choice = None
         staged = Staged(size, head)
         dictionary = self._history
         self._history = extend_history(dictionary, blob)
-        self._pool.submit(blob, dictionary, lambda result, error: self._done(staged, result, error),
-                          choice if self.lzma_ok else None)
+        self._pool.submit(blob, dictionary, lambda result, error: self._done(staged, result, error), choice)
         return staged
 
     def _done(self, staged, result, error):
