@@ -514,6 +514,24 @@ def test_hostile_runs_are_refused(store):
         decoder.supply_run(check, [chunk_digest(b'other')] * count)
 
 
+def test_each_blob_size_gets_the_coder_that_makes_it_smaller():
+    # Issue 15: a binlog's small blobs compress best deflated against the
+    # history, its large ones with LZMA.  A stream costs at most 1% more
+    # than the better coder for each blob would: here small blobs of text
+    # (deflate's, and long enough for trials to become rare), then large
+    # ones of database pages (LZMA's from the first).
+    text, pages = sql_like(300 << 14, seed=15), database_pages(40 << 18)
+    blobs = [text[at:at + (16 << 10)] for at in range(0, len(text), 16 << 10)] + \
+        [pages[at:at + (256 << 10)] for at in range(0, len(pages), 256 << 10)]
+    choice, history, sent, best = wanxfer.BlobChoice(), b'', 0, 0
+    for blob in blobs:
+        deflated = len(wanxfer.deflate_blob(blob, history, judged=True)[1])
+        best += min(deflated, len(wanxfer.lzma_blob(blob)))
+        sent += len(wanxfer.compress_blob(blob, history, wanxfer.ZLIB_LEVEL, choice)[1])
+        history = wanxfer.extend_history(history, blob)
+    assert sent <= 1.01 * best, (sent, best)
+
+
 def test_links_keep_the_most_recent():
     links = ChunkLinks(limit=3)
     for i in range(5):
