@@ -8057,6 +8057,7 @@ LZMA_PRESET = 2
 LZMA_MIN = 4 << 10                  # smaller blobs go deflated: unprimed LZMA loses on them
 PROBE_GAP_MAX = 256                 # blobs between a stream's trials of the coder it is not using
 LZMA_LARGE = 64 << 10               # BlobChoice chooses apart for blobs under and over this
+SLOWER_BY = 1.25                    # LZMA's CPU time over deflate's it may take where the pool lags
 TRIAL_DECAY = 0.75                  # weight of a trial against the one after it (BlobChoice)
 RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 PEER_STABLE = 10.0                  # s a peer connection must live before back-off starts over
@@ -8442,7 +8443,7 @@ class DeflatePool:
 
     zlib and lzma release the GIL while they work on a buffer, so blobs
     compressed here use more than one core while the loop chunks and the
-    writers seal.  `submit(blob, dictionary, done, choice)` runs
+    writers seal.  `submit(blob, dictionary, done, choice, pressed)` runs
     `compress_blob` on a pool thread and then `done((encoding, packed),
     error)` there; done must not block.  With no threads, or for a blob too
     short to compress (an interactive stream's: no hop between threads),
@@ -8455,11 +8456,11 @@ class DeflatePool:
         for _ in range(threads):
             start_thread(self._work, 'tunnel-deflate')
 
-    def submit(self, blob, dictionary, done, choice=None):
+    def submit(self, blob, dictionary, done, choice=None, pressed=False):
         if not self.threads or len(blob) < MIN_COMPRESS:
-            self._run(blob, dictionary, done, choice)
+            self._run(blob, dictionary, done, choice, pressed)
         else:
-            self._jobs.put((blob, dictionary, done, choice))
+            self._jobs.put((blob, dictionary, done, choice, pressed))
 
     def close(self):
         for _ in range(self.threads):
@@ -8472,9 +8473,9 @@ class DeflatePool:
                 return
             self._run(*job)
 
-    def _run(self, blob, dictionary, done, choice):
+    def _run(self, blob, dictionary, done, choice, pressed):
         try:
-            result = compress_blob(blob, dictionary, self.level, choice)
+            result = compress_blob(blob, dictionary, self.level, choice, pressed)
         except Exception as e:          # (MemoryError): the writer reports it and the connection ends
             done(None, e)
             return
@@ -8515,12 +8516,13 @@ def lzma_blob(blob):
     return compressor.compress(blob) + compressor.flush()
 
 
-def compress_blob(blob, dictionary, level=ZLIB_LEVEL, choice=None):
+def compress_blob(blob, dictionary, level=ZLIB_LEVEL, choice=None, pressed=False):
     """(encoding, bytes on the wire) of a DATA or CHUNK blob.  A small one
     is deflated outright (a sample of it, without the history, would
     misjudge it) and goes raw unless that saves; a larger one goes raw if a
     sample says it does not compress, else as `choice` (a BlobChoice, None
-    for deflate only) says: deflated, LZMA, or both tried and the smaller."""
+    for deflate only) says, `pressed` if compression is what holds the
+    stream up: deflated, LZMA, or both tried and the smaller."""
     if len(blob) < MIN_COMPRESS:
         return BLOB_RAW, blob
     if len(blob) <= COMPRESS_SAMPLE:
@@ -8528,13 +8530,15 @@ def compress_blob(blob, dictionary, level=ZLIB_LEVEL, choice=None):
         return (encoding, packed) if len(packed) < len(blob) else (BLOB_RAW, blob)
     if not compressible(blob):
         return BLOB_RAW, blob
-    plan = choice.plan(len(blob)) if choice is not None and len(blob) >= LZMA_MIN else BLOB_DEFLATE
+    plan = choice.plan(len(blob), pressed) if choice is not None and len(blob) >= LZMA_MIN else BLOB_DEFLATE
     if plan == BLOB_LZMA:
         return BLOB_LZMA, lzma_blob(blob)
+    started = time.thread_time()
     encoding, packed = deflate_blob(blob, dictionary, level, judged=True)
     if plan is None:                        # a trial: both coders, and the smaller goes
+        deflated = time.thread_time()
         other = lzma_blob(blob)
-        choice.learn(len(blob), len(other), len(packed))
+        choice.learn(len(blob), len(other), len(packed), time.thread_time() - deflated, deflated - started)
         if len(other) < len(packed):
             return BLOB_LZMA, other
     return encoding, packed
@@ -8553,29 +8557,36 @@ class BlobChoice:
     blobs of that size); one that changes it brings trials soon again.  So
     a stream that changes character is followed within a few blobs, and
     one that does not pays for the other coder on under 1% of its blobs.
-    Called from the pool's threads, in any order."""
+    Where compression holds the stream up (`pressed`), LZMA is used only
+    if it took at most SLOWER_BY times deflate's CPU time in the trials:
+    on WAL and database pages it is about as fast as deflate, on text 40%
+    slower.  Called from the pool's threads, in any order."""
 
     def __init__(self):
         self._lock = threading.Lock()
         # Per size: [coder, gap, blobs until the next trial (the first is
-        # one), LZMA's and deflate's decayed totals].
-        self._sizes = [[BLOB_DEFLATE, 1, 0, 0.0, 0.0], [BLOB_DEFLATE, 1, 0, 0.0, 0.0]]
+        # one), then decayed totals: LZMA's and deflate's bytes, seconds].
+        self._sizes = [[BLOB_DEFLATE, 1, 0, 0.0, 0.0, 0.0, 0.0], [BLOB_DEFLATE, 1, 0, 0.0, 0.0, 0.0, 0.0]]
 
-    def plan(self, size):
+    def plan(self, size, pressed=False):
         """The coder for a blob of `size` bytes, or None for a trial of both."""
         state = self._sizes[size >= LZMA_LARGE]
         with self._lock:
             if state[2] > 0:
                 state[2] -= 1
+                if pressed and state[0] == BLOB_LZMA and state[5] > SLOWER_BY * state[6]:
+                    return BLOB_DEFLATE
                 return state[0]
             state[2] = state[1]
             return None
 
-    def learn(self, size, lzma_size, deflate_size):
+    def learn(self, size, lzma_size, deflate_size, lzma_seconds=0.0, deflate_seconds=0.0):
         state = self._sizes[size >= LZMA_LARGE]
         with self._lock:
             state[3] = state[3] * TRIAL_DECAY + lzma_size
             state[4] = state[4] * TRIAL_DECAY + deflate_size
+            state[5] = state[5] * TRIAL_DECAY + lzma_seconds
+            state[6] = state[6] * TRIAL_DECAY + deflate_seconds
             winner = BLOB_LZMA if state[3] < state[4] else BLOB_DEFLATE
             if winner == state[0]:
                 state[1] = min(2 * state[1], PROBE_GAP_MAX)
@@ -8766,14 +8777,14 @@ class PeerWriter:
         else:
             _, sid, digest, blob = item
             head = (TUNNEL_MESSAGE.pack(MSG_CHUNK, sid) + digest, TUNNEL_CHUNK, ())
-        # LZMA (slower than deflate on text) only while the pool keeps up:
-        # where compression is what limits a stream, deflate's speed counts.
-        if not self.lzma_ok or sum(1 for waiting in self._staged if not waiting.ready) >= self._pool.threads > 0:
-            choice = None
+        # Where the pool does not keep up, compression is what limits the
+        # streams, and the coder's speed counts too (BlobChoice).
+        pressed = sum(1 for waiting in self._staged if not waiting.ready) >= self._pool.threads > 0
         staged = Staged(size, head)
         dictionary = self._history
         self._history = extend_history(dictionary, blob)
-        self._pool.submit(blob, dictionary, lambda result, error: self._done(staged, result, error), choice)
+        self._pool.submit(blob, dictionary, lambda result, error: self._done(staged, result, error),
+                          choice if self.lzma_ok else None, pressed)
         return staged
 
     def _done(self, staged, result, error):
