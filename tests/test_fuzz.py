@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import threading
+import lzma
 import zlib
 
 import pytest
@@ -431,6 +432,13 @@ class HostileLink:
         self.sock.close()
 
 
+def lzma_bomb(size, raw):
+    """`size` zero bytes, LZMA2 as the tunnel sends it (`raw`) or in an xz container."""
+    if raw:
+        return lzma.compress(bytes(size), lzma.FORMAT_RAW, filters=wanxfer.lzma_filters(preset=0))
+    return lzma.compress(bytes(size))
+
+
 def tunnel_messages(rng, target_port, sid):
     """(type, stream id, payload): one message, right or wrong."""
     pieces = [(wanxfer.PIECE_CHUNK, 5, None, b'hello')]
@@ -441,15 +449,23 @@ def tunnel_messages(rng, target_port, sid):
                  rng.choice([b'', b'\xff\xfe', b'\x1b]0;owned\x07', b'h' * 3000, b'\x00'])),
         lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_RAW, 1, len(raw)) + raw),
         lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(
-            rng.choice([0, 1, 7]), rng.getrandbits(16), rng.getrandbits(32)) + random_datagram(rng)),
+            rng.choice([0, 1, 3, 7]), rng.getrandbits(16), rng.getrandbits(32)) + random_datagram(rng)),
         lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_RAW, 1, 5 + 5) +
-                 wanxfer.TUNNEL_PIECE.pack(rng.choice([1, 2, 3, 9]), rng.choice([0, 5, 1 << 31])) +
+                 wanxfer.TUNNEL_PIECE.pack(rng.choice([1, 2, 3, 4, 9]), rng.choice([0, 5, 1 << 31])) +
                  b'hello'),
+        lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_RAW, 2, 37 + 23) +
+                 wanxfer.TUNNEL_PIECE.pack(wanxfer.PIECE_REF, 5000) + bytes(32) +
+                 wanxfer.TUNNEL_PIECE.pack(wanxfer.PIECE_RUN, rng.choice([0, 1, 5000, 1 << 31])) +
+                 wanxfer.TUNNEL_RUN.pack(rng.choice([0, 1, 2, 5000]), bytes(16))),
+        lambda: (wanxfer.MSG_RUN_REQUEST, sid, bytes(rng.choice([0, 16, 32]))),
+        lambda: (wanxfer.MSG_RUN, sid, bytes(rng.choice([0, 16, 48, 50, 16 + 32 * 5000]))),
         lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_RAW, 1, 37) +
                  wanxfer.TUNNEL_PIECE.pack(wanxfer.PIECE_REF, rng.choice([0, 10, 70000])) +
                  bytes(rng.getrandbits(8) for _ in range(32))),
         lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_DEFLATE, 1, 100) +
                  zlib_bomb(rng.choice([1000, 8 << 20]), rng.choice([15, -15]))),
+        lambda: (wanxfer.MSG_DATA, sid, wanxfer.TUNNEL_DATA.pack(wanxfer.BLOB_LZMA, 1, 100) +
+                 lzma_bomb(rng.choice([1000, 8 << 20]), rng.random() < 0.5)),
         lambda: (wanxfer.MSG_CHUNK, sid, bytes(32) + bytes([rng.choice([0, 1, 2, 5])]) +
                  rng.choice([zlib_bomb(4 << 20, -15), zlib_bomb(4 << 20), bytes(70000), b'x'])),
         lambda: (wanxfer.MSG_CREDIT, sid, wanxfer.TUNNEL_CREDIT.pack(rng.getrandbits(64))),
@@ -486,7 +502,8 @@ def test_tunnel_listen_survives_garbage_and_mutated_frames(tmp_path, tunnel_pair
                 link, sid = HostileLink(far.port), 0
                 links += 1
                 link.send(wanxfer.MSG_HELLO, 0, wanxfer.TUNNEL_HELLO.pack(
-                    wanxfer.TUNNEL_MAGIC, wanxfer.TUNNEL_VERSION, wanxfer.STREAM_WINDOW))
+                    wanxfer.TUNNEL_MAGIC, wanxfer.TUNNEL_VERSION, wanxfer.STREAM_WINDOW,
+                    wanxfer.decodable_encodings()))
             if rng.random() < 0.3:
                 sid += 1
             link.send(*tunnel_messages(rng, echo.port, max(sid, 1)))
