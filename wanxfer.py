@@ -8386,6 +8386,23 @@ def stripe_workers(nblocks, stripe, available):
     return max(1, min(available, -(-nblocks // stripe) // STRIPES_PER_WORKER))
 
 
+def receive_before(channel, deadline):
+    """One message from a worker's socketpair by `deadline` (time.monotonic()):
+    None if none came by then, b'' if the other end is gone."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    channel.settimeout(left)
+    try:
+        return channel.recv(MAX_WORKER_MESSAGE)
+    except socket.timeout:
+        return None
+    except OSError:
+        return b''
+    finally:
+        channel.settimeout(None)
+
+
 def split_stripes(ranges, stripe, count):
     """Block ranges cut at stripe boundaries: [ranges of worker i] for
     each of `count` workers, stripe j going to worker j mod count."""
@@ -8824,21 +8841,12 @@ class SendingTeam:
         ready = 0
         for worker in self.workers[:wanted]:
             while not worker.flow and not worker.given_up:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                message = receive_before(worker.channel, deadline)
+                if message is None:
                     worker.given_up = True
                     self.session.server.log('%s: no UDP flow for worker %d; it sends nothing'
                                             % (self.session.peer_name(), worker.index))
                     break
-                worker.channel.settimeout(left)
-                try:
-                    message = worker.channel.recv(MAX_WORKER_MESSAGE)
-                except socket.timeout:
-                    continue
-                except OSError:
-                    message = b''
-                finally:
-                    worker.channel.settimeout(None)
                 if not message:
                     self._broke(worker)
                     raise ProtocolError(self.broken)
@@ -8956,19 +8964,10 @@ class SendingTeam:
         deadline = time.monotonic() + DATA_TIMEOUT
         for worker in active:
             while worker.counts is None and not self.broken:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                message = receive_before(worker.channel, deadline)
+                if message is None:
                     self.broken = 'worker %d did not end its share of a file' % worker.index
                     break
-                worker.channel.settimeout(left)
-                try:
-                    message = worker.channel.recv(MAX_WORKER_MESSAGE)
-                except socket.timeout:
-                    continue
-                except OSError:
-                    message = b''
-                finally:
-                    worker.channel.settimeout(None)
                 self._take(worker, message)
         if self.broken:
             raise ProtocolError(self.broken)
