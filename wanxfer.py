@@ -703,6 +703,17 @@ def start_thread(target, name, args=()):
     return thread
 
 
+def exit_forked(status):
+    """End a forked process at once, its output flushed: no atexit
+    handlers, no cleanup of what it shares with its parent."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def recv_exactly(sock, n):
     data = bytearray()
     while len(data) < n:
@@ -6926,12 +6937,7 @@ class Server:
         except BaseException:
             pass
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-            os._exit(status)
+            exit_forked(status)
 
     def session_process_ended(self, child):
         with self._lock:
@@ -8512,12 +8518,7 @@ def _worker_process(index, channel, pairs, inherited, main):
     except BaseException:
         pass
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(status)
+        exit_forked(status)
 
 
 def end_workers(workers):
