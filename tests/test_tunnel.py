@@ -326,7 +326,10 @@ def test_data_sent_again_costs_a_few_bytes_of_references_per_read(tmp_path, tunn
                                         if run['tunnel-out']['original_bytes'] == sent],
                                timeout=15, interval=0.2, what='the figures of the pass')
             wire.append(running[0]['transferred_bytes'] - sum(wire))
-        assert wire[2] < 8 * chunks, (wire, chunks)        # one reference a chunk: 37 bytes
+        # One reference a chunk cost 37 bytes (25,889 here); runs cost a
+        # few per read, and how the stream is read depends on the load
+        # (1,992 bytes alone, 8,140 beside the rest of the suite).
+        assert wire[2] < 37 * chunks / 2, (wire, chunks)
     finally:
         near.stop()
         far.stop()
