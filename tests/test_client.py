@@ -140,7 +140,7 @@ class Conversation(wanxfer.Conversation):
 
 
 def incoming_file(tmp_path, size, conversation=None, name='f'):
-    data = types.SimpleNamespace(sealer_in=types.SimpleNamespace(encrypt=True))
+    data = types.SimpleNamespace(sealer_in=types.SimpleNamespace(encrypt=True, cipher="aes-256-ctr"))
     entry = wanxfer.ListingEntry(name, size, 1700000000 * 10 ** 9, 0o600)
     return wanxfer.IncomingFile(name, str(tmp_path / name), entry, conversation or Conversation(),
                                 data, wanxfer.TransferEvents(), rtt=0.01)

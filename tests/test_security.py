@@ -3,13 +3,15 @@ is ever used twice, the secret is stretched before it is proved with, and
 weak secrets are refused or warned about by the ends that listen."""
 
 import errno
+import hashlib
 import random
 import socket
 import threading
 
 import pytest
 
-from helpers import SECRET, HostileClient, InProcessServer, make_file, sha256, wanxfer
+from helpers import (SECRET, HostileClient, InProcessServer, json_summaries, make_file, patched_serve, run_get,
+                     sha256, wanxfer)
 
 WINDOW = 16         # a reuse of 2 * WINDOW keystream bytes or more is always found
 
@@ -39,17 +41,34 @@ def test_the_reuse_detector_finds_a_shifted_overlap():
     assert find_keystream_reuse([base[:2000], base[2000:4000]]) is None
 
 
+@pytest.fixture(params=['aes-256-ctr', 'shake-128'])
+def cipher(request, monkeypatch):
+    """Each keystream in turn: AES where this Python can load it, and the
+    SHAKE fallback (as if it could not)."""
+    if request.param == 'shake-128':
+        monkeypatch.setattr(wanxfer.CounterMode, 'load', staticmethod(lambda: None))
+    elif wanxfer.CounterMode.load() is None:
+        pytest.skip('this Python cannot load AES from its libcrypto')
+    return request.param
+
+
 def recording_keystream(monkeypatch):
     """Every keystream the cipher seals with, as the bytes it used.  (With
     both ends in one process, opening uses the same keystream again: only
-    what `seal` and `seal_run` XOR is recorded.)"""
+    what `seal` and `seal_run` apply is recorded.)"""
     used, sealing = [], threading.local()
-    xor = wanxfer.xor_bytes
+    xor, apply = wanxfer.xor_bytes, wanxfer.CounterModeContext.apply
 
     def record(data, keystream):
         if getattr(sealing, 'on', False):
             used.append(bytes(keystream[:len(data)]))
         return xor(data, keystream)
+
+    def record_aes(context, data, pieces):
+        out = apply(context, data, pieces)
+        if getattr(sealing, 'on', False):
+            used.append(xor(bytes(data), bytes(out)))      # plaintext ^ ciphertext: the keystream
+        return out
 
     def sealing_with(method):
         def wrapper(*args):
@@ -60,16 +79,18 @@ def recording_keystream(monkeypatch):
                 sealing.on = False
         return wrapper
     monkeypatch.setattr(wanxfer, 'xor_bytes', record)
+    monkeypatch.setattr(wanxfer.CounterModeContext, 'apply', record_aes)
     for name in ('seal', 'seal_run'):
         monkeypatch.setattr(wanxfer.Sealer, name, sealing_with(getattr(wanxfer.Sealer, name)))
     return used
 
 
-def test_sealer_never_reuses_keystream_across_stride_changes(monkeypatch):
+def test_sealer_never_reuses_keystream_across_stride_changes(monkeypatch, cipher):
     """The sender's stride follows the block size, which changes between
     files of one session; packet numbers go on counting."""
     used = recording_keystream(monkeypatch)
-    sealer = wanxfer.Sealer(bytes(range(64)), True)
+    sealer = wanxfer.Sealer(bytes(range(64)), True, counter_mode=wanxfer.CounterMode.load())
+    assert sealer.cipher == cipher
     nonce = 0
     for stride in (65477, 1442, 8000, 1442, 65477, 2048, 1230):
         sealer.set_stride(stride)
@@ -85,9 +106,44 @@ def test_sealer_never_reuses_keystream_across_stride_changes(monkeypatch):
     assert find_keystream_reuse(used) is None
 
 
+def documented_stream(cipher, key, name, length):
+    """The first `length` bytes of a keystream as the README lays it out:
+    `name` is stride (4 bytes) | batch (8), or 4 zero bytes | nonce (8) for
+    a long frame's own stream."""
+    if cipher == 'shake-128':
+        label = b'L' + name[4:] if name[:4] == bytes(4) else b'B' + name
+        return hashlib.shake_128(key[:32] + label).digest(length)
+    return bytes(wanxfer.CounterMode.load().context(key[:32]).apply(bytes(length), [(name, 0, length)]))
+
+
+def test_each_packet_takes_the_slice_of_keystream_the_protocol_names(cipher):
+    """A compatible peer finds the keystream where the README says: nonce n
+    at stride s is bytes [(n % batch) * s, +s) of stream (s, n // batch),
+    however the slice falls across AES blocks; a frame longer than the
+    stride has a stream of its own.  A run sealed in one go is the same as
+    its packets sealed one by one."""
+    key, stride = bytes(range(64)), 1442
+    sealer = wanxfer.Sealer(key, True, stride=stride, counter_mode=wanxfer.CounterMode.load())
+    assert sealer.cipher == cipher
+    batch = sealer.batch
+    for nonce in (0, 1, 5, batch - 1, batch, 3 * batch + 7):
+        number, index = divmod(nonce, batch)
+        stream = documented_stream(cipher, key, stride.to_bytes(4, 'big') + number.to_bytes(8, 'big'),
+                                   (index + 1) * stride)
+        assert sealer.seal(nonce, b'', bytes(stride))[:-wanxfer.TAG_SIZE] == stream[index * stride:], nonce
+    long = sealer.seal(12345, b'', bytes(stride + 100))[:-wanxfer.TAG_SIZE]
+    assert long == documented_stream(cipher, key, bytes(4) + (12345).to_bytes(8, 'big'), stride + 100)
+    first, count = batch - 3, 7                         # across a batch boundary, the last one short
+    payload = bytes(random.Random(1).getrandbits(8) for _ in range(count * stride - 9))
+    headers = [n.to_bytes(8, 'big') for n in range(first, first + count)]
+    one_by_one = [headers[i] + sealer.seal(first + i, headers[i], payload[i * stride:(i + 1) * stride])
+                  for i in range(count)]
+    assert sealer.seal_run(first, headers, payload) == one_by_one
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize('case', ['updated-file', 'narrow-path'])
-def test_a_session_with_mixed_block_sizes_never_reuses_keystream(tmp_path, monkeypatch, link, case):
+def test_a_session_with_mixed_block_sizes_never_reuses_keystream(tmp_path, monkeypatch, link, case, cipher):
     """Both ends in this process, every sealed payload recorded.  The block
     size (and so the stride) changes within one session: a new file in 64
     KiB blocks, then an updated one in the smaller blocks of a delta; or a
@@ -142,7 +198,7 @@ def data_datagram_seqs(sock, wait):
 
 
 @pytest.mark.e2e
-def test_a_fetch_that_fails_while_sending_leaves_its_packet_numbers_spent(tmp_path, monkeypatch):
+def test_a_fetch_that_fails_while_sending_leaves_its_packet_numbers_spent(tmp_path, monkeypatch, cipher):
     """A delta fetch whose signature cannot be read fails with an error
     while its blocks are on their way, and the session goes on: the next
     file's packet numbers (the cipher's nonces) must come after every one
@@ -185,6 +241,91 @@ def test_a_fetch_that_fails_while_sending_leaves_its_packet_numbers_spent(tmp_pa
     assert find_keystream_reuse(list(used)) is None
 
 
+def aes_or_skip():
+    if wanxfer.CounterMode.load() is None:
+        pytest.skip('this Python cannot load AES from its libcrypto')
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('shake_end', [None, 'server', 'client'])
+def test_the_ends_agree_on_the_keystream_both_can_run(serve, tmp_path, monkeypatch, shake_end):
+    """AES when both ends have it; SHAKE, and the same bytes, when either
+    end has not (WANXFER_CIPHER=shake stands in for a Python without it).
+    The summary names the cipher used."""
+    aes_or_skip()
+    source = make_file(tmp_path / 'f', 3 << 20)
+    if shake_end == 'server':
+        server = patched_serve(serve, [source], "wanxfer.os.environ['WANXFER_CIPHER'] = 'shake'")
+    else:
+        server = serve([source])
+    if shake_end == 'client':
+        monkeypatch.setenv('WANXFER_CIPHER', 'shake')
+    done = run_get(server.port, 'f', '-o', tmp_path / 'out', '--json')
+    assert done.returncode == 0, done.stderr
+    assert json_summaries(done)[0]['cipher'] == ('aes-256-ctr' if shake_end is None else 'shake-128')
+    assert sha256(tmp_path / 'out') == sha256(source)
+
+
+def test_a_library_that_fails_the_known_answer_is_not_used(monkeypatch):
+    aes_or_skip()
+    key, counter, plain, cipher = wanxfer.CounterMode.KNOWN_ANSWER
+    monkeypatch.setattr(wanxfer.CounterMode, 'KNOWN_ANSWER', (key, counter, plain, bytes(len(cipher))))
+    wanxfer.CounterMode.load.cache_clear()
+    try:
+        assert wanxfer.CounterMode.load() is None
+    finally:
+        wanxfer.CounterMode.load.cache_clear()
+
+
+def test_a_man_in_the_middle_cannot_take_aes_off_the_table():
+    """Clearing FLAG_AES_CTR in the client's HELLO (to push both ends onto
+    the other keystream) fails both proofs: the flags are proved."""
+    aes_or_skip()
+    secret = wanxfer.SharedSecret(b'correct horse battery staple')
+    client, near = socket.socketpair()
+    far, server = socket.socketpair()
+    for sock in (client, near, far, server):
+        sock.settimeout(10)
+    outcome = {}
+
+    def serve_one():
+        try:
+            outcome['server'] = wanxfer.server_handshake(server, secret, True)
+        except wanxfer.WanxferError as error:
+            outcome['server'] = error
+        server.close()
+
+    def relay(source, sink, first):
+        try:
+            data = bytearray(wanxfer.recv_exactly(source, first))
+            if first == wanxfer.HELLO.size:
+                data[5] &= ~wanxfer.FLAG_AES_CTR & 0xFF
+            while data:
+                sink.sendall(data)
+                data = source.recv(4096)
+        except OSError:
+            pass
+        try:
+            sink.shutdown(socket.SHUT_WR)   # EOF now, even while the other relay reads from it
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=serve_one),
+               threading.Thread(target=relay, args=(near, far, wanxfer.HELLO.size)),
+               threading.Thread(target=relay, args=(far, near, 1))]
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    with pytest.raises(wanxfer.AuthError):
+        wanxfer.client_handshake(client, secret, True)
+    client.close()
+    for thread in threads:
+        thread.join(10)
+    for sock in (near, far):
+        sock.close()
+    assert isinstance(outcome.get('server'), wanxfer.WanxferError), outcome
+
+
 def test_the_server_proves_with_the_stretched_secret_and_a_salt_of_its_own():
     """What a listener hands to anyone who connects is an HMAC under scrypt
     of the secret with a salt drawn per server run, not under the secret."""
@@ -204,9 +345,10 @@ def test_the_server_proves_with_the_stretched_secret_and_a_salt_of_its_own():
     assert second[4] == salt                            # one salt per server
     assert wanxfer.SharedSecret(b'correct horse battery staple').server_salt()[0] != salt
     stretched = wanxfer.stretch_secret(b'correct horse battery staple', salt)
-    assert proof == wanxfer.handshake_proof(stretched, b'wanxfer server', bytes(32), nonce, flags)
+    client_flags = wanxfer.FLAG_ENCRYPT
+    assert proof == wanxfer.handshake_proof(stretched, b'wanxfer server', bytes(32), nonce, client_flags, flags)
     assert proof != wanxfer.handshake_proof(b'correct horse battery staple', b'wanxfer server',
-                                            bytes(32), nonce, flags)
+                                            bytes(32), nonce, client_flags, flags)
 
 
 def test_a_server_stretches_its_secret_once_not_per_connection(monkeypatch):
