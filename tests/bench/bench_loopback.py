@@ -3,7 +3,7 @@
 emulator.  Reports goodput from the wall clock of the whole `get`, and the
 CPU seconds per GB each end used.  Not part of the test suite; needs no root.
 
-    python3 tests/bench/bench_loopback.py [--size 1G] [--runs 3] [--json out.json]
+    python3 tests/bench/bench_loopback.py [--size 1G] [--runs 3] [--workers 1] [--json out.json]
 """
 
 import argparse
@@ -21,8 +21,8 @@ from helpers import start_serve  # noqa: E402
 SECRET = 'bench-loopback'
 
 
-def one_run(source, size, workdir, encrypt, run):
-    extra = [] if encrypt else ['--no-encrypt']
+def one_run(source, size, workdir, encrypt, run, workers):
+    extra = ([] if encrypt else ['--no-encrypt']) + ['--workers', workers]
     # Fresh caches each run: a file `get` saw before would come from its own disk.
     cache = os.path.join(workdir, 'cache-%s-%d.db' % ('enc' if encrypt else 'plain', run))
     server = start_serve([source], extra + ['--cache', cache + '.serve'], secret=SECRET)
@@ -55,6 +55,8 @@ def main():
     parser.add_argument('--size', type=harness.size_arg, default='1G',
                         help='file size: 256M, 1G (default 1G)')
     parser.add_argument('--runs', type=int, default=3)
+    parser.add_argument('--workers', default='auto',
+                        help='--workers of both ends (default auto; the CPU target is per end at 1)')
     parser.add_argument('--json', metavar='FILE')
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix='wanxfer-loopback-')
@@ -65,7 +67,7 @@ def main():
             name = 'encrypted' if encrypt else '--no-encrypt'
             runs = []
             for i in range(args.runs):
-                run = one_run(source, args.size, workdir, encrypt, i)
+                run = one_run(source, args.size, workdir, encrypt, i, args.workers)
                 runs.append(run)
                 print('[%s run %d] %.0f Mbit/s, CPU s/GB server %.2f client %.2f, block %s, verified %s'
                       % (name, i + 1, run['goodput_mbps'], run['server_cpu_s_per_gb'],
