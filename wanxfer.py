@@ -5825,7 +5825,8 @@ class OutgoingFile:
         self.team, self.workers = team, count
         self.stripe_blocks = max(1, STRIPE_BYTES // self.block_size)
         if team.cycles:
-            needed = sum(end - start for start, end in self._need)
+            # A delta's need comes later (a new file's: nearly all of it).
+            needed = self.nblocks if self.delta else sum(end - start for start, end in self._need)
             self.stripe_cycle = stripe_cycle(count, coordinator_extra(self.nblocks, needed))
         cycle = self.stripe_cycle or list(range(count))
         self._parts = split_stripes(self._need, self.stripe_blocks, count, cycle)
@@ -8453,8 +8454,7 @@ def stripe_workers(nblocks, stripe, available):
 def coordinator_extra(nblocks, needed):
     """COORDINATOR_EXTRA for a file of `nblocks` of which `needed` are to
     be sent: the digest covers the whole file however few are sent (a
-    resume), and a delta's blocks are not known yet (its need comes
-    later): its coordinator keeps the least."""
+    resume)."""
     return COORDINATOR_EXTRA * nblocks / needed if needed else float(nblocks)
 
 

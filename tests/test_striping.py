@@ -44,9 +44,10 @@ def test_how_many_workers_a_file_gets():
     assert wanxfer.stripe_workers(100 * per * 10, 10, 3) == 3  # no more than there are
 
 
-def striped_share(tmp_path, count, need=None, cycles=True, stripes=48):
+def striped_share(tmp_path, count, need=None, cycles=True, stripes=48, delta=False):
     """An OutgoingFile of `stripes` stripes striped over `count` workers
-    (no processes), asked for blocks `need` (all of them by default)."""
+    (no processes), asked for blocks `need` (all of them by default), or
+    for a delta (its need to come)."""
     block = wanxfer.MAX_BLOCK_SIZE
     stripe = wanxfer.STRIPE_BYTES // block
     path = tmp_path / 'big.bin'
@@ -59,7 +60,8 @@ def striped_share(tmp_path, count, need=None, cycles=True, stripes=48):
                                     0, 0.1)
     outgoing.open(str(path), 'big.bin', {'size': st.st_size, 'mtime_ns': st.st_mtime_ns,
                                          'block_size': block,
-                                         'need': need or [[0, stripes * stripe]]},
+                                         'need': [] if delta else need or [[0, stripes * stripe]],
+                                         'delta': delta},
                   wanxfer.MAX_BLOCK_SIZE)
     team = types.SimpleNamespace(cycles=cycles, rate_changed=lambda: None)
     outgoing.stripe(team, count)
@@ -91,6 +93,11 @@ def test_the_coordinator_sends_fewer_stripes_by_the_work_only_it_does(tmp_path):
     # A resumed file still needs its whole digest: fewer stripes still.
     resumed, stripe = striped_share(tmp_path, 2, need=[[0, 24 * stripe]])
     assert len(resumed._parts[0]) < len(striped_share(tmp_path, 2)[0]._parts[0]) / 2
+    # A delta's need comes later, mostly all of a new file's (`lead`): dealt
+    # as if all were to be sent (its coordinator once got 1 stripe in 16).
+    delta, _stripe = striped_share(tmp_path, 2, delta=True)
+    assert delta.delta and delta._need == []
+    assert delta.stripe_cycle == wanxfer.stripe_cycle(2, extra)
 
 
 def test_a_client_without_weighted_deals_gets_stripes_round_robin(tmp_path):

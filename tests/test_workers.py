@@ -4,12 +4,14 @@ byte as with one worker; `--workers 1` is the one-process transfer."""
 import os
 import re
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
-from helpers import (Process, get_command, json_summaries, make_file, partial_blocks, patched_serve,
-                     run_get, sha256, wait_for, wanxfer)
+from helpers import (Process, get_command, json_summaries, make_file, partial_blocks,
+                     patched_serve, run_get, sha256, wait_for, wanxfer)
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not sys.platform.startswith('linux'),
@@ -111,6 +113,41 @@ def test_a_tree_with_workers_is_byte_identical(tmp_path, serve, workers):
     summaries = {s['remote']: s for s in json_summaries(got)}
     assert summaries['big.bin']['workers'] == workers
     assert summaries['sub/medium.bin']['workers'] == 1     # too few stripes to share
+
+
+@pytest.mark.parametrize('get_workers', ['3', 'auto'])
+def test_a_transfer_with_nothing_to_stripe_forks_no_worker(tmp_path, serve, get_workers):
+    """Workers were forked at the start of every session that asked for
+    them, even one of small files only: now only at the first file with
+    stripes enough for two, at either end."""
+    tree = tmp_path / 'tree'
+    (tree / 'sub').mkdir(parents=True)
+    files = {'sub/medium.bin': 2 * wanxfer.STRIPE_BYTES, 'small.txt': 1000, 'tiny': 0}
+    for seed, (name, size) in enumerate(sorted(files.items())):
+        make_file(tree / name, size, seed=seed)
+    # Slow enough (about 2 s) that workers forked at the start are seen
+    # (capped by the server: a cap on `get` makes `auto` ask for one).
+    server = serve([tree], extra=['--workers', '3', '--rate', '16M'])
+    out = tmp_path / 'out'
+    got = Process(get_command(server.port, '.', '-o', out, '-q', '--workers', get_workers)[2:])
+    forked = set()
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:      # to its end: every child it had is seen
+            forked.update(children(got.proc.pid))
+            try:
+                got.proc.wait(0.01)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        assert got.proc.wait(1) == 0, got.log()
+    finally:
+        got.stop()
+    assert not forked
+    for name in files:
+        assert sha256(out / name) == sha256(tree / name), name
+    server.wait_for(r'sent sub/medium.bin')
+    assert 'workers (pids' not in server.log()
 
 
 @pytest.mark.parametrize('first_workers, then_workers', [(2, 3), (3, 1), (1, 2)])

@@ -4,8 +4,10 @@ on 127.0.0.1 (no link emulator, no root), for each N asked.  Reports for
 each run the goodput, the CPU seconds per GB of each end (its processes
 together), and how the work was shared: each worker's share of the
 packets (what each receiving worker's flow carried) and of the CPU at
-each end (the coordinator is worker 0).  On a machine of two cores, wall
-time cannot show scaling; the shares and the CPU per GB against N=1 can.
+each end (the coordinator is worker 0), and each process's CPU on its
+main thread and on its other threads (the digest's, the file writer's).
+On a machine of two cores, wall time cannot show scaling; the shares and
+the CPU per GB against N=1 can.
 
     python3 tests/bench/bench_workers.py [--size 256M] [--workers 1,2,3] [--runs 1] [--json out.json]
 """
@@ -27,15 +29,30 @@ from helpers import start_serve  # noqa: E402
 SECRET = 'bench-workers-secret'
 
 
-def own_cpu(pid):
-    """User and system CPU seconds of one live process alone (None if gone)."""
+def own_cpu(pid, tid=None):
+    """User and system CPU seconds of one live process alone, or of its
+    thread `tid` (None if gone)."""
     try:
-        with open('/proc/%d/stat' % pid) as f:
+        with open('/proc/%d/stat' % pid if tid is None else '/proc/%d/task/%d/stat' % (pid, tid)) as f:
             text = f.read()
     except OSError:
         return None
     fields = text[text.rindex(')') + 2:].split()
     return (int(fields[11]) + int(fields[12])) / harness.CLK_TCK
+
+
+def thread_cpu(pid):
+    """{thread id: CPU seconds} of a live process's threads ({} if gone)."""
+    try:
+        tids = [int(t) for t in os.listdir('/proc/%d/task' % pid)]
+    except OSError:
+        return {}
+    cpu = {}
+    for tid in tids:
+        seconds = own_cpu(pid, tid)
+        if seconds is not None:
+            cpu[tid] = seconds
+    return cpu
 
 
 class Sampler:
@@ -48,6 +65,7 @@ class Sampler:
         self.get_pid = None
         self.cpu = {}                   # (end, pid) -> CPU seconds
         self.roles = {}                 # (end, pid) -> 'coordinator' or 'worker'
+        self.threads = {}               # (end, pid) -> {thread id: CPU seconds}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -57,6 +75,8 @@ class Sampler:
         if cpu is not None:
             self.cpu[(end, pid)] = cpu
             self.roles[(end, pid)] = role
+            # Threads that end (a file's digest, writer) are gone from /proc: keep what each showed last.
+            self.threads.setdefault((end, pid), {}).update(thread_cpu(pid))
 
     def _run(self):
         while not self._stop.wait(self.interval):     # a deadline-free poll of /proc, not a sync
@@ -78,6 +98,19 @@ class Sampler:
         mine = sorted(((0 if self.roles[key] == 'coordinator' else 1, key[1]), cpu)
                       for key, cpu in self.cpu.items() if key[0] == end)
         return [cpu for _key, cpu in mine]
+
+    def main_thread_shares(self, end):
+        """[CPU seconds of each process's main thread, of its other threads
+        (the digest's, the file writer's, the listener's)] at `end`, in the
+        order of shares(): what the coordinator does on threads of its own."""
+        mine = sorted(((0 if self.roles[key] == 'coordinator' else 1, key[1]), key)
+                      for key in self.cpu if key[0] == end)
+        split = []
+        for _order, key in mine:
+            threads = self.threads.get(key, {})
+            main = threads.get(key[1], 0.0)
+            split.append([round(main, 2), round(sum(threads.values()) - main, 2)])
+        return split
 
 
 def one_run(source, size, workdir, workers, run):
@@ -121,7 +154,9 @@ def one_run(source, size, workdir, workers, run):
             'wall_seconds': got['wall'], 'server_cpu_s_per_gb': server_cpu / gb,
             'client_cpu_s_per_gb': got['cpu'] / gb, 'packet_shares': share_of(packets),
             'server_cpu_shares': share_of(sampler.shares('server')),
-            'client_cpu_shares': share_of(sampler.shares('client')), 'verified': ok}
+            'client_cpu_shares': share_of(sampler.shares('client')),
+            'server_cpu_threads': sampler.main_thread_shares('server'),
+            'client_cpu_threads': sampler.main_thread_shares('client'), 'verified': ok}
 
 
 def share_of(values):
@@ -158,10 +193,12 @@ def main():
                 run = one_run(source, args.size, workdir, workers, i)
                 runs.append(run)
                 print('[--workers %d run %d] %.0f Mbit/s, CPU s/GB server %.2f client %.2f; shares: '
-                      'packets %s, CPU server %s, client %s; verified %s'
+                      'packets %s, CPU server %s, client %s; CPU s [main thread, others] per '
+                      'process, server %s, client %s; verified %s'
                       % (workers, i + 1, run['goodput_mbps'], run['server_cpu_s_per_gb'],
                          run['client_cpu_s_per_gb'], run['packet_shares'], run['server_cpu_shares'],
-                         run['client_cpu_shares'], run['verified']), flush=True)
+                         run['client_cpu_shares'], run['server_cpu_threads'],
+                         run['client_cpu_threads'], run['verified']), flush=True)
         results['uptime_after'] = uptime()
         print(results['uptime_after'])
         base = results['runs'].get(1)
