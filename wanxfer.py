@@ -6573,7 +6573,10 @@ class ServerSession:
         lazy = bool(message.get('lazy'))
         if granted > 1:
             self.team = SendingTeam(self, granted, bool(message.get('cycle')), lazy)
-        self.control.send(dict({'op': 'workers', 'count': granted}, **({'lazy': True} if lazy else {})))
+        answer = {'op': 'workers', 'count': granted}
+        if lazy:
+            answer['lazy'] = True
+        self.control.send(answer)
 
     def do_fetch(self, message):
         """Send one file, named with the size and mtime a listing gave, by
@@ -6593,11 +6596,12 @@ class ServerSession:
         try:
             outgoing.open(path, remote, message, block_size_for_mtu(self.route_mtu, self.sock.family),
                           self.server.max_rate)
-            outgoing.start_helper(self.server.digests, self.server.signatures, owner=self)
             if self.team is not None:
                 count = self.team.workers_for(outgoing.nblocks, outgoing.block_size)
                 if count > 1:
                     outgoing.stripe(self.team, count)
+            # After the workers' fork (the first striped file's): not beside the digest's thread.
+            outgoing.start_helper(self.server.digests, self.server.signatures, owner=self)
             self._file_id += 1
             outgoing.start(self._file_id)
             started = time.monotonic()
@@ -8387,13 +8391,15 @@ class Client:
 # own process is worker 0 and the coordinator: it keeps the control channel,
 # the one RateController, the file's digest and (receiving) its state file.
 # Workers 1..N-1 are forked from it at the first file large enough to
-# stripe (none for a transfer of small files); each has a UDP flow of its own (socket, keys, packet numbers)
-# and a socketpair to its coordinator (messages in the wire formats section).
+# stripe (none for a transfer of small files); each has a UDP flow of its
+# own (socket, keys, packet numbers) and a socketpair to its coordinator
+# (messages in the wire formats section).
 #
 # A file is cut into stripes of about STRIPE_BYTES; stripe j goes to worker
-# j mod k, where k, the workers the file uses, is at most N and leaves each
-# at least STRIPES_PER_WORKER stripes (smaller files go to worker 0 alone;
-# the `start` names k and the stripe).  Each worker runs the one-worker
+# cycle[j mod len(cycle)] (j mod k without one), where k, the workers the
+# file uses, is at most N and leaves each at least STRIPES_PER_WORKER
+# stripes (smaller files go to worker 0 alone; the `start` names k, the
+# stripe and the cycle).  Each worker runs the one-worker
 # machinery (SendWindow, ReceiveWindow, feedback, NAKs) over its stripes.
 # Sending workers hand every acknowledgement to the coordinator's one
 # RateController and pace at the share of its rate it sends back (their
@@ -8482,9 +8488,10 @@ def stripe_cycle(count, extra=0.0):
     of all of them): its stripes are fewer by as much, so that each
     process does about 1/count of its end's work (with extra x, worker 0
     gets (1 - (count-1) x) / count of the stripes, and always one a round:
-    a share with nothing to send would never acknowledge).  The round interleaves the workers as evenly as it can (a smooth
-    weighted round robin), so that a file shorter than one round is shared
-    nearly as well."""
+    a share with nothing to send would never acknowledge).  The round
+    interleaves the workers as evenly as it can (a smooth weighted round
+    robin), so that a file shorter than one round is shared nearly as
+    well."""
     if count <= 1:
         return [0]
     length = STRIPE_CYCLE * count
@@ -8915,7 +8922,8 @@ class SendingTeam:
         self._fork_args = (count, main, inherited)
         self._openers = [keys.worker_sealers('server', index)[1] for index in range(1, count)]
         self._lock = threading.Lock()           # hello() runs on the listener thread
-        self._addresses = {}                    # worker index -> where its client worker's HELLO came from
+        self._addresses = {}                    # worker index -> where its client worker's HELLO
+                                                # came from
         self.workers = []                       # SendingWorker, once forked
 
     def pids(self):

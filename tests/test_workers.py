@@ -41,6 +41,9 @@ def test_a_large_file_striped_over_workers_is_byte_identical(tmp_path, serve, wo
     assert len(summary['worker_packets']) == workers
     assert all(count > 0 for count in summary['worker_packets']), summary['worker_packets']
     assert sum(summary['worker_packets']) == summary['packets_received']
+    # The coordinator, which also runs the control channel, the rate
+    # control and the digest, is dealt fewer stripes than any worker.
+    assert summary['worker_packets'][0] < min(summary['worker_packets'][1:]), summary['worker_packets']
     granted, pids = worker_pids(server)
     assert granted == workers and len(set(pids)) == workers - 1
     assert server.proc.pid not in pids

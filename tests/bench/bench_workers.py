@@ -214,11 +214,13 @@ def main():
                 base_both = harness.median(r['server_cpu_s_per_gb'] + r['client_cpu_s_per_gb']
                                            for r in base)
                 relative = '%.2f' % (both / base_both)
-            last = runs[-1]
+            shares = {key: [round(harness.median(r[key][i] for r in runs), 3)
+                            for i in range(len(runs[0][key]))]
+                      for key in ('packet_shares', 'server_cpu_shares', 'client_cpu_shares')}
             print('| %d | %d | %.0f | %.2f | %.2f | %s | %s | %s | %s |' % (
                 workers, len(runs), median['goodput_mbps'], median['server_cpu_s_per_gb'],
-                median['client_cpu_s_per_gb'], relative, last['packet_shares'],
-                last['server_cpu_shares'], last['client_cpu_shares']))
+                median['client_cpu_s_per_gb'], relative, shares['packet_shares'],
+                shares['server_cpu_shares'], shares['client_cpu_shares']))
         harness.write_json(args.json, results)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
