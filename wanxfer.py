@@ -414,9 +414,9 @@ LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at mos
 LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 STRIPE_BYTES = 2 << 20          # a file striped over workers goes in runs of about this much each,
 STRIPES_PER_WORKER = 4          # ... and only over as many workers as have this many runs each
-STRIPE_CYCLE = 8                # stripes per worker in one round of a weighted deal (stripe_cycle)
+STRIPE_CYCLE = 16               # stripes per worker in one round of a weighted deal (stripe_cycle)
 STRIPE_SURELY = (2 * STRIPES_PER_WORKER - 1) * STRIPE_BYTES     # a larger file has stripes for 2
-MAX_STRIPE_CYCLE = 8 * MAX_WORKERS  # and the longest round a client takes
+MAX_STRIPE_CYCLE = STRIPE_CYCLE * MAX_WORKERS  # and the longest round a client takes
 
 
 def frozen_mapping(mapping):
@@ -8426,10 +8426,13 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # fraction of the work of moving the whole file: the digest of all of it,
 # the control channel, every worker's acknowledgements through the one
 # rate control, and (receiving) the state file.  Measured with
-# bench_workers.py: the coordinator's CPU share was 0.60 of 2 and 0.46 of
-# 3 workers at both ends with stripes dealt evenly, which this explains
-# (1/2 + x = 0.60 (1 + x), 1/3 + x = 0.46 (1 + x): x = 0.23-0.27).
-COORDINATOR_EXTRA = 0.25
+# bench_workers.py (256 MiB on loopback, 2 and 3 workers): the digest's
+# thread took 0.23 and the coordinator's main thread 0.05 more than its
+# stripes' work, as fractions of all the stripes' work, at the server;
+# 0.12 (digest, state) and 0.16 at the client: 0.27-0.28 at both ends.  Dealt evenly, the
+# coordinator's CPU share was 0.60 of 2 and 0.46 of 3, as x = 0.22-0.27
+# predicts (1/k + x = share (1 + x)).
+COORDINATOR_EXTRA = 0.28
 
 
 def usable_cores():
