@@ -8092,9 +8092,13 @@ class Client:
         self._granted = min(self.workers, answer['count'])
         if self._granted > 1:
             if answer.get('lazy'):
-                self.conversation.on_fork = self._fork_workers
+                self.conversation.on_fork = self._told_to_fork
             else:
                 self._fork_workers()
+
+    def _told_to_fork(self):
+        self.conversation.on_fork = None        # once a session: another `fork` is refused
+        self._fork_workers()
 
     def _fork_workers(self):
         """Fork the workers granted (once), each opening its own flow."""

@@ -2,6 +2,8 @@
 how blocks are cut into stripes and shared out, what each worker's window
 sees, per-worker keys, and what a receiving coordinator tells its workers
 during a delta."""
+import collections
+import functools
 import socket
 import threading
 import time
@@ -282,6 +284,21 @@ def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
     finally:
         for sock in (rx, tx, coordinator, worker_end):
             sock.close()
+
+
+def test_a_fork_is_taken_once_a_session_on_the_way_to_a_start():
+    """A client that forks its workers lazily is told by `fork` just before
+    the first striped file's `start`; a second `fork` is refused."""
+    messages = collections.deque([{'op': 'fork'}, {'op': 'start', 'file': 1}, {'op': 'fork'},
+                                  {'op': 'start', 'file': 2}])
+    conversation = wanxfer.Conversation(types.SimpleNamespace(recv=messages.popleft), 1.0)
+    forks = []
+    client = types.SimpleNamespace(conversation=conversation, _fork_workers=lambda: forks.append(1))
+    conversation.on_fork = functools.partial(wanxfer.Client._told_to_fork, client)
+    assert conversation.expect('start')['file'] == 1 and forks == [1]
+    with pytest.raises(wanxfer.ProtocolError, match='got fork'):
+        conversation.expect('start')
+    assert forks == [1]
 
 
 def test_a_server_naming_tiny_stripes_is_refused_in_one_line():
