@@ -8494,8 +8494,8 @@ def stripe_cycle(count, extra=0.0):
     coordinator, does `extra` besides its stripes (a fraction of the work
     of all of them): its stripes are fewer by as much, so that each
     process does about 1/count of its end's work (with extra x, worker 0
-    gets (1 - (count-1) x) / count of the stripes, and always one a round:
-    a share with nothing to send would never acknowledge).  The round
+    gets (1 - (count-1) x) / count of the stripes, and always one a round,
+    the first).  The round
     interleaves the workers as evenly as it can (a smooth weighted round
     robin), so that a file shorter than one round is shared nearly as
     well."""
@@ -8514,7 +8514,11 @@ def stripe_cycle(count, extra=0.0):
         best = max(range(count), key=lambda i: credit[i])
         credit[best] -= length
         cycle.append(best)
-    return cycle
+    # From the coordinator's first stripe, as round robin: a file of only
+    # STRIPES_PER_WORKER a worker still gives each a stripe (a share with
+    # none would never acknowledge, and the shared rate would wait on it).
+    first_of_0 = cycle.index(0)
+    return cycle[first_of_0:] + cycle[:first_of_0]
 
 
 def cycle_shares(cycle, count):
