@@ -9,7 +9,8 @@ main thread and on its other threads (the digest's, the file writer's).
 On a machine of two cores, wall time cannot show scaling; the shares and
 the CPU per GB against N=1 can.
 
-    python3 tests/bench/bench_workers.py [--size 256M] [--workers 1,2,3] [--runs 1] [--json out.json]
+    python3 tests/bench/bench_workers.py [--size 256M] [--workers 1,2,3] [--runs 1] [--no-delta]
+                                         [--json out.json]
 """
 
 import argparse
@@ -113,7 +114,7 @@ class Sampler:
         return split
 
 
-def one_run(source, size, workdir, workers, run):
+def one_run(source, size, workdir, workers, run, get_args=()):
     cache = os.path.join(workdir, 'cache-%d-%d.db' % (workers, run))     # fresh at both ends
     server = start_serve([source], ['--cache', cache + '.serve', '--workers', str(workers)],
                          secret=SECRET)
@@ -135,7 +136,7 @@ def one_run(source, size, workdir, workers, run):
         got = procs.run_timed(
             None, [sys.executable, harness.WANXFER, 'get', '127.0.0.1:%d' % server.port,
                    os.path.basename(source), '-o', dest, '-q', '--json', '--cache', cache,
-                   '--workers', str(workers)],
+                   '--workers', str(workers)] + list(get_args),
             out, err, 3600, dict(os.environ, WANXFER_SECRET=SECRET))
         started.set()
         server_cpu = harness.settled_cpu(server.proc.pid) - server_cpu
@@ -180,6 +181,8 @@ def main():
                         help='worker counts to run, each at both ends (default 1,2)')
     parser.add_argument('--runs', type=int, default=1)
     parser.add_argument('--json', metavar='FILE')
+    parser.add_argument('--no-delta', action='store_true',
+                        help='get --no-delta (no signature at the server, no local assembly at the client)')
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(',')]
     workdir = tempfile.mkdtemp(prefix='wanxfer-workers-')
@@ -190,7 +193,8 @@ def main():
         for workers in counts:
             runs = results['runs'][workers] = []
             for i in range(args.runs):
-                run = one_run(source, args.size, workdir, workers, i)
+                run = one_run(source, args.size, workdir, workers, i,
+                              ['--no-delta'] if args.no_delta else [])
                 runs.append(run)
                 print('[--workers %d run %d] %.0f Mbit/s, CPU s/GB server %.2f client %.2f; shares: '
                       'packets %s, CPU server %s, client %s; CPU s [main thread, others] per '
