@@ -5827,7 +5827,8 @@ class OutgoingFile:
         if team.cycles:
             # A delta's need comes later (a new file's: nearly all of it).
             needed = self.nblocks if self.delta else sum(end - start for start, end in self._need)
-            self.stripe_cycle = stripe_cycle(count, coordinator_extra(self.nblocks, needed))
+            extra = COORDINATOR_EXTRA if self.delta else COORDINATOR_EXTRA_PLAIN
+            self.stripe_cycle = stripe_cycle(count, coordinator_extra(self.nblocks, needed, extra))
         cycle = self.stripe_cycle or list(range(count))
         self._parts = split_stripes(self._need, self.stripe_blocks, count, cycle)
         self._need = self._parts[0]
@@ -8427,16 +8428,19 @@ WORKER_RATE_INTERVAL = 0.02     # ... a smaller one at most this often (s)
 WORKER_REPORT_INTERVAL = 0.05   # s between a receiving worker's reports of what it wrote
 WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair closes, then SIGKILL
 # What the coordinator does besides its stripes, at either end, as a
-# fraction of the work of moving the whole file: the digest of all of it,
+# fraction of the work of moving the whole file: the digest of all of it
+# (a delta's signature at the server, its local assembly at the client),
 # the control channel, every worker's acknowledgements through the one
 # rate control, and (receiving) the state file.  Measured with
-# bench_workers.py (256 MiB on loopback, 2 and 3 workers): the digest's
-# thread took 0.23 and the coordinator's main thread 0.05 more than its
-# stripes' work, as fractions of all the stripes' work, at the server;
-# 0.12 (digest, state) and 0.16 at the client: 0.27-0.28 at both ends.  Dealt evenly, the
-# coordinator's CPU share was 0.60 of 2 and 0.46 of 3, as x = 0.22-0.27
-# predicts (1/k + x = share (1 + x)).
-COORDINATOR_EXTRA = 0.28
+# bench_workers.py (256 MiB on loopback, 2 and 3 workers; x = (c - p) /
+# (1 - c) from its CPU share c and its packet share p): a delta of a new
+# file 0.27-0.30 at the server (its signature's thread alone 0.23) and
+# 0.27-0.29 at the client; with --no-delta 0.16-0.17 at the server (the
+# digest) and 0.23-0.26 at the client.  One deal serves both ends: the
+# mean of theirs.  (Dealt evenly, the coordinator's CPU share was 0.60 of
+# 2 and 0.46 of 3.)
+COORDINATOR_EXTRA = 0.28        # a delta transfer's
+COORDINATOR_EXTRA_PLAIN = 0.21  # a plain one's
 
 
 def usable_cores():
@@ -8464,11 +8468,11 @@ def stripe_workers(nblocks, stripe, available):
     return max(1, min(available, -(-nblocks // stripe) // STRIPES_PER_WORKER))
 
 
-def coordinator_extra(nblocks, needed):
-    """COORDINATOR_EXTRA for a file of `nblocks` of which `needed` are to
-    be sent: the digest covers the whole file however few are sent (a
-    resume)."""
-    return COORDINATOR_EXTRA * nblocks / needed if needed else float(nblocks)
+def coordinator_extra(nblocks, needed, extra=COORDINATOR_EXTRA):
+    """The coordinator's own work (`extra`, as COORDINATOR_EXTRA) for a
+    file of `nblocks` of which `needed` are to be sent: the digest covers
+    the whole file however few are sent (a resume)."""
+    return extra * nblocks / needed if needed else float(nblocks)
 
 
 def receive_before(channel, deadline):
