@@ -414,7 +414,7 @@ LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at mos
 LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 STRIPE_BYTES = 2 << 20          # a file striped over workers goes in runs of about this much each,
 STRIPES_PER_WORKER = 4          # ... and only over as many workers as have this many runs each
-STRIPE_CYCLE = 16               # stripes per worker in one round of a weighted deal (stripe_cycle)
+STRIPE_CYCLE = 32               # stripes per worker in one round of a weighted deal (stripe_cycle)
 STRIPE_SURELY = (2 * STRIPES_PER_WORKER - 1) * STRIPE_BYTES     # a larger file has stripes for 2
 MAX_STRIPE_CYCLE = STRIPE_CYCLE * MAX_WORKERS  # and the longest round a client takes
 
@@ -8436,11 +8436,11 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # (1 - c) from its CPU share c and its packet share p): a delta of a new
 # file 0.27-0.30 at the server (its signature's thread alone 0.23) and
 # 0.27-0.29 at the client; with --no-delta 0.16-0.17 at the server (the
-# digest) and 0.23-0.26 at the client.  One deal serves both ends: the
-# mean of theirs.  (Dealt evenly, the coordinator's CPU share was 0.60 of
-# 2 and 0.46 of 3.)
+# digest) and 0.23-0.26 at the client.  One deal serves both ends: about
+# the mean of theirs.  (Dealt evenly, the coordinator's CPU share was 0.60
+# of 2 and 0.46 of 3.)
 COORDINATOR_EXTRA = 0.28        # a delta transfer's
-COORDINATOR_EXTRA_PLAIN = 0.21  # a plain one's
+COORDINATOR_EXTRA_PLAIN = 0.20  # a plain one's
 
 
 def usable_cores():

@@ -46,7 +46,7 @@ def test_how_many_workers_a_file_gets():
     assert wanxfer.stripe_workers(100 * per * 10, 10, 3) == 3  # no more than there are
 
 
-def striped_share(tmp_path, count, need=None, cycles=True, stripes=192, delta=False):
+def striped_share(tmp_path, count, need=None, cycles=True, stripes=384, delta=False):
     """An OutgoingFile of `stripes` stripes striped over `count` workers
     (no processes), asked for blocks `need` (all of them by default), or
     for a delta (its need to come)."""
