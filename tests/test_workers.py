@@ -11,7 +11,7 @@ import time
 import pytest
 
 from helpers import (Process, get_command, json_summaries, make_file, partial_blocks,
-                     patched_serve, run_get, sha256, wait_for, wanxfer)
+                     patched_serve, run_get, sha256, wait_for, wanxfer, wanxfer_env)
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not sys.platform.startswith('linux'),
@@ -266,6 +266,54 @@ def test_a_server_from_before_workers_is_fetched_from_as_before(tmp_path, serve)
     assert sha256(dest) == sha256(source)
     (summary,) = json_summaries(got)
     assert summary['workers'] == 1 and 'error' not in got.stderr and 'warning' not in got.stderr
+
+
+def test_a_server_that_forks_its_workers_at_once_is_fetched_from(tmp_path, serve):
+    """A server from before `lazy` answers `workers` without it and never
+    says `fork`: the client forks its workers at once, as it used to."""
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=11)
+    server = patched_serve(serve, [source], '\n'.join([
+        'asked = wanxfer.ServerSession.do_workers',
+        'def do_workers(self, message):',
+        '    return asked(self, {"op": "workers", "count": message["count"]})',
+        'wanxfer.ServerSession.do_workers = do_workers']), extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == 3, server.log()
+    # Nor did it take a weighted deal: round robin, stripe 0 the coordinator's.
+    assert summary['worker_packets'][0] >= max(summary['worker_packets'][1:]), summary
+
+
+def test_a_client_from_before_weighted_deals_gets_stripes_round_robin(tmp_path, serve):
+    """A client that asks for workers without `lazy` and `cycle` forks at
+    once and is dealt stripes round robin, its HELLOs kept by the server
+    until its own workers are forked."""
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=12)
+    server = serve([source], extra=['--workers', '3'])
+    program = '\n'.join([
+        'import sys',
+        'sys.path.insert(0, %r)' % os.path.dirname(wanxfer.__file__),
+        'import wanxfer',
+        'said = wanxfer.Conversation.send',
+        'def send(self, message):',
+        '    if message.get("op") == "workers":',
+        '        message = {"op": "workers", "count": message["count"]}',
+        '    return said(self, message)',
+        'wanxfer.Conversation.send = send',
+        'sys.exit(wanxfer.main(sys.argv[1:]))'])
+    dest = tmp_path / 'out.bin'
+    got = subprocess.run([sys.executable, '-c', program] + get_command(
+        server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')[2:],
+        env=wanxfer_env(), capture_output=True, text=True, timeout=90)
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == 3
+    assert summary['worker_packets'][0] >= max(summary['worker_packets'][1:]), summary
+    assert 'Traceback' not in server.log()
 
 
 def test_a_session_that_dies_takes_its_workers_with_it(tmp_path, serve):
