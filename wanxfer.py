@@ -277,7 +277,8 @@ MAX_SESSION_MESSAGE = 4096
 #   WORKER_EVENT    b'I' the worker ran out of data, b'S' its feedback went silent
 #   WORKER_SENT     b'D': its share of the file is over, with what it cost
 # Receiving end (get): coordinator -> worker
-#   WORKER_RECEIVE  b'F': receive a file's share (JSON [data file, state file] follows)
+#   WORKER_RECEIVE  b'F': receive a file's share (JSON [destination, timeout,
+#                   the stripe cycle or null] follows)
 #   WORKER_RANGES   b'H': blocks held from local data (a delta)
 #   WORKER_DECIDED  b'C': a delta's blocks are decided up to here
 #   WORKER_END      b'E': give the file up
@@ -415,6 +416,9 @@ LISTING_PAGE_BYTES = 1 << 20    # a listing goes in `listing` messages of at mos
 LISTING_ENTRY_BYTES = 100       # JSON of a file entry besides its path, at most
 STRIPE_BYTES = 2 << 20          # a file striped over workers goes in runs of about this much each,
 STRIPES_PER_WORKER = 4          # ... and only over as many workers as have this many runs each
+STRIPE_CYCLE = 32               # stripes per worker in one round of a weighted deal (stripe_cycle)
+STRIPE_SURELY = (2 * STRIPES_PER_WORKER - 1) * STRIPE_BYTES     # a larger file has stripes for 2
+MAX_STRIPE_CYCLE = STRIPE_CYCLE * MAX_WORKERS  # and the longest round a client takes
 
 
 def frozen_mapping(mapping):
@@ -539,7 +543,8 @@ CONTROL_MESSAGES = frozen_mapping({
         'refine': {'file': _FILE_ID, 'offset': _SIZE, 'end': _SIZE},
         'done': {'file': _FILE_ID},
         'abort': {},
-        'workers': {'count': _expect_int(1, MAX_WORKERS)},
+        'workers': {'count': _expect_int(1, MAX_WORKERS), 'lazy?': _expect_bool,
+                    'cycle?': _expect_bool},
     },
     'server': {
         'ready': {'probes?': _expect_list(_expect_int(0, MAX_MTU), 16),
@@ -551,8 +556,10 @@ CONTROL_MESSAGES = frozen_mapping({
                   'size?': _SIZE, 'mtime_ns?': _MTIME, 'mode?': _expect_int(0, 0o7777),
                   'block_size?': _expect_int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE), 'delta?': _expect_bool,
                   'stripe?': _expect_int(1, MAX_FILE_SIZE),
-                  'workers?': _expect_list(_expect_int(0, 1 << 62), MAX_WORKERS - 1)},
-        'workers': {'count': _expect_int(1, MAX_WORKERS)},
+                  'workers?': _expect_list(_expect_int(0, 1 << 62), MAX_WORKERS - 1),
+                  'cycle?': _expect_list(_expect_int(0, MAX_WORKERS - 1), MAX_STRIPE_CYCLE)},
+        'workers': {'count': _expect_int(1, MAX_WORKERS), 'lazy?': _expect_bool},
+        'fork': {},
         'digest': {'file': _FILE_ID, 'sha256': _expect_hex(64), 'packets_sent?': _COUNT,
                    'packets_lost?': _COUNT, 'packets_retransmitted?': _COUNT, 'wire_bytes?': _COUNT,
                    'signature_bytes?': _COUNT, 'packets_compressed?': _COUNT},
@@ -5919,6 +5926,7 @@ class OutgoingFile:
         self.team = None                        # the SendingTeam
         self.workers = 1                        # how many share this file
         self.stripe_blocks = 0
+        self.stripe_cycle = None                # how stripes are dealt (None: round robin)
         self._parts = None                      # each worker's first need
         self.shared_rate = None                 # the SharedRate the workers send by
         self.striped = False                    # a share of a striped file (this end's, or a worker's)
@@ -5965,14 +5973,23 @@ class OutgoingFile:
 
     def stripe(self, team, count):
         """Share the file with workers 1..count-1 of `team`: blocks in
-        stripes of about STRIPE_BYTES, round robin, this end sending the
-        first; the one rate budget divided equally."""
+        stripes of about STRIPE_BYTES, this end sending the first; the one
+        rate budget divided as the stripes are.  A client that takes a
+        weighted deal (`cycle`) gives this end fewer stripes, as it alone
+        also runs the control channel, the rate control and the digest."""
         self.team, self.workers = team, count
         self.stripe_blocks = max(1, STRIPE_BYTES // self.block_size)
-        self._parts = split_stripes(self._need, self.stripe_blocks, count)
+        if team.cycles:
+            # A delta's need comes later (a new file's: nearly all of it).
+            needed = self.nblocks if self.delta else sum(end - start for start, end in self._need)
+            extra = COORDINATOR_EXTRA if self.delta else COORDINATOR_EXTRA_PLAIN
+            self.stripe_cycle = stripe_cycle(count, coordinator_extra(self.nblocks, needed, extra))
+        cycle = self.stripe_cycle or list(range(count))
+        self._parts = split_stripes(self._need, self.stripe_blocks, count, cycle)
         self._need = self._parts[0]
         self.striped = True
-        self.shared_rate = SharedRate(self._rate, count, team.rate_changed)
+        self.shared_rate = SharedRate(self._rate, count, team.rate_changed,
+                                      cycle_shares(cycle, count))
         self._rate = self.shared_rate.share(0)
         self.compression._rate = self._rate
 
@@ -5998,6 +6015,8 @@ class OutgoingFile:
         if self.team is not None:
             start.update(stripe=self.stripe_blocks,
                          workers=[self.team.next_seq(i) for i in range(1, self.workers)])
+            if self.stripe_cycle is not None:
+                start['cycle'] = self.stripe_cycle
         self.begin(file_id)
         self._control.send(start)
         if self.team is not None:
@@ -6707,17 +6726,13 @@ class ServerSession:
         granted = max(1, min(int(message['count']), self.server.workers))
         if granted > 1 and not isinstance(self.registry, SessionListener):
             granted = 1
+        lazy = bool(message.get('lazy'))
         if granted > 1:
-            try:
-                self.team = SendingTeam(self, granted)
-            except OSError as e:
-                self.server.log('%s: cannot start workers: %s; one process sends'
-                                % (self.peer_name(), describe_error(e)))
-                granted = 1
-        self.control.send({'op': 'workers', 'count': granted})
-        if granted > 1:
-            self.server.log('%s: %d workers (pids %s)' % (
-                self.peer_name(), granted, ' '.join(str(pid) for pid in self.team.pids())))
+            self.team = SendingTeam(self, granted, bool(message.get('cycle')), lazy)
+        answer = {'op': 'workers', 'count': granted}
+        if lazy:
+            answer['lazy'] = True
+        self.control.send(answer)
 
     def do_fetch(self, message):
         """Send one file, named with the size and mtime a listing gave, by
@@ -6737,11 +6752,12 @@ class ServerSession:
         try:
             outgoing.open(path, remote, message, block_size_for_mtu(self.route_mtu, self.sock.family),
                           self.server.max_rate)
-            outgoing.start_helper(self.server.digests, self.server.signatures, owner=self)
             if self.team is not None:
                 count = self.team.workers_for(outgoing.nblocks, outgoing.block_size)
                 if count > 1:
                     outgoing.stripe(self.team, count)
+            # After the workers' fork (the first striped file's): not beside the digest's thread.
+            outgoing.start_helper(self.server.digests, self.server.signatures, owner=self)
             self._file_id += 1
             outgoing.start(self._file_id)
             started = time.monotonic()
@@ -7281,6 +7297,7 @@ class Conversation:
         self.peer = peer
         self._stray_file = None                 # the file whose signature pieces may still come
         self._strays_left = 0                   # and how many of them are still plausible
+        self.on_fork = None                     # called for a `fork`, where one may come
 
     def send(self, message):
         try:
@@ -7289,10 +7306,16 @@ class Conversation:
             raise TransferError('the %s took no request for %d s' % (self.peer, self.timeout))
 
     def recv(self):
-        try:
-            return self.channel.recv()
-        except socket.timeout:
-            raise TransferError('the %s did not answer for %d s' % (self.peer, self.timeout))
+        """The next message; a `fork` (the server's word to start workers,
+        before the first `start` it stripes) is taken on the way."""
+        while True:
+            try:
+                message = self.channel.recv()
+            except socket.timeout:
+                raise TransferError('the %s did not answer for %d s' % (self.peer, self.timeout))
+            if message['op'] != 'fork' or self.on_fork is None:
+                return message
+            self.on_fork()
 
     def check(self, message, op):
         """`message` if it is an `op`; RemoteError if it is an error."""
@@ -7464,7 +7487,8 @@ class IncomingFile:
                 window = ReceiveWindow(partial.nblocks, start['first_seq'], self.bitmap)
             else:
                 window = ReceiveWindow(partial.nblocks, start['first_seq'], stripe_view(
-                    self.bitmap, partial.nblocks, start['stripe'], len(start['workers']) + 1, 0))
+                    self.bitmap, partial.nblocks, start['stripe'], len(start['workers']) + 1, 0,
+                    start.get('cycle')))
             # Its signature, fixed and refined, has at most this many pieces.
             self.conversation.expect_strays(
                 start['file'], 2 * (-(-size // SIGNATURE_SEGMENT) + 1) if self.delta else 0)
@@ -7475,7 +7499,7 @@ class IncomingFile:
                 assembler.on_filled = frontier.offer    # no reading back what it wrote
             if team is not None:
                 team.start_file(self, window, writer, len(start['workers']) + 1, start['stripe'],
-                                start['workers'])
+                                start['workers'], start.get('cycle'))
             if not window.complete() or team is not None:
                 phase = ReceivePhase(self, window, writer, assembler, unproven, proven, team)
                 try:
@@ -7563,6 +7587,10 @@ class IncomingFile:
         if start['stripe'] < least:
             raise ProtocolError('the server striped %s in runs of %d blocks; at least %d were expected'
                                 % (self.remote, start['stripe'], least))
+        if 'cycle' in start and (not start['cycle'] or
+                                 max(start['cycle']) > len(start['workers'])):
+            raise ProtocolError('the server dealt the stripes of %s to workers it does not use'
+                                % self.remote)
         return self.team
 
     def write_whole(self, message, seconds):
@@ -7725,7 +7753,7 @@ class ReceivePhase:
         self.team = team
         self.known = window.bitmap if team is None else incoming.bitmap
         self.foreign = 0 if team is None else foreign_blocks(
-            window.nblocks, start['stripe'], len(start['workers']) + 1, 0)
+            window.nblocks, start['stripe'], len(start['workers']) + 1, 0, start.get('cycle'))
         self.window, self.writer, self.assembler = window, writer, assembler
         self.conversation, self.data = incoming.conversation, incoming.data
         self.channel = incoming.conversation.channel     # fed here: the loop waits on its socket
@@ -8088,9 +8116,10 @@ class Client:
                  max_rate=None, store=None, workers=1):
         self.host, self.port = host, port
         self.workers = workers                  # processes to stripe large files over, at most
-        self.team = None                        # the ReceivingTeam, once the server granted more than 1
+        self.team = None                        # the ReceivingTeam, once forked
         self.keys = None
         self._workers_asked = False
+        self._granted = 1                       # processes the server granted (forked when needed)
         self.max_rate = max_rate                # bytes/s, or None: the path decides
         self.store = store                      # a ChunkStore: delta transfers; None: plain
         self.origin = server_origin(host, port, secret)     # what of the store this server may use
@@ -8143,9 +8172,11 @@ class Client:
         self.data.send(KIND_HELLO)              # the server waits for it from now on
         # Before any request, so that the first (an open fetch) is striped too.
         self._workers_asked = False
+        self._granted = 1
         if self.workers > 1:
             if sessions_can_fork():
-                self.conversation.send({'op': 'workers', 'count': self.workers})
+                self.conversation.send({'op': 'workers', 'count': self.workers, 'lazy': True,
+                                        'cycle': True})
                 self._workers_asked = True
             else:
                 self.events.warning('worker processes cannot be forked here (not Linux, or '
@@ -8187,6 +8218,8 @@ class Client:
         server would not batch) on the data channel."""
         small = [download for download in downloads if download.entry.size <= SMALL_FILE]
         by_channel = [download for download in downloads if download.entry.size > SMALL_FILE]
+        self._ensure_ready()
+        self._fork_for(by_channel)
         if len(small) == 1:
             by_channel.insert(0, small[0])
         elif small:
@@ -8206,17 +8239,40 @@ class Client:
 
     def _start_workers(self):
         """The server's answer to the workers asked for (the first, as it
-        was the first request; an older server refuses it): the workers it
-        granted are forked, each opening its own flow."""
+        was the first request; an older server refuses it).  The workers it
+        granted are forked when there is a file to stripe: before the first
+        whose size says so, or when the server says `fork` (it answered
+        `lazy`); at once for a server that forks its own at once."""
         answer = self.conversation.recv()
         if answer['op'] == 'error':
             return
-        granted = min(self.workers, self.conversation.check(answer, 'workers')['count'])
-        if granted > 1:
+        answer = self.conversation.check(answer, 'workers')
+        self._granted = min(self.workers, answer['count'])
+        if self._granted > 1:
+            if answer.get('lazy'):
+                self.conversation.on_fork = self._told_to_fork
+            else:
+                self._fork_workers()
+
+    def _told_to_fork(self):
+        self.conversation.on_fork = None        # once a session: another `fork` is refused
+        self._fork_workers()
+
+    def _fork_workers(self):
+        """Fork the workers granted (once), each opening its own flow."""
+        if self.team is None and self._granted > 1:
             try:
-                self.team = ReceivingTeam(self, granted)
+                self.team = ReceivingTeam(self, self._granted)
             except OSError as e:
                 raise TransferError('cannot start worker processes: %s' % describe_error(e))
+
+    def _fork_for(self, downloads):
+        """Fork the workers before any of `downloads` is fetched (and so
+        beside no thread of a transfer), if one is sure to be striped:
+        their flows open while the first files come."""
+        if self.team is None and self._granted > 1 and any(
+                download.entry.size > STRIPE_SURELY for download in downloads):
+            self._fork_workers()
 
     def _open_udp_flow(self):
         """Send HELLO datagrams until the server says it has seen one."""
@@ -8365,6 +8421,7 @@ class Client:
         """incoming.transfer(), the session's first file waited for since the
         connect, the probes that came with its data kept for the session."""
         waited_since, self._connect_started = self._connect_started or incoming.asked_at, None
+        incoming.team = self.team               # forked since it was asked for, maybe
         try:
             return incoming.transfer(waited_since, then, unproven, self._largest_probe)
         finally:
@@ -8495,18 +8552,23 @@ class Client:
 # that sealing, opening and copying blocks take a core each.  The session's
 # own process is worker 0 and the coordinator: it keeps the control channel,
 # the one RateController, the file's digest and (receiving) its state file.
-# Workers 1..N-1 are forked from it when the client asks for them, before
-# any file; each has a UDP flow of its own (socket, keys, packet numbers)
-# and a socketpair to its coordinator (messages in the wire formats section).
+# Workers 1..N-1 are forked from it at the first file large enough to
+# stripe (none for a transfer of small files); each has a UDP flow of its
+# own (socket, keys, packet numbers) and a socketpair to its coordinator
+# (messages in the wire formats section).
 #
 # A file is cut into stripes of about STRIPE_BYTES; stripe j goes to worker
-# j mod k, where k, the workers the file uses, is at most N and leaves each
-# at least STRIPES_PER_WORKER stripes (smaller files go to worker 0 alone;
-# the `start` names k and the stripe).  Each worker runs the one-worker
+# cycle[j mod len(cycle)] (j mod k without one), where k, the workers the
+# file uses, is at most N and leaves each at least STRIPES_PER_WORKER
+# stripes (smaller files go to worker 0 alone; the `start` names k, the
+# stripe and the cycle).  Each worker runs the one-worker
 # machinery (SendWindow, ReceiveWindow, feedback, NAKs) over its stripes.
 # Sending workers hand every acknowledgement to the coordinator's one
-# RateController and pace at the share of its rate it sends back (1/k
-# each), so k workers take from a path what one flow would.  Receiving
+# RateController and pace at the share of its rate it sends back (their
+# share of the stripes), so k workers take from a path what one flow would.
+# The coordinator's own share of the stripes is smaller by the work only it
+# does (COORDINATOR_EXTRA), so that each process at an end does about as
+# much (stripe_cycle(); a client from before weighted deals gets j mod k).  Receiving
 # workers write their blocks into the one partial file and tell the
 # coordinator which are written; it records them in the state file and
 # hashes the file as with one worker, so resume, delta and verification do
@@ -8522,6 +8584,20 @@ WORKER_RATE_STEP = 0.02         # a change of the rate this large reaches the wo
 WORKER_RATE_INTERVAL = 0.02     # ... a smaller one at most this often (s)
 WORKER_REPORT_INTERVAL = 0.05   # s between a receiving worker's reports of what it wrote
 WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair closes, then SIGKILL
+# What the coordinator does besides its stripes, at either end, as a
+# fraction of the work of moving the whole file: the digest of all of it
+# (a delta's signature at the server, its local assembly at the client),
+# the control channel, every worker's acknowledgements through the one
+# rate control, and (receiving) the state file.  Measured with
+# bench_workers.py (256 MiB on loopback, 2 and 3 workers; x = (c - p) /
+# (1 - c) from its CPU share c and its packet share p): a delta of a new
+# file 0.27-0.30 at the server (its signature's thread alone 0.23) and
+# 0.27-0.29 at the client; with --no-delta 0.16-0.17 at the server (the
+# digest) and 0.23-0.26 at the client.  One deal serves both ends: about
+# the mean of theirs.  (Dealt evenly, the coordinator's CPU share was 0.60
+# of 2 and 0.46 of 3.)
+COORDINATOR_EXTRA = 0.28        # a delta transfer's
+COORDINATOR_EXTRA_PLAIN = 0.20  # a plain one's
 
 
 def usable_cores():
@@ -8549,6 +8625,13 @@ def stripe_workers(nblocks, stripe, available):
     return max(1, min(available, -(-nblocks // stripe) // STRIPES_PER_WORKER))
 
 
+def coordinator_extra(nblocks, needed, extra=COORDINATOR_EXTRA):
+    """The coordinator's own work (`extra`, as COORDINATOR_EXTRA) for a
+    file of `nblocks` of which `needed` are to be sent: the digest covers
+    the whole file however few are sent (a resume)."""
+    return extra * nblocks / needed if needed else float(nblocks)
+
+
 def receive_before(channel, deadline):
     """One message from a worker's socketpair by `deadline` (time.monotonic()):
     None if none came by then, b'' if the other end is gone."""
@@ -8566,14 +8649,54 @@ def receive_before(channel, deadline):
         channel.settimeout(None)
 
 
-def split_stripes(ranges, stripe, count):
+def stripe_cycle(count, extra=0.0):
+    """How stripes are dealt to `count` workers: a round of worker indexes,
+    stripe j going to worker round[j mod len(round)].  Worker 0, the
+    coordinator, does `extra` besides its stripes (a fraction of the work
+    of all of them): its stripes are fewer by as much, so that each
+    process does about 1/count of its end's work (with extra x, worker 0
+    gets (1 - (count-1) x) / count of the stripes, and always one a round,
+    the first).  The round
+    interleaves the workers as evenly as it can (a smooth weighted round
+    robin), so that a file shorter than one round is shared nearly as
+    well."""
+    if count <= 1:
+        return [0]
+    length = STRIPE_CYCLE * count
+    first = max(1, int(round(length * max(0.0, 1.0 - (count - 1) * extra) / count)))
+    rest = length - first
+    dealt = [first] + [rest // (count - 1) + (1 if i < rest % (count - 1) else 0)
+                       for i in range(count - 1)]
+    credit = [0] * count
+    cycle = []
+    for _ in range(length):
+        for i in range(count):
+            credit[i] += dealt[i]
+        best = max(range(count), key=lambda i: credit[i])
+        credit[best] -= length
+        cycle.append(best)
+    # From the coordinator's first stripe, as round robin: a file of only
+    # STRIPES_PER_WORKER a worker still gives each a stripe (a share with
+    # none would never acknowledge, and the shared rate would wait on it).
+    first_of_0 = cycle.index(0)
+    return cycle[first_of_0:] + cycle[:first_of_0]
+
+
+def cycle_shares(cycle, count):
+    """Each of `count` workers' fraction of the stripes a round deals."""
+    return [cycle.count(i) / len(cycle) for i in range(count)]
+
+
+def split_stripes(ranges, stripe, count, cycle=None):
     """Block ranges cut at stripe boundaries: [ranges of worker i] for
-    each of `count` workers, stripe j going to worker j mod count."""
+    each of `count` workers, stripe j going to worker cycle[j mod
+    len(cycle)] (round robin, j mod count, without a cycle)."""
+    cycle = cycle or range(count)
     parts = [[] for _ in range(count)]
     for start, end in ranges:
         while start < end:
             stop = min(end, (start // stripe + 1) * stripe)
-            part = parts[(start // stripe) % count]
+            part = parts[cycle[(start // stripe) % len(cycle)]]
             if part and part[-1][1] == start:
                 part[-1] = (part[-1][0], stop)
             else:
@@ -8582,22 +8705,25 @@ def split_stripes(ranges, stripe, count):
     return parts
 
 
-def stripe_view(bitmap, nblocks, stripe, count, index):
+def stripe_view(bitmap, nblocks, stripe, count, index, cycle=None):
     """A copy of a held-block bitmap as worker `index` sees it: every block
     of other workers' stripes held, so its ReceiveWindow asks for, and
     completes with, its own stripes only."""
+    cycle = cycle or range(count)
     view = bytearray(bitmap)
     for first in range(0, nblocks, stripe):
-        if (first // stripe) % count != index:
+        if cycle[(first // stripe) % len(cycle)] != index:
             set_bits(view, first, min(nblocks, first + stripe))
     return view
 
 
-def foreign_blocks(nblocks, stripe, count, index):
+def foreign_blocks(nblocks, stripe, count, index, cycle=None):
     """Blocks of a file that are not in worker `index`'s stripes."""
+    cycle = cycle or range(count)
     mine = 0
-    for first in range(index * stripe, nblocks, count * stripe):
-        mine += min(stripe, nblocks - first)
+    for first in range(0, nblocks, stripe):
+        if cycle[(first // stripe) % len(cycle)] == index:
+            mine += min(stripe, nblocks - first)
     return nblocks - mine
 
 
@@ -8715,7 +8841,8 @@ def send_quietly(channel, message):
 
 class SharedRate:
     """One RateController for the k workers of a striped file.  Each sends
-    at 1/k of its rate (`share(i)` is worker i's view of it).  Their
+    at its share of its rate (`shares`, as it has of the stripes: 1/k each
+    by default; `share(i)` is worker i's view of it).  Their
     acknowledgements are gathered until each worker's has come (or
     MERGE_WAIT has passed) and reach the controller as one flow's would:
     what they delivered and lost, summed; the least queue any met; the
@@ -8727,8 +8854,9 @@ class SharedRate:
 
     MERGE_WAIT = 2 * FEEDBACK_INTERVAL[1]   # s an acknowledgement waits for the other workers'
 
-    def __init__(self, controller, count, changed=lambda: None):
+    def __init__(self, controller, count, changed=lambda: None, shares=None):
         self.controller, self.count = controller, count
+        self.shares = shares or [1.0 / count] * count   # of the rate, each worker's (its stripes')
         self._changed = changed                 # called when the rate may have moved
         self._pending = {}                      # worker -> [queue, bytes, packets, lost, rtt,
                                                 #            app limited, send time, arrival]
@@ -8791,7 +8919,7 @@ class RateShare:
 
     @property
     def rate(self):
-        return self._shared.controller.rate / self._shared.count
+        return self._shared.controller.rate * self._shared.shares[self._index]
 
     @property
     def peak_delivery(self):
@@ -8924,7 +9052,6 @@ class SendingWorker:
         self.index, self.pid, self.channel = index, pid, channel
         self.opener = opener                    # checks its client worker's HELLO
         self.flow = False                       # its UDP flow is open
-        self.flow_asked = False
         self.given_up = False                   # its flow never opened
         self.next_seq = 0                       # its packet numbers: the next not used
         self.first_seq = 0
@@ -8934,17 +9061,22 @@ class SendingWorker:
 
 class SendingTeam:
     """A session's sending workers, as the session process (the
-    coordinator) sees them: forked when the client asks, each given its
-    UDP flow when its client worker's HELLO comes, and a share of each
-    large file.  Their acknowledgements feed the session's RateController,
-    whose rate they get back as their share.  `broken` says why the team
-    cannot go on (a worker died)."""
+    coordinator) sees them: `count` granted when the client asks, forked
+    at the first file striped (none for a session of small files), each
+    given its UDP flow where its client worker's HELLO came from (before
+    or after the fork), and a share of each large file.  Their
+    acknowledgements feed the session's RateController, whose rate they
+    get back as their share.  `broken` says why the team cannot go on (a
+    worker died).  `cycles`: the client takes a weighted deal of stripes;
+    `lazy`: it forks its own workers when told (`fork`)."""
 
-    def __init__(self, session, count):
+    def __init__(self, session, count, cycles=False, lazy=False):
         self.session = session
+        self.count = count                      # processes granted, this one included
+        self.cycles, self.lazy = cycles, lazy
         self.broken = None
         self._controller = session.rate
-        self._share = 1.0
+        self._shares = [1.0]                    # of the rate, each worker's (for the file being sent)
         self._told = (0.0, float('-inf'))       # the rate last sent, and when
         self._outgoing = None                   # the file being sent
         self._active = []                       # the workers sharing it
@@ -8959,37 +9091,73 @@ class SendingTeam:
         inherited = [session.sock, session.udp.sock]
         if isinstance(session.registry, SessionListener):
             inherited.append(session.registry.channel)
-        self.workers = [SendingWorker(index, pid, channel, keys.worker_sealers('server', index)[1])
-                        for index, (pid, channel) in
-                        enumerate(fork_workers(count, main, inherited), 1)]
+        self._fork_args = (count, main, inherited)
+        self._openers = [keys.worker_sealers('server', index)[1] for index in range(1, count)]
+        self._lock = threading.Lock()           # hello() runs on the listener thread
+        self._addresses = {}                    # worker index -> where its client worker's HELLO
+                                                # came from
+        self.workers = []                       # SendingWorker, once forked
 
     def pids(self):
         return [worker.pid for worker in self.workers]
 
     def hello(self, index, datagram, address):
         """A HELLO for worker `index` (on the listener thread): its flow opens
-        where it came from, if its tag checks out."""
-        if not 1 <= index <= len(self.workers):
+        where it came from, if its tag checks out (once forked)."""
+        if not 1 <= index < self.count:
             return
-        worker = self.workers[index - 1]
         view = memoryview(datagram)
-        if worker.flow_asked or not hmac.compare_digest(
-                worker.opener.tag(view[:PACKET_HEADER.size], b''), bytes(view[PACKET_HEADER.size:])):
+        if index in self._addresses or not hmac.compare_digest(
+                self._openers[index - 1].tag(view[:PACKET_HEADER.size], b''),
+                bytes(view[PACKET_HEADER.size:])):
             return
-        worker.flow_asked = True
+        with self._lock:
+            if index in self._addresses:
+                return
+            self._addresses[index] = address
+            if self.workers:
+                self._open_flow(self.workers[index - 1], address)
+
+    def _open_flow(self, worker, address):
         address_text = json.dumps(list(address)).encode()
         try:
             worker.channel.send(WORKER_FLOW.pack(b'U', len(address_text)) + address_text)
         except OSError:
             pass
 
+    def _fork(self):
+        """Fork the workers, at the first file striped; those whose client
+        worker's HELLO came already are told where it came from.  False
+        if they cannot be (the session then sends alone)."""
+        session = self.session
+        with self._lock:
+            try:
+                forked = fork_workers(*self._fork_args)
+            except OSError as e:
+                session.server.log('%s: cannot start workers: %s; one process sends'
+                                   % (session.peer_name(), describe_error(e)))
+                self.count = 1
+                return False
+            self.workers = [SendingWorker(index, pid, channel, self._openers[index - 1])
+                            for index, (pid, channel) in enumerate(forked, 1)]
+            for index, address in self._addresses.items():
+                self._open_flow(self.workers[index - 1], address)
+        session.server.log('%s: %d workers (pids %s)' % (
+            session.peer_name(), self.count, ' '.join(str(pid) for pid in self.pids())))
+        if self.lazy:
+            session.control.send({'op': 'fork'})
+        return True
+
     def workers_for(self, nblocks, block_size):
         """How many workers (this process included) send a file of
         `nblocks`: those it has stripes enough for, whose flows are open
-        (waited for, the first time, up to UDP_SETUP_TIMEOUT)."""
+        (waited for, the first time, up to UDP_SETUP_TIMEOUT).  The first
+        file that has stripes enough forks them."""
         if self.broken:
             raise ProtocolError(self.broken)
-        count = stripe_workers(nblocks, max(1, STRIPE_BYTES // block_size), len(self.workers) + 1)
+        count = stripe_workers(nblocks, max(1, STRIPE_BYTES // block_size), self.count)
+        if count > 1 and not self.workers and not self._fork():
+            return 1
         if count > 1:
             count = 1 + self._flows(count - 1)
         return count
@@ -9021,7 +9189,7 @@ class SendingTeam:
         """Workers 1..k-1 start their shares (`parts`: each worker's need)
         of the file `outgoing` announced."""
         self._outgoing = outgoing
-        self._share = 1.0 / outgoing.workers
+        self._shares = outgoing.shared_rate.shares
         self._active = self.workers[:outgoing.workers - 1]
         file_id, path = outgoing.file_id, os.fsencode(outgoing._path)
         for worker, part in zip(self._active, parts[1:]):
@@ -9045,8 +9213,8 @@ class SendingTeam:
         """A `need`: each worker's part of it goes to that worker; returns
         the coordinator's (held, ranges)."""
         stripe, count, file_id = outgoing.stripe_blocks, outgoing.workers, outgoing.file_id
-        held_parts = split_stripes(held, stripe, count)
-        range_parts = split_stripes(ranges, stripe, count)
+        held_parts = split_stripes(held, stripe, count, outgoing.stripe_cycle)
+        range_parts = split_stripes(ranges, stripe, count, outgoing.stripe_cycle)
         for worker, withdrawn, wanted in zip(self._active, held_parts[1:], range_parts[1:]):
             for message in worker_ranges(b'W', file_id, withdrawn) + \
                     worker_ranges(b'N', file_id, wanted):
@@ -9097,16 +9265,16 @@ class SendingTeam:
     def rate_changed(self):
         """Pass the controller's rate on to the workers (their share of it)
         when it changed enough, or long enough ago."""
-        rate = self._controller.rate * self._share
+        rate = self._controller.rate
         told, when = self._told
         now = time.monotonic()
         if rate == told or (abs(rate - told) <= WORKER_RATE_STEP * told
                             and now - when < WORKER_RATE_INTERVAL):
             return
         self._told = (rate, now)
-        message = WORKER_RATE.pack(b'R', rate, self._controller.peak_delivery)
         for worker in self._active:
-            send_quietly(worker.channel, message)
+            send_quietly(worker.channel, WORKER_RATE.pack(
+                b'R', rate * self._shares[worker.index], self._controller.peak_delivery))
 
     def end_file(self, outgoing):
         """The file is over: each worker ends its share and says what it
@@ -9237,12 +9405,13 @@ class ReceivingTeam:
     def pids(self):
         return [worker.pid for worker in self.workers]
 
-    def start_file(self, incoming, window, writer, count, stripe, first_seqs):
-        """Workers 1..count-1 receive their stripes of `incoming`'s file."""
+    def start_file(self, incoming, window, writer, count, stripe, first_seqs, cycle=None):
+        """Workers 1..count-1 receive their stripes of `incoming`'s file
+        (dealt by `cycle`, see stripe_cycle(); None: round robin)."""
         file_id = incoming.start['file']
         self._active = self.workers[:count - 1]
         self._file_id, self._writer, self._decided = file_id, writer, window.decided
-        tail = json.dumps([incoming.dest, incoming.conversation.timeout]).encode()
+        tail = json.dumps([incoming.dest, incoming.conversation.timeout, cycle]).encode()
         for worker, first_seq in zip(self._active, first_seqs):
             worker.reset(file_id)
             self._send(worker, WORKER_RECEIVE.pack(
@@ -9446,7 +9615,7 @@ def receive_share(message, channel, data):
     """Receive one share of a file into the coordinator's partial file."""
     (_code, file_id, first_seq, block_size, size, stripe, count, index, decided,
      rtt) = WORKER_RECEIVE.unpack_from(message)
-    dest, timeout = json.loads(message[WORKER_RECEIVE.size:].decode())
+    dest, timeout, cycle = json.loads(message[WORKER_RECEIVE.size:].decode())
     phase = writer = partial = None
     try:
         partial = PartialFile(dest, '', size, 0, block_size)
@@ -9455,7 +9624,7 @@ def receive_share(message, channel, data):
         if partial.fd is None or recorded is None or len(recorded[1]) != (partial.nblocks + 7) // 8 \
                 or recorded[0].get('block_size') != block_size:
             raise TransferError('%s: worker %d found no partial file to write into' % (dest, index))
-        view = stripe_view(recorded[1], partial.nblocks, stripe, count, index)
+        view = stripe_view(recorded[1], partial.nblocks, stripe, count, index, cycle)
         window = ReceiveWindow(partial.nblocks, first_seq, view)
         window.decided = min(decided, partial.nblocks)
         data.sealer_in.set_stride(block_size)
@@ -9467,7 +9636,7 @@ def receive_share(message, channel, data):
             data=data, events=TransferEvents(), clock=time.monotonic, asked_at=time.monotonic(),
             entry=types.SimpleNamespace(size=size), block_size=block_size, kept=[])
         phase = WorkerReceivePhase(incoming, window, writer, channel,
-                                   foreign_blocks(partial.nblocks, stripe, count, index))
+                                   foreign_blocks(partial.nblocks, stripe, count, index, cycle))
         phase.run()                             # until the coordinator ends the file
     except ShareEnded:
         pass

@@ -272,13 +272,13 @@ def start_serve(paths, extra=(), secret=SECRET, port=0, program=None):
     return server
 
 
-def patched_serve(serve, paths, patch):
+def patched_serve(serve, paths, patch, extra=()):
     """`serve` (the fixture) from a wanxfer whose module was changed by the
     Python `patch` first (which sees `wanxfer` and `sys`): an older server,
     or one that logs what it is asked."""
     program = ('import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\n'
                'sys.exit(wanxfer.main(sys.argv[1:]))' % (os.path.dirname(WANXFER), patch))
-    return serve(paths, program=(sys.executable, '-c', program))
+    return serve(paths, extra=extra, program=(sys.executable, '-c', program))
 
 
 def get_command(port, *args):

@@ -2,6 +2,8 @@
 how blocks are cut into stripes and shared out, what each worker's window
 sees, per-worker keys, and what a receiving coordinator tells its workers
 during a delta."""
+import collections
+import functools
 import socket
 import threading
 import time
@@ -42,6 +44,116 @@ def test_how_many_workers_a_file_gets():
     assert wanxfer.stripe_workers(per * 10 - 1, 10, 8) == 1    # too few stripes to share
     assert wanxfer.stripe_workers(2 * per * 10, 10, 8) == 2
     assert wanxfer.stripe_workers(100 * per * 10, 10, 3) == 3  # no more than there are
+
+
+def striped_share(tmp_path, count, need=None, cycles=True, stripes=384, delta=False):
+    """An OutgoingFile of `stripes` stripes striped over `count` workers
+    (no processes), asked for blocks `need` (all of them by default), or
+    for a delta (its need to come)."""
+    block = wanxfer.MAX_BLOCK_SIZE
+    stripe = wanxfer.STRIPE_BYTES // block
+    path = tmp_path / 'big.bin'
+    with open(path, 'wb') as f:
+        f.truncate(stripes * stripe * block)             # sparse: only its size is read
+    st = path.stat()
+    controller = types.SimpleNamespace(rate=1000.0, set_cap=lambda cap: None)
+    outgoing = wanxfer.OutgoingFile(None, None, wanxfer.Sealer(bytes(64), True),
+                                    wanxfer.Sealer(bytes(64), True), bytes(8), controller, None,
+                                    0, 0.1)
+    outgoing.open(str(path), 'big.bin', {'size': st.st_size, 'mtime_ns': st.st_mtime_ns,
+                                         'block_size': block,
+                                         'need': [] if delta else need or [[0, stripes * stripe]],
+                                         'delta': delta},
+                  wanxfer.MAX_BLOCK_SIZE)
+    team = types.SimpleNamespace(cycles=cycles, rate_changed=lambda: None)
+    outgoing.stripe(team, count)
+    return outgoing, stripe
+
+
+def test_the_coordinator_sends_fewer_stripes_by_the_work_only_it_does(tmp_path):
+    """Dealt evenly, the coordinator (which also runs the control channel,
+    the rate control and the digest) spent 0.60 of its end's CPU beside one
+    worker and 0.46 beside two: it gets fewer stripes by the fraction of
+    measured (COORDINATOR_EXTRA_PLAIN; COORDINATOR_EXTRA for a delta, whose
+    signature and local assembly are its too) so that each process's work
+    is about equal."""
+    extra = wanxfer.COORDINATOR_EXTRA_PLAIN
+    for count in (2, 3, 4):
+        outgoing, stripe = striped_share(tmp_path, count)
+        blocks = [sum(end - start for start, end in part) for part in outgoing._parts]
+        assert sum(blocks) == outgoing.nblocks
+        share = [b / outgoing.nblocks for b in blocks]
+        # Worker 0's stripes and its extra work against any other worker's stripes.
+        work = [share[0] + extra] + share[1:]
+        assert max(work) - min(work) <= 0.04, (count, share)      # a round's granularity
+        assert share[0] < 1.0 / count
+        # Each paces at its share of the one rate: all of them send for as long.
+        rates = [outgoing.shared_rate.share(i).rate for i in range(count)]
+        assert sum(rates) == pytest.approx(1000.0)
+        for rate, part in zip(rates, share):
+            assert rate == pytest.approx(1000.0 * part, rel=0.2)
+        assert outgoing._need == outgoing._parts[0]
+        assert outgoing.stripe_cycle is not None
+    # A resumed file still needs its whole digest: fewer stripes still.
+    resumed, stripe = striped_share(tmp_path, 2, need=[[0, 24 * stripe]])
+    assert len(resumed._parts[0]) < len(striped_share(tmp_path, 2)[0]._parts[0]) / 2
+    # A delta's need comes later, mostly all of a new file's (`lead`): dealt
+    # as if all were to be sent (its coordinator once got 1 stripe in 16).
+    delta, _stripe = striped_share(tmp_path, 2, delta=True)
+    assert delta.delta and delta._need == []
+    assert delta.stripe_cycle == wanxfer.stripe_cycle(2, wanxfer.COORDINATOR_EXTRA)
+    assert wanxfer.COORDINATOR_EXTRA > wanxfer.COORDINATOR_EXTRA_PLAIN
+
+
+def test_a_client_without_weighted_deals_gets_stripes_round_robin(tmp_path):
+    outgoing, stripe = striped_share(tmp_path, 3, cycles=False, stripes=48)
+    assert outgoing.stripe_cycle is None
+    assert [len(part) for part in outgoing._parts] == [16, 16, 16]
+    assert outgoing._parts[1][0] == (stripe, 2 * stripe)
+    assert [outgoing.shared_rate.share(i).rate for i in range(3)] == [pytest.approx(1000 / 3)] * 3
+
+
+def test_a_weighted_deal_interleaves_the_workers_and_each_end_sees_it_alike():
+    for count in (2, 3, 5, 8):
+        cycle = wanxfer.stripe_cycle(count, wanxfer.COORDINATOR_EXTRA)
+        assert len(cycle) == wanxfer.STRIPE_CYCLE * count <= wanxfer.MAX_STRIPE_CYCLE
+        # Stripe 0 is the coordinator's, and a file of the fewest stripes
+        # for `count` gives each worker some (a share with nothing to send
+        # never acknowledges, and the shared rate waits on it).
+        assert cycle[0] == 0
+        assert set(cycle[:wanxfer.STRIPES_PER_WORKER * count]) == set(range(count))
+        assert all(cycle.count(i) > cycle.count(0) for i in range(1, count))
+        # Any run of a few stripes is shared about as the whole round is.
+        shares = wanxfer.cycle_shares(cycle, count)
+        for start in range(len(cycle)):
+            window = (cycle * 2)[start:start + 2 * count]
+            for i in range(count):
+                assert abs(window.count(i) - shares[i] * 2 * count) < 2
+    assert wanxfer.stripe_cycle(3, 0.0) == [0, 1, 2] * wanxfer.STRIPE_CYCLE
+    # The sender's split of ranges and a receiving worker's view agree.
+    nblocks, stripe, count = 200, 4, 3
+    cycle = wanxfer.stripe_cycle(count, 0.25)
+    parts = wanxfer.split_stripes([(0, nblocks)], stripe, count, cycle)
+    held = bytearray((nblocks + 7) // 8)
+    for index in range(count):
+        window = wanxfer.ReceiveWindow(nblocks, 0, wanxfer.stripe_view(held, nblocks, stripe, count,
+                                                                       index, cycle))
+        assert window.missing() == parts[index]
+        assert wanxfer.foreign_blocks(nblocks, stripe, count, index, cycle) == \
+            nblocks - sum(end - start for start, end in parts[index])
+
+
+def test_a_server_dealing_stripes_to_workers_it_does_not_use_is_refused():
+    incoming = wanxfer.IncomingFile('big.bin', '/nonexistent/big.bin', None, None, None, None, 0.1)
+    incoming.team = types.SimpleNamespace(count=3)
+    start = {'workers': [0], 'stripe': wanxfer.STRIPE_BYTES // 1430, 'cycle': [0, 1, 2]}
+    with pytest.raises(wanxfer.ProtocolError, match='workers it does not use'):
+        incoming._team_for(start, 1430)
+    start['cycle'] = []
+    with pytest.raises(wanxfer.ProtocolError, match='workers it does not use'):
+        incoming._team_for(start, 1430)
+    start['cycle'] = [1, 0, 1]
+    assert incoming._team_for(start, 1430) is incoming.team
 
 
 def test_each_worker_has_keys_of_its_own_and_worker_0_the_sessions():
@@ -179,6 +291,21 @@ def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
     finally:
         for sock in (rx, tx, coordinator, worker_end):
             sock.close()
+
+
+def test_a_fork_is_taken_once_a_session_on_the_way_to_a_start():
+    """A client that forks its workers lazily is told by `fork` just before
+    the first striped file's `start`; a second `fork` is refused."""
+    messages = collections.deque([{'op': 'fork'}, {'op': 'start', 'file': 1}, {'op': 'fork'},
+                                  {'op': 'start', 'file': 2}])
+    conversation = wanxfer.Conversation(types.SimpleNamespace(recv=messages.popleft), 1.0)
+    forks = []
+    client = types.SimpleNamespace(conversation=conversation, _fork_workers=lambda: forks.append(1))
+    conversation.on_fork = functools.partial(wanxfer.Client._told_to_fork, client)
+    assert conversation.expect('start')['file'] == 1 and forks == [1]
+    with pytest.raises(wanxfer.ProtocolError, match='got fork'):
+        conversation.expect('start')
+    assert forks == [1]
 
 
 def test_a_server_naming_tiny_stripes_is_refused_in_one_line():

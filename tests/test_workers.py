@@ -4,12 +4,14 @@ byte as with one worker; `--workers 1` is the one-process transfer."""
 import os
 import re
 import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
-from helpers import (Process, get_command, json_summaries, make_file, partial_blocks, patched_serve,
-                     run_get, sha256, wait_for, wanxfer)
+from helpers import (Process, get_command, json_summaries, make_file, partial_blocks,
+                     patched_serve, run_get, sha256, wait_for, wanxfer, wanxfer_env)
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not sys.platform.startswith('linux'),
@@ -39,6 +41,9 @@ def test_a_large_file_striped_over_workers_is_byte_identical(tmp_path, serve, wo
     assert len(summary['worker_packets']) == workers
     assert all(count > 0 for count in summary['worker_packets']), summary['worker_packets']
     assert sum(summary['worker_packets']) == summary['packets_received']
+    # The coordinator, which also runs the control channel, the rate
+    # control and the digest, is dealt fewer stripes than any worker.
+    assert summary['worker_packets'][0] < min(summary['worker_packets'][1:]), summary['worker_packets']
     granted, pids = worker_pids(server)
     assert granted == workers and len(set(pids)) == workers - 1
     assert server.proc.pid not in pids
@@ -111,6 +116,41 @@ def test_a_tree_with_workers_is_byte_identical(tmp_path, serve, workers):
     summaries = {s['remote']: s for s in json_summaries(got)}
     assert summaries['big.bin']['workers'] == workers
     assert summaries['sub/medium.bin']['workers'] == 1     # too few stripes to share
+
+
+@pytest.mark.parametrize('get_workers', ['3', 'auto'])
+def test_a_transfer_with_nothing_to_stripe_forks_no_worker(tmp_path, serve, get_workers):
+    """Workers were forked at the start of every session that asked for
+    them, even one of small files only: now only at the first file with
+    stripes enough for two, at either end."""
+    tree = tmp_path / 'tree'
+    (tree / 'sub').mkdir(parents=True)
+    files = {'sub/medium.bin': 2 * wanxfer.STRIPE_BYTES, 'small.txt': 1000, 'tiny': 0}
+    for seed, (name, size) in enumerate(sorted(files.items())):
+        make_file(tree / name, size, seed=seed)
+    # Slow enough (about 2 s) that workers forked at the start are seen
+    # (capped by the server: a cap on `get` makes `auto` ask for one).
+    server = serve([tree], extra=['--workers', '3', '--rate', '16M'])
+    out = tmp_path / 'out'
+    got = Process(get_command(server.port, '.', '-o', out, '-q', '--workers', get_workers)[2:])
+    forked = set()
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:      # to its end: every child it had is seen
+            forked.update(children(got.proc.pid))
+            try:
+                got.proc.wait(0.01)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        assert got.proc.wait(1) == 0, got.log()
+    finally:
+        got.stop()
+    assert not forked
+    for name in files:
+        assert sha256(out / name) == sha256(tree / name), name
+    server.wait_for(r'sent sub/medium.bin')
+    assert 'workers (pids' not in server.log()
 
 
 @pytest.mark.parametrize('first_workers, then_workers', [(2, 3), (3, 1), (1, 2)])
@@ -226,6 +266,54 @@ def test_a_server_from_before_workers_is_fetched_from_as_before(tmp_path, serve)
     assert sha256(dest) == sha256(source)
     (summary,) = json_summaries(got)
     assert summary['workers'] == 1 and 'error' not in got.stderr and 'warning' not in got.stderr
+
+
+def test_a_server_that_forks_its_workers_at_once_is_fetched_from(tmp_path, serve):
+    """A server from before `lazy` answers `workers` without it and never
+    says `fork`: the client forks its workers at once, as it used to."""
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=11)
+    server = patched_serve(serve, [source], '\n'.join([
+        'asked = wanxfer.ServerSession.do_workers',
+        'def do_workers(self, message):',
+        '    return asked(self, {"op": "workers", "count": message["count"]})',
+        'wanxfer.ServerSession.do_workers = do_workers']), extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == 3, server.log()
+    # Nor did it take a weighted deal: round robin, stripe 0 the coordinator's.
+    assert summary['worker_packets'][0] >= max(summary['worker_packets'][1:]), summary
+
+
+def test_a_client_from_before_weighted_deals_gets_stripes_round_robin(tmp_path, serve):
+    """A client that asks for workers without `lazy` and `cycle` forks at
+    once and is dealt stripes round robin, its HELLOs kept by the server
+    until its own workers are forked."""
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=12)
+    server = serve([source], extra=['--workers', '3'])
+    program = '\n'.join([
+        'import sys',
+        'sys.path.insert(0, %r)' % os.path.dirname(wanxfer.__file__),
+        'import wanxfer',
+        'said = wanxfer.Conversation.send',
+        'def send(self, message):',
+        '    if message.get("op") == "workers":',
+        '        message = {"op": "workers", "count": message["count"]}',
+        '    return said(self, message)',
+        'wanxfer.Conversation.send = send',
+        'sys.exit(wanxfer.main(sys.argv[1:]))'])
+    dest = tmp_path / 'out.bin'
+    got = subprocess.run([sys.executable, '-c', program] + get_command(
+        server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')[2:],
+        env=wanxfer_env(), capture_output=True, text=True, timeout=90)
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == 3
+    assert summary['worker_packets'][0] >= max(summary['worker_packets'][1:]), summary
+    assert 'Traceback' not in server.log()
 
 
 def test_a_session_that_dies_takes_its_workers_with_it(tmp_path, serve):

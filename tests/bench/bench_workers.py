@@ -4,10 +4,13 @@ on 127.0.0.1 (no link emulator, no root), for each N asked.  Reports for
 each run the goodput, the CPU seconds per GB of each end (its processes
 together), and how the work was shared: each worker's share of the
 packets (what each receiving worker's flow carried) and of the CPU at
-each end (the coordinator is worker 0).  On a machine of two cores, wall
-time cannot show scaling; the shares and the CPU per GB against N=1 can.
+each end (the coordinator is worker 0), and each process's CPU on its
+main thread and on its other threads (the digest's, the file writer's).
+On a machine of two cores, wall time cannot show scaling; the shares and
+the CPU per GB against N=1 can.
 
-    python3 tests/bench/bench_workers.py [--size 256M] [--workers 1,2,3] [--runs 1] [--json out.json]
+    python3 tests/bench/bench_workers.py [--size 256M] [--workers 1,2,3] [--runs 1] [--no-delta]
+                                         [--json out.json]
 """
 
 import argparse
@@ -27,15 +30,30 @@ from helpers import start_serve  # noqa: E402
 SECRET = 'bench-workers-secret'
 
 
-def own_cpu(pid):
-    """User and system CPU seconds of one live process alone (None if gone)."""
+def own_cpu(pid, tid=None):
+    """User and system CPU seconds of one live process alone, or of its
+    thread `tid` (None if gone)."""
     try:
-        with open('/proc/%d/stat' % pid) as f:
+        with open('/proc/%d/stat' % pid if tid is None else '/proc/%d/task/%d/stat' % (pid, tid)) as f:
             text = f.read()
     except OSError:
         return None
     fields = text[text.rindex(')') + 2:].split()
     return (int(fields[11]) + int(fields[12])) / harness.CLK_TCK
+
+
+def thread_cpu(pid):
+    """{thread id: CPU seconds} of a live process's threads ({} if gone)."""
+    try:
+        tids = [int(t) for t in os.listdir('/proc/%d/task' % pid)]
+    except OSError:
+        return {}
+    cpu = {}
+    for tid in tids:
+        seconds = own_cpu(pid, tid)
+        if seconds is not None:
+            cpu[tid] = seconds
+    return cpu
 
 
 class Sampler:
@@ -48,6 +66,7 @@ class Sampler:
         self.get_pid = None
         self.cpu = {}                   # (end, pid) -> CPU seconds
         self.roles = {}                 # (end, pid) -> 'coordinator' or 'worker'
+        self.threads = {}               # (end, pid) -> {thread id: CPU seconds}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -57,6 +76,8 @@ class Sampler:
         if cpu is not None:
             self.cpu[(end, pid)] = cpu
             self.roles[(end, pid)] = role
+            # Threads that end (a file's digest, writer) are gone from /proc: keep what each showed last.
+            self.threads.setdefault((end, pid), {}).update(thread_cpu(pid))
 
     def _run(self):
         while not self._stop.wait(self.interval):     # a deadline-free poll of /proc, not a sync
@@ -79,8 +100,21 @@ class Sampler:
                       for key, cpu in self.cpu.items() if key[0] == end)
         return [cpu for _key, cpu in mine]
 
+    def main_thread_shares(self, end):
+        """[CPU seconds of each process's main thread, of its other threads
+        (the digest's, the file writer's, the listener's)] at `end`, in the
+        order of shares(): what the coordinator does on threads of its own."""
+        mine = sorted(((0 if self.roles[key] == 'coordinator' else 1, key[1]), key)
+                      for key in self.cpu if key[0] == end)
+        split = []
+        for _order, key in mine:
+            threads = self.threads.get(key, {})
+            main = threads.get(key[1], 0.0)
+            split.append([round(main, 2), round(sum(threads.values()) - main, 2)])
+        return split
 
-def one_run(source, size, workdir, workers, run):
+
+def one_run(source, size, workdir, workers, run, get_args=()):
     cache = os.path.join(workdir, 'cache-%d-%d.db' % (workers, run))     # fresh at both ends
     server = start_serve([source], ['--cache', cache + '.serve', '--workers', str(workers)],
                          secret=SECRET)
@@ -102,7 +136,7 @@ def one_run(source, size, workdir, workers, run):
         got = procs.run_timed(
             None, [sys.executable, harness.WANXFER, 'get', '127.0.0.1:%d' % server.port,
                    os.path.basename(source), '-o', dest, '-q', '--json', '--cache', cache,
-                   '--workers', str(workers)],
+                   '--workers', str(workers)] + list(get_args),
             out, err, 3600, dict(os.environ, WANXFER_SECRET=SECRET))
         started.set()
         server_cpu = harness.settled_cpu(server.proc.pid) - server_cpu
@@ -121,7 +155,9 @@ def one_run(source, size, workdir, workers, run):
             'wall_seconds': got['wall'], 'server_cpu_s_per_gb': server_cpu / gb,
             'client_cpu_s_per_gb': got['cpu'] / gb, 'packet_shares': share_of(packets),
             'server_cpu_shares': share_of(sampler.shares('server')),
-            'client_cpu_shares': share_of(sampler.shares('client')), 'verified': ok}
+            'client_cpu_shares': share_of(sampler.shares('client')),
+            'server_cpu_threads': sampler.main_thread_shares('server'),
+            'client_cpu_threads': sampler.main_thread_shares('client'), 'verified': ok}
 
 
 def share_of(values):
@@ -145,6 +181,8 @@ def main():
                         help='worker counts to run, each at both ends (default 1,2)')
     parser.add_argument('--runs', type=int, default=1)
     parser.add_argument('--json', metavar='FILE')
+    parser.add_argument('--no-delta', action='store_true',
+                        help='get --no-delta (no signature at the server, no local assembly at the client)')
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(',')]
     workdir = tempfile.mkdtemp(prefix='wanxfer-workers-')
@@ -155,13 +193,16 @@ def main():
         for workers in counts:
             runs = results['runs'][workers] = []
             for i in range(args.runs):
-                run = one_run(source, args.size, workdir, workers, i)
+                run = one_run(source, args.size, workdir, workers, i,
+                              ['--no-delta'] if args.no_delta else [])
                 runs.append(run)
                 print('[--workers %d run %d] %.0f Mbit/s, CPU s/GB server %.2f client %.2f; shares: '
-                      'packets %s, CPU server %s, client %s; verified %s'
+                      'packets %s, CPU server %s, client %s; CPU s [main thread, others] per '
+                      'process, server %s, client %s; verified %s'
                       % (workers, i + 1, run['goodput_mbps'], run['server_cpu_s_per_gb'],
                          run['client_cpu_s_per_gb'], run['packet_shares'], run['server_cpu_shares'],
-                         run['client_cpu_shares'], run['verified']), flush=True)
+                         run['client_cpu_shares'], run['server_cpu_threads'],
+                         run['client_cpu_threads'], run['verified']), flush=True)
         results['uptime_after'] = uptime()
         print(results['uptime_after'])
         base = results['runs'].get(1)
@@ -177,11 +218,13 @@ def main():
                 base_both = harness.median(r['server_cpu_s_per_gb'] + r['client_cpu_s_per_gb']
                                            for r in base)
                 relative = '%.2f' % (both / base_both)
-            last = runs[-1]
+            shares = {key: [round(harness.median(r[key][i] for r in runs), 3)
+                            for i in range(len(runs[0][key]))]
+                      for key in ('packet_shares', 'server_cpu_shares', 'client_cpu_shares')}
             print('| %d | %d | %.0f | %.2f | %.2f | %s | %s | %s | %s |' % (
                 workers, len(runs), median['goodput_mbps'], median['server_cpu_s_per_gb'],
-                median['client_cpu_s_per_gb'], relative, last['packet_shares'],
-                last['server_cpu_shares'], last['client_cpu_shares']))
+                median['client_cpu_s_per_gb'], relative, shares['packet_shares'],
+                shares['server_cpu_shares'], shares['client_cpu_shares']))
         harness.write_json(args.json, results)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
