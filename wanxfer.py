@@ -8589,15 +8589,17 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # (a delta's signature at the server, its local assembly at the client),
 # the control channel, every worker's acknowledgements through the one
 # rate control, and (receiving) the state file.  Measured with
-# bench_workers.py (256 MiB on loopback, 2 and 3 workers; x = (c - p) /
-# (1 - c) from its CPU share c and its packet share p): a delta of a new
-# file 0.27-0.30 at the server (its signature's thread alone 0.23) and
-# 0.27-0.29 at the client; with --no-delta 0.16-0.17 at the server (the
-# digest) and 0.23-0.26 at the client.  One deal serves both ends: about
-# the mean of theirs.  (Dealt evenly, the coordinator's CPU share was 0.60
-# of 2 and 0.46 of 3.)
-COORDINATOR_EXTRA = 0.28        # a delta transfer's
-COORDINATOR_EXTRA_PLAIN = 0.20  # a plain one's
+# bench_workers.py (256 MiB on loopback, 2 and 3 workers, AES keystream;
+# x = (c - p) / (1 - c) from its CPU share c and its packet share p): a
+# delta of a new file 0.74-0.80 at the server and 0.67-0.74 at the
+# client; with --no-delta 0.36-0.39 at the server (the digest) and
+# 0.63-0.75 at the client.  One deal serves both ends: about the mean of
+# theirs.  The sealing these fractions are counted against got cheaper
+# with AES, the digests did not: with the SHAKE keystream they were 0.28
+# and 0.20.  From 1 / (count - 1) on, the coordinator's own work is more
+# than a worker's share, and it keeps one stripe a round.
+COORDINATOR_EXTRA = 0.74        # a delta transfer's
+COORDINATOR_EXTRA_PLAIN = 0.53  # a plain one's
 
 
 def usable_cores():
