@@ -3742,6 +3742,7 @@ class RateController:
         self._queued = collections.deque()      # (arrival, send time, bytes) while a queue stood
         self._recent_queue = collections.deque(maxlen=3)    # the queue in the last few acknowledgements
         self._slot = None                       # the slot being sent or waited for
+        self._first_slot = None                 # on_start()'s, until judged: sent until the first news
         self._return = None                     # the return slot after a probe
         self._next_probe = 0.0
         self._probe_wait = 1.0                  # of PROBE_ROUNDS round trips between probes
@@ -3913,7 +3914,7 @@ class RateController:
         a round trip from now.  (Again for the next file if none came: the
         last one's packets may all have been too large for the path.)"""
         if self.phase == 'startup' and self._last_ack is None:
-            self._slot = self._open_slot(now, self.STARTUP_GAIN, 0.0)
+            self._slot = self._first_slot = self._open_slot(now, self.STARTUP_GAIN, 0.0)
             self._update_rate()
             self._slot.end = now + self._slot_length(rtt)
 
@@ -3985,8 +3986,17 @@ class RateController:
             if now - slot.start >= self._slot_length(rtt):
                 slot.end = now
         elif slot.complete(sent_at):
-            self._slot = None
             got = slot.delivery()
+            first, self._first_slot = self._first_slot, None
+            if slot is first and not slot.idle and (not got or slot.packets + slot.lost <
+                                                    self.MIN_LOSS_PACKETS / 3):
+                # The first acknowledgement covered the whole first slot (a
+                # receiver starting up acknowledges late).  Its rate lasted
+                # until that news came, a round trip: what was sent a slot
+                # after it is the same slot, and is judged on the next few.
+                slot.end = max(slot.end, min(now, sent_at + self._slot_length(rtt)))
+                return
+            self._slot = None
             if slot.idle or not got or slot.packets + slot.lost < self.MIN_LOSS_PACKETS / 3:
                 return                          # proves nothing: try again
             length = slot.end - slot.start

@@ -63,6 +63,25 @@ def test_the_first_startup_slot_goes_with_the_first_packet():
     assert controller.level >= 1.9 * wanxfer.RateController.INITIAL_RATE, controller.level
 
 
+@pytest.mark.parametrize('rtt', [0.6, 1.2])
+def test_a_receiver_late_to_acknowledge_the_first_slot_costs_no_round_trip(rtt):
+    # A real receiver's first acknowledgement can cover the whole first
+    # slot (its worker is starting up), which then measured nothing and
+    # was tried again a round trip later: 1.2 s lost at RTT 1.2 s.  The
+    # first slot's rate lasted until that news came, so what was sent
+    # meanwhile is judged instead.
+    capacity = 200
+    path = ModelPath(capacity * M, rtt, jitter=0.005)
+    controller = wanxfer.RateController()
+    flow = path.add_flow(controller, first_ack=0.06)
+    path.run(rtt + 0.3)
+    assert controller.level >= 1.9 * wanxfer.RateController.INITIAL_RATE, controller.level
+    path.run(8 * rtt)
+    full = flow.first_time_above(0.85 * capacity * M)
+    assert full is not None and full < 3.6 * rtt, full
+    assert path.drops(0, 8 * rtt) < 0.01 * bdp_packets(capacity, rtt)
+
+
 def test_a_file_none_of_whose_packets_arrived_leaves_the_first_slot_to_the_next():
     # The session's first file went in packets too large for the path
     # (nothing came back); the next file's first packets start the slot.
