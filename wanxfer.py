@@ -3743,6 +3743,7 @@ class RateController:
         self._recent_queue = collections.deque(maxlen=3)    # the queue in the last few acknowledgements
         self._slot = None                       # the slot being sent or waited for
         self._first_slot = None                 # on_start()'s, until judged: sent until the first news
+        self._tentative = None                  # ... judged on what followed that news
         self._return = None                     # the return slot after a probe
         self._next_probe = 0.0
         self._probe_wait = 1.0                  # of PROBE_ROUNDS round trips between probes
@@ -3927,7 +3928,10 @@ class RateController:
         the last decision cannot lower the level."""
         self._idle_at = now
         slot = self._slot
-        if slot is not None and slot.end is None and now > slot.start:
+        if slot is not None and slot is self._first_slot and self._last_ack is None:
+            if now > slot.start:                # (its rate lasts until the first news)
+                slot.start, slot.end = now, now + (slot.end - slot.start)
+        elif slot is not None and slot.end is None and now > slot.start:
             if self.phase == 'probe':
                 slot.idle = True
                 slot.end = now
@@ -3987,17 +3991,18 @@ class RateController:
                 slot.end = now
         elif slot.complete(sent_at):
             got = slot.delivery()
-            first, self._first_slot = self._first_slot, None
-            if slot is first and not slot.idle and (not got or slot.packets + slot.lost <
-                                                    self.MIN_LOSS_PACKETS / 3):
+            few = not got or slot.packets + slot.lost < self.MIN_LOSS_PACKETS / 3
+            if slot is self._first_slot and slot is not self._tentative and not slot.idle and few:
                 # The first acknowledgement covered the whole first slot (a
                 # receiver starting up acknowledges late).  Its rate lasted
-                # until that news came, a round trip: what was sent a slot
-                # after it is the same slot, and is judged on the next few.
-                slot.end = max(slot.end, min(now, sent_at + self._slot_length(rtt)))
+                # until that news came, a round trip: what was sent a few
+                # slots after it is the same slot, judged on the next news.
+                self._tentative = slot
+                slot.end = max(slot.end, min(now, sent_at + 2 * self._slot_length(rtt)))
                 return
-            self._slot = None
-            if slot.idle or not got or slot.packets + slot.lost < self.MIN_LOSS_PACKETS / 3:
+            tentative = slot is self._tentative
+            self._slot = self._first_slot = self._tentative = None
+            if slot.idle or few:
                 return                          # proves nothing: try again
             length = slot.end - slot.start
             rise = max(0.0, slot.queue_peak - slot.queue_before)
@@ -4014,6 +4019,12 @@ class RateController:
                     self._end_startup(now)      # held by the cap, not by the path
                 else:
                     self._startup(now, sent_at, queue_delay, None, rtt)
+                return
+            if tentative:
+                # Sent while the sender may still have been short of data
+                # (a delta transfer's first requests trickle in), which
+                # on_idle() does not see: it says what the path carries, not
+                # what it does not.
                 return
             # The slot found the bottleneck, which passed `got` while the
             # slot queued at it (the queue's rise says the same, from the

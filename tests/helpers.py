@@ -627,16 +627,19 @@ class ModelFlow:
     controller whenever it has nothing to send, as the real sender does
     (unless not `tell_idle`).  With `first_ack`, the receiver's first
     acknowledgement covers that many seconds of arrivals (one starting up,
-    as a real receiver's worker does, acknowledges late)."""
+    as a real receiver's worker does, acknowledges late); with
+    `idle_first`, the sender has nothing to send for that long after it
+    starts (a delta transfer's sender waits for the receiver's requests)."""
 
-    def __init__(self, path, controller, start, files=None, tell_idle=True, first_ack=0.0):
+    def __init__(self, path, controller, start, files=None, tell_idle=True, first_ack=0.0,
+                 idle_first=0.0):
         self.path = path
         self.first_ack = first_ack              # s of arrivals the receiver's first acknowledgement covers
         self.controller = controller
         self.start = start
         self.files, self.tell_idle = list(files or ()), tell_idle
         self._left = self.files[0][0] if self.files else None
-        self._idle_until = self._limited_until = start
+        self._idle_until = self._limited_until = start + idle_first
         try:        # older controllers were not told send times
             inspect.signature(controller.on_feedback).bind(*range(9))
             self._told_times = True
@@ -673,7 +676,7 @@ class ModelFlow:
         self._last_tick = now
         packet = self.path.packet
         cap = max(256 * packet, rate * (2 * self.rtt + 0.2))
-        if self.files and now < self._idle_until:
+        if now < self._idle_until:
             self._limited_until = now + self.rtt
             if self.tell_idle and hasattr(self.controller, 'on_idle'):
                 self.controller.on_idle(now)
