@@ -4365,6 +4365,9 @@ class SendWindow:
     REORDER_PACKETS = 16        # a gap this far below the newest arrival is a loss
     MIN_REORDER_TIME = 0.002    # or one sent this much before the newest arrival
     NAK_BLOCKS = 1 << 16        # blocks one NAK is looked through for (the next names the rest)
+    TAIL_MISS = 1e-3            # the chance that every copy of a block sent again at the tail is lost,
+    MAX_TAIL_COPIES = 4         # ... with at most this many copies
+    MIN_LOSS_PACKETS = 100      # packets the loss rate needs before it says how many
 
     def __init__(self, need_ranges, first_seq, log):
         self._fresh = [list(r) for r in need_ranges if r[1] > r[0]]
@@ -4374,6 +4377,8 @@ class SendWindow:
         self._asked_end = max([r[1] for r in need_ranges] + [0])
         self._resend = []
         self._resend_set = set()
+        self._copies = []                       # copies of tail resends still to send
+        self._copy_seqs = {}                    # block -> packet numbers of its copies not known lost
         self._log = log
         self.first_seq = self.next_seq = first_seq
         self.largest_acked = first_seq - 1
@@ -4385,7 +4390,7 @@ class SendWindow:
         self._sent_bytes = 0.0
 
     def has_work(self):
-        return bool(self._fresh or self._resend)
+        return bool(self._fresh or self._resend or self._copies)
 
     def add_need(self, ranges):
         """More blocks to send, after all those already named (a delta
@@ -4420,7 +4425,20 @@ class SendWindow:
         if self._resend:
             block = self._resend.pop()
             self._resend_set.discard(block)
+            if not self._fresh:
+                # The tail: a block sent again now, if lost again, is known
+                # lost only a round trip later, and so on, one round trip
+                # per loss (at 10% loss the last of the last round trip's
+                # resends came 4-5 round trips after it).  It goes out as
+                # many times as the loss seen needs; its copies go after the
+                # other resends, not in the same burst of loss.
+                copies = self.tail_copies()
+                if copies > 1:
+                    self._copies[0:0] = [block] * (copies - 1)
+                    self._copy_seqs[block] = []
             return block, 1, True
+        if self._copies:
+            return self._copies.pop(), 1, True
         if not self._fresh:
             return None
         run = self._fresh[-1]
@@ -4449,9 +4467,24 @@ class SendWindow:
         self.next_seq = seq + count
         if resend:
             self.retransmitted += count
+            if count == 1 and first in self._copy_seqs:
+                self._copy_seqs[first].append(seq)
 
     def in_flight(self):
         return self.next_seq - 1 - self.largest_acked
+
+    def tail_copies(self):
+        """How many times a block sent again at the tail goes out: enough
+        that all of them are lost at the loss seen so far only TAIL_MISS
+        of the time."""
+        total = self.delivered + self.lost
+        if total < self.MIN_LOSS_PACKETS or not self.lost:
+            return 1
+        loss = self.lost / total
+        copies, miss = 1, loss
+        while miss > self.TAIL_MISS and copies < self.MAX_TAIL_COPIES:
+            copies, miss = copies + 1, miss * loss
+        return copies
 
     def _queue_resend(self, block):
         if block >= 0 and block not in self._resend_set:
@@ -4490,8 +4523,14 @@ class SendWindow:
                 if largest - seq >= self.REORDER_PACKETS or \
                         newest_sent_time - log.times[slot] > time_threshold:
                     log.blocks[slot] = -1
-                    self._queue_resend(block)
                     lost += 1
+                    copies = self._copy_seqs.get(block)
+                    if copies is not None and seq in copies:
+                        copies.remove(seq)
+                        if copies:
+                            continue            # another copy arrived, or is on its way
+                        del self._copy_seqs[block]
+                    self._queue_resend(block)
         self._gaps_decided = max(self._gaps_decided, largest - self.REORDER_PACKETS)
         acked_from = max(previous, window_start - 1)
         delivered = max(0, largest - acked_from - newly_missing)
