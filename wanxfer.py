@@ -3912,8 +3912,11 @@ class RateController:
         INITIAL_RATE, and nothing turns the rate down before the first
         acknowledgement, so this rate lasts a round trip; but the slot is
         judged on its first slot length, so the next one follows a slot and
-        a round trip from now.  (Again for the next file if none came: the
-        last one's packets may all have been too large for the path.)"""
+        a round trip from now.  If the first acknowledgement covers all of
+        that, it is judged on the two slot lengths after it instead; until
+        then the sender's running dry starts it again.  (Again for the next
+        file if none came: the last one's packets may all have been too
+        large for the path.)"""
         if self.phase == 'startup' and self._last_ack is None:
             self._slot = self._first_slot = self._open_slot(now, self.STARTUP_GAIN, 0.0)
             self._update_rate()
@@ -4429,7 +4432,7 @@ class SendWindow:
                 # The tail: a block sent again now, if lost again, is known
                 # lost only a round trip later, and so on, one round trip
                 # per loss (at 10% loss the last of the last round trip's
-                # resends came 4-5 round trips after it).  It goes out as
+                # resends came 4-6 round trips after it).  It goes out as
                 # many times as the loss seen needs; its copies go after the
                 # other resends, not in the same burst of loss.
                 copies = self.tail_copies()
