@@ -4376,8 +4376,9 @@ class SendWindow:
     MIN_REORDER_TIME = 0.002    # or one sent this much before the newest arrival
     NAK_BLOCKS = 1 << 16        # blocks one NAK is looked through for (the next names the rest)
     TAIL_MISS = 1e-3            # the chance that every copy of a block sent again at the tail is lost,
-    MAX_TAIL_COPIES = 4         # ... with at most this many copies
-    MIN_LOSS_PACKETS = 100      # packets the loss rate needs before it says how many
+    MAX_TAIL_COPIES = 4         # ... with at most this many copies,
+    TAIL_COPY_SHARE = 0.5       # ... and copies in all at most this share of the packets lost
+    MIN_LOSS_PACKETS = 1000     # packets the loss rate needs before it says how many
 
     def __init__(self, need_ranges, first_seq, log):
         self._fresh = [list(r) for r in need_ranges if r[1] > r[0]]
@@ -4388,6 +4389,7 @@ class SendWindow:
         self._resend = []
         self._resend_set = set()
         self._copies = []                       # copies of tail resends still to send
+        self._copies_made = 0
         self._copy_seqs = {}                    # block -> packet numbers of its copies not known lost
         self._log = log
         self.first_seq = self.next_seq = first_seq
@@ -4441,11 +4443,16 @@ class SendWindow:
                 # per loss (at 10% loss the last of the last round trip's
                 # resends came 4-6 round trips after it).  It goes out as
                 # many times as the loss seen needs; its copies go after the
-                # other resends, not in the same burst of loss.
-                copies = self.tail_copies()
+                # other resends, not in the same burst of loss.  (A delta
+                # transfer's sender also runs out of fresh blocks while it
+                # waits for the receiver's requests: what the copies may
+                # cost in all is bounded by the loss.)
+                copies = min(self.tail_copies(),
+                             1 + max(0, int(self.lost * self.TAIL_COPY_SHARE) - self._copies_made))
                 if copies > 1:
                     self._copies[0:0] = [block] * (copies - 1)
                     self._copy_seqs[block] = []
+                    self._copies_made += copies - 1
             return block, 1, True
         if self._copies:
             return self._copies.pop(), 1, True
