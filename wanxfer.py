@@ -4377,7 +4377,7 @@ class SendWindow:
     NAK_BLOCKS = 1 << 16        # blocks one NAK is looked through for (the next names the rest)
     TAIL_MISS = 1e-3            # the chance that every copy of a block sent again at the tail is lost,
     MAX_TAIL_COPIES = 4         # ... with at most this many copies,
-    TAIL_COPY_SHARE = 0.5       # ... and copies in all at most this share of the packets lost
+    TAIL_COPY_SHARE = 0.25      # ... and copies in all at most this share of the packets lost
     MIN_LOSS_PACKETS = 1000     # packets the loss rate needs before it says how many
 
     def __init__(self, need_ranges, first_seq, log):
