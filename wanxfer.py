@@ -3706,7 +3706,7 @@ class RateController:
     MIN_SLOT = 0.02                         # s
     SLOT_PACKETS = 50                       # a slot holds at least this many (a startup slot of
                                             # fewer than MIN_LOSS_PACKETS / 3 is not judged)
-    LONG_ROUND_TRIP = 4                     # slots: the first is judged late rather than tried again
+    LONG_ROUND_TRIP = 0.3                   # s: the first slot is judged late rather than tried again
     PASSED = 0.85                           # of what a startup slot asked for: the path carried it,
     QUEUE_RISE = 0.04                       # ... if the queue grew less than this share of the slot
     PROBE_PAID = 1.08                       # delivery this much above the level: room left
@@ -3913,10 +3913,10 @@ class RateController:
         INITIAL_RATE, and nothing turns the rate down before the first
         acknowledgement, so this rate lasts a round trip; but the slot is
         judged on its first slot length, so the next one follows a slot and
-        a round trip from now.  On a round trip of LONG_ROUND_TRIP slots or
-        more, if the first acknowledgement covers all of that, it is judged
-        on the two slot lengths after it instead; until then the sender's
-        running dry starts it again.  (Again for the next file if none
+        a round trip from now.  On a round trip of LONG_ROUND_TRIP or more,
+        if the first acknowledgement covers all of that, it is judged on the
+        two slot lengths after it instead; until then the sender's running
+        dry starts it again.  (Again for the next file if none
         came: the last one's packets may all have been too large for the
         path.)"""
         if self.phase == 'startup' and self._last_ack is None:
@@ -3925,8 +3925,9 @@ class RateController:
             length = self._slot_length(rtt)
             slot.end = now + length
             # Waiting for its news is worth it on a long round trip only: on
-            # a short one, a slot tried again at once is judged as soon.
-            self._first_slot = slot if rtt >= self.LONG_ROUND_TRIP * length else None
+            # a short one, a slot tried again at once is judged as soon (the
+            # handshake's round trip is an overestimate: 0.19 s at 0.12 s).
+            self._first_slot = slot if rtt >= self.LONG_ROUND_TRIP else None
 
     def on_idle(self, now):
         """The sender has nothing to send now (between files, or waiting for
@@ -4002,7 +4003,7 @@ class RateController:
             got = slot.delivery()
             few = not got or slot.packets + slot.lost < self.MIN_LOSS_PACKETS / 3
             if slot is self._first_slot and slot is not self._tentative and not slot.idle and few \
-                    and self.LONG_ROUND_TRIP * self._slot_length(rtt) <= rtt:
+                    and 2 * self._slot_length(rtt) <= rtt:
                 # The first acknowledgement covered the whole first slot (a
                 # receiver starting up acknowledges late).  Its rate lasted
                 # until that news came, a round trip: what was sent a few
