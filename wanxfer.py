@@ -3868,6 +3868,7 @@ class RateController:
     MIN_SLOT = 0.02                         # s
     SLOT_PACKETS = 50                       # a slot holds at least this many (a startup slot of
                                             # fewer than MIN_LOSS_PACKETS / 3 is not judged)
+    LONG_ROUND_TRIP = 0.3                   # s: the first slot is judged late rather than tried again
     PASSED = 0.85                           # of what a startup slot asked for: the path carried it,
     QUEUE_RISE = 0.04                       # ... if the queue grew less than this share of the slot
     PROBE_PAID = 1.08                       # delivery this much above the level: room left
@@ -3904,6 +3905,8 @@ class RateController:
         self._queued = collections.deque()      # (arrival, send time, bytes) while a queue stood
         self._recent_queue = collections.deque(maxlen=3)    # the queue in the last few acknowledgements
         self._slot = None                       # the slot being sent or waited for
+        self._first_slot = None                 # on_start()'s, until judged: sent until the first news
+        self._tentative = None                  # ... judged on what followed that news
         self._return = None                     # the return slot after a probe
         self._next_probe = 0.0
         self._probe_wait = 1.0                  # of PROBE_ROUNDS round trips between probes
@@ -4072,12 +4075,21 @@ class RateController:
         INITIAL_RATE, and nothing turns the rate down before the first
         acknowledgement, so this rate lasts a round trip; but the slot is
         judged on its first slot length, so the next one follows a slot and
-        a round trip from now.  (Again for the next file if none came: the
-        last one's packets may all have been too large for the path.)"""
+        a round trip from now.  On a round trip of LONG_ROUND_TRIP or more,
+        if the first acknowledgement covers all of that, it is judged on the
+        two slot lengths after it instead; until then the sender's running
+        dry starts it again.  (Again for the next file if none
+        came: the last one's packets may all have been too large for the
+        path.)"""
         if self.phase == 'startup' and self._last_ack is None:
-            self._slot = self._open_slot(now, self.STARTUP_GAIN, 0.0)
+            slot = self._slot = self._open_slot(now, self.STARTUP_GAIN, 0.0)
             self._update_rate()
-            self._slot.end = now + self._slot_length(rtt)
+            length = self._slot_length(rtt)
+            slot.end = now + length
+            # Waiting for its news is worth it on a long round trip only: on
+            # a short one, a slot tried again at once is judged as soon (the
+            # handshake's round trip is an overestimate: 0.19 s at 0.12 s).
+            self._first_slot = slot if rtt >= self.LONG_ROUND_TRIP else None
 
     def on_idle(self, now):
         """The sender has nothing to send now (between files, or waiting for
@@ -4088,7 +4100,10 @@ class RateController:
         the last decision cannot lower the level."""
         self._idle_at = now
         slot = self._slot
-        if slot is not None and slot.end is None and now > slot.start:
+        if slot is not None and slot is self._first_slot and self._last_ack is None:
+            if now > slot.start:                # (its rate lasts until the first news)
+                slot.start, slot.end = now, now + (slot.end - slot.start)
+        elif slot is not None and slot.end is None and now > slot.start:
             if self.phase == 'probe':
                 slot.idle = True
                 slot.end = now
@@ -4147,9 +4162,20 @@ class RateController:
             if now - slot.start >= self._slot_length(rtt):
                 slot.end = now
         elif slot.complete(sent_at):
-            self._slot = None
             got = slot.delivery()
-            if slot.idle or not got or slot.packets + slot.lost < self.MIN_LOSS_PACKETS / 3:
+            few = not got or slot.packets + slot.lost < self.MIN_LOSS_PACKETS / 3
+            if slot is self._first_slot and slot is not self._tentative and not slot.idle and few \
+                    and 2 * self._slot_length(rtt) <= rtt:
+                # The first acknowledgement covered the whole first slot (a
+                # receiver starting up acknowledges late).  Its rate lasted
+                # until that news came, a round trip: what was sent a few
+                # slots after it is the same slot, judged on the next news.
+                self._tentative = slot
+                slot.end = max(slot.end, min(now, sent_at + 2 * self._slot_length(rtt)))
+                return
+            tentative = slot is self._first_slot
+            self._slot = self._first_slot = self._tentative = None
+            if slot.idle or few:
                 return                          # proves nothing: try again
             length = slot.end - slot.start
             rise = max(0.0, slot.queue_peak - slot.queue_before)
@@ -4166,6 +4192,12 @@ class RateController:
                     self._end_startup(now)      # held by the cap, not by the path
                 else:
                     self._startup(now, sent_at, queue_delay, None, rtt)
+                return
+            if tentative:
+                # Sent where sending starts again, while the sender may still
+                # be short of data (a delta transfer's first requests trickle
+                # in), which on_idle() does not see: it says what the path
+                # carries, not what it does not.
                 return
             # The slot found the bottleneck, which passed `got` while the
             # slot queued at it (the queue's rise says the same, from the
@@ -4506,6 +4538,10 @@ class SendWindow:
     REORDER_PACKETS = 16        # a gap this far below the newest arrival is a loss
     MIN_REORDER_TIME = 0.002    # or one sent this much before the newest arrival
     NAK_BLOCKS = 1 << 16        # blocks one NAK is looked through for (the next names the rest)
+    TAIL_MISS = 1e-3            # the chance that every copy of a block sent again at the tail is lost,
+    MAX_TAIL_COPIES = 4         # ... with at most this many copies,
+    TAIL_COPY_SHARE = 0.25      # ... and copies in all at most this share of the packets lost
+    MIN_LOSS_PACKETS = 1000     # packets the loss rate needs before it says how many
 
     def __init__(self, need_ranges, first_seq, log):
         self._fresh = [list(r) for r in need_ranges if r[1] > r[0]]
@@ -4515,6 +4551,9 @@ class SendWindow:
         self._asked_end = max([r[1] for r in need_ranges] + [0])
         self._resend = []
         self._resend_set = set()
+        self._copies = []                       # copies of tail resends still to send
+        self._copies_made = 0
+        self._copy_seqs = {}                    # block -> packet numbers of its copies not known lost
         self._log = log
         self.first_seq = self.next_seq = first_seq
         self.largest_acked = first_seq - 1
@@ -4526,7 +4565,7 @@ class SendWindow:
         self._sent_bytes = 0.0
 
     def has_work(self):
-        return bool(self._fresh or self._resend)
+        return bool(self._fresh or self._resend or self._copies)
 
     def add_need(self, ranges):
         """More blocks to send, after all those already named (a delta
@@ -4561,7 +4600,25 @@ class SendWindow:
         if self._resend:
             block = self._resend.pop()
             self._resend_set.discard(block)
+            if not self._fresh:
+                # The tail: a block sent again now, if lost again, is known
+                # lost only a round trip later, and so on, one round trip
+                # per loss (at 10% loss the last of the last round trip's
+                # resends came 4-6 round trips after it).  It goes out as
+                # many times as the loss seen needs; its copies go after the
+                # other resends, not in the same burst of loss.  (A delta
+                # transfer's sender also runs out of fresh blocks while it
+                # waits for the receiver's requests: what the copies may
+                # cost in all is bounded by the loss.)
+                copies = min(self.tail_copies(),
+                             1 + max(0, int(self.lost * self.TAIL_COPY_SHARE) - self._copies_made))
+                if copies > 1:
+                    self._copies[0:0] = [block] * (copies - 1)
+                    self._copy_seqs[block] = []
+                    self._copies_made += copies - 1
             return block, 1, True
+        if self._copies:
+            return self._copies.pop(), 1, True
         if not self._fresh:
             return None
         run = self._fresh[-1]
@@ -4590,9 +4647,24 @@ class SendWindow:
         self.next_seq = seq + count
         if resend:
             self.retransmitted += count
+            if count == 1 and first in self._copy_seqs:
+                self._copy_seqs[first].append(seq)
 
     def in_flight(self):
         return self.next_seq - 1 - self.largest_acked
+
+    def tail_copies(self):
+        """How many times a block sent again at the tail goes out: enough
+        that all of them are lost at the loss seen so far only TAIL_MISS
+        of the time."""
+        total = self.delivered + self.lost
+        if total < self.MIN_LOSS_PACKETS or not self.lost:
+            return 1
+        loss = self.lost / total
+        copies, miss = 1, loss
+        while miss > self.TAIL_MISS and copies < self.MAX_TAIL_COPIES:
+            copies, miss = copies + 1, miss * loss
+        return copies
 
     def _queue_resend(self, block):
         if block >= 0 and block not in self._resend_set:
@@ -4631,8 +4703,14 @@ class SendWindow:
                 if largest - seq >= self.REORDER_PACKETS or \
                         newest_sent_time - log.times[slot] > time_threshold:
                     log.blocks[slot] = -1
-                    self._queue_resend(block)
                     lost += 1
+                    copies = self._copy_seqs.get(block)
+                    if copies is not None and seq in copies:
+                        copies.remove(seq)
+                        if copies:
+                            continue            # another copy arrived, or is on its way
+                        del self._copy_seqs[block]
+                    self._queue_resend(block)
         self._gaps_decided = max(self._gaps_decided, largest - self.REORDER_PACKETS)
         acked_from = max(previous, window_start - 1)
         delivered = max(0, largest - acked_from - newly_missing)

@@ -625,15 +625,21 @@ class ModelFlow:
     list of (size in bytes, pause in seconds after it), the last repeated,
     it sends files one after another and idles between them, and tells its
     controller whenever it has nothing to send, as the real sender does
-    (unless not `tell_idle`)."""
+    (unless not `tell_idle`).  With `first_ack`, the receiver's first
+    acknowledgement covers that many seconds of arrivals (one starting up,
+    as a real receiver's worker does, acknowledges late); with
+    `idle_first`, the sender has nothing to send for that long after it
+    starts (a delta transfer's sender waits for the receiver's requests)."""
 
-    def __init__(self, path, controller, start, files=None, tell_idle=True):
+    def __init__(self, path, controller, start, files=None, tell_idle=True, first_ack=0.0,
+                 idle_first=0.0):
         self.path = path
+        self.first_ack = first_ack              # s of arrivals the receiver's first acknowledgement covers
         self.controller = controller
         self.start = start
         self.files, self.tell_idle = list(files or ()), tell_idle
         self._left = self.files[0][0] if self.files else None
-        self._idle_until = self._limited_until = start
+        self._idle_until = self._limited_until = start + idle_first
         try:        # older controllers were not told send times
             inspect.signature(controller.on_feedback).bind(*range(9))
             self._told_times = True
@@ -650,6 +656,7 @@ class ModelFlow:
         self._got_bytes = self._got_packets = self._lost_packets = 0
         self._interval_delay = None
         self._newest = None                     # (send time, arrival time) of the newest arrival
+        self._first_arrival = None
         self._next_feedback = start + self.feedback_interval
         self._feedback = collections.deque()    # (arrives at the sender, acknowledgement)
         # Sender: what the last acknowledgement it read said.
@@ -669,7 +676,7 @@ class ModelFlow:
         self._last_tick = now
         packet = self.path.packet
         cap = max(256 * packet, rate * (2 * self.rtt + 0.2))
-        if self.files and now < self._idle_until:
+        if now < self._idle_until:
             self._limited_until = now + self.rtt
             if self.tell_idle and hasattr(self.controller, 'on_idle'):
                 self.controller.on_idle(now)
@@ -717,6 +724,10 @@ class ModelFlow:
         self._next_feedback = now + self.feedback_interval + self.path.random.random() * self.path.jitter
         if self._interval_delay is None:
             return                                  # nothing arrived: nothing to say
+        if self._first_arrival is None:
+            self._first_arrival = now
+        if now < self._first_arrival + self.first_ack:
+            return                                  # a receiver still starting up: later, all at once
         sent_at, arrived = self._newest
         ack = (self._got_bytes, self._got_packets, self._lost_packets, sent_at,
                now - arrived, self._interval_delay)

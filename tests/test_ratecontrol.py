@@ -63,6 +63,46 @@ def test_the_first_startup_slot_goes_with_the_first_packet():
     assert controller.level >= 1.9 * wanxfer.RateController.INITIAL_RATE, controller.level
 
 
+@pytest.mark.parametrize('rtt, idle', [(0.6, 0.0), (1.2, 0.0), (1.2, 1.25)])
+def test_a_receiver_late_to_acknowledge_the_first_slot_costs_no_round_trip(rtt, idle):
+    # A real receiver's first acknowledgement can cover the whole first
+    # slot (its worker is starting up), which then measured nothing and
+    # was tried again a round trip later: 1.2 s lost at RTT 1.2 s.  The
+    # first slot's rate lasted until that news came, so what was sent
+    # meanwhile is judged instead.  A delta transfer's sender first waits
+    # for the receiver's requests: the slot starts when sending does (it
+    # was not sent at its rate while there was nothing to send).
+    capacity = 200
+    path = ModelPath(capacity * M, rtt, jitter=0.005)
+    controller = wanxfer.RateController()
+    flow = path.add_flow(controller, first_ack=0.06, idle_first=idle)
+    path.run(idle + rtt + 0.3)
+    assert controller.level >= 1.9 * wanxfer.RateController.INITIAL_RATE, controller.level
+    path.run(idle + 8 * rtt)
+    full = flow.first_time_above(0.85 * capacity * M)
+    assert full is not None and full < idle + 3.6 * rtt, full
+    assert path.drops(0, idle + 8 * rtt) < 0.01 * bdp_packets(capacity, rtt)
+
+
+def test_a_first_slot_sent_short_of_data_does_not_end_the_startup():
+    # A delta transfer's sender gets the receiver's first requests a few
+    # at a time: the first slot, judged on what followed the first news,
+    # went out slower than its rate without the sender ever being idle.
+    # It says what the path carries, not where it is full.
+    rate = wanxfer.RateController()
+    rate.on_start(0.0, 1.2)
+    slot_rate = rate.rate
+    now, sent = 1.3, 0.1
+    rate.on_feedback(now, 0.0, 100 * 1500, 100, 0, 1.2, False, sent, 0.0)
+    rates = []
+    for _ in range(60):
+        now, sent = now + 0.01, sent + 0.01
+        got = slot_rate / 2 * 0.01
+        rate.on_feedback(now, 0.0, got, got / 1500, 0, 1.2, False, sent, 0.0)
+        rates.append(rate.rate)
+    assert rate.startup and max(rates) > 2 * rate.level    # the next slot went
+
+
 def test_a_file_none_of_whose_packets_arrived_leaves_the_first_slot_to_the_next():
     # The session's first file went in packets too large for the path
     # (nothing came back); the next file's first packets start the slot.
