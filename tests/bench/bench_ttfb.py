@@ -37,7 +37,8 @@ FILES = [
     ("10 KB", 10 * 1000, []),
     ("4 MiB", 4 << 20, []),                     # large enough for a delta transfer
     ("4 MiB --no-delta", 4 << 20, ["--no-delta"]),
-    ("64 MiB", 64 << 20, []),
+    ("64 MiB", 64 << 20, []),                   # striped over --workers auto
+    ("64 MiB --workers 1", 64 << 20, ["--workers", "1"]),
 ]
 
 
