@@ -6684,6 +6684,8 @@ class ServerSession:
         self.rtt = 0.1
         self.keys = None
         self.team = None                        # the SendingTeam, once the client asked for workers
+        self._early_hellos = {}                 # worker index: (HELLO, address) before the team
+        self._hello_lock = threading.Lock()
 
     def hello_datagram(self, datagram, address):
         """A HELLO datagram naming this session arrived from `address` (on
@@ -6693,9 +6695,16 @@ class ServerSession:
         if self.data_in is None or len(datagram) < PACKET_HEADER.size + TAG_SIZE:
             return
         if datagram[1]:
-            team = self.team
-            if team is not None:
-                team.hello(datagram[1], datagram, address)
+            with self._hello_lock:
+                team = self.team
+                if team is None:
+                    # A client forks its workers with its first request: their
+                    # HELLOs may come before its `workers`.  The last one of each
+                    # (at most MAX_WORKERS) waits for the team; the tag is checked then.
+                    if datagram[1] < MAX_WORKERS:
+                        self._early_hellos[datagram[1]] = (datagram, address)
+                    return
+            team.hello(datagram[1], datagram, address)
             return
         view = memoryview(datagram)
         if hmac.compare_digest(self.data_in.tag(view[:PACKET_HEADER.size], b''),
@@ -6806,7 +6815,12 @@ class ServerSession:
             granted = 1
         lazy = bool(message.get('lazy'))
         if granted > 1:
-            self.team = SendingTeam(self, granted, bool(message.get('cycle')), lazy)
+            team = SendingTeam(self, granted, bool(message.get('cycle')), lazy)
+            with self._hello_lock:
+                self.team, early = team, self._early_hellos
+                self._early_hellos = {}
+            for index, (datagram, address) in sorted(early.items()):
+                team.hello(index, datagram, address)
         answer = {'op': 'workers', 'count': granted}
         if lazy:
             answer['lazy'] = True
@@ -8336,13 +8350,24 @@ class Client:
         self.conversation.on_fork = None        # once a session: another `fork` is refused
         self._fork_workers()
 
-    def _fork_workers(self):
-        """Fork the workers granted (once), each opening its own flow."""
-        if self.team is None and self._granted > 1:
+    def _fork_workers(self, count=None):
+        """Fork the workers granted (or `count`), once, each opening its own flow."""
+        count = count or self._granted
+        if self.team is None and count > 1:
             try:
-                self.team = ReceivingTeam(self, self._granted)
+                self.team = ReceivingTeam(self, count)
             except OSError as e:
                 raise TransferError('cannot start worker processes: %s' % describe_error(e))
+
+    def _fork_with_open_fetch(self):
+        """An open fetch names a file whose size is not known yet, and the
+        first file of a session is most often the large one it is for: fork
+        the workers asked for now, so that their flows open beside the
+        request instead of a round trip after the server's `fork`.  A
+        server that grants fewer names only those in its `start`s; the
+        others send HELLOs for a while and wait for the session's end."""
+        if self._workers_asked:
+            self._fork_workers(self.workers)
 
     def _fork_for(self, downloads):
         """Fork the workers before any of `downloads` is fetched (and so
@@ -8517,6 +8542,7 @@ class Client:
         caller then lists and fetches as usual."""
         if self.store is not None and self.store.kept_files_for(remote, self.origin):
             return None, None
+        self._fork_with_open_fetch()
         family, connected, asked = self.sock.family, self._connect_started, time.monotonic()
         offered = block_size_for_mtu(self.udp.path_mtu(), family)
         self.conversation.send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,

@@ -354,3 +354,25 @@ def test_later_files_of_a_tree_go_as_fast_as_the_first(tmp_path, serve):
         assert summaries[name]['workers'] == 2
     first = summaries['a']['file_rate_mbps']
     assert min(summaries[name]['file_rate_mbps'] for name in 'bc') > 0.5 * first, summaries
+
+
+def test_the_first_request_forks_the_workers_without_waiting_to_be_told(tmp_path, serve):
+    """A single new file is asked for with the session's first request,
+    its size unknown: the client forks its workers with it, so their flows
+    open beside the request, not a round trip after the server's `fork`.
+    Here the server never says `fork` (and forks its own at the file):
+    the file is still striped over all three."""
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=13)
+    server = patched_serve(serve, [source], '\n'.join([
+        'made = wanxfer.SendingTeam.__init__',
+        'def init(self, *args, **kwargs):',
+        '    made(self, *args, **kwargs)',
+        '    self.lazy = False',
+        'wanxfer.SendingTeam.__init__ = init']), extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == 3, server.log()
+    assert all(summary['worker_packets']), summary
