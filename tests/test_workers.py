@@ -268,21 +268,29 @@ def test_a_server_from_before_workers_is_fetched_from_as_before(tmp_path, serve)
     assert summary['workers'] == 1 and 'error' not in got.stderr and 'warning' not in got.stderr
 
 
-def test_a_server_that_forks_its_workers_at_once_is_fetched_from(tmp_path, serve):
-    """A server from before `lazy` answers `workers` without it and never
-    says `fork`: the client forks its workers at once, as it used to."""
-    source = make_file(tmp_path / 'big.bin', SIZE, seed=11)
-    server = patched_serve(serve, [source], '\n'.join([
-        'asked = wanxfer.ServerSession.do_workers',
-        'def do_workers(self, message):',
-        '    return asked(self, {"op": "workers", "count": message["count"]})',
-        'wanxfer.ServerSession.do_workers = do_workers']), extra=['--workers', '3'])
+def striped_over_three(tmp_path, serve, seed, patch):
+    """`get --workers 3` of a large file from a `serve --workers 3` changed
+    by `patch` (see patched_serve): byte-identical and striped over all
+    three; the summary."""
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=seed)
+    server = patched_serve(serve, [source], '\n'.join(patch), extra=['--workers', '3'])
     dest = tmp_path / 'out.bin'
     got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
     assert got.returncode == 0, got.stderr
     assert sha256(dest) == sha256(source)
     (summary,) = json_summaries(got)
     assert summary['workers'] == 3, server.log()
+    return summary
+
+
+def test_a_server_that_forks_its_workers_at_once_is_fetched_from(tmp_path, serve):
+    """A server from before `lazy` answers `workers` without it and never
+    says `fork`: the client forks its workers at once, as it used to."""
+    summary = striped_over_three(tmp_path, serve, 11, [
+        'asked = wanxfer.ServerSession.do_workers',
+        'def do_workers(self, message):',
+        '    return asked(self, {"op": "workers", "count": message["count"]})',
+        'wanxfer.ServerSession.do_workers = do_workers'])
     # Nor did it take a weighted deal: round robin, stripe 0 the coordinator's.
     assert summary['worker_packets'][0] >= max(summary['worker_packets'][1:]), summary
 
@@ -362,17 +370,10 @@ def test_the_first_request_forks_the_workers_without_waiting_to_be_told(tmp_path
     open beside the request, not a round trip after the server's `fork`.
     Here the server never says `fork` (and forks its own at the file):
     the file is still striped over all three."""
-    source = make_file(tmp_path / 'big.bin', SIZE, seed=13)
-    server = patched_serve(serve, [source], '\n'.join([
+    summary = striped_over_three(tmp_path, serve, 13, [
         'made = wanxfer.SendingTeam.__init__',
         'def init(self, *args, **kwargs):',
         '    made(self, *args, **kwargs)',
         '    self.lazy = False',
-        'wanxfer.SendingTeam.__init__ = init']), extra=['--workers', '3'])
-    dest = tmp_path / 'out.bin'
-    got = run_get(server.port, 'big.bin', '-o', dest, '--json', '--workers', '3')
-    assert got.returncode == 0, got.stderr
-    assert sha256(dest) == sha256(source)
-    (summary,) = json_summaries(got)
-    assert summary['workers'] == 3, server.log()
+        'wanxfer.SendingTeam.__init__ = init'])
     assert all(summary['worker_packets']), summary
