@@ -8762,10 +8762,9 @@ def stripe_cycle(count, extra=0.0):
     of all of them): its stripes are fewer by as much, so that each
     process does about 1/count of its end's work (with extra x, worker 0
     gets (1 - (count-1) x) / count of the stripes, and always one a round,
-    the first).  The round
-    interleaves the workers as evenly as it can (a smooth weighted round
-    robin), so that a file shorter than one round is shared nearly as
-    well."""
+    the first).  The round interleaves the workers as evenly as it can (a
+    smooth weighted round robin), so that a file shorter than one round is
+    shared nearly as well."""
     if count <= 1:
         return [0]
     length = STRIPE_CYCLE * count
