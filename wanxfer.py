@@ -743,6 +743,7 @@ IP_MTU_DISCOVER = 10
 IPV6_MTU_DISCOVER = 23
 IP_PMTUDISC_DO = 2
 CONNECT_TIMEOUT = 10.0          # s a TCP connect to a forwarded target may take
+CONNECT_RACE = (0.2, 0.6, 1.4)  # s after a connect's first SYN at which another starts, while none answered
 
 
 def _enlarge_buffers(sock, size):
@@ -763,6 +764,64 @@ def reset_socket(sock):
     except OSError:
         pass
     sock.close()
+
+
+def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE):
+    """A TCP connection to host:port, as socket.create_connection makes it
+    (blocking, `timeout` set), but a lost SYN or SYN-ACK costs a fraction of
+    a second instead of the kernel's one-second retry, which at a few
+    percent of loss would be in every twentieth run: while no attempt has
+    answered, another starts at each time in `race` (s from the first).
+    The first to connect wins and the others are reset, so a server hears
+    of them at once.  `prepare(sock)` runs before each connect (buffer
+    sizes must be set before it).  Raises socket.gaierror, OSError or
+    socket.timeout."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    started = time.monotonic()
+    deadline = started + timeout
+    starts = collections.deque(started + after for after in race)
+    attempts, tried, error = [], 0, None
+    with selectors.DefaultSelector() as selector:
+        try:
+            while True:
+                now = time.monotonic()
+                if not attempts or (starts and now >= starts[0]):
+                    if starts and now >= starts[0]:
+                        starts.popleft()
+                    elif attempts or tried >= len(infos):
+                        raise error or OSError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))
+                    family, kind, proto, _name, address = infos[tried % len(infos)]
+                    tried += 1
+                    sock = socket.socket(family, kind, proto)
+                    if prepare is not None:
+                        prepare(sock)
+                    sock.setblocking(False)
+                    code = sock.connect_ex(address)
+                    if code in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                        attempts.append(sock)
+                        selector.register(sock, selectors.EVENT_WRITE)
+                    else:
+                        sock.close()
+                        error = OSError(code, os.strerror(code))
+                    continue
+                if now >= deadline:
+                    raise socket.timeout('timed out')
+                wait = min(deadline, starts[0] if starts else deadline) - now
+                for key, _events in selector.select(wait):
+                    sock = key.fileobj
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if code == 0:
+                        attempts.remove(sock)
+                        sock.setblocking(True)
+                        sock.settimeout(timeout)
+                        return sock
+                    selector.unregister(sock)
+                    attempts.remove(sock)
+                    sock.close()
+                    error = OSError(code, os.strerror(code))
+        finally:
+            for sock in attempts:
+                reset_socket(sock)
 
 
 def listen_socket(host, port, tune=False):
@@ -6629,10 +6688,12 @@ class PendingHandshakes:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._drop(pending, e.strerror or str(e))
+            # A peer gone before its first byte is not worth a line: a
+            # racing connect that lost (connect_racing), a port probe.
+            self._drop(pending, e.strerror or str(e), log=bool(pending.hello))
             return
         if not data:
-            self._drop(pending, 'connection closed by peer')
+            self._drop(pending, 'connection closed by peer', log=bool(pending.hello))
             return
         pending.hello += data
         if len(pending.hello) < HELLO.size:
@@ -8232,7 +8293,7 @@ class Client:
     def connect(self):
         self._connect_started = time.monotonic()
         try:
-            self.sock = socket.create_connection((self.host, self.port), timeout=HANDSHAKE_TIMEOUT)
+            self.sock = connect_racing(self.host, self.port, HANDSHAKE_TIMEOUT)
         except socket.gaierror as e:
             raise TransferError('cannot resolve %s: %s' % (self.host, e.strerror))
         except OSError as e:
@@ -11397,13 +11458,8 @@ class NearTunnel(Tunnel):
         secret, encrypt = self.secret, self.encrypt
 
         def work():
-            infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-            family, kind, proto, _name, address = infos[0]
-            sock = socket.socket(family, kind, proto)
+            sock = connect_racing(host, port, CONNECT_TIMEOUT, prepare=tune_peer_socket)
             try:
-                tune_peer_socket(sock)
-                sock.settimeout(CONNECT_TIMEOUT)
-                sock.connect(address)
                 keys, _rtt = client_handshake(sock, secret, encrypt)
             except BaseException:
                 sock.close()
