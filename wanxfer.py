@@ -5907,7 +5907,9 @@ ACCEPT_REST = (0.01, 1.0)       # s a listener rests after accept() fails for wa
                                 # doubling from the first figure to the second while it goes on
 PACING_BURST = 0.002            # s of sending allowed in one go
 MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
-LEAD_BYTES = 1 << 20            # a new file's first bytes sent before the client asks
+LEAD_BYTES = 1 << 20            # a new file's first bytes sent before the client asks, at least:
+LEAD_WAIT = 0.2                 # ... what goes in a round trip and this (s: the first signature
+LEAD_GAIN = 2.0                 # piece hashed and sent) at this times the rate then,
 LEAD_FRACTION = 32              # ... and at most this fraction of the file
 MAX_HELPERS = 128               # digest and signature threads a server runs at once
 MAX_SESSION_HELPERS = 4         # ... and for one session (an aborted fetch's stops at its next read)
@@ -5964,14 +5966,26 @@ class CompressionPolicy:
         return False
 
 
-def lead_ranges(fd, size, block_size):
+def lead_bytes(rate, rtt):
+    """How much of a new file goes before the client can ask for the rest:
+    what the sender sends until the client's first `need` can come (a round
+    trip and the first signature piece), with room for the startup's faster
+    slots; LEAD_BYTES at least.  A shorter lead leaves the sender idle at
+    the start of a long path (1 MB lasts half a second at the starting
+    rate, the need comes 1.4 s after the start at 1.2 s round trip), and
+    a slot sent while idle proves nothing, so the ramp loses a round trip
+    more."""
+    return max(LEAD_BYTES, int(LEAD_GAIN * rate * (rtt + LEAD_WAIT)))
+
+
+def lead_ranges(fd, size, block_size, lead_size=LEAD_BYTES):
     """(lead, block ranges to send): how many of a new file's first blocks
-    go before the client has looked for them locally (enough for the first
-    round trips of the ramp; at most LEAD_BYTES and a LEAD_FRACTION of the
-    file, so data found locally after all costs little), less the blocks
-    inside spans of zeros, which the signature will give away for free."""
+    go before the client has looked for them locally (`lead_size` bytes,
+    from lead_bytes(), and at most a LEAD_FRACTION of the file, so data
+    found locally after all costs little), less the blocks inside spans of
+    zeros, which the signature will give away for free."""
     nblocks = (size + block_size - 1) // block_size
-    lead = min(nblocks, max(1, min(LEAD_BYTES, size // LEAD_FRACTION) // block_size))
+    lead = min(nblocks, max(1, min(lead_size, size // LEAD_FRACTION) // block_size))
     head = os.pread(fd, min(size, -(-lead * block_size // DELTA_UNIT) * DELTA_UNIT), 0)
     zero_units = [is_zero(head[i:i + DELTA_UNIT]) for i in range(0, len(head), DELTA_UNIT)]
     ranges = []
@@ -6105,7 +6119,8 @@ class OutgoingFile:
         # A file new to the receiver is mostly sent: its first blocks go at
         # once, while the receiver looks for the rest among its own data.
         if self.delta and request.get('lead'):
-            self.lead, self._need = lead_ranges(self._fd, self.size, block_size)
+            self.lead, self._need = lead_ranges(self._fd, self.size, block_size,
+                                                lead_bytes(self._rate.rate, self.rtt))
         self.compression = CompressionPolicy(bool(request.get('compress')), self._rate)
 
     def stripe(self, team, count):

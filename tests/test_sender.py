@@ -95,7 +95,7 @@ def sending(tmp_path):
     file 1, with its stand-ins (`control`, `udp`, `rate`, `clock`)."""
     opened = []
 
-    def open_file(blocks=20, open_fetch=False, **request):
+    def open_file(blocks=20, open_fetch=False, rtt=0.1, **request):
         path = make_file(tmp_path / ('f%d' % len(opened)), blocks * BLOCK)
         st = path.stat()
         fetch = {'op': 'fetch', 'path': 'f', 'block_size': BLOCK}
@@ -106,7 +106,7 @@ def sending(tmp_path):
                                      path=path)
         ends.file = wanxfer.OutgoingFile(ends.control, ends.udp, wanxfer.Sealer(KEY_OUT, True),
                                          wanxfer.Sealer(KEY_IN, True), SESSION, ends.rate,
-                                         wanxfer.PacketLog(), FIRST_SEQ, 0.1, clock=ends.clock)
+                                         wanxfer.PacketLog(), FIRST_SEQ, rtt, clock=ends.clock)
         opened.append(ends.file)
         ends.file.open(str(path), 'f', fetch, largest_block=1400)
         ends.file.start_helper(wanxfer.DigestCache(), wanxfer.SignatureCache())
@@ -159,6 +159,17 @@ def test_an_open_fetch_is_told_the_file_and_the_block_size_that_fits(sending):
                      'mtime_ns': st.st_mtime_ns, 'mode': st.st_mode & 0o7777, 'block_size': 1400,
                      'delta': False}
     assert [block for block, _flags in send_all(ends)] == [0, 1, 2]
+
+
+def test_a_new_files_lead_keeps_the_sender_busy_until_the_receiver_can_ask(sending):
+    # At 1.2 s round trip the receiver's first `need` comes about 1.4 s
+    # after the start; until then the lead is all the sender may send.
+    ends = sending(blocks=100_000, rtt=1.2, delta=True, lead=True)
+    sent = 0
+    for _ in range(700):
+        ends.clock.advance(0.002)
+        sent += len(send_now(ends))
+    assert sent * WIRE >= 0.9 * ends.rate.rate * 1.4, (sent, ends.control.sent[0])
 
 
 @pytest.mark.parametrize('request_', [{'size': 1}, {'block_size': 1500}, {'block_size': 100}],
