@@ -1621,8 +1621,10 @@ class ControlChannel:
     """Sealed JSON messages over a TCP socket, after the handshake.
 
     Blocking use: `send(message)` and `recv()`.  Inside an event loop: call
-    `feed(bytes)` with what the socket gave and read `messages()`.  With a
-    `peer` ('client' or 'server'), every message it sends is checked by
+    `feed(bytes)` with what the socket gave and read `messages()`; a loop
+    that must not block on a full socket (the sender's data phase) sends
+    with `queue(message)` and calls `flush()` each wakeup.  With a `peer`
+    ('client' or 'server'), every message it sends is checked by
     validate_message before it is yielded.
     """
 
@@ -1630,16 +1632,58 @@ class ControlChannel:
         self.sock = sock
         self._out = sealer_out
         self._sent = 0
+        self._backlog = bytearray()             # frames queue() sealed that the socket did not take
         self._reader = FrameReader(sealer_in)
         self._lock = threading.Lock()
         self._peer = peer
 
     def send(self, message):
-        body = json.dumps(message, separators=(',', ':')).encode()
+        """Send `message`, after whatever queue() left waiting; blocks."""
         with self._lock:
-            frame = seal_frame(self._out, self._sent, body)
-            self._sent += 1
+            frame = self._seal(message)
+            if self._backlog:
+                frame = bytes(self._backlog) + frame
+                del self._backlog[:]
             self.sock.sendall(frame)
+
+    def queue(self, message):
+        """Send `message` as far as the (non-blocking) socket takes it now;
+        flush() sends the rest, in order, before anything sent later."""
+        with self._lock:
+            self._backlog += self._seal(message)
+            self._push()
+
+    def flush(self):
+        with self._lock:
+            self._push()
+
+    @property
+    def backlog(self):
+        """Bytes queue() holds that the socket has not taken yet."""
+        return len(self._backlog)
+
+    def _seal(self, message):
+        frame = seal_frame(self._out, self._sent, json.dumps(message, separators=(',', ':')).encode())
+        self._sent += 1
+        return frame
+
+    def _push(self):
+        if not self._backlog:
+            return
+        # A socket with a timeout waits for room before any send, even one
+        # that asks not to.
+        timeout = self.sock.gettimeout()
+        if timeout:
+            self.sock.settimeout(0.0)
+        try:
+            while self._backlog:
+                sent = self.sock.send(self._backlog, socket.MSG_DONTWAIT)
+                del self._backlog[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        finally:
+            if timeout:
+                self.sock.settimeout(timeout)
 
     def feed(self, data):
         self._reader.feed(data)
@@ -3206,6 +3250,7 @@ def unit_spans(view, start, end):
 # beside the rest on a thread of its own, fed bytes already in memory.
 
 SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
+CONTROL_BACKLOG = 64 << 10      # bytes of signature pieces held beyond what the socket took
 REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
 DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
 DELTA_MAX_MTU = 1500            # largest packet an update uses
@@ -6245,6 +6290,7 @@ class OutgoingFile:
         if self._refiner is None:
             return
         signature, refiner = self._job, self._refiner
+        self._control.flush()
         if self._signature_sent < len(signature.pieces) or signature.error is not None:
             self._signature_sent = self._send_pieces(signature, self._signature_sent, False)
         if self._refined_sent < len(refiner.answers) or refiner.error is not None:
@@ -6255,28 +6301,31 @@ class OutgoingFile:
         the last call; returns how many have been sent in all."""
         if source.error is not None:
             raise RemoteError('cannot read the file for its signature: %s' % source.error.strerror)
-        pieces = (source.answers if refined else source.pieces)[sent:]
-        if pieces:
-            # A signature can outgrow the socket buffer; a receiver that
-            # stops reading it must not hold the session for ever.
-            sock = self._control.sock
-            sock.settimeout(DATA_TIMEOUT)
-            try:
-                for offset, spans in pieces:
-                    message = {'op': 'signature', 'file': self.file_id, 'offset': offset,
-                               'spans': spans}
-                    if refined:
-                        message['refined'] = True
-                    self._control.send(message)
-                    self.signature_bytes += len(spans) + 64
-            finally:
-                sock.setblocking(False)
-        return sent + len(pieces)
+        # Pieces go as the control socket takes them, never blocking: at
+        # the start of a long path TCP passes a few of them a round trip,
+        # and a blocking send there held the data and its acknowledgements
+        # for a second and more.  The backlog stays small: the pieces wait
+        # in `source`, the receiver reads them in order.
+        control = self._control
+        for offset, spans in (source.answers if refined else source.pieces)[sent:]:
+            if control.backlog >= CONTROL_BACKLOG:
+                break
+            message = {'op': 'signature', 'file': self.file_id, 'offset': offset, 'spans': spans}
+            if refined:
+                message['refined'] = True
+            control.queue(message)
+            self.signature_bytes += len(spans) + 64
+            sent += 1
+        return sent
 
     def signature_poll(self):
         """Seconds until the signature needs looking at again: SIGNATURE_POLL
-        while pieces or refinements are being computed."""
-        if self._refiner is not None and (not self._job.done.is_set() or self._refiner.busy()):
+        while pieces or refinements are being computed or wait to be sent."""
+        if self._refiner is None:
+            return float('inf')
+        if not self._job.done.is_set() or self._refiner.busy() or self._control.backlog \
+                or self._signature_sent < len(self._job.pieces) \
+                or self._refined_sent < len(self._refiner.answers):
             return SIGNATURE_POLL
         return float('inf')
 

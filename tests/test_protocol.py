@@ -95,6 +95,28 @@ def test_control_channel_rejects_replay():
     b.close()
 
 
+def test_queued_control_messages_never_block_and_keep_their_order():
+    # The sender's data phase queues signature pieces: a peer that reads
+    # them slowly (TCP's slow start on a long path) must not stall it.
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    out = wanxfer.ControlChannel(a, wanxfer.Sealer(KEY, True), None)
+    inbound = wanxfer.ControlChannel(b, None, wanxfer.Sealer(KEY, True))
+    piece = 'x' * 50_000
+    for n in range(40):                     # 2 MB: far more than the socket buffers hold
+        out.queue({'op': 'piece', 'n': n, 'spans': piece})
+    assert out.backlog > 0
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(inbound.recv()['n'] for _ in range(41)))
+    reader.start()
+    a.setblocking(True)
+    out.send({'op': 'piece', 'n': 40, 'spans': ''})     # after every queued one
+    reader.join(30)
+    assert received == list(range(41)) and out.backlog == 0
+    a.close()
+    b.close()
+
+
 def run_handshake(client_secret, server_secret, client_encrypt=True, server_encrypt=True):
     a, b = socket.socketpair()
     result = {}

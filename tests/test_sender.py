@@ -5,6 +5,7 @@ silence makes it send."""
 
 import hashlib
 import socket
+import time
 import types
 
 import pytest
@@ -32,11 +33,18 @@ class Clock:
 class Control:
     """The control channel: what was sent."""
 
+    backlog = 0
+
     def __init__(self):
         self.sent = []
 
     def send(self, message):
         self.sent.append(message)
+
+    queue = send
+
+    def flush(self):
+        pass
 
 
 class Datagrams:
@@ -95,14 +103,14 @@ def sending(tmp_path):
     file 1, with its stand-ins (`control`, `udp`, `rate`, `clock`)."""
     opened = []
 
-    def open_file(blocks=20, open_fetch=False, rtt=0.1, **request):
+    def open_file(blocks=20, open_fetch=False, rtt=0.1, control=None, **request):
         path = make_file(tmp_path / ('f%d' % len(opened)), blocks * BLOCK)
         st = path.stat()
         fetch = {'op': 'fetch', 'path': 'f', 'block_size': BLOCK}
         if not open_fetch:
             fetch.update(size=st.st_size, mtime_ns=st.st_mtime_ns, need=[[0, blocks]])
         fetch.update(request)
-        ends = types.SimpleNamespace(control=Control(), udp=Datagrams(), rate=Rate(), clock=Clock(),
+        ends = types.SimpleNamespace(control=control or Control(), udp=Datagrams(), rate=Rate(), clock=Clock(),
                                      path=path)
         ends.file = wanxfer.OutgoingFile(ends.control, ends.udp, wanxfer.Sealer(KEY_OUT, True),
                                          wanxfer.Sealer(KEY_IN, True), SESSION, ends.rate,
@@ -170,6 +178,30 @@ def test_a_new_files_lead_keeps_the_sender_busy_until_the_receiver_can_ask(sendi
         ends.clock.advance(0.002)
         sent += len(send_now(ends))
     assert sent * WIRE >= 0.9 * ends.rate.rate * 1.4, (sent, ends.control.sent[0])
+
+
+def test_a_signature_the_control_socket_cannot_take_yet_does_not_hold_the_data(sending):
+    # TCP passes a few signature pieces a round trip at the start of a
+    # long path: they wait their turn while blocks go.
+    mine, peers = socket.socketpair()
+    try:
+        mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        peers.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        control = wanxfer.ControlChannel(mine, wanxfer.Sealer(KEY_OUT, True), None)
+        ends = sending(blocks=100_000, control=control, delta=True, lead=True)   # 100 MB: 4 pieces
+        ends.file._job.done.wait(30)
+        mine.settimeout(5.0)                # the data phase's socket, were it to block
+        started = time.monotonic()
+        ends.file.send_signature()
+        assert time.monotonic() - started < 1.0 and control.backlog > 0
+        assert send_all(ends)               # blocks go meanwhile
+        peers.settimeout(5.0)
+        while ends.file._signature_sent < len(ends.file._job.pieces) or control.backlog:
+            peers.recv(1 << 20)             # the window opens: the rest follows
+            ends.file.send_signature()
+    finally:
+        mine.close()
+        peers.close()
 
 
 @pytest.mark.parametrize('request_', [{'size': 1}, {'block_size': 1500}, {'block_size': 100}],
