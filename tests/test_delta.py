@@ -572,7 +572,8 @@ def test_text_is_sent_compressed_when_the_link_is_the_limit(tmp_path, serve, lin
     (src / 'dump.sql').write_bytes(text)
     make_file(src / 'random.bin', 2 * MiB, seed=12)
     server = serve([src])
-    path = link(server.port, delay_ms=5, rate_bps=40e6)      # a thin link: the sender waits on it
+    path = link(server.port, delay_ms=5, rate_bps=20e6)      # a thin link: the sender waits on it,
+                                                            # even on a machine busy with other tests
     compressed = fetch(path.port, 'dump.sql', tmp_path / 'dump.sql')
     assert (tmp_path / 'dump.sql').read_bytes() == text
     assert compressed['packets_compressed'] > 0.5 * compressed['packets_sent']
