@@ -274,7 +274,8 @@ MAX_SESSION_MESSAGE = 4096
 # worker -> coordinator
 #   b'u' (one byte)  the UDP flow is open
 #   WORKER_ACK      b'A': one acknowledgement, as RateController.on_feedback takes it
-#   WORKER_EVENT    b'I' the worker ran out of data, b'S' its feedback went silent
+#   WORKER_EVENT    b'I' the worker ran out of data, b'B' it has data again,
+#                   b'S' its feedback went silent
 #   WORKER_SENT     b'D': its share of the file is over, with what it cost
 # Receiving end (get): coordinator -> worker
 #   WORKER_RECEIVE  b'F': receive a file's share (JSON [destination, timeout,
@@ -299,7 +300,7 @@ WORKER_END = struct.Struct('!cI')               # b'E', file id
 WORKER_ACK = struct.Struct('!cdddQQddd')        # b'A', now, queue delay, bytes delivered, packets
                                                 # delivered, lost, rtt, send time (-1: unknown),
                                                 # ack delay (all times in s, the one monotonic clock)
-WORKER_EVENT = struct.Struct('!cd')             # b'I' or b'S', now
+WORKER_EVENT = struct.Struct('!cd')             # b'I', b'B' or b'S', now
 WORKER_SENT = struct.Struct('!cIQQQQQB')        # b'D', file id, next packet number, packets lost,
                                                 # retransmitted, wire bytes, compressed, 1 if whole
 WORKER_RECEIVE = struct.Struct('!cIQIQQHHQd')   # b'F', file id, first packet number, block size,
@@ -4114,6 +4115,10 @@ class RateController:
         if now >= self._news.start:
             self._news.idle = True
 
+    def on_busy(self, now):
+        """The sender has data to send again (after on_idle()): nothing
+        to one flow, whose rate is all its own."""
+
     def _note_queue(self, arrived, sent_at, nbytes, queue_delay, rtt):
         """Keep the last round trip of acknowledgements that came while a
         queue stood before the bottleneck, and the last few queues."""
@@ -6016,6 +6021,7 @@ class OutgoingFile:
         self.failure = None                     # why the sender gave up, when it did
         self._signature_sent = self._refined_sent = 0
         self._budget = 0.0
+        self._dry = False                       # the rate was told it has nothing to send
         self._last_tick = self._busy_from = self._last_feedback = 0.0
         self._per_packet = 0
         self._max_batch = 1
@@ -6134,6 +6140,7 @@ class OutgoingFile:
         self._last_feedback = self._last_tick = self._busy_from = now
         if file_id > 1:
             self._rate.on_idle(now)             # idle since the last file
+            self._dry = True
         self._rate.on_start(now, self.rtt)
 
     @property
@@ -6232,6 +6239,9 @@ class OutgoingFile:
         loop uses are looked up once a wakeup, not once a run."""
         now = self._clock()
         rate, window, block_size = self._rate, self.window, self.block_size
+        if self._dry and window.has_work():
+            self._dry = False
+            rate.on_busy(now)                   # a share lent while idle is taken back first
         budget = min(self._budget + rate.rate * (now - self._last_tick),
                      rate.rate * PACING_BURST + 65536)
         self._last_tick = now
@@ -6267,6 +6277,7 @@ class OutgoingFile:
         self._budget = budget
         if not window.has_work():
             rate.on_idle(now)
+            self._dry = True
         if window.has_work() and window.in_flight() < flight_cap:
             return max(0.0, -budget / rate.rate)
         return 0.05
@@ -8993,10 +9004,21 @@ class SharedRate:
     DELAY_SAMPLE_EVERY, and an older one that sampled none in an interval
     reports no queue at all: that zero from an acknowledgement of a few
     packets is no news, and taken for the least it hid the queue every
-    other acknowledgement."""
+    other acknowledgement.
+
+    A worker that has nothing to send (its stripes are all sent, and not
+    yet acknowledged, or it waits for a delta's requests) lends its share
+    of the rate to those that have, until it has data again or IDLE_HOLD
+    after it last said so: a whole stripe more for one worker than its
+    share (a file is seldom a whole number of rounds of the deal) was
+    sent at 0.13 of the rate for the last half second of a 5 s transfer.
+    An idle worker keeps its own share for the few blocks it may be asked
+    to send again before the coordinator hears it has data."""
 
     MERGE_WAIT = 2 * FEEDBACK_INTERVAL[1]   # s an acknowledgement waits for the other workers'
     LIVE_WAIT = 4 * MERGE_WAIT              # s after its last news a worker holds the others back
+    IDLE_HOLD = 0.1                         # s a worker is taken to be idle after it said so (an
+                                            # idle sender says so at least every 0.05 s)
 
     def __init__(self, controller, count, changed=lambda: None, shares=None):
         self.controller, self.count = controller, count
@@ -9010,6 +9032,24 @@ class SharedRate:
                                                 # what it said of packets sent from `from` to `to`
                                                 # not passed on yet, and when it last said anything
         self._until = None                      # the send time the controller has news up to
+        self._idle = {}                         # worker -> when it last said it had nothing to send
+        self._now = float('-inf')               # the latest time any worker spoke
+
+    def share_of(self, index):
+        """Worker `index`'s fraction of the rate now: its share, and the
+        shares of the idle workers in proportion if it has data to send."""
+        shares, idle = self.shares, self._idle
+        if not idle or index in idle:
+            return shares[index]
+        busy = sum(share for i, share in enumerate(shares) if i not in idle)
+        return shares[index] / busy if busy > 0 else shares[index]
+
+    def _expire_idle(self, now):
+        self._now = max(self._now, now)
+        stale = [i for i, when in self._idle.items() if self._now - when > self.IDLE_HOLD]
+        for i in stale:
+            del self._idle[i]
+        return bool(stale)
 
     def share(self, index):
         return RateShare(self, index)
@@ -9020,6 +9060,8 @@ class SharedRate:
         if sent_at is None:
             sent_at = now - rtt
         arrived = now - ack_delay
+        if self._expire_idle(now):
+            self._changed()
         if not queue_delay and delivered < DELAY_SAMPLE_EVERY:
             queue_delay = None                  # perhaps nothing sampled: no news of the queue
         news = self._news.get(index)
@@ -9077,8 +9119,20 @@ class SharedRate:
             any(news[2] for news in pending), until, max(0.0, now - arrived))
         self._changed()
 
-    def idle(self, now):
+    def idle(self, index, now):
+        """Worker `index` has nothing to send now."""
         self.controller.on_idle(now)
+        lent = index not in self._idle
+        self._idle[index] = now
+        self._expire_idle(now)
+        if lent and index in self._idle:
+            self._changed()
+
+    def busy(self, index, now):
+        """Worker `index` has data to send again: its share is its own."""
+        if self._idle.pop(index, None) is not None:
+            self._expire_idle(now)
+            self._changed()
 
     def silence(self):
         self.controller.on_silence()
@@ -9095,7 +9149,7 @@ class RateShare:
 
     @property
     def rate(self):
-        return self._shared.controller.rate * self._shared.shares[self._index]
+        return self._shared.controller.rate * self._shared.share_of(self._index)
 
     @property
     def peak_delivery(self):
@@ -9108,7 +9162,10 @@ class RateShare:
         self._shared.controller.on_start(now, rtt)  # once: it only acts before any news
 
     def on_idle(self, now):
-        self._shared.idle(now)
+        self._shared.idle(self._index, now)
+
+    def on_busy(self, now):
+        self._shared.busy(self._index, now)
 
     def on_silence(self):
         self._shared.silence()
@@ -9148,6 +9205,12 @@ class WorkerRate:
         if now - self._idle_told >= self.IDLE_REPORT:
             self._idle_told = now
             send_quietly(self._channel, WORKER_EVENT.pack(b'I', now))
+
+    def on_busy(self, now):
+        # Lost with a full socketpair, the share comes back IDLE_HOLD after
+        # the last 'I'.
+        self._idle_told = float('-inf')
+        send_quietly(self._channel, WORKER_EVENT.pack(b'B', now))
 
     def on_silence(self):
         send_quietly(self._channel, WORKER_EVENT.pack(b'S', time.monotonic()))
@@ -9252,8 +9315,8 @@ class SendingTeam:
         self.cycles, self.lazy = cycles, lazy
         self.broken = None
         self._controller = session.rate
-        self._shares = [1.0]                    # of the rate, each worker's (for the file being sent)
-        self._told = (0.0, float('-inf'))       # the rate last sent, and when
+        self._shared = None                     # the SharedRate of the file being sent
+        self._told = (0.0, (), float('-inf'))   # the rate and shares last sent, and when
         self._outgoing = None                   # the file being sent
         self._active = []                       # the workers sharing it
         local = session.sock.getsockname()[0]
@@ -9365,7 +9428,7 @@ class SendingTeam:
         """Workers 1..k-1 start their shares (`parts`: each worker's need)
         of the file `outgoing` announced."""
         self._outgoing = outgoing
-        self._shares = outgoing.shared_rate.shares
+        self._shared = outgoing.shared_rate
         self._active = self.workers[:outgoing.workers - 1]
         file_id, path = outgoing.file_id, os.fsencode(outgoing._path)
         for worker, part in zip(self._active, parts[1:]):
@@ -9376,7 +9439,7 @@ class SendingTeam:
                 outgoing.mtime_ns) + path)
             for message in worker_ranges(b'N', file_id, part):
                 self._send(worker, message)
-        self._told = (0.0, float('-inf'))
+        self._told = (0.0, (), float('-inf'))
         self.rate_changed()
 
     def _send(self, worker, message):
@@ -9425,7 +9488,13 @@ class SendingTeam:
                 outgoing.shared_rate.add(worker.index, now, queue_delay, nbytes, delivered, lost, rtt,
                                          False, None if sent_at < 0 else sent_at, ack_delay)
         elif code == b'I' and len(message) == WORKER_EVENT.size:
-            self._controller.on_idle(WORKER_EVENT.unpack(message)[1])
+            if outgoing is not None:
+                outgoing.shared_rate.idle(worker.index, WORKER_EVENT.unpack(message)[1])
+            else:
+                self._controller.on_idle(WORKER_EVENT.unpack(message)[1])
+        elif code == b'B' and len(message) == WORKER_EVENT.size:
+            if outgoing is not None:
+                outgoing.shared_rate.busy(worker.index, WORKER_EVENT.unpack(message)[1])
         elif code == b'S' and len(message) == WORKER_EVENT.size:
             self._controller.on_silence()
             self.rate_changed()
@@ -9440,17 +9509,20 @@ class SendingTeam:
 
     def rate_changed(self):
         """Pass the controller's rate on to the workers (their share of it)
-        when it changed enough, or long enough ago."""
-        rate = self._controller.rate
-        told, when = self._told
-        now = time.monotonic()
-        if rate == told or (abs(rate - told) <= WORKER_RATE_STEP * told
-                            and now - when < WORKER_RATE_INTERVAL):
+        when it or the shares changed enough, or long enough ago."""
+        if self._shared is None:
             return
-        self._told = (rate, now)
-        for worker in self._active:
+        rate = self._controller.rate
+        shares = tuple(self._shared.share_of(worker.index) for worker in self._active)
+        told, told_shares, when = self._told
+        now = time.monotonic()
+        if shares == told_shares and (rate == told or (abs(rate - told) <= WORKER_RATE_STEP * told
+                                                       and now - when < WORKER_RATE_INTERVAL)):
+            return
+        self._told = (rate, shares, now)
+        for worker, share in zip(self._active, shares):
             send_quietly(worker.channel, WORKER_RATE.pack(
-                b'R', rate * self._shares[worker.index], self._controller.peak_delivery))
+                b'R', rate * share, self._controller.peak_delivery))
 
     def end_file(self, outgoing):
         """The file is over: each worker ends its share and says what it

@@ -326,6 +326,39 @@ def test_uneven_shares_sending_in_batches_fill_a_path_as_cleanly_as_one_flow(rtt
     assert total(shares, 2, 10) > 0.98 * one[0].goodput(2, 10)
 
 
+def delivered_by(flow, size):
+    """When `flow` had delivered `size` bytes (to 0.1 s), or None."""
+    total = 0
+    for step in sorted(flow.delivered):
+        total += flow.delivered[step]
+        if total >= size:
+            return step / 10
+    return None
+
+
+def test_a_share_with_more_left_to_send_takes_the_rate_of_one_that_has_none():
+    # A file is seldom a whole number of rounds of the deal: here the
+    # coordinator's stripes are 0.156 of the file, its share of the rate
+    # 0.13.  Once the other worker has sent all its stripes, the
+    # coordinator sends the rest at the whole rate, not at 0.13 of it
+    # (which took half a second more than one flow: 3.2 s against 2.7).
+    size = 60 * 10 ** 6
+    path = ModelPath(200 * M, 0.12, seed=1, jitter=0.005)
+    one = path.add_flow(wanxfer.RateController(), files=[(size, 1e9)])
+    path.run(8.0)
+    alone = delivered_by(one, size)
+    path = ModelPath(200 * M, 0.12, seed=1, jitter=0.005)
+    shared = wanxfer.SharedRate(wanxfer.RateController(), 2, shares=[0.13, 0.87])
+    parts = [int(0.156 * size), size - int(0.156 * size)]
+    batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45)
+    flows = [path.add_flow(shared.share(i), files=[(part, 1e9)], batch=batch, sample_every=8)
+             for i, part in enumerate(parts)]
+    path.run(8.0)
+    done = [delivered_by(flow, part) for flow, part in zip(flows, parts)]
+    assert None not in done and max(done) <= alone + 0.1, (done, alone)
+    assert path.drops(0, 8) == 0
+
+
 def test_merged_acknowledgements_cover_what_was_sent_since_the_last():
     # Worker 0 (26 Mbit/s) has news once in 20 ms, unevenly (its batches
     # straddle the receiver's intervals), worker 1 (174 Mbit/s) every 10
