@@ -629,11 +629,19 @@ class ModelFlow:
     acknowledgement covers that many seconds of arrivals (one starting up,
     as a real receiver's worker does, acknowledges late); with
     `idle_first`, the sender has nothing to send for that long after it
-    starts (a delta transfer's sender waits for the receiver's requests)."""
+    starts (a delta transfer's sender waits for the receiver's requests).
+    With `batch`, the sender sends that many packets at a time (or as many
+    as batch(rate) says), as the real one does (one read, one send of up
+    to 64 KB), and with `sample_every`
+    its receiver samples the delay of one packet in that many, as the real
+    one does, and reports no queue for an interval in which it sampled
+    none."""
 
     def __init__(self, path, controller, start, files=None, tell_idle=True, first_ack=0.0,
-                 idle_first=0.0):
+                 idle_first=0.0, batch=1, sample_every=1):
         self.path = path
+        self.batch, self.sample_every = batch, sample_every
+        self._arrived = 0.0                     # packets the receiver got, for its sampling
         self.first_ack = first_ack              # s of arrivals the receiver's first acknowledgement covers
         self.controller = controller
         self.start = start
@@ -654,7 +662,8 @@ class ModelFlow:
         self._last_feedback = start
         # Receiver: cumulative counts, and what arrived since the last feedback.
         self._got_bytes = self._got_packets = self._lost_packets = 0
-        self._interval_delay = None
+        self._interval_delay = None             # the least queue sampled since the last feedback
+        self._heard = False                     # ... and whether anything arrived since
         self._newest = None                     # (send time, arrival time) of the newest arrival
         self._first_arrival = None
         self._next_feedback = start + self.feedback_interval
@@ -683,9 +692,10 @@ class ModelFlow:
             self.rates.append((now, rate))
             return 0, 0
         count = 0
-        while self._budget > 0 and self._in_flight + (count + 1) * packet <= cap:
-            self._budget -= packet
-            count += 1
+        batch = self.batch(rate) if callable(self.batch) else self.batch
+        while self._budget > 0 and self._in_flight + (count + batch) * packet <= cap:
+            self._budget -= batch * packet
+            count += batch
         if self.files:
             count = min(count, -(-self._left // packet))
             self._left -= count * packet
@@ -712,8 +722,12 @@ class ModelFlow:
         self._got_bytes += nbytes
         self._got_packets += nbytes / self.path.packet
         self.delivered[int(now * 10)] += nbytes
-        if self._interval_delay is None or queue_delay < self._interval_delay:
+        before, self._arrived = self._arrived, self._arrived + nbytes / self.path.packet
+        sampled = self.sample_every <= 1 or \
+            int(self._arrived) // self.sample_every > int(before) // self.sample_every
+        if sampled and (self._interval_delay is None or queue_delay < self._interval_delay):
             self._interval_delay = queue_delay
+        self._heard = True
         if self._newest is None or sent_at >= self._newest[0]:
             self._newest = (sent_at, now)
 
@@ -722,7 +736,7 @@ class ModelFlow:
             return
         # A busy receiver is late to acknowledge (it says by how much).
         self._next_feedback = now + self.feedback_interval + self.path.random.random() * self.path.jitter
-        if self._interval_delay is None:
+        if not self._heard:
             return                                  # nothing arrived: nothing to say
         if self._first_arrival is None:
             self._first_arrival = now
@@ -730,8 +744,9 @@ class ModelFlow:
             return                                  # a receiver still starting up: later, all at once
         sent_at, arrived = self._newest
         ack = (self._got_bytes, self._got_packets, self._lost_packets, sent_at,
-               now - arrived, self._interval_delay)
+               now - arrived, self._interval_delay or 0.0)
         self._interval_delay = None
+        self._heard = False
         if not self.path.randomly_lost():
             # A busy sender reads it late too, never out of order.
             arrival = now + self.path.rtt / 2 + self.path.ack_lag + \

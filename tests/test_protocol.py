@@ -405,6 +405,19 @@ def test_receive_window_reports_the_loss_it_saw():
     assert window.loss_fraction() == pytest.approx(0.10)
 
 
+def test_every_acknowledgement_of_arrivals_reports_the_queue_they_met():
+    # One packet number in eight is sampled for the delay, and a striped
+    # share's few packets in an interval may all fall between: the
+    # acknowledgement said no queue at all, which the shared rate took for
+    # the least queue of all the workers' (a model test in test_ratecontrol).
+    window = wanxfer.ReceiveWindow(100, 0)
+    window.on_packet(0, 0, 1000000, 1.0)                # 0 s of queue
+    assert window.feedback(1.0)[3] == 0
+    for seq in (9, 10):                                 # neither a multiple of 8
+        window.on_packet(seq, seq, 1010000, 1.04)       # 30 ms more on the way
+    assert window.feedback(1.05)[3] == 30000
+
+
 def test_nak_releases_the_flight_window_when_the_tail_was_lost():
     # Everything after packet 99 vanished, feedback included: only the NAK
     # can tell the sender, and it must both requeue and free the window.

@@ -4,6 +4,7 @@ round trip late) as the bulk sender drives it, and fed by hand where a test
 needs a path no model makes; and the compression policy that follows the
 rate.  Rates are bytes/s; M is one Mbit/s."""
 
+import functools
 import os
 
 import pytest
@@ -294,6 +295,118 @@ def test_a_striped_transfer_takes_no_more_than_one_flow_beside_another(count):
     ours, theirs = total(shares, 50, 60), other.goodput(50, 60)
     assert ours + theirs > 0.9 * capacity * M
     assert 0.3 * capacity * M < ours < 0.62 * capacity * M, (ours / M, theirs / M)
+
+
+# As the real ends do: each worker sends its blocks in batches (a 64 KB
+# send for a flow alone, no more than PACING_BURST of its rate for a
+# share: wanxfer.share_batch) and each receiver samples the delay of one
+# packet in eight.  The coordinator's share is 0.13 (its digest is the
+# rest of its work).  Before, its 45-block batches came once in 20 ms at
+# 26 Mbit/s, the merged send time lurched with them, the level crept past
+# the path's rate and the queue overflowed: 759-818 drops at 120 ms,
+# 848-3266 at 20 ms, where one flow drops none.
+
+def batched(count=1, shares=None, rtt=0.12, loss=0.0, seed=1, seconds=10.0):
+    path = ModelPath(200 * M, rtt, seed=seed, jitter=0.005, loss=loss)
+    if count == 1:
+        flows = [path.add_flow(wanxfer.RateController(), batch=45, sample_every=8)]
+    else:
+        shared = wanxfer.SharedRate(wanxfer.RateController(), count, shares=shares)
+        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45)
+        flows = [path.add_flow(shared.share(i), batch=batch, sample_every=8) for i in range(count)]
+    path.run(seconds)
+    return path, flows
+
+
+@pytest.mark.parametrize('rtt, loss', [(0.12, 0.0), (0.02, 0.0), (0.12, 0.03)])
+def test_uneven_shares_sending_in_batches_fill_a_path_as_cleanly_as_one_flow(rtt, loss):
+    one_path, one = batched(rtt=rtt, loss=loss)
+    path, shares = batched(2, [0.13, 0.87], rtt=rtt, loss=loss)
+    assert path.drops(0, 10) <= one_path.drops(0, 10) + 20, (path.drops(0, 10), one_path.drops(0, 10))
+    assert total(shares, 2, 10) > 0.98 * one[0].goodput(2, 10)
+
+
+def delivered_by(flow, size):
+    """When `flow` had delivered `size` bytes (to 0.1 s), or None."""
+    total = 0
+    for step in sorted(flow.delivered):
+        total += flow.delivered[step]
+        if total >= size:
+            return step / 10
+    return None
+
+
+def test_a_share_with_more_left_to_send_takes_the_rate_of_one_that_has_none():
+    # A file is seldom a whole number of rounds of the deal: here the
+    # coordinator's stripes are 0.156 of the file, its share of the rate
+    # 0.13.  Once the other worker has sent all its stripes, the
+    # coordinator sends the rest at the whole rate, not at 0.13 of it
+    # (which took half a second more than one flow: 3.2 s against 2.7).
+    size = 60 * 10 ** 6
+    path = ModelPath(200 * M, 0.12, seed=1, jitter=0.005)
+    one = path.add_flow(wanxfer.RateController(), files=[(size, 1e9)])
+    path.run(8.0)
+    alone = delivered_by(one, size)
+    path = ModelPath(200 * M, 0.12, seed=1, jitter=0.005)
+    shared = wanxfer.SharedRate(wanxfer.RateController(), 2, shares=[0.13, 0.87])
+    parts = [int(0.156 * size), size - int(0.156 * size)]
+    batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45)
+    flows = [path.add_flow(shared.share(i), files=[(part, 1e9)], batch=batch, sample_every=8)
+             for i, part in enumerate(parts)]
+    path.run(8.0)
+    done = [delivered_by(flow, part) for flow, part in zip(flows, parts)]
+    assert None not in done and max(done) <= alone + 0.1, (done, alone)
+    assert path.drops(0, 8) == 0
+
+
+def test_merged_acknowledgements_cover_what_was_sent_since_the_last():
+    # Worker 0 (26 Mbit/s) has news once in 20 ms, unevenly (its batches
+    # straddle the receiver's intervals), worker 1 (174 Mbit/s) every 10
+    # ms.  One flow's acknowledgement covers the packets sent since the
+    # last one's send time: so must a merged one, or each says the path
+    # delivered more or less than it did.
+    told = []
+
+    class Controller:
+        rate, peak_delivery = 1.0, 0.0
+
+        def on_feedback(self, now, queue_delay, nbytes, delivered, lost, rtt, app_limited, sent_at,
+                        ack_delay):
+            told.append((sent_at, nbytes))
+
+    shared = wanxfer.SharedRate(Controller(), 2)
+    rates, every, phase = (26 * M, 174 * M), (0.02, 0.01), (0.0, 0.003)
+    last = [0.0, 0.0]
+    acks = sorted((phase[i] + every[i] * n + (0.009 if i == 0 and n % 2 else 0.0), i)
+                  for i in range(2) for n in range(1, 100 * (i + 1)))
+    for sent_at, i in acks:
+        shared.add(i, sent_at + 0.1, 0.005, rates[i] * (sent_at - last[i]), 100, 0, 0.1,
+                   sent_at=sent_at)
+        last[i] = sent_at
+    spans = [(b[1] / (b[0] - a[0])) / (200 * M) for a, b in zip(told[5:], told[6:]) if b[0] > a[0]]
+    assert len(spans) > 50 and all(0.95 < x < 1.05 for x in spans), (min(spans), max(spans))
+
+
+def test_a_share_that_sampled_no_delay_does_not_hide_the_queue():
+    # A receiver samples one packet in eight; an acknowledgement of two
+    # packets may carry no sample, and says no queue at all.  The least
+    # queue of the merged acknowledgements must not be that zero.
+    queues = []
+
+    class Controller:
+        rate, peak_delivery = 1.0, 0.0
+
+        def on_feedback(self, now, queue_delay, *rest):
+            queues.append(queue_delay)
+
+    shared = wanxfer.SharedRate(Controller(), 2, shares=[0.13, 0.87])
+    for n in range(1, 100):
+        now = 0.01 * n
+        shared.add(1, now, 0.030, 255000, 170, 0, 0.15, sent_at=now - 0.15)
+        small = n % 2
+        shared.add(0, now + 0.001, 0.0 if small else 0.030, 3000 if small else 67500, 2 if small else 45,
+                   0, 0.15, sent_at=now - 0.15)
+    assert len(queues) > 90 and min(queues) == 0.030, sorted(queues)[:5]
 
 
 # ---------------------------------------------------------------------------

@@ -74,6 +74,7 @@ class Rate:
         self.cap = None
         self.feedback = []
         self.idle = []
+        self.busy = []
         self.started = []
         self.silences = 0
 
@@ -89,6 +90,9 @@ class Rate:
 
     def on_idle(self, now):
         self.idle.append(now)
+
+    def on_busy(self, now):
+        self.busy.append(now)
 
     def on_silence(self):
         self.silences += 1
