@@ -794,10 +794,14 @@ def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE):
                     family, kind, proto, _name, address = infos[tried % len(infos)]
                     tried += 1
                     sock = socket.socket(family, kind, proto)
-                    if prepare is not None:
-                        prepare(sock)
-                    sock.setblocking(False)
-                    code = sock.connect_ex(address)
+                    try:
+                        if prepare is not None:
+                            prepare(sock)
+                        sock.setblocking(False)
+                        code = sock.connect_ex(address)
+                    except BaseException:
+                        sock.close()
+                        raise
                     if code in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
                         attempts.append(sock)
                         selector.register(sock, selectors.EVENT_WRITE)

@@ -617,6 +617,24 @@ def test_connect_racing_reports_a_refusal_at_once():
     assert time.monotonic() - started < 0.5     # not after the whole race
 
 
+@pytest.mark.skipif(not os.path.isdir('/proc/self/fd'), reason='counts descriptors in /proc')
+def test_connect_racing_closes_its_socket_when_preparing_it_fails():
+    # The tunnel's near side prepares each socket (buffers, BBR); out of
+    # descriptors, that fails, and the socket must not stay open.
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(1)
+
+    def prepare(sock):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    before = len(os.listdir('/proc/self/fd'))
+    with pytest.raises(OSError) as raised:
+        wanxfer.connect_racing('127.0.0.1', listener.getsockname()[1], 5, prepare=prepare)
+    assert raised.value.errno == errno.EMFILE
+    assert len(os.listdir('/proc/self/fd')) == before
+    listener.close()
+
+
 def test_serve_does_not_log_connections_that_leave_before_their_first_byte(tmp_path, serve):
     data = make_file(tmp_path / 'f', 100_000)
     server = serve([data])
