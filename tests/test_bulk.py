@@ -390,36 +390,45 @@ def test_each_next_file_is_asked_for_with_the_done_of_the_one_before(tmp_path, s
     ends = [i for i, op in enumerate(ops) if op == 'sent done']
     assert len(ends) == 4
     for end in ends[:-1]:
-        assert ops[end:end + 3] == ['sent done', 'sent fetch', 'got digest'], ops
-    assert ops[ends[-1]:ends[-1] + 2] == ['sent done', 'got digest']
+        # The digest, not waited for, is read on the way to the next start.
+        assert ops[end:end + 2] == ['sent done', 'sent fetch'], ops
+        assert ops[end + 2:ops.index('got start', end)] in (
+            ['got digest'], ['got checksum', 'got digest']), ops
+    # The last file's end waits for nothing: its checksum came with the data.
+    assert ops[ends[-1] + 1:] in ([], ['got checksum']), ops
 
 
 WRONG_DIGESTS = """
-send, fetch = wanxfer.ControlChannel.send, wanxfer.ServerSession.do_fetch
-sending, wrong = [], []
+send, queue, fetch = wanxfer.ControlChannel.send, wanxfer.ControlChannel.queue, wanxfer.ServerSession.do_fetch
+sending, wrong, op = [], [], %r
 def fetch_noting_the_file(self, message):
     sending[:] = [message['path']]
     fetch(self, message)
-def send_wrong_digests(self, message):
-    if message['op'] == 'digest' and sending == ['tree/f0'] and len(wrong) < %d:
+def spoiled(message):
+    if message['op'] == op and sending == ['tree/f0'] and len(wrong) < %d:
         wrong.append(message['file'])
         message = dict(message, sha256='0' * 64)
-    send(self, message)
-wanxfer.ControlChannel.send = send_wrong_digests
+    return message
+wanxfer.ControlChannel.send = lambda self, message: send(self, spoiled(message))
+wanxfer.ControlChannel.queue = lambda self, message: queue(self, spoiled(message))
 wanxfer.ServerSession.do_fetch = fetch_noting_the_file
+if op == 'digest':                  # a server that never sends the checksum early
+    wanxfer.OutgoingFile.send_checksum = lambda self: None
 """
 
 
+@pytest.mark.parametrize('op', ['checksum', 'digest'])
 @pytest.mark.parametrize('wrong', [1, 2], ids=['once', 'twice'])
 def test_a_file_whose_digest_does_not_match_is_fetched_once_more_then_refused(tmp_path, serve,
-                                                                             wrong):
-    # The first file's digest comes back wrong while the second is already
-    # asked for: the first is fetched again after it; a second mismatch is
-    # an error, and no file with those bytes takes the final name.
+                                                                             wrong, op):
+    # The first file's checksum (or, from a server that sends none, its
+    # digest) comes back wrong while the second is already asked for: the
+    # first is fetched again after it; a second mismatch is an error, and
+    # no file with those bytes takes the final name.
     src = tmp_path / 'src' / 'tree'
     src.mkdir(parents=True)
     files = [make_file(src / ('f%d' % i), wanxfer.SMALL_FILE + 1, seed=i) for i in range(3)]
-    server = patched_serve(serve, [tmp_path / 'src'], WRONG_DIGESTS % wrong)
+    server = patched_serve(serve, [tmp_path / 'src'], WRONG_DIGESTS % (op, wrong))
     done = run_get(server.port, 'tree', '-o', tmp_path / 'dest', '-q')
     dest = tmp_path / 'dest' / 'tree'
     assert done.stderr.count('f0: digest mismatch; fetching it again from scratch') == 1
@@ -432,6 +441,8 @@ def test_a_file_whose_digest_does_not_match_is_fetched_once_more_then_refused(tm
         assert done.returncode != 0
         assert 'tree/f0: digest mismatch after a full transfer' in done.stderr
         assert not (dest / 'f0').exists()
+        assert not [n for n in os.listdir(dest) if n.startswith('.')]   # nor its partial copy
+    assert 'Traceback' not in server.log()
 
 
 SPOILED_CONTENT = """
