@@ -7735,10 +7735,12 @@ class DataChannel:
 class IncomingFile:
     """One file being received, from the request for it to the digest that
     proves it.  `ask()` sends the fetch (resuming a partial copy, offering
-    an older copy for a delta); `answer()` reads the sender's `start` (or
-    `begin()` takes the `start` of an open fetch); `transfer()` runs the
-    data phase, says `done`, compares the digests, puts the file in place
-    and returns its summary.  `withdraw()` gives up a file asked for and
+    an older copy for a delta, asking for the sender's checksum early);
+    `answer()` reads the sender's `start` (or `begin()` takes the `start`
+    of an open fetch); `transfer()` runs the data phase, says `done`,
+    compares its digest with the sender's (the early checksum, or the
+    `digest` if that comes first), puts the file in place and returns its
+    summary.  `withdraw()` gives up a file asked for and
     never answered; `write_whole()` takes a small file's `content` instead.
 
     It is handed what it uses (a Conversation, a DataChannel, the events,
@@ -7825,8 +7827,8 @@ class IncomingFile:
     def transfer(self, waited_since, then=None, unproven=False, proven=0):
         """The rest of a fetch once the sender said `start`: the data phase
         (and the delta's local assembly), `done` (and `then()`, which may
-        ask for the next file), the digests compared, the file renamed into
-        place; its summary.  The first data counts from `waited_since`.
+        ask for the next file), the digests compared (_last_word()), the
+        file renamed into place; its summary.  The first data counts from `waited_since`.
         With `unproven` blocks, a path that carries none as large as a full
         one's (nor a probe that large: `proven` bytes came before) raises
         PathTooNarrow."""
@@ -8078,6 +8080,7 @@ class FileReceiver:
         unpack, header_size = DATA_HEADER.unpack_from, DATA_HEADER.size
         minimum = header_size + TAG_SIZE
         window, verify = self.window, self._sealer.verify
+        first_seq, last_block = window.first_seq, self._last_block
         for offset in range(0, nbytes, segment):
             length = min(segment, nbytes - offset)
             if length < minimum:
@@ -8101,7 +8104,7 @@ class FileReceiver:
             if body is None or len(body) != expected:
                 self.rejected += 1
                 continue
-            if seq >= window.first_seq and block <= self._last_block:    # as the window counts
+            if seq >= first_seq and block <= last_block:        # those the window counts
                 self.datagram_bytes += length
                 if flags & DATA_FLAG_RETRANSMIT:
                     self.resent += 1
