@@ -542,6 +542,26 @@ def test_the_summarys_sender_counts_from_the_receivers_view_match_the_servers(tm
     assert summary['signature_bytes'] == report['signature_bytes'] == 0
 
 
+def test_a_delta_summarys_signature_bytes_are_what_the_server_sent(tmp_path, serve):
+    # The client counts the signature pieces it received as the server
+    # counts those it sent: a delta is whole only once every piece is in.
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 6 << 20, seed=4)
+    server = patched_serve(serve, [src], LOG_DIGESTS)
+    for run in range(2):
+        done = run_get(server.port, 'f', '-o', tmp_path / 'out', '--json')
+        assert done.returncode == 0, done.stderr
+        assert sha256(tmp_path / 'out') == sha256(data)
+        (summary,) = json_summaries(done)
+        report = json.loads(server.wait_for(r'digest (\{.*\})', timeout=20, count=run + 1).group(1))
+        assert summary['delta'] != 'off'
+        assert summary['signature_bytes'] == report['signature_bytes'] > 0, (summary, report)
+        assert summary['sent_bytes'] == summary['wire_bytes'] + summary['signature_bytes']
+        with open(data, 'ab') as f:
+            f.write(os.urandom(100_000))        # the next run finds the rest locally
+
+
 OLD_CLIENT = LOG_CONTROL + """
 send_old = wanxfer.ControlChannel.send
 def send_without_early_digest(self, message):
