@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from helpers import (SECRET, WANXFER, get_command, json_summaries, make_file, netns_lock,
-                     partial_blocks, patched_serve, run_get, sha256, wait_for, wanxfer, wanxfer_env)
+from helpers import (SECRET, WANXFER, InProcessServer, get_command, json_summaries, make_file,
+                     netns_lock, partial_blocks, patched_serve, run_get, sha256, wait_for, wanxfer,
+                     wanxfer_env)
 
 pytestmark = pytest.mark.e2e          # all but the listing-pages test start processes or sockets
 
@@ -399,7 +400,8 @@ def test_each_next_file_is_asked_for_with_the_done_of_the_one_before(tmp_path, s
 
 
 WRONG_DIGESTS = """
-send, queue, fetch = wanxfer.ControlChannel.send, wanxfer.ControlChannel.queue, wanxfer.ServerSession.do_fetch
+send, queue = wanxfer.ControlChannel.send, wanxfer.ControlChannel.queue
+fetch = wanxfer.ServerSession.do_fetch
 sending, wrong, op = [], [], %r
 def fetch_noting_the_file(self, message):
     sending[:] = [message['path']]
@@ -452,7 +454,6 @@ def test_a_get_ends_without_waiting_for_the_servers_digest(tmp_path, monkeypatch
     # finish (verified, renamed, summary out, exited) on the early checksum
     # alone; the server then sends the digest to nobody, logs the file as
     # sent and the session's end as no error.
-    from helpers import InProcessServer
     src = tmp_path / 'src'
     src.mkdir()
     data = make_file(src / 'f', 3 << 20, seed=5)
@@ -486,7 +487,6 @@ def test_a_get_ends_without_waiting_for_the_servers_digest(tmp_path, monkeypatch
 def test_serve_takes_a_client_that_hangs_up_right_after_done_as_a_normal_end(tmp_path, files):
     # The get reads no digest of its last file: it closes with it unread
     # (a reset) or before it came.  Neither is an error in the server's log.
-    from helpers import InProcessServer
     src = tmp_path / 'src' / 'tree'
     src.mkdir(parents=True)
     for i in range(files):
