@@ -7876,6 +7876,7 @@ class IncomingFile:
                 finally:
                     self.rejected += phase.receiver.rejected
                     self.largest_probe = max(self.largest_probe, phase.receiver.largest_probe)
+                    self.signature_bytes += phase.signature_bytes
                 flows = [phase.receiver.flow_counts()]
             shares = team.totals() if team is not None else None
             if team is not None:
@@ -8195,6 +8196,7 @@ class ReceivePhase:
         self.next_progress = now + PROGRESS_INTERVAL
         self.next_save = now + STATE_SAVE_INTERVAL
         self.packets_at_feedback = 0
+        self.signature_bytes = 0                # what the pieces applied count, as the sender counts
         self.repeat_final = team is not None    # see _send_feedback
         self.next_final = now
 
@@ -8217,9 +8219,22 @@ class ReceivePhase:
                 self._check_path(now)
                 self._report_progress(now)
                 self._save_state(now)
+            self._count_arrived()
         finally:
             self.receiver.flush()
             selector.close()
+
+    def _count_arrived(self):
+        """Take the datagrams of the file already waiting when it is whole
+        (a delta's lead, say, overtaken by its local data): not needed, but
+        sent and received, and the summary's sender figures are made of
+        what this end saw.  At most a wakeup's worth."""
+        recv_batch, receive, buffer = self.data.udp.recv_batch, self.receiver.receive, self.buffer
+        for _receives in range(MAX_RECEIVES_PER_WAKEUP):
+            nbytes, segment = recv_batch(buffer)
+            if not nbytes:
+                break
+            receive(buffer, nbytes, segment, self.clock())
 
     def complete(self):
         """Every block held: this process's, and the workers' too."""
@@ -8277,7 +8292,7 @@ class ReceivePhase:
         """Fill what this piece of the signature lets us, and ask the sender
         for the rest of the blocks it decides."""
         window, lead = self.window, self.lead
-        self.incoming.signature_bytes += len(message['spans']) + SIGNATURE_PIECE_BYTES
+        self.signature_bytes += len(message['spans']) + SIGNATURE_PIECE_BYTES
         self.assembler.on_planned = self._ask_early
         held, decided, refine = self.assembler.on_piece(message['offset'],
                                                         decode_spans(message['spans']),
