@@ -306,9 +306,11 @@ WORKER_SENT = struct.Struct('!cIQQQQQB')        # b'D', file id, next packet num
 WORKER_RECEIVE = struct.Struct('!cIQIQQHHQd')   # b'F', file id, first packet number, block size,
                                                 # size, blocks per stripe, workers, index, decided, rtt
 WORKER_DECIDED = struct.Struct('!cIQ')          # b'C', file id, blocks decided
-WORKER_PROGRESS = struct.Struct('!cIQQQQQd')    # code, file id, blocks held (its stripes), bytes
-                                                # written, packets, duplicates, rejected,
-                                                # first arrival (-1: none yet)
+WORKER_PROGRESS = struct.Struct('!cIQQQQQdQQQQ')    # code, file id, blocks held (its stripes),
+                                                # bytes written, packets, duplicates, rejected,
+                                                # first arrival (-1: none yet), and the rest
+                                                # of its FlowCounts: packet numbers, resent,
+                                                # compressed, datagram bytes
 
 
 # --- Tunnel peer connection --------------------------------------------------
@@ -536,7 +538,7 @@ CONTROL_MESSAGES = frozen_mapping({
                   'block_size': _expect_int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE),
                   'need?': _expect_ranges, 'max_rate?': _nullable(_expect_number(0, MAX_RATE_BYTES)),
                   'delta?': _expect_bool, 'delta_min?': _SIZE, 'lead?': _expect_bool,
-                  'compress?': _expect_bool},
+                  'compress?': _expect_bool, 'early_digest?': _expect_bool},
         'read': {'files': _expect_list(_expect_object({'path': _NAME, 'size': _SIZE,
                                                         'mtime_ns': _MTIME})),
                  'compress?': _expect_bool},
@@ -564,6 +566,7 @@ CONTROL_MESSAGES = frozen_mapping({
         'digest': {'file': _FILE_ID, 'sha256': _expect_hex(64), 'packets_sent?': _COUNT,
                    'packets_lost?': _COUNT, 'packets_retransmitted?': _COUNT, 'wire_bytes?': _COUNT,
                    'signature_bytes?': _COUNT, 'packets_compressed?': _COUNT},
+        'checksum': {'file': _FILE_ID, 'sha256': _expect_hex(64)},
         'signature': {'file': _FILE_ID, 'offset': _SIZE, 'spans': _expect_text(MAX_FRAME),
                       'refined?': _expect_bool},
         'content': {'path': _NAME, 'error?': _expect_text(MAX_TEXT),
@@ -3256,6 +3259,8 @@ def unit_spans(view, start, end):
 
 SIGNATURE_POLL = 0.01           # s between looks for new signature pieces
 CONTROL_BACKLOG = 64 << 10      # bytes of signature pieces held beyond what the socket took
+SIGNATURE_PIECE_BYTES = 64      # what a piece costs besides its spans (its JSON and frame, about),
+                                # as the sender counts what it sent and the receiver what it got
 REFINE_MIN = 1 << 20            # bytes a piece's fixed spans must miss before finer spans are asked for
 DELTA_MIN_SIZE = 1 << 20        # smaller files are looked for locally only if an older copy exists
 DELTA_MAX_MTU = 1500            # largest packet an update uses
@@ -6138,6 +6143,9 @@ class OutgoingFile:
         self.window = None
         # What the digest message reports.
         self.wire_bytes = self.signature_bytes = 0
+        # The receiver asked for the whole file's SHA-256 as soon as it is
+        # known (a `checksum`), so that it need not wait for the digest.
+        self.early_digest = self.checksum_sent = False
         # The data phase, from one wakeup to the next.
         self.outcome = None                     # True: the receiver holds it all; False: gave up
         self.failure = None                     # why the sender gave up, when it did
@@ -6197,6 +6205,7 @@ class OutgoingFile:
             self.lead, self._need = lead_ranges(self._fd, self.size, block_size,
                                                 lead_bytes(self._rate.rate, self.rtt))
         self.compression = CompressionPolicy(bool(request.get('compress')), self._rate)
+        self.early_digest = bool(request.get('early_digest'))
 
     def stripe(self, team, count):
         """Share the file with workers 1..count-1 of `team`: blocks in
@@ -6300,7 +6309,8 @@ class OutgoingFile:
             self.apply_control()                # what came in with the request, or after it
             while self.outcome is None:
                 self.send_signature()
-                wait = min(self.pace_and_send(), self.signature_poll())
+                self.send_checksum()
+                wait = min(self.pace_and_send(), self.signature_poll(), self.checksum_poll())
                 for key, _events in self.wait(selector, wait):
                     if self.outcome is None:
                         key.data()
@@ -6345,9 +6355,39 @@ class OutgoingFile:
             if refined:
                 message['refined'] = True
             control.queue(message)
-            self.signature_bytes += len(spans) + 64
+            self.signature_bytes += len(spans) + SIGNATURE_PIECE_BYTES
             sent += 1
         return sent
+
+    def send_checksum(self):
+        """Step: the whole file's SHA-256 goes to a receiver that asked for
+        it early as soon as the helper has it (usually long before the last
+        block: it reads the file while the data flows), queued like the
+        signature pieces so the data never waits for the control socket.
+        The receiver then finishes the file without waiting for `digest`.
+        A helper that failed sends nothing: finish() says why."""
+        if not self.early_digest:
+            return
+        control = self._control
+        if self.checksum_sent:
+            if control.backlog and self._refiner is None:
+                control.flush()                 # send_signature() flushes a delta's
+            return
+        if not self._job.done.is_set():
+            return
+        self.checksum_sent = True
+        try:
+            sha256 = self._job.sha256()
+        except RemoteError:
+            return
+        control.queue({'op': 'checksum', 'file': self.file_id, 'sha256': sha256})
+
+    def checksum_poll(self):
+        """Seconds until the checksum needs looking at again: SIGNATURE_POLL
+        while the helper works on it or it waits to be sent."""
+        if self.early_digest and (not self.checksum_sent or self._control.backlog):
+            return SIGNATURE_POLL
+        return float('inf')
 
     def signature_poll(self):
         """Seconds until the signature needs looking at again: SIGNATURE_POLL
@@ -6848,6 +6888,10 @@ class ServerSession:
         self.team = None                        # the SendingTeam, once the client asked for workers
         self._early_hellos = {}                 # worker index: (HELLO, address) before the team
         self._hello_lock = threading.Lock()
+        # The last request was a file the client said it holds: a client
+        # that had its checksum early may hang up now without reading the
+        # digest (a reset, as data it never read was waiting), a normal end.
+        self._after_done = False
 
     def hello_datagram(self, datagram, address):
         """A HELLO datagram naming this session arrived from `address` (on
@@ -6899,6 +6943,11 @@ class ServerSession:
                     message = self.control.recv()
                 except PeerClosed:
                     return
+                except (ConnectionResetError, BrokenPipeError):
+                    if self._after_done:
+                        return
+                    raise
+                self._after_done = False
                 handler = getattr(self, 'do_' + message['op'], None)
                 if handler is None:
                     self.control.send({'op': 'error', 'message': 'unknown request %r' % message['op']})
@@ -7021,7 +7070,14 @@ class ServerSession:
                 if self.team is not None and self.team.broken:
                     raise ProtocolError(self.team.broken)
                 return
-            outgoing.finish()
+            try:
+                outgoing.finish()
+            except (ConnectionResetError, BrokenPipeError):
+                if not outgoing.checksum_sent:
+                    raise
+                # It had the checksum, holds the file, and went: the
+                # digest was for nobody.  The file was sent all the same.
+            self._after_done = True
             seconds = time.monotonic() - started
             self.server.log('%s: sent %s (%d bytes) in %.2f s, %.1f Mbit/s, %d packets retransmitted' % (
                 self.peer_name(), remote, outgoing.size, seconds,
@@ -7469,6 +7525,35 @@ def transfer_summary(dest, remote, size, received, seconds, wire, sent, cipher, 
     return summary
 
 
+class FlowCounts(collections.namedtuple('FlowCounts',
+                                        'numbered received resent compressed datagram_bytes')):
+    """What the receiving end of one flow (the session's, or a worker's)
+    saw of one file's data: the packet numbers from the file's first on
+    that flow up to the largest received (`numbered`), the authentic
+    datagrams received, those of them flagged as resent and as compressed,
+    and their bytes (UDP payload)."""
+
+    __slots__ = ()
+
+
+def receiver_counts(flows, overhead, full_datagram):
+    """The sender's counts of one file (the `digest`'s) as its receiver
+    tells them from the FlowCounts of each flow, for a file finished on the
+    early checksum, whose digest it does not wait for.  A number never
+    received below the largest was lost (or is late, or was sent again
+    after the file was whole: those the sender counts, this end cannot);
+    each datagram costs `overhead` bytes of IP and UDP header on the wire,
+    as the sender counts it, and a lost one is taken as a full block's
+    (`full_datagram` bytes)."""
+    lost = sum(max(0, flow.numbered - flow.received) for flow in flows)
+    received = sum(flow.received for flow in flows)
+    return {'packets_sent': sum(flow.numbered for flow in flows), 'packets_lost': lost,
+            'packets_retransmitted': sum(flow.resent for flow in flows),
+            'packets_compressed': sum(flow.compressed for flow in flows),
+            'wire_bytes': (sum(flow.datagram_bytes for flow in flows) + received * overhead
+                           + lost * (full_datagram + overhead))}
+
+
 # --- Records: what a listing says, what a get plans -------------------------
 
 class ListingEntry(collections.namedtuple('ListingEntry', 'path size mtime_ns mode')):
@@ -7543,7 +7628,11 @@ class Conversation:
     TransferError, an `error` answer is raised as RemoteError, and the
     signature pieces a file may still have on their way once its data
     phase is over (`expect_strays()`) are passed over where the next
-    answer is read (`skip_strays()`).  `peer` names the other end in errors."""
+    answer is read (`skip_strays()`), as is the sender's last word on a
+    file this end no longer waits for (`pass_over()`), wherever it comes.
+    `peer` names the other end in errors."""
+
+    LATE_FILES = 4                              # files whose late words are remembered
 
     def __init__(self, channel, timeout, peer='server'):
         self.channel = channel
@@ -7551,6 +7640,8 @@ class Conversation:
         self.peer = peer
         self._stray_file = None                 # the file whose signature pieces may still come
         self._strays_left = 0                   # and how many of them are still plausible
+        self.stray_bytes = 0                    # what the pieces passed over would count
+        self._late = collections.OrderedDict()  # file id: ops of it that may still come, once each
         self.on_fork = None                     # called for a `fork`, where one may come
 
     def send(self, message):
@@ -7561,15 +7652,33 @@ class Conversation:
 
     def recv(self):
         """The next message; a `fork` (the server's word to start workers,
-        before the first `start` it stripes) is taken on the way."""
+        before the first `start` it stripes) is taken on the way, and a
+        late word pass_over() named is dropped."""
         while True:
             try:
                 message = self.channel.recv()
             except socket.timeout:
                 raise TransferError('the %s did not answer for %d s' % (self.peer, self.timeout))
-            if message['op'] != 'fork' or self.on_fork is None:
+            op = message['op']
+            if op == 'fork' and self.on_fork is not None:
+                self.on_fork()
+                continue
+            late = self._late.get(message['file']) if op in ('checksum', 'digest') else None
+            if late is None or op not in late:
                 return message
-            self.on_fork()
+            late.discard(op)
+            if not late:
+                del self._late[message['file']]
+
+    def pass_over(self, file_id, *ops):
+        """This end is done with file `file_id`: one message of each of
+        `ops` (its `checksum`, its `digest`) may still come for it, and is
+        dropped where it comes.  Only the last few files' are remembered:
+        the sender says each before its next file's `start`."""
+        self._late.setdefault(file_id, set()).update(ops)
+        self._late.move_to_end(file_id)
+        while len(self._late) > self.LATE_FILES:
+            self._late.popitem(last=False)
 
     def check(self, message, op):
         """`message` if it is an `op`; RemoteError if it is an error."""
@@ -7595,6 +7704,7 @@ class Conversation:
                 raise ProtocolError('the %s sent a signature piece no fetch can use (file %s)'
                                     % (self.peer, printable(str(message.get('file')))))
             self._strays_left -= 1
+            self.stray_bytes += len(message['spans']) + SIGNATURE_PIECE_BYTES
             message = self.recv()
         return message
 
@@ -7625,10 +7735,12 @@ class DataChannel:
 class IncomingFile:
     """One file being received, from the request for it to the digest that
     proves it.  `ask()` sends the fetch (resuming a partial copy, offering
-    an older copy for a delta); `answer()` reads the sender's `start` (or
-    `begin()` takes the `start` of an open fetch); `transfer()` runs the
-    data phase, says `done`, compares the digests, puts the file in place
-    and returns its summary.  `withdraw()` gives up a file asked for and
+    an older copy for a delta, asking for the sender's checksum early);
+    `answer()` reads the sender's `start` (or `begin()` takes the `start`
+    of an open fetch); `transfer()` runs the data phase, says `done`,
+    compares its digest with the sender's (the early checksum, or the
+    `digest` if that comes first), puts the file in place and returns its
+    summary.  `withdraw()` gives up a file asked for and
     never answered; `write_whole()` takes a small file's `content` instead.
 
     It is handed what it uses (a Conversation, a DataChannel, the events,
@@ -7652,6 +7764,8 @@ class IncomingFile:
         self.start = None                       # the sender's `start`
         self.rejected = 0                       # datagrams of the data phase that failed checks
         self.largest_probe = 0                  # bytes of the largest probe that came with the data
+        self.checksum = None                    # the sender's SHA-256 of the file, once it came early
+        self.signature_bytes = 0                # what the signature pieces received count
 
     def ask(self, choose_block_size, max_rate):
         """Send the fetch: its partial copy opened, its blocks sized by
@@ -7678,7 +7792,7 @@ class IncomingFile:
                                     'block_size': self.block_size, 'delta': delta,
                                     'compress': store is not None,
                                     'lead': delta and not kept and partial.resumed_blocks == 0,
-                                    'need': need})
+                                    'need': need, 'early_digest': True})
         except BaseException:
             partial.close()
             raise
@@ -7713,8 +7827,8 @@ class IncomingFile:
     def transfer(self, waited_since, then=None, unproven=False, proven=0):
         """The rest of a fetch once the sender said `start`: the data phase
         (and the delta's local assembly), `done` (and `then()`, which may
-        ask for the next file), the digests compared, the file renamed into
-        place; its summary.  The first data counts from `waited_since`.
+        ask for the next file), the digests compared (_last_word()), the
+        file renamed into place; its summary.  The first data counts from `waited_since`.
         With `unproven` blocks, a path that carries none as large as a full
         one's (nor a probe that large: `proven` bytes came before) raises
         PathTooNarrow."""
@@ -7754,6 +7868,7 @@ class IncomingFile:
             if team is not None:
                 team.start_file(self, window, writer, len(start['workers']) + 1, start['stripe'],
                                 start['workers'], start.get('cycle'))
+            flows = [FlowCounts(0, 0, 0, 0, 0)]
             if not window.complete() or team is not None:
                 phase = ReceivePhase(self, window, writer, assembler, unproven, proven, team)
                 try:
@@ -7761,6 +7876,8 @@ class IncomingFile:
                 finally:
                     self.rejected += phase.receiver.rejected
                     self.largest_probe = max(self.largest_probe, phase.receiver.largest_probe)
+                    self.signature_bytes += phase.signature_bytes
+                flows = [phase.receiver.flow_counts()]
             shares = team.totals() if team is not None else None
             if team is not None:
                 team.end_file()
@@ -7770,10 +7887,10 @@ class IncomingFile:
             if then is not None:
                 then()
             local = partial.digest(frontier)    # while the sender's answer is on its way
-            # Pieces sent before our done crossed it may come first.
-            report = self.conversation.check(
-                self.conversation.skip_strays(self.conversation.recv()), 'digest')
+            report = self._last_word(start['file'])
         except BaseException:
+            if self.checksum is None:           # given up: it may come all the same
+                self.conversation.pass_over(start['file'], 'checksum')
             if team is not None:
                 team.end_file()
             frontier.stop()
@@ -7793,7 +7910,8 @@ class IncomingFile:
             writer.close()
             if assembler is not None:
                 assembler.close()
-        if not hmac.compare_digest(local, str(report.get('sha256'))):
+        if not hmac.compare_digest(local, self.checksum if report is None
+                                   else str(report.get('sha256'))):
             partial.discard()
             raise DigestMismatch(self.remote)
         partial.finish(entry.mode, entry.mtime_ns)
@@ -7810,24 +7928,50 @@ class IncomingFile:
             rejected += shares['rejected']
             arrivals = [t for t in (first_arrival, shares['first_arrival']) if t is not None]
             first_arrival = min(arrivals) if arrivals else None
-        wire = int(report.get('wire_bytes', 0))
+            flows += shares['flows']
+        if report is None:
+            # Finished on the early checksum: the sender's counts as this
+            # end saw them, the signature as it received it.
+            counts = receiver_counts(flows, ip_udp_overhead(self.data.udp.sock.family),
+                                     DATA_HEADER.size + block_size + TAG_SIZE)
+            counts['signature_bytes'] = self.signature_bytes
+        else:
+            counts = {name: int(report.get(name, 0)) for name in (
+                'packets_sent', 'packets_lost', 'packets_retransmitted', 'packets_compressed',
+                'wire_bytes', 'signature_bytes')}
+        wire = counts['wire_bytes']
         return transfer_summary(
             self.dest, self.remote, size, received, self.clock() - self.asked_at, wire,
-            wire + int(report.get('signature_bytes', 0)), self.data.sealer_in.cipher, block_size,
+            wire + counts['signature_bytes'], self.data.sealer_in.cipher, block_size,
             local, resumed_bytes=min(size, resumed * block_size),
-            packets_sent=int(report.get('packets_sent', 0)),
             packets_received=packets, packets_duplicate=duplicates, packets_rejected=rejected,
             workers=len(worker_packets), worker_packets=worker_packets,
-            packets_lost=int(report.get('packets_lost', 0)),
-            packets_retransmitted=int(report.get('packets_retransmitted', 0)),
-            packets_compressed=int(report.get('packets_compressed', 0)),
             delta=('off' if assembler is None else
                    'fixed+cdc' if assembler.refined_bytes else 'fixed'),
             local_bytes=assembler.local_bytes if assembler else 0,
             zero_bytes=assembler.zero_bytes if assembler else 0,
-            signature_bytes=int(report.get('signature_bytes', 0)),
             first_data_seconds=(None if first_arrival is None
-                                else round(first_arrival - waited_since, 3)))
+                                else round(first_arrival - waited_since, 3)), **counts)
+
+    def _last_word(self, file_id):
+        """The sender's word on the whole file, once this end holds it all
+        and has said `done`: None if its `checksum` came (during the data
+        phase or now), and then its `digest` is passed over when it comes;
+        else the `digest` (an older sender's, or one whose helper was still
+        reading when the `done` came), whichever comes first."""
+        conversation = self.conversation
+        strays = conversation.stray_bytes
+        try:
+            while self.checksum is None:
+                # Pieces sent before our done crossed it may come first.
+                message = conversation.skip_strays(conversation.recv())
+                if message['op'] != 'checksum' or message['file'] != file_id:
+                    return conversation.check(message, 'digest')
+                self.checksum = message['sha256']
+        finally:
+            self.signature_bytes += conversation.stray_bytes - strays
+        conversation.pass_over(file_id, 'digest')
+        return None
 
     def _team_for(self, start, block_size):
         """The receiving workers a `start` stripes its file over, or None."""
@@ -7911,7 +8055,10 @@ class FileReceiver:
     """Turns one file's data datagrams into written blocks: checks each
     datagram's header and tag, records it in the ReceiveWindow, and keeps
     new blocks that arrive in order as one run, decrypted with one XOR and
-    handed to the writer in one piece."""
+    handed to the writer in one piece.  Of the authentic datagrams of its
+    flow's file (those the window counts in `packets`) it counts the bytes
+    and those flagged as resent or compressed: what the sender's counts
+    are made of, as far as this end can see them (flow_counts())."""
 
     RUN_BYTES = 256 * 1024
 
@@ -7926,6 +8073,7 @@ class FileReceiver:
         self.rejected = 0
         self.largest_probe = 0                  # datagram bytes: probes may come with the data
         self.largest_data = 0                   # datagram bytes of the largest authentic data
+        self.datagram_bytes = self.resent = self.compressed = 0
 
     def receive(self, buffer, nbytes, segment, now):
         """Take one receive's worth of datagrams (several when coalesced)."""
@@ -7933,6 +8081,7 @@ class FileReceiver:
         unpack, header_size = DATA_HEADER.unpack_from, DATA_HEADER.size
         minimum = header_size + TAG_SIZE
         window, verify = self.window, self._sealer.verify
+        first_seq, last_block = window.first_seq, self._last_block
         for offset in range(0, nbytes, segment):
             length = min(segment, nbytes - offset)
             if length < minimum:
@@ -7951,11 +8100,15 @@ class FileReceiver:
                     self.largest_data = length
             expected = self._block_size if block < self._last_block else self._last_size
             if body is not None and flags & DATA_FLAG_ZLIB:
-                self._compressed(seq, block, stamp, body, expected, now)
+                self._compressed(seq, block, stamp, body, expected, now, length, flags)
                 continue
             if body is None or len(body) != expected:
                 self.rejected += 1
                 continue
+            if seq >= first_seq and block <= last_block:        # those the window counts
+                self.datagram_bytes += length
+                if flags & DATA_FLAG_RETRANSMIT:
+                    self.resent += 1
             if not window.on_packet(seq, block, stamp, now):
                 continue
             count = self._run_count
@@ -7968,7 +8121,7 @@ class FileReceiver:
             if len(body) < self._block_size:
                 self.flush()            # a short block ends a run
 
-    def _compressed(self, seq, block, stamp, body, expected, now):
+    def _compressed(self, seq, block, stamp, body, expected, now, length, flags):
         """A block sent compressed: decrypted and inflated on its own."""
         inflater = zlib.decompressobj()
         try:
@@ -7978,6 +8131,11 @@ class FileReceiver:
         if len(data) != expected or not inflater.eof:
             self.rejected += 1                  # authentic but malformed: the sender is broken
             return
+        if seq >= self.window.first_seq and block <= self._last_block:
+            self.datagram_bytes += length
+            self.compressed += 1
+            if flags & DATA_FLAG_RETRANSMIT:
+                self.resent += 1
         if self.window.on_packet(seq, block, stamp, now):
             self.flush()
             self._writer.put(block, data)
@@ -7987,6 +8145,12 @@ class FileReceiver:
             self._writer.put(self._run_block, self._sealer.open_run(self._run_seq, self._run))
             self._run = bytearray()
             self._run_count = 0
+
+    def flow_counts(self):
+        """FlowCounts of its flow so far."""
+        window = self.window
+        return FlowCounts(max(0, window.largest - window.first_seq + 1), window.packets,
+                          self.resent, self.compressed, self.datagram_bytes)
 
 
 class ReceivePhase:
@@ -8032,6 +8196,7 @@ class ReceivePhase:
         self.next_progress = now + PROGRESS_INTERVAL
         self.next_save = now + STATE_SAVE_INTERVAL
         self.packets_at_feedback = 0
+        self.signature_bytes = 0                # what the pieces applied count, as the sender counts
         self.repeat_final = team is not None    # see _send_feedback
         self.next_final = now
 
@@ -8054,9 +8219,22 @@ class ReceivePhase:
                 self._check_path(now)
                 self._report_progress(now)
                 self._save_state(now)
+            self._count_arrived()
         finally:
             self.receiver.flush()
             selector.close()
+
+    def _count_arrived(self):
+        """Take the datagrams of the file already waiting when it is whole
+        (a delta's lead, say, overtaken by its local data): not needed, but
+        sent and received, and the summary's sender figures are made of
+        what this end saw.  At most a wakeup's worth."""
+        recv_batch, receive, buffer = self.data.udp.recv_batch, self.receiver.receive, self.buffer
+        for _receives in range(MAX_RECEIVES_PER_WAKEUP):
+            nbytes, segment = recv_batch(buffer)
+            if not nbytes:
+                break
+            receive(buffer, nbytes, segment, self.clock())
 
     def complete(self):
         """Every block held: this process's, and the workers' too."""
@@ -8096,14 +8274,16 @@ class ReceivePhase:
             self.last_data = self.clock()
 
     def _apply_control(self):
-        """Apply the signature pieces received (and refuse anything else);
-        True if there were any."""
+        """Apply the signature pieces received, keep the sender's early
+        checksum (and refuse anything else); True if there were any pieces."""
         applied = False
         for message in self.channel.messages():
             if message['op'] == 'signature' and self.assembler is not None \
                     and message.get('file') == self.file_id:
                 self._apply_signature(message)
                 applied = True
+            elif message['op'] == 'checksum' and message['file'] == self.file_id:
+                self.incoming.checksum = message['sha256']     # compared once the file is whole
             else:
                 self.conversation.check(message, 'nothing during the data phase')
         return applied
@@ -8112,6 +8292,7 @@ class ReceivePhase:
         """Fill what this piece of the signature lets us, and ask the sender
         for the rest of the blocks it decides."""
         window, lead = self.window, self.lead
+        self.signature_bytes += len(message['spans']) + SIGNATURE_PIECE_BYTES
         self.assembler.on_planned = self._ask_early
         held, decided, refine = self.assembler.on_piece(message['offset'],
                                                         decode_spans(message['spans']),
@@ -8710,7 +8891,8 @@ class Client:
         self.conversation.send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
                                 'block_size': offered,
                                 'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE,
-                                'lead': True, 'compress': self.store is not None})
+                                'lead': True, 'compress': self.store is not None,
+                                'early_digest': True})
         self._ensure_ready()
         try:
             answer = self.conversation.recv()
@@ -9754,6 +9936,7 @@ class ReceivingWorker:
         self.file_id = file_id
         self.held = self.written_bytes = self.packets = self.duplicates = self.rejected = 0
         self.first_arrival = None
+        self.flow = FlowCounts(0, 0, 0, 0, 0)
         self.complete = False
 
 
@@ -9842,8 +10025,8 @@ class ReceivingTeam:
             if file_id == self._file_id:
                 self._writer.mark_written(ranges)
         elif code in (b'P', b'C', b'X') and len(message) >= WORKER_PROGRESS.size:
-            (_code, file_id, held, written, packets, duplicates, rejected,
-             first) = WORKER_PROGRESS.unpack_from(message)
+            (_code, file_id, held, written, packets, duplicates, rejected, first, numbered,
+             resent, compressed, datagram_bytes) = WORKER_PROGRESS.unpack_from(message)
             if file_id != self._file_id:
                 return
             if code == b'X':
@@ -9853,6 +10036,7 @@ class ReceivingTeam:
             worker.held, worker.written_bytes, worker.packets = held, written, packets
             worker.duplicates, worker.rejected = duplicates, rejected
             worker.first_arrival = None if first < 0 else first
+            worker.flow = FlowCounts(numbered, packets, resent, compressed, datagram_bytes)
             worker.complete = worker.complete or code == b'C'
 
     def totals(self):
@@ -9864,6 +10048,7 @@ class ReceivingTeam:
                 'packets': [w.packets for w in active],
                 'duplicates': sum(w.duplicates for w in active),
                 'rejected': sum(w.rejected for w in active),
+                'flows': [w.flow for w in active],
                 'first_arrival': min(arrivals) if arrivals else None}
 
     def end_file(self):
@@ -9954,11 +10139,12 @@ class WorkerReceivePhase(ReceivePhase):
         """What was written since the last report, then how far it got."""
         for message in worker_ranges(b'W', self.file_id, self.writer.take_written()):
             self._channel.sendall(message)
-        window = self.window
+        window, flow = self.window, self.receiver.flow_counts()
         self._channel.sendall(WORKER_PROGRESS.pack(
             code, self.file_id, window.held - self.foreign, self.writer.written_bytes,
             window.packets, window.duplicates, self.receiver.rejected,
-            -1.0 if window.first_arrival is None else window.first_arrival) + text.encode())
+            -1.0 if window.first_arrival is None else window.first_arrival, flow.numbered,
+            flow.resent, flow.compressed, flow.datagram_bytes) + text.encode())
 
 
 def run_receiving_worker(index, channel, keys, session_id, address, family, timeout):
@@ -10027,7 +10213,8 @@ def receive_share(message, channel, data):
         if phase is not None:
             phase.report(b'X', text)
         else:
-            channel.sendall(WORKER_PROGRESS.pack(b'X', file_id, 0, 0, 0, 0, 0, -1.0) + text.encode())
+            channel.sendall(WORKER_PROGRESS.pack(b'X', file_id, 0, 0, 0, 0, 0, -1.0, 0, 0, 0, 0)
+                            + text.encode())
     finally:
         if writer is not None:
             writer.close()

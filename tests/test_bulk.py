@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from helpers import (SECRET, WANXFER, get_command, json_summaries, make_file, netns_lock,
-                     partial_blocks, patched_serve, run_get, sha256, wait_for, wanxfer, wanxfer_env)
+from helpers import (SECRET, WANXFER, InProcessServer, get_command, json_summaries, make_file,
+                     netns_lock, partial_blocks, patched_serve, run_get, sha256, wait_for, wanxfer,
+                     wanxfer_env)
 
 pytestmark = pytest.mark.e2e          # all but the listing-pages test start processes or sockets
 
@@ -390,36 +391,46 @@ def test_each_next_file_is_asked_for_with_the_done_of_the_one_before(tmp_path, s
     ends = [i for i, op in enumerate(ops) if op == 'sent done']
     assert len(ends) == 4
     for end in ends[:-1]:
-        assert ops[end:end + 3] == ['sent done', 'sent fetch', 'got digest'], ops
-    assert ops[ends[-1]:ends[-1] + 2] == ['sent done', 'got digest']
+        # The digest, not waited for, is read on the way to the next start.
+        assert ops[end:end + 2] == ['sent done', 'sent fetch'], ops
+        assert ops[end + 2:ops.index('got start', end)] in (
+            ['got digest'], ['got checksum', 'got digest']), ops
+    # The last file's end waits for nothing: its checksum came with the data.
+    assert ops[ends[-1] + 1:] in ([], ['got checksum']), ops
 
 
 WRONG_DIGESTS = """
-send, fetch = wanxfer.ControlChannel.send, wanxfer.ServerSession.do_fetch
-sending, wrong = [], []
+send, queue = wanxfer.ControlChannel.send, wanxfer.ControlChannel.queue
+fetch = wanxfer.ServerSession.do_fetch
+sending, wrong, op = [], [], %r
 def fetch_noting_the_file(self, message):
     sending[:] = [message['path']]
     fetch(self, message)
-def send_wrong_digests(self, message):
-    if message['op'] == 'digest' and sending == ['tree/f0'] and len(wrong) < %d:
+def spoiled(message):
+    if message['op'] == op and sending == ['tree/f0'] and len(wrong) < %d:
         wrong.append(message['file'])
         message = dict(message, sha256='0' * 64)
-    send(self, message)
-wanxfer.ControlChannel.send = send_wrong_digests
+    return message
+wanxfer.ControlChannel.send = lambda self, message: send(self, spoiled(message))
+wanxfer.ControlChannel.queue = lambda self, message: queue(self, spoiled(message))
 wanxfer.ServerSession.do_fetch = fetch_noting_the_file
+if op == 'digest':                  # a server that never sends the checksum early
+    wanxfer.OutgoingFile.send_checksum = lambda self: None
 """
 
 
+@pytest.mark.parametrize('op', ['checksum', 'digest'])
 @pytest.mark.parametrize('wrong', [1, 2], ids=['once', 'twice'])
 def test_a_file_whose_digest_does_not_match_is_fetched_once_more_then_refused(tmp_path, serve,
-                                                                             wrong):
-    # The first file's digest comes back wrong while the second is already
-    # asked for: the first is fetched again after it; a second mismatch is
-    # an error, and no file with those bytes takes the final name.
+                                                                             wrong, op):
+    # The first file's checksum (or, from a server that sends none, its
+    # digest) comes back wrong while the second is already asked for: the
+    # first is fetched again after it; a second mismatch is an error, and
+    # no file with those bytes takes the final name.
     src = tmp_path / 'src' / 'tree'
     src.mkdir(parents=True)
     files = [make_file(src / ('f%d' % i), wanxfer.SMALL_FILE + 1, seed=i) for i in range(3)]
-    server = patched_serve(serve, [tmp_path / 'src'], WRONG_DIGESTS % wrong)
+    server = patched_serve(serve, [tmp_path / 'src'], WRONG_DIGESTS % (op, wrong))
     done = run_get(server.port, 'tree', '-o', tmp_path / 'dest', '-q')
     dest = tmp_path / 'dest' / 'tree'
     assert done.stderr.count('f0: digest mismatch; fetching it again from scratch') == 1
@@ -432,6 +443,173 @@ def test_a_file_whose_digest_does_not_match_is_fetched_once_more_then_refused(tm
         assert done.returncode != 0
         assert 'tree/f0: digest mismatch after a full transfer' in done.stderr
         assert not (dest / 'f0').exists()
+        assert not [n for n in os.listdir(dest) if n.startswith('.')]   # nor its partial copy
+    assert 'Traceback' not in server.log()
+
+
+# --- A file's end: the early checksum, the digest not waited for ------------
+
+def test_a_get_ends_without_waiting_for_the_servers_digest(tmp_path, monkeypatch):
+    # The server's digest is held until the test lets it go: the get must
+    # finish (verified, renamed, summary out, exited) on the early checksum
+    # alone; the server then sends the digest to nobody, logs the file as
+    # sent and the session's end as no error.
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 3 << 20, seed=5)
+    held = wanxfer.threading.Event()
+    finish = wanxfer.OutgoingFile.finish
+
+    def held_finish(self):
+        held.wait(60)
+        finish(self)
+    monkeypatch.setattr(wanxfer.OutgoingFile, 'finish', held_finish)
+    server = InProcessServer([src])
+    try:
+        done = run_get(server.port, 'f', '-o', tmp_path / 'out', '--json', timeout=30)
+        assert not held.is_set()
+    finally:
+        held.set()
+    try:
+        assert done.returncode == 0, done.stderr
+        assert sha256(tmp_path / 'out') == sha256(data)
+        (summary,) = json_summaries(done)
+        assert summary['verified'] is True and summary['packets_sent'] >= summary['packets_received']
+        assert not [n for n in os.listdir(tmp_path) if n.startswith('.')]
+        wait_for(lambda: not server.server._routes, what='the session to end')
+        assert 'sent f (%d bytes)' % (3 << 20) in server.log()
+        assert 'dropped' not in server.log() and 'Traceback' not in server.log(), server.log()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize('files', [1, 3])
+def test_serve_takes_a_client_that_hangs_up_right_after_done_as_a_normal_end(tmp_path, files):
+    # The get reads no digest of its last file: it closes with it unread
+    # (a reset) or before it came.  Neither is an error in the server's log.
+    src = tmp_path / 'src' / 'tree'
+    src.mkdir(parents=True)
+    for i in range(files):
+        make_file(src / ('f%d' % i), (1 << 20) + i, seed=i)
+    server = InProcessServer([tmp_path / 'src'])
+    try:
+        for run in range(3):
+            done = run_get(server.port, 'tree', '-o', tmp_path / ('dest%d' % run), '-q',
+                           timeout=60)
+            assert done.returncode == 0, done.stderr
+            wait_for(lambda: not server.server._routes, what='the session to end')
+        assert server.log().count('sent tree/') == 3 * files, server.log()
+        assert 'dropped' not in server.log() and 'Traceback' not in server.log(), server.log()
+    finally:
+        server.stop()
+
+
+LOG_DIGESTS = """
+import json
+send = wanxfer.ControlChannel.send
+def logged_send(self, message):
+    if message['op'] == 'digest':
+        sys.stderr.write('digest %s\\n' % json.dumps(message))
+    send(self, message)
+wanxfer.ControlChannel.send = logged_send
+"""
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_the_summarys_sender_counts_from_the_receivers_view_match_the_servers(tmp_path, serve,
+                                                                               workers):
+    # Lossless loopback: what the receiver counted of each flow is what the
+    # sender sent (its digest, logged by the server, not read by the get).
+    src = tmp_path / 'src'
+    src.mkdir()
+    size = (24 << 20) + 5
+    data = make_file(src / 'f', size, seed=9)
+    server = patched_serve(serve, [src], LOG_DIGESTS, extra=['--workers', str(workers)])
+    done = run_get(server.port, 'f', '-o', tmp_path / 'out', '--json', '--no-delta',
+                   '--workers', str(workers))
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    (summary,) = json_summaries(done)
+    assert summary['workers'] == workers
+    report = json.loads(server.wait_for(r'digest (\{.*\})', timeout=20).group(1))
+    assert summary['packets_received'] == summary['packets_sent'], summary
+    # Nothing lost, nothing sent after the file was whole: the wire bytes
+    # too are the sender's exactly, IP and UDP headers included.
+    for name in ('packets_sent', 'packets_lost', 'packets_retransmitted', 'packets_compressed',
+                 'wire_bytes'):
+        assert summary[name] == report[name], (name, summary, report)
+    assert summary['wire_bytes'] > size
+    assert summary['signature_bytes'] == report['signature_bytes'] == 0
+
+
+def test_a_delta_summarys_signature_bytes_are_what_the_server_sent(tmp_path, serve):
+    # The client counts the signature pieces it received as the server
+    # counts those it sent: a delta is whole only once every piece is in.
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 6 << 20, seed=4)
+    server = patched_serve(serve, [src], LOG_DIGESTS)
+    for run in range(2):
+        done = run_get(server.port, 'f', '-o', tmp_path / 'out', '--json')
+        assert done.returncode == 0, done.stderr
+        assert sha256(tmp_path / 'out') == sha256(data)
+        (summary,) = json_summaries(done)
+        report = json.loads(server.wait_for(r'digest (\{.*\})', timeout=20, count=run + 1).group(1))
+        assert summary['delta'] != 'off'
+        assert summary['signature_bytes'] == report['signature_bytes'] > 0, (summary, report)
+        assert summary['sent_bytes'] == summary['wire_bytes'] + summary['signature_bytes']
+        with open(data, 'ab') as f:
+            f.write(os.urandom(100_000))        # the next run finds the rest locally
+
+
+OLD_CLIENT = LOG_CONTROL + """
+send_old = wanxfer.ControlChannel.send
+def send_without_early_digest(self, message):
+    message.pop('early_digest', None)
+    send_old(self, message)
+wanxfer.ControlChannel.send = send_without_early_digest
+"""
+
+
+@pytest.mark.parametrize('client', ['old', 'new'])
+def test_only_a_fetch_that_asks_for_it_gets_the_checksum_early(tmp_path, serve, client):
+    # A fetch without `early_digest` (an older client) is answered as
+    # before: no checksum, the digest with the sender's counts.
+    src = tmp_path / 'src' / 'tree'
+    src.mkdir(parents=True)
+    files = [make_file(src / ('f%d' % i), wanxfer.SMALL_FILE + 1000 * i, seed=i) for i in range(2)]
+    server = serve([tmp_path / 'src'])
+    patch = OLD_CLIENT if client == 'old' else LOG_CONTROL
+    program = ('import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\n'
+               'sys.exit(wanxfer.main(sys.argv[1:]))' % (os.path.dirname(WANXFER), patch))
+    done = subprocess.run([sys.executable, '-c', program, 'get', '127.0.0.1:%d' % server.port,
+                           'tree', '-o', str(tmp_path / 'dest'), '--json'],
+                          env=wanxfer_env(SECRET), capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    for original in files:
+        assert sha256(tmp_path / 'dest' / 'tree' / original.name) == sha256(original)
+    ops = [line for line in done.stderr.splitlines() if line.startswith(('sent ', 'got '))]
+    if client == 'old':
+        assert 'got checksum' not in ops and ops[-2:] == ['sent done', 'got digest'], ops
+    else:
+        assert ops.count('got checksum') == 2, ops
+    assert all(s['packets_sent'] > 0 and s['wire_bytes'] > s['file_bytes']
+               for s in json_summaries(done))
+
+
+def test_a_server_that_sends_no_checksum_is_waited_for_as_before(tmp_path, serve):
+    src = tmp_path / 'src'
+    src.mkdir()
+    data = make_file(src / 'f', 2 << 20, seed=3)
+    server = patched_serve(serve, [src], LOG_DIGESTS +
+                           'wanxfer.OutgoingFile.send_checksum = lambda self: None\n')
+    done = run_get(server.port, 'f', '-o', tmp_path / 'out', '--json')
+    assert done.returncode == 0, done.stderr
+    assert sha256(tmp_path / 'out') == sha256(data)
+    (summary,) = json_summaries(done)
+    report = json.loads(server.wait_for(r'digest (\{.*\})', timeout=20).group(1))
+    for name in ('packets_sent', 'packets_lost', 'packets_retransmitted', 'wire_bytes'):
+        assert summary[name] == report[name]           # the digest's, exactly
 
 
 SPOILED_CONTENT = """

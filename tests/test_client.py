@@ -152,7 +152,7 @@ def test_an_incoming_file_asks_for_what_its_partial_copy_lacks(tmp_path):
     (fetch,) = incoming.conversation.sent
     assert fetch == {'op': 'fetch', 'path': 'f', 'size': 10000, 'mtime_ns': 1700000000 * 10 ** 9,
                      'max_rate': None, 'block_size': 1000, 'delta': False, 'compress': False,
-                     'lead': False, 'need': [(0, 10)]}
+                     'lead': False, 'need': [(0, 10)], 'early_digest': True}
     # Half of it written and recorded: the next run asks for the rest only.
     incoming.partial.write(0, bytes(4000))
     incoming.bitmap[0] = 0b1111

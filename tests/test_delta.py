@@ -103,7 +103,9 @@ def test_a_new_name_for_data_seen_before_costs_at_most_the_lead(tmp_path, serve,
     assert sha256(tmp_path / 'tuesday.bin') == sha256(data)
     lead = 8 * MiB // wanxfer.LEAD_FRACTION
     assert again['local_bytes'] >= 8 * MiB - lead
-    assert 0 < again['wire_bytes'] <= lead * 1.1                  # blocks plus their headers
+    # Blocks plus their headers: those of the lead that reached the client
+    # by the time it held the file (it counts what it received).
+    assert 0 <= again['wire_bytes'] <= lead * 1.1
 
 
 @pytest.mark.e2e
