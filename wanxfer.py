@@ -8884,10 +8884,15 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # bench_workers.py (256 MiB on loopback, 2 and 3 workers, AES keystream:
 # each process's CPU beside its share of the packets); one deal serves
 # both ends, so each is about the mean of the two ends'.
-COORDINATOR_EXTRA = 0.24        # a delta transfer's
-COORDINATOR_EXTRA_PLAIN = 0.23  # a plain one's
-HELPER_EXTRA = 0.30             # a delta's: the signature at the server, the digest at the client
-HELPER_EXTRA_PLAIN = 0.20       # the digest at both ends
+COORDINATOR_EXTRA = 0.09        # a delta transfer's
+COORDINATOR_EXTRA_PLAIN = 0.09  # a plain one's
+HELPER_EXTRA = 0.58             # a delta's: the signature at the server, the digest at the client
+HELPER_EXTRA_PLAIN = 0.37       # the digest at both ends
+# A share of the stripes much under an even one sends seldom, and the one
+# rate, which waits for every worker's news, suffered: with 1 stripe in 96
+# (3 workers) the CPU per GB of both ends was 1.56 x one worker's, 1.13
+# with none under 0.66 of an even share.  No worker gets less than this of one.
+LEAST_STRIPE_SHARE = 0.5
 
 
 def usable_cores():
@@ -8950,9 +8955,9 @@ def stripe_cycle(count, extra=0.0):
     of them: a list by worker index (missing ones do none), or a number,
     worker 0's.  A worker's stripes are fewer by its extra work, so that
     each process does about 1/count of its end's work (with extras x_i,
-    worker i gets (1 + sum x) / count - x_i of the stripes), and always one
-    a round (a share with none would never acknowledge, and the shared
-    rate would wait on it).  The round interleaves the workers as evenly as
+    worker i gets (1 + sum x) / count - x_i of the stripes), and at least
+    LEAST_STRIPE_SHARE / count of them (a share that sends seldom holds
+    the one rate back: its news is rare).  The round interleaves the workers as evenly as
     it can (a smooth weighted round robin), so that a file shorter than one
     round is shared nearly as well; it starts with worker 0's stripe."""
     if count <= 1:
@@ -8960,18 +8965,19 @@ def stripe_cycle(count, extra=0.0):
     extras = list(extra) if isinstance(extra, (list, tuple)) else [extra]
     extras = [max(0.0, float(x)) for x in (extras + [0.0] * count)[:count]]
     length = STRIPE_CYCLE * count
-    # Those whose even share would be under a stripe keep one; the others
-    # even out what is left between them.
+    # Those whose even share would be under LEAST_STRIPE_SHARE of a
+    # worker's keep that much; the others even out what is left.
+    least = max(1.0 / length, LEAST_STRIPE_SHARE / count)
     fixed = set()
     while True:
         free = [i for i in range(count) if i not in fixed]
-        left = 1.0 - len(fixed) / length
+        left = 1.0 - len(fixed) * least
         level = (left + sum(extras[i] for i in free)) / len(free)
-        under = [i for i in free if level - extras[i] < 1.0 / length]
+        under = [i for i in free if level - extras[i] < least]
         if not under or len(under) == len(free):
             break
         fixed.update(under)
-    share = [1.0 / length if i in fixed else max(1.0 / length, level - extras[i])
+    share = [least if i in fixed else max(least, level - extras[i])
              for i in range(count)]
     scale = length / sum(share)
     exact = [s * scale for s in share]
