@@ -8841,7 +8841,9 @@ class Client:
 # One transfer striped over several processes per end (`--workers N`), so
 # that sealing, opening and copying blocks take a core each.  The session's
 # own process is worker 0 and the coordinator: it keeps the control channel,
-# the one RateController, the file's digest and (receiving) its state file.
+# the one RateController and (receiving) the state file.  Worker 1 also
+# reads a striped file whole for its digest (sending, a delta's signature),
+# which from three workers on was more than the coordinator's share.
 # Workers 1..N-1 are forked from it at the first file large enough to
 # stripe (none for a transfer of small files); each has a UDP flow of its
 # own (socket, keys, packet numbers) and a socketpair to its coordinator
@@ -8856,13 +8858,15 @@ class Client:
 # Sending workers hand every acknowledgement to the coordinator's one
 # RateController and pace at the share of its rate it sends back (their
 # share of the stripes), so k workers take from a path what one flow would.
-# The coordinator's own share of the stripes is smaller by the work only it
-# does (COORDINATOR_EXTRA), so that each process at an end does about as
-# much (stripe_cycle(); a client from before weighted deals gets j mod k).  Receiving
-# workers write their blocks into the one partial file and tell the
-# coordinator which are written; it records them in the state file and
-# hashes the file as with one worker, so resume, delta and verification do
-# not depend on how many workers there were.
+# The shares of workers 0 and 1 are smaller by the work only they do
+# (worker_extras()), so that each process at an end does about as much
+# (stripe_cycle(); a client from before weighted deals gets j mod k).
+# Receiving workers write their blocks into the one partial file and tell
+# the coordinator which are written; it records them in the state file and
+# tells worker 1 how far the file is written from its start, which worker 1
+# hashes as the coordinator would with one worker (FollowedDigest), so
+# resume, delta and verification do not depend on how many workers there
+# were.  A file not striped is hashed by the coordinator, as with one.
 #
 # Workers end with their coordinator: each waits on its socketpair, whose
 # other end is in no other process, and exits when that closes.  A worker
@@ -8884,15 +8888,15 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # bench_workers.py (256 MiB on loopback, 2 and 3 workers, AES keystream:
 # each process's CPU beside its share of the packets); one deal serves
 # both ends, so each is about the mean of the two ends'.
-COORDINATOR_EXTRA = 0.09        # a delta transfer's
-COORDINATOR_EXTRA_PLAIN = 0.09  # a plain one's
+COORDINATOR_EXTRA = 0.07        # a delta transfer's
+COORDINATOR_EXTRA_PLAIN = 0.07  # a plain one's
 HELPER_EXTRA = 0.58             # a delta's: the signature at the server, the digest at the client
-HELPER_EXTRA_PLAIN = 0.37       # the digest at both ends
+HELPER_EXTRA_PLAIN = 0.36       # the digest at both ends
 # A share of the stripes much under an even one sends seldom, and the one
 # rate, which waits for every worker's news, suffered: with 1 stripe in 96
 # (3 workers) the CPU per GB of both ends was 1.56 x one worker's, 1.13
 # with none under 0.66 of an even share.  No worker gets less than this of one.
-LEAST_STRIPE_SHARE = 0.5
+LEAST_STRIPE_SHARE = 0.35
 
 
 def usable_cores():
