@@ -8961,9 +8961,10 @@ def stripe_cycle(count, extra=0.0):
     each process does about 1/count of its end's work (with extras x_i,
     worker i gets (1 + sum x) / count - x_i of the stripes), and at least
     LEAST_STRIPE_SHARE / count of them (a share that sends seldom holds
-    the one rate back: its news is rare).  The round interleaves the workers as evenly as
-    it can (a smooth weighted round robin), so that a file shorter than one
-    round is shared nearly as well; it starts with worker 0's stripe."""
+    the one rate back: its news is rare).  The round interleaves the
+    workers as evenly as it can (a smooth weighted round robin), so that a
+    file shorter than one round is shared nearly as well; it starts with
+    worker 0's stripe, and each worker has one among the first few."""
     if count <= 1:
         return [0]
     extras = list(extra) if isinstance(extra, (list, tuple)) else [extra]
@@ -10049,8 +10050,6 @@ class ReceivingTeam:
             _code, file_id, ranges = read_worker_ranges(message)
             if file_id == self._file_id:
                 self._writer.mark_written(ranges)
-                if self._followed is not None:
-                    self._followed.advance()
         elif code in (b'P', b'C', b'X') and len(message) >= WORKER_PROGRESS.size:
             (_code, file_id, held, written, packets, duplicates, rejected,
              first) = WORKER_PROGRESS.unpack_from(message)
@@ -10064,6 +10063,10 @@ class ReceivingTeam:
             worker.duplicates, worker.rejected = duplicates, rejected
             worker.first_arrival = None if first < 0 else first
             worker.complete = worker.complete or code == b'C'
+        # Every worker reports often while its share runs: worker 1 then
+        # hears how far the file is written (local data written here too).
+        if self._followed is not None:
+            self._followed.advance()
 
     def follow_digest(self, file_id, nblocks, written):
         """The whole file's digest, computed by worker 1 as the file is
