@@ -271,22 +271,33 @@ MAX_SESSION_MESSAGE = 4096
 #   WORKER_RANGES   b'N' blocks to send, b'W' blocks withdrawn (a delta's needs)
 #   WORKER_RATE     b'R': pace at this rate (bytes/s); the path's best delivery
 #   WORKER_END      b'E': the file is over (the receiver said done, or gave up)
+#   WORKER_JOB      to worker 1, before its WORKER_SEND: b'G' read the file
+#                   (its path, UTF-8, follows) for its digest, b'Y' for a
+#                   delta's signature (which gives the digest too); b'K' (no
+#                   path) the file is over: drop its job
 # worker -> coordinator
 #   b'u' (one byte)  the UDP flow is open
 #   WORKER_ACK      b'A': one acknowledgement, as RateController.on_feedback takes it
 #   WORKER_EVENT    b'I' the worker ran out of data, b'B' it has data again,
 #                   b'S' its feedback went silent
 #   WORKER_SENT     b'D': its share of the file is over, with what it cost
+#   WORKER_PIECE    b'y' (worker 1): a signature piece (its spans, encoded, follow)
+#   WORKER_DIGEST   b'g' (worker 1): the whole file's SHA-256
+#   WORKER_JOB      b'x' (worker 1): the job failed (the reason, UTF-8, follows)
 # Receiving end (get): coordinator -> worker
 #   WORKER_RECEIVE  b'F': receive a file's share (JSON [destination, timeout,
 #                   the stripe cycle or null] follows)
 #   WORKER_RANGES   b'H': blocks held from local data (a delta)
 #   WORKER_DECIDED  b'C': a delta's blocks are decided up to here
 #   WORKER_END      b'E': give the file up
+#   WORKER_FRONTIER to worker 1: b'G' the file's first blocks are written up
+#                   to here (the first starts its digest), b'Z' all are, on
+#                   disk: answer with the digest
 # worker -> coordinator
 #   WORKER_RANGES   b'W': blocks now safely written to the shared partial file
 #   WORKER_PROGRESS b'P' progress, b'C' its share is complete (every block
 #                   written), b'X' it failed (the reason, UTF-8, follows)
+#   WORKER_DIGEST   b'g' (worker 1): the whole file's SHA-256, once told b'Z'
 MAX_WORKERS = 64                                # the worker index rides in a HELLO's flags byte
 MAX_WORKER_RANGES = 256
 MAX_WORKER_MESSAGE = 1 << 16    # bytes a worker message may have (MAX_WORKER_RANGES ranges, a path):
@@ -306,6 +317,10 @@ WORKER_SENT = struct.Struct('!cIQQQQQB')        # b'D', file id, next packet num
 WORKER_RECEIVE = struct.Struct('!cIQIQQHHQd')   # b'F', file id, first packet number, block size,
                                                 # size, blocks per stripe, workers, index, decided, rtt
 WORKER_DECIDED = struct.Struct('!cIQ')          # b'C', file id, blocks decided
+WORKER_JOB = struct.Struct('!cIQq')             # code, file id, size, mtime (ns)
+WORKER_PIECE = struct.Struct('!cIQ')            # b'y', file id, offset
+WORKER_DIGEST = struct.Struct('!cI32s')         # b'g', file id, SHA-256
+WORKER_FRONTIER = struct.Struct('!cIQ')         # b'G' or b'Z', file id, blocks written from the start
 WORKER_PROGRESS = struct.Struct('!cIQQQQQdQQQQ')    # code, file id, blocks held (its stripes),
                                                 # bytes written, packets, duplicates, rejected,
                                                 # first arrival (-1: none yet), and the rest
@@ -3467,7 +3482,7 @@ class SignatureCache(SharedJobs):
     and concurrent fetches share the work."""
 
     def __init__(self, store=None, limit=64, slots=None):
-        self._store = store
+        self._store = self.store = store
         self._jobs = collections.OrderedDict()
         self._lock = threading.Lock()
         self._limit = limit
@@ -6218,8 +6233,7 @@ class OutgoingFile:
         if team.cycles:
             # A delta's need comes later (a new file's: nearly all of it).
             needed = self.nblocks if self.delta else sum(end - start for start, end in self._need)
-            extra = COORDINATOR_EXTRA if self.delta else COORDINATOR_EXTRA_PLAIN
-            self.stripe_cycle = stripe_cycle(count, coordinator_extra(self.nblocks, needed, extra))
+            self.stripe_cycle = stripe_cycle(count, worker_extras(self.nblocks, needed, self.delta))
         cycle = self.stripe_cycle or list(range(count))
         self._parts = split_stripes(self._need, self.stripe_blocks, count, cycle)
         self._need = self._parts[0]
@@ -6235,9 +6249,14 @@ class OutgoingFile:
         signature (from `signatures`, a SignatureCache), which gives the
         digest too.  `owner` is the key the helper slots count it under
         (the session's); RemoteError if no slot is free."""
-        jobs = signatures if self.delta else digests
-        self._job = jobs.start(self._path, owner)
-        self._jobs = jobs
+        if self.team is not None:
+            # Striped: worker 1 reads the file, so that no process's own
+            # work outgrows its share (its stripes are fewer by as much).
+            self._job = self._jobs = self.team.relayed_job(self)
+        else:
+            jobs = signatures if self.delta else digests
+            self._job = jobs.start(self._path, owner)
+            self._jobs = jobs
         if self.delta:
             self._refiner = SpanRefiner(self._path, self.size)
 
@@ -7079,9 +7098,10 @@ class ServerSession:
                 # digest was for nobody.  The file was sent all the same.
             self._after_done = True
             seconds = time.monotonic() - started
-            self.server.log('%s: sent %s (%d bytes) in %.2f s, %.1f Mbit/s, %d packets retransmitted' % (
+            self.server.log('%s: sent %s (%d bytes) in %.2f s, %.1f Mbit/s, %d packets retransmitted%s' % (
                 self.peer_name(), remote, outgoing.size, seconds,
-                outgoing.size * 8 / max(seconds, 1e-6) / 1e6, outgoing.window.retransmitted))
+                outgoing.size * 8 / max(seconds, 1e-6) / 1e6, outgoing.window.retransmitted,
+                '; digest read by worker 1' if isinstance(outgoing._job, RelayedJob) else ''))
         finally:
             # Also after an error the session survives (a signature that
             # cannot be read): the numbers sent under are nonces, spent.
@@ -7516,6 +7536,7 @@ def transfer_summary(dest, remote, size, received, seconds, wire, sent, cipher, 
         'verified': True, 'block_bytes': block_bytes,
         'delta': 'off', 'local_bytes': 0, 'zero_bytes': 0, 'signature_bytes': 0,
         'sent_bytes': sent, 'first_data_seconds': None, 'workers': 1, 'worker_packets': [],
+        'digest_worker': 0,
         'saving_percent': round(100.0 * (size - sent) / size, 2) if size else 0.0,
     }
     unknown = set(counts) - set(summary)
@@ -7843,13 +7864,15 @@ class IncomingFile:
             partial.close()
             raise
         try:
-            frontier = FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
-        except NoThread:
+            team = self._team_for(start, block_size)
+            frontier = (FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
+                        if team is None else
+                        team.follow_digest(start['file'], partial.nblocks, writer.written_bitmap))
+        except (NoThread, ProtocolError):
             writer.close()
             partial.close()
             raise
         assembler = None
-        team = self._team_for(start, block_size)
         try:
             if team is None:
                 window = ReceiveWindow(partial.nblocks, start['first_seq'], self.bitmap)
@@ -7946,6 +7969,7 @@ class IncomingFile:
             local, resumed_bytes=min(size, resumed * block_size),
             packets_received=packets, packets_duplicate=duplicates, packets_rejected=rejected,
             workers=len(worker_packets), worker_packets=worker_packets,
+            digest_worker=0 if team is None else 1,
             delta=('off' if assembler is None else
                    'fixed+cdc' if assembler.refined_bytes else 'fixed'),
             local_bytes=assembler.local_bytes if assembler else 0,
@@ -8999,7 +9023,9 @@ class Client:
 # One transfer striped over several processes per end (`--workers N`), so
 # that sealing, opening and copying blocks take a core each.  The session's
 # own process is worker 0 and the coordinator: it keeps the control channel,
-# the one RateController, the file's digest and (receiving) its state file.
+# the one RateController and (receiving) the state file.  Worker 1 also
+# reads a striped file whole for its digest (sending, a delta's signature),
+# which from three workers on was more than the coordinator's share.
 # Workers 1..N-1 are forked from it at the first file large enough to
 # stripe (none for a transfer of small files); each has a UDP flow of its
 # own (socket, keys, packet numbers) and a socketpair to its coordinator
@@ -9014,13 +9040,15 @@ class Client:
 # Sending workers hand every acknowledgement to the coordinator's one
 # RateController and pace at the share of its rate it sends back (their
 # share of the stripes), so k workers take from a path what one flow would.
-# The coordinator's own share of the stripes is smaller by the work only it
-# does (COORDINATOR_EXTRA), so that each process at an end does about as
-# much (stripe_cycle(); a client from before weighted deals gets j mod k).  Receiving
-# workers write their blocks into the one partial file and tell the
-# coordinator which are written; it records them in the state file and
-# hashes the file as with one worker, so resume, delta and verification do
-# not depend on how many workers there were.
+# The shares of workers 0 and 1 are smaller by the work only they do
+# (worker_extras()), so that each process at an end does about as much
+# (stripe_cycle(); a client from before weighted deals gets j mod k).
+# Receiving workers write their blocks into the one partial file and tell
+# the coordinator which are written; it records them in the state file and
+# tells worker 1 how far the file is written from its start, which worker 1
+# hashes as the coordinator would with one worker (FollowedDigest), so
+# resume, delta and verification do not depend on how many workers there
+# were.  A file not striped is hashed by the coordinator, as with one.
 #
 # Workers end with their coordinator: each waits on its socketpair, whose
 # other end is in no other process, and exits when that closes.  A worker
@@ -9032,22 +9060,25 @@ WORKER_RATE_STEP = 0.02         # a change of the rate this large reaches the wo
 WORKER_RATE_INTERVAL = 0.02     # ... a smaller one at most this often (s)
 WORKER_REPORT_INTERVAL = 0.05   # s between a receiving worker's reports of what it wrote
 WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair closes, then SIGKILL
-# What the coordinator does besides its stripes, at either end, as a
-# fraction of the work of moving the whole file: the digest of all of it
-# (a delta's signature at the server, its local assembly at the client),
-# the control channel, every worker's acknowledgements through the one
-# rate control, and (receiving) the state file.  Measured with
-# bench_workers.py (256 MiB on loopback, 2 and 3 workers, AES keystream;
-# x = (c - p) / (1 - c) from its CPU share c and its packet share p): a
-# delta of a new file 0.74-0.80 at the server and 0.67-0.74 at the
-# client; with --no-delta 0.36-0.39 at the server (the digest) and
-# 0.63-0.75 at the client.  One deal serves both ends: about the mean of
-# theirs.  The sealing these fractions are counted against got cheaper
-# with AES, the digests did not: with the SHAKE keystream they were 0.28
-# and 0.20.  From 1 / (count - 1) on, the coordinator's own work is more
-# than a worker's share, and it keeps one stripe a round.
-COORDINATOR_EXTRA = 0.74        # a delta transfer's
-COORDINATOR_EXTRA_PLAIN = 0.53  # a plain one's
+# What workers 0 and 1 do besides their stripes, at either end, as a
+# fraction of the work of moving the whole file.  The coordinator (worker
+# 0): the control channel, every worker's acknowledgements through the one
+# rate control and (receiving) the state file.  Worker 1, the helper: the
+# read of the whole file for its digest (a delta's signature at the
+# server, which gives the digest too), so that no process's own work is
+# more than its share from three workers on.  Measured with
+# bench_workers.py (256 MiB on loopback, 2 and 3 workers, AES keystream:
+# each process's CPU beside its share of the packets); one deal serves
+# both ends, so each is about the mean of the two ends'.
+COORDINATOR_EXTRA = 0.07        # a delta transfer's
+COORDINATOR_EXTRA_PLAIN = 0.07  # a plain one's
+HELPER_EXTRA = 0.58             # a delta's: the signature at the server, the digest at the client
+HELPER_EXTRA_PLAIN = 0.36       # the digest at both ends
+# A share of the stripes much under an even one sends seldom, and the one
+# rate, which waits for every worker's news, suffered: with 1 stripe in 96
+# (3 workers) the CPU per GB of both ends was 1.56 x one worker's, 1.13
+# with none under 0.66 of an even share.  No worker gets less than this of one.
+LEAST_STRIPE_SHARE = 0.35
 
 
 def usable_cores():
@@ -9075,11 +9106,15 @@ def stripe_workers(nblocks, stripe, available):
     return max(1, min(available, -(-nblocks // stripe) // STRIPES_PER_WORKER))
 
 
-def coordinator_extra(nblocks, needed, extra=COORDINATOR_EXTRA):
-    """The coordinator's own work (`extra`, as COORDINATOR_EXTRA) for a
-    file of `nblocks` of which `needed` are to be sent: the digest covers
-    the whole file however few are sent (a resume)."""
-    return extra * nblocks / needed if needed else float(nblocks)
+def worker_extras(nblocks, needed, delta):
+    """[worker 0's, worker 1's] work besides their stripes (as
+    COORDINATOR_EXTRA and HELPER_EXTRA) for a file of `nblocks` of which
+    `needed` are to be sent: the helper's read covers the whole file
+    however few are sent (a resume)."""
+    if not needed:
+        return [float(nblocks)] * 2
+    helper = HELPER_EXTRA if delta else HELPER_EXTRA_PLAIN
+    return [COORDINATOR_EXTRA if delta else COORDINATOR_EXTRA_PLAIN, helper * nblocks / needed]
 
 
 def receive_before(channel, deadline):
@@ -9101,21 +9136,49 @@ def receive_before(channel, deadline):
 
 def stripe_cycle(count, extra=0.0):
     """How stripes are dealt to `count` workers: a round of worker indexes,
-    stripe j going to worker round[j mod len(round)].  Worker 0, the
-    coordinator, does `extra` besides its stripes (a fraction of the work
-    of all of them): its stripes are fewer by as much, so that each
-    process does about 1/count of its end's work (with extra x, worker 0
-    gets (1 - (count-1) x) / count of the stripes, and always one a round,
-    the first).  The round interleaves the workers as evenly as it can (a
-    smooth weighted round robin), so that a file shorter than one round is
-    shared nearly as well."""
+    stripe j going to worker round[j mod len(round)].  `extra` is the work
+    each worker does besides its stripes, as a fraction of the work of all
+    of them: a list by worker index (missing ones do none), or a number,
+    worker 0's.  A worker's stripes are fewer by its extra work, so that
+    each process does about 1/count of its end's work (with extras x_i,
+    worker i gets (1 + sum x) / count - x_i of the stripes), and at least
+    LEAST_STRIPE_SHARE / count of them (a share that sends seldom holds
+    the one rate back: its news is rare).  The round interleaves the
+    workers as evenly as it can (a smooth weighted round robin), so that a
+    file shorter than one round is shared nearly as well; it starts with
+    worker 0's stripe, and each worker has one among the first few."""
     if count <= 1:
         return [0]
+    extras = list(extra) if isinstance(extra, (list, tuple)) else [extra]
+    extras = [max(0.0, float(x)) for x in (extras + [0.0] * count)[:count]]
     length = STRIPE_CYCLE * count
-    first = max(1, int(round(length * max(0.0, 1.0 - (count - 1) * extra) / count)))
-    rest = length - first
-    dealt = [first] + [rest // (count - 1) + (1 if i < rest % (count - 1) else 0)
-                       for i in range(count - 1)]
+    # Those whose even share would be under LEAST_STRIPE_SHARE of a
+    # worker's keep that much; the others even out what is left.
+    least = max(1.0 / length, LEAST_STRIPE_SHARE / count)
+    fixed = set()
+    while True:
+        free = [i for i in range(count) if i not in fixed]
+        left = 1.0 - len(fixed) * least
+        level = (left + sum(extras[i] for i in free)) / len(free)
+        under = [i for i in free if level - extras[i] < least]
+        if not under or len(under) == len(free):
+            break
+        fixed.update(under)
+    share = [least if i in fixed else max(least, level - extras[i])
+             for i in range(count)]
+    scale = length / sum(share)
+    exact = [s * scale for s in share]
+    dealt = [max(1, int(e)) for e in exact]
+    # The stripes rounding left over go to the largest remainders (ties:
+    # the lowest index), or are taken back from the smallest.
+    by_remainder = sorted(range(count), key=lambda i: (dealt[i] - exact[i], i))
+    while sum(dealt) < length:
+        dealt[by_remainder.pop(0)] += 1
+    for i in sorted(range(count), key=lambda i: (exact[i] - dealt[i], -i)):
+        if sum(dealt) <= length:
+            break
+        if dealt[i] > 1:
+            dealt[i] -= 1
     credit = [0] * count
     cycle = []
     for _ in range(length):
@@ -9124,11 +9187,19 @@ def stripe_cycle(count, extra=0.0):
         best = max(range(count), key=lambda i: credit[i])
         credit[best] -= length
         cycle.append(best)
-    # From the coordinator's first stripe, as round robin: a file of only
-    # STRIPES_PER_WORKER a worker still gives each a stripe (a share with
-    # none would never acknowledge, and the shared rate would wait on it).
+    # From the coordinator's first stripe, as round robin; and a file of
+    # only STRIPES_PER_WORKER a worker still gives each a stripe: one that
+    # has few comes early, in place of one of the most dealt's.
     first_of_0 = cycle.index(0)
-    return cycle[first_of_0:] + cycle[:first_of_0]
+    cycle = cycle[first_of_0:] + cycle[:first_of_0]
+    early = STRIPES_PER_WORKER * count
+    for i in range(count):
+        if i not in cycle[:early]:
+            most = max(range(count), key=lambda j: cycle[:early].count(j))
+            late = cycle.index(i)
+            spot = max(p for p in range(1, early) if cycle[p] == most)
+            cycle[spot], cycle[late] = i, most
+    return cycle
 
 
 def cycle_shares(cycle, count):
@@ -9609,6 +9680,93 @@ class SendingWorker:
         self.counts = None                      # what its share of the file cost, once over
 
 
+class RelayedJob:
+    """A striped file's digest, or a delta's signature, as worker 1 reads
+    it (relay_job()) and passes it on over its socketpair: the coordinator's
+    stand-in for the DigestJob or SignatureJob it runs for a file it sends
+    alone (`pieces`, `error`, `done`, sha256(); release() as the jobs'
+    cache).  What worker 1 sends reaches it through the team."""
+
+    def __init__(self, team, outgoing):
+        self.team, self.outgoing = team, outgoing
+        self.file_id = None
+        self.pieces = []
+        self.error = None
+        self.done = threading.Event()
+        self._digest = None
+
+    def take(self, message):
+        code = message[:1]
+        if code == b'y' and len(message) >= WORKER_PIECE.size:
+            self.pieces.append((WORKER_PIECE.unpack_from(message)[2],
+                                message[WORKER_PIECE.size:].decode('ascii')))
+        elif code == b'g' and len(message) == WORKER_DIGEST.size:
+            self._digest = WORKER_DIGEST.unpack(message)[2].hex()
+            self.done.set()
+        elif code == b'x':
+            self.error = OSError(errno.EIO, message[WORKER_END.size:].decode('utf-8', 'replace'))
+            self.done.set()
+
+    def sha256(self):
+        self.team.wait_relayed(self)
+        if self._digest is None:
+            raise RemoteError('cannot read %s: %s' % (self.outgoing._path, self.error.strerror))
+        return self._digest
+
+    def release(self, job):
+        self.team.drop_relayed(self)
+
+
+def relay_job(channel, message, digests, signatures):
+    """In worker 1 (serve), on a thread of its own: the digest or signature
+    of the file a WORKER_JOB names, read as the coordinator would read it
+    (from the same caches: a signature kept in the cache database is not
+    read again), passed on as it comes.  Returns the job, for b'K'."""
+    code, file_id, size, mtime_ns = WORKER_JOB.unpack_from(message)
+    path = os.fsdecode(message[WORKER_JOB.size:])
+    jobs = signatures if code == b'Y' else digests
+
+    def fail(reason):
+        channel.sendall(WORKER_END.pack(b'x', file_id) + reason.encode('utf-8', 'replace'))
+
+    try:
+        st = os.stat(path)
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            raise RemoteError('%s: changed on the server during the transfer' % path)
+        job = jobs.start(path)
+    except (OSError, WanxferError) as e:
+        fail(str(e) if isinstance(e, WanxferError) else describe_error(e))
+        return None
+
+    def run():
+        sent = 0
+        try:
+            while True:
+                finished = job.done.wait(SIGNATURE_POLL)
+                pieces = getattr(job, 'pieces', ())
+                while sent < len(pieces):
+                    offset, spans = pieces[sent]
+                    channel.sendall(WORKER_PIECE.pack(b'y', file_id, offset) + spans.encode('ascii'))
+                    sent += 1
+                if finished:
+                    break
+            digest = job.sha256()
+            channel.sendall(WORKER_DIGEST.pack(b'g', file_id, bytes.fromhex(digest)))
+        except RemoteError as e:
+            fail(str(e))
+        except OSError:
+            pass                                # the coordinator is gone: so is this process, soon
+        finally:
+            jobs.release(job)
+    try:
+        start_thread(run, 'relay')
+    except NoThread as e:
+        jobs.release(job)
+        fail(str(e))
+        return None
+    return job
+
+
 class SendingTeam:
     """A session's sending workers, as the session process (the
     coordinator) sees them: `count` granted when the client asks, forked
@@ -9635,9 +9793,11 @@ class SendingTeam:
         family, log = session.sock.family, session.server.log
         name = session.peer_name()
 
+        store = session.server.signatures.store
+
         def main(index, channel):
             run_sending_worker(index, channel, keys, session_id, (local, port), family,
-                               lambda line: log('%s: worker %d: %s' % (name, index, line)))
+                               lambda line: log('%s: worker %d: %s' % (name, index, line)), store)
         inherited = [session.sock, session.udp.sock]
         if isinstance(session.registry, SessionListener):
             inherited.append(session.registry.channel)
@@ -9647,6 +9807,7 @@ class SendingTeam:
         self._addresses = {}                    # worker index -> where its client worker's HELLO
                                                 # came from
         self.workers = []                       # SendingWorker, once forked
+        self._relayed = None                    # the RelayedJob of the file being sent
 
     def pids(self):
         return [worker.pid for worker in self.workers]
@@ -9742,6 +9903,11 @@ class SendingTeam:
         self._shared = outgoing.shared_rate
         self._active = self.workers[:outgoing.workers - 1]
         file_id, path = outgoing.file_id, os.fsencode(outgoing._path)
+        relayed = self._relayed
+        if relayed is not None and relayed.outgoing is outgoing and self._active:
+            relayed.file_id = file_id           # before its share: it reads while it sends
+            self._send(self._active[0], WORKER_JOB.pack(b'Y' if outgoing.delta else b'G', file_id,
+                                                        outgoing.size, outgoing.mtime_ns) + path)
         for worker, part in zip(self._active, parts[1:]):
             worker.first_seq, worker.counts, worker.file_id = worker.next_seq, None, file_id
             self._send(worker, WORKER_SEND.pack(
@@ -9809,6 +9975,11 @@ class SendingTeam:
         elif code == b'S' and len(message) == WORKER_EVENT.size:
             self._controller.on_silence()
             self.rate_changed()
+        elif code in (b'y', b'g', b'x') and len(message) >= WORKER_END.size:
+            relayed = self._relayed
+            if relayed is not None and worker.index == 1 and \
+                    relayed.file_id == WORKER_END.unpack_from(message)[1]:
+                relayed.take(message)
         elif code == b'D' and len(message) == WORKER_SENT.size:
             _code, file_id, next_seq, lost, resent, wire, compressed, whole = WORKER_SENT.unpack(message)
             if file_id == worker.file_id and worker.counts is None:
@@ -9858,6 +10029,32 @@ class SendingTeam:
             raise ProtocolError(self.broken)
         return [sum(worker.counts[i] for worker in active) for i in range(5)]
 
+    def relayed_job(self, outgoing):
+        """The helper job of a striped file, run by worker 1 (RelayedJob):
+        asked for with its share."""
+        self._relayed = RelayedJob(self, outgoing)
+        return self._relayed
+
+    def wait_relayed(self, relayed):
+        """Take worker 1's messages until its job for `relayed` is done (or
+        the team breaks): the data phase may end before the read does."""
+        worker = self.workers[0]
+        while not relayed.done.is_set() and not self.broken:
+            message = receive_before(worker.channel, time.monotonic() + COMMAND_TIMEOUT)
+            if message is not None:
+                self._take(worker, message)
+        if not relayed.done.is_set():
+            relayed.error = OSError(errno.EIO, self.broken)
+            relayed.done.set()
+
+    def drop_relayed(self, relayed):
+        """The file is over before worker 1's job: it stops reading."""
+        if self._relayed is relayed:
+            self._relayed = None
+            if not relayed.done.is_set() and relayed.file_id is not None and self.workers:
+                send_quietly(self.workers[0].channel,
+                             WORKER_JOB.pack(b'K', relayed.file_id, 0, 0))
+
     def _broke(self, worker):
         if self.broken is None:
             self.broken = 'worker process %d (pid %d) ended' % (worker.index, worker.pid)
@@ -9866,21 +10063,31 @@ class SendingTeam:
         end_workers([(worker.pid, worker.channel) for worker in self.workers])
 
 
-def run_sending_worker(index, channel, keys, session_id, local, family, log):
+def run_sending_worker(index, channel, keys, session_id, local, family, log, store=None):
     """A sending worker's life: its UDP flow once the coordinator names the
-    client worker's address, then each share of a file it is given, until
-    the coordinator's end closes."""
+    client worker's address, then each share of a file it is given (and,
+    worker 1, each helper job: relay_job()), until the coordinator's end
+    closes.  `store`: the server's SignatureStore."""
     sealer, opener = keys.worker_sealers('server', index)
     rate = WorkerRate(channel)
     control = WorkerControl(channel, rate)
     packet_log = PacketLog()
     udp, next_seq, rtt = None, 0, 0.1
+    digests, signatures = DigestCache(), SignatureCache(store)
+    jobs = {}                                   # file id -> its helper job
     while True:
         message = channel.recv(MAX_WORKER_MESSAGE)
         if not message:
             return
         code = message[:1]
-        if code == b'U' and udp is None and len(message) > WORKER_FLOW.size:
+        if code in (b'G', b'Y') and len(message) > WORKER_JOB.size:
+            jobs = {WORKER_JOB.unpack_from(message)[1]:
+                    relay_job(channel, message, digests, signatures)}
+        elif code == b'K' and len(message) == WORKER_JOB.size:
+            job = jobs.pop(WORKER_JOB.unpack(message)[1], None)
+            if job is not None:
+                job.stop.set()
+        elif code == b'U' and udp is None and len(message) > WORKER_FLOW.size:
             length = WORKER_FLOW.unpack_from(message)[1]
             address = tuple(json.loads(message[WORKER_FLOW.size:WORKER_FLOW.size + length]))
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -9946,6 +10153,8 @@ class ReceivingTeam:
     (opened by its own HELLOs), and a share of each striped file: the
     coordinator records in its BlockWriter what they wrote, and sums what
     they report."""
+
+    _followed = None                            # the FollowedDigest of the file being received
 
     def __init__(self, client, count):
         keys, session_id = client.keys, client.session_id
@@ -10038,6 +10247,40 @@ class ReceivingTeam:
             worker.first_arrival = None if first < 0 else first
             worker.flow = FlowCounts(numbered, packets, resent, compressed, datagram_bytes)
             worker.complete = worker.complete or code == b'C'
+        # Every worker reports often while its share runs: worker 1 then
+        # hears how far the file is written (local data written here too).
+        if self._followed is not None:
+            self._followed.advance()
+
+    def follow_digest(self, file_id, nblocks, written):
+        """The whole file's digest, computed by worker 1 as the file is
+        written (a FollowedDigest in place of this process's FrontierDigest),
+        so that no process's own work outgrows its share."""
+        self._followed = FollowedDigest(self, file_id, nblocks, written)
+        return self._followed
+
+    def tell_frontier(self, followed, code, blocks):
+        if followed is self._followed:
+            self._send(self.workers[0], WORKER_FRONTIER.pack(code, followed.file_id, blocks))
+
+    def await_digest(self, followed):
+        """Worker 1's answer to b'Z': the hex digest (TransferError if it
+        could not read the file, or ended)."""
+        worker = self.workers[0]
+        while True:
+            message = receive_before(worker.channel, time.monotonic() + COMMAND_TIMEOUT)
+            if message is None:
+                continue
+            if not message:
+                raise self._ended(worker)
+            code = message[:1]
+            if code == b'g' and len(message) == WORKER_DIGEST.size:
+                _code, file_id, digest = WORKER_DIGEST.unpack(message)
+                if file_id == followed.file_id:
+                    return digest.hex()
+            elif code == b'X' and len(message) >= WORKER_PROGRESS.size and \
+                    WORKER_PROGRESS.unpack_from(message)[1] == followed.file_id:
+                raise TransferError(message[WORKER_PROGRESS.size:].decode('utf-8', 'replace'))
 
     def totals(self):
         """What the workers sharing the file report, summed."""
@@ -10066,6 +10309,86 @@ class ReceivingTeam:
         end_workers([(worker.pid, worker.channel) for worker in self.workers])
 
 
+class FollowedDigest:
+    """A striped file's digest as worker 1 computes it (FollowingDigest),
+    told by this process how far the file is written from its start:
+    FrontierDigest's interface, for IncomingFile.  The prefix is sent as
+    the workers report writes, at most every FOLLOW_INTERVAL; b'Z' at the
+    end asks for the digest."""
+
+    FOLLOW_INTERVAL = 0.05
+
+    def __init__(self, team, file_id, nblocks, written):
+        self._team, self.file_id, self._nblocks, self._written = team, file_id, nblocks, written
+        self._told = 0
+        self._next = 0.0
+        self._stopped = False
+
+    def offer(self, position, data):
+        pass                            # worker 1 reads it back, from the page cache
+
+    def advance(self):
+        now = time.monotonic()
+        if self._stopped or now < self._next:
+            return
+        self._next = now + self.FOLLOW_INTERVAL
+        prefix = next_block(self._written(), self._nblocks, self._told, False)
+        if prefix > self._told:
+            self._told = prefix
+            self._team.tell_frontier(self, b'G', prefix)
+
+    def stop(self):
+        self._stopped = True
+
+    def finish(self):
+        """The hex digest of the whole file, once every block is written."""
+        self._stopped = True
+        self._team.tell_frontier(self, b'Z', self._nblocks)
+        return self._team.await_digest(self)
+
+
+class FollowingDigest:
+    """Worker 1's side of a FollowedDigest (get): a FrontierDigest of the
+    file of its last share, over the prefix the coordinator says is written."""
+
+    def __init__(self):
+        self.file_id = None
+        self._file = None               # (path, size, block size) of that share
+        self._bitmap = bytearray()
+        self._digest = None
+
+    def share(self, file_id, path, size, block_size):
+        if file_id != self.file_id:
+            self.drop()
+            self.file_id, self._file = file_id, (path, size, block_size)
+            self._bitmap = bytearray(((size + block_size - 1) // block_size + 7) // 8)
+
+    def drop(self):
+        if self._digest is not None:
+            self._digest.stop()
+        self._digest = self.file_id = None
+
+    def take(self, message, channel):
+        """A WORKER_FRONTIER of the coordinator's."""
+        code, file_id, blocks = WORKER_FRONTIER.unpack(message)
+        if file_id != self.file_id:
+            return
+        path, size, block_size = self._file
+        try:
+            if self._digest is None:
+                bitmap = self._bitmap
+                self._digest = FrontierDigest(path, size, block_size, lambda: bytes(bitmap))
+            set_bits(self._bitmap, 0, min(blocks, len(self._bitmap) * 8))
+            if code == b'Z':
+                digest, self._digest = self._digest.finish(), None
+                self.file_id = None
+                channel.sendall(WORKER_DIGEST.pack(b'g', file_id, bytes.fromhex(digest)))
+        except (OSError, NoThread) as e:
+            self.drop()
+            text = 'cannot read back %s: %s' % (path, e.strerror if isinstance(e, OSError) else e)
+            channel.sendall(WORKER_PROGRESS.pack(b'X', file_id, 0, 0, 0, 0, 0, -1.0) + text.encode())
+
+
 class WorkerInbox:
     """A receiving worker's stand-in for the control channel: the
     coordinator's messages, raw."""
@@ -10088,9 +10411,10 @@ class WorkerReceivePhase(ReceivePhase):
     (and of a delta's decided blocks), reporting what it wrote instead of
     keeping the state file."""
 
-    def __init__(self, incoming, window, writer, channel, foreign):
+    def __init__(self, incoming, window, writer, channel, foreign, following=None):
         ReceivePhase.__init__(self, incoming, window, writer)
         self._channel = channel
+        self._following = following             # worker 1's FollowingDigest
         self.foreign = foreign                  # blocks of other workers, held in its window
         self.next_progress = self.clock() + WORKER_REPORT_INTERVAL
         self.repeat_final = True
@@ -10125,6 +10449,9 @@ class WorkerReceivePhase(ReceivePhase):
             elif code == b'E' and len(message) == WORKER_END.size:
                 if WORKER_END.unpack(message)[1] == self.file_id:
                     raise ShareEnded()
+            elif code in (b'G', b'Z') and len(message) == WORKER_FRONTIER.size \
+                    and self._following is not None:
+                self._following.take(message, self._channel)
         return False
 
     def _report_progress(self, now):
@@ -10168,20 +10495,27 @@ def run_receiving_worker(index, channel, keys, session_id, address, family, time
         except socket.timeout:
             pass
     channel.settimeout(None)
+    following = FollowingDigest() if index == 1 else None
     while message:
-        if message[:1] == b'F' and len(message) > WORKER_RECEIVE.size:
-            receive_share(message, channel, data)
+        code = message[:1]
+        if code == b'F' and len(message) > WORKER_RECEIVE.size:
+            receive_share(message, channel, data, following)
+        elif code in (b'G', b'Z') and len(message) == WORKER_FRONTIER.size and following is not None:
+            following.take(message, channel)
         message = channel.recv(MAX_WORKER_MESSAGE)
 
 
-def receive_share(message, channel, data):
-    """Receive one share of a file into the coordinator's partial file."""
+def receive_share(message, channel, data, following=None):
+    """Receive one share of a file into the coordinator's partial file
+    (worker 1 also digests the file: `following`)."""
     (_code, file_id, first_seq, block_size, size, stripe, count, index, decided,
      rtt) = WORKER_RECEIVE.unpack_from(message)
     dest, timeout, cycle = json.loads(message[WORKER_RECEIVE.size:].decode())
     phase = writer = partial = None
     try:
         partial = PartialFile(dest, '', size, 0, block_size)
+        if following is not None:
+            following.share(file_id, partial.data_path, size, block_size)
         partial.fd = PartialFile._open_ours(partial.data_path)
         recorded = PartialFile.recorded(partial.state_path)
         if partial.fd is None or recorded is None or len(recorded[1]) != (partial.nblocks + 7) // 8 \
@@ -10199,7 +10533,8 @@ def receive_share(message, channel, data):
             data=data, events=TransferEvents(), clock=time.monotonic, asked_at=time.monotonic(),
             entry=types.SimpleNamespace(size=size), block_size=block_size, kept=[])
         phase = WorkerReceivePhase(incoming, window, writer, channel,
-                                   foreign_blocks(partial.nblocks, stripe, count, index, cycle))
+                                   foreign_blocks(partial.nblocks, stripe, count, index, cycle),
+                                   following)
         phase.run()                             # until the coordinator ends the file
     except ShareEnded:
         pass

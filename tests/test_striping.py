@@ -70,43 +70,80 @@ def striped_share(tmp_path, count, need=None, cycles=True, stripes=384, delta=Fa
     return outgoing, stripe
 
 
-def test_the_coordinator_sends_fewer_stripes_by_the_work_only_it_does(tmp_path):
-    """Dealt evenly, the coordinator (which also runs the control channel,
-    the rate control and the digest) spent 0.60 of its end's CPU beside one
-    worker and 0.46 beside two: it gets fewer stripes by the fraction of
-    measured (COORDINATOR_EXTRA_PLAIN; COORDINATOR_EXTRA for a delta, whose
-    signature and local assembly are its too) so that each process's work
-    is about equal."""
-    extra = wanxfer.COORDINATOR_EXTRA_PLAIN
-    for count in (2, 3, 4):
-        outgoing, stripe = striped_share(tmp_path, count)
-        blocks = [sum(end - start for start, end in part) for part in outgoing._parts]
-        assert sum(blocks) == outgoing.nblocks
-        share = [b / outgoing.nblocks for b in blocks]
-        if (count - 1) * extra < 1:
-            # Worker 0's stripes and its extra work against any other worker's stripes.
-            work = [share[0] + extra] + share[1:]
-            assert max(work) - min(work) <= 0.04, (count, share)      # a round's granularity
-        else:
-            # Its own work is more than a worker's share: one stripe a round.
-            assert share[0] == pytest.approx(1.0 / (wanxfer.STRIPE_CYCLE * count), abs=0.01), share
-        assert share[0] < 1.0 / count
-        # Each paces at its share of the one rate: all of them send for as long.
-        rates = [outgoing.shared_rate.share(i).rate for i in range(count)]
-        assert sum(rates) == pytest.approx(1000.0)
-        for rate, part in zip(rates, share):
-            assert rate == pytest.approx(1000.0 * part, rel=0.2)
-        assert outgoing._need == outgoing._parts[0]
-        assert outgoing.stripe_cycle is not None
-    # A resumed file still needs its whole digest: fewer stripes still.
+def test_the_coordinator_and_the_helper_send_fewer_stripes_by_the_work_only_they_do(tmp_path):
+    """Besides their stripes the coordinator (worker 0) runs the control
+    channel and the rate control, and worker 1 reads the whole file for its
+    digest (a delta's signature): each gets fewer stripes by the fraction
+    measured (worker_extras(): COORDINATOR_EXTRA*, HELPER_EXTRA*) so that
+    each process's work is about equal."""
+    for delta in (False, True):
+        for count in (2, 3, 4):
+            outgoing, stripe = striped_share(tmp_path, count, delta=delta)
+            extras = wanxfer.worker_extras(outgoing.nblocks, outgoing.nblocks, delta)
+            blocks = [sum(end - start for start, end in part) for part in outgoing._parts]
+            share = [wanxfer.cycle_shares(outgoing.stripe_cycle, count)[i] for i in range(count)]
+            if not delta:
+                assert sum(blocks) == outgoing.nblocks
+                assert [b / outgoing.nblocks for b in blocks] == pytest.approx(share, abs=0.02)
+            # Each process's stripes and its own work are about equal, but
+            # for one whose own work is more than that: it keeps the least share.
+            least = wanxfer.LEAST_STRIPE_SHARE / count
+            work = [s + (extras[i] if i < 2 else 0.0) for i, s in enumerate(share)
+                    if s > least + 1.0 / len(outgoing.stripe_cycle)]
+            assert max(work) - min(work) <= 0.04, (count, delta, share)    # a round's granularity
+            assert min(share) >= least - 1.0 / len(outgoing.stripe_cycle), (count, delta, share)
+            assert max(share[:2]) < min(share[2:] or [1.0])
+            # Each paces at its share of the one rate: all of them send for as long.
+            rates = [outgoing.shared_rate.share(i).rate for i in range(count)]
+            assert sum(rates) == pytest.approx(1000.0)
+            for rate, part in zip(rates, share):
+                assert rate == pytest.approx(1000.0 * part, rel=0.2)
+            assert outgoing._need == outgoing._parts[0]
+    # A resumed file still needs its whole digest: worker 1 gets fewer
+    # stripes still, the coordinator as many.
+    full = striped_share(tmp_path, 2)[0]
     resumed, stripe = striped_share(tmp_path, 2, need=[[0, 24 * stripe]])
-    assert len(resumed._parts[0]) < len(striped_share(tmp_path, 2)[0]._parts[0]) / 2
+    full_shares = wanxfer.cycle_shares(full.stripe_cycle, 2)
+    resumed_shares = wanxfer.cycle_shares(resumed.stripe_cycle, 2)
+    assert resumed_shares[1] < full_shares[1] * 0.75
+    assert resumed_shares[0] >= full_shares[0]
     # A delta's need comes later, mostly all of a new file's (`lead`): dealt
-    # as if all were to be sent (its coordinator once got 1 stripe in 16).
+    # as if all were to be sent.
     delta, _stripe = striped_share(tmp_path, 2, delta=True)
     assert delta.delta and delta._need == []
-    assert delta.stripe_cycle == wanxfer.stripe_cycle(2, wanxfer.COORDINATOR_EXTRA)
-    assert wanxfer.COORDINATOR_EXTRA > wanxfer.COORDINATOR_EXTRA_PLAIN
+    assert delta.stripe_cycle == wanxfer.stripe_cycle(
+        2, [wanxfer.COORDINATOR_EXTRA, wanxfer.HELPER_EXTRA])
+
+
+def test_stripe_cycle_weighs_each_workers_own_work():
+    """stripe_cycle() with the extra work of each worker (no sockets):
+    worker i gets (1 + sum x) / count - x_i of the stripes, one a round at
+    least, and one extra works as worker 0's alone did."""
+    count = 4
+    cycle = wanxfer.stripe_cycle(count, [0.1, 0.15])
+    shares = wanxfer.cycle_shares(cycle, count)
+    assert len(cycle) == wanxfer.STRIPE_CYCLE * count and cycle[0] == 0
+    expected = [(1 + 0.25) / count - x for x in (0.1, 0.15, 0.0, 0.0)]
+    assert shares == pytest.approx(expected, abs=1.0 / len(cycle))
+    # Work besides the stripes, then stripes: equal for all.
+    work = [s + x for s, x in zip(shares, (0.1, 0.15, 0.0, 0.0))]
+    assert max(work) - min(work) <= 1.0 / wanxfer.STRIPE_CYCLE
+    # A worker whose own work is more than a share keeps the least share
+    # (one that sends seldom holds the one rate back); the others even out
+    # the rest.
+    cycle = wanxfer.stripe_cycle(3, [0.05, 2.0])
+    assert cycle.count(1) == round(len(cycle) * wanxfer.LEAST_STRIPE_SHARE / 3)
+    assert abs(cycle.count(0) + 0.05 * len(cycle) - cycle.count(2)) <= 1
+    # A number is worker 0's extra, as before; none, round robin.
+    assert wanxfer.stripe_cycle(3, 0.25) == wanxfer.stripe_cycle(3, [0.25, 0.0, 0.0])
+    assert wanxfer.stripe_cycle(3, [0.0, 0.0]) == [0, 1, 2] * wanxfer.STRIPE_CYCLE
+    # Any run of a few stripes is shared about as the whole round is.
+    cycle = wanxfer.stripe_cycle(5, [0.2, 0.3, 0.1])
+    shares = wanxfer.cycle_shares(cycle, 5)
+    for start in range(len(cycle)):
+        window = (cycle * 2)[start:start + 10]
+        for i in range(5):
+            assert abs(window.count(i) - shares[i] * 10) < 2
 
 
 def test_a_client_without_weighted_deals_gets_stripes_round_robin(tmp_path):
@@ -119,14 +156,14 @@ def test_a_client_without_weighted_deals_gets_stripes_round_robin(tmp_path):
 
 def test_a_weighted_deal_interleaves_the_workers_and_each_end_sees_it_alike():
     for count in (2, 3, 5, 8):
-        cycle = wanxfer.stripe_cycle(count, wanxfer.COORDINATOR_EXTRA)
+        cycle = wanxfer.stripe_cycle(count, wanxfer.worker_extras(1, 1, True))
         assert len(cycle) == wanxfer.STRIPE_CYCLE * count <= wanxfer.MAX_STRIPE_CYCLE
         # Stripe 0 is the coordinator's, and a file of the fewest stripes
         # for `count` gives each worker some (a share with nothing to send
         # never acknowledges, and the shared rate waits on it).
         assert cycle[0] == 0
         assert set(cycle[:wanxfer.STRIPES_PER_WORKER * count]) == set(range(count))
-        assert all(cycle.count(i) > cycle.count(0) for i in range(1, count))
+        assert all(cycle.count(i) > max(cycle.count(0), cycle.count(1)) for i in range(2, count))
         # Any run of a few stripes is shared about as the whole round is.
         shares = wanxfer.cycle_shares(cycle, count)
         for start in range(len(cycle)):

@@ -4,8 +4,10 @@ on 127.0.0.1 (no link emulator, no root), for each N asked.  Reports for
 each run the goodput, the CPU seconds per GB of each end (its processes
 together), and how the work was shared: each worker's share of the
 packets (what each receiving worker's flow carried) and of the CPU at
-each end (the coordinator is worker 0), and each process's CPU on its
-main thread and on its other threads (the digest's, the file writer's).
+each end (the coordinator is worker 0; also counted from the workers'
+fork, which leaves out the coordinator's start: the interpreter and the
+handshake, a cost per command), and each process's CPU on its main
+thread and on its other threads (the digest's, the file writer's).
 On a machine of two cores, wall time cannot show scaling; the shares and
 the CPU per GB against N=1 can.
 
@@ -67,6 +69,7 @@ class Sampler:
         self.cpu = {}                   # (end, pid) -> CPU seconds
         self.roles = {}                 # (end, pid) -> 'coordinator' or 'worker'
         self.threads = {}               # (end, pid) -> {thread id: CPU seconds}
+        self.at_fork = {}               # end -> its coordinator's CPU seconds when a worker was first seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -83,12 +86,19 @@ class Sampler:
         while not self._stop.wait(self.interval):     # a deadline-free poll of /proc, not a sync
             for session in harness.proc_children(self.serve_pid):
                 self._note('server', session, 'coordinator')
-                for worker in harness.proc_children(session):
-                    self._note('server', worker, 'worker')
+                self._workers('server', session)
             if self.get_pid is not None:
                 self._note('client', self.get_pid, 'coordinator')
-                for worker in harness.proc_children(self.get_pid):
-                    self._note('client', worker, 'worker')
+                self._workers('client', self.get_pid)
+
+    def _workers(self, end, coordinator):
+        workers = harness.proc_children(coordinator)
+        if workers and end not in self.at_fork and (end, coordinator) in self.cpu:
+            # What came before (the interpreter's start, the handshake) is
+            # a cost per command, not per GB: shares_from_fork() leaves it out.
+            self.at_fork[end] = self.cpu[(end, coordinator)]
+        for worker in workers:
+            self._note(end, worker, 'worker')
 
     def stop(self):
         self._stop.set()
@@ -99,6 +109,13 @@ class Sampler:
         mine = sorted(((0 if self.roles[key] == 'coordinator' else 1, key[1]), cpu)
                       for key, cpu in self.cpu.items() if key[0] == end)
         return [cpu for _key, cpu in mine]
+
+    def shares_from_fork(self, end):
+        """shares(), the coordinator's CPU counted from its workers' fork."""
+        cpu = self.shares(end)
+        if cpu:
+            cpu[0] -= self.at_fork.get(end, 0.0)
+        return cpu
 
     def main_thread_shares(self, end):
         """[CPU seconds of each process's main thread, of its other threads
@@ -156,6 +173,9 @@ def one_run(source, size, workdir, workers, run, get_args=()):
             'client_cpu_s_per_gb': got['cpu'] / gb, 'packet_shares': share_of(packets),
             'server_cpu_shares': share_of(sampler.shares('server')),
             'client_cpu_shares': share_of(sampler.shares('client')),
+            'server_cpu_shares_from_fork': share_of(sampler.shares_from_fork('server')),
+            'client_cpu_shares_from_fork': share_of(sampler.shares_from_fork('client')),
+            'before_fork_cpu': {end: round(cpu, 2) for end, cpu in sampler.at_fork.items()},
             'server_cpu_threads': sampler.main_thread_shares('server'),
             'client_cpu_threads': sampler.main_thread_shares('client'), 'verified': ok}
 
@@ -197,18 +217,21 @@ def main():
                               ['--no-delta'] if args.no_delta else [])
                 runs.append(run)
                 print('[--workers %d run %d] %.0f Mbit/s, CPU s/GB server %.2f client %.2f; shares: '
-                      'packets %s, CPU server %s, client %s; CPU s [main thread, others] per '
-                      'process, server %s, client %s; verified %s'
+                      'packets %s, CPU server %s, client %s (from the fork: %s, %s; CPU s before '
+                      'it %s); CPU s [main thread, others] per process, server %s, client %s; '
+                      'verified %s'
                       % (workers, i + 1, run['goodput_mbps'], run['server_cpu_s_per_gb'],
                          run['client_cpu_s_per_gb'], run['packet_shares'], run['server_cpu_shares'],
-                         run['client_cpu_shares'], run['server_cpu_threads'],
-                         run['client_cpu_threads'], run['verified']), flush=True)
+                         run['client_cpu_shares'], run['server_cpu_shares_from_fork'],
+                         run['client_cpu_shares_from_fork'], run['before_fork_cpu'],
+                         run['server_cpu_threads'], run['client_cpu_threads'], run['verified']),
+                      flush=True)
         results['uptime_after'] = uptime()
         print(results['uptime_after'])
         base = results['runs'].get(1)
         print('\n| --workers | runs | goodput Mbit/s | CPU s/GB server | client | both, of N=1 '
-              '| packet shares | CPU shares server | client |')
-        print('|---|---|---|---|---|---|---|---|---|')
+              '| packet shares | CPU shares server | client | from the fork: server | client |')
+        print('|---|---|---|---|---|---|---|---|---|---|---|')
         for workers, runs in results['runs'].items():
             median = {key: harness.median(r[key] for r in runs)
                       for key in ('goodput_mbps', 'server_cpu_s_per_gb', 'client_cpu_s_per_gb')}
@@ -220,11 +243,13 @@ def main():
                 relative = '%.2f' % (both / base_both)
             shares = {key: [round(harness.median(r[key][i] for r in runs), 3)
                             for i in range(len(runs[0][key]))]
-                      for key in ('packet_shares', 'server_cpu_shares', 'client_cpu_shares')}
-            print('| %d | %d | %.0f | %.2f | %.2f | %s | %s | %s | %s |' % (
+                      for key in ('packet_shares', 'server_cpu_shares', 'client_cpu_shares',
+                                  'server_cpu_shares_from_fork', 'client_cpu_shares_from_fork')}
+            print('| %d | %d | %.0f | %.2f | %.2f | %s | %s | %s | %s | %s | %s |' % (
                 workers, len(runs), median['goodput_mbps'], median['server_cpu_s_per_gb'],
                 median['client_cpu_s_per_gb'], relative, shares['packet_shares'],
-                shares['server_cpu_shares'], shares['client_cpu_shares']))
+                shares['server_cpu_shares'], shares['client_cpu_shares'],
+                shares['server_cpu_shares_from_fork'], shares['client_cpu_shares_from_fork']))
         harness.write_json(args.json, results)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
