@@ -3999,7 +3999,9 @@ class RateController:
     MIN_SHARE_GROWTH = 187500               # bytes/s per round trip: 1.5 Mbit/s
     CAPACITY_MEMORY = 10.0                  # s a capacity not seen again is believed
     CONTEST_CLEAR, CLEAR_ROUNDS = 0.5, 1    # s, round trips: a queue short for most of the longer
-    CLEARED = 0.8                           # ... (this share of it, averaged) ends a contest
+    CLEARED = 0.8                           # ... (this share of it, averaged) ends a contest,
+    LOSS_CLEAR = 2.0                        # ... or of this many s and round trips after a loss
+    ALONE = 0.9                             # of the fastest delivery: a level above it has the path alone
 
     def __init__(self, max_rate=None, initial_rate=None):
         self.max_rate = max_rate
@@ -4035,6 +4037,7 @@ class RateController:
         self.contested = False                  # another flow holds the bottleneck's queue
         self._share = 0.0                       # the rate while contested
         self._share_step = self._share_cut = 0.0
+        self._share_cut_since = False           # ... cut for loss since this contest began
         self._contest_ended = float('-inf')     # a contest soon after goes on from its share
         self._capacity = collections.deque()    # (time, delivery with a short queue), falling
         self._drain_queue = None                # the queue when the last drain began
@@ -4394,8 +4397,14 @@ class RateController:
                                                        self._drain_queue - self._drained / 2)
             self._failed_drains = self._failed_drains + 1 if unrelieved else 0
             self._drain_queue = None
-            if self._failed_drains >= 2:
+            # Not while the level is still about the most the path ever
+            # delivered: beside another flow it has been squeezed below
+            # that, and a flow alone whose drains failed has a level a
+            # little too high (a busy host stalling the path), which the
+            # drains then bring down.
+            if self._failed_drains >= 2 and self.level < self.ALONE * self.peak_delivery:
                 self.contested = True
+                self._share_cut_since = False
                 if now - self._contest_ended > self.CAPACITY_MEMORY:
                     self._share = self.FAIR_SHARE * max(capacity, self.level)
                 self._share_step = now
@@ -4522,6 +4531,7 @@ class RateController:
             if now - self._share_cut >= 2 * round_trip:    # one cut per loss episode
                 self._share *= 0.7
                 self._share_cut = now
+                self._share_cut_since = True
         else:
             self._share += max(self.SHARE_GROWTH * self.peak_delivery, self.MIN_SHARE_GROWTH)
         self._share_step = now
@@ -4540,7 +4550,10 @@ class RateController:
         # stalls still build short-lived queues), the other flow is gone.
         if max(self._recent_queue) < self.TARGET_DELAY / 2:
             self._failed_drains = 0
-        window = max(self.CONTEST_CLEAR, self.CLEAR_ROUNDS * rtt)
+        # After a loss the other flow backed off too, and may leave the
+        # queue empty for a second or more before it has grown back.
+        window = max(self.CONTEST_CLEAR, self.CLEAR_ROUNDS * rtt) if not self._share_cut_since else \
+            self.LOSS_CLEAR * max(1.0, rtt)
         if self._short_at is not None:
             self._short += (short - self._short) * min(1.0, max(0.0, now - self._short_at) / window)
         self._short_at = now
