@@ -3956,7 +3956,8 @@ class RateController:
     backoff empties it for a moment), the queue no longer steers the rate:
     a share does, as TCP's window does.  It starts at FAIR_SHARE of the
     most the path delivered (alone, with a short queue, within
-    CAPACITY_MEMORY seconds), grows a little every round trip, is cut by
+    CAPACITY_MEMORY seconds, or ever: a contest found in the startup has
+    measured little), grows a little every round trip, is cut by
     30% when more is lost than at random, and is sent per round trip (the
     queue slows it as it slows TCP); a contest soon after another goes on
     from the last share.  Two such flows settle near equal shares.  A flow
@@ -4406,7 +4407,7 @@ class RateController:
                 self.contested = True
                 self._share_cut_since = False
                 if now - self._contest_ended > self.CAPACITY_MEMORY:
-                    self._share = self.FAIR_SHARE * max(capacity, self.level)
+                    self._share = self.FAIR_SHARE * max(capacity, self.level, self.peak_delivery)
                 self._share_step = now
                 return
         # A queue that stood through the last few acknowledgements, not a
