@@ -3971,14 +3971,17 @@ class RateController:
     flow, which keeps the bottleneck's queue full whatever others do.  When
     a drain ends and the queue did not shrink, the queue is another flow's:
     the path is contested (twice in a row: once can be our own probe's
-    queue still arriving).  Until the queue is short again, the queue no
-    longer steers the rate: a share does, as TCP's window does.  It starts
-    at FAIR_SHARE of the most the path delivered (alone, with a short queue,
-    within CAPACITY_MEMORY seconds), grows a little every round trip and is
-    cut by 30% when more is lost than at random; a contest soon after
-    another goes on from the last share.  Two such flows settle near equal
-    shares.  A flow of its own making never looks contested: its drains
-    shrink it.
+    queue still arriving).  Until the queue stays short again (most of
+    the time for CONTEST_CLEAR seconds or a round trip: a TCP flow's
+    backoff empties it for a moment), the queue no longer steers the rate:
+    a share does, as TCP's window does.  It starts at FAIR_SHARE of the
+    most the path delivered (alone, with a short queue, within
+    CAPACITY_MEMORY seconds, or ever: a contest found in the startup has
+    measured little), grows a little every round trip, is cut by
+    30% when more is lost than at random, and is sent per round trip (the
+    queue slows it as it slows TCP); a contest soon after another goes on
+    from the last share.  Two such flows settle near equal shares.  A flow
+    of its own making never looks contested: its drains shrink it.
 
     What the sender sends while it has too little to send (`on_idle()`)
     measures its want of data, not the path: it never lowers the level, and
@@ -4016,6 +4019,10 @@ class RateController:
     SHARE_GROWTH = 0.005                    # of the fastest delivery, per round trip
     MIN_SHARE_GROWTH = 187500               # bytes/s per round trip: 1.5 Mbit/s
     CAPACITY_MEMORY = 10.0                  # s a capacity not seen again is believed
+    CONTEST_CLEAR, CLEAR_ROUNDS = 0.5, 1    # s, round trips: a queue short for most of the longer
+    CLEARED = 0.8                           # ... (this share of it, averaged) ends a contest,
+    LOSS_CLEAR = 2.0                        # ... or of this many s and round trips after a loss
+    ALONE = 0.9                             # of the fastest delivery: a level above it has the path alone
 
     def __init__(self, max_rate=None, initial_rate=None):
         self.max_rate = max_rate
@@ -4051,11 +4058,14 @@ class RateController:
         self.contested = False                  # another flow holds the bottleneck's queue
         self._share = 0.0                       # the rate while contested
         self._share_step = self._share_cut = 0.0
+        self._share_cut_since = False           # ... cut for loss since this contest began
         self._contest_ended = float('-inf')     # a contest soon after goes on from its share
         self._capacity = collections.deque()    # (time, delivery with a short queue), falling
         self._drain_queue = None                # the queue when the last drain began
         self._drained = 0.0                     # s of queue that drain should have removed
         self._failed_drains = 0                 # drains in a row that left the queue as it was
+        self._short, self._short_at = 0.0, None  # how much of late the queue was short, as of when
+        self._rtt = self._least_rtt = float('inf')  # s: the round trip now, and the least seen
 
     @property
     def startup(self):
@@ -4143,6 +4153,8 @@ class RateController:
         path carries."""
         if sent_at is None:
             sent_at = now - rtt
+        if rtt > 0:
+            self._rtt, self._least_rtt = rtt, min(self._least_rtt, rtt)
         delivery, loss = self._measure(now, delivered_bytes, delivered, lost, rtt)
         if delivered > 0:
             self._packet_bytes += (delivered_bytes / delivered - self._packet_bytes) * 0.2
@@ -4165,7 +4177,7 @@ class RateController:
                 slot.add(previous, arrived, sent_at, delivered_bytes, delivered, lost, queue_delay,
                          app_limited, self._interval)
         self._learn_loss(delivered, lost, queue_delay, sent_at)
-        capacity = self._watch_path(now, delivery, queue_delay, loss)
+        capacity = self._watch_path(now, delivery, queue_delay, loss, rtt)
         round_trip = max(rtt, 0.01)
         if app_limited:
             self.on_idle(now)
@@ -4397,15 +4409,25 @@ class RateController:
         if not fresh:
             return
         if self._drain_queue is not None:
-            # The news of the drain's end: did the queue shrink as our drain
-            # alone would shrink it?  Twice not, and it is another flow's.
-            unrelieved = queue_delay > max(self.TARGET_DELAY, self._drain_queue - self._drained / 2)
+            # The news of the drain's end: did the queue (through the last
+            # few acknowledgements: not one that met a moment's burst)
+            # shrink as our drain alone would shrink it?  Twice not, and it
+            # is another flow's, however long it read (the receivers may
+            # have learnt the path's delay under it: it then reads short).
+            unrelieved = min(self._recent_queue) > max(self.TARGET_DELAY / 2,
+                                                       self._drain_queue - self._drained / 2)
             self._failed_drains = self._failed_drains + 1 if unrelieved else 0
             self._drain_queue = None
-            if self._failed_drains >= 2:
+            # Not while the level is still about the most the path ever
+            # delivered: beside another flow it has been squeezed below
+            # that, and a flow alone whose drains failed has a level a
+            # little too high (a busy host stalling the path), which the
+            # drains then bring down.
+            if self._failed_drains >= 2 and self.level < self.ALONE * self.peak_delivery:
                 self.contested = True
+                self._share_cut_since = False
                 if now - self._contest_ended > self.CAPACITY_MEMORY:
-                    self._share = self.FAIR_SHARE * max(capacity, self.level)
+                    self._share = self.FAIR_SHARE * max(capacity, self.level, self.peak_delivery)
                 self._share_step = now
                 return
         # A queue that stood through the last few acknowledgements, not a
@@ -4504,7 +4526,12 @@ class RateController:
 
     def _update_rate(self):
         if self.contested:
-            rate = self._share
+            # A share is a window, as TCP's is: sent per round trip, so the
+            # queue it meets slows it as it slows the other flow (sent as a
+            # rate regardless, it squeezes a window out through the delay
+            # alone, and is never cut: the queue need not overflow).
+            least, rtt = self._least_rtt, self._rtt
+            rate = self._share * (least / rtt if 0 < least < rtt < float('inf') else 1.0)
         else:
             gain = self._gain if self.phase in ('probe', 'return') else self.GAINS[self.phase]
             if self.phase == 'startup' and self._slot is not None and self._slot.end is None:
@@ -4525,29 +4552,49 @@ class RateController:
             if now - self._share_cut >= 2 * round_trip:    # one cut per loss episode
                 self._share *= 0.7
                 self._share_cut = now
+                self._share_cut_since = True
         else:
             self._share += max(self.SHARE_GROWTH * self.peak_delivery, self.MIN_SHARE_GROWTH)
         self._share_step = now
 
-    def _watch_path(self, now, delivery, queue_delay, loss):
+    def _watch_path(self, now, delivery, queue_delay, loss, rtt):
         """Keep the path's capacity (the most it delivered while its queue
         was short, over the last CAPACITY_MEMORY seconds, or since a contest
-        began); a short queue ends a contest."""
+        began); a queue that stays short ends a contest."""
         short = queue_delay < self.TARGET_DELAY / 2
-        if short:
+        # Not a moment's short queue: one acknowledgement can read low
+        # beside a queue that stands (a few packets, one sampled), the
+        # share's own cut as the contest begins empties the queue, and so
+        # does every backoff of a TCP flow, until it grows back.  A queue
+        # short through a few acknowledgements was our own, drained; one
+        # short most of the time for several round trips (a busy host's
+        # stalls still build short-lived queues), the other flow is gone.
+        if max(self._recent_queue) < self.TARGET_DELAY / 2:
             self._failed_drains = 0
-        if short and self.contested:
-            self.contested = False
-            self._contest_ended = now
-            self.level = max(self.MIN_RATE, delivery or self._share * (1.0 - self._compensation()))
-            self._enter('cruise', now)
-            self._decided(now)
-            self._next_probe = now
+        # After a loss the other flow backed off too, and may leave the
+        # queue empty for a second or more before it has grown back.
+        window = max(self.CONTEST_CLEAR, self.CLEAR_ROUNDS * rtt) if not self._share_cut_since else \
+            self.LOSS_CLEAR * max(1.0, rtt)
+        if self._short_at is not None:
+            self._short += (short - self._short) * min(1.0, max(0.0, now - self._short_at) / window)
+        self._short_at = now
         samples = self._capacity
         if short and delivery:
             while samples and samples[-1][1] <= delivery:
                 samples.pop()
             samples.append((now, delivery))
+        capacity = samples[0][1] if samples else 0.0
+        if short and self._short >= self.CLEARED and self.contested:
+            # The other flow is gone, a while ago by now: the path is
+            # likely what it was before it came.  (If not, the queue it
+            # holds brings the contest back at the share it ended with.)
+            self.contested = False
+            self._contest_ended = now
+            self.level = max(self.MIN_RATE, delivery or 0.0, self._share * (1.0 - self._compensation()),
+                             capacity)
+            self._enter('cruise', now)
+            self._decided(now)
+            self._next_probe = now
         while samples and not self.contested and now - samples[0][0] > self.CAPACITY_MEMORY:
             samples.popleft()
         return samples[0][1] if samples else 0.0

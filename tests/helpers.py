@@ -638,8 +638,14 @@ class ModelFlow:
     none."""
 
     def __init__(self, path, controller, start, files=None, tell_idle=True, first_ack=0.0,
-                 idle_first=0.0, batch=1, sample_every=1):
+                 idle_first=0.0, batch=1, sample_every=1, learn_base=False):
         self.path = path
+        # As a real receiver does (ReceiveWindow), sample the first packet
+        # of every acknowledgement interval too, and report the queue
+        # against the least delay it has sampled, not the path's true one:
+        # a flow that starts beside a standing queue never sees it empty.
+        self.learn_base = learn_base
+        self._least_delay = None
         self.batch, self.sample_every = batch, sample_every
         self._arrived = 0.0                     # packets the receiver got, for its sampling
         self.first_ack = first_ack              # s of arrivals the receiver's first acknowledgement covers
@@ -724,7 +730,12 @@ class ModelFlow:
         self.delivered[int(now * 10)] += nbytes
         before, self._arrived = self._arrived, self._arrived + nbytes / self.path.packet
         sampled = self.sample_every <= 1 or \
-            int(self._arrived) // self.sample_every > int(before) // self.sample_every
+            int(self._arrived) // self.sample_every > int(before) // self.sample_every or \
+            (self.learn_base and not self._heard)
+        if sampled and self.learn_base:
+            if self._least_delay is None or queue_delay < self._least_delay:
+                self._least_delay = queue_delay
+            queue_delay -= self._least_delay
         if sampled and (self._interval_delay is None or queue_delay < self._interval_delay):
             self._interval_delay = queue_delay
         self._heard = True
@@ -822,6 +833,40 @@ class AimdFlow:
 
     def on_silence(self):
         self.window = max(2 * self.packet, self.window / 2)
+
+
+class CubicFlow(AimdFlow):
+    """TCP CUBIC (RFC 8312, as Linux runs it) as a rate: on loss the window
+    falls to 0.7 of itself, then grows back along a cubic that flattens
+    near the window of the last loss, so a drop-tail queue stays nearly
+    full (the flow of bench_share.py)."""
+
+    C, BETA = 0.4, 0.7
+
+    def __init__(self, packet=1500, window=10):
+        super().__init__(packet, window)
+        self._epoch = self._w_max = self._k = 0.0
+
+    def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, *more):
+        self.rtt = rtt
+        packets = self.window / self.packet
+        if lost and now - self._last_cut >= rtt:
+            self._w_max = packets
+            self.window = max(2 * self.packet, self.window * self.BETA)
+            self._k = (self._w_max * (1 - self.BETA) / self.C) ** (1 / 3.0)
+            self.slow_start = False
+            self._last_cut = self._epoch = now
+        elif not lost and self.slow_start:
+            self.window += delivered_bytes
+        elif not lost:
+            t = now - self._epoch
+            target = self.C * (t - self._k) ** 3 + self._w_max
+            friendly = self._w_max * self.BETA + 3 * (1 - self.BETA) / (1 + self.BETA) * t / rtt
+            target = max(target, friendly, packets)
+            got = delivered_bytes / self.packet
+            self.window += min(target - packets, got * (target - packets) / packets + got / (100 * packets)) \
+                * self.packet
+        self.rate = self.window / rtt
 
 
 class ModelPath:

@@ -54,7 +54,7 @@ def one_run_wanxfer_first(link, args, cc, work, source, size):
         dest = os.path.join(work, "recv.bin")
         t0 = time.monotonic()
         get = procs.spawn("b", [sys.executable, args.wanxfer, "get", "%s:%d" % (HOST_A, PORT),
-                                os.path.basename(source), "-o", dest, "-q", "--no-delta"],
+                                os.path.basename(source), "-o", dest, "-q", "--no-delta"] + args.get_args.split(),
                           os.path.join(work, "get.out"), os.path.join(work, "get.out"), env)
         time.sleep(args.alone)          # a benchmark, not a test: wanxfer runs alone first
         iperf = subprocess.run(link.command("a", ["iperf3", "-c", HOST_B, "-p", str(IPERF_PORT),
@@ -91,7 +91,8 @@ def one_run(link, args, cc, work, source, size):
         t0 = time.monotonic()
         got = subprocess.run(link.command("b", [sys.executable, args.wanxfer, "get",
                                                       "%s:%d" % (HOST_A, PORT), os.path.basename(source),
-                                                      "-o", dest, "-q", "--json", "--no-delta"]),
+                                                      "-o", dest, "-q", "--json", "--no-delta"]
+                                                     + args.get_args.split()),
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              universal_newlines=True)
         t1 = time.monotonic()
@@ -132,6 +133,7 @@ def main():
     ap.add_argument("--wanxfer-first", action="store_true",
                     help="start get first and let TCP join it for --join-time seconds")
     ap.add_argument("--join-time", type=int, default=15, help="seconds TCP runs beside get")
+    ap.add_argument("--get-args", default="", help="extra arguments for wanxfer get, e.g. '--workers 1'")
     args = ap.parse_args()
     harness.require_root("bench_share.py")
     link = harness.make_link(args)
