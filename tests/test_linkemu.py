@@ -617,8 +617,12 @@ def test_tcp_connections_beyond_the_cap_are_reset(tcp_listener, monkeypatch):
     # Two threads a connection, as many connections as came.
     monkeypatch.setattr(wanxfer._TcpRelay, 'MAX_CONNECTIONS', 2)
     with emulate(tcp_listener) as emu:
-        clients = [socket.create_connection(emu.address, timeout=5) for _ in range(2)]
-        servers = [tcp_listener.accept()[0] for _ in clients]
+        # One at a time: the relay connects each onward on a thread of its
+        # own, so two made at once may reach the listener in either order.
+        clients, servers = [], []
+        for _ in range(2):
+            clients.append(socket.create_connection(emu.address, timeout=5))
+            servers.append(tcp_listener.accept()[0])
         assert _refused(emu.address, timeout=2), 'a third connection was relayed'
         clients[0].close()
         servers[0].close()              # both ends closed: that connection is over
