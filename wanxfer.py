@@ -4023,6 +4023,9 @@ class RateController:
     CLEARED = 0.8                           # ... (this share of it, averaged) ends a contest,
     LOSS_CLEAR = 2.0                        # ... or of this many s and round trips after a loss
     ALONE = 0.9                             # of the fastest delivery: a level above it has the path alone
+    MIN_DRAIN = 0.08                        # s: on a short path a drain of one round trip takes back
+                                            # 4-5 ms, no more than a busy host's stalls and the readings'
+                                            # noise put back, and alone two such read as failed drains
 
     def __init__(self, max_rate=None, initial_rate=None):
         self.max_rate = max_rate
@@ -4514,7 +4517,7 @@ class RateController:
     def _drain_for(self, now, built, rtt):
         """Send below the level long enough to take back `built` seconds of queue."""
         self._slot = self._return = None
-        duration = min(max(rtt, 0.01), built / (1.0 - self.GAINS['drain']))
+        duration = min(max(rtt, self.MIN_DRAIN), built / (1.0 - self.GAINS['drain']))
         self._drained = duration * (1.0 - self.GAINS['drain'])
         self._enter('drain', now, now + duration)
         self._decided(now + duration)
