@@ -3975,8 +3975,8 @@ class RateController:
     the time for CONTEST_CLEAR seconds or a round trip, or on a short
     path SHORT_CLEAR_ROUNDS round trips: a TCP flow's backoff empties it
     for a moment, and on a short path hardly at all), the queue no longer
-    steers the rate: a share does, as TCP's window does.  It starts at FAIR_SHARE of the
-    most the path delivered (alone, with a short queue, within
+    steers the rate: a share does, as TCP's window does.  It starts at
+    FAIR_SHARE of the most the path delivered (alone, with a short queue, within
     CAPACITY_MEMORY seconds, or ever: a contest found in the startup has
     measured little), grows a little every round trip, is cut by
     30% when more is lost than at random, and is sent per round trip (the
