@@ -3972,10 +3972,11 @@ class RateController:
     a drain ends and the queue did not shrink, the queue is another flow's:
     the path is contested (twice in a row: once can be our own probe's
     queue still arriving).  Until the queue stays short again (most of
-    the time for CONTEST_CLEAR seconds or a round trip: a TCP flow's
-    backoff empties it for a moment), the queue no longer steers the rate:
-    a share does, as TCP's window does.  It starts at FAIR_SHARE of the
-    most the path delivered (alone, with a short queue, within
+    the time for CONTEST_CLEAR seconds or a round trip, or on a short
+    path SHORT_CLEAR_ROUNDS round trips: a TCP flow's backoff empties it
+    for a moment, and on a short path hardly at all), the queue no longer
+    steers the rate: a share does, as TCP's window does.  It starts at
+    FAIR_SHARE of the most the path delivered (alone, with a short queue, within
     CAPACITY_MEMORY seconds, or ever: a contest found in the startup has
     measured little), grows a little every round trip, is cut by
     30% when more is lost than at random, and is sent per round trip (the
@@ -4020,9 +4021,13 @@ class RateController:
     MIN_SHARE_GROWTH = 187500               # bytes/s per round trip: 1.5 Mbit/s
     CAPACITY_MEMORY = 10.0                  # s a capacity not seen again is believed
     CONTEST_CLEAR, CLEAR_ROUNDS = 0.5, 1    # s, round trips: a queue short for most of the longer
+    SHORT_CLEAR_ROUNDS, MIN_CLEAR = 5, 0.1  # ... or of this many round trips if shorter (at least s)
     CLEARED = 0.8                           # ... (this share of it, averaged) ends a contest,
     LOSS_CLEAR = 2.0                        # ... or of this many s and round trips after a loss
     ALONE = 0.9                             # of the fastest delivery: a level above it has the path alone
+    MIN_DRAIN = 0.08                        # s: on a short path a drain of one round trip takes back
+                                            # 4-5 ms, no more than a busy host's stalls and the readings'
+                                            # noise put back, and alone two such read as failed drains
 
     def __init__(self, max_rate=None, initial_rate=None):
         self.max_rate = max_rate
@@ -4514,7 +4519,7 @@ class RateController:
     def _drain_for(self, now, built, rtt):
         """Send below the level long enough to take back `built` seconds of queue."""
         self._slot = self._return = None
-        duration = min(max(rtt, 0.01), built / (1.0 - self.GAINS['drain']))
+        duration = min(max(rtt, self.MIN_DRAIN), built / (1.0 - self.GAINS['drain']))
         self._drained = duration * (1.0 - self.GAINS['drain'])
         self._enter('drain', now, now + duration)
         self._decided(now + duration)
@@ -4573,7 +4578,11 @@ class RateController:
             self._failed_drains = 0
         # After a loss the other flow backed off too, and may leave the
         # queue empty for a second or more before it has grown back.
-        window = max(self.CONTEST_CLEAR, self.CLEAR_ROUNDS * rtt) if not self._share_cut_since else \
+        # On a short path a TCP flow's backoff leaves its queue standing
+        # (the queue is deep for its window), and a flow alone, its own
+        # queue drained by the share's cut, must not wait half a second.
+        window = max(min(self.CONTEST_CLEAR, self.SHORT_CLEAR_ROUNDS * rtt), self.CLEAR_ROUNDS * rtt,
+                     self.MIN_CLEAR) if not self._share_cut_since else \
             self.LOSS_CLEAR * max(1.0, rtt)
         if self._short_at is not None:
             self._short += (short - self._short) * min(1.0, max(0.0, now - self._short_at) / window)
