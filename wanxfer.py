@@ -10442,7 +10442,8 @@ class FollowingDigest:
         except (OSError, NoThread) as e:
             self.drop()
             text = 'cannot read back %s: %s' % (path, e.strerror if isinstance(e, OSError) else e)
-            channel.sendall(WORKER_PROGRESS.pack(b'X', file_id, 0, 0, 0, 0, 0, -1.0) + text.encode())
+            channel.sendall(WORKER_PROGRESS.pack(b'X', file_id, 0, 0, 0, 0, 0, -1.0, 0, 0, 0, 0)
+                            + text.encode())
 
 
 class WorkerInbox:

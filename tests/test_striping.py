@@ -359,3 +359,19 @@ def test_a_server_naming_tiny_stripes_is_refused_in_one_line():
         incoming._team_for(start, 1430)
     start['stripe'] = wanxfer.STRIPE_BYTES // 1430
     assert incoming._team_for(start, 1430) is incoming.team
+
+
+def test_a_receiving_worker_that_cannot_read_the_file_back_says_so_in_one_message(tmp_path):
+    # Worker 1 hashes a striped file as it is written; a file it cannot
+    # read back (gone, unreadable) must reach the coordinator as the
+    # worker's one-line failure, not end the worker with a traceback.
+    coordinator, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with coordinator, worker:
+        following = wanxfer.FollowingDigest()
+        following.share(7, str(tmp_path / 'gone.wxpart'), 4096, 1024)
+        following.take(wanxfer.WORKER_FRONTIER.pack(b'Z', 7, 4), worker)
+        coordinator.settimeout(5)
+        message = coordinator.recv(65536)
+    code, file_id = wanxfer.WORKER_PROGRESS.unpack_from(message)[:2]
+    assert (code, file_id) == (b'X', 7)
+    assert 'cannot read back' in message[wanxfer.WORKER_PROGRESS.size:].decode()
