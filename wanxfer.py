@@ -6043,8 +6043,11 @@ ACCEPT_REST = (0.01, 1.0)       # s a listener rests after accept() fails for wa
 PACING_BURST = 0.002            # s of sending allowed in one go
 MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
 LEAD_BYTES = 1 << 20            # a new file's first bytes sent before the client asks, at least:
-LEAD_WAIT = 0.2                 # ... what goes in a round trip and this (s: the first signature
-LEAD_GAIN = 2.0                 # piece hashed and sent) at this times the rate then,
+LEAD_ROUNDS = 3                 # ... what goes in this many round trips (the first signature piece
+                                # out and the first `need` back, and a lost segment of either, which
+                                # TCP sends again after its tail loss probe's two round trips)
+LEAD_WAIT = 0.2                 # ... and this (s: the first signature piece hashed and sent)
+LEAD_GAIN = 2.0                 # ... at this times the rate then,
 LEAD_FRACTION = 32              # ... and at most this fraction of the file
 MAX_HELPERS = 128               # digest and signature threads a server runs at once
 MAX_SESSION_HELPERS = 4         # ... and for one session (an aborted fetch's stops at its next read)
@@ -6109,8 +6112,12 @@ def lead_bytes(rate, rtt):
     the start of a long path (1 MB lasts half a second at the starting
     rate, the need comes 1.4 s after the start at 1.2 s round trip), and
     a slot sent while idle proves nothing, so the ramp loses a round trip
-    more."""
-    return max(LEAD_BYTES, int(LEAD_GAIN * rate * (rtt + LEAD_WAIT)))
+    more.  On a lossy path the piece or the need often loses a segment
+    (the piece is about nine): TCP sends it again only after its tail loss
+    probe, two round trips later, so the lead covers those too (at 10%
+    loss the sender had run dry in 2 runs of 5 at 120 ms, 0.2-0.3 s each,
+    and for a second at 1.2 s)."""
+    return max(LEAD_BYTES, int(LEAD_GAIN * rate * (LEAD_ROUNDS * rtt + LEAD_WAIT)))
 
 
 def lead_ranges(fd, size, block_size, lead_size=LEAD_BYTES):
