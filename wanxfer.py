@@ -1385,11 +1385,12 @@ class CounterModeContext:
         self._written = ctypes.c_int()
         self._lock = threading.Lock()   # one context: sealing from two threads must take turns
 
-    def apply(self, data, pieces):
-        """`data` XOR the keystream, as a new bytearray.  `pieces` lists, in
-        order, where each stretch of `data` finds its keystream: (the
-        stream's 12-byte counter prefix, byte offset in the stream, length)."""
-        out = bytearray(data)
+    def apply(self, data, pieces, in_place=False):
+        """`data` XOR the keystream, as a new bytearray (or `data` itself,
+        a bytearray, changed `in_place`).  `pieces` lists, in order, where
+        each stretch of `data` finds its keystream: (the stream's 12-byte
+        counter prefix, byte offset in the stream, length)."""
+        out = data if in_place else bytearray(data)
         if not out:
             return out
         mode, ctx, written = self._mode, self._ctx, self._written
@@ -1476,15 +1477,16 @@ class Sealer:
             done += take
         return pieces
 
-    def _crypt(self, first_nonce, data, single):
-        """`data` XOR its keystream (see _pieces)."""
+    def _crypt(self, first_nonce, data, single, in_place=False):
+        """`data` XOR its keystream (see _pieces); AES changes a bytearray
+        `in_place` if asked to."""
         pieces = self._pieces(first_nonce, len(data), single)
         if self._aes is not None:
             stride = self.stride.to_bytes(4, 'big')
             return self._aes.apply(data, [
                 (bytes(4) + first_nonce.to_bytes(8, 'big') if batch is None
                  else stride + batch.to_bytes(8, 'big'), offset, length)
-                for batch, offset, length in pieces])
+                for batch, offset, length in pieces], in_place)
         if pieces[0][0] is None:
             return xor_bytes(data, hashlib.shake_128(
                 self._enc_key + KEYSTREAM_LONG + first_nonce.to_bytes(8, 'big')).digest(len(data)))
@@ -1533,12 +1535,14 @@ class Sealer:
             return None
         return body
 
-    def open_run(self, first_nonce, ciphertext):
+    def open_run(self, first_nonce, ciphertext, in_place=False):
         """Decrypt the verified bodies of consecutive nonces, back to back
-        (`stride` bytes each, the last possibly shorter), in one go."""
+        (`stride` bytes each, the last possibly shorter), in one go.
+        `in_place`: `ciphertext` is a bytearray the caller gives up, to be
+        decrypted where it lies (and returned) rather than copied."""
         if not self.encrypt:
-            return bytes(ciphertext)
-        return self._crypt(first_nonce, ciphertext, single=False)
+            return ciphertext if in_place else bytes(ciphertext)
+        return self._crypt(first_nonce, ciphertext, single=False, in_place=in_place)
 
     def open(self, nonce, header, sealed):
         """Return the plaintext of `sealed` (ciphertext + tag) or None."""
@@ -5961,13 +5965,18 @@ class BlockWriter:
         self._queue = queue.Queue(self.QUEUED_WRITES)
         self._thread = start_thread(self._run, 'writer')
         self.written_bytes = 0
+        self.on_written = None          # called (file position, bytes) with each run once written
 
     def put(self, block, data):
-        """Blocks from `block` on, back to back in `data`."""
+        """Blocks from `block` on, back to back in `data` (a bytearray is
+        the writer's from then on: it may be written as it is)."""
         if block != self._next or len(self._buffer) >= self.FLUSH_BYTES:
             self.flush()
             self._start = block
-        self._buffer += data
+        if not self._buffer and type(data) is bytearray:
+            self._buffer = data                 # saves a copy of every byte received
+        else:
+            self._buffer += data
         self._next = block + (len(data) + self._block_size - 1) // self._block_size
 
     def flush(self):
@@ -5989,6 +5998,8 @@ class BlockWriter:
                 if self._error is None:
                     self._partial.write(start * self._block_size, data)
                     self._written(start, end, len(data))
+                    if self.on_written is not None:
+                        self.on_written(start * self._block_size, data)
             except DiskFull as e:
                 # What reached the disk before it filled up is kept and resumed.
                 self._written(start, start + e.written // self._block_size, e.written)
@@ -7947,6 +7958,7 @@ class IncomingFile:
             frontier = (FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
                         if team is None else
                         team.follow_digest(start['file'], partial.nblocks, writer.written_bitmap))
+            writer.on_written = frontier.offer      # the digest need not read back what came
         except (NoThread, ProtocolError):
             writer.close()
             partial.close()
@@ -8198,7 +8210,8 @@ class FileReceiver:
         full = self._full_datagram
         whole = nbytes - nbytes % full if segment == full else 0
         if whole:
-            unpack, new_mac, compare = DATA_HEADER.unpack_from, self._sealer.mac_factory(), hmac.compare_digest
+            unpack, compare = DATA_HEADER.unpack_from, hmac.compare_digest
+            new_mac = self._sealer.mac_factory()
             session_id, first_seq, last_block = self._session_id, self.window.first_seq, self._last_block
             tag_at = full - TAG_SIZE
             seqs, blocks, stamps, offsets = [], [], [], []
@@ -8247,7 +8260,7 @@ class FileReceiver:
             block, seq = blocks[i], seqs[i]
             if block != run_block + count or seq != run_seq + count or count >= limit:
                 if count:
-                    self._writer.put(run_block, self._sealer.open_run(run_seq, run))
+                    self._writer.put(run_block, self._sealer.open_run(run_seq, run, in_place=True))
                     run = bytearray()
                 run_block, run_seq, count = block, seq, 0
             start = offsets[i] + header_size
@@ -8317,9 +8330,9 @@ class FileReceiver:
 
     def flush(self):
         if self._run_count:
-            self._writer.put(self._run_block, self._sealer.open_run(self._run_seq, self._run))
-            self._run = bytearray()
+            run, self._run = self._run, bytearray()
             self._run_count = 0
+            self._writer.put(self._run_block, self._sealer.open_run(self._run_seq, run, in_place=True))
 
     def flow_counts(self):
         """FlowCounts of its flow so far."""
