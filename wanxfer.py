@@ -1385,11 +1385,12 @@ class CounterModeContext:
         self._written = ctypes.c_int()
         self._lock = threading.Lock()   # one context: sealing from two threads must take turns
 
-    def apply(self, data, pieces):
-        """`data` XOR the keystream, as a new bytearray.  `pieces` lists, in
-        order, where each stretch of `data` finds its keystream: (the
-        stream's 12-byte counter prefix, byte offset in the stream, length)."""
-        out = bytearray(data)
+    def apply(self, data, pieces, in_place=False):
+        """`data` XOR the keystream, as a new bytearray (or `data` itself,
+        a bytearray, changed `in_place`).  `pieces` lists, in order, where
+        each stretch of `data` finds its keystream: (the stream's 12-byte
+        counter prefix, byte offset in the stream, length)."""
+        out = data if in_place else bytearray(data)
         if not out:
             return out
         mode, ctx, written = self._mode, self._ctx, self._written
@@ -1476,15 +1477,16 @@ class Sealer:
             done += take
         return pieces
 
-    def _crypt(self, first_nonce, data, single):
-        """`data` XOR its keystream (see _pieces)."""
+    def _crypt(self, first_nonce, data, single, in_place=False):
+        """`data` XOR its keystream (see _pieces); AES changes a bytearray
+        `in_place` if asked to."""
         pieces = self._pieces(first_nonce, len(data), single)
         if self._aes is not None:
             stride = self.stride.to_bytes(4, 'big')
             return self._aes.apply(data, [
                 (bytes(4) + first_nonce.to_bytes(8, 'big') if batch is None
                  else stride + batch.to_bytes(8, 'big'), offset, length)
-                for batch, offset, length in pieces])
+                for batch, offset, length in pieces], in_place)
         if pieces[0][0] is None:
             return xor_bytes(data, hashlib.shake_128(
                 self._enc_key + KEYSTREAM_LONG + first_nonce.to_bytes(8, 'big')).digest(len(data)))
@@ -1517,6 +1519,13 @@ class Sealer:
             packets.append(header + body + tag(header, body))
         return packets
 
+    def mac_factory(self):
+        """A function that returns a fresh keyed MAC, for a hot loop to make
+        tag() itself: the tag is the MAC's digest over header | body, so
+        where they lie back to back (a datagram in a receive buffer) one
+        update over both does (a new key each time would cost more)."""
+        return self._mac.copy
+
     def verify(self, header, sealed):
         """The ciphertext of `sealed` if its tag is right, else None."""
         if len(sealed) < TAG_SIZE:
@@ -1526,12 +1535,14 @@ class Sealer:
             return None
         return body
 
-    def open_run(self, first_nonce, ciphertext):
+    def open_run(self, first_nonce, ciphertext, in_place=False):
         """Decrypt the verified bodies of consecutive nonces, back to back
-        (`stride` bytes each, the last possibly shorter), in one go."""
+        (`stride` bytes each, the last possibly shorter), in one go.
+        `in_place`: `ciphertext` is a bytearray the caller gives up, to be
+        decrypted where it lies (and returned) rather than copied."""
         if not self.encrypt:
-            return bytes(ciphertext)
-        return self._crypt(first_nonce, ciphertext, single=False)
+            return ciphertext if in_place else bytes(ciphertext)
+        return self._crypt(first_nonce, ciphertext, single=False, in_place=in_place)
 
     def open(self, nonce, header, sealed):
         """Return the plaintext of `sealed` (ciphertext + tag) or None."""
@@ -4980,30 +4991,46 @@ class ReceiveWindow:
 
     def on_packet(self, seq, block, sent_us, now):
         """Record a datagram that passed its tag; True if its block is new."""
-        if seq < self.first_seq or block >= self.nblocks:
-            self.stale += 1
-            return False
-        self.packets += 1
-        if self.first_arrival is None:
-            self.first_arrival = now
-        if seq > self.largest:
-            if seq > self.largest + 1:
-                self._gaps.append([self.largest + 1, seq])
-            self.largest = seq
-            self._largest_arrival = now
-        else:
-            self._fill_gap(seq)
-        if not seq & 7 or self._interval_delay is None:
-            # One in eight is plenty for a minimum filter, but every
-            # acknowledgement needs one: none would report no queue at all.
-            self._delay_sample(sent_us, now)
-        byte, bit = block >> 3, 1 << (block & 7)
-        if self.bitmap[byte] & bit:
-            self.duplicates += 1
-            return False
-        self.bitmap[byte] |= bit
-        self.held += 1
-        return True
+        return bool(self.on_packets((seq,), (block,), (sent_us,), now))
+
+    def on_packets(self, seqs, blocks, stamps, now):
+        """Record datagrams that passed their tags, in order of arrival (a
+        receive's worth, in one call: the per-datagram Python is what a GB
+        costs); the indices of those whose block is new."""
+        first_seq, nblocks, bitmap = self.first_seq, self.nblocks, self.bitmap
+        largest, gaps = self.largest, self._gaps
+        new = []
+        stale = 0
+        for i, seq in enumerate(seqs):
+            block = blocks[i]
+            if seq < first_seq or block >= nblocks:
+                stale += 1
+                continue
+            if seq > largest:
+                if seq > largest + 1:
+                    gaps.append([largest + 1, seq])
+                largest = seq
+            else:
+                self._fill_gap(seq)
+            if not seq & 7 or self._interval_delay is None:
+                # One in eight is plenty for a minimum filter, but every
+                # acknowledgement needs one: none would report no queue at all.
+                self._delay_sample(stamps[i], now)
+            byte, bit = block >> 3, 1 << (block & 7)
+            if not bitmap[byte] & bit:
+                bitmap[byte] |= bit
+                new.append(i)
+        taken = len(seqs) - stale
+        self.stale += stale
+        if taken:
+            if self.first_arrival is None:
+                self.first_arrival = now
+            if largest != self.largest:
+                self.largest, self._largest_arrival = largest, now
+            self.packets += taken
+            self.duplicates += taken - len(new)
+            self.held += len(new)
+        return new
 
     def _delay_sample(self, sent_us, now):
         # Delay relative to the first sample's, so the unknown offset between
@@ -5938,13 +5965,18 @@ class BlockWriter:
         self._queue = queue.Queue(self.QUEUED_WRITES)
         self._thread = start_thread(self._run, 'writer')
         self.written_bytes = 0
+        self.on_written = None          # called (file position, bytes) with each run once written
 
     def put(self, block, data):
-        """Blocks from `block` on, back to back in `data`."""
+        """Blocks from `block` on, back to back in `data` (a bytearray is
+        the writer's from then on: it may be written as it is)."""
         if block != self._next or len(self._buffer) >= self.FLUSH_BYTES:
             self.flush()
             self._start = block
-        self._buffer += data
+        if not self._buffer and type(data) is bytearray:
+            self._buffer = data                 # saves a copy of every byte received
+        else:
+            self._buffer += data
         self._next = block + (len(data) + self._block_size - 1) // self._block_size
 
     def flush(self):
@@ -5966,6 +5998,8 @@ class BlockWriter:
                 if self._error is None:
                     self._partial.write(start * self._block_size, data)
                     self._written(start, end, len(data))
+                    if self.on_written is not None:
+                        self.on_written(start * self._block_size, data)
             except DiskFull as e:
                 # What reached the disk before it filled up is kept and resumed.
                 self._written(start, start + e.written // self._block_size, e.written)
@@ -7931,6 +7965,7 @@ class IncomingFile:
             frontier = (FrontierDigest(partial.data_path, size, block_size, writer.written_bitmap)
                         if team is None else
                         team.follow_digest(start['file'], partial.nblocks, writer.written_bitmap))
+            writer.on_written = frontier.offer      # the digest need not read back what came
         except (NoThread, ProtocolError):
             writer.close()
             partial.close()
@@ -8145,7 +8180,11 @@ class FileReceiver:
     handed to the writer in one piece.  Of the authentic datagrams of its
     flow's file (those the window counts in `packets`) it counts the bytes
     and those flagged as resent or compressed: what the sender's counts
-    are made of, as far as this end can see them (flow_counts())."""
+    are made of, as far as this end can see them (flow_counts()).
+
+    Nearly every datagram of a transfer is a full block's, in order: those
+    take a path of their own (receive()), where the per-datagram Python is
+    the cost of a GB.  Anything else takes _receive_one()."""
 
     RUN_BYTES = 256 * 1024
 
@@ -8153,6 +8192,8 @@ class FileReceiver:
         self._session_id, self._sealer = session_id, sealer
         self.window, self._writer = window, writer
         self._block_size = block_size
+        self._full_datagram = DATA_HEADER.size + block_size + TAG_SIZE
+        self._run_limit = -(-self.RUN_BYTES // block_size)     # full blocks in a run, at most
         self._last_block = window.nblocks - 1
         self._last_size = size - self._last_block * block_size
         self._run = bytearray()
@@ -8163,50 +8204,117 @@ class FileReceiver:
         self.datagram_bytes = self.resent = self.compressed = 0
 
     def receive(self, buffer, nbytes, segment, now):
-        """Take one receive's worth of datagrams (several when coalesced)."""
+        """Take one receive's worth of datagrams (several when coalesced).
+
+        A full block's data datagram of this flow is taken if its tag,
+        checked first, is right; those of one receive then go to the window
+        in one call and the new blocks join the run.  Every other datagram
+        (a probe, the short last block, a compressed block, a packet number
+        from before this file, a forgery's odd size) goes to _receive_one()
+        in its turn, the datagrams taken before it handed on first, so the
+        order is the order of arrival."""
         view = memoryview(buffer)
-        unpack, header_size = DATA_HEADER.unpack_from, DATA_HEADER.size
-        minimum = header_size + TAG_SIZE
-        window, verify = self.window, self._sealer.verify
-        first_seq, last_block = window.first_seq, self._last_block
-        for offset in range(0, nbytes, segment):
-            length = min(segment, nbytes - offset)
-            if length < minimum:
-                self.rejected += 1
-                continue
-            kind, flags, sid, seq, block, stamp = unpack(buffer, offset)
-            body = None
-            if kind == KIND_PROBE:
-                self.largest_probe = max(self.largest_probe, probe_length(
-                    self._sealer, self._session_id, buffer, offset, length))
-                continue
-            if kind == KIND_DATA and sid == self._session_id:
-                body = verify(view[offset:offset + header_size],
-                              view[offset + header_size:offset + length])
-                if body is not None and length > self.largest_data:
-                    self.largest_data = length
-            expected = self._block_size if block < self._last_block else self._last_size
-            if body is not None and flags & DATA_FLAG_ZLIB:
-                self._compressed(seq, block, stamp, body, expected, now, length, flags)
-                continue
-            if body is None or len(body) != expected:
-                self.rejected += 1
-                continue
-            if seq >= first_seq and block <= last_block:        # those the window counts
-                self.datagram_bytes += length
+        full = self._full_datagram
+        whole = nbytes - nbytes % full if segment == full else 0
+        if whole:
+            unpack, compare = DATA_HEADER.unpack_from, hmac.compare_digest
+            new_mac = self._sealer.mac_factory()
+            session_id, first_seq, last_block = self._session_id, self.window.first_seq, self._last_block
+            tag_at = full - TAG_SIZE
+            seqs, blocks, stamps, offsets = [], [], [], []
+            resent = 0
+            for offset in range(0, whole, full):
+                kind, flags, sid, seq, block, stamp = unpack(buffer, offset)
+                if kind != KIND_DATA or sid != session_id or flags & DATA_FLAG_ZLIB \
+                        or seq < first_seq or block >= last_block:
+                    if seqs:
+                        self._take(view, seqs, blocks, stamps, offsets, resent, now)
+                        seqs, blocks, stamps, offsets = [], [], [], []
+                        resent = 0
+                    self._receive_one(view, offset, full, now)
+                    continue
+                mac = new_mac()
+                mac.update(view[offset:offset + tag_at])
+                if not compare(mac.digest(), view[offset + tag_at:offset + full]):
+                    self.rejected += 1
+                    continue
                 if flags & DATA_FLAG_RETRANSMIT:
-                    self.resent += 1
-            if not window.on_packet(seq, block, stamp, now):
-                continue
-            count = self._run_count
-            if not count or block != self._run_block + count or seq != self._run_seq + count \
-                    or len(self._run) >= self.RUN_BYTES:
-                self.flush()
-                self._run_block, self._run_seq = block, seq
-            self._run += body
-            self._run_count += 1
-            if len(body) < self._block_size:
-                self.flush()            # a short block ends a run
+                    resent += 1
+                seqs.append(seq)
+                blocks.append(block)
+                stamps.append(stamp)
+                offsets.append(offset)
+            if seqs:
+                self._take(view, seqs, blocks, stamps, offsets, resent, now)
+        for offset in range(whole, nbytes, segment):
+            self._receive_one(view, offset, min(segment, nbytes - offset), now)
+
+    def _take(self, view, seqs, blocks, stamps, offsets, resent, now):
+        """Full blocks' datagrams of this file, authentic, in order of
+        arrival (`offsets` in `view`): counted, recorded in the window, and
+        the new blocks added to the run."""
+        full = self._full_datagram
+        self.datagram_bytes += len(seqs) * full
+        self.resent += resent
+        if full > self.largest_data:
+            self.largest_data = full
+        new = self.window.on_packets(seqs, blocks, stamps, now)
+        if not new:
+            return
+        header_size, block_size, limit = DATA_HEADER.size, self._block_size, self._run_limit
+        run, count, run_block, run_seq = self._run, self._run_count, self._run_block, self._run_seq
+        for i in new:
+            block, seq = blocks[i], seqs[i]
+            if block != run_block + count or seq != run_seq + count or count >= limit:
+                if count:
+                    self._writer.put(run_block, self._sealer.open_run(run_seq, run, in_place=True))
+                    run = bytearray()
+                run_block, run_seq, count = block, seq, 0
+            start = offsets[i] + header_size
+            run += view[start:start + block_size]
+            count += 1
+        self._run, self._run_count, self._run_block, self._run_seq = run, count, run_block, run_seq
+
+    def _receive_one(self, view, offset, length, now):
+        """One datagram, whatever it is."""
+        header_size = DATA_HEADER.size
+        if length < header_size + TAG_SIZE:
+            self.rejected += 1
+            return
+        kind, flags, sid, seq, block, stamp = DATA_HEADER.unpack_from(view, offset)
+        body = None
+        if kind == KIND_PROBE:
+            self.largest_probe = max(self.largest_probe, probe_length(
+                self._sealer, self._session_id, view, offset, length))
+            return
+        if kind == KIND_DATA and sid == self._session_id:
+            body = self._sealer.verify(view[offset:offset + header_size],
+                                       view[offset + header_size:offset + length])
+            if body is not None and length > self.largest_data:
+                self.largest_data = length
+        expected = self._block_size if block < self._last_block else self._last_size
+        if body is not None and flags & DATA_FLAG_ZLIB:
+            self._compressed(seq, block, stamp, body, expected, now, length, flags)
+            return
+        if body is None or len(body) != expected:
+            self.rejected += 1
+            return
+        window = self.window
+        if seq >= window.first_seq and block <= self._last_block:      # those the window counts
+            self.datagram_bytes += length
+            if flags & DATA_FLAG_RETRANSMIT:
+                self.resent += 1
+        if not window.on_packet(seq, block, stamp, now):
+            return
+        count = self._run_count
+        if not count or block != self._run_block + count or seq != self._run_seq + count \
+                or len(self._run) >= self.RUN_BYTES:
+            self.flush()
+            self._run_block, self._run_seq = block, seq
+        self._run += body
+        self._run_count += 1
+        if len(body) < self._block_size:
+            self.flush()            # a short block ends a run
 
     def _compressed(self, seq, block, stamp, body, expected, now, length, flags):
         """A block sent compressed: decrypted and inflated on its own."""
@@ -8229,9 +8337,9 @@ class FileReceiver:
 
     def flush(self):
         if self._run_count:
-            self._writer.put(self._run_block, self._sealer.open_run(self._run_seq, self._run))
-            self._run = bytearray()
+            run, self._run = self._run, bytearray()
             self._run_count = 0
+            self._writer.put(self._run_block, self._sealer.open_run(self._run_seq, run, in_place=True))
 
     def flow_counts(self):
         """FlowCounts of its flow so far."""

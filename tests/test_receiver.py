@@ -1,0 +1,209 @@
+"""The receiving hot path without a network: FileReceiver fed receive
+buffers as the kernel fills them (several datagrams back to back, as UDP_GRO
+coalesces them), and ReceiveWindow fed a receive's worth of packets in one
+call.  The batched path must keep every promise of the one-at-a-time path:
+a tag is checked before anything of its datagram is counted or written, a
+duplicate counts once, and the odd datagram keeps its place in the order."""
+
+import random
+import zlib
+
+from helpers import wanxfer
+
+BLOCK = 1430
+SESSION = 0x5eed
+KEY = bytes(range(64))
+FULL = wanxfer.DATA_HEADER.size + BLOCK + wanxfer.TAG_SIZE
+
+
+class Writer:
+    """BlockWriter's put() and flush(), kept in memory."""
+
+    def __init__(self, nblocks):
+        self.puts = []
+        self.blocks = [None] * nblocks
+
+    def put(self, block, data):
+        data = bytes(data)
+        self.puts.append((block, len(data)))
+        for i in range(0, len(data), BLOCK):
+            assert self.blocks[block + i // BLOCK] is None, 'block %d written twice' % (block + i // BLOCK)
+            self.blocks[block + i // BLOCK] = data[i:i + BLOCK]
+
+    def flush(self):
+        pass
+
+
+def sealers():
+    mode = wanxfer.CounterMode.load()
+    out, into = (wanxfer.Sealer(KEY, True, counter_mode=mode) for _ in range(2))
+    out.set_stride(BLOCK)
+    into.set_stride(BLOCK)
+    return out, into
+
+
+def datagram(sealer, seq, block, body, flags=0, session=SESSION, kind=wanxfer.KIND_DATA):
+    header = wanxfer.DATA_HEADER.pack(kind, flags, session, seq, block, seq & 0xFFFFFFFF)
+    return header + sealer.seal(seq, header, body)
+
+
+def receiver(nblocks, size=None, first_seq=0):
+    out, into = sealers()
+    window = wanxfer.ReceiveWindow(nblocks, first_seq)
+    writer = Writer(nblocks)
+    size = nblocks * BLOCK if size is None else size
+    return out, wanxfer.FileReceiver(SESSION, into, window, writer, size, BLOCK), window, writer
+
+
+def coalesced(*datagrams):
+    """One receive's buffer and byte count, as UDP_GRO hands them over."""
+    data = b''.join(datagrams)
+    buffer = bytearray(wanxfer.RECV_BUFFER)
+    buffer[:len(data)] = data
+    return buffer, len(data)
+
+
+def file_blocks(nblocks, seed=1):
+    rng = random.Random(seed)
+    return [bytes(rng.getrandbits(8) for _ in range(BLOCK)) for _ in range(nblocks)]
+
+
+def test_a_forged_datagram_in_a_coalesced_receive_is_dropped_and_nothing_of_it_written():
+    blocks = file_blocks(8)
+    out, rx, window, writer = receiver(8)
+    grams = [bytearray(datagram(out, seq, seq, blocks[seq])) for seq in range(8)]
+    grams[3][wanxfer.DATA_HEADER.size + 100] ^= 1          # its ciphertext
+    grams[5][14] ^= 1                                       # its block number (5 -> 4)
+    buffer, nbytes = coalesced(*grams)
+    rx.receive(buffer, nbytes, FULL, 1.0)
+    rx.flush()
+    assert rx.rejected == 2
+    assert (window.packets, window.held, window.duplicates) == (6, 6, 0)
+    assert rx.datagram_bytes == 6 * FULL
+    assert writer.blocks[3] is None and writer.blocks[5] is None
+    assert [writer.blocks[i] for i in (0, 1, 2, 4, 6, 7)] == [blocks[i] for i in (0, 1, 2, 4, 6, 7)]
+    assert window.missing() == [(3, 4), (5, 6)]
+    # The genuine ones, resent later, are taken.
+    buffer, nbytes = coalesced(datagram(out, 8, 3, blocks[3], wanxfer.DATA_FLAG_RETRANSMIT),
+                               datagram(out, 9, 5, blocks[5], wanxfer.DATA_FLAG_RETRANSMIT))
+    rx.receive(buffer, nbytes, FULL, 1.1)
+    rx.flush()
+    assert writer.blocks == blocks and window.complete() and rx.resent == 2
+
+
+def test_a_datagram_of_another_session_or_a_foreign_key_is_dropped():
+    blocks = file_blocks(4)
+    out, rx, window, writer = receiver(4)
+    stranger = wanxfer.Sealer(bytes(64), True, counter_mode=wanxfer.CounterMode.load())
+    stranger.set_stride(BLOCK)
+    buffer, nbytes = coalesced(datagram(out, 0, 0, blocks[0]),
+                               datagram(out, 1, 1, blocks[1], session=SESSION + 1),
+                               datagram(stranger, 2, 2, blocks[2]),
+                               datagram(out, 3, 3, blocks[3]))
+    rx.receive(buffer, nbytes, FULL, 1.0)
+    rx.flush()
+    assert rx.rejected == 2 and window.packets == 2
+    assert writer.blocks == [blocks[0], None, None, blocks[3]]
+
+
+def test_a_duplicate_in_a_coalesced_receive_is_counted_once_and_written_once():
+    blocks = file_blocks(4)
+    out, rx, window, writer = receiver(4)
+    buffer, nbytes = coalesced(datagram(out, 0, 0, blocks[0]), datagram(out, 1, 1, blocks[1]),
+                               datagram(out, 2, 1, blocks[1], wanxfer.DATA_FLAG_RETRANSMIT),
+                               datagram(out, 3, 2, blocks[2]), datagram(out, 4, 2, blocks[2]))
+    rx.receive(buffer, nbytes, FULL, 1.0)
+    rx.flush()
+    assert (window.packets, window.held, window.duplicates) == (5, 3, 2)
+    assert rx.resent == 1 and rx.datagram_bytes == 5 * FULL
+    assert writer.blocks == blocks[:3] + [None]         # Writer asserts each block came once
+    # And the same datagram again, in a later receive: a duplicate too.
+    buffer, nbytes = coalesced(datagram(out, 1, 1, blocks[1]))
+    rx.receive(buffer, nbytes, FULL, 1.1)
+    assert (window.packets, window.held, window.duplicates) == (6, 3, 3)
+
+
+def test_odd_datagrams_among_full_ones_keep_their_place():
+    """A probe, a compressed block, a packet number from before the file and
+    the short last block, mixed with full blocks in a receive: each is
+    taken as the one-at-a-time path takes it, in order, and every block
+    lands where it belongs."""
+    nblocks, last = 8, 700
+    blocks = file_blocks(nblocks)
+    blocks[-1] = blocks[-1][:last]
+    out, rx, window, writer = receiver(nblocks, size=(nblocks - 1) * BLOCK + last, first_seq=10)
+    compressible = bytes(BLOCK)
+    blocks[4] = compressible
+    probe_header = wanxfer.PACKET_HEADER.pack(wanxfer.KIND_PROBE, 0, SESSION, 13)
+    probe = probe_header + out.seal(13, probe_header, bytes(FULL - len(probe_header) - wanxfer.TAG_SIZE))
+    first = [datagram(out, 10, 0, blocks[0]), datagram(out, 11, 1, blocks[1]),
+             datagram(out, 5, 2, blocks[2]),                # stale: before this file's first packet
+             datagram(out, 12, 2, blocks[2]), probe,
+             datagram(out, 14, 3, blocks[3]),
+             datagram(out, 15, 4, zlib.compress(compressible), wanxfer.DATA_FLAG_ZLIB)]     # shorter: last
+    second = [datagram(out, 16, 5, blocks[5]), datagram(out, 17, 6, blocks[6]),
+              datagram(out, 18, 7, blocks[7])]
+    for grams in (first, second):
+        buffer, nbytes = coalesced(*grams)
+        rx.receive(buffer, nbytes, FULL, 1.0)
+    rx.flush()
+    assert writer.blocks == blocks and window.complete()
+    assert rx.rejected == 0 and window.stale == 1 and rx.largest_probe == FULL
+    assert window.packets == 8 and rx.compressed == 1
+    assert rx.datagram_bytes == sum(len(g) for g in first + second) - len(probe) - FULL    # not the stale one
+    # Runs: 0-2 in one piece, 3 alone (the compressed block broke it), 4, then 5-7.
+    assert writer.puts[0] == (0, 3 * BLOCK) and (5, 2 * BLOCK + last) in writer.puts
+
+
+def test_runs_break_where_blocks_or_packet_numbers_do_not_follow():
+    blocks = file_blocks(6)
+    out, rx, window, writer = receiver(6)
+    buffer, nbytes = coalesced(*(datagram(out, seq, block, blocks[block])
+                                 for seq, block in ((0, 0), (1, 1), (2, 4), (3, 5), (5, 2), (6, 3))))
+    rx.receive(buffer, nbytes, FULL, 1.0)
+    rx.flush()
+    assert writer.blocks == blocks
+    assert writer.puts == [(0, 2 * BLOCK), (4, 2 * BLOCK), (2, 2 * BLOCK)]
+
+
+def test_one_datagram_per_receive_takes_the_same_path():
+    """Without UDP_GRO each receive holds one datagram (segment = its size)."""
+    blocks = file_blocks(5)
+    out, rx, window, writer = receiver(5)
+    for seq in (0, 1, 3, 2, 4, 4):
+        gram = datagram(out, seq, seq, blocks[seq])
+        buffer, nbytes = coalesced(gram)
+        rx.receive(buffer, nbytes, nbytes, 1.0 + seq)
+    rx.flush()
+    assert writer.blocks == blocks and window.duplicates == 1 and window.packets == 6
+
+
+def test_a_receives_worth_in_one_call_leaves_the_window_as_one_at_a_time_does():
+    """ReceiveWindow.on_packets against on_packet, packet by packet: loss,
+    reordering, duplicates, stale packets and blocks past the end."""
+    rng = random.Random(7)
+    nblocks = 300
+    one, batched = wanxfer.ReceiveWindow(nblocks, 50), wanxfer.ReceiveWindow(nblocks, 50)
+    seq, now = 40, 0.0
+    for _round in range(60):
+        seqs, blocks, stamps = [], [], []
+        for _ in range(rng.randrange(1, 40)):
+            choice = rng.random()
+            if choice < 0.1:
+                s = rng.randrange(30, seq + 1)              # late, or stale
+            else:
+                seq += 1 + (rng.random() < 0.1) * rng.randrange(1, 5)     # a loss now and then
+                s = seq
+            seqs.append(s)
+            blocks.append(rng.randrange(nblocks + 3))       # duplicates, and a few past the end
+            stamps.append(rng.randrange(1 << 32))
+        now += 0.001
+        expected = [i for i in range(len(seqs)) if one.on_packet(seqs[i], blocks[i], stamps[i], now)]
+        assert batched.on_packets(seqs, blocks, stamps, now) == expected
+        if _round % 3 == 0:
+            now += 0.01
+            assert one.feedback(now) == batched.feedback(now)
+    for name in ('packets', 'duplicates', 'stale', 'held', 'largest', 'first_arrival', 'bitmap',
+                 '_gaps', '_largest_arrival', '_base_delay', '_interval_delay'):
+        assert getattr(one, name) == getattr(batched, name), name
+    assert one.missing() == batched.missing()
