@@ -4441,6 +4441,18 @@ class RateController:
         # A queue that stood through the last few acknowledgements, not a
         # moment's delay (a busy host holds packets up as a queue would).
         standing = min(self._recent_queue)
+        if standing > self.TARGET_DELAY and now < self._no_doubling_until and \
+                self.level < self.ALONE * self.peak_delivery:
+            # Soon after a contest a queue that stands is the other flow's
+            # again: back to the share at once, as before the level's jump
+            # to the path's capacity at the contest's end brought it back
+            # (by overflowing the queue).  In cruise beside a flow that holds
+            # a queue, the probes take from it and the drains half relieve.
+            self.contested = True
+            self._contest_began = now
+            self._share_cut_since = False
+            self._share_step = now
+            return
         if standing > self.TARGET_DELAY or self._lossy_windows >= self.LOSSY_WINDOWS:
             self._unseen_queue = standing <= self.TARGET_DELAY
             # Over-full: a bottleneck with a queue delivers exactly its rate.
