@@ -617,6 +617,21 @@ def test_rate_controller_contest_ends_when_the_queue_empties_and_the_next_one_re
     assert rate.contested and rate.rate >= share     # not halved again
 
 
+def test_rate_controller_after_a_contest_neither_jumps_to_the_path_nor_waits_for_two_drains():
+    # The other flow may still be there, growing back slowly (CUBIC after
+    # a loss, at a long round trip): the level goes on from the share, not
+    # from the path's capacity (whose overflow cut CUBIC again), and a queue
+    # that stands again is the other flow's at once, not after two failed
+    # drains (meanwhile the probes took from it: CUBIC kept 51-60 of 200
+    # Mbit/s in 3 runs of 6 on the link).
+    rate, path, now = contested(0.3)
+    assert rate.contested
+    now = feed(rate, 1.0, now, queue=0.001, delivered_rate=None)
+    assert not rate.contested and rate.rate < 0.8 * path
+    feed(rate, 0.1, now, queue=0.040, delivered_rate=0.5 * path)
+    assert rate.contested
+
+
 def test_rate_controller_first_feedback_with_a_queue_keeps_a_sane_rate():
     # A single sample carries no delivery rate: it must not be taken as zero.
     rate = wanxfer.RateController()
