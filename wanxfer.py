@@ -4156,6 +4156,8 @@ class RateController:
         self._share_step = self._share_cut = 0.0
         self._share_cut_since = False           # ... cut for loss since this contest began
         self._contest_ended = float('-inf')     # a contest soon after goes on from its share
+        self._contest_began = float('-inf')
+        self._no_doubling_until = float('-inf')  # ... and a probe finds room in steps until then
         self._capacity = collections.deque()    # (time, delivery with a short queue), falling
         self._drain_queue = None                # the queue when the last drain began
         self._drained = 0.0                     # s of queue that drain should have removed
@@ -4521,6 +4523,7 @@ class RateController:
             # drains then bring down.
             if self._failed_drains >= 2 and self.level < self.ALONE * self.peak_delivery:
                 self.contested = True
+                self._contest_began = now
                 self._share_cut_since = False
                 if now - self._contest_ended > self.CAPACITY_MEMORY:
                     self._share = self.FAIR_SHARE * max(capacity, self.level, self.peak_delivery)
@@ -4529,6 +4532,18 @@ class RateController:
         # A queue that stood through the last few acknowledgements, not a
         # moment's delay (a busy host holds packets up as a queue would).
         standing = min(self._recent_queue)
+        if standing > self.TARGET_DELAY and now < self._no_doubling_until and \
+                self.level < self.ALONE * self.peak_delivery:
+            # Soon after a contest a queue that stands is the other flow's
+            # again: back to the share at once, as before the level's jump
+            # to the path's capacity at the contest's end brought it back
+            # (by overflowing the queue).  In cruise beside a flow that holds
+            # a queue, the probes take from it and the drains half relieve.
+            self.contested = True
+            self._contest_began = now
+            self._share_cut_since = False
+            self._share_step = now
+            return
         if standing > self.TARGET_DELAY or self._lossy_windows >= self.LOSSY_WINDOWS:
             self._unseen_queue = standing <= self.TARGET_DELAY
             # Over-full: a bottleneck with a queue delivers exactly its rate.
@@ -4580,7 +4595,7 @@ class RateController:
                 self.level = min(got, target)
             if got >= self.PROBE_PAID * before and not overflowed:
                 self._next_probe = now          # room left: look for more at once
-                if got >= self.PASSED * target * 1.1:
+                if got >= self.PASSED * target * 1.1 and now >= self._no_doubling_until:
                     # Delivered all it asked for: the room may be large.
                     self.phase = 'startup'
         returned = self._return
@@ -4685,13 +4700,24 @@ class RateController:
             samples.append((now, delivery))
         capacity = samples[0][1] if samples else 0.0
         if short and self._short >= self.CLEARED and self.contested:
-            # The other flow is gone, a while ago by now: the path is
-            # likely what it was before it came.  (If not, the queue it
-            # holds brings the contest back at the share it ended with.)
+            # The other flow is gone, or it is still there and grows too
+            # slowly to fill what the share leaves (a CUBIC flow that
+            # joined: its window from its first loss grows a few Mbit/s a
+            # second at 120 ms).  Not back to the path's capacity at once:
+            # that overflowed the queue, and CUBIC's window, cut again,
+            # grew back to less.  From the share, probes find the room in
+            # steps of a quarter, a few round trips for the whole path.
+            # (If the queue it holds stands again, the contest comes back
+            # at the share it ended with.)
             self.contested = False
             self._contest_ended = now
-            self.level = max(self.MIN_RATE, delivery or 0.0, self._share * (1.0 - self._compensation()),
-                             capacity)
+            self.level = max(self.MIN_RATE, delivery or 0.0, self._share * (1.0 - self._compensation()))
+            if now - self._contest_began >= self.CONTEST_CLEAR:
+                # Not doubling either, for a while, after a contest long
+                # enough to have been another flow's (a flow alone's own
+                # false contest ends within a few round trips): into the
+                # queue of a flow still there, growing back, it overflows.
+                self._no_doubling_until = now + self.CAPACITY_MEMORY
             self._enter('cruise', now)
             self._decided(now)
             self._next_probe = now

@@ -72,6 +72,7 @@ def one_run_wanxfer_first(link, args, cc, work, source, size):
     return {
         "cc": cc, "order": "wanxfer-first",
         "tcp_beside_mbps": round(statistics.mean(rates), 1) if rates else None,
+        "tcp_each_second": [round(i["sum"]["bits_per_second"] / 1e6) for i in report["intervals"]],
         "wanxfer_mbps": round(size * 8 / (t1 - t0) / 1e6, 1),
         "wanxfer_seconds": round(t1 - t0, 2),
         "wanxfer_outlasted_tcp": still_running,
@@ -127,7 +128,8 @@ def main():
     harness.add_common_options(ap, "--delay 60 --rate 200 --queue 50")
     ap.add_argument("--cc", default="cubic,bbr", help="TCP congestion controls to share with")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--size", type=int, default=256, help="file size in MiB (default 256)")
+    ap.add_argument("--size", type=int, help="file size in MiB (default 256; 1024 with --wanxfer-first, so that "
+                    "`get` outlasts TCP)")
     ap.add_argument("--alone", type=float, default=8.0, help="seconds TCP runs alone first")
     ap.add_argument("--tcp-time", type=int, default=40, help="seconds TCP runs after that")
     ap.add_argument("--wanxfer-first", action="store_true",
@@ -137,7 +139,7 @@ def main():
     args = ap.parse_args()
     harness.require_root("bench_share.py")
     link = harness.make_link(args)
-    size = args.size << 20
+    size = (args.size or (1024 if args.wanxfer_first else 256)) << 20
     results = []
     with tempfile.TemporaryDirectory(prefix="wanxfer-share-") as work:
         source = os.path.join(work, "file.bin")
@@ -152,6 +154,7 @@ def main():
                               cc, i + 1, r["tcp_beside_mbps"], r["wanxfer_mbps"], r["wanxfer_seconds"],
                               "" if r["wanxfer_outlasted_tcp"] else ", ended before TCP did"),
                           flush=True)
+                    print("      TCP each second: %s" % " ".join(map(str, r["tcp_each_second"])), flush=True)
                     continue
                 r = one_run(link, args, cc, work, source, size)
                 results.append(r)
