@@ -7403,7 +7403,9 @@ class SessionProcess:
         try:
             self.channel.send(SESSION_ACCEPTED if accepted else SESSION_REFUSED)
         except OSError:
-            pass
+            return
+        if accepted:
+            self.server.replay_hello(session_id, self)
 
     def _release_connection(self):
         """The client authenticated (or the process ended): the gate lets
@@ -7512,6 +7514,7 @@ class Server:
         self.digests = DigestCache(slots=slots)
         self.signatures = SignatureCache(signature_store, slots=slots)
         self._routes = {}                       # session id -> ServerSession or SessionProcess
+        self._unrouted = collections.OrderedDict()  # session id -> (HELLO, address, when) early
         self._children = {}                     # pid -> SessionProcess
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -7551,7 +7554,19 @@ class Server:
             return True
 
     def register(self, session):
-        return self.route(session.session_id, session)
+        if not self.route(session.session_id, session):
+            return False
+        self.replay_hello(session.session_id, session)
+        return True
+
+    def replay_hello(self, session_id, session):
+        """The client sends its first HELLO datagram right after its proof,
+        so it comes before the session is routed, nearly always: passed on
+        now rather than waiting for the next, a tenth of a second later."""
+        with self._lock:
+            early = self._unrouted.pop(session_id, None)
+        if early is not None and time.monotonic() - early[2] < EARLY_HELLO_SECONDS:
+            session.hello_datagram(early[0], early[1])
 
     def unregister(self, session):
         with self._lock:
@@ -7571,9 +7586,18 @@ class Server:
             if nbytes < PACKET_HEADER.size + TAG_SIZE:
                 continue
             kind, _flags, sid, _seq = PACKET_HEADER.unpack_from(buffer)
+            if kind != KIND_HELLO:
+                continue
             with self._lock:
                 session = self._routes.get(sid)
-            if kind == KIND_HELLO and session is not None:
+                if session is None:
+                    # Kept for its session, if it is one about to be (its
+                    # tag is checked then); a few, briefly: anyone can send.
+                    self._unrouted[sid] = (bytes(buffer[:nbytes]), address, time.monotonic())
+                    self._unrouted.move_to_end(sid)
+                    while len(self._unrouted) > MAX_EARLY_HELLOS:
+                        self._unrouted.popitem(last=False)
+            if session is not None:
                 session.hello_datagram(bytes(buffer[:nbytes]), address)
 
     # -- running ---------------------------------------------------------------------
@@ -7692,6 +7716,8 @@ class Server:
 # role does not assume it runs in the client.
 
 HELLO_INTERVAL = 0.1
+EARLY_HELLO_SECONDS = 2.0       # a HELLO for a session not routed yet is kept this long,
+MAX_EARLY_HELLOS = 64           # ... and at most this many of them
 PROGRESS_INTERVAL = 0.5
 STATE_SAVE_INTERVAL = 2.0
 FEEDBACK_INTERVAL = (0.005, 0.01)   # s between acknowledgements: an eighth of the round trip within

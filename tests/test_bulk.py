@@ -1374,3 +1374,22 @@ def frame_count(stream):
         count += 1
     assert at == len(stream)
     return count
+
+
+@pytest.mark.parametrize('sessions', ['processes', 'threads'])
+def test_the_first_hello_datagram_opens_the_data_channel(tmp_path, monkeypatch, serve, sessions):
+    # It leaves right after the proof, so it reaches the server before the
+    # session is routed: kept for it, not dropped for the next HELLO, which
+    # comes a tenth of a second later (here: not before the server gives up).
+    data = make_file(tmp_path / 'f', 1000)
+    server = serve([data]) if sessions == 'processes' else InProcessServer([data])
+    monkeypatch.setattr(wanxfer, 'HELLO_INTERVAL', wanxfer.UDP_SETUP_TIMEOUT + 20)
+    client = wanxfer.Client('127.0.0.1', server.port, SECRET.encode())
+    try:
+        client.connect()
+        listing, = client.listings(['f'])
+        assert not isinstance(listing, wanxfer.RemoteError), listing
+    finally:
+        client.close()
+        if sessions == 'threads':
+            server.stop()
