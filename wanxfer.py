@@ -7514,7 +7514,7 @@ class Server:
         self.digests = DigestCache(slots=slots)
         self.signatures = SignatureCache(signature_store, slots=slots)
         self._routes = {}                       # session id -> ServerSession or SessionProcess
-        self._unrouted = collections.OrderedDict()  # session id -> (HELLO, address, when) early
+        self._unrouted = collections.OrderedDict()  # (session id, flags) -> (HELLO, address, when)
         self._children = {}                     # pid -> SessionProcess
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -7564,9 +7564,10 @@ class Server:
         so it comes before the session is routed, nearly always: passed on
         now rather than waiting for the next, a tenth of a second later."""
         with self._lock:
-            early = self._unrouted.pop(session_id, None)
-        if early is not None and time.monotonic() - early[2] < EARLY_HELLO_SECONDS:
-            session.hello_datagram(early[0], early[1])
+            early = [self._unrouted.pop(key) for key in list(self._unrouted) if key[0] == session_id]
+        for datagram, address, when in early:
+            if time.monotonic() - when < EARLY_HELLO_SECONDS:
+                session.hello_datagram(datagram, address)
 
     def unregister(self, session):
         with self._lock:
@@ -7585,7 +7586,7 @@ class Server:
                 return
             if nbytes < PACKET_HEADER.size + TAG_SIZE:
                 continue
-            kind, _flags, sid, _seq = PACKET_HEADER.unpack_from(buffer)
+            kind, flags, sid, _seq = PACKET_HEADER.unpack_from(buffer)
             if kind != KIND_HELLO:
                 continue
             with self._lock:
@@ -7593,8 +7594,9 @@ class Server:
                 if session is None:
                     # Kept for its session, if it is one about to be (its
                     # tag is checked then); a few, briefly: anyone can send.
-                    self._unrouted[sid] = (bytes(buffer[:nbytes]), address, time.monotonic())
-                    self._unrouted.move_to_end(sid)
+                    key = (sid, flags)          # the session's own flow, or a worker's
+                    self._unrouted[key] = (bytes(buffer[:nbytes]), address, time.monotonic())
+                    self._unrouted.move_to_end(key)
                     while len(self._unrouted) > MAX_EARLY_HELLOS:
                         self._unrouted.popitem(last=False)
             if session is not None:
