@@ -9224,6 +9224,7 @@ class Client:
         caller then lists and fetches as usual."""
         if self.store is not None and self.store.kept_files_for(remote, self.origin):
             return None, None
+        self._fork_with_open_fetch()
         family, connected, asked = self.sock.family, self._connect_started, time.monotonic()
         offered = block_size_for_mtu(self.udp.path_mtu(), family)
         self.conversation.send({'op': 'fetch', 'path': remote, 'max_rate': self.max_rate,
@@ -9231,10 +9232,6 @@ class Client:
                                 'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE,
                                 'lead': True, 'compress': self.store is not None,
                                 'early_digest': True})
-        # The request first (with the proof, if this is the first), then
-        # the fork: a fork takes milliseconds, and the answer a round trip.
-        self.conversation.release()
-        self._fork_with_open_fetch()
         self._ensure_ready()
         try:
             answer = self.conversation.recv()
