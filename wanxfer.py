@@ -1670,60 +1670,11 @@ class ControlChannel:
         self._reader = FrameReader(sealer_in)
         self._lock = threading.Lock()
         self._peer = peer
-        self._held = bytearray()                # what hold() and send_later() keep back
-        self._holding = False
-        self._then = None                       # called once what was held went out
-
-    # On a lossy path every TCP segment can be lost, and one that is waits
-    # for the retransmission timer (at 1.2 s round trip, about 3 s): the
-    # messages that open a session go out together, in one segment where
-    # they fit, rather than one segment each.
-
-    HOLD_BYTES = 16384          # held beyond this, they go: a segment or a few is the point
-
-    def hold(self, prefix=b'', then=None):
-        """Keep back `prefix` (the handshake's last bytes) and every message
-        sent from now on, until this end would wait for the peer (recv()
-        with nothing in) or release(); `then()` is called once they went."""
-        with self._lock:
-            self._held += prefix
-            self._holding = True
-            self._then = then
-
-    def send_later(self, message):
-        """Send `message` with the next one, or before this end waits for
-        the peer, whichever is first: for an answer that more follow."""
-        with self._lock:
-            self._held += self._seal(message)
-
-    def release(self):
-        """Send what is held, now."""
-        with self._lock:
-            self._release()
-
-    def _release(self):
-        self._holding = False
-        then, self._then = self._then, None
-        if self._held:
-            frames = bytes(self._backlog) + bytes(self._held)
-            del self._backlog[:]
-            del self._held[:]
-            self.sock.sendall(frames)
-        if then is not None:
-            then()
 
     def send(self, message):
-        """Send `message`, after whatever queue() or hold() left waiting;
-        blocks."""
+        """Send `message`, after whatever queue() left waiting; blocks."""
         with self._lock:
             frame = self._seal(message)
-            if self._holding and len(self._held) + len(frame) <= self.HOLD_BYTES:
-                self._held += frame
-                return
-            if self._held:
-                self._held += frame
-                self._release()
-                return
             if self._backlog:
                 frame = bytes(self._backlog) + frame
                 del self._backlog[:]
@@ -1733,15 +1684,11 @@ class ControlChannel:
         """Send `message` as far as the (non-blocking) socket takes it now;
         flush() sends the rest, in order, before anything sent later."""
         with self._lock:
-            if self._held:
-                self._release()
             self._backlog += self._seal(message)
             self._push()
 
     def flush(self):
         with self._lock:
-            if self._held:
-                self._release()
             self._push()
 
     @property
@@ -1772,17 +1719,6 @@ class ControlChannel:
             if timeout:
                 self.sock.settimeout(timeout)
 
-    def _recv_now(self):
-        """What the socket holds now (b'' at its end), or None if nothing."""
-        timeout = self.sock.gettimeout()
-        self.sock.settimeout(0.0)
-        try:
-            return self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return None
-        finally:
-            self.sock.settimeout(timeout)
-
     def feed(self, data):
         self._reader.feed(data)
 
@@ -1799,18 +1735,11 @@ class ControlChannel:
             frames.close()          # consumed frames leave the buffer even if we stop early
 
     def recv(self):
-        """Block until one message arrives (what is held goes out first,
-        unless a message is in already)."""
+        """Block until one message arrives."""
         while True:
             for message in self.messages():
                 return message
-            if self._holding or self._held:
-                data = self._recv_now()         # the next message, maybe: answer it too
-                if data is None:
-                    self.release()
-                    continue
-            else:
-                data = self.sock.recv(65536)
+            data = self.sock.recv(65536)
             if not data:
                 raise PeerClosed('connection closed by peer')
             self.feed(data)
@@ -1819,15 +1748,6 @@ class ControlChannel:
 def client_handshake(sock, secret, encrypt):
     """Authenticate to a server; return (SessionKeys, round-trip seconds).
     `secret` is a SharedSecret (or the secret's bytes)."""
-    keys, rtt, proof = client_proof(sock, secret, encrypt)
-    sock.sendall(proof)
-    return keys, rtt
-
-
-def client_proof(sock, secret, encrypt):
-    """client_handshake() up to its last step: (SessionKeys, round-trip
-    seconds, the CLIENT_PROOF bytes for the caller to send, with its first
-    requests)."""
     secret = SharedSecret.of(secret)
     counter_mode = CounterMode.load() if encrypt else None
     flags = (FLAG_ENCRYPT | (FLAG_AES_CTR if counter_mode else 0)) if encrypt else 0
@@ -1853,10 +1773,10 @@ def client_proof(sock, secret, encrypt):
     expected = handshake_proof(key, b'wanxfer server', client_nonce, server_nonce, flags, server_flags)
     if not hmac.compare_digest(proof, expected):
         raise AuthError('authentication failed: wrong secret (the server could not prove it knows it)')
-    proof = CLIENT_PROOF.pack(
-        handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, flags, server_flags))
+    sock.sendall(CLIENT_PROOF.pack(
+        handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, flags, server_flags)))
     return SessionKeys(key, client_nonce, server_nonce, encrypt,
-                       counter_mode if server_flags & FLAG_AES_CTR else None), rtt, proof
+                       counter_mode if server_flags & FLAG_AES_CTR else None), rtt
 
 
 def server_handshake(sock, secret, encrypt):
@@ -7158,7 +7078,7 @@ class ServerSession:
                                    'open between the hosts?' % (UDP_SETUP_TIMEOUT, self.server.port)})
                 return
             self._open_udp()
-            self.control.send_later({'op': 'ready', 'probes': self._send_probes(), 'server': __version__})
+            self.control.send({'op': 'ready', 'probes': self._send_probes(), 'server': __version__})
             self.sock.settimeout(COMMAND_TIMEOUT)
             while True:
                 try:
@@ -7257,7 +7177,7 @@ class ServerSession:
         answer = {'op': 'workers', 'count': granted}
         if lazy:
             answer['lazy'] = True
-        self.control.send_later(answer)         # with `ready`, and `start` if the fetch is in
+        self.control.send(answer)
 
     def do_fetch(self, message):
         """Send one file, named with the size and mtime a listing gave, by
@@ -7897,15 +7817,8 @@ class Conversation:
         self.on_fork = None                     # called for a `fork`, where one may come
 
     def send(self, message):
-        self._sending(self.channel.send, message)
-
-    def release(self):
-        """Send what the channel holds back (see ControlChannel.hold)."""
-        self._sending(self.channel.release)
-
-    def _sending(self, send, *message):
         try:
-            send(*message)
+            self.channel.send(message)
         except socket.timeout:
             raise TransferError('the %s took no request for %d s' % (self.peer, self.timeout))
 
@@ -8919,7 +8832,7 @@ class Client:
                                                                 e.strerror or e))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            keys, self.rtt, proof = client_proof(self.sock, self.secret, self.encrypt)
+            keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt)
         except struct.error:
             raise ProtocolError('the server closed the connection during the handshake')
         except socket.timeout:
@@ -8929,9 +8842,6 @@ class Client:
         ctrl_out, ctrl_in, data_out, data_in = keys.sealers('client')
         self.control = ControlChannel(self.sock, ctrl_out, ctrl_in, peer='server')
         self.conversation = Conversation(self.control, self.timeout)
-        # The proof goes with the first requests, and the HELLO datagram
-        # after them, as the server takes none before the proof.
-        self.control.hold(proof, then=lambda: self.data.send(KIND_HELLO))
         # Every wait on the server, a send to it too, ends after `timeout`.
         self.sock.settimeout(self.timeout)
         udp = socket.socket(self.sock.family, socket.SOCK_DGRAM)
@@ -8943,6 +8853,7 @@ class Client:
         self._largest_probe = 0
         self._probes_awaited = False
         self._ready = False
+        self.data.send(KIND_HELLO)              # the server waits for it from now on
         # Before any request, so that the first (an open fetch) is striped too.
         self._workers_asked = False
         self._granted = 1
@@ -9060,7 +8971,6 @@ class Client:
 
     def _open_udp_flow(self):
         """Send HELLO datagrams until the server says it has seen one."""
-        self.conversation.release()             # the proof, and the first HELLO
         deadline = time.monotonic() + UDP_SETUP_TIMEOUT + 5
         self.sock.settimeout(HELLO_INTERVAL)
         try:
@@ -9321,11 +9231,6 @@ class Client:
              'mtime_ns': download.entry.mtime_ns} for download in batch]})
 
     def close(self):
-        if self.control is not None:
-            try:
-                self.control.release()          # a proof not sent yet: the server logs no failure
-            except OSError:
-                pass
         for channel in (self.udp, self.sock):
             if channel is not None:
                 try:

@@ -1332,50 +1332,6 @@ def test_blocks_are_chosen_by_probes_that_come_after_the_listing(tmp_path, serve
     assert [s['block_bytes'] for s in json_summaries(done)] == [wanxfer.block_size_for_mtu(65535)] * 2
 
 
-def test_a_sessions_opening_messages_share_one_write_each_way(tmp_path, monkeypatch):
-    # On a lossy path each TCP segment may be lost, and a lost one waits for
-    # TCP's retransmission timer (about 3 s at 1.2 s round trip): the
-    # client's proof goes with its open fetch, the server's `ready` with
-    # the `start` that answers it.
-    data = make_file(tmp_path / 'f', 300_000)
-    server = InProcessServer([data])
-    writes = []
-    real_sendall = socket.socket.sendall
-
-    def sendall(sock, payload, *args):
-        if sock.type == socket.SOCK_STREAM:
-            ends = (sock.getsockname()[1], sock.getpeername()[1])
-            writes.append(('server' if ends[0] == server.port else
-                           'client' if ends[1] == server.port else None, bytes(payload)))
-        return real_sendall(sock, payload, *args)
-    monkeypatch.setattr(socket.socket, 'sendall', sendall)
-    client = wanxfer.Client('127.0.0.1', server.port, SECRET.encode())
-    try:
-        summaries = list(client.get(['f'], str(tmp_path / 'out')))
-    finally:
-        client.close()
-        server.stop()
-    assert [type(s) for s in summaries] == [dict] and sha256(tmp_path / 'out') == sha256(data)
-    by_client = [payload for who, payload in writes if who == 'client']
-    by_server = [payload for who, payload in writes if who == 'server']
-    # HELLO, then the proof and the fetch; SERVER_HELLO, then `ready` and `start`.
-    assert len(by_client[0]) == wanxfer.HELLO.size
-    assert len(by_client[1]) > wanxfer.CLIENT_PROOF.size, 'the proof went alone'
-    assert len(by_server[0]) == wanxfer.SERVER_HELLO.size
-    assert frame_count(by_client[1][wanxfer.CLIENT_PROOF.size:]) == 1      # the fetch
-    assert frame_count(by_server[1]) == 2, 'the server sent `ready` alone'
-
-
-def frame_count(stream):
-    """Control frames (length u32 | sealed) back to back in `stream`."""
-    count = at = 0
-    while at < len(stream):
-        at += wanxfer.FRAME_HEADER.size + wanxfer.FRAME_HEADER.unpack_from(stream, at)[0]
-        count += 1
-    assert at == len(stream)
-    return count
-
-
 @pytest.mark.parametrize('sessions', ['processes', 'threads'])
 def test_the_first_hello_datagram_opens_the_data_channel(tmp_path, monkeypatch, serve, sessions):
     # It leaves right after the proof, so it reaches the server before the
