@@ -297,6 +297,14 @@ def test_a_server_from_before_workers_is_fetched_from_as_before(tmp_path, serve)
     assert summary['workers'] == 1 and 'error' not in got.stderr and 'warning' not in got.stderr
 
 
+def assert_dealt_round_robin(summary):
+    """Each worker took about a third of the blocks, as round robin deals
+    them (a weighted deal of three gives worker 1 about an eighth).  Not
+    exact: a block sent again may land at another worker and count there."""
+    packets = summary['worker_packets']
+    assert all(abs(count / sum(packets) - 1 / 3) < 0.05 for count in packets), packets
+
+
 def striped_over_three(tmp_path, serve, seed, patch):
     """`get --workers 3` of a large file from a `serve --workers 3` changed
     by `patch` (see patched_serve): byte-identical and striped over all
@@ -320,8 +328,8 @@ def test_a_server_that_forks_its_workers_at_once_is_fetched_from(tmp_path, serve
         'def do_workers(self, message):',
         '    return asked(self, {"op": "workers", "count": message["count"]})',
         'wanxfer.ServerSession.do_workers = do_workers'])
-    # Nor did it take a weighted deal: round robin, stripe 0 the coordinator's.
-    assert summary['worker_packets'][0] >= max(summary['worker_packets'][1:]), summary
+    # Nor did it take a weighted deal: round robin.
+    assert_dealt_round_robin(summary)
 
 
 def test_a_client_from_before_weighted_deals_gets_stripes_round_robin(tmp_path, serve):
@@ -349,7 +357,7 @@ def test_a_client_from_before_weighted_deals_gets_stripes_round_robin(tmp_path, 
     assert sha256(dest) == sha256(source)
     (summary,) = json_summaries(got)
     assert summary['workers'] == 3
-    assert summary['worker_packets'][0] >= max(summary['worker_packets'][1:]), summary
+    assert_dealt_round_robin(summary)
     assert 'Traceback' not in server.log()
 
 
