@@ -163,6 +163,7 @@ PROTOCOL_MAGIC = b'WXFR'
 PROTOCOL_VERSION = 3
 FLAG_ENCRYPT = 0x01
 FLAG_AES_CTR = 0x02     # the keystream is AES-256-CTR (client: can; server: will)
+FLAG_MIRROR = 0x04      # client: send me small control frames on the data channel too
 
 NONCE_SIZE = 32
 SALT_SIZE = 16
@@ -187,6 +188,7 @@ KIND_HELLO = 2         # client -> server: opens the UDP flow (NAT, firewalls); 
 KIND_FEEDBACK = 3      # client -> server: acknowledgements and path delay
 KIND_NAK = 4           # client -> server: blocks still missing, by range
 KIND_PROBE = 5         # server -> client: padding, to learn the largest datagram the path carries
+KIND_CONTROL = 6       # server -> client: a copy of a small control frame (MIRRORED_FRAME)
 
 UDP_SETUP_TIMEOUT = 10.0
 DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
@@ -202,6 +204,12 @@ PACKET_HEADER = struct.Struct('!BBIQ')
 # time in microseconds modulo 2**32 (for the receiver's delay measurement).
 DATA_HEADER = struct.Struct('!BBIQQI')
 PACKET_OVERHEAD = DATA_HEADER.size + TAG_SIZE
+# A control frame's copy on the data channel (for a client that offered
+# FLAG_MIRROR): PACKET_HEADER, its packet number the frame's index on the
+# control channel, then the frame as sent there, sealed by the control key.
+# A frame TCP must send again waits a round trip or two; its copy does not.
+MIRRORED_FRAME = 1200           # bytes of a frame copied, at most: fits a 1280-byte path
+MIRRORED_AHEAD = 64             # frames a receiver holds beyond the next one it reads, at most
 
 # Feedback body: file id, window start, largest packet number received,
 # microseconds since that packet arrived, queueing delay (us), gap count;
@@ -1558,11 +1566,12 @@ class SessionKeys:
     """The keys and id of one authenticated session, derived from the
     stretched secret K and both sides' nonces.  `sealers(role)` gives the
     four Sealers as seen from 'client' or 'server': (control out, control
-    in, data out, data in)."""
+    in, data out, data in).  `mirror`: the client offered FLAG_MIRROR."""
 
-    def __init__(self, key, client_nonce, server_nonce, encrypt, counter_mode=None):
+    def __init__(self, key, client_nonce, server_nonce, encrypt, counter_mode=None, mirror=False):
         self.encrypt = encrypt
         self.counter_mode = counter_mode
+        self.mirror = mirror
         material = hkdf_sha256(key, client_nonce + server_nonce,
                                b'wanxfer v2 session keys', 4 + 64 * len(SEAL_LABELS))
         self.session_id = int.from_bytes(material[:4], 'big')
@@ -1629,6 +1638,20 @@ class FrameReader:
     def feed(self, data):
         self._buffer += data
 
+    @property
+    def count(self):
+        """Frames read so far: the index of the next."""
+        return self._frames
+
+    def open_frame(self, index, frame):
+        """The body of `frame`, one whole frame sent as the `index`th, or
+        None if it is not that (a copy of it that came another way)."""
+        if len(frame) < FRAME_HEADER.size + TAG_SIZE or \
+                FRAME_HEADER.unpack_from(frame)[0] != len(frame) - FRAME_HEADER.size:
+            return None
+        header = bytes(frame[:FRAME_HEADER.size]) + index.to_bytes(8, 'big')
+        return self._sealer.open(index, header, bytes(frame[FRAME_HEADER.size:]))
+
     def frames(self):
         buffer, start = self._buffer, 0
         try:
@@ -1660,6 +1683,13 @@ class ControlChannel:
     with `queue(message)` and calls `flush()` each wakeup.  With a `peer`
     ('client' or 'server'), every message it sends is checked by
     validate_message before it is yielded.
+
+    Frames may also come as copies on the data channel (KIND_CONTROL):
+    `mirror(index, frame)`, when set, is given each frame sent of at most
+    MIRRORED_FRAME bytes; at the other end `offer(index, frame)` takes
+    the copy, and messages() yields every frame once, in order, from
+    whichever way it came first.  `datagrams`, when set, lets recv() take
+    copies while it waits (see Client.take_control_datagrams).
     """
 
     def __init__(self, sock, sealer_out, sealer_in, peer=None):
@@ -1670,6 +1700,10 @@ class ControlChannel:
         self._reader = FrameReader(sealer_in)
         self._lock = threading.Lock()
         self._peer = peer
+        self.mirror = None
+        self.datagrams = None
+        self._next = 0                          # index of the next frame messages() yields
+        self._copies = {}                       # index: body of a frame that came as a copy
 
     def send(self, message):
         """Send `message`, after whatever queue() left waiting; blocks."""
@@ -1698,6 +1732,8 @@ class ControlChannel:
 
     def _seal(self, message):
         frame = seal_frame(self._out, self._sent, json.dumps(message, separators=(',', ':')).encode())
+        if self.mirror is not None and len(frame) <= MIRRORED_FRAME:
+            self.mirror(self._sent, frame)
         self._sent += 1
         return frame
 
@@ -1722,11 +1758,35 @@ class ControlChannel:
     def feed(self, data):
         self._reader.feed(data)
 
+    def offer(self, index, frame):
+        """A copy of frame `index` came on the data channel: kept until its
+        turn if it is authentic and not yet read, dropped otherwise.  True
+        if messages() has more to yield now."""
+        if self._next <= index < self._next + MIRRORED_AHEAD and index not in self._copies:
+            body = self._reader.open_frame(index, frame)
+            if body is not None:
+                self._copies[index] = body
+        return self.pending()
+
+    def pending(self):
+        """The next frame came as a copy: messages() yields it without
+        anything more from the socket."""
+        return self._next in self._copies
+
     def messages(self):
-        """Decode every complete frame fed so far."""
+        """Decode every complete frame fed so far, or come as a copy, in
+        order, each once."""
         frames = self._reader.frames()
         try:
-            for body in frames:
+            while True:
+                body = self._copies.pop(self._next, None)
+                if body is None:
+                    body = next(frames, None)
+                    if body is None:
+                        return
+                    if self._reader.count <= self._next:
+                        continue                # its copy was read already
+                self._next += 1
                 message = parse_control(body)
                 if self._peer is not None:
                     validate_message(message, self._peer)
@@ -1735,22 +1795,37 @@ class ControlChannel:
             frames.close()          # consumed frames leave the buffer even if we stop early
 
     def recv(self):
-        """Block until one message arrives."""
+        """Block until one message arrives (or the socket's timeout)."""
+        datagrams = self.datagrams
         while True:
             for message in self.messages():
                 return message
+            if datagrams is not None:
+                with selectors.DefaultSelector() as selector:
+                    selector.register(self.sock, selectors.EVENT_READ)
+                    selector.register(datagrams.sock, selectors.EVENT_READ)
+                    readable = [key.fileobj for key, _ in selector.select(self.sock.gettimeout())]
+                if not readable:
+                    raise socket.timeout('timed out')
+                if datagrams.sock in readable and not datagrams.take_control_datagrams():
+                    datagrams = None            # data waits there: the data phase reads it
+                if self.sock not in readable:
+                    continue
             data = self.sock.recv(65536)
             if not data:
                 raise PeerClosed('connection closed by peer')
             self.feed(data)
 
 
-def client_handshake(sock, secret, encrypt):
+def client_handshake(sock, secret, encrypt, mirror=False):
     """Authenticate to a server; return (SessionKeys, round-trip seconds).
-    `secret` is a SharedSecret (or the secret's bytes)."""
+    `secret` is a SharedSecret (or the secret's bytes).  `mirror`: offer
+    FLAG_MIRROR (this client takes copies of control frames as datagrams)."""
     secret = SharedSecret.of(secret)
     counter_mode = CounterMode.load() if encrypt else None
     flags = (FLAG_ENCRYPT | (FLAG_AES_CTR if counter_mode else 0)) if encrypt else 0
+    if mirror:
+        flags |= FLAG_MIRROR
     client_nonce = secrets.token_bytes(NONCE_SIZE)
     started = time.monotonic()
     sock.sendall(HELLO.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION, flags, client_nonce))
@@ -1807,7 +1882,8 @@ def server_handshake(sock, secret, encrypt):
     expected = handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, client_flags, flags)
     if not hmac.compare_digest(proof, expected):
         raise AuthError('client failed authentication (wrong secret)')
-    return SessionKeys(key, client_nonce, server_nonce, encrypt, counter_mode), rtt
+    return SessionKeys(key, client_nonce, server_nonce, encrypt, counter_mode,
+                       mirror=bool(client_flags & FLAG_MIRROR)), rtt
 
 
 def describe_flags(flags):
@@ -7078,6 +7154,8 @@ class ServerSession:
                                    'open between the hosts?' % (UDP_SETUP_TIMEOUT, self.server.port)})
                 return
             self._open_udp()
+            if keys.mirror:
+                self.control.mirror = self._send_copy
             self.control.send({'op': 'ready', 'probes': self._send_probes(), 'server': __version__})
             self.sock.settimeout(COMMAND_TIMEOUT)
             while True:
@@ -7133,6 +7211,14 @@ class ServerSession:
         sock.connect(self._udp_address)
         self.udp = DatagramSocket(sock)
         self.route_mtu = min(MAX_MTU, self.udp.path_mtu())
+
+    def _send_copy(self, index, frame):
+        """Control frame `index` on the data channel too (ControlChannel.mirror):
+        lost like any datagram when the socket has no room."""
+        try:
+            self.udp.sock.send(PACKET_HEADER.pack(KIND_CONTROL, 0, self.session_id, index) + frame)
+        except OSError:
+            pass
 
     def _send_probes(self):
         """Two datagrams of each candidate MTU up to the route's; the client
@@ -7885,14 +7971,62 @@ class DataChannel:
     """A session's UDP flow as its receiving end uses it: sealed datagrams
     out (HELLO, FEEDBACK, NAK) numbered in one sequence, and the sealer and
     session id that tell the session's datagrams in.  `udp` is a connected
-    DatagramSocket."""
+    DatagramSocket.  Copies of control frames that come on it go to
+    `control` (a ControlChannel); the largest probe is noted."""
 
-    def __init__(self, udp, sealer_out, sealer_in, session_id, hello_flags=0):
+    def __init__(self, udp, sealer_out, sealer_in, session_id, hello_flags=0, control=None):
         self.udp = udp
         self.sealer_out, self.sealer_in = sealer_out, sealer_in
         self.session_id = session_id
         self.hello_flags = hello_flags          # a worker's flow: its index
+        self.control = control
+        self.largest_probe = 0                  # bytes of the largest authentic probe
         self._seq = 0
+        self._buffer = None
+
+    @property
+    def sock(self):
+        return self.udp.sock
+
+    def take(self, datagram):
+        """A datagram that is not data: a copy of a control frame is
+        offered to `control`, a probe measured; anything else dropped.
+        True if it was either."""
+        if len(datagram) < PACKET_HEADER.size:
+            return False
+        kind, _flags, session_id, number = PACKET_HEADER.unpack_from(datagram)
+        if kind == KIND_CONTROL and session_id == self.session_id and self.control is not None:
+            self.control.offer(number, datagram[PACKET_HEADER.size:])
+            return True
+        if kind == KIND_PROBE:
+            self.largest_probe = max(self.largest_probe, probe_length(
+                self.sealer_in, self.session_id, datagram, 0, len(datagram)))
+            return True
+        return False
+
+    def take_control_datagrams(self, everything=False):
+        """Take the datagrams waiting, while they are copies of control
+        frames or probes (or any, with `everything`: nothing else is due).
+        False when another kind is next: it is left for the data phase."""
+        if self._buffer is None:
+            self._buffer = bytearray(RECV_BUFFER)
+        buffer, sock = self._buffer, self.udp.sock
+        while True:
+            if not everything:
+                try:
+                    head = sock.recv(1, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    return True
+                except ConnectionRefusedError:
+                    continue                    # ICMP from an earlier send; not fatal
+                if head and head[0] not in (KIND_CONTROL, KIND_PROBE):
+                    return False
+            nbytes, segment = self.udp.recv_batch(buffer)
+            if not nbytes:
+                return True
+            view = memoryview(buffer)
+            for offset in range(0, nbytes, segment):
+                self.take(view[offset:min(nbytes, offset + segment)])
 
     def send(self, kind, body=b''):
         packet = seal_datagram(self.sealer_out, kind, self.session_id, self._seq, body,
@@ -8253,6 +8387,7 @@ class FileReceiver:
         self._run = bytearray()
         self._run_seq = self._run_block = self._run_count = 0
         self.rejected = 0
+        self.on_control = None                  # takes a copy of a control frame (DataChannel.take)
         self.largest_probe = 0                  # datagram bytes: probes may come with the data
         self.largest_data = 0                   # datagram bytes of the largest authentic data
         self.datagram_bytes = self.resent = self.compressed = 0
@@ -8340,6 +8475,9 @@ class FileReceiver:
         if kind == KIND_PROBE:
             self.largest_probe = max(self.largest_probe, probe_length(
                 self._sealer, self._session_id, view, offset, length))
+            return
+        if kind == KIND_CONTROL and self.on_control is not None:
+            self.on_control(view[offset:offset + length])
             return
         if kind == KIND_DATA and sid == self._session_id:
             body = self._sealer.verify(view[offset:offset + header_size],
@@ -8433,6 +8571,7 @@ class ReceivePhase:
         self.older_copies = incoming.kept if assembler is not None else None
         self.receiver = FileReceiver(self.data.session_id, self.data.sealer_in, window, writer,
                                      self.size, self.block_size)
+        self.receiver.on_control = self.data.take
         self.buffer = bytearray(RECV_BUFFER)
         self.full_datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         self.proven = proven                    # bytes of the largest probe before this phase
@@ -8452,7 +8591,7 @@ class ReceivePhase:
     def run(self):
         clock, complete = self.clock, self.complete
         selector = selectors.DefaultSelector()
-        selector.register(self.data.udp.sock, selectors.EVENT_READ, self._receive_datagrams)
+        selector.register(self.data.udp.sock, selectors.EVENT_READ, self._receive_udp)
         selector.register(self.channel.sock, selectors.EVENT_READ, self._receive_control)
         if self.team is not None:
             self.team.watch(selector, self)
@@ -8512,6 +8651,12 @@ class ReceivePhase:
             # A slow trickle: let datagrams gather in the socket buffer
             # rather than wake up for each one.
             time.sleep(TRICKLE_PAUSE)
+
+    def _receive_udp(self):
+        self._receive_datagrams()
+        # Copies of control frames may have come (not to a worker's flow).
+        if self.data.control is not None and self.channel.pending() and self._apply_control():
+            self.last_data = self.clock()
 
     def _receive_control(self):
         data = self.channel.sock.recv(65536)
@@ -8816,7 +8961,6 @@ class Client:
         self.control = None                     # the ControlChannel
         self.conversation = None                # and the Conversation on it
         self.data = None                        # the DataChannel on `udp`
-        self._largest_probe = 0                 # bytes of the largest authentic probe
         self._probes_awaited = False
         self._ready = False                     # the server has seen our HELLO
         self._connect_started = None            # the first file's wait counts from here
@@ -8832,7 +8976,7 @@ class Client:
                                                                 e.strerror or e))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt)
+            keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt, mirror=True)
         except struct.error:
             raise ProtocolError('the server closed the connection during the handshake')
         except socket.timeout:
@@ -8847,10 +8991,10 @@ class Client:
         udp = socket.socket(self.sock.family, socket.SOCK_DGRAM)
         udp.connect(self.sock.getpeername()[:2])
         self.udp = DatagramSocket(udp)
-        self.data = DataChannel(self.udp, data_out, data_in, self.session_id)
+        self.data = DataChannel(self.udp, data_out, data_in, self.session_id, control=self.control)
+        self.control.datagrams = self.data
         for warning in self.udp.warnings:
             self.events.warning(warning)
-        self._largest_probe = 0
         self._probes_awaited = False
         self._ready = False
         self.data.send(KIND_HELLO)              # the server waits for it from now on
@@ -8985,17 +9129,15 @@ class Client:
             self.sock.settimeout(self.timeout)
         raise TransferError('the server never confirmed the UDP data channel')
 
+    @property
+    def _largest_probe(self):
+        """Bytes of the largest authentic probe come so far."""
+        return self.data.largest_probe
+
     def _collect_probes(self):
-        """Note the largest authentic probe datagram waiting on the socket."""
-        buffer = bytearray(RECV_BUFFER)
-        sealer, session_id = self.data.sealer_in, self.session_id
-        while True:
-            nbytes, segment = self.udp.recv_batch(buffer)
-            if not nbytes:
-                return
-            for offset in range(0, nbytes, segment):
-                self._largest_probe = max(self._largest_probe, probe_length(
-                    sealer, session_id, buffer, offset, min(segment, nbytes - offset)))
+        """Note the largest authentic probe datagram waiting on the socket
+        (and take the copies of control frames with them): no data is due."""
+        self.data.take_control_datagrams(everything=True)
 
     def _largest_probe_mtu(self):
         """The largest packet the path proved it carries (MIN_MTU if unproven)."""
@@ -9120,7 +9262,7 @@ class Client:
         try:
             return incoming.transfer(waited_since, then, unproven, self._largest_probe)
         finally:
-            self._largest_probe = max(self._largest_probe, incoming.largest_probe)
+            self.data.largest_probe = max(self.data.largest_probe, incoming.largest_probe)
 
     def _fetch_new(self, remote, dest):
         """Fetch REMOTE with the session's first request, before anything is

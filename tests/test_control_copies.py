@@ -1,0 +1,122 @@
+"""Small control frames also travel as datagrams (FLAG_MIRROR, KIND_CONTROL):
+a `start` whose TCP segment was lost must not hold the file up for TCP's
+retransmission, and each message is still read once, in order."""
+
+import socket
+
+import pytest
+
+import wanxfer
+from helpers import json_summaries, make_file, patched_serve, run_get, sha256
+
+
+def channel_pair():
+    """Two ControlChannels joined by a socketpair: (server's, client's),
+    the server's copies of its frames collected in a list."""
+    keys = wanxfer.SessionKeys(b'k' * 32, b'c' * 32, b's' * 32, True)
+    left, right = socket.socketpair()
+    server_out, server_in, _, _ = keys.sealers('server')
+    client_out, client_in, _, _ = keys.sealers('client')
+    server = wanxfer.ControlChannel(left, server_out, server_in, peer='client')
+    client = wanxfer.ControlChannel(right, client_out, client_in, peer='server')
+    copies = []
+    server.mirror = lambda index, frame: copies.append((index, frame))
+    return server, client, copies
+
+
+def test_each_message_is_read_once_in_order_from_whichever_way_it_came_first():
+    server, client, copies = channel_pair()
+    client.sock.settimeout(5)
+    for n in range(3):
+        server.send({'op': 'checksum', 'file': n, 'sha256': '%064x' % n})
+    assert [index for index, _frame in copies] == [0, 1, 2]
+    # The copy of the second came first: it waits for the first.
+    assert not client.offer(*copies[1])
+    assert client.offer(*copies[0])
+    assert [m['file'] for m in client.messages()] == [0, 1]
+    # The third comes by TCP only; the first two, there too, are passed over.
+    assert client.recv()['file'] == 2
+    # A copy of a frame read already is not read again, nor is anything else.
+    assert not client.offer(*copies[0])
+    assert list(client.messages()) == []
+
+
+def test_a_forged_or_far_ahead_copy_is_dropped():
+    server, client, copies = channel_pair()
+    server.send({'op': 'fork'})
+    index, frame = copies[0]
+    forged = bytearray(frame)
+    forged[-1] ^= 1
+    assert not client.offer(index, bytes(forged))
+    assert not client.offer(index + 1, frame)           # another frame's nonce: fails its tag
+    assert not client.offer(index, frame[:-1])          # cut short
+    for n in range(wanxfer.MIRRORED_AHEAD + 1):
+        server.send({'op': 'fork'})
+    far_index, far_frame = copies[-1]
+    assert far_index == wanxfer.MIRRORED_AHEAD + 1
+    client.offer(far_index, far_frame)
+    client.offer(*copies[0])
+    assert len(list(client.messages())) == 1            # the far one was not kept
+
+
+def test_a_large_frame_is_not_copied():
+    server, _client, copies = channel_pair()
+    server.send({'op': 'error', 'message': 'x' * wanxfer.MIRRORED_FRAME})
+    server.send({'op': 'fork'})
+    assert [index for index, _frame in copies] == [1]
+
+
+# The server's control socket holds back everything from `start` on until
+# the client next says something (its `done`): as if TCP had lost the
+# segment that carried `start` and waited for the client to speak.
+HOLD_FROM_START = """
+class Held:
+    def __init__(self, sock):
+        self._sock, self.held, self.holding = sock, bytearray(), False
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+    def sendall(self, data):
+        if self.holding:
+            self.held += data
+            return None
+        return self._sock.sendall(data)
+    def send(self, data, *flags):
+        if self.holding:
+            self.held += data
+            return len(data)
+        return self._sock.send(data, *flags)
+    def release(self):
+        self.holding = False
+        self._sock.sendall(bytes(self.held))
+seal = wanxfer.ControlChannel._seal
+def held_seal(self, message):
+    frame = seal(self, message)
+    if message['op'] == 'start':
+        if not isinstance(self.sock, Held):
+            self.sock = Held(self.sock)
+        self.sock.holding = True
+        sys.stderr.write('holding back start\\n')
+    return frame
+feed = wanxfer.ControlChannel.feed
+def released_feed(self, data):
+    if isinstance(self.sock, Held) and self.sock.holding:
+        self.sock.release()
+    feed(self, data)
+wanxfer.ControlChannel._seal = held_seal
+wanxfer.ControlChannel.feed = released_feed
+"""
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_a_start_that_tcp_holds_back_comes_as_a_datagram(tmp_path, serve, workers):
+    source = make_file(tmp_path / 'f.bin', (8 << 20) + 3, seed=31)
+    server = patched_serve(serve, [source], HOLD_FROM_START, extra=['--workers', str(workers)])
+    dest = tmp_path / 'out.bin'
+    got = run_get(server.port, 'f.bin', '-o', dest, '--json', '--no-delta', '--timeout', '8',
+                  '--workers', str(workers))
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['packets_rejected'] == 0, summary
+    assert 'holding back start' in server.log()
+    assert 'Traceback' not in server.log() + got.stderr
