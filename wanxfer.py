@@ -188,7 +188,7 @@ KIND_HELLO = 2         # client -> server: opens the UDP flow (NAT, firewalls); 
 KIND_FEEDBACK = 3      # client -> server: acknowledgements and path delay
 KIND_NAK = 4           # client -> server: blocks still missing, by range
 KIND_PROBE = 5         # server -> client: padding, to learn the largest datagram the path carries
-KIND_CONTROL = 6       # server -> client: a copy of a small control frame (MIRRORED_FRAME)
+KIND_CONTROL = 6       # either way: a copy of a small control frame (MIRRORED_FRAME)
 
 UDP_SETUP_TIMEOUT = 10.0
 DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
@@ -204,10 +204,11 @@ PACKET_HEADER = struct.Struct('!BBIQ')
 # time in microseconds modulo 2**32 (for the receiver's delay measurement).
 DATA_HEADER = struct.Struct('!BBIQQI')
 PACKET_OVERHEAD = DATA_HEADER.size + TAG_SIZE
-# A control frame's copy on the data channel (for a client that offered
-# FLAG_MIRROR): PACKET_HEADER, its packet number the frame's index on the
-# control channel, then the frame as sent there, sealed by the control key.
-# A frame TCP must send again waits a round trip or two; its copy does not.
+# A control frame's copy on the data channel (to a client that offered
+# FLAG_MIRROR, and from a client once its flow is open): PACKET_HEADER, its
+# packet number the frame's index on the control channel, then the frame as
+# sent there, sealed by the control key.  A frame TCP must send again waits
+# a round trip or two, and holds back those after it; its copy does not.
 MIRRORED_FRAME = 1200           # bytes of a frame copied, at most: fits a 1280-byte path
 MIRRORED_AHEAD = 64             # frames a receiver holds beyond the next one it reads, at most
 
@@ -5211,6 +5212,16 @@ def seal_datagram(sealer, kind, session_id, seq, body=b'', flags=0):
     return header + sealer.seal(seq, header, body)
 
 
+def send_frame_copy(sock, session_id, index, frame):
+    """Control frame `index` as a KIND_CONTROL datagram on `sock` too
+    (ControlChannel.mirror): lost like any datagram when the socket has no
+    room, as TCP carries it anyway."""
+    try:
+        sock.send(PACKET_HEADER.pack(KIND_CONTROL, 0, session_id, index) + frame)
+    except OSError:
+        pass
+
+
 def probe_length(sealer, session_id, buffer, offset, length):
     """The length of the datagram at buffer[offset:offset + length] if it
     is an authentic PROBE of this session, else 0."""
@@ -6728,13 +6739,21 @@ class OutgoingFile:
             for offset in range(0, nbytes, segment):
                 if self.on_datagram(buffer, offset, min(segment, nbytes - offset), now):
                     self._last_feedback = now
+        if isinstance(self._control, ControlChannel) and self._control.pending() \
+                and self.apply_control():
+            self._last_feedback = clock()       # copies of its control frames came
 
     def on_datagram(self, buffer, offset, length, now):
-        """Apply one feedback or NAK datagram; True if it was authentic."""
+        """Apply one feedback or NAK datagram; True if it was authentic.  A
+        copy of a control frame goes to the control channel."""
         if length < PACKET_HEADER.size + TAG_SIZE:
             return False
         kind, _flags, sid, seq = PACKET_HEADER.unpack_from(buffer, offset)
         if sid != self._session_id:
+            return False
+        if kind == KIND_CONTROL:
+            if isinstance(self._control, ControlChannel):      # not a worker's share
+                self._control.offer(seq, bytes(buffer[offset + PACKET_HEADER.size:offset + length]))
             return False
         view = memoryview(buffer)
         body = self._opener.open(seq, view[offset:offset + PACKET_HEADER.size],
@@ -7155,7 +7174,8 @@ class ServerSession:
                 return
             self._open_udp()
             if keys.mirror:
-                self.control.mirror = self._send_copy
+                self.control.mirror = functools.partial(send_frame_copy, self.udp.sock,
+                                                        self.session_id)
             self.control.send({'op': 'ready', 'probes': self._send_probes(), 'server': __version__})
             self.sock.settimeout(COMMAND_TIMEOUT)
             while True:
@@ -7211,14 +7231,6 @@ class ServerSession:
         sock.connect(self._udp_address)
         self.udp = DatagramSocket(sock)
         self.route_mtu = min(MAX_MTU, self.udp.path_mtu())
-
-    def _send_copy(self, index, frame):
-        """Control frame `index` on the data channel too (ControlChannel.mirror):
-        lost like any datagram when the socket has no room."""
-        try:
-            self.udp.sock.send(PACKET_HEADER.pack(KIND_CONTROL, 0, self.session_id, index) + frame)
-        except OSError:
-            pass
 
     def _send_probes(self):
         """Two datagrams of each candidate MTU up to the route's; the client
@@ -9124,7 +9136,12 @@ class Client:
                     message = self.control.recv()
                 except socket.timeout:
                     continue
-                return self.conversation.check(message, 'ready')
+                ready = self.conversation.check(message, 'ready')
+                # The server's session now reads this flow: small frames go
+                # on it too (a server that does not know them drops them).
+                self.control.mirror = functools.partial(send_frame_copy, self.udp.sock,
+                                                        self.session_id)
+                return ready
         finally:
             self.sock.settimeout(self.timeout)
         raise TransferError('the server never confirmed the UDP data channel')

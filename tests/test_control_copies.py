@@ -2,12 +2,15 @@
 a `start` whose TCP segment was lost must not hold the file up for TCP's
 retransmission, and each message is still read once, in order."""
 
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
 import wanxfer
-from helpers import json_summaries, make_file, patched_serve, run_get, sha256
+from helpers import get_command, json_summaries, make_file, patched_serve, run_get, sha256, wanxfer_env
 
 
 def channel_pair():
@@ -66,10 +69,9 @@ def test_a_large_frame_is_not_copied():
     assert [index for index, _frame in copies] == [1]
 
 
-# The server's control socket holds back everything from `start` on until
-# the client next says something (its `done`): as if TCP had lost the
-# segment that carried `start` and waited for the client to speak.
-HOLD_FROM_START = """
+# A control socket that holds back everything from a frame on, as if TCP
+# had lost the segment that carried it.
+HELD_SOCKET = """
 class Held:
     def __init__(self, sock):
         self._sock, self.held, self.holding = sock, bytearray(), False
@@ -88,6 +90,11 @@ class Held:
     def release(self):
         self.holding = False
         self._sock.sendall(bytes(self.held))
+"""
+
+# The server's, from `start` on until the client next says something (its
+# `done`).
+HOLD_FROM_START = HELD_SOCKET + """
 seal = wanxfer.ControlChannel._seal
 def held_seal(self, message):
     frame = seal(self, message)
@@ -119,4 +126,41 @@ def test_a_start_that_tcp_holds_back_comes_as_a_datagram(tmp_path, serve, worker
     (summary,) = json_summaries(got)
     assert summary['packets_rejected'] == 0, summary
     assert 'holding back start' in server.log()
+    assert 'Traceback' not in server.log() + got.stderr
+
+
+# The client's, from its first `need` on, for good: the server has only
+# the copies of the client's `need` messages and of its `done`.
+HOLD_FROM_NEED = HELD_SOCKET + """
+seal = wanxfer.ControlChannel._seal
+def held_seal(self, message):
+    frame = seal(self, message)
+    if message['op'] == 'need' and self.mirror is not None:
+        if not isinstance(self.sock, Held):
+            self.sock = Held(self.sock)
+        self.sock.holding = True
+        sys.stderr.write('holding back need\\n')
+    return frame
+wanxfer.ControlChannel._seal = held_seal
+"""
+
+
+def test_a_need_that_tcp_holds_back_comes_as_a_datagram(tmp_path, serve):
+    """A delta (the default, a fresh cache) sends its first blocks unasked
+    and then only those `need` names: with the client's TCP held from its
+    first `need` on, the copies alone carry the transfer to its end."""
+    source = make_file(tmp_path / 'f.bin', (16 << 20) + 7, seed=32)
+    server = serve([source])
+    dest = tmp_path / 'out.bin'
+    program = 'import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\nsys.exit(wanxfer.main(sys.argv[1:]))' \
+        % (os.path.dirname(wanxfer.__file__), HOLD_FROM_NEED)
+    got = subprocess.run([sys.executable, '-c', program] + get_command(
+        server.port, 'f.bin', '-o', dest, '--json', '--timeout', '8', '--workers', '1',
+        '--cache', tmp_path / 'cache.db')[2:], env=wanxfer_env(), capture_output=True, text=True,
+        timeout=90)
+    assert got.returncode == 0, got.stderr
+    assert 'holding back need' in got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['delta'] != 'off', summary
     assert 'Traceback' not in server.log() + got.stderr
