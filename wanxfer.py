@@ -1690,7 +1690,7 @@ class ControlChannel:
     MIRRORED_FRAME bytes; at the other end `offer(index, frame)` takes
     the copy, and messages() yields every frame once, in order, from
     whichever way it came first.  `datagrams`, when set, lets recv() take
-    copies while it waits (see Client.take_control_datagrams).
+    copies while it waits (see DataChannel.take_control_datagrams).
     """
 
     def __init__(self, sock, sealer_out, sealer_in, peer=None):
