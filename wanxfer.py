@@ -10660,6 +10660,14 @@ class WorkerReceivePhase(ReceivePhase):
         if not self.reported:                   # complete: no data is to come
             ReceivePhase._send_nak(self, now)
 
+    def _wake_at(self):
+        # Complete, its NAK and report timers stop where they were, in the
+        # past: waking for them would spin until the coordinator ends the
+        # file.  Only the repeated acknowledgement is left to time.
+        if self.reported:
+            return self.next_feedback
+        return ReceivePhase._wake_at(self)
+
     def _apply_control(self):
         window = self.window
         for message in self.channel.messages():
