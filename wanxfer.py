@@ -9305,15 +9305,15 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # fraction of the work of moving the whole file.  The coordinator (worker
 # 0): the control channel, every worker's acknowledgements through the one
 # rate control and (receiving) the state file.  Worker 1, the helper: the
-# read of the whole file for its digest (a delta's signature at the
-# server, which gives the digest too), so that no process's own work is
-# more than its share from three workers on.  Measured with
+# read of the whole file for its digest, so that no process's own work is
+# more than its share from three workers on (a delta's signature is hashed
+# by every sending worker for its own stripes: no one's extra).  Measured with
 # bench_workers.py (256 MiB on loopback, 2 and 3 workers, AES keystream:
 # each process's CPU beside its share of the packets); one deal serves
 # both ends, so each is about the mean of the two ends'.
 COORDINATOR_EXTRA = 0.07        # a delta transfer's
 COORDINATOR_EXTRA_PLAIN = 0.07  # a plain one's
-HELPER_EXTRA = 0.58             # a delta's: the signature at the server, the digest at the client
+HELPER_EXTRA = 0.36             # a delta's: the digest at both ends
 HELPER_EXTRA_PLAIN = 0.36       # the digest at both ends
 # A share of the stripes much under an even one sends seldom, and the one
 # rate, which waits for every worker's news, suffered: with 1 stripe in 96
