@@ -30,6 +30,7 @@ import heapq
 import hmac
 import itertools
 import json
+import mmap
 import os
 import queue
 import random
@@ -4752,9 +4753,12 @@ class PacketLog:
     SIZE = 1 << 20
 
     def __init__(self):
-        self.blocks = array('q', [-1]) * self.SIZE
-        self.times = array('d', [0.0]) * self.SIZE
-        self.sent_through = array('d', [0.0]) * self.SIZE    # wire bytes of this file up to here
+        # Zeroed pages the kernel gives as the ring is first written (only
+        # packet numbers sent are ever read): a session, or a sending
+        # worker, that sends fewer packets than the ring holds neither
+        # fills nor keeps its 24 MB, which took each process 20 ms to fill.
+        self.blocks, self.times, self.sent_through = (      # sent_through: wire bytes of
+            memoryview(mmap.mmap(-1, self.SIZE * 8)).cast(code) for code in 'qdd')  # the file to here
 
 
 class SendWindow:
