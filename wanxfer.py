@@ -9315,9 +9315,9 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # bench_workers.py (256 MiB on loopback, 2 and 3 workers, AES keystream:
 # each process's CPU beside its share of the packets); one deal serves
 # both ends, so each is about the mean of the two ends'.
-COORDINATOR_EXTRA = 0.07        # a delta transfer's
+COORDINATOR_EXTRA = 0.09        # a delta transfer's (the signature's pieces are put together here)
 COORDINATOR_EXTRA_PLAIN = 0.07  # a plain one's
-HELPER_EXTRA = 0.36             # a delta's: the digest at both ends
+HELPER_EXTRA = 0.27             # a delta's: the digest at both ends, beside stripes that are hashed too
 HELPER_EXTRA_PLAIN = 0.36       # the digest at both ends
 # A share of the stripes much under an even one sends seldom, and the one
 # rate, which waits for every worker's news, suffered: with 1 stripe in 96
