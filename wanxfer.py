@@ -30,6 +30,7 @@ import heapq
 import hmac
 import itertools
 import json
+import mmap
 import os
 import queue
 import random
@@ -281,18 +282,21 @@ MAX_SESSION_MESSAGE = 4096
 #   WORKER_RATE     b'R': pace at this rate (bytes/s); the path's best delivery
 #   WORKER_END      b'E': the file is over (the receiver said done, or gave up)
 #   WORKER_JOB      to worker 1, before its WORKER_SEND: b'G' read the file
-#                   (its path, UTF-8, follows) for its digest, b'Y' for a
-#                   delta's signature (which gives the digest too); b'K' (no
-#                   path) the file is over: drop its job
+#                   (its path follows) for its digest; to each worker of a
+#                   delta, b'V' hash the units of its stripes for the
+#                   signature (WORKER_SPREAD, the stripe cycle, one byte a
+#                   stripe, and the path follow); b'K' (no path) the file is
+#                   over: drop its jobs
 # worker -> coordinator
 #   b'u' (one byte)  the UDP flow is open
 #   WORKER_ACK      b'A': one acknowledgement, as RateController.on_feedback takes it
 #   WORKER_EVENT    b'I' the worker ran out of data, b'B' it has data again,
 #                   b'S' its feedback went silent
 #   WORKER_SENT     b'D': its share of the file is over, with what it cost
-#   WORKER_PIECE    b'y' (worker 1): a signature piece (its spans, encoded, follow)
+#   WORKER_UNITS    b'h': span digests of a delta's units from this one on
+#                   (SPAN_DIGEST_SIZE bytes each follow, ZERO_SPAN for zeros)
 #   WORKER_DIGEST   b'g' (worker 1): the whole file's SHA-256
-#   WORKER_JOB      b'x' (worker 1): the job failed (the reason, UTF-8, follows)
+#   WORKER_JOB      b'x': a job failed (the reason, UTF-8, follows)
 # Receiving end (get): coordinator -> worker
 #   WORKER_RECEIVE  b'F': receive a file's share (JSON [destination, timeout,
 #                   the stripe cycle or null] follows)
@@ -327,7 +331,9 @@ WORKER_RECEIVE = struct.Struct('!cIQIQQHHQd')   # b'F', file id, first packet nu
                                                 # size, blocks per stripe, workers, index, decided, rtt
 WORKER_DECIDED = struct.Struct('!cIQ')          # b'C', file id, blocks decided
 WORKER_JOB = struct.Struct('!cIQq')             # code, file id, size, mtime (ns)
-WORKER_PIECE = struct.Struct('!cIQ')            # b'y', file id, offset
+WORKER_SPREAD = struct.Struct('!IIH')           # block size, blocks per stripe, cycle length
+WORKER_UNITS = struct.Struct('!cIQ')            # b'h', file id, first unit
+UNITS_PER_MESSAGE = 32                          # units a worker reads and reports at once (2 MiB)
 WORKER_DIGEST = struct.Struct('!cI32s')         # b'g', file id, SHA-256
 WORKER_FRONTIER = struct.Struct('!cIQ')         # b'G' or b'Z', file id, blocks written from the start
 WORKER_PROGRESS = struct.Struct('!cIQQQQQdQQQQ')    # code, file id, blocks held (its stripes),
@@ -4824,9 +4830,12 @@ class PacketLog:
     SIZE = 1 << 20
 
     def __init__(self):
-        self.blocks = array('q', [-1]) * self.SIZE
-        self.times = array('d', [0.0]) * self.SIZE
-        self.sent_through = array('d', [0.0]) * self.SIZE    # wire bytes of this file up to here
+        # Zeroed pages the kernel gives as the ring is first written (only
+        # packet numbers sent are ever read): a session, or a sending
+        # worker, that sends fewer packets than the ring holds neither
+        # fills nor keeps its 24 MB, which took each process 20 ms to fill.
+        self.blocks, self.times, self.sent_through = (      # sent_through: wire bytes of
+            memoryview(mmap.mmap(-1, self.SIZE * 8)).cast(code) for code in 'qdd')  # the file to here
 
 
 class SendWindow:
@@ -7277,6 +7286,15 @@ class ServerSession:
             answer['lazy'] = True
         self.control.send(answer)
 
+    @staticmethod
+    def _helpers_note(job):
+        """Who read a striped file for its digest (and its signature), for the log."""
+        if not isinstance(job, RelayedJob):
+            return ''
+        if getattr(job, 'hashed_by', 0):
+            return '; digest read by worker 1, signature hashed by workers 0-%d' % (job.hashed_by - 1)
+        return '; digest read by worker 1'
+
     def do_fetch(self, message):
         """Send one file, named with the size and mtime a listing gave, by
         an OutgoingFile.  An *open* fetch leaves them out (a client's first
@@ -7322,7 +7340,7 @@ class ServerSession:
             self.server.log('%s: sent %s (%d bytes) in %.2f s, %.1f Mbit/s, %d packets retransmitted%s' % (
                 self.peer_name(), remote, outgoing.size, seconds,
                 outgoing.size * 8 / max(seconds, 1e-6) / 1e6, outgoing.window.retransmitted,
-                '; digest read by worker 1' if isinstance(outgoing._job, RelayedJob) else ''))
+                self._helpers_note(outgoing._job)))
         finally:
             # Also after an error the session survives (a signature that
             # cannot be read): the numbers sent under are nonces, spent.
@@ -9408,8 +9426,10 @@ class Client:
 # that sealing, opening and copying blocks take a core each.  The session's
 # own process is worker 0 and the coordinator: it keeps the control channel,
 # the one RateController and (receiving) the state file.  Worker 1 also
-# reads a striped file whole for its digest (sending, a delta's signature),
-# which from three workers on was more than the coordinator's share.
+# reads a striped file whole for its digest, which from three workers on
+# was more than the coordinator's share; a delta's signature is hashed by
+# every sending worker, each the units of its own stripes, and put
+# together by the coordinator (SpreadSignature).
 # Workers 1..N-1 are forked from it at the first file large enough to
 # stripe (none for a transfer of small files); each has a UDP flow of its
 # own (socket, keys, packet numbers) and a socketpair to its coordinator
@@ -9448,15 +9468,15 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # fraction of the work of moving the whole file.  The coordinator (worker
 # 0): the control channel, every worker's acknowledgements through the one
 # rate control and (receiving) the state file.  Worker 1, the helper: the
-# read of the whole file for its digest (a delta's signature at the
-# server, which gives the digest too), so that no process's own work is
-# more than its share from three workers on.  Measured with
+# read of the whole file for its digest, so that no process's own work is
+# more than its share from three workers on (a delta's signature is hashed
+# by every sending worker for its own stripes: no one's extra).  Measured with
 # bench_workers.py (256 MiB on loopback, 2 and 3 workers, AES keystream:
 # each process's CPU beside its share of the packets); one deal serves
 # both ends, so each is about the mean of the two ends'.
-COORDINATOR_EXTRA = 0.07        # a delta transfer's
+COORDINATOR_EXTRA = 0.09        # a delta transfer's (the signature's pieces are put together here)
 COORDINATOR_EXTRA_PLAIN = 0.07  # a plain one's
-HELPER_EXTRA = 0.58             # a delta's: the signature at the server, the digest at the client
+HELPER_EXTRA = 0.27             # a delta's: the digest at both ends, beside stripes that are hashed too
 HELPER_EXTRA_PLAIN = 0.36       # the digest at both ends
 # A share of the stripes much under an even one sends seldom, and the one
 # rate, which waits for every worker's news, suffered: with 1 stripe in 96
@@ -10065,11 +10085,11 @@ class SendingWorker:
 
 
 class RelayedJob:
-    """A striped file's digest, or a delta's signature, as worker 1 reads
-    it (relay_job()) and passes it on over its socketpair: the coordinator's
-    stand-in for the DigestJob or SignatureJob it runs for a file it sends
-    alone (`pieces`, `error`, `done`, sha256(); release() as the jobs'
-    cache).  What worker 1 sends reaches it through the team."""
+    """A striped file's digest as worker 1 reads it (relay_job()) and
+    passes it on over its socketpair: the coordinator's stand-in for the
+    DigestJob it runs for a file it sends alone (`pieces`, none, `error`,
+    `done`, sha256(); release() as the jobs' cache).  What worker 1 sends
+    reaches it through the team."""
 
     def __init__(self, team, outgoing):
         self.team, self.outgoing = team, outgoing
@@ -10079,17 +10099,24 @@ class RelayedJob:
         self.done = threading.Event()
         self._digest = None
 
+    def start(self, workers):
+        """Ask worker 1 of the file's `workers` for the digest."""
+        outgoing = self.outgoing
+        self.team.ask(workers[0], WORKER_JOB.pack(b'G', self.file_id, outgoing.size, outgoing.mtime_ns)
+                      + os.fsencode(outgoing._path))
+
     def take(self, message):
         code = message[:1]
-        if code == b'y' and len(message) >= WORKER_PIECE.size:
-            self.pieces.append((WORKER_PIECE.unpack_from(message)[2],
-                                message[WORKER_PIECE.size:].decode('ascii')))
-        elif code == b'g' and len(message) == WORKER_DIGEST.size:
+        if code == b'g' and len(message) == WORKER_DIGEST.size:
             self._digest = WORKER_DIGEST.unpack(message)[2].hex()
             self.done.set()
         elif code == b'x':
             self.error = OSError(errno.EIO, message[WORKER_END.size:].decode('utf-8', 'replace'))
             self.done.set()
+
+    def settled(self):
+        """The digest is known, or never will be."""
+        return self.done.is_set()
 
     def sha256(self):
         self.team.wait_relayed(self)
@@ -10097,18 +10124,193 @@ class RelayedJob:
             raise RemoteError('cannot read %s: %s' % (self.outgoing._path, self.error.strerror))
         return self._digest
 
+    def stop(self):
+        pass
+
     def release(self, job):
         self.team.drop_relayed(self)
 
 
-def relay_job(channel, message, digests, signatures):
-    """In worker 1 (serve), on a thread of its own: the digest or signature
-    of the file a WORKER_JOB names, read as the coordinator would read it
-    (from the same caches: a signature kept in the cache database is not
-    read again), passed on as it comes.  Returns the job, for b'K'."""
-    code, file_id, size, mtime_ns = WORKER_JOB.unpack_from(message)
+class SpreadSignature(RelayedJob):
+    """A striped delta's signature: each sending worker hashes the units
+    of its own stripes (stripe_units(); this process its own on a thread),
+    worker 1 reads the whole file's digest, and the pieces are put together
+    here in file order, byte for byte as file_signature() cuts them.  So
+    no process's hashing outgrows its share of the stripes.  A signature
+    kept in the cache database (`store`, a SignatureStore) is used as it
+    is, and a new one saved there."""
+
+    def __init__(self, team, outgoing, store=None):
+        RelayedJob.__init__(self, team, outgoing)
+        self.hashed_by = 0                      # processes hashing its units
+        self._store, self._key = store, None
+        self._units = -(-outgoing.size // DELTA_UNIT)
+        self._per_piece = SIGNATURE_SEGMENT // DELTA_UNIT
+        self._filling = {}                      # piece -> [its digests, units filled]
+        self._lock = threading.Lock()           # units come from this process's thread too
+        self._stop = threading.Event()
+        if store is not None:
+            try:
+                self._key = 'fixed:%d:%d:%d:%d:%d' % file_identity(outgoing._path)
+            except OSError:
+                return
+            stored = store.load(self._key)
+            if stored is not None:
+                self._digest, self.pieces = stored
+                self.done.set()
+
+    def start(self, workers):
+        """Ask the file's `workers` for their units and worker 1 for the
+        digest; hash this process's units."""
+        if self.done.is_set():
+            return                              # kept in the cache database
+        outgoing, file_id = self.outgoing, self.file_id
+        RelayedJob.start(self, workers)
+        cycle = outgoing.stripe_cycle or list(range(outgoing.workers))
+        spread = WORKER_JOB.pack(b'V', file_id, outgoing.size, outgoing.mtime_ns) + \
+            WORKER_SPREAD.pack(outgoing.block_size, outgoing.stripe_blocks, len(cycle)) + \
+            bytes(cycle) + os.fsencode(outgoing._path)
+        for worker in workers:
+            self.team.ask(worker, spread)
+        self.hashed_by = len(workers) + 1
+        args = (outgoing._path, outgoing.size, outgoing.mtime_ns, outgoing.block_size,
+                outgoing.stripe_blocks, cycle, 0, self.add_units, self._stop)
+
+        def run():
+            try:
+                hash_stripe_units(*args)
+            except (OSError, WanxferError) as e:
+                self._fail(str(e) if isinstance(e, WanxferError) else describe_error(e))
+            except Exception as e:      # a bug: the fetch fails, not the wait
+                self._fail('the signature thread failed: %s' % e)
+        try:
+            start_thread(run, 'spans')
+        except NoThread as e:
+            self._fail(str(e))
+
+    def _fail(self, reason):
+        if self.error is None:
+            self.error = OSError(errno.EIO, reason)
+        self.done.set()
+
+    def take(self, message):
+        code = message[:1]
+        if code == b'h' and len(message) >= WORKER_UNITS.size:
+            self.add_units(WORKER_UNITS.unpack_from(message)[2], message[WORKER_UNITS.size:])
+        elif code == b'g' and len(message) == WORKER_DIGEST.size:
+            self._digest = WORKER_DIGEST.unpack(message)[2].hex()
+            self._finish()
+        elif code == b'x':
+            self._fail(message[WORKER_END.size:].decode('utf-8', 'replace'))
+
+    def add_units(self, first, digests):
+        """The span digests of units `first`.. (SPAN_DIGEST_SIZE bytes each);
+        the pieces they complete, in order, join `pieces`."""
+        size, per_piece, units = SPAN_DIGEST_SIZE, self._per_piece, self._units
+        count = len(digests) // size
+        if first + count > units:
+            self._fail('span digests beyond the file\'s end')
+            return
+        with self._lock:
+            done = 0
+            while done < count:
+                piece, at = divmod(first + done, per_piece)
+                part = min(count - done, per_piece - at)
+                slot = self._filling.get(piece)
+                if slot is None:
+                    slot = self._filling[piece] = [
+                        bytearray(min(per_piece, units - piece * per_piece) * size), 0]
+                slot[0][at * size:(at + part) * size] = digests[done * size:(done + part) * size]
+                slot[1] += part
+                done += part
+            while True:
+                piece = len(self.pieces)
+                slot = self._filling.get(piece)
+                if slot is None or slot[1] * size < len(slot[0]):
+                    break
+                del self._filling[piece]
+                offset, packed = piece * SIGNATURE_SEGMENT, slot[0]
+                spans = [(min(DELTA_UNIT, self.outgoing.size - offset - i // size * DELTA_UNIT),
+                          bytes(packed[i:i + size])) for i in range(0, len(packed), size)]
+                self.pieces.append((offset, encode_spans(spans)))
+        self._finish()
+
+    def _finish(self):
+        """Done once every piece and the digest are in: kept for the next fetch."""
+        with self._lock:
+            if self.done.is_set() or self._digest is None or \
+                    len(self.pieces) < -(-self._units // self._per_piece):
+                return
+            self.done.set()
+        if self._store is not None and self._key is not None:
+            store, key, digest, pieces = self._store, self._key, self._digest, list(self.pieces)
+            try:
+                start_thread(lambda: store.save(key, digest, pieces), 'save')
+            except NoThread:
+                pass                            # the next fetch reads the file again
+
+    def settled(self):
+        return self._digest is not None or self.error is not None
+
+    def stop(self):
+        self._stop.set()
+
+
+def stripe_units(size, block_size, stripe, cycle, index):
+    """Yield the runs (first, end) of a delta's units (DELTA_UNIT bytes of
+    the file each) that worker `index` hashes: those that begin in its
+    stripes (stripe j being worker cycle[j mod len(cycle)]'s)."""
+    units, span = -(-size // DELTA_UNIT), stripe * block_size
+    run = None
+    for j in itertools.count():
+        first = -(-(j * span) // DELTA_UNIT)
+        if first >= units:
+            break
+        if cycle[j % len(cycle)] != index:
+            continue
+        end = min(units, -(-((j + 1) * span) // DELTA_UNIT))
+        if run is not None and run[1] == first:
+            run[1] = end
+            continue
+        if run is not None and run[0] < run[1]:
+            yield tuple(run)
+        run = [first, end]
+    if run is not None and run[0] < run[1]:
+        yield tuple(run)
+
+
+def hash_stripe_units(path, size, mtime_ns, block_size, stripe, cycle, index, emit, stop):
+    """Read the units of worker `index`'s stripes of the file at `path`
+    (stripe_units()) and hand their span digests to emit(first unit,
+    digests), UNITS_PER_MESSAGE at most at a time, in file order, until
+    `stop` is set.  RemoteError if the file changed."""
+    fd = open_regular(path)
+    try:
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            raise RemoteError('%s: changed on the server during the transfer' % path)
+        buffer = bytearray(UNITS_PER_MESSAGE * DELTA_UNIT)
+        view = memoryview(buffer)
+        for first, end in stripe_units(size, block_size, stripe, cycle, index):
+            while first < end:
+                if stop.is_set():
+                    return
+                last = min(end, first + UNITS_PER_MESSAGE)
+                length = min(size, last * DELTA_UNIT) - first * DELTA_UNIT
+                if os.preadv(fd, [view[:length]], first * DELTA_UNIT) != length:
+                    raise RemoteError('%s: changed on the server during the transfer' % path)
+                emit(first, b''.join(digest for _length, digest in unit_spans(view, 0, length)))
+                first = last
+    finally:
+        os.close(fd)
+
+
+def relay_job(channel, message, digests):
+    """In worker 1 (serve), on a thread of its own: the digest of the file
+    a WORKER_JOB names, read as the coordinator would read it, passed on
+    when done.  Returns the job, for b'K'."""
+    _code, file_id, size, mtime_ns = WORKER_JOB.unpack_from(message)
     path = os.fsdecode(message[WORKER_JOB.size:])
-    jobs = signatures if code == b'Y' else digests
 
     def fail(reason):
         channel.sendall(WORKER_END.pack(b'x', file_id) + reason.encode('utf-8', 'replace'))
@@ -10117,23 +10319,14 @@ def relay_job(channel, message, digests, signatures):
         st = os.stat(path)
         if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
             raise RemoteError('%s: changed on the server during the transfer' % path)
-        job = jobs.start(path)
+        job = digests.start(path)
     except (OSError, WanxferError) as e:
         fail(str(e) if isinstance(e, WanxferError) else describe_error(e))
         return None
 
     def run():
-        sent = 0
         try:
-            while True:
-                finished = job.done.wait(SIGNATURE_POLL)
-                pieces = getattr(job, 'pieces', ())
-                while sent < len(pieces):
-                    offset, spans = pieces[sent]
-                    channel.sendall(WORKER_PIECE.pack(b'y', file_id, offset) + spans.encode('ascii'))
-                    sent += 1
-                if finished:
-                    break
+            job.done.wait()
             digest = job.sha256()
             channel.sendall(WORKER_DIGEST.pack(b'g', file_id, bytes.fromhex(digest)))
         except RemoteError as e:
@@ -10141,13 +10334,47 @@ def relay_job(channel, message, digests, signatures):
         except OSError:
             pass                                # the coordinator is gone: so is this process, soon
         finally:
-            jobs.release(job)
+            digests.release(job)
     try:
         start_thread(run, 'relay')
     except NoThread as e:
-        jobs.release(job)
+        digests.release(job)
         fail(str(e))
         return None
+    return job
+
+
+def relay_units(channel, message, index):
+    """In sending worker `index` (serve), on a thread of its own: the span
+    digests of its stripes' units of the file a b'V' names, passed on as
+    they come (hash_stripe_units()).  Returns what b'K' stops."""
+    _code, file_id, size, mtime_ns = WORKER_JOB.unpack_from(message)
+    block_size, stripe, length = WORKER_SPREAD.unpack_from(message, WORKER_JOB.size)
+    at = WORKER_JOB.size + WORKER_SPREAD.size
+    cycle, path = list(message[at:at + length]), os.fsdecode(message[at + length:])
+    job = types.SimpleNamespace(stop=threading.Event())
+
+    def fail(reason):
+        try:
+            channel.sendall(WORKER_END.pack(b'x', file_id) + reason.encode('utf-8', 'replace'))
+        except OSError:
+            pass
+
+    def emit(first, digests):
+        channel.sendall(WORKER_UNITS.pack(b'h', file_id, first) + digests)
+
+    def run():
+        try:
+            hash_stripe_units(path, size, mtime_ns, block_size, stripe, cycle or [0], index, emit,
+                              job.stop)
+        except RemoteError as e:
+            fail(str(e))
+        except OSError as e:
+            fail('%s: %s' % (path, describe_error(e)))
+    try:
+        start_thread(run, 'spans')
+    except NoThread as e:
+        fail(str(e))
     return job
 
 
@@ -10177,11 +10404,11 @@ class SendingTeam:
         family, log = session.sock.family, session.server.log
         name = session.peer_name()
 
-        store = session.server.signatures.store
+        self._store = session.server.signatures.store
 
         def main(index, channel):
             run_sending_worker(index, channel, keys, session_id, (local, port), family,
-                               lambda line: log('%s: worker %d: %s' % (name, index, line)), store)
+                               lambda line: log('%s: worker %d: %s' % (name, index, line)))
         inherited = [session.sock, session.udp.sock]
         if isinstance(session.registry, SessionListener):
             inherited.append(session.registry.channel)
@@ -10290,8 +10517,7 @@ class SendingTeam:
         relayed = self._relayed
         if relayed is not None and relayed.outgoing is outgoing and self._active:
             relayed.file_id = file_id           # before its share: it reads while it sends
-            self._send(self._active[0], WORKER_JOB.pack(b'Y' if outgoing.delta else b'G', file_id,
-                                                        outgoing.size, outgoing.mtime_ns) + path)
+            relayed.start(self._active)
         for worker, part in zip(self._active, parts[1:]):
             worker.first_seq, worker.counts, worker.file_id = worker.next_seq, None, file_id
             self._send(worker, WORKER_SEND.pack(
@@ -10308,6 +10534,8 @@ class SendingTeam:
             worker.channel.sendall(message)
         except OSError:
             self._broke(worker)
+
+    ask = _send                                 # a helper job's request
 
     def forward_need(self, outgoing, held, ranges):
         """A `need`: each worker's part of it goes to that worker; returns
@@ -10359,9 +10587,11 @@ class SendingTeam:
         elif code == b'S' and len(message) == WORKER_EVENT.size:
             self._controller.on_silence()
             self.rate_changed()
-        elif code in (b'y', b'g', b'x') and len(message) >= WORKER_END.size:
+        elif code in (b'h', b'g', b'x') and len(message) >= WORKER_END.size:
+            # The digest is worker 1's; a delta's span digests (and their
+            # failure) any worker's.
             relayed = self._relayed
-            if relayed is not None and worker.index == 1 and \
+            if relayed is not None and (worker.index == 1 or code != b'g') and \
                     relayed.file_id == WORKER_END.unpack_from(message)[1]:
                 relayed.take(message)
         elif code == b'D' and len(message) == WORKER_SENT.size:
@@ -10414,30 +10644,35 @@ class SendingTeam:
         return [sum(worker.counts[i] for worker in active) for i in range(5)]
 
     def relayed_job(self, outgoing):
-        """The helper job of a striped file, run by worker 1 (RelayedJob):
-        asked for with its share."""
-        self._relayed = RelayedJob(self, outgoing)
+        """The helper job of a striped file, asked for with its share: its
+        digest read by worker 1 (RelayedJob), or a delta's signature hashed
+        by every worker of the file (SpreadSignature)."""
+        if outgoing.delta:
+            self._relayed = SpreadSignature(self, outgoing, self._store)
+        else:
+            self._relayed = RelayedJob(self, outgoing)
         return self._relayed
 
     def wait_relayed(self, relayed):
-        """Take worker 1's messages until its job for `relayed` is done (or
-        the team breaks): the data phase may end before the read does."""
+        """Take worker 1's messages until the digest of `relayed` is known
+        (or the team breaks): the data phase may end before the read does."""
         worker = self.workers[0]
-        while not relayed.done.is_set() and not self.broken:
+        while not relayed.settled() and not self.broken:
             message = receive_before(worker.channel, time.monotonic() + COMMAND_TIMEOUT)
             if message is not None:
                 self._take(worker, message)
-        if not relayed.done.is_set():
+        if not relayed.settled():
             relayed.error = OSError(errno.EIO, self.broken)
             relayed.done.set()
 
     def drop_relayed(self, relayed):
-        """The file is over before worker 1's job: it stops reading."""
+        """The file is over before its helper job: the workers stop reading."""
         if self._relayed is relayed:
             self._relayed = None
-            if not relayed.done.is_set() and relayed.file_id is not None and self.workers:
-                send_quietly(self.workers[0].channel,
-                             WORKER_JOB.pack(b'K', relayed.file_id, 0, 0))
+            relayed.stop()
+            if not relayed.done.is_set() and relayed.file_id is not None:
+                for worker in self.workers[:relayed.outgoing.workers - 1]:
+                    send_quietly(worker.channel, WORKER_JOB.pack(b'K', relayed.file_id, 0, 0))
 
     def _broke(self, worker):
         if self.broken is None:
@@ -10447,29 +10682,34 @@ class SendingTeam:
         end_workers([(worker.pid, worker.channel) for worker in self.workers])
 
 
-def run_sending_worker(index, channel, keys, session_id, local, family, log, store=None):
+def run_sending_worker(index, channel, keys, session_id, local, family, log):
     """A sending worker's life: its UDP flow once the coordinator names the
-    client worker's address, then each share of a file it is given (and,
-    worker 1, each helper job: relay_job()), until the coordinator's end
-    closes.  `store`: the server's SignatureStore."""
+    client worker's address, then each share of a file it is given (and
+    its helper jobs: relay_job(), relay_units()), until the coordinator's
+    end closes."""
     sealer, opener = keys.worker_sealers('server', index)
     rate = WorkerRate(channel)
     control = WorkerControl(channel, rate)
     packet_log = PacketLog()
     udp, next_seq, rtt = None, 0, 0.1
-    digests, signatures = DigestCache(), SignatureCache(store)
-    jobs = {}                                   # file id -> its helper job
+    digests = DigestCache()
+    jobs = {}                                   # file id -> its helper jobs (the last file's)
     while True:
         message = channel.recv(MAX_WORKER_MESSAGE)
         if not message:
             return
         code = message[:1]
-        if code in (b'G', b'Y') and len(message) > WORKER_JOB.size:
-            jobs = {WORKER_JOB.unpack_from(message)[1]:
-                    relay_job(channel, message, digests, signatures)}
-        elif code == b'K' and len(message) == WORKER_JOB.size:
-            job = jobs.pop(WORKER_JOB.unpack(message)[1], None)
+        if code in (b'G', b'V') and len(message) > WORKER_JOB.size + (
+                WORKER_SPREAD.size if code == b'V' else 0):
+            file_id = WORKER_JOB.unpack_from(message)[1]
+            if file_id not in jobs:
+                jobs = {file_id: []}
+            job = relay_job(channel, message, digests) if code == b'G' else \
+                relay_units(channel, message, index)
             if job is not None:
+                jobs[file_id].append(job)
+        elif code == b'K' and len(message) == WORKER_JOB.size:
+            for job in jobs.pop(WORKER_JOB.unpack(message)[1], ()):
                 job.stop.set()
         elif code == b'U' and udp is None and len(message) > WORKER_FLOW.size:
             length = WORKER_FLOW.unpack_from(message)[1]
@@ -10818,6 +11058,14 @@ class WorkerReceivePhase(ReceivePhase):
     def _send_nak(self, now):
         if not self.reported:                   # complete: no data is to come
             ReceivePhase._send_nak(self, now)
+
+    def _wake_at(self):
+        # Complete, its NAK and report timers stop where they were, in the
+        # past: waking for them would spin until the coordinator ends the
+        # file.  Only the repeated acknowledgement is left to time.
+        if self.reported:
+            return self.next_feedback
+        return ReceivePhase._wake_at(self)
 
     def _apply_control(self):
         window = self.window

@@ -334,6 +334,72 @@ def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
             sock.close()
 
 
+@pytest.mark.e2e
+def test_a_complete_share_sleeps_between_its_acknowledgements():
+    # A worker whose share was whole looped with no wait at all until the
+    # file ended (its NAK and report timers, stopped, stayed in the past):
+    # about 10,000 turns of its loop in a 256 MiB transfer on loopback,
+    # CPU that two workers cost and one did not.
+    keys = wanxfer.SessionKeys(bytes(32), bytes(32), bytes(32), True)
+    out, opener = keys.worker_sealers('client', 1)
+    server_in = keys.worker_sealers('server', 1)[1]
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(('127.0.0.1', 0))
+    rx.settimeout(5.0)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.connect(rx.getsockname())
+    coordinator, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    data = wanxfer.DataChannel(wanxfer.DatagramSocket(tx), out, opener, keys.session_id, hello_flags=1)
+    window = wanxfer.ReceiveWindow(4, 0)
+    for block in range(4):
+        window.on_packet(block, block, 0, 0.0)
+    writer = types.SimpleNamespace(sync=lambda: None, take_written=lambda: [], written_bytes=0,
+                                   flush=lambda: None)
+    incoming = types.SimpleNamespace(
+        start={'file': 1, 'first_seq': 0, 'lead': 0}, rtt=0.01,
+        conversation=types.SimpleNamespace(channel=wanxfer.WorkerInbox(worker_end), timeout=5,
+                                           peer='server'),
+        data=data, events=wanxfer.TransferEvents(), clock=time.monotonic, asked_at=time.monotonic(),
+        entry=types.SimpleNamespace(size=4096), block_size=1024, kept=[])
+    phase = wanxfer.WorkerReceivePhase(incoming, window, writer, worker_end, 0)
+    turns = []
+    send_feedback = phase._send_feedback
+
+    def counted(now):
+        turns.append(now)                       # once a turn of the loop
+        send_feedback(now)
+    phase._send_feedback = counted
+    ended = []
+
+    def run():
+        try:
+            phase.run()
+        except wanxfer.ShareEnded:
+            ended.append('ended')
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        coordinator.settimeout(5.0)
+        assert coordinator.recv(65536)[:1] == b'C'      # its share said complete
+        acknowledged = 0
+        while acknowledged < 6:                         # its final one, then 5 repeats
+            datagram = rx.recv(2048)
+            kind, _flags, _sid, seq = wanxfer.PACKET_HEADER.unpack_from(datagram)
+            body = server_in.open(seq, datagram[:wanxfer.PACKET_HEADER.size],
+                                  datagram[wanxfer.PACKET_HEADER.size:])
+            if kind == wanxfer.KIND_FEEDBACK and body is not None:
+                acknowledged += 1
+        # Repeats come every idle_limit (20 ms), the loop's turns once a
+        # feedback interval (5 ms): about 4 turns a repeat, far from a spin.
+        assert len(turns) < 100, '%d turns of the loop for 5 repeated acknowledgements' % len(turns)
+        coordinator.send(wanxfer.WORKER_END.pack(b'E', 1))
+        thread.join(5.0)
+        assert ended == ['ended']
+    finally:
+        for sock in (rx, tx, coordinator, worker_end):
+            sock.close()
+
+
 def test_a_fork_is_taken_once_a_session_on_the_way_to_a_start():
     """A client that forks its workers lazily is told by `fork` just before
     the first striped file's `start`; a second `fork` is refused."""

@@ -12,7 +12,10 @@ On a machine of two cores, wall time cannot show scaling; the shares and
 the CPU per GB against N=1 can.
 
     python3 tests/bench/bench_workers.py [--size 256M] [--workers 1,2,3] [--runs 1] [--no-delta]
-                                         [--json out.json]
+                                         [--rate 400M] [--json out.json]
+
+With --rate (get --rate) the transfer is paced below what the cores can
+do, as across a link: the processes then do not queue for the two cores.
 """
 
 import argparse
@@ -203,6 +206,7 @@ def main():
     parser.add_argument('--json', metavar='FILE')
     parser.add_argument('--no-delta', action='store_true',
                         help='get --no-delta (no signature at the server, no local assembly at the client)')
+    parser.add_argument('--rate', metavar='RATE', help='get --rate RATE (bits/s, e.g. 400M)')
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(',')]
     workdir = tempfile.mkdtemp(prefix='wanxfer-workers-')
@@ -214,7 +218,8 @@ def main():
             runs = results['runs'][workers] = []
             for i in range(args.runs):
                 run = one_run(source, args.size, workdir, workers, i,
-                              ['--no-delta'] if args.no_delta else [])
+                              (['--no-delta'] if args.no_delta else []) +
+                              (['--rate', args.rate] if args.rate else []))
                 runs.append(run)
                 print('[--workers %d run %d] %.0f Mbit/s, CPU s/GB server %.2f client %.2f; shares: '
                       'packets %s, CPU server %s, client %s (from the fork: %s, %s; CPU s before '
