@@ -8601,7 +8601,8 @@ class ReceivePhase:
         self.older_copies = incoming.kept if assembler is not None else None
         self.receiver = FileReceiver(self.data.session_id, self.data.sealer_in, window, writer,
                                      self.size, self.block_size)
-        self.receiver.on_control = self.data.take
+        if self.data.control is not None:           # not a worker's flow
+            self.receiver.on_control = self.data.take
         self.buffer = bytearray(RECV_BUFFER)
         self.full_datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         self.proven = proven                    # bytes of the largest probe before this phase

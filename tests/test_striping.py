@@ -237,7 +237,7 @@ def test_workers_hear_of_decided_blocks_only_with_those_local_data_filled():
     incoming = types.SimpleNamespace(
         start={'file': 1, 'first_seq': 0, 'lead': 0, 'stripe': stripe, 'workers': [0]}, rtt=0.01,
         conversation=types.SimpleNamespace(channel=None, send=lambda message: None),
-        data=types.SimpleNamespace(session_id=1, sealer_in=None), events=None, clock=lambda: 0.0,
+        data=types.SimpleNamespace(session_id=1, sealer_in=None, control=None), events=None, clock=lambda: 0.0,
         entry=types.SimpleNamespace(size=nblocks * 1024), block_size=1024, kept=[], bitmap=bitmap)
     writer = types.SimpleNamespace(mark_written=lambda ranges: None)
 
