@@ -1695,8 +1695,10 @@ class ControlChannel:
     `mirror(index, frame)`, when set, is given each frame sent of at most
     MIRRORED_FRAME bytes; at the other end `offer(index, frame)` takes
     the copy, and messages() yields every frame once, in order, from
-    whichever way it came first.  `datagrams`, when set, lets recv() take
-    copies while it waits (see DataChannel.take_control_datagrams).
+    whichever way it came first.  `datagrams`, when set, is (a UDP socket,
+    a function that takes the copies waiting there): recv() watches it
+    while it waits, until the function returns False (see
+    DataChannel.take_control_datagrams).
     """
 
     def __init__(self, sock, sealer_out, sealer_in, peer=None):
@@ -1773,6 +1775,10 @@ class ControlChannel:
             body = self._reader.open_frame(index, frame)
             if body is not None:
                 self._copies[index] = body
+                if len(self._copies) > MIRRORED_AHEAD:
+                    # One offered on another thread as its frame was read.
+                    for stale in [i for i in self._copies if i < self._next]:
+                        self._copies.pop(stale, None)
         return self.pending()
 
     def pending(self):
@@ -1793,6 +1799,7 @@ class ControlChannel:
                         return
                     if self._reader.count <= self._next:
                         continue                # its copy was read already
+                    self._copies.pop(self._next, None)
                 self._next += 1
                 message = parse_control(body)
                 if self._peer is not None:
@@ -1808,13 +1815,14 @@ class ControlChannel:
             for message in self.messages():
                 return message
             if datagrams is not None:
+                udp, take = datagrams
                 with selectors.DefaultSelector() as selector:
                     selector.register(self.sock, selectors.EVENT_READ)
-                    selector.register(datagrams.sock, selectors.EVENT_READ)
+                    selector.register(udp, selectors.EVENT_READ)
                     readable = [key.fileobj for key, _ in selector.select(self.sock.gettimeout())]
                 if not readable:
                     raise socket.timeout('timed out')
-                if datagrams.sock in readable and not datagrams.take_control_datagrams():
+                if udp in readable and not take():
                     datagrams = None            # data waits there: the data phase reads it
                 if self.sock not in readable:
                     continue
@@ -7143,8 +7151,13 @@ class ServerSession:
         """A HELLO datagram naming this session arrived from `address` (on
         the listener's loop, or a session process's listener thread): the
         client's UDP flow starts there if its tag checks out.  One whose
-        flags name a worker opens that worker's flow."""
+        flags name a worker opens that worker's flow.  A copy of a control
+        frame that came before the session's flow was open goes to its
+        control channel."""
         if self.data_in is None or len(datagram) < PACKET_HEADER.size + TAG_SIZE:
+            return
+        if datagram[0] == KIND_CONTROL:
+            self._take_copy(datagram)
             return
         if datagram[1]:
             with self._hello_lock:
@@ -7185,6 +7198,8 @@ class ServerSession:
             if keys.mirror:
                 self.control.mirror = functools.partial(send_frame_copy, self.udp.sock,
                                                         self.session_id)
+            # Between requests nothing else is due on the flow.
+            self.control.datagrams = (self.udp.sock, self._take_copies)
             self.control.send({'op': 'ready', 'probes': self._send_probes(), 'server': __version__})
             self.sock.settimeout(COMMAND_TIMEOUT)
             while True:
@@ -7216,6 +7231,25 @@ class ServerSession:
             self.server.log('%s: dropped: %s' % (self.peer_name(), e))
         finally:
             self.close()
+
+    def _take_copy(self, datagram):
+        kind, _flags, session_id, index = PACKET_HEADER.unpack_from(datagram)
+        if kind == KIND_CONTROL and session_id == self.session_id and self.control is not None:
+            self.control.offer(index, datagram[PACKET_HEADER.size:])
+
+    def _take_copies(self):
+        """The datagrams waiting on the flow while the session waits for a
+        request: copies of control frames taken, the rest (the last file's
+        late feedback, HELLOs sent before `ready` came) dropped."""
+        buffer = bytearray(RECV_BUFFER)
+        while True:
+            nbytes, segment = self.udp.recv_batch(buffer)
+            if not nbytes:
+                return True
+            for offset in range(0, nbytes, segment):
+                datagram = bytes(buffer[offset:min(nbytes, offset + segment)])
+                if len(datagram) >= PACKET_HEADER.size:
+                    self._take_copy(datagram)
 
     def _tell_client(self, error):
         """Say why the session ends, if the channel still carries it (the
@@ -7550,7 +7584,8 @@ class Server:
         self.digests = DigestCache(slots=slots)
         self.signatures = SignatureCache(signature_store, slots=slots)
         self._routes = {}                       # session id -> ServerSession or SessionProcess
-        self._unrouted = collections.OrderedDict()  # (session id, flags) -> (HELLO, address, when)
+        self._unrouted = collections.OrderedDict()  # (session id, kind, flags or index) ->
+        #                                             (HELLO or copy, address, when)
         self._children = {}                     # pid -> SessionProcess
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -7598,7 +7633,8 @@ class Server:
     def replay_hello(self, session_id, session):
         """The client sends its first HELLO datagram right after its proof,
         so it comes before the session is routed, nearly always: passed on
-        now rather than waiting for the next, a tenth of a second later."""
+        now rather than waiting for the next, a tenth of a second later.
+        So do the copies of its first requests, for when TCP lost them."""
         with self._lock:
             early = [self._unrouted.pop(key) for key in list(self._unrouted) if key[0] == session_id]
         for datagram, address, when in early:
@@ -7611,7 +7647,8 @@ class Server:
                 del self._routes[session.session_id]
 
     def _on_udp(self, mask):
-        """Pass each HELLO datagram to the session it names."""
+        """Pass each HELLO datagram, and each copy of a control frame, to
+        the session it names."""
         buffer = self._hello_buffer
         for _ in range(64):             # then let the loop see to the rest
             try:
@@ -7622,15 +7659,17 @@ class Server:
                 return
             if nbytes < PACKET_HEADER.size + TAG_SIZE:
                 continue
-            kind, flags, sid, _seq = PACKET_HEADER.unpack_from(buffer)
-            if kind != KIND_HELLO:
+            kind, flags, sid, seq = PACKET_HEADER.unpack_from(buffer)
+            if kind not in (KIND_HELLO, KIND_CONTROL):
                 continue
             with self._lock:
                 session = self._routes.get(sid)
                 if session is None:
                     # Kept for its session, if it is one about to be (its
                     # tag is checked then); a few, briefly: anyone can send.
-                    key = (sid, flags)          # the session's own flow, or a worker's
+                    # HELLO: the session's own flow, or a worker's; a copy
+                    # of a control frame: its index.
+                    key = (sid, kind, flags if kind == KIND_HELLO else seq)
                     self._unrouted[key] = (bytes(buffer[:nbytes]), address, time.monotonic())
                     self._unrouted.move_to_end(key)
                     while len(self._unrouted) > MAX_EARLY_HELLOS:
@@ -7754,7 +7793,7 @@ class Server:
 # role does not assume it runs in the client.
 
 HELLO_INTERVAL = 0.1
-EARLY_HELLO_SECONDS = 2.0       # a HELLO for a session not routed yet is kept this long,
+EARLY_HELLO_SECONDS = 2.0       # a HELLO (or copy) for a session not routed yet is kept this long,
 MAX_EARLY_HELLOS = 64           # ... and at most this many of them
 PROGRESS_INTERVAL = 0.5
 STATE_SAVE_INTERVAL = 2.0
@@ -8013,10 +8052,6 @@ class DataChannel:
         self.largest_probe = 0                  # bytes of the largest authentic probe
         self._seq = 0
         self._buffer = None
-
-    @property
-    def sock(self):
-        return self.udp.sock
 
     def take(self, datagram):
         """A datagram that is not data: a copy of a control frame is
@@ -9023,7 +9058,10 @@ class Client:
         udp.connect(self.sock.getpeername()[:2])
         self.udp = DatagramSocket(udp)
         self.data = DataChannel(self.udp, data_out, data_in, self.session_id, control=self.control)
-        self.control.datagrams = self.data
+        self.control.datagrams = (self.udp.sock, self.data.take_control_datagrams)
+        # Small frames go as datagrams too, from the first request on (to
+        # a session not set up yet, the server keeps them a little while).
+        self.control.mirror = functools.partial(send_frame_copy, self.udp.sock, self.session_id)
         for warning in self.udp.warnings:
             self.events.warning(warning)
         self._probes_awaited = False
@@ -9155,12 +9193,7 @@ class Client:
                     message = self.control.recv()
                 except socket.timeout:
                     continue
-                ready = self.conversation.check(message, 'ready')
-                # The server's session now reads this flow: small frames go
-                # on it too (a server that does not know them drops them).
-                self.control.mirror = functools.partial(send_frame_copy, self.udp.sock,
-                                                        self.session_id)
-                return ready
+                return self.conversation.check(message, 'ready')
         finally:
             self.sock.settimeout(self.timeout)
         raise TransferError('the server never confirmed the UDP data channel')

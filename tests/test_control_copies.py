@@ -164,3 +164,27 @@ def test_a_need_that_tcp_holds_back_comes_as_a_datagram(tmp_path, serve):
     (summary,) = json_summaries(got)
     assert summary['delta'] != 'off', summary
     assert 'Traceback' not in server.log() + got.stderr
+
+
+# The client's, from its first request (the open fetch, sent right after
+# the proof) on, for good: its copy comes before the server has set up
+# the session, and is kept for it.
+HOLD_FROM_FETCH = HOLD_FROM_NEED.replace("message['op'] == 'need'", "message['op'] == 'fetch'") \
+    .replace('holding back need', 'holding back fetch')
+
+
+@pytest.mark.parametrize('workers', [1, 2])
+def test_a_first_request_that_tcp_holds_back_comes_as_a_datagram(tmp_path, serve, workers):
+    source = make_file(tmp_path / 'f.bin', (8 << 20) + 9, seed=33)
+    server = serve([source], extra=['--workers', str(workers)])
+    dest = tmp_path / 'out.bin'
+    program = 'import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\nsys.exit(wanxfer.main(sys.argv[1:]))' \
+        % (os.path.dirname(wanxfer.__file__), HOLD_FROM_FETCH)
+    got = subprocess.run([sys.executable, '-c', program] + get_command(
+        server.port, 'f.bin', '-o', dest, '--json', '--timeout', '8', '--workers', str(workers),
+        '--cache', tmp_path / 'cache.db')[2:], env=wanxfer_env(), capture_output=True, text=True,
+        timeout=90)
+    assert got.returncode == 0, got.stderr
+    assert 'holding back fetch' in got.stderr
+    assert sha256(dest) == sha256(source)
+    assert 'Traceback' not in server.log() + got.stderr
