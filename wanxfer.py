@@ -5229,9 +5229,11 @@ MAX_GSO_SEGMENTS = 64
 MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
 SOCKET_BUFFER = 32 << 20
 RECV_BUFFER = 1 << 16
+GATHER_BUFFER = 2 * RECV_BUFFER     # a gathered batch, and room for one more receive
 GRO_TRIAL = 4096                # receives in a row that coalesced nothing before GRO is dropped
 MAX_RECEIVES_PER_WAKEUP = 512
-FEW_RECEIVES = 8
+WAKEUP_BYTES = 1 << 20             # received before the timers' turn: a few ms of work
+FEW_RECEIVES = 8                    # full datagrams' worth; less is a trickle
 TRICKLE_PAUSE = 0.001           # s; far below any feedback interval
 MAX_TRACKED_BLOCKS = 1 << 33    # blocks of one file a receiver tracks: a bitmap of 1 GiB
 
@@ -5258,6 +5260,7 @@ class DatagramSocket:
         self.gso = self._try_option(UDP_SEGMENT, 0)
         self.gro = self._try_option(UDP_GRO, 1)
         self._uncoalesced = 0
+        self._held = None                       # (datagram, segment size) that ended a gather
         sock.setblocking(False)
 
     def _try_option(self, option, value):
@@ -5296,10 +5299,46 @@ class DatagramSocket:
             i = j
         return n
 
-    def recv_batch(self, buffer):
+    def recv_batch(self, buffer, gather=0):
         """Receive into `buffer`; return (bytes, segment size) or (0, 0) when
         nothing is waiting.  A coalesced receive holds several datagrams of
-        `segment size` bytes each, the last possibly shorter."""
+        `segment size` bytes each, the last possibly shorter.
+
+        With `gather` (a full data datagram's size) and a buffer of
+        GATHER_BUFFER bytes, a receive of such datagrams is followed by more
+        receives into the buffer after it while each brings datagrams of
+        that size, and the whole is returned as if the kernel had coalesced
+        it: across a tun device or a NIC without GRO every receive holds one
+        datagram, and the receiver's Python per receive, not per batch, was
+        then its largest cost.  Nothing is checked here (the caller checks
+        each datagram's tag) and nothing is truncated: every receive has
+        RECV_BUFFER bytes of room.  A datagram of another size ends the
+        batch: a shorter one as its last, a longer one (or a coalesced
+        receive of another size) is held back for the next call."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            data, segment = held
+            buffer[:len(data)] = data
+            return len(data), segment
+        nbytes, segment = self._receive(buffer)
+        if not gather or segment != gather or nbytes % gather:
+            return nbytes, segment
+        view, receive, room = memoryview(buffer), self._receive, len(buffer) - RECV_BUFFER
+        while nbytes <= room:
+            more, segment = receive(view[nbytes:])
+            if not more:
+                break
+            if segment != gather and (segment != more or more > gather):
+                self._held = (bytes(view[nbytes:nbytes + more]), segment)
+                break
+            nbytes += more
+            if more % gather:
+                break                           # a shorter datagram ends a batch
+        return nbytes, gather
+
+    def _receive(self, buffer):
+        """One receive: (bytes, segment size), (0, 0) when nothing waits."""
         try:
             if self.gro:
                 nbytes, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], 64)
@@ -8433,7 +8472,7 @@ class ReceivePhase:
         self.older_copies = incoming.kept if assembler is not None else None
         self.receiver = FileReceiver(self.data.session_id, self.data.sealer_in, window, writer,
                                      self.size, self.block_size)
-        self.buffer = bytearray(RECV_BUFFER)
+        self.buffer = bytearray(GATHER_BUFFER)
         self.full_datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         self.proven = proven                    # bytes of the largest probe before this phase
         self.feedback_interval = max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
@@ -8480,7 +8519,7 @@ class ReceivePhase:
         what this end saw.  At most a wakeup's worth."""
         recv_batch, receive, buffer = self.data.udp.recv_batch, self.receiver.receive, self.buffer
         for _receives in range(MAX_RECEIVES_PER_WAKEUP):
-            nbytes, segment = recv_batch(buffer)
+            nbytes, segment = recv_batch(buffer, self.full_datagram)
             if not nbytes:
                 break
             receive(buffer, nbytes, segment, self.clock())
@@ -8494,11 +8533,13 @@ class ReceivePhase:
                    max(self.last_data + self.idle_limit, self.next_nak))
 
     def _receive_datagrams(self):
-        """Up to MAX_RECEIVES_PER_WAKEUP receives, then the timers' turn."""
+        """Up to MAX_RECEIVES_PER_WAKEUP receives (or WAKEUP_BYTES), then
+        the timers' turn."""
         recv_batch, receive, window = self.data.udp.recv_batch, self.receiver.receive, self.window
-        buffer, clock, last_data = self.buffer, self.clock, self.last_data
-        for receives in range(MAX_RECEIVES_PER_WAKEUP):
-            nbytes, segment = recv_batch(buffer)
+        buffer, clock, last_data, full = self.buffer, self.clock, self.last_data, self.full_datagram
+        taken = 0
+        for _receives in range(MAX_RECEIVES_PER_WAKEUP):
+            nbytes, segment = recv_batch(buffer, full)
             if not nbytes:
                 break
             now = clock()
@@ -8506,9 +8547,12 @@ class ReceivePhase:
             receive(buffer, nbytes, segment, now)
             if window.packets != packets:
                 last_data = now
+            taken += nbytes
+            if taken >= WAKEUP_BYTES:
+                break
         self.last_data = last_data
         self.receiver.flush()
-        if receives < FEW_RECEIVES:
+        if taken < FEW_RECEIVES * full:
             # A slow trickle: let datagrams gather in the socket buffer
             # rather than wake up for each one.
             time.sleep(TRICKLE_PAUSE)
