@@ -5260,7 +5260,7 @@ class DatagramSocket:
         self.gso = self._try_option(UDP_SEGMENT, 0)
         self.gro = self._try_option(UDP_GRO, 1)
         self._uncoalesced = 0
-        self._held = None                       # (datagram, segment size) that ended a gather
+        self.held = []                          # (datagram, segment size): what ended a gather
         sock.setblocking(False)
 
     def _try_option(self, option, value):
@@ -5315,10 +5315,8 @@ class DatagramSocket:
         RECV_BUFFER bytes of room.  A datagram of another size ends the
         batch: a shorter one as its last, a longer one (or a coalesced
         receive of another size) is held back for the next call."""
-        held = self._held
-        if held is not None:
-            self._held = None
-            data, segment = held
+        if self.held:
+            data, segment = self.held.pop(0)
             buffer[:len(data)] = data
             return len(data), segment
         nbytes, segment = self._receive(buffer)
@@ -5330,7 +5328,7 @@ class DatagramSocket:
             if not more:
                 break
             if segment != gather and (segment != more or more > gather):
-                self._held = (bytes(view[nbytes:nbytes + more]), segment)
+                self.held.append((bytes(view[nbytes:nbytes + more]), segment))
                 break
             nbytes += more
             if more % gather:
@@ -8535,10 +8533,11 @@ class ReceivePhase:
     def _receive_datagrams(self):
         """Up to MAX_RECEIVES_PER_WAKEUP receives (or WAKEUP_BYTES), then
         the timers' turn."""
-        recv_batch, receive, window = self.data.udp.recv_batch, self.receiver.receive, self.window
-        buffer, clock, last_data, full = self.buffer, self.clock, self.last_data, self.full_datagram
-        taken = 0
-        for _receives in range(MAX_RECEIVES_PER_WAKEUP):
+        udp, receive, window, full = self.data.udp, self.receiver.receive, self.window, self.full_datagram
+        recv_batch, buffer, clock, last_data = udp.recv_batch, self.buffer, self.clock, self.last_data
+        taken = receives = 0
+        # What a gather held back is taken now: the socket will not wake us for it.
+        while receives < MAX_RECEIVES_PER_WAKEUP and taken < WAKEUP_BYTES or udp.held:
             nbytes, segment = recv_batch(buffer, full)
             if not nbytes:
                 break
@@ -8548,8 +8547,7 @@ class ReceivePhase:
             if window.packets != packets:
                 last_data = now
             taken += nbytes
-            if taken >= WAKEUP_BYTES:
-                break
+            receives += 1
         self.last_data = last_data
         self.receiver.flush()
         if taken < FEW_RECEIVES * full:

@@ -374,3 +374,28 @@ def test_a_forged_datagram_among_gathered_ones_is_dropped_and_nothing_of_it_writ
     for i in range(nblocks):
         assert writer.blocks[i] == (None if i in (3, 9, 17, 30) else blocks[i]), i
     assert window.missing() == [(3, 4), (9, 10), (17, 18), (30, 31)]
+
+
+def test_a_datagram_held_back_by_a_gather_is_taken_in_the_same_wakeup(monkeypatch):
+    """The socket does not wake the receiver again for a datagram a gather
+    held back: the wakeup that held it takes it, even past its byte budget."""
+    import types
+    sender, udp = socket_pair(False)
+    monkeypatch.setattr(wanxfer, 'WAKEUP_BYTES', 3 * FULL)
+    taken = []
+    phase = types.SimpleNamespace(
+        data=types.SimpleNamespace(udp=udp), window=types.SimpleNamespace(packets=0),
+        receiver=types.SimpleNamespace(receive=lambda buffer, nbytes, segment, now:
+                                       taken.append(bytes(buffer[:nbytes])),
+                                       flush=lambda: None),
+        buffer=bytearray(wanxfer.GATHER_BUFFER), clock=time.monotonic, last_data=0.0, full_datagram=FULL)
+    try:
+        sent = [bytes([i]) * FULL for i in range(3)] + [b'\x09' * 20000]
+        for gram in sent:
+            sender.send(gram)
+        select.select([udp.sock], [], [], 10)
+        wanxfer.ReceivePhase._receive_datagrams(phase)
+    finally:
+        sender.close()
+        udp.close()
+    assert taken == [b''.join(sent[:3]), sent[3]] and not udp.held
