@@ -5333,9 +5333,11 @@ MAX_GSO_SEGMENTS = 64
 MAX_DATAGRAM_BATCH = 65000      # bytes one offloaded send may carry
 SOCKET_BUFFER = 32 << 20
 RECV_BUFFER = 1 << 16
+GATHER_BUFFER = 2 * RECV_BUFFER     # a gathered batch, and room for one more receive
 GRO_TRIAL = 4096                # receives in a row that coalesced nothing before GRO is dropped
 MAX_RECEIVES_PER_WAKEUP = 512
-FEW_RECEIVES = 8
+WAKEUP_BYTES = 1 << 20             # received before the timers' turn: a few ms of work
+FEW_RECEIVES = 8                    # full datagrams' worth; less is a trickle
 TRICKLE_PAUSE = 0.001           # s; far below any feedback interval
 MAX_TRACKED_BLOCKS = 1 << 33    # blocks of one file a receiver tracks: a bitmap of 1 GiB
 
@@ -5362,6 +5364,7 @@ class DatagramSocket:
         self.gso = self._try_option(UDP_SEGMENT, 0)
         self.gro = self._try_option(UDP_GRO, 1)
         self._uncoalesced = 0
+        self.held = []                          # (datagram, segment size): what ended a gather
         sock.setblocking(False)
 
     def _try_option(self, option, value):
@@ -5400,10 +5403,44 @@ class DatagramSocket:
             i = j
         return n
 
-    def recv_batch(self, buffer):
+    def recv_batch(self, buffer, gather=0):
         """Receive into `buffer`; return (bytes, segment size) or (0, 0) when
         nothing is waiting.  A coalesced receive holds several datagrams of
-        `segment size` bytes each, the last possibly shorter."""
+        `segment size` bytes each, the last possibly shorter.
+
+        With `gather` (a full data datagram's size) and a buffer of
+        GATHER_BUFFER bytes, a receive of such datagrams is followed by more
+        receives into the buffer after it while each brings datagrams of
+        that size, and the whole is returned as if the kernel had coalesced
+        it: across a tun device or a NIC without GRO every receive holds one
+        datagram, and the receiver's Python per receive, not per batch, was
+        then its largest cost.  Nothing is checked here (the caller checks
+        each datagram's tag) and nothing is truncated: every receive has
+        RECV_BUFFER bytes of room.  A datagram of another size ends the
+        batch: a shorter one as its last, a longer one (or a coalesced
+        receive of another size) is held back for the next call."""
+        if self.held:
+            data, segment = self.held.pop(0)
+            buffer[:len(data)] = data
+            return len(data), segment
+        nbytes, segment = self._receive(buffer)
+        if not gather or segment != gather or nbytes % gather:
+            return nbytes, segment
+        view, receive, room = memoryview(buffer), self._receive, len(buffer) - RECV_BUFFER
+        while nbytes <= room:
+            more, segment = receive(view[nbytes:])
+            if not more:
+                break
+            if segment != gather and (segment != more or more > gather):
+                self.held.append((bytes(view[nbytes:nbytes + more]), segment))
+                break
+            nbytes += more
+            if more % gather:
+                break                           # a shorter datagram ends a batch
+        return nbytes, gather
+
+    def _receive(self, buffer):
+        """One receive: (bytes, segment size), (0, 0) when nothing waits."""
         try:
             if self.gro:
                 nbytes, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], 64)
@@ -8078,6 +8115,8 @@ class DataChannel:
         buffer, sock = self._buffer, self.udp.sock
         while True:
             if not everything:
+                if self.udp.held:
+                    return False                # a datagram the data phase left over is next
                 try:
                     head = sock.recv(1, socket.MSG_PEEK)
                 except (BlockingIOError, InterruptedError):
@@ -8638,7 +8677,7 @@ class ReceivePhase:
                                      self.size, self.block_size)
         if self.data.control is not None:           # not a worker's flow
             self.receiver.on_control = self.data.take
-        self.buffer = bytearray(RECV_BUFFER)
+        self.buffer = bytearray(GATHER_BUFFER)
         self.full_datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         self.proven = proven                    # bytes of the largest probe before this phase
         self.feedback_interval = max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
@@ -8685,7 +8724,7 @@ class ReceivePhase:
         what this end saw.  At most a wakeup's worth."""
         recv_batch, receive, buffer = self.data.udp.recv_batch, self.receiver.receive, self.buffer
         for _receives in range(MAX_RECEIVES_PER_WAKEUP):
-            nbytes, segment = recv_batch(buffer)
+            nbytes, segment = recv_batch(buffer, self.full_datagram)
             if not nbytes:
                 break
             receive(buffer, nbytes, segment, self.clock())
@@ -8699,11 +8738,14 @@ class ReceivePhase:
                    max(self.last_data + self.idle_limit, self.next_nak))
 
     def _receive_datagrams(self):
-        """Up to MAX_RECEIVES_PER_WAKEUP receives, then the timers' turn."""
-        recv_batch, receive, window = self.data.udp.recv_batch, self.receiver.receive, self.window
-        buffer, clock, last_data = self.buffer, self.clock, self.last_data
-        for receives in range(MAX_RECEIVES_PER_WAKEUP):
-            nbytes, segment = recv_batch(buffer)
+        """Up to MAX_RECEIVES_PER_WAKEUP receives (or WAKEUP_BYTES), then
+        the timers' turn."""
+        udp, receive, window, full = self.data.udp, self.receiver.receive, self.window, self.full_datagram
+        recv_batch, buffer, clock, last_data = udp.recv_batch, self.buffer, self.clock, self.last_data
+        taken = receives = 0
+        # What a gather held back is taken now: the socket will not wake us for it.
+        while receives < MAX_RECEIVES_PER_WAKEUP and taken < WAKEUP_BYTES or udp.held:
+            nbytes, segment = recv_batch(buffer, full)
             if not nbytes:
                 break
             now = clock()
@@ -8711,9 +8753,11 @@ class ReceivePhase:
             receive(buffer, nbytes, segment, now)
             if window.packets != packets:
                 last_data = now
+            taken += nbytes
+            receives += 1
         self.last_data = last_data
         self.receiver.flush()
-        if receives < FEW_RECEIVES:
+        if taken < FEW_RECEIVES * full:
             # A slow trickle: let datagrams gather in the socket buffer
             # rather than wake up for each one.
             time.sleep(TRICKLE_PAUSE)

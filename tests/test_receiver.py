@@ -6,7 +6,11 @@ a tag is checked before anything of its datagram is counted or written, a
 duplicate counts once, and the odd datagram keeps its place in the order."""
 
 import random
+import select
+import time
 import zlib
+
+import pytest
 
 from helpers import wanxfer
 
@@ -207,3 +211,191 @@ def test_a_receives_worth_in_one_call_leaves_the_window_as_one_at_a_time_does():
                  '_gaps', '_largest_arrival', '_base_delay', '_interval_delay'):
         assert getattr(one, name) == getattr(batched, name), name
     assert one.missing() == batched.missing()
+
+
+# ---------------------------------------------------------------------------
+# Gathered receives: one datagram per receive (a tun device, a NIC without
+# GRO) handed over in batches, as if coalesced
+# ---------------------------------------------------------------------------
+
+def socket_pair(gro):
+    """A sending socket and a DatagramSocket connected to each other on
+    loopback, the receiver with UDP_GRO on or off."""
+    import socket
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    a.bind(('127.0.0.1', 0))
+    b.bind(('127.0.0.1', 0))
+    a.connect(b.getsockname())
+    b.connect(a.getsockname())
+    udp = wanxfer.DatagramSocket(b)
+    if gro != udp.gro:
+        if not gro:
+            udp.gro = not udp._try_option(wanxfer.UDP_GRO, 0)
+        if udp.gro != gro:
+            a.close()
+            udp.close()
+            pytest.skip('UDP_GRO cannot be set here')
+    return a, udp
+
+
+def received_batches(udp, buffer, expected, gather=FULL):
+    """recv_batch until `expected` datagrams came (a deadline, not a sleep):
+    each batch as the list of its datagrams, cut by its segment size."""
+    batches, count = [], 0
+    deadline = time.monotonic() + 10
+    while count < expected:
+        assert time.monotonic() < deadline, 'only %d of %d datagrams arrived' % (count, expected)
+        nbytes, segment = udp.recv_batch(buffer, gather)
+        if not nbytes:
+            select.select([udp.sock], [], [], 0.1)
+            continue
+        assert nbytes <= len(buffer)
+        grams = [bytes(buffer[o:min(o + segment, nbytes)]) for o in range(0, nbytes, segment)]
+        batches.append(grams)
+        count += len(grams)
+    return batches
+
+
+@pytest.mark.parametrize('gro', [False, True])
+def test_gathered_receives_hand_over_every_datagram_whole_and_in_order(gro):
+    """Full-size datagrams gathered into one batch; a shorter one ends a
+    batch as its last; a longer one (a probe, say) comes alone, whole."""
+    sender, udp = socket_pair(gro)
+    rng = random.Random(3)
+    try:
+        sizes = [FULL] * 3 + [700] + [FULL] * 2 + [20000] + [FULL] * 50 + [FULL + 1, 5] + [FULL] * 4
+        sent = [bytes(rng.getrandbits(8) for _ in range(8)) * (size // 8) + bytes(size % 8)
+                for size in sizes]
+        for gram in sent:
+            sender.send(gram)
+        batches = received_batches(udp, bytearray(wanxfer.GATHER_BUFFER), len(sent))
+    finally:
+        sender.close()
+        udp.close()
+    assert [gram for batch in batches for gram in batch] == sent
+    for batch in batches:
+        if len(batch[0]) > FULL:
+            assert len(batch) == 1                          # a longer one is never cut
+        else:
+            assert all(len(gram) == FULL for gram in batch[:-1])
+    assert max(len(batch) for batch in batches) > 10        # gathered, not one per receive
+
+
+def test_a_buffer_without_room_to_gather_receives_one_datagram_at_a_time():
+    sender, udp = socket_pair(False)
+    try:
+        for seq in range(5):
+            sender.send(bytes([seq]) * FULL)
+        batches = received_batches(udp, bytearray(wanxfer.RECV_BUFFER), 5)
+    finally:
+        sender.close()
+        udp.close()
+    assert batches == [[bytes([seq]) * FULL] for seq in range(5)]
+
+
+def test_no_datagram_is_cut_short_where_a_gathered_batch_fills_its_buffer():
+    """Every receive of a gather has a whole RECV_BUFFER of room: the
+    largest datagram still arrives whole after the most full ones fit."""
+    sender, udp = socket_pair(False)
+    try:
+        sent = [bytes([i]) * FULL for i in range(88)] + [b'\x07' * 65000, b'\x08' * FULL]
+        for gram in sent:
+            sender.send(gram)
+        batches = received_batches(udp, bytearray(wanxfer.GATHER_BUFFER), len(sent))
+    finally:
+        sender.close()
+        udp.close()
+    assert [gram for batch in batches for gram in batch] == sent
+
+
+def test_a_coalesced_receive_of_another_size_ends_a_gather_and_comes_next():
+    """With UDP_GRO a gather's later receive may itself be coalesced: full
+    ones join the batch, others are held back, not cut at the wrong size."""
+    sender, udp = socket_pair(True)
+    out = wanxfer.DatagramSocket(sender)
+    if not out.gso:
+        out.close()
+        udp.close()
+        pytest.skip('no UDP_SEGMENT here')
+    try:
+        sent = [b'\x01' * FULL]
+        out.send_packets(sent)
+        offloaded = [bytes([2 + i]) * FULL for i in range(4)] + [b'\x09' * 100]
+        out.send_packets(offloaded)
+        small = [bytes([20 + i]) * 300 for i in range(5)]
+        out.send_packets(small)
+        out.send_packets([b'\x30' * FULL])
+        batches = received_batches(udp, bytearray(wanxfer.GATHER_BUFFER), 12)
+    finally:
+        out.close()
+        udp.close()
+    assert [gram for batch in batches for gram in batch] == sent + offloaded + small + [b'\x30' * FULL]
+    assert small in batches                                 # cut at its own size, 300
+
+
+def test_a_forged_datagram_among_gathered_ones_is_dropped_and_nothing_of_it_written():
+    """The whole receiving path over a real socket, one datagram per send:
+    the tags of the gathered datagrams are each checked before anything of
+    them is counted or written, and a datagram of another session, of a
+    foreign key, or tampered with is dropped while its neighbours are kept."""
+    nblocks = 40
+    blocks = file_blocks(nblocks)
+    out, rx, window, writer = receiver(nblocks)
+    stranger = wanxfer.Sealer(bytes(64), True, counter_mode=wanxfer.CounterMode.load())
+    stranger.set_stride(BLOCK)
+    grams = [bytearray(datagram(out, seq, seq, blocks[seq])) for seq in range(nblocks)]
+    grams[3][wanxfer.DATA_HEADER.size + 100] ^= 1               # its ciphertext
+    grams[9][14] ^= 1                                           # its block number (9 -> 8)
+    grams[17] = bytearray(datagram(out, 17, 17, blocks[17], session=SESSION + 1))
+    grams[30] = bytearray(datagram(stranger, 30, 30, blocks[30]))
+    sender, udp = socket_pair(False)
+    try:
+        for gram in grams:
+            sender.send(gram)
+        buffer = bytearray(wanxfer.GATHER_BUFFER)
+        deadline = time.monotonic() + 10
+        largest = 0
+        while window.packets + rx.rejected < nblocks:
+            assert time.monotonic() < deadline
+            nbytes, segment = udp.recv_batch(buffer, FULL)
+            if not nbytes:
+                select.select([udp.sock], [], [], 0.1)
+                continue
+            largest = max(largest, nbytes // FULL)
+            rx.receive(buffer, nbytes, segment, 1.0)
+        rx.flush()
+    finally:
+        sender.close()
+        udp.close()
+    assert largest > 10
+    assert rx.rejected == 4 and window.packets == nblocks - 4
+    assert rx.datagram_bytes == (nblocks - 4) * FULL
+    for i in range(nblocks):
+        assert writer.blocks[i] == (None if i in (3, 9, 17, 30) else blocks[i]), i
+    assert window.missing() == [(3, 4), (9, 10), (17, 18), (30, 31)]
+
+
+def test_a_datagram_held_back_by_a_gather_is_taken_in_the_same_wakeup(monkeypatch):
+    """The socket does not wake the receiver again for a datagram a gather
+    held back: the wakeup that held it takes it, even past its byte budget."""
+    import types
+    sender, udp = socket_pair(False)
+    monkeypatch.setattr(wanxfer, 'WAKEUP_BYTES', 3 * FULL)
+    taken = []
+    phase = types.SimpleNamespace(
+        data=types.SimpleNamespace(udp=udp), window=types.SimpleNamespace(packets=0),
+        receiver=types.SimpleNamespace(receive=lambda buffer, nbytes, segment, now:
+                                       taken.append(bytes(buffer[:nbytes])),
+                                       flush=lambda: None),
+        buffer=bytearray(wanxfer.GATHER_BUFFER), clock=time.monotonic, last_data=0.0, full_datagram=FULL)
+    try:
+        sent = [bytes([i]) * FULL for i in range(3)] + [b'\x09' * 20000]
+        for gram in sent:
+            sender.send(gram)
+        select.select([udp.sock], [], [], 10)
+        wanxfer.ReceivePhase._receive_datagrams(phase)
+    finally:
+        sender.close()
+        udp.close()
+    assert taken == [b''.join(sent[:3]), sent[3]] and not udp.held
