@@ -4076,6 +4076,7 @@ class RateController:
         self._slot = None                       # the slot being sent or waited for
         self._first_slot = None                 # on_start()'s, until judged: sent until the first news
         self._tentative = None                  # ... judged on what followed that news
+        self._first_news = None                 # ... which came then
         self._return = None                     # the return slot after a probe
         self._next_probe = 0.0
         self._probe_wait = 1.0                  # of PROBE_ROUNDS round trips between probes
@@ -4347,14 +4348,24 @@ class RateController:
         elif slot.complete(sent_at):
             got = slot.delivery()
             few = not got or slot.packets + slot.lost < self.MIN_LOSS_PACKETS / 3
+            later = 2 * self._slot_length(rtt)
             if slot is self._first_slot and slot is not self._tentative and not slot.idle and few \
-                    and 2 * self._slot_length(rtt) <= rtt:
+                    and later <= rtt:
                 # The first acknowledgement covered the whole first slot (a
                 # receiver starting up acknowledges late).  Its rate lasted
                 # until that news came, a round trip: what was sent a few
                 # slots after it is the same slot, judged on the next news.
                 self._tentative = slot
-                slot.end = max(slot.end, min(now, sent_at + 2 * self._slot_length(rtt)))
+                self._first_news = now
+                slot.end = max(slot.end, min(now, sent_at + later))
+                return
+            if slot is self._tentative and not slot.idle and few and sent_at + later <= self._first_news:
+                # The next news covered all that too, and more: a receiver
+                # that held its acknowledgements (waiting for the file's
+                # `start` on a lossy path: 1.4 s of sending in two of them
+                # at 1.2 s) releases them in a lump.  What followed was still
+                # sent at the slot's rate, before its first news came.
+                slot.end = sent_at + later
                 return
             tentative = slot is self._first_slot
             self._slot = self._first_slot = self._tentative = None

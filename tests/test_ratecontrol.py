@@ -85,6 +85,31 @@ def test_a_receiver_late_to_acknowledge_the_first_slot_costs_no_round_trip(rtt, 
     assert path.drops(0, idle + 8 * rtt) < 0.01 * bdp_packets(capacity, rtt)
 
 
+def test_a_first_slot_whose_news_came_in_a_lump_is_judged_on_what_followed():
+    # On the link at 1.2 s with 10% loss the receiver held its
+    # acknowledgements for 1.4 s (the file's `start` sent again by TCP),
+    # then two covered all sent until then, the second 0.6 s beyond the
+    # first: the first slot, judged on the news after the first, measured
+    # nothing, and went again a round trip later.  What followed the
+    # lump was still sent at the slot's rate, before its first news.
+    rate = wanxfer.RateController()
+    rate.on_start(0.0, 1.2)
+    slot_rate = rate.rate
+
+    def ack(now, sent_at, span, ack_delay=0.0):
+        packets = slot_rate * span / 1500
+        rate.on_feedback(now, 0.0, 0.9 * packets * 1500, 0.9 * packets, 0.1 * packets, 1.2, False,
+                         sent_at, ack_delay)
+
+    ack(2.63, 0.83, 0.83)
+    ack(2.65, 1.45, 0.62, 0.003)
+    now, sent = 2.65, 1.45
+    while now < 2.8:
+        now, sent = now + 0.01, sent + 0.01
+        ack(now, sent, 0.01)
+    assert rate.startup and rate.level >= 0.8 * slot_rate, (rate.level, slot_rate)
+
+
 def test_a_first_slot_sent_short_of_data_does_not_end_the_startup():
     # A delta transfer's sender gets the receiver's first requests a few
     # at a time: the first slot, judged on what followed the first news,
