@@ -4062,6 +4062,7 @@ class RateController:
         self.rate = float(min(initial_rate or self.INITIAL_RATE, max_rate or float('inf')))
         self.level = self.rate                  # bytes/s the path is known to deliver
         self.phase = 'startup'
+        self._ramped = False                    # the first startup has ended
         self._phase_ends = 0.0                  # when a timed phase (probe, return, drain) is over
         self._gain = 1.0                        # of the probe or return being sent
         self._crept = 0.0                       # when cruise last added to the level
@@ -4375,7 +4376,11 @@ class RateController:
             rise = max(0.0, slot.queue_peak - slot.queue_before)
             target = self._target(slot)
             quiet = rise < self.QUEUE_RISE * length
-            if quiet:
+            # (Below, what the first startup gives a slot read short with no
+            # queue rise: one that a probe starts again, beside a flow that
+            # may be growing into the path, keeps the stricter reading.)
+            first = not self._ramped
+            if quiet and first:
                 if self.random_loss is None:
                     # The first slot holds all that was sent: no random loss
                     # is known yet.  Its own is, up to UNKNOWN_LOSS (a
@@ -4394,7 +4399,7 @@ class RateController:
             # and a queue that overflowed shows as less delivered.)
             carried = got >= self.PASSED * target and quiet or got >= (1.0 - self.NOISE) * target
             expected = self.UNKNOWN_LOSS if self.random_loss is None else self.random_loss
-            if not carried and quiet and got >= self.QUIET_PASSED * target and \
+            if not carried and quiet and first and got >= self.QUIET_PASSED * target and \
                     slot.loss() <= expected + self.EXCESS_LOSS:
                 # What a path cannot carry it queues or drops: with neither,
                 # a slot read short was mismeasured (workers of uneven shares
@@ -4435,6 +4440,7 @@ class RateController:
 
     def _end_startup(self, now):
         self.phase = 'cruise'
+        self._ramped = True
         self._decided(now)
         self._next_probe = now
 
@@ -4607,6 +4613,7 @@ class RateController:
 
     def _enter(self, phase, now, ends=0.0):
         self.phase = phase
+        self._ramped = True
         self._phase_ends = ends
 
     def _update_rate(self):
