@@ -654,6 +654,7 @@ class ModelFlow:
         self.files, self.tell_idle = list(files or ()), tell_idle
         self._left = self.files[0][0] if self.files else None
         self._idle_until = self._limited_until = start + idle_first
+        self._told_idle = False                 # ... and said so, not yet that it has data again
         try:        # older controllers were not told send times
             inspect.signature(controller.on_feedback).bind(*range(9))
             self._told_times = True
@@ -695,8 +696,16 @@ class ModelFlow:
             self._limited_until = now + self.rtt
             if self.tell_idle and hasattr(self.controller, 'on_idle'):
                 self.controller.on_idle(now)
+                self._told_idle = True
             self.rates.append((now, rate))
             return 0, 0
+        if self._told_idle:
+            # As the real sender does when it has data again: a share it
+            # lent while idle is taken back at once.
+            self._told_idle = False
+            if hasattr(self.controller, 'on_busy'):
+                self.controller.on_busy(now)
+                rate = self.controller.rate
         count = 0
         batch = self.batch(rate) if callable(self.batch) else self.batch
         while self._budget > 0 and self._in_flight + (count + batch) * packet <= cap:
