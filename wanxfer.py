@@ -52,7 +52,6 @@ import types
 import warnings
 import weakref
 import zlib
-from array import array
 
 try:
     import fcntl
