@@ -6294,8 +6294,9 @@ class BlockWriter:
 #   Server               the listener, the UDP port's HELLOs, a thread per session
 
 COMMAND_TIMEOUT = 300.0         # s a client may idle between requests
-HANDSHAKE_DEADLINE = 10.0       # s from accept to an authenticated peer, however slowly its bytes
-                                # come: room for a lost segment's retransmissions on a long path
+HANDSHAKE_DEADLINE = 30.0       # s from accept to an authenticated peer, however slowly its bytes
+                                # come: room for two lost segments' retransmissions at 1.2 s round
+                                # trip (RTO 3.6 s, then 7.2), which 10 s was not
 MAX_UNAUTHENTICATED = 64        # connections held before they authenticate (and at most a quarter
                                 # of the process's descriptors: sessions need the rest) ...
 MAX_UNAUTHENTICATED_PER_SOURCE = 8      # ... and from one address (IPv6: one /64)
