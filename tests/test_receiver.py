@@ -257,22 +257,27 @@ def received_batches(udp, buffer, expected, gather=FULL):
     return batches
 
 
+def sent_and_received(grams, buffer_size=wanxfer.GATHER_BUFFER, gro=False):
+    """`grams` sent over loopback; the batches recv_batch() received them in."""
+    sender, udp = socket_pair(gro)
+    try:
+        for gram in grams:
+            sender.send(gram)
+        return received_batches(udp, bytearray(buffer_size), len(grams))
+    finally:
+        sender.close()
+        udp.close()
+
+
 @pytest.mark.parametrize('gro', [False, True])
 def test_gathered_receives_hand_over_every_datagram_whole_and_in_order(gro):
     """Full-size datagrams gathered into one batch; a shorter one ends a
     batch as its last; a longer one (a probe, say) comes alone, whole."""
-    sender, udp = socket_pair(gro)
     rng = random.Random(3)
-    try:
-        sizes = [FULL] * 3 + [700] + [FULL] * 2 + [20000] + [FULL] * 50 + [FULL + 1, 5] + [FULL] * 4
-        sent = [bytes(rng.getrandbits(8) for _ in range(8)) * (size // 8) + bytes(size % 8)
-                for size in sizes]
-        for gram in sent:
-            sender.send(gram)
-        batches = received_batches(udp, bytearray(wanxfer.GATHER_BUFFER), len(sent))
-    finally:
-        sender.close()
-        udp.close()
+    sizes = [FULL] * 3 + [700] + [FULL] * 2 + [20000] + [FULL] * 50 + [FULL + 1, 5] + [FULL] * 4
+    sent = [bytes(rng.getrandbits(8) for _ in range(8)) * (size // 8) + bytes(size % 8)
+            for size in sizes]
+    batches = sent_and_received(sent, gro=gro)
     assert [gram for batch in batches for gram in batch] == sent
     for batch in batches:
         if len(batch[0]) > FULL:
@@ -283,29 +288,15 @@ def test_gathered_receives_hand_over_every_datagram_whole_and_in_order(gro):
 
 
 def test_a_buffer_without_room_to_gather_receives_one_datagram_at_a_time():
-    sender, udp = socket_pair(False)
-    try:
-        for seq in range(5):
-            sender.send(bytes([seq]) * FULL)
-        batches = received_batches(udp, bytearray(wanxfer.RECV_BUFFER), 5)
-    finally:
-        sender.close()
-        udp.close()
+    batches = sent_and_received([bytes([seq]) * FULL for seq in range(5)], wanxfer.RECV_BUFFER)
     assert batches == [[bytes([seq]) * FULL] for seq in range(5)]
 
 
 def test_no_datagram_is_cut_short_where_a_gathered_batch_fills_its_buffer():
     """Every receive of a gather has a whole RECV_BUFFER of room: the
     largest datagram still arrives whole after the most full ones fit."""
-    sender, udp = socket_pair(False)
-    try:
-        sent = [bytes([i]) * FULL for i in range(88)] + [b'\x07' * 65000, b'\x08' * FULL]
-        for gram in sent:
-            sender.send(gram)
-        batches = received_batches(udp, bytearray(wanxfer.GATHER_BUFFER), len(sent))
-    finally:
-        sender.close()
-        udp.close()
+    sent = [bytes([i]) * FULL for i in range(88)] + [b'\x07' * 65000, b'\x08' * FULL]
+    batches = sent_and_received(sent)
     assert [gram for batch in batches for gram in batch] == sent
 
 

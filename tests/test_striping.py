@@ -276,12 +276,11 @@ def test_a_workers_longest_message_arrives_whole():
     assert marked == runs
 
 
-@pytest.mark.e2e
-def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
-    # A worker whose share is whole, stopping at once, left its last
-    # packets unacknowledged: its sender saw them in flight and silence,
-    # and halved the rate every worker shares, every half second, until
-    # the whole file was done.
+def whole_worker_share():
+    """A receiving worker's phase (worker 1, on loopback) whose 4-block
+    share has all arrived: (phase, the socket its feedback goes to, its
+    own, the coordinator's end of its socketpair, its end, the server's
+    sealer that opens its feedback)."""
     keys = wanxfer.SessionKeys(bytes(32), bytes(32), bytes(32), True)
     out, opener = keys.worker_sealers('client', 1)
     server_in = keys.worker_sealers('server', 1)[1]
@@ -304,6 +303,11 @@ def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
         data=data, events=wanxfer.TransferEvents(), clock=time.monotonic, asked_at=time.monotonic(),
         entry=types.SimpleNamespace(size=4096), block_size=1024, kept=[])
     phase = wanxfer.WorkerReceivePhase(incoming, window, writer, worker_end, 0)
+    return phase, rx, tx, coordinator, worker_end, server_in
+
+
+def running(phase):
+    """`phase` run on a thread; (the thread, a list that says how it ended)."""
     ended = []
 
     def run():
@@ -314,21 +318,41 @@ def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
             ended.append('ended')
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    return thread, ended
+
+
+def end_share(coordinator, thread, ended):
+    """The coordinator ends the file: the share's phase ends with ShareEnded."""
+    coordinator.send(wanxfer.WORKER_END.pack(b'E', 1))
+    thread.join(5.0)
+    assert ended == ['ended']
+
+
+def next_feedback(rx, opener):
+    """The fields of the next authentic FEEDBACK datagram on `rx`."""
+    while True:
+        datagram = rx.recv(2048)
+        kind, _flags, _sid, seq = wanxfer.PACKET_HEADER.unpack_from(datagram)
+        body = opener.open(seq, datagram[:wanxfer.PACKET_HEADER.size],
+                           datagram[wanxfer.PACKET_HEADER.size:])
+        if kind == wanxfer.KIND_FEEDBACK and body is not None:
+            return wanxfer.decode_feedback(body)
+
+
+@pytest.mark.e2e
+def test_a_complete_share_keeps_acknowledging_until_the_file_ends():
+    # A worker whose share is whole, stopping at once, left its last
+    # packets unacknowledged: its sender saw them in flight and silence,
+    # and halved the rate every worker shares, every half second, until
+    # the whole file was done.
+    phase, rx, tx, coordinator, worker_end, server_in = whole_worker_share()
+    thread, ended = running(phase)
     try:
-        acknowledged = []
-        while len(acknowledged) < 2:
-            datagram = rx.recv(2048)
-            kind, _flags, _sid, seq = wanxfer.PACKET_HEADER.unpack_from(datagram)
-            body = server_in.open(seq, datagram[:wanxfer.PACKET_HEADER.size],
-                                  datagram[wanxfer.PACKET_HEADER.size:])
-            if kind == wanxfer.KIND_FEEDBACK and body is not None:
-                acknowledged.append(wanxfer.decode_feedback(body)[2])
+        acknowledged = [next_feedback(rx, server_in)[2] for _ in range(2)]
         assert acknowledged == [3, 3]                   # the last packet, and again
         coordinator.settimeout(5.0)
         assert coordinator.recv(65536)[:1] == b'C'      # its share said complete
-        coordinator.send(wanxfer.WORKER_END.pack(b'E', 1))
-        thread.join(5.0)
-        assert ended == ['ended']
+        end_share(coordinator, thread, ended)
     finally:
         for sock in (rx, tx, coordinator, worker_end):
             sock.close()
@@ -340,28 +364,7 @@ def test_a_complete_share_sleeps_between_its_acknowledgements():
     # file ended (its NAK and report timers, stopped, stayed in the past):
     # about 10,000 turns of its loop in a 256 MiB transfer on loopback,
     # CPU that two workers cost and one did not.
-    keys = wanxfer.SessionKeys(bytes(32), bytes(32), bytes(32), True)
-    out, opener = keys.worker_sealers('client', 1)
-    server_in = keys.worker_sealers('server', 1)[1]
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(('127.0.0.1', 0))
-    rx.settimeout(5.0)
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.connect(rx.getsockname())
-    coordinator, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    data = wanxfer.DataChannel(wanxfer.DatagramSocket(tx), out, opener, keys.session_id, hello_flags=1)
-    window = wanxfer.ReceiveWindow(4, 0)
-    for block in range(4):
-        window.on_packet(block, block, 0, 0.0)
-    writer = types.SimpleNamespace(sync=lambda: None, take_written=lambda: [], written_bytes=0,
-                                   flush=lambda: None)
-    incoming = types.SimpleNamespace(
-        start={'file': 1, 'first_seq': 0, 'lead': 0}, rtt=0.01,
-        conversation=types.SimpleNamespace(channel=wanxfer.WorkerInbox(worker_end), timeout=5,
-                                           peer='server'),
-        data=data, events=wanxfer.TransferEvents(), clock=time.monotonic, asked_at=time.monotonic(),
-        entry=types.SimpleNamespace(size=4096), block_size=1024, kept=[])
-    phase = wanxfer.WorkerReceivePhase(incoming, window, writer, worker_end, 0)
+    phase, rx, tx, coordinator, worker_end, server_in = whole_worker_share()
     turns = []
     send_feedback = phase._send_feedback
 
@@ -369,32 +372,16 @@ def test_a_complete_share_sleeps_between_its_acknowledgements():
         turns.append(now)                       # once a turn of the loop
         send_feedback(now)
     phase._send_feedback = counted
-    ended = []
-
-    def run():
-        try:
-            phase.run()
-        except wanxfer.ShareEnded:
-            ended.append('ended')
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, ended = running(phase)
     try:
         coordinator.settimeout(5.0)
         assert coordinator.recv(65536)[:1] == b'C'      # its share said complete
-        acknowledged = 0
-        while acknowledged < 6:                         # its final one, then 5 repeats
-            datagram = rx.recv(2048)
-            kind, _flags, _sid, seq = wanxfer.PACKET_HEADER.unpack_from(datagram)
-            body = server_in.open(seq, datagram[:wanxfer.PACKET_HEADER.size],
-                                  datagram[wanxfer.PACKET_HEADER.size:])
-            if kind == wanxfer.KIND_FEEDBACK and body is not None:
-                acknowledged += 1
+        for _ in range(6):                              # its final one, then 5 repeats
+            next_feedback(rx, server_in)
         # Repeats come every idle_limit (20 ms), the loop's turns once a
         # feedback interval (5 ms): about 4 turns a repeat, far from a spin.
         assert len(turns) < 100, '%d turns of the loop for 5 repeated acknowledgements' % len(turns)
-        coordinator.send(wanxfer.WORKER_END.pack(b'E', 1))
-        thread.join(5.0)
-        assert ended == ['ended']
+        end_share(coordinator, thread, ended)
     finally:
         for sock in (rx, tx, coordinator, worker_end):
             sock.close()
