@@ -205,7 +205,7 @@ PACKET_HEADER = struct.Struct('!BBIQ')
 DATA_HEADER = struct.Struct('!BBIQQI')
 PACKET_OVERHEAD = DATA_HEADER.size + TAG_SIZE
 # A control frame's copy on the data channel (to a client that offered
-# FLAG_MIRROR, and from a client once its flow is open): PACKET_HEADER, its
+# FLAG_MIRROR, and from a client from its first request on): PACKET_HEADER, its
 # packet number the frame's index on the control channel, then the frame as
 # sent there, sealed by the control key.  A frame TCP must send again waits
 # a round trip or two, and holds back those after it; its copy does not.
