@@ -46,10 +46,12 @@ def test_a_large_file_striped_over_workers_is_byte_identical(tmp_path, serve, wo
     # The coordinator (the control channel, the rate control) and worker 1
     # (the whole file's digest) are dealt fewer stripes than the others: in
     # a round; of a file of 12 stripes a delta's deal gives worker 0 as many
-    # as worker 2 (5 each, 35 and 43 of a round's 96), worker 1 fewer.
+    # as worker 2 (5 each, 35 and 43 of a round's 96), worker 1 fewer.  A
+    # block sent again may land at another worker and count there: 5% room
+    # (round robin, which this tells apart, gives worker 1 as many as 2).
     if workers == 3:
         packets = summary['worker_packets']
-        assert packets[0] <= packets[2] and packets[1] < packets[2], packets
+        assert packets[0] <= 1.05 * packets[2] and packets[1] < packets[2], packets
     granted, pids = worker_pids(server)
     assert granted == workers and len(set(pids)) == workers - 1
     assert server.proc.pid not in pids
