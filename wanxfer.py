@@ -4247,12 +4247,16 @@ class RateController:
         queue loses packets only when it is full, so loss that comes with
         the longest queues read, and much less below them, is the queue's
         limit (random loss falls on any queue alike, bursts of it too).
-        A queue read well beyond that limit later says it was wrong (or
-        the path changed): it is learnt again."""
-        if self.queue_limit is not None and queue_delay > 1.5 * self.queue_limit + self.MIN_TARGET_DELAY:
+        The deepest queue read fades as the counts do: one reading a busy
+        host held up must not put the brim out of reach for good.  A queue
+        that stands well beyond the limit later (through the last few
+        acknowledgements, not one) says it was wrong, or the path changed:
+        it is learnt again."""
+        if self.queue_limit is not None and \
+                min(self._recent_queue) > 1.5 * self.queue_limit + self.MIN_TARGET_DELAY:
             self.queue_limit = None
             self._brim = [0.0, 0.0, 0.0, 0.0]
-        self._deepest = max(self._deepest, queue_delay)
+        self._deepest = max(self._deepest * self.BRIM_FADE, queue_delay)
         counts = self._brim
         for i in range(4):
             counts[i] *= self.BRIM_FADE
