@@ -4083,6 +4083,14 @@ class RateController:
     the queue grew, or from what it dropped, after a sudden drop), and the
     queue built meanwhile drains at the 'drain' gain.
 
+    A queue shorter than twice TARGET_DELAY never shows that much: it
+    overflows first.  Where loss comes with the longest queues read and
+    much less below them (a drop-tail queue loses only when full; random
+    loss, in bursts or not, falls on any queue alike), that queue is the
+    path's `queue_limit`: half of it is the target, a probe builds no more
+    than that, cruise adds nothing while a queue stands, and one window of
+    loss beyond the random loss says over-full.
+
     Yielding to every queue would leave nothing for wanxfer beside a TCP
     flow, which keeps the bottleneck's queue full whatever others do.  When
     a drain ends and the queue did not shrink, the queue is another flow's:
