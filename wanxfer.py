@@ -6306,6 +6306,7 @@ MAX_UNAUTHENTICATED_PER_SOURCE = 8      # ... and from one address (IPv6: one /6
 ACCEPT_REST = (0.01, 1.0)       # s a listener rests after accept() fails for want of resources,
                                 # doubling from the first figure to the second while it goes on
 PACING_BURST = 0.002            # s of sending allowed in one go
+SHARE_BATCH_BLOCKS = 16         # a striped share's batch when PACING_BURST of its rate is less (share_batch)
 MIN_FEEDBACK_SILENCE = 0.5      # s without feedback before the rate is halved
 LEAD_BYTES = 1 << 20            # a new file's first bytes sent before the client asks, at least:
 LEAD_ROUNDS = 3                 # ... what goes in this many round trips (the first signature piece
@@ -6408,9 +6409,11 @@ def lead_ranges(fd, size, block_size, lead_size=LEAD_BYTES):
     return lead, ranges
 
 
-def share_batch(rate, block_size, largest):
-    """Blocks a striped share reads and sends at once: no more than
-    PACING_BURST of its rate (at least one, at most `largest`).  A flow
+def share_batch(rate, block_size, largest, rtt=0.0):
+    """Blocks a striped share reads and sends at once: PACING_BURST of its
+    rate, or where that is under SHARE_BATCH_BLOCKS, up to that many but
+    no more than half a feedback interval of its rate at this round trip
+    (`rtt`); at least one, at most `largest`.  A flow
     alone sends up to 64 KB a batch whatever its rate, but a share's
     acknowledgements are merged with the others' (SharedRate), and a
     share with a small part of the rate (the coordinator's, 0.13 of it)
@@ -6419,8 +6422,15 @@ def share_batch(rate, block_size, largest):
     time, the slots measured on it said the path delivered 15% more than
     it does, and the level crept past the path's rate until the queue
     overflowed (a model test; on the real link at 120 ms, 223 queue drops
-    in one run and 963 in two, where one flow dropped none)."""
-    return max(1, min(largest, int(rate * PACING_BURST / block_size)))
+    in one run and 963 in two, where one flow dropped none).  Half an
+    interval still puts news of every share in every acknowledgement,
+    and at a long path's slow rate it is fewer batches, each a wakeup, a
+    read, a sealing and a send: 2 ms batches of 8 blocks at 92 Mbit/s
+    across 300 ms cost the two sending workers twice one's CPU per GB."""
+    burst = int(rate * PACING_BURST / block_size)
+    if burst < SHARE_BATCH_BLOCKS:
+        burst = max(burst, min(SHARE_BATCH_BLOCKS, int(rate * feedback_interval(rtt) / 2 / block_size)))
+    return max(1, min(largest, burst))
 
 
 def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, flags, stamp):
@@ -6764,7 +6774,7 @@ class OutgoingFile:
             sealer, udp, compression, fd = self._sealer, self._udp, self.compression, self._fd
             sid, per_packet, max_batch = self._session_id, self._per_packet, self._max_batch
             if self.striped:
-                max_batch = share_batch(rate.rate, block_size, max_batch)
+                max_batch = share_batch(rate.rate, block_size, max_batch, self.rtt)
             pack_header = DATA_HEADER.pack
             stamp = int(now * 1e6) & 0xFFFFFFFF
             while budget > 0 and window.has_work() and window.in_flight() < flight_cap:
@@ -7908,6 +7918,12 @@ MAX_LISTING_ENTRIES = 2_000_000     # files and directories one REMOTE may expan
                                     # listing costs get about 500 bytes an entry (1 GB here)
 
 
+def feedback_interval(rtt):
+    """Seconds between a receiver's acknowledgements at round trip `rtt`
+    (its sender batches a share's sending by it too: share_batch)."""
+    return max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
+
+
 class TransferEvents:
     """What a Client reports.  The CLI subclasses it; the default is silent."""
 
@@ -8744,7 +8760,7 @@ class ReceivePhase:
         self.buffer = bytearray(GATHER_BUFFER)
         self.full_datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         self.proven = proven                    # bytes of the largest probe before this phase
-        self.feedback_interval = max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
+        self.feedback_interval = feedback_interval(rtt)
         self.idle_limit = max(0.02, rtt / 2)
         now = self.clock()
         self.narrow_check = now + max(NARROW_PATH_WAIT, 3 * rtt) if unproven else None
