@@ -5428,6 +5428,7 @@ class DatagramSocket:
         self.gro = self._try_option(UDP_GRO, 1)
         self._uncoalesced = 0
         self.held = []                          # (datagram, segment size): what ended a gather
+        self.drained = False                    # the last receive found nothing waiting
         sock.setblocking(False)
 
     def _try_option(self, option, value):
@@ -5504,6 +5505,7 @@ class DatagramSocket:
 
     def _receive(self, buffer):
         """One receive: (bytes, segment size), (0, 0) when nothing waits."""
+        self.drained = False
         try:
             if self.gro:
                 nbytes, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], 64)
@@ -5519,7 +5521,10 @@ class DatagramSocket:
                 return nbytes, nbytes
             nbytes = self.sock.recv_into(buffer)
             return nbytes, nbytes
-        except (BlockingIOError, InterruptedError):
+        except BlockingIOError:
+            self.drained = True
+            return 0, 0
+        except InterruptedError:
             return 0, 0
         except ConnectionRefusedError:
             return 0, 0                         # ICMP from an earlier send; not fatal
@@ -8837,6 +8842,11 @@ class ReceivePhase:
                 last_data = now
             taken += nbytes
             receives += 1
+            if udp.drained and not udp.held:
+                # A gather that emptied the socket: what came meanwhile is
+                # a batch of a few, which costs as much as a full one; it
+                # waits for the next wakeup, after the pause.
+                break
         self.last_data = last_data
         self.receiver.flush()
         pause = self._trickle_pause(taken, clock())

@@ -393,6 +393,38 @@ def test_a_datagram_held_back_by_a_gather_is_taken_in_the_same_wakeup(monkeypatc
     assert taken == [b''.join(sent[:3]), sent[3]] and not udp.held
 
 
+
+def test_datagrams_that_come_while_a_drained_gather_is_taken_wait_for_the_next_wakeup():
+    """A gather that emptied the socket ends the wakeup: across a link
+    that hands over a datagram every 118 us, 1-2 came while a batch was
+    taken, and a batch of two costs as much as one of 45."""
+    import types
+    sender, udp = socket_pair(False)
+    taken = []
+
+    def receive(buffer, nbytes, segment, now):
+        taken.append(nbytes // FULL)
+        if len(taken) == 1:
+            for i in range(2):
+                sender.send(bytes([7]) * FULL)      # arriving meanwhile
+            select.select([udp.sock], [], [], 10)
+    phase = types.SimpleNamespace(
+        data=types.SimpleNamespace(udp=udp), window=types.SimpleNamespace(packets=0),
+        receiver=types.SimpleNamespace(receive=receive, flush=lambda: None),
+        buffer=bytearray(wanxfer.GATHER_BUFFER), clock=time.monotonic, last_data=0.0, full_datagram=FULL,
+        _trickle_pause=lambda taken, now: 0.0)
+    try:
+        for i in range(3):
+            sender.send(bytes([i]) * FULL)
+        select.select([udp.sock], [], [], 10)
+        wanxfer.ReceivePhase._receive_datagrams(phase)
+        assert taken == [3]
+        wanxfer.ReceivePhase._receive_datagrams(phase)
+        assert taken == [3, 2]
+    finally:
+        sender.close()
+        udp.close()
+
 # --- Wakeups at a slow, steady arrival rate ----------------------------------
 # Across a link that hands over one datagram at a time (the emulator's tun
 # device, a NIC without GRO), 100 Mbit/s is a datagram every 118 us.  A
@@ -409,6 +441,7 @@ class SteadyArrivals:
         self.clock, self.gap = clock, gap
         self.taken = 0
         self.held = []
+        self.drained = False
 
     def arrived(self):
         return int(self.clock.now / self.gap + 1e-6)
@@ -419,6 +452,7 @@ class SteadyArrivals:
     def recv_batch(self, buffer, gather=0):
         count = min(self.waiting(), wanxfer.GATHER_BUFFER // FULL - 1)
         self.taken += count
+        self.drained = not self.waiting()
         return count * FULL, FULL if count else 0
 
 
