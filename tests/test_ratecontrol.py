@@ -173,7 +173,7 @@ def test_random_loss_in_a_startup_slot_is_not_taken_for_the_bottleneck(count):
             path.add_flow(controller, batch=45, sample_every=8)
         else:
             shared = wanxfer.SharedRate(controller, count, shares=[0.13, 0.87])
-            batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45)
+            batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45, rtt=0.12)
             for i in range(count):
                 path.add_flow(shared.share(i), batch=batch, sample_every=8)
         while controller.startup and path.now < 3.0:
@@ -428,7 +428,7 @@ def beside_cubic(count, seed, seconds=50.0, start=8.0):
                               learn_base=True)]
     else:
         shared = wanxfer.SharedRate(wanxfer.RateController(), count)
-        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45)
+        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45, rtt=0.12)
         ours = [path.add_flow(shared.share(i), start=start, batch=batch, sample_every=8, learn_base=True)
                 for i in range(count)]
     path.run(seconds)
@@ -468,7 +468,7 @@ def joined_by_cubic(count, seed, join=10.0, seconds=28.0):
         ours = [path.add_flow(wanxfer.RateController(), batch=45, sample_every=8, learn_base=True)]
     else:
         shared = wanxfer.SharedRate(wanxfer.RateController(), count)
-        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45)
+        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45, rtt=0.12)
         ours = [path.add_flow(shared.share(i), batch=batch, sample_every=8, learn_base=True)
                 for i in range(count)]
     tcp = path.add_flow(CubicFlow(), start=join)
@@ -551,7 +551,7 @@ def batched(count=1, shares=None, rtt=0.12, loss=0.0, seed=1, seconds=10.0):
         flows = [path.add_flow(wanxfer.RateController(), batch=45, sample_every=8)]
     else:
         shared = wanxfer.SharedRate(wanxfer.RateController(), count, shares=shares)
-        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45)
+        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45, rtt=rtt)
         flows = [path.add_flow(shared.share(i), batch=batch, sample_every=8) for i in range(count)]
     path.run(seconds)
     return path, flows
@@ -563,6 +563,39 @@ def test_uneven_shares_sending_in_batches_fill_a_path_as_cleanly_as_one_flow(rtt
     path, shares = batched(2, [0.13, 0.87], rtt=rtt, loss=loss)
     assert path.drops(0, 10) <= one_path.drops(0, 10) + 20, (path.drops(0, 10), one_path.drops(0, 10))
     assert total(shares, 2, 10) > 0.98 * one[0].goodput(2, 10)
+
+
+# At a long path's slow rate a share's PACING_BURST is a few blocks: two
+# workers sending 46 Mbit/s each across 300 ms sent 8 blocks a batch, each
+# batch a wakeup, a read, a sealing and a send, and the sending end spent
+# twice one worker's CPU per GB (18.2 against 9.9 s/GB across S4).  A
+# share's batch may grow to SHARE_BATCH_BLOCKS within half a feedback
+# interval of its rate, so each acknowledgement still has news of every share.
+
+def test_a_slow_share_sends_batches_of_several_blocks_within_half_a_feedback_interval():
+    share = 46e6 / 8
+    assert wanxfer.share_batch(share, 1430, 45, rtt=0.3) == wanxfer.SHARE_BATCH_BLOCKS
+    # Within half an interval of its rate: at 20 ms, 2.5 ms of 13 Mbit/s.
+    assert wanxfer.share_batch(13e6 / 8, 1430, 45, rtt=0.02) == int(13e6 / 8 * 0.0025 / 1430)
+    # A fast share's batch is PACING_BURST of its rate, as before.
+    assert wanxfer.share_batch(100e6 / 8, 1500, 45, rtt=0.3) == int(100e6 / 8 * wanxfer.PACING_BURST / 1500)
+    assert wanxfer.share_batch(1e9 / 8, 1500, 45, rtt=0.3) == 45
+
+
+def test_slow_shares_in_larger_batches_fill_a_long_path_as_cleanly_as_one_flow():
+    capacity, rtt, seconds = 100, 0.3, 20.0
+    one_path = ModelPath(capacity * M, rtt, seed=1, jitter=0.005, loss=0.005)
+    one = one_path.add_flow(wanxfer.RateController(), batch=45, sample_every=8)
+    one_path.run(seconds)
+    path = ModelPath(capacity * M, rtt, seed=1, jitter=0.005, loss=0.005)
+    shared = wanxfer.SharedRate(wanxfer.RateController(), 2)
+    batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45, rtt=rtt)
+    shares = [path.add_flow(shared.share(i), batch=batch, sample_every=8) for i in range(2)]
+    path.run(seconds)
+    assert path.drops(0, seconds) <= one_path.drops(0, seconds) + 20, \
+        (path.drops(0, seconds), one_path.drops(0, seconds))
+    assert total(shares, 5, seconds) > 0.97 * one.goodput(5, seconds), \
+        (total(shares, 5, seconds) / M, one.goodput(5, seconds) / M)
 
 
 def delivered_by(flow, size):
@@ -589,7 +622,7 @@ def test_a_share_with_more_left_to_send_takes_the_rate_of_one_that_has_none():
     path = ModelPath(200 * M, 0.12, seed=1, jitter=0.005)
     shared = wanxfer.SharedRate(wanxfer.RateController(), 2, shares=[0.13, 0.87])
     parts = [int(0.156 * size), size - int(0.156 * size)]
-    batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45)
+    batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45, rtt=0.12)
     flows = [path.add_flow(shared.share(i), files=[(part, 1e9)], batch=batch, sample_every=8)
              for i, part in enumerate(parts)]
     path.run(8.0)
