@@ -5025,6 +5025,41 @@ class SendWindow:
             self._fresh.pop()
         return first, count, False
 
+    def next_resends(self, limit):
+        """Up to `limit` blocks to send again now, while fresh blocks are
+        left: at 1% of random loss one block in a hundred, and each sent
+        on its own cost a read, a seal and a system call.  At the tail
+        (nothing fresh left) none: next_run() sends those one at a time,
+        each with its copies."""
+        resend = self._resend
+        if not resend or not self._fresh:
+            return []
+        blocks = resend[-limit:]
+        del resend[-limit:]
+        blocks.reverse()                        # the order next_run() would take them in
+        self._resend_set.difference_update(blocks)
+        return blocks
+
+    def sent_again(self, blocks, now, sizes):
+        """`blocks`, sent again under the next packet numbers (as
+        next_resends() gave them), `sizes` bytes each on the wire (or
+        sizes[i], when they differ)."""
+        log, mask = self._log, self._log.SIZE - 1
+        logged, times, through = log.blocks, log.times, log.sent_through
+        seq, total = self.next_seq, self._sent_bytes
+        uniform = isinstance(sizes, int)
+        for i, block in enumerate(blocks):
+            slot = (seq + i) & mask
+            logged[slot] = block
+            times[slot] = now
+            total += sizes if uniform else sizes[i]
+            through[slot] = total
+            if block in self._copy_seqs:
+                self._copy_seqs[block].append(seq + i)
+        self._sent_bytes = total
+        self.next_seq = seq + len(blocks)
+        self.retransmitted += len(blocks)
+
     def sent_run(self, first, count, now, resend, sizes=1):
         """Blocks first..first+count-1 went out under the next packet numbers,
         each `sizes` bytes on the wire (or sizes[i], when they differ)."""
@@ -6459,9 +6494,13 @@ def share_batch(rate, block_size, largest):
     return max(1, min(largest, int(rate * PACING_BURST / block_size)))
 
 
-def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, flags, stamp):
-    """Datagrams for a run of blocks, each compressed on its own when that
-    saves at least a tenth; returns (datagrams, how many compressed)."""
+def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, flags, stamp,
+                        blocks=None):
+    """Datagrams for a run of blocks (`first` on, or those listed in
+    `blocks`), each compressed on its own when that saves at least a
+    tenth; returns (datagrams, how many compressed)."""
+    if blocks is None:
+        blocks = range(first, first + count)
     packets, compressed = [], 0
     view = memoryview(payload)
     for i in range(count):
@@ -6471,7 +6510,7 @@ def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, fla
         if len(packed) < 0.9 * len(block):
             body, block_flags = packed, flags | DATA_FLAG_ZLIB
             compressed += 1
-        header = DATA_HEADER.pack(KIND_DATA, block_flags, sid, seq + i, first + i, stamp)
+        header = DATA_HEADER.pack(KIND_DATA, block_flags, sid, seq + i, blocks[i], stamp)
         packets.append(header + sealer.seal(seq + i, header, body))
     return packets, compressed
 
@@ -6804,6 +6843,10 @@ class OutgoingFile:
             pack_header = DATA_HEADER.pack
             stamp = int(now * 1e6) & 0xFFFFFFFF
             while budget > 0 and window.has_work() and window.in_flight() < flight_cap:
+                again = window.next_resends(max_batch)
+                if again:
+                    budget -= self._send_again(again, stamp, now)
+                    continue
                 first, count, resend = window.next_run(max_batch)
                 payload = os.pread(fd, count * block_size, first * block_size)
                 flags = DATA_FLAG_RETRANSMIT if resend else 0
@@ -6831,6 +6874,36 @@ class OutgoingFile:
         if window.has_work() and window.in_flight() < flight_cap:
             return max(0.0, -budget / rate.rate)
         return 0.05
+
+    def _send_again(self, blocks, stamp, now):
+        """Send `blocks` again as one batch: consecutive packet numbers, so
+        one seal and one system call, though the blocks are scattered.  The
+        wire bytes."""
+        block_size, sid, fd, window = self.block_size, self._session_id, self._fd, self.window
+        last = self.nblocks - 1
+        if last in blocks and self.size - last * block_size < block_size:
+            blocks.remove(last)
+            blocks.append(last)                 # a short block only as the batch's last
+        payload = b''.join([os.pread(fd, block_size, block * block_size) for block in blocks])
+        seq, flags = window.next_seq, DATA_FLAG_RETRANSMIT
+        if self.compression.use_for(payload):
+            packets, compressed = seal_compressed_run(
+                self._sealer, sid, seq, blocks[0], len(blocks), block_size, payload, flags, stamp,
+                blocks)
+            self.compression.compressed += compressed
+            sizes = [len(p) + self._per_packet - PACKET_OVERHEAD for p in packets]
+            wire = sum(sizes)
+        else:
+            pack_header = DATA_HEADER.pack
+            packets = self._sealer.seal_run(seq, [pack_header(KIND_DATA, flags, sid, seq + i, block,
+                                                              stamp)
+                                                  for i, block in enumerate(blocks)], payload)
+            wire = len(payload) + len(blocks) * self._per_packet
+            sizes = block_size + self._per_packet       # the last block of a file may be less
+        window.sent_again(blocks, now, sizes)
+        self._udp.send_packets(packets)
+        self.wire_bytes += wire
+        return wire
 
     def wait(self, selector, timeout):
         """Wait for either channel, at most `timeout` seconds; the time spent
