@@ -1558,6 +1558,22 @@ class Sealer:
             return ciphertext if in_place else bytes(ciphertext)
         return self._crypt(first_nonce, ciphertext, single=False, in_place=in_place)
 
+    def open_runs(self, runs, ciphertext):
+        """open_run() of several runs back to back in `ciphertext`, a
+        bytearray given up (decrypted in place where AES can): `runs` lists
+        each one's (first nonce, bytes), in order.  One call, however many
+        runs: a receiver's run is broken wherever a block was lost and
+        wherever one sent again comes in."""
+        if not self.encrypt:
+            return ciphertext
+        pieces = [piece for nonce, length in runs for piece in self._pieces(nonce, length, False)]
+        if self._aes is not None:
+            stride = self.stride.to_bytes(4, 'big')
+            return self._aes.apply(ciphertext, [(stride + batch.to_bytes(8, 'big'), offset, length)
+                                                for batch, offset, length in pieces], True)
+        return xor_bytes(ciphertext, b''.join(
+            [self._batch_stream(batch)[offset:offset + length] for batch, offset, length in pieces]))
+
     def open(self, nonce, header, sealed):
         """Return the plaintext of `sealed` (ciphertext + tag) or None."""
         body = self.verify(header, sealed)
@@ -5110,6 +5126,41 @@ class SendWindow:
             self._fresh.pop()
         return first, count, False
 
+    def next_resends(self, limit):
+        """Up to `limit` blocks to send again now, while fresh blocks are
+        left: at 1% of random loss one block in a hundred, and each sent
+        on its own cost a read, a seal and a system call.  At the tail
+        (nothing fresh left) none: next_run() sends those one at a time,
+        each with its copies."""
+        resend = self._resend
+        if not resend or not self._fresh:
+            return []
+        blocks = resend[-limit:]
+        del resend[-limit:]
+        blocks.reverse()                        # the order next_run() would take them in
+        self._resend_set.difference_update(blocks)
+        return blocks
+
+    def sent_again(self, blocks, now, sizes):
+        """`blocks`, sent again under the next packet numbers (as
+        next_resends() gave them), `sizes` bytes each on the wire (or
+        sizes[i], when they differ)."""
+        log, mask = self._log, self._log.SIZE - 1
+        logged, times, through = log.blocks, log.times, log.sent_through
+        seq, total = self.next_seq, self._sent_bytes
+        uniform = isinstance(sizes, int)
+        for i, block in enumerate(blocks):
+            slot = (seq + i) & mask
+            logged[slot] = block
+            times[slot] = now
+            total += sizes if uniform else sizes[i]
+            through[slot] = total
+            if block in self._copy_seqs:
+                self._copy_seqs[block].append(seq + i)
+        self._sent_bytes = total
+        self.next_seq = seq + len(blocks)
+        self.retransmitted += len(blocks)
+
     def sent_run(self, first, count, now, resend, sizes=1):
         """Blocks first..first+count-1 went out under the next packet numbers,
         each `sizes` bytes on the wire (or sizes[i], when they differ)."""
@@ -6295,6 +6346,7 @@ class BlockWriter:
         self._block_size = partial.block_size
         self._start = self._next = -1
         self._buffer = bytearray()
+        self._runs, self._waiting = [], 0       # runs ended, not yet handed over; their bytes
         self._bitmap = bytearray(held_bitmap)
         self._lock = threading.Lock()
         self._error = None
@@ -6306,8 +6358,8 @@ class BlockWriter:
     def put(self, block, data):
         """Blocks from `block` on, back to back in `data` (a bytearray is
         the writer's from then on: it may be written as it is)."""
-        if block != self._next or len(self._buffer) >= self.FLUSH_BYTES:
-            self.flush()
+        if block != self._next or self._waiting + len(self._buffer) >= self.FLUSH_BYTES:
+            self._end_run()
             self._start = block
         if not self._buffer and type(data) is bytearray:
             self._buffer = data                 # saves a copy of every byte received
@@ -6315,35 +6367,57 @@ class BlockWriter:
             self._buffer += data
         self._next = block + (len(data) + self._block_size - 1) // self._block_size
 
+    def _end_run(self):
+        """Put the current run with the others waiting; hand them over
+        once they make FLUSH_BYTES.  Random loss ends a run every hundred
+        blocks or so, and a block sent again is a run of its own: a
+        hand-over each (a wakeup of the writer thread, fought for the GIL
+        by the receive loop) cost more than their writes."""
+        if self._buffer:
+            self._runs.append((self._start, self._next, self._buffer))
+            self._waiting += len(self._buffer)
+            self._buffer = bytearray()
+            self._next = -1
+        if self._waiting >= self.FLUSH_BYTES:
+            self.flush()
+
     def flush(self):
-        """Hand the current run to the writer thread."""
+        """Hand the runs waiting, and the current one, to the writer thread."""
         if self._error is not None:
             raise self._error
         if self._buffer:
-            self._queue.put((self._start, self._next, self._buffer))
+            self._runs.append((self._start, self._next, self._buffer))
             self._buffer = bytearray()
             self._next = -1
+        if self._runs:
+            self._queue.put(self._runs)
+            self._runs, self._waiting = [], 0
 
     def _run(self):
         while True:
-            item = self._queue.get()
+            runs = self._queue.get()
             try:
-                if item is None:
+                if runs is None:
                     return
-                start, end, data = item
-                if self._error is None:
-                    self._partial.write(start * self._block_size, data)
-                    self._written(start, end, len(data))
-                    if self.on_written is not None:
-                        self.on_written(start * self._block_size, data)
-            except DiskFull as e:
-                # What reached the disk before it filled up is kept and resumed.
-                self._written(start, start + e.written // self._block_size, e.written)
-                self._error = e
-            except WanxferError as e:
-                self._error = e
+                for start, end, data in runs:
+                    if self._error is not None:
+                        break
+                    self._write(start, end, data)
             finally:
                 self._queue.task_done()
+
+    def _write(self, start, end, data):
+        try:
+            self._partial.write(start * self._block_size, data)
+            self._written(start, end, len(data))
+            if self.on_written is not None:
+                self.on_written(start * self._block_size, data)
+        except DiskFull as e:
+            # What reached the disk before it filled up is kept and resumed.
+            self._written(start, start + e.written // self._block_size, e.written)
+            self._error = e
+        except WanxferError as e:
+            self._error = e
 
     def _written(self, start, end, nbytes):
         with self._lock:
@@ -6539,9 +6613,13 @@ def share_batch(rate, block_size, largest, rtt=0.0):
     return max(1, min(largest, burst))
 
 
-def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, flags, stamp):
-    """Datagrams for a run of blocks, each compressed on its own when that
-    saves at least a tenth; returns (datagrams, how many compressed)."""
+def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, flags, stamp,
+                        blocks=None):
+    """Datagrams for a run of blocks (`first` on, or those listed in
+    `blocks`), each compressed on its own when that saves at least a
+    tenth; returns (datagrams, how many compressed)."""
+    if blocks is None:
+        blocks = range(first, first + count)
     packets, compressed = [], 0
     view = memoryview(payload)
     for i in range(count):
@@ -6551,7 +6629,7 @@ def seal_compressed_run(sealer, sid, seq, first, count, block_size, payload, fla
         if len(packed) < 0.9 * len(block):
             body, block_flags = packed, flags | DATA_FLAG_ZLIB
             compressed += 1
-        header = DATA_HEADER.pack(KIND_DATA, block_flags, sid, seq + i, first + i, stamp)
+        header = DATA_HEADER.pack(KIND_DATA, block_flags, sid, seq + i, blocks[i], stamp)
         packets.append(header + sealer.seal(seq + i, header, body))
     return packets, compressed
 
@@ -6884,6 +6962,10 @@ class OutgoingFile:
             pack_header = DATA_HEADER.pack
             stamp = int(now * 1e6) & 0xFFFFFFFF
             while budget > 0 and window.has_work() and window.in_flight() < flight_cap:
+                again = window.next_resends(max_batch)
+                if again:
+                    budget -= self._send_again(again, stamp, now)
+                    continue
                 first, count, resend = window.next_run(max_batch)
                 payload = os.pread(fd, count * block_size, first * block_size)
                 flags = DATA_FLAG_RETRANSMIT if resend else 0
@@ -6911,6 +6993,36 @@ class OutgoingFile:
         if window.has_work() and window.in_flight() < flight_cap:
             return max(0.0, -budget / rate.rate)
         return 0.05
+
+    def _send_again(self, blocks, stamp, now):
+        """Send `blocks` again as one batch: consecutive packet numbers, so
+        one seal and one system call, though the blocks are scattered.  The
+        wire bytes."""
+        block_size, sid, fd, window = self.block_size, self._session_id, self._fd, self.window
+        last = self.nblocks - 1
+        if last in blocks and self.size - last * block_size < block_size:
+            blocks.remove(last)
+            blocks.append(last)                 # a short block only as the batch's last
+        payload = b''.join([os.pread(fd, block_size, block * block_size) for block in blocks])
+        seq, flags = window.next_seq, DATA_FLAG_RETRANSMIT
+        if self.compression.use_for(payload):
+            packets, compressed = seal_compressed_run(
+                self._sealer, sid, seq, blocks[0], len(blocks), block_size, payload, flags, stamp,
+                blocks)
+            self.compression.compressed += compressed
+            sizes = [len(p) + self._per_packet - PACKET_OVERHEAD for p in packets]
+            wire = sum(sizes)
+        else:
+            pack_header = DATA_HEADER.pack
+            packets = self._sealer.seal_run(seq, [pack_header(KIND_DATA, flags, sid, seq + i, block,
+                                                              stamp)
+                                                  for i, block in enumerate(blocks)], payload)
+            wire = len(payload) + len(blocks) * self._per_packet
+            sizes = block_size + self._per_packet       # the last block of a file may be less
+        window.sent_again(blocks, now, sizes)
+        self._udp.send_packets(packets)
+        self.wire_bytes += wire
+        return wire
 
     def wait(self, selector, timeout):
         """Wait for either channel, at most `timeout` seconds; the time spent
@@ -8674,8 +8786,17 @@ class FileReceiver:
         self._run_limit = -(-self.RUN_BYTES // block_size)     # full blocks in a run, at most
         self._last_block = window.nblocks - 1
         self._last_size = size - self._last_block * block_size
+        # The run: bodies of new full blocks back to back, not yet decrypted.
+        # Random loss breaks the order every hundred blocks or so (the hole,
+        # then the block sent again), so a run is not one stretch: `_keys`
+        # says where each stretch of consecutive packet numbers starts (its
+        # keystream is contiguous), `_spans` where each stretch of
+        # consecutive blocks does (one write each), as (number, index in the
+        # run).  One decryption and one hand-over per run, however broken.
         self._run = bytearray()
-        self._run_seq = self._run_block = self._run_count = 0
+        self._run_count = 0
+        self._keys, self._spans = [], []
+        self._seq_at = self._block_at = -1      # what would continue the run
         self.rejected = 0
         self.on_control = None                  # takes a copy of a control frame (DataChannel.take)
         self.largest_probe = 0                  # datagram bytes: probes may come with the data
@@ -8741,18 +8862,24 @@ class FileReceiver:
         if not new:
             return
         header_size, block_size, limit = DATA_HEADER.size, self._block_size, self._run_limit
-        run, count, run_block, run_seq = self._run, self._run_count, self._run_block, self._run_seq
+        run, count, keys, spans = self._run, self._run_count, self._keys, self._spans
+        seq_at, block_at = self._seq_at, self._block_at
         for i in new:
             block, seq = blocks[i], seqs[i]
-            if block != run_block + count or seq != run_seq + count or count >= limit:
-                if count:
-                    self._writer.put(run_block, self._sealer.open_run(run_seq, run, in_place=True))
-                    run = bytearray()
-                run_block, run_seq, count = block, seq, 0
+            if block != block_at or seq != seq_at or count >= limit:
+                if count >= limit:
+                    self._run_count = count
+                    self.flush()
+                    run, count, keys, spans = self._run, 0, self._keys, self._spans
+                if not count or seq != seq_at:
+                    keys.append((seq, count))
+                if not count or block != block_at:
+                    spans.append((block, count))
             start = offsets[i] + header_size
             run += view[start:start + block_size]
             count += 1
-        self._run, self._run_count, self._run_block, self._run_seq = run, count, run_block, run_seq
+            seq_at, block_at = seq + 1, block + 1
+        self._run_count, self._seq_at, self._block_at = count, seq_at, block_at
 
     def _receive_one(self, view, offset, length, now):
         """One datagram, whatever it is."""
@@ -8788,13 +8915,16 @@ class FileReceiver:
                 self.resent += 1
         if not window.on_packet(seq, block, stamp, now):
             return
-        count = self._run_count
-        if not count or block != self._run_block + count or seq != self._run_seq + count \
-                or len(self._run) >= self.RUN_BYTES:
+        if self._run_count >= self._run_limit:
             self.flush()
-            self._run_block, self._run_seq = block, seq
+        count = self._run_count
+        if not count or seq != self._seq_at:
+            self._keys.append((seq, count))
+        if not count or block != self._block_at:
+            self._spans.append((block, count))
         self._run += body
-        self._run_count += 1
+        self._run_count = count + 1
+        self._seq_at, self._block_at = seq + 1, block + 1
         if len(body) < self._block_size:
             self.flush()            # a short block ends a run
 
@@ -8818,10 +8948,26 @@ class FileReceiver:
             self._writer.put(block, data)
 
     def flush(self):
-        if self._run_count:
-            run, self._run = self._run, bytearray()
-            self._run_count = 0
-            self._writer.put(self._run_block, self._sealer.open_run(self._run_seq, run, in_place=True))
+        """Decrypt the run and hand its spans to the writer."""
+        if not self._run_count:
+            return
+        run, keys, spans, count = self._run, self._keys, self._spans, self._run_count
+        self._run, self._keys, self._spans, self._run_count = bytearray(), [], [], 0
+        self._seq_at = self._block_at = -1
+        block_size, put = self._block_size, self._writer.put
+        if len(keys) == 1:
+            data = self._sealer.open_run(keys[0][0], run, in_place=True)
+        else:
+            ends = [index * block_size for _seq, index in keys[1:]] + [len(run)]
+            data = self._sealer.open_runs(
+                [(seq, end - index * block_size) for (seq, index), end in zip(keys, ends)], run)
+        if len(spans) == 1:
+            put(spans[0][0], data)
+            return
+        view = memoryview(data)
+        ends = [index * block_size for _block, index in spans[1:]] + [len(data)]
+        for (block, index), end in zip(spans, ends):
+            put(block, view[index * block_size:end])
 
     def flow_counts(self):
         """FlowCounts of its flow so far."""

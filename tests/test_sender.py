@@ -281,6 +281,49 @@ def test_feedback_measures_the_round_trip_and_a_gap_old_enough_is_resent(sending
     assert send_now(ends) == [(2, wanxfer.DATA_FLAG_RETRANSMIT)]
 
 
+def test_blocks_lost_while_fresh_ones_are_left_go_again_in_one_batch(sending):
+    """At 1% of random loss one block in a hundred is sent again; each went
+    on its own (a read, a seal, a system call), and across S2 the sender
+    spent 0.9 CPU s/GB more than across S1.  Those known lost at once go
+    in one batch under consecutive packet numbers, each sealed right."""
+    ends = sending(blocks=2000)
+    calls = []
+    send = ends.udp.send_packets
+    ends.udp.send_packets = lambda packets: calls.append(list(packets)) or send(packets)
+    ends.clock.advance(0.05)
+    count = len(send_now(ends))
+    assert 40 < count < 2000
+    ends.clock.advance(0.05)
+    feedback = wanxfer.encode_feedback(1, FIRST_SEQ, FIRST_SEQ + count - 1, 0, 0,
+                                       [(3, 1), (10, 2), (30, 1)])
+    assert deliver(ends, from_receiver(wanxfer.KIND_FEEDBACK, feedback))
+    del calls[:]
+    ends.clock.advance(0.01)
+    sent = send_now(ends)
+    assert sorted(block for block, flags in sent if flags & wanxfer.DATA_FLAG_RETRANSMIT) == \
+        [3, 10, 11, 30]
+    assert len(calls[0]) == 4               # one batch, before any fresh block
+    opener = wanxfer.Sealer(KEY_OUT, True)
+    opener.set_stride(BLOCK)
+    data = ends.path.read_bytes()
+    size = wanxfer.DATA_HEADER.size
+    seqs = []
+    for packet in calls[0]:
+        _kind, flags, _sid, seq, block, _stamp = wanxfer.DATA_HEADER.unpack_from(packet)
+        assert flags == wanxfer.DATA_FLAG_RETRANSMIT
+        assert opener.open(seq, packet[:size], packet[size:]) == data[block * BLOCK:(block + 1) * BLOCK]
+        seqs.append(seq)
+    assert seqs == list(range(FIRST_SEQ + count, FIRST_SEQ + count + 4))
+    assert ends.file.window.retransmitted == 4
+    # Lost again, each is known by its packet number and goes once more.
+    ends.clock.advance(0.2)
+    largest = ends.file.next_seq - 1
+    feedback = wanxfer.encode_feedback(1, FIRST_SEQ + count, largest, 0, 0, [(1, 1)])
+    assert deliver(ends, from_receiver(wanxfer.KIND_FEEDBACK, feedback, seq=1))
+    again = [block for block, flags in send_now(ends) if flags & wanxfer.DATA_FLAG_RETRANSMIT]
+    assert again == [wanxfer.DATA_HEADER.unpack_from(calls[0][1])[4]]
+
+
 def test_need_done_and_abort_from_the_receiver(sending):
     ends = sending(blocks=20, need=[])
     assert send_all(ends) == []
