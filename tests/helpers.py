@@ -66,6 +66,23 @@ def wait_for(predicate, timeout=20.0, interval=0.02, what='condition'):
     raise AssertionError('timed out waiting for %s' % what)
 
 
+class FakeClock:
+    """A clock for code that takes one (`clock=`): time moves only when a
+    test advances it, or when the code under test sleeps on it."""
+
+    def __init__(self, now=0.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        assert seconds >= 0
+        self.now += seconds
+
+    sleep = advance
+
+
 # ---------------------------------------------------------------------------
 # Data generators
 # ---------------------------------------------------------------------------

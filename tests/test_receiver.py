@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 
-from helpers import wanxfer
+from helpers import FakeClock, wanxfer
 
 BLOCK = 1430
 SESSION = 0x5eed
@@ -455,18 +455,6 @@ class SteadyArrivals:
         self.taken += count
         self.drained = not self.waiting()
         return count * FULL, FULL if count else 0
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def sleep(self, seconds):
-        assert seconds >= 0
-        self.now += seconds
 
 
 def steady_receiver(monkeypatch, gap, interval, seconds):

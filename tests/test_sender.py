@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from helpers import make_file, wanxfer
+from helpers import FakeClock, make_file, wanxfer
 
 KEY_OUT, KEY_IN = bytes(range(64)), bytes(range(64, 128))
 SESSION = 7
@@ -18,16 +18,6 @@ BLOCK = 1000
 FIRST_SEQ = 100
 WIRE = BLOCK + wanxfer.PACKET_OVERHEAD + wanxfer.ip_udp_overhead(socket.AF_INET)
 
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
 
 
 class Control:
@@ -114,8 +104,8 @@ def sending(tmp_path):
         if not open_fetch:
             fetch.update(size=st.st_size, mtime_ns=st.st_mtime_ns, need=[[0, blocks]])
         fetch.update(request)
-        ends = types.SimpleNamespace(control=control or Control(), udp=Datagrams(), rate=Rate(), clock=Clock(),
-                                     path=path)
+        ends = types.SimpleNamespace(control=control or Control(), udp=Datagrams(), rate=Rate(),
+                                     clock=FakeClock(1000.0), path=path)
         ends.file = wanxfer.OutgoingFile(ends.control, ends.udp, wanxfer.Sealer(KEY_OUT, True),
                                          wanxfer.Sealer(KEY_IN, True), SESSION, ends.rate,
                                          wanxfer.PacketLog(), FIRST_SEQ, rtt, clock=ends.clock)
