@@ -745,6 +745,22 @@ def start_thread(target, name, args=()):
     return thread
 
 
+def survive_thread_exits_without_descriptors():
+    """Python 3.8 ends every thread with pthread_exit(), whose unwinding makes
+    glibc load libgcc_s.so.1 the first time: if that first time comes while
+    the process is out of descriptors (a flood of connections), the load
+    fails and glibc aborts the whole process ("libgcc_s.so.1 must be
+    installed for pthread_exit to work").  One thread ended at start-up,
+    while descriptors are plentiful, leaves the library loaded for good.
+    Python 3.9 and later end threads by returning, so need nothing."""
+    if sys.version_info >= (3, 9):
+        return
+    try:
+        start_thread(lambda: None, 'start-up').join()
+    except NoThread:
+        pass                            # nothing can end a thread that never starts
+
+
 def exit_forked(status):
     """End a forked process at once, its output flushed: no atexit
     handlers, no cleanup of what it shares with its parent."""
@@ -15560,6 +15576,7 @@ def build_parser():
 
 
 def main(argv=None):
+    survive_thread_exits_without_descriptors()
     parser, _commands = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -8,6 +8,7 @@ import errno
 import os
 import select
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -334,7 +335,10 @@ def test_near_tunnel_out_of_descriptors_neither_spins_nor_locks_out(tmp_path, tu
                 return round_trip(near.port, b'after the flood\n', timeout=5) == b'after the flood\n'
             except OSError:
                 return False
-        wait_for(forwarded, timeout=20, what='a forwarded connection to work again')
+        try:
+            wait_for(forwarded, timeout=20, what='a forwarded connection to work again')
+        except AssertionError as e:
+            raise AssertionError('%s; near: %s; far: %s' % (e, near.log()[-1500:], far.log()[-1500:]))
         assert near.proc.poll() is None
     finally:
         for sock in flood:
@@ -342,6 +346,38 @@ def test_near_tunnel_out_of_descriptors_neither_spins_nor_locks_out(tmp_path, tu
         near.stop()
         far.stop()
         echo.close()
+
+def test_a_thread_ending_out_of_descriptors_does_not_abort_wanxfer(tmp_path):
+    # Python 3.8 ends a thread with pthread_exit(), and glibc loads
+    # libgcc_s.so.1 for it the first time: out of descriptors, the load
+    # failed and glibc aborted the near tunnel in the flood above.  Every
+    # command starts through main(); after it, a thread ending at the limit
+    # must leave the process alive.
+    script = tmp_path / 'exhaust.py'
+    script.write_text(
+        'import os, resource, sys, threading\n'
+        'sys.path.insert(0, %r)\n'
+        'import wanxfer\n'
+        'try:\n'
+        '    wanxfer.main(["--version"])\n'
+        'except SystemExit:\n'
+        '    pass\n'
+        'resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n'
+        'held = []\n'
+        'try:\n'
+        '    while True:\n'
+        '        held.append(os.open(os.devnull, os.O_RDONLY))\n'
+        'except OSError:\n'
+        '    pass\n'
+        'thread = threading.Thread(target=lambda: None)\n'
+        'thread.start()\n'
+        'thread.join()\n'
+        'print("alive with %%d descriptors taken" %% len(held))\n' % os.path.dirname(WANXFER))
+    done = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert 'alive with' in done.stdout, done.stdout
+
 
 def refuse_one_thread(monkeypatch, name):
     """Thread.start raises, as at a process limit, for the first thread called `name`."""
