@@ -337,8 +337,11 @@ def test_get_in_process_with_each_field_of_each_answer_missing_or_mistyped(tmp_p
                                                                          capsys):
     # Every field, not a random few: wanxfer's own main() in this process
     # (cheaper than a process each), so any exception but its one-line
-    # errors fails the test with its traceback.
+    # errors fails the test with its traceback.  Both ends are in this
+    # process and the answers are what is tested, not the secret's
+    # stretching: a cheap scrypt spares two 50 ms stretches per run.
     monkeypatch.setenv(wanxfer.SECRET_ENV, SECRET)
+    monkeypatch.setattr(wanxfer, 'STRETCH_COST', dict(wanxfer.STRETCH_COST, n=1 << 4))
     runs = 0
     for remotes, first, on_done in conversations():
         script = first + on_done

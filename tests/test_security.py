@@ -92,18 +92,22 @@ def test_sealer_never_reuses_keystream_across_stride_changes(monkeypatch, cipher
     used = recording_keystream(monkeypatch)
     sealer = wanxfer.Sealer(bytes(range(64)), True, counter_mode=wanxfer.CounterMode.load())
     assert sealer.cipher == cipher
-    nonce = 0
+    nonce, seals = 0, 0
     for stride in (65477, 1442, 8000, 1442, 65477, 2048, 1230):
         sealer.set_stride(stride)
-        for _ in range(70):
+        # Past a batch's end one by one, then in a run, whatever the batch
+        # size at this stride (1 nonce at 64 KiB, 45 at 1442 bytes).
+        for _ in range(sealer.batch + 3):
             sealer.seal(nonce, nonce.to_bytes(8, 'big'), bytes(stride))
             nonce += 1
-        headers = [n.to_bytes(8, 'big') for n in range(nonce, nonce + 50)]
-        sealer.seal_run(nonce, headers, bytes(stride * 50 - 3))
-        nonce += 50
+        run = sealer.batch + 5
+        headers = [n.to_bytes(8, 'big') for n in range(nonce, nonce + run)]
+        sealer.seal_run(nonce, headers, bytes(stride * run - 3))
+        nonce += run
         sealer.seal(nonce, b'', bytes(stride + 10))     # longer than the stride
         nonce += 1
-    assert len(used) == 7 * 72
+        seals += sealer.batch + 5
+    assert len(used) == seals
     assert find_keystream_reuse(used) is None
 
 
