@@ -4533,8 +4533,11 @@ class RateController:
 
     def _startup(self, now, sent_at, queue_delay, delivery, rtt):
         slot = self._slot
-        if slot is None and queue_delay > self._target_delay() and sent_at >= self._changed:
-            # Even the level fills the path (slower than INITIAL_RATE).
+        if slot is None and min(self._recent_queue) > self._target_delay() and sent_at >= self._changed:
+            # Even the level fills the path (slower than INITIAL_RATE): a
+            # queue through the last few acknowledgements, not one reading
+            # (a busy receiver read late once, 12.1 ms, and the startup
+            # ended at INITIAL_RATE on a 1 Gbit/s link).
             self.level = max(self.MIN_RATE, min(self.level, self._delivered(delivery)))
             self._end_startup(now)
             self._drain(now, queue_delay, max(rtt, 0.01))

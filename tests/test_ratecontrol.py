@@ -110,6 +110,30 @@ def test_a_first_slot_whose_news_came_in_a_lump_is_judged_on_what_followed():
     assert rate.startup and rate.level >= 0.8 * slot_rate, (rate.level, slot_rate)
 
 
+@pytest.mark.parametrize('loss, at', [(0.0, 0.168), (0.01, 0.162), (0.0, 0.372)])
+def test_one_late_queue_reading_between_startup_slots_does_not_end_the_startup(loss, at):
+    # Across the link at 1 Gbit/s and 120 ms on a busy host, a receiver
+    # read late once (12.1 ms of queue in one acknowledgement) while no
+    # startup slot was open: the startup ended at the initial 16.8 Mbit/s
+    # as if even that filled the path, and probes took 3.5-6.4 s to reach
+    # 800 Mbit/s (2 runs in 6 of 256 MiB across S2).
+    path = ModelPath(1000 * M, 0.12, seed=1, jitter=0.005, loss=loss)
+    controller = wanxfer.RateController()
+    on_feedback, late = controller.on_feedback, []
+
+    def read_late_once(now, queue_delay, *args):
+        if not late and now >= at:
+            late.append(now)
+            queue_delay += 0.0121
+        return on_feedback(now, queue_delay, *args)
+
+    controller.on_feedback = read_late_once
+    path.add_flow(controller, batch=45, sample_every=8)
+    while controller.startup and path.now < 3.0:
+        path.run(path.now + 0.01)
+    assert late and controller.level > 0.7 * 1000 * M, controller.level / M
+
+
 def test_a_first_slot_sent_short_of_data_does_not_end_the_startup():
     # A delta transfer's sender gets the receiver's first requests a few
     # at a time: the first slot, judged on what followed the first news,
