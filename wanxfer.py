@@ -4199,6 +4199,7 @@ class RateController:
         self.level = self.rate                  # bytes/s the path is known to deliver
         self.phase = 'startup'
         self._ramped = False                    # the first startup has ended
+        self._doubted = False                   # the startup slot being judged is one tried again
         self._phase_ends = 0.0                  # when a timed phase (probe, return, drain) is over
         self._gain = 1.0                        # of the probe or return being sent
         self._crept = 0.0                       # when cruise last added to the level
@@ -4548,8 +4549,11 @@ class RateController:
 
     def _startup(self, now, sent_at, queue_delay, delivery, rtt):
         slot = self._slot
-        if slot is None and queue_delay > self._target_delay() and sent_at >= self._changed:
-            # Even the level fills the path (slower than INITIAL_RATE).
+        if slot is None and min(self._recent_queue) > self._target_delay() and sent_at >= self._changed:
+            # Even the level fills the path (slower than INITIAL_RATE): a
+            # queue through the last few acknowledgements, not one reading
+            # (a busy receiver read late once, 12.1 ms, and the startup
+            # ended at INITIAL_RATE on a 1 Gbit/s link).
             self.level = max(self.MIN_RATE, min(self.level, self._delivered(delivery)))
             self._end_startup(now)
             self._drain(now, queue_delay, max(rtt, 0.01))
@@ -4587,7 +4591,9 @@ class RateController:
             length = slot.end - slot.start
             rise = max(0.0, slot.queue_peak - slot.queue_before)
             target = self._target(slot)
-            quiet = rise < self.QUEUE_RISE * length
+            # A slot tried again (below) began over the queue the first
+            # one left: only all it asked for says it was carried.
+            quiet = rise < self.QUEUE_RISE * length and not self._doubted
             # (Below, what the first startup gives a slot read short with no
             # queue rise: one that a probe starts again, beside a flow that
             # may be growing into the path, keeps the stricter reading.)
@@ -4621,6 +4627,7 @@ class RateController:
                 # about the level, half what a slot asks.
                 carried = True
             if carried:
+                self._doubted = False
                 self.level = max(self.level, min(got, target))
                 if self.max_rate and self.level >= self.PASSED * self.max_rate:
                     self._end_startup(now)      # held by the cap, not by the path
@@ -4632,6 +4639,20 @@ class RateController:
                 # be short of data (a delta transfer's first requests trickle
                 # in), which on_idle() does not see: it says what the path
                 # carries, not what it does not.
+                return
+            if not self._doubted and got >= self.PASSED * target and \
+                    slot.loss() <= expected + self.EXCESS_LOSS:
+                # Nearly all of it came, lost no more than at random, yet the
+                # queue rose: a bottleneck just below the slot's rate, or a
+                # busy host's moment (a receiver that read 3-11 ms late, on
+                # the link at 1 Gbit/s, 120 ms and 1% loss, ended startups
+                # at 57-111 Mbit/s, and probes took 1-10 s to find the rest).
+                # One more slot at the same rate tells them apart: a stall
+                # passes, a bottleneck again delivers less than all of it,
+                # and queues no more than this one did.
+                self._doubted = True
+                self._slot = self._open_slot(now, slot.sent * (1.0 - self._compensation()) / self.level,
+                                             queue_delay)
                 return
             # The slot found the bottleneck, which passed `got` while the
             # slot queued at it (the queue's rise says the same, from the
@@ -4652,6 +4673,7 @@ class RateController:
 
     def _end_startup(self, now):
         self.phase = 'cruise'
+        self._doubted = False
         self._ramped = True
         self._decided(now)
         self._next_probe = now

@@ -110,6 +110,30 @@ def test_a_first_slot_whose_news_came_in_a_lump_is_judged_on_what_followed():
     assert rate.startup and rate.level >= 0.8 * slot_rate, (rate.level, slot_rate)
 
 
+@pytest.mark.parametrize('loss, at', [(0.0, 0.168), (0.01, 0.162), (0.0, 0.372)])
+def test_one_late_queue_reading_between_startup_slots_does_not_end_the_startup(loss, at):
+    # Across the link at 1 Gbit/s and 120 ms on a busy host, a receiver
+    # read late once (12.1 ms of queue in one acknowledgement) while no
+    # startup slot was open: the startup ended at the initial 16.8 Mbit/s
+    # as if even that filled the path, and probes took 3.5-6.4 s to reach
+    # 800 Mbit/s (2 runs in 6 of 256 MiB across S2).
+    path = ModelPath(1000 * M, 0.12, seed=1, jitter=0.005, loss=loss)
+    controller = wanxfer.RateController()
+    on_feedback, late = controller.on_feedback, []
+
+    def read_late_once(now, queue_delay, *args):
+        if not late and now >= at:
+            late.append(now)
+            queue_delay += 0.0121
+        return on_feedback(now, queue_delay, *args)
+
+    controller.on_feedback = read_late_once
+    path.add_flow(controller, batch=45, sample_every=8)
+    while controller.startup and path.now < 3.0:
+        path.run(path.now + 0.01)
+    assert late and controller.level > 0.7 * 1000 * M, controller.level / M
+
+
 def test_a_first_slot_sent_short_of_data_does_not_end_the_startup():
     # A delta transfer's sender gets the receiver's first requests a few
     # at a time: the first slot, judged on what followed the first news,
@@ -183,6 +207,30 @@ def test_random_loss_in_a_startup_slot_is_not_taken_for_the_bottleneck(count):
         # what the slot sent beyond it (doubling blindly: up to a whole one).
         assert path.drops(0, path.now) < 0.4 * bdp_packets(capacity, 0.12)
     assert min(ended) > 0.7 * capacity, ended
+
+
+@pytest.mark.parametrize('loss, at', [(0.0, 0.23), (0.01, 0.24), (0.0, 0.63)])
+def test_a_busy_host_stalling_a_startup_slot_does_not_end_the_startup(loss, at):
+    # Across the emulated link at 1 Gbit/s, 120 ms (and 1% loss) on a busy
+    # 2-core host, a receiver reading 3-11 ms late made a startup slot
+    # arrive over a longer span with a queue rise: it read 0.87-0.93 of
+    # its rate, the startup ended at 57-111 Mbit/s, and probes took 1.7-10
+    # s to find the rest.  Here the bottleneck stalls for 10 ms once.
+    capacity = 1000
+    levels, drops = [], []
+    for stall in (0.0, 0.01):
+        path = ModelPath(capacity * M, 0.12, seed=1, jitter=0.005, loss=loss)
+        controller = wanxfer.RateController()
+        path.add_flow(controller, batch=45, sample_every=8)
+        path.run(at)
+        path._stalled_until = path.now + stall
+        while controller.startup and path.now < 3.0:
+            path.run(path.now + 0.01)
+        levels.append(controller.level / M)
+        drops.append(path.drops(0, path.now))
+    assert levels[1] > 0.7 * capacity, levels
+    # Trying the slot again costs no more than a few packets over the queue.
+    assert drops[1] <= drops[0] + 100, drops
 
 
 def test_startup_cut_short_by_another_flows_burst_regains_the_link_quickly():
@@ -388,7 +436,7 @@ def test_a_flow_alone_on_a_busy_host_is_never_contested(rtt, seed):
     assert flow.goodput(2, 10) > 0.95 * capacity * M, flow.goodput(2, 10) / M   # (the stalls take 2.5%)
 
 
-@pytest.mark.parametrize('seed', [1, 2])
+@pytest.mark.parametrize('seed', [4, 7])
 def test_a_flow_alone_that_stalls_made_contested_leaves_the_contest_within_a_few_round_trips(seed):
     # Stalls can still bunch through three drains in a row (seed 7 of the
     # stalls alone did, until cruise stopped adding to the level while a
@@ -397,6 +445,8 @@ def test_a_flow_alone_that_stalls_made_contested_leaves_the_contest_within_a_few
     # empties the queue, and on a short path no TCP flow's backoff does
     # that for long.  Before, the contest lasted 0.83 s (half a second of
     # the queue short, however short the round trip): 184 Mbit/s from 2 s on.
+    # (Seeds 1 and 2 no longer make it contested at all since a startup
+    # slot read short with a queue is tried again: these still do.)
     capacity = 200
     path = ModelPath(capacity * M, 0.02, seed=seed, jitter=0.01, stalls=(0.2, 0.005))
     flow = path.add_flow(wanxfer.RateController(), batch=45, sample_every=8, learn_base=True)
