@@ -576,7 +576,7 @@ CONTROL_MESSAGES = frozen_mapping({
         'done': {'file': _FILE_ID},
         'abort': {},
         'workers': {'count': _expect_int(1, MAX_WORKERS), 'lazy?': _expect_bool,
-                    'cycle?': _expect_bool},
+                    'cycle?': _expect_bool, 'auto?': _expect_bool},
     },
     'server': {
         'ready': {'probes?': _expect_list(_expect_int(0, MAX_MTU), 16),
@@ -4231,6 +4231,11 @@ class RateController:
     def startup(self):
         return self.phase == 'startup'
 
+    @property
+    def ramped(self):
+        """The first startup has ended: peak_delivery is the path's, not the ramp's."""
+        return self._ramped
+
     def set_cap(self, max_rate):
         self.max_rate = max_rate
         if max_rate:
@@ -7638,7 +7643,8 @@ class ServerSession:
             granted = 1
         lazy = bool(message.get('lazy'))
         if granted > 1:
-            team = SendingTeam(self, granted, bool(message.get('cycle')), lazy)
+            team = SendingTeam(self, granted, bool(message.get('cycle')), lazy,
+                               bool(message.get('auto')))
             with self._hello_lock:
                 self.team, early = team, self._early_hellos
                 self._early_hellos = {}
@@ -9413,9 +9419,10 @@ class Client:
     whose listing is known serve `demo` and tests.  `close()` at the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
-                 max_rate=None, store=None, workers=1):
+                 max_rate=None, store=None, workers=1, auto_workers=False):
         self.host, self.port = host, port
         self.workers = workers                  # processes to stripe large files over, at most
+        self.auto_workers = auto_workers        # ... chosen for the user: the server may use fewer
         self.team = None                        # the ReceivingTeam, once forked
         self.keys = None
         self._workers_asked = False
@@ -9477,8 +9484,10 @@ class Client:
         self._granted = 1
         if self.workers > 1:
             if sessions_can_fork():
-                self.conversation.send({'op': 'workers', 'count': self.workers, 'lazy': True,
-                                        'cycle': True})
+                request = {'op': 'workers', 'count': self.workers, 'lazy': True, 'cycle': True}
+                if self.auto_workers:
+                    request['auto'] = True
+                self.conversation.send(request)
                 self._workers_asked = True
             else:
                 self.events.warning('worker processes cannot be forked here (not Linux, or '
@@ -9898,6 +9907,11 @@ class Client:
 # that dies ends the transfer with one line; the partial file stays.
 
 PER_WORKER_RATE = 600e6 / 8     # bytes/s one worker seals and sends, about (automatic --workers)
+# An automatic count stripes a file only while the path may need more than
+# one worker: across S4 (100 Mbit/s) two workers cost both ends 1.2-1.3 x
+# one's CPU per GB for the same rate.  Below this much of what one worker
+# does (its peak delivery measured, or a cap), one has room to spare.
+AUTO_STRIPE_RATE = 0.6 * PER_WORKER_RATE
 MAX_AUTO_WORKERS = 8
 WORKER_RATE_STEP = 0.02         # a change of the rate this large reaches the workers at once,
 WORKER_RATE_INTERVAL = 0.02     # ... a smaller one at most this often (s)
@@ -9942,6 +9956,16 @@ def automatic_workers(max_rate=None):
     if max_rate:
         count = min(count, int(-(-max_rate // PER_WORKER_RATE)))
     return max(1, count)
+
+
+def one_worker_enough(controller):
+    """What the session's rate control knows says one worker carries the
+    path: a cap, or the fastest delivery since the startup found the
+    bottleneck, under AUTO_STRIPE_RATE.  Before that the path is unknown
+    (a file's stripes are dealt in its `start`, before its first data)."""
+    if controller.max_rate and controller.max_rate < AUTO_STRIPE_RATE:
+        return True
+    return controller.ramped and controller.peak_delivery < AUTO_STRIPE_RATE
 
 
 def stripe_workers(nblocks, stripe, available):
@@ -10832,12 +10856,14 @@ class SendingTeam:
     acknowledgements feed the session's RateController, whose rate they
     get back as their share.  `broken` says why the team cannot go on (a
     worker died).  `cycles`: the client takes a weighted deal of stripes;
-    `lazy`: it forks its own workers when told (`fork`)."""
+    `lazy`: it forks its own workers when told (`fork`); `auto`: its count
+    was chosen for it, so a file goes on one worker where the path's rate
+    measured so far does not need more (one_worker_enough)."""
 
-    def __init__(self, session, count, cycles=False, lazy=False):
+    def __init__(self, session, count, cycles=False, lazy=False, auto=False):
         self.session = session
         self.count = count                      # processes granted, this one included
-        self.cycles, self.lazy = cycles, lazy
+        self.cycles, self.lazy, self.auto = cycles, lazy, auto
         self.broken = None
         self._controller = session.rate
         self._shared = None                     # the SharedRate of the file being sent
@@ -10919,10 +10945,13 @@ class SendingTeam:
         """How many workers (this process included) send a file of
         `nblocks`: those it has stripes enough for, whose flows are open
         (waited for, the first time, up to UDP_SETUP_TIMEOUT).  The first
-        file that has stripes enough forks them."""
+        file that has stripes enough forks them.  A file is decided whole,
+        at its `start`: the workers do not join a file already going."""
         if self.broken:
             raise ProtocolError(self.broken)
         count = stripe_workers(nblocks, max(1, STRIPE_BYTES // block_size), self.count)
+        if count > 1 and self.auto and one_worker_enough(self._controller):
+            return 1
         if count > 1 and not self.workers and not self._fork():
             return 1
         if count > 1:
@@ -14665,7 +14694,8 @@ def command_get(args):
     store = open_get_cache(args, events)
     client = Client(host, port, secret, encrypt=not args.no_encrypt, timeout=args.timeout,
                     events=events, max_rate=max_rate, store=None if args.no_delta else store,
-                    workers=automatic_workers(max_rate) if args.workers is None else args.workers)
+                    workers=automatic_workers(max_rate) if args.workers is None else args.workers,
+                    auto_workers=args.workers is None)
     run = secrets.token_hex(8)
     started = time.time()
     totals = [0, 0, 0]                          # files, file bytes, bytes sent for them

@@ -875,3 +875,33 @@ def test_large_blocks_at_a_low_rate_still_leave_the_startup():
     path.run(3.0)
     full = flow.first_time_above(0.5 * capacity * M, span=0.2)
     assert full is not None and full < 1.5, full
+
+
+# Automatic --workers stripes a later file only where the path may need
+# more than one worker (wanxfer.one_worker_enough): across S4 (100 Mbit/s,
+# 300 ms, 0.5% loss) two workers cost 1.2-1.3 x one's CPU per GB for the
+# same rate.  The rate control's word on it: nothing before its startup has
+# found the bottleneck (the ramp's deliveries say nothing of the path),
+# then the fastest the path delivered.
+
+def test_one_worker_is_enough_for_a_slow_path_once_the_startup_has_measured_it():
+    path = ModelPath(100 * M, 0.3, seed=1, jitter=0.005, loss=0.005)
+    controller = wanxfer.RateController()
+    path.add_flow(controller, batch=45, sample_every=8)
+    assert not wanxfer.one_worker_enough(controller)        # nothing known yet
+    path.run(0.6)
+    assert controller.startup and not wanxfer.one_worker_enough(controller)    # still ramping
+    path.run(8.0)
+    assert wanxfer.one_worker_enough(controller)
+
+
+@pytest.mark.parametrize('capacity', [500, 1000])
+def test_a_path_faster_than_one_worker_keeps_its_workers(capacity):
+    _path, flow = run(capacity, 0.12, 6.0)
+    assert flow.controller.ramped
+    assert not wanxfer.one_worker_enough(flow.controller)
+
+
+def test_a_slow_cap_says_one_worker_before_any_news():
+    assert wanxfer.one_worker_enough(wanxfer.RateController(max_rate=200e6 / 8))
+    assert not wanxfer.one_worker_enough(wanxfer.RateController(max_rate=1e9 / 8))
