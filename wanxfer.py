@@ -8142,10 +8142,31 @@ MAX_LISTING_ENTRIES = 2_000_000     # files and directories one REMOTE may expan
                                     # listing costs get about 500 bytes an entry (1 GB here)
 
 
-def feedback_interval(rtt):
+def feedback_interval(rtt, flows=1):
     """Seconds between a receiver's acknowledgements at round trip `rtt`
-    (its sender batches a share's sending by it too: share_batch)."""
-    return max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
+    (its sender batches a share's sending by the one flow's: share_batch),
+    on each of the `flows` of a striped file.  k flows cost k times one's
+    acknowledgements at both ends, and the sending coordinator merged them
+    all for the one rate: across S4 (300 ms) with two workers about 1.1 s
+    of the sending end's CPU in a 256 MiB transfer.  So where k intervals
+    are still within an eighth of the round trip (stretched_feedback), each
+    flow is acknowledged every k intervals, and SharedRate passes the
+    merged news on in pieces of an interval: the rate control hears as
+    often as from one flow."""
+    interval = max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
+    if stretched_feedback(rtt, flows):
+        interval *= flows
+    return interval
+
+
+def stretched_feedback(rtt, flows):
+    """Whether each of the `flows` of a striped file is acknowledged every
+    `flows` intervals (feedback_interval): where that is within an eighth of
+    the round trip, which the rate control would hear at if acknowledging
+    cost nothing (FEEDBACK_INTERVAL[1] bounds it for that cost).  Beyond
+    that (120 ms and two flows: 15 ms) the model tests of the startup and
+    of uneven shares at 120 ms overflowed the queue."""
+    return flows > 1 and flows * max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8)) <= rtt / 8
 
 
 class TransferEvents:
@@ -8990,9 +9011,12 @@ class ReceivePhase:
     timer, take what came, then give each timer its turn (feedback, NAK,
     the path's proof, progress, state save), each step one job.  With
     `unproven` blocks, no datagram (data or probe) as large as a full
-    block's for a few round trips raises PathTooNarrow."""
+    block's for a few round trips raises PathTooNarrow.  `flows`: how many
+    share the file, for a receiving worker's share (the coordinator's
+    `team` says)."""
 
-    def __init__(self, incoming, window, writer, assembler=None, unproven=False, proven=0, team=None):
+    def __init__(self, incoming, window, writer, assembler=None, unproven=False, proven=0, team=None,
+                 flows=1):
         start, rtt = incoming.start, incoming.rtt
         self.incoming = incoming
         # Striped (a ReceivingTeam): the window holds this process's stripes
@@ -9018,7 +9042,7 @@ class ReceivePhase:
         self.buffer = bytearray(GATHER_BUFFER)
         self.full_datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         self.proven = proven                    # bytes of the largest probe before this phase
-        self.feedback_interval = feedback_interval(rtt)
+        self.feedback_interval = feedback_interval(rtt, flows if team is None else len(start['workers']) + 1)
         self.idle_limit = max(0.02, rtt / 2)
         now = self.clock()
         self.narrow_check = now + max(NARROW_PATH_WAIT, 3 * rtt) if unproven else None
@@ -10248,6 +10272,13 @@ class SharedRate:
     link at 120 ms, where one flow drops nothing).  A worker whose news
     stopped LIVE_WAIT ago (its share is done) holds back nobody.
 
+    Where each flow is acknowledged every k intervals (stretched_feedback),
+    what is merged spans k intervals of send time: it reaches the
+    controller in pieces of an interval each, evenly, as one flow's news
+    would (the controller's slots are a few of its intervals long: taken
+    whole, its slots grew to 80 ms across 300 ms, and the model's queue
+    overflowed on each probe).
+
     The least queue is what one flow's receiver would report: the least
     of all the delays sampled.  But a receiver samples one packet in
     DELAY_SAMPLE_EVERY, and an older one that sampled none in an interval
@@ -10277,10 +10308,12 @@ class SharedRate:
                                                 #            send time, arrival] since the last merge
         self._since = None
         self._queue = 0.0                       # the queue last merged
-        self._news = {}                         # worker -> [bytes, packets, lost, from, to, when]:
-                                                # what it said of packets sent from `from` to `to`
-                                                # not passed on yet, and when it last said anything
+        self._news = {}                         # worker -> [bytes, packets, lost, from, to, when,
+                                                # arrival]: what it said of packets sent from `from`
+                                                # to `to` not passed on yet, when it last said
+                                                # anything, and when the packet sent at `to` arrived
         self._until = None                      # the send time the controller has news up to
+        self._arrived = None                    # ... and when the packet sent then arrived
         self._idle = {}                         # worker -> when it last said it had nothing to send
         self._now = float('-inf')               # the latest time any worker spoke
 
@@ -10316,11 +10349,12 @@ class SharedRate:
         news = self._news.get(index)
         if news is None:
             # Its first news: of packets sent since the last the controller had.
-            news = self._news[index] = [0.0, 0.0, 0.0, None, sent_at, now]
+            news = self._news[index] = [0.0, 0.0, 0.0, None, sent_at, now, arrived]
         news[0] += delivered_bytes
         news[1] += delivered
         news[2] += lost
-        news[4] = max(news[4], sent_at)
+        if sent_at >= news[4]:
+            news[4], news[6] = sent_at, arrived
         news[5] = now
         pending = self._pending.get(index)
         if pending is None:
@@ -10340,7 +10374,8 @@ class SharedRate:
     def _merge(self, now):
         """Pass on what all the live workers have news of; if that is
         nothing yet (one is late), wait for it."""
-        until = min(news[4] for news in self._news.values() if now - news[5] <= self.LIVE_WAIT)
+        until, arrived = min((news[4], news[6]) for news in self._news.values()
+                             if now - news[5] <= self.LIVE_WAIT)
         if self._until is not None and until <= self._until:
             self._since = now
             return
@@ -10361,11 +10396,24 @@ class SharedRate:
                 told[i] += taken
                 news[i] -= taken
             news[3] = max(start, min(until, end))
-        self._until = until
-        arrived = min(pending, key=lambda news: news[3])[4]     # the oldest news's
-        self.controller.on_feedback(
-            now, self._queue, told[0], told[1], told[2], max(news[1] for news in pending),
-            any(news[2] for news in pending), until, max(0.0, now - arrived))
+        # What is passed on ends at the send time of the worker that held
+        # the others back: when its packet sent then arrived, not when the
+        # news that came now did (one of a flow's acknowledgements lost, the
+        # others' overtook it, and the spans of arrival then said the path
+        # delivered from 0.3 to 2 times what it did).
+        since, before = self._until, self._arrived
+        self._until, self._arrived = until, arrived
+        rtt, app_limited = max(news[1] for news in pending), any(news[2] for news in pending)
+        pieces = 1
+        if since is not None and stretched_feedback(rtt, self.count):
+            pieces = max(1, min(2 * self.count, int(round((until - since) / FEEDBACK_INTERVAL[1]))))
+            before = min(before, arrived)
+        for piece in range(1, pieces + 1):
+            f = piece / pieces
+            self.controller.on_feedback(
+                now, self._queue, told[0] / pieces, told[1] / pieces, told[2] / pieces, rtt,
+                app_limited, until if piece == pieces else since + f * (until - since),
+                max(0.0, now - (arrived if piece == pieces else before + f * (arrived - before))))
         self._changed()
 
     def idle(self, index, now):
@@ -11510,8 +11558,8 @@ class WorkerReceivePhase(ReceivePhase):
     (and of a delta's decided blocks), reporting what it wrote instead of
     keeping the state file."""
 
-    def __init__(self, incoming, window, writer, channel, foreign, following=None):
-        ReceivePhase.__init__(self, incoming, window, writer)
+    def __init__(self, incoming, window, writer, channel, foreign, following=None, flows=1):
+        ReceivePhase.__init__(self, incoming, window, writer, flows=flows)
         self._channel = channel
         self._following = following             # worker 1's FollowingDigest
         self.foreign = foreign                  # blocks of other workers, held in its window
@@ -11641,7 +11689,7 @@ def receive_share(message, channel, data, following=None):
             entry=types.SimpleNamespace(size=size), block_size=block_size, kept=[])
         phase = WorkerReceivePhase(incoming, window, writer, channel,
                                    foreign_blocks(partial.nblocks, stripe, count, index, cycle),
-                                   following)
+                                   following, count)
         phase.run()                             # until the coordinator ends the file
     except ShareEnded:
         pass

@@ -456,17 +456,22 @@ def test_the_first_request_forks_the_workers_without_waiting_to_be_told(tmp_path
 # decided at each file's `start`; the first file of a session goes before
 # the path is measured, later ones by what the rate control measured.
 
-def get_with_cores(port, cores, *args):
-    """`get` on a machine of `cores` usable cores (so that `--workers auto`
-    asks for as many, on any machine)."""
+def patched_get(port, patch, *args):
+    """`get` from a wanxfer whose module was changed by `patch` first."""
     program = '\n'.join([
         'import sys',
         'sys.path.insert(0, %r)' % os.path.dirname(wanxfer.__file__),
         'import wanxfer',
-        'wanxfer.usable_cores = lambda: %d' % cores,
+        patch,
         'sys.exit(wanxfer.main(sys.argv[1:]))'])
     return subprocess.run([sys.executable, '-c', program] + get_command(port, *args)[2:],
                           env=wanxfer_env(), capture_output=True, text=True, timeout=120)
+
+
+def get_with_cores(port, cores, *args):
+    """`get` on a machine of `cores` usable cores (so that `--workers auto`
+    asks for as many, on any machine)."""
+    return patched_get(port, 'wanxfer.usable_cores = lambda: %d' % cores, *args)
 
 
 def large_files(tmp_path, names='ab'):
@@ -518,3 +523,23 @@ def test_automatic_workers_stripe_a_fast_path_as_before(tmp_path, serve):
     got = get_with_cores(server.port, 2, '.', '-o', out, '--json', '--no-delta')
     assert got.returncode == 0, got.stderr
     assert [s['workers'] for s in json_summaries(got)] == [2, 2], json_summaries(got)
+
+
+# Across a long path each of k flows is acknowledged every k intervals
+# (wanxfer.stretched_feedback), and the sending coordinator passes the
+# merged news on an interval at a time.  Loopback's round trip is short:
+# both ends here stretch at any round trip.
+STRETCHED = 'wanxfer.stretched_feedback = lambda rtt, flows: flows > 1'
+
+
+@pytest.mark.parametrize('workers', [2, 3])
+def test_flows_acknowledged_every_k_intervals_give_byte_identical_files(tmp_path, serve, workers):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=20 + workers)
+    server = patched_serve(serve, [source], STRETCHED, extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    got = patched_get(server.port, STRETCHED, 'big.bin', '-o', dest, '--json', '--workers', workers)
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == workers and all(summary['worker_packets']), summary
+    assert not re.search(r'Traceback|failed', server.log() + got.stderr)
