@@ -315,8 +315,9 @@ MAX_WORKER_RANGES = 256
 MAX_WORKER_MESSAGE = 1 << 16    # bytes a worker message may have (MAX_WORKER_RANGES ranges, a path):
                                 # a packet longer than the receive buffer would be cut short
 WORKER_FLOW = struct.Struct('!cH')              # b'U', length of the address JSON
-WORKER_SEND = struct.Struct('!cIQIBdQq')        # b'F', file id, first packet number, block size,
-                                                # compress, rtt (s), size, mtime (ns)
+WORKER_SEND = struct.Struct('!cIQIBdQqH')       # b'F', file id, first packet number, block size,
+                                                # compress, rtt (s), size, mtime (ns), workers
+                                                # sharing the file
 WORKER_RANGES = struct.Struct('!cIH')           # code, file id, range count
 WORKER_RATE = struct.Struct('!cdd')             # b'R', rate (bytes/s), peak delivery (bytes/s)
 WORKER_END = struct.Struct('!cI')               # b'E', file id
@@ -576,7 +577,7 @@ CONTROL_MESSAGES = frozen_mapping({
         'done': {'file': _FILE_ID},
         'abort': {},
         'workers': {'count': _expect_int(1, MAX_WORKERS), 'lazy?': _expect_bool,
-                    'cycle?': _expect_bool},
+                    'cycle?': _expect_bool, 'auto?': _expect_bool},
     },
     'server': {
         'ready': {'probes?': _expect_list(_expect_int(0, MAX_MTU), 16),
@@ -4248,6 +4249,11 @@ class RateController:
     def startup(self):
         return self.phase == 'startup'
 
+    @property
+    def ramped(self):
+        """The first startup has ended: peak_delivery is the path's, not the ramp's."""
+        return self._ramped
+
     def set_cap(self, max_rate):
         self.max_rate = max_rate
         if max_rate:
@@ -6627,11 +6633,13 @@ def lead_ranges(fd, size, block_size, lead_size=LEAD_BYTES):
     return lead, ranges
 
 
-def share_batch(rate, block_size, largest, rtt=0.0):
+def share_batch(rate, block_size, largest, rtt=0.0, flows=1):
     """Blocks a striped share reads and sends at once: PACING_BURST of its
     rate, or where that is under SHARE_BATCH_BLOCKS, up to that many but
     no more than half a feedback interval of its rate at this round trip
-    (`rtt`); at least one, at most `largest`.  A flow
+    (`rtt`), or where each of the file's `flows` is acknowledged every k
+    intervals (stretched_feedback), up to twice as many within a whole
+    interval; at least one, at most `largest`.  A flow
     alone sends up to 64 KB a batch whatever its rate, but a share's
     acknowledgements are merged with the others' (SharedRate), and a
     share with a small part of the rate (the coordinator's, 0.13 of it)
@@ -6644,10 +6652,18 @@ def share_batch(rate, block_size, largest, rtt=0.0):
     interval still puts news of every share in every acknowledgement,
     and at a long path's slow rate it is fewer batches, each a wakeup, a
     read, a sealing and a send: 2 ms batches of 8 blocks at 92 Mbit/s
-    across 300 ms cost the two sending workers twice one's CPU per GB."""
+    across 300 ms cost the two sending workers twice one's CPU per GB.
+    With 16 blocks two shares still sent 12,926 batches across S4 where
+    one flow sent 4,945: the most of N=2's extra CPU at the sending end.
+    Each flow's news there comes once in k intervals and reaches the rate
+    control an interval at a time (SharedRate), evenly spread over the
+    send time it covers, which a batch of an interval no more than fills."""
     burst = int(rate * PACING_BURST / block_size)
     if burst < SHARE_BATCH_BLOCKS:
-        burst = max(burst, min(SHARE_BATCH_BLOCKS, int(rate * feedback_interval(rtt) / 2 / block_size)))
+        span, most = feedback_interval(rtt) / 2, SHARE_BATCH_BLOCKS
+        if stretched_feedback(rtt, flows):
+            span, most = 2 * span, 2 * most
+        burst = max(burst, min(most, int(rate * span / block_size)))
     return max(1, min(largest, burst))
 
 
@@ -6996,7 +7012,7 @@ class OutgoingFile:
             sealer, udp, compression, fd = self._sealer, self._udp, self.compression, self._fd
             sid, per_packet, max_batch = self._session_id, self._per_packet, self._max_batch
             if self.striped:
-                max_batch = share_batch(rate.rate, block_size, max_batch, self.rtt)
+                max_batch = share_batch(rate.rate, block_size, max_batch, self.rtt, self.workers)
             pack_header = DATA_HEADER.pack
             stamp = int(now * 1e6) & 0xFFFFFFFF
             while budget > 0 and window.has_work() and window.in_flight() < flight_cap:
@@ -7676,7 +7692,8 @@ class ServerSession:
             granted = 1
         lazy = bool(message.get('lazy'))
         if granted > 1:
-            team = SendingTeam(self, granted, bool(message.get('cycle')), lazy)
+            team = SendingTeam(self, granted, bool(message.get('cycle')), lazy,
+                               bool(message.get('auto')))
             with self._hello_lock:
                 self.team, early = team, self._early_hellos
                 self._early_hellos = {}
@@ -8174,10 +8191,31 @@ MAX_LISTING_ENTRIES = 2_000_000     # files and directories one REMOTE may expan
                                     # listing costs get about 500 bytes an entry (1 GB here)
 
 
-def feedback_interval(rtt):
+def feedback_interval(rtt, flows=1):
     """Seconds between a receiver's acknowledgements at round trip `rtt`
-    (its sender batches a share's sending by it too: share_batch)."""
-    return max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
+    (its sender batches a share's sending by the one flow's: share_batch),
+    on each of the `flows` of a striped file.  k flows cost k times one's
+    acknowledgements at both ends, and the sending coordinator merged them
+    all for the one rate: across S4 (300 ms) with two workers about 1.1 s
+    of the sending end's CPU in a 256 MiB transfer.  So where k intervals
+    are still within an eighth of the round trip (stretched_feedback), each
+    flow is acknowledged every k intervals, and SharedRate passes the
+    merged news on in pieces of an interval: the rate control hears as
+    often as from one flow."""
+    interval = max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
+    if stretched_feedback(rtt, flows):
+        interval *= flows
+    return interval
+
+
+def stretched_feedback(rtt, flows):
+    """Whether each of the `flows` of a striped file is acknowledged every
+    `flows` intervals (feedback_interval): where that is within an eighth of
+    the round trip, which the rate control would hear at if acknowledging
+    cost nothing (FEEDBACK_INTERVAL[1] bounds it for that cost).  Beyond
+    that (120 ms and two flows: 15 ms) the model tests of the startup and
+    of uneven shares at 120 ms overflowed the queue."""
+    return flows > 1 and flows * max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8)) <= rtt / 8
 
 
 class TransferEvents:
@@ -9022,9 +9060,12 @@ class ReceivePhase:
     timer, take what came, then give each timer its turn (feedback, NAK,
     the path's proof, progress, state save), each step one job.  With
     `unproven` blocks, no datagram (data or probe) as large as a full
-    block's for a few round trips raises PathTooNarrow."""
+    block's for a few round trips raises PathTooNarrow.  `flows`: how many
+    share the file, for a receiving worker's share (the coordinator's
+    `team` says)."""
 
-    def __init__(self, incoming, window, writer, assembler=None, unproven=False, proven=0, team=None):
+    def __init__(self, incoming, window, writer, assembler=None, unproven=False, proven=0, team=None,
+                 flows=1):
         start, rtt = incoming.start, incoming.rtt
         self.incoming = incoming
         # Striped (a ReceivingTeam): the window holds this process's stripes
@@ -9050,7 +9091,7 @@ class ReceivePhase:
         self.buffer = bytearray(GATHER_BUFFER)
         self.full_datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         self.proven = proven                    # bytes of the largest probe before this phase
-        self.feedback_interval = feedback_interval(rtt)
+        self.feedback_interval = feedback_interval(rtt, flows if team is None else len(start['workers']) + 1)
         self.idle_limit = max(0.02, rtt / 2)
         now = self.clock()
         self.narrow_check = now + max(NARROW_PATH_WAIT, 3 * rtt) if unproven else None
@@ -9451,9 +9492,10 @@ class Client:
     whose listing is known serve `demo` and tests.  `close()` at the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
-                 max_rate=None, store=None, workers=1):
+                 max_rate=None, store=None, workers=1, auto_workers=False):
         self.host, self.port = host, port
         self.workers = workers                  # processes to stripe large files over, at most
+        self.auto_workers = auto_workers        # ... chosen for the user: the server may use fewer
         self.team = None                        # the ReceivingTeam, once forked
         self.keys = None
         self._workers_asked = False
@@ -9515,8 +9557,10 @@ class Client:
         self._granted = 1
         if self.workers > 1:
             if sessions_can_fork():
-                self.conversation.send({'op': 'workers', 'count': self.workers, 'lazy': True,
-                                        'cycle': True})
+                request = {'op': 'workers', 'count': self.workers, 'lazy': True, 'cycle': True}
+                if self.auto_workers:
+                    request['auto'] = True
+                self.conversation.send(request)
                 self._workers_asked = True
             else:
                 self.events.warning('worker processes cannot be forked here (not Linux, or '
@@ -9936,6 +9980,11 @@ class Client:
 # that dies ends the transfer with one line; the partial file stays.
 
 PER_WORKER_RATE = 600e6 / 8     # bytes/s one worker seals and sends, about (automatic --workers)
+# An automatic count stripes a file only while the path may need more than
+# one worker: across S4 (100 Mbit/s) two workers cost both ends 1.2-1.3 x
+# one's CPU per GB for the same rate.  Below this much of what one worker
+# does (its peak delivery measured, or a cap), one has room to spare.
+AUTO_STRIPE_RATE = 0.6 * PER_WORKER_RATE
 MAX_AUTO_WORKERS = 8
 WORKER_RATE_STEP = 0.02         # a change of the rate this large reaches the workers at once,
 WORKER_RATE_INTERVAL = 0.02     # ... a smaller one at most this often (s)
@@ -9980,6 +10029,16 @@ def automatic_workers(max_rate=None):
     if max_rate:
         count = min(count, int(-(-max_rate // PER_WORKER_RATE)))
     return max(1, count)
+
+
+def one_worker_enough(controller):
+    """What the session's rate control knows says one worker carries the
+    path: a cap, or the fastest delivery since the startup found the
+    bottleneck, under AUTO_STRIPE_RATE.  Before that the path is unknown
+    (a file's stripes are dealt in its `start`, before its first data)."""
+    if controller.max_rate and controller.max_rate < AUTO_STRIPE_RATE:
+        return True
+    return controller.ramped and controller.peak_delivery < AUTO_STRIPE_RATE
 
 
 def stripe_workers(nblocks, stripe, available):
@@ -10262,6 +10321,13 @@ class SharedRate:
     link at 120 ms, where one flow drops nothing).  A worker whose news
     stopped LIVE_WAIT ago (its share is done) holds back nobody.
 
+    Where each flow is acknowledged every k intervals (stretched_feedback),
+    what is merged spans k intervals of send time: it reaches the
+    controller in pieces of an interval each, evenly, as one flow's news
+    would (the controller's slots are a few of its intervals long: taken
+    whole, its slots grew to 80 ms across 300 ms, and the model's queue
+    overflowed on each probe).
+
     The least queue is what one flow's receiver would report: the least
     of all the delays sampled.  But a receiver samples one packet in
     DELAY_SAMPLE_EVERY, and an older one that sampled none in an interval
@@ -10291,10 +10357,12 @@ class SharedRate:
                                                 #            send time, arrival] since the last merge
         self._since = None
         self._queue = 0.0                       # the queue last merged
-        self._news = {}                         # worker -> [bytes, packets, lost, from, to, when]:
-                                                # what it said of packets sent from `from` to `to`
-                                                # not passed on yet, and when it last said anything
+        self._news = {}                         # worker -> [bytes, packets, lost, from, to, when,
+                                                # arrival]: what it said of packets sent from `from`
+                                                # to `to` not passed on yet, when it last said
+                                                # anything, and when the packet sent at `to` arrived
         self._until = None                      # the send time the controller has news up to
+        self._arrived = None                    # ... and when the packet sent then arrived
         self._idle = {}                         # worker -> when it last said it had nothing to send
         self._now = float('-inf')               # the latest time any worker spoke
 
@@ -10330,11 +10398,12 @@ class SharedRate:
         news = self._news.get(index)
         if news is None:
             # Its first news: of packets sent since the last the controller had.
-            news = self._news[index] = [0.0, 0.0, 0.0, None, sent_at, now]
+            news = self._news[index] = [0.0, 0.0, 0.0, None, sent_at, now, arrived]
         news[0] += delivered_bytes
         news[1] += delivered
         news[2] += lost
-        news[4] = max(news[4], sent_at)
+        if sent_at >= news[4]:
+            news[4], news[6] = sent_at, arrived
         news[5] = now
         pending = self._pending.get(index)
         if pending is None:
@@ -10354,7 +10423,8 @@ class SharedRate:
     def _merge(self, now):
         """Pass on what all the live workers have news of; if that is
         nothing yet (one is late), wait for it."""
-        until = min(news[4] for news in self._news.values() if now - news[5] <= self.LIVE_WAIT)
+        until, arrived = min((news[4], news[6]) for news in self._news.values()
+                             if now - news[5] <= self.LIVE_WAIT)
         if self._until is not None and until <= self._until:
             self._since = now
             return
@@ -10375,11 +10445,24 @@ class SharedRate:
                 told[i] += taken
                 news[i] -= taken
             news[3] = max(start, min(until, end))
-        self._until = until
-        arrived = min(pending, key=lambda news: news[3])[4]     # the oldest news's
-        self.controller.on_feedback(
-            now, self._queue, told[0], told[1], told[2], max(news[1] for news in pending),
-            any(news[2] for news in pending), until, max(0.0, now - arrived))
+        # What is passed on ends at the send time of the worker that held
+        # the others back: when its packet sent then arrived, not when the
+        # news that came now did (one of a flow's acknowledgements lost, the
+        # others' overtook it, and the spans of arrival then said the path
+        # delivered from 0.3 to 2 times what it did).
+        since, before = self._until, self._arrived
+        self._until, self._arrived = until, arrived
+        rtt, app_limited = max(news[1] for news in pending), any(news[2] for news in pending)
+        pieces = 1
+        if since is not None and stretched_feedback(rtt, self.count):
+            pieces = max(1, min(2 * self.count, int(round((until - since) / FEEDBACK_INTERVAL[1]))))
+            before = min(before, arrived)
+        for piece in range(1, pieces + 1):
+            f = piece / pieces
+            self.controller.on_feedback(
+                now, self._queue, told[0] / pieces, told[1] / pieces, told[2] / pieces, rtt,
+                app_limited, until if piece == pieces else since + f * (until - since),
+                max(0.0, now - (arrived if piece == pieces else before + f * (arrived - before))))
         self._changed()
 
     def idle(self, index, now):
@@ -10523,9 +10606,11 @@ class WorkerOutgoingFile(OutgoingFile):
     """A sending worker's share of one file: OutgoingFile over the blocks
     the coordinator names, announced by the coordinator, ended by it."""
 
-    def open_share(self, path, size, mtime_ns, block_size, compress):
-        """The file the coordinator opened, which must still be the same."""
+    def open_share(self, path, size, mtime_ns, block_size, compress, flows):
+        """The file the coordinator opened, which must still be the same
+        (shared by `flows` workers)."""
         self._path = path
+        self.workers = flows
         try:
             self._fd = open_regular(path)
         except OSError as e:
@@ -10870,12 +10955,14 @@ class SendingTeam:
     acknowledgements feed the session's RateController, whose rate they
     get back as their share.  `broken` says why the team cannot go on (a
     worker died).  `cycles`: the client takes a weighted deal of stripes;
-    `lazy`: it forks its own workers when told (`fork`)."""
+    `lazy`: it forks its own workers when told (`fork`); `auto`: its count
+    was chosen for it, so a file goes on one worker where the path's rate
+    measured so far does not need more (one_worker_enough)."""
 
-    def __init__(self, session, count, cycles=False, lazy=False):
+    def __init__(self, session, count, cycles=False, lazy=False, auto=False):
         self.session = session
         self.count = count                      # processes granted, this one included
-        self.cycles, self.lazy = cycles, lazy
+        self.cycles, self.lazy, self.auto = cycles, lazy, auto
         self.broken = None
         self._controller = session.rate
         self._shared = None                     # the SharedRate of the file being sent
@@ -10957,10 +11044,13 @@ class SendingTeam:
         """How many workers (this process included) send a file of
         `nblocks`: those it has stripes enough for, whose flows are open
         (waited for, the first time, up to UDP_SETUP_TIMEOUT).  The first
-        file that has stripes enough forks them."""
+        file that has stripes enough forks them.  A file is decided whole,
+        at its `start`: the workers do not join a file already going."""
         if self.broken:
             raise ProtocolError(self.broken)
         count = stripe_workers(nblocks, max(1, STRIPE_BYTES // block_size), self.count)
+        if count > 1 and self.auto and one_worker_enough(self._controller):
+            return 1
         if count > 1 and not self.workers and not self._fork():
             return 1
         if count > 1:
@@ -11006,7 +11096,7 @@ class SendingTeam:
             self._send(worker, WORKER_SEND.pack(
                 b'F', file_id, worker.next_seq, outgoing.block_size,
                 1 if outgoing.compression.allowed else 0, outgoing.rtt, outgoing.size,
-                outgoing.mtime_ns) + path)
+                outgoing.mtime_ns, outgoing.workers) + path)
             for message in worker_ranges(b'N', file_id, part):
                 self._send(worker, message)
         self._told = (0.0, (), float('-inf'))
@@ -11207,7 +11297,7 @@ def run_sending_worker(index, channel, keys, session_id, local, family, log):
         elif code == b'R' and len(message) == WORKER_RATE.size:
             rate.update(message)
         elif code == b'F' and udp is not None and len(message) > WORKER_SEND.size:
-            _code, file_id, first_seq, block_size, compress, share_rtt, size, mtime_ns = \
+            _code, file_id, first_seq, block_size, compress, share_rtt, size, mtime_ns, flows = \
                 WORKER_SEND.unpack_from(message)
             if first_seq < next_seq:
                 log('told to send from packet %d, below %d: packet numbers would repeat'
@@ -11218,7 +11308,7 @@ def run_sending_worker(index, channel, keys, session_id, local, family, log):
             whole = False
             try:
                 outgoing.open_share(os.fsdecode(message[WORKER_SEND.size:]), size, mtime_ns,
-                                    block_size, bool(compress))
+                                    block_size, bool(compress), flows)
                 outgoing.begin(file_id)
                 whole = outgoing.run()
                 if outgoing.failure is not None:
@@ -11519,8 +11609,8 @@ class WorkerReceivePhase(ReceivePhase):
     (and of a delta's decided blocks), reporting what it wrote instead of
     keeping the state file."""
 
-    def __init__(self, incoming, window, writer, channel, foreign, following=None):
-        ReceivePhase.__init__(self, incoming, window, writer)
+    def __init__(self, incoming, window, writer, channel, foreign, following=None, flows=1):
+        ReceivePhase.__init__(self, incoming, window, writer, flows=flows)
         self._channel = channel
         self._following = following             # worker 1's FollowingDigest
         self.foreign = foreign                  # blocks of other workers, held in its window
@@ -11650,7 +11740,7 @@ def receive_share(message, channel, data, following=None):
             entry=types.SimpleNamespace(size=size), block_size=block_size, kept=[])
         phase = WorkerReceivePhase(incoming, window, writer, channel,
                                    foreign_blocks(partial.nblocks, stripe, count, index, cycle),
-                                   following)
+                                   following, count)
         phase.run()                             # until the coordinator ends the file
     except ShareEnded:
         pass
@@ -14703,7 +14793,8 @@ def command_get(args):
     store = open_get_cache(args, events)
     client = Client(host, port, secret, encrypt=not args.no_encrypt, timeout=args.timeout,
                     events=events, max_rate=max_rate, store=None if args.no_delta else store,
-                    workers=automatic_workers(max_rate) if args.workers is None else args.workers)
+                    workers=automatic_workers(max_rate) if args.workers is None else args.workers,
+                    auto_workers=args.workers is None)
     run = secrets.token_hex(8)
     started = time.time()
     totals = [0, 0, 0]                          # files, file bytes, bytes sent for them

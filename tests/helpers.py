@@ -680,6 +680,11 @@ class ModelFlow:
         self.rtt = path.rtt + path.ack_lag      # the handshake's round trip to begin with
         self.feedback_interval = max(wanxfer.FEEDBACK_INTERVAL[0],
                                      min(wanxfer.FEEDBACK_INTERVAL[1], self.rtt / 8))
+        # A share of a striped file is acknowledged as the real receiving
+        # worker acknowledges its flow (by how many flows share the file).
+        shared = getattr(controller, '_shared', None)
+        if isinstance(shared, wanxfer.SharedRate) and hasattr(wanxfer, 'stretched_feedback'):
+            self.feedback_interval = wanxfer.feedback_interval(self.rtt, shared.count)
         self._budget = 0.0
         self._last_tick = start
         self._in_flight = 0                     # bytes sent, not yet acknowledged

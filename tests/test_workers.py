@@ -448,3 +448,98 @@ def test_the_first_request_forks_the_workers_without_waiting_to_be_told(tmp_path
         '    self.lazy = False',
         'wanxfer.SendingTeam.__init__ = init'])
     assert all(summary['worker_packets']), summary
+
+
+# Automatic --workers: a file is striped only while the path may need more
+# than one worker.  Across S4 (100 Mbit/s) two workers cost both ends
+# 1.2-1.3 x one's CPU per GB and moved nothing faster.  The count is
+# decided at each file's `start`; the first file of a session goes before
+# the path is measured, later ones by what the rate control measured.
+
+def patched_get(port, patch, *args):
+    """`get` from a wanxfer whose module was changed by `patch` first."""
+    program = '\n'.join([
+        'import sys',
+        'sys.path.insert(0, %r)' % os.path.dirname(wanxfer.__file__),
+        'import wanxfer',
+        patch,
+        'sys.exit(wanxfer.main(sys.argv[1:]))'])
+    return subprocess.run([sys.executable, '-c', program] + get_command(port, *args)[2:],
+                          env=wanxfer_env(), capture_output=True, text=True, timeout=120)
+
+
+def get_with_cores(port, cores, *args):
+    """`get` on a machine of `cores` usable cores (so that `--workers auto`
+    asks for as many, on any machine)."""
+    return patched_get(port, 'wanxfer.usable_cores = lambda: %d' % cores, *args)
+
+
+def large_files(tmp_path, names='ab'):
+    tree = tmp_path / 'tree'
+    tree.mkdir()
+    for name in names:
+        make_file(tree / name, SIZE, seed=ord(name))
+    return tree
+
+
+@pytest.mark.parametrize('get_workers', ['auto', '2'])
+def test_automatic_workers_stripe_no_later_file_on_a_path_one_worker_carries(tmp_path, serve,
+                                                                           get_workers):
+    # Loopback is fast: this server takes any path it has news of for one
+    # that one worker carries (when the rate control's startup ends on
+    # loopback depends on the load; the rule itself has model tests in
+    # test_ratecontrol.py).  The first file goes before any news.
+    tree = large_files(tmp_path)
+    server = patched_serve(serve, [tree], 'wanxfer.one_worker_enough = lambda rate: rate.peak_delivery > 0',
+                           extra=['--workers', '2'])
+    out = tmp_path / 'out'
+    got = get_with_cores(server.port, 2, '.', '-o', out, '--json', '--workers', get_workers,
+                         '--no-delta')
+    assert got.returncode == 0, got.stderr
+    summaries = {s['remote']: s for s in json_summaries(got)}
+    for name in 'ab':
+        assert sha256(out / name) == sha256(tree / name)
+    assert summaries['a']['workers'] == 2
+    # Asked for explicitly, two workers it is, whatever the path.
+    assert summaries['b']['workers'] == (1 if get_workers == 'auto' else 2), summaries
+
+
+def test_automatic_workers_stripe_nothing_under_a_slow_cap(tmp_path, serve):
+    # The server's cap is known before the first file: one worker carries it.
+    tree = large_files(tmp_path)
+    server = serve([tree], extra=['--workers', '2', '--rate', '200M'])
+    out = tmp_path / 'out'
+    got = get_with_cores(server.port, 2, '.', '-o', out, '--json', '--no-delta')
+    assert got.returncode == 0, got.stderr
+    for name in 'ab':
+        assert sha256(out / name) == sha256(tree / name)
+    assert [s['workers'] for s in json_summaries(got)] == [1, 1]
+
+
+def test_automatic_workers_stripe_a_fast_path_as_before(tmp_path, serve):
+    tree = large_files(tmp_path)
+    server = serve([tree], extra=['--workers', '2'])
+    out = tmp_path / 'out'
+    got = get_with_cores(server.port, 2, '.', '-o', out, '--json', '--no-delta')
+    assert got.returncode == 0, got.stderr
+    assert [s['workers'] for s in json_summaries(got)] == [2, 2], json_summaries(got)
+
+
+# Across a long path each of k flows is acknowledged every k intervals
+# (wanxfer.stretched_feedback), and the sending coordinator passes the
+# merged news on an interval at a time.  Loopback's round trip is short:
+# both ends here stretch at any round trip.
+STRETCHED = 'wanxfer.stretched_feedback = lambda rtt, flows: flows > 1'
+
+
+@pytest.mark.parametrize('workers', [2, 3])
+def test_flows_acknowledged_every_k_intervals_give_byte_identical_files(tmp_path, serve, workers):
+    source = make_file(tmp_path / 'big.bin', SIZE, seed=20 + workers)
+    server = patched_serve(serve, [source], STRETCHED, extra=['--workers', '3'])
+    dest = tmp_path / 'out.bin'
+    got = patched_get(server.port, STRETCHED, 'big.bin', '-o', dest, '--json', '--workers', workers)
+    assert got.returncode == 0, got.stderr
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == workers and all(summary['worker_packets']), summary
+    assert not re.search(r'Traceback|failed', server.log() + got.stderr)
