@@ -1281,6 +1281,7 @@ class SharedSecret:
         self._secret = bytes(secret)
         self._keys = {}
         self._lock = threading.Lock()
+        self._stretching = {}                   # salt: the lock its one stretch holds
         self._server_salt = None
 
     @classmethod
@@ -1288,13 +1289,34 @@ class SharedSecret:
         return secret if isinstance(secret, cls) else cls(secret)
 
     def key(self, salt):
+        # One lock per salt: a handshake that meets a salt other than the
+        # one stretched ahead (see prepare) does not wait for that stretch.
         with self._lock:
             key = self._keys.get(salt)
+            if key is not None:
+                return key
+            stretching = self._stretching.setdefault(salt, threading.Lock())
+        with stretching:
+            with self._lock:
+                key = self._keys.get(salt)
             if key is None:
-                if len(self._keys) >= 16:   # a client meets one or two salts; bound it anyway
-                    self._keys.clear()
-                key = self._keys[salt] = stretch_secret(self._secret, salt)
-            return key
+                key = stretch_secret(self._secret, salt)
+                with self._lock:
+                    if len(self._keys) >= 16:   # a client meets one or two salts; bound it anyway
+                        self._keys.clear()
+                    self._keys[salt] = key
+        with self._lock:
+            self._stretching.pop(salt, None)
+        return key
+
+    def prepare(self, salt):
+        """Stretch with `salt` on a thread of its own, so that a handshake
+        that meets it finds K ready; the thread, to be joined before any
+        fork.  A client calls it with the salt the server proved itself
+        with last time, before it connects: the stretch (about 50 ms) then
+        runs while the connect and the HELLO cross the path, instead of
+        after the server's hello came."""
+        return start_thread(self.key, 'stretch', (salt,))
 
     def server_salt(self):
         """This process's salt as a server (drawn once) and its key."""
@@ -1303,6 +1325,54 @@ class SharedSecret:
                 self._server_salt = secrets.token_bytes(SALT_SIZE)
             salt = self._server_salt
         return salt, self.key(salt)
+
+
+class SaltMemory:
+    """The salt each server last proved itself with, as a client saw it,
+    in a small file beside the cache (`<cache>.salts`, JSON: origin -> salt
+    in hex).  A salt is public (every SERVER_HELLO carries it) and only one
+    that came with a valid server proof is kept; one that no longer holds
+    (the server was restarted) costs a stretch that is not used, and is
+    replaced.  Any trouble with the file is ignored: it only saves time."""
+
+    LIMIT = 64                  # servers remembered; the oldest goes first
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def _load(self):
+        try:
+            with open(self.path, encoding='utf-8') as f:
+                table = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return table if isinstance(table, dict) else {}
+
+    def recall(self, origin):
+        try:
+            salt = bytes.fromhex(self._load().get(origin, ''))
+        except (TypeError, ValueError):
+            return None
+        return salt if len(salt) == SALT_SIZE else None
+
+    def remember(self, origin, salt):
+        table = self._load()
+        if table.get(origin) == salt.hex():
+            return
+        table.pop(origin, None)
+        table[origin] = salt.hex()
+        while len(table) > self.LIMIT:
+            table.pop(next(iter(table)))
+        temporary = '%s.%d.tmp' % (self.path, os.getpid())
+        try:
+            with open(temporary, 'w', encoding='utf-8') as f:
+                json.dump(table, f)
+            os.replace(temporary, self.path)
+        except OSError:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
 
 
 def xor_bytes(data, keystream):
@@ -1588,10 +1658,13 @@ class SessionKeys:
     """The keys and id of one authenticated session, derived from the
     stretched secret K and both sides' nonces.  `sealers(role)` gives the
     four Sealers as seen from 'client' or 'server': (control out, control
-    in, data out, data in).  `mirror`: the client offered FLAG_MIRROR."""
+    in, data out, data in).  `mirror`: the client offered FLAG_MIRROR.
+    `salt`: the one the server proved itself with (a client remembers it)."""
 
-    def __init__(self, key, client_nonce, server_nonce, encrypt, counter_mode=None, mirror=False):
+    def __init__(self, key, client_nonce, server_nonce, encrypt, counter_mode=None, mirror=False,
+                 salt=None):
         self.encrypt = encrypt
+        self.salt = salt
         self.counter_mode = counter_mode
         self.mirror = mirror
         material = hkdf_sha256(key, client_nonce + server_nonce,
@@ -1881,7 +1954,7 @@ def client_handshake(sock, secret, encrypt, mirror=False):
     sock.sendall(CLIENT_PROOF.pack(
         handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, flags, server_flags)))
     return SessionKeys(key, client_nonce, server_nonce, encrypt,
-                       counter_mode if server_flags & FLAG_AES_CTR else None), rtt
+                       counter_mode if server_flags & FLAG_AES_CTR else None, salt=salt), rtt
 
 
 def server_handshake(sock, secret, encrypt):
@@ -9413,8 +9486,9 @@ class Client:
     whose listing is known serve `demo` and tests.  `close()` at the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
-                 max_rate=None, store=None, workers=1):
+                 max_rate=None, store=None, workers=1, salts=None):
         self.host, self.port = host, port
+        self.salts = salts                      # a SaltMemory: the stretch runs beside the connect
         self.workers = workers                  # processes to stripe large files over, at most
         self.team = None                        # the ReceivingTeam, once forked
         self.keys = None
@@ -9438,20 +9512,36 @@ class Client:
 
     def connect(self):
         self._connect_started = time.monotonic()
+        # The secret is stretched with the salt this server proved itself
+        # with last time while the connect and the HELLO cross the path: not
+        # after its hello, where the stretch would delay the first request.
+        remembered = self.salts.recall(self.origin) if self.salts is not None else None
+        stretch = None
+        if remembered is not None:
+            try:
+                stretch = self.secret.prepare(remembered)
+            except NoThread:
+                pass                            # then it is stretched after the hello, as ever
         try:
-            self.sock = connect_racing(self.host, self.port, HANDSHAKE_TIMEOUT)
-        except socket.gaierror as e:
-            raise TransferError('cannot resolve %s: %s' % (self.host, e.strerror))
-        except OSError as e:
-            raise TransferError('cannot connect to %s:%d: %s' % (self.host, self.port,
-                                                                e.strerror or e))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt, mirror=True)
-        except struct.error:
-            raise ProtocolError('the server closed the connection during the handshake')
-        except socket.timeout:
-            raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
+            try:
+                self.sock = connect_racing(self.host, self.port, HANDSHAKE_TIMEOUT)
+            except socket.gaierror as e:
+                raise TransferError('cannot resolve %s: %s' % (self.host, e.strerror))
+            except OSError as e:
+                raise TransferError('cannot connect to %s:%d: %s' % (self.host, self.port,
+                                                                    e.strerror or e))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt, mirror=True)
+            except struct.error:
+                raise ProtocolError('the server closed the connection during the handshake')
+            except socket.timeout:
+                raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
+        finally:
+            if stretch is not None:
+                stretch.join()                  # no thread may be running when workers fork
+        if self.salts is not None and keys.salt != remembered:
+            self.salts.remember(self.origin, keys.salt)
         self.session_id = keys.session_id
         self.keys = keys
         ctrl_out, ctrl_in, data_out, data_in = keys.sealers('client')
@@ -14665,7 +14755,8 @@ def command_get(args):
     store = open_get_cache(args, events)
     client = Client(host, port, secret, encrypt=not args.no_encrypt, timeout=args.timeout,
                     events=events, max_rate=max_rate, store=None if args.no_delta else store,
-                    workers=automatic_workers(max_rate) if args.workers is None else args.workers)
+                    workers=automatic_workers(max_rate) if args.workers is None else args.workers,
+                    salts=None if store is None else SaltMemory(store.path + '.salts'))
     run = secrets.token_hex(8)
     started = time.time()
     totals = [0, 0, 0]                          # files, file bytes, bytes sent for them

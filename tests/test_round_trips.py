@@ -1,0 +1,123 @@
+"""What stands between `get`'s start and its first data byte: the round
+trips are the TCP connect, the authentication and the request, and nothing
+else may wait on top of them.  The stretch of the secret (scrypt, about
+50 ms) runs beside the connect when the client remembers the server's salt."""
+
+import json
+import threading
+
+import pytest
+
+from helpers import SECRET, make_file, run_get, wanxfer
+
+
+# --- The salt remembered, the secret stretched ahead -------------------------
+
+def test_a_stretch_for_one_salt_does_not_hold_up_another():
+    # A client stretches ahead with the salt it remembers; if the server
+    # has another now (it was restarted), the handshake's own stretch must
+    # not wait for the one ahead to end.
+    secret = wanxfer.SharedSecret(b'a secret of some length')
+    release, began = threading.Event(), threading.Event()
+    real = wanxfer.stretch_secret
+
+    def stretch(value, salt):
+        if salt == b'A' * 16:
+            began.set()
+            release.wait(30)
+        return real(value, salt)
+    original, wanxfer.stretch_secret = wanxfer.stretch_secret, stretch
+    try:
+        ahead = secret.prepare(b'A' * 16)
+        assert began.wait(10)
+        other = threading.Thread(target=secret.key, args=(b'B' * 16,))
+        other.start()
+        other.join(10)
+        finished = not other.is_alive()
+        release.set()
+        ahead.join(10)
+        other.join(10)
+    finally:
+        release.set()
+        wanxfer.stretch_secret = original
+    assert finished, 'the stretch for salt B waited for the one for salt A'
+    assert secret.key(b'A' * 16) == real(b'a secret of some length', b'A' * 16)
+    assert secret.key(b'B' * 16) == real(b'a secret of some length', b'B' * 16)
+
+
+def test_the_salt_memory_ignores_a_damaged_file_and_keeps_a_bounded_table(tmp_path):
+    memory = wanxfer.SaltMemory(tmp_path / 'cache.db.salts')
+    assert memory.recall('h:1#x') is None                   # no file
+    (tmp_path / 'cache.db.salts').write_text('{not json')
+    assert memory.recall('h:1#x') is None
+    memory.remember('h:1#x', b's' * 16)
+    assert memory.recall('h:1#x') == b's' * 16
+    (tmp_path / 'cache.db.salts').write_text(json.dumps({'h:1#x': 'abcd', 'h:2#x': 7}))
+    assert memory.recall('h:1#x') is None and memory.recall('h:2#x') is None    # not a salt
+    for i in range(wanxfer.SaltMemory.LIMIT + 5):
+        memory.remember('h:%d#x' % i, bytes([i]) * 16)
+    table = json.loads((tmp_path / 'cache.db.salts').read_text())
+    assert len(table) == wanxfer.SaltMemory.LIMIT
+    assert memory.recall('h:%d#x' % (wanxfer.SaltMemory.LIMIT + 4)) == bytes([wanxfer.SaltMemory.LIMIT + 4]) * 16
+
+
+@pytest.mark.e2e
+def test_a_client_stretches_the_remembered_salt_while_it_connects(tmp_path, serve, link, monkeypatch):
+    data = make_file(tmp_path / 'f', 1000)
+    server = serve([data])
+    path = link(server.port, delay_ms=30, loss=0.0)
+    stretches = []                              # (salt, on the main thread)
+    real = wanxfer.stretch_secret
+
+    def stretch(value, salt):
+        stretches.append((salt, threading.current_thread() is threading.main_thread()))
+        return real(value, salt)
+    monkeypatch.setattr(wanxfer, 'stretch_secret', stretch)
+    memory = wanxfer.SaltMemory(tmp_path / 'salts')
+
+    def connect():
+        # A new Client each time, as a new `get` is: nothing kept in memory.
+        client = wanxfer.Client('127.0.0.1', path.port, SECRET.encode(), salts=memory)
+        try:
+            client.connect()
+            # Joined before connect() returns: workers fork only from a
+            # process without other threads.
+            assert 'stretch' not in [thread.name for thread in threading.enumerate()]
+            listing, = client.listings(['f'])
+            assert not isinstance(listing, wanxfer.RemoteError), listing
+            return client.keys.salt
+        finally:
+            client.close()
+
+    salt = connect()
+    assert stretches == [(salt, True)]          # a first meeting: after the server's hello
+    assert memory.recall(client_origin(path.port)) == salt
+    del stretches[:]
+    assert connect() == salt
+    assert stretches == [(salt, False)]         # stretched beside the connect, not after the hello
+
+    # The server restarted since: the salt remembered is stretched for
+    # nothing, the handshake stretches the new one, and it is remembered.
+    memory.remember(client_origin(path.port), b'\x01' * 16)
+    del stretches[:]
+    assert connect() == salt
+    assert sorted(stretches) == [(b'\x01' * 16, False), (salt, True)]
+    assert memory.recall(client_origin(path.port)) == salt
+
+
+def client_origin(port):
+    return wanxfer.server_origin('127.0.0.1', port, SECRET.encode())
+
+
+@pytest.mark.e2e
+def test_get_remembers_the_salt_beside_its_cache(tmp_path, serve, private_cache):
+    data = make_file(tmp_path / 'f', 1000)
+    server = serve([data])
+    (tmp_path / 'dest').mkdir()
+    for _ in range(2):
+        done = run_get(server.port, 'f', '-o', tmp_path / 'dest')
+        assert done.returncode == 0, done.stderr
+        (tmp_path / 'dest' / 'f').unlink()
+    table = json.loads(open(str(private_cache) + '.salts').read())
+    assert list(table) == [wanxfer.server_origin('127.0.0.1', server.port, SECRET.encode())]
+    assert len(bytes.fromhex(table[list(table)[0]])) == wanxfer.SALT_SIZE
