@@ -799,7 +799,7 @@ def reset_socket(sock):
     sock.close()
 
 
-def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE):
+def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE, meanwhile=None):
     """A TCP connection to host:port, as socket.create_connection makes it
     (blocking, `timeout` set), but a lost SYN or SYN-ACK costs a fraction of
     a second instead of the kernel's one-second retry, which at a few
@@ -807,8 +807,9 @@ def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE):
     answered, another starts at each time in `race` (s from the first).
     The first to connect wins and the others are reset, so a server hears
     of them at once.  `prepare(sock)` runs before each connect (buffer
-    sizes must be set before it).  Raises socket.gaierror, OSError or
-    socket.timeout."""
+    sizes must be set before it); `meanwhile()` once the first SYN is on
+    its way (work the connect's round trip can hide).  Raises
+    socket.gaierror, OSError or socket.timeout."""
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     started = time.monotonic()
     deadline = started + timeout
@@ -837,6 +838,9 @@ def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE):
                     if code in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
                         attempts.append(sock)
                         selector.register(sock, selectors.EVENT_WRITE)
+                        if meanwhile is not None:
+                            meanwhile()
+                            meanwhile = None
                     else:
                         sock.close()
                         error = OSError(code, os.strerror(code))
@@ -7979,6 +7983,11 @@ class Server:
         self.secret = SharedSecret.of(secret)
         self.secret.server_salt()               # stretched now, not at the first client
         self.encrypt = encrypt
+        if encrypt:
+            # ctypes imported and libcrypto's AES tried once, here, and not
+            # in each session (its process forked from this one) between a
+            # client's HELLO and the hello that answers it: 3-7 ms a time.
+            CounterMode.load()
         self.max_rate = max_rate
         self.log = log or (lambda line: None)
         self.processes = processes
@@ -9516,15 +9525,21 @@ class Client:
         # with last time while the connect and the HELLO cross the path: not
         # after its hello, where the stretch would delay the first request.
         remembered = self.salts.recall(self.origin) if self.salts is not None else None
-        stretch = None
-        if remembered is not None:
+        ahead = []
+
+        def meanwhile():
             try:
-                stretch = self.secret.prepare(remembered)
+                if remembered is not None:
+                    ahead.append(self.secret.prepare(remembered))
+                if self.encrypt:
+                    # Likewise the cipher's first load (ctypes imported, AES
+                    # tried), which the HELLO waits for: 3-7 ms.
+                    ahead.append(start_thread(CounterMode.load, 'cipher'))
             except NoThread:
-                pass                            # then it is stretched after the hello, as ever
+                pass                            # then it is done in the handshake, as ever
         try:
             try:
-                self.sock = connect_racing(self.host, self.port, HANDSHAKE_TIMEOUT)
+                self.sock = connect_racing(self.host, self.port, HANDSHAKE_TIMEOUT, meanwhile=meanwhile)
             except socket.gaierror as e:
                 raise TransferError('cannot resolve %s: %s' % (self.host, e.strerror))
             except OSError as e:
@@ -9538,8 +9553,8 @@ class Client:
             except socket.timeout:
                 raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
         finally:
-            if stretch is not None:
-                stretch.join()                  # no thread may be running when workers fork
+            for thread in ahead:                # no thread may be running when workers fork
+                thread.join()
         if self.salts is not None and keys.salt != remembered:
             self.salts.remember(self.origin, keys.salt)
         self.session_id = keys.session_id

@@ -4,11 +4,12 @@ else may wait on top of them.  The stretch of the secret (scrypt, about
 50 ms) runs beside the connect when the client remembers the server's salt."""
 
 import json
+import socket
 import threading
 
 import pytest
 
-from helpers import SECRET, make_file, run_get, wanxfer
+from helpers import SECRET, InProcessServer, make_file, run_get, wanxfer
 
 
 # --- The salt remembered, the secret stretched ahead -------------------------
@@ -121,3 +122,50 @@ def test_get_remembers_the_salt_beside_its_cache(tmp_path, serve, private_cache)
     table = json.loads(open(str(private_cache) + '.salts').read())
     assert list(table) == [wanxfer.server_origin('127.0.0.1', server.port, SECRET.encode())]
     assert len(bytes.fromhex(table[list(table)[0]])) == wanxfer.SALT_SIZE
+
+
+# --- The cipher loaded before the HELLO, not between it and its answer ---------
+
+@pytest.mark.e2e
+def test_the_cipher_is_loaded_while_the_connect_travels_and_before_any_client(tmp_path, link,
+                                                                             monkeypatch):
+    # The first load of the AES keystream imports ctypes and tries
+    # libcrypto (3-7 ms); the HELLO waits for it at the client, the
+    # server's hello at the server.  The client loads it beside the connect
+    # (whose round trip hides it), a server once when it starts.
+    loads = []
+    real = wanxfer.CounterMode.load
+    monkeypatch.setattr(wanxfer.CounterMode, 'load',
+                        staticmethod(lambda: loads.append(threading.current_thread().name) or real()))
+    data = make_file(tmp_path / 'f', 1000)
+    server = InProcessServer([data])
+    try:
+        assert loads == ['MainThread']          # while it starts, before any client came
+        path = link(server.port, delay_ms=30, loss=0.0)
+        client = wanxfer.Client('127.0.0.1', path.port, SECRET.encode())
+        try:
+            client.connect()
+            assert 'cipher' not in [thread.name for thread in threading.enumerate()]
+            listing, = client.listings(['f'])
+            assert not isinstance(listing, wanxfer.RemoteError), listing
+        finally:
+            client.close()
+    finally:
+        server.stop()
+    # Then the client's own: first beside the connect, then the handshake's
+    # (imports done: no time), then the session's at the server, done too.
+    assert loads[1] == 'cipher', loads
+
+
+def test_connect_racing_has_work_done_once_the_first_syn_is_out():
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(4)
+    calls = []
+    try:
+        sock = wanxfer.connect_racing('127.0.0.1', listener.getsockname()[1], 5.0,
+                                      meanwhile=lambda: calls.append(1))
+        sock.close()
+    finally:
+        listener.close()
+    assert calls == [1]
