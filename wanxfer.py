@@ -567,7 +567,8 @@ CONTROL_MESSAGES = frozen_mapping({
                   'block_size': _expect_int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE),
                   'need?': _expect_ranges, 'max_rate?': _nullable(_expect_number(0, MAX_RATE_BYTES)),
                   'delta?': _expect_bool, 'delta_min?': _SIZE, 'lead?': _expect_bool,
-                  'compress?': _expect_bool, 'early_digest?': _expect_bool},
+                  'whole_lead?': _expect_bool, 'compress?': _expect_bool,
+                  'early_digest?': _expect_bool},
         'read': {'files': _expect_list(_expect_object({'path': _NAME, 'size': _SIZE,
                                                         'mtime_ns': _MTIME})),
                  'compress?': _expect_bool},
@@ -2363,6 +2364,12 @@ class ChunkStore:
         return self._safely([], lambda: self._db.execute(
             'SELECT id, path, size, mtime_ns, modes FROM kept_files WHERE origin = ? AND remote = ? '
             'ORDER BY kept DESC', (origin, remote)).fetchall())
+
+    def keeps_from(self, origin):
+        """Whether any file of `origin` is kept: if none is, a delta from
+        it can find nothing here but zeros."""
+        return self._safely(True, lambda: self._db.execute(
+            'SELECT 1 FROM kept_files WHERE origin = ? LIMIT 1', (origin,)).fetchone() is not None)
 
     def keep_file(self, path, remote, mode, spans, link=True, *, origin):
         """Remember the file at `path` (received for `remote` from
@@ -6643,14 +6650,15 @@ def lead_bytes(rate, rtt):
     return max(LEAD_BYTES, int(LEAD_GAIN * rate * (LEAD_ROUNDS * rtt + LEAD_WAIT)))
 
 
-def lead_ranges(fd, size, block_size, lead_size=LEAD_BYTES):
+def lead_ranges(fd, size, block_size, lead_size=LEAD_BYTES, whole=False):
     """(lead, block ranges to send): how many of a new file's first blocks
     go before the client has looked for them locally (`lead_size` bytes,
     from lead_bytes(), and at most a LEAD_FRACTION of the file, so data
-    found locally after all costs little), less the blocks inside spans of
-    zeros, which the signature will give away for free."""
+    found locally after all costs little; with `whole`, the client can find
+    nothing but zeros, and only `lead_size` bounds it), less the blocks
+    inside spans of zeros, which the signature will give away for free."""
     nblocks = (size + block_size - 1) // block_size
-    lead = min(nblocks, max(1, min(lead_size, size // LEAD_FRACTION) // block_size))
+    lead = min(nblocks, max(1, min(lead_size, size if whole else size // LEAD_FRACTION) // block_size))
     head = os.pread(fd, min(size, -(-lead * block_size // DELTA_UNIT) * DELTA_UNIT), 0)
     zero_units = [is_zero(head[i:i + DELTA_UNIT]) for i in range(0, len(head), DELTA_UNIT)]
     ranges = []
@@ -6817,7 +6825,8 @@ class OutgoingFile:
         # once, while the receiver looks for the rest among its own data.
         if self.delta and request.get('lead'):
             self.lead, self._need = lead_ranges(self._fd, self.size, block_size,
-                                                lead_bytes(self._rate.rate, self.rtt))
+                                                lead_bytes(self._rate.rate, self.rtt),
+                                                whole=bool(request.get('whole_lead')))
         self.compression = CompressionPolicy(bool(request.get('compress')), self._rate)
         self.early_digest = bool(request.get('early_digest'))
 
@@ -8577,12 +8586,14 @@ class IncomingFile:
         self.bitmap = bitmap = partial.open()
         try:
             need = [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)
-            self.conversation.send({'op': 'fetch', 'path': remote, 'size': size,
-                                    'mtime_ns': mtime_ns, 'max_rate': max_rate,
-                                    'block_size': self.block_size, 'delta': delta,
-                                    'compress': store is not None,
-                                    'lead': delta and not kept and partial.resumed_blocks == 0,
-                                    'need': need, 'early_digest': True})
+            lead = delta and not kept and partial.resumed_blocks == 0
+            fetch = {'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
+                     'max_rate': max_rate, 'block_size': self.block_size, 'delta': delta,
+                     'compress': store is not None, 'lead': lead, 'need': need,
+                     'early_digest': True}
+            if lead and not store.keeps_from(self.origin):
+                fetch['whole_lead'] = True      # see Client._fetch_new
+            self.conversation.send(fetch)
         except BaseException:
             partial.close()
             raise
@@ -9862,6 +9873,11 @@ class Client:
                                 'block_size': offered,
                                 'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE,
                                 'lead': True, 'compress': self.store is not None,
+                                # Nothing kept from this server: a delta can find only
+                                # zeros here, and a lead of the whole file saves the
+                                # round trip to the first `need` (a file up to 32 leads).
+                                'whole_lead': self.store is not None and
+                                not self.store.keeps_from(self.origin),
                                 'early_digest': True})
         self._ensure_ready()
         try:

@@ -169,3 +169,50 @@ def test_connect_racing_has_work_done_once_the_first_syn_is_out():
     finally:
         listener.close()
     assert calls == [1]
+
+
+# --- A delta from a server nothing is kept of: no round trip to the first need ---
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('first', ['open fetch', 'listed'])
+def test_a_file_from_a_server_nothing_is_kept_of_comes_whole_as_the_lead(tmp_path, monkeypatch, first):
+    # A delta from a server none of whose files this cache keeps can find
+    # nothing here but zeros: the lead, the blocks the server sends before
+    # the first `need` can come, is then not cut to a 32nd of the file, and
+    # a file of up to 32 leads does not wait a round trip for that need.
+    # Once a file of the server is kept, the lead is a 32nd again.
+    size = 4 << 20
+    src = tmp_path / 'src'
+    src.mkdir()
+    make_file(src / 'a.bin', size, seed=1)
+    make_file(src / 'b.bin', size, seed=2)
+    make_file(src / 'other.bin', 1000, seed=3)
+    starts = {}                                 # remote: (its `start`, block size)
+    transfer = wanxfer.IncomingFile.transfer
+
+    def spy(self, *args, **kwargs):
+        starts[self.remote] = self.start, self.block_size
+        return transfer(self, *args, **kwargs)
+    monkeypatch.setattr(wanxfer.IncomingFile, 'transfer', spy)
+    store = wanxfer.ChunkStore(str(tmp_path / 'c.db'))
+    server = InProcessServer([src])
+    (tmp_path / 'dest').mkdir()
+    try:
+        for remotes in ((['a.bin'] if first == 'open fetch' else ['a.bin', 'other.bin']), ['b.bin']):
+            client = wanxfer.Client('127.0.0.1', server.port, SECRET.encode(), store=store)
+            try:
+                summaries = list(client.get(remotes, str(tmp_path / 'dest')))
+            finally:
+                client.close()
+            assert all(isinstance(summary, dict) for summary in summaries), summaries
+            assert [summary['delta'] for summary in summaries if summary['remote'] == remotes[0]] == ['fixed']
+    finally:
+        server.stop()
+        store.close()
+    # All of it, or what goes before the need can come (here, where the
+    # round trip is nothing, a megabyte and a half) ...
+    start, block_size = starts['a.bin']
+    assert start['lead'] > size // wanxfer.LEAD_FRACTION // block_size
+    # ... and then a 32nd.
+    start, block_size = starts['b.bin']
+    assert start['lead'] == max(1, size // wanxfer.LEAD_FRACTION // block_size)
