@@ -59,7 +59,8 @@ def test_the_salt_memory_ignores_a_damaged_file_and_keeps_a_bounded_table(tmp_pa
         memory.remember('h:%d#x' % i, bytes([i]) * 16)
     table = json.loads((tmp_path / 'cache.db.salts').read_text())
     assert len(table) == wanxfer.SaltMemory.LIMIT
-    assert memory.recall('h:%d#x' % (wanxfer.SaltMemory.LIMIT + 4)) == bytes([wanxfer.SaltMemory.LIMIT + 4]) * 16
+    newest = wanxfer.SaltMemory.LIMIT + 4
+    assert memory.recall('h:%d#x' % newest) == bytes([newest]) * 16
 
 
 @pytest.mark.e2e
