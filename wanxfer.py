@@ -568,7 +568,8 @@ CONTROL_MESSAGES = frozen_mapping({
                   'block_size': _expect_int(MIN_BLOCK_SIZE, MAX_BLOCK_SIZE),
                   'need?': _expect_ranges, 'max_rate?': _nullable(_expect_number(0, MAX_RATE_BYTES)),
                   'delta?': _expect_bool, 'delta_min?': _SIZE, 'lead?': _expect_bool,
-                  'compress?': _expect_bool, 'early_digest?': _expect_bool},
+                  'whole_lead?': _expect_bool, 'compress?': _expect_bool,
+                  'early_digest?': _expect_bool},
         'read': {'files': _expect_list(_expect_object({'path': _NAME, 'size': _SIZE,
                                                         'mtime_ns': _MTIME})),
                  'compress?': _expect_bool},
@@ -816,7 +817,7 @@ def reset_socket(sock):
     sock.close()
 
 
-def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE):
+def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE, meanwhile=None):
     """A TCP connection to host:port, as socket.create_connection makes it
     (blocking, `timeout` set), but a lost SYN or SYN-ACK costs a fraction of
     a second instead of the kernel's one-second retry, which at a few
@@ -824,8 +825,9 @@ def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE):
     answered, another starts at each time in `race` (s from the first).
     The first to connect wins and the others are reset, so a server hears
     of them at once.  `prepare(sock)` runs before each connect (buffer
-    sizes must be set before it).  Raises socket.gaierror, OSError or
-    socket.timeout."""
+    sizes must be set before it); `meanwhile()` once the first SYN is on
+    its way (work the connect's round trip can hide).  Raises
+    socket.gaierror, OSError or socket.timeout."""
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     started = time.monotonic()
     deadline = started + timeout
@@ -854,6 +856,9 @@ def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE):
                     if code in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
                         attempts.append(sock)
                         selector.register(sock, selectors.EVENT_WRITE)
+                        if meanwhile is not None:
+                            meanwhile()
+                            meanwhile = None
                     else:
                         sock.close()
                         error = OSError(code, os.strerror(code))
@@ -1298,6 +1303,7 @@ class SharedSecret:
         self._secret = bytes(secret)
         self._keys = {}
         self._lock = threading.Lock()
+        self._stretching = {}                   # salt: the lock its one stretch holds
         self._server_salt = None
 
     @classmethod
@@ -1305,13 +1311,34 @@ class SharedSecret:
         return secret if isinstance(secret, cls) else cls(secret)
 
     def key(self, salt):
+        # One lock per salt: a handshake that meets a salt other than the
+        # one stretched ahead (see prepare) does not wait for that stretch.
         with self._lock:
             key = self._keys.get(salt)
+            if key is not None:
+                return key
+            stretching = self._stretching.setdefault(salt, threading.Lock())
+        with stretching:
+            with self._lock:
+                key = self._keys.get(salt)
             if key is None:
-                if len(self._keys) >= 16:   # a client meets one or two salts; bound it anyway
-                    self._keys.clear()
-                key = self._keys[salt] = stretch_secret(self._secret, salt)
-            return key
+                key = stretch_secret(self._secret, salt)
+                with self._lock:
+                    if len(self._keys) >= 16:   # a client meets one or two salts; bound it anyway
+                        self._keys.clear()
+                    self._keys[salt] = key
+        with self._lock:
+            self._stretching.pop(salt, None)
+        return key
+
+    def prepare(self, salt):
+        """Stretch with `salt` on a thread of its own, so that a handshake
+        that meets it finds K ready; the thread, to be joined before any
+        fork.  A client calls it with the salt the server proved itself
+        with last time, before it connects: the stretch (about 50 ms) then
+        runs while the connect and the HELLO cross the path, instead of
+        after the server's hello came."""
+        return start_thread(self.key, 'stretch', (salt,))
 
     def server_salt(self):
         """This process's salt as a server (drawn once) and its key."""
@@ -1320,6 +1347,54 @@ class SharedSecret:
                 self._server_salt = secrets.token_bytes(SALT_SIZE)
             salt = self._server_salt
         return salt, self.key(salt)
+
+
+class SaltMemory:
+    """The salt each server last proved itself with, as a client saw it,
+    in a small file beside the cache (`<cache>.salts`, JSON: origin -> salt
+    in hex).  A salt is public (every SERVER_HELLO carries it) and only one
+    that came with a valid server proof is kept; one that no longer holds
+    (the server was restarted) costs a stretch that is not used, and is
+    replaced.  Any trouble with the file is ignored: it only saves time."""
+
+    LIMIT = 64                  # servers remembered; the oldest goes first
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def _load(self):
+        try:
+            with open(self.path, encoding='utf-8') as f:
+                table = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return table if isinstance(table, dict) else {}
+
+    def recall(self, origin):
+        try:
+            salt = bytes.fromhex(self._load().get(origin, ''))
+        except (TypeError, ValueError):
+            return None
+        return salt if len(salt) == SALT_SIZE else None
+
+    def remember(self, origin, salt):
+        table = self._load()
+        if table.get(origin) == salt.hex():
+            return
+        table.pop(origin, None)
+        table[origin] = salt.hex()
+        while len(table) > self.LIMIT:
+            table.pop(next(iter(table)))
+        temporary = '%s.%d.tmp' % (self.path, os.getpid())
+        try:
+            with open(temporary, 'w', encoding='utf-8') as f:
+                json.dump(table, f)
+            os.replace(temporary, self.path)
+        except OSError:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
 
 
 def xor_bytes(data, keystream):
@@ -1605,10 +1680,13 @@ class SessionKeys:
     """The keys and id of one authenticated session, derived from the
     stretched secret K and both sides' nonces.  `sealers(role)` gives the
     four Sealers as seen from 'client' or 'server': (control out, control
-    in, data out, data in).  `mirror`: the client offered FLAG_MIRROR."""
+    in, data out, data in).  `mirror`: the client offered FLAG_MIRROR.
+    `salt`: the one the server proved itself with (a client remembers it)."""
 
-    def __init__(self, key, client_nonce, server_nonce, encrypt, counter_mode=None, mirror=False):
+    def __init__(self, key, client_nonce, server_nonce, encrypt, counter_mode=None, mirror=False,
+                 salt=None):
         self.encrypt = encrypt
+        self.salt = salt
         self.counter_mode = counter_mode
         self.mirror = mirror
         material = hkdf_sha256(key, client_nonce + server_nonce,
@@ -1898,7 +1976,7 @@ def client_handshake(sock, secret, encrypt, mirror=False):
     sock.sendall(CLIENT_PROOF.pack(
         handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, flags, server_flags)))
     return SessionKeys(key, client_nonce, server_nonce, encrypt,
-                       counter_mode if server_flags & FLAG_AES_CTR else None), rtt
+                       counter_mode if server_flags & FLAG_AES_CTR else None, salt=salt), rtt
 
 
 def server_handshake(sock, secret, encrypt):
@@ -2303,6 +2381,12 @@ class ChunkStore:
         return self._safely([], lambda: self._db.execute(
             'SELECT id, path, size, mtime_ns, modes FROM kept_files WHERE origin = ? AND remote = ? '
             'ORDER BY kept DESC', (origin, remote)).fetchall())
+
+    def keeps_from(self, origin):
+        """Whether any file of `origin` is kept: if none is, a delta from
+        it can find nothing here but zeros."""
+        return self._safely(True, lambda: self._db.execute(
+            'SELECT 1 FROM kept_files WHERE origin = ? LIMIT 1', (origin,)).fetchone() is not None)
 
     def keep_file(self, path, remote, mode, spans, link=True, *, origin):
         """Remember the file at `path` (received for `remote` from
@@ -6610,14 +6694,15 @@ def lead_bytes(rate, rtt):
     return max(LEAD_BYTES, int(LEAD_GAIN * rate * (LEAD_ROUNDS * rtt + LEAD_WAIT)))
 
 
-def lead_ranges(fd, size, block_size, lead_size=LEAD_BYTES):
+def lead_ranges(fd, size, block_size, lead_size=LEAD_BYTES, whole=False):
     """(lead, block ranges to send): how many of a new file's first blocks
     go before the client has looked for them locally (`lead_size` bytes,
     from lead_bytes(), and at most a LEAD_FRACTION of the file, so data
-    found locally after all costs little), less the blocks inside spans of
-    zeros, which the signature will give away for free."""
+    found locally after all costs little; with `whole`, the client can find
+    nothing but zeros, and only `lead_size` bounds it), less the blocks
+    inside spans of zeros, which the signature will give away for free."""
     nblocks = (size + block_size - 1) // block_size
-    lead = min(nblocks, max(1, min(lead_size, size // LEAD_FRACTION) // block_size))
+    lead = min(nblocks, max(1, min(lead_size, size if whole else size // LEAD_FRACTION) // block_size))
     head = os.pread(fd, min(size, -(-lead * block_size // DELTA_UNIT) * DELTA_UNIT), 0)
     zero_units = [is_zero(head[i:i + DELTA_UNIT]) for i in range(0, len(head), DELTA_UNIT)]
     ranges = []
@@ -6794,7 +6879,8 @@ class OutgoingFile:
         # once, while the receiver looks for the rest among its own data.
         if self.delta and request.get('lead'):
             self.lead, self._need = lead_ranges(self._fd, self.size, block_size,
-                                                lead_bytes(self._rate.rate, self.rtt))
+                                                lead_bytes(self._rate.rate, self.rtt),
+                                                whole=bool(request.get('whole_lead')))
         self.compression = CompressionPolicy(bool(request.get('compress')), self._rate)
         self.early_digest = bool(request.get('early_digest'))
 
@@ -7961,6 +8047,11 @@ class Server:
         self.secret = SharedSecret.of(secret)
         self.secret.server_salt()               # stretched now, not at the first client
         self.encrypt = encrypt
+        if encrypt:
+            # ctypes imported and libcrypto's AES tried once, here, and not
+            # in each session (its process forked from this one) between a
+            # client's HELLO and the hello that answers it: 3-7 ms a time.
+            CounterMode.load()
         self.max_rate = max_rate
         self.log = log or (lambda line: None)
         self.processes = processes
@@ -8571,12 +8662,14 @@ class IncomingFile:
         self.bitmap = bitmap = partial.open()
         try:
             need = [] if delta else bitmap_missing_ranges(bitmap, partial.nblocks)
-            self.conversation.send({'op': 'fetch', 'path': remote, 'size': size,
-                                    'mtime_ns': mtime_ns, 'max_rate': max_rate,
-                                    'block_size': self.block_size, 'delta': delta,
-                                    'compress': store is not None,
-                                    'lead': delta and not kept and partial.resumed_blocks == 0,
-                                    'need': need, 'early_digest': True})
+            lead = delta and not kept and partial.resumed_blocks == 0
+            fetch = {'op': 'fetch', 'path': remote, 'size': size, 'mtime_ns': mtime_ns,
+                     'max_rate': max_rate, 'block_size': self.block_size, 'delta': delta,
+                     'compress': store is not None, 'lead': lead, 'need': need,
+                     'early_digest': True}
+            if lead and not store.keeps_from(self.origin):
+                fetch['whole_lead'] = True      # see Client._fetch_new
+            self.conversation.send(fetch)
         except BaseException:
             partial.close()
             raise
@@ -9492,8 +9585,9 @@ class Client:
     whose listing is known serve `demo` and tests.  `close()` at the end."""
 
     def __init__(self, host, port, secret, encrypt=True, timeout=DATA_TIMEOUT, events=None,
-                 max_rate=None, store=None, workers=1, auto_workers=False):
+                 max_rate=None, store=None, workers=1, auto_workers=False, salts=None):
         self.host, self.port = host, port
+        self.salts = salts                      # a SaltMemory: the stretch runs beside the connect
         self.workers = workers                  # processes to stripe large files over, at most
         self.auto_workers = auto_workers        # ... chosen for the user: the server may use fewer
         self.team = None                        # the ReceivingTeam, once forked
@@ -9518,20 +9612,42 @@ class Client:
 
     def connect(self):
         self._connect_started = time.monotonic()
+        # The secret is stretched with the salt this server proved itself
+        # with last time while the connect and the HELLO cross the path: not
+        # after its hello, where the stretch would delay the first request.
+        remembered = self.salts.recall(self.origin) if self.salts is not None else None
+        ahead = []
+
+        def meanwhile():
+            try:
+                if remembered is not None:
+                    ahead.append(self.secret.prepare(remembered))
+                if self.encrypt:
+                    # Likewise the cipher's first load (ctypes imported, AES
+                    # tried), which the HELLO waits for: 3-7 ms.
+                    ahead.append(start_thread(CounterMode.load, 'cipher'))
+            except NoThread:
+                pass                            # then it is done in the handshake, as ever
         try:
-            self.sock = connect_racing(self.host, self.port, HANDSHAKE_TIMEOUT)
-        except socket.gaierror as e:
-            raise TransferError('cannot resolve %s: %s' % (self.host, e.strerror))
-        except OSError as e:
-            raise TransferError('cannot connect to %s:%d: %s' % (self.host, self.port,
-                                                                e.strerror or e))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt, mirror=True)
-        except struct.error:
-            raise ProtocolError('the server closed the connection during the handshake')
-        except socket.timeout:
-            raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
+            try:
+                self.sock = connect_racing(self.host, self.port, HANDSHAKE_TIMEOUT, meanwhile=meanwhile)
+            except socket.gaierror as e:
+                raise TransferError('cannot resolve %s: %s' % (self.host, e.strerror))
+            except OSError as e:
+                raise TransferError('cannot connect to %s:%d: %s' % (self.host, self.port,
+                                                                    e.strerror or e))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt, mirror=True)
+            except struct.error:
+                raise ProtocolError('the server closed the connection during the handshake')
+            except socket.timeout:
+                raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
+        finally:
+            for thread in ahead:                # no thread may be running when workers fork
+                thread.join()
+        if self.salts is not None and keys.salt != remembered:
+            self.salts.remember(self.origin, keys.salt)
         self.session_id = keys.session_id
         self.keys = keys
         ctrl_out, ctrl_in, data_out, data_in = keys.sealers('client')
@@ -9839,6 +9955,11 @@ class Client:
                                 'block_size': offered,
                                 'delta': self.store is not None, 'delta_min': DELTA_MIN_SIZE,
                                 'lead': True, 'compress': self.store is not None,
+                                # Nothing kept from this server: a delta can find only
+                                # zeros here, and a lead of the whole file saves the
+                                # round trip to the first `need` (a file up to 32 leads).
+                                'whole_lead': self.store is not None and
+                                not self.store.keeps_from(self.origin),
                                 'early_digest': True})
         self._ensure_ready()
         try:
@@ -14794,7 +14915,8 @@ def command_get(args):
     client = Client(host, port, secret, encrypt=not args.no_encrypt, timeout=args.timeout,
                     events=events, max_rate=max_rate, store=None if args.no_delta else store,
                     workers=automatic_workers(max_rate) if args.workers is None else args.workers,
-                    auto_workers=args.workers is None)
+                    auto_workers=args.workers is None,
+                    salts=None if store is None else SaltMemory(store.path + '.salts'))
     run = secrets.token_hex(8)
     started = time.time()
     totals = [0, 0, 0]                          # files, file bytes, bytes sent for them

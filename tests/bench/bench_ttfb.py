@@ -39,7 +39,12 @@ FILES = [
     ("4 MiB --no-delta", 4 << 20, ["--no-delta"]),
     ("64 MiB", 64 << 20, []),                   # striped over --workers auto
     ("64 MiB --workers 1", 64 << 20, ["--workers", "1"]),
+    # Its cache used once before against the same server (a 1 KB file,
+    # untimed): the client remembers the server's salt and stretches the
+    # secret while it connects.
+    ("10 KB, salt known", 10 * 1000, []),
 ]
+WARM = {"10 KB, salt known"}
 
 
 def main():
@@ -60,17 +65,25 @@ def main():
         os.mkdir(served)
         for index, (name, size, _options) in enumerate(FILES):
             harness.random_file(os.path.join(served, "f%d.bin" % index), size)
+        harness.random_file(os.path.join(served, "warm.bin"), 1000)
         with harness.link_with_serve(link, args.link, work, served, env, PORT, args.wanxfer):
             for run in range(args.runs):
                 for index, (name, size, options) in enumerate(FILES):
                     dest = os.path.join(work, "got-%d-%d.bin" % (run, index))
+                    cache = os.path.join(work, "get-%d-%d.db" % (run, index))
+
+                    def get(remote, dest):
+                        return subprocess.run(
+                            link.command("b", [sys.executable, args.wanxfer, "get", "%s:%d" % (HOST_A, PORT),
+                                               remote, "-o", dest, "--json", "--cache", cache] + options),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+                    if name in WARM:
+                        warm = get("warm.bin", dest + ".warm")
+                        if warm.returncode:
+                            raise SystemExit("get failed: %s" % warm.stderr[-2000:])
+                        os.unlink(dest + ".warm")
                     started = time.monotonic()
-                    got = subprocess.run(
-                        link.command("b", [sys.executable, args.wanxfer, "get", "%s:%d" % (HOST_A, PORT),
-                                           "f%d.bin" % index, "-o", dest, "--json",
-                                           "--cache", os.path.join(work, "get-%d-%d.db" % (run, index))]
-                                     + options),
-                        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+                    got = get("f%d.bin" % index, dest)
                     wall = time.monotonic() - started
                     if got.returncode:
                         raise SystemExit("get failed: %s" % got.stderr[-2000:])
