@@ -347,6 +347,7 @@ def test_near_tunnel_out_of_descriptors_neither_spins_nor_locks_out(tmp_path, tu
         far.stop()
         echo.close()
 
+
 def test_a_thread_ending_out_of_descriptors_does_not_abort_wanxfer(tmp_path):
     # Python 3.8 ends a thread with pthread_exit(), and glibc loads
     # libgcc_s.so.1 for it the first time: out of descriptors, the load
