@@ -211,6 +211,7 @@ PACKET_OVERHEAD = DATA_HEADER.size + TAG_SIZE
 # a round trip or two, and holds back those after it; its copy does not.
 MIRRORED_FRAME = 1200           # bytes of a frame copied, at most: fits a 1280-byte path
 MIRRORED_AHEAD = 64             # frames a receiver holds beyond the next one it reads, at most
+OFFER_POLL = 0.05               # s a wait for a control frame goes before it looks for copies offered
 
 # Feedback body: file id, window start, largest packet number received,
 # microseconds since that packet arrived, queueing delay (us), gap count;
@@ -1919,27 +1920,43 @@ class ControlChannel:
             frames.close()          # consumed frames leave the buffer even if we stop early
 
     def recv(self):
-        """Block until one message arrives (or the socket's timeout)."""
+        """Block until one message arrives (or nothing came from the peer
+        for the socket's timeout)."""
         datagrams = self.datagrams
-        while True:
-            for message in self.messages():
-                return message
-            if datagrams is not None:
-                udp, take = datagrams
-                with selectors.DefaultSelector() as selector:
-                    selector.register(self.sock, selectors.EVENT_READ)
-                    selector.register(udp, selectors.EVENT_READ)
-                    readable = [key.fileobj for key, _ in selector.select(self.sock.gettimeout())]
-                if not readable:
-                    raise socket.timeout('timed out')
-                if udp in readable and not take():
-                    datagrams = None            # data waits there: the data phase reads it
-                if self.sock not in readable:
-                    continue
-            data = self.sock.recv(65536)
-            if not data:
-                raise PeerClosed('connection closed by peer')
-            self.feed(data)
+        timeout = self.sock.gettimeout()
+        quiet_since = time.monotonic()
+        selector = None
+        try:
+            while True:
+                for message in self.messages():
+                    return message
+                if datagrams is not None:
+                    udp, take = datagrams
+                    if selector is None:
+                        selector = selectors.DefaultSelector()
+                        selector.register(self.sock, selectors.EVENT_READ)
+                        selector.register(udp, selectors.EVENT_READ)
+                    # In slices: a copy may also be offered by another thread (a
+                    # server's listener passes on those that came before the
+                    # session's own socket was open), and no socket wakes us for it.
+                    wait = OFFER_POLL
+                    if timeout is not None:
+                        wait = min(wait, quiet_since + timeout - time.monotonic())
+                        if wait <= 0:
+                            raise socket.timeout('timed out')
+                    readable = [key.fileobj for key, _ in selector.select(wait)]
+                    if udp in readable and not take():
+                        datagrams = None        # data waits there: the data phase reads it
+                    if self.sock not in readable:
+                        continue
+                data = self.sock.recv(65536)
+                if not data:
+                    raise PeerClosed('connection closed by peer')
+                self.feed(data)
+                quiet_since = time.monotonic()
+        finally:
+            if selector is not None:
+                selector.close()
 
 
 def client_handshake(sock, secret, encrypt, mirror=False):

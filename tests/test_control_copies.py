@@ -3,9 +3,12 @@ a `start` whose TCP segment was lost must not hold the file up for TCP's
 retransmission, and each message is still read once, in order."""
 
 import os
+import selectors
 import socket
 import subprocess
 import sys
+import threading
+import types
 
 import pytest
 
@@ -60,6 +63,36 @@ def test_a_forged_or_far_ahead_copy_is_dropped():
     client.offer(far_index, far_frame)
     client.offer(*copies[0])
     assert len(list(client.messages())) == 1            # the far one was not kept
+
+
+def test_a_copy_offered_by_another_thread_wakes_a_waiting_recv(monkeypatch):
+    """A server's listener thread passes on the copies that came before the
+    session's own UDP socket was open: one offered while the session waits
+    in recv() is read there, not after the socket's timeout."""
+    server, client, copies = channel_pair()
+    tcp, server.sock = server.sock, types.SimpleNamespace(sendall=lambda data: None)  # TCP loses it
+    server.send({'op': 'fork'})
+    waiting = threading.Event()
+
+    class Announcing(selectors.DefaultSelector):
+        def select(self, timeout=None):
+            waiting.set()
+            return super().select(timeout)
+
+    monkeypatch.setattr(selectors, 'DefaultSelector', Announcing)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(('127.0.0.1', 0))
+    client.datagrams = (udp, lambda: True)
+    client.sock.settimeout(30)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(client.recv()), daemon=True)
+    reader.start()
+    assert waiting.wait(10)
+    assert client.offer(*copies[0])
+    reader.join(10)
+    for sock in (udp, tcp, client.sock):
+        sock.close()
+    assert received == [{'op': 'fork'}]
 
 
 def test_a_large_frame_is_not_copied():
