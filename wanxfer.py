@@ -2138,7 +2138,7 @@ class EarlyHandshakes:
         salt, key = self._secret.server_salt()
         expected = handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, client_flags, flags)
         if not hmac.compare_digest(proof, expected):
-            raise AuthError('client failed authentication (wrong secret)')
+            raise AuthError('client failed authentication in an early handshake (wrong secret)')
         with self._lock:
             while self._taken and next(iter(self._taken.values())) <= now:
                 self._taken.popitem(last=False)
