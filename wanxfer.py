@@ -1978,7 +1978,7 @@ class ControlChannel:
                 selector.close()
 
 
-def client_flags(encrypt, mirror=False):
+def offered_flags(encrypt, mirror=False):
     """(the flags a client offers, its CounterMode or None)."""
     counter_mode = CounterMode.load() if encrypt else None
     flags = (FLAG_ENCRYPT | (FLAG_AES_CTR if counter_mode else 0)) if encrypt else 0
@@ -1994,7 +1994,7 @@ def client_handshake(sock, secret, encrypt, mirror=False, early=None):
     `early`: the EarlyHello sent beside the connect; its answer, if it came
     and checks out, saves the HELLO's round trip."""
     secret = SharedSecret.of(secret)
-    flags, counter_mode = client_flags(encrypt, mirror)
+    flags, counter_mode = offered_flags(encrypt, mirror)
     if early is not None:
         finished = early.finish(sock, secret, flags, counter_mode)
         if finished is not None:
@@ -2027,7 +2027,7 @@ def client_handshake(sock, secret, encrypt, mirror=False, early=None):
                        counter_mode if server_flags & FLAG_AES_CTR else None, salt=salt), rtt
 
 
-def server_flags(client_flags, encrypt):
+def answered_flags(client_flags, encrypt):
     """(the flags a server answers `client_flags` with, its CounterMode or None)."""
     counter_mode = CounterMode.load() if encrypt and client_flags & FLAG_AES_CTR else None
     return (FLAG_ENCRYPT | (FLAG_AES_CTR if counter_mode else 0)) if encrypt else 0, counter_mode
@@ -2049,7 +2049,7 @@ def server_handshake(sock, secret, encrypt, early=None):
         if early is None:
             raise AuthError('an early handshake, which this listener does not take')
         return early
-    flags, counter_mode = server_flags(client_flags, encrypt)
+    flags, counter_mode = answered_flags(client_flags, encrypt)
     server_nonce = secrets.token_bytes(NONCE_SIZE)
     salt, key = secret.server_salt()
     if version != PROTOCOL_VERSION or (client_flags ^ flags) & FLAG_ENCRYPT:
@@ -2085,14 +2085,15 @@ class EarlyHandshakes:
     Anyone can send datagrams, so nothing is kept for one: the server nonce
     it answers with is a cookie, the time it was made and a MAC of that
     time and of the client's nonce and flags, under a key of this process's
-    own (`answer`).  (Not of its address: a NAT may send a client's UDP and
-    TCP from different ones, and the proof and the one claim are the guard.)  The answer is never larger than the
-    datagram that asked (EARLY_HELLO_SIZE), so the port amplifies nothing.
-    The proof that follows on TCP (`claim`, on the listener, before a
-    session process forks) is taken once: a cookie this process did not
-    make, older than EARLY_HANDSHAKE_SECONDS, or one whose client nonce was
-    taken before, is refused; so no two sessions
-    can have the same nonces, and so the same keys.  A refusal costs the
+    own (`answer`); not of the client's address, as a NAT may send its UDP
+    and its TCP from different ones (the proof and the single claim are the
+    guard).  The answer is never larger than the datagram that asked
+    (EARLY_HELLO_SIZE), so the port amplifies nothing.  The proof that
+    follows on TCP (`claim`, on the listener, before a session process
+    forks) is taken once: a cookie this process did not make, older than
+    EARLY_HANDSHAKE_SECONDS, or one whose client nonce was taken before, is
+    refused; so no two sessions can have the same nonces, and so the same
+    keys.  A refusal costs the
     client its connection (it tells the client nothing a plain HELLO would
     not); an answer that never comes costs it nothing: it goes the TCP way."""
 
@@ -2104,16 +2105,16 @@ class EarlyHandshakes:
         self._taken = collections.OrderedDict()    # client nonce: when it may be forgotten
         self._lock = threading.Lock()
 
-    def answer(self, datagram, address):
+    def answer(self, datagram):
         """The SERVER_HELLO datagram that answers the early HELLO
-        `datagram` from `address`, or None (it is not one, or TCP's
-        handshake will say what is wrong with it)."""
+        `datagram`, or None (it is not one, or TCP's handshake will say
+        what is wrong with it)."""
         if len(datagram) != EARLY_HELLO_SIZE or datagram[0] != KIND_HANDSHAKE:
             return None
         magic, version, client_flags, client_nonce = HELLO.unpack_from(datagram, PACKET_HEADER.size)
         if magic != PROTOCOL_MAGIC or version != PROTOCOL_VERSION or not client_flags & FLAG_EARLY:
             return None
-        flags, _counter_mode = server_flags(client_flags, self._encrypt)
+        flags, _counter_mode = answered_flags(client_flags, self._encrypt)
         if (client_flags ^ flags) & FLAG_ENCRYPT:
             return None
         server_nonce = self._cookie(int(self._clock() * 1000), client_nonce, client_flags)
@@ -2134,7 +2135,7 @@ class EarlyHandshakes:
                 hmac.compare_digest(server_nonce, self._cookie(made, client_nonce, client_flags)):
             raise AuthError('an early handshake with a server nonce this server did not give it, '
                             'or gave it too long ago')
-        flags, counter_mode = server_flags(client_flags, self._encrypt)
+        flags, counter_mode = answered_flags(client_flags, self._encrypt)
         salt, key = self._secret.server_salt()
         expected = handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, client_flags, flags)
         if not hmac.compare_digest(proof, expected):
@@ -8372,7 +8373,7 @@ class Server:
                 continue
             kind, flags, sid, seq = PACKET_HEADER.unpack_from(buffer)
             if kind == KIND_HANDSHAKE:
-                answer = self.early.answer(bytes(buffer[:nbytes]), address)
+                answer = self.early.answer(bytes(buffer[:nbytes]))
                 if answer is not None:
                     try:
                         self.udp.sendto(answer, address)

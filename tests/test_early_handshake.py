@@ -43,7 +43,7 @@ def secret():
 def test_an_early_hello_is_answered_with_a_proof_and_no_more_bytes_than_it_brought(secret):
     early = wanxfer.EarlyHandshakes(secret, encrypt=True)
     datagram = early_hello()
-    answer = early.answer(datagram, ('192.0.2.1', 5000))
+    answer = early.answer(datagram)
     assert answer is not None and len(answer) <= len(datagram)
     kind = answer[0]
     magic, version, server_flags, server_nonce, salt, proof = wanxfer.SERVER_HELLO.unpack_from(
@@ -62,12 +62,12 @@ def test_an_early_hello_is_answered_with_a_proof_and_no_more_bytes_than_it_broug
     bytes([wanxfer.KIND_HELLO]) + early_hello()[1:],
 ], ids=['short', 'long', 'not early', 'no encryption', 'magic', 'kind'])
 def test_anything_else_is_not_answered(secret, datagram):
-    assert wanxfer.EarlyHandshakes(secret, encrypt=True).answer(datagram, ('192.0.2.1', 5000)) is None
+    assert wanxfer.EarlyHandshakes(secret, encrypt=True).answer(datagram) is None
 
 
 def test_an_early_proof_is_taken_once_and_gives_both_ends_the_same_keys(secret):
     early = wanxfer.EarlyHandshakes(secret, encrypt=True)
-    answer = early.answer(early_hello(), ('192.0.2.1', 5000))
+    answer = early.answer(early_hello())
     keys, _rtt = early.claim(early_proof(answer))
     _, _, server_flags, server_nonce, salt, _ = wanxfer.SERVER_HELLO.unpack_from(
         answer, wanxfer.PACKET_HEADER.size)
@@ -77,13 +77,13 @@ def test_an_early_proof_is_taken_once_and_gives_both_ends_the_same_keys(secret):
         early.claim(early_proof(answer))
     # Nor with a fresh cookie for the same client nonce: its keys could repeat.
     with pytest.raises(wanxfer.AuthError, match='sent again'):
-        early.claim(early_proof(early.answer(early_hello(), ('192.0.2.1', 5000))))
+        early.claim(early_proof(early.answer(early_hello())))
 
 
 def test_an_early_proof_is_refused_for_a_forged_old_or_foreign_nonce_or_a_wrong_secret(secret):
     clock = FakeClock(1000.0)
     early = wanxfer.EarlyHandshakes(secret, encrypt=True, clock=clock)
-    answer = early.answer(early_hello(), ('192.0.2.1', 5000))
+    answer = early.answer(early_hello())
     forged = bytearray(early_proof(answer))
     forged[wanxfer.HELLO.size + 20] ^= 1                            # in the cookie's MAC
     with pytest.raises(wanxfer.AuthError, match='did not give'):
@@ -104,7 +104,7 @@ def test_claims_are_bounded_and_forgotten_once_their_cookies_are_too_old(secret,
     early = wanxfer.EarlyHandshakes(secret, encrypt=True, clock=clock)
 
     def claim(nonce):
-        answer = early.answer(early_hello(nonce=nonce), ('192.0.2.1', 5000))
+        answer = early.answer(early_hello(nonce=nonce))
         return early.claim(early_proof(answer, nonce=nonce))
     for n in range(3):
         claim(bytes([n]) * 32)
@@ -120,7 +120,7 @@ def test_a_listener_that_takes_no_early_handshakes_refuses_one(secret):
     early = wanxfer.EarlyHandshakes(secret, encrypt=True)
     ours, theirs = socket.socketpair()
     try:
-        theirs.sendall(early_proof(early.answer(early_hello(), ('192.0.2.1', 5000))))
+        theirs.sendall(early_proof(early.answer(early_hello())))
         ours.settimeout(10)
         with pytest.raises(wanxfer.AuthError, match='does not take'):
             wanxfer.server_handshake(ours, secret, True)
@@ -141,7 +141,7 @@ def test_a_client_answered_early_sends_its_proof_with_the_connect(secret):
     udp.bind(address)
     udp.settimeout(10)
     server = wanxfer.EarlyHandshakes(secret, encrypt=True)
-    flags, counter_mode = wanxfer.client_flags(True, mirror=True)
+    flags, counter_mode = wanxfer.offered_flags(True, mirror=True)
     client = wanxfer.EarlyHello(flags)
     client.WAIT_LEAST = 10.0                # a loaded host may be slow to answer; the wait is not under test
     tcp = socket.create_connection(address, timeout=10)
@@ -149,7 +149,7 @@ def test_a_client_answered_early_sends_its_proof_with_the_connect(secret):
     try:
         client.send(socket.AF_INET, address)
         datagram, source = udp.recvfrom(65536)
-        udp.sendto(server.answer(datagram, source), source)
+        udp.sendto(server.answer(datagram), source)
         keys, _rtt = client.finish(tcp, wanxfer.SharedSecret(SECRET.encode()), flags, counter_mode)
         assert client.taken
         accepted.settimeout(10)
@@ -200,7 +200,7 @@ def test_get_goes_the_early_way_to_a_serve_and_the_file_arrives_whole(tmp_path, 
 @pytest.mark.e2e
 def test_a_server_that_does_not_answer_early_is_reached_the_tcp_way(tmp_path, serve):
     source = make_file(tmp_path / 'f.bin', 100000, seed=42)
-    server = patched_serve(serve, [source], 'wanxfer.EarlyHandshakes.answer = lambda *args: None')
+    server = patched_serve(serve, [source], 'wanxfer.EarlyHandshakes.answer = lambda self, datagram: None')
     dest = tmp_path / 'out.bin'
     got = run_early_get(server.port, 'f.bin', '-o', dest)
     assert got.returncode == 0, got.stderr + server.log()
