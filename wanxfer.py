@@ -164,6 +164,7 @@ PROTOCOL_VERSION = 3
 FLAG_ENCRYPT = 0x01
 FLAG_AES_CTR = 0x02     # the keystream is AES-256-CTR (client: can; server: will)
 FLAG_MIRROR = 0x04      # client: send me small control frames on the data channel too
+FLAG_EARLY = 0x08       # client: an early handshake (EarlyHandshakes): EARLY_PROOF follows this HELLO
 
 NONCE_SIZE = 32
 SALT_SIZE = 16
@@ -176,6 +177,16 @@ HELLO_PREFIX = struct.Struct('!4sBB')           # magic, version, flags
 HELLO = struct.Struct('!4sBB32s')               # prefix, client nonce
 SERVER_HELLO = struct.Struct('!4sBB32s16s32s')  # prefix, server nonce, salt of the secret, proof
 CLIENT_PROOF = struct.Struct('!32s')            # proof
+# The early handshake: the HELLO also goes as a KIND_HANDSHAKE datagram beside
+# the TCP connect, padded to EARLY_HELLO_SIZE, and the SERVER_HELLO comes back
+# as one (never larger than what asked for it).  The TCP HELLO that follows,
+# with FLAG_EARLY, carries EARLY_PROOF: the server nonce that datagram gave
+# (EARLY_NONCE: when the server made it, in ms of its clock, and a MAC) and
+# the client's proof.
+EARLY_PROOF = struct.Struct('!32s32s')          # server nonce, proof
+EARLY_NONCE = struct.Struct('!Q24s')            # made (ms), MAC
+EARLY_HANDSHAKE_SECONDS = 10.0  # an early server nonce is good for this long, and taken once
+MAX_EARLY_CLAIMS = 4096         # early handshakes a server remembers taking (within those seconds)
 FRAME_HEADER = struct.Struct('!I')              # sealed body length
 MAX_FRAME = 1 << 24
 
@@ -189,6 +200,7 @@ KIND_FEEDBACK = 3      # client -> server: acknowledgements and path delay
 KIND_NAK = 4           # client -> server: blocks still missing, by range
 KIND_PROBE = 5         # server -> client: padding, to learn the largest datagram the path carries
 KIND_CONTROL = 6       # either way: a copy of a small control frame (MIRRORED_FRAME)
+KIND_HANDSHAKE = 7     # either way, header otherwise zero: an early HELLO, its SERVER_HELLO
 
 UDP_SETUP_TIMEOUT = 10.0
 DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abandoned
@@ -203,6 +215,7 @@ PACKET_HEADER = struct.Struct('!BBIQ')
 # A data datagram's header extends it with the block number and the send
 # time in microseconds modulo 2**32 (for the receiver's delay measurement).
 DATA_HEADER = struct.Struct('!BBIQQI')
+EARLY_HELLO_SIZE = PACKET_HEADER.size + SERVER_HELLO.size
 PACKET_OVERHEAD = DATA_HEADER.size + TAG_SIZE
 # A control frame's copy on the data channel (to a client that offered
 # FLAG_MIRROR, and from a client from its first request on): PACKET_HEADER, its
@@ -826,8 +839,9 @@ def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE, meanwhi
     answered, another starts at each time in `race` (s from the first).
     The first to connect wins and the others are reset, so a server hears
     of them at once.  `prepare(sock)` runs before each connect (buffer
-    sizes must be set before it); `meanwhile()` once the first SYN is on
-    its way (work the connect's round trip can hide).  Raises
+    sizes must be set before it); `meanwhile(family, address)` once the
+    first SYN is on its way to `address` (work the connect's round trip can
+    hide).  Raises
     socket.gaierror, OSError or socket.timeout."""
     infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     started = time.monotonic()
@@ -858,7 +872,7 @@ def connect_racing(host, port, timeout, prepare=None, race=CONNECT_RACE, meanwhi
                         attempts.append(sock)
                         selector.register(sock, selectors.EVENT_WRITE)
                         if meanwhile is not None:
-                            meanwhile()
+                            meanwhile(family, address)
                             meanwhile = None
                     else:
                         sock.close()
@@ -1442,11 +1456,9 @@ class CounterMode:
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def load():
-        if os.environ.get(CIPHER_ENV, '').strip().lower() == 'shake':
+        if not CounterMode.expected():
             return None
         path = CounterMode.library_path()
-        if path is None:
-            return None
         try:
             import ctypes
             mode = CounterMode(ctypes, ctypes.CDLL(path))
@@ -1457,6 +1469,13 @@ class CounterMode:
         except (ImportError, OSError, AttributeError, WanxferError):
             return None
         return mode
+
+    @staticmethod
+    def expected():
+        """Whether load() will give an instance, as far as can be told
+        without loading it (its known-answer test nearly always passes)."""
+        return os.environ.get(CIPHER_ENV, '').strip().lower() != 'shake' and \
+            CounterMode.library_path() is not None
 
     @staticmethod
     def library_path():
@@ -1959,15 +1978,27 @@ class ControlChannel:
                 selector.close()
 
 
-def client_handshake(sock, secret, encrypt, mirror=False):
-    """Authenticate to a server; return (SessionKeys, round-trip seconds).
-    `secret` is a SharedSecret (or the secret's bytes).  `mirror`: offer
-    FLAG_MIRROR (this client takes copies of control frames as datagrams)."""
-    secret = SharedSecret.of(secret)
+def offered_flags(encrypt, mirror=False):
+    """(the flags a client offers, its CounterMode or None)."""
     counter_mode = CounterMode.load() if encrypt else None
     flags = (FLAG_ENCRYPT | (FLAG_AES_CTR if counter_mode else 0)) if encrypt else 0
     if mirror:
         flags |= FLAG_MIRROR
+    return flags, counter_mode
+
+
+def client_handshake(sock, secret, encrypt, mirror=False, early=None):
+    """Authenticate to a server; return (SessionKeys, round-trip seconds).
+    `secret` is a SharedSecret (or the secret's bytes).  `mirror`: offer
+    FLAG_MIRROR (this client takes copies of control frames as datagrams).
+    `early`: the EarlyHello sent beside the connect; its answer, if it came
+    and checks out, saves the HELLO's round trip."""
+    secret = SharedSecret.of(secret)
+    flags, counter_mode = offered_flags(encrypt, mirror)
+    if early is not None:
+        finished = early.finish(sock, secret, flags, counter_mode)
+        if finished is not None:
+            return finished
     client_nonce = secrets.token_bytes(NONCE_SIZE)
     started = time.monotonic()
     sock.sendall(HELLO.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION, flags, client_nonce))
@@ -1996,17 +2027,29 @@ def client_handshake(sock, secret, encrypt, mirror=False):
                        counter_mode if server_flags & FLAG_AES_CTR else None, salt=salt), rtt
 
 
-def server_handshake(sock, secret, encrypt):
+def answered_flags(client_flags, encrypt):
+    """(the flags a server answers `client_flags` with, its CounterMode or None)."""
+    counter_mode = CounterMode.load() if encrypt and client_flags & FLAG_AES_CTR else None
+    return (FLAG_ENCRYPT | (FLAG_AES_CTR if counter_mode else 0)) if encrypt else 0, counter_mode
+
+
+def server_handshake(sock, secret, encrypt, early=None):
     """Authenticate a client; return (SessionKeys, round-trip seconds) or
     raise AuthError.  `secret` should be the server's one SharedSecret, so
-    that it is stretched once per process, not per connection."""
+    that it is stretched once per process, not per connection.  A HELLO
+    with FLAG_EARLY must come with `early`, what EarlyHandshakes.claim()
+    made of it on the listener; it is refused otherwise."""
     secret = SharedSecret.of(secret)
     prefix = recv_exactly(sock, HELLO_PREFIX.size)
     magic, version, client_flags = HELLO_PREFIX.unpack(prefix)
     if magic != PROTOCOL_MAGIC:
         raise ProtocolError('not a wanxfer client')
-    counter_mode = CounterMode.load() if encrypt and client_flags & FLAG_AES_CTR else None
-    flags = (FLAG_ENCRYPT | (FLAG_AES_CTR if counter_mode else 0)) if encrypt else 0
+    if client_flags & FLAG_EARLY:
+        recv_exactly(sock, HELLO.size + EARLY_PROOF.size - HELLO_PREFIX.size)     # claimed already
+        if early is None:
+            raise AuthError('an early handshake, which this listener does not take')
+        return early
+    flags, counter_mode = answered_flags(client_flags, encrypt)
     server_nonce = secrets.token_bytes(NONCE_SIZE)
     salt, key = secret.server_salt()
     if version != PROTOCOL_VERSION or (client_flags ^ flags) & FLAG_ENCRYPT:
@@ -2030,6 +2073,174 @@ def server_handshake(sock, secret, encrypt):
 
 def describe_flags(flags):
     return 'encryption on' if flags & FLAG_ENCRYPT else '--no-encrypt'
+
+
+class EarlyHandshakes:
+    """A server's side of the early handshake.  A client sends its HELLO as
+    a datagram (KIND_HANDSHAKE) as its TCP connect starts, and the answer,
+    the SERVER_HELLO, crosses the path beside the SYN-ACK: the client's
+    proof and first request then go with the connect's completion, and the
+    first data comes after two round trips instead of three.
+
+    Anyone can send datagrams, so nothing is kept for one: the server nonce
+    it answers with is a cookie, the time it was made and a MAC of that
+    time and of the client's nonce and flags, under a key of this process's
+    own (`answer`); not of the client's address, as a NAT may send its UDP
+    and its TCP from different ones (the proof and the single claim are the
+    guard).  The answer is never larger than the datagram that asked
+    (EARLY_HELLO_SIZE), so the port amplifies nothing.  The proof that
+    follows on TCP (`claim`, on the listener, before a session process
+    forks) is taken once: a cookie this process did not make, older than
+    EARLY_HANDSHAKE_SECONDS, or one whose client nonce was taken before, is
+    refused; so no two sessions can have the same nonces, and so the same
+    keys.  A refusal costs the
+    client its connection (it tells the client nothing a plain HELLO would
+    not); an answer that never comes costs it nothing: it goes the TCP way."""
+
+    def __init__(self, secret, encrypt, clock=time.monotonic):
+        self._secret = SharedSecret.of(secret)
+        self._encrypt = encrypt
+        self._clock = clock
+        self._mac_key = secrets.token_bytes(32)
+        self._taken = collections.OrderedDict()    # client nonce: when it may be forgotten
+        self._lock = threading.Lock()
+
+    def answer(self, datagram):
+        """The SERVER_HELLO datagram that answers the early HELLO
+        `datagram`, or None (it is not one, or TCP's handshake will say
+        what is wrong with it)."""
+        if len(datagram) != EARLY_HELLO_SIZE or datagram[0] != KIND_HANDSHAKE:
+            return None
+        magic, version, client_flags, client_nonce = HELLO.unpack_from(datagram, PACKET_HEADER.size)
+        if magic != PROTOCOL_MAGIC or version != PROTOCOL_VERSION or not client_flags & FLAG_EARLY:
+            return None
+        flags, _counter_mode = answered_flags(client_flags, self._encrypt)
+        if (client_flags ^ flags) & FLAG_ENCRYPT:
+            return None
+        server_nonce = self._cookie(int(self._clock() * 1000), client_nonce, client_flags)
+        salt, key = self._secret.server_salt()
+        proof = handshake_proof(key, b'wanxfer server', client_nonce, server_nonce, client_flags, flags)
+        return PACKET_HEADER.pack(KIND_HANDSHAKE, 0, 0, 0) + SERVER_HELLO.pack(
+            PROTOCOL_MAGIC, PROTOCOL_VERSION, flags, server_nonce, salt, proof)
+
+    def claim(self, hello):
+        """(SessionKeys, round-trip seconds) for the early HELLO and
+        EARLY_PROOF (`hello`, as they came on TCP), or AuthError."""
+        _, version, client_flags, client_nonce = HELLO.unpack_from(hello)
+        server_nonce, proof = EARLY_PROOF.unpack_from(hello, HELLO.size)
+        made, _mac = EARLY_NONCE.unpack(server_nonce)
+        now = self._clock()
+        age = now - made / 1000.0
+        if version != PROTOCOL_VERSION or not 0 <= age <= EARLY_HANDSHAKE_SECONDS or not \
+                hmac.compare_digest(server_nonce, self._cookie(made, client_nonce, client_flags)):
+            raise AuthError('an early handshake with a server nonce this server did not give it, '
+                            'or gave it too long ago')
+        flags, counter_mode = answered_flags(client_flags, self._encrypt)
+        salt, key = self._secret.server_salt()
+        expected = handshake_proof(key, b'wanxfer client', client_nonce, server_nonce, client_flags, flags)
+        if not hmac.compare_digest(proof, expected):
+            raise AuthError('client failed authentication in an early handshake (wrong secret)')
+        with self._lock:
+            while self._taken and next(iter(self._taken.values())) <= now:
+                self._taken.popitem(last=False)
+            if client_nonce in self._taken:
+                raise AuthError('an early handshake sent again')
+            if len(self._taken) >= MAX_EARLY_CLAIMS:
+                raise AuthError('too many early handshakes at once')
+            # In order of expiry, as each is kept the longest a cookie lives.
+            self._taken[client_nonce] = now + EARLY_HANDSHAKE_SECONDS
+        return SessionKeys(key, client_nonce, server_nonce, self._encrypt, counter_mode,
+                           mirror=bool(client_flags & FLAG_MIRROR)), age
+
+    def _cookie(self, made, client_nonce, client_flags):
+        mac = hmac.new(self._mac_key, b'wanxfer early' + struct.pack('!QB', made, client_flags) +
+                       client_nonce, hashlib.sha256).digest()
+        return EARLY_NONCE.pack(made, mac[:EARLY_NONCE.size - 8])
+
+
+class EarlyHello:
+    """A client's side of the early handshake (see EarlyHandshakes): its
+    HELLO as a datagram to the address its first connect goes to, and the
+    SERVER_HELLO that may come back.  It is optional all through: with no
+    answer in time (UDP blocked, the datagram lost, an older server), or
+    one that does not check out, the handshake goes the TCP way."""
+
+    # How long past the connect the answer is waited for: it left the server
+    # beside the SYN-ACK, so it is due now; a fraction of the connect's time
+    # (its round trip) covers a little jitter, and is all a lost one costs.
+    WAIT_SHARE, WAIT_LEAST, WAIT_MOST = 0.25, 0.005, 0.05
+
+    def __init__(self, flags):
+        self.flags = flags | FLAG_EARLY
+        self.client_nonce = secrets.token_bytes(NONCE_SIZE)
+        self._sock = None
+        self._sent = None
+        self.taken = False              # the handshake went this way
+
+    def send(self, family, address):
+        """Send the HELLO datagram to `address` (where the first connect goes)."""
+        datagram = PACKET_HEADER.pack(KIND_HANDSHAKE, 0, 0, 0) + HELLO.pack(
+            PROTOCOL_MAGIC, PROTOCOL_VERSION, self.flags, self.client_nonce)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(address)
+            sock.send(datagram.ljust(EARLY_HELLO_SIZE, b'\0'))
+        except OSError:
+            sock.close()
+            return
+        self._sock, self._sent = sock, time.monotonic()
+
+    def finish(self, sock, secret, flags, counter_mode):
+        """The handshake on `sock` (connected) the early way: (SessionKeys,
+        round-trip seconds) once the proof is sent, or None for the TCP way."""
+        if self._sock is None or self.flags != flags | FLAG_EARLY:
+            return None                 # not sent, or offering what this client cannot do
+        connected = time.monotonic()
+        answer = self._answer(sock.getpeername(), min(self.WAIT_MOST, max(
+            self.WAIT_LEAST, (connected - self._sent) * self.WAIT_SHARE)))
+        if answer is None:
+            return None
+        (magic, version, server_flags, server_nonce, salt, proof), rtt = answer
+        if magic != PROTOCOL_MAGIC or version != PROTOCOL_VERSION or server_flags & ~flags or \
+                (server_flags ^ flags) & FLAG_ENCRYPT:
+            return None                 # TCP's handshake names what is wrong
+        key = secret.key(salt)
+        if not hmac.compare_digest(proof, handshake_proof(key, b'wanxfer server', self.client_nonce,
+                                                          server_nonce, self.flags, server_flags)):
+            return None                 # forged, or the secret differs: TCP's handshake tells
+        sock.sendall(HELLO.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION, self.flags, self.client_nonce) +
+                     EARLY_PROOF.pack(server_nonce, handshake_proof(
+                         key, b'wanxfer client', self.client_nonce, server_nonce, self.flags, server_flags)))
+        self.taken = True
+        return SessionKeys(key, self.client_nonce, server_nonce, bool(flags & FLAG_ENCRYPT),
+                           counter_mode if server_flags & FLAG_AES_CTR else None, salt=salt), rtt
+
+    def _answer(self, peer, wait):
+        """The SERVER_HELLO fields from `peer` and the round trip, or None."""
+        if self._sock.getpeername()[:2] != peer[:2]:
+            return None                 # the connect that won went elsewhere
+        deadline = time.monotonic() + wait
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._sock, selectors.EVENT_READ)
+            while True:
+                try:
+                    datagram = self._sock.recv(EARLY_HELLO_SIZE + 1)
+                except (BlockingIOError, InterruptedError):
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not selector.select(left):
+                        return None
+                    continue
+                except OSError:
+                    return None         # an ICMP unreachable: no one answers UDP there
+                if len(datagram) == EARLY_HELLO_SIZE and datagram[0] == KIND_HANDSHAKE:
+                    return SERVER_HELLO.unpack_from(datagram, PACKET_HEADER.size), \
+                        time.monotonic() - self._sent
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 # ---------------------------------------------------------------------------
@@ -7383,7 +7594,14 @@ class PendingConnection:
         self.hello = bytearray()
         self.proving = False            # the HELLO is in: a handshake thread owns the socket
         self.dropped = None             # why the gate gave up on it
+        self.early = None               # what EarlyHandshakes.claim() made of an early HELLO
         self._gate = gate
+
+    def hello_size(self):
+        """The bytes the HELLO takes: an early one brings its EARLY_PROOF."""
+        if len(self.hello) >= HELLO_PREFIX.size and self.hello[HELLO_PREFIX.size - 1] & FLAG_EARLY:
+            return HELLO.size + EARLY_PROOF.size
+        return HELLO.size
 
     def handshake(self, secret, encrypt):
         """server_handshake() over this connection, on the calling thread,
@@ -7392,7 +7610,7 @@ class PendingConnection:
         dropped the connection meanwhile.  Either way the gate has let go:
         the socket is the caller's to use or close."""
         try:
-            result = server_handshake(self, secret, encrypt)
+            result = server_handshake(self, secret, encrypt, self.early)
         except BaseException:
             dropped = self._gate.release(self)
             if dropped is not None:
@@ -7443,7 +7661,8 @@ class PendingHandshakes:
 
     - Until its HELLO is complete a connection costs a non-blocking socket
       the loop watches and a few bytes, no thread.  admit() takes it from
-      accept; once HELLO.size bytes are in, `start(pending)` (the owner's)
+      accept; once the HELLO is in (HELLO.size bytes, and EARLY_PROOF.size
+      more for an early one), `start(pending)` (the owner's)
       must run pending.handshake() on a thread of its own, which calls the
       unchanged server_handshake(), or, if no thread can be had, call
       abandon().  So threads in the handshake are bounded by the caps below.
@@ -7565,7 +7784,7 @@ class PendingHandshakes:
 
     def _read(self, pending):
         try:
-            data = pending.sock.recv(HELLO.size - len(pending.hello))
+            data = pending.sock.recv(pending.hello_size() - len(pending.hello))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -7577,7 +7796,7 @@ class PendingHandshakes:
             self._drop(pending, 'connection closed by peer', log=bool(pending.hello))
             return
         pending.hello += data
-        if len(pending.hello) < HELLO.size:
+        if len(pending.hello) < pending.hello_size():
             return
         self.loop.watch(pending.sock, 0, None)
         with self._lock:
@@ -8064,6 +8283,7 @@ class Server:
         self.secret = SharedSecret.of(secret)
         self.secret.server_salt()               # stretched now, not at the first client
         self.encrypt = encrypt
+        self.early = EarlyHandshakes(self.secret, encrypt)
         if encrypt:
             # ctypes imported and libcrypto's AES tried once, here, and not
             # in each session (its process forked from this one) between a
@@ -8152,6 +8372,14 @@ class Server:
             if nbytes < PACKET_HEADER.size + TAG_SIZE:
                 continue
             kind, flags, sid, seq = PACKET_HEADER.unpack_from(buffer)
+            if kind == KIND_HANDSHAKE:
+                answer = self.early.answer(bytes(buffer[:nbytes]))
+                if answer is not None:
+                    try:
+                        self.udp.sendto(answer, address)
+                    except OSError:
+                        pass            # a full socket buffer: the client goes the TCP way
+                continue
             if kind not in (KIND_HELLO, KIND_CONTROL):
                 continue
             with self._lock:
@@ -8180,14 +8408,19 @@ class Server:
             self._loop_done.set()
 
     def _start_session(self, pending):
-        """Called on the loop once `pending`'s HELLO is in."""
+        """Called on the loop once `pending`'s HELLO is in.  An early one
+        is claimed here, in the listener, where every session's is."""
         try:
+            if pending.hello_size() > HELLO.size:
+                pending.early = self.early.claim(bytes(pending.hello))
             pending.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.processes and sessions_can_fork():
                 self._fork_session(pending)
                 return
             session = ServerSession(self, pending.sock, pending.address)
             threading.Thread(target=session.run, args=(pending,), name='session', daemon=True).start()
+        except AuthError as e:
+            self.pending.abandon(pending, 'refused: %s' % e)
         except OSError as e:
             self.pending.abandon(pending, e.strerror or str(e))
         except RuntimeError as e:
@@ -9620,6 +9853,7 @@ class Client:
         self.sock = self.udp = None
         self.session_id = None
         self.rtt = None                         # s, measured by the handshake
+        self._early = False                     # the handshake was an early one (EarlyHello)
         self.control = None                     # the ControlChannel
         self.conversation = None                # and the Conversation on it
         self.data = None                        # the DataChannel on `udp`
@@ -9634,8 +9868,16 @@ class Client:
         # after its hello, where the stretch would delay the first request.
         remembered = self.salts.recall(self.origin) if self.salts is not None else None
         ahead = []
+        # The HELLO goes as a datagram too, beside the SYN (EarlyHello), with
+        # the flags this client will offer if the AES library loads, as it
+        # nearly always does (if not, the handshake goes the TCP way).
+        offered = FLAG_MIRROR
+        if self.encrypt:
+            offered |= FLAG_ENCRYPT | (FLAG_AES_CTR if CounterMode.expected() else 0)
+        early = EarlyHello(offered)
 
-        def meanwhile():
+        def meanwhile(family, address):
+            early.send(family, address)
             try:
                 if remembered is not None:
                     ahead.append(self.secret.prepare(remembered))
@@ -9655,12 +9897,15 @@ class Client:
                                                                     e.strerror or e))
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt, mirror=True)
+                keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt, mirror=True,
+                                                  early=early)
             except struct.error:
                 raise ProtocolError('the server closed the connection during the handshake')
             except socket.timeout:
                 raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
         finally:
+            early.close()
+            self._early = early.taken
             for thread in ahead:                # no thread may be running when workers fork
                 thread.join()
         if self.salts is not None and keys.salt != remembered:
@@ -9813,6 +10058,13 @@ class Client:
                     message = self.control.recv()
                 except socket.timeout:
                     continue
+                except PeerClosed:
+                    if self._early:
+                        # Refused after the proof: a server restarted since it
+                        # answered, or one flooded with handshakes.
+                        raise TransferError('the server hung up right after an early handshake; '
+                                            'run the command again')
+                    raise
                 return self.conversation.check(message, 'ready')
         finally:
             self.sock.settimeout(self.timeout)

@@ -50,6 +50,13 @@ EDITS = [
          [("        raise AuthError('client failed authentication (wrong secret)')",
            "        pass")],
          ['tests/test_bulk.py', '-k', 'wrong_secret or proof']),
+    Edit('early-claimed-once', 'an early handshake is taken once (no two sessions with the same keys)',
+         [("            self._taken[client_nonce] = now + EARLY_HANDSHAKE_SECONDS\n", "")],
+         ['tests/test_early_handshake.py']),
+    Edit('early-answer-size', 'the early handshake answers no datagram smaller than its answer',
+         [("if len(datagram) != EARLY_HELLO_SIZE or datagram[0] != KIND_HANDSHAKE:",
+           "if datagram[0] != KIND_HANDSHAKE:")],
+         ['tests/test_early_handshake.py']),
     Edit('client-datagram-checks', 'a forged datagram is rejected (session id and tag checked)',
          [("            if kind == KIND_DATA and sid == self._session_id:\n"
            "                body = verify(view[offset:offset + header_size],\n"
