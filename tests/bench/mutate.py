@@ -88,7 +88,11 @@ EDITS = [
     Edit('sessions-inline', 'sessions run concurrently',
          [("            threading.Thread(target=session.run, args=(pending,), name='session', "
            "daemon=True).start()",
-           '            session.run(pending)')],
+           '            session.run(pending)'),
+          # A forked session is waited for as the thread's is run inline.
+          ('            self._run_session_process(pending, theirs, mine)\n        theirs.close()\n',
+           '            self._run_session_process(pending, theirs, mine)\n        theirs.close()\n'
+           '        os.waitpid(pid, 0)\n')],
          ['tests/test_bulk.py', '-k', 'stalled']),
     Edit('resume-ignored', 'a partial file is resumed, plain or delta (the saved state is read)',
          [('        bitmap = self._resume() if resume else None',
