@@ -137,6 +137,13 @@ EDITS = [
          [('        heappop = heapq.heappop\n        while heap and heap[0][0] <= now:',
            '        heappop = heapq.heappop\n        while heap:')],
          ['tests/test_linkemu.py', '-k', 'udp_round_trip or rate_limit']),
+    Edit('relay-schedule', 'the packet relay (demo\'s TUN link) writes each packet when its plan '
+         'says, not before',
+         [('        heap, pop, write = self._heap, heapq.heappop, os.write\n'
+           '        while heap and heap[0][0] <= now:',
+           '        heap, pop, write = self._heap, heapq.heappop, os.write\n'
+           '        while heap:')],
+         ['tests/test_linkemu.py', '-k', 'packet_relay_paces']),
     Edit('emulator-refused-reset', 'a target that refuses the connection is a reset to the client',
          [('            self._aborted = True    # the client sees a reset, as from a refused connect',
            '            pass')],
