@@ -1162,14 +1162,16 @@ def test_concurrent_clients_each_get_their_file(tmp_path, serve, link):
         assert sha256(tmp_path / ('out%d' % i)) == sha256(f)
 
 
+@pytest.mark.parametrize('sessions', ['processes', 'threads'])
 @pytest.mark.parametrize('stage', ['before-hello', 'after-handshake'])
-def test_a_stalled_client_does_not_block_others(tmp_path, serve, stage):
+def test_a_stalled_client_does_not_block_others(tmp_path, serve, stage, sessions):
     # One that says nothing at all is held by the gate that reads HELLOs;
     # one that authenticates, then sends nothing (no UDP hello, no request),
-    # has a session waiting for it on a thread of its own.  Neither holds up
-    # the thread that accepts and authenticates everyone else.
+    # has a session waiting for it in a process or on a thread of its own
+    # (a server in this process, which has threads, cannot fork).  Neither
+    # holds up the thread that accepts and authenticates everyone else.
     data = make_file(tmp_path / 'f', 200_000)
-    server = serve([data])
+    server = serve([data]) if sessions == 'processes' else InProcessServer([data])
     stalled = socket.create_connection(('127.0.0.1', server.port), timeout=20)
     try:
         if stage == 'after-handshake':
@@ -1185,6 +1187,8 @@ def test_a_stalled_client_does_not_block_others(tmp_path, serve, stage):
         assert '127.0.0.1:%d:' % stalled.getsockname()[1] not in server.log()
     finally:
         stalled.close()
+        if sessions == 'threads':
+            server.stop()
 
 
 def test_bad_rate_and_bad_address_are_usage_errors(tmp_path):
