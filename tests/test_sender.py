@@ -78,6 +78,9 @@ class Rate:
     def on_start(self, now, rtt):
         self.started.append(now)
 
+    def on_tick(self, now):
+        pass
+
     def on_idle(self, now):
         self.idle.append(now)
 
