@@ -4791,8 +4791,8 @@ class RateController:
                     self._judging_rung = True
                 self._startup(now, sent_at, queue_delay, None, rtt)
                 return
-            if was_rung:
-                # Sent on no news at all, in a first round trip whose
+            if was_rung and quiet:
+                # Read short with no queue rise, in a first round trip whose
                 # news comes in lumps (three workers' merged, and their
                 # batches few: one rung read 70 Mbit/s on a path of 200):
                 # not enough to end the startup on.  The slot that would
