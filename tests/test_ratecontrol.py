@@ -71,6 +71,21 @@ def test_a_long_first_round_trip_reaches_the_link_a_round_trip_sooner(capacity, 
         path.drops(0, 8)
 
 
+@pytest.mark.parametrize('first_ack, within', [(0.045, 2.5), (0.06, 3.5)])
+def test_a_first_acknowledgement_late_to_come_leaves_the_rung_to_judge(first_ack, within):
+    # A receiver starting up acknowledges the whole first slot at once
+    # (at 5% loss two first acknowledgements in three at 1.2 s): the rung
+    # after it is judged instead (4.1 s to the link when it was dropped);
+    # where that news covered most of the rung too, the first slot is
+    # judged late as before (trying again from INITIAL_RATE took 5.3 s).
+    path = ModelPath(200 * M, 1.2, seed=1, jitter=0.005)
+    flow = path.add_flow(wanxfer.RateController(), first_ack=first_ack)
+    path.run(8.0)
+    full = flow.first_time_above(0.85 * 200 * M)
+    assert full is not None and full <= within * 1.2 + 0.3, full
+    assert path.drops(0, 8) == 0
+
+
 def test_the_rung_goes_right_after_the_first_slot_before_any_news():
     controller = wanxfer.RateController()
     controller.on_start(0.0, 1.2)
