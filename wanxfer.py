@@ -4202,7 +4202,10 @@ class RateController:
     carry), and the next slot follows at once; otherwise the slot found
     the bottleneck, whose rate is what it delivered, and startup ends.  The level grows as fast as by
     doubling the whole rate every round trip, but at most a slot's worth of
-    queue is ever built beyond the bottleneck.
+    queue is ever built beyond the bottleneck.  Where the first round trip
+    is long, a rung (the slot the first one's news would open) goes right
+    after the first slot, moved by on_tick() before any news comes, and is
+    judged next: a round trip saved, a second at 1.2 s.
 
     Then a cycle: cruise at the level, adding the same small amount every
     round trip (so flows sharing a path converge, as TCP's do); every few
