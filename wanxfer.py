@@ -4830,11 +4830,7 @@ class RateController:
                 # One more slot at the same rate tells them apart: a stall
                 # passes, a bottleneck again delivers less than all of it,
                 # and queues no more than this one did.
-                # Meanwhile the level is what it passed through that queue
-                # (no more than the path carries, a stall or a bottleneck):
-                # at 1.2 s the lower level cost most of a round trip of link.
                 self._doubted = True
-                self.level = max(self.level, min(got, target * length / (length + rise)))
                 self._slot = self._open_slot(now, slot.sent * (1.0 - self._compensation()) / self.level,
                                              queue_delay)
                 return
