@@ -708,6 +708,8 @@ class ModelFlow:
     def send(self, now):
         """Pace out this step's packets: (packets that survive the random
         loss, packets it took)."""
+        if hasattr(self.controller, 'on_tick'):
+            self.controller.on_tick(now)
         rate = self.controller.rate
         self._budget = min(self._budget + rate * (now - self._last_tick),
                            rate * self.path.PACING_BURST + 65536)

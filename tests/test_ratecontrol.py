@@ -53,6 +53,58 @@ def test_startup_on_shorter_paths_is_as_quick_as_doubling(capacity, rtt, within)
     assert path.drops(0, 4) < 0.2 * bdp_packets(capacity, rtt) + 100    # doubling: up to a whole one
 
 
+@pytest.mark.parametrize('capacity, rtt', [(200, 1.2), (300, 1.0), (300, 1.2), (50, 1.2)])
+def test_a_long_first_round_trip_reaches_the_link_a_round_trip_sooner(capacity, rtt):
+    # Its news is of one slot and a rung above it, not one slot: the link
+    # is full two round trips and a little after the first packet (three
+    # before: 4.0 s at 200 Mbit/s and 1.2 s, as much link time lost as
+    # a 0.85 of it allows for the whole transfer), still without
+    # overflowing the queue where the rung passes; where it found the
+    # bottleneck (50 Mbit/s) the startup ends on it.
+    path, flow = run(capacity, rtt, 8.0)
+    full = flow.first_time_above(0.85 * capacity * M)
+    assert full is not None and full <= 2.5 * rtt + 0.3, full
+    assert path.drops(0, 8) < 0.01 * bdp_packets(capacity, rtt) + (250 if capacity < 100 else 0), \
+        path.drops(0, 8)
+
+
+@pytest.mark.parametrize('first_ack, within', [(0.045, 2.5), (0.06, 3.5)])
+def test_a_first_acknowledgement_late_to_come_leaves_the_rung_to_judge(first_ack, within):
+    # A receiver starting up acknowledges the whole first slot at once
+    # (at 5% loss two first acknowledgements in three at 1.2 s): the rung
+    # after it is judged instead (4.1 s to the link when it was dropped);
+    # where that news covered most of the rung too, the first slot is
+    # judged late as before (trying again from INITIAL_RATE took 5.3 s).
+    path = ModelPath(200 * M, 1.2, seed=1, jitter=0.005)
+    flow = path.add_flow(wanxfer.RateController(), first_ack=first_ack)
+    path.run(8.0)
+    full = flow.first_time_above(0.85 * 200 * M)
+    assert full is not None and full <= within * 1.2 + 0.3, full
+    assert path.drops(0, 8) == 0
+
+
+def test_the_rung_goes_right_after_the_first_slot_before_any_news():
+    controller = wanxfer.RateController()
+    controller.on_start(0.0, 1.2)
+    first = controller.rate
+    rates = []
+    for ms in range(0, 200, 5):
+        controller.on_tick(ms / 1000.0)
+        rates.append(controller.rate)
+    assert first == 2 * controller.INITIAL_RATE
+    rung = max(rates)
+    assert rung == controller.EARLY_RATE                  # 4x the first, up to EARLY_RATE
+    stepped = [ms * 5 for ms, rate in enumerate(rates) if rate == rung]
+    assert 30 <= stepped[0] <= 50 and 60 <= stepped[-1] <= 90, stepped     # one slot long
+    assert rates[-1] == first                              # then the first slot's rate again
+    # On a short round trip the first slot's news comes soon enough.
+    short = wanxfer.RateController()
+    short.on_start(0.0, 0.12)
+    for ms in range(0, 200, 5):
+        short.on_tick(ms / 1000.0)
+        assert short.rate == first
+
+
 def test_the_first_startup_slot_goes_with_the_first_packet():
     # Not a round trip later with the first acknowledgement: by a round
     # trip and a slot the level has doubled.
@@ -694,6 +746,21 @@ def test_a_share_with_more_left_to_send_takes_the_rate_of_one_that_has_none():
     done = [delivered_by(flow, part) for flow, part in zip(flows, parts)]
     assert None not in done and max(done) <= alone + 0.1, (done, alone)
     assert path.drops(0, 8) == 0
+
+
+def test_the_rung_of_a_shared_controller_reaches_the_workers():
+    # The coordinator's share ticks it; the workers hear of each change.
+    changes = []
+    shared = wanxfer.SharedRate(wanxfer.RateController(), 2, changed=lambda: changes.append(1))
+    mine, theirs = shared.share(0), shared.share(1)
+    mine.on_start(0.0, 1.2)
+    first = theirs.rate
+    for ms in range(0, 200, 5):
+        mine.on_tick(ms / 1000.0)
+        theirs.on_tick(ms / 1000.0)
+    assert len(changes) == 2                    # up to the rung, and back
+    mine.on_tick(0.06)
+    assert theirs.rate == 0.5 * shared.controller.EARLY_RATE > first
 
 
 def test_one_worker_with_nothing_to_send_leaves_the_transfer_at_its_rate():

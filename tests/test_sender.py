@@ -67,6 +67,8 @@ class Rate:
         self.busy = []
         self.started = []
         self.silences = 0
+        self.ticks = []
+        self.next_rate = None           # what the rate becomes when ticked
 
     def set_cap(self, cap):
         self.cap = cap
@@ -77,6 +79,10 @@ class Rate:
 
     def on_start(self, now, rtt):
         self.started.append(now)
+
+    def on_tick(self, now):
+        self.ticks.append((now, self.rate))
+        self.rate = self.next_rate or self.rate
 
     def on_idle(self, now):
         self.idle.append(now)
@@ -151,6 +157,18 @@ def test_the_start_announces_the_file_and_the_digest_closes_it(sending):
     assert digest['op'] == 'digest' and digest['file'] == 1
     assert digest['sha256'] == hashlib.sha256(ends.path.read_bytes()).hexdigest()
     assert digest['packets_sent'] == 20 and digest['wire_bytes'] == 20 * WIRE
+
+
+def test_the_pacer_ticks_the_rate_before_it_reads_it(sending):
+    # Before the first acknowledgement only a tick moves the rate (the
+    # first round trip's rung): the batch paced now goes at the new one.
+    ends = sending(blocks=2000)
+    ends.clock.advance(0.0005)
+    ends.rate.next_rate = 2e8
+    sent = send_now(ends)
+    assert ends.rate.ticks and ends.rate.ticks[-1][0] == ends.clock()
+    # 0.5 ms at 2 MB/s is one block; at the rate the tick made, the burst.
+    assert len(sent) > 10, len(sent)
 
 
 def test_an_open_fetch_is_told_the_file_and_the_block_size_that_fits(sending):
