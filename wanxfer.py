@@ -790,6 +790,7 @@ UDP_SEGMENT = 103               # Linux 4.18+, not in the socket module
 UDP_GRO = 104                   # Linux 5.0+
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
+SO_TIMESTAMPNS = 35             # Linux (asm-generic, x86, arm, powerpc, s390), not in the socket module
 IP_MTU = 14
 IP_MTU_DISCOVER = 10
 IPV6_MTU_DISCOVER = 23
@@ -5692,6 +5693,12 @@ SOCKET_BUFFER = 32 << 20
 RECV_BUFFER = 1 << 16
 GATHER_BUFFER = 2 * RECV_BUFFER     # a gathered batch, and room for one more receive
 GRO_TRIAL = 4096                # receives in a row that coalesced nothing before GRO is dropped
+ANCILLARY_SPACE = 64            # a receive's control data: a GRO segment size and an arrival stamp
+ARRIVAL_STAMP = struct.Struct('@ll')    # struct timespec, as SO_TIMESTAMPNS hands it over
+MAX_SOCKET_WAIT = 1.0           # s a datagram may have waited in the socket; a longer wait read from
+                                # its stamp is a clock stepped meanwhile, and not believed
+STAMPED_MACHINES = ('x86_64', 'amd64', 'i386', 'i686', 'aarch64', 'arm64', 'riscv64', 's390x',
+                    'ppc64le', 'ppc64')     # where SO_TIMESTAMPNS is 35
 MAX_RECEIVES_PER_WAKEUP = 512
 WAKEUP_BYTES = 1 << 20             # received before the timers' turn: a few ms of work
 GATHER_TARGET = RECV_BUFFER      # bytes a receiver's wakeup waits to find; less is a trickle, and
@@ -5723,10 +5730,23 @@ class DatagramSocket:
                                      'fast long paths' % (got >> 10, name, SOCKET_BUFFER))
         self.gso = self._try_option(UDP_SEGMENT, 0)
         self.gro = self._try_option(UDP_GRO, 1)
+        self.stamped = self._stamp_arrivals()
         self._uncoalesced = 0
         self.held = []                          # (datagram, segment size): what ended a gather
         self.drained = False                    # the last receive found nothing waiting
+        self.waited = 0.0                       # s the last batch's first datagram waited here
         sock.setblocking(False)
+
+    def _stamp_arrivals(self):
+        """Have the kernel stamp each datagram's arrival (SO_TIMESTAMPNS),
+        where its number is known to be the one meant."""
+        if not sys.platform.startswith('linux') or os.uname().machine.lower() not in STAMPED_MACHINES:
+            return False
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            return True
+        except OSError:
+            return False
 
     def _try_option(self, option, value):
         try:
@@ -5779,12 +5799,21 @@ class DatagramSocket:
         each datagram's tag) and nothing is truncated: every receive has
         RECV_BUFFER bytes of room.  A datagram of another size ends the
         batch: a shorter one as its last, a longer one (or a coalesced
-        receive of another size) is held back for the next call."""
+        receive of another size) is held back for the next call.
+
+        `waited` is then how long the batch's first datagram (the one that
+        waited longest) had been in the socket, from the kernel's stamp of
+        its arrival (0 where there is none, as for one held back): the
+        receiver dates its arrival by it.  Across a busy host the receiver
+        takes a batch up to tens of ms after it came, and a delay measured
+        from the taking was read by the sender as the path's queue, with
+        drains to empty a queue that was not there."""
+        self.waited = 0.0
         if self.held:
             data, segment = self.held.pop(0)
             buffer[:len(data)] = data
             return len(data), segment
-        nbytes, segment = self._receive(buffer)
+        nbytes, segment = self._receive(buffer, self.stamped)
         if not gather or segment != gather or nbytes % gather:
             return nbytes, segment
         view, receive, room = memoryview(buffer), self._receive, len(buffer) - RECV_BUFFER
@@ -5800,16 +5829,24 @@ class DatagramSocket:
                 break                           # a shorter datagram ends a batch
         return nbytes, gather
 
-    def _receive(self, buffer):
-        """One receive: (bytes, segment size), (0, 0) when nothing waits."""
+    def _receive(self, buffer, stamp=False):
+        """One receive: (bytes, segment size), (0, 0) when nothing waits.
+        With `stamp`, `waited` is set from the datagram's arrival stamp."""
         self.drained = False
         try:
-            if self.gro:
-                nbytes, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], 64)
+            if self.gro or stamp:
+                nbytes, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], ANCILLARY_SPACE)
+                segment = 0
                 for level, kind, data in ancillary:
                     if level == SOL_UDP and kind == UDP_GRO:
-                        self._uncoalesced = 0
-                        return nbytes, int.from_bytes(data[:4], sys.byteorder) or nbytes
+                        segment = int.from_bytes(data[:4], sys.byteorder) or nbytes
+                    elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and stamp:
+                        self.waited = self._waited(data)
+                if not self.gro:
+                    return nbytes, nbytes
+                if segment:
+                    self._uncoalesced = 0
+                    return nbytes, segment
                 self._uncoalesced += 1
                 if self._uncoalesced >= GRO_TRIAL:
                     # Nothing on this path is coalesced (a device without
@@ -5825,6 +5862,16 @@ class DatagramSocket:
             return 0, 0
         except ConnectionRefusedError:
             return 0, 0                         # ICMP from an earlier send; not fatal
+
+    @staticmethod
+    def _waited(stamp):
+        """Seconds since the arrival `stamp` (a struct timespec of the
+        wall clock), or 0 if it is malformed or not believable."""
+        if len(stamp) < ARRIVAL_STAMP.size:
+            return 0.0
+        seconds, nanoseconds = ARRIVAL_STAMP.unpack_from(stamp)
+        waited = time.time() - (seconds + nanoseconds * 1e-9)
+        return waited if 0.0 <= waited < MAX_SOCKET_WAIT else 0.0
 
     def path_mtu(self):
         """The MTU of the route to the connected peer (an upper bound)."""
@@ -9275,7 +9322,7 @@ class ReceivePhase:
             nbytes, segment = recv_batch(buffer, full)
             if not nbytes:
                 break
-            now = clock()
+            now = clock() - udp.waited          # when they came, not when taken: see recv_batch
             packets = window.packets
             receive(buffer, nbytes, segment, now)
             if window.packets != packets:

@@ -426,6 +426,80 @@ def test_datagrams_that_come_while_a_drained_gather_is_taken_wait_for_the_next_w
         sender.close()
         udp.close()
 
+def wait_out(seconds):
+    """Let `seconds` pass (polling the clock, with nothing to wait for)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        select.select([], [], [], end - time.monotonic())
+
+
+@pytest.mark.parametrize('gro', [False, True])
+def test_a_batch_says_how_long_its_first_datagram_waited_in_the_socket(gro):
+    """The kernel stamps each datagram's arrival: a batch taken 80 ms after
+    it came says so (with or without GRO), one taken at once says little."""
+    sender, udp = socket_pair(gro)
+    if not udp.stamped:
+        sender.close()
+        udp.close()
+        pytest.skip('no SO_TIMESTAMPNS here')
+    buffer = bytearray(wanxfer.GATHER_BUFFER)
+    try:
+        for i in range(3):
+            sender.send(bytes([i]) * FULL)
+        assert select.select([udp.sock], [], [], 10)[0]
+        wait_out(0.08)
+        assert udp.recv_batch(buffer, FULL) == (3 * FULL, FULL)
+        assert 0.08 <= udp.waited < 0.08 + 5
+        sender.send(b'\x05' * FULL)
+        assert select.select([udp.sock], [], [], 10)[0]
+        assert udp.recv_batch(buffer, FULL) == (FULL, FULL)
+        assert udp.waited < 0.07
+    finally:
+        sender.close()
+        udp.close()
+
+
+def test_datagrams_taken_late_are_dated_by_their_arrival_not_reported_as_queue():
+    """A receiver that takes a batch 80 ms after it came (its CPU given to
+    others) dates the batch's arrival by the kernel's stamp: the
+    acknowledgement reports no queue for the wait in its own socket, and
+    the wait as acknowledgement delay, as the sender measures the path."""
+    import types
+    sender, udp = socket_pair(False)
+    if not udp.stamped:
+        sender.close()
+        udp.close()
+        pytest.skip('no SO_TIMESTAMPNS here')
+    out, rx, window, _writer = receiver(16)
+    blocks = file_blocks(16)
+    phase = types.SimpleNamespace(
+        data=types.SimpleNamespace(udp=udp), window=window, receiver=rx,
+        buffer=bytearray(wanxfer.GATHER_BUFFER), clock=time.monotonic, last_data=0.0, full_datagram=FULL,
+        _trickle_pause=lambda now: 0.0, _note_arrivals=lambda taken, now: None)
+
+    def send(seqs):
+        # Stamped as the sender stamps: its clock when sent (the same clock here).
+        for seq in seqs:
+            header = wanxfer.DATA_HEADER.pack(wanxfer.KIND_DATA, 0, SESSION, seq, seq,
+                                              int(time.monotonic() * 1e6) & 0xFFFFFFFF)
+            sender.send(header + out.seal(seq, header, blocks[seq]))
+        assert select.select([udp.sock], [], [], 10)[0]
+    try:
+        send(range(8))
+        wanxfer.ReceivePhase._receive_datagrams(phase)      # taken at once: the base delay
+        window.feedback(time.monotonic())
+        send(range(8, 16))
+        wait_out(0.08)
+        wanxfer.ReceivePhase._receive_datagrams(phase)
+        _start, largest, ack_delay_us, queue_us, _gaps = window.feedback(time.monotonic())
+    finally:
+        sender.close()
+        udp.close()
+    assert window.packets == 16 and largest == 15
+    assert queue_us < 40000, 'the wait in our own socket was reported as the path\'s queue'
+    assert ack_delay_us >= 80000
+
+
 # --- Wakeups at a slow, steady arrival rate ----------------------------------
 # Across a link that hands over one datagram at a time (the emulator's tun
 # device, a NIC without GRO), 100 Mbit/s is a datagram every 118 us.  A
@@ -443,6 +517,7 @@ class SteadyArrivals:
         self.taken = 0
         self.held = []
         self.drained = False
+        self.waited = 0.0
 
     def arrived(self):
         return int(self.clock.now / self.gap + 1e-6)
