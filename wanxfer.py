@@ -5510,6 +5510,13 @@ class ReceiveWindow:
             self.held += len(new)
         return new
 
+    def delay_sample(self, sent_us, arrived):
+        """One more delay sample: an authentic datagram of this file stamped
+        `sent_us` by the sender reached this host at `arrived` (as dated by
+        the kernel, where on_packets() dates a receive's worth by when it
+        was taken: no earlier than they came)."""
+        self._delay_sample(sent_us, arrived)
+
     def _delay_sample(self, sent_us, now):
         # Delay relative to the first sample's, so the unknown offset between
         # the two clocks and the 32-bit wrap cancel out.
@@ -5804,10 +5811,10 @@ class DatagramSocket:
         `waited` is then how long the batch's first datagram (the one that
         waited longest) had been in the socket, from the kernel's stamp of
         its arrival (0 where there is none, as for one held back): the
-        receiver dates its arrival by it.  Across a busy host the receiver
-        takes a batch up to tens of ms after it came, and a delay measured
-        from the taking was read by the sender as the path's queue, with
-        drains to empty a queue that was not there."""
+        receiver measures the path's delay by it.  Across a busy host the
+        receiver takes a batch up to tens of ms after it came, and a delay
+        measured only from the taking was read by the sender as the path's
+        queue, with drains to empty a queue that was not there."""
         self.waited = 0.0
         if self.held:
             data, segment = self.held.pop(0)
@@ -9036,8 +9043,11 @@ class FileReceiver:
         self.largest_data = 0                   # datagram bytes of the largest authentic data
         self.datagram_bytes = self.resent = self.compressed = 0
 
-    def receive(self, buffer, nbytes, segment, now):
+    def receive(self, buffer, nbytes, segment, now, arrived=None):
         """Take one receive's worth of datagrams (several when coalesced).
+        `arrived`: when the first of them reached this host (its kernel
+        stamp), if known; it dates that one's delay sample exactly, where
+        `now` dates the rest no earlier than they came.
 
         A full block's data datagram of this flow is taken if its tag,
         checked first, is right; those of one receive then go to the window
@@ -9056,6 +9066,7 @@ class FileReceiver:
             tag_at = full - TAG_SIZE
             seqs, blocks, stamps, offsets = [], [], [], []
             resent = 0
+            first_stamp = None
             for offset in range(0, whole, full):
                 kind, flags, sid, seq, block, stamp = unpack(buffer, offset)
                 if kind != KIND_DATA or sid != session_id or flags & DATA_FLAG_ZLIB \
@@ -9073,12 +9084,16 @@ class FileReceiver:
                     continue
                 if flags & DATA_FLAG_RETRANSMIT:
                     resent += 1
+                if not offset:
+                    first_stamp = stamp
                 seqs.append(seq)
                 blocks.append(block)
                 stamps.append(stamp)
                 offsets.append(offset)
             if seqs:
                 self._take(view, seqs, blocks, stamps, offsets, resent, now)
+            if first_stamp is not None and arrived is not None:
+                self.window.delay_sample(first_stamp, arrived)
         for offset in range(whole, nbytes, segment):
             self._receive_one(view, offset, min(segment, nbytes - offset), now)
 
@@ -9322,9 +9337,9 @@ class ReceivePhase:
             nbytes, segment = recv_batch(buffer, full)
             if not nbytes:
                 break
-            now = clock() - udp.waited          # when they came, not when taken: see recv_batch
+            now = clock()
             packets = window.packets
-            receive(buffer, nbytes, segment, now)
+            receive(buffer, nbytes, segment, now, now - udp.waited)
             if window.packets != packets:
                 last_data = now
             taken += nbytes
