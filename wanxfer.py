@@ -803,6 +803,7 @@ UDP_SEGMENT = 103               # Linux 4.18+, not in the socket module
 UDP_GRO = 104                   # Linux 5.0+
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
+SO_TIMESTAMPNS = 35             # Linux (asm-generic, x86, arm, powerpc, s390), not in the socket module
 IP_MTU = 14
 IP_MTU_DISCOVER = 10
 IPV6_MTU_DISCOVER = 23
@@ -5797,6 +5798,13 @@ class ReceiveWindow:
             self.held += len(new)
         return new
 
+    def delay_sample(self, sent_us, arrived):
+        """One more delay sample: an authentic datagram of this file stamped
+        `sent_us` by the sender reached this host at `arrived` (as dated by
+        the kernel, where on_packets() dates a receive's worth by when it
+        was taken: no earlier than they came)."""
+        self._delay_sample(sent_us, arrived)
+
     def _delay_sample(self, sent_us, now):
         # Delay relative to the first sample's, so the unknown offset between
         # the two clocks and the 32-bit wrap cancel out.
@@ -5980,6 +5988,12 @@ SOCKET_BUFFER = 32 << 20
 RECV_BUFFER = 1 << 16
 GATHER_BUFFER = 2 * RECV_BUFFER     # a gathered batch, and room for one more receive
 GRO_TRIAL = 4096                # receives in a row that coalesced nothing before GRO is dropped
+ANCILLARY_SPACE = 64            # a receive's control data: a GRO segment size and an arrival stamp
+ARRIVAL_STAMP = struct.Struct('@ll')    # struct timespec, as SO_TIMESTAMPNS hands it over
+MAX_SOCKET_WAIT = 1.0           # s a datagram may have waited in the socket; a longer wait read from
+                                # its stamp is a clock stepped meanwhile, and not believed
+STAMPED_MACHINES = ('x86_64', 'amd64', 'i386', 'i686', 'aarch64', 'arm64', 'riscv64', 's390x',
+                    'ppc64le', 'ppc64')     # where SO_TIMESTAMPNS is 35
 MAX_RECEIVES_PER_WAKEUP = 512
 WAKEUP_BYTES = 1 << 20             # received before the timers' turn: a few ms of work
 GATHER_TARGET = RECV_BUFFER      # bytes a receiver's wakeup waits to find; less is a trickle, and
@@ -6011,10 +6025,23 @@ class DatagramSocket:
                                      'fast long paths' % (got >> 10, name, SOCKET_BUFFER))
         self.gso = self._try_option(UDP_SEGMENT, 0)
         self.gro = self._try_option(UDP_GRO, 1)
+        self.stamped = self._stamp_arrivals()
         self._uncoalesced = 0
         self.held = []                          # (datagram, segment size): what ended a gather
         self.drained = False                    # the last receive found nothing waiting
+        self.waited = 0.0                       # s the last batch's first datagram waited here
         sock.setblocking(False)
+
+    def _stamp_arrivals(self):
+        """Have the kernel stamp each datagram's arrival (SO_TIMESTAMPNS),
+        where its number is known to be the one meant."""
+        if not sys.platform.startswith('linux') or os.uname().machine.lower() not in STAMPED_MACHINES:
+            return False
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            return True
+        except OSError:
+            return False
 
     def _try_option(self, option, value):
         try:
@@ -6067,12 +6094,21 @@ class DatagramSocket:
         each datagram's tag) and nothing is truncated: every receive has
         RECV_BUFFER bytes of room.  A datagram of another size ends the
         batch: a shorter one as its last, a longer one (or a coalesced
-        receive of another size) is held back for the next call."""
+        receive of another size) is held back for the next call.
+
+        `waited` is then how long the batch's first datagram (the one that
+        waited longest) had been in the socket, from the kernel's stamp of
+        its arrival (0 where there is none, as for one held back): the
+        receiver measures the path's delay by it.  Across a busy host the
+        receiver takes a batch up to tens of ms after it came, and a delay
+        measured only from the taking was read by the sender as the path's
+        queue, with drains to empty a queue that was not there."""
+        self.waited = 0.0
         if self.held:
             data, segment = self.held.pop(0)
             buffer[:len(data)] = data
             return len(data), segment
-        nbytes, segment = self._receive(buffer)
+        nbytes, segment = self._receive(buffer, self.stamped)
         if not gather or segment != gather or nbytes % gather:
             return nbytes, segment
         view, receive, room = memoryview(buffer), self._receive, len(buffer) - RECV_BUFFER
@@ -6088,16 +6124,24 @@ class DatagramSocket:
                 break                           # a shorter datagram ends a batch
         return nbytes, gather
 
-    def _receive(self, buffer):
-        """One receive: (bytes, segment size), (0, 0) when nothing waits."""
+    def _receive(self, buffer, stamp=False):
+        """One receive: (bytes, segment size), (0, 0) when nothing waits.
+        With `stamp`, `waited` is set from the datagram's arrival stamp."""
         self.drained = False
         try:
-            if self.gro:
-                nbytes, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], 64)
+            if self.gro or stamp:
+                nbytes, ancillary, _flags, _addr = self.sock.recvmsg_into([buffer], ANCILLARY_SPACE)
+                segment = 0
                 for level, kind, data in ancillary:
                     if level == SOL_UDP and kind == UDP_GRO:
-                        self._uncoalesced = 0
-                        return nbytes, int.from_bytes(data[:4], sys.byteorder) or nbytes
+                        segment = int.from_bytes(data[:4], sys.byteorder) or nbytes
+                    elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and stamp:
+                        self.waited = self._waited(data)
+                if not self.gro:
+                    return nbytes, nbytes
+                if segment:
+                    self._uncoalesced = 0
+                    return nbytes, segment
                 self._uncoalesced += 1
                 if self._uncoalesced >= GRO_TRIAL:
                     # Nothing on this path is coalesced (a device without
@@ -6113,6 +6157,16 @@ class DatagramSocket:
             return 0, 0
         except ConnectionRefusedError:
             return 0, 0                         # ICMP from an earlier send; not fatal
+
+    @staticmethod
+    def _waited(stamp):
+        """Seconds since the arrival `stamp` (a struct timespec of the
+        wall clock), or 0 if it is malformed or not believable."""
+        if len(stamp) < ARRIVAL_STAMP.size:
+            return 0.0
+        seconds, nanoseconds = ARRIVAL_STAMP.unpack_from(stamp)
+        waited = time.time() - (seconds + nanoseconds * 1e-9)
+        return waited if 0.0 <= waited < MAX_SOCKET_WAIT else 0.0
 
     def path_mtu(self):
         """The MTU of the route to the connected peer (an upper bound)."""
@@ -9300,8 +9354,11 @@ class FileReceiver:
         self.largest_data = 0                   # datagram bytes of the largest authentic data
         self.datagram_bytes = self.resent = self.compressed = 0
 
-    def receive(self, buffer, nbytes, segment, now):
+    def receive(self, buffer, nbytes, segment, now, arrived=None):
         """Take one receive's worth of datagrams (several when coalesced).
+        `arrived`: when the first of them reached this host (its kernel
+        stamp), if known; it dates that one's delay sample exactly, where
+        `now` dates the rest no earlier than they came.
 
         A full block's data datagram of this flow is taken if its tag,
         checked first, is right; those of one receive then go to the window
@@ -9320,6 +9377,7 @@ class FileReceiver:
             tag_at = full - TAG_SIZE
             seqs, blocks, stamps, offsets = [], [], [], []
             resent = 0
+            first_stamp = None
             for offset in range(0, whole, full):
                 kind, flags, sid, seq, block, stamp = unpack(buffer, offset)
                 if kind != KIND_DATA or sid != session_id or flags & DATA_FLAG_ZLIB \
@@ -9337,12 +9395,16 @@ class FileReceiver:
                     continue
                 if flags & DATA_FLAG_RETRANSMIT:
                     resent += 1
+                if not offset:
+                    first_stamp = stamp
                 seqs.append(seq)
                 blocks.append(block)
                 stamps.append(stamp)
                 offsets.append(offset)
             if seqs:
                 self._take(view, seqs, blocks, stamps, offsets, resent, now)
+            if first_stamp is not None and arrived is not None:
+                self.window.delay_sample(first_stamp, arrived)
         for offset in range(whole, nbytes, segment):
             self._receive_one(view, offset, min(segment, nbytes - offset), now)
 
@@ -9588,7 +9650,7 @@ class ReceivePhase:
                 break
             now = clock()
             packets = window.packets
-            receive(buffer, nbytes, segment, now)
+            receive(buffer, nbytes, segment, now, now - udp.waited)
             if window.packets != packets:
                 last_data = now
             taken += nbytes

@@ -95,6 +95,32 @@ def test_a_forged_datagram_in_a_coalesced_receive_is_dropped_and_nothing_of_it_w
     assert writer.blocks == blocks and window.complete() and rx.resent == 2
 
 
+def test_only_an_authentic_first_datagram_is_dated_by_its_arrival_stamp():
+    """The arrival stamp dates the first datagram of a receive; a forgery
+    there (its own sending stamp claiming it took no time) is dropped
+    before its stamp counts: the queue reported stays the path's."""
+    blocks = file_blocks(12)
+    out, rx, window, _writer = receiver(12)
+
+    def gram(seq, sent, forged=False):
+        header = wanxfer.DATA_HEADER.pack(wanxfer.KIND_DATA, 0, SESSION, seq, seq, int(sent * 1e6))
+        sealed = bytearray(header + out.seal(seq, header, blocks[seq]))
+        if forged:
+            sealed[-1] ^= 1
+        return bytes(sealed)
+    # 50 ms one way, taken at once.
+    rx.receive(*coalesced(*[gram(seq, 1.0) for seq in range(4)]), FULL, 1.05, 1.05)
+    window.feedback(1.06)
+    # A forgery first, claiming to have been sent a second after it arrived.
+    rx.receive(*coalesced(gram(4, 2.1, forged=True), *[gram(seq, 1.1) for seq in range(5, 8)]),
+               FULL, 1.15, 1.15)
+    window.feedback(1.16)
+    rx.receive(*coalesced(*[gram(seq, 1.2) for seq in range(8, 12)]), FULL, 1.25, 1.25)
+    queue_us = window.feedback(1.26)[3]
+    assert rx.rejected == 1
+    assert queue_us < 5000, 'a forged stamp moved the base delay'
+
+
 def test_a_datagram_of_another_session_or_a_foreign_key_is_dropped():
     blocks = file_blocks(4)
     out, rx, window, writer = receiver(4)
@@ -377,7 +403,7 @@ def test_a_datagram_held_back_by_a_gather_is_taken_in_the_same_wakeup(monkeypatc
     taken = []
     phase = types.SimpleNamespace(
         data=types.SimpleNamespace(udp=udp), window=types.SimpleNamespace(packets=0),
-        receiver=types.SimpleNamespace(receive=lambda buffer, nbytes, segment, now:
+        receiver=types.SimpleNamespace(receive=lambda buffer, nbytes, segment, now, arrived=None:
                                        taken.append(bytes(buffer[:nbytes])),
                                        flush=lambda: None),
         buffer=bytearray(wanxfer.GATHER_BUFFER), clock=time.monotonic, last_data=0.0, full_datagram=FULL,
@@ -403,7 +429,7 @@ def test_datagrams_that_come_while_a_drained_gather_is_taken_wait_for_the_next_w
     sender, udp = socket_pair(False)
     taken = []
 
-    def receive(buffer, nbytes, segment, now):
+    def receive(buffer, nbytes, segment, now, arrived=None):
         taken.append(nbytes // FULL)
         if len(taken) == 1:
             for i in range(2):
@@ -426,6 +452,79 @@ def test_datagrams_that_come_while_a_drained_gather_is_taken_wait_for_the_next_w
         sender.close()
         udp.close()
 
+def wait_out(seconds):
+    """Let `seconds` pass (polling the clock, with nothing to wait for)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        select.select([], [], [], end - time.monotonic())
+
+
+@pytest.mark.parametrize('gro', [False, True])
+def test_a_batch_says_how_long_its_first_datagram_waited_in_the_socket(gro):
+    """The kernel stamps each datagram's arrival: a batch taken 80 ms after
+    it came says so (with or without GRO), one taken at once says little."""
+    sender, udp = socket_pair(gro)
+    if not udp.stamped:
+        sender.close()
+        udp.close()
+        pytest.skip('no SO_TIMESTAMPNS here')
+    buffer = bytearray(wanxfer.GATHER_BUFFER)
+    try:
+        for i in range(3):
+            sender.send(bytes([i]) * FULL)
+        assert select.select([udp.sock], [], [], 10)[0]
+        wait_out(0.08)
+        assert udp.recv_batch(buffer, FULL) == (3 * FULL, FULL)
+        assert 0.08 <= udp.waited < 0.08 + 5
+        sender.send(b'\x05' * FULL)
+        assert select.select([udp.sock], [], [], 10)[0]
+        assert udp.recv_batch(buffer, FULL) == (FULL, FULL)
+        assert udp.waited < 0.07
+    finally:
+        sender.close()
+        udp.close()
+
+
+def test_datagrams_taken_late_are_dated_by_their_arrival_not_reported_as_queue():
+    """A receiver that takes a batch 80 ms after it came (its CPU given to
+    others) measures the path's delay by the kernel's stamp of the batch's
+    first datagram: the acknowledgement reports no queue for the wait in
+    its own socket."""
+    import types
+    sender, udp = socket_pair(False)
+    if not udp.stamped:
+        sender.close()
+        udp.close()
+        pytest.skip('no SO_TIMESTAMPNS here')
+    out, rx, window, _writer = receiver(16)
+    blocks = file_blocks(16)
+    phase = types.SimpleNamespace(
+        data=types.SimpleNamespace(udp=udp), window=window, receiver=rx,
+        buffer=bytearray(wanxfer.GATHER_BUFFER), clock=time.monotonic, last_data=0.0, full_datagram=FULL,
+        _trickle_pause=lambda now: 0.0, _note_arrivals=lambda taken, now: None)
+
+    def send(seqs):
+        # Stamped as the sender stamps: its clock when sent (the same clock here).
+        for seq in seqs:
+            header = wanxfer.DATA_HEADER.pack(wanxfer.KIND_DATA, 0, SESSION, seq, seq,
+                                              int(time.monotonic() * 1e6) & 0xFFFFFFFF)
+            sender.send(header + out.seal(seq, header, blocks[seq]))
+        assert select.select([udp.sock], [], [], 10)[0]
+    try:
+        send(range(8))
+        wanxfer.ReceivePhase._receive_datagrams(phase)      # taken at once: the base delay
+        window.feedback(time.monotonic())
+        send(range(8, 16))
+        wait_out(0.08)
+        wanxfer.ReceivePhase._receive_datagrams(phase)
+        _start, largest, _ack_delay, queue_us, _gaps = window.feedback(time.monotonic())
+    finally:
+        sender.close()
+        udp.close()
+    assert window.packets == 16 and largest == 15
+    assert queue_us < 40000, 'the wait in our own socket was reported as the path\'s queue'
+
+
 # --- Wakeups at a slow, steady arrival rate ----------------------------------
 # Across a link that hands over one datagram at a time (the emulator's tun
 # device, a NIC without GRO), 100 Mbit/s is a datagram every 118 us.  A
@@ -443,6 +542,7 @@ class SteadyArrivals:
         self.taken = 0
         self.held = []
         self.drained = False
+        self.waited = 0.0
 
     def arrived(self):
         return int(self.clock.now / self.gap + 1e-6)
@@ -467,7 +567,7 @@ def steady_receiver(monkeypatch, gap, interval, seconds):
     udp = SteadyArrivals(clock, gap)
     window = types.SimpleNamespace(packets=0)
 
-    def receive(buffer, nbytes, segment, now):
+    def receive(buffer, nbytes, segment, now, arrived=None):
         window.packets += nbytes // FULL
     phase = types.SimpleNamespace(
         data=types.SimpleNamespace(udp=udp), window=window,
