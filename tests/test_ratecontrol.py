@@ -4,12 +4,11 @@ round trip late) as the bulk sender drives it, and fed by hand where a test
 needs a path no model makes; and the compression policy that follows the
 rate.  Rates are bytes/s; M is one Mbit/s."""
 
-import functools
 import os
 
 import pytest
 
-from helpers import AimdFlow, CubicFlow, ModelPath, wanxfer
+from helpers import AimdFlow, CubicFlow, ModelPath, share_batches, wanxfer
 
 M = 1e6 / 8
 
@@ -197,8 +196,7 @@ def test_random_loss_in_a_startup_slot_is_not_taken_for_the_bottleneck(count):
             path.add_flow(controller, batch=45, sample_every=8)
         else:
             shared = wanxfer.SharedRate(controller, count, shares=[0.13, 0.87])
-            batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45,
-                                      rtt=0.12, flows=count)
+            batch = share_batches(shared, 0.12)
             for i in range(count):
                 path.add_flow(shared.share(i), batch=batch, sample_every=8)
         while controller.startup and path.now < 3.0:
@@ -479,8 +477,7 @@ def beside_cubic(count, seed, seconds=50.0, start=8.0):
                               learn_base=True)]
     else:
         shared = wanxfer.SharedRate(wanxfer.RateController(), count)
-        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45,
-                                  rtt=0.12, flows=count)
+        batch = share_batches(shared, 0.12)
         ours = [path.add_flow(shared.share(i), start=start, batch=batch, sample_every=8, learn_base=True)
                 for i in range(count)]
     path.run(seconds)
@@ -520,8 +517,7 @@ def joined_by_cubic(count, seed, join=10.0, seconds=28.0):
         ours = [path.add_flow(wanxfer.RateController(), batch=45, sample_every=8, learn_base=True)]
     else:
         shared = wanxfer.SharedRate(wanxfer.RateController(), count)
-        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45,
-                                  rtt=0.12, flows=count)
+        batch = share_batches(shared, 0.12)
         ours = [path.add_flow(shared.share(i), batch=batch, sample_every=8, learn_base=True)
                 for i in range(count)]
     tcp = path.add_flow(CubicFlow(), start=join)
@@ -604,8 +600,7 @@ def batched(count=1, shares=None, rtt=0.12, loss=0.0, seed=1, seconds=10.0):
         flows = [path.add_flow(wanxfer.RateController(), batch=45, sample_every=8)]
     else:
         shared = wanxfer.SharedRate(wanxfer.RateController(), count, shares=shares)
-        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45,
-                                  rtt=rtt, flows=count)
+        batch = share_batches(shared, rtt)
         flows = [path.add_flow(shared.share(i), batch=batch, sample_every=8) for i in range(count)]
     path.run(seconds)
     return path, flows
@@ -654,7 +649,7 @@ def test_slow_shares_in_larger_batches_fill_a_long_path_as_cleanly_as_one_flow()
     one_path.run(seconds)
     path = ModelPath(capacity * M, rtt, seed=1, jitter=0.005, loss=0.005)
     shared = wanxfer.SharedRate(wanxfer.RateController(), 2)
-    batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45, rtt=rtt, flows=2)
+    batch = share_batches(shared, rtt)
     shares = [path.add_flow(shared.share(i), batch=batch, sample_every=8) for i in range(2)]
     path.run(seconds)
     assert path.drops(0, seconds) <= one_path.drops(0, seconds) + 20, \
@@ -687,7 +682,7 @@ def test_a_share_with_more_left_to_send_takes_the_rate_of_one_that_has_none():
     path = ModelPath(200 * M, 0.12, seed=1, jitter=0.005)
     shared = wanxfer.SharedRate(wanxfer.RateController(), 2, shares=[0.13, 0.87])
     parts = [int(0.156 * size), size - int(0.156 * size)]
-    batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45, rtt=0.12, flows=2)
+    batch = share_batches(shared, 0.12)
     flows = [path.add_flow(shared.share(i), files=[(part, 1e9)], batch=batch, sample_every=8)
              for i, part in enumerate(parts)]
     path.run(8.0)
@@ -705,7 +700,7 @@ def test_one_worker_with_nothing_to_send_leaves_the_transfer_at_its_rate():
     idle = []
 
     class Controller:
-        rate, peak_delivery = 1.0, 0.0
+        rate, peak_delivery, steady = 1.0, 0.0, True
 
         def on_idle(self, now):
             idle.append(now)
@@ -740,7 +735,7 @@ def test_merged_acknowledgements_cover_what_was_sent_since_the_last():
     told = []
 
     class Controller:
-        rate, peak_delivery = 1.0, 0.0
+        rate, peak_delivery, steady = 1.0, 0.0, True
 
         def on_feedback(self, now, queue_delay, nbytes, delivered, lost, rtt, app_limited, sent_at,
                         ack_delay):
@@ -766,7 +761,7 @@ def test_a_share_that_sampled_no_delay_does_not_hide_the_queue():
     queues = []
 
     class Controller:
-        rate, peak_delivery = 1.0, 0.0
+        rate, peak_delivery, steady = 1.0, 0.0, True
 
         def on_feedback(self, now, queue_delay, *rest):
             queues.append(queue_delay)
@@ -801,7 +796,7 @@ def test_each_of_k_flows_is_acknowledged_every_k_intervals_on_a_long_path():
 
 class Told:
     """A controller that keeps what SharedRate tells it."""
-    rate, peak_delivery = 1.0, 0.0
+    rate, peak_delivery, steady = 1.0, 0.0, True
 
     def __init__(self):
         self.told = []                  # (arrival, sent_at, bytes)
@@ -867,8 +862,7 @@ def test_shares_acknowledged_every_k_intervals_fill_a_long_lossy_path_as_cleanly
         path = ModelPath(200 * M, 1.2, seed=seed, jitter=0.005, loss=0.03)
         shared = wanxfer.SharedRate(wanxfer.RateController(), count,
                                     shares=[0.64, 0.36] if count == 2 else None)
-        batch = functools.partial(wanxfer.share_batch, block_size=1500, largest=45,
-                                  rtt=1.2, flows=count)
+        batch = share_batches(shared, 1.2)
         shares = [path.add_flow(shared.share(i), batch=batch, sample_every=8) for i in range(count)]
         path.run(24.0)
         drops.append(path.drops(0, 24.0))

@@ -61,6 +61,7 @@ class Rate:
     def __init__(self):
         self.rate = 2e6
         self.peak_delivery = 0.0
+        self.steady = False                 # in its startup: packets not flagged DATA_FLAG_STEADY
         self.cap = None
         self.feedback = []
         self.idle = []
