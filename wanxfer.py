@@ -10492,8 +10492,9 @@ class SharedRate:
     link at 120 ms, where one flow drops nothing).  A worker whose news
     stopped LIVE_WAIT ago (its share is done) holds back nobody.
 
-    Where each flow is acknowledged every k intervals (stretched_feedback),
-    what is merged spans k intervals of send time: it reaches the
+    Where each flow is acknowledged every k intervals (stretched_feedback:
+    once the controller is past its startup, DATA_FLAG_STEADY), what is
+    merged spans k intervals of send time: it reaches the
     controller in pieces of an interval each, evenly, as one flow's news
     would (the controller's slots are a few of its intervals long: taken
     whole, its slots grew to 80 ms across 300 ms, and the model's queue
