@@ -208,6 +208,8 @@ DATA_TIMEOUT = 30.0             # s without feedback before a transfer is abando
 # Data packet flags.
 DATA_FLAG_RETRANSMIT = 0x01
 DATA_FLAG_ZLIB = 0x02           # the body is the block compressed by zlib (one stream per block)
+DATA_FLAG_STEADY = 0x04         # the sender's rate control is past its startup: a striped flow's
+                                # receiver may acknowledge every k intervals (stretched_feedback)
 
 # Every datagram: kind, flags, session id, packet number (the nonce: each
 # direction counts its own from 0 and never reuses one).
@@ -292,7 +294,8 @@ MAX_SESSION_MESSAGE = 4096
 #                   (JSON of it follows): open the worker's UDP flow there
 #   WORKER_SEND     b'F': send a file's share (its path, UTF-8, follows)
 #   WORKER_RANGES   b'N' blocks to send, b'W' blocks withdrawn (a delta's needs)
-#   WORKER_RATE     b'R': pace at this rate (bytes/s); the path's best delivery
+#   WORKER_RATE     b'R': pace at this rate (bytes/s); the path's best delivery;
+#                   whether the rate control is past its startup
 #   WORKER_END      b'E': the file is over (the receiver said done, or gave up)
 #   WORKER_JOB      to worker 1, before its WORKER_SEND: b'G' read the file
 #                   (its path follows) for its digest; to each worker of a
@@ -333,7 +336,8 @@ WORKER_SEND = struct.Struct('!cIQIBdQqH')       # b'F', file id, first packet nu
                                                 # compress, rtt (s), size, mtime (ns), workers
                                                 # sharing the file
 WORKER_RANGES = struct.Struct('!cIH')           # code, file id, range count
-WORKER_RATE = struct.Struct('!cdd')             # b'R', rate (bytes/s), peak delivery (bytes/s)
+WORKER_RATE = struct.Struct('!cdd?')            # b'R', rate (bytes/s), peak delivery (bytes/s),
+                                                # past the startup (RateController.steady)
 WORKER_END = struct.Struct('!cI')               # b'E', file id
 WORKER_ACK = struct.Struct('!cdddQQddd')        # b'A', now, queue delay, bytes delivered, packets
                                                 # delivered, lost, rtt, send time (-1: unknown),
@@ -4572,6 +4576,13 @@ class RateController:
         return self.phase == 'startup'
 
     @property
+    def steady(self):
+        """Not in a startup: the rate's slots are no longer doubling, and
+        acknowledgements of a striped file may come less often (see
+        stretched_feedback)."""
+        return self.phase != 'startup'
+
+    @property
     def ramped(self):
         """The first startup has ended: peak_delivery is the path's, not the ramp's."""
         return self._ramped
@@ -7457,18 +7468,22 @@ class OutgoingFile:
         if budget > 0 and window.has_work() and window.in_flight() < flight_cap:
             sealer, udp, compression, fd = self._sealer, self._udp, self.compression, self._fd
             sid, per_packet, max_batch = self._session_id, self._per_packet, self._max_batch
+            # Past the startup, the packets say so: then the receiver of a
+            # striped file's flow may acknowledge it less often.
+            steady = DATA_FLAG_STEADY if rate.steady else 0
             if self.striped:
-                max_batch = share_batch(rate.rate, block_size, max_batch, self.rtt, self.workers)
+                max_batch = share_batch(rate.rate, block_size, max_batch, self.rtt,
+                                        self.workers if steady else 1)
             pack_header = DATA_HEADER.pack
             stamp = int(now * 1e6) & 0xFFFFFFFF
             while budget > 0 and window.has_work() and window.in_flight() < flight_cap:
                 again = window.next_resends(max_batch)
                 if again:
-                    budget -= self._send_again(again, stamp, now)
+                    budget -= self._send_again(again, stamp, now, steady)
                     continue
                 first, count, resend = window.next_run(max_batch)
                 payload = os.pread(fd, count * block_size, first * block_size)
-                flags = DATA_FLAG_RETRANSMIT if resend else 0
+                flags = (DATA_FLAG_RETRANSMIT if resend else 0) | steady
                 seq = window.next_seq
                 if compression.use_for(payload):
                     packets, compressed = seal_compressed_run(
@@ -7494,17 +7509,17 @@ class OutgoingFile:
             return max(0.0, -budget / rate.rate)
         return 0.05
 
-    def _send_again(self, blocks, stamp, now):
+    def _send_again(self, blocks, stamp, now, steady=0):
         """Send `blocks` again as one batch: consecutive packet numbers, so
-        one seal and one system call, though the blocks are scattered.  The
-        wire bytes."""
+        one seal and one system call, though the blocks are scattered
+        (`steady`: DATA_FLAG_STEADY or 0).  The wire bytes."""
         block_size, sid, fd, window = self.block_size, self._session_id, self._fd, self.window
         last = self.nblocks - 1
         if last in blocks and self.size - last * block_size < block_size:
             blocks.remove(last)
             blocks.append(last)                 # a short block only as the batch's last
         payload = b''.join([os.pread(fd, block_size, block * block_size) for block in blocks])
-        seq, flags = window.next_seq, DATA_FLAG_RETRANSMIT
+        seq, flags = window.next_seq, DATA_FLAG_RETRANSMIT | steady
         if self.compression.use_for(payload):
             packets, compressed = seal_compressed_run(
                 self._sealer, sid, seq, blocks[0], len(blocks), block_size, payload, flags, stamp,
@@ -8674,7 +8689,8 @@ def feedback_interval(rtt, flows=1):
     are still within an eighth of the round trip (stretched_feedback), each
     flow is acknowledged every k intervals, and SharedRate passes the
     merged news on in pieces of an interval: the rate control hears as
-    often as from one flow."""
+    often as from one flow.  Not in a startup (the receiver is told by
+    DATA_FLAG_STEADY): that is every interval."""
     interval = max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
     if stretched_feedback(rtt, flows):
         interval *= flows
@@ -9353,6 +9369,7 @@ class FileReceiver:
         self.largest_probe = 0                  # datagram bytes: probes may come with the data
         self.largest_data = 0                   # datagram bytes of the largest authentic data
         self.datagram_bytes = self.resent = self.compressed = 0
+        self.steady = False                     # the newest authentic data was flagged DATA_FLAG_STEADY
 
     def receive(self, buffer, nbytes, segment, now, arrived=None):
         """Take one receive's worth of datagrams (several when coalesced).
@@ -9378,6 +9395,7 @@ class FileReceiver:
             seqs, blocks, stamps, offsets = [], [], [], []
             resent = 0
             first_stamp = None
+            steady = None
             for offset in range(0, whole, full):
                 kind, flags, sid, seq, block, stamp = unpack(buffer, offset)
                 if kind != KIND_DATA or sid != session_id or flags & DATA_FLAG_ZLIB \
@@ -9393,6 +9411,7 @@ class FileReceiver:
                 if not compare(mac.digest(), view[offset + tag_at:offset + full]):
                     self.rejected += 1
                     continue
+                steady = flags
                 if flags & DATA_FLAG_RETRANSMIT:
                     resent += 1
                 if not offset:
@@ -9405,6 +9424,8 @@ class FileReceiver:
                 self._take(view, seqs, blocks, stamps, offsets, resent, now)
             if first_stamp is not None and arrived is not None:
                 self.window.delay_sample(first_stamp, arrived)
+            if steady is not None:
+                self.steady = bool(steady & DATA_FLAG_STEADY)
         for offset in range(whole, nbytes, segment):
             self._receive_one(view, offset, min(segment, nbytes - offset), now)
 
@@ -9458,8 +9479,9 @@ class FileReceiver:
         if kind == KIND_DATA and sid == self._session_id:
             body = self._sealer.verify(view[offset:offset + header_size],
                                        view[offset + header_size:offset + length])
-            if body is not None and length > self.largest_data:
-                self.largest_data = length
+            if body is not None:
+                self.largest_data = max(self.largest_data, length)
+                self.steady = bool(flags & DATA_FLAG_STEADY)
         expected = self._block_size if block < self._last_block else self._last_size
         if body is not None and flags & DATA_FLAG_ZLIB:
             self._compressed(seq, block, stamp, body, expected, now, length, flags)
@@ -9574,7 +9596,17 @@ class ReceivePhase:
         self.buffer = bytearray(GATHER_BUFFER)
         self.full_datagram = DATA_HEADER.size + self.block_size + TAG_SIZE
         self.proven = proven                    # bytes of the largest probe before this phase
-        self.feedback_interval = feedback_interval(rtt, flows if team is None else len(start['workers']) + 1)
+        # A striped file's flow is acknowledged every k intervals on a long
+        # path (stretched_feedback), but only while its sender says it is
+        # past its startup (DATA_FLAG_STEADY): a startup slot is a few
+        # intervals long, and news of k intervals merged at the sender
+        # across its edges read slots low (0.72-0.91 of their rate, one
+        # slot in four on the model at 600 ms and 5% loss).  On the link
+        # there a slot read 0.86 of its rate: the next asked too little,
+        # the startup took a round trip more and ended at 176 Mbit/s of 200.
+        self.feedback_interval = feedback_interval(rtt)
+        self.stretched_interval = feedback_interval(
+            rtt, flows if team is None else len(start['workers']) + 1)
         self.idle_limit = max(0.02, rtt / 2)
         now = self.clock()
         self.narrow_check = now + max(NARROW_PATH_WAIT, 3 * rtt) if unproven else None
@@ -9785,7 +9817,8 @@ class ReceivePhase:
                 self.packets_at_feedback = window.packets
                 self.data.send(KIND_FEEDBACK, encode_feedback(self.file_id, *window.feedback(now)))
                 self.next_final = now + self.idle_limit
-            self.next_feedback = now + self.feedback_interval
+            self.next_feedback = now + (self.stretched_interval if self.receiver.steady
+                                        else self.feedback_interval)
 
     def _send_nak(self, now):
         """Once the data pauses, what is missing; after `timeout` of it, give up."""
@@ -10851,8 +10884,9 @@ class SharedRate:
     link at 120 ms, where one flow drops nothing).  A worker whose news
     stopped LIVE_WAIT ago (its share is done) holds back nobody.
 
-    Where each flow is acknowledged every k intervals (stretched_feedback),
-    what is merged spans k intervals of send time: it reaches the
+    Where each flow is acknowledged every k intervals (stretched_feedback:
+    once the controller is past its startup, DATA_FLAG_STEADY), what is
+    merged spans k intervals of send time: it reaches the
     controller in pieces of an interval each, evenly, as one flow's news
     would (the controller's slots are a few of its intervals long: taken
     whole, its slots grew to 80 ms across 300 ms, and the model's queue
@@ -10984,7 +11018,7 @@ class SharedRate:
         self._until, self._arrived = until, arrived
         rtt, app_limited = max(news[1] for news in pending), any(news[2] for news in pending)
         pieces = 1
-        if since is not None and stretched_feedback(rtt, self.count):
+        if since is not None and self.controller.steady and stretched_feedback(rtt, self.count):
             pieces = max(1, min(2 * self.count, int(round((until - since) / FEEDBACK_INTERVAL[1]))))
             before = min(before, arrived)
         for piece in range(1, pieces + 1):
@@ -11043,6 +11077,10 @@ class RateShare:
     def peak_delivery(self):
         return self._shared.controller.peak_delivery
 
+    @property
+    def steady(self):
+        return self._shared.controller.steady
+
     def on_feedback(self, *args, **kwargs):
         self._shared.add(self._index, *args, **kwargs)
 
@@ -11076,12 +11114,13 @@ class WorkerRate:
     def __init__(self, channel):
         self.rate = float(RateController.INITIAL_RATE)  # until the coordinator says
         self.peak_delivery = 0.0
+        self.steady = False
         self._channel = channel
         self._idle_told = float('-inf')
 
     def update(self, message):
-        _code, rate, peak = WORKER_RATE.unpack(message)
-        self.rate, self.peak_delivery = max(rate, 1.0), peak
+        _code, rate, peak, steady = WORKER_RATE.unpack(message)
+        self.rate, self.peak_delivery, self.steady = max(rate, 1.0), peak, steady
 
     def on_feedback(self, now, queue_delay, delivered_bytes, delivered, lost, rtt, app_limited=False,
                     sent_at=None, ack_delay=0.0):
@@ -11508,7 +11547,8 @@ class SendingTeam:
         self.broken = None
         self._controller = session.rate
         self._shared = None                     # the SharedRate of the file being sent
-        self._told = (0.0, (), float('-inf'))   # the rate and shares last sent, and when
+        self._told = (0.0, (), float('-inf'), False)    # the rate and shares last sent, when,
+                                                        # and whether past the startup
         self._outgoing = None                   # the file being sent
         self._active = []                       # the workers sharing it
         local = session.sock.getsockname()[0]
@@ -11641,7 +11681,7 @@ class SendingTeam:
                 outgoing.mtime_ns, outgoing.workers) + path)
             for message in worker_ranges(b'N', file_id, part):
                 self._send(worker, message)
-        self._told = (0.0, (), float('-inf'))
+        self._told = (0.0, (), float('-inf'), False)
         self.rate_changed()
 
     def _send(self, worker, message):
@@ -11723,17 +11763,18 @@ class SendingTeam:
         when it or the shares changed enough, or long enough ago."""
         if self._shared is None:
             return
-        rate = self._controller.rate
+        rate, steady = self._controller.rate, self._controller.steady
         shares = tuple(self._shared.share_of(worker.index) for worker in self._active)
-        told, told_shares, when = self._told
+        told, told_shares, when, told_steady = self._told
         now = time.monotonic()
-        if shares == told_shares and (rate == told or (abs(rate - told) <= WORKER_RATE_STEP * told
-                                                       and now - when < WORKER_RATE_INTERVAL)):
+        if shares == told_shares and steady == told_steady and \
+                (rate == told or (abs(rate - told) <= WORKER_RATE_STEP * told
+                                  and now - when < WORKER_RATE_INTERVAL)):
             return
-        self._told = (rate, shares, now)
+        self._told = (rate, shares, now, steady)
         for worker, share in zip(self._active, shares):
             send_quietly(worker.channel, WORKER_RATE.pack(
-                b'R', rate * share, self._controller.peak_delivery))
+                b'R', rate * share, self._controller.peak_delivery, steady))
 
     def end_file(self, outgoing):
         """The file is over: each worker ends its share and says what it

@@ -12,6 +12,7 @@ AssertionError, so pytest reports them as failed tests, and the
 benchmarks under tests/bench/ can use these without pytest."""
 
 import base64
+import bisect
 import collections
 import contextlib
 import fcntl
@@ -681,10 +682,16 @@ class ModelFlow:
         self.feedback_interval = max(wanxfer.FEEDBACK_INTERVAL[0],
                                      min(wanxfer.FEEDBACK_INTERVAL[1], self.rtt / 8))
         # A share of a striped file is acknowledged as the real receiving
-        # worker acknowledges its flow (by how many flows share the file).
+        # worker acknowledges its flow (by how many flows share the file):
+        # every k intervals on a long path, once the packets it took last
+        # were sent past the startup (wanxfer.DATA_FLAG_STEADY).
+        self._stretched_interval = self.feedback_interval
+        self._steady_from = []                  # (send time, steady) where the sender's changed
         shared = getattr(controller, '_shared', None)
         if isinstance(shared, wanxfer.SharedRate) and hasattr(wanxfer, 'stretched_feedback'):
-            self.feedback_interval = wanxfer.feedback_interval(self.rtt, shared.count)
+            self._stretched_interval = wanxfer.feedback_interval(self.rtt, shared.count)
+            if not hasattr(wanxfer, 'DATA_FLAG_STEADY'):    # (before it, from the first packet)
+                self.feedback_interval = self._stretched_interval
         self._budget = 0.0
         self._last_tick = start
         self._in_flight = 0                     # bytes sent, not yet acknowledged
@@ -747,6 +754,9 @@ class ModelFlow:
                 self._limited_until = self._idle_until + self.rtt
         self._in_flight += count * packet
         self.sent_bytes += count * packet
+        steady = bool(getattr(self.controller, 'steady', False))
+        if count and (self._steady_from[-1][1] if self._steady_from else False) != steady:
+            self._steady_from.append((now, steady))
         kept = sum(1 for _ in range(count) if not self.path.randomly_lost())
         self.lost_packets += count - kept
         self.rates.append((now, rate))
@@ -779,7 +789,7 @@ class ModelFlow:
         if now < self._next_feedback:
             return
         # A busy receiver is late to acknowledge (it says by how much).
-        self._next_feedback = now + self.feedback_interval + self.path.random.random() * self.path.jitter
+        self._next_feedback = now + self._receiver_interval() + self.path.random.random() * self.path.jitter
         if not self._heard:
             return                                  # nothing arrived: nothing to say
         if self._first_arrival is None:
@@ -798,6 +808,14 @@ class ModelFlow:
             if self._feedback:
                 arrival = max(arrival, self._feedback[-1][0])
             self._feedback.append((arrival, ack))
+
+    def _receiver_interval(self):
+        """The interval the receiver acknowledges at next: stretched if the
+        newest packet it took said its sender was steady."""
+        if self._newest is None or not self._steady_from:
+            return self.feedback_interval
+        i = bisect.bisect_right(self._steady_from, (self._newest[0], True)) - 1
+        return self._stretched_interval if i >= 0 and self._steady_from[i][1] else self.feedback_interval
 
     def sender_tick(self, now):
         while self._feedback and self._feedback[0][0] <= now:
@@ -835,6 +853,17 @@ class ModelFlow:
             if sum(self.delivered[b + i] for i in range(bins)) >= level * span:
                 return b / 10.0
         return None
+
+
+def share_batches(shared, rtt, block_size=1500, largest=45):
+    """How many packets a share of `shared` (a SharedRate) sends at a time,
+    by its rate, as the real sender batches it (wanxfer.share_batch): as
+    for flows acknowledged every interval until the rate control is past
+    its startup (wanxfer.DATA_FLAG_STEADY)."""
+    def batch(rate):
+        steady = getattr(shared.controller, 'steady', True)
+        return wanxfer.share_batch(rate, block_size, largest, rtt, shared.count if steady else 1)
+    return batch
 
 
 class AimdFlow:

@@ -8,6 +8,7 @@ duplicate counts once, and the odd datagram keeps its place in the order."""
 import random
 import select
 import time
+import types
 import zlib
 
 import pytest
@@ -207,6 +208,42 @@ def test_one_datagram_per_receive_takes_the_same_path():
         rx.receive(buffer, nbytes, nbytes, 1.0 + seq)
     rx.flush()
     assert writer.blocks == blocks and window.duplicates == 1 and window.packets == 6
+
+
+def test_a_striped_flow_is_acknowledged_every_k_intervals_only_while_its_data_says_steady():
+    """On a long path each of k flows of a striped file is acknowledged
+    every k intervals (wanxfer.stretched_feedback), but only while the
+    newest authentic data says its sender is past its startup
+    (DATA_FLAG_STEADY): a forgery's flag counts for nothing."""
+    steady, resent = wanxfer.DATA_FLAG_STEADY, wanxfer.DATA_FLAG_RETRANSMIT
+    blocks = file_blocks(8)
+    out, rx, window, _writer = receiver(8)
+    sent = []
+    phase = types.SimpleNamespace(
+        window=window, receiver=rx, repeat_final=False, packets_at_feedback=0, file_id=1,
+        idle_limit=0.3, next_final=0.0, next_feedback=0.0,
+        feedback_interval=wanxfer.feedback_interval(0.6),
+        stretched_interval=wanxfer.feedback_interval(0.6, 2),
+        data=types.SimpleNamespace(send=lambda kind, body: sent.append(kind)))
+
+    def take(now, *grams, segment=FULL):
+        buffer, nbytes = coalesced(*grams)
+        rx.receive(buffer, nbytes, segment, now)
+        wanxfer.ReceivePhase._send_feedback(phase, now)
+        return round(phase.next_feedback - now, 6)
+
+    assert phase.stretched_interval == 2 * phase.feedback_interval
+    assert take(1.0, datagram(out, 0, 0, blocks[0]), datagram(out, 1, 1, blocks[1])) == 0.01
+    assert take(1.1, datagram(out, 2, 2, blocks[2]), datagram(out, 3, 3, blocks[3], steady)) == 0.02
+    forged = bytearray(datagram(out, 4, 4, blocks[4]))
+    forged[-1] ^= 1
+    assert take(1.2, datagram(out, 5, 5, blocks[5], steady | resent), bytes(forged)) == 0.02
+    assert take(1.3, datagram(out, 6, 6, blocks[6])) == 0.01
+    # One datagram a receive (no UDP_GRO) takes its own path, as does one
+    # of another size.
+    gram = datagram(out, 7, 7, blocks[7], steady)
+    assert take(1.4, gram, segment=len(gram)) == 0.02
+    assert len(sent) == 5 and rx.rejected == 1
 
 
 def test_a_receives_worth_in_one_call_leaves_the_window_as_one_at_a_time_does():

@@ -61,6 +61,7 @@ class Rate:
     def __init__(self):
         self.rate = 2e6
         self.peak_delivery = 0.0
+        self.steady = False                 # in its startup: packets not flagged DATA_FLAG_STEADY
         self.cap = None
         self.feedback = []
         self.idle = []
@@ -330,6 +331,30 @@ def test_blocks_lost_while_fresh_ones_are_left_go_again_in_one_batch(sending):
     assert deliver(ends, from_receiver(wanxfer.KIND_FEEDBACK, feedback, seq=1))
     again = [block for block, flags in send_now(ends) if flags & wanxfer.DATA_FLAG_RETRANSMIT]
     assert again == [wanxfer.DATA_HEADER.unpack_from(calls[0][1])[4]]
+
+
+def test_data_says_when_the_rate_control_is_past_its_startup(sending):
+    """A striped flow's receiver acknowledges every k intervals on a long
+    path only while the data it takes says its sender is past the startup
+    (DATA_FLAG_STEADY): in a startup each is acknowledged every interval,
+    sent again or not."""
+    ends = sending(blocks=2000)
+    ends.clock.advance(0.05)
+    first = send_now(ends)
+    count = len(first)
+    assert count > 40 and not any(flags for _block, flags in first)
+    ends.rate.steady = True
+    ends.clock.advance(0.05)
+    feedback = wanxfer.encode_feedback(1, FIRST_SEQ, FIRST_SEQ + count - 1, 0, 0, [(3, 1)])
+    assert deliver(ends, from_receiver(wanxfer.KIND_FEEDBACK, feedback))
+    ends.clock.advance(0.01)
+    sent = send_now(ends)
+    assert sent and all(flags & wanxfer.DATA_FLAG_STEADY for _block, flags in sent), sent
+    assert [block for block, flags in sent if flags & wanxfer.DATA_FLAG_RETRANSMIT] == [3]
+    ends.rate.steady = False                # a startup again (a probe that found much more room)
+    ends.clock.advance(0.01)
+    sent = send_now(ends)
+    assert sent and not any(flags & wanxfer.DATA_FLAG_STEADY for _block, flags in sent), sent
 
 
 def test_need_done_and_abort_from_the_receiver(sending):

@@ -428,3 +428,32 @@ def test_a_receiving_worker_that_cannot_read_the_file_back_says_so_in_one_messag
     code, file_id = wanxfer.WORKER_PROGRESS.unpack_from(message)[:2]
     assert (code, file_id) == (b'X', 7)
     assert 'cannot read back' in message[wanxfer.WORKER_PROGRESS.size:].decode()
+
+
+def test_sending_workers_are_told_when_the_rate_control_leaves_its_startup():
+    # Each worker flags its data DATA_FLAG_STEADY past the startup (its
+    # receiver then acknowledges every k intervals on a long path): the
+    # coordinator tells them so as soon as it is, the rate unchanged or not.
+    controller = types.SimpleNamespace(rate=1e6, peak_delivery=0.0, steady=False)
+    team = wanxfer.SendingTeam.__new__(wanxfer.SendingTeam)
+    near, far = socket.socketpair()
+    try:
+        team._controller, team._told = controller, (0.0, (), float('-inf'), False)
+        team._shared = wanxfer.SharedRate(controller, 2)
+        team._active = [types.SimpleNamespace(index=1, channel=near)]
+        rate = wanxfer.WorkerRate(far)
+        far.settimeout(5.0)
+        team.rate_changed()
+        rate.update(far.recv(wanxfer.MAX_WORKER_MESSAGE))
+        assert (rate.rate, rate.steady) == (0.5e6, False)
+        controller.steady = True
+        team.rate_changed()
+        rate.update(far.recv(wanxfer.MAX_WORKER_MESSAGE))
+        assert (rate.rate, rate.steady) == (0.5e6, True)
+        team.rate_changed()                 # nothing new: nothing said
+        far.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            far.recv(wanxfer.MAX_WORKER_MESSAGE)
+    finally:
+        near.close()
+        far.close()
