@@ -951,7 +951,7 @@ class SlotsKept(wanxfer.RateController):
         return slot
 
 
-def test_a_startup_slot_of_shares_acknowledged_every_k_intervals_reads_what_it_carried():
+def test_a_startup_slot_of_shares_acknowledged_every_k_intervals_reads_what_it_carried(monkeypatch):
     # A startup slot is a few intervals long.  News of k intervals merged
     # across its edges (each flow acknowledged every k: stretched_feedback)
     # read slots low: at 600 ms and 5% loss, 200 Mbit/s, shares of 0.64 and
@@ -960,7 +960,11 @@ def test_a_startup_slot_of_shares_acknowledged_every_k_intervals_reads_what_it_c
     # link a slot read 0.86: the startup took a round trip more and ended
     # at 176 Mbit/s).  Until the rate control is past its startup, the
     # packets say so (DATA_FLAG_STEADY) and each flow is acknowledged every
-    # interval.
+    # interval.  The first round trip's rung is left out: a rung read short
+    # without a queue rise is passed over by design (see
+    # test_a_long_first_round_trip_reaches_the_link_a_round_trip_sooner),
+    # and it reads the same with or without stretching.
+    monkeypatch.setattr(wanxfer.RateController, 'RUNG_ROUND_TRIP', float('inf'))
     reads = []
     for seed in range(1, 11):
         path = ModelPath(200 * M, 0.6, seed=seed, jitter=0.005, loss=0.05)
