@@ -118,3 +118,69 @@ def test_the_replication_relay_captures_each_direction_and_cuts_phases_from_it(t
         assert f.read() == b'SECOND PHASE ' * 3000
     assert bench_replication.extract(str(captures), marks[0], marks[2], 'up', out) == 51000
     assert 0 < bench_replication.zlib_size(out) < 1000
+
+
+# What the Tsunami UDP client (cheetahmobile/tsunami-udp) printed for a get of
+# 64 MiB on loopback, abridged: its "Mbit" is 2^20 bits (File data 512 Mbit).
+TSUNAMI_OUTPUT = '''\
+rate = 500000000
+
+Connected.
+
+             last_interval                   transfer_total                   buffers      transfer_remaining  OS UDP
+time          blk    data       rate rexmit     blk    data       rate rexmit queue  ring     blk   rt_len      err 
+00:00:01.757 15000   0.00M  332.5Mbps   0.0%    54400    0.1G  241.9Mbps   0.0%     0     0   11136        0        0 --
+Transfer complete. Flushing to disk and signaling server to stop...
+!!!!
+PC performance figure : 0 packets dropped (if high this indicates receiving PC overload)
+Transfer duration     : 1.97 seconds
+Total packet data     : 512.00 Mbit
+Goodput data          : 512.00 Mbit
+File data             : 512.00 Mbit
+Throughput            : 259.68 Mbps
+Goodput w/ restarts   : 259.68 Mbps
+Final file rate       : 259.68 Mbps
+Transfer mode         : lossless
+
+Thank you for using Tsunami.
+'''
+
+
+def test_the_wan_bench_reads_tsunamis_own_rate_in_decimal_megabits_and_shows_it_beside_the_wall_clocks():
+    import bench_wan
+    own = bench_wan.tsunami_summary(TSUNAMI_OUTPUT)
+    assert own['duration_s'] == 1.97 and own['file_rate_printed'] == 259.68
+    assert own['file_rate_mbps'] == pytest.approx(512 * 2 ** 20 / 1.97 / 1e6, rel=1e-3)
+    for broken in ('Warning: Server: File does not exist or cannot be transmitted\n',
+                   TSUNAMI_OUTPUT.replace('Transfer mode         : lossless',
+                                          'Transfer mode         : lossless mode - but lost count=3 > 0'),
+                   TSUNAMI_OUTPUT.replace('259.68 Mbps\nTransfer', 'nan-ish Mbps\nTransfer')):
+        with pytest.raises(harness.BenchError):
+            bench_wan.tsunami_summary(broken)
+    run = {'scenario': 'S1', 'tool': 'tsunami', 'link': '--rate 1000', 'status': 'ok',
+           'delivered_bytes': 64 << 20, 'wall_s': 2.5, 'goodput_mbps_own': own['file_rate_mbps']}
+    bench_wan.derive(run, 1000.0)
+    assert run['goodput_mbps'] == pytest.approx((64 << 20) * 8 / 2.5 / 1e6)    # the wall clock's
+    table = bench_wan.markdown(bench_wan.summarize([run]))
+    assert '| own Mbit/s |' in table and '| 214.7 | 272.3 | 0.215 |' in table
+    assert 'own' not in bench_wan.markdown(bench_wan.summarize([dict(run, tool='rsync-ssh',
+                                                                     goodput_mbps_own=None)]))
+
+
+def test_the_wan_bench_finds_tsunami_in_its_built_source_tree_or_in_one_folder(tmp_path):
+    import bench_wan
+
+    def program(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('#!/bin/sh\n')
+        path.chmod(0o755)
+    tree, flat = tmp_path / 'tsunami-udp', tmp_path / 'bin'
+    program(tree / 'client' / 'tsunami')
+    assert bench_wan.find_tsunami(str(tree)) is None        # the server not built yet
+    program(tree / 'server' / 'tsunamid')
+    assert bench_wan.find_tsunami(str(tree)) == (str(tree / 'client' / 'tsunami'),
+                                                 str(tree / 'server' / 'tsunamid'))
+    program(flat / 'tsunami')
+    program(flat / 'tsunamid')
+    assert bench_wan.find_tsunami(str(flat)) == (str(flat / 'tsunami'), str(flat / 'tsunamid'))
+    assert bench_wan.find_tsunami(None) is None

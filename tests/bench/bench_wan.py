@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""WAN benchmark for wanxfer against iperf3 (TCP cubic / bbr) and rsync over ssh.
+"""WAN benchmark for wanxfer against iperf3 (TCP cubic / bbr), rsync over ssh and Tsunami UDP.
 
 Every run builds a fresh emulated link (two network namespaces, wan-a 198.18.0.1
 and wan-b 198.18.0.2, joined by the userspace emulator wanemu through
@@ -15,6 +15,12 @@ Tools ("rows"):
                      from iperf3's --json (bytes received / test seconds)
   rsync-ssh(-CC)     rsync over ssh of the same file from a to b; sshd is run
                      inside wan-a with throwaway keys in the work dir
+  tsunami            Tsunami UDP (built from its public source, see --tsunami-dir):
+                     tsunamid in a, in b the client's `set rate RATE` (the link's
+                     --rate), `connect`, `get FILE`, `quit`; goodput from the wall
+                     clock of the whole client command, and its own "Final file
+                     rate" in the "own Mbit/s" column (converted: Tsunami's "Mbit"
+                     is 2^20 bits); sha256 of the result checked
 
 Metrics (medians over --runs):
   goodput Mbit/s   file bits / wall seconds (1 Mbit = 1e6 bits)
@@ -35,18 +41,22 @@ kills our emulator; such runs are detected and reported as errors ("disturbed").
 
 Needs: root (network namespaces), ip(8), a C compiler `cc` (wanemu is built on first
 use) or tc (netem), python3 (standard library only); iperf3, rsync, ssh/sshd for the peers
-(apt-get install -y iperf3 openssh-server rsync). Only 2 CPU cores here: the
-emulator itself burns CPU at high rates, so run nothing else meanwhile.
+(apt-get install -y iperf3 openssh-server rsync); for Tsunami its two programs, built
+from cheetahmobile/tsunami-udp with `make -f Makefile_standalone` in client/ and server/.
+Only 2 CPU cores here: the emulator itself burns CPU at high rates, so run nothing else
+meanwhile.
 
 Examples:
   sudo python3 tests/bench/bench_wan.py --scenario S1 --runs 1 --size 256M
   sudo python3 tests/bench/bench_wan.py --no-wanxfer --peers iperf3,rsync --json peers.json
   sudo python3 tests/bench/bench_wan.py --link "--delay 30 --rate 300 --loss 0.1" --peers none
+  sudo python3 tests/bench/bench_wan.py --scenario S1 --peers tsunami --no-wanxfer --tsunami-dir ~/tsunami-udp
 """
 
 import argparse
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -63,6 +73,7 @@ from harness import (HOST_A, SSH_PORT, BenchError, Window, log, median, proc_chi
 
 WANXFER_PORT = 46224
 IPERF_PORT = 5201
+TSUNAMI_PORT = 51038        # Tsunami's own default: TCP at the server, UDP at the client
 
 SCENARIOS = {
     "S1": "--delay 60 --rate 1000 --queue 50",
@@ -77,6 +88,49 @@ def fmt_size(n):
         if n >= mult and n % mult == 0:
             return "%d%s" % (n // mult, unit)
     return str(n)
+
+
+# ------------------------------------------------------------------------- Tsunami
+# Tsunami UDP is not packaged: it is built by hand from its source and found
+# here, either in the source tree (client/tsunami, server/tsunamid, where
+# `make -f Makefile_standalone` leaves them) or side by side in one folder.
+
+TSUNAMI_BUILD = ("build Tsunami UDP from its public source (cheetahmobile/tsunami-udp): "
+                 "`make -f Makefile_standalone` in client/ and in server/, then give the "
+                 "source folder as --tsunami-dir or $TSUNAMI_DIR")
+
+# Its client's summary after a get; "Mbit" there is 2^20 bits (it divides
+# by 1024*1024), so its rates are converted before they sit beside ours.
+TSUNAMI_MBIT = 1 << 20
+TSUNAMI_SUMMARY = re.compile(r"^(Transfer duration|Final file rate|Transfer mode)\s*:\s*(.*?)\s*$", re.M)
+
+
+def find_tsunami(folder):
+    """(client, server) programs of a Tsunami build in `folder`, or None."""
+    if not folder:
+        return None
+    for client, server in ((("client", "tsunami"), ("server", "tsunamid")), (("tsunami",), ("tsunamid",))):
+        paths = (os.path.join(folder, *client), os.path.join(folder, *server))
+        if all(os.path.isfile(p) and os.access(p, os.X_OK) for p in paths):
+            return paths
+    return None
+
+
+def tsunami_summary(text):
+    """From the Tsunami client's output, its summary of the one get:
+    {duration_s, file_rate_mbps (1e6 bits), file_rate_printed (its own
+    unit)}.  BenchError if there is none (the get failed) or it says data
+    was lost."""
+    found = dict(TSUNAMI_SUMMARY.findall(text))
+    try:
+        duration = float(found["Transfer duration"].split()[0])
+        printed = float(found["Final file rate"].split()[0])
+    except (KeyError, IndexError, ValueError):
+        raise BenchError("no transfer summary from the tsunami client")
+    if found.get("Transfer mode") != "lossless":
+        raise BenchError("tsunami transfer mode: %s" % found.get("Transfer mode"))
+    return {"duration_s": duration, "file_rate_printed": printed,
+            "file_rate_mbps": printed * TSUNAMI_MBIT / 1e6}
 
 
 # --------------------------------------------------------------------------- tools
@@ -283,6 +337,54 @@ class Bench:
         res.update(status="ok", delivered_bytes=self.a.size)
         return res
 
+    # Tsunami UDP --------------------------------------------------------------
+
+    def run_tsunami(self, tag, opts):
+        d = self.rundir(tag)
+        client, server = self.a.tsunami
+        rate = harness.link_rate(opts)
+        if not rate:
+            raise BenchError("tsunami needs the link's --rate for its `set rate`")
+        srv = self.p.spawn("a", [server, "--port=%d" % TSUNAMI_PORT],
+                           os.path.join(d, "server.log"), os.path.join(d, "server.log"))
+        # The client keeps the remote name's last part, in its working folder.
+        recv = os.path.join(d, "recv")
+        os.makedirs(recv)
+        try:
+            try:
+                self.p.wait_listening(srv, TSUNAMI_PORT, "tcp", 10, os.path.join(d, "server.log"))
+                cpu0 = proc_cpu(srv.pid) or 0.0
+                win = Window(self.link, srv.pid)
+                r = self.p.run_timed("b", [client, "set", "rate", "%dM" % round(rate),
+                                           "set", "port", str(TSUNAMI_PORT), "connect", HOST_A,
+                                           "get", self.src, "quit"],
+                                     os.path.join(d, "client.out"), os.path.join(d, "client.err"),
+                                     self.timeout_for(opts), cwd=recv)
+                # The client's quit closes the connection; the server's child
+                # for it then ends and is reaped, its CPU in the server's (a
+                # killed client leaves it sending: no use waiting for it).
+                cpu1 = proc_cpu(srv.pid) if r["timed_out"] else settled_cpu(srv.pid)
+                host = win.close(cpu1, r["cpu"])
+            finally:
+                self.p.stop(srv)
+            if r["timed_out"]:
+                raise BenchError("tsunami client timed out after %.0f s" % r["wall"])
+            # Its quit exits 1 even after a good transfer: the summary and the
+            # file tell instead.
+            with open(os.path.join(d, "client.out"), errors="replace") as f:
+                try:
+                    own = tsunami_summary(f.read())
+                except BenchError as e:
+                    raise BenchError("%s%s" % (e, tail(os.path.join(d, "client.err"))))
+            self.verify(os.path.join(recv, os.path.basename(self.src)))
+        finally:
+            if not self.a.keep_files:
+                shutil.rmtree(recv, ignore_errors=True)
+        return {"status": "ok", "wall_s": r["wall"], "delivered_bytes": self.a.size,
+                "goodput_mbps_own": own["file_rate_mbps"], "tool_report": own,
+                "cpu_sender_s": (cpu1 - cpu0) if cpu1 is not None else None,
+                "cpu_receiver_s": r["cpu"], "rc": r["rc"], "host_cpu": host}
+
     # one run ----------------------------------------------------------------
 
     def one(self, scen, opts, run_no, tool):
@@ -301,6 +403,8 @@ class Bench:
                 res = self.run_iperf3(tag, opts, tool.split("-", 1)[1])
             elif tool.startswith("rsync-ssh"):
                 res = self.run_rsync(tag, opts, tool.split("-", 2)[2] if tool.count("-") == 2 else None)
+            elif tool == "tsunami":
+                res = self.run_tsunami(tag, opts)
             else:
                 raise BenchError("unknown tool %s" % tool)
         except BenchError as e:
@@ -372,7 +476,7 @@ def summarize(records):
                "ok": sum(r["status"] == "ok" for r in rs),
                "timeouts": sum(r["status"] == "timeout" for r in rs),
                "errors": [r.get("error") for r in rs if r["status"] == "error"]}
-        for m in ("goodput_mbps", "ratio", "wire_per_file", "cpu_sender_s_per_gb",
+        for m in ("goodput_mbps", "goodput_mbps_own", "ratio", "wire_per_file", "cpu_sender_s_per_gb",
                   "cpu_receiver_s_per_gb", "wall_s", "other_load_cores"):
             row[m] = median([r.get(m) for r in good])
         rows.append(row)
@@ -384,18 +488,21 @@ def fnum(x, fmt):
 
 
 def markdown(rows):
-    out = ["| scenario | tool | runs | goodput Mbit/s | ratio to link | wire/file | "
-           "CPU s/GB sender | CPU s/GB receiver | other load (cores) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    # A tool that times itself (Tsunami) gets its own figure beside ours.
+    own = any(r.get("goodput_mbps_own") is not None for r in rows)
+    out = ["| scenario | tool | runs | goodput Mbit/s | %sratio to link | wire/file | "
+           "CPU s/GB sender | CPU s/GB receiver | other load (cores) |" % ("own Mbit/s | " if own else ""),
+           "|---|---|---|---|---|---|---|---|---|" + ("---|" if own else "")]
     for r in rows:
         runs = "%d" % r["ok"] if r["ok"] == r["runs"] else "%d/%d ok" % (r["ok"], r["runs"])
         if r["timeouts"]:
             runs += ", %d timeout (goodput >=)" % r["timeouts"]
         if r["errors"]:
             runs += ", %d FAILED" % len(r["errors"])
-        out.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        out.append("| %s | %s | %s | %s | %s%s | %s | %s | %s | %s |" % (
             r["scenario"], r["tool"], runs, fnum(r["goodput_mbps"], "%.1f"),
-            fnum(r["ratio"], "%.3f"), fnum(r["wire_per_file"], "%.3f"),
+            (fnum(r.get("goodput_mbps_own"), "%.1f") + " | ") if own else "", fnum(r["ratio"], "%.3f"),
+            fnum(r["wire_per_file"], "%.3f"),
             fnum(r["cpu_sender_s_per_gb"], "%.2f"), fnum(r["cpu_receiver_s_per_gb"], "%.2f"),
             fnum(r["other_load_cores"], "%.2f")))
     return "\n".join(out)
@@ -420,7 +527,11 @@ def build_parser():
                     help="file size, e.g. 1G (default), 256M")
     ap.add_argument("--peers", default="iperf3,rsync",
                     help="comma list of iperf3 (= iperf3-cubic,iperf3-bbr), iperf3-cubic, "
-                         "iperf3-bbr, rsync, or none (default iperf3,rsync)")
+                         "iperf3-bbr, rsync, tsunami, or none (default iperf3,rsync)")
+    ap.add_argument("--tsunami-dir", default=os.environ.get("TSUNAMI_DIR"), metavar="DIR",
+                    help="Tsunami UDP's source folder after `make -f Makefile_standalone` in "
+                         "client/ and server/, or a folder holding tsunami and tsunamid "
+                         "(default $TSUNAMI_DIR)")
     ap.add_argument("--no-wanxfer", action="store_true", help="run the peers only")
     ap.add_argument("--no-plain", action="store_true", help="skip the wanxfer --no-encrypt row")
     ap.add_argument("--json", metavar="FILE", help="write every run and the summary as JSON")
@@ -453,6 +564,7 @@ def build_parser():
                                       "a source file of the right size there is reused")
     ap.add_argument("--keep-files", action="store_true", help="keep received files")
     harness.add_link_options(ap)
+    ap.set_defaults(tsunami=None)   # (client, server) programs, once found
     return ap
 
 
@@ -488,6 +600,8 @@ def main(argv=None):
             tools.append(p)
         elif p == "rsync":
             tools += ["rsync-ssh" if c == "default" else "rsync-ssh-" + c for c in rsync_ccs]
+        elif p == "tsunami":
+            tools.append("tsunami")
         else:
             sys.exit("unknown peer %s" % p)
     need = {"iperf3": any(t.startswith("iperf3") for t in tools),
@@ -497,6 +611,11 @@ def main(argv=None):
                               ("ssh-keygen", need["rsync"])) if n and not shutil.which(b)]
     if missing:
         sys.exit("missing %s (apt-get install -y iperf3 openssh-server rsync)" % ", ".join(missing))
+    if "tsunami" in tools:
+        args.tsunami = find_tsunami(args.tsunami_dir)
+        if not args.tsunami:
+            sys.exit("no Tsunami UDP programs in %s: %s" % (args.tsunami_dir or "(no --tsunami-dir)",
+                                                             TSUNAMI_BUILD))
     if not tools:
         sys.exit("nothing to run")
 
@@ -515,7 +634,7 @@ def main(argv=None):
     signal.signal(signal.SIGHUP, on_term)
     interrupted = False
     try:
-        if any(t.startswith(("wanxfer", "rsync")) for t in tools):
+        if any(t.startswith(("wanxfer", "rsync", "tsunami")) for t in tools):
             bench.make_source()
         if need["rsync"]:
             bench.setup_ssh()
@@ -530,10 +649,13 @@ def main(argv=None):
                     if rec["status"] == "error":
                         log("[%s run %d] %-14s FAILED: %s" % (name, run, tool, rec["error"]))
                     else:
-                        log("[%s run %d] %-14s %s%8.1f Mbit/s  ratio %s  wire/file %s  "
+                        log("[%s run %d] %-14s %s%8.1f Mbit/s%s  ratio %s  wire/file %s  "
                             "cpu s/GB snd %s rcv %s  (%.1f s)%s" % (
                                 name, run, tool, ">=" if rec["status"] == "timeout" else "",
-                                rec["goodput_mbps"] or 0, fnum(rec["ratio"], "%.3f"),
+                                rec["goodput_mbps"] or 0,
+                                (" (own %.1f)" % rec["goodput_mbps_own"])
+                                if rec.get("goodput_mbps_own") is not None else "",
+                                fnum(rec["ratio"], "%.3f"),
                                 fnum(rec["wire_per_file"], "%.3f"),
                                 fnum(rec["cpu_sender_s_per_gb"], "%.2f"),
                                 fnum(rec["cpu_receiver_s_per_gb"], "%.2f"), rec["wall_s"] or 0,
@@ -556,7 +678,8 @@ def main(argv=None):
                 "scenarios": dict(scen), "iperf": ("-n %d" % args.iperf_bytes) if args.iperf_bytes
                 else "-t %d" % args.iperf_time, "rsync_cc": args.rsync_cc,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "uname": " ".join(os.uname()),
-                "cpus": os.cpu_count(), "interrupted": interrupted, "backend": link.name}
+                "cpus": os.cpu_count(), "interrupted": interrupted, "backend": link.name,
+                "tsunami": args.tsunami}
         harness.write_json(args.json, {"meta": meta, "summary": rows, "runs": records})
     return 130 if interrupted else 0
 

@@ -425,13 +425,13 @@ class Procs:
         self.link = link
         self.live = {}
 
-    def spawn(self, host, argv, out, err, env=None):
+    def spawn(self, host, argv, out, err, env=None, cwd=None):
         fo = open(out, 'wb')
         fe = open(err, 'wb') if err != out else fo
         command = self.link.command(host, argv) if host else list(argv)
         try:
             p = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env,
-                                 start_new_session=True)
+                                 cwd=cwd, start_new_session=True)
         finally:
             fo.close()
             if fe is not fo:
@@ -493,11 +493,11 @@ class Procs:
             pass
         return result
 
-    def run_timed(self, host, argv, out, err, timeout, env=None):
+    def run_timed(self, host, argv, out, err, timeout, env=None, cwd=None):
         """Run to completion: {rc, wall, cpu, timed_out}."""
         fired = threading.Event()
         started = time.monotonic()
-        p = self.spawn(host, argv, out, err, env)
+        p = self.spawn(host, argv, out, err, env, cwd)
 
         def kill():
             fired.set()
