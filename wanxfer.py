@@ -10085,6 +10085,8 @@ class Client:
                 raise TransferError('cannot connect to %s:%d: %s' % (self.host, self.port,
                                                                     e.strerror or e))
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Asked now: a connection reset after an early proof no longer has one.
+            peer = self.sock.getpeername()[:2]
             try:
                 keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt, mirror=True,
                                                   early=early)
@@ -10108,7 +10110,7 @@ class Client:
         # Every wait on the server, a send to it too, ends after `timeout`.
         self.sock.settimeout(self.timeout)
         udp = socket.socket(self.sock.family, socket.SOCK_DGRAM)
-        udp.connect(self.sock.getpeername()[:2])
+        udp.connect(peer)
         self.udp = DatagramSocket(udp)
         self.data = DataChannel(self.udp, data_out, data_in, self.session_id, control=self.control)
         self.control.datagrams = (self.udp.sock, self.data.take_control_datagrams)
