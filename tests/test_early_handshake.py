@@ -15,7 +15,8 @@ import sys
 import pytest
 
 import wanxfer
-from helpers import FakeClock, SECRET, get_command, make_file, patched_serve, sha256, wanxfer_env
+from helpers import (FakeClock, SECRET, get_command, json_summaries, make_file, patched_serve, sha256,
+                     wanxfer_env)
 
 FLAGS = wanxfer.FLAG_ENCRYPT | wanxfer.FLAG_MIRROR | wanxfer.FLAG_EARLY
 
@@ -252,14 +253,18 @@ AGAIN = 'hung up on the early handshake'
 @pytest.mark.parametrize('workers', [1, 2])
 def test_a_get_whose_early_proof_is_refused_connects_again_the_plain_way_once(tmp_path, serve, workers):
     """With workers, the first session forked its team for the open fetch
-    before any answer: let go, and forked again for the second."""
-    source = make_file(tmp_path / 'f.bin', (3 << 20) + 7, seed=44)
+    before any answer: let go, and forked again for the second (the file
+    has stripes for both, and each worker's flow carries its share)."""
+    size = workers * wanxfer.STRIPES_PER_WORKER * wanxfer.STRIPE_BYTES + 7
+    source = make_file(tmp_path / 'f.bin', size, seed=44)
     server = patched_serve(serve, [source], FORGETFUL, extra=['--workers', str(workers)])
     dest = tmp_path / 'out.bin'
-    got = run_early_get(server.port, 'f.bin', '-o', dest, '--workers', str(workers),
+    got = run_early_get(server.port, 'f.bin', '-o', dest, '--workers', str(workers), '--json',
                         '--cache', tmp_path / 'cache.db')
     assert got.returncode == 0, got.stderr + server.log()
     assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == workers and all(summary['worker_packets']), summary
     assert got.stderr.count('early handshake: taken') == 1
     assert got.stderr.count(AGAIN) == 1
     assert server.log().count('refused: an early handshake with a server nonce') == 1
