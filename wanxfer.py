@@ -10170,9 +10170,9 @@ class Client:
         as unauthenticated as the hang-up itself (the claim failed: no key
         is agreed), so an attacker on the path could forge either just as
         easily, and the hang-up is what every server, older ones too,
-        already does.  A forged one costs the client a round trip: what
-        follows is the plain handshake, authenticated as ever, and it is
-        tried once.  Nothing was answered, so nothing was done: the same
+        already does.  A forged one (a reset injected on the path) costs
+        the client the round trips of a new connection and no more: what
+        follows is the plain handshake, authenticated as ever, once.  Nothing was answered, so nothing was done: the same
         requests go again on the new session.  A server that failed in
         another way before its first message (a session process that
         ended at once) is asked again too; the plain way then fails as it
