@@ -182,7 +182,9 @@ CLIENT_PROOF = struct.Struct('!32s')            # proof
 # as one (never larger than what asked for it).  The TCP HELLO that follows,
 # with FLAG_EARLY, carries EARLY_PROOF: the server nonce that datagram gave
 # (EARLY_NONCE: when the server made it, in ms of its clock, and a MAC) and
-# the client's proof.
+# the client's proof.  A server that refuses the proof hangs up and says
+# nothing; a client hung up on before the server's first message connects
+# again, once, the plain way (Client._refused_early).
 EARLY_PROOF = struct.Struct('!32s32s')          # server nonce, proof
 EARLY_NONCE = struct.Struct('!Q24s')            # made (ms), MAC
 EARLY_HANDSHAKE_SECONDS = 10.0  # an early server nonce is good for this long, and taken once
