@@ -10012,11 +10012,6 @@ def tidy_directories(created, trees, arrived):
 
 # --- The session ------------------------------------------------------------
 
-# How a connection lost shows: the server's end closed, or reset (a socket
-# closed with requests unread resets the connection).
-CONNECTION_LOST = (PeerClosed, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
-
-
 class Client:
     """A session with one server: its connection, keys, UDP flow and the
     probes that size its blocks.  `get()` is the way in: REMOTEs into a
@@ -10155,7 +10150,9 @@ class Client:
                 yielded = True
                 yield outcome
             return
-        except CONNECTION_LOST:
+        except (PeerClosed, ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+            # The connection lost: closed, or reset (as a server's end closed
+            # with requests unread resets it).
             if yielded or not self._refused_early():
                 raise
         self._connect_again()
