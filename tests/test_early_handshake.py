@@ -8,6 +8,7 @@ early proof the server hangs up on connects again the plain way, once."""
 
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 import wanxfer
 from helpers import (FakeClock, SECRET, get_command, json_summaries, make_file, patched_serve, sha256,
-                     wanxfer_env)
+                     wait_for, wanxfer_env)
 
 FLAGS = wanxfer.FLAG_ENCRYPT | wanxfer.FLAG_MIRROR | wanxfer.FLAG_EARLY
 
@@ -287,21 +288,41 @@ def test_a_directory_get_whose_early_proof_is_refused_lists_and_fetches_on_the_n
     assert got.stderr.count(AGAIN) == 1
 
 
+def await_reset(sock, timeout=10.0):
+    """Until `sock`'s peer, closed, has reset it: a byte sent to a socket
+    no process holds any more brings the reset back."""
+    assert select.select([sock], [], [], timeout)[0], 'the old server never closed the connection'
+    assert sock.recv(1, socket.MSG_PEEK) == b''
+    sock.send(b'x')
+    wait_for(lambda: sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), timeout=timeout,
+             what='the reset')
+
+
 @pytest.mark.e2e
+@pytest.mark.parametrize('reset', [False, True], ids=['closed', 'reset before the proof'])
 def test_a_server_restarted_between_its_early_answer_and_the_proof_is_reached_the_plain_way(
-        tmp_path, serve, monkeypatch):
+        tmp_path, serve, monkeypatch, reset):
     """A real restart: the answer came from one `serve`, the proof goes to
-    a connection a second one on the same port never had."""
+    a connection a second one on the same port never had; or cannot go at
+    all, the connection reset already (the proof's send fails)."""
     source = make_file(tmp_path / 'f.bin', 300000, seed=47)
     servers = [serve([source])]
-    answer = wanxfer.EarlyHello._answer
+    finish, answer = wanxfer.EarlyHello.finish, wanxfer.EarlyHello._answer
+    connections = []
+
+    def finish_noting_the_connection(self, sock, *args):
+        connections.append(sock)
+        return finish(self, sock, *args)
 
     def answer_then_restart(self, peer, wait):
         answered = answer(self, peer, max(wait, 10.0))     # a loaded host may be slow to answer
         if answered is not None and len(servers) == 1:
             servers[0].stop()
             servers.append(serve([source], port=servers[0].port))
+            if reset:
+                await_reset(connections[0])
         return answered
+    monkeypatch.setattr(wanxfer.EarlyHello, 'finish', finish_noting_the_connection)
     monkeypatch.setattr(wanxfer.EarlyHello, '_answer', answer_then_restart)
     warnings = []
     events = wanxfer.TransferEvents()
@@ -312,11 +333,11 @@ def test_a_server_restarted_between_its_early_answer_and_the_proof_is_reached_th
         outcomes = list(client.get(['f.bin'], str(dest)))
     finally:
         client.close()
-    assert len(servers) == 2
+    assert len(servers) == 2 and len(connections) == 1
     assert [outcome['file_bytes'] for outcome in outcomes] == [300000]
     assert sha256(dest) == sha256(source)
     assert len(warnings) == 1 and AGAIN in warnings[0], warnings
-    assert 'sent f.bin' in servers[1].log()
+    servers[1].wait_for(r'sent f\.bin', timeout=20)
 
 
 @pytest.mark.e2e
