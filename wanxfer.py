@@ -182,7 +182,9 @@ CLIENT_PROOF = struct.Struct('!32s')            # proof
 # as one (never larger than what asked for it).  The TCP HELLO that follows,
 # with FLAG_EARLY, carries EARLY_PROOF: the server nonce that datagram gave
 # (EARLY_NONCE: when the server made it, in ms of its clock, and a MAC) and
-# the client's proof.
+# the client's proof.  A server that refuses the proof hangs up and says
+# nothing; a client hung up on before the server's first message connects
+# again, once, the plain way (Client._refused_early).
 EARLY_PROOF = struct.Struct('!32s32s')          # server nonce, proof
 EARLY_NONCE = struct.Struct('!Q24s')            # made (ms), MAC
 EARLY_HANDSHAKE_SECONDS = 10.0  # an early server nonce is good for this long, and taken once
@@ -1902,6 +1904,11 @@ class ControlChannel:
     def feed(self, data):
         self._reader.feed(data)
 
+    @property
+    def received(self):
+        """Messages read from the peer so far, whichever way each came."""
+        return self._next
+
     def offer(self, index, frame):
         """A copy of frame `index` came on the data channel: kept until its
         turn if it is authentic and not yet read, dropped otherwise.  True
@@ -2098,9 +2105,10 @@ class EarlyHandshakes:
     forks) is taken once: a cookie this process did not make, older than
     EARLY_HANDSHAKE_SECONDS, or one whose client nonce was taken before, is
     refused; so no two sessions can have the same nonces, and so the same
-    keys.  A refusal costs the
-    client its connection (it tells the client nothing a plain HELLO would
-    not); an answer that never comes costs it nothing: it goes the TCP way."""
+    keys.  A refusal is a hang-up, nothing more (it tells the client
+    nothing a plain HELLO would not), and costs the client a new connection
+    the plain way (Client._refused_early); an answer that never comes costs
+    it nothing: it goes the TCP way."""
 
     def __init__(self, secret, encrypt, clock=time.monotonic):
         self._secret = SharedSecret.of(secret)
@@ -2214,10 +2222,13 @@ class EarlyHello:
         if not hmac.compare_digest(proof, handshake_proof(key, b'wanxfer server', self.client_nonce,
                                                           server_nonce, self.flags, server_flags)):
             return None                 # forged, or the secret differs: TCP's handshake tells
+        # Taken from here on, even if this send fails: a server restarted
+        # since it answered may have reset the connection already, and the
+        # client then connects again the plain way (Client._refused_early).
+        self.taken = True
         sock.sendall(HELLO.pack(PROTOCOL_MAGIC, PROTOCOL_VERSION, self.flags, self.client_nonce) +
                      EARLY_PROOF.pack(server_nonce, handshake_proof(
                          key, b'wanxfer client', self.client_nonce, server_nonce, self.flags, server_flags)))
-        self.taken = True
         return SessionKeys(key, self.client_nonce, server_nonce, bool(flags & FLAG_ENCRYPT),
                            counter_mode if server_flags & FLAG_AES_CTR else None, salt=salt), rtt
 
@@ -10034,7 +10045,8 @@ class Client:
         self._ready = False                     # the server has seen our HELLO
         self._connect_started = None            # the first file's wait counts from here
 
-    def connect(self):
+    def connect(self, early=True):
+        """Connect and authenticate; `early`: try the early handshake."""
         self._connect_started = time.monotonic()
         # The secret is stretched with the salt this server proved itself
         # with last time while the connect and the HELLO cross the path: not
@@ -10047,10 +10059,11 @@ class Client:
         offered = FLAG_MIRROR
         if self.encrypt:
             offered |= FLAG_ENCRYPT | (FLAG_AES_CTR if CounterMode.expected() else 0)
-        early = EarlyHello(offered)
+        early = EarlyHello(offered) if early else None
 
         def meanwhile(family, address):
-            early.send(family, address)
+            if early is not None:
+                early.send(family, address)
             try:
                 if remembered is not None:
                     ahead.append(self.secret.prepare(remembered))
@@ -10069,6 +10082,8 @@ class Client:
                 raise TransferError('cannot connect to %s:%d: %s' % (self.host, self.port,
                                                                     e.strerror or e))
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Asked now: a connection reset after an early proof no longer has one.
+            peer = self.sock.getpeername()[:2]
             try:
                 keys, self.rtt = client_handshake(self.sock, self.secret, self.encrypt, mirror=True,
                                                   early=early)
@@ -10077,8 +10092,9 @@ class Client:
             except socket.timeout:
                 raise TransferError('%s:%d did not answer the handshake' % (self.host, self.port))
         finally:
-            early.close()
-            self._early = early.taken
+            self._early = early is not None and early.taken
+            if early is not None:
+                early.close()
             for thread in ahead:                # no thread may be running when workers fork
                 thread.join()
         if self.salts is not None and keys.salt != remembered:
@@ -10091,7 +10107,7 @@ class Client:
         # Every wait on the server, a send to it too, ends after `timeout`.
         self.sock.settimeout(self.timeout)
         udp = socket.socket(self.sock.family, socket.SOCK_DGRAM)
-        udp.connect(self.sock.getpeername()[:2])
+        udp.connect(peer)
         self.udp = DatagramSocket(udp)
         self.data = DataChannel(self.udp, data_out, data_in, self.session_id, control=self.control)
         self.control.datagrams = (self.udp.sock, self.data.take_control_datagrams)
@@ -10124,9 +10140,57 @@ class Client:
         the server refused, then the summary of each file as it arrives
         (or the RemoteError the server answered for it).  Directories it
         made for REMOTEs of which nothing arrived are removed again when
-        it ends, however it ends."""
-        if self.sock is None:
-            self.connect()
+        it ends, however it ends.  A server that hangs up on an early
+        handshake is asked again once, the plain way (_refused_early)."""
+        yielded = False
+        try:
+            if self.sock is None:
+                self.connect()
+            for outcome in self._get(remotes, dest):
+                yielded = True
+                yield outcome
+            return
+        except (PeerClosed, ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+            # The connection lost: closed, or reset (as a server's end closed
+            # with requests unread resets it).
+            if yielded or not self._refused_early():
+                raise
+        self._connect_again()
+        yield from self._get(remotes, dest)
+
+    def _refused_early(self):
+        """The session's handshake went the early way and the server hung
+        up before its first message: a refused claim, nearly always (a
+        server restarted since it answered: its cookie key is new; or one
+        flooded with early handshakes).
+
+        The server says nothing when it refuses one, and the client does
+        not ask it to: any word it could send before hanging up would be
+        as unauthenticated as the hang-up itself (the claim failed: no key
+        is agreed), so an attacker on the path could forge either just as
+        easily, and the hang-up is what every server, older ones too,
+        already does.  A forged one (a reset injected on the path) costs
+        the client the round trips of a new connection and no more: what
+        follows is the plain handshake, authenticated as ever, once.  Nothing was answered, so nothing was done: the same
+        requests go again on the new session.  A server that failed in
+        another way before its first message (a session process that
+        ended at once) is asked again too; the plain way then fails as it
+        would have."""
+        return self._early and (self.control is None or not self.control.received)
+
+    def _connect_again(self):
+        """A new session, the plain way, in place of one whose early
+        handshake was refused: what the first connected (its workers, its
+        sockets) is let go first; the first file's wait still counts from
+        the first connect."""
+        started = self._connect_started
+        self.events.warning('%s:%d hung up on the early handshake (restarted since it answered?); '
+                            'connecting again' % (self.host, self.port))
+        self.close()
+        self.connect(early=False)
+        self._connect_started = started
+
+    def _get(self, remotes, dest):
         created, trees, arrived = [], [], set()
         try:
             target = new_file_destination(remotes, dest)
@@ -10231,13 +10295,6 @@ class Client:
                     message = self.control.recv()
                 except socket.timeout:
                     continue
-                except PeerClosed:
-                    if self._early:
-                        # Refused after the proof: a server restarted since it
-                        # answered, or one flooded with handshakes.
-                        raise TransferError('the server hung up right after an early handshake; '
-                                            'run the command again')
-                    raise
                 return self.conversation.check(message, 'ready')
         finally:
             self.sock.settimeout(self.timeout)
@@ -10492,6 +10549,7 @@ class Client:
              'mtime_ns': download.entry.mtime_ns} for download in batch]})
 
     def close(self):
+        """Let go of the session; connect() may start another."""
         for channel in (self.udp, self.sock):
             if channel is not None:
                 try:
@@ -10501,6 +10559,9 @@ class Client:
         if self.team is not None:
             self.team.close()
             self.team = None
+        self.sock = self.udp = self.control = self.conversation = self.data = None
+        self.keys = self.session_id = None
+        self._early = False
 
 
 # ---------------------------------------------------------------------------

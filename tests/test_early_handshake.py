@@ -3,9 +3,12 @@ TCP connect, and the server's answer comes back beside the SYN-ACK, so the
 proof and the first request go with the connect's completion (two round
 trips to the first data byte, not three).  The server keeps nothing per
 datagram, answers with no more bytes than it got, and takes each early
-proof once; a client that gets no answer goes the TCP way."""
+proof once; a client that gets no answer goes the TCP way, and one whose
+early proof the server hangs up on connects again the plain way, once."""
 
 import os
+import re
+import select
 import socket
 import subprocess
 import sys
@@ -13,7 +16,8 @@ import sys
 import pytest
 
 import wanxfer
-from helpers import FakeClock, SECRET, get_command, make_file, patched_serve, sha256, wanxfer_env
+from helpers import (FakeClock, SECRET, get_command, json_summaries, make_file, patched_serve, sha256,
+                     wait_for, wanxfer_env)
 
 FLAGS = wanxfer.FLAG_ENCRYPT | wanxfer.FLAG_MIRROR | wanxfer.FLAG_EARLY
 
@@ -177,11 +181,11 @@ wanxfer.EarlyHello.finish = told_finish
 """
 
 
-def run_early_get(port, *args):
+def run_early_get(port, *args, timeout=90):
     program = 'import sys\nsys.path.insert(0, %r)\nimport wanxfer\n%s\nsys.exit(wanxfer.main(sys.argv[1:]))' \
         % (os.path.dirname(wanxfer.__file__), EARLY_GET)
     return subprocess.run([sys.executable, '-c', program] + get_command(port, *args)[2:],
-                          env=wanxfer_env(), capture_output=True, text=True, timeout=90)
+                          env=wanxfer_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.e2e
@@ -228,3 +232,151 @@ def test_an_early_proof_sent_again_on_another_connection_is_refused(tmp_path, se
         sock.close()
     assert server.log().count('refused') == 1
     assert 'Traceback' not in server.log()
+
+
+# --- A refused early handshake: the client connects again, the plain way ----
+
+# A server whose early answers no claim will match, as if it had restarted
+# between each answer and the proof that follows (its cookie key is new).
+FORGETFUL = """
+import secrets
+answer = wanxfer.EarlyHandshakes.answer
+def answer_then_forget(self, datagram):
+    answered = answer(self, datagram)
+    self._mac_key = secrets.token_bytes(32)
+    return answered
+wanxfer.EarlyHandshakes.answer = answer_then_forget
+"""
+AGAIN = 'hung up on the early handshake'
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('workers', [1, 2])
+def test_a_get_whose_early_proof_is_refused_connects_again_the_plain_way_once(tmp_path, serve, workers):
+    """With workers, the first session forked its team for the open fetch
+    before any answer: let go, and forked again for the second (the file
+    has stripes for both, and each worker's flow carries its share)."""
+    size = workers * wanxfer.STRIPES_PER_WORKER * wanxfer.STRIPE_BYTES + 7
+    source = make_file(tmp_path / 'f.bin', size, seed=44)
+    server = patched_serve(serve, [source], FORGETFUL, extra=['--workers', str(workers)])
+    dest = tmp_path / 'out.bin'
+    got = run_early_get(server.port, 'f.bin', '-o', dest, '--workers', str(workers), '--json',
+                        '--cache', tmp_path / 'cache.db')
+    assert got.returncode == 0, got.stderr + server.log()
+    assert sha256(dest) == sha256(source)
+    (summary,) = json_summaries(got)
+    assert summary['workers'] == workers and all(summary['worker_packets']), summary
+    assert got.stderr.count('early handshake: taken') == 1
+    assert got.stderr.count(AGAIN) == 1
+    assert server.log().count('refused: an early handshake with a server nonce') == 1
+    assert 'Traceback' not in server.log() + got.stderr
+
+
+@pytest.mark.e2e
+def test_a_directory_get_whose_early_proof_is_refused_lists_and_fetches_on_the_new_session(tmp_path, serve):
+    """Its first requests (the listings) went with the refused proof: asked
+    again; the directory holds each file once, whole."""
+    tree = tmp_path / 'root' / 'd'
+    tree.mkdir(parents=True)
+    sources = [make_file(tree / 'big.bin', 600000, seed=45), make_file(tree / 'small.txt', 900, seed=46)]
+    server = patched_serve(serve, [tmp_path / 'root'], FORGETFUL)
+    got = run_early_get(server.port, 'd', '-o', tmp_path / 'out')
+    assert got.returncode == 0, got.stderr + server.log()
+    assert sorted(os.listdir(tmp_path / 'out' / 'd')) == ['big.bin', 'small.txt']
+    for source in sources:
+        assert sha256(tmp_path / 'out' / 'd' / source.name) == sha256(source)
+    assert got.stderr.count(AGAIN) == 1
+
+
+def await_reset(sock, timeout=10.0):
+    """Until `sock`'s peer, closed, has reset it: a byte sent to a socket
+    no process holds any more brings the reset back."""
+    assert select.select([sock], [], [], timeout)[0], 'the old server never closed the connection'
+    assert sock.recv(1, socket.MSG_PEEK) == b''
+    sock.send(b'x')
+    wait_for(lambda: sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), timeout=timeout,
+             what='the reset')
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize('reset', [False, True], ids=['closed', 'reset before the proof'])
+def test_a_server_restarted_between_its_early_answer_and_the_proof_is_reached_the_plain_way(
+        tmp_path, serve, monkeypatch, reset):
+    """A real restart: the answer came from one `serve`, the proof goes to
+    a connection a second one on the same port never had; or cannot go at
+    all, the connection reset already (the proof's send fails)."""
+    source = make_file(tmp_path / 'f.bin', 300000, seed=47)
+    servers = [serve([source])]
+    finish, answer = wanxfer.EarlyHello.finish, wanxfer.EarlyHello._answer
+    connections = []
+
+    def finish_noting_the_connection(self, sock, *args):
+        connections.append(sock)
+        return finish(self, sock, *args)
+
+    def answer_then_restart(self, peer, wait):
+        answered = answer(self, peer, max(wait, 10.0))     # a loaded host may be slow to answer
+        if answered is not None and len(servers) == 1:
+            servers[0].stop()
+            servers.append(serve([source], port=servers[0].port))
+            if reset:
+                await_reset(connections[0])
+        return answered
+    monkeypatch.setattr(wanxfer.EarlyHello, 'finish', finish_noting_the_connection)
+    monkeypatch.setattr(wanxfer.EarlyHello, '_answer', answer_then_restart)
+    warnings = []
+    events = wanxfer.TransferEvents()
+    events.warning = warnings.append
+    client = wanxfer.Client('127.0.0.1', servers[0].port, SECRET.encode(), events=events)
+    dest = tmp_path / 'out.bin'
+    try:
+        outcomes = list(client.get(['f.bin'], str(dest)))
+    finally:
+        client.close()
+    assert len(servers) == 2 and len(connections) == 1
+    assert [outcome['file_bytes'] for outcome in outcomes] == [300000]
+    assert sha256(dest) == sha256(source)
+    assert len(warnings) == 1 and AGAIN in warnings[0], warnings
+    servers[1].wait_for(r'sent f\.bin', timeout=20)
+
+
+@pytest.mark.e2e
+def test_a_server_that_refuses_the_plain_handshake_too_fails_the_get_in_one_line(tmp_path, serve):
+    source = make_file(tmp_path / 'f.bin', 1000, seed=48)
+    server = patched_serve(serve, [source], FORGETFUL + """
+def refuse(*args, **kwargs):
+    raise wanxfer.AuthError('no handshake today')
+wanxfer.server_handshake = refuse
+""")
+    got = run_early_get(server.port, 'f.bin', '-o', tmp_path / 'out.bin', timeout=30)
+    assert got.returncode == 1, got.stderr + server.log()
+    errors = [line for line in got.stderr.splitlines() if line.startswith('wanxfer: error:')]
+    assert len(errors) == 1 and 'Traceback' not in got.stderr, got.stderr
+    assert got.stderr.count(AGAIN) == 1
+    server.wait_for('refused: no handshake today', timeout=20)
+    assert len(re.findall(r'127\.0\.0\.1:\d+: (dropped: )?refused', server.log())) == 2, server.log()
+    assert not (tmp_path / 'out.bin').exists()
+
+
+@pytest.mark.e2e
+def test_a_server_that_hangs_up_after_its_first_message_is_not_asked_again(tmp_path, serve):
+    """Only a hang-up before the server's first message (the listing, here)
+    is taken for a refused early handshake; any later stays an error."""
+    tree = tmp_path / 'root' / 'd'
+    tree.mkdir(parents=True)
+    make_file(tree / 'f.bin', 300000, seed=49)
+    server = patched_serve(serve, [tmp_path / 'root'], """
+import os
+resolve = wanxfer.ServedTree.resolve
+def resolve_or_end(self, remote):
+    if remote.endswith('f.bin'):
+        os._exit(0)                     # the session process, after the listing
+    return resolve(self, remote)
+wanxfer.ServedTree.resolve = resolve_or_end
+""")
+    got = run_early_get(server.port, 'd', '-o', tmp_path / 'out', timeout=30)
+    assert got.returncode == 1, got.stderr + server.log()
+    assert 'early handshake: taken' in got.stderr
+    assert AGAIN not in got.stderr
+    errors = [line for line in got.stderr.splitlines() if line.startswith('wanxfer: error:')]
+    assert len(errors) == 1 and 'Traceback' not in got.stderr, got.stderr
