@@ -184,3 +184,17 @@ def test_the_wan_bench_finds_tsunami_in_its_built_source_tree_or_in_one_folder(t
     program(flat / 'tsunamid')
     assert bench_wan.find_tsunami(str(flat)) == (str(flat / 'tsunami'), str(flat / 'tsunamid'))
     assert bench_wan.find_tsunami(None) is None
+
+
+def test_the_grids_table_shows_each_grid_cell_not_an_extra_cell_of_the_same_round_trip_and_loss():
+    import bench_grid
+    args = bench_grid.build_parser().parse_args([])
+
+    def row(cell, ratio):
+        return {'cell': cell, 'link': '', 'size': 1 << 30, 'runs': 1, 'ok': 1, 'rtt': 0.12, 'loss': 0.0,
+                'ratio': ratio, 'wire_per_file': 1.049, 'goodput_mbps': 200 * ratio,
+                'transfer_mbps': None, 'other_load_cores': 0.0, 'bbr': None, 'missed': []}
+    grid_line = [line for line in bench_grid.markdown(
+        [row('120ms/0%', 0.93), row('short-queue 120ms/0%/q5', 0.71)], args).splitlines()
+        if line.startswith('| 120 ms |')]
+    assert grid_line == ['| 120 ms | 0.93 / 1.049 |']

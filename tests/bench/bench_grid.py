@@ -195,9 +195,12 @@ def markdown(rows, args):
     out = ['Link %g Mbit/s, queue %g ms; file %g x BDP (at least %s); goodput = file bits / wall clock '
            'of get, ratio to the link; wire = bytes on the link / file bytes.' % (
                args.rate, args.queue, args.bdp_multiple, bench_wan.fmt_size(args.min_size)), '']
-    grid = {(r['rtt'], r['loss']): r for r in rows}
-    losses = sorted({r['loss'] for r in rows if r['cell'].endswith('%')})
-    rtts = sorted({r['rtt'] for r in rows if r['cell'].endswith('%')})
+    # The grid's own cells only: an extra cell (bursts, a short queue) has
+    # a round trip and a loss too, and would take a grid cell's place.
+    grid_rows = [r for r in rows if r['cell'].endswith('%')]
+    grid = {(r['rtt'], r['loss']): r for r in grid_rows}
+    losses = sorted({r['loss'] for r in grid_rows})
+    rtts = sorted({r['rtt'] for r in grid_rows})
     if losses and rtts:
         out.append('| RTT \\ loss | ' + ' | '.join('%g%%' % (100 * x) for x in losses) + ' |')
         out.append('|---|' + '---|' * len(losses))
