@@ -8672,6 +8672,8 @@ STATE_SAVE_INTERVAL = 2.0
 FEEDBACK_INTERVAL = (0.005, 0.01)   # s between acknowledgements: an eighth of the round trip within
                                     # these bounds (the sender's rate control measures its short
                                     # probes by a few of them)
+STRETCHED_LEAST = 3                 # intervals between a striped flow's acknowledgements where the
+                                    # round trip allows (feedback_interval), however few the flows
 NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
 PROBE_WAIT_MIN = 0.2            # s the first block-size choice waits for a probe at least,
 PROBE_WAIT_MAX = 1.0            # and at most (4 round trips between the two)
@@ -8690,16 +8692,25 @@ def feedback_interval(rtt, flows=1):
     flow is acknowledged every k intervals, and SharedRate passes the
     merged news on in pieces of an interval: the rate control hears as
     often as from one flow.  Not in a startup (the receiver is told by
-    DATA_FLAG_STEADY): that is every interval."""
+    DATA_FLAG_STEADY): that is every interval.
+
+    Two flows are acknowledged as seldom as three: every STRETCHED_LEAST
+    intervals where that is within an eighth of the round trip (from 240 ms).
+    What each acknowledgement costs is per second (a wakeup and a datagram
+    at both ends, a message and a merge at the sending coordinator), which
+    on a slow long path (S4: 100 Mbit/s, 300 ms) weighs on each GB; the
+    rate control hears of them as of three flows', in pieces of an
+    interval, and the model's shares fill the paths of its tests as
+    cleanly."""
     interval = max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
     if stretched_feedback(rtt, flows):
-        interval *= flows
+        interval *= max(flows, min(STRETCHED_LEAST, int(rtt / 8 / interval + 1e-9)))
     return interval
 
 
 def stretched_feedback(rtt, flows):
     """Whether each of the `flows` of a striped file is acknowledged every
-    `flows` intervals (feedback_interval): where that is within an eighth of
+    `flows` intervals or more (feedback_interval): where that is within an eighth of
     the round trip, which the rate control would hear at if acknowledging
     cost nothing (FEEDBACK_INTERVAL[1] bounds it for that cost).  Beyond
     that (120 ms and two flows: 15 ms) the model tests of the startup and
@@ -10886,7 +10897,7 @@ class SharedRate:
     link at 120 ms, where one flow drops nothing).  A worker whose news
     stopped LIVE_WAIT ago (its share is done) holds back nobody.
 
-    Where each flow is acknowledged every k intervals (stretched_feedback:
+    Where each flow is acknowledged every k intervals or more (stretched_feedback:
     once the controller is past its startup, DATA_FLAG_STEADY), what is
     merged spans k intervals of send time: it reaches the
     controller in pieces of an interval each, evenly, as one flow's news

@@ -852,9 +852,15 @@ def test_a_share_that_sampled_no_delay_does_not_hide_the_queue():
 
 def test_each_of_k_flows_is_acknowledged_every_k_intervals_on_a_long_path():
     assert wanxfer.feedback_interval(0.3) == 0.01
-    assert wanxfer.feedback_interval(0.3, 2) == pytest.approx(0.02)
+    assert wanxfer.feedback_interval(0.2, 2) == pytest.approx(0.02)
     assert wanxfer.feedback_interval(0.3, 3) == pytest.approx(0.03)
     assert wanxfer.feedback_interval(1.2, 8) == pytest.approx(0.08)
+    # Two as seldom as three, where three intervals are within an eighth
+    # of the round trip (from 240 ms): across S4 each acknowledgement of
+    # two workers' flows was CPU per second that one flow did not cost.
+    assert wanxfer.feedback_interval(0.24, 2) == pytest.approx(0.03)
+    assert wanxfer.feedback_interval(0.3, 2) == pytest.approx(0.03)
+    assert wanxfer.feedback_interval(1.2, 2) == pytest.approx(0.03)
     # Not past an eighth of the round trip: as before.
     assert wanxfer.feedback_interval(0.3, 4) == 0.01
     assert wanxfer.feedback_interval(0.12, 2) == 0.01
@@ -873,16 +879,17 @@ class Told:
         self.told.append((now - ack_delay, sent_at, nbytes))
 
 
-def test_news_of_flows_acknowledged_every_k_intervals_is_told_an_interval_at_a_time():
+@pytest.mark.parametrize('every', [0.02, 0.03])
+def test_news_of_flows_acknowledged_every_k_intervals_is_told_an_interval_at_a_time(every):
     controller = Told()
     shared = wanxfer.SharedRate(controller, 2)
     rate, rtt, last = 100 * M, 0.3, [0.0, 0.0]
-    acks = sorted((0.02 * n + 0.007 * i, i) for i in range(2) for n in range(1, 200))
+    acks = sorted((every * n + 0.007 * i, i) for i in range(2) for n in range(1, int(4 / every)))
     for sent_at, i in acks:
         shared.add(i, sent_at + rtt, 0.005, rate / 2 * (sent_at - last[i]), 50, 0, rtt,
                    sent_at=sent_at)
         last[i] = sent_at
-    told = controller.told[5:]
+    told = [t for t in controller.told if t[1] > 0.1]     # past the first merges
     assert 370 < len(told) < 420, len(told)         # about one a 10 ms, not one a 20 ms
     gaps = [b[0] - a[0] for a, b in zip(told, told[1:])]
     assert all(0.005 < gap < 0.015 for gap in gaps), (min(gaps), max(gaps))
