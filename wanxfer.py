@@ -7353,7 +7353,14 @@ class OutgoingFile:
         selector = selectors.DefaultSelector()
         selector.register(self._udp.sock, selectors.EVENT_READ, self.read_datagrams)
         selector.register(sock, selectors.EVENT_READ, self.read_control)
+        # Striped: `own` waits on this end's channels only, for a wakeup
+        # near enough that the workers' news can wait for it (SendingTeam.
+        # news_can_wait), and `selector` on theirs too.
+        own = None
         if self.team is not None:
+            own = selectors.DefaultSelector()
+            own.register(self._udp.sock, selectors.EVENT_READ, self.read_datagrams)
+            own.register(sock, selectors.EVENT_READ, self.read_control)
             self.team.watch(selector, self)
         sock.setblocking(False)
         try:
@@ -7362,14 +7369,19 @@ class OutgoingFile:
                 self.send_signature()
                 self.send_checksum()
                 wait = min(self.pace_and_send(), self.signature_poll(), self.checksum_poll())
-                for key, _events in self.wait(selector, wait):
+                chosen = own if own is not None and self.team.news_can_wait(self, wait) else selector
+                for key, _events in self.wait(chosen, wait):
                     if self.outcome is None:
                         key.data()
+                if own is not None and self.outcome is None:
+                    self.team.take_news()
                 if self.outcome is None:
                     self.check_silence()
             return self.outcome
         finally:
             selector.close()
+            if own is not None:
+                own.close()
             if self._refiner is not None:
                 self._refiner.close()
             # The session's timeout again, not setblocking(True): that is no
@@ -10970,6 +10982,11 @@ class SharedRate:
         arrived = now - ack_delay
         if self._expire_idle(now):
             self._changed()
+        # A worker's news may be taken after this process's own newer news
+        # (it waits for this process's wakeups: SendingTeam.news_can_wait):
+        # the controller is told it at the newest time any worker spoke, so
+        # its clock never goes back; when each packet arrived is kept.
+        now = self._now
         if not queue_delay and delivered < DELAY_SAMPLE_EVERY:
             queue_delay = None                  # perhaps nothing sampled: no news of the queue
         news = self._news.get(index)
@@ -11721,6 +11738,33 @@ class SendingTeam:
         for worker in self._active:
             selector.register(worker.channel, selectors.EVENT_READ,
                               functools.partial(self._read, worker))
+
+    def news_can_wait(self, outgoing, wait):
+        """Whether the workers' messages may wait for this process's own
+        next wakeup, `wait` s away, rather than wake it: past the startup
+        on a path whose flows are acknowledged every k intervals, and no
+        longer than a merge waits for the workers' news anyway
+        (SharedRate.MERGE_WAIT).  Each worker's acknowledgement woke the
+        coordinator, where its own pacing wakes it every few ms; news that
+        late is little beside k intervals and a round trip of 160 ms or
+        more."""
+        return wait <= SharedRate.MERGE_WAIT and self._controller.steady and \
+            stretched_feedback(outgoing.rtt, outgoing.workers)
+
+    def take_news(self):
+        """Take what the workers sent since the last look (at most
+        MAX_WORKER_RANGES messages each: a wakeup's worth)."""
+        for worker in self._active:
+            for _ in range(MAX_WORKER_RANGES):
+                try:
+                    message = worker.channel.recv(MAX_WORKER_MESSAGE, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    message = b''
+                self._take(worker, message)
+                if not message:
+                    break
 
     def _read(self, worker):
         try:

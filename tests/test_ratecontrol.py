@@ -897,6 +897,28 @@ def test_news_of_flows_acknowledged_every_k_intervals_is_told_an_interval_at_a_t
     assert all(0.95 < x < 1.05 for x in spans), (min(spans), max(spans))
 
 
+def test_news_taken_after_newer_news_is_told_in_order_of_time():
+    # A worker's news waits for the coordinator's own next wakeup on a long
+    # path, and may be taken after the coordinator's own newer news: the
+    # controller's clock must not go back, and each packet's arrival stays
+    # what it was.
+    class Clocked(Told):
+        def on_feedback(self, now, *rest):
+            self.nows.append(now)
+            Told.on_feedback(self, now, *rest)
+    controller = Clocked()
+    controller.nows = []
+    shared = wanxfer.SharedRate(controller, 2)
+    rtt = 0.3
+    for index, now in ((1, 1.0), (0, 1.02), (0, 1.05), (1, 1.015), (1, 1.07), (0, 1.08)):
+        shared.add(index, now, 0.005, 10000.0, 8, 0, rtt, sent_at=now - rtt / 2, ack_delay=0.001)
+    assert len(controller.nows) >= 2
+    assert controller.nows == sorted(controller.nows), controller.nows
+    arrivals = [arrival for arrival, _sent, _nbytes in controller.told]
+    assert arrivals == sorted(arrivals) and 0.999 - 1e-9 <= arrivals[0] <= arrivals[-1] <= 1.079 + 1e-9, \
+        arrivals
+
+
 def test_a_lost_acknowledgement_does_not_make_the_merged_news_look_fast_or_slow():
     # One of worker 0's acknowledgements lost: worker 1's overtake it, and
     # the news passed on ends where worker 0's last did; so must the time
