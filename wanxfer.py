@@ -7353,14 +7353,7 @@ class OutgoingFile:
         selector = selectors.DefaultSelector()
         selector.register(self._udp.sock, selectors.EVENT_READ, self.read_datagrams)
         selector.register(sock, selectors.EVENT_READ, self.read_control)
-        # Striped: `own` waits on this end's channels only, for a wakeup
-        # near enough that the workers' news can wait for it (SendingTeam.
-        # news_can_wait), and `selector` on theirs too.
-        own = None
         if self.team is not None:
-            own = selectors.DefaultSelector()
-            own.register(self._udp.sock, selectors.EVENT_READ, self.read_datagrams)
-            own.register(sock, selectors.EVENT_READ, self.read_control)
             self.team.watch(selector, self)
         sock.setblocking(False)
         try:
@@ -7369,19 +7362,14 @@ class OutgoingFile:
                 self.send_signature()
                 self.send_checksum()
                 wait = min(self.pace_and_send(), self.signature_poll(), self.checksum_poll())
-                chosen = own if own is not None and self.team.news_can_wait(self, wait) else selector
-                for key, _events in self.wait(chosen, wait):
+                for key, _events in self.wait(selector, wait):
                     if self.outcome is None:
                         key.data()
-                if own is not None and self.outcome is None:
-                    self.team.take_news()
                 if self.outcome is None:
                     self.check_silence()
             return self.outcome
         finally:
             selector.close()
-            if own is not None:
-                own.close()
             if self._refiner is not None:
                 self._refiner.close()
             # The session's timeout again, not setblocking(True): that is no
@@ -8684,8 +8672,6 @@ STATE_SAVE_INTERVAL = 2.0
 FEEDBACK_INTERVAL = (0.005, 0.01)   # s between acknowledgements: an eighth of the round trip within
                                     # these bounds (the sender's rate control measures its short
                                     # probes by a few of them)
-STRETCHED_LEAST = 3                 # intervals between a striped flow's acknowledgements where the
-                                    # round trip allows (feedback_interval), however few the flows
 NARROW_PATH_WAIT = 0.5          # s without data before blocks too large for the path are suspected
 PROBE_WAIT_MIN = 0.2            # s the first block-size choice waits for a probe at least,
 PROBE_WAIT_MAX = 1.0            # and at most (4 round trips between the two)
@@ -8704,25 +8690,16 @@ def feedback_interval(rtt, flows=1):
     flow is acknowledged every k intervals, and SharedRate passes the
     merged news on in pieces of an interval: the rate control hears as
     often as from one flow.  Not in a startup (the receiver is told by
-    DATA_FLAG_STEADY): that is every interval.
-
-    Two flows are acknowledged as seldom as three: every STRETCHED_LEAST
-    intervals where that is within an eighth of the round trip (from 240 ms).
-    What each acknowledgement costs is per second (a wakeup and a datagram
-    at both ends, a message and a merge at the sending coordinator), which
-    on a slow long path (S4: 100 Mbit/s, 300 ms) weighs on each GB; the
-    rate control hears of them as of three flows', in pieces of an
-    interval, and the model's shares fill the paths of its tests as
-    cleanly."""
+    DATA_FLAG_STEADY): that is every interval."""
     interval = max(FEEDBACK_INTERVAL[0], min(FEEDBACK_INTERVAL[1], rtt / 8))
     if stretched_feedback(rtt, flows):
-        interval *= max(flows, min(STRETCHED_LEAST, int(rtt / 8 / interval + 1e-9)))
+        interval *= flows
     return interval
 
 
 def stretched_feedback(rtt, flows):
     """Whether each of the `flows` of a striped file is acknowledged every
-    `flows` intervals or more (feedback_interval): where that is within an eighth of
+    `flows` intervals (feedback_interval): where that is within an eighth of
     the round trip, which the rate control would hear at if acknowledging
     cost nothing (FEEDBACK_INTERVAL[1] bounds it for that cost).  Beyond
     that (120 ms and two flows: 15 ms) the model tests of the startup and
@@ -10909,7 +10886,7 @@ class SharedRate:
     link at 120 ms, where one flow drops nothing).  A worker whose news
     stopped LIVE_WAIT ago (its share is done) holds back nobody.
 
-    Where each flow is acknowledged every k intervals or more (stretched_feedback:
+    Where each flow is acknowledged every k intervals (stretched_feedback:
     once the controller is past its startup, DATA_FLAG_STEADY), what is
     merged spans k intervals of send time: it reaches the
     controller in pieces of an interval each, evenly, as one flow's news
@@ -10982,11 +10959,6 @@ class SharedRate:
         arrived = now - ack_delay
         if self._expire_idle(now):
             self._changed()
-        # A worker's news may be taken after this process's own newer news
-        # (it waits for this process's wakeups: SendingTeam.news_can_wait):
-        # the controller is told it at the newest time any worker spoke, so
-        # its clock never goes back; when each packet arrived is kept.
-        now = self._now
         if not queue_delay and delivered < DELAY_SAMPLE_EVERY:
             queue_delay = None                  # perhaps nothing sampled: no news of the queue
         news = self._news.get(index)
@@ -11738,33 +11710,6 @@ class SendingTeam:
         for worker in self._active:
             selector.register(worker.channel, selectors.EVENT_READ,
                               functools.partial(self._read, worker))
-
-    def news_can_wait(self, outgoing, wait):
-        """Whether the workers' messages may wait for this process's own
-        next wakeup, `wait` s away, rather than wake it: past the startup
-        on a path whose flows are acknowledged every k intervals, and no
-        longer than a merge waits for the workers' news anyway
-        (SharedRate.MERGE_WAIT).  Each worker's acknowledgement woke the
-        coordinator, where its own pacing wakes it every few ms; news that
-        late is little beside k intervals and a round trip of 160 ms or
-        more."""
-        return wait <= SharedRate.MERGE_WAIT and self._controller.steady and \
-            stretched_feedback(outgoing.rtt, outgoing.workers)
-
-    def take_news(self):
-        """Take what the workers sent since the last look (at most
-        MAX_WORKER_RANGES messages each: a wakeup's worth)."""
-        for worker in self._active:
-            for _ in range(MAX_WORKER_RANGES):
-                try:
-                    message = worker.channel.recv(MAX_WORKER_MESSAGE, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    message = b''
-                self._take(worker, message)
-                if not message:
-                    break
 
     def _read(self, worker):
         try:

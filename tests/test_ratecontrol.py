@@ -852,15 +852,9 @@ def test_a_share_that_sampled_no_delay_does_not_hide_the_queue():
 
 def test_each_of_k_flows_is_acknowledged_every_k_intervals_on_a_long_path():
     assert wanxfer.feedback_interval(0.3) == 0.01
-    assert wanxfer.feedback_interval(0.2, 2) == pytest.approx(0.02)
+    assert wanxfer.feedback_interval(0.3, 2) == pytest.approx(0.02)
     assert wanxfer.feedback_interval(0.3, 3) == pytest.approx(0.03)
     assert wanxfer.feedback_interval(1.2, 8) == pytest.approx(0.08)
-    # Two as seldom as three, where three intervals are within an eighth
-    # of the round trip (from 240 ms): across S4 each acknowledgement of
-    # two workers' flows was CPU per second that one flow did not cost.
-    assert wanxfer.feedback_interval(0.24, 2) == pytest.approx(0.03)
-    assert wanxfer.feedback_interval(0.3, 2) == pytest.approx(0.03)
-    assert wanxfer.feedback_interval(1.2, 2) == pytest.approx(0.03)
     # Not past an eighth of the round trip: as before.
     assert wanxfer.feedback_interval(0.3, 4) == 0.01
     assert wanxfer.feedback_interval(0.12, 2) == 0.01
@@ -879,44 +873,21 @@ class Told:
         self.told.append((now - ack_delay, sent_at, nbytes))
 
 
-@pytest.mark.parametrize('every', [0.02, 0.03])
-def test_news_of_flows_acknowledged_every_k_intervals_is_told_an_interval_at_a_time(every):
+def test_news_of_flows_acknowledged_every_k_intervals_is_told_an_interval_at_a_time():
     controller = Told()
     shared = wanxfer.SharedRate(controller, 2)
     rate, rtt, last = 100 * M, 0.3, [0.0, 0.0]
-    acks = sorted((every * n + 0.007 * i, i) for i in range(2) for n in range(1, int(4 / every)))
+    acks = sorted((0.02 * n + 0.007 * i, i) for i in range(2) for n in range(1, 200))
     for sent_at, i in acks:
         shared.add(i, sent_at + rtt, 0.005, rate / 2 * (sent_at - last[i]), 50, 0, rtt,
                    sent_at=sent_at)
         last[i] = sent_at
-    told = [t for t in controller.told if t[1] > 0.1]     # past the first merges
+    told = controller.told[5:]
     assert 370 < len(told) < 420, len(told)         # about one a 10 ms, not one a 20 ms
     gaps = [b[0] - a[0] for a, b in zip(told, told[1:])]
     assert all(0.005 < gap < 0.015 for gap in gaps), (min(gaps), max(gaps))
     spans = [b[2] / (b[1] - a[1]) / rate for a, b in zip(told, told[1:])]
     assert all(0.95 < x < 1.05 for x in spans), (min(spans), max(spans))
-
-
-def test_news_taken_after_newer_news_is_told_in_order_of_time():
-    # A worker's news waits for the coordinator's own next wakeup on a long
-    # path, and may be taken after the coordinator's own newer news: the
-    # controller's clock must not go back, and each packet's arrival stays
-    # what it was.
-    class Clocked(Told):
-        def on_feedback(self, now, *rest):
-            self.nows.append(now)
-            Told.on_feedback(self, now, *rest)
-    controller = Clocked()
-    controller.nows = []
-    shared = wanxfer.SharedRate(controller, 2)
-    rtt = 0.3
-    for index, now in ((1, 1.0), (0, 1.02), (0, 1.05), (1, 1.015), (1, 1.07), (0, 1.08)):
-        shared.add(index, now, 0.005, 10000.0, 8, 0, rtt, sent_at=now - rtt / 2, ack_delay=0.001)
-    assert len(controller.nows) >= 2
-    assert controller.nows == sorted(controller.nows), controller.nows
-    arrivals = [arrival for arrival, _sent, _nbytes in controller.told]
-    assert arrivals == sorted(arrivals) and 0.999 - 1e-9 <= arrivals[0] <= arrivals[-1] <= 1.079 + 1e-9, \
-        arrivals
 
 
 def test_a_lost_acknowledgement_does_not_make_the_merged_news_look_fast_or_slow():

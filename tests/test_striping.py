@@ -459,43 +459,6 @@ def test_sending_workers_are_told_when_the_rate_control_leaves_its_startup():
         far.close()
 
 
-# --- A sending coordinator's wakeups -------------------------------------------
-# Each worker's acknowledgement woke the coordinator (50 a second a worker
-# across S4), where its own pacing wakes it every few ms anyway.
-
-def test_a_coordinator_on_a_long_path_reads_its_workers_news_at_its_own_wakeups():
-    controller = types.SimpleNamespace(rate=1e6, peak_delivery=0.0, steady=True)
-    team = wanxfer.SendingTeam.__new__(wanxfer.SendingTeam)
-    team._controller = controller
-    long_path = types.SimpleNamespace(rtt=0.3, workers=2)
-    # Past the startup, on a path whose flows are acknowledged every k
-    # intervals, news waits for a wakeup no later than a merge waits for it.
-    assert team.news_can_wait(long_path, 0.008)
-    assert team.news_can_wait(long_path, wanxfer.SharedRate.MERGE_WAIT)
-    assert not team.news_can_wait(long_path, 0.05)          # nothing to send: wake for news
-    assert not team.news_can_wait(types.SimpleNamespace(rtt=0.05, workers=2), 0.001)
-    controller.steady = False                               # a startup: every acknowledgement
-    assert not team.news_can_wait(long_path, 0.001)
-    # At the wakeup, everything each worker sent meanwhile is taken.
-    taken = []
-    team._outgoing = types.SimpleNamespace(shared_rate=types.SimpleNamespace(
-        add=lambda index, now, *rest: taken.append((index, now))))
-    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(2)]
-    try:
-        team._active = [wanxfer.SendingWorker(i + 1, 0, mine, None) for i, (mine, _) in enumerate(pairs)]
-        for i, (_, theirs) in enumerate(pairs):
-            for n in range(3):
-                theirs.send(wanxfer.WORKER_ACK.pack(b'A', 10 * i + n, 0.0, 1.0, 1, 0, 0.3, -1.0, 0.0))
-        team.take_news()
-        assert taken == [(1, 0.0), (1, 1.0), (1, 2.0), (2, 10.0), (2, 11.0), (2, 12.0)]
-        team.take_news()                                    # and nothing twice
-        assert len(taken) == 6
-    finally:
-        for pair in pairs:
-            for sock in pair:
-                sock.close()
-
-
 # --- A receiving worker's reports ---------------------------------------------
 # Each report is a wakeup of the worker, two messages, a wakeup of the
 # coordinator and a frontier message that wakes worker 1.  Every 50 ms

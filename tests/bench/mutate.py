@@ -274,25 +274,6 @@ EDITS = [
          [('            self.next_progress = now + WORKER_REPORT_MOST\n',
            '            self.next_progress = now + WORKER_REPORT_INTERVAL\n')],
          ['tests/test_striping.py', '-k', 'reports_what_it_wrote']),
-    Edit('two-flows-as-three', 'two workers\' flows are acknowledged as seldom as three where the round '
-         'trip allows',
-         [('        interval *= max(flows, min(STRETCHED_LEAST, int(rtt / 8 / interval + 1e-9)))\n',
-           '        interval *= flows\n')],
-         ['tests/test_ratecontrol.py', '-k', 'every_k_intervals_on_a_long_path']),
-    Edit('news-waits-for-wakeup', 'a sending coordinator on a long path reads its workers\' news at its '
-         'own wakeups, all of it',
-         [('        return wait <= SharedRate.MERGE_WAIT and self._controller.steady and \\\n',
-           '        return False and self._controller.steady and \\\n')],
-         ['tests/test_striping.py', '-k', 'own_wakeups']),
-    Edit('news-drained', 'a sending coordinator takes every message its workers sent since its last look',
-         [('            for _ in range(MAX_WORKER_RANGES):\n                try:\n'
-           '                    message = worker.channel.recv(MAX_WORKER_MESSAGE, socket.MSG_DONTWAIT)\n',
-           '            for _ in range(1):\n                try:\n'
-           '                    message = worker.channel.recv(MAX_WORKER_MESSAGE, socket.MSG_DONTWAIT)\n')],
-         ['tests/test_striping.py', '-k', 'own_wakeups']),
-    Edit('merged-clock-monotone', 'news taken late does not turn the shared controller\'s clock back',
-         [('        now = self._now\n        if not queue_delay', '        if not queue_delay')],
-         ['tests/test_ratecontrol.py', '-k', 'in_order_of_time']),
 ]
 
 
