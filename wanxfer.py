@@ -10612,7 +10612,9 @@ AUTO_STRIPE_RATE = 0.6 * PER_WORKER_RATE
 MAX_AUTO_WORKERS = 8
 WORKER_RATE_STEP = 0.02         # a change of the rate this large reaches the workers at once,
 WORKER_RATE_INTERVAL = 0.02     # ... a smaller one at most this often (s)
-WORKER_REPORT_INTERVAL = 0.05   # s between a receiving worker's reports of what it wrote
+WORKER_REPORT_INTERVAL = 0.05   # s between a receiving worker's reports of what it wrote, at least,
+WORKER_REPORT_BYTES = 4 << 20   # ... once it wrote this much since its last; less, after
+WORKER_REPORT_MOST = 0.5        # ... this many s (a slow share's reports are wakeups at both ends)
 WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair closes, then SIGKILL
 # What workers 0 and 1 do besides their stripes, at either end, as a
 # fraction of the work of moving the whole file.  The coordinator (worker
@@ -12258,7 +12260,14 @@ class WorkerReceivePhase(ReceivePhase):
         self._channel = channel
         self._following = following             # worker 1's FollowingDigest
         self.foreign = foreign                  # blocks of other workers, held in its window
-        self.next_progress = self.clock() + WORKER_REPORT_INTERVAL
+        # A report costs a wakeup of this worker, two messages, a wakeup
+        # of the coordinator and (its frontier moved) one of worker 1.
+        # Every WORKER_REPORT_INTERVAL they were 20 a second at any rate;
+        # what waits for them (the state file, saved every
+        # STATE_SAVE_INTERVAL; progress lines; worker 1's digest, whose
+        # rest is read at the end) needs them only every few MB.
+        self.reported_at, self.reported_bytes = self.clock(), 0
+        self.next_progress = self.reported_at + WORKER_REPORT_MOST
         self.repeat_final = True
         self.reported = False
 
@@ -12305,8 +12314,18 @@ class WorkerReceivePhase(ReceivePhase):
         return False
 
     def _report_progress(self, now):
-        if now >= self.next_progress and not self.reported:
-            self.next_progress = now + WORKER_REPORT_INTERVAL
+        """Report once WORKER_REPORT_BYTES more are written (no sooner than
+        WORKER_REPORT_INTERVAL after the last), or WORKER_REPORT_MOST after
+        the last however little: a fast share as often as ever, a slow one
+        seldom.  Only the second needs a timer; the first is looked at on
+        the wakeups data brings."""
+        if self.reported:
+            return
+        written = self.writer.written_bytes
+        if now >= self.next_progress or (now - self.reported_at >= WORKER_REPORT_INTERVAL and
+                                         written - self.reported_bytes >= WORKER_REPORT_BYTES):
+            self.reported_at, self.reported_bytes = now, written
+            self.next_progress = now + WORKER_REPORT_MOST
             self.report(b'P')
 
     def _save_state(self, now):

@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from helpers import wanxfer
+from helpers import FakeClock, wanxfer
 
 
 def test_stripes_go_round_robin_and_cover_each_range_once():
@@ -457,3 +457,53 @@ def test_sending_workers_are_told_when_the_rate_control_leaves_its_startup():
     finally:
         near.close()
         far.close()
+
+
+# --- A receiving worker's reports ---------------------------------------------
+# Each report is a wakeup of the worker, two messages, a wakeup of the
+# coordinator and a frontier message that wakes worker 1.  Every 50 ms
+# whatever the rate, a slow share (half of S4's 100 Mbit/s) paid for 20 a
+# second what a few MB written between two would have told as well.
+
+def reporting_share(clock):
+    """A receiving worker's phase (no sockets) on `clock` whose reports
+    are listed as (time, bytes written then)."""
+    keys = wanxfer.SessionKeys(bytes(32), bytes(32), bytes(32), True)
+    out, opener = keys.worker_sealers('client', 1)
+    writer = types.SimpleNamespace(written_bytes=0)
+    incoming = types.SimpleNamespace(
+        start={'file': 1, 'first_seq': 0, 'lead': 0}, rtt=0.3,
+        conversation=types.SimpleNamespace(channel=None, timeout=5, peer='server'),
+        data=types.SimpleNamespace(session_id=keys.session_id, sealer_in=opener, control=None),
+        events=wanxfer.TransferEvents(), clock=clock, asked_at=clock(),
+        entry=types.SimpleNamespace(size=1 << 30), block_size=1024, kept=[])
+    window = wanxfer.ReceiveWindow((1 << 30) // 1024, 0)
+    phase = wanxfer.WorkerReceivePhase(incoming, window, writer, None, 0, flows=2)
+    reports = []
+    phase.report = lambda code, text='': reports.append((clock(), writer.written_bytes))
+    return phase, writer, reports
+
+
+@pytest.mark.parametrize('mbit', [46, 2000])
+def test_a_slow_share_reports_what_it_wrote_seldom_and_a_fast_one_as_often_as_before(mbit):
+    clock = FakeClock()
+    phase, writer, reports = reporting_share(clock)
+    seconds, wakeup = 3.0, 0.005
+    while clock.now < seconds:
+        # The writer hands over whole megabytes; the loop wakes every 5 ms.
+        clock.advance(wakeup)
+        writer.written_bytes = int(clock.now * mbit * 1e6 / 8) >> 20 << 20
+        phase._report_progress(clock.now)
+    times = [when for when, _written in reports]
+    gaps = [b - a for a, b in zip([0.0] + times, times)]
+    if mbit < 100:
+        # 5.75 MB/s: 4 MiB is 0.73 s, so once every WORKER_REPORT_MOST.
+        assert len(reports) <= seconds / wanxfer.WORKER_REPORT_MOST + 1, gaps
+    else:
+        # 4 MiB is written in 17 ms: every WORKER_REPORT_INTERVAL, as before.
+        assert len(reports) >= 0.9 * seconds / (wanxfer.WORKER_REPORT_INTERVAL + wakeup), gaps
+    # However slow, a report at least every WORKER_REPORT_MOST (and the
+    # timer that brings it is the phase's next wakeup).
+    assert max(gaps) <= wanxfer.WORKER_REPORT_MOST + wakeup + 1e-9, gaps
+    assert min(gaps) >= wanxfer.WORKER_REPORT_INTERVAL - 1e-9, gaps
+    assert phase._wake_at() <= times[-1] + wanxfer.WORKER_REPORT_MOST + 1e-9

@@ -272,6 +272,11 @@ EDITS = [
          [('    store = QueuedChunkStore(ChunkStore(args.cache or default_cache_path(), limit, log=log))',
            '    store = ChunkStore(args.cache or default_cache_path(), limit, log=log)')],
          ['tests/test_tunnel.py', '-k', 'cache_lock']),
+    Edit('slow-share-reports', 'a slow receiving share reports what it wrote seldom (every few MB, '
+         'not every 50 ms)',
+         [('            self.next_progress = now + WORKER_REPORT_MOST\n',
+           '            self.next_progress = now + WORKER_REPORT_INTERVAL\n')],
+         ['tests/test_striping.py', '-k', 'reports_what_it_wrote']),
 ]
 
 
