@@ -16269,7 +16269,7 @@ def build_parser():
     demo.add_argument('--size', default='256M', help='size of the generated file (default 256M)')
     demo.add_argument('--json', action='store_true',
                       help='print the summary as JSON (and plain TCP\'s as a second object)')
-    demo.add_argument('-q', '--quiet', action='store_true', help='no progress')
+    demo.add_argument('-q', '--quiet', action='store_true', help='no progress or summary')
     demo.add_argument('--no-tcp', action='store_true',
                       help='skip plain TCP across the same link (which needs root)')
     demo.add_argument('--tcp-congestion', metavar='NAME',
