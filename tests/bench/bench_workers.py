@@ -214,9 +214,15 @@ def main():
     print(results['uptime_before'], flush=True)
     try:
         source = harness.random_file(os.path.join(workdir, 'source.bin'), args.size)
+        # Round by round, each count once a round: a later transfer of one
+        # invocation can cost the receiving end more whatever the count (this
+        # machine's page cache, from about the fourth 256 MiB), so counts run
+        # one after another would measure the order.
         for workers in counts:
-            runs = results['runs'][workers] = []
-            for i in range(args.runs):
+            results['runs'][workers] = []
+        for i in range(args.runs):
+            for workers in counts:
+                runs = results['runs'][workers]
                 run = one_run(source, args.size, workdir, workers, i,
                               (['--no-delta'] if args.no_delta else []) +
                               (['--rate', args.rate] if args.rate else []))
@@ -240,12 +246,14 @@ def main():
         for workers, runs in results['runs'].items():
             median = {key: harness.median(r[key] for r in runs)
                       for key in ('goodput_mbps', 'server_cpu_s_per_gb', 'client_cpu_s_per_gb')}
-            both = median['server_cpu_s_per_gb'] + median['client_cpu_s_per_gb']
             relative = ''
             if base:
-                base_both = harness.median(r['server_cpu_s_per_gb'] + r['client_cpu_s_per_gb']
-                                           for r in base)
-                relative = '%.2f' % (both / base_both)
+                # Each round's ratio, then their median: rounds drift (see above),
+                # a round's own runs hardly.
+                ratios = sorted((r['server_cpu_s_per_gb'] + r['client_cpu_s_per_gb']) /
+                                (b['server_cpu_s_per_gb'] + b['client_cpu_s_per_gb'])
+                                for r, b in zip(runs, base))
+                relative = '%.2f (%s)' % (harness.median(ratios), ', '.join('%.2f' % x for x in ratios))
             shares = {key: [round(harness.median(r[key][i] for r in runs), 3)
                             for i in range(len(runs[0][key]))]
                       for key in ('packet_shares', 'server_cpu_shares', 'client_cpu_shares',
