@@ -14230,15 +14230,15 @@ class FarTunnel(Tunnel):
 # `LinkEmulator` listens on one port for both TCP and UDP and relays to a
 # target.  UDP datagrams go through a `PathShaper` per direction (loss in
 # bursts, a rate-limited drop-tail queue, delay, jitter, reordering,
-# duplication, corruption) and wait in a heap until they are due; one thread
-# serves that heap with `selectors`.  TCP is relayed byte for byte, only late:
+# duplication, corruption) and wait in a `DelayLine` until they are due; one
+# thread serves it with `selectors`.  TCP is relayed byte for byte, only late:
 # the kernel's TCP would hide any loss anyway.  Nothing here prints; everything
 # that happens is counted in `LinkCounters`.
 #
 # So a byte-for-byte relay is no path to measure kernel TCP on: it never sees
 # the loss or the queue.  With root, `PacketLink` makes two network namespaces
 # joined by TUN devices, and `PacketRelay` carries their IP packets through
-# the same `PathShaper`s, so wanxfer and a plain TCP connection cross the
+# the same `PathShaper`s and a `DelayLine`, so wanxfer and a plain TCP connection cross the
 # same link model as packets (what `demo` compares).
 
 
@@ -14439,15 +14439,61 @@ def _direction_rng(seed, direction):
     return random.Random('%s/%s' % (seed, direction))
 
 
+class DelayLine:
+    """What an emulated link holds in flight, both relays' (datagrams, IP
+    packets): each packet that comes in is shaped (PathShaper), and what
+    the shaper lets through waits in a heap until it is due, then goes out
+    by the `send` it came with.  `counters` (LinkDirectionCounters) count
+    each packet in, and each out or failed.  `add()` and `send_due()` are
+    the per-packet path: locals, no calls that can be avoided."""
+
+    def __init__(self):
+        self._heap = []             # (due, seq, send, data, counters)
+        self._seq = 0               # tie-break so equal due times keep arrival order
+
+    def next_due(self):
+        """When the next packet is due, or None if none is in flight."""
+        return self._heap[0][0] if self._heap else None
+
+    def add(self, now, packet, shaper, send, counters):
+        counters.packets_in += 1
+        counters.bytes_in += len(packet)
+        push, heap, seq = heapq.heappush, self._heap, self._seq
+        for due, data in shaper.shape(now, packet):
+            seq += 1
+            push(heap, (due, seq, send, data, counters))
+        self._seq = seq
+
+    def send_due(self, now):
+        heap, pop = self._heap, heapq.heappop
+        while heap and heap[0][0] <= now:
+            _, _, send, data, counters = pop(heap)
+            try:
+                send(data)
+            except OSError:         # buffer full, refused, or the way out closed meanwhile
+                counters.send_errors += 1
+                continue
+            counters.packets_forwarded += 1
+            counters.bytes_forwarded += len(data)
+
+    def clear(self):
+        """Lose what is in flight."""
+        self._heap = []
+
+
 class _UdpMapping:
-    """One UDP client: its address and the upstream socket the server sees it as."""
+    """One UDP client: its address, the upstream socket the server sees it
+    as, and how a datagram goes to it (`send_up`) or back to the client
+    (`send_back`)."""
 
-    __slots__ = ('client', 'sock', 'last_seen')
+    __slots__ = ('client', 'sock', 'last_seen', 'send_up', 'send_back')
 
-    def __init__(self, client, sock, now):
+    def __init__(self, client, sock, now, listening):
         self.client = client
         self.sock = sock
         self.last_seen = now
+        self.send_up = sock.send
+        self.send_back = lambda data: listening.sendto(data, client)
 
 
 class _UdpRelay:
@@ -14473,8 +14519,7 @@ class _UdpRelay:
         self._sweep_every = min(5.0, idle_timeout / 2.0)
         self._next_sweep = time.monotonic() + self._sweep_every
         self._mappings = {}
-        self._heap = []             # (due, seq, socket, data, addr or None when connected)
-        self._seq = 0               # tie-break so equal due times keep arrival order
+        self._line = DelayLine()
         self._stopping = False
         self._thread = None
         sock.setblocking(False)
@@ -14502,7 +14547,7 @@ class _UdpRelay:
             mapping.sock.close()
         self._mappings.clear()
         self._counters.udp_clients = 0
-        self._heap = []
+        self._line.clear()
         self._sel.close()
         self._sock.close()
         self._waker.close()
@@ -14512,8 +14557,9 @@ class _UdpRelay:
         read what arrived and send what is due."""
         now = time.monotonic()
         wait = self._next_sweep - now
-        if self._heap and self._heap[0][0] - now < wait:
-            wait = self._heap[0][0] - now
+        due = self._line.next_due()
+        if due is not None and due - now < wait:
+            wait = due - now
         if timeout is not None and timeout < wait:
             wait = timeout
         for key, _ in self._sel.select(wait if wait > 0 else 0):
@@ -14523,8 +14569,7 @@ class _UdpRelay:
             elif data is not self._waker:
                 self._from_server(data)
         now = time.monotonic()
-        if self._heap and self._heap[0][0] <= now:
-            self._send_due(now)
+        self._line.send_due(now)
         if now >= self._next_sweep:
             self.expire_idle(now)
 
@@ -14550,52 +14595,32 @@ class _UdpRelay:
         except OSError:
             upstream.close()
             return None
-        mapping = _UdpMapping(client, upstream, now)
+        mapping = _UdpMapping(client, upstream, now, self._sock)
         self._sel.register(upstream, selectors.EVENT_READ, mapping)
         self._mappings[client] = mapping
         self._counters.udp_clients = len(self._mappings)
         return mapping
 
-    # The two readers and the sender are the per-packet path: locals, no calls
-    # that can be avoided.
-
     def _from_clients(self):
-        recvfrom = self._sock.recvfrom
-        shape = self._up.shape
-        push = heapq.heappush
-        mappings = self._mappings
-        heap = self._heap
-        counters = self._counters.up
-        seq = self._seq
+        recvfrom, add, shaper = self._sock.recvfrom, self._line.add, self._up
+        mappings, counters = self._mappings, self._counters.up
         now = time.monotonic()
         for _ in range(self.BATCH):
             try:
                 data, client = recvfrom(self.MAX_DATAGRAM)
             except OSError:         # would block, or an ICMP error for an earlier send
                 break
-            counters.packets_in += 1
-            counters.bytes_in += len(data)
-            mapping = mappings.get(client)
+            mapping = mappings.get(client) or self._open_mapping(client, now)
             if mapping is None:
-                mapping = self._open_mapping(client, now)
-                if mapping is None:
-                    counters.send_errors += 1
-                    continue
+                counters.packets_in += 1
+                counters.bytes_in += len(data)
+                counters.send_errors += 1
+                continue
             mapping.last_seen = now
-            for due, payload in shape(now, data):
-                seq += 1
-                push(heap, (due, seq, mapping.sock, payload, None))
-        self._seq = seq
+            add(now, data, shaper, mapping.send_up, counters)
 
     def _from_server(self, mapping):
-        recv = mapping.sock.recv
-        shape = self._down.shape
-        push = heapq.heappush
-        heap = self._heap
-        counters = self._counters.down
-        out = self._sock
-        client = mapping.client
-        seq = self._seq
+        recv, add, shaper, counters = mapping.sock.recv, self._line.add, self._down, self._counters.down
         now = time.monotonic()
         mapping.last_seen = now
         for _ in range(self.BATCH):
@@ -14603,31 +14628,7 @@ class _UdpRelay:
                 data = recv(self.MAX_DATAGRAM)
             except OSError:         # would block, or the server's port is closed
                 break
-            counters.packets_in += 1
-            counters.bytes_in += len(data)
-            for due, payload in shape(now, data):
-                seq += 1
-                push(heap, (due, seq, out, payload, client))
-        self._seq = seq
-
-    def _send_due(self, now):
-        heap = self._heap
-        up = self._counters.up
-        down = self._counters.down
-        heappop = heapq.heappop
-        while heap and heap[0][0] <= now:
-            _, _, sock, data, addr = heappop(heap)
-            counters = up if addr is None else down
-            try:
-                if addr is None:
-                    sock.send(data)
-                else:
-                    sock.sendto(data, addr)
-            except OSError:         # buffer full, refused, or mapping expired meanwhile
-                counters.send_errors += 1
-                continue
-            counters.packets_forwarded += 1
-            counters.bytes_forwarded += len(data)
+            add(now, data, shaper, mapping.send_back, counters)
 
 
 class _TcpSplice:
@@ -15159,11 +15160,10 @@ class PacketRelay:
         down, up = self.counters.down, self.counters.up
         self._shapers = {
             fd_a: (PathShaper(conditions, _direction_rng(conditions.seed, 'down'), down,
-                              headers=0), fd_b, down),
+                              headers=0), functools.partial(os.write, fd_b), down),
             fd_b: (PathShaper(reverse, _direction_rng(reverse.seed, 'up'), up, headers=0),
-                   fd_a, up)}
-        self._heap = []             # (due, seq, fd to write, packet, counters)
-        self._seq = 0
+                   functools.partial(os.write, fd_a), up)}
+        self._line = DelayLine()
         self._stopping = False
         self._waker = Waker()
         self._sel = selectors.DefaultSelector()
@@ -15189,21 +15189,19 @@ class PacketRelay:
         """Wait for packets or the next due time (at most `timeout`), then
         read what arrived and write what is due."""
         now = time.monotonic()
-        wait = timeout
-        if self._heap:
-            due = self._heap[0][0] - now
-            wait = due if wait is None or due < wait else wait
+        wait, due = timeout, self._line.next_due()
+        if due is not None and (wait is None or due - now < wait):
+            wait = due - now
         for key, _ in self._sel.select(None if wait is None else max(0.0, wait)):
             if key.data is None:
                 self._waker.drain()
             else:
                 self._read(key.data)
-        self._write_due(time.monotonic())
+        self._line.send_due(time.monotonic())
 
     def _read(self, fd):
-        shaper, to, counters = self._shapers[fd]
-        read, push, heap, shape = os.read, heapq.heappush, self._heap, shaper.shape
-        seq = self._seq
+        shaper, send, counters = self._shapers[fd]
+        read, add = os.read, self._line.add
         now = time.monotonic()
         for _ in range(self.BATCH):
             try:
@@ -15212,24 +15210,7 @@ class PacketRelay:
                 break
             if not packet:
                 break
-            counters.packets_in += 1
-            counters.bytes_in += len(packet)
-            for due, data in shape(now, packet):
-                seq += 1
-                push(heap, (due, seq, to, data, counters))
-        self._seq = seq
-
-    def _write_due(self, now):
-        heap, pop, write = self._heap, heapq.heappop, os.write
-        while heap and heap[0][0] <= now:
-            _, _, fd, data, counters = pop(heap)
-            try:
-                write(fd, data)
-            except OSError:         # the device's queue is full, or it went away
-                counters.send_errors += 1
-                continue
-            counters.packets_forwarded += 1
-            counters.bytes_forwarded += len(data)
+            add(now, packet, shaper, send, counters)
 
 
 # ---------------------------------------------------------------------------

@@ -244,6 +244,31 @@ def test_shaper_reorder_holds_packets_back():
     assert max(extra) <= LinkConditions(delay_ms=20).reorder_ms / 1000 + 1e-9
 
 
+def test_a_delay_line_lets_packets_due_together_leave_in_the_order_they_came():
+    """Both relays hold their packets in flight in a DelayLine: those due
+    at the same time leave in the order they came in (a link reorders only
+    where the shaper says so), none before it is due, and each is counted
+    in, then out or failed."""
+    counters = LinkCounters().down
+    shaper = PathShaper(LinkConditions(delay_ms=100), random.Random(1), counters, headers=0)
+    line, sent = wanxfer.DelayLine(), []
+
+    def refused(data):
+        raise OSError('the buffer is full')
+
+    for packet in (b'c', b'aa', b'bbb'):
+        line.add(1.0, packet, shaper, sent.append, counters)
+    line.add(1.0, b'dddd', shaper, refused, counters)
+    line.add(1.0, b'e', shaper, sent.append, counters)
+    assert line.next_due() == pytest.approx(1.1)
+    line.send_due(1.099)
+    assert sent == []
+    line.send_due(1.101)
+    assert sent == [b'c', b'aa', b'bbb', b'e'] and line.next_due() is None
+    assert (counters.packets_in, counters.bytes_in, counters.packets_forwarded,
+            counters.bytes_forwarded, counters.send_errors) == (5, 11, 4, 7, 1)
+
+
 # ---------------------------------------------------------------------------
 # UDP relay on loopback
 # ---------------------------------------------------------------------------
