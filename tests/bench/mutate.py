@@ -143,17 +143,11 @@ EDITS = [
     Edit('emulator-tcp-delay', 'the emulator holds TCP data back for the path\'s one-way delay',
          [('                    due = time.monotonic() + delay\n', '                    due = time.monotonic()\n')],
          ['tests/test_linkemu.py', '-k', 'tcp_relays']),
-    Edit('emulator-udp-schedule', 'the emulator sends each datagram when its plan says, not before',
-         [('        heappop = heapq.heappop\n        while heap and heap[0][0] <= now:',
-           '        heappop = heapq.heappop\n        while heap:')],
-         ['tests/test_linkemu.py', '-k', 'udp_round_trip or rate_limit']),
-    Edit('relay-schedule', 'the packet relay (demo\'s TUN link) writes each packet when its plan '
-         'says, not before',
-         [('        heap, pop, write = self._heap, heapq.heappop, os.write\n'
-           '        while heap and heap[0][0] <= now:',
-           '        heap, pop, write = self._heap, heapq.heappop, os.write\n'
-           '        while heap:')],
-         ['tests/test_linkemu.py', '-k', 'packet_relay_paces']),
+    Edit('delay-line-schedule', 'the emulator\'s relays (UDP, and demo\'s TUN link) send each packet '
+         'when its plan says, not before',
+         [('        heap, pop = self._heap, heapq.heappop\n        while heap and heap[0][0] <= now:',
+           '        heap, pop = self._heap, heapq.heappop\n        while heap:')],
+         ['tests/test_linkemu.py', '-k', 'udp_round_trip or rate_limit or packet_relay_paces or delay_line']),
     Edit('emulator-refused-reset', 'a target that refuses the connection is a reset to the client',
          [('            self._aborted = True    # the client sees a reset, as from a refused connect',
            '            pass')],
