@@ -14238,8 +14238,8 @@ class FarTunnel(Tunnel):
 # So a byte-for-byte relay is no path to measure kernel TCP on: it never sees
 # the loss or the queue.  With root, `PacketLink` makes two network namespaces
 # joined by TUN devices, and `PacketRelay` carries their IP packets through
-# the same `PathShaper`s and a `DelayLine`, so wanxfer and a plain TCP connection cross the
-# same link model as packets (what `demo` compares).
+# the same `PathShaper`s and a `DelayLine`, so wanxfer and a plain TCP
+# connection cross the same link model as packets (what `demo` compares).
 
 
 class LinkConditions:
