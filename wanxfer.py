@@ -10623,13 +10623,16 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # read of the whole file for its digest, so that no process's own work is
 # more than its share from three workers on (a delta's signature is hashed
 # by every sending worker for its own stripes: no one's extra).  Measured with
-# bench_workers.py (256 MiB on loopback, 2 and 3 workers, AES keystream:
-# each process's CPU beside its share of the packets); one deal serves
-# both ends, so each is about the mean of the two ends'.
-COORDINATOR_EXTRA = 0.09        # a delta transfer's (the signature's pieces are put together here)
+# bench_workers.py (256 MiB on loopback, 3 workers, AES keystream: each
+# process's CPU beside its share of the packets, CPU = a x share + extra),
+# with the machine's page cache writes at their steady cost (see README,
+# Workers); one deal serves both ends, so each is about the mean of the two
+# ends' (delta: 0.08 and 0.15, 0.30 and 0.38; plain: 0.05 and 0.09, 0.42 and
+# 0.38, server and client).
+COORDINATOR_EXTRA = 0.11        # a delta transfer's (the signature's pieces are put together here)
 COORDINATOR_EXTRA_PLAIN = 0.07  # a plain one's
-HELPER_EXTRA = 0.27             # a delta's: the digest at both ends, beside stripes that are hashed too
-HELPER_EXTRA_PLAIN = 0.36       # the digest at both ends
+HELPER_EXTRA = 0.34             # a delta's: the digest at both ends, beside stripes that are hashed too
+HELPER_EXTRA_PLAIN = 0.40       # the digest at both ends
 # A share of the stripes much under an even one sends seldom, and the one
 # rate, which waits for every worker's news, suffered: with 1 stripe in 96
 # (3 workers) the CPU per GB of both ends was 1.56 x one worker's, 1.13
