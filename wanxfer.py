@@ -7276,7 +7276,8 @@ class OutgoingFile:
         if team.cycles:
             # A delta's need comes later (a new file's: nearly all of it).
             needed = self.nblocks if self.delta else sum(end - start for start, end in self._need)
-            self.stripe_cycle = stripe_cycle(count, worker_extras(self.nblocks, needed, self.delta))
+            self.stripe_cycle = stripe_cycle(count, worker_extras(self.nblocks, needed, self.delta,
+                                                                  self.block_size))
         cycle = self.stripe_cycle or list(range(count))
         self._parts = split_stripes(self._need, self.stripe_blocks, count, cycle)
         self._need = self._parts[0]
@@ -10623,16 +10624,22 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # read of the whole file for its digest, so that no process's own work is
 # more than its share from three workers on (a delta's signature is hashed
 # by every sending worker for its own stripes: no one's extra).  Measured with
-# bench_workers.py (256 MiB on loopback, 3 workers, AES keystream: each
-# process's CPU beside its share of the packets, CPU = a x share + extra),
-# with the machine's page cache writes at their steady cost (see README,
-# Workers); one deal serves both ends, so each is about the mean of the two
-# ends' (delta: 0.08 and 0.15, 0.30 and 0.38; plain: 0.05 and 0.09, 0.42 and
-# 0.38, server and client).
-COORDINATOR_EXTRA = 0.11        # a delta transfer's (the signature's pieces are put together here)
+# bench_workers.py (256 MiB, 3 workers, AES keystream: each process's CPU
+# beside its share of the packets, CPU = a x share + extra) on loopback's
+# 65,465-byte blocks and on 1,430-byte ones (a 1500-byte MTU), with the
+# machine's page-cache writes at their steady cost (see README, Workers);
+# one deal serves both ends, so each is about the mean of the two ends'.
+# The digest costs the same per byte whatever the blocks, the stripes more
+# per byte the smaller their blocks (each datagram is sealed, sent,
+# received and written on its own): the helper's extra, measured 0.34 and
+# 0.40 at 65,465-byte blocks and 0.25 and 0.29 at 1,430, is its extra per
+# byte of stripes over (1 + PACKET_COST_BYTES / block size).  The
+# coordinator's measured 0.09-0.11 (delta) and 0.07 (plain) at both.
+COORDINATOR_EXTRA = 0.10        # a delta transfer's (the signature's pieces are put together here)
 COORDINATOR_EXTRA_PLAIN = 0.07  # a plain one's
 HELPER_EXTRA = 0.34             # a delta's: the digest at both ends, beside stripes that are hashed too
 HELPER_EXTRA_PLAIN = 0.40       # the digest at both ends
+PACKET_COST_BYTES = 560         # a datagram's own cost besides its bytes, in bytes' worth of the rest
 # A share of the stripes much under an even one sends seldom, and the one
 # rate, which waits for every worker's news, suffered: with 1 stripe in 96
 # (3 workers) the CPU per GB of both ends was 1.56 x one worker's, 1.13
@@ -10675,14 +10682,15 @@ def stripe_workers(nblocks, stripe, available):
     return max(1, min(available, -(-nblocks // stripe) // STRIPES_PER_WORKER))
 
 
-def worker_extras(nblocks, needed, delta):
+def worker_extras(nblocks, needed, delta, block_size):
     """[worker 0's, worker 1's] work besides their stripes (as
-    COORDINATOR_EXTRA and HELPER_EXTRA) for a file of `nblocks` of which
-    `needed` are to be sent: the helper's read covers the whole file
-    however few are sent (a resume)."""
+    COORDINATOR_EXTRA and HELPER_EXTRA) for a file of `nblocks` blocks of
+    `block_size` bytes of which `needed` are to be sent: the helper's read
+    covers the whole file however few are sent (a resume), and weighs more
+    beside stripes of larger blocks, which cost less per byte."""
     if not needed:
         return [float(nblocks)] * 2
-    helper = HELPER_EXTRA if delta else HELPER_EXTRA_PLAIN
+    helper = (HELPER_EXTRA if delta else HELPER_EXTRA_PLAIN) / (1 + PACKET_COST_BYTES / block_size)
     return [COORDINATOR_EXTRA if delta else COORDINATOR_EXTRA_PLAIN, helper * nblocks / needed]
 
 
