@@ -10627,7 +10627,7 @@ WORKER_EXIT_WAIT = 2.0          # s a worker has to exit once its socketpair clo
 # bench_workers.py (256 MiB, 3 workers, AES keystream: each process's CPU
 # beside its share of the packets, CPU = a x share + extra) on loopback's
 # 65,465-byte blocks and on 1,430-byte ones (a 1500-byte MTU), with the
-# machine's page-cache writes at their steady cost (see README, Workers);
+# machine's page-cache writes at their steady cost (README, Benchmarks);
 # one deal serves both ends, so each is about the mean of the two ends'.
 # The digest costs the same per byte whatever the blocks, the stripes more
 # per byte the smaller their blocks (each datagram is sealed, sent,
