@@ -61,6 +61,24 @@ def test_the_wan_script_is_found_beside_the_checkout_or_a_directory_above(tmp_pa
     assert harness.find_wan() == '/opt/wan'
 
 
+def test_the_benchmarks_say_when_this_machine_hands_freed_memory_to_its_host(tmp_path, monkeypatch,
+                                                                               capsys):
+    """A VM's free page reporting makes the receiving end's CPU figures grow
+    over the runs (README, Benchmarks): a bench says so in one line and in
+    its JSON, from the kernel's reporting order (above the largest free
+    block's order nothing is reported), and says nothing where it cannot tell."""
+    order = tmp_path / 'page_reporting_order'
+    for text, on in (('9\n', True), ('10\n', True), ('11\n', False), ('junk', None)):
+        order.write_text(text)
+        assert harness.page_reporting(str(order)) is on
+    assert harness.page_reporting(str(tmp_path / 'absent')) is None
+    for text, on in (('9\n', True), ('11\n', False)):
+        order.write_text(text)
+        monkeypatch.setattr(harness, 'PAGE_REPORTING_ORDER', str(order))
+        assert harness.warn_page_reporting() is on and harness.machine()['page_reporting'] is on
+        assert ('free page reporting' in capsys.readouterr().err) is on
+
+
 def test_link_counters_are_read_alike_from_either_backend():
     wanemu = harness.WanemuLink.parse_counters(
         'a->b: in 800 pkts 1.2 MB, out 790 pkts 1.1 MB, random-loss 8, queue-drop 2, overflow 0, too-big 0\n'

@@ -61,6 +61,7 @@ def main():
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix='wanxfer-loopback-')
     results = {}
+    harness.warn_page_reporting()
     try:
         source = harness.random_file(os.path.join(workdir, 'source.bin'), args.size)
         for encrypt in (True, False):

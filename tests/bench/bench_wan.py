@@ -572,6 +572,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     harness.require_root("bench_wan.py")
     link = harness.make_link(args)
+    page_reporting = harness.warn_page_reporting()
 
     scen = []
     for s in args.scenario or ([] if args.link else list(SCENARIOS)):
@@ -679,7 +680,7 @@ def main(argv=None):
                 else "-t %d" % args.iperf_time, "rsync_cc": args.rsync_cc,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "uname": " ".join(os.uname()),
                 "cpus": os.cpu_count(), "interrupted": interrupted, "backend": link.name,
-                "tsunami": args.tsunami}
+                "tsunami": args.tsunami, "page_reporting": page_reporting}
         harness.write_json(args.json, {"meta": meta, "summary": rows, "runs": records})
     return 130 if interrupted else 0
 

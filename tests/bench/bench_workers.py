@@ -210,14 +210,14 @@ def main():
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(',')]
     workdir = tempfile.mkdtemp(prefix='wanxfer-workers-')
-    results = {'uptime_before': uptime(), 'runs': {}}
+    results = {'uptime_before': uptime(), 'page_reporting': harness.warn_page_reporting(), 'runs': {}}
     print(results['uptime_before'], flush=True)
     try:
         source = harness.random_file(os.path.join(workdir, 'source.bin'), args.size)
-        # Round by round, each count once a round: a later transfer of one
-        # invocation can cost the receiving end more whatever the count (this
-        # machine's page cache, from about the fourth 256 MiB), so counts run
-        # one after another would measure the order.
+        # Round by round, each count once a round: where the machine hands
+        # freed memory back to its host (harness.page_reporting), a later
+        # transfer of one invocation costs the receiving end more whatever
+        # the count, so counts run one after another would measure the order.
         for workers in counts:
             results['runs'][workers] = []
         for i in range(args.runs):

@@ -639,10 +639,38 @@ def write_json(path, results):
             json.dump(results, f, indent=1)
 
 
+PAGE_REPORTING_ORDER = '/sys/module/page_reporting/parameters/page_reporting_order'
+MAX_PAGE_ORDER = 10             # the largest free block's order: a reporting order above it reports none
+
+
+def page_reporting(path=None):
+    """Whether this machine, a VM, hands the memory its kernel frees back to
+    its host (free page reporting): then what a receiving end writes into
+    newly taken page-cache pages costs it up to 2 CPU s/GB more once the
+    recently freed memory runs out, and its CPU figures grow over the runs
+    of an invocation (README, Benchmarks).  None where it cannot tell."""
+    try:
+        with open(path or PAGE_REPORTING_ORDER) as f:
+            return int(f.read()) <= MAX_PAGE_ORDER
+    except (OSError, ValueError):
+        return None
+
+
+def warn_page_reporting():
+    """One line on stderr when page_reporting() says so; what it said."""
+    on = page_reporting()
+    if on:
+        log('note: this machine hands freed memory back to its host (free page reporting): the '
+            'receiving end\'s CPU per GB may grow over the runs; README, Benchmarks, says how to '
+            'turn it off')
+    return on
+
+
 def machine():
     """When, where and by what command a benchmark ran, for its JSON."""
     return {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'uname': ' '.join(os.uname()),
-            'cpus': os.cpu_count(), 'python': sys.version.split()[0], 'command': sys.argv}
+            'cpus': os.cpu_count(), 'python': sys.version.split()[0], 'command': sys.argv,
+            'page_reporting': page_reporting()}
 
 
 # ---------------------------------------------------------------------------
